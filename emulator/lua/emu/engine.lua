@@ -1,0 +1,415 @@
+-- The batch lifecycle: validating -> in_progress -> finalizing -> completed,
+-- plus failed, cancelling -> cancelled and expired. One ticker moves every
+-- active batch along by the clock; the real work (reading the input, writing
+-- output and error files) runs in separate timers that yield to requests.
+--
+-- Service time is scaled by --speed: a stage of D service seconds takes
+-- D / speed real seconds.
+local cjson = require "cjson"
+local rules = require "lbatch.rules"
+local store = require "emu.store"
+local util = require "emu.util"
+
+local E = {
+  VALIDATE = 10,      -- service seconds spent validating
+  LINE = 0.5,         -- service seconds per request line
+  FINALIZE = 5,       -- service seconds spent finalizing
+  CANCEL = 5,         -- service seconds from cancelling to cancelled
+  TICK = 0.02,        -- real seconds between ticks
+  MAX_JOBS = 8,       -- heavy jobs running at once
+  FAIL_MARKER = "lbatch-emulator:fail",
+}
+
+local cfg
+local active = {}     -- id -> batch, for every batch not in a final state
+local jobs = 0
+local TERMINAL = { completed = true, failed = true, expired = true, cancelled = true }
+E.TERMINAL = TERMINAL
+
+local function scaled(service_seconds) return service_seconds / cfg.speed end
+
+local function line_seconds(b)
+  local m = b.metadata ~= cjson.null and b.metadata and tonumber(b.metadata.emulator_line_seconds)
+  return m or E.LINE
+end
+
+-- requests finished (in request order) at time t of an in_progress batch
+local function processed(b, t)
+  local _ = b._
+  local n = math.floor((t - _.t_stage) / scaled(line_seconds(b)))
+  return math.max(0, math.min(_.total, n))
+end
+
+local function failed_before(b, n)
+  local c = 0
+  for _, ln in ipairs(b._.fail_lines or {}) do if ln <= n then c = c + 1 end end
+  return c
+end
+
+-- request_counts of a batch right now (grows while it runs)
+function E.counts(b)
+  local _ = b._
+  if b.status == "in_progress" then
+    local n = processed(b, store.now())
+    local f = failed_before(b, n)
+    return { total = _.total or 0, completed = n - f, failed = f }
+  end
+  return b.request_counts
+end
+
+local function stamp(b, status)
+  b.status = status
+  b[status .. "_at"] = math.floor(store.now())
+  b._.t_stage = store.now()
+end
+
+---------------------------------------------------------------- models
+
+local function text_of(content)
+  if type(content) == "string" then return content end
+  if type(content) == "table" then
+    local parts = {}
+    for _, p in ipairs(content) do
+      if type(p) == "table" and type(p.text) == "string" then parts[#parts + 1] = p.text end
+    end
+    return table.concat(parts, " ")
+  end
+  return ""
+end
+
+local function tokens(s) return math.max(1, math.ceil(#s / 4)) end
+
+local function chat(body, test)
+  local prompt, last = {}, ""
+  for _, m in ipairs(type(body.messages) == "table" and body.messages or {}) do
+    if type(m) == "table" then
+      local t = text_of(m.content)
+      prompt[#prompt + 1] = t
+      if m.role == "user" then last = t end
+    end
+  end
+  local content = test and "This is a test result."
+    or ("Emulated answer (" .. body.model .. "): " .. last)
+  local message = { role = "assistant", content = content }
+  if body.enable_thinking == true then
+    message.reasoning_content = "Emulated reasoning about: " .. last
+  end
+  local p, c = tokens(table.concat(prompt, "\n")), tokens(content)
+  return {
+    id = "chatcmpl-" .. util.hex(16), object = "chat.completion",
+    created = math.floor(store.now()), model = body.model,
+    choices = { { index = 0, message = message, finish_reason = "stop", logprobs = cjson.null } },
+    usage = { prompt_tokens = p, completion_tokens = c, total_tokens = p + c },
+  }
+end
+
+local function vector(text, dim)
+  local x = ngx.crc32_long(text) % 2147483648
+  local v, norm = {}, 0
+  for i = 1, dim do
+    x = (x * 1103515245 + 12345) % 2147483648
+    v[i] = x / 1073741824 - 1
+    norm = norm + v[i] * v[i]
+  end
+  norm = math.sqrt(norm)
+  for i = 1, dim do v[i] = math.floor(v[i] / norm * 1e6 + 0.5) / 1e6 end
+  return v
+end
+
+local function embeddings(body)
+  local inputs = body.input
+  if type(inputs) ~= "table" then inputs = { tostring(inputs or "") } end
+  local dim = tonumber(body.dimensions) or 1024
+  local data, used = {}, 0
+  for i, s in ipairs(inputs) do
+    s = tostring(s)
+    used = used + tokens(s)
+    data[i] = { object = "embedding", index = i - 1, embedding = vector(s, dim) }
+  end
+  return { object = "list", data = data, model = body.model,
+           usage = { prompt_tokens = used, total_tokens = used } }
+end
+
+local function error_line(id, status, code, message, typ)
+  local err = { message = message, type = typ or "invalid_request_error", param = cjson.null, code = code }
+  return {
+    id = "batch_req_" .. util.hex(12), custom_id = id,
+    response = { status_code = status, request_id = util.uuid(), body = { error = err } },
+    error = { code = code, message = message },
+  }
+end
+
+-- The result line of one request, and whether it succeeded.
+local function execute(b, req, raw)
+  if raw:find(E.FAIL_MARKER, 1, true) then
+    return error_line(req.custom_id, 400, "emulated_failure",
+      "This request asked the emulator to fail (" .. E.FAIL_MARKER .. ")."), false
+  end
+  local body
+  if b.endpoint == "/v1/embeddings" then body = embeddings(req.body)
+  else body = chat(req.body, req.body.model == rules.test_model) end
+  return {
+    id = "batch_req_" .. util.hex(12), custom_id = req.custom_id,
+    response = { status_code = 200, request_id = util.uuid(), body = body },
+    error = cjson.null,
+  }, true
+end
+
+---------------------------------------------------------------- jobs
+
+local function yield_every(n)
+  if n % 2000 == 0 then ngx.sleep(0) end
+end
+
+local function run_job(fn, b)
+  jobs = jobs + 1
+  b._.job = true
+  local ok, err = ngx.timer.at(0, function(premature)
+    if premature then return end
+    local ok2, err2 = pcall(fn, b)
+    if not ok2 then ngx.log(ngx.ERR, "emulator job for ", b.id, " failed: ", err2) end
+    jobs = jobs - 1
+    b._.job = false
+  end)
+  if not ok then
+    jobs = jobs - 1
+    b._.job = false
+    ngx.log(ngx.ERR, "cannot start job: ", err)
+  end
+end
+
+local function running_tests(except)
+  local n = 0
+  for id, o in pairs(active) do
+    if id ~= except and o._.test and o._.validated then n = n + 1 end
+  end
+  return n
+end
+
+local function validate(b)
+  local fh = io.open(store.blob(b.input_file_id), "rb")
+  local problems = {}
+  if not fh then
+    problems[1] = rules.problem("file_not_found", nil, "The input file no longer exists.", "input_file_id")
+  else
+    local chk = rules.checker({ endpoint = b.endpoint })
+    local fails = {}
+    for n, text, bytes in rules.lines(fh) do
+      if #problems < 1000 then chk:line(n, text, bytes, problems) else chk.lines = n end
+      if text and text:find(E.FAIL_MARKER, 1, true) then fails[#fails + 1] = n end
+      yield_every(n)
+    end
+    fh:close()
+    chk:finish(problems)
+    b._.total, b._.fail_lines, b._.test = chk.lines, fails, chk.test
+    b.model = chk.model
+    if #problems == 0 and chk.test and running_tests(b.id) >= 2 then
+      problems[1] = rules.problem("test_model_concurrency", nil,
+        "At most 2 batch-test-model batches may run at once.", nil)
+    end
+  end
+  if #problems > 0 then
+    b.errors = { object = "list", data = problems }
+  end
+  b._.validated = true
+end
+
+local function new_file(id, filename, path, bytes)
+  local f = {
+    id = id, object = "file", bytes = bytes, created_at = math.floor(store.now()),
+    filename = filename, purpose = "batch_output", status = "processed",
+  }
+  assert(os.rename(path, store.blob(id)))
+  store.put_file(f)
+  return f
+end
+
+-- Write the output and error files. Requests 1..done ran; the rest did
+-- not (cancelled or expired), and go to the error file with `code`.
+local function finalize(b)
+  local _ = b._
+  local done, code = _.done, _.missed_code
+  local out_id = "file-batch_output-" .. util.uuid()
+  local err_id = "file-batch_output-" .. util.uuid()
+  local out_path, err_path = store.blob(out_id) .. ".part", store.blob(err_id) .. ".part"
+  local out, errf = assert(io.open(out_path, "wb")), assert(io.open(err_path, "wb"))
+  local nout, nerr, ok_count, fail_count = 0, 0, 0, 0
+  local usage = { input_tokens = 0, output_tokens = 0 }
+  local fh = io.open(store.blob(b.input_file_id), "rb")
+  if fh then
+    for n, text in rules.lines(fh) do
+      local okj, req = pcall(cjson.decode, text or "")
+      if okj and type(req) == "table" then
+        local line, good
+        if n <= done then
+          line, good = execute(b, req, text)
+        else
+          line = {
+            id = "batch_req_" .. util.hex(12), custom_id = req.custom_id, response = cjson.null,
+            error = { code = code, message = code == "batch_expired"
+              and "This request could not be executed before the completion window expired."
+              or "This request was not executed because the batch was cancelled." },
+          }
+        end
+        local s = cjson.encode(line) .. "\n"
+        if good then
+          out:write(s); nout = nout + #s; ok_count = ok_count + 1
+          local u = line.response.body.usage
+          usage.input_tokens = usage.input_tokens + (u.prompt_tokens or 0)
+          usage.output_tokens = usage.output_tokens + (u.completion_tokens or 0)
+        else
+          errf:write(s); nerr = nerr + #s
+          if n <= done then fail_count = fail_count + 1 end
+        end
+      end
+      yield_every(n)
+    end
+    fh:close()
+  end
+  out:close(); errf:close()
+  if nout > 0 then b.output_file_id = new_file(out_id, b.id .. "_output.jsonl", out_path, nout).id
+  else os.remove(out_path) end
+  if nerr > 0 then b.error_file_id = new_file(err_id, b.id .. "_error.jsonl", err_path, nerr).id
+  else os.remove(err_path) end
+  b.request_counts = { total = _.total, completed = ok_count, failed = (_.total - done) + fail_count }
+  b.usage = {
+    input_tokens = usage.input_tokens, input_tokens_details = { cached_tokens = 0 },
+    output_tokens = usage.output_tokens, output_tokens_details = { reasoning_tokens = 0 },
+    total_tokens = usage.input_tokens + usage.output_tokens,
+  }
+  _.finalized = true
+end
+
+---------------------------------------------------------------- callback
+
+local function is_loopback(host)
+  return host == "localhost" or host:match("^127%.%d+%.%d+%.%d+$") or host == "[::1]"
+end
+
+local function notify(b)
+  local url = type(b.metadata) == "table" and b.metadata.ds_batch_finish_callback
+  if type(url) ~= "string" then return end
+  local host, port, path = url:match("^http://([^/:]+):?(%d*)(/?.*)$")
+  if not host or not is_loopback(host) then return end
+  local payload = cjson.encode(util.public(b))
+  ngx.timer.at(0, function()
+    local sock = ngx.socket.tcp()
+    sock:settimeout(5000)
+    local ok = sock:connect(host == "localhost" and "127.0.0.1" or host, tonumber(port) or 80)
+    if not ok then return end
+    sock:send(table.concat({
+      "POST ", path ~= "" and path or "/", " HTTP/1.1\r\nHost: ", host,
+      "\r\nContent-Type: application/json\r\nContent-Length: ", #payload,
+      "\r\nConnection: close\r\n\r\n", payload }))
+    sock:receive("*l")
+    sock:close()
+  end)
+end
+
+---------------------------------------------------------------- ticker
+
+local function finish(b, status)
+  stamp(b, status)
+  active[b.id] = nil
+  store.put_batch(b)
+  notify(b)
+end
+
+local function begin_finalize(b, status, done, code)
+  b._.done, b._.missed_code, b._.finalized = done, code, false
+  local f = failed_before(b, done)
+  b.request_counts = { total = b._.total or 0, completed = done - f, failed = f }
+  if status ~= b.status then stamp(b, status) end
+  store.put_batch(b)
+end
+
+local function step(b, now)
+  local _ = b._
+  if _.job then return end
+  local s = b.status
+  if (s == "validating" or s == "in_progress") and _.t_expires and now >= _.t_expires then
+    local done = s == "in_progress" and processed(b, now) or 0
+    _.total = _.total or 0
+    begin_finalize(b, "expiring", done, "batch_expired")
+    return
+  end
+  if s == "validating" then
+    if not _.validated then
+      if jobs < E.MAX_JOBS then run_job(validate, b) end
+    elseif now >= _.t_stage + scaled(E.VALIDATE) then
+      if b.errors then
+        b.request_counts = { total = _.total or 0, completed = 0, failed = 0 }
+        finish(b, "failed")
+      else
+        b.request_counts = { total = _.total, completed = 0, failed = 0 }
+        stamp(b, "in_progress")
+        store.put_batch(b)
+      end
+    end
+  elseif s == "in_progress" then
+    if processed(b, now) >= _.total then begin_finalize(b, "finalizing", _.total, nil) end
+  elseif s == "finalizing" or s == "cancelling" or s == "expiring" then
+    if not _.finalized then
+      if jobs < E.MAX_JOBS then run_job(finalize, b) end
+    else
+      local wait = s == "cancelling" and E.CANCEL or s == "finalizing" and E.FINALIZE or 0
+      if now >= _.t_stage + scaled(wait) then
+        finish(b, s == "finalizing" and "completed" or s == "cancelling" and "cancelled" or "expired")
+      end
+    end
+  end
+end
+
+local function tick()
+  local now = store.now()
+  for _, b in pairs(active) do step(b, now) end
+end
+
+-- The internal "expiring" stage shows as in_progress to clients.
+function E.visible_status(b)
+  return b.status == "expiring" and "in_progress" or b.status
+end
+
+function E.track(b)
+  active[b.id] = b
+end
+
+function E.running()
+  local n = 0
+  for _ in pairs(active) do n = n + 1 end
+  return n
+end
+
+function E.cancel(b)
+  local now = store.now()
+  local done = 0
+  if b.status == "in_progress" then done = processed(b, now) end
+  b._.total = b._.total or 0
+  begin_finalize(b, "cancelling", done, "batch_cancelled")
+end
+
+function E.start(config)
+  cfg = config
+  for _, id in ipairs(store.batch_order) do
+    local b = store.batches[id]
+    if not TERMINAL[b.status] then
+      b._.job = false
+      if b.status == "validating" then b._.validated = false end
+      if b.status ~= "validating" and b.status ~= "in_progress" then b._.finalized = false end
+      active[id] = b
+    end
+  end
+  local function loop(premature)
+    while not premature and not ngx.worker.exiting() do
+      local ok, err = pcall(tick)
+      if not ok then ngx.log(ngx.ERR, "emulator tick: ", err) end
+      ngx.sleep(E.TICK)
+    end
+  end
+  assert(ngx.timer.at(0, loop))
+end
+
+function E.window_seconds(b) return b._.window end
+E.scaled = function(s) return scaled(s) end
+
+return E

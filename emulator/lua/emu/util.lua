@@ -1,0 +1,49 @@
+-- Small helpers: ids, the public view of a batch, the dialect.
+local cjson = require "cjson"
+
+local U = { dialect = "dashscope" }
+
+math.randomseed(math.floor(ngx.now() * 1000) + ngx.worker.pid())
+
+local HEX = "0123456789abcdef"
+function U.hex(n)
+  local t = {}
+  for i = 1, n do
+    local k = math.random(16)
+    t[i] = HEX:sub(k, k)
+  end
+  return table.concat(t)
+end
+
+function U.uuid()
+  local v = math.random(4)
+  return table.concat({ U.hex(8), U.hex(4), "4" .. U.hex(3), ("89ab"):sub(v, v) .. U.hex(3), U.hex(12) }, "-")
+end
+
+local BATCH_FIELDS = {
+  "id", "object", "endpoint", "model", "errors", "input_file_id", "completion_window",
+  "status", "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at",
+  "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at",
+  "request_counts", "usage", "metadata",
+}
+
+-- What clients see of a batch: no internal state, the running counts, and
+-- absent fields as null (dashscope) or left out (openai: the spec types
+-- them as plain strings and integers).
+function U.public(b, engine)
+  local out = {}
+  local fill = U.dialect == "dashscope" and cjson.null or nil
+  for _, k in ipairs(BATCH_FIELDS) do
+    local v = b[k]
+    if v == nil then v = fill end
+    out[k] = v
+  end
+  if engine then
+    out.status = engine.visible_status(b)
+    out.request_counts = engine.counts(b) or { total = 0, completed = 0, failed = 0 }
+  end
+  if out.request_counts == nil then out.request_counts = { total = 0, completed = 0, failed = 0 } end
+  return out
+end
+
+return U

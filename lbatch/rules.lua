@@ -1,0 +1,209 @@
+-- The service's rules for a batch input file, in one place.
+--
+-- Used by the emulator (to fail a batch the way the service does), by
+-- lbatch.validate (to check a file before it is uploaded) and by the
+-- lbatch.jsonl writer. Pure Lua plus lua-cjson, so it also loads in nginx.
+local cjson = require "cjson"
+
+local M = {
+  max_lines      = 50000,
+  max_bytes      = 500 * 1024 * 1024,
+  max_line_bytes = 6 * 1024 * 1024,
+  test_model     = "batch-test-model",
+  test_url       = "/v1/chat/ds-test",
+  test_max_lines = 100,
+  test_max_bytes = 1024 * 1024,
+  endpoints = {
+    ["/v1/chat/completions"] = true,
+    ["/v1/embeddings"] = true,
+    ["/v1/chat/ds-test"] = true,
+  },
+}
+
+local decode = cjson.decode
+local find, sub, format = string.find, string.sub, string.format
+
+-- Iterate the lines of an open file in blocks, so a file with a huge line
+-- (or none at all) never sits whole in memory. Yields n, text, bytes where
+-- text is nil when the line is longer than max_line bytes (its bytes are
+-- still counted). A final line without "\n" counts; "\r\n" is accepted.
+function M.lines(fh, max_line)
+  max_line = max_line or M.max_line_bytes
+  local buf, pos, n, done = "", 1, 0, false
+  local parts, plen, over = {}, 0, false
+  return function()
+    while true do
+      local nl = find(buf, "\n", pos, true)
+      if nl then
+        local piece = sub(buf, pos, nl - 1)
+        pos = nl + 1
+        local bytes = plen + #piece
+        local text
+        if not over and bytes <= max_line then
+          if plen > 0 then
+            parts[#parts + 1] = piece
+            text = table.concat(parts)
+          else
+            text = piece
+          end
+        end
+        parts, plen, over = {}, 0, false
+        n = n + 1
+        if text and sub(text, -1) == "\r" then text = sub(text, 1, -2) end
+        return n, text, bytes + 1
+      end
+      -- no newline in what is buffered: keep the rest and read on
+      local rest = sub(buf, pos)
+      if #rest > 0 then
+        plen = plen + #rest
+        if over or plen > max_line then
+          over, parts = true, {}
+        else
+          parts[#parts + 1] = rest
+        end
+      end
+      buf, pos = "", 1
+      if done then
+        if plen == 0 then return nil end
+        local text = not over and table.concat(parts) or nil
+        local bytes = plen
+        parts, plen, over = {}, 0, false
+        n = n + 1
+        return n, text, bytes
+      end
+      local chunk = fh:read(65536)
+      if chunk then buf = chunk else done = true end
+    end
+  end
+end
+
+local function problem(code, line, message, param)
+  return { code = code, line = line, message = message, param = param }
+end
+M.problem = problem
+
+-- Checks one request after another. opts.endpoint: the batch's endpoint
+-- (nil: taken from the first line). Each check returns a list of problems
+-- (empty when the line is fine); finish() returns the file-level ones.
+local Checker = {}
+Checker.__index = Checker
+
+function M.checker(opts)
+  opts = opts or {}
+  return setmetatable({
+    endpoint = opts.endpoint, seen = {}, lines = 0, bytes = 0,
+    model = nil, thinking = nil, test = false,
+    max_lines = opts.max_lines or M.max_lines,
+    max_bytes = opts.max_bytes or M.max_bytes,
+  }, Checker)
+end
+
+-- A decoded request {custom_id, method, url, body}; n is its line number.
+function Checker:request(n, req, out)
+  out = out or {}
+  if type(req) ~= "table" then
+    out[#out + 1] = problem("invalid_request", n, "Line is not a JSON object.", nil)
+    return out
+  end
+  local id = req.custom_id
+  if type(id) ~= "string" or id == "" then
+    out[#out + 1] = problem("missing_custom_id", n, "custom_id is missing or not a non-empty string.", "custom_id")
+  elseif self.seen[id] then
+    out[#out + 1] = problem("duplicate_custom_id", n,
+      format("custom_id %q is also used on line %d.", id, self.seen[id]), "custom_id")
+  else
+    self.seen[id] = n
+  end
+  if req.method ~= "POST" then
+    out[#out + 1] = problem("invalid_method", n, "method must be \"POST\".", "method")
+  end
+  local url = req.url
+  if type(url) ~= "string" or not M.endpoints[url] then
+    out[#out + 1] = problem("invalid_url", n, format("url %s is not a supported endpoint.",
+      type(url) == "string" and format("%q", url) or "is missing or"), "url")
+  elseif self.endpoint == nil then
+    self.endpoint = url
+  elseif url ~= self.endpoint then
+    out[#out + 1] = problem("mismatched_url", n,
+      format("url %q differs from the batch endpoint %q.", url, self.endpoint), "url")
+  end
+  local body = req.body
+  if type(body) ~= "table" then
+    out[#out + 1] = problem("invalid_body", n, "body is missing or not a JSON object.", "body")
+    return out
+  end
+  local model = body.model
+  if type(model) ~= "string" or model == "" then
+    out[#out + 1] = problem("missing_model", n, "body.model is missing.", "body.model")
+  elseif self.model == nil then
+    self.model = model
+    self.test = model == M.test_model
+  elseif model ~= self.model then
+    out[#out + 1] = problem("mismatched_model", n,
+      format("model %q differs from %q used earlier in the file; use one model per file.", model, self.model),
+      "body.model")
+  end
+  local thinking = body.enable_thinking
+  if thinking == nil or thinking == cjson.null then thinking = false end
+  if self.thinking == nil then
+    self.thinking = thinking
+  elseif thinking ~= self.thinking then
+    out[#out + 1] = problem("mismatched_thinking", n,
+      "enable_thinking differs from earlier lines; use one thinking mode per file.", "body.enable_thinking")
+  end
+  if model == M.test_model and url ~= M.test_url then
+    out[#out + 1] = problem("test_model_url", n,
+      format("batch-test-model requests must use url %q.", M.test_url), "url")
+  end
+  return out
+end
+
+-- One raw line (text nil when it was too long); bytes includes its newline.
+function Checker:line(n, text, bytes, out)
+  out = out or {}
+  self.lines = n
+  self.bytes = self.bytes + bytes
+  if n == self.max_lines + 1 then
+    out[#out + 1] = problem("too_many_lines", n,
+      format("The file has more than %d lines.", self.max_lines), nil)
+  end
+  if text == nil or bytes - 1 > M.max_line_bytes then
+    out[#out + 1] = problem("line_too_large", n,
+      format("Line is larger than %d bytes.", M.max_line_bytes), nil)
+    return out
+  end
+  if find(text, "^%s*$") then
+    out[#out + 1] = problem("empty_line", n, "Line is empty.", nil)
+    return out
+  end
+  local ok, req = pcall(decode, text)
+  if not ok then
+    out[#out + 1] = problem("invalid_json", n, "Line is not valid JSON.", nil)
+    return out
+  end
+  return self:request(n, req, out)
+end
+
+function Checker:finish(out)
+  out = out or {}
+  if self.lines == 0 then
+    out[#out + 1] = problem("empty_file", nil, "The file is empty.", nil)
+  end
+  if self.bytes > self.max_bytes then
+    out[#out + 1] = problem("file_too_large", nil,
+      format("The file is larger than %d bytes.", self.max_bytes), nil)
+  end
+  if self.test then
+    if self.lines > M.test_max_lines then
+      out[#out + 1] = problem("test_model_too_many_lines", nil,
+        format("A batch-test-model file has at most %d lines.", M.test_max_lines), nil)
+    end
+    if self.bytes > M.test_max_bytes then
+      out[#out + 1] = problem("test_model_file_too_large", nil,
+        format("A batch-test-model file is at most %d bytes.", M.test_max_bytes), nil)
+    end
+  end
+  return out
+end
+
+return M
