@@ -1,0 +1,90 @@
+# lbatch: make demo | make test | make build | make emulator | make asan | make install
+#
+# Flags (override on the command line):
+#   LUA_INCDIR   Lua 5.4 headers          (default /usr/include/lua5.4)
+#   JIT_INCDIR   LuaJIT 2.1 headers       (default /usr/include/luajit-2.1)
+#   CURL_CFLAGS  libcurl compile flags    (default from pkg-config, else none)
+#   CURL_LIBS    libcurl link flags       (default from pkg-config, else -lcurl)
+#   CFLAGS       optimisation/debug flags (default -O2 -g)
+#   PREFIX       install prefix for `make install` (default /usr/local)
+#   SPEC         busted arguments (default: spec)
+
+LUA_INCDIR ?= /usr/include/lua5.4
+JIT_INCDIR ?= /usr/include/luajit-2.1
+CURL_CFLAGS ?= $(shell pkg-config --cflags libcurl 2>/dev/null)
+CURL_LIBS ?= $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
+CFLAGS ?= -O2 -g
+PREFIX ?= /usr/local
+SPEC ?= spec
+WARN = -std=c99 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter
+SRC = lbatch/core/core.c lbatch/core/xfer.c lbatch/core/util.c
+HDR = lbatch/core/core.h lbatch/core/compat.h
+
+DEB = lua5.4 liblua5.4-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
+      nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv curl gcc make
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+NODE_DIR = emulator/conformance
+
+BUSTED = env LUA_PATH="./?.lua;./?/init.lua;./spec/?.lua;;" LBATCH_ROOT=$(CURDIR)
+
+.PHONY: all build deps demo test test-5.4 test-jit asan conformance emulator install clean
+
+all: build
+
+build: build/5.4/lbatch/core.so build/jit/lbatch/core.so
+
+build/5.4/lbatch/core.so: $(SRC) $(HDR)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(WARN) -fPIC -shared -I$(LUA_INCDIR) $(CURL_CFLAGS) -o $@ $(SRC) $(CURL_LIBS)
+
+build/jit/lbatch/core.so: $(SRC) $(HDR)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(WARN) -fPIC -shared -I$(JIT_INCDIR) $(CURL_CFLAGS) -o $@ $(SRC) $(CURL_LIBS)
+
+build/asan/lbatch/core.so: $(SRC) $(HDR)
+	@mkdir -p $(@D)
+	$(CC) -O1 -g -fsanitize=address -fno-omit-frame-pointer $(WARN) -fPIC -shared \
+	  -I$(LUA_INCDIR) $(CURL_CFLAGS) -o $@ $(SRC) $(CURL_LIBS)
+
+# Install the Debian packages that are missing (and nothing when none is).
+deps:
+	@missing=$$(for p in $(DEB); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(NODE_DIR)/node_modules/.installed: $(NODE_DIR)/package.json
+	cd $(NODE_DIR) && npm install --no-audit --no-fund --loglevel=error
+	@touch $@
+
+demo: deps build
+	@spec/with-emulator lua5.4 examples/quickstart.lua
+
+test: deps build build/asan/lbatch/core.so $(NODE_DIR)/node_modules/.installed
+	@spec/run-all
+
+test-5.4: deps build
+	$(BUSTED) LUA_CPATH="./build/5.4/?.so;;" LBATCH_LUA=lua5.4 lua5.4 /usr/bin/busted $(SPEC)
+
+test-jit: deps build
+	$(BUSTED) LUA_CPATH="./build/jit/?.so;;" LBATCH_LUA=luajit luajit /usr/bin/busted $(SPEC)
+
+asan: deps build/asan/lbatch/core.so
+	$(BUSTED) LUA_CPATH="./build/asan/?.so;;" LBATCH_LUA=lua5.4 \
+	  LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=1 \
+	  LSAN_OPTIONS=suppressions=$(CURDIR)/spec/lsan.supp:print_suppressions=0 \
+	  lua5.4 /usr/bin/busted $(SPEC)
+
+conformance: deps $(NODE_DIR)/node_modules/.installed
+	$(BUSTED) lua5.4 /usr/bin/busted spec/conformance_spec.lua
+
+emulator: deps
+	emulator/run $(ARGS)
+
+install: build
+	luarocks make --deps-mode=none rockspec/lbatch-scm-1.rockspec
+
+clean:
+	rm -rf build

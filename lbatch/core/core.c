@@ -1,0 +1,326 @@
+/* lbatch.core: the controller, one libcurl multi handle driven through
+ * curl_multi_socket_action. Its sockets sit in one epoll set, so a host
+ * loop can wait on a single descriptor (ctl:pollfd()) plus ctl:timeout().
+ *
+ *   local ctl = core.new{ max_connections = 16 }
+ *   local id = ctl:add{ url = ..., method = "POST", body = ..., ... }
+ *   ctl:step(wait_ms)          -- run I/O; waits at most wait_ms (0: never)
+ *   for id, res in ctl:done do ... end
+ *
+ * Nothing here calls Lua from a libcurl callback, and nothing yields. */
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <math.h>
+#include <unistd.h>
+#include "core.h"
+
+#if LIBCURL_VERSION_NUM < 0x073800
+#error "lbatch needs libcurl 7.56.0 or newer (curl_mime)"
+#endif
+
+#if defined(__linux__)
+#include <sys/epoll.h>
+#define LBATCH_EPOLL 1
+#endif
+
+#define MAX_EVENTS 64
+
+static ctl *check_ctl(lua_State *L) {
+  ctl *c = luaL_checkudata(L, 1, LBATCH_CTL);
+  if (c->closed) luaL_error(L, "lbatch.core: controller is closed");
+  return c;
+}
+
+/* ------------------------------------------------------------ libcurl hooks */
+
+#ifdef LBATCH_EPOLL
+static int on_socket(CURL *e, curl_socket_t s, int what, void *userp, void *socketp) {
+  ctl *c = userp;
+  struct epoll_event ev;
+  (void)e;
+  if (what == CURL_POLL_REMOVE) {
+    epoll_ctl(c->epfd, EPOLL_CTL_DEL, s, NULL); /* may already be closed */
+    curl_multi_assign(c->multi, s, NULL);
+    return 0;
+  }
+  memset(&ev, 0, sizeof ev);
+  ev.data.fd = s;
+  if (what & CURL_POLL_IN) ev.events |= EPOLLIN;
+  if (what & CURL_POLL_OUT) ev.events |= EPOLLOUT;
+  if (socketp) {
+    if (epoll_ctl(c->epfd, EPOLL_CTL_MOD, s, &ev) != 0 && errno == ENOENT)
+      epoll_ctl(c->epfd, EPOLL_CTL_ADD, s, &ev);
+  } else {
+    if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, s, &ev) != 0 && errno == EEXIST)
+      epoll_ctl(c->epfd, EPOLL_CTL_MOD, s, &ev);
+    curl_multi_assign(c->multi, s, c);
+  }
+  return 0;
+}
+#endif
+
+static int on_timer(CURLM *m, long timeout_ms, void *userp) {
+  ctl *c = userp;
+  (void)m;
+  c->deadline = timeout_ms < 0 ? -1 : lb_now_ms() + (double)timeout_ms;
+  return 0;
+}
+
+/* ------------------------------------------------------------ lists */
+
+static void unlink_active(ctl *c, xfer *x) {
+  if (x->prev) x->prev->next = x->next; else c->active = x->next;
+  if (x->next) x->next->prev = x->prev;
+  x->prev = x->next = NULL;
+}
+
+static void collect(ctl *c) {
+  CURLMsg *m;
+  int left;
+  while ((m = curl_multi_info_read(c->multi, &left))) {
+    xfer *x = NULL;
+    CURLcode result;
+    if (m->msg != CURLMSG_DONE) continue;
+    result = m->data.result;
+    curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&x);
+    curl_multi_remove_handle(c->multi, m->easy_handle);
+    unlink_active(c, x);
+    xfer_finish(x, result);
+    if (c->done_tail) c->done_tail->next = x; else c->done_head = x;
+    c->done_tail = x;
+  }
+}
+
+/* ------------------------------------------------------------ methods */
+
+static int ctl_new(lua_State *L) {
+  long maxc = 16;
+  ctl *c;
+  if (lua_istable(L, 1)) {
+    lua_getfield(L, 1, "max_connections");
+    if (!lua_isnil(L, -1)) maxc = (long)luaL_checknumber(L, -1);
+    lua_pop(L, 1);
+  }
+  c = lua_newuserdata(L, sizeof *c);
+  memset(c, 0, sizeof *c);
+  c->epfd = -1;
+  c->deadline = -1;
+  luaL_getmetatable(L, LBATCH_CTL);
+  lua_setmetatable(L, -2);
+  if (!(c->multi = curl_multi_init())) {
+    c->closed = 1;
+    return luaL_error(L, "lbatch.core: curl_multi_init failed");
+  }
+#ifdef LBATCH_EPOLL
+  c->epfd = epoll_create1(EPOLL_CLOEXEC);
+  if (c->epfd < 0) {
+    curl_multi_cleanup(c->multi);
+    c->closed = 1;
+    return luaL_error(L, "lbatch.core: epoll_create1: %s", strerror(errno));
+  }
+  curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+  curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
+  curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, on_timer);
+  curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
+#endif
+  curl_multi_setopt(c->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+  if (maxc > 0) {
+    curl_multi_setopt(c->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, maxc);
+    curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, maxc);
+    curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, maxc);
+  }
+  return 1;
+}
+
+static int ctl_add(lua_State *L) {
+  ctl *c = check_ctl(L);
+  xfer *x = xfer_new(L, c, 2);
+  if (!x) return luaL_error(L, "lbatch.core: out of memory");
+  x->id = ++c->next_id;
+  if (curl_multi_add_handle(c->multi, x->easy) != CURLM_OK) {
+    xfer_free(x);
+    return luaL_error(L, "lbatch.core: curl_multi_add_handle failed");
+  }
+  x->next = c->active;
+  if (c->active) c->active->prev = x;
+  c->active = x;
+  lua_pushinteger(L, x->id);
+  return 1;
+}
+
+/* step([wait_ms]): wait at most wait_ms for I/O (0: not at all), run what is
+ * ready, queue finished transfers. Returns the number still running. */
+static int ctl_step(lua_State *L) {
+  ctl *c = check_ctl(L);
+  double wait = luaL_optnumber(L, 2, 0);
+  int timeout;
+  if (c->done_head || wait < 0) wait = 0;
+  if (c->deadline >= 0) {
+    double d = c->deadline - lb_now_ms();
+    if (d < wait) wait = d < 0 ? 0 : d;
+  }
+  timeout = (int)ceil(wait);
+#ifdef LBATCH_EPOLL
+  {
+    struct epoll_event evs[MAX_EVENTS];
+    int i, n = epoll_wait(c->epfd, evs, MAX_EVENTS, timeout);
+    for (i = 0; i < n; i++) {
+      int flags = 0;
+      if (evs[i].events & EPOLLIN) flags |= CURL_CSELECT_IN;
+      if (evs[i].events & EPOLLOUT) flags |= CURL_CSELECT_OUT;
+      if (evs[i].events & (EPOLLERR | EPOLLHUP)) flags |= CURL_CSELECT_ERR;
+      curl_multi_socket_action(c->multi, evs[i].data.fd, flags, &c->running);
+    }
+    if (c->deadline >= 0 && lb_now_ms() >= c->deadline) {
+      c->deadline = -1;
+      curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &c->running);
+    }
+  }
+#else
+  if (timeout > 0) {
+#if LIBCURL_VERSION_NUM >= 0x074200
+    curl_multi_poll(c->multi, NULL, 0, timeout, NULL);
+#else
+    curl_multi_wait(c->multi, NULL, 0, timeout, NULL);
+#endif
+  }
+  curl_multi_perform(c->multi, &c->running);
+#endif
+  collect(c);
+  lua_pushinteger(L, c->running);
+  return 1;
+}
+
+/* done(): the next finished transfer as id, result; nil when none. */
+static int ctl_done(lua_State *L) {
+  ctl *c = check_ctl(L);
+  xfer *x = c->done_head;
+  if (!x) return 0;
+  c->done_head = x->next;
+  if (!c->done_head) c->done_tail = NULL;
+  lua_pushinteger(L, x->id);
+  xfer_push_result(L, x);
+  xfer_free(x);
+  return 2;
+}
+
+static int ctl_cancel(lua_State *L) {
+  ctl *c = check_ctl(L);
+  lua_Integer id = luaL_checkinteger(L, 2);
+  xfer *x, *prev = NULL;
+  for (x = c->active; x; x = x->next) {
+    if (x->id == id) {
+      curl_multi_remove_handle(c->multi, x->easy);
+      unlink_active(c, x);
+      xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
+      xfer_free(x);
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+  }
+  for (x = c->done_head; x; prev = x, x = x->next) {
+    if (x->id == id) {
+      if (prev) prev->next = x->next; else c->done_head = x->next;
+      if (c->done_tail == x) c->done_tail = prev;
+      xfer_free(x);
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+  }
+  lua_pushboolean(L, 0);
+  return 1;
+}
+
+/* timeout(): ms until step() is next needed; 0 when results wait, -1 when
+ * only socket activity (see pollfd) can bring work. */
+static int ctl_timeout(lua_State *L) {
+  ctl *c = check_ctl(L);
+  double d;
+  if (c->done_head) { lua_pushinteger(L, 0); return 1; }
+#ifndef LBATCH_EPOLL
+  if (c->active) { lua_pushinteger(L, 10); return 1; }  /* no descriptor: poll */
+#endif
+  if (c->deadline < 0) { lua_pushinteger(L, -1); return 1; }
+  d = c->deadline - lb_now_ms();
+  lua_pushinteger(L, d <= 0 ? 0 : (lua_Integer)ceil(d));
+  return 1;
+}
+
+static int ctl_pollfd(lua_State *L) {
+  ctl *c = check_ctl(L);
+  if (c->epfd < 0) return 0;
+  lua_pushinteger(L, c->epfd);
+  return 1;
+}
+
+static int ctl_pending(lua_State *L) {
+  ctl *c = check_ctl(L);
+  int n = 0;
+  xfer *x;
+  for (x = c->active; x; x = x->next) n++;
+  for (x = c->done_head; x; x = x->next) n++;
+  lua_pushinteger(L, n);
+  return 1;
+}
+
+static int ctl_close(lua_State *L) {
+  ctl *c = luaL_checkudata(L, 1, LBATCH_CTL);
+  xfer *x;
+  if (c->closed) return 0;
+  c->closed = 1;
+  while ((x = c->active)) {
+    curl_multi_remove_handle(c->multi, x->easy);
+    unlink_active(c, x);
+    xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
+    xfer_free(x);
+  }
+  while ((x = c->done_head)) {
+    c->done_head = x->next;
+    xfer_free(x);
+  }
+  c->done_tail = NULL;
+  curl_multi_cleanup(c->multi);
+  if (c->epfd >= 0) close(c->epfd);
+  return 0;
+}
+
+static int core_now(lua_State *L) {
+  lua_pushnumber(L, lb_now_ms() / 1e3);
+  return 1;
+}
+
+static int core_version(lua_State *L) {
+  curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
+  lua_pushstring(L, v->version);
+  lua_pushboolean(L, (v->features & CURL_VERSION_HTTP2) != 0);
+  return 2;
+}
+
+int luaopen_lbatch_core(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"add", ctl_add}, {"step", ctl_step}, {"done", ctl_done}, {"cancel", ctl_cancel},
+    {"timeout", ctl_timeout}, {"pollfd", ctl_pollfd}, {"pending", ctl_pending},
+    {"close", ctl_close}, {NULL, NULL}
+  };
+  static const luaL_Reg funcs[] = {
+    {"new", ctl_new}, {"now", core_now}, {"version", core_version}, {NULL, NULL}
+  };
+  curl_global_init(CURL_GLOBAL_DEFAULT);
+  if (luaL_newmetatable(L, LBATCH_CTL)) {
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, ctl_close);
+    lua_setfield(L, -2, "__gc");
+#if LUA_VERSION_NUM >= 504
+    lua_pushcfunction(L, ctl_close);
+    lua_setfield(L, -2, "__close");
+#endif
+  }
+  lua_pop(L, 1);
+  luaL_newlib(L, funcs);
+  lua_pushliteral(L, "lbatch.core 0.1");
+  lua_setfield(L, -2, "_VERSION");
+  return 1;
+}

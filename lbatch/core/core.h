@@ -1,0 +1,60 @@
+/* lbatch.core: one libcurl multi handle (the controller) and the transfers
+ * it runs. libcurl callbacks only fill C buffers and files; finished
+ * transfers wait in a queue until Lua collects them with ctl:done(). */
+#ifndef LBATCH_CORE_H
+#define LBATCH_CORE_H
+
+#include <stdio.h>
+#include <curl/curl.h>
+#include "compat.h"
+
+#define LBATCH_CTL "lbatch.core.ctl"
+
+typedef struct buf {
+  char *p;
+  size_t len, cap;
+} buf;
+
+struct ctl;
+
+typedef struct xfer {
+  CURL *easy;
+  struct ctl *ctl;
+  lua_Integer id;
+  struct xfer *prev, *next;   /* in ctl->active, or ctl->done (next only) */
+  struct curl_slist *headers;
+  curl_mime *mime;
+  char *body;                 /* request body (copied) */
+  buf resp;                   /* response body when it is not downloaded */
+  buf hdrs;                   /* header block of the last response */
+  char *path, *tmp;           /* download: final path and temp file beside it */
+  FILE *out;
+  curl_off_t written;
+  CURLcode result;
+  const char *fail;           /* our own failure (e.g. truncated download) */
+  char errbuf[CURL_ERROR_SIZE];
+} xfer;
+
+typedef struct ctl {
+  CURLM *multi;
+  int epfd;                   /* -1 without epoll: then curl_multi_poll */
+  double deadline;            /* monotonic ms when curl wants a call; <0: none */
+  int running;
+  lua_Integer next_id;
+  xfer *active;               /* in flight */
+  xfer *done_head, *done_tail;
+  int closed;
+} ctl;
+
+/* util.c */
+double lb_now_ms(void);
+int buf_add(buf *b, const char *p, size_t n);
+void buf_free(buf *b);
+
+/* xfer.c */
+xfer *xfer_new(lua_State *L, ctl *c, int spec);
+void xfer_finish(xfer *x, CURLcode result);
+void xfer_push_result(lua_State *L, xfer *x);
+void xfer_free(xfer *x);
+
+#endif

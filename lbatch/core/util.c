@@ -1,0 +1,32 @@
+/* Growable buffers and the monotonic clock. */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "core.h"
+
+double lb_now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+int buf_add(buf *b, const char *p, size_t n) {
+  if (b->len + n + 1 > b->cap) {
+    size_t cap = b->cap ? b->cap : 1024;
+    char *q;
+    while (cap < b->len + n + 1) cap *= 2;
+    if (!(q = realloc(b->p, cap))) return 0;
+    b->p = q;
+    b->cap = cap;
+  }
+  memcpy(b->p + b->len, p, n);
+  b->len += n;
+  b->p[b->len] = '\0';
+  return 1;
+}
+
+void buf_free(buf *b) {
+  free(b->p);
+  b->p = NULL;
+  b->len = b->cap = 0;
+}

@@ -1,0 +1,260 @@
+-- Tasks, timers and the core's transfers in one loop.
+--
+-- Inside a task (a coroutine started by spawn) an operation yields until its
+-- transfer is done, so tasks overlap. Outside any task it drives the loop
+-- (all tasks included) until its own transfer is done. step() never waits.
+local core = require "lbatch.core"
+local errors = require "lbatch.errors"
+
+local now = core.now
+local co_create, co_resume, co_running, co_status, co_yield =
+  coroutine.create, coroutine.resume, coroutine.running, coroutine.status, coroutine.yield
+
+local AWAIT = {}        -- what a task yields when it waits for the loop
+local unpack = table.unpack or unpack
+local function pack(...) return { n = select("#", ...), ... } end
+
+local Loop = {}
+Loop.__index = Loop
+
+local Task = {}
+Task.__index = Task
+
+function Loop.new(opts)
+  return setmetatable({
+    ctl = core.new({ max_connections = opts.max_connections }),
+    tasks = {},          -- coroutine -> task
+    alive = 0,
+    waiting = {},        -- transfer id -> task or box
+    ready = {},          -- tasks to resume, in order
+    heap = {},           -- timers: {at, seq, task|box}
+    seq = 0,
+    failures = {},       -- tasks that ended in error, not yet reported
+    idle_wait = opts.idle_wait or 1000,
+  }, Loop)
+end
+
+------------------------------------------------------------------ timers
+
+local function heap_push(h, t)
+  h[#h + 1] = t
+  local i = #h
+  while i > 1 do
+    local p = math.floor(i / 2)
+    local a, b = h[p], h[i]
+    if a.at < b.at or (a.at == b.at and a.seq < b.seq) then break end
+    h[p], h[i] = b, a
+    i = p
+  end
+end
+
+local function heap_pop(h)
+  local n = #h
+  local top, last = h[1], h[n]
+  h[n] = nil
+  n = n - 1
+  if n == 0 then return top end
+  h[1] = last
+  local i = 1
+  while true do
+    local l, r, m = 2 * i, 2 * i + 1, i
+    if l <= n and (h[l].at < h[m].at or (h[l].at == h[m].at and h[l].seq < h[m].seq)) then m = l end
+    if r <= n and (h[r].at < h[m].at or (h[r].at == h[m].at and h[r].seq < h[m].seq)) then m = r end
+    if m == i then break end
+    h[i], h[m] = h[m], h[i]
+    i = m
+  end
+  return top
+end
+
+------------------------------------------------------------------ tasks
+
+function Loop:current()
+  local co = co_running()
+  return co and self.tasks[co]
+end
+
+function Loop:spawn(fn, ...)
+  if type(fn) ~= "function" then error("spawn: a function is expected", 3) end
+  local task = setmetatable({ loop = self, args = pack(...), status = "ready", joiners = {} }, Task)
+  task.co = co_create(function(...) return fn(...) end)
+  self.tasks[task.co] = task
+  self.alive = self.alive + 1
+  self.ready[#self.ready + 1] = task
+  return task
+end
+
+local function finish(self, task, ok, ...)
+  self.tasks[task.co] = nil
+  self.alive = self.alive - 1
+  if ok then
+    task.status = "done"
+    task.results = pack(...)
+  else
+    task.status = "error"
+    local err = ...
+    task.error = err
+    task.traceback = debug.traceback(task.co, tostring(err))
+    if #task.joiners == 0 then self.failures[#self.failures + 1] = task end
+  end
+  for _, j in ipairs(task.joiners) do self:wake(j) end
+  task.joiners = {}
+end
+
+function Loop:resume(task, ...)
+  if task.status == "ready" then
+    task.status = "running"
+    local a = task.args
+    task.args = nil
+    return self:resume(task, unpack(a, 1, a.n))
+  end
+  local co = task.co
+  local r = pack(co_resume(co, ...))
+  if co_status(co) == "dead" then
+    return finish(self, task, unpack(r, 1, r.n))
+  end
+  if r[2] ~= AWAIT then    -- a plain coroutine.yield(): run again next turn
+    self.ready[#self.ready + 1] = task
+  end
+end
+
+-- Wake a waiter (task or box) with a value.
+function Loop:wake(w, ...)
+  if w.co then
+    w.wakeup = pack(...)
+    self.ready[#self.ready + 1] = w
+  else
+    w.value = pack(...)
+  end
+end
+
+-- Wait, as the current task or, outside tasks, by driving the loop, until
+-- `register(waiter)` arranges for self:wake(waiter, ...) to be called.
+function Loop:await(register)
+  local task = self:current()
+  if task then
+    register(task)
+    task.wakeup = nil
+    co_yield(AWAIT)
+    local v = task.wakeup
+    task.wakeup = nil
+    return unpack(v, 1, v.n)
+  end
+  local box = {}
+  register(box)
+  while not box.value do self:drive(true) end
+  return unpack(box.value, 1, box.value.n)
+end
+
+function Loop:transfer(spec)
+  return self:await(function(w)
+    local id = self.ctl:add(spec)
+    self.waiting[id] = w
+    w.transfer = id
+  end)
+end
+
+function Loop:sleep(seconds)
+  if type(seconds) ~= "number" then error("sleep: seconds must be a number", 2) end
+  return self:await(function(w)
+    self.seq = self.seq + 1
+    heap_push(self.heap, { at = now() + math.max(0, seconds), seq = self.seq, w = w })
+  end)
+end
+
+------------------------------------------------------------------ driving
+
+function Loop:run_ready()
+  local ready = self.ready
+  if #ready == 0 then return end
+  self.ready = {}
+  for _, task in ipairs(ready) do
+    if task.status == "ready" or task.status == "running" then self:resume(task) end
+  end
+end
+
+-- ms until something is due, for the wait in drive()
+function Loop:wait_ms()
+  if #self.ready > 0 then return 0 end
+  local ms = self.idle_wait
+  local top = self.heap[1]
+  if top then ms = math.min(ms, math.max(0, (top.at - now()) * 1000)) end
+  return ms
+end
+
+function Loop:drive(block)
+  local ctl = self.ctl
+  ctl:step(block and self:wait_ms() or 0)
+  while true do
+    local id, res = ctl:done()
+    if not id then break end
+    local w = self.waiting[id]
+    self.waiting[id] = nil
+    if w then
+      w.transfer = nil
+      self:wake(w, res)
+    end
+  end
+  local heap, t = self.heap, now()
+  while heap[1] and heap[1].at <= t do self:wake(heap_pop(heap).w, true) end
+  self:run_ready()
+end
+
+-- work still pending: live tasks plus transfers in flight
+function Loop:pending()
+  return self.alive + self.ctl:pending()
+end
+
+function Loop:timeout()
+  if #self.ready > 0 then return 0 end
+  local ms = self.ctl:timeout()
+  local top = self.heap[1]
+  if top then
+    local t = math.max(0, math.ceil((top.at - now()) * 1000))
+    if ms < 0 or t < ms then ms = t end
+  end
+  return ms
+end
+
+function Loop:take_failure()
+  local task = table.remove(self.failures, 1)
+  if task then return task.traceback end
+end
+
+------------------------------------------------------------------ Task
+
+function Task:done() return self.status == "done" or self.status == "error" end
+
+-- join(): wait for the task, then its results, or nil, err
+function Task:join()
+  if not self:done() then
+    local loop = self.loop
+    if loop:current() == self then error("join: a task cannot join itself", 2) end
+    loop:await(function(w) self.joiners[#self.joiners + 1] = w end)
+  end
+  if self.status == "error" then
+    return nil, self.traceback
+  end
+  return unpack(self.results, 1, self.results.n)
+end
+
+-- cancel(): stop a task that has not finished; its transfer is abandoned.
+function Task:cancel()
+  if self:done() then return false end
+  local loop = self.loop
+  if self.transfer then
+    loop.ctl:cancel(self.transfer)
+    loop.waiting[self.transfer] = nil
+  end
+  -- a timer it sleeps on stays in the heap: waking a finished task is a no-op
+  loop.tasks[self.co] = nil
+  loop.alive = loop.alive - 1
+  self.status = "error"
+  self.error = errors.new({ kind = "cancelled", message = "task cancelled" })
+  self.traceback = tostring(self.error)
+  for _, j in ipairs(self.joiners) do loop:wake(j) end
+  self.joiners = {}
+  return true
+end
+
+return Loop
