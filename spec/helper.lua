@@ -1,0 +1,166 @@
+-- Shared by the specs: a real emulator per spec file, a curl(1) client
+-- that does not depend on lbatch, temp files and small waits.
+local H = {}
+
+H.root = os.getenv("LBATCH_ROOT") or "."
+H.lua = os.getenv("LBATCH_LUA") or "lua5.4"
+
+local ok_sys, system = pcall(require, "system")
+function H.sleep(s)
+  if ok_sys and system.sleep then system.sleep(s) else os.execute("sleep " .. s) end
+end
+
+function H.now()
+  if ok_sys and system.gettime then return system.gettime() end
+  return os.time()
+end
+
+-- os.execute's result as a boolean on every Lua (5.1 returns a number)
+function H.ok(cmd)
+  local r = os.execute(cmd)
+  return r == true or r == 0
+end
+
+local function sh(cmd)
+  local p = io.popen(cmd)
+  local out = p:read("*a")
+  p:close()
+  return out
+end
+H.sh = sh
+
+function H.tmpdir()
+  return (sh("mktemp -d /tmp/lbatch-spec.XXXXXX"):gsub("%s+$", ""))
+end
+
+function H.write(path, text)
+  local f = assert(io.open(path, "wb"))
+  f:write(text)
+  f:close()
+  return path
+end
+
+function H.read(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+function H.exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() return true end
+  return false
+end
+
+-- Start emulator/run on a free port. opts: speed, dialect, rate_limits,
+-- api_key, data. Returns an object with url, base (…/v1), port, data, stop().
+function H.emulator(opts)
+  opts = opts or {}
+  for _ = 1, 20 do
+    local port = math.random(20000, 45000)
+    local data = opts.data or H.tmpdir()
+    local log = os.tmpname()
+    local args = { H.root .. "/emulator/run", "--port", port, "--data", data,
+                   "--speed", opts.speed or 200, "--dialect", opts.dialect or "dashscope" }
+    if opts.rate_limits ~= nil then
+      args[#args + 1] = "--rate-limits"
+      args[#args + 1] = opts.rate_limits and "on" or "off"
+    end
+    if opts.api_key then args[#args + 1] = "--api-key" args[#args + 1] = opts.api_key end
+    local pid = sh("setsid " .. table.concat(args, " ") .. " >" .. log .. " 2>&1 & echo $!"):match("%d+")
+    for _ = 1, 100 do
+      local out = H.read(log) or ""
+      if out:find("listening on", 1, true) then
+        local url = "http://127.0.0.1:" .. port
+        local emu = { pid = pid, port = port, url = url, base = url .. "/v1", data = data, log = log }
+        function emu.alive() return H.ok("kill -0 " .. pid .. " 2>/dev/null") end
+        function emu.stop()
+          os.execute("kill -TERM " .. pid .. " 2>/dev/null")
+          for _ = 1, 100 do
+            if not emu.alive() then break end
+            H.sleep(0.05)
+          end
+        end
+        return emu
+      end
+      if out:find("emerg", 1, true) then break end  -- port taken: try another
+      H.sleep(0.05)
+    end
+    os.execute("kill -TERM " .. pid .. " 2>/dev/null")
+  end
+  error("emulator did not start")
+end
+
+local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+H.q = q
+
+-- curl(1): H.http(method, url, {key=, json=, data=, form={...}, headers={...}, out=})
+-- returns status, body, headers (lowercased names), curl exit code
+function H.http(method, url, o)
+  o = o or {}
+  local hdr, body = os.tmpname(), o.out or os.tmpname()
+  local cmd = { "curl -s -S --max-time 30 -X", method, "-D", hdr, "-o", body, "-w '%{http_code}'" }
+  if o.key ~= false then cmd[#cmd + 1] = "-H " .. q("Authorization: Bearer " .. (o.key or "test-key")) end
+  for _, h in ipairs(o.headers or {}) do cmd[#cmd + 1] = "-H " .. q(h) end
+  if o.json then
+    local cjson = require "cjson"
+    cmd[#cmd + 1] = "-H 'Content-Type: application/json' --data-binary " .. q(type(o.json) == "string" and o.json or cjson.encode(o.json))
+  end
+  if o.data then cmd[#cmd + 1] = "--data-binary " .. q(o.data) end
+  for _, f in ipairs(o.form or {}) do cmd[#cmd + 1] = "-F " .. q(f) end
+  cmd[#cmd + 1] = q(url)
+  local p = io.popen(table.concat(cmd, " ") .. " 2>/dev/null; echo \" $?\"")
+  local out = p:read("*a")
+  p:close()
+  local status, rc = out:match("(%d+)%s+(%d+)%s*$")
+  local headers = {}
+  for k, v in (H.read(hdr) or ""):gmatch("([%w%-]+):%s*([^\r\n]*)") do headers[k:lower()] = v end
+  local text = o.out and nil or H.read(body)
+  os.remove(hdr)
+  if not o.out then os.remove(body) end
+  return tonumber(status), text, headers, tonumber(rc)
+end
+
+-- JSON helpers for the emulator specs
+function H.json(method, url, o)
+  local cjson = require "cjson"
+  local status, body, headers, rc = H.http(method, url, o)
+  local ok, obj = pcall(cjson.decode, body or "")
+  return status, ok and obj or body, headers, rc
+end
+
+-- A JSONL file of n chat (or test-model) requests.
+function H.requests(path, n, o)
+  o = o or {}
+  local cjson = require "cjson"
+  local f = assert(io.open(path, "wb"))
+  for i = 1, n do
+    local line = o.line and o.line(i) or {
+      custom_id = (o.prefix or "req-") .. i, method = "POST", url = o.url or "/v1/chat/ds-test",
+      body = { model = o.model or "batch-test-model",
+               messages = { { role = "user", content = (o.content and o.content(i)) or ("question " .. i) } } },
+    }
+    f:write(type(line) == "string" and line or cjson.encode(line), "\n")
+  end
+  f:close()
+  return path
+end
+
+-- Upload with curl, create, and wait until the batch is final.
+H.FINAL = { completed = true, failed = true, expired = true, cancelled = true }
+
+function H.wait_final(emu, id, seconds)
+  local deadline = H.now() + (seconds or 20)
+  local b
+  repeat
+    local _
+    _, b = H.json("GET", emu.base .. "/batches/" .. id)
+    if H.FINAL[b.status] then return b end
+    H.sleep(0.05)
+  until H.now() > deadline
+  return b
+end
+
+return H
