@@ -65,13 +65,15 @@ function Client.new(opts)
   local self = setmetatable({
     base_url = base,
     region = region,
-    timeout = opts.timeout or 600,
-    connect_timeout = opts.connect_timeout or 10,
-    stall_timeout = opts.stall_timeout or 30,
-    transfer_timeout = opts.transfer_timeout,
-    max_retries = opts.max_retries or 2,
-    retry_after_cap = opts.retry_after_cap or 60,
-    cainfo = opts.cainfo,
+    config = {  -- seconds
+      timeout = opts.timeout or 600,
+      connect_timeout = opts.connect_timeout or 10,
+      stall_timeout = opts.stall_timeout or 30,
+      transfer_timeout = opts.transfer_timeout,
+      max_retries = opts.max_retries or 2,
+      retry_after_cap = opts.retry_after_cap or 60,
+      cainfo = opts.cainfo,
+    },
     loop = Loop.new({ max_connections = opts.max_connections or 16 }),
   }, Client)
   local json_headers = { "Content-Type: application/json" }
@@ -209,26 +211,28 @@ function Client:_backoff(attempt, err)
 end
 
 -- One API call with retries. o: body (JSON string), form, download, raw,
--- stream (no whole-request timeout), recover(err) -> value | nil, stop.
+-- stream (no whole-request timeout), fresh (a new connection),
+-- recover(err) -> value | nil, stop.
 function Client:_call(method, path, o)
   o = o or {}
   local s = secrets[self]
   if not s then error("lbatch: the client is closed", 3) end
+  local cfg = self.config
   local spec = {
     url = self.base_url .. path, method = method, headers = o.body and s.json_headers or s.headers,
-    body = o.body, form = o.form, download = o.download, cainfo = self.cainfo,
-    connect_timeout = self.connect_timeout * 1000,
-    timeout = (o.stream and (self.transfer_timeout or 0) or self.timeout) * 1000,
-    low_speed_limit = 1, low_speed_time = self.stall_timeout,
+    body = o.body, form = o.form, download = o.download, cainfo = cfg.cainfo, fresh = o.fresh,
+    connect_timeout = cfg.connect_timeout * 1000,
+    timeout = (o.stream and (cfg.transfer_timeout or 0) or cfg.timeout) * 1000,
+    low_speed_limit = 1, low_speed_time = cfg.stall_timeout,
   }
   local attempt = 0
   while true do
     local res = self.loop:transfer(spec)
     local value, err = self:_result(res, o.raw)
     if value ~= nil then return value end
-    if not err.retryable or attempt >= self.max_retries then return nil, err end
+    if not err.retryable or attempt >= cfg.max_retries then return nil, err end
     local wait = self:_backoff(attempt, err)
-    if wait > self.retry_after_cap then return nil, err end
+    if wait > cfg.retry_after_cap then return nil, err end
     self.loop:sleep(wait)
     if o.recover then
       local found, stop = o.recover(err)
@@ -328,6 +332,7 @@ function Client:create(params)
   local since = os.time() - 300
   return self:_call("POST", "/batches", {
     body = cjson.encode(req),
+    fresh = true,   -- see lbatch/core/xfer.c: libcurl must not resend this on its own
     recover = function(err)
       if err.not_sent or err.status == 429 or err.status == 408 then return nil end
       local found, lerr = self:_find_created(req, since)

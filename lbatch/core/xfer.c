@@ -159,11 +159,15 @@ static int add_headers(lua_State *L, int t, xfer *x) {
 /* spec = { url, method = "GET"|"POST"|"DELETE"|..., headers = {"K: V"},
  *          body = string, form = {{name, value | file, filename, type}},
  *          download = path, timeout, connect_timeout (ms),
- *          low_speed_limit (bytes/s), low_speed_time (s), cainfo } */
+ *          low_speed_limit (bytes/s), low_speed_time (s), cainfo,
+ *          fresh = true: a new connection. libcurl silently sends a request
+ *          again when a reused connection dies before any answer; for a
+ *          request that must not run twice, a fresh connection rules that out } */
 xfer *xfer_new(lua_State *L, ctl *c, int spec) {
   size_t body_len = 0;
   const char *url, *method, *body, *download, *cainfo;
   long timeout, connect_timeout, low_limit, low_time;
+  int fresh;
   xfer *x;
   CURL *e;
 
@@ -180,6 +184,9 @@ xfer *xfer_new(lua_State *L, ctl *c, int spec) {
   low_time = opt_long(L, spec, "low_speed_time", 0);
   check_list(L, spec, "headers");
   check_list(L, spec, "form");
+  lua_getfield(L, spec, "fresh");
+  fresh = lua_toboolean(L, -1);
+  lua_pop(L, 1);
 
   x = calloc(1, sizeof *x);
   if (!x) return NULL;
@@ -208,6 +215,7 @@ xfer *xfer_new(lua_State *L, ctl *c, int spec) {
   /* downloads are checked against Content-Length: no transfer encoding */
   if (!download) curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
   if (cainfo) curl_easy_setopt(e, CURLOPT_CAINFO, cainfo);
+  if (fresh) curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, 1L);
   if (timeout > 0) curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout);
   if (connect_timeout > 0) curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout);
   if (low_limit > 0 && low_time > 0) {

@@ -1,0 +1,427 @@
+-- lbatch against the emulator over real HTTP: every operation, every error
+-- kind, retries, no duplicate batch, many tasks, step(), memory.
+local H = require "helper"
+local lbatch = require "lbatch"
+local cjson = require "cjson"
+
+local KEY = "sk-spec-secret-0123456789abcdef"
+
+local function fault(emu, rule)
+  local status = H.json("POST", emu.url .. "/_emulator/faults", { json = rule })
+  assert.are.equal(200, status)
+end
+
+local function stats(emu)
+  local _, s = H.json("GET", emu.url .. "/_emulator/stats")
+  return s.routes or {}
+end
+
+local function chat_file(dir, name, n)
+  return H.requests(dir .. "/" .. name, n, { url = "/v1/chat/completions", model = "qwen-plus" })
+end
+
+describe("lbatch client", function()
+  local emu, dir, client
+  setup(function()
+    emu = H.emulator({ speed = 200, api_key = KEY, rate_limits = false })
+    dir = H.tmpdir()
+  end)
+  before_each(function()
+    H.http("DELETE", emu.url .. "/_emulator/faults")
+    client = lbatch.new({ api_key = KEY, base_url = emu.base, max_retries = 2 })
+  end)
+  after_each(function() client:close() end)
+  teardown(function() emu.stop() end)
+
+  describe("operations", function()
+    it("uploads, creates, retrieves, downloads, lists and deletes", function()
+      local path = chat_file(dir, "ops.jsonl", 3)
+      local f = assert(client:upload(path))
+      assert.matches("^file%-batch%-", f.id)
+      assert.are.equal(#H.read(path), f.bytes)
+      assert.are.equal(math.type and "integer" or "number", math.type and math.type(f.bytes) or type(f.bytes))
+      local b = assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions",
+                                       metadata = { ds_name = "ops" } }))
+      assert.are.equal("validating", b.status)
+      assert.are.equal("24h", b.completion_window)
+      assert.is_nil(b.output_file_id)  -- JSON null reads as nil
+      repeat client:sleep(0.05); b = assert(client:retrieve(b.id)) until b.status == "completed"
+      local text = assert(client:content(b.output_file_id))
+      local n = 0
+      for line in text:gmatch("[^\n]+") do
+        n = n + 1
+        assert.are.equal(200, cjson.decode(line).response.status_code)
+      end
+      assert.are.equal(3, n)
+      local out = dir .. "/ops-out.jsonl"
+      assert.are.equal(out, client:content(b.output_file_id, { path = out }))
+      assert.are.equal(text, H.read(out))
+      local page = assert(client:list({ limit = 1 }))
+      assert.are.equal(b.id, page.data[1].id)
+      local files = assert(client:files({ limit = 100 }))
+      assert.is_true(#files.data >= 2)
+      assert.are.equal(f.id, assert(client:file(f.id)).id)
+      local del = assert(client:delete_file(f.id))
+      assert.is_true(del.deleted)
+      local none, err = client:file(f.id)
+      assert.is_nil(none)
+      assert.are.equal(404, err.status)
+    end)
+
+    it("cancels a batch", function()
+      local f = assert(client:upload(chat_file(dir, "cancel.jsonl", 5)))
+      local b = assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions",
+                                       metadata = { emulator_line_seconds = "1000" } }))
+      local c = assert(client:cancel(b.id))
+      assert.are.equal("cancelling", c.status)
+      repeat client:sleep(0.05); c = assert(client:retrieve(b.id)) until c.status == "cancelled"
+      local again, err = client:cancel(b.id)
+      assert.is_nil(again)
+      assert.are.equal(409, err.status)
+    end)
+
+    it("iterates every batch across pages, and data is always a table", function()
+      local f = assert(client:upload(chat_file(dir, "iter.jsonl", 1)))
+      local mine = {}
+      for i = 1, 5 do
+        mine[assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" })).id] = i
+      end
+      local seen, count = {}, 0
+      for b, err in client:batches({ limit = 2, input_file_ids = { f.id } }) do
+        assert.is_truthy(b, tostring(err))
+        assert.is_nil(seen[b.id])
+        seen[b.id] = true
+        count = count + 1
+      end
+      assert.are.equal(5, count)
+      for id in pairs(mine) do assert.is_true(seen[id]) end
+      local empty = assert(client:list({ status = "expired", input_file_ids = { f.id } }))
+      assert.are.same({}, empty.data)   -- the dashscope dialect sends null
+    end)
+  end)
+
+  describe("errors", function()
+    it("401 with a wrong key, and no key in any message", function()
+      local other = lbatch.new({ api_key = "sk-wrong-key-that-must-not-leak", base_url = emu.base, max_retries = 0 })
+      local v, err = other:list()
+      other:close()
+      assert.is_nil(v)
+      assert.are.same({ "http", 401, false }, { err.kind, err.status, err.retryable })
+      assert.is_nil(tostring(err):find("sk-wrong", 1, true))
+      -- a server that echoes the key: it is scrubbed
+      fault(emu, { path = "^/v1/batches$", status = 400, message = "bad request for key " .. KEY })
+      v, err = client:list()
+      assert.are.equal(400, err.status)
+      assert.is_nil(err.message:find(KEY, 1, true))
+      assert.is_nil(tostring(err):find(KEY, 1, true))
+    end)
+
+    it("404 as an error table with a one-line __tostring", function()
+      local v, err = client:retrieve("batch_missing")
+      assert.is_nil(v)
+      assert.are.same({ "http", 404, "batch_not_found", "batch_id", false },
+                      { err.kind, err.status, err.code, err.param, err.retryable })
+      assert.is_string(err.request_id)
+      local s = tostring(err)
+      assert.matches("^lbatch: http 404 batch_not_found: No such batch", s)
+      assert.is_nil(s:find("\n"))
+      assert.is_true(lbatch.is_error(err))
+    end)
+
+    it("429 with Retry-After: waited out, or surfaced past the cap", function()
+      fault(emu, { path = "^/v1/batches$", status = 429, retry_after = 1 })
+      local t0 = H.now()
+      assert.is_truthy(client:list())
+      assert.is_true(H.now() - t0 >= 0.9)
+      fault(emu, { path = "^/v1/batches$", status = 429, retry_after_ms = 200 })
+      t0 = H.now()
+      assert.is_truthy(client:list())
+      assert.is_true(H.now() - t0 >= 0.18)
+      fault(emu, { path = "^/v1/batches$", status = 429, retry_after = 3600 })
+      t0 = H.now()
+      local v, err = client:list()
+      assert.is_nil(v)
+      assert.are.same({ "http", 429, true }, { err.kind, err.status, err.retryable })
+      assert.is_true(H.now() - t0 < 1)
+    end)
+
+    it("500: retried until it succeeds, or given up after max_retries", function()
+      local before = stats(emu)["GET /batches"] or 0
+      fault(emu, { path = "^/v1/batches$", status = 500, times = 2 })
+      assert.is_truthy(client:list())
+      assert.are.equal(before + 3, stats(emu)["GET /batches"])
+      fault(emu, { path = "^/v1/batches$", status = 503, times = 3 })
+      local v, err = client:list()
+      assert.is_nil(v)
+      assert.are.same({ "http", 503, true }, { err.kind, err.status, err.retryable })
+      assert.are.equal(before + 6, stats(emu)["GET /batches"])
+    end)
+
+    it("a dropped connection is a retryable network error", function()
+      local once = lbatch.new({ api_key = KEY, base_url = emu.base, max_retries = 0 })
+      fault(emu, { path = "^/v1/batches$", mode = "close" })
+      local v, err = once:list()
+      assert.is_nil(v)
+      assert.are.same({ "network", true }, { err.kind, err.retryable })
+      fault(emu, { path = "^/v1/batches$", mode = "close" })
+      assert.is_truthy(client:list())    -- with retries it recovers
+      once:close()
+    end)
+
+    it("invalid JSON is a decode error; a stall past the timeout is a timeout", function()
+      local once = lbatch.new({ api_key = KEY, base_url = emu.base, max_retries = 0, timeout = 0.3 })
+      fault(emu, { path = "^/v1/batches$", mode = "invalid_json" })
+      local v, err = once:list()
+      assert.is_nil(v)
+      assert.are.same({ "decode", 200 }, { err.kind, err.status })
+      fault(emu, { path = "^/v1/batches$", delay = 2 })
+      v, err = once:list()
+      assert.is_nil(v)
+      assert.are.same({ "timeout", true }, { err.kind, err.retryable })
+      once:close()
+    end)
+
+    it("a network failure names the kind", function()
+      local dead = lbatch.new({ api_key = KEY, base_url = "http://127.0.0.1:9/v1", max_retries = 0 })
+      local v, err = dead:list()
+      dead:close()
+      assert.is_nil(v)
+      assert.are.equal("network", err.kind)
+      assert.matches("curl_7", err.code)
+    end)
+
+    it("a download cut off half way leaves no file behind", function()
+      local openai = H.emulator({ speed = 200, dialect = "openai" })
+      local c = lbatch.new({ api_key = "k", base_url = openai.base, max_retries = 0 })
+      local path = H.requests(dir .. "/cut.jsonl", 200)
+      local f = assert(c:upload(path))
+      fault(openai, { path = "/content$", mode = "truncate" })
+      local target = dir .. "/cut-download/out.jsonl"
+      os.execute("mkdir -p " .. dir .. "/cut-download")
+      local v, err = c:content(f.id, { path = target })
+      assert.is_nil(v)
+      assert.are.same({ "network", true }, { err.kind, err.retryable })
+      assert.is_false(H.exists(target))
+      assert.are.equal("", H.sh("ls -A " .. dir .. "/cut-download"))
+      -- and a retried download completes
+      fault(openai, { path = "/content$", mode = "truncate" })
+      local c2 = lbatch.new({ api_key = "k", base_url = openai.base, max_retries = 1 })
+      assert.are.equal(target, c2:content(f.id, { path = target }))
+      assert.are.equal(H.read(path), H.read(target))
+      c:close(); c2:close()
+      openai.stop()
+    end)
+
+    it("raises on wrong argument types", function()
+      assert.has_error(function() client:retrieve(42) end)
+      assert.has_error(function() client:create("file-1") end)
+      assert.has_error(function() client:create({ input_file_id = 1, endpoint = "/v1/chat/completions" }) end)
+      assert.has_error(function() client:upload(nil) end)
+      assert.has_error(function() client:content("f", { path = 3 }) end)
+      assert.has_error(function() lbatch.new({ api_key = KEY, timeout = "10" }) end)
+      assert.has_error(function() lbatch.new({ api_key = KEY, region = "mars" }) end)
+      local v, err = client:upload(dir .. "/does-not-exist.jsonl")
+      assert.is_nil(v)
+      assert.are.equal("invalid", err.kind)
+    end)
+  end)
+
+  describe("create", function()
+    it("leaves no duplicate batch when the response to a create is lost", function()
+      local f = assert(client:upload(chat_file(dir, "dup.jsonl", 2)))
+      local before = stats(emu)["POST /batches"] or 0
+      -- the emulator creates the batch, then drops the connection
+      fault(emu, { method = "POST", path = "^/v1/batches$", mode = "close" })
+      local b, err = client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions",
+                                     metadata = { run = "dup" } })
+      assert.is_truthy(b, tostring(err))
+      assert.are.equal(before + 1, stats(emu)["POST /batches"])
+      local page = assert(client:list({ input_file_ids = { f.id } }))
+      assert.are.equal(1, #page.data)
+      assert.are.equal(b.id, page.data[1].id)
+    end)
+
+    it("sends again when the failed attempt created nothing", function()
+      local f = assert(client:upload(chat_file(dir, "dup2.jsonl", 2)))
+      local before = stats(emu)["POST /batches"] or 0
+      fault(emu, { method = "POST", path = "^/v1/batches$", status = 502 })
+      local b = assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" }))
+      assert.are.equal(before + 2, stats(emu)["POST /batches"])
+      local page = assert(client:list({ input_file_ids = { f.id } }))
+      assert.are.equal(1, #page.data)
+      assert.are.equal(b.id, page.data[1].id)
+    end)
+  end)
+
+  describe("tasks", function()
+    it("runs 100 tasks at once on one client", function()
+      local f = assert(client:upload(chat_file(dir, "many.jsonl", 2)))
+      local tasks, max_in_flight = {}, 0
+      for i = 1, 100 do
+        tasks[i] = client:spawn(function(n)
+          local b = assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions",
+                                           metadata = { n = tostring(n) } }))
+          repeat client:sleep(0.05); b = assert(client:retrieve(b.id)) until b.status == "completed"
+          return b.id, b.metadata.n
+        end, i)
+      end
+      local t0 = H.now()
+      client:spawn(function()
+        while true do
+          local pending = client.loop.ctl:pending()
+          if pending > max_in_flight then max_in_flight = pending end
+          local done = 0
+          for _, t in ipairs(tasks) do if t:done() then done = done + 1 end end
+          if done == #tasks then return end
+          client:sleep(0.01)
+        end
+      end)
+      assert.is_true(client:run())
+      local ids = {}
+      for i, t in ipairs(tasks) do
+        local id, n = t:join()
+        assert.are.equal(tostring(i), n)
+        ids[id] = true
+      end
+      local distinct = 0
+      for _ in pairs(ids) do distinct = distinct + 1 end
+      assert.are.equal(100, distinct)
+      assert.is_true(max_in_flight >= 16, "transfers overlapped: " .. max_in_flight)
+      assert.is_true(H.now() - t0 < 30)
+    end)
+
+    it("returns a task's error with its traceback from run()", function()
+      client:spawn(function() local x = nil; return x.field end)
+      local ok, err = client:run()
+      assert.is_nil(ok)
+      assert.matches("attempt to index", err)
+      assert.matches("traceback", err)
+    end)
+
+    it("drives a whole flow with step() without ever blocking", function()
+      local path = chat_file(dir, "step.jsonl", 3)
+      local out = dir .. "/step-out.jsonl"
+      local task = client:spawn(function()
+        local f = assert(client:upload(path))
+        local b = assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" }))
+        repeat client:sleep(0.05); b = assert(client:retrieve(b.id)) until b.status == "completed"
+        return assert(client:content(b.output_file_id, { path = out }))
+      end)
+      local steps, worst = 0, 0
+      local deadline = H.now() + 30
+      while not task:done() and H.now() < deadline do
+        local t0 = H.now()
+        local pending = client:step()
+        local dt = H.now() - t0
+        if dt > worst then worst = dt end
+        steps = steps + 1
+        if not task:done() then assert.is_true(pending >= 1) end
+        local ms = client:timeout()
+        assert.is_number(ms)
+        H.sleep(0.001)
+      end
+      assert.is_true(task:done())
+      assert.are.equal(out, task:join())
+      assert.is_true(steps > 10)
+      assert.is_true(worst < 0.05, "slowest step took " .. worst .. " s")
+      assert.are.equal(0, (client:step()))
+      assert.is_number(client:pollfd())
+    end)
+
+    it("blocks outside tasks while still driving the tasks", function()
+      local ticks = 0
+      client:spawn(function()
+        for _ = 1, 5 do client:sleep(0.01); ticks = ticks + 1 end
+      end)
+      assert.is_truthy(client:list())     -- blocking call
+      client:sleep(0.1)                   -- blocking sleep
+      assert.are.equal(5, ticks)
+    end)
+  end)
+
+  describe("memory", function()
+    it("uploads and downloads 200 MB with under 20 MB more peak RSS", function()
+      local openai = H.emulator({ speed = 200, dialect = "openai" })
+      local big = dir .. "/big.bin"
+      os.execute("head -c 200000000 /dev/urandom > " .. big)
+      local script = H.write(dir .. "/mem.lua", [[
+        local lbatch = require "lbatch"
+        local function hwm()
+          for l in io.lines("/proc/self/status") do
+            local v = l:match("^VmHWM:%s+(%d+)")
+            if v then return tonumber(v) end
+          end
+        end
+        local c = lbatch.new({ api_key = "k", base_url = arg[1], timeout = 120 })
+        assert(c:files({ limit = 1 }))          -- load everything once
+        local base = hwm()
+        local f = assert(c:upload(arg[2]))
+        local got = assert(c:content(f.id, { path = arg[3] }))
+        io.write(base, " ", hwm(), " ", f.bytes, "\n")
+      ]])
+      local out = H.sh(H.lua .. " " .. script .. " " .. openai.base .. " " .. big .. " " .. dir .. "/big.out 2>&1")
+      openai.stop()
+      local base, peak, bytes = out:match("(%d+) (%d+) (%d+)")
+      assert.is_truthy(base, out)
+      assert.are.equal(200000000, tonumber(bytes))
+      assert.are.equal(H.sh("cmp " .. big .. " " .. dir .. "/big.out && echo same"), "same\n")
+      local grew_mb = (tonumber(peak) - tonumber(base)) / 1024
+      os.remove(big); os.remove(dir .. "/big.out")
+      assert.is_true(grew_mb < 20, ("peak RSS grew by %.1f MB"):format(grew_mb))
+    end)
+  end)
+end)
+
+describe("emulator under lbatch", function()
+  it("rate-limits like the service, with Retry-After (dashscope default)", function()
+    local emu = H.emulator({ speed = 200 })
+    local c = lbatch.new({ api_key = "k", base_url = emu.base, max_retries = 0 })
+    local err
+    for _ = 1, 101 do
+      local page
+      page, err = c:list({ limit = 1 })
+      if not page then break end
+    end
+    c:close()
+    emu.stop()
+    assert.is_truthy(err)
+    assert.are.same({ "http", 429, "rate_limit_exceeded", true }, { err.kind, err.status, err.code, err.retryable })
+    assert.is_true(err.retry_after >= 1 and err.retry_after <= 60)
+  end)
+
+  it("runs 1,000 batches at once without stalling", function()
+    local emu = H.emulator({ speed = 1000, rate_limits = false })
+    local dir = H.tmpdir()
+    local c = lbatch.new({ api_key = "k", base_url = emu.base, max_connections = 32 })
+    local f = assert(c:upload(H.requests(dir .. "/k.jsonl", 10, { url = "/v1/chat/completions", model = "qwen-plus" })))
+    local ids = {}
+    for i = 1, 1000 do
+      c:spawn(function()
+        ids[i] = assert(c:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" })).id
+      end)
+    end
+    assert(c:run())
+    local _, stats = H.json("GET", emu.url .. "/_emulator/stats")
+    assert.is_true(stats.running > 100, "running at once: " .. stats.running)
+    -- the server answers promptly while they run
+    local worst = 0
+    for _ = 1, 20 do
+      local t0 = H.now()
+      assert.are.equal(200, (H.json("GET", emu.base .. "/files?limit=1")))
+      worst = math.max(worst, H.now() - t0)
+    end
+    assert.is_true(worst < 0.5, "slowest answer " .. worst .. " s")
+    local done, deadline = 0, H.now() + 120
+    while done < 1000 and H.now() < deadline do
+      done = 0
+      for b in c:batches({ limit = 100, status = "completed" }) do
+        assert.is_truthy(b)
+        done = done + 1
+      end
+      if done < 1000 then H.sleep(0.5) end
+    end
+    c:close()
+    emu.stop()
+    assert.are.equal(1000, done)
+  end)
+end)
