@@ -197,7 +197,7 @@ describe("lbatch client", function()
       local f = assert(c:upload(path))
       fault(openai, { path = "/content$", mode = "truncate" })
       local target = dir .. "/cut-download/out.jsonl"
-      os.execute("mkdir -p " .. dir .. "/cut-download")
+      H.ok("mkdir -p " .. dir .. "/cut-download")
       local v, err = c:content(f.id, { path = target })
       assert.is_nil(v)
       assert.are.same({ "network", true }, { err.kind, err.retryable })
@@ -340,10 +340,10 @@ describe("lbatch client", function()
   end)
 
   describe("memory", function()
-    it("uploads and downloads 200 MB with under 20 MB more peak RSS", function()
+    it("uploads and downloads 200 MB with under 20 MB more peak RSS #memory", function()
       local openai = H.emulator({ speed = 200, dialect = "openai" })
       local big = dir .. "/big.bin"
-      os.execute("head -c 200000000 /dev/urandom > " .. big)
+      H.ok("head -c 200000000 /dev/urandom > " .. big)
       local script = H.write(dir .. "/mem.lua", [[
         local lbatch = require "lbatch"
         local function hwm()

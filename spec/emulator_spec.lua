@@ -135,7 +135,7 @@ describe("emulator (dashscope dialect)", function()
 
     it("answers 413 past 500 MB and 400 for huge headers, and keeps serving", function()
       local big = dir .. "/big.bin"
-      os.execute("truncate -s 501M " .. big)
+      H.ok("truncate -s 501M " .. big)
       local status, body = H.json("POST", emu.base .. "/files", { form = { "purpose=batch", "file=@" .. big } })
       os.remove(big)
       assert.are.equal(413, status)

@@ -1,0 +1,43 @@
+rockspec_format = "3.0"
+package = "lbatch"
+version = "scm-1"
+source = {
+  url = "git+https://github.com/lbatch/lbatch.git",
+  branch = "main",
+}
+description = {
+  summary = "Batch File API client (DashScope, OpenAI) on libcurl's multi interface",
+  detailed = [[
+A C core on one libcurl multi handle and a thin Lua layer: upload request
+files streamed from disk, create, wait for and cancel batches, download
+results streamed to disk, with many jobs at once from coroutines or from a
+host loop that calls step().]],
+  license = "MIT",
+  homepage = "https://github.com/lbatch/lbatch",
+}
+dependencies = {
+  "lua >= 5.1",
+  "lua-cjson",
+}
+external_dependencies = {
+  -- the library only: Debian keeps curl.h in the multiarch include dir,
+  -- which the compiler searches but LuaRocks' header probe does not
+  CURL = { library = "curl" },
+}
+build = {
+  type = "builtin",
+  modules = {
+    ["lbatch"] = "lbatch/init.lua",
+    ["lbatch.client"] = "lbatch/client.lua",
+    ["lbatch.loop"] = "lbatch/loop.lua",
+    ["lbatch.errors"] = "lbatch/errors.lua",
+    ["lbatch.rules"] = "lbatch/rules.lua",
+    ["lbatch.core"] = {
+      sources = { "lbatch/core/core.c", "lbatch/core/xfer.c", "lbatch/core/util.c" },
+      defines = { "_GNU_SOURCE" },
+      incdirs = { "$(CURL_INCDIR)" },
+      libdirs = { "$(CURL_LIBDIR)" },
+      libraries = { "curl" },
+    },
+  },
+}
