@@ -27,7 +27,7 @@ function M.rows(path)
   return function()
     local line = nextline()
     if line == nil then fh:close() return nil end
-    if sub(line, -1) == "\r" then line = sub(line, 1, -2) end
+    -- a record's \r\n ends it only outside quotes: inside, \r is data
     local row, pos = {}, 1
     while true do
       if sub(line, pos, pos) == '"' then
@@ -50,9 +50,7 @@ function M.rows(path)
             break
           end
         end
-        -- a CRLF line that ended inside quotes keeps its \r as data; strip a final one
-        local field = table.concat(parts)
-        row[#row + 1] = field
+        row[#row + 1] = table.concat(parts)
         if sub(line, pos, pos) == "\r" and pos == #line then pos = pos + 1 end
         if pos > #line then break end
         pos = pos + 1   -- the comma
@@ -62,7 +60,9 @@ function M.rows(path)
           row[#row + 1] = sub(line, pos, c - 1)
           pos = c + 1
         else
-          row[#row + 1] = sub(line, pos)
+          local last = sub(line, pos)
+          if sub(last, -1) == "\r" then last = sub(last, 1, -2) end
+          row[#row + 1] = last
           break
         end
       end

@@ -62,8 +62,10 @@ function Writer:_start(key, model, url, test)
   return f
 end
 
+-- a finished file keeps only its manifest entry: its custom_ids go
 local function close_file(f)
   if f.fh then f.fh:close() f.fh = nil end
+  f.seen = nil
 end
 
 -- add(custom_id, body[, url]): one request. true, or nil and an error that
