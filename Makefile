@@ -17,7 +17,7 @@ CFLAGS ?= -O2 -g
 PREFIX ?= /usr/local
 SPEC ?= spec
 WARN = -std=c99 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter
-SRC = lbatch/core/core.c lbatch/core/xfer.c lbatch/core/util.c
+SRC = lbatch/core/core.c lbatch/core/xfer.c lbatch/core/idmap.c lbatch/core/util.c
 HDR = lbatch/core/core.h lbatch/core/compat.h
 
 DEB = lua5.4 liblua5.4-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \

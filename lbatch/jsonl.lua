@@ -7,9 +7,17 @@
 local json = require "lbatch.json"
 local rules = require "lbatch.rules"
 local errors = require "lbatch.errors"
+local idmap = require("lbatch.core").idmap   -- custom_id sets outside the Lua heap
+local put = idmap().put
 
-local encode = json.encode
+local cjson_encode, fix = require("cjson").encode, json.fix
+local safe_encode = require("cjson.safe").encode   -- nil, err instead of raising: no pcall per line
+local ENDPOINTS, TEST_MODEL, TEST_URL, MAX_LINE = rules.endpoints, rules.test_model, rules.test_url, rules.max_line_bytes
 local M = {}
+
+-- a line is written in pieces: L1 id L2 url L3 body L4
+local L1, L2, L3, L4 = '{"custom_id":', ',"method":"POST","url":"', '","body":', "}\n"
+local FIXED = #L1 + #L2 + #L3 + #L4
 
 local function invalid(id, code, message, param)
   return errors.new({ kind = "invalid", code = code, param = param, custom_id = id,
@@ -38,34 +46,60 @@ function M.writer(opts)
     endpoint = opts.endpoint, model = opts.model,
     max_lines = math.min(opts.max_lines or rules.max_lines, rules.max_lines),
     max_bytes = math.min(opts.max_bytes or rules.max_bytes, rules.max_bytes),
-    unique_all = opts.unique == "all", seen = {},
-    open = {},      -- shard key -> current file
+    unique_all = opts.unique == "all", seen = opts.unique == "all" and idmap() or nil,
+    routes = {},    -- (model, url, thinking) -> {url, test, file: the current file}
     files = {},     -- manifest entries, in the order files were started
-    lines = 0, bytes = 0,
   }, Writer)
 end
 
-function Writer:_start(key, model, url, test)
+function Writer:_start(route)
+  local test = route.test
   local n = #self.files + 1
   local path = n == 1 and (self.stem .. self.ext) or (self.stem .. "-" .. n .. self.ext)
   local fh, msg = io.open(path, "wb")
   if not fh then error("jsonl.writer: cannot write " .. tostring(msg), 3) end
   fh:setvbuf("full", 1024 * 1024)
+  local max_lines = test and math.min(self.max_lines, rules.test_max_lines) or self.max_lines
   local f = {
-    path = path, lines = 0, bytes = 0, model = model, endpoint = url,
-    fh = fh, seen = self.unique_all and self.seen or {},
-    max_lines = test and math.min(self.max_lines, rules.test_max_lines) or self.max_lines,
+    path = path, lines = 0, bytes = 0, model = route.model, endpoint = route.url,
+    fh = fh, seen = self.seen or idmap(),
+    max_lines = max_lines,
     max_bytes = test and math.min(self.max_bytes, rules.test_max_bytes) or self.max_bytes,
   }
   self.files[n] = f
-  self.open[key] = f
+  route.file = f
   return f
 end
 
 -- a finished file keeps only its manifest entry: its custom_ids go
-local function close_file(f)
+local function close_file(f, shared)
   if f.fh then f.fh:close() f.fh = nil end
+  if f.seen and f.seen ~= shared then f.seen:clear() end
   f.seen = nil
+end
+
+-- The shard for a request: checks that depend only on model and url, done
+-- once per (model, url, thinking mode) and cached for the next request.
+function Writer:_route(id, model, url, thinking)
+  local test = model == TEST_MODEL
+  local resolved = url or self.endpoint or (test and TEST_URL) or "/v1/chat/completions"
+  if self.endpoint and resolved ~= self.endpoint then
+    return nil, invalid(id, "mismatched_url", ("url %q differs from the writer's endpoint %q"):format(resolved, self.endpoint), "url")
+  end
+  if not ENDPOINTS[resolved] then
+    return nil, invalid(id, "invalid_url", ("url %q is not a supported endpoint"):format(resolved), "url")
+  end
+  if test and resolved ~= TEST_URL then
+    return nil, invalid(id, "test_model_url", "batch-test-model requests must use " .. TEST_URL, "url")
+  end
+  local key = model .. "\0" .. resolved .. (thinking and "\0t" or "")
+  local route = self.routes[key]
+  if not route then
+    route = { key = key, model = model, url = resolved, test = test }
+    self.routes[key] = route
+  end
+  self.last_model, self.last_url, self.last_thinking, self.last_route = model, url, thinking, route
+  return route
 end
 
 -- add(custom_id, body[, url]): one request. true, or nil and an error that
@@ -73,52 +107,49 @@ end
 function Writer:add(id, body, url)
   if type(body) ~= "table" then error("jsonl.add: body must be a table", 2) end
   local tid = type(id)
-  if tid == "number" then id = tostring(id)
-  elseif tid ~= "string" then error("jsonl.add: custom_id must be a string", 2) end
+  if tid ~= "string" then
+    if tid ~= "number" then error("jsonl.add: custom_id must be a string", 2) end
+    id = tostring(id)
+  end
   if id == "" then return nil, invalid(id, "missing_custom_id", "custom_id is empty", "custom_id") end
   local model = body.model
   if type(model) ~= "string" or model == "" then
     return nil, invalid(id, "missing_model", "body.model is missing", "body.model")
   end
-  local test = model == rules.test_model
-  url = url or self.endpoint or (test and rules.test_url) or "/v1/chat/completions"
-  if self.endpoint and url ~= self.endpoint then
-    return nil, invalid(id, "mismatched_url", ("url %q differs from the writer's endpoint %q"):format(url, self.endpoint), "url")
+  local thinking = body.enable_thinking == true
+  local route = self.last_route
+  if model ~= self.last_model or url ~= self.last_url or thinking ~= self.last_thinking or not route then
+    local err
+    route, err = self:_route(id, model, url, thinking)
+    if not route then return nil, err end
   end
-  if not rules.endpoints[url] then
-    return nil, invalid(id, "invalid_url", ("url %q is not a supported endpoint"):format(url), "url")
+  local encoded, why = safe_encode(body)
+  if not encoded then
+    return nil, invalid(id, "invalid_body", "body cannot be encoded as JSON: " .. tostring(why), "body")
   end
-  if test and url ~= rules.test_url then
-    return nil, invalid(id, "test_model_url", "batch-test-model requests must use " .. rules.test_url, "url")
-  end
-  local ok, encoded = pcall(encode, body)
-  if not ok then
-    return nil, invalid(id, "invalid_body", "body cannot be encoded as JSON: " .. tostring(encoded), "body")
-  end
-  local line = '{"custom_id":' .. encode(id) .. ',"method":"POST","url":"' .. url .. '","body":' .. encoded .. "}\n"
-  local size = #line
-  if size - 1 > rules.max_line_bytes then
+  encoded = fix(encoded)
+  local eid = cjson_encode(id)   -- a string never holds the empty-array marker
+  local rurl = route.url
+  local size = FIXED + #eid + #rurl + #encoded
+  if size - 1 > MAX_LINE then
     return nil, invalid(id, "line_too_large", ("the line is %d bytes, over 6 MB"):format(size - 1))
   end
-  local key = model .. "\0" .. url .. (body.enable_thinking == true and "\0t" or "")
-  local f = self.open[key]
-  if f and (f.lines + 1 > f.max_lines or f.bytes + size > f.max_bytes) then
-    close_file(f)
-    f = nil
-  end
-  if f and f.seen[id] or not f and self.unique_all and self.seen[id] then
-    return nil, invalid(id, "duplicate_custom_id", "custom_id is used twice", "custom_id")
-  end
-  if not f then
-    if test and size > math.min(self.max_bytes, rules.test_max_bytes) then
+  local f = route.file
+  if not f or f.lines >= f.max_lines or f.bytes + size > f.max_bytes then
+    if f then close_file(f, self.seen) end
+    if self.seen and self.seen:get(id) then
+      return nil, invalid(id, "duplicate_custom_id", "custom_id is used twice", "custom_id")
+    end
+    if route.test and size > math.min(self.max_bytes, rules.test_max_bytes) then
       return nil, invalid(id, "test_model_file_too_large", "the line alone is over the test model's 1 MB")
     end
-    f = self:_start(key, model, url, test)
+    f = self:_start(route)
   end
-  f.seen[id] = true
-  f.fh:write(line)
+  if not put(f.seen, id) then
+    return nil, invalid(id, "duplicate_custom_id", "custom_id is used twice", "custom_id")
+  end
+  f.fh:write(L1, eid, L2, rurl, L3, encoded, L4)
   f.lines, f.bytes = f.lines + 1, f.bytes + size
-  self.lines, self.bytes = self.lines + 1, self.bytes + size
   return true
 end
 
@@ -180,13 +211,15 @@ end
 
 -- close(): the manifest {files = {{path, lines, bytes, model, endpoint}}, lines, bytes}
 function Writer:close()
-  local files = {}
+  local files, lines, bytes = {}, 0, 0
   for i, f in ipairs(self.files) do
-    close_file(f)
+    close_file(f, self.seen)
     files[i] = { path = f.path, lines = f.lines, bytes = f.bytes, model = f.model, endpoint = f.endpoint }
+    lines, bytes = lines + f.lines, bytes + f.bytes
   end
-  self.open, self.seen = {}, {}
-  return { files = files, lines = self.lines, bytes = self.bytes }
+  if self.seen then self.seen:clear() end
+  self.routes, self.last_route = {}, nil
+  return { files = files, lines = lines, bytes = bytes }
 end
 
 ------------------------------------------------------------------ validate

@@ -87,6 +87,8 @@ function H.emulator(opts)
             if not emu.alive() then break end
             H.sleep(0.05)
           end
+          os.remove(log)
+          if not opts.data then H.ok("rm -rf " .. data) end   -- a data dir it made itself
         end
         return emu
       end

@@ -304,7 +304,8 @@ int luaopen_lbatch_core(lua_State *L) {
     {"close", ctl_close}, {NULL, NULL}
   };
   static const luaL_Reg funcs[] = {
-    {"new", ctl_new}, {"now", core_now}, {"version", core_version}, {NULL, NULL}
+    {"new", ctl_new}, {"now", core_now}, {"version", core_version},
+    {"idmap", lbatch_idmap_new}, {NULL, NULL}
   };
   curl_global_init(CURL_GLOBAL_DEFAULT);
   if (luaL_newmetatable(L, LBATCH_CTL)) {

@@ -51,6 +51,9 @@ double lb_now_ms(void);
 int buf_add(buf *b, const char *p, size_t n);
 void buf_free(buf *b);
 
+/* idmap.c */
+int lbatch_idmap_new(lua_State *L);
+
 /* xfer.c */
 xfer *xfer_new(lua_State *L, ctl *c, int spec);
 void xfer_finish(xfer *x, CURLcode result);
