@@ -28,7 +28,7 @@ NODE_DIR = emulator/conformance
 
 BUSTED = env LUA_PATH="./?.lua;./?/init.lua;./spec/?.lua;;" LBATCH_ROOT=$(CURDIR)
 
-.PHONY: all build deps demo test test-5.4 test-jit asan conformance emulator install clean
+.PHONY: all build deps demo test test-5.4 test-jit asan conformance emulator bench install clean
 
 all: build
 
@@ -62,13 +62,16 @@ $(NODE_DIR)/node_modules/.installed: $(NODE_DIR)/package.json
 
 RUN54 = env LUA_PATH="./?.lua;./?/init.lua;;" LUA_CPATH="./build/5.4/?.so;;"
 
-# The quickstart on the emulator; on the real service when DASHSCOPE_API_KEY
-# is set and LBATCH_BASE_URL is not.
+# The quickstart and the evaluation workflow on the emulator; on the real
+# service (with the free batch-test-model) when DASHSCOPE_API_KEY is set
+# and LBATCH_BASE_URL is not.
 demo: deps build
 	@if [ -n "$${DASHSCOPE_API_KEY:-}" ] && [ -z "$${LBATCH_BASE_URL:-}" ]; then \
-	  $(RUN54) lua5.4 examples/quickstart.lua; \
+	  $(RUN54) lua5.4 examples/quickstart.lua && \
+	  $(RUN54) LBATCH_MODEL=batch-test-model lua5.4 examples/evaluate.lua; \
 	else \
-	  emulator/around $(RUN54) lua5.4 examples/quickstart.lua; \
+	  emulator/around sh -c '$(RUN54) lua5.4 examples/quickstart.lua && echo && \
+	    $(RUN54) lua5.4 examples/evaluate.lua'; \
 	fi
 
 test: deps build build/asan/lbatch/core.so $(NODE_DIR)/node_modules/.installed
@@ -91,6 +94,10 @@ conformance: deps $(NODE_DIR)/node_modules/.installed
 
 emulator: deps
 	emulator/run $(ARGS)
+
+bench: deps build
+	$(RUN54) lua5.4 bench/jsonl.lua
+	env LUA_PATH="./?.lua;./?/init.lua;;" LUA_CPATH="./build/jit/?.so;;" luajit bench/jsonl.lua
 
 install: build
 	luarocks make --deps-mode=none rockspec/lbatch-scm-1.rockspec
