@@ -2,6 +2,7 @@
 local cjson = require "cjson"
 local Loop = require "lbatch.loop"
 local errors = require "lbatch.errors"
+local now = require("lbatch.core").now
 
 local VERSION = "0.1.0"
 
@@ -379,6 +380,48 @@ function Client:batches(params)
     end
     i = i + 1
     return items[i - 1]
+  end
+end
+
+local FINAL = { completed = true, failed = true, expired = true, cancelled = true }
+Client.FINAL = FINAL
+
+-- wait(batch_id, {interval = 60, factor = 1.5, max_interval = 600, jitter = 0.1,
+-- deadline = seconds, on_progress = fn(batch)}): poll until the batch is
+-- final, with backoff. The service asks for about a minute between polls.
+-- on_progress runs on every change of status or counts. Returns the batch,
+-- or nil, err (kind "timeout" past the deadline, with err.batch).
+function Client:wait(id, opts)
+  check("wait", "batch_id", id, "string")
+  check("wait", "opts", opts, "table", true)
+  opts = opts or {}
+  for _, k in ipairs({ "interval", "factor", "max_interval", "jitter", "deadline" }) do
+    check("wait", "opts." .. k, opts[k], "number", true)
+  end
+  check("wait", "opts.on_progress", opts.on_progress, "function", true)
+  local interval, factor = opts.interval or 60, opts.factor or 1.5
+  local cap, jitter = opts.max_interval or 600, opts.jitter or 0.1
+  local stop = opts.deadline and (now() + opts.deadline)
+  local last
+  while true do
+    local b, err = self:retrieve(id)
+    if not b then return nil, err end
+    local c = b.request_counts or {}
+    local sig = ("%s %s %s %s"):format(b.status, c.total, c.completed, c.failed)
+    if sig ~= last then
+      last = sig
+      if opts.on_progress then opts.on_progress(b) end
+    end
+    if FINAL[b.status] then return b end
+    local pause = interval * (1 + jitter * (2 * math.random() - 1))
+    if stop and now() + pause > stop then
+      local e = self:_error({ kind = "timeout", code = "wait_deadline",
+        message = ("batch %s is still %s at the wait deadline"):format(id, b.status) })
+      e.batch = b
+      return nil, e
+    end
+    self.loop:sleep(pause)
+    interval = math.min(interval * factor, cap)
   end
 end
 
