@@ -172,8 +172,10 @@ function Run:process(s)
     if not b then
       s.step = "creating"
       self:save()
+      local metadata = opts.metadata
+      if type(metadata) == "function" then metadata = metadata(s) end
       b = assert(client:create({ input_file_id = s.file_id, endpoint = s.endpoint,
-        completion_window = opts.completion_window, metadata = opts.metadata }))
+        completion_window = opts.completion_window, metadata = metadata }))
       self:hook("after_create", s)
     end
     s.batch_id, s.step, s.status = b.id, "created", b.status
@@ -224,7 +226,8 @@ end
 ------------------------------------------------------------------ run
 
 -- run{client, requests, dir, journal, model, endpoint, system, max_lines,
--- max_bytes, max_in_flight = 8, completion_window, metadata, poll_interval,
+-- max_bytes, max_in_flight = 8, completion_window, metadata (a table, or
+-- fn(shard) -> table: shard.round, shard.name, ...), poll_interval,
 -- max_poll_interval, poll_factor, resubmit, max_rounds, on_progress(p),
 -- on_step(step, shard)} -> report {shards, results (a reader), outputs,
 -- errors, inputs, journal} or nil, err
