@@ -443,10 +443,13 @@ function Client:run()
   end
 end
 
--- step(): do what is ready, never wait. Returns the work still pending
--- (tasks and transfers) and, when a task failed, its traceback.
-function Client:step()
-  self.loop:drive(false)
+-- step([budget_ms = 0.3]): do what is ready, never wait. Tasks are resumed
+-- until the budget is spent; the rest run at the next step (timeout() is
+-- then 0). Returns the work still pending (tasks and transfers) and, when
+-- a task failed, its traceback.
+function Client:step(budget_ms)
+  check("step", "budget_ms", budget_ms, "number", true)
+  self.loop:drive(false, budget_ms or 0.3)
   return self.loop:pending(), self.loop:take_failure()
 end
 

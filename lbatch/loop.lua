@@ -31,6 +31,7 @@ function Loop.new(opts)
     seq = 0,
     failures = {},       -- tasks that ended in error, not yet reported
     idle_wait = opts.idle_wait or 1000,
+    after = {},          -- functions run at the end of every turn (see drive)
   }, Loop)
 end
 
@@ -164,11 +165,20 @@ end
 
 ------------------------------------------------------------------ driving
 
-function Loop:run_ready()
+-- Resume the tasks that are ready. With a deadline, stop once it has
+-- passed and leave the rest, in order, for the next turn.
+function Loop:run_ready(deadline)
   local ready = self.ready
   if #ready == 0 then return end
   self.ready = {}
-  for _, task in ipairs(ready) do
+  for i, task in ipairs(ready) do
+    if deadline and i > 1 and now() > deadline then
+      local rest = {}
+      for j = i, #ready do rest[#rest + 1] = ready[j] end
+      for _, t in ipairs(self.ready) do rest[#rest + 1] = t end
+      self.ready = rest
+      return
+    end
     if task.status == "ready" or task.status == "running" then self:resume(task) end
   end
 end
@@ -182,8 +192,11 @@ function Loop:wait_ms()
   return ms
 end
 
-function Loop:drive(block)
+-- One turn: I/O (waiting up to the next timer when block), completions,
+-- timers, then the ready tasks (within budget_ms when given).
+function Loop:drive(block, budget_ms)
   local ctl = self.ctl
+  local deadline = budget_ms and (now() + budget_ms / 1000)
   ctl:step(block and self:wait_ms() or 0)
   while true do
     local id, res = ctl:done()
@@ -197,7 +210,19 @@ function Loop:drive(block)
   end
   local heap, t = self.heap, now()
   while heap[1] and heap[1].at <= t do self:wake(heap_pop(heap).w, true) end
-  self:run_ready()
+  self:run_ready(deadline)
+  -- Transfers added during this turn reach the network only in the next
+  -- turn's ctl:step, so work done here (a journal write) precedes them.
+  for _, fn in ipairs(self.after) do fn() end
+end
+
+-- at_turn_end(fn) runs fn at the end of every turn; returns a remover
+function Loop:at_turn_end(fn)
+  local list = self.after
+  list[#list + 1] = fn
+  return function()
+    for i, f in ipairs(list) do if f == fn then table.remove(list, i) return end end
+  end
 end
 
 -- work still pending: live tasks plus transfers in flight

@@ -14,6 +14,7 @@
 --   creating:  a shard's file is used by one batch only; a batch with that
 --              input file is the create.
 local cjson = require "cjson"
+local core = require "lbatch.core"
 local jsonl = require "lbatch.jsonl"
 local csv = require "lbatch.csv"
 local results = require "lbatch.results"
@@ -27,23 +28,45 @@ end
 
 ------------------------------------------------------------------ journal
 
+-- The journal is append-only: a header line, then a line per change (a
+-- shard's new state, or the run's phase). A change costs one short append
+-- however many shards there are; a process killed mid-write leaves at most
+-- a torn last line, which load() skips. load() replays it and writes it
+-- back compacted (to a temp file, renamed over).
 local function load(path)
   local f = io.open(path, "rb")
   if not f then return nil end
-  local text = f:read("*a")
+  local state
+  for line in f:lines() do
+    local ok, rec = pcall(cjson.decode, line)
+    if ok and type(rec) == "table" then
+      if rec.version == 1 then state = { version = 1, run = rec.run, phase = rec.phase, shards = {} }
+      elseif state and rec.k then state.shards[rec.k] = rec.shard
+      elseif state and rec.phase then state.phase = rec.phase end
+    end
+  end
   f:close()
-  local ok, state = pcall(cjson.decode, text)
-  if ok and type(state) == "table" and state.version == 1 then return state end
+  return state
 end
 
--- whole file to a temp name, then renamed over: a reader sees the old
--- journal or the new one, never half of one
-local function save(path, state)
+local function header(state)
+  return cjson.encode({ version = 1, run = state.run, phase = state.phase }) .. "\n"
+end
+
+local function shard_line(k, s)
+  return cjson.encode({ k = k, shard = s }) .. "\n"
+end
+
+-- the whole state, written aside and renamed over; returns the journal
+-- opened for appending
+local function rewrite(path, state)
   local tmp = path .. ".tmp"
   local f = assert(io.open(tmp, "wb"))
-  f:write(cjson.encode(state))
+  f:write(header(state))
+  for k, s in ipairs(state.shards) do f:write(shard_line(k, s)) end
   f:close()
   assert(os.rename(tmp, path))
+  return assert(io.open(path, "ab"))
 end
 
 local function token()
@@ -57,11 +80,14 @@ end
 
 -- requests: a .jsonl or .csv path, a list of requests, or an iterator
 -- returning them; a request is {custom_id, body[, url]} or a full line.
-local function shard(opts, dir)
+local function shard(opts, dir, client)
+  local in_task, count = client.loop:current() ~= nil, 0
   local w = jsonl.writer({ path = dir .. "/requests.jsonl", endpoint = opts.endpoint, model = opts.model,
                            max_lines = opts.max_lines, max_bytes = opts.max_bytes, unique = "all" })
   local function add(r)
     if type(r) ~= "table" then error(fail("a request must be a table"), 0) end
+    count = count + 1
+    if in_task and count % 200 == 0 then coroutine.yield() end   -- a host's frame goes on
     local ok, err
     if r.method then ok, err = w:request(r) else ok, err = w:add(r.custom_id, r.body, r.url) end
     if not ok then error(err, 0) end
@@ -110,13 +136,34 @@ local PARTIAL = { expired = true, cancelled = true }
 local Run = {}
 Run.__index = Run
 
-function Run:save() save(self.journal, self.state) end
+-- A change is appended at the end of the loop's turn (one write for all
+-- the shards that moved), before any request made in that turn goes out.
+function Run:save(s) self.dirty[s] = true end
+
+function Run:flush()
+  if next(self.dirty) then
+    local lines = {}
+    for k, s in ipairs(self.state.shards) do
+      if self.dirty[s] then lines[#lines + 1] = shard_line(k, s) end
+    end
+    self.dirty = {}
+    self.log:write(table.concat(lines))
+    self.log:flush()
+  end
+  if self.moved then
+    self.moved = false
+    self:report_progress()
+  end
+end
 
 function Run:hook(step, s)
   if self.opts.on_step then self.opts.on_step(step, s) end
 end
 
-function Run:progress()
+-- progress is summed up once per turn, however many shards moved
+function Run:progress() self.moved = true end
+
+function Run:report_progress()
   local cb = self.opts.on_progress
   if not cb then return end
   local p = { jobs = {}, shards = #self.state.shards, total = 0, completed = 0, failed = 0,
@@ -158,20 +205,20 @@ function Run:process(s)
     if s.step == "uploading" then f = self:find_upload(s.name) end
     if not f then
       s.step = "uploading"
-      self:save()
+      self:save(s)
       self:hook("before_upload", s)
       f = assert(client:upload(s.path, { filename = s.name }))
       self:hook("after_upload", s)
     end
     s.file_id, s.step = f.id, "uploaded"
-    self:save()
+    self:save(s)
   end
   if s.step == "uploaded" or s.step == "creating" then
     local b
     if s.step == "creating" then b = self:find_batch(s.file_id) end
     if not b then
       s.step = "creating"
-      self:save()
+      self:save(s)
       local metadata = opts.metadata
       if type(metadata) == "function" then metadata = metadata(s) end
       b = assert(client:create({ input_file_id = s.file_id, endpoint = s.endpoint,
@@ -179,7 +226,7 @@ function Run:process(s)
       self:hook("after_create", s)
     end
     s.batch_id, s.step, s.status = b.id, "created", b.status
-    self:save()
+    self:save(s)
     self:progress()
   end
   if s.step == "created" then
@@ -194,7 +241,7 @@ function Run:process(s)
     s.status, s.counts, s.step = b.status, b.request_counts, "finished"
     s.output_file_id, s.error_file_id = b.output_file_id, b.error_file_id
     if b.errors and b.errors.data then s.errors = b.errors.data end
-    self:save()
+    self:save(s)
   end
   if s.step == "finished" then
     local base = s.path:gsub("%.jsonl$", "")
@@ -202,7 +249,7 @@ function Run:process(s)
     if s.error_file_id then s.error = assert(client:content(s.error_file_id, { path = base .. ".errors.jsonl" })) end
     self:hook("after_download", s)
     s.step = "downloaded"
-    self:save()
+    self:save(s)
   end
   if s.step == "downloaded" then
     -- the new shard and this one's end are saved together
@@ -215,10 +262,11 @@ function Run:process(s)
         self.state.shards[k] = { path = path, name = self.state.run .. "-" .. k .. ".jsonl", lines = n,
           model = s.model, endpoint = s.endpoint, round = s.round + 1, step = "written" }
         self.queue[#self.queue + 1] = self.state.shards[k]
+        self:save(self.state.shards[k])
       end
     end
     s.step = "done"
-    self:save()
+    self:save(s)
     self:progress()
   end
 end
@@ -235,23 +283,25 @@ function M.run(opts)
   if type(opts) ~= "table" then error("pipeline.run: a table is expected", 2) end
   if type(opts.client) ~= "table" then error("pipeline.run: opts.client is required", 2) end
   if type(opts.dir) ~= "string" then error("pipeline.run: opts.dir is required", 2) end
-  os.execute("mkdir -p '" .. opts.dir:gsub("'", "'\\''") .. "'")
-  local journal = opts.journal or (opts.dir .. "/journal.json")
+  local made, why = core.mkdir(opts.dir)
+  if not made then return nil, fail(why) end
+  local journal = opts.journal or (opts.dir .. "/journal.jsonl")
   local state = load(journal)
   if not state or state.phase == "sharding" then
     state = { version = 1, run = token(), phase = "sharding", shards = {} }
-    save(journal, state)
-    local manifest, err = shard(opts, opts.dir)
+    rewrite(journal, state):close()
+    local manifest, err = shard(opts, opts.dir, opts.client)
     if not manifest then return nil, err end
     for i, f in ipairs(manifest.files) do
       state.shards[i] = { path = f.path, name = state.run .. "-" .. i .. ".jsonl", lines = f.lines,
         model = f.model, endpoint = f.endpoint, round = 1, step = "written" }
     end
     state.phase = "running"
-    save(journal, state)
   end
   local run = setmetatable({ client = opts.client, opts = opts, journal = journal, state = state,
-                             queue = {}, started = os.time() }, Run)
+                             queue = {}, started = os.time(), dirty = {},
+                             log = rewrite(journal, state) }, Run)
+  local unhook = opts.client.loop:at_turn_end(function() run:flush() end)
   for _, s in ipairs(state.shards) do
     if s.step ~= "done" then run.queue[#run.queue + 1] = s end
   end
@@ -280,10 +330,13 @@ function M.run(opts)
       local ok, err = w:join()
       if ok == nil and err then failure = failure or err end
     end
-    if failure then return nil, failure end
+    run:flush()
+    if failure then unhook() run.log:close() return nil, failure end
     state.phase = "done"
-    save(journal, state)
+    run.log:write(cjson.encode({ phase = "done" }), "\n")
   end
+  unhook()
+  run.log:close()
   local outputs, errs, inputs = {}, {}, {}
   for _, s in ipairs(state.shards) do
     if s.output then outputs[#outputs + 1] = s.output end

@@ -12,7 +12,9 @@
 #include <string.h>
 #include <errno.h>
 #include <math.h>
+#include <time.h>
 #include <unistd.h>
+#include <sys/stat.h>
 #include "core.h"
 
 #if LIBCURL_VERSION_NUM < 0x073800
@@ -24,7 +26,7 @@
 #define LBATCH_EPOLL 1
 #endif
 
-#define MAX_EVENTS 64
+#define MAX_EVENTS 8   /* sockets handed to libcurl per step: the rest stay ready (level-triggered) */
 
 static ctl *check_ctl(lua_State *L) {
   ctl *c = luaL_checkudata(L, 1, LBATCH_CTL);
@@ -290,6 +292,44 @@ static int core_now(lua_State *L) {
   return 1;
 }
 
+/* sleep(seconds): for hosts and examples that pace a loop (a frame) */
+static int core_sleep(lua_State *L) {
+  double s = luaL_checknumber(L, 1);
+  struct timespec ts;
+  if (s <= 0) return 0;
+  ts.tv_sec = (time_t)s;
+  ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+  return 0;
+}
+
+/* mkdir(path): like mkdir -p, without a shell. true, or nil, message */
+static int core_mkdir(lua_State *L) {
+  size_t n;
+  const char *path = luaL_checklstring(L, 1, &n);
+  char *p = malloc(n + 1), *q;
+  int ok = 1;
+  if (!p) return luaL_error(L, "out of memory");
+  memcpy(p, path, n + 1);
+  for (q = p + 1; ok; q++) {
+    if (*q == '/' || *q == '\0') {
+      char c = *q;
+      *q = '\0';
+      if (mkdir(p, 0777) != 0 && errno != EEXIST) ok = 0;
+      *q = c;
+      if (c == '\0') break;
+    }
+  }
+  free(p);
+  if (!ok) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "mkdir %s: %s", path, strerror(errno));
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static int core_version(lua_State *L) {
   curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
   lua_pushstring(L, v->version);
@@ -304,7 +344,8 @@ int luaopen_lbatch_core(lua_State *L) {
     {"close", ctl_close}, {NULL, NULL}
   };
   static const luaL_Reg funcs[] = {
-    {"new", ctl_new}, {"now", core_now}, {"version", core_version},
+    {"new", ctl_new}, {"now", core_now}, {"sleep", core_sleep}, {"mkdir", core_mkdir},
+    {"version", core_version},
     {"idmap", lbatch_idmap_new}, {NULL, NULL}
   };
   curl_global_init(CURL_GLOBAL_DEFAULT);

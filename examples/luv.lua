@@ -1,0 +1,29 @@
+-- An event loop (luv, Debian lua-luv) drives lbatch without polling: it
+-- waits on the client's descriptor and its timeout, then calls step().
+--
+--   emulator/around lua5.4 examples/luv.lua
+local uv = require "luv"
+local lbatch = require "lbatch"
+
+local client = lbatch.new()
+client:spawn(function()
+  local page = assert(client:list({ limit = 5 }))
+  print(("%d batch(es) on %s"):format(#page.data, client.base_url))
+end)
+
+local poll = uv.new_poll(client:pollfd())   -- readable when a transfer has work
+local timer = uv.new_timer()
+local function pump()
+  local pending, failure = client:step()
+  if failure then error(failure) end
+  if pending == 0 then poll:stop() timer:stop() return end
+  local ms = client:timeout()                -- -1: only the descriptor can bring work
+  timer:stop()
+  if ms >= 0 then timer:start(ms, 0, pump) end
+end
+poll:start("r", pump)
+timer:start(0, 0, pump)
+uv.run()
+poll:close() timer:close()
+uv.run()
+client:close()
