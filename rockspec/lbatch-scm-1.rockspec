@@ -26,6 +26,7 @@ external_dependencies = {
 }
 build = {
   type = "builtin",
+  install = { bin = { lbatch = "bin/lbatch" } },
   modules = {
     ["lbatch"] = "lbatch/init.lua",
     ["lbatch.client"] = "lbatch/client.lua",
@@ -36,6 +37,8 @@ build = {
     ["lbatch.jsonl"] = "lbatch/jsonl.lua",
     ["lbatch.results"] = "lbatch/results.lua",
     ["lbatch.csv"] = "lbatch/csv.lua",
+    ["lbatch.pipeline"] = "lbatch/pipeline.lua",
+    ["lbatch.cli"] = "lbatch/cli.lua",
     ["lbatch.core"] = {
       sources = { "lbatch/core/core.c", "lbatch/core/xfer.c", "lbatch/core/idmap.c", "lbatch/core/util.c" },
       defines = { "_GNU_SOURCE" },

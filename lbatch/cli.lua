@@ -1,0 +1,353 @@
+-- The lbatch command. main(args) returns the exit code:
+--   0 done, 1 a failure (the service, a file, problems found),
+--   2 wrong usage, 3 a batch that ended failed, expired or cancelled.
+local cjson = require "cjson"
+local lbatch = require "lbatch"
+local jsonl = require "lbatch.jsonl"
+local results = require "lbatch.results"
+local csv = require "lbatch.csv"
+local pipeline = require "lbatch.pipeline"
+
+local M = {}
+
+local GLOBAL = [[
+Options for every command:
+  --base-url URL     the API (default: $LBATCH_BASE_URL, else the region's)
+  --region R         cn (default), intl or openai
+  --json             machine-readable output on stdout
+  -h, --help         this help
+The API key comes from $DASHSCOPE_API_KEY (or $OPENAI_API_KEY).]]
+
+local COMMANDS = {
+  run = { args = "INPUT", help = [[
+Run a whole job: INPUT (.jsonl requests or a .csv of id,content) is sharded,
+uploaded, created, waited for and downloaded; the results are merged.
+Killed and started again with the same --dir, it resumes where it stopped.
+  --dir DIR            work directory and journal (default: INPUT.lbatch)
+  --output FILE        merged results, .csv or .jsonl (default: DIR/results.jsonl)
+  --model M            model (needed for a CSV)
+  --system TEXT        system prompt (CSV)
+  --endpoint E         /v1/chat/completions, /v1/embeddings or /v1/chat/ds-test
+  --max-in-flight N    jobs at once (default 8)
+  --max-lines N        lines per shard (default 50000)
+  --window W           completion window (default 24h)
+  --poll SECONDS       first poll interval (default 60)
+  --resubmit           resubmit what expired or cancelled shards did not run
+  --bom                a byte-order mark in a CSV output]] },
+  submit = { args = "FILE", help = [[
+Upload FILE and create a batch from it; prints the batch.
+  --endpoint E   (default: the url of the file's first line)
+  --window W     completion window (default 24h)
+  --meta K=V     metadata, repeatable]] },
+  status = { args = "BATCH_ID", help = [[
+Show a batch.
+  --wait            wait until it is final, with progress
+  --poll SECONDS    first poll interval when waiting (default 60)]] },
+  list = { args = "", help = [[
+List batches, newest first.
+  --limit N       (default 20)
+  --status S      comma-separated statuses
+  --all           follow has_more to the end]] },
+  cancel = { args = "BATCH_ID", help = "Cancel a batch." },
+  download = { args = "ID", help = [[
+Download a file by id, or a batch's output and error files by batch id.
+  --output PATH   where the file (or the batch's output) goes
+  --errors PATH   where a batch's error file goes]] },
+  validate = { args = "FILE", help = [[
+Check a request file against the service's rules without uploading it.
+Exit 1 when problems are found.
+  --endpoint E    the batch endpoint to check urls against]] },
+  results = { args = "OUTPUT", help = [[
+Read an output file (with --errors, --inputs) and write one row per request.
+  --errors FILE   the error file
+  --inputs FILE   the input file: rows in input order, missing ones named
+  --csv FILE      write CSV (else JSONL on stdout)
+  --bom           a byte-order mark in the CSV]] },
+  csv2jsonl = { args = "CSV JSONL", help = [[
+Turn a CSV (first column custom_id, second the content) into request files.
+  --model M (required)  --system TEXT  --endpoint E  --max-lines N]] },
+}
+local ORDER = { "run", "submit", "status", "list", "cancel", "download", "validate", "results", "csv2jsonl" }
+
+local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = true, bom = true }
+
+local function usage()
+  local t = { "Usage: lbatch COMMAND [options]\n\nCommands:" }
+  for _, name in ipairs(ORDER) do
+    local first = COMMANDS[name].help:match("^[^\n]*")
+    t[#t + 1] = ("  %-10s %-10s %s"):format(name, COMMANDS[name].args, first)
+  end
+  t[#t + 1] = "\n" .. GLOBAL .. "\nlbatch COMMAND --help shows a command's options."
+  return table.concat(t, "\n")
+end
+
+local function parse(args)
+  local o, pos, meta = {}, {}, {}
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    if a == "-h" then o.help = true
+    elseif a:sub(1, 2) == "--" then
+      local k, v = a:match("^%-%-([%w%-]+)=(.*)$")
+      k = (k or a:sub(3)):gsub("%-", "_")
+      if not v and not BOOLEAN[k] then
+        i = i + 1
+        v = args[i]
+        if v == nil then return nil, "--" .. k:gsub("_", "-") .. " needs a value" end
+      end
+      if k == "meta" then
+        local mk, mv = (v or ""):match("^([^=]+)=(.*)$")
+        if not mk then return nil, "--meta takes KEY=VALUE" end
+        meta[mk] = mv
+      else
+        o[k] = v == nil and true or v
+      end
+    else
+      pos[#pos + 1] = a
+    end
+    i = i + 1
+  end
+  o.meta = next(meta) and meta or nil
+  return o, pos
+end
+
+local function out(o, value, text)
+  if o.json then io.stdout:write(cjson.encode(value), "\n")
+  else io.stdout:write(text, "\n") end
+end
+
+local function num(o, k)
+  local v = o[k]
+  if v == nil then return nil end
+  v = tonumber(v)
+  if not v then error({ usage = "--" .. k:gsub("_", "-") .. " takes a number" }) end
+  return v
+end
+
+local function fmt_time(s)
+  s = math.max(0, math.floor(s))
+  return ("%02d:%02d"):format(math.floor(s / 60), s % 60)
+end
+
+-- progress: a live line on a terminal, plain lines otherwise
+local function progress_printer()
+  local tty = os.execute("[ -t 2 ]")
+  tty = tty == true or tty == 0
+  local last
+  return function(p)
+    local jobs = {}
+    for status, n in pairs(p.jobs) do jobs[#jobs + 1] = n .. " " .. status end
+    table.sort(jobs)
+    local line = ("jobs: %s | requests %d/%d done, %d failed | %s elapsed%s"):format(
+      table.concat(jobs, ", "), p.completed, p.total, p.failed, fmt_time(p.elapsed),
+      p.eta and (", ~" .. fmt_time(p.eta) .. " left") or "")
+    if line == last then return end
+    last = line
+    if tty then io.stderr:write("\r\27[K", line) else io.stderr:write(line, "\n") end
+    io.stderr:flush()
+  end, function() if tty and last then io.stderr:write("\n") end end
+end
+
+local function batch_line(b)
+  local c = b.request_counts or {}
+  return ("%s  %-11s %d/%d done, %d failed  %s"):format(b.id, b.status, c.completed or 0, c.total or 0,
+    c.failed or 0, b.output_file_id and ("output " .. b.output_file_id) or "")
+end
+
+local FINAL_BAD = { failed = true, expired = true, cancelled = true }
+
+local run = {}
+
+function run.validate(o, pos)
+  local rep, err = jsonl.validate(pos[1], { endpoint = o.endpoint })
+  if not rep then error(err) end
+  local lines = {}
+  for _, p in ipairs(rep.problems) do
+    lines[#lines + 1] = ("%s:%s: %s %s"):format(pos[1], p.line or "-", p.code, p.message)
+  end
+  lines[#lines + 1] = ("%s: %d lines, %d bytes, %s; %d problem(s)"):format(pos[1], rep.lines, rep.bytes,
+    tostring(rep.model), #rep.problems)
+  out(o, rep, table.concat(lines, "\n"))
+  return rep.ok and 0 or 1
+end
+
+function run.csv2jsonl(o, pos)
+  if not o.model then error({ usage = "--model is required" }) end
+  local m = assert(csv.to_jsonl(pos[1], { path = pos[2], model = o.model, system = o.system,
+                                          endpoint = o.endpoint, max_lines = num(o, "max_lines") }))
+  local t = {}
+  for _, f in ipairs(m.files) do t[#t + 1] = ("%s  %d lines  %d bytes  %s"):format(f.path, f.lines, f.bytes, f.model) end
+  out(o, m, table.concat(t, "\n"))
+  return 0
+end
+
+local function write_results(reader, path, bom)
+  if path:find("%.csv$") then return assert(csv.from_results(reader, path, { bom = bom })) end
+  local f = path == "-" and io.stdout or assert(io.open(path, "wb"))
+  local n = 0
+  for rec in reader:each() do
+    n = n + 1
+    f:write(cjson.encode({ custom_id = rec.custom_id, ok = rec.ok, status_code = rec.status_code,
+      content = rec.content, error_code = rec.error_code, error_message = rec.error_message,
+      usage = rec.usage, request_id = rec.request_id, model = rec.model, missing = rec.missing }), "\n")
+  end
+  if f ~= io.stdout then f:close() end
+  return n
+end
+
+function run.results(o, pos)
+  local r = results.open({ output = pos[1], errors = o.errors, inputs = o.inputs })
+  write_results(r, o.csv or "-", o.bom)
+  if o.csv and not o.json then
+    local s = r:summary()
+    io.stdout:write(("%s: %d ok, %d failed, %d missing\n"):format(o.csv, s.ok, s.failed, s.missing))
+  end
+  return 0
+end
+
+local function client(o)
+  return lbatch.new({ base_url = o.base_url, region = o.region })
+end
+
+function run.submit(o, pos)
+  local c = client(o)
+  local endpoint = o.endpoint
+  if not endpoint then
+    local rep = assert(jsonl.validate(pos[1]))
+    endpoint = rep.endpoint or "/v1/chat/completions"
+  end
+  local f = assert(c:upload(pos[1]))
+  local b = assert(c:create({ input_file_id = f.id, endpoint = endpoint, completion_window = o.window, metadata = o.meta }))
+  out(o, b, batch_line(b))
+  return 0
+end
+
+function run.status(o, pos)
+  local c = client(o)
+  local b
+  if o.wait then
+    local show, done = progress_printer()
+    local started = os.time()
+    b = assert(c:wait(pos[1], { interval = num(o, "poll"), on_progress = function(x)
+      local cnt = x.request_counts or {}
+      show({ jobs = { [x.status] = 1 }, total = cnt.total or 0, completed = cnt.completed or 0,
+             failed = cnt.failed or 0, elapsed = os.time() - started })
+    end }))
+    done()
+  else
+    b = assert(c:retrieve(pos[1]))
+  end
+  out(o, b, batch_line(b))
+  return FINAL_BAD[b.status] and 3 or 0
+end
+
+function run.list(o)
+  local c = client(o)
+  local params = { limit = num(o, "limit") or 20, status = o.status }
+  local all, lines = {}, {}
+  if o.all then
+    for b, err in c:batches(params) do
+      if not b then error(err) end
+      all[#all + 1] = b
+    end
+  else
+    all = assert(c:list(params)).data
+  end
+  for i, b in ipairs(all) do lines[i] = batch_line(b) end
+  out(o, all, table.concat(lines, "\n"))
+  return 0
+end
+
+function run.cancel(o, pos)
+  local b = assert(client(o):cancel(pos[1]))
+  out(o, b, batch_line(b))
+  return 0
+end
+
+function run.download(o, pos)
+  local c = client(o)
+  local id = pos[1]
+  local got = {}
+  if id:find("^batch") then
+    local b = assert(c:retrieve(id))
+    if b.output_file_id then got.output = assert(c:content(b.output_file_id, { path = o.output or (id .. ".output.jsonl") })) end
+    if b.error_file_id then got.errors = assert(c:content(b.error_file_id, { path = o.errors or (id .. ".errors.jsonl") })) end
+  else
+    got.output = assert(c:content(id, { path = o.output or (id .. ".jsonl") }))
+  end
+  local t = {}
+  for k, v in pairs(got) do t[#t + 1] = k .. "  " .. v end
+  table.sort(t)
+  out(o, got, #t > 0 and table.concat(t, "\n") or "nothing to download yet")
+  return 0
+end
+
+function run.run(o, pos)
+  local c = client(o)
+  local dir = o.dir or (pos[1] .. ".lbatch")
+  local show, done = progress_printer()
+  local report, err = pipeline.run({
+    client = c, requests = pos[1], dir = dir, model = o.model, system = o.system, endpoint = o.endpoint,
+    max_in_flight = num(o, "max_in_flight"), max_lines = num(o, "max_lines"),
+    completion_window = o.window, metadata = o.meta, poll_interval = num(o, "poll"),
+    resubmit = o.resubmit, on_progress = show,
+  })
+  done()
+  if not report then error(err) end
+  local output = o.output or (dir .. "/results.jsonl")
+  write_results(report.results, output, o.bom)
+  local s = report.results:summary()
+  local bad = 0
+  for _, sh in ipairs(report.shards) do if FINAL_BAD[sh.status] then bad = bad + 1 end end
+  out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
+           missing = s.missing, total_tokens = s.total_tokens },
+    ("%s: %d requests, %d ok, %d failed, %d missing, %d tokens, %d shard(s)"):format(
+      output, s.total, s.ok, s.failed, s.missing, s.total_tokens, #report.shards))
+  return (bad > 0 or s.missing > 0) and 3 or 0
+end
+
+function M.main(args)
+  local name = args[1]
+  if not name or name == "-h" or name == "--help" or name == "help" then
+    io.stdout:write(usage(), "\n")
+    return name and 0 or 2
+  end
+  local cmd = COMMANDS[name]
+  if not cmd then
+    io.stderr:write("lbatch: unknown command ", name, "\n\n", usage(), "\n")
+    return 2
+  end
+  local rest = {}
+  for i = 2, #args do rest[#rest + 1] = args[i] end
+  local o, pos = parse(rest)
+  if not o then
+    io.stderr:write("lbatch ", name, ": ", pos, "\n")
+    return 2
+  end
+  if o.help then
+    io.stdout:write(("Usage: lbatch %s %s [options]\n\n%s\n\n%s\n"):format(name, cmd.args, cmd.help, GLOBAL))
+    return 0
+  end
+  local want = select(2, cmd.args:gsub("%S+", ""))
+  if #pos ~= want then
+    io.stderr:write(("lbatch %s: expected %s (see lbatch %s --help)\n"):format(name,
+      want == 0 and "no arguments" or cmd.args, name))
+    return 2
+  end
+  local ok, code = pcall(run[name], o, pos)
+  if ok then return code end
+  local err = code
+  if type(err) == "table" and err.usage then
+    io.stderr:write("lbatch ", name, ": ", err.usage, "\n")
+    return 2
+  end
+  if o.json then
+    local e = type(err) == "table" and err or { message = tostring(err) }
+    io.stdout:write(cjson.encode({ error = { kind = e.kind, status = e.status, code = e.code,
+      message = e.message or tostring(err), request_id = e.request_id } }), "\n")
+  end
+  io.stderr:write("lbatch ", name, ": ", tostring(err), "\n")
+  return 1
+end
+
+return M

@@ -1,0 +1,108 @@
+-- The lbatch command against the emulator, as a user runs it.
+local H = require "helper"
+local cjson = require "cjson"
+
+local function lbatch(emu, args)
+  local env = emu and ("DASHSCOPE_API_KEY=k LBATCH_BASE_URL=" .. emu.base .. " ") or ""
+  local out = H.sh(("env %s%s %s/bin/lbatch %s 2>&1; echo \"exit=$?\""):format(env, H.lua, H.root, args))
+  local code = tonumber(out:match("exit=(%d+)%s*$"))
+  return code, (out:gsub("exit=%d+%s*$", ""))
+end
+
+describe("the lbatch command", function()
+  local emu, dir
+  setup(function()
+    emu = H.emulator({ speed = 200, rate_limits = false })
+    dir = H.tmpdir()
+  end)
+  teardown(function() emu.stop() end)
+
+  it("has --help for every command and exits 2 on wrong usage", function()
+    local code, text = lbatch(nil, "--help")
+    assert.are.equal(0, code)
+    for _, c in ipairs({ "run", "submit", "status", "list", "cancel", "download", "validate", "results", "csv2jsonl" }) do
+      assert.matches("\n  " .. c .. " ", text)
+      local cc, help = lbatch(nil, c .. " --help")
+      assert.are.equal(0, cc, c)
+      assert.matches("Usage: lbatch " .. c, help)
+    end
+    assert.are.equal(2, (lbatch(nil, "")))
+    assert.are.equal(2, (lbatch(nil, "frobnicate")))
+    assert.are.equal(2, (lbatch(nil, "status")))
+    assert.are.equal(2, (lbatch(nil, "list --limit")))
+  end)
+
+  it("validates a file: problems with line numbers, exit 1", function()
+    local good = H.requests(dir .. "/good.jsonl", 3, { url = "/v1/chat/completions", model = "qwen-plus" })
+    local code, text = lbatch(nil, "validate " .. good)
+    assert.are.equal(0, code, text)
+    assert.matches("3 lines", text)
+    local bad = H.write(dir .. "/bad.jsonl", H.read(good) .. "{oops\n")
+    code, text = lbatch(nil, "validate " .. bad)
+    assert.are.equal(1, code)
+    assert.matches("bad.jsonl:4: invalid_json", text)
+    code, text = lbatch(nil, "validate --json " .. bad)
+    assert.are.equal(1, code)
+    assert.are.equal("invalid_json", cjson.decode(text).problems[1].code)
+  end)
+
+  it("submits, waits, downloads and reads results; lists and cancels", function()
+    local input = H.requests(dir .. "/in.jsonl", 4, { url = "/v1/chat/completions", model = "qwen-plus",
+      content = function(i) return i == 2 and "lbatch-emulator:fail" or ("q" .. i) end })
+    local code, text = lbatch(emu, "submit --json --meta ds_name=cli " .. input)
+    assert.are.equal(0, code, text)
+    local b = cjson.decode(text)
+    assert.are.same({ "validating", "cli" }, { b.status, b.metadata.ds_name })
+    code, text = lbatch(emu, "status --wait --poll 0.05 --json " .. b.id)
+    assert.are.equal(0, code, text)
+    local done = cjson.decode(text:match("{.*}"))
+    assert.are.equal("completed", done.status)
+    code, text = lbatch(emu, ("download %s --output %s/out.jsonl --errors %s/err.jsonl"):format(b.id, dir, dir))
+    assert.are.equal(0, code, text)
+    assert.is_true(H.exists(dir .. "/out.jsonl") and H.exists(dir .. "/err.jsonl"))
+    code, text = lbatch(nil, ("results %s/out.jsonl --errors %s/err.jsonl --inputs %s --csv %s/r.csv --bom")
+      :format(dir, dir, input, dir))
+    assert.are.equal(0, code, text)
+    assert.matches("3 ok, 1 failed, 0 missing", text)
+    assert.are.equal("\239\187\191custom_id", H.read(dir .. "/r.csv"):sub(1, 12))
+    code, text = lbatch(emu, "list --json --limit 5")
+    assert.are.equal(0, code)
+    assert.are.equal(b.id, cjson.decode(text)[1].id)
+    local slow = cjson.decode(select(2, lbatch(emu, "submit --json --meta emulator_line_seconds=1000 " .. input)))
+    code, text = lbatch(emu, "cancel " .. slow.id)
+    assert.are.equal(0, code, text)
+    assert.matches("cancelling", text)
+    code = lbatch(emu, "status --wait --poll 0.05 " .. slow.id)
+    assert.are.equal(3, code)                    -- ended cancelled
+    code, text = lbatch(emu, "status batch_nope")
+    assert.are.equal(1, code)
+    assert.matches("404", text)
+  end)
+
+  it("runs a CSV end to end and resumes on the same directory", function()
+    local questions = H.write(dir .. "/q.csv", 'id,question\na,"one, two"\nb,"say ""hi"""\nc,中文\n')
+    local code, text = lbatch(emu, ("run %s --model qwen-plus --dir %s/work --output %s/answers.csv --poll 0.05 --max-lines 2")
+      :format(questions, dir, dir))
+    assert.are.equal(0, code, text)
+    assert.matches("3 requests, 3 ok, 0 failed, 0 missing", text)
+    assert.matches("jobs: ", text)                 -- progress lines (not a terminal)
+    local rows = {}
+    for row in require("lbatch.csv").rows(dir .. "/answers.csv") do rows[#rows + 1] = row end
+    assert.are.equal(4, #rows)
+    assert.are.equal("one, two", rows[2][8]:match("qwen%-plus%): (.*)$"))
+    local _, st = H.json("GET", emu.url .. "/_emulator/stats")
+    code = lbatch(emu, ("run %s --model qwen-plus --dir %s/work --output %s/again.csv"):format(questions, dir, dir))
+    assert.are.equal(0, code)
+    local _, st2 = H.json("GET", emu.url .. "/_emulator/stats")
+    assert.are.equal(st.routes["POST /files"], st2.routes["POST /files"])   -- nothing sent again
+  end)
+
+  it("turns a CSV into request files", function()
+    local questions = H.write(dir .. "/c.csv", "id,text\nx,hello\ny,world\n")
+    local code, text = lbatch(nil, ("csv2jsonl %s %s/c.jsonl --model qwen-plus"):format(questions, dir))
+    assert.are.equal(0, code, text)
+    assert.matches("2 lines", text)
+    assert.is_true(require("lbatch.jsonl").validate(dir .. "/c.jsonl").ok)
+    assert.are.equal(2, (lbatch(nil, ("csv2jsonl %s %s/d.jsonl"):format(questions, dir))))
+  end)
+end)
