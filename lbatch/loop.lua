@@ -119,13 +119,15 @@ function Loop:resume(task, ...)
   end
 end
 
--- Wake a waiter (task or box) with a value.
+-- Wake a waiter (task or box) with a value. A box may carry notify, set
+-- by a host's block strategy (see lbatch.openresty).
 function Loop:wake(w, ...)
   if w.co then
     w.wakeup = pack(...)
     self.ready[#self.ready + 1] = w
   else
     w.value = pack(...)
+    if w.notify then w.notify() end
   end
 end
 
@@ -142,8 +144,12 @@ function Loop:await(register)
     return unpack(v, 1, v.n)
   end
   local box = {}
-  register(box)
-  while not box.value do self:drive(true) end
+  if self.block then
+    self.block(box, register)        -- a host's way to wait (e.g. a semaphore)
+  else
+    register(box)
+    while not box.value do self:drive(true) end
+  end
   return unpack(box.value, 1, box.value.n)
 end
 
@@ -225,9 +231,9 @@ function Loop:at_turn_end(fn)
   end
 end
 
--- work still pending: live tasks plus transfers in flight
+-- work still pending: live tasks, transfers in flight, timers set
 function Loop:pending()
-  return self.alive + self.ctl:pending()
+  return self.alive + self.ctl:pending() + #self.heap
 end
 
 function Loop:timeout()

@@ -74,6 +74,7 @@ function H.emulator(opts)
       args[#args + 1] = opts.rate_limits and "on" or "off"
     end
     if opts.api_key then args[#args + 1] = "--api-key" args[#args + 1] = opts.api_key end
+    if opts.include then args[#args + 1] = "--include" args[#args + 1] = opts.include end
     local pid = sh("setsid " .. table.concat(args, " ") .. " >" .. log .. " 2>&1 & echo $!"):match("%d+")
     for _ = 1, 100 do
       local out = H.read(log) or ""

@@ -1,0 +1,52 @@
+-- lbatch inside nginx with the Lua module: one worker serves the emulator
+-- and an app that runs a whole batch flow through lbatch against it. The
+-- flow can only finish if lbatch never blocks that worker.
+local H = require "helper"
+local cjson = require "cjson"
+
+describe("lbatch in OpenResty", function()
+  local emu
+  setup(function()
+    emu = H.emulator({ speed = 200, rate_limits = false, include = H.root .. "/examples/openresty/locations.conf" })
+  end)
+  teardown(function() emu.stop() end)
+
+  it("runs a whole batch flow from content_by_lua in the same worker as the emulator", function()
+    local status, res = H.json("GET", emu.url .. "/app/flow?n=5", { key = false })
+    assert.are.equal(200, status, cjson.encode(res))
+    assert.are.same({ "completed", 5 }, { res.status, res.lines })
+  end)
+
+  it("runs it from an ngx.timer too", function()
+    local status, res = H.json("GET", emu.url .. "/app/flow-in-timer?n=3", { key = false })
+    assert.are.equal(200, status, cjson.encode(res))
+    assert.are.same({ "completed", 3 }, { res.status, res.lines })
+  end)
+
+  it("keeps serving other requests while flows run", function()
+    local outs = {}
+    for i = 1, 3 do
+      outs[i] = os.tmpname()
+      H.ok(("curl -s -o %s %s/app/flow?n=20 &"):format(outs[i], emu.url))
+    end
+    local worst = 0
+    for _ = 1, 20 do
+      local t0 = H.now()
+      assert.are.equal(200, (H.json("GET", emu.base .. "/files?limit=1")))
+      worst = math.max(worst, H.now() - t0)
+      H.sleep(0.02)
+    end
+    assert.is_true(worst < 0.3, "slowest answer " .. worst .. " s")
+    for i = 1, 3 do
+      local res
+      for _ = 1, 300 do
+        local text = H.read(outs[i])
+        if text and text ~= "" then res = cjson.decode(text) break end
+        H.sleep(0.05)
+      end
+      os.remove(outs[i])
+      assert.is_table(res)
+      assert.are.same({ "completed", 20 }, { res.status, res.lines })
+    end
+  end)
+end)
