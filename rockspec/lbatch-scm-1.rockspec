@@ -39,6 +39,7 @@ build = {
     ["lbatch.csv"] = "lbatch/csv.lua",
     ["lbatch.pipeline"] = "lbatch/pipeline.lua",
     ["lbatch.cli"] = "lbatch/cli.lua",
+    ["lbatch.openresty"] = "lbatch/openresty.lua",
     ["lbatch.core"] = {
       sources = { "lbatch/core/core.c", "lbatch/core/xfer.c", "lbatch/core/idmap.c", "lbatch/core/util.c" },
       defines = { "_GNU_SOURCE" },
