@@ -22,13 +22,13 @@ HDR = lbatch/core/core.h lbatch/core/compat.h
 
 DEB = lua5.4 liblua5.4-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
       nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-socket \
-      curl gcc make pkg-config
+      curl gcc make pkg-config time
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NODE_DIR = emulator/conformance
 
 BUSTED = env LUA_PATH="./?.lua;./?/init.lua;./spec/?.lua;;" LBATCH_ROOT=$(CURDIR)
 
-.PHONY: all build deps demo test test-5.4 test-jit asan conformance emulator bench install clean
+.PHONY: all build deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare install clean
 
 all: build
 
@@ -94,6 +94,10 @@ conformance: deps $(NODE_DIR)/node_modules/.installed
 
 emulator: deps
 	emulator/run $(ARGS)
+
+# lbatch beside the openai SDK and curl (JOBS, LINES, SIZE_MB, POLL, LUA)
+bench-compare: deps build $(NODE_DIR)/node_modules/.installed
+	EMULATOR_ARGS="--speed 2000 --dialect openai --rate-limits off --data $$(mktemp -d)" emulator/around bench/compare
 
 bench: deps build
 	$(RUN54) lua5.4 bench/jsonl.lua

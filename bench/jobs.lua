@@ -1,0 +1,43 @@
+-- lbatch side of bench/compare: N batches of M requests, each uploaded,
+-- created, waited for (polling every POLL s) and downloaded, all at once
+-- from one process. Also `upload FILE` and `download FILE_ID PATH`.
+--   lua5.4 bench/jobs.lua jobs N M POLL | upload FILE | download ID PATH
+local lbatch = require "lbatch"
+local cjson = require "cjson"
+
+local client = lbatch.new({ max_connections = 32, timeout = 600 })
+local mode = arg[1]
+
+if mode == "upload" then
+  local f = assert(client:upload(arg[2]))
+  print(("uploaded %d bytes"):format(f.bytes))
+  print(f.id)
+elseif mode == "download" then
+  assert(client:content(arg[2], { path = arg[3] }))
+  local fh = io.open(arg[3], "rb")
+  print(("downloaded %d bytes"):format(fh:seek("end")))
+  fh:close()
+else
+  local n, m, poll = tonumber(arg[2]) or 1000, tonumber(arg[3]) or 100, tonumber(arg[4]) or 1
+  local path = os.tmpname()
+  local fh = assert(io.open(path, "wb"))
+  for i = 1, m do
+    fh:write(cjson.encode({ custom_id = "r" .. i, method = "POST", url = "/v1/chat/completions",
+      body = { model = "qwen-plus", messages = { { role = "user", content = "question " .. i } } } }), "\n")
+  end
+  fh:close()
+  local lines = 0
+  for i = 1, n do
+    client:spawn(function()
+      local f = assert(client:upload(path, { filename = "bench-" .. i .. ".jsonl" }))
+      local b = assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" }))
+      b = assert(client:wait(b.id, { interval = poll, factor = 1, jitter = 0.2 }))
+      local text = assert(client:content(b.output_file_id))
+      for _ in text:gmatch("\n") do lines = lines + 1 end
+    end)
+  end
+  assert(client:run())
+  os.remove(path)
+  print(("%d batches, %d result lines"):format(n, lines))
+end
+client:close()
