@@ -13,7 +13,9 @@ end)
 
 local poll = uv.new_poll(client:pollfd())   -- readable when a transfer has work
 local timer = uv.new_timer()
+local wakeups = 0
 local function pump()
+  wakeups = wakeups + 1
   local pending, failure = client:step()
   if failure then error(failure) end
   if pending == 0 then poll:stop() timer:stop() return end
@@ -27,3 +29,4 @@ uv.run()
 poll:close() timer:close()
 uv.run()
 client:close()
+print(("woken %d times"):format(wakeups))

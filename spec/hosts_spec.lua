@@ -64,32 +64,16 @@ describe("a game loop", function()
 end)
 
 describe("an event loop", function()
-  it("waits on pollfd() and timeout() instead of polling", function()
-    local ok_luv, uv = pcall(require, "luv")
+  it("waits on pollfd() and timeout() instead of polling (examples/luv.lua)", function()
+    local ok_luv = pcall(require, "luv")
     if not ok_luv then pending("lua-luv is not installed for this Lua") return end
     local emu = H.emulator({ speed = 200, rate_limits = false })
-    local client = lbatch.new({ api_key = "k", base_url = emu.base })
-    local page
-    client:spawn(function() page = assert(client:list({ limit = 1 })) end)
-    local wakeups = 0
-    local poll = uv.new_poll(client:pollfd())
-    local timer = uv.new_timer()
-    local function pump()
-      wakeups = wakeups + 1
-      local pending = client:step()
-      if pending == 0 then poll:stop() timer:stop() return end
-      local ms = client:timeout()
-      timer:stop()
-      if ms >= 0 then timer:start(ms, 0, pump) end
-    end
-    poll:start("r", pump)
-    timer:start(0, 0, pump)
-    uv.run()
-    poll:close() timer:close()
-    uv.run()
-    client:close()
+    local out = H.sh(("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/examples/luv.lua 2>&1")
+      :format(emu.base, H.lua, H.root))
     emu.stop()
-    assert.is_table(page)
-    assert.is_true(wakeups < 50, "woken " .. wakeups .. " times")
+    assert.matches("0 batch%(es%) on " .. emu.base:gsub("%p", "%%%0"), out)
+    local wakeups = tonumber(out:match("woken (%d+) times"))
+    assert.is_truthy(wakeups, out)
+    assert.is_true(wakeups < 50, out)
   end)
 end)
