@@ -97,7 +97,7 @@ emulator: deps
 
 # lbatch beside the openai SDK and curl (JOBS, LINES, SIZE_MB, POLL, LUA)
 bench-compare: deps build $(NODE_DIR)/node_modules/.installed
-	EMULATOR_ARGS="--speed 2000 --dialect openai --rate-limits off --data $$(mktemp -d)" emulator/around bench/compare
+	EMULATOR_ARGS="--speed 2000 --dialect openai --rate-limits off" emulator/around bench/compare
 
 bench: deps build
 	$(RUN54) lua5.4 bench/jsonl.lua
