@@ -15,12 +15,14 @@ if cjson.empty_array ~= nil then
   M.empty_array = cjson.empty_array
   M.encode = encode
   function M.fix(s) return s end
+  M.MARK = "\0never\0"
 else
   local SENTINEL = "\0lbatch:empty-array\0"
   local ENCODED = encode(SENTINEL)            -- "\u0000lbatch:empty-array\u0000"
   local SEARCH = ENCODED:sub(2, 8)            -- starts with a backslash: rare in JSON
   local PATTERN = ENCODED:gsub("%p", "%%%0")
   M.empty_array = SENTINEL
+  M.MARK = SEARCH   -- find(s, MARK, 1, true): s may hold a marker for fix()
   -- fix(s): cjson's output with the empty-array markers made []
   function M.fix(s)
     if find(s, SEARCH, 1, true) then s = gsub(s, PATTERN, "[]") end

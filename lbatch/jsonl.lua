@@ -10,7 +10,7 @@ local errors = require "lbatch.errors"
 local idmap = require("lbatch.core").idmap   -- custom_id sets outside the Lua heap
 local put = idmap().put
 
-local cjson_encode, fix = require("cjson").encode, json.fix
+local cjson_encode, fix, MARK, find = require("cjson").encode, json.fix, json.MARK, string.find
 local safe_encode = require("cjson.safe").encode   -- nil, err instead of raising: no pcall per line
 local ENDPOINTS, TEST_MODEL, TEST_URL, MAX_LINE = rules.endpoints, rules.test_model, rules.test_url, rules.max_line_bytes
 local M = {}
@@ -127,7 +127,7 @@ function Writer:add(id, body, url)
   if not encoded then
     return nil, invalid(id, "invalid_body", "body cannot be encoded as JSON: " .. tostring(why), "body")
   end
-  encoded = fix(encoded)
+  if find(encoded, MARK, 1, true) then encoded = fix(encoded) end
   local eid = cjson_encode(id)   -- a string never holds the empty-array marker
   local rurl = route.url
   local size = FIXED + #eid + #rurl + #encoded
