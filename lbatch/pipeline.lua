@@ -130,7 +130,6 @@ end
 
 ------------------------------------------------------------------ one shard
 
-local FINAL = { completed = true, failed = true, expired = true, cancelled = true }
 local PARTIAL = { expired = true, cancelled = true }
 
 local Run = {}

@@ -31,7 +31,6 @@ local function err(status, code, message, param, headers)
     param = param or cjson.null, code = code or cjson.null,
   } }, headers)
 end
-A.err = err
 
 -- A list page. Encoded by hand: lua-cjson 2.1.0 writes an empty table as {}.
 local function page(items, has_more, null_when_empty)
@@ -279,7 +278,7 @@ local function create_batch()
     input_file_id = fid, completion_window = req.completion_window, status = "validating",
     created_at = math.floor(now), expires_at = math.floor(now + hours * 3600),
     request_counts = { total = 0, completed = 0, failed = 0 }, metadata = meta,
-    _ = { t_stage = now, t_expires = now + engine.scaled(hours * 3600), window = hours * 3600 },
+    _ = { t_stage = now, t_expires = now + engine.scaled(hours * 3600) },
   }
   store.put_batch(b)
   engine.track(b)
@@ -308,7 +307,6 @@ end
 local function ts14(s)  -- yyyyMMddHHmmss (UTC) -> epoch seconds
   local y, mo, d, h, mi, se = s:match("^(%d%d%d%d)(%d%d)(%d%d)(%d%d)(%d%d)(%d%d)$")
   if not y then return nil end
-  local days = 0
   y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
   -- days from civil (H. Hinnant's algorithm)
   local yy = mo <= 2 and y - 1 or y
@@ -317,7 +315,7 @@ local function ts14(s)  -- yyyyMMddHHmmss (UTC) -> epoch seconds
   local mp = (mo + 9) % 12
   local doy = math.floor((153 * mp + 2) / 5) + d - 1
   local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-  days = era * 146097 + doe - 719468
+  local days = era * 146097 + doe - 719468
   return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(se)
 end
 

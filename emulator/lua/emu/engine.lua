@@ -409,7 +409,6 @@ function E.start(config)
   assert(ngx.timer.at(0, loop))
 end
 
-function E.window_seconds(b) return b._.window end
-E.scaled = function(s) return scaled(s) end
+E.scaled = scaled
 
 return E

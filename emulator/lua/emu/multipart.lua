@@ -73,7 +73,7 @@ function M.parse(path, boundary, dest, limit)
     end
     -- body of the part, up to the next delimiter
     while true do
-      s, e = buf:find(delim, 1, true)
+      s = buf:find(delim, 1, true)
       local take = s and s - 1 or #buf - #delim
       if take > 0 then
         local data = buf:sub(1, take)
