@@ -20,7 +20,7 @@ WARN = -std=c99 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter
 SRC = lbatch/core/core.c lbatch/core/xfer.c lbatch/core/idmap.c lbatch/core/util.c
 HDR = lbatch/core/core.h lbatch/core/compat.h
 
-DEB = lua5.4 liblua5.4-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
+DEB = lua5.4 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
       nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-socket \
       curl gcc make pkg-config time
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -28,7 +28,7 @@ NODE_DIR = emulator/conformance
 
 BUSTED = env LUA_PATH="./?.lua;./?/init.lua;./spec/?.lua;;" LBATCH_ROOT=$(CURDIR)
 
-.PHONY: all build deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare install clean
+.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare install clean
 
 all: build
 
@@ -41,6 +41,14 @@ build/5.4/lbatch/core.so: $(SRC) $(HDR)
 build/jit/lbatch/core.so: $(SRC) $(HDR)
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) $(WARN) -fPIC -shared -I$(JIT_INCDIR) $(CURL_CFLAGS) -o $@ $(SRC) $(CURL_LIBS)
+
+# The core builds for Lua 5.1, 5.2 and 5.3 too (compile and link check).
+compat: $(SRC) $(HDR)
+	@for v in 5.1 5.2 5.3; do \
+	  mkdir -p build/$$v/lbatch && \
+	  $(CC) $(CFLAGS) $(WARN) -Werror -fPIC -shared -I/usr/include/lua$$v $(CURL_CFLAGS) \
+	    -o build/$$v/lbatch/core.so $(SRC) $(CURL_LIBS) && echo "lbatch.core builds for Lua $$v" || exit 1; \
+	done
 
 build/asan/lbatch/core.so: $(SRC) $(HDR)
 	@mkdir -p $(@D)

@@ -10,7 +10,7 @@
 /* LuaJIT 2.1 has these 5.2 functions; plain 5.1 does not */
 #if !defined(luaL_newlib)
 #define luaL_newlib(L, l) (lua_newtable(L), luaL_register(L, NULL, (l)))
-static void luaL_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
+static inline void luaL_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
   (void)nup; /* no upvalues are used here */
   for (; l->name; l++) {
     lua_pushcfunction(L, l->func);
