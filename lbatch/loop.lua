@@ -78,7 +78,7 @@ end
 function Loop:spawn(fn, ...)
   if type(fn) ~= "function" then error("spawn: a function is expected", 3) end
   local task = setmetatable({ loop = self, args = pack(...), status = "ready", joiners = {} }, Task)
-  task.co = co_create(function(...) return fn(...) end)
+  task.co = co_create(function(...) return fn(...) end)   -- (fn may be a C function)
   self.tasks[task.co] = task
   self.alive = self.alive + 1
   self.ready[#self.ready + 1] = task
@@ -136,8 +136,8 @@ end
 function Loop:await(register)
   local task = self:current()
   if task then
-    register(task)
     task.wakeup = nil
+    register(task)
     co_yield(AWAIT)
     local v = task.wakeup
     task.wakeup = nil
