@@ -9,7 +9,8 @@ describe("a game loop", function()
   -- The issue asks for no step over 2 ms. Measured here: most runs meet it,
   -- a few have one step of 2-3.5 ms CPU (file renames of finished downloads,
   -- collector work). So: 99% of steps within 2 ms, none over 5 ms.
-  it("drives a pipeline of 100 jobs with step() once per frame, 99% of steps within 2 ms", function()
+  -- tagged #timing: spec/run-all runs it first, alone, on a quiet machine
+  it("drives a pipeline of 100 jobs with step() once per frame, 99% of steps within 2 ms #timing", function()
     local emu = H.emulator({ speed = 200, rate_limits = false })
     local client = lbatch.new({ api_key = "k", base_url = emu.base, max_connections = 32 })
     local requests = {}
@@ -29,6 +30,11 @@ describe("a game loop", function()
       }))
     end)
     local frames, worst_cpu, worst_wall, over, cpus = 0, 0, 0, 0, {}
+    -- this spec may run after others that wrote hundreds of MB: let their
+    -- writeback finish, and start from a collected heap (like a game
+    -- loading a level), so the steps measure lbatch, not the neighbours
+    H.ok("sync")
+    collectgarbage("collect")
     local deadline = core.now() + 60
     while not job:done() and core.now() < deadline do
       local t0, c0 = core.now(), os.clock()
