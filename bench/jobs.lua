@@ -3,7 +3,7 @@
 -- from one process. Also `upload FILE` and `download FILE_ID PATH`.
 --   lua5.4 bench/jobs.lua jobs N M POLL | upload FILE | download ID PATH
 local lbatch = require "lbatch"
-local cjson = require "cjson"
+local jsonl = require "lbatch.jsonl"
 
 local client = lbatch.new({ max_connections = 32, timeout = 600 })
 local mode = arg[1]
@@ -20,12 +20,9 @@ elseif mode == "download" then
 else
   local n, m, poll = tonumber(arg[2]) or 1000, tonumber(arg[3]) or 100, tonumber(arg[4]) or 1
   local path = os.tmpname()
-  local fh = assert(io.open(path, "wb"))
-  for i = 1, m do
-    fh:write(cjson.encode({ custom_id = "r" .. i, method = "POST", url = "/v1/chat/completions",
-      body = { model = "qwen-plus", messages = { { role = "user", content = "question " .. i } } } }), "\n")
-  end
-  fh:close()
+  local w = jsonl.writer({ path = path, model = "qwen-plus" })
+  for i = 1, m do assert(w:chat("r" .. i, { prompt = "question " .. i })) end
+  w:close()
   local lines = 0
   for i = 1, n do
     client:spawn(function()

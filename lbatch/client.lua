@@ -265,16 +265,19 @@ function Client:upload(path, opts)
   } })
 end
 
-local function fix_page(p)
+-- a list page; data is always a table (the dashscope dialect sends null)
+function Client:_page(path, params, keys)
+  local p, err = self:_call("GET", path .. query(params, keys))
+  if not p then return nil, err end
   if type(p.data) ~= "table" then p.data = {} end
   return p
 end
 
+local FILE_KEYS = { "purpose", "limit", "order", "after" }
+
 function Client:files(params)
   check("files", "params", params, "table", true)
-  local p, err = self:_call("GET", "/files" .. query(params, { "purpose", "limit", "order", "after" }))
-  if not p then return nil, err end
-  return fix_page(p)
+  return self:_page("/files", params, FILE_KEYS)
 end
 
 function Client:file(id)
@@ -357,9 +360,7 @@ local LIST_KEYS = { "after", "limit", "status", "ds_name", "input_file_ids", "cr
 
 function Client:list(params)
   check("list", "params", params, "table", true)
-  local p, err = self:_call("GET", "/batches" .. query(params, LIST_KEYS))
-  if not p then return nil, err end
-  return fix_page(p)
+  return self:_page("/batches", params, LIST_KEYS)
 end
 
 -- for batch, err in client:batches{...}: every batch, page after page.

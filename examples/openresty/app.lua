@@ -3,6 +3,7 @@
 -- Used by locations.conf (and spec/openresty_spec.lua).
 local cjson = require "cjson"
 local semaphore = require "ngx.semaphore"
+local jsonl = require "lbatch.jsonl"
 
 local M = {}
 
@@ -11,12 +12,9 @@ function M.run_flow(base_url, n)
   local client = require("lbatch.openresty").client({ api_key = os.getenv("DASHSCOPE_API_KEY") or "k",
                                                        base_url = base_url })
   local path = os.tmpname()
-  local f = assert(io.open(path, "wb"))
-  for i = 1, n do
-    f:write(cjson.encode({ custom_id = "r" .. i, method = "POST", url = "/v1/chat/completions",
-      body = { model = "qwen-plus", messages = { { role = "user", content = "question " .. i } } } }), "\n")
-  end
-  f:close()
+  local w = jsonl.writer({ path = path, model = "qwen-plus" })
+  for i = 1, n do assert(w:chat("r" .. i, { prompt = "question " .. i })) end
+  w:close()
   local file = assert(client:upload(path))
   os.remove(path)
   local batch = assert(client:create({ input_file_id = file.id, endpoint = "/v1/chat/completions" }))
