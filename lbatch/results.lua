@@ -124,6 +124,30 @@ function Reader:_index()
   return files, where, offset
 end
 
+-- take(id): the record of id's result, read once (nil when it has none);
+-- rest(): the ids never taken; close(): the result files
+function Reader:_lookup()
+  local files, where, offset = self:_index()
+  local handles = {}
+  return {
+    take = function(id)
+      local f = where[id]
+      if not f then return nil end
+      where[id] = nil
+      local h = handles[f]
+      if not h then h = open_or_fail(files[f]) handles[f] = h end
+      h:seek("set", offset[id])
+      return record(h:read("*l"))
+    end,
+    rest = function()
+      local t = {}
+      for id in pairs(where) do t[#t + 1] = id end
+      return t
+    end,
+    close = function() for _, h in pairs(handles) do h:close() end end,
+  }
+end
+
 -- each(): an iterator over records. Joined with inputs, records come in
 -- input order with rec.input (the request) and rec.prompt, and a request
 -- with no result gives {custom_id, ok = false, missing = true}.
@@ -145,8 +169,7 @@ function Reader:each()
       end
     end
   end
-  local files, where, offset = self:_index()
-  local handles = {}
+  local results = self:_lookup()
   self.missing_ids = {}
   local k, it, fh = 0, nil, nil
   return function()
@@ -157,15 +180,8 @@ function Reader:each()
         local okj, req = pcall(decode, text or "")
         local id = okj and type(req) == "table" and req.custom_id
         if id then
-          local rec
-          local f = where[id]
-          if f then
-            local h = handles[f]
-            if not h then h = open_or_fail(files[f]) handles[f] = h end
-            h:seek("set", offset[id])
-            rec = record(h:read("*l"))
-            where[id] = nil
-          else
+          local rec = results.take(id)
+          if not rec then
             rec = { custom_id = id, ok = false, missing = true }
             self.missing_ids[#self.missing_ids + 1] = id
           end
@@ -176,9 +192,8 @@ function Reader:each()
         if fh then fh:close() fh = nil end
         k = k + 1
         if not self.inputs[k] then
-          for _, h in pairs(handles) do h:close() end
-          self.orphans = {}
-          for id in pairs(where) do self.orphans[#self.orphans + 1] = id end
+          results.close()
+          self.orphans = results.rest()
           return nil
         end
         fh = open_or_fail(self.inputs[k])
@@ -237,31 +252,24 @@ local NOT_RUN = { batch_expired = true, batch_cancelled = true }
 -- Returns the number of lines written.
 function Reader:resubmit(path, opts)
   if #self.inputs == 0 then error("results.resubmit: open the reader with inputs", 2) end
-  local files, where, offset = self:_index()
+  local results = self:_lookup()
   local out, msg = io.open(path, "wb")
   if not out then return nil, errors.new({ kind = "invalid", message = "cannot write " .. tostring(msg) }) end
-  local handles, n = {}, 0
+  local n = 0
   for _, input in ipairs(self.inputs) do
     local fh = open_or_fail(input)
     for _, text in rules.lines(fh) do
       local okj, req = pcall(decode, text or "")
       local id = okj and type(req) == "table" and req.custom_id
       if id then
-        local again = true
-        local f = where[id]
-        if f then
-          local h = handles[f]
-          if not h then h = open_or_fail(files[f]) handles[f] = h end
-          h:seek("set", offset[id])
-          local rec = record(h:read("*l"))
-          again = not rec.ok and (NOT_RUN[rec.error_code] or (opts and opts.failed)) or false
-        end
+        local rec = results.take(id)
+        local again = not rec or (not rec.ok and (NOT_RUN[rec.error_code] or (opts and opts.failed))) or false
         if again then out:write(text, "\n") n = n + 1 end
       end
     end
     fh:close()
   end
-  for _, h in pairs(handles) do h:close() end
+  results.close()
   out:close()
   return n
 end
