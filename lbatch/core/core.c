@@ -4,7 +4,7 @@
  *
  *   local ctl = core.new{ max_connections = 16 }
  *   local id = ctl:add{ url = ..., method = "POST", body = ..., ... }
- *   ctl:step(wait_ms)          -- run I/O; waits at most wait_ms (0: never)
+ *   ctl:step(wait_ms, budget)  -- run I/O; waits at most wait_ms (0: never)
  *   for id, res in ctl:done do ... end
  *
  * Nothing here calls Lua from a libcurl callback, and nothing yields. */
@@ -27,6 +27,7 @@
 #endif
 
 #define MAX_EVENTS 8   /* sockets handed to libcurl per step: the rest stay ready (level-triggered) */
+#define ADMIT 2        /* transfers started per step with a budget: the rest wait */
 
 static ctl *check_ctl(lua_State *L) {
   ctl *c = luaL_checkudata(L, 1, LBATCH_CTL);
@@ -71,10 +72,50 @@ static int on_timer(CURLM *m, long timeout_ms, void *userp) {
 
 /* ------------------------------------------------------------ lists */
 
-static void unlink_active(ctl *c, xfer *x) {
-  if (x->prev) x->prev->next = x->next; else c->active = x->next;
-  if (x->next) x->next->prev = x->prev;
+static void push(list *l, xfer *x) {
+  x->next = NULL;
+  x->prev = l->tail;
+  if (l->tail) l->tail->next = x; else l->head = x;
+  l->tail = x;
+  l->n++;
+}
+
+static void unlink_from(list *l, xfer *x) {
+  if (x->prev) x->prev->next = x->next; else l->head = x->next;
+  if (x->next) x->next->prev = x->prev; else l->tail = x->prev;
   x->prev = x->next = NULL;
+  l->n--;
+}
+
+static xfer *find(list *l, lua_Integer id) {
+  xfer *x;
+  for (x = l->head; x; x = x->next)
+    if (x->id == id) return x;
+  return NULL;
+}
+
+static int room(ctl *c) {
+  return c->queued.head && (c->max_active == 0 || c->active.n < c->max_active);
+}
+
+/* Hand queued transfers to libcurl, no more than max_active at once, and
+ * at most `most`. Starting a transfer (connecting, sending the request,
+ * often reading a short answer) is the costliest thing a step does, and
+ * libcurl starts every handle added since the last call in one go: a step
+ * with a budget admits a few, so it stays short however many requests the
+ * tasks queue at once. */
+static void admit(ctl *c, int most) {
+  int k;
+  for (k = 0; k < most && room(c); k++) {
+    xfer *x = c->queued.head;
+    unlink_from(&c->queued, x);
+    if (curl_multi_add_handle(c->multi, x->easy) != CURLM_OK) {
+      xfer_finish(x, CURLE_OUT_OF_MEMORY);
+      push(&c->done, x);
+    } else {
+      push(&c->active, x);
+    }
+  }
 }
 
 static void collect(ctl *c) {
@@ -87,10 +128,9 @@ static void collect(ctl *c) {
     result = m->data.result;
     curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&x);
     curl_multi_remove_handle(c->multi, m->easy_handle);
-    unlink_active(c, x);
+    unlink_from(&c->active, x);
     xfer_finish(x, result);
-    if (c->done_tail) c->done_tail->next = x; else c->done_head = x;
-    c->done_tail = x;
+    push(&c->done, x);
   }
 }
 
@@ -127,6 +167,7 @@ static int ctl_new(lua_State *L) {
   curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
 #endif
   curl_multi_setopt(c->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+  c->max_active = maxc > 0 ? (int)maxc : 0;
   if (maxc > 0) {
     curl_multi_setopt(c->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, maxc);
     curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, maxc);
@@ -140,26 +181,25 @@ static int ctl_add(lua_State *L) {
   xfer *x = xfer_new(L, c, 2);
   if (!x) return luaL_error(L, "lbatch.core: out of memory");
   x->id = ++c->next_id;
-  if (curl_multi_add_handle(c->multi, x->easy) != CURLM_OK) {
-    xfer_free(x);
-    return luaL_error(L, "lbatch.core: curl_multi_add_handle failed");
-  }
-  x->next = c->active;
-  if (c->active) c->active->prev = x;
-  c->active = x;
+  push(&c->queued, x);        /* libcurl gets it at the next step (admit) */
   lua_pushinteger(L, x->id);
   return 1;
 }
 
-/* step([wait_ms]): wait at most wait_ms for I/O (0: not at all), run what is
- * ready, queue finished transfers. Returns the number still running. */
+/* step([wait_ms [, budget_ms]]): wait at most wait_ms for I/O (0: not at
+ * all), run what is ready, queue finished transfers. With a budget, stop
+ * handing sockets to libcurl once it is spent (one always runs): the rest
+ * stay ready for the next step. Returns the number still running. */
 static int ctl_step(lua_State *L) {
   ctl *c = check_ctl(L);
-  double wait = luaL_optnumber(L, 2, 0);
+  double wait = luaL_optnumber(L, 2, 0), budget = luaL_optnumber(L, 3, -1);
+  double start;
   int timeout;
-  if (c->done_head || wait < 0) wait = 0;
+  admit(c, budget >= 0 ? ADMIT : c->queued.n);
+  start = lb_now_ms();
+  if (c->done.head || room(c) || wait < 0) wait = 0;
   if (c->deadline >= 0) {
-    double d = c->deadline - lb_now_ms();
+    double d = c->deadline - start;
     if (d < wait) wait = d < 0 ? 0 : d;
   }
   timeout = (int)ceil(wait);
@@ -167,8 +207,10 @@ static int ctl_step(lua_State *L) {
   {
     struct epoll_event evs[MAX_EVENTS];
     int i, n = epoll_wait(c->epfd, evs, MAX_EVENTS, timeout);
+    if (n > 0) start = lb_now_ms();     /* the budget counts from here */
     for (i = 0; i < n; i++) {
       int flags = 0;
+      if (i > 0 && budget >= 0 && lb_now_ms() - start >= budget) break;
       if (evs[i].events & EPOLLIN) flags |= CURL_CSELECT_IN;
       if (evs[i].events & EPOLLOUT) flags |= CURL_CSELECT_OUT;
       if (evs[i].events & (EPOLLERR | EPOLLHUP)) flags |= CURL_CSELECT_ERR;
@@ -180,6 +222,7 @@ static int ctl_step(lua_State *L) {
     }
   }
 #else
+  (void)budget;
   if (timeout > 0) {
 #if LIBCURL_VERSION_NUM >= 0x074200
     curl_multi_poll(c->multi, NULL, 0, timeout, NULL);
@@ -197,40 +240,32 @@ static int ctl_step(lua_State *L) {
 /* done(): the next finished transfer as id, result; nil when none. */
 static int ctl_done(lua_State *L) {
   ctl *c = check_ctl(L);
-  xfer *x = c->done_head;
+  xfer *x = c->done.head;
   if (!x) return 0;
-  c->done_head = x->next;
-  if (!c->done_head) c->done_tail = NULL;
+  unlink_from(&c->done, x);
   lua_pushinteger(L, x->id);
   xfer_push_result(L, x);
   xfer_free(x);
   return 2;
 }
 
+/* cancel(id): drop a transfer wherever it is. true, or false when unknown */
 static int ctl_cancel(lua_State *L) {
   ctl *c = check_ctl(L);
   lua_Integer id = luaL_checkinteger(L, 2);
-  xfer *x, *prev = NULL;
-  for (x = c->active; x; x = x->next) {
-    if (x->id == id) {
-      curl_multi_remove_handle(c->multi, x->easy);
-      unlink_active(c, x);
-      xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
-      xfer_free(x);
-      lua_pushboolean(L, 1);
-      return 1;
-    }
+  xfer *x;
+  if ((x = find(&c->active, id))) {
+    curl_multi_remove_handle(c->multi, x->easy);
+    unlink_from(&c->active, x);
+    xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
+  } else if ((x = find(&c->queued, id))) {
+    unlink_from(&c->queued, x);
+    xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
+  } else if ((x = find(&c->done, id))) {
+    unlink_from(&c->done, x);
   }
-  for (x = c->done_head; x; prev = x, x = x->next) {
-    if (x->id == id) {
-      if (prev) prev->next = x->next; else c->done_head = x->next;
-      if (c->done_tail == x) c->done_tail = prev;
-      xfer_free(x);
-      lua_pushboolean(L, 1);
-      return 1;
-    }
-  }
-  lua_pushboolean(L, 0);
+  if (x) xfer_free(x);
+  lua_pushboolean(L, x != NULL);
   return 1;
 }
 
@@ -239,9 +274,12 @@ static int ctl_cancel(lua_State *L) {
 static int ctl_timeout(lua_State *L) {
   ctl *c = check_ctl(L);
   double d;
-  if (c->done_head) { lua_pushinteger(L, 0); return 1; }
+  if (c->done.head || room(c)) {
+    lua_pushinteger(L, 0);    /* results to collect, or transfers to start */
+    return 1;
+  }
 #ifndef LBATCH_EPOLL
-  if (c->active) { lua_pushinteger(L, 10); return 1; }  /* no descriptor: poll */
+  if (c->active.head) { lua_pushinteger(L, 10); return 1; }  /* no descriptor: poll */
 #endif
   if (c->deadline < 0) { lua_pushinteger(L, -1); return 1; }
   d = c->deadline - lb_now_ms();
@@ -256,14 +294,14 @@ static int ctl_pollfd(lua_State *L) {
   return 1;
 }
 
+/* pending(): transfers not yet collected, then how many of them wait to
+ * start and how many libcurl runs */
 static int ctl_pending(lua_State *L) {
   ctl *c = check_ctl(L);
-  int n = 0;
-  xfer *x;
-  for (x = c->active; x; x = x->next) n++;
-  for (x = c->done_head; x; x = x->next) n++;
-  lua_pushinteger(L, n);
-  return 1;
+  lua_pushinteger(L, c->queued.n + c->active.n + c->done.n);
+  lua_pushinteger(L, c->queued.n);
+  lua_pushinteger(L, c->active.n);
+  return 3;
 }
 
 static int ctl_close(lua_State *L) {
@@ -271,17 +309,21 @@ static int ctl_close(lua_State *L) {
   xfer *x;
   if (c->closed) return 0;
   c->closed = 1;
-  while ((x = c->active)) {
+  while ((x = c->active.head)) {
     curl_multi_remove_handle(c->multi, x->easy);
-    unlink_active(c, x);
+    unlink_from(&c->active, x);
     xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
     xfer_free(x);
   }
-  while ((x = c->done_head)) {
-    c->done_head = x->next;
+  while ((x = c->queued.head)) {
+    unlink_from(&c->queued, x);
+    xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
     xfer_free(x);
   }
-  c->done_tail = NULL;
+  while ((x = c->done.head)) {
+    unlink_from(&c->done, x);
+    xfer_free(x);
+  }
   curl_multi_cleanup(c->multi);
   if (c->epfd >= 0) close(c->epfd);
   return 0;
@@ -349,6 +391,11 @@ int luaopen_lbatch_core(lua_State *L) {
     {"idmap", lbatch_idmap_new}, {NULL, NULL}
   };
   curl_global_init(CURL_GLOBAL_DEFAULT);
+  {  /* the first multipart boundary seeds the TLS library's random
+      * generator (about 1 ms): pay it here, not in a host's frame */
+    CURL *e = curl_easy_init();
+    if (e) { curl_mime_free(curl_mime_init(e)); curl_easy_cleanup(e); }
+  }
   if (luaL_newmetatable(L, LBATCH_CTL)) {
     lua_newtable(L);
     luaL_setfuncs(L, methods, 0);

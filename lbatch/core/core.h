@@ -21,7 +21,7 @@ typedef struct xfer {
   CURL *easy;
   struct ctl *ctl;
   lua_Integer id;
-  struct xfer *prev, *next;   /* in ctl->active, or ctl->done (next only) */
+  struct xfer *prev, *next;   /* in one of ctl's lists: queued, active, done */
   struct curl_slist *headers;
   curl_mime *mime;
   char *body;                 /* request body (copied) */
@@ -35,14 +35,21 @@ typedef struct xfer {
   char errbuf[CURL_ERROR_SIZE];
 } xfer;
 
+typedef struct list {
+  xfer *head, *tail;
+  int n;
+} list;
+
 typedef struct ctl {
   CURLM *multi;
   int epfd;                   /* -1 without epoll: then curl_multi_poll */
   double deadline;            /* monotonic ms when curl wants a call; <0: none */
   int running;
+  int max_active;             /* transfers in the multi handle at once; 0: no cap */
   lua_Integer next_id;
-  xfer *active;               /* in flight */
-  xfer *done_head, *done_tail;
+  list queued;                /* added, not yet handed to libcurl */
+  list active;                /* in the multi handle */
+  list done;                  /* finished, waiting for ctl:done() */
   int closed;
 } ctl;
 
