@@ -188,8 +188,9 @@ end
 
 ------------------------------------------------------------------ requests
 
+local function pct(c) return ("%%%02X"):format(c:byte()) end
 local function urlencode(s)
-  return (tostring(s):gsub("[^%w%-%._~]", function(c) return ("%%%02X"):format(c:byte()) end))
+  return (tostring(s):gsub("[^%w%-%._~]", pct))
 end
 
 local function query(params, keys)
@@ -432,6 +433,11 @@ function Client:spawn(fn, ...) return self.loop:spawn(fn, ...) end
 
 function Client:sleep(seconds) return self.loop:sleep(seconds) end
 
+-- pause(): in a task's long work (building requests, reading results), let
+-- a host's step() return once its budget is spent; the work goes on at the
+-- next step. Under run() or outside a task it returns at once.
+function Client:pause() return self.loop:pause() end
+
 -- run(): until every task is done; nil, traceback when one fails
 function Client:run()
   local loop = self.loop
@@ -444,13 +450,14 @@ function Client:run()
   end
 end
 
--- step([budget_ms = 0.3]): do what is ready, never wait. Tasks are resumed
--- until the budget is spent; the rest run at the next step (timeout() is
--- then 0). Returns the work still pending (tasks and transfers) and, when
--- a task failed, its traceback.
+-- step([budget_ms = 0.5]): do what is ready, never wait. Sockets are handed
+-- to libcurl for up to half the budget, tasks are resumed until it is
+-- spent, and the rest waits for the next step (timeout() is then 0).
+-- Returns the work still pending (tasks and transfers) and, when a task
+-- failed, its traceback.
 function Client:step(budget_ms)
   check("step", "budget_ms", budget_ms, "number", true)
-  self.loop:drive(false, budget_ms or 0.3)
+  self.loop:drive(false, budget_ms or 0.5)
   return self.loop:pending(), self.loop:take_failure()
 end
 

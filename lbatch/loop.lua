@@ -132,41 +132,51 @@ function Loop:wake(w, ...)
 end
 
 -- Wait, as the current task or, outside tasks, by driving the loop, until
--- `register(waiter)` arranges for self:wake(waiter, ...) to be called.
-function Loop:await(register)
+-- `register(self, waiter, a, b)` arranges for self:wake(waiter, ...) to be
+-- called. (Functions and arguments, not closures: the hot paths then make
+-- no closure, which LuaJIT cannot compile.)
+function Loop:await(register, a, b)
   local task = self:current()
   if task then
     task.wakeup = nil
-    register(task)
+    register(self, task, a, b)
     co_yield(AWAIT)
     local v = task.wakeup
     task.wakeup = nil
     return unpack(v, 1, v.n)
   end
   local box = {}
-  if self.block then
-    self.block(box, register)        -- a host's way to wait (e.g. a semaphore)
+  if self.block then                 -- a host's way to wait (e.g. a semaphore)
+    self:block_on(box, register, a, b)
   else
-    register(box)
+    register(self, box, a, b)
     while not box.value do self:drive(true) end
   end
   return unpack(box.value, 1, box.value.n)
 end
 
+function Loop:block_on(box, register, a, b)
+  self.block(box, function(w) register(self, w, a, b) end)
+end
+
+local function add_transfer(self, w, spec)
+  local id = self.ctl:add(spec)
+  self.waiting[id] = w
+  w.transfer = id
+end
+
 function Loop:transfer(spec)
-  return self:await(function(w)
-    local id = self.ctl:add(spec)
-    self.waiting[id] = w
-    w.transfer = id
-  end)
+  return self:await(add_transfer, spec)
+end
+
+local function add_timer(self, w, seconds)
+  self.seq = self.seq + 1
+  heap_push(self.heap, { at = now() + math.max(0, seconds), seq = self.seq, w = w })
 end
 
 function Loop:sleep(seconds)
   if type(seconds) ~= "number" then error("sleep: seconds must be a number", 2) end
-  return self:await(function(w)
-    self.seq = self.seq + 1
-    heap_push(self.heap, { at = now() + math.max(0, seconds), seq = self.seq, w = w })
-  end)
+  return self:await(add_timer, seconds)
 end
 
 ------------------------------------------------------------------ driving
@@ -177,16 +187,26 @@ function Loop:run_ready(deadline)
   local ready = self.ready
   if #ready == 0 then return end
   self.ready = {}
+  self.deadline = deadline
   for i, task in ipairs(ready) do
     if deadline and i > 1 and now() > deadline then
       local rest = {}
       for j = i, #ready do rest[#rest + 1] = ready[j] end
       for _, t in ipairs(self.ready) do rest[#rest + 1] = t end
       self.ready = rest
-      return
+      break
     end
     if task.status == "ready" or task.status == "running" then self:resume(task) end
   end
+  self.deadline = nil
+end
+
+-- pause(): for long work inside a task (writing shards): when this turn's
+-- budget is spent (a host's step), let the turn end and go on at the next
+-- one. Under run() or outside a task it returns at once.
+function Loop:pause()
+  local deadline = self.deadline
+  if deadline and now() > deadline and self:current() then co_yield() end
 end
 
 -- ms until something is due, for the wait in drive()
@@ -199,11 +219,13 @@ function Loop:wait_ms()
 end
 
 -- One turn: I/O (waiting up to the next timer when block), completions,
--- timers, then the ready tasks (within budget_ms when given).
+-- timers, then the ready tasks. With budget_ms, I/O stops after half of it
+-- and tasks are resumed until it is spent; what is left waits for the next
+-- turn (at least one socket and one task run in every turn).
 function Loop:drive(block, budget_ms)
   local ctl = self.ctl
   local deadline = budget_ms and (now() + budget_ms / 1000)
-  ctl:step(block and self:wait_ms() or 0)
+  ctl:step(block and self:wait_ms() or 0, budget_ms and budget_ms / 2)
   while true do
     local id, res = ctl:done()
     if not id then break end
@@ -256,12 +278,14 @@ end
 
 function Task:done() return self.status == "done" or self.status == "error" end
 
+local function add_joiner(_, w, task) task.joiners[#task.joiners + 1] = w end
+
 -- join(): wait for the task, then its results, or nil, err
 function Task:join()
   if not self:done() then
     local loop = self.loop
     if loop:current() == self then error("join: a task cannot join itself", 2) end
-    loop:await(function(w) self.joiners[#self.joiners + 1] = w end)
+    loop:await(add_joiner, self)
   end
   if self.status == "error" then
     return nil, self.traceback

@@ -81,13 +81,12 @@ end
 -- requests: a .jsonl or .csv path, a list of requests, or an iterator
 -- returning them; a request is {custom_id, body[, url]} or a full line.
 local function shard(opts, dir, client)
-  local in_task, count = client.loop:current() ~= nil, 0
+  local loop = client.loop
   local w = jsonl.writer({ path = dir .. "/requests.jsonl", endpoint = opts.endpoint, model = opts.model,
                            max_lines = opts.max_lines, max_bytes = opts.max_bytes, unique = "all" })
   local function add(r)
     if type(r) ~= "table" then error(fail("a request must be a table"), 0) end
-    count = count + 1
-    if in_task and count % 200 == 0 then coroutine.yield() end   -- a host's frame goes on
+    loop:pause()                       -- a host's frame goes on
     local ok, err
     if r.method then ok, err = w:request(r) else ok, err = w:add(r.custom_id, r.body, r.url) end
     if not ok then error(err, 0) end
@@ -296,11 +295,14 @@ function M.run(opts)
         model = f.model, endpoint = f.endpoint, round = 1, step = "written" }
     end
     state.phase = "running"
+    opts.client.loop:pause()
   end
   local run = setmetatable({ client = opts.client, opts = opts, journal = journal, state = state,
                              queue = {}, started = os.time(), dirty = {},
                              log = rewrite(journal, state) }, Run)
-  local unhook = opts.client.loop:at_turn_end(function() run:flush() end)
+  local loop = opts.client.loop
+  loop:pause()
+  local unhook = loop:at_turn_end(function() run:flush() end)
   for _, s in ipairs(state.shards) do
     if s.step ~= "done" then run.queue[#run.queue + 1] = s end
   end
@@ -324,7 +326,10 @@ function M.run(opts)
       end
     end
     local workers = {}
-    for i = 1, math.max(1, opts.max_in_flight or 8) do workers[i] = client:spawn(worker) end
+    for i = 1, math.max(1, opts.max_in_flight or 8) do
+      workers[i] = client:spawn(worker)
+      loop:pause()
+    end
     for _, w in ipairs(workers) do
       local ok, err = w:join()
       if ok == nil and err then failure = failure or err end

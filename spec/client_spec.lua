@@ -328,6 +328,70 @@ describe("lbatch client", function()
       assert.is_number(client:pollfd())
     end)
 
+    it("starts queued transfers a few per budgeted step, never more than max_connections", function()
+      local core = require "lbatch.core"
+      local ctl = core.new({ max_connections = 8 })
+      local ids = {}
+      for i = 1, 40 do ids[i] = ctl:add({ url = emu.url .. "/_emulator/stats" }) end
+      assert.are.same({ 40, 40, 0 }, { ctl:pending() })
+      assert.are.equal(0, ctl:timeout())            -- transfers wait to start
+      assert.is_true(ctl:cancel(ids[40]))           -- a queued one can go
+      ctl:step(0, 0.1)                              -- with a budget: two start
+      local _, queued, active = ctl:pending()
+      assert.are.equal(37, queued)
+      assert.is_true(active <= 2)
+      local seen, steps, peak = {}, 1, 0
+      local deadline = H.now() + 20
+      while ctl:pending() > 0 and H.now() < deadline do
+        ctl:step(0, 0.1)
+        steps = steps + 1
+        local _, _, a = ctl:pending()
+        peak = math.max(peak, a)
+        for id, res in ctl.done, ctl do
+          assert.are.equal(200, res.status)
+          seen[#seen + 1] = id
+        end
+        H.sleep(0.001)
+      end
+      assert.are.equal(39, #seen)
+      assert.is_true(peak <= 8, "active at once: " .. peak)
+      assert.is_true(steps >= 20, "steps: " .. steps)
+      -- without a budget (run()), a step starts all that max_connections allows
+      for _ = 1, 20 do ctl:add({ url = emu.url .. "/_emulator/stats" }) end
+      ctl:step(0)
+      local n, q = ctl:pending()
+      assert.are.same({ 20, 12 }, { n, q })
+      ctl:close()
+    end)
+
+    it("spreads a task's long work over steps with pause()", function()
+      local n = 0
+      local task = client:spawn(function()
+        for _ = 1, 20000 do
+          n = n + 1
+          for _ = 1, 50 do n = n + 0 end           -- some work per item
+          client:pause()
+        end
+        return n
+      end)
+      local steps = 0
+      while not task:done() do
+        local t0 = H.now()
+        client:step(0.2)
+        steps = steps + 1
+        if not task:done() then
+          assert.is_true(H.now() - t0 < 0.005)
+          assert.are.equal(0, client:timeout())     -- more to do at once
+        end
+      end
+      assert.are.equal(20000, task:join())
+      assert.is_true(steps > 3, "steps: " .. steps)
+      -- under run() the same work goes through in one go
+      local ran = client:spawn(function() for _ = 1, 1000 do client:pause() end return true end)
+      assert.is_true(client:run())
+      assert.is_true(ran:join())
+    end)
+
     it("blocks outside tasks while still driving the tasks", function()
       local ticks = 0
       client:spawn(function()
