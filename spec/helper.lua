@@ -34,6 +34,15 @@ local function sh(cmd)
 end
 H.sh = sh
 
+-- LuaJIT's math.random starts from the same seed in every process: seed it,
+-- or every run picks the same "random" emulator ports
+do
+  local f = io.open("/proc/self/stat")
+  local pid = f and tonumber(f:read("*l"):match("^(%d+)")) or 0
+  if f then f:close() end
+  math.randomseed(os.time() + pid * 7919)
+end
+
 function H.tmpdir()
   return (sh("mktemp -d /tmp/lbatch-spec.XXXXXX"):gsub("%s+$", ""))
 end
@@ -75,7 +84,8 @@ function H.emulator(opts)
     end
     if opts.api_key then args[#args + 1] = "--api-key" args[#args + 1] = opts.api_key end
     if opts.include then args[#args + 1] = "--include" args[#args + 1] = opts.include end
-    local pid = sh("setsid " .. table.concat(args, " ") .. " >" .. log .. " 2>&1 & echo $!"):match("%d+")
+    local pin = opts.cpu and ("taskset -c " .. opts.cpu .. " ") or ""
+    local pid = sh("setsid " .. pin .. table.concat(args, " ") .. " >" .. log .. " 2>&1 & echo $!"):match("%d+")
     for _ = 1, 100 do
       local out = H.read(log) or ""
       if out:find("listening on", 1, true) then
