@@ -85,7 +85,8 @@ describe("the lbatch command", function()
       :format(questions, dir, dir))
     assert.are.equal(0, code, text)
     assert.matches("3 requests, 3 ok, 0 failed, 0 missing", text)
-    assert.matches("jobs: ", text)                 -- progress lines (not a terminal)
+    assert.matches("\njobs: ", text)               -- progress lines (not a terminal)
+    assert.is_nil(text:find("\r\27[K", 1, true))
     local rows = {}
     for row in require("lbatch.csv").rows(dir .. "/answers.csv") do rows[#rows + 1] = row end
     assert.are.equal(4, #rows)
@@ -95,6 +96,19 @@ describe("the lbatch command", function()
     assert.are.equal(0, code)
     local _, st2 = H.json("GET", emu.url .. "/_emulator/stats")
     assert.are.equal(st.routes["POST /files"], st2.routes["POST /files"])   -- nothing sent again
+  end)
+
+  it("draws one live progress line on a terminal", function()
+    local input = H.requests(dir .. "/tty.jsonl", 4, { url = "/v1/chat/completions", model = "qwen-plus" })
+    -- script(1) runs the command on a pseudo-terminal
+    local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch run %s --dir %s/tty --output %s/tty.csv --poll 0.05 --max-lines 1")
+      :format(emu.base, H.lua, H.root, input, dir, dir)
+    local text = H.sh(("script -qec %q /dev/null"):format(cmd))
+    local redraws = select(2, text:gsub("\r\27%[K", ""))
+    assert.is_true(redraws >= 2, text)            -- the line is redrawn in place
+    assert.matches("\r\27%[Kjobs: [^\r\n]*4 completed | requests 4/4 done", text)
+    assert.matches("4 requests, 4 ok, 0 failed, 0 missing", text)
+    assert.is_nil(text:find("\njobs: "), text)     -- never a plain progress line
   end)
 
   it("turns a CSV into request files", function()
