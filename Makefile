@@ -21,7 +21,7 @@ SRC = lbatch/core/core.c lbatch/core/xfer.c lbatch/core/idmap.c lbatch/core/util
 HDR = lbatch/core/core.h lbatch/core/compat.h
 
 DEB = lua5.4 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
-      nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-socket \
+      nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-socket \
       curl gcc make pkg-config time
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NODE_DIR = emulator/conformance

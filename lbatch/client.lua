@@ -463,7 +463,19 @@ end
 
 function Client:timeout() return self.loop:timeout() end
 function Client:pollfd() return self.loop.ctl:pollfd() end
-function Client:events() return "r" end
+-- pollable(): the client for cqueues' pollable protocol (cqueues.poll):
+-- its descriptor, "r", and the timeout in seconds (nil: none)
+function Client:pollable()
+  local client = self
+  return {
+    pollfd = function() return client:pollfd() end,
+    events = function() return "r" end,
+    timeout = function()
+      local ms = client:timeout()
+      if ms >= 0 then return ms / 1000 end
+    end,
+  }
+end
 
 function Client:close()
   if secrets[self] then

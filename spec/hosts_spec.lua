@@ -123,3 +123,34 @@ describe("an event loop", function()
     assert.is_true(wakeups < 50, out)
   end)
 end)
+
+describe("cqueues", function()
+  it("waits on client:pollable() with cqueues.poll while other coroutines run (examples/cqueues.lua)", function()
+    if not pcall(require, "cqueues") then pending("lua-cqueues is not installed for this Lua") return end
+    local emu = H.emulator({ speed = 200, rate_limits = false })
+    local t0 = H.now()
+    local out = H.sh(("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/examples/cqueues.lua 2>&1")
+      :format(emu.base, H.lua, H.root))
+    local took = H.now() - t0
+    emu.stop()
+    assert.matches("0 batch%(es%) on " .. emu.base:gsub("%p", "%%%0"), out)
+    local wakeups, ticks = out:match("woken (%d+) times, (%d+) ticks")
+    assert.is_truthy(wakeups, out)
+    assert.are.equal("5", ticks)                  -- the host's coroutine ran too
+    assert.is_true(tonumber(wakeups) < 50, out)   -- woken by I/O and timers, not spinning
+    assert.is_true(took >= 0.2, "the task's 0.2 s sleep was waited out")
+  end)
+
+  it("pollable() gives the descriptor, \"r\" and the timeout in seconds", function()
+    local client = lbatch.new({ api_key = "k", base_url = "http://127.0.0.1:9/v1" })
+    local p = client:pollable()
+    assert.are.equal(client:pollfd(), p.pollfd())
+    assert.are.equal("r", p.events())
+    assert.is_nil(p.timeout())                    -- nothing to do: no timeout
+    client:spawn(function() client:sleep(5) end)
+    client:step()
+    local s = p.timeout()
+    assert.is_true(s > 4 and s <= 5, tostring(s))
+    client:close()
+  end)
+end)
