@@ -281,6 +281,7 @@ function M.run(opts)
   if type(opts) ~= "table" then error("pipeline.run: a table is expected", 2) end
   if type(opts.client) ~= "table" then error("pipeline.run: opts.client is required", 2) end
   if type(opts.dir) ~= "string" then error("pipeline.run: opts.dir is required", 2) end
+  local loop = opts.client.loop
   local made, why = core.mkdir(opts.dir)
   if not made then return nil, fail(why) end
   local journal = opts.journal or (opts.dir .. "/journal.jsonl")
@@ -295,12 +296,11 @@ function M.run(opts)
         model = f.model, endpoint = f.endpoint, round = 1, step = "written" }
     end
     state.phase = "running"
-    opts.client.loop:pause()
+    loop:pause()
   end
   local run = setmetatable({ client = opts.client, opts = opts, journal = journal, state = state,
                              queue = {}, started = os.time(), dirty = {},
                              log = rewrite(journal, state) }, Run)
-  local loop = opts.client.loop
   loop:pause()
   local unhook = loop:at_turn_end(function() run:flush() end)
   for _, s in ipairs(state.shards) do

@@ -34,14 +34,16 @@ local function sh(cmd)
 end
 H.sh = sh
 
+-- this process's id
+do
+  local f = assert(io.open("/proc/self/stat"))
+  H.pid = tonumber(f:read("*l"):match("^(%d+)"))
+  f:close()
+end
+
 -- LuaJIT's math.random starts from the same seed in every process: seed it,
 -- or every run picks the same "random" emulator ports
-do
-  local f = io.open("/proc/self/stat")
-  local pid = f and tonumber(f:read("*l"):match("^(%d+)")) or 0
-  if f then f:close() end
-  math.randomseed(os.time() + pid * 7919)
-end
+math.randomseed(os.time() + H.pid * 7919)
 
 function H.tmpdir()
   return (sh("mktemp -d /tmp/lbatch-spec.XXXXXX"):gsub("%s+$", ""))
@@ -69,7 +71,8 @@ function H.exists(path)
 end
 
 -- Start emulator/run on a free port. opts: speed, dialect, rate_limits,
--- api_key, data. Returns an object with url, base (…/v1), port, data, stop().
+-- api_key, data, include, cpu (taskset's CPU list). Returns an object with
+-- url, base (…/v1), port, data, stop().
 function H.emulator(opts)
   opts = opts or {}
   for _ = 1, 20 do

@@ -57,9 +57,8 @@ end
 local function pin()
   local n = tonumber(H.sh("nproc"):match("%d+")) or 1
   if n < 2 or not H.ok("command -v taskset >/dev/null") then return nil, function() end end
-  local pid = H.read("/proc/self/stat"):match("^(%d+)")
-  H.ok("taskset -pc 0 " .. pid .. " >/dev/null")
-  return "1-" .. (n - 1), function() H.ok(("taskset -pc 0-%d %s >/dev/null"):format(n - 1, pid)) end
+  H.ok("taskset -pc 0 " .. H.pid .. " >/dev/null")
+  return "1-" .. (n - 1), function() H.ok(("taskset -pc 0-%d %d >/dev/null"):format(n - 1, H.pid)) end
 end
 
 describe("a game loop", function()

@@ -37,6 +37,8 @@ function prism(upstream) {
   const port = 20000 + Math.floor(Math.random() * 20000);
   const bin = path.join(here, "node_modules", ".bin", "prism");
   const child = spawn(bin, ["proxy", "--errors", "-p", String(port), specPath, upstream], { stdio: ["ignore", "pipe", "pipe"] });
+  // however this script ends (a failed check throws), Prism goes with it
+  process.on("exit", () => child.kill("SIGTERM"));
   let log = "";
   return new Promise((ok, fail) => {
     const onData = (d) => {
