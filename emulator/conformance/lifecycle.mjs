@@ -10,6 +10,7 @@
 import OpenAI, { NotFoundError } from "openai";
 import fs from "node:fs";
 import http from "node:http";
+import net from "node:net";
 import path from "node:path";
 import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
@@ -33,8 +34,17 @@ function relay(target) {
   return new Promise((ok) => server.listen(0, "127.0.0.1", () => ok(server)));
 }
 
-function prism(upstream) {
-  const port = 20000 + Math.floor(Math.random() * 20000);
+// a port that is free now: the system's pick for a throwaway listener
+function freePort() {
+  return new Promise((ok) => {
+    const probe = net.createServer().listen(0, "127.0.0.1", () => {
+      const { port } = probe.address();
+      probe.close(() => ok(port));
+    });
+  });
+}
+
+function startPrism(upstream, port) {
   const bin = path.join(here, "node_modules", ".bin", "prism");
   const child = spawn(bin, ["proxy", "--errors", "-p", String(port), specPath, upstream], { stdio: ["ignore", "pipe", "pipe"] });
   // however this script ends (a failed check throws), Prism goes with it
@@ -47,9 +57,20 @@ function prism(upstream) {
     };
     child.stdout.on("data", onData);
     child.stderr.on("data", onData);
-    child.on("exit", (code) => fail(new Error(`prism exited (${code}): ${log}`)));
+    child.on("exit", (code) => fail(Object.assign(new Error(`prism exited (${code}): ${log}`), { log })));
     setTimeout(() => fail(new Error(`prism did not start: ${log}`)), 60000);
   });
+}
+
+// Prism on a free port; again on another if something took it meanwhile
+async function prism(upstream) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startPrism(upstream, await freePort());
+    } catch (e) {
+      if (attempt >= 5 || !/EADDRINUSE/.test(e.log || "")) throw e;
+    }
+  }
 }
 
 const server = await relay(emulatorURL);
