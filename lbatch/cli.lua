@@ -1,14 +1,21 @@
--- The lbatch command. main(args) returns the exit code:
---   0 done, 1 a failure (the service, a file, problems found),
---   2 wrong usage, 3 a batch that ended failed, expired or cancelled.
+--- The lbatch command. `main(args)` returns the exit code:
+-- 0 done, 1 a failure (the service, a file, problems found),
+-- 2 wrong usage, 3 a batch that ended failed, expired or cancelled.
+-- Each command returns its exit code, or nil and an error object.
+-- @module lbatch.cli
 local cjson = require "cjson"
 local lbatch = require "lbatch"
 local jsonl = require "lbatch.jsonl"
 local results = require "lbatch.results"
 local csv = require "lbatch.csv"
 local pipeline = require "lbatch.pipeline"
+local errors = require "lbatch.errors"
 
 local M = {}
+
+local function usage_error(msg)
+  return errors.new({ kind = "invalid", code = "usage", message = msg })
+end
 
 local GLOBAL = [[
 Options for every command:
@@ -116,12 +123,24 @@ local function out(o, value, text)
   else io.stdout:write(text, "\n") end
 end
 
+-- o[k] as a number; nil, err when it is not one
 local function num(o, k)
   local v = o[k]
   if v == nil then return nil end
   v = tonumber(v)
-  if not v then error({ usage = "--" .. k:gsub("_", "-") .. " takes a number" }) end
+  if not v or v ~= v or v < 0 then return nil, usage_error("--" .. k:gsub("_", "-") .. " takes a number") end
   return v
+end
+
+-- the numeric options of a command, checked: a table, or nil and an error
+local function nums(o, ...)
+  local t = {}
+  for _, k in ipairs({ ... }) do
+    local v, err = num(o, k)
+    if err then return nil, err end
+    t[k] = v
+  end
+  return t
 end
 
 local function fmt_time(s)
@@ -160,7 +179,7 @@ local run = {}
 
 function run.validate(o, pos)
   local rep, err = jsonl.validate(pos[1], { endpoint = o.endpoint })
-  if not rep then error(err) end
+  if not rep then return nil, err end
   local lines = {}
   for _, p in ipairs(rep.problems) do
     lines[#lines + 1] = ("%s:%s: %s %s"):format(pos[1], p.line or "-", p.code, p.message)
@@ -172,34 +191,51 @@ function run.validate(o, pos)
 end
 
 function run.csv2jsonl(o, pos)
-  if not o.model then error({ usage = "--model is required" }) end
-  local m = assert(csv.to_jsonl(pos[1], { path = pos[2], model = o.model, system = o.system,
-                                          endpoint = o.endpoint, max_lines = num(o, "max_lines") }))
+  if not o.model then return nil, usage_error("--model is required") end
+  local n, nerr = nums(o, "max_lines")
+  if not n then return nil, nerr end
+  local m, err = csv.to_jsonl(pos[1], { path = pos[2], model = o.model, system = o.system,
+                                        endpoint = o.endpoint, max_lines = n.max_lines })
+  if not m then return nil, err end
   local t = {}
   for _, f in ipairs(m.files) do t[#t + 1] = ("%s  %d lines  %d bytes  %s"):format(f.path, f.lines, f.bytes, f.model) end
   out(o, m, table.concat(t, "\n"))
   return 0
 end
 
+-- the merged results as CSV or JSONL ("-": stdout); the count, or nil, err
 local function write_results(reader, path, bom)
-  if path:find("%.csv$") then return assert(csv.from_results(reader, path, { bom = bom })) end
-  local f = path == "-" and io.stdout or assert(io.open(path, "wb"))
-  local n = 0
-  for rec in reader:each() do
+  if path:find("%.csv$") then return csv.from_results(reader, path, { bom = bom }) end
+  local f, msg = io.stdout, nil
+  if path ~= "-" then
+    f, msg = io.open(path, "wb")
+    if not f then return nil, errors.io("cannot write", path, msg) end
+  end
+  local n, failure = 0, nil
+  for rec, err in reader:each() do
+    if not rec then failure = err break end
     n = n + 1
     f:write(cjson.encode({ custom_id = rec.custom_id, ok = rec.ok, status_code = rec.status_code,
       content = rec.content, error_code = rec.error_code, error_message = rec.error_message,
       usage = rec.usage, request_id = rec.request_id, model = rec.model, missing = rec.missing }), "\n")
   end
-  if f ~= io.stdout then f:close() end
+  if f ~= io.stdout then
+    local ok, cerr = f:close()
+    if not ok and not failure then failure = errors.io("cannot write", path, cerr) end
+  end
+  if failure then return nil, failure end
   return n
 end
 
 function run.results(o, pos)
-  local r = results.open({ output = pos[1], errors = o.errors, inputs = o.inputs })
-  write_results(r, o.csv or "-", o.bom)
+  local r, err = results.open({ output = pos[1], errors = o.errors, inputs = o.inputs })
+  if not r then return nil, err end
+  local n
+  n, err = write_results(r, o.csv or "-", o.bom)
+  if not n then return nil, err end
   if o.csv and not o.json then
-    local s = r:summary()
+    local s, serr = r:summary()
+    if not s then return nil, serr end
     io.stdout:write(("%s: %d ok, %d failed, %d missing\n"):format(o.csv, s.ok, s.failed, s.missing))
   end
   return 0
@@ -213,45 +249,56 @@ function run.submit(o, pos)
   local c = client(o)
   local endpoint = o.endpoint
   if not endpoint then
-    local rep = assert(jsonl.validate(pos[1]))
+    local rep, err = jsonl.validate(pos[1])
+    if not rep then return nil, err end
     endpoint = rep.endpoint or "/v1/chat/completions"
   end
-  local f = assert(c:upload(pos[1]))
-  local b = assert(c:create({ input_file_id = f.id, endpoint = endpoint, completion_window = o.window, metadata = o.meta }))
+  local f, err = c:upload(pos[1])
+  if not f then return nil, err end
+  local b
+  b, err = c:create({ input_file_id = f.id, endpoint = endpoint, completion_window = o.window, metadata = o.meta })
+  if not b then return nil, err end
   out(o, b, batch_line(b))
   return 0
 end
 
 function run.status(o, pos)
+  local n, nerr = nums(o, "poll")
+  if not n then return nil, nerr end
   local c = client(o)
-  local b
+  local b, err
   if o.wait then
     local show, done = progress_printer()
     local started = os.time()
-    b = assert(c:wait(pos[1], { interval = num(o, "poll"), on_progress = function(x)
+    b, err = c:wait(pos[1], { interval = n.poll, on_progress = function(x)
       local cnt = x.request_counts or {}
       show({ jobs = { [x.status] = 1 }, total = cnt.total or 0, completed = cnt.completed or 0,
              failed = cnt.failed or 0, elapsed = os.time() - started })
-    end }))
+    end })
     done()
   else
-    b = assert(c:retrieve(pos[1]))
+    b, err = c:retrieve(pos[1])
   end
+  if not b then return nil, err end
   out(o, b, batch_line(b))
   return FINAL_BAD[b.status] and 3 or 0
 end
 
 function run.list(o)
+  local n, nerr = nums(o, "limit")
+  if not n then return nil, nerr end
   local c = client(o)
-  local params = { limit = num(o, "limit") or 20, status = o.status }
+  local params = { limit = n.limit or 20, status = o.status }
   local all, lines = {}, {}
   if o.all then
-    for b, err in c:batches(params) do
-      if not b then error(err) end
+    for b, err in c:each_batch(params) do
+      if not b then return nil, err end
       all[#all + 1] = b
     end
   else
-    all = assert(c:list(params)).data
+    local p, err = c:list_batches(params)
+    if not p then return nil, err end
+    all = p.data
   end
   for i, b in ipairs(all) do lines[i] = batch_line(b) end
   out(o, all, table.concat(lines, "\n"))
@@ -259,7 +306,8 @@ function run.list(o)
 end
 
 function run.cancel(o, pos)
-  local b = assert(client(o):cancel(pos[1]))
+  local b, err = client(o):cancel(pos[1])
+  if not b then return nil, err end
   out(o, b, batch_line(b))
   return 0
 end
@@ -267,13 +315,22 @@ end
 function run.download(o, pos)
   local c = client(o)
   local id = pos[1]
-  local got = {}
+  local got, err = {}, nil
   if id:find("^batch") then
-    local b = assert(c:retrieve(id))
-    if b.output_file_id then got.output = assert(c:content(b.output_file_id, { path = o.output or (id .. ".output.jsonl") })) end
-    if b.error_file_id then got.errors = assert(c:content(b.error_file_id, { path = o.errors or (id .. ".errors.jsonl") })) end
+    local b
+    b, err = c:retrieve(id)
+    if not b then return nil, err end
+    if b.output_file_id then
+      got.output, err = c:content(b.output_file_id, { path = o.output or (id .. ".output.jsonl") })
+      if not got.output then return nil, err end
+    end
+    if b.error_file_id then
+      got.errors, err = c:content(b.error_file_id, { path = o.errors or (id .. ".errors.jsonl") })
+      if not got.errors then return nil, err end
+    end
   else
-    got.output = assert(c:content(id, { path = o.output or (id .. ".jsonl") }))
+    got.output, err = c:content(id, { path = o.output or (id .. ".jsonl") })
+    if not got.output then return nil, err end
   end
   local t = {}
   for k, v in pairs(got) do t[#t + 1] = k .. "  " .. v end
@@ -283,20 +340,26 @@ function run.download(o, pos)
 end
 
 function run.run(o, pos)
+  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll")
+  if not n then return nil, nerr end
   local c = client(o)
   local dir = o.dir or (pos[1] .. ".lbatch")
   local show, done = progress_printer()
   local report, err = pipeline.run({
     client = c, requests = pos[1], dir = dir, model = o.model, system = o.system, endpoint = o.endpoint,
-    max_in_flight = num(o, "max_in_flight"), max_lines = num(o, "max_lines"),
-    completion_window = o.window, metadata = o.meta, poll_interval = num(o, "poll"),
+    max_in_flight = n.max_in_flight, max_lines = n.max_lines,
+    completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show,
   })
   done()
-  if not report then error(err) end
+  if not report then return nil, err end
   local output = o.output or (dir .. "/results.jsonl")
-  write_results(report.results, output, o.bom)
-  local s = report.results:summary()
+  local written
+  written, err = write_results(report.results, output, o.bom)
+  if not written then return nil, err end
+  local s
+  s, err = report.results:summary()
+  if not s then return nil, err end
   local bad = 0
   for _, sh in ipairs(report.shards) do if FINAL_BAD[sh.status] then bad = bad + 1 end end
   out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
@@ -334,17 +397,19 @@ function M.main(args)
       want == 0 and "no arguments" or cmd.args, name))
     return 2
   end
-  local ok, code = pcall(run[name], o, pos)
-  if ok then return code end
-  local err = code
-  if type(err) == "table" and err.usage then
-    io.stderr:write("lbatch ", name, ": ", err.usage, "\n")
+  local ok, code, err = pcall(run[name], o, pos)
+  if not ok then   -- a bug, or an option of the wrong type (lbatch.new raises)
+    err = errors.new({ kind = "invalid", message = tostring(code) })
+  elseif code then
+    return code
+  end
+  if err.code == "usage" then
+    io.stderr:write("lbatch ", name, ": ", err.message, "\n")
     return 2
   end
   if o.json then
-    local e = type(err) == "table" and err or { message = tostring(err) }
-    io.stdout:write(cjson.encode({ error = { kind = e.kind, status = e.status, code = e.code,
-      message = e.message or tostring(err), request_id = e.request_id } }), "\n")
+    io.stdout:write(cjson.encode({ error = { kind = err.kind, status = err.status, code = err.code,
+      message = err.message, param = err.param, request_id = err.request_id } }), "\n")
   end
   io.stderr:write("lbatch ", name, ": ", tostring(err), "\n")
   return 1

@@ -1,304 +1,235 @@
--- The client: every Batch and File operation, with retries, over one loop.
-local cjson = require "cjson"
+--- The client: every Batch and File operation, and the loop they run on.
+--
+-- Each operation returns its value, or nil and an error object (see
+-- `lbatch.errors`). Inside a task it yields while its transfer runs, so
+-- tasks overlap; outside any task it waits (see `lbatch.loop`).
+--
+-- Every operation takes its API parameters (sent as given: a field the
+-- service adds tomorrow needs no new lbatch) and, last, per-call options:
+--
+--    timeout        seconds for this call (default: the client's)
+--    max_retries    retries for this call
+--    headers        extra headers, {Name = "value"}
+--    with_response  true: return value, response ({status, request_id,
+--                   headers, version}) on success (nil, err, response on
+--                   a failure with an answer)
+-- @classmod lbatch.client
+local json = require "lbatch.json"
+local config = require "lbatch.config"
+local http = require "lbatch.http"
 local Loop = require "lbatch.loop"
 local errors = require "lbatch.errors"
+local service = require "lbatch.service"
 local now = require("lbatch.core").now
 
-local VERSION = "0.1.0"
+local check, argerr = errors.check, errors.arg
 
-local REGIONS = {
-  cn = "https://dashscope.aliyuncs.com/compatible-mode/v1",
-  intl = "https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
-  openai = "https://api.openai.com/v1",
-}
-
-local Client = { VERSION = VERSION, REGIONS = REGIONS }
+local Client = { VERSION = require "lbatch.version", REGIONS = service.REGIONS, FINAL = service.FINAL }
 Client.__index = Client
 
--- the API key lives here, not in the client table, so dumping a client
--- never shows it
-local secrets = setmetatable({}, { __mode = "k" })
+-- a client's transport (which holds the key) lives here, not in the
+-- client table, so printing or dumping a client never shows the key
+local transports = setmetatable({}, { __mode = "k" })
 
-local function argerror(fn, msg) error("lbatch." .. fn .. ": " .. msg, 3) end
-
-local function check(fn, name, v, want, optional)
-  if v == nil and optional then return end
-  if type(v) ~= want then
-    argerror(fn, ("%s must be a %s (got %s)"):format(name, want, type(v)))
-  end
-end
-
------------------------------------------------------------------- construction
-
-function Client.new(opts)
-  opts = opts or {}
-  check("new", "opts", opts, "table")
-  local region = opts.region or "cn"
-  if not REGIONS[region] then argerror("new", "region must be cn, intl or openai") end
-  check("new", "api_key", opts.api_key, "string", true)
-  check("new", "base_url", opts.base_url, "string", true)
-  check("new", "headers", opts.headers, "table", true)
-  for _, k in ipairs({ "timeout", "connect_timeout", "max_retries", "max_connections",
-                       "stall_timeout", "transfer_timeout", "retry_after_cap" }) do
-    check("new", k, opts[k], "number", true)
-  end
-  local key = opts.api_key
-  if not key then
-    if region == "openai" then key = os.getenv("OPENAI_API_KEY") or os.getenv("DASHSCOPE_API_KEY")
-    else key = os.getenv("DASHSCOPE_API_KEY") or os.getenv("OPENAI_API_KEY") end
-  end
-  if not key or key == "" then
-    argerror("new", "no API key: pass api_key or set DASHSCOPE_API_KEY (or OPENAI_API_KEY)")
-  end
-  local base = opts.base_url or os.getenv("LBATCH_BASE_URL")
-  if not base or base == "" then base = REGIONS[region] end
-  base = base:gsub("/+$", "")
-
-  local headers = {
-    "Authorization: Bearer " .. key,
-    "Accept: application/json",
-    "User-Agent: lbatch/" .. VERSION,
-  }
-  for k, v in pairs(opts.headers or {}) do
-    if type(k) == "number" then headers[#headers + 1] = tostring(v)
-    else headers[#headers + 1] = tostring(k) .. ": " .. tostring(v) end
-  end
-  local self = setmetatable({
-    base_url = base,
-    region = region,
-    config = {  -- seconds
-      timeout = opts.timeout or 600,
-      connect_timeout = opts.connect_timeout or 10,
-      stall_timeout = opts.stall_timeout or 30,
-      transfer_timeout = opts.transfer_timeout,
-      max_retries = opts.max_retries or 2,
-      retry_after_cap = opts.retry_after_cap or 60,
-      cainfo = opts.cainfo,
-    },
-    loop = Loop.new({ max_connections = opts.max_connections or 16 }),
-  }, Client)
-  local json_headers = { "Content-Type: application/json" }
-  for i, h in ipairs(headers) do json_headers[i + 1] = h end
-  secrets[self] = { key = key, headers = headers, json_headers = json_headers }
-  return self
-end
-
------------------------------------------------------------------- responses
-
-local function parse_headers(raw)
-  local h = {}
-  for name, value in (raw or ""):gmatch("([%w%-]+):[ \t]*([^\r\n]*)") do
-    h[name:lower()] = value
-  end
-  return h
-end
-
--- JSON null as nil, so `if batch.output_file_id then` means what it says,
--- and whole numbers as integers on Lua 5.3+ (lua-cjson 2.1.0 decodes floats)
-local null = cjson.null
-local tointeger = math.tointeger or function(v) return v end
-local function normalize(t)
-  for k, v in pairs(t) do
-    if v == null then t[k] = nil
-    elseif type(v) == "table" then normalize(v)
-    elseif type(v) == "number" then t[k] = tointeger(v) or v end
-  end
+local function transport(self)
+  local t = transports[self]
+  if not t then argerr("client", "the client is closed", 4) end
   return t
 end
 
-local function decode(body)
-  local ok, v = pcall(cjson.decode, body)
-  if ok and type(v) == "table" then return normalize(v) end
+--- Make a client.
+-- @tparam[opt] table opts api_key, region (`cn`, `intl`, `openai`),
+-- base_url, timeout, connect_timeout, stall_timeout, transfer_timeout,
+-- max_retries, retry_after_cap, max_connections, max_response_bytes,
+-- headers, cainfo, capath, proxy, noproxy, allow_http, host (see
+-- `lbatch.loop`). Raises when an option is wrong or no key is found.
+-- @treturn lbatch.client
+function Client.new(opts)
+  local cfg, secrets = config.new(opts or {})
+  local loop = Loop.new({ max_connections = cfg.max_connections, host = cfg.host })
+  local self = setmetatable({ base_url = cfg.base_url, region = cfg.region, config = cfg, loop = loop }, Client)
+  transports[self] = http.new(cfg, secrets, loop)
+  return self
 end
 
-local MONTHS = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6,
-                 Jul = 7, Aug = 8, Sep = 9, Oct = 10, Nov = 11, Dec = 12 }
+------------------------------------------------------------------ calls
 
--- HTTP date -> seconds from now
-local function http_date_delay(s)
-  local d, mon, y, hh, mm, ss = s:match("(%d+) (%a%a%a) (%d%d%d%d) (%d%d):(%d%d):(%d%d)")
-  local mo = MONTHS[mon or ""]
-  if not mo then return nil end
-  y = tonumber(y)
-  local yy = mo <= 2 and y - 1 or y
-  local era = math.floor(yy / 400)
-  local yoe = yy - era * 400
-  local doy = math.floor((153 * ((mo + 9) % 12) + 2) / 5) + tonumber(d) - 1
-  local days = era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
-  return days * 86400 + hh * 3600 + mm * 60 + ss - os.time()
-end
+local CALL = { timeout = "number", max_retries = "number", headers = "table", with_response = "boolean",
+               on_progress = "function" }
 
--- seconds the server asked us to wait, if it did
-local function retry_after(h)
-  local ms = tonumber(h["retry-after-ms"] or "")
-  if ms then return ms / 1000 end
-  local ra = h["retry-after"]
-  if not ra then return nil end
-  return tonumber(ra) or http_date_delay(ra)
-end
-
--- curl result codes that are worth another attempt
-local RETRY_CURL = { [5] = true, [6] = true, [7] = true, [16] = true, [18] = true, [28] = true,
-                     [35] = true, [52] = true, [55] = true, [56] = true, [92] = true }
--- ... and those after which the request surely never reached the server
-local NOT_SENT = { [5] = true, [6] = true, [7] = true, [35] = true }
-
-function Client:_error(fields)
-  return errors.new(fields, secrets[self].key)
-end
-
--- A transfer's result as a value, or nil and an error.
-function Client:_result(res, raw)
-  if res.code ~= 0 then
-    local kind = res.code == 28 and "timeout" or res.code == 42 and "cancelled" or "network"
-    return nil, self:_error({ kind = kind, code = "curl_" .. res.code, message = res.error,
-                              retryable = RETRY_CURL[res.code] or false, not_sent = NOT_SENT[res.code] })
-  end
-  local status = res.status
-  if res.fail then
-    return nil, self:_error({ kind = "network", status = status, code = "truncated", message = res.error, retryable = true })
-  end
-  if status < 200 or status >= 300 then
-    local h = parse_headers(res.headers)
-    local body = res.body and decode(res.body) or {}
-    local e = type(body.error) == "table" and body.error or body
-    local message = e.message
-    if type(message) ~= "string" then
-      message = ("HTTP %d%s"):format(status, res.body and res.body ~= "" and (": " .. res.body:sub(1, 200)) or "")
-    end
-    return nil, self:_error({
-      kind = "http", status = status, message = message,
-      code = type(e.code) == "string" and e.code or (e.code and tostring(e.code)) or nil,
-      type = type(e.type) == "string" and e.type or nil,
-      param = type(e.param) == "string" and e.param or nil,
-      request_id = body.request_id or h["x-request-id"] or h["x-dashscope-request-id"] or h["req-id"],
-      retryable = status == 408 or status == 409 or status == 429 or status >= 500,
-      retry_after = retry_after(h),
-    })
-  end
-  if res.path then return res.path end
-  if raw then return res.body end
-  local v = decode(res.body or "")
-  if v == nil then
-    return nil, self:_error({ kind = "decode", status = status,
-      message = "response is not a JSON object: " .. (res.body or ""):sub(1, 120) })
-  end
-  return v
-end
-
------------------------------------------------------------------- requests
-
-local function pct(c) return ("%%%02X"):format(c:byte()) end
-local function urlencode(s)
-  return (tostring(s):gsub("[^%w%-%._~]", pct))
-end
-
-local function query(params, keys)
-  local q = {}
-  for _, k in ipairs(keys) do
-    local v = params and params[k]
-    if v ~= nil then
-      if type(v) == "table" then v = table.concat(v, ",") end
-      q[#q + 1] = k .. "=" .. urlencode(v)
-    end
-  end
-  return #q > 0 and ("?" .. table.concat(q, "&")) or ""
-end
-
-function Client:_backoff(attempt, err)
-  local wait = err.retry_after
-  if wait then return math.max(0, wait) end
-  local base = math.min(8, 0.5 * 2 ^ attempt)
-  return base * (0.75 + 0.25 * math.random())  -- jitter
-end
-
--- One API call with retries. o: body (JSON string), form, download, raw,
--- stream (no whole-request timeout), fresh (a new connection),
--- recover(err) -> value | nil, stop.
-function Client:_call(method, path, o)
+-- per-call options, checked, as transport options
+local function call_options(fn, opts, o)
   o = o or {}
-  local s = secrets[self]
-  if not s then error("lbatch: the client is closed", 3) end
-  local cfg = self.config
-  local spec = {
-    url = self.base_url .. path, method = method, headers = o.body and s.json_headers or s.headers,
-    body = o.body, form = o.form, download = o.download, cainfo = cfg.cainfo, fresh = o.fresh,
-    connect_timeout = cfg.connect_timeout * 1000,
-    timeout = (o.stream and (cfg.transfer_timeout or 0) or cfg.timeout) * 1000,
-    low_speed_limit = 1, low_speed_time = cfg.stall_timeout,
-  }
-  local attempt = 0
-  while true do
-    local res = self.loop:transfer(spec)
-    local value, err = self:_result(res, o.raw)
-    if value ~= nil then return value end
-    if not err.retryable or attempt >= cfg.max_retries then return nil, err end
-    local wait = self:_backoff(attempt, err)
-    if wait > cfg.retry_after_cap then return nil, err end
-    self.loop:sleep(wait)
-    if o.recover then
-      local found, stop = o.recover(err)
-      if found ~= nil then return found end
-      if stop then return nil, err end
+  if opts == nil then return o end
+  check(fn, "opts", opts, "table")
+  for k, want in pairs(CALL) do
+    local v = opts[k]
+    if v ~= nil then
+      if type(v) ~= want then argerr(fn, ("opts.%s must be a %s"):format(k, want)) end
+      if want == "number" and (v ~= v or v < 0 or v == math.huge) then
+        argerr(fn, ("opts.%s must be a number >= 0"):format(k))
+      end
     end
-    attempt = attempt + 1
   end
+  o.timeout, o.max_retries = opts.timeout, opts.max_retries
+  if opts.headers then o.headers = config.headers(opts.headers, fn) end
+  o.with_response = opts.with_response
+  return o
+end
+
+local function finish(o, value, err, meta)
+  if o.with_response then
+    if value ~= nil then return value, meta end
+    return nil, err, meta
+  end
+  return value, err
+end
+
+function Client:_call(method, path, o)
+  return finish(o, transport(self):call(method, path, o))
+end
+
+local function id_path(fn, name, id, fmt)
+  local enc, err = http.path_id(fn, name, id)
+  if not enc then return nil, err end
+  return fmt:format(enc)
 end
 
 ------------------------------------------------------------------ files
 
 local function basename(p) return (p:match("([^/\\]+)$")) or p end
 
-function Client:upload(path, opts)
-  check("upload", "path", path, "string")
-  check("upload", "opts", opts, "table", true)
-  opts = opts or {}
-  check("upload", "opts.purpose", opts.purpose, "string", true)
-  check("upload", "opts.filename", opts.filename, "string", true)
-  local fh, msg = io.open(path, "rb")
-  if not fh then
-    return nil, self:_error({ kind = "invalid", message = "cannot read " .. tostring(msg), param = "path" })
-  end
+local function file_size(path)
+  local fh = io.open(path, "rb")
+  if not fh then return nil end
+  local n = fh:seek("end")
   fh:close()
-  return self:_call("POST", "/files", { stream = true, form = {
-    { name = "purpose", value = opts.purpose or "batch" },
-    { name = "file", file = path, filename = opts.filename or basename(path) },
-  } })
+  return n
 end
 
--- a list page; data is always a table (the dashscope dialect sends null)
-function Client:_page(path, params, keys)
-  local p, err = self:_call("GET", path .. query(params, keys))
-  if not p then return nil, err end
-  if type(p.data) ~= "table" then p.data = {} end
-  return p
+-- form fields of every parameter given: nested tables as key[sub]
+local function form_fields(out, prefix, v)
+  if type(v) == "table" then
+    local keys = {}
+    for k in pairs(v) do keys[#keys + 1] = tostring(k) end
+    table.sort(keys)
+    for _, k in ipairs(keys) do
+      local x = v[k]
+      if x == nil then x = v[tonumber(k)] end
+      form_fields(out, prefix .. "[" .. k .. "]", x)
+    end
+  elseif v ~= nil and v ~= false then
+    out[#out + 1] = { name = prefix, value = tostring(v) }
+  end
 end
 
-local FILE_KEYS = { "purpose", "limit", "order", "after" }
-
-function Client:files(params)
-  check("files", "params", params, "table", true)
-  return self:_page("/files", params, FILE_KEYS)
+-- After an upload whose outcome is unknown: the file it may have stored
+-- (same name and size, among the newest files, made since it began).
+function Client:_find_upload(name, bytes, since)
+  local page, err = self:list_files({ limit = 100, order = "desc" })
+  if not page then return nil, err end
+  for _, f in ipairs(page.data) do
+    if f.filename == name and f.bytes == bytes and (f.created_at or 0) >= since then return f end
+  end
 end
 
-function Client:file(id)
-  check("file", "id", id, "string")
-  return self:_call("GET", "/files/" .. urlencode(id))
+--- Upload a file (streamed from disk) or bytes made in memory.
+-- @param file a path, or `{data = string, filename = string}`
+-- @tparam[opt] table params form fields, all sent: purpose (default
+-- `"batch"`), filename, expires_after = {anchor = "created_at", seconds = N}
+-- @tparam[opt] table opts per-call options, and on_progress(sent, total)
+-- @treturn table the file object, or nil and an error
+function Client:upload(file, params, opts)
+  params = check("upload", "params", params, "table", true) or {}
+  local o = call_options("upload", opts, { stream = true })
+  local part, name, bytes
+  if type(file) == "string" then
+    name = basename(file)
+    part = { name = "file", file = file }
+  elseif type(file) == "table" then
+    check("upload", "file.data", file.data, "string")
+    check("upload", "file.filename", file.filename, "string")
+    name, bytes = file.filename, #file.data
+    part = { name = "file", value = file.data, stream = true }
+  else
+    argerr("upload", "file must be a path or {data = ..., filename = ...}")
+  end
+  check("upload", "params.filename", params.filename, "string", true)
+  check("upload", "params.purpose", params.purpose, "string", true)
+  part.filename = params.filename or name
+  local form = { { name = "purpose", value = params.purpose or "batch" } }
+  for k, v in pairs(params) do
+    if k ~= "purpose" and k ~= "filename" and type(k) == "string" then form_fields(form, k, v) end
+  end
+  table.sort(form, function(a, b) return a.name < b.name end)
+  form[#form + 1] = part      -- the file last, as the SDKs send it
+  o.form = form
+  if opts and opts.on_progress then
+    local fn = opts.on_progress
+    o.on_progress = function(up, total) fn(up, total) end
+  end
+  local since = os.time() - 300     -- allow for clock skew
+  o.recover = function()
+    local size = bytes or file_size(file)
+    if not size then return nil, true end
+    local found, lerr = self:_find_upload(part.filename, size, since)
+    if found then return found end
+    return nil, lerr ~= nil         -- cannot tell: do not risk a second file
+  end
+  return self:_call("POST", "/files", o)
 end
 
-function Client:delete_file(id)
-  check("delete_file", "id", id, "string")
-  return self:_call("DELETE", "/files/" .. urlencode(id))
+local function page(fn, self, path, params, opts)
+  check(fn, "params", params, "table", true)
+  local o = call_options(fn, opts, { list = true })
+  return self:_call("GET", path .. http.query(params), o)
 end
 
--- content(id) -> the body; content(id, {path = p}) -> p, written whole or not at all
+--- One page of files.
+-- @tparam[opt] table params query fields, all sent: purpose, limit, order, after, ...
+-- @tparam[opt] table opts per-call options
+-- @treturn table the page (`data` is always a list), or nil and an error
+function Client:list_files(params, opts) return page("list_files", self, "/files", params, opts) end
+
+--- A file.
+-- @tparam string id
+-- @tparam[opt] table opts per-call options
+-- @treturn table the file object, or nil and an error
+function Client:file(id, opts)
+  local path, err = id_path("file", "file_id", id, "/files/%s")
+  if not path then return nil, err end
+  return self:_call("GET", path, call_options("file", opts))
+end
+
+--- Delete a file.
+-- @tparam string id
+-- @tparam[opt] table opts per-call options
+-- @treturn table `{id, object, deleted}`, or nil and an error
+function Client:delete_file(id, opts)
+  local path, err = id_path("delete_file", "file_id", id, "/files/%s")
+  if not path then return nil, err end
+  return self:_call("DELETE", path, call_options("delete_file", opts))
+end
+
+--- A file's content: as a string, or streamed to a file.
+-- With `opts.path`, the file is written to a temp file beside it and
+-- renamed over it only when complete; the path must be a regular file
+-- or nothing (a symlink, a directory or a device is refused, `io`).
+-- @tparam string id
+-- @tparam[opt] table opts path, on_progress(received, total), and per-call options
+-- @return the content (a string), or the path; or nil and an error
 function Client:content(id, opts)
-  check("content", "id", id, "string")
-  check("content", "opts", opts, "table", true)
-  local path = opts and opts.path
-  check("content", "opts.path", path, "string", true)
-  return self:_call("GET", "/files/" .. urlencode(id) .. "/content",
-    { download = path, raw = true, stream = path ~= nil })
+  local path, err = id_path("content", "file_id", id, "/files/%s/content")
+  if not path then return nil, err end
+  local o = call_options("content", opts, { raw = true, identity = true })
+  local target = opts and opts.path
+  check("content", "opts.path", target, "string", true)
+  o.download, o.stream = target, target ~= nil
+  if opts and opts.on_progress then
+    local fn = opts.on_progress
+    o.on_progress = function(_, _, down, total) fn(down, total) end
+  end
+  return self:_call("GET", path, o)
 end
 
 ------------------------------------------------------------------ batches
@@ -310,11 +241,11 @@ local function same_metadata(a, b)
   return true
 end
 
--- After an attempt whose outcome is unknown: the batch it may have created.
+-- After a create whose outcome is unknown: the batch it may have made.
 function Client:_find_created(params, since)
-  local page, err = self:_call("GET", "/batches?limit=100")
-  if not page then return nil, err end
-  for _, b in ipairs(type(page.data) == "table" and page.data or {}) do
+  local p, err = self:list_batches({ limit = 100 })
+  if not p then return nil, err end
+  for _, b in ipairs(p.data) do
     if b.input_file_id == params.input_file_id and b.endpoint == params.endpoint
       and same_metadata(b.metadata, params.metadata) and (b.created_at or 0) >= since then
       return b
@@ -322,149 +253,254 @@ function Client:_find_created(params, since)
   end
 end
 
-function Client:create(params)
+--- Create a batch.
+-- Never leaves a second batch behind: libcurl cannot re-send the body on
+-- its own (lbatch/core/xfer.c), and after an attempt whose outcome is
+-- unknown `create` looks for the batch among the newest before sending
+-- again.
+-- @tparam table params the body, all sent: input_file_id, endpoint,
+-- completion_window (default `"24h"`), metadata, output_expires_after, ...
+-- @tparam[opt] table opts per-call options
+-- @treturn table the batch, or nil and an error
+function Client:create(params, opts)
   check("create", "params", params, "table")
   check("create", "input_file_id", params.input_file_id, "string")
   check("create", "endpoint", params.endpoint, "string")
   check("create", "completion_window", params.completion_window, "string", true)
   check("create", "metadata", params.metadata, "table", true)
-  local req = {
-    input_file_id = params.input_file_id, endpoint = params.endpoint,
-    completion_window = params.completion_window or "24h", metadata = params.metadata,
-  }
-  if params.metadata and next(params.metadata) == nil then req.metadata = nil end
-  -- allow for clock skew between us and the server
-  local since = os.time() - 300
-  return self:_call("POST", "/batches", {
-    body = cjson.encode(req),
-    fresh = true,   -- see lbatch/core/xfer.c: libcurl must not resend this on its own
-    recover = function(err)
-      if err.not_sent or err.status == 429 or err.status == 408 then return nil end
-      local found, lerr = self:_find_created(req, since)
-      if found then return found end
-      return nil, lerr ~= nil   -- cannot tell: do not risk a second batch
-    end,
-  })
+  local req = {}
+  for k, v in pairs(params) do req[k] = v end
+  req.completion_window = req.completion_window or "24h"
+  local o = call_options("create", opts)
+  o.body = json.encode(req)
+  local since = os.time() - 300     -- allow for clock skew
+  o.recover = function(err)
+    if err.status == 429 or err.status == 408 then return nil end
+    local found, lerr = self:_find_created(req, since)
+    if found then return found end
+    return nil, lerr ~= nil         -- cannot tell: do not risk a second batch
+  end
+  return self:_call("POST", "/batches", o)
 end
 
-function Client:retrieve(id)
-  check("retrieve", "batch_id", id, "string")
-  return self:_call("GET", "/batches/" .. urlencode(id))
+--- A batch.
+-- @tparam string id
+-- @tparam[opt] table opts per-call options
+-- @treturn table the batch, or nil and an error
+function Client:retrieve(id, opts)
+  local path, err = id_path("retrieve", "batch_id", id, "/batches/%s")
+  if not path then return nil, err end
+  return self:_call("GET", path, call_options("retrieve", opts))
 end
 
-function Client:cancel(id)
-  check("cancel", "batch_id", id, "string")
-  return self:_call("POST", "/batches/" .. urlencode(id) .. "/cancel")
+--- Cancel a batch.
+-- @tparam string id
+-- @tparam[opt] table opts per-call options
+-- @treturn table the batch (cancelling), or nil and an error
+function Client:cancel(id, opts)
+  local path, err = id_path("cancel", "batch_id", id, "/batches/%s/cancel")
+  if not path then return nil, err end
+  return self:_call("POST", path, call_options("cancel", opts))
 end
 
-local LIST_KEYS = { "after", "limit", "status", "ds_name", "input_file_ids", "create_after", "create_before" }
+--- One page of batches, newest first.
+-- @tparam[opt] table params query fields, all sent: after, limit, status,
+-- ds_name, input_file_ids (a list), create_after, create_before, ...
+-- @tparam[opt] table opts per-call options
+-- @treturn table the page (`data` is always a list), or nil and an error
+function Client:list_batches(params, opts) return page("list_batches", self, "/batches", params, opts) end
 
-function Client:list(params)
-  check("list", "params", params, "table", true)
-  return self:_page("/batches", params, LIST_KEYS)
-end
-
--- for batch, err in client:batches{...}: every batch, page after page.
--- On a failure the loop sees batch == false and the error, then ends.
-function Client:batches(params)
-  check("batches", "params", params, "table", true)
+-- Every item, page after page. A cursor that repeats, or a page that
+-- brings nothing new while claiming more, ends it with an error: a server
+-- must not keep a caller looping.
+local function each(fn, list, self, params, opts)
+  check(fn, "params", params, "table", true)
   local q = {}
   for k, v in pairs(params or {}) do q[k] = v end
   local items, i, more, failed = {}, 1, true, false
+  local cursors, seen = {}, {}
   return function()
     while i > #items do
       if not more or failed then return nil end
-      local page, err = self:list(q)
-      if not page then failed = true return false, err end
-      items, i = page.data, 1
-      more = page.has_more and #items > 0
-      if #items > 0 then q.after = page.last_id or items[#items].id end
+      local p, err = list(self, q, opts)
+      if not p then failed = true return false, err end
+      local fresh = {}
+      for _, x in ipairs(p.data) do
+        if x.id == nil or not seen[x.id] then
+          if x.id ~= nil then seen[x.id] = true end
+          fresh[#fresh + 1] = x
+        end
+      end
+      items, i = fresh, 1
+      more = p.has_more == true
+      if more then
+        local cursor = p.last_id or (p.data[#p.data] and p.data[#p.data].id)
+        if cursor == nil or cursors[cursor] or #fresh == 0 then
+          failed = true
+          local e = errors.new({ kind = "decode", code = "pagination_loop", message =
+            ("%s: the server says has_more but its cursor %s does not move on"):format(fn, tostring(cursor)) })
+          if #fresh == 0 then return false, e end
+          items[#items + 1] = false
+          items[#items + 1] = e
+        else
+          cursors[cursor] = true
+          q.after = cursor
+        end
+      end
     end
+    local x = items[i]
     i = i + 1
-    return items[i - 1]
+    if x == false then
+      local e = items[i]
+      i = #items + 1
+      return false, e
+    end
+    return x
   end
 end
 
-local FINAL = { completed = true, failed = true, expired = true, cancelled = true }
-Client.FINAL = FINAL
+--- Every batch, page after page: `for batch, err in client:each_batch{...}`.
+-- On a failure the loop sees `batch == false` and the error, then ends.
+-- @tparam[opt] table params as `list_batches` (limit is the page size)
+-- @tparam[opt] table opts per-call options
+-- @treturn function the iterator
+function Client:each_batch(params, opts) return each("each_batch", Client.list_batches, self, params, opts) end
 
--- wait(batch_id, {interval = 60, factor = 1.5, max_interval = 600, jitter = 0.1,
--- deadline = seconds, on_progress = fn(batch)}): poll until the batch is
--- final, with backoff. The service asks for about a minute between polls.
--- on_progress runs on every change of status or counts. Returns the batch,
--- or nil, err (kind "timeout" past the deadline, with err.batch).
-function Client:wait(id, opts)
-  check("wait", "batch_id", id, "string")
+--- Every file, page after page: `for file, err in client:each_file{...}`.
+-- @tparam[opt] table params as `list_files`
+-- @tparam[opt] table opts per-call options
+-- @treturn function the iterator
+function Client:each_file(params, opts) return each("each_file", Client.list_files, self, params, opts) end
+
+-- the names before 0.2
+Client.list, Client.files, Client.batches = Client.list_batches, Client.list_files, Client.each_batch
+
+local WAIT = { interval = 60, factor = 1.5, max_interval = 600, jitter = 0.1 }
+
+local function wait_opts(opts)
   check("wait", "opts", opts, "table", true)
   opts = opts or {}
-  for _, k in ipairs({ "interval", "factor", "max_interval", "jitter", "deadline" }) do
-    check("wait", "opts." .. k, opts[k], "number", true)
+  local o = {}
+  for k, default in pairs(WAIT) do
+    local v = opts[k]
+    if v == nil then v = default end
+    if type(v) ~= "number" or v ~= v or v == math.huge then argerr("wait", "opts." .. k .. " must be a number", 4) end
+    o[k] = v
+  end
+  if o.interval <= 0 or o.max_interval <= 0 then argerr("wait", "opts.interval and opts.max_interval must be > 0", 4) end
+  if o.factor < 1 then argerr("wait", "opts.factor must be >= 1", 4) end
+  if o.jitter < 0 or o.jitter >= 1 then argerr("wait", "opts.jitter must be in [0, 1)", 4) end
+  if opts.deadline ~= nil then
+    local d = opts.deadline
+    if type(d) ~= "number" or d ~= d or d <= 0 then argerr("wait", "opts.deadline must be a number > 0", 4) end
+    o.deadline = d
   end
   check("wait", "opts.on_progress", opts.on_progress, "function", true)
-  local interval, factor = opts.interval or 60, opts.factor or 1.5
-  local cap, jitter = opts.max_interval or 600, opts.jitter or 0.1
-  local stop = opts.deadline and (now() + opts.deadline)
-  local last
+  o.on_progress = opts.on_progress
+  return o
+end
+
+--- Poll a batch until it is final, with backoff.
+-- The service asks for about a minute between polls: `interval` (60 s)
+-- grows by `factor` (1.5) up to `max_interval` (600 s), with `jitter`
+-- (0.1). `on_progress(batch)` runs on every change of status or counts.
+-- @tparam string id
+-- @tparam[opt] table opts interval, factor, max_interval, jitter,
+-- deadline (seconds), on_progress
+-- @treturn table the final batch, or nil and an error (`timeout` past
+-- the deadline, with `err.batch`)
+function Client:wait(id, opts)
+  local o = wait_opts(opts)
+  local interval, stop, last = o.interval, o.deadline and (now() + o.deadline), nil
   while true do
     local b, err = self:retrieve(id)
     if not b then return nil, err end
-    local c = b.request_counts or {}
-    local sig = ("%s %s %s %s"):format(b.status, c.total, c.completed, c.failed)
+    local c = type(b.request_counts) == "table" and b.request_counts or {}
+    local sig = ("%s %s %s %s"):format(tostring(b.status), c.total, c.completed, c.failed)
     if sig ~= last then
       last = sig
-      if opts.on_progress then opts.on_progress(b) end
+      if o.on_progress then o.on_progress(b) end
     end
-    if FINAL[b.status] then return b end
-    local pause = interval * (1 + jitter * (2 * math.random() - 1))
+    if service.FINAL[b.status] then return b end
+    local pause = interval * (1 + o.jitter * (2 * math.random() - 1))
     if stop and now() + pause > stop then
-      local e = self:_error({ kind = "timeout", code = "wait_deadline",
-        message = ("batch %s is still %s at the wait deadline"):format(id, b.status) })
+      local e = errors.new({ kind = "timeout", code = "wait_deadline",
+        message = ("batch %s is still %s at the wait deadline"):format(id, tostring(b.status)) })
       e.batch = b
       return nil, e
     end
     self.loop:sleep(pause)
-    interval = math.min(interval * factor, cap)
+    interval = math.min(interval * o.factor, o.max_interval)
   end
 end
 
 ------------------------------------------------------------------ the loop
 
+--- Start a task: `fn(...)` in a coroutine whose operations overlap with
+-- every other task's.
+-- @tparam function fn
+-- @param ... its arguments
+-- @treturn table the task: `task:done()`, `task:join()` (its results, or
+-- nil and its error, with `err.traceback`), `task:cancel()`
 function Client:spawn(fn, ...) return self.loop:spawn(fn, ...) end
 
+--- Sleep: in a task, without blocking the others.
+-- @tparam number seconds
 function Client:sleep(seconds) return self.loop:sleep(seconds) end
 
--- pause(): in a task's long work (building requests, reading results), let
--- a host's step() return once its budget is spent; the work goes on at the
+--- In a task's long work (building requests, reading results), let a
+-- host's step() return once its budget is spent; the work goes on at the
 -- next step. Under run() or outside a task it returns at once.
 function Client:pause() return self.loop:pause() end
 
--- run(): until every task is done; nil, traceback when one fails
+--- Run `fn` at the end of every loop turn, after the tasks ran and before
+-- any request they queued goes out (the pipeline writes its journal so).
+-- @tparam function fn
+-- @treturn function a remover
+function Client:at_turn_end(fn)
+  check("at_turn_end", "fn", fn, "function")
+  return self.loop:at_turn_end(fn)
+end
+
+--- Drive the loop until every task is done.
+-- @treturn true, or nil and the error of a task that failed (with `err.traceback`)
 function Client:run()
   local loop = self.loop
-  if loop:current() then error("lbatch.run: cannot be called from inside a task", 2) end
+  if loop:current() then argerr("run", "cannot be called from inside a task") end
   while true do
-    local tb = loop:take_failure()
-    if tb then return nil, tb end
+    local err = loop:take_failure()
+    if err then return nil, err end
     if loop.alive == 0 then return true end
     loop:drive(true)
   end
 end
 
--- step([budget_ms = 0.5]): do what is ready, never wait. Sockets are handed
--- to libcurl for up to half the budget, tasks are resumed until it is
--- spent, and the rest waits for the next step (timeout() is then 0).
--- Returns the work still pending (tasks and transfers) and, when a task
--- failed, its traceback.
+--- Do what is ready, never wait: for hosts with their own loop.
+-- Sockets are handed to libcurl for up to half the budget, tasks are
+-- resumed until it is spent, and the rest waits for the next step
+-- (timeout() is then 0).
+-- @tparam[opt=0.5] number budget_ms
+-- @treturn integer the work still pending (tasks, transfers, timers)
+-- @treturn ?table the error of a task that failed, when one did
 function Client:step(budget_ms)
   check("step", "budget_ms", budget_ms, "number", true)
   self.loop:drive(false, budget_ms or 0.5)
   return self.loop:pending(), self.loop:take_failure()
 end
 
+--- Milliseconds until step() is next needed: 0 now, -1 only socket
+-- activity (see pollfd).
+-- @treturn integer
 function Client:timeout() return self.loop:timeout() end
+
+--- One descriptor (an epoll set on Linux) readable when a transfer has
+-- work, for luv, poll(2) and the like.
+-- @treturn integer
 function Client:pollfd() return self.loop.ctl:pollfd() end
--- pollable(): the client for cqueues' pollable protocol (cqueues.poll):
--- its descriptor, "r", and the timeout in seconds (nil: none)
+
+--- The client in cqueues' pollable protocol: `pollfd()`, `events()`
+-- (`"r"`) and `timeout()` in seconds (nil: none).
+-- @treturn table
 function Client:pollable()
   local client = self
   return {
@@ -477,10 +513,11 @@ function Client:pollable()
   }
 end
 
+--- Close the client: every transfer stops, and the key is forgotten.
 function Client:close()
-  if secrets[self] then
+  if transports[self] then
     self.loop.ctl:close()
-    secrets[self] = nil
+    transports[self] = nil
   end
 end
 

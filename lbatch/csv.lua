@@ -1,6 +1,7 @@
--- CSV (RFC 4180: commas, quotes doubled, newlines inside quotes, CRLF or
+--- CSV (RFC 4180: commas, quotes doubled, newlines inside quotes, CRLF or
 -- LF, UTF-8, an optional byte-order mark) and the two conversions:
 -- csv -> jsonl requests, and results -> csv.
+-- @module lbatch.csv
 local jsonl = require "lbatch.jsonl"
 local results = require "lbatch.results"
 local errors = require "lbatch.errors"
@@ -9,14 +10,20 @@ local M = {}
 local BOM = "\239\187\191"
 local find, sub, gsub = string.find, string.sub, string.gsub
 
--- rows(path): an iterator over rows, each a list of strings
+--- An iterator over rows, each a list of strings:
+-- `for row, err in csv.rows(path)`. A row that cannot be read (an
+-- unterminated quote, a read error) gives `false, err` and ends it.
+-- @tparam string path
+-- @treturn function the iterator, or nil and an `io` error
 function M.rows(path)
+  errors.check("csv.rows", "path", path, "string")
   local fh, msg = io.open(path, "rb")
-  if not fh then return nil, errors.new({ kind = "invalid", message = "cannot read " .. tostring(msg) }) end
-  local first = true
-  local lines = fh:lines()
+  if not fh then return nil, errors.io("cannot read", path, msg) end
+  local first, lineno, failed = true, 0, false
   local function nextline()
-    local l = lines()
+    local l, err = fh:read("*l")
+    if l == nil and err then error(errors.io("cannot read", path, err), 0) end
+    lineno = lineno + 1
     if l == nil then return nil end
     if first then
       first = false
@@ -24,9 +31,10 @@ function M.rows(path)
     end
     return l
   end
-  return function()
+  local function row_of()
     local line = nextline()
     if line == nil then fh:close() return nil end
+    local start = lineno
     -- a record's \r\n ends it only outside quotes: inside, \r is data
     local row, pos = {}, 1
     while true do
@@ -38,7 +46,10 @@ function M.rows(path)
           if not q then
             parts[#parts + 1] = sub(line, i)
             local more = nextline()
-            if more == nil then error(errors.new({ kind = "invalid", message = "csv: unterminated quoted field" }), 0) end
+            if more == nil then
+              error(errors.new({ kind = "invalid", code = "csv_unterminated_quote", param = "path",
+                message = ("%s:%d: a quoted field is never closed"):format(path, start) }), 0)
+            end
             parts[#parts + 1] = "\n"
             line, i = more, 1
           elseif sub(line, q + 1, q + 1) == '"' then
@@ -69,6 +80,14 @@ function M.rows(path)
     end
     return row
   end
+  return function()
+    if failed then return nil end
+    local ok, row = pcall(row_of)
+    if ok then return row end
+    failed = true
+    if io.type(fh) == "file" then fh:close() end
+    return false, row
+  end
 end
 
 local function quote(v)
@@ -82,58 +101,86 @@ M.quote = quote
 local Writer = {}
 Writer.__index = Writer
 
--- writer(path, {bom = true}): w:row{...}; w:close()
+--- A CSV writer: `w:row{...}`, `w:close()`.
+-- @tparam string path
+-- @tparam[opt] table opts bom = true: a byte-order mark first
+-- @treturn table the writer, or nil and an `io` error
 function M.writer(path, opts)
+  errors.check("csv.writer", "path", path, "string")
   local fh, msg = io.open(path, "wb")
-  if not fh then return nil, errors.new({ kind = "invalid", message = "cannot write " .. tostring(msg) }) end
+  if not fh then return nil, errors.io("cannot write", path, msg) end
   fh:setvbuf("full", 1024 * 1024)
   if opts and opts.bom then fh:write(BOM) end
-  return setmetatable({ fh = fh, n = 0 }, Writer)
+  return setmetatable({ fh = fh, n = 0, path = path }, Writer)
 end
 
+--- Write a row.
+-- @tparam table fields the values (nil as empty)
+-- @tparam[opt] integer count how many (default #fields)
+-- @return true, or nil and an `io` error
 function Writer:row(fields, count)
   local out = {}
   for i = 1, count or #fields do out[i] = quote(fields[i]) end
-  self.fh:write(table.concat(out, ","), "\r\n")
+  local ok, msg = self.fh:write(table.concat(out, ","), "\r\n")
+  if not ok then return nil, errors.io("cannot write", self.path, msg) end
   self.n = self.n + 1
+  return true
 end
 
-function Writer:close() self.fh:close() return self.n end
+--- Close the file.
+-- @treturn integer the rows written, or nil and an `io` error
+function Writer:close()
+  local ok, msg = self.fh:close()
+  if not ok then return nil, errors.io("cannot write", self.path, msg) end
+  return self.n
+end
 
--- to_jsonl(csv_path, {path = jsonl path, model =, system =, endpoint =,
--- header = true, ...request params}): first column custom_id, second the
--- user's content. Returns the writer's manifest, or nil and the first error.
 local SKIP = { path = true, header = true, system = true, endpoint = true, max_lines = true,
                max_bytes = true, unique = true, model = true }
+
+-- the requests of a CSV into writer w; nil, err on the first failure
+local function add_rows(w, rows, opts)
+  local embeddings = opts.endpoint == "/v1/embeddings"
+  local skip_header = opts.header ~= false
+  for row, err in rows do
+    if not row then return nil, err end
+    if skip_header then skip_header = false
+    elseif #row > 1 or (row[1] or "") ~= "" then
+      local req = {}
+      for k, v in pairs(opts) do if not SKIP[k] then req[k] = v end end
+      local done, e
+      if embeddings then
+        req.input = row[2] or ""
+        done, e = w:embedding(row[1] or "", req)
+      else
+        req.prompt, req.system = row[2] or "", opts.system
+        done, e = w:chat(row[1] or "", req)
+      end
+      if not done then return nil, e end
+    end
+  end
+  return true
+end
+
+--- A CSV of questions as request files: the first column is the
+-- custom_id, the second the user's content.
+-- @tparam string csv_path
+-- @tparam table opts path (the JSONL, a template as in `jsonl.writer`),
+-- model, system, endpoint, header (false: the first row is data too),
+-- max_lines, max_bytes, unique, and any request parameter (temperature, ...)
+-- @treturn table the writer's manifest, or nil and the first error
 function M.to_jsonl(csv_path, opts)
-  if type(opts) ~= "table" or type(opts.path) ~= "string" then error("csv.to_jsonl: opts.path is required", 2) end
-  if type(opts.model) ~= "string" then error("csv.to_jsonl: opts.model is required", 2) end
+  errors.check("csv.to_jsonl", "opts", opts, "table")
+  errors.check("csv.to_jsonl", "opts.path", opts.path, "string")
+  errors.check("csv.to_jsonl", "opts.model", opts.model, "string")
   local rows, err = M.rows(csv_path)
   if not rows then return nil, err end
   local w = jsonl.writer({ path = opts.path, endpoint = opts.endpoint, model = opts.model,
                            max_lines = opts.max_lines, max_bytes = opts.max_bytes, unique = opts.unique })
-  local embeddings = opts.endpoint == "/v1/embeddings"
-  local skip_header = opts.header ~= false
-  local ok, res = pcall(function()
-    for row in rows do
-      if skip_header then skip_header = false
-      elseif #row > 1 or (row[1] or "") ~= "" then
-        local req = {}
-        for k, v in pairs(opts) do if not SKIP[k] then req[k] = v end end
-        local done, e
-        if embeddings then
-          req.input = row[2] or ""
-          done, e = w:embedding(row[1] or "", req)
-        else
-          req.prompt, req.system = row[2] or "", opts.system
-          done, e = w:chat(row[1] or "", req)
-        end
-        if not done then error(e, 0) end
-      end
-    end
-  end)
-  local manifest = w:close()
+  local ok, res = add_rows(w, rows, opts)
+  local manifest, cerr = w:close()
   if not ok then return nil, res end
+  if not manifest then return nil, cerr end
   return manifest
 end
 
@@ -155,25 +202,38 @@ local function cell(rec, name)
   return v
 end
 
--- from_results(reader or open{} options, csv_path, {bom =, columns =, header =}):
--- one row per record. Columns default to M.COLUMNS ("usage" is
--- prompt/completion/total tokens); "input" is the request's user text when
--- the reader is joined with inputs. Returns the number of records.
+--- One CSV row per result record.
+-- @param reader a `results` reader, or the options of `results.open`
+-- @tparam string csv_path
+-- @tparam[opt] table opts bom, columns (default `csv.COLUMNS`; "usage" is
+-- prompt/completion/total tokens, "input" the request's user text when
+-- the reader is joined with inputs), header (the first row's names)
+-- @treturn integer the number of records, or nil and an error
 function M.from_results(reader, csv_path, opts)
+  errors.check("csv.from_results", "reader", reader, "table")
+  errors.check("csv.from_results", "csv_path", csv_path, "string")
   opts = opts or {}
-  if getmetatable(reader) == nil then reader = results.open(reader) end
+  if getmetatable(reader) == nil then
+    local r, err = results.open(reader)
+    if not r then return nil, err end
+    reader = r
+  end
   local columns = opts.columns or M.COLUMNS
   local w, err = M.writer(csv_path, { bom = opts.bom })
   if not w then return nil, err end
-  w:row(opts.header or columns)
+  local ok, werr = w:row(opts.header or columns)
   local n = 0
-  for rec in reader:each() do
+  for rec, rerr in reader:each() do
+    if not ok then break end
+    if not rec then ok, werr = nil, rerr break end
     local row = {}
     for i, name in ipairs(columns) do row[i] = cell(rec, name) end
-    w:row(row, #columns)
+    ok, werr = w:row(row, #columns)
     n = n + 1
   end
-  w:close()
+  local closed, cerr = w:close()
+  if not ok then os.remove(csv_path) return nil, werr end
+  if not closed then os.remove(csv_path) return nil, cerr end
   return n
 end
 

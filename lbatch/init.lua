@@ -1,15 +1,24 @@
--- lbatch: a client for the OpenAI-compatible Batch File API (DashScope,
+--- lbatch: a client for the OpenAI-compatible Batch File API (DashScope,
 -- OpenAI) on libcurl's multi interface.
 --
---   local lbatch = require "lbatch"
---   local client = lbatch.new{ region = "cn" }
---   local file = assert(client:upload("requests.jsonl"))
+--    local lbatch = require "lbatch"
+--    local client = lbatch.new{ region = "cn" }
+--    local file = assert(client:upload("requests.jsonl"))
+-- @module lbatch
 local Client = require "lbatch.client"
 local errors = require "lbatch.errors"
+local service = require "lbatch.service"
 
 return {
+  --- Make a client (see `lbatch.client.new`).
   new = Client.new,
+  --- lbatch's version.
+  _VERSION = Client.VERSION,
   VERSION = Client.VERSION,
-  REGIONS = Client.REGIONS,
+  --- Base URLs by region.
+  REGIONS = service.REGIONS,
+  --- The final statuses of a batch (a set).
+  FINAL = service.FINAL,
+  --- Is `x` an lbatch error object?
   is_error = errors.is,
 }

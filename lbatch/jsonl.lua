@@ -1,18 +1,21 @@
--- Request files: a writer that enforces the service's rules line by line and
--- shards, a validator for files made elsewhere, and multimodal helpers.
+--- Request files: a writer that enforces the service's rules line by line
+-- and shards, a validator for files made elsewhere, and multimodal helpers.
 --
---   local w = jsonl.writer{ path = "out/requests.jsonl", model = "qwen-plus" }
---   assert(w:chat("q1", { prompt = "2 + 2 = ?", system = "Answer briefly." }))
---   local manifest = w:close()   -- { files = {{path, lines, bytes, model, endpoint}}, lines, bytes }
+--    local w = jsonl.writer{ path = "out/requests.jsonl", model = "qwen-plus" }
+--    assert(w:chat("q1", { prompt = "2 + 2 = ?", system = "Answer briefly." }))
+--    local manifest = assert(w:close())   -- {files = {{path, lines, bytes, model, endpoint}}, lines, bytes}
+-- @module lbatch.jsonl
 local json = require "lbatch.json"
 local rules = require "lbatch.rules"
 local errors = require "lbatch.errors"
+local service = require "lbatch.service"
 local idmap = require("lbatch.core").idmap   -- custom_id sets outside the Lua heap
 local put = idmap().put
 
 local cjson_encode, fix, MARK, find = require("cjson").encode, json.fix, json.MARK, string.find
 local safe_encode = require("cjson.safe").encode   -- nil, err instead of raising: no pcall per line
-local ENDPOINTS, TEST_MODEL, TEST_URL, MAX_LINE = rules.endpoints, rules.test_model, rules.test_url, rules.max_line_bytes
+local LIMITS, TEST = service.LIMITS, service.TEST
+local ENDPOINTS, TEST_MODEL, TEST_URL, MAX_LINE = service.ENDPOINTS, TEST.model, TEST.url, LIMITS.max_line_bytes
 local M = {}
 
 -- a line is written in pieces: L1 id L2 url L3 body L4
@@ -29,23 +32,27 @@ end
 local Writer = {}
 Writer.__index = Writer
 
--- opts: path (template: the first file is path, the next path-2, path-3, ...),
--- endpoint (all requests; default by helper: chat, embeddings, ds-test),
--- model (default for the helpers), max_lines, max_bytes (only lower than the
--- service's), unique = "file" (the service's rule) or "all" (every file).
+--- A writer of request files.
+-- Files are opened as requests come; a file that cannot be written makes
+-- `add` return nil and an `io` error.
+-- @tparam table opts path (a template: the first file is path, the next
+-- path-2, path-3, ...), endpoint (all requests; default by helper: chat,
+-- embeddings, ds-test), model (default for the helpers), max_lines,
+-- max_bytes (only lower than the service's), unique = "file" (the
+-- service's rule) or "all" (every file)
+-- @treturn table the writer
 function M.writer(opts)
-  if type(opts) ~= "table" or type(opts.path) ~= "string" then
-    error("jsonl.writer: opts.path (a string) is required", 2)
-  end
-  if opts.endpoint ~= nil and not rules.endpoints[opts.endpoint] then
-    error("jsonl.writer: endpoint must be /v1/chat/completions, /v1/embeddings or /v1/chat/ds-test", 2)
+  errors.check("jsonl.writer", "opts", opts, "table")
+  errors.check("jsonl.writer", "opts.path", opts.path, "string")
+  if opts.endpoint ~= nil and not ENDPOINTS[opts.endpoint] then
+    errors.arg("jsonl.writer", "endpoint must be /v1/chat/completions, /v1/embeddings or /v1/chat/ds-test")
   end
   local stem, ext = opts.path:match("^(.-)(%.[^./]*)$")
   return setmetatable({
     stem = stem or opts.path, ext = ext or "",
     endpoint = opts.endpoint, model = opts.model,
-    max_lines = math.min(opts.max_lines or rules.max_lines, rules.max_lines),
-    max_bytes = math.min(opts.max_bytes or rules.max_bytes, rules.max_bytes),
+    max_lines = math.min(opts.max_lines or LIMITS.max_lines, LIMITS.max_lines),
+    max_bytes = math.min(opts.max_bytes or LIMITS.max_bytes, LIMITS.max_bytes),
     unique_all = opts.unique == "all", seen = opts.unique == "all" and idmap() or nil,
     routes = {},    -- (model, url, thinking) -> {url, test, file: the current file}
     files = {},     -- manifest entries, in the order files were started
@@ -57,25 +64,33 @@ function Writer:_start(route)
   local n = #self.files + 1
   local path = n == 1 and (self.stem .. self.ext) or (self.stem .. "-" .. n .. self.ext)
   local fh, msg = io.open(path, "wb")
-  if not fh then error("jsonl.writer: cannot write " .. tostring(msg), 3) end
+  if not fh then return nil, errors.io("cannot write", path, msg) end
   fh:setvbuf("full", 1024 * 1024)
-  local max_lines = test and math.min(self.max_lines, rules.test_max_lines) or self.max_lines
+  local max_lines = test and math.min(self.max_lines, TEST.max_lines) or self.max_lines
   local f = {
     path = path, lines = 0, bytes = 0, model = route.model, endpoint = route.url,
     fh = fh, seen = self.seen or idmap(),
     max_lines = max_lines,
-    max_bytes = test and math.min(self.max_bytes, rules.test_max_bytes) or self.max_bytes,
+    max_bytes = test and math.min(self.max_bytes, TEST.max_bytes) or self.max_bytes,
   }
   self.files[n] = f
   route.file = f
   return f
 end
 
--- a finished file keeps only its manifest entry: its custom_ids go
+-- a finished file keeps only its manifest entry: its custom_ids go.
+-- Returns nil and an io error when its last writes failed (a full disk).
 local function close_file(f, shared)
-  if f.fh then f.fh:close() f.fh = nil end
+  local err
+  if f.fh then
+    local ok, msg = f.fh:close()
+    if not ok then err = errors.io("cannot write", f.path, msg) end
+    f.fh = nil
+  end
   if f.seen and f.seen ~= shared then f.seen:clear() end
   f.seen = nil
+  if err then return nil, err end
+  return true
 end
 
 -- The shard for a request: checks that depend only on model and url, done
@@ -102,13 +117,17 @@ function Writer:_route(id, model, url, thinking)
   return route
 end
 
--- add(custom_id, body[, url]): one request. true, or nil and an error that
--- names the custom_id and the rule.
+--- Add one request.
+-- @tparam string custom_id (a number is taken as its text)
+-- @tparam table body the request body
+-- @tparam[opt] string url the endpoint (default: the writer's)
+-- @return true, or nil and an error that names the custom_id and the rule
+-- (`invalid`) or the file (`io`)
 function Writer:add(id, body, url)
-  if type(body) ~= "table" then error("jsonl.add: body must be a table", 2) end
+  if type(body) ~= "table" then errors.arg("jsonl.add", "body must be a table") end
   local tid = type(id)
   if tid ~= "string" then
-    if tid ~= "number" then error("jsonl.add: custom_id must be a string", 2) end
+    if tid ~= "number" then errors.arg("jsonl.add", "custom_id must be a string") end
     id = tostring(id)
   end
   if id == "" then return nil, invalid(id, "missing_custom_id", "custom_id is empty", "custom_id") end
@@ -136,19 +155,26 @@ function Writer:add(id, body, url)
   end
   local f = route.file
   if not f or f.lines >= f.max_lines or f.bytes + size > f.max_bytes then
-    if f then close_file(f, self.seen) end
+    if f then
+      local ok, err = close_file(f, self.seen)
+      if not ok then return nil, err end
+    end
     if self.seen and self.seen:get(id) then
       return nil, invalid(id, "duplicate_custom_id", "custom_id is used twice", "custom_id")
     end
-    if route.test and size > math.min(self.max_bytes, rules.test_max_bytes) then
+    if route.test and size > math.min(self.max_bytes, TEST.max_bytes) then
       return nil, invalid(id, "test_model_file_too_large", "the line alone is over the test model's 1 MB")
     end
-    f = self:_start(route)
+    local err
+    f, err = self:_start(route)
+    if not f then return nil, err end
   end
   if not put(f.seen, id) then
     return nil, invalid(id, "duplicate_custom_id", "custom_id is used twice", "custom_id")
   end
-  f.fh:write(L1, eid, L2, rurl, L3, encoded, L4)
+  if not f.fh:write(L1, eid, L2, rurl, L3, encoded, L4) then
+    return nil, errors.io("cannot write", f.path, "write failed")
+  end
   f.lines, f.bytes = f.lines + 1, f.bytes + size
   return true
 end
@@ -162,9 +188,13 @@ end
 
 local CHAT_SKIP = { prompt = true, system = true, messages = true, images = true }
 
--- chat(id, {prompt=, system=, images={...}, messages=, model=, ...params})
+--- Add a chat request.
+-- @tparam string id the custom_id
+-- @tparam table opts prompt, system, images (paths or URLs), messages,
+-- model, and any other body field (temperature, enable_thinking, ...)
+-- @return true, or nil and an error
 function Writer:chat(id, opts)
-  if type(opts) ~= "table" then error("jsonl.chat: opts must be a table", 2) end
+  errors.check("jsonl.chat", "opts", opts, "table")
   local messages = opts.messages
   if not messages then
     messages = {}
@@ -174,7 +204,11 @@ function Writer:chat(id, opts)
       content = { { type = "text", text = opts.prompt or "" } }
       for _, src in ipairs(opts.images) do
         local url, err = M.data_url(src)
-        if not url then return nil, invalid(id, "invalid_image", err.message, "images") end
+        if not url then
+          err.custom_id, err.param = id, "images"
+          err.message = ("custom_id %q: %s"):format(tostring(id), err.message)
+          return nil, err
+        end
         content[#content + 1] = { type = "image_url", image_url = { url = url } }
       end
     end
@@ -184,22 +218,30 @@ function Writer:chat(id, opts)
   return self:add(id, body)
 end
 
--- embedding(id, {input=, model=, dimensions=, ...})
+--- Add an embedding request.
+-- @tparam string id the custom_id
+-- @tparam table opts input, model, dimensions, and any other body field
+-- @return true, or nil and an error
 function Writer:embedding(id, opts)
-  if type(opts) ~= "table" then error("jsonl.embedding: opts must be a table", 2) end
+  errors.check("jsonl.embedding", "opts", opts, "table")
   local body = copy_extra({ model = opts.model or self.model }, opts, {})
   return self:add(id, body, self.endpoint or "/v1/embeddings")
 end
 
--- test(id, prompt): a request for batch-test-model on /v1/chat/ds-test
+--- Add a request for the free test model (`batch-test-model` on `/v1/chat/ds-test`).
+-- @tparam string id the custom_id
+-- @tparam[opt] string prompt
+-- @return true, or nil and an error
 function Writer:test(id, prompt)
-  return self:add(id, { model = rules.test_model, messages = { { role = "user", content = prompt or "test" } } },
-    rules.test_url)
+  return self:add(id, { model = TEST_MODEL, messages = { { role = "user", content = prompt or "test" } } },
+    TEST_URL)
 end
 
--- request{custom_id, method, url, body}: a line built elsewhere
+--- Add a line built elsewhere.
+-- @tparam table req `{custom_id, method, url, body}`
+-- @return true, or nil and an error
 function Writer:request(req)
-  if type(req) ~= "table" then error("jsonl.request: a table is expected", 2) end
+  errors.check("jsonl.request", "req", req, "table")
   if req.method ~= "POST" then
     return nil, invalid(req.custom_id, "invalid_method", "method must be POST", "method")
   end
@@ -209,32 +251,42 @@ function Writer:request(req)
   return self:add(req.custom_id or "", req.body, req.url)
 end
 
--- close(): the manifest {files = {{path, lines, bytes, model, endpoint}}, lines, bytes}
+--- Close every file.
+-- @treturn table the manifest `{files = {{path, lines, bytes, model,
+-- endpoint}}, lines, bytes}`, or nil and an `io` error (a full disk)
 function Writer:close()
-  local files, lines, bytes = {}, 0, 0
+  local files, lines, bytes, failure = {}, 0, 0, nil
   for i, f in ipairs(self.files) do
-    close_file(f, self.seen)
+    local ok, err = close_file(f, self.seen)
+    failure = failure or (not ok and err)
     files[i] = { path = f.path, lines = f.lines, bytes = f.bytes, model = f.model, endpoint = f.endpoint }
     lines, bytes = lines + f.lines, bytes + f.bytes
   end
   if self.seen then self.seen:clear() end
   self.routes, self.last_route = {}, nil
+  if failure then return nil, failure end
   return { files = files, lines = lines, bytes = bytes }
 end
 
 ------------------------------------------------------------------ validate
 
--- validate(path[, {endpoint=}]): every problem of a file made elsewhere, with
--- line numbers and the emulator's codes, read in blocks. Returns a report
--- {ok, problems, lines, bytes, model, endpoint}, or nil, err.
+--- Every problem of a file made elsewhere, with line numbers and the
+-- service's codes, read in blocks (never whole).
+-- @tparam string path
+-- @tparam[opt] table opts endpoint (the batch's)
+-- @treturn table the report `{ok, problems = {{code, line, message,
+-- param}}, lines, bytes, model, endpoint}`, or nil and an `io` error
 function M.validate(path, opts)
-  if type(path) ~= "string" then error("jsonl.validate: path must be a string", 2) end
+  errors.check("jsonl.validate", "path", path, "string")
   local fh, msg = io.open(path, "rb")
-  if not fh then return nil, errors.new({ kind = "invalid", message = "cannot read " .. tostring(msg) }) end
+  if not fh then return nil, errors.io("cannot read", path, msg) end
   local chk = rules.checker({ endpoint = opts and opts.endpoint })
   local problems = {}
-  for n, text, bytes in rules.lines(fh) do chk:line(n, text, bytes, problems) end
+  local ok, rerr = pcall(function()
+    for n, text, bytes in rules.lines(fh) do chk:line(n, text, bytes, problems) end
+  end)
   fh:close()
+  if not ok then return nil, errors.io("cannot read", path, rerr) end
   chk:finish(problems)
   return { ok = #problems == 0, problems = problems, lines = chk.lines, bytes = chk.bytes,
            model = chk.model, endpoint = chk.endpoint }
@@ -252,6 +304,10 @@ local EXT = {
   bmp = "image/bmp", tif = "image/tiff", tiff = "image/tiff", heic = "image/heic", mp4 = "video/mp4",
 }
 
+--- The MIME type of a file, from its first bytes or else its extension.
+-- @tparam string path
+-- @tparam[opt] string head its first bytes
+-- @treturn string
 function M.mime_type(path, head)
   for _, m in ipairs(MAGIC) do
     if head and head:find(m[1]) then return m[2] end
@@ -283,21 +339,27 @@ local function base64(s)
 end
 M.base64 = base64
 
--- data_url(src): an http(s) or data: URL as it is; a local file (an image
--- or a video frame) as a data: URL with its MIME type.
+--- An http(s), oss or data: URL as it is; a local file (an image or a
+-- video frame) as a data: URL with its MIME type.
+-- @tparam string src a path or a URL
+-- @treturn string the URL, or nil and an `io` error
 function M.data_url(src)
-  if type(src) ~= "string" then error("jsonl.data_url: a path or URL string is expected", 2) end
+  errors.check("jsonl.data_url", "src", src, "string")
   if src:find("^https?://") or src:find("^data:") or src:find("^oss://") then return src end
   local fh, msg = io.open(src, "rb")
-  if not fh then return nil, errors.new({ kind = "invalid", message = "cannot read " .. tostring(msg) }) end
-  local data = fh:read("*a")
+  if not fh then return nil, errors.io("cannot read", src, msg) end
+  local data, rerr = fh:read("*a")
   fh:close()
+  if not data then return nil, errors.io("cannot read", src, rerr) end
   return "data:" .. M.mime_type(src, data:sub(1, 16)) .. ";base64," .. base64(data)
 end
 
--- image(src): a content part {type = "image_url", image_url = {url = ...}}
+--- A content part `{type = "image_url", image_url = {url = ...}}`.
+-- @tparam string src a path or a URL
+-- @treturn table the part, or nil and an `io` error
 function M.image(src)
-  local url = assert(M.data_url(src))
+  local url, err = M.data_url(src)
+  if not url then return nil, err end
   return { type = "image_url", image_url = { url = url } }
 end
 

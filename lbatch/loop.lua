@@ -1,8 +1,23 @@
--- Tasks, timers and the core's transfers in one loop.
+--- Tasks, timers and the core's transfers in one loop.
 --
--- Inside a task (a coroutine started by spawn) an operation yields until its
--- transfer is done, so tasks overlap. Outside any task it drives the loop
--- (all tasks included) until its own transfer is done. step() never waits.
+-- Inside a task (a coroutine started by spawn) an operation yields until
+-- its transfer is done, so tasks overlap. Outside any task it waits: by
+-- driving the loop itself (plain Lua), or the host's way when the client
+-- was made with a `host` (see below). `drive(false, budget)` never waits.
+--
+-- The host seam. A host that runs lbatch from its own scheduler (OpenResty,
+-- a GUI toolkit, a game engine) drives the loop with `client:step()`,
+-- waits on `client:pollfd()` / `client:timeout()` (or `client:pollable()`),
+-- and passes `host = { waiter = ..., notify = ... }` to `lbatch.new`:
+--
+--    waiter()  -> { wait = fn(), wake = fn() }: how a caller outside
+--                 lbatch's tasks blocks (`wait`, called until its result is
+--                 in) and is woken (`wake`, called when it may be)
+--    notify()  -> new work was queued from outside the loop (a task
+--                 spawned, an operation called): the host should step soon
+--
+-- Nothing else of the loop is public; `lbatch.openresty` uses only this.
+-- @module lbatch.loop
 local core = require "lbatch.core"
 local errors = require "lbatch.errors"
 
@@ -14,6 +29,8 @@ local AWAIT = {}        -- what a task yields when it waits for the loop
 local unpack = table.unpack or unpack
 local function pack(...) return { n = select("#", ...), ... } end
 
+local PROGRESS_EVERY = 0.1   -- seconds between progress calls for a transfer
+
 local Loop = {}
 Loop.__index = Loop
 
@@ -21,17 +38,22 @@ local Task = {}
 Task.__index = Task
 
 function Loop.new(opts)
+  local host = opts.host or {}
   return setmetatable({
     ctl = core.new({ max_connections = opts.max_connections }),
     tasks = {},          -- coroutine -> task
     alive = 0,
     waiting = {},        -- transfer id -> task or box
+    watch = {},          -- transfer id -> progress watcher
+    watched = 0, watch_at = 0,
     ready = {},          -- tasks to resume, in order
     heap = {},           -- timers: {at, seq, task|box}
     seq = 0,
-    failures = {},       -- tasks that ended in error, not yet reported
+    failures = {},       -- errors of tasks nobody joined, not yet reported
     idle_wait = opts.idle_wait or 1000,
     after = {},          -- functions run at the end of every turn (see drive)
+    waiter = host.waiter,
+    notify = host.notify or function() end,
   }, Loop)
 end
 
@@ -76,13 +98,27 @@ function Loop:current()
 end
 
 function Loop:spawn(fn, ...)
-  if type(fn) ~= "function" then error("spawn: a function is expected", 3) end
+  if type(fn) ~= "function" then errors.arg("spawn", "a function is expected") end
   local task = setmetatable({ loop = self, args = pack(...), status = "ready", joiners = {} }, Task)
   task.co = co_create(function(...) return fn(...) end)   -- (fn may be a C function)
   self.tasks[task.co] = task
   self.alive = self.alive + 1
   self.ready[#self.ready + 1] = task
+  self.notify()
   return task
+end
+
+-- What a task raised, as an error object that carries the traceback: the
+-- object itself when it was one (assert(nil, err) raises err), else a
+-- `task` error with the raised value's text.
+local function task_error(co, raised)
+  local tb = debug.traceback(co, tostring(raised))
+  if errors.is(raised) then
+    raised.traceback = tb
+    return raised
+  end
+  return errors.new({ kind = "task", code = "task_failed", message = tostring(raised), traceback = tb,
+                      value = raised })
 end
 
 local function finish(self, task, ok, ...)
@@ -93,9 +129,7 @@ local function finish(self, task, ok, ...)
     task.results = pack(...)
   else
     task.status = "error"
-    local err = ...
-    task.error = err
-    task.traceback = debug.traceback(task.co, tostring(err))
+    task.error = task_error(task.co, (...))
     if #task.joiners == 0 then self.failures[#self.failures + 1] = task end
   end
   for _, j in ipairs(task.joiners) do self:wake(j) end
@@ -119,22 +153,22 @@ function Loop:resume(task, ...)
   end
 end
 
--- Wake a waiter (task or box) with a value. A box may carry notify, set
--- by a host's block strategy (see lbatch.openresty).
+-- Wake a waiter (task or box) with a value.
 function Loop:wake(w, ...)
   if w.co then
     w.wakeup = pack(...)
     self.ready[#self.ready + 1] = w
   else
     w.value = pack(...)
-    if w.notify then w.notify() end
+    if w.waiter then w.waiter.wake() end
   end
 end
 
--- Wait, as the current task or, outside tasks, by driving the loop, until
--- `register(self, waiter, a, b)` arranges for self:wake(waiter, ...) to be
--- called. (Functions and arguments, not closures: the hot paths then make
--- no closure, which LuaJIT cannot compile.)
+-- Wait, as the current task or, outside tasks, the host's way or by
+-- driving the loop, until `register(self, waiter, a, b)` arranges for
+-- self:wake(waiter, ...) to be called. (Functions and arguments, not
+-- closures: the hot paths then make no closure, which LuaJIT cannot
+-- compile.)
 function Loop:await(register, a, b)
   local task = self:current()
   if task then
@@ -146,8 +180,12 @@ function Loop:await(register, a, b)
     return unpack(v, 1, v.n)
   end
   local box = {}
-  if self.block then                 -- a host's way to wait (e.g. a semaphore)
-    self:block_on(box, register, a, b)
+  if self.waiter then
+    local w = self.waiter()
+    box.waiter = w
+    register(self, box, a, b)
+    self.notify()
+    while not box.value do w.wait() end
   else
     register(self, box, a, b)
     while not box.value do self:drive(true) end
@@ -155,18 +193,23 @@ function Loop:await(register, a, b)
   return unpack(box.value, 1, box.value.n)
 end
 
-function Loop:block_on(box, register, a, b)
-  self.block(box, function(w) register(self, w, a, b) end)
-end
-
-local function add_transfer(self, w, spec)
-  local id = self.ctl:add(spec)
+local function wait_transfer(self, w, id)
   self.waiting[id] = w
   w.transfer = id
 end
 
-function Loop:transfer(spec)
-  return self:await(add_transfer, spec)
+-- transfer(spec[, on_progress]): the core's result table; or nil, kind,
+-- message when a local file made it fail before any request.
+-- on_progress(up, up_total, down, down_total) runs from the loop's turn,
+-- at most every 0.1 s while bytes move, and once at the end.
+function Loop:transfer(spec, on_progress)
+  local id, kind, message = self.ctl:add(spec)
+  if not id then return nil, kind, message end
+  if on_progress then
+    self.watch[id] = { fn = on_progress }
+    self.watched = self.watched + 1
+  end
+  return self:await(wait_transfer, id)
 end
 
 local function add_timer(self, w, seconds)
@@ -175,7 +218,7 @@ local function add_timer(self, w, seconds)
 end
 
 function Loop:sleep(seconds)
-  if type(seconds) ~= "number" then error("sleep: seconds must be a number", 2) end
+  if type(seconds) ~= "number" or seconds ~= seconds then errors.arg("sleep", "seconds must be a number") end
   return self:await(add_timer, seconds)
 end
 
@@ -215,7 +258,29 @@ function Loop:wait_ms()
   local ms = self.idle_wait
   local top = self.heap[1]
   if top then ms = math.min(ms, math.max(0, (top.at - now()) * 1000)) end
+  if self.watched > 0 then ms = math.min(ms, PROGRESS_EVERY * 1000) end
   return ms
+end
+
+-- Run a user callback from the loop's turn; its failure is reported like
+-- a task's (run() and step() return it).
+function Loop:callback(fn, ...)
+  local args = pack(...)
+  local ok, err = xpcall(function() return fn(unpack(args, 1, args.n)) end, function(e)
+    if errors.is(e) then return e end
+    return errors.new({ kind = "task", code = "callback_failed", message = tostring(e),
+                        traceback = debug.traceback(tostring(e), 2), value = e })
+  end)
+  if not ok then self.failures[#self.failures + 1] = { error = err } end
+end
+
+function Loop:progress(id, w)
+  local u, ut, d, dt = self.ctl:progress(id)
+  if not u then return end
+  local sig = u .. " " .. ut .. " " .. d .. " " .. dt
+  if sig == w.last then return end
+  w.last = sig
+  self:callback(w.fn, u, ut, d, dt)
 end
 
 -- One turn: I/O (waiting up to the next timer when block), completions,
@@ -226,9 +291,21 @@ function Loop:drive(block, budget_ms)
   local ctl = self.ctl
   local deadline = budget_ms and (now() + budget_ms / 1000)
   ctl:step(block and self:wait_ms() or 0, budget_ms and budget_ms / 2)
+  if self.watched > 0 and now() >= self.watch_at then
+    self.watch_at = now() + PROGRESS_EVERY
+    for id, w in pairs(self.watch) do self:progress(id, w) end
+  end
   while true do
     local id, res = ctl:done()
     if not id then break end
+    local watcher = self.watch[id]
+    if watcher then
+      self.watch[id] = nil
+      self.watched = self.watched - 1
+      if res.code == 0 and not res.fail then
+        self:callback(watcher.fn, res.sent, res.sent, res.received, res.received)
+      end
+    end
     local w = self.waiting[id]
     self.waiting[id] = nil
     if w then
@@ -266,12 +343,17 @@ function Loop:timeout()
     local t = math.max(0, math.ceil((top.at - now()) * 1000))
     if ms < 0 or t < ms then ms = t end
   end
+  if self.watched > 0 then
+    local t = math.max(0, math.ceil((self.watch_at - now()) * 1000))
+    if ms < 0 or t < ms then ms = t end
+  end
   return ms
 end
 
+-- the error of a failed task nobody joined (oldest first), or nil
 function Loop:take_failure()
   local task = table.remove(self.failures, 1)
-  if task then return task.traceback end
+  if task then return task.error end
 end
 
 ------------------------------------------------------------------ Task
@@ -280,15 +362,16 @@ function Task:done() return self.status == "done" or self.status == "error" end
 
 local function add_joiner(_, w, task) task.joiners[#task.joiners + 1] = w end
 
--- join(): wait for the task, then its results, or nil, err
+-- join(): wait for the task, then its results, or nil and its error
+-- (an error object; err.traceback says where it was raised)
 function Task:join()
   if not self:done() then
     local loop = self.loop
-    if loop:current() == self then error("join: a task cannot join itself", 2) end
+    if loop:current() == self then errors.arg("join", "a task cannot join itself") end
     loop:await(add_joiner, self)
   end
   if self.status == "error" then
-    return nil, self.traceback
+    return nil, self.error
   end
   return unpack(self.results, 1, self.results.n)
 end
@@ -300,13 +383,16 @@ function Task:cancel()
   if self.transfer then
     loop.ctl:cancel(self.transfer)
     loop.waiting[self.transfer] = nil
+    if loop.watch[self.transfer] then
+      loop.watch[self.transfer] = nil
+      loop.watched = loop.watched - 1
+    end
   end
   -- a timer it sleeps on stays in the heap: waking a finished task is a no-op
   loop.tasks[self.co] = nil
   loop.alive = loop.alive - 1
   self.status = "error"
-  self.error = errors.new({ kind = "cancelled", message = "task cancelled" })
-  self.traceback = tostring(self.error)
+  self.error = errors.new({ kind = "cancelled", code = "task_cancelled", message = "the task was cancelled" })
   for _, j in ipairs(self.joiners) do loop:wake(j) end
   self.joiners = {}
   return true

@@ -1,14 +1,16 @@
--- lbatch inside OpenResty (ngx_lua): never blocks the nginx worker.
+--- lbatch inside OpenResty (ngx_lua): never blocks the nginx worker.
 --
---   local client = require("lbatch.openresty").client{ api_key = ..., base_url = ... }
---   -- in content_by_lua*, ngx.timer handlers, anywhere a yield is allowed:
---   local batch = assert(client:retrieve(id))
+--    local client = require("lbatch.openresty").client{ api_key = ..., base_url = ... }
+--    -- in content_by_lua*, ngx.timer handlers, anywhere a yield is allowed:
+--    local batch = assert(client:retrieve(id))
 --
 -- One client per worker (client() returns the same one for the same
--- options). A driver runs in an ngx.timer: it calls step() and sleeps with
--- ngx.sleep while transfers are active, and on a semaphore while idle. An
--- operation called from a request or timer handler waits on an
--- ngx.semaphore, so the worker serves other requests meanwhile.
+-- options). It uses only the documented host seam (see `lbatch.loop`): a
+-- driver in an ngx.timer calls step() and sleeps with ngx.sleep while
+-- transfers are active, and on a semaphore while idle (`notify` wakes it);
+-- an operation called from a request or timer handler waits on an
+-- ngx.semaphore (`waiter`), so the worker serves other requests meanwhile.
+-- @module lbatch.openresty
 local lbatch = require "lbatch"
 local semaphore = require "ngx.semaphore"
 
@@ -16,22 +18,23 @@ local M = {}
 local clients = {}
 
 local POLL = 0.002       -- seconds between steps while transfers are active
+local IDLE = 1           -- seconds the driver sleeps when there is no work
+
+-- how a handler waits for its result: on a semaphore the loop posts
+local function waiter()
+  local sema = semaphore.new()
+  return { wait = function() sema:wait(60) end, wake = function() sema:post(1) end }
+end
 
 local function start(opts)
-  local client = lbatch.new(opts)
-  local loop = client.loop
-  local idle = semaphore.new()
-  local sleeping = false
-
-  -- an operation outside lbatch's tasks: register it, wake the driver, and
-  -- wait on a semaphore that the loop posts when the result is in
-  loop.block = function(box, register)
-    local sema = semaphore.new()
-    box.notify = function() sema:post(1) end
-    register(box)
-    if sleeping then idle:post(1) end
-    while not box.value do sema:wait(3600) end
-  end
+  local idle, sleeping = semaphore.new(), false
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  o.host = {
+    waiter = waiter,
+    notify = function() if sleeping then idle:post(1) end end,
+  }
+  local client = lbatch.new(o)
 
   local function drive(premature)
     if premature then return end
@@ -39,7 +42,7 @@ local function start(opts)
       local pending = client:step(1)
       if pending == 0 then
         sleeping = true
-        idle:wait(1)
+        idle:wait(IDLE)
         sleeping = false
       else
         local ms = client:timeout()
@@ -48,18 +51,12 @@ local function start(opts)
     end
   end
   assert(ngx.timer.at(0, drive))
-
-  -- spawn from a handler: wake the driver too
-  local spawn = client.spawn
-  function client.spawn(self, fn, ...)
-    local t = spawn(self, fn, ...)
-    if sleeping then idle:post(1) end
-    return t
-  end
   return client
 end
 
--- client(opts): this worker's client for these options
+--- This worker's client for these options (made on first use).
+-- @tparam[opt] table opts as `lbatch.new` (`host` is set here)
+-- @treturn lbatch.client
 function M.client(opts)
   opts = opts or {}
   local key = (opts.base_url or "") .. "\0" .. (opts.region or "") .. "\0" .. (opts.api_key or "")

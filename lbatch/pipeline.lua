@@ -1,4 +1,4 @@
--- A pipeline: requests in, merged results out. It shards (lbatch.jsonl),
+--- A pipeline: requests in, merged results out. It shards (lbatch.jsonl),
 -- uploads, creates, waits and downloads with at most N jobs in flight, and
 -- keeps a journal of every step (written atomically). Killed at any moment
 -- and started again on the same journal, it resumes: nothing is uploaded or
@@ -13,12 +13,16 @@
 --              file of that name in the newest files is the upload.
 --   creating:  a shard's file is used by one batch only; a batch with that
 --              input file is the create.
-local cjson = require "cjson"
+-- @module lbatch.pipeline
 local core = require "lbatch.core"
 local jsonl = require "lbatch.jsonl"
+local json = require "lbatch.json"
 local csv = require "lbatch.csv"
 local results = require "lbatch.results"
 local errors = require "lbatch.errors"
+local journal = require "lbatch.journal"
+local service = require "lbatch.service"
+local rules = require "lbatch.rules"
 
 local M = {}
 
@@ -28,45 +32,25 @@ end
 
 ------------------------------------------------------------------ journal
 
--- The journal is append-only: a header line, then a line per change (a
--- shard's new state, or the run's phase). A change costs one short append
--- however many shards there are; a process killed mid-write leaves at most
--- a torn last line, which load() skips. load() replays it and writes it
--- back compacted (to a temp file, renamed over).
-local function load(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
+-- The journal (lbatch.journal) holds a header record, then a record per
+-- change: a shard's new state ({k, shard}) or the run's phase ({phase}).
+-- A change costs one short append however many shards there are.
+local function open_journal(path)
   local state
-  for line in f:lines() do
-    local ok, rec = pcall(cjson.decode, line)
-    if ok and type(rec) == "table" then
-      if rec.version == 1 then state = { version = 1, run = rec.run, phase = rec.phase, shards = {} }
-      elseif state and rec.k then state.shards[rec.k] = rec.shard
-      elseif state and rec.phase then state.phase = rec.phase end
-    end
-  end
-  f:close()
-  return state
+  local j, err = journal.open(path, function(rec)
+    if rec.version == 1 then state = { version = 1, run = rec.run, phase = rec.phase, shards = {} }
+    elseif state and rec.k then state.shards[rec.k] = rec.shard
+    elseif state and rec.phase then state.phase = rec.phase end
+  end)
+  if not j then return nil, err end
+  return j, nil, state
 end
 
-local function header(state)
-  return cjson.encode({ version = 1, run = state.run, phase = state.phase }) .. "\n"
-end
-
-local function shard_line(k, s)
-  return cjson.encode({ k = k, shard = s }) .. "\n"
-end
-
--- the whole state, written aside and renamed over; returns the journal
--- opened for appending
-local function rewrite(path, state)
-  local tmp = path .. ".tmp"
-  local f = assert(io.open(tmp, "wb"))
-  f:write(header(state))
-  for k, s in ipairs(state.shards) do f:write(shard_line(k, s)) end
-  f:close()
-  assert(os.rename(tmp, path))
-  return assert(io.open(path, "ab"))
+-- the whole state as records, for a compaction
+local function snapshot(state)
+  local recs = { { version = 1, run = state.run, phase = state.phase } }
+  for k, s in ipairs(state.shards) do recs[#recs + 1] = { k = k, shard = s } end
+  return recs
 end
 
 local function token()
@@ -81,12 +65,11 @@ end
 -- requests: a .jsonl or .csv path, a list of requests, or an iterator
 -- returning them; a request is {custom_id, body[, url]} or a full line.
 local function shard(opts, dir, client)
-  local loop = client.loop
   local w = jsonl.writer({ path = dir .. "/requests.jsonl", endpoint = opts.endpoint, model = opts.model,
                            max_lines = opts.max_lines, max_bytes = opts.max_bytes, unique = "all" })
   local function add(r)
     if type(r) ~= "table" then error(fail("a request must be a table"), 0) end
-    loop:pause()                       -- a host's frame goes on
+    client:pause()                     -- a host's frame goes on
     local ok, err
     if r.method then ok, err = w:request(r) else ok, err = w:add(r.custom_id, r.body, r.url) end
     if not ok then error(err, 0) end
@@ -102,17 +85,18 @@ local function shard(opts, dir, client)
       w = { close = function() return m end }
     elseif type(src) == "string" then
       local fh, msg = io.open(src, "rb")
-      if not fh then error(fail("cannot read " .. tostring(msg)), 0) end
-      local n = 0
-      for line in fh:lines() do
-        n = n + 1
-        if line:find("%S") then
-          local okj, r = pcall(cjson.decode, line)
-          if not okj then fh:close() error(fail(("%s line %d is not JSON"):format(src, n)), 0) end
-          add(r)
+      if not fh then error(errors.io("cannot read", src, msg), 0) end
+      local okr, rerr = pcall(function()
+        for n, line in rules.lines(fh) do
+          if line and line:find("%S") then
+            local okj, r = pcall(json.decode, line)
+            if not okj then error(fail(("%s line %d is not JSON"):format(src, n)), 0) end
+            add(r)
+          end
         end
-      end
+      end)
       fh:close()
+      if not okr then error(errors.is(rerr) and rerr or errors.io("cannot read", src, rerr), 0) end
     elseif type(src) == "table" then
       for _, r in ipairs(src) do add(r) end
     elseif type(src) == "function" then
@@ -121,15 +105,16 @@ local function shard(opts, dir, client)
       error(fail("requests must be a path, a list or an iterator"), 0)
     end
   end)
-  local manifest = w:close()
-  if not ok then return nil, err end
+  local manifest, cerr = w:close()
+  if not ok then return nil, errors.is(err) and err or fail(tostring(err)) end
+  if not manifest then return nil, cerr end
   if #manifest.files == 0 then return nil, fail("no requests") end
   return manifest
 end
 
 ------------------------------------------------------------------ one shard
 
-local PARTIAL = { expired = true, cancelled = true }
+local PARTIAL = service.PARTIAL
 
 local Run = {}
 Run.__index = Run
@@ -140,13 +125,13 @@ function Run:save(s) self.dirty[s] = true end
 
 function Run:flush()
   if next(self.dirty) then
-    local lines = {}
+    local recs = {}
     for k, s in ipairs(self.state.shards) do
-      if self.dirty[s] then lines[#lines + 1] = shard_line(k, s) end
+      if self.dirty[s] then recs[#recs + 1] = { k = k, shard = s } end
     end
     self.dirty = {}
-    self.log:write(table.concat(lines))
-    self.log:flush()
+    local ok, err = self.log:append((table.unpack or unpack)(recs))
+    if not ok then self.failure = self.failure or err end
   end
   if self.moved then
     self.moved = false
@@ -178,19 +163,18 @@ function Run:report_progress()
   cb(p)
 end
 
--- the file this run uploaded under `name`, if the service has it
+-- the file this run uploaded under `name`, if the service has it (a
+-- failure to look raises: uploading again could make a second file)
 function Run:find_upload(name)
-  local page, err = self.client:files({ limit = 100, order = "desc" })
-  if not page then return nil, err end
+  local page = assert(self.client:list_files({ limit = 100, order = "desc" }))
   for _, f in ipairs(page.data) do
     if f.filename == name then return f end
   end
 end
 
--- the batch made from `file_id`, if any
+-- the batch made from `file_id`, if any (a failure to look raises)
 function Run:find_batch(file_id)
-  local page, err = self.client:list({ input_file_ids = { file_id }, limit = 100 })
-  if not page then return nil, err end
+  local page = assert(self.client:list_batches({ input_file_ids = { file_id }, limit = 100 }))
   for _, b in ipairs(page.data) do
     if b.input_file_id == file_id then return b end
   end
@@ -271,43 +255,60 @@ end
 
 ------------------------------------------------------------------ run
 
--- run{client, requests, dir, journal, model, endpoint, system, max_lines,
--- max_bytes, max_in_flight = 8, completion_window, metadata (a table, or
--- fn(shard) -> table: shard.round, shard.name, ...), poll_interval,
--- max_poll_interval, poll_factor, resubmit, max_rounds, on_progress(p),
--- on_step(step, shard)} -> report {shards, results (a reader), outputs,
--- errors, inputs, journal} or nil, err
+-- what a worker raised, as an error object
+local function as_error(e)
+  if errors.is(e) then return e end
+  return errors.new({ kind = "task", code = "pipeline_failed", message = tostring(e),
+                      traceback = debug.traceback(tostring(e), 2) })
+end
+
+--- Run a whole job: shard, upload, create, wait, download, merge.
+-- Killed at any moment and run again on the same `dir`, it resumes from
+-- its journal: nothing is uploaded or created twice.
+-- @tparam table opts client, requests (a .jsonl or .csv path, a list of
+-- requests, or an iterator returning them; a request is `{custom_id, body[,
+-- url]}` or a whole line), dir, journal (default dir/journal.jsonl),
+-- model, endpoint, system, max_lines, max_bytes, max_in_flight (8),
+-- completion_window, metadata (a table, or fn(shard) -> table),
+-- poll_interval, max_poll_interval, poll_factor, resubmit, max_rounds,
+-- on_progress(p), on_step(step, shard)
+-- @treturn table the report `{shards, results (a reader), outputs,
+-- errors, inputs, journal}`, or nil and an error
 function M.run(opts)
-  if type(opts) ~= "table" then error("pipeline.run: a table is expected", 2) end
-  if type(opts.client) ~= "table" then error("pipeline.run: opts.client is required", 2) end
-  if type(opts.dir) ~= "string" then error("pipeline.run: opts.dir is required", 2) end
-  local loop = opts.client.loop
+  errors.check("pipeline.run", "opts", opts, "table")
+  errors.check("pipeline.run", "opts.client", opts.client, "table")
+  errors.check("pipeline.run", "opts.dir", opts.dir, "string")
+  local client = opts.client
   local made, why = core.mkdir(opts.dir)
-  if not made then return nil, fail(why) end
-  local journal = opts.journal or (opts.dir .. "/journal.jsonl")
-  local state = load(journal)
+  if not made then return nil, errors.io("cannot make", opts.dir, why:gsub("^mkdir [^:]*: ", "")) end
+  local path = opts.journal or (opts.dir .. "/journal.jsonl")
+  local log, jerr, state = open_journal(path)
+  if not log then return nil, jerr end
   if not state or state.phase == "sharding" then
     state = { version = 1, run = token(), phase = "sharding", shards = {} }
-    rewrite(journal, state):close()
-    local manifest, err = shard(opts, opts.dir, opts.client)
-    if not manifest then return nil, err end
+    local ok, err = log:compact(snapshot(state))
+    if not ok then log:close() return nil, err end
+    local manifest
+    manifest, err = shard(opts, opts.dir, client)
+    if not manifest then log:close() return nil, err end
     for i, f in ipairs(manifest.files) do
       state.shards[i] = { path = f.path, name = state.run .. "-" .. i .. ".jsonl", lines = f.lines,
         model = f.model, endpoint = f.endpoint, round = 1, step = "written" }
     end
     state.phase = "running"
-    loop:pause()
+    client:pause()
   end
-  local run = setmetatable({ client = opts.client, opts = opts, journal = journal, state = state,
-                             queue = {}, started = os.time(), dirty = {},
-                             log = rewrite(journal, state) }, Run)
-  loop:pause()
-  local unhook = loop:at_turn_end(function() run:flush() end)
+  local ok, cerr = log:compact(snapshot(state))
+  if not ok then log:close() return nil, cerr end
+  local run = setmetatable({ client = client, opts = opts, journal = path, state = state,
+                             queue = {}, started = os.time(), dirty = {}, log = log }, Run)
+  client:pause()
+  local unhook = client:at_turn_end(function() run:flush() end)
   for _, s in ipairs(state.shards) do
     if s.step ~= "done" then run.queue[#run.queue + 1] = s end
   end
   if state.phase ~= "done" then
-    local client, failure, busy = opts.client, nil, 0
+    local failure, busy = nil, 0
     -- a worker takes the next shard; idle, it waits while a shard in
     -- progress may still add a resubmitted one
     local function worker()
@@ -315,9 +316,9 @@ function M.run(opts)
         local s = table.remove(run.queue, 1)
         if s then
           busy = busy + 1
-          local ok, err = pcall(run.process, run, s)
+          local done, err = pcall(run.process, run, s)
           busy = busy - 1
-          if not ok then failure = failure or err end
+          if not done then failure = failure or as_error(err) end
         elseif busy == 0 then
           return
         else
@@ -328,29 +329,31 @@ function M.run(opts)
     local workers = {}
     for i = 1, math.max(1, opts.max_in_flight or 8) do
       workers[i] = client:spawn(worker)
-      loop:pause()
+      client:pause()
     end
     for _, w in ipairs(workers) do
-      local ok, err = w:join()
-      if ok == nil and err then failure = failure or err end
+      local _, err = w:join()
+      if err then failure = failure or err end
     end
     run:flush()
-    if failure then unhook() run.log:close() return nil, failure end
+    failure = failure or run.failure
+    if failure then unhook() log:close() return nil, failure end
     state.phase = "done"
-    run.log:write(cjson.encode({ phase = "done" }), "\n")
+    local done, err = log:append({ phase = "done" })
+    if not done then unhook() log:close() return nil, err end
   end
   unhook()
-  run.log:close()
+  log:close()
   local outputs, errs, inputs = {}, {}, {}
   for _, s in ipairs(state.shards) do
     if s.output then outputs[#outputs + 1] = s.output end
     if s.error then errs[#errs + 1] = s.error end
     if s.round == 1 then inputs[#inputs + 1] = s.path end
   end
-  return {
-    shards = state.shards, outputs = outputs, errors = errs, inputs = inputs, journal = journal,
-    results = results.open({ output = outputs, errors = errs, inputs = inputs }),
-  }
+  local reader, rerr = results.open({ output = outputs, errors = errs, inputs = inputs })
+  if not reader then return nil, rerr end
+  return { shards = state.shards, outputs = outputs, errors = errs, inputs = inputs, journal = path,
+           results = reader }
 end
 
 return M

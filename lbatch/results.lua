@@ -1,27 +1,36 @@
--- Results: output and error files read together, one record per request,
--- optionally joined with the input files (then in input order, with the
--- requests that have no result at all). Streaming: one decoded line at a
--- time, never the whole file.
+--- Results: output and error files read together, one record per
+-- request, optionally joined with the input files (then in input order,
+-- with the requests that have no result at all). Streaming: one decoded
+-- line at a time, never the whole file.
 --
---   local r = results.open{ output = "out.jsonl", errors = "err.jsonl", inputs = "in.jsonl" }
---   for rec in r:each() do print(rec.custom_id, rec.ok, rec.content or rec.error_message) end
+--    local r = assert(results.open{ output = "out.jsonl", errors = "err.jsonl", inputs = "in.jsonl" })
+--    for rec, err in r:each() do
+--      if not rec then error(err) end
+--      print(rec.custom_id, rec.ok, rec.content or rec.error_message)
+--    end
+-- @module lbatch.results
 local json = require "lbatch.json"
 local rules = require "lbatch.rules"
 local errors = require "lbatch.errors"
 
-local decode, null = json.decode, json.null
+local decode, normalize = json.decode, json.normalize
 local M = {}
 
-local function list(v)
+local function list(name, v)
   if v == nil then return {} end
   if type(v) == "string" then return { v } end
-  if type(v) == "table" then return v end
-  error("results: a path or a list of paths is expected", 3)
+  if type(v) == "table" then
+    for _, p in ipairs(v) do
+      if type(p) ~= "string" then errors.arg("results.open", name .. " must hold paths (strings)", 4) end
+    end
+    return v
+  end
+  errors.arg("results.open", name .. " must be a path or a list of paths", 4)
 end
 
-local function nn(v) if v ~= null then return v end end
-
--- the text of an input request's last user message (for reports)
+--- The text of an input request's last user message (for reports).
+-- @tparam table req a request line, decoded
+-- @treturn ?string
 local function prompt_of(req)
   local body = type(req) == "table" and req.body
   if type(body) ~= "table" then return nil end
@@ -43,37 +52,45 @@ local function prompt_of(req)
 end
 M.prompt_of = prompt_of
 
--- One output or error line as a record.
+local function tab(v) if type(v) == "table" then return v end end
+local function str(v) if v ~= nil then return tostring(v) end end
+
+--- One output or error line as a record: custom_id, ok, status_code,
+-- request_id, body, model, created, usage, content, reasoning, embedding,
+-- error_code, error_message (JSON null is nil; whole numbers are integers).
+-- @tparam string line
+-- @treturn table the record
 local function record(line)
   local ok, r = pcall(decode, line)
   if not ok or type(r) ~= "table" then
     return { ok = false, error_code = "invalid_result_line", error_message = "result line is not JSON" }
   end
-  local resp = nn(r.response)
-  local body = resp and nn(resp.body)
-  local err = nn(r.error)
-  local berr = type(body) == "table" and nn(body.error)
-  local status = resp and nn(resp.status_code)
+  normalize(r)
+  local resp = tab(r.response)
+  local body = resp and resp.body
+  local err = r.error
+  local berr = type(body) == "table" and body.error
+  local status = resp and resp.status_code
   local rec = {
-    custom_id = r.custom_id, id = nn(r.id), status_code = status,
-    request_id = resp and nn(resp.request_id), body = body,
-    ok = status == 200 and err == nil and berr == nil,
+    custom_id = r.custom_id, id = r.id, status_code = status,
+    request_id = resp and resp.request_id, body = body,
+    ok = status == 200 and err == nil and not berr,
   }
   if type(body) == "table" then
-    rec.model, rec.created, rec.usage = nn(body.model), nn(body.created), nn(body.usage)
-    local choices = nn(body.choices)
-    local msg = choices and choices[1] and nn(choices[1].message)
+    rec.model, rec.created, rec.usage = body.model, body.created, tab(body.usage)
+    local choices = tab(body.choices)
+    local msg = choices and tab(choices[1]) and tab(choices[1].message)
     if msg then
-      rec.content = nn(msg.content)
-      rec.reasoning = nn(msg.reasoning_content)
+      rec.content = msg.content
+      rec.reasoning = msg.reasoning_content
     end
-    local data = nn(body.data)
-    if type(data) == "table" and data[1] and data[1].embedding then rec.embedding = data[1].embedding end
+    local data = tab(body.data)
+    if data and tab(data[1]) and data[1].embedding then rec.embedding = data[1].embedding end
   end
-  local e = err or berr
-  if type(e) == "table" then
-    rec.error_code = nn(e.code) and tostring(e.code) or nil
-    rec.error_message = nn(e.message)
+  local e = tab(err) or tab(berr)
+  if e then
+    rec.error_code = str(e.code)
+    rec.error_message = str(e.message)
   end
   return rec
 end
@@ -82,18 +99,36 @@ M.record = record
 local Reader = {}
 Reader.__index = Reader
 
--- open{output=, errors=, inputs=}: paths or lists of paths (shards)
+--- A reader of results.
+-- @tparam table opts output, errors, inputs: a path or a list of paths (shards)
+-- @treturn table the reader, or nil and an `io` error when a file cannot be read
 function M.open(opts)
-  if type(opts) ~= "table" then error("results.open: a table is expected", 2) end
-  return setmetatable({
-    outputs = list(opts.output), errs = list(opts.errors), inputs = list(opts.inputs),
+  errors.check("results.open", "opts", opts, "table")
+  local r = setmetatable({
+    outputs = list("output", opts.output), errs = list("errors", opts.errors), inputs = list("inputs", opts.inputs),
   }, Reader)
+  for _, group in ipairs({ r.outputs, r.errs, r.inputs }) do
+    for _, path in ipairs(group) do
+      local fh, msg = io.open(path, "rb")
+      if not fh then return nil, errors.io("cannot read", path, msg) end
+      fh:close()
+    end
+  end
+  return r
 end
 
+-- inside the reader, a file that cannot be read raises its io error,
+-- which each() and the others return
 local function open_or_fail(path)
   local fh, msg = io.open(path, "rb")
-  if not fh then error(errors.new({ kind = "invalid", message = "cannot read " .. tostring(msg) }), 0) end
+  if not fh then error(errors.io("cannot read", path, msg), 0) end
   return fh
+end
+
+-- err as an io error (a read error raised by rules.lines is a string)
+local function as_error(err, path)
+  if errors.is(err) then return err end
+  return errors.io("cannot read", path or "a results file", err)
 end
 
 -- every result file, in order
@@ -148,10 +183,30 @@ function Reader:_lookup()
   }
 end
 
--- each(): an iterator over records. Joined with inputs, records come in
--- input order with rec.input (the request) and rec.prompt, and a request
--- with no result gives {custom_id, ok = false, missing = true}.
+-- an iterator whose failure (a raised io error) comes out as false, err,
+-- after which it ends
+local function guarded(step)
+  local failed = false
+  return function()
+    if failed then return nil end
+    local ok, rec = pcall(step)
+    if ok then return rec end
+    failed = true
+    return false, as_error(rec)
+  end
+end
+
+--- An iterator over records: `for rec, err in r:each()`.
+-- Joined with inputs, records come in input order with rec.input (the
+-- request) and rec.prompt, and a request with no result gives
+-- `{custom_id, ok = false, missing = true}`. A file that cannot be read
+-- gives `false, err` (an `io` error) and the iteration ends.
+-- @treturn function the iterator
 function Reader:each()
+  return guarded(self:_each())
+end
+
+function Reader:_each()
   if #self.inputs == 0 then
     local files, k, lines, fh = self:_files(), 0, nil, nil
     return function()
@@ -169,10 +224,11 @@ function Reader:each()
       end
     end
   end
-  local results = self:_lookup()
+  local results
   self.missing_ids = {}
   local k, it, fh = 0, nil, nil
   return function()
+    results = results or self:_lookup()
     while true do
       local n, text = nil, nil
       if it then n, text = it() end
@@ -203,20 +259,28 @@ function Reader:each()
   end
 end
 
--- missing(): custom_ids of the inputs that have no result at all
+--- The custom_ids of the inputs that have no result at all.
+-- @treturn {string,...} the ids, or nil and an `io` error
 function Reader:missing()
-  for _ in self:each() do end
+  for rec, err in self:each() do
+    if not rec then return nil, err end
+  end
   return self.missing_ids or {}
 end
 
--- summary{prices = {[model] = {input = P, output = P}} (per million tokens,
--- real-time prices), discount = 0.5}: counts, tokens and a cost estimate.
+--- Counts, tokens and a cost estimate.
+-- @tparam[opt] table opts prices = {[model] = {input = P, output = P}}
+-- (per million tokens, real-time prices), discount (0.5: batch prices)
+-- @treturn table total, ok, failed, missing, by_error, prompt_tokens,
+-- completion_tokens, total_tokens, cost, by_model; or nil and an `io` error
 function Reader:summary(opts)
+  errors.check("results.summary", "opts", opts, "table", true)
   opts = opts or {}
   local prices, discount = opts.prices or {}, opts.discount or 0.5
   local s = { total = 0, ok = 0, failed = 0, missing = 0, by_error = {},
               prompt_tokens = 0, completion_tokens = 0, total_tokens = 0, cost = 0, by_model = {} }
-  for rec in self:each() do
+  for rec, err in self:each() do
+    if not rec then return nil, err end
     s.total = s.total + 1
     if rec.missing then s.missing = s.missing + 1
     elseif rec.ok then s.ok = s.ok + 1
@@ -246,15 +310,25 @@ end
 
 local NOT_RUN = { batch_expired = true, batch_cancelled = true }
 
--- resubmit(path[, {failed = true}]): write the input lines of the requests
--- that did not run (no result, or expired / cancelled) to a new input file,
--- byte for byte; with failed = true also those that ran and failed.
--- Returns the number of lines written.
+--- Write the input lines of the requests that did not run (no result, or
+-- expired / cancelled) to a new input file, byte for byte.
+-- @tparam string path the new file
+-- @tparam[opt] table opts failed = true: also those that ran and failed
+-- @treturn integer the number of lines written, or nil and an `io` error
 function Reader:resubmit(path, opts)
-  if #self.inputs == 0 then error("results.resubmit: open the reader with inputs", 2) end
-  local results = self:_lookup()
+  errors.check("results.resubmit", "path", path, "string")
+  if #self.inputs == 0 then errors.arg("results.resubmit", "open the reader with inputs") end
   local out, msg = io.open(path, "wb")
-  if not out then return nil, errors.new({ kind = "invalid", message = "cannot write " .. tostring(msg) }) end
+  if not out then return nil, errors.io("cannot write", path, msg) end
+  local ok, res = pcall(self._resubmit, self, out, opts)
+  local closed, cerr = out:close()
+  if not ok then os.remove(path) return nil, as_error(res) end
+  if not closed then os.remove(path) return nil, errors.io("cannot write", path, cerr) end
+  return res
+end
+
+function Reader:_resubmit(out, opts)
+  local results = self:_lookup()
   local n = 0
   for _, input in ipairs(self.inputs) do
     local fh = open_or_fail(input)
@@ -270,7 +344,6 @@ function Reader:resubmit(path, opts)
     fh:close()
   end
   results.close()
-  out:close()
   return n
 end
 

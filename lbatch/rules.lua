@@ -1,34 +1,26 @@
--- The service's rules for a batch input file, in one place.
+--- The service's rules for a batch input file, in one place.
 --
 -- Used by the emulator (to fail a batch the way the service does), by
--- lbatch.validate (to check a file before it is uploaded) and by the
--- lbatch.jsonl writer. Pure Lua plus lua-cjson, so it also loads in nginx.
+-- `jsonl.validate` (to check a file before it is uploaded) and by the
+-- `lbatch.jsonl` writer. Pure Lua plus lua-cjson, so it also loads in nginx.
+-- The numbers are `lbatch.service`'s.
+-- @module lbatch.rules
 local cjson = require "cjson"
+local service = require "lbatch.service"
 
-local M = {
-  max_lines      = 50000,
-  max_bytes      = 500 * 1024 * 1024,
-  max_line_bytes = 6 * 1024 * 1024,
-  test_model     = "batch-test-model",
-  test_url       = "/v1/chat/ds-test",
-  test_max_lines = 100,
-  test_max_bytes = 1024 * 1024,
-  endpoints = {
-    ["/v1/chat/completions"] = true,
-    ["/v1/embeddings"] = true,
-    ["/v1/chat/ds-test"] = true,
-  },
-}
+local LIMITS, TEST = service.LIMITS, service.TEST
+local M = {}
 
 local decode = cjson.decode
 local find, sub, format = string.find, string.sub, string.format
 
--- Iterate the lines of an open file in blocks, so a file with a huge line
+--- Iterate the lines of an open file in blocks, so a file with a huge line
 -- (or none at all) never sits whole in memory. Yields n, text, bytes where
 -- text is nil when the line is longer than max_line bytes (its bytes are
 -- still counted). A final line without "\n" counts; "\r\n" is accepted.
+-- A read error raises its message.
 function M.lines(fh, max_line)
-  max_line = max_line or M.max_line_bytes
+  max_line = max_line or LIMITS.max_line_bytes
   local buf, pos, n, done = "", 1, 0, false
   local parts, plen, over = {}, 0, false
   return function()
@@ -76,8 +68,10 @@ function M.lines(fh, max_line)
         n = n + 1
         return n, text, bytes
       end
-      local chunk = fh:read(65536)
-      if chunk then buf = chunk else done = true end
+      local chunk, err = fh:read(65536)
+      if chunk then buf = chunk
+      elseif err then error(err, 0)    -- a read error (a directory): callers pcall
+      else done = true end
     end
   end
 end
@@ -98,8 +92,8 @@ function M.checker(opts)
   return setmetatable({
     endpoint = opts.endpoint, seen = {}, lines = 0, bytes = 0,
     model = nil, thinking = nil, test = false,
-    max_lines = opts.max_lines or M.max_lines,
-    max_bytes = opts.max_bytes or M.max_bytes,
+    max_lines = opts.max_lines or LIMITS.max_lines,
+    max_bytes = opts.max_bytes or LIMITS.max_bytes,
   }, Checker)
 end
 
@@ -123,7 +117,7 @@ function Checker:request(n, req, out)
     out[#out + 1] = problem("invalid_method", n, "method must be \"POST\".", "method")
   end
   local url = req.url
-  if type(url) ~= "string" or not M.endpoints[url] then
+  if type(url) ~= "string" or not service.ENDPOINTS[url] then
     out[#out + 1] = problem("invalid_url", n, format("url %s is not a supported endpoint.",
       type(url) == "string" and format("%q", url) or "is missing or"), "url")
   elseif self.endpoint == nil then
@@ -142,7 +136,7 @@ function Checker:request(n, req, out)
     out[#out + 1] = problem("missing_model", n, "body.model is missing.", "body.model")
   elseif self.model == nil then
     self.model = model
-    self.test = model == M.test_model
+    self.test = model == TEST.model
   elseif model ~= self.model then
     out[#out + 1] = problem("mismatched_model", n,
       format("model %q differs from %q used earlier in the file; use one model per file.", model, self.model),
@@ -156,9 +150,9 @@ function Checker:request(n, req, out)
     out[#out + 1] = problem("mismatched_thinking", n,
       "enable_thinking differs from earlier lines; use one thinking mode per file.", "body.enable_thinking")
   end
-  if model == M.test_model and url ~= M.test_url then
+  if model == TEST.model and url ~= TEST.url then
     out[#out + 1] = problem("test_model_url", n,
-      format("batch-test-model requests must use url %q.", M.test_url), "url")
+      format("batch-test-model requests must use url %q.", TEST.url), "url")
   end
   return out
 end
@@ -172,9 +166,9 @@ function Checker:line(n, text, bytes, out)
     out[#out + 1] = problem("too_many_lines", n,
       format("The file has more than %d lines.", self.max_lines), nil)
   end
-  if text == nil or bytes - 1 > M.max_line_bytes then
+  if text == nil or bytes - 1 > LIMITS.max_line_bytes then
     out[#out + 1] = problem("line_too_large", n,
-      format("Line is larger than %d bytes.", M.max_line_bytes), nil)
+      format("Line is larger than %d bytes.", LIMITS.max_line_bytes), nil)
     return out
   end
   if find(text, "^%s*$") then
@@ -199,13 +193,13 @@ function Checker:finish(out)
       format("The file is larger than %d bytes.", self.max_bytes), nil)
   end
   if self.test then
-    if self.lines > M.test_max_lines then
+    if self.lines > TEST.max_lines then
       out[#out + 1] = problem("test_model_too_many_lines", nil,
-        format("A batch-test-model file has at most %d lines.", M.test_max_lines), nil)
+        format("A batch-test-model file has at most %d lines.", TEST.max_lines), nil)
     end
-    if self.bytes > M.test_max_bytes then
+    if self.bytes > TEST.max_bytes then
       out[#out + 1] = problem("test_model_file_too_large", nil,
-        format("A batch-test-model file is at most %d bytes.", M.test_max_bytes), nil)
+        format("A batch-test-model file is at most %d bytes.", TEST.max_bytes), nil)
     end
   end
   return out

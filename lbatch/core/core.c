@@ -113,9 +113,40 @@ static void admit(ctl *c, int most) {
       xfer_finish(x, CURLE_OUT_OF_MEMORY);
       push(&c->done, x);
     } else {
+      xfer_started(x);
       push(&c->active, x);
     }
   }
+}
+
+/* A transfer that moved no byte for its stall time fails (libcurl's own
+ * low-speed check counts whole seconds only). With act = 0, only the
+ * earliest time one is due (ms, monotonic; <0: none). */
+static double stalls(ctl *c, int act) {
+  double now = lb_now_ms(), next = -1;
+  xfer *x, *nx;
+  for (x = c->active.head; x; x = nx) {
+    double due = x->last_io + x->stall_ms;
+    nx = x->next;
+    if (x->stall_ms <= 0) continue;
+    if (act && now >= due) {
+      curl_multi_remove_handle(c->multi, x->easy);
+      unlink_from(&c->active, x);
+      xfer_fail(x, "stalled", "no data moved for %.3g s (stall_timeout)", x->stall_ms / 1e3);
+      xfer_finish(x, CURLE_OPERATION_TIMEDOUT);
+      push(&c->done, x);
+    } else if (next < 0 || due < next) {
+      next = due;
+    }
+  }
+  return next;
+}
+
+/* ms, monotonic, when a step is next needed for timers; <0: never */
+static double next_due(ctl *c) {
+  double s = stalls(c, 0);
+  if (c->deadline >= 0 && (s < 0 || c->deadline < s)) return c->deadline;
+  return s;
 }
 
 static void collect(ctl *c) {
@@ -180,11 +211,21 @@ static int ctl_add(lua_State *L) {
   ctl *c = check_ctl(L);
   xfer *x = xfer_new(L, c, 2);
   if (!x) return luaL_error(L, "lbatch.core: out of memory");
+  if (x->fail) {              /* a local file failed: no request goes out */
+    lua_pushnil(L);
+    lua_pushstring(L, x->fail);
+    lua_pushstring(L, x->failmsg);
+    xfer_free(x);
+    return 3;
+  }
   x->id = ++c->next_id;
   push(&c->queued, x);        /* libcurl gets it at the next step (admit) */
   lua_pushinteger(L, x->id);
   return 1;
 }
+
+/* add(spec): the transfer's id, or nil, "io", message when a local file
+ * (the upload or the download's target) is not usable. */
 
 /* step([wait_ms [, budget_ms]]): wait at most wait_ms for I/O (0: not at
  * all), run what is ready, queue finished transfers. With a budget, stop
@@ -193,13 +234,13 @@ static int ctl_add(lua_State *L) {
 static int ctl_step(lua_State *L) {
   ctl *c = check_ctl(L);
   double wait = luaL_optnumber(L, 2, 0), budget = luaL_optnumber(L, 3, -1);
-  double start;
+  double start, due;
   int timeout;
   admit(c, budget >= 0 ? ADMIT : c->queued.n);
   start = lb_now_ms();
   if (c->done.head || room(c) || wait < 0) wait = 0;
-  if (c->deadline >= 0) {
-    double d = c->deadline - start;
+  if ((due = next_due(c)) >= 0) {
+    double d = due - start;
     if (d < wait) wait = d < 0 ? 0 : d;
   }
   timeout = (int)ceil(wait);
@@ -233,6 +274,7 @@ static int ctl_step(lua_State *L) {
   curl_multi_perform(c->multi, &c->running);
 #endif
   collect(c);
+  stalls(c, 1);
   lua_pushinteger(L, c->running);
   return 1;
 }
@@ -281,10 +323,23 @@ static int ctl_timeout(lua_State *L) {
 #ifndef LBATCH_EPOLL
   if (c->active.head) { lua_pushinteger(L, 10); return 1; }  /* no descriptor: poll */
 #endif
-  if (c->deadline < 0) { lua_pushinteger(L, -1); return 1; }
-  d = c->deadline - lb_now_ms();
+  if ((d = next_due(c)) < 0) { lua_pushinteger(L, -1); return 1; }
+  d -= lb_now_ms();
   lua_pushinteger(L, d <= 0 ? 0 : (lua_Integer)ceil(d));
   return 1;
+}
+
+/* progress(id): bytes sent, bytes to send, bytes received, bytes to
+ * receive (-1: not known yet); nil when the id is unknown */
+static int ctl_progress(lua_State *L) {
+  ctl *c = check_ctl(L);
+  lua_Integer id = luaL_checkinteger(L, 2);
+  xfer *x = find(&c->active, id);
+  if (!x) x = find(&c->queued, id);
+  if (!x) x = find(&c->done, id);
+  if (!x) return 0;
+  xfer_push_progress(L, x);
+  return 4;
 }
 
 static int ctl_pollfd(lua_State *L) {
@@ -383,6 +438,7 @@ int luaopen_lbatch_core(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"add", ctl_add}, {"step", ctl_step}, {"done", ctl_done}, {"cancel", ctl_cancel},
     {"timeout", ctl_timeout}, {"pollfd", ctl_pollfd}, {"pending", ctl_pending},
+    {"progress", ctl_progress},
     {"close", ctl_close}, {NULL, NULL}
   };
   static const luaL_Reg funcs[] = {
@@ -409,7 +465,5 @@ int luaopen_lbatch_core(lua_State *L) {
   }
   lua_pop(L, 1);
   luaL_newlib(L, funcs);
-  lua_pushliteral(L, "lbatch.core 0.1");
-  lua_setfield(L, -2, "_VERSION");
   return 1;
 }

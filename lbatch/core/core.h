@@ -5,6 +5,7 @@
 #define LBATCH_CORE_H
 
 #include <stdio.h>
+#include <sys/types.h>
 #include <curl/curl.h>
 #include "compat.h"
 
@@ -16,6 +17,17 @@ typedef struct buf {
 } buf;
 
 struct ctl;
+struct xfer;
+
+/* An upload source: a regular file read through our own callbacks (so
+ * libcurl can never rewind it and send it a second time on its own), or
+ * bytes in memory (a JSON body, an upload made in memory). */
+typedef struct source {
+  struct xfer *owner;
+  int fd;                     /* -1: from memory */
+  const char *mem;            /* memory source (owned by the xfer) */
+  curl_off_t size, pos;
+} source;
 
 typedef struct xfer {
   CURL *easy;
@@ -25,13 +37,20 @@ typedef struct xfer {
   struct curl_slist *headers;
   curl_mime *mime;
   char *body;                 /* request body (copied) */
+  source body_src, file_src;  /* the JSON body; a file or memory upload part */
+  char *upload_mem;           /* an in-memory upload part (copied) */
   buf resp;                   /* response body when it is not downloaded */
   buf hdrs;                   /* header block of the last response */
+  size_t max_body;            /* cap on resp (and hdrs); 0: none */
   char *path, *tmp;           /* download: final path and temp file beside it */
-  FILE *out;
-  curl_off_t written;
+  int out;                    /* temp file descriptor, -1 when none */
+  int had_target;             /* the path existed (a regular file) */
+  mode_t mode;                /* mode the download gets */
+  curl_off_t written;         /* body bytes downloaded (to file or buffer) */
+  double started, last_io, stall_ms;  /* monotonic ms; stall_ms 0: no check */
   CURLcode result;
-  const char *fail;           /* our own failure (e.g. truncated download) */
+  const char *fail;           /* our own failure: io, truncated, too_large, stalled, encoding */
+  char failmsg[512];
   char errbuf[CURL_ERROR_SIZE];
 } xfer;
 
@@ -63,8 +82,11 @@ int lbatch_idmap_new(lua_State *L);
 
 /* xfer.c */
 xfer *xfer_new(lua_State *L, ctl *c, int spec);
+void xfer_started(xfer *x);
+void xfer_fail(xfer *x, const char *kind, const char *fmt, ...);
 void xfer_finish(xfer *x, CURLcode result);
 void xfer_push_result(lua_State *L, xfer *x);
+void xfer_push_progress(lua_State *L, xfer *x);
 void xfer_free(xfer *x);
 
 #endif

@@ -1,10 +1,36 @@
 /* One transfer: an easy handle built from a Lua spec table, the callbacks
- * that fill its buffers or download file, and its result for Lua. */
+ * that fill its buffers or download file, and its result for Lua.
+ *
+ * Two rules hold for every transfer:
+ *  - libcurl never sends a body a second time on its own. It would, when a
+ *    reused connection dies before any answer (it re-sends the request on a
+ *    fresh one, rewinding the body). Request bodies and uploads are read
+ *    through callbacks that cannot rewind once a byte has gone, so libcurl
+ *    fails instead (CURLE_SEND_FAIL_REWIND) and lbatch decides what to do:
+ *    `create` and `upload` look for what the first attempt made.
+ *  - a download never replaces anything but a regular file: the target is
+ *    checked and its temp file created before the request goes out, and
+ *    the temp file is renamed over the target only when complete. */
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include "core.h"
+
+#define MAX_HEADERS (1024 * 1024)   /* a header block larger than this is refused */
+
+void xfer_fail(xfer *x, const char *kind, const char *fmt, ...) {
+  va_list ap;
+  if (x->fail) return;              /* the first failure is the one to report */
+  x->fail = kind;
+  va_start(ap, fmt);
+  vsnprintf(x->failmsg, sizeof x->failmsg, fmt, ap);
+  va_end(ap);
+}
 
 /* ------------------------------------------------------------ callbacks */
 
@@ -14,43 +40,99 @@ static int is_2xx(xfer *x) {
   return status >= 200 && status < 300;
 }
 
-/* A download goes to a temp file beside its path, but only for a 2xx
- * response: an error body is kept in memory to be decoded. */
+static int write_all(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return 0;
+    }
+    p += w;
+    n -= (size_t)w;
+  }
+  return 1;
+}
+
+/* A 2xx answer to a download goes to the temp file; anything else stays in
+ * memory (an error body, to be decoded), within max_body. */
 static size_t on_write(char *p, size_t size, size_t n, void *ud) {
   xfer *x = ud;
   size_t len = size * n;
-  if (x->path && (x->out || is_2xx(x))) {
-    if (!x->out) {
-      size_t pl = strlen(x->path);
-      int fd;
-      x->tmp = malloc(pl + 16);
-      if (!x->tmp) return 0;
-      memcpy(x->tmp, x->path, pl);
-      memcpy(x->tmp + pl, ".part-XXXXXX", 13);
-      fd = mkstemp(x->tmp);
-      if (fd < 0 || !(x->out = fdopen(fd, "wb"))) {
-        if (fd >= 0) { close(fd); unlink(x->tmp); }
-        free(x->tmp);
-        x->tmp = NULL;
-        x->fail = "cannot create the download file";
-        return 0;
-      }
-    }
-    if (fwrite(p, 1, len, x->out) != len) {
-      x->fail = "cannot write the download file";
+  x->last_io = lb_now_ms();
+  if (x->out >= 0 && is_2xx(x)) {
+    if (!write_all(x->out, p, len)) {
+      xfer_fail(x, "io", "cannot write %s: %s", x->tmp, strerror(errno));
       return 0;
     }
-    x->written += (curl_off_t)len;
-    return len;
+  } else {
+    if (x->max_body && x->resp.len + len > x->max_body) {
+      xfer_fail(x, "too_large", "the answer is larger than %lu bytes (max_response_bytes)",
+                (unsigned long)x->max_body);
+      return 0;
+    }
+    if (!buf_add(&x->resp, p, len)) return 0;
   }
-  return buf_add(&x->resp, p, len) ? len : 0;
+  x->written += (curl_off_t)len;
+  return len;
 }
 
 static size_t on_header(char *p, size_t size, size_t n, void *ud) {
   xfer *x = ud;
   size_t len = size * n;
-  if (len > 5 && memcmp(p, "HTTP/", 5) == 0) x->hdrs.len = 0; /* a new response */
+  x->last_io = lb_now_ms();
+  if (len > 5 && memcmp(p, "HTTP/", 5) == 0) x->hdrs.len = 0;   /* a new response */
+  if (x->hdrs.len + len > MAX_HEADERS) {
+    xfer_fail(x, "too_large", "the answer's headers are larger than %d bytes", MAX_HEADERS);
+    return 0;
+  }
+  /* a file's content is its bytes as stored: an encoding nobody asked for
+   * (lbatch sends no Accept-Encoding for it) is refused, not saved */
+  if (x->out >= 0 && len > 17 && strncasecmp(p, "content-encoding:", 17) == 0) {
+    const char *v = p + 17, *end = p + len;
+    while (v < end && (*v == ' ' || *v == '\t')) v++;
+    if (end - v < 8 || strncasecmp(v, "identity", 8) != 0) {
+      if (is_2xx(x)) {
+        xfer_fail(x, "encoding", "the server sent the file with a Content-Encoding that was not asked for");
+        return 0;
+      }
+    }
+  }
   return buf_add(&x->hdrs, p, len) ? len : 0;
+}
+
+/* Reads a source; refuses to rewind once a byte has been read. */
+static size_t on_read(char *p, size_t size, size_t n, void *ud) {
+  source *s = ud;
+  size_t want = size * n;
+  curl_off_t left = s->size - s->pos;
+  s->owner->last_io = lb_now_ms();
+  if ((curl_off_t)want > left) want = (size_t)left;
+  if (want == 0) return 0;
+  if (s->fd < 0) {
+    memcpy(p, s->mem + s->pos, want);
+  } else {
+    ssize_t r;
+    do r = read(s->fd, p, want); while (r < 0 && errno == EINTR);
+    if (r < 0) {
+      xfer_fail(s->owner, "io", "cannot read the file being uploaded: %s", strerror(errno));
+      return CURL_READFUNC_ABORT;
+    }
+    if (r == 0) {
+      xfer_fail(s->owner, "io", "the file being uploaded changed: it is shorter than when the upload began");
+      return CURL_READFUNC_ABORT;
+    }
+    want = (size_t)r;
+  }
+  s->pos += (curl_off_t)want;
+  return want;
+}
+
+static int on_seek(void *ud, curl_off_t offset, int origin) {
+  source *s = ud;
+  /* libcurl rewinds every part before it sends a request: fine while
+   * nothing has been read; afterwards it would be a second send */
+  if (origin == SEEK_SET && offset == 0 && s->pos == 0) return CURL_SEEKFUNC_OK;
+  return CURL_SEEKFUNC_CANTSEEK;
 }
 
 /* ------------------------------------------------------------ building */
@@ -59,42 +141,55 @@ static const char *opt_string(lua_State *L, int t, const char *k, size_t *len) {
   const char *s = NULL;
   lua_getfield(L, t, k);
   if (!lua_isnil(L, -1)) {
-    if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "spec.%s must be a string", k);
+    if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "lbatch.core: spec.%s must be a string", k);
     s = lua_tolstring(L, -1, len);
   }
   lua_pop(L, 1); /* the spec table still holds the string */
   return s;
 }
 
-static long opt_long(lua_State *L, int t, const char *k, long def) {
-  long v = def;
+static double opt_number(lua_State *L, int t, const char *k, double def) {
+  double v = def;
   lua_getfield(L, t, k);
   if (!lua_isnil(L, -1)) {
-    if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "spec.%s must be a number", k);
-    v = (long)lua_tonumber(L, -1);
+    if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "lbatch.core: spec.%s must be a number", k);
+    v = lua_tonumber(L, -1);
+    if (!(v >= 0)) luaL_error(L, "lbatch.core: spec.%s must be a number >= 0", k);
   }
   lua_pop(L, 1);
   return v;
 }
 
-/* Check the spec's shape before anything is allocated: a Lua error here
- * leaks nothing. */
+static int opt_bool(lua_State *L, int t, const char *k) {
+  int v;
+  lua_getfield(L, t, k);
+  v = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* Check the spec's lists before anything is allocated: a Lua error here
+ * leaks nothing. A header with CR or LF could smuggle another header in. */
 static void check_list(lua_State *L, int t, const char *k) {
-  size_t i, n;
+  size_t i, n, len;
   lua_getfield(L, t, k);
   if (lua_isnil(L, -1)) { lua_pop(L, 1); return; }
-  luaL_argcheck(L, lua_istable(L, -1), t, "spec list must be a table");
+  if (!lua_istable(L, -1)) luaL_error(L, "lbatch.core: spec.%s must be a table", k);
   n = lua_rawlen(L, -1);
   for (i = 1; i <= n; i++) {
     lua_rawgeti(L, -1, (int)i);
     if (strcmp(k, "headers") == 0) {
-      if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "spec.headers[%d] must be a string", (int)i);
+      const char *h;
+      if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "lbatch.core: spec.headers[%d] must be a string", (int)i);
+      h = lua_tolstring(L, -1, &len);
+      if (strlen(h) != len || strpbrk(h, "\r\n"))
+        luaL_error(L, "lbatch.core: spec.headers[%d] holds a CR, LF or NUL", (int)i);
     } else {
       int part = lua_gettop(L);
-      if (!lua_istable(L, -1)) luaL_error(L, "spec.form[%d] must be a table", (int)i);
-      if (!opt_string(L, part, "name", NULL)) luaL_error(L, "spec.form[%d].name is required", (int)i);
+      if (!lua_istable(L, -1)) luaL_error(L, "lbatch.core: spec.form[%d] must be a table", (int)i);
+      if (!opt_string(L, part, "name", NULL)) luaL_error(L, "lbatch.core: spec.form[%d].name is required", (int)i);
       if (!opt_string(L, part, "value", NULL) && !opt_string(L, part, "file", NULL))
-        luaL_error(L, "spec.form[%d] needs a value or a file", (int)i);
+        luaL_error(L, "lbatch.core: spec.form[%d] needs a value or a file", (int)i);
       opt_string(L, part, "filename", NULL);
       opt_string(L, part, "type", NULL);
     }
@@ -109,6 +204,37 @@ static char *copy_str(const char *s, size_t n) {
   return p;
 }
 
+static const char *what_it_is(mode_t m) {
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISLNK(m)) return "a symbolic link";
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISSOCK(m)) return "a socket";
+  if (S_ISCHR(m) || S_ISBLK(m)) return "a device";
+  return "not a regular file";
+}
+
+/* An upload part from a file: regular files only, opened without
+ * blocking (a FIFO would block the whole process) and checked with fstat
+ * on the descriptor itself. */
+static int open_upload(xfer *x, const char *path) {
+  struct stat st;
+  int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) { xfer_fail(x, "io", "cannot read %s: %s", path, strerror(errno)); return 0; }
+  if (fstat(fd, &st) != 0) {
+    xfer_fail(x, "io", "cannot read %s: %s", path, strerror(errno));
+    close(fd);
+    return 0;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    xfer_fail(x, "io", "cannot upload %s: it is %s", path, what_it_is(st.st_mode));
+    close(fd);
+    return 0;
+  }
+  x->file_src.fd = fd;
+  x->file_src.size = (curl_off_t)st.st_size;
+  return 1;
+}
+
 static int add_form(lua_State *L, int t, xfer *x) {
   size_t i, n;
   lua_getfield(L, t, "form");
@@ -120,7 +246,7 @@ static int add_form(lua_State *L, int t, xfer *x) {
     curl_mimepart *part = curl_mime_addpart(x->mime);
     const char *value, *file, *name, *filename, *type;
     size_t vlen = 0;
-    int p;
+    int p, ok = 1;
     lua_rawgeti(L, -1, (int)i);
     p = lua_gettop(L);
     name = opt_string(L, p, "name", NULL);
@@ -128,12 +254,24 @@ static int add_form(lua_State *L, int t, xfer *x) {
     file = opt_string(L, p, "file", NULL);
     filename = opt_string(L, p, "filename", NULL);
     type = opt_string(L, p, "type", NULL);
-    if (!part || curl_mime_name(part, name) != CURLE_OK) { lua_pop(L, 2); return 0; }
-    if (file) curl_mime_filedata(part, file);  /* streamed from disk while sending */
-    else curl_mime_data(part, value, vlen);
-    if (filename) curl_mime_filename(part, filename);
-    if (type) curl_mime_type(part, type);
+    if (!part || curl_mime_name(part, name) != CURLE_OK) ok = 0;
+    else if (file || opt_bool(L, p, "stream")) {
+      /* the one streamed part: a file, or a value sent the same way */
+      if (x->file_src.fd >= 0 || x->file_src.mem) ok = 0;
+      else if (file) { if (!open_upload(x, file)) { lua_pop(L, 2); return 1; } }
+      else {
+        if (!(x->upload_mem = copy_str(value, vlen))) ok = 0;
+        x->file_src.mem = x->upload_mem;
+        x->file_src.size = (curl_off_t)vlen;
+      }
+      if (ok) ok = curl_mime_data_cb(part, x->file_src.size, on_read, on_seek, NULL, &x->file_src) == CURLE_OK;
+    } else {
+      ok = curl_mime_data(part, value, vlen) == CURLE_OK;
+    }
+    if (ok && filename) curl_mime_filename(part, filename);
+    if (ok && type) curl_mime_type(part, type);
     lua_pop(L, 1);
+    if (!ok) { lua_pop(L, 1); return 0; }
   }
   lua_pop(L, 1);
   return curl_easy_setopt(x->easy, CURLOPT_MIMEPOST, x->mime) == CURLE_OK;
@@ -156,44 +294,89 @@ static int add_headers(lua_State *L, int t, xfer *x) {
   return curl_easy_setopt(x->easy, CURLOPT_HTTPHEADER, x->headers) == CURLE_OK;
 }
 
+/* The target must be a regular file or nothing; its temp file is made
+ * now, beside it, so a directory that is missing or not writable fails
+ * before any request goes out. */
+static int open_download(xfer *x, const char *path) {
+  struct stat st;
+  size_t pl = strlen(path);
+  if (lstat(path, &st) == 0) {
+    if (!S_ISREG(st.st_mode)) {
+      xfer_fail(x, "io", "cannot download to %s: it is %s", path, what_it_is(st.st_mode));
+      return 0;
+    }
+    x->had_target = 1;
+    x->mode = st.st_mode & 07777;
+  } else if (errno != ENOENT) {
+    xfer_fail(x, "io", "cannot download to %s: %s", path, strerror(errno));
+    return 0;
+  } else {
+    mode_t um = umask(0);
+    umask(um);
+    x->mode = 0666 & ~um;
+  }
+  if (!(x->path = copy_str(path, pl)) || !(x->tmp = malloc(pl + 16))) {
+    xfer_fail(x, "io", "out of memory");
+    return 0;
+  }
+  memcpy(x->tmp, path, pl);
+  memcpy(x->tmp + pl, ".part-XXXXXX", 13);
+  x->out = mkostemp(x->tmp, O_CLOEXEC);
+  if (x->out < 0) {
+    xfer_fail(x, "io", "cannot create %s: %s", x->tmp, strerror(errno));
+    free(x->tmp);
+    x->tmp = NULL;
+    return 0;
+  }
+  return 1;
+}
+
 /* spec = { url, method = "GET"|"POST"|"DELETE"|..., headers = {"K: V"},
- *          body = string, form = {{name, value | file, filename, type}},
- *          download = path, timeout, connect_timeout (ms),
- *          low_speed_limit (bytes/s), low_speed_time (s), cainfo,
- *          fresh = true: a new connection. libcurl silently sends a request
- *          again when a reused connection dies before any answer; for a
- *          request that must not run twice, a fresh connection rules that out } */
+ *          body = string, form = {{name, value | file, filename, type, stream}},
+ *          download = path, timeout, connect_timeout (ms), stall (ms: fail
+ *          when no byte moves for that long), max_body (bytes kept in
+ *          memory), identity = true (the file's bytes: no Accept-Encoding,
+ *          and an encoding the server applies anyway is refused),
+ *          cainfo, capath, proxy, noproxy }
+ * Returns the transfer; when x->fail is set, it failed before any
+ * request (a local file) and must be freed. NULL: out of memory. */
 xfer *xfer_new(lua_State *L, ctl *c, int spec) {
   size_t body_len = 0;
-  const char *url, *method, *body, *download, *cainfo;
-  long timeout, connect_timeout, low_limit, low_time;
-  int fresh;
+  const char *url, *method, *body, *download, *cainfo, *capath, *proxy, *noproxy;
+  double timeout, connect_timeout, stall, max_body;
+  int identity;
   xfer *x;
   CURL *e;
 
   luaL_checktype(L, spec, LUA_TTABLE);
   url = opt_string(L, spec, "url", NULL);
-  if (!url) luaL_error(L, "spec.url is required");
+  if (!url) luaL_error(L, "lbatch.core: spec.url is required");
   method = opt_string(L, spec, "method", NULL);
   body = opt_string(L, spec, "body", &body_len);
   download = opt_string(L, spec, "download", NULL);
   cainfo = opt_string(L, spec, "cainfo", NULL);
-  timeout = opt_long(L, spec, "timeout", 0);
-  connect_timeout = opt_long(L, spec, "connect_timeout", 0);
-  low_limit = opt_long(L, spec, "low_speed_limit", 0);
-  low_time = opt_long(L, spec, "low_speed_time", 0);
+  capath = opt_string(L, spec, "capath", NULL);
+  proxy = opt_string(L, spec, "proxy", NULL);
+  noproxy = opt_string(L, spec, "noproxy", NULL);
+  timeout = opt_number(L, spec, "timeout", 0);
+  connect_timeout = opt_number(L, spec, "connect_timeout", 0);
+  stall = opt_number(L, spec, "stall", 0);
+  max_body = opt_number(L, spec, "max_body", 0);
+  identity = opt_bool(L, spec, "identity");
   check_list(L, spec, "headers");
   check_list(L, spec, "form");
-  lua_getfield(L, spec, "fresh");
-  fresh = lua_toboolean(L, -1);
-  lua_pop(L, 1);
 
   x = calloc(1, sizeof *x);
   if (!x) return NULL;
   x->ctl = c;
+  x->out = -1;
+  x->body_src.fd = x->file_src.fd = -1;
+  x->body_src.owner = x->file_src.owner = x;
+  x->stall_ms = stall;
+  x->max_body = (size_t)max_body;
   x->easy = e = curl_easy_init();
   if (!e) { free(x); return NULL; }
-  if (download && !(x->path = copy_str(download, strlen(download)))) goto fail;
+  if (download && !open_download(x, download)) return x;
 
   curl_easy_setopt(e, CURLOPT_URL, url);
   curl_easy_setopt(e, CURLOPT_PRIVATE, x);
@@ -207,29 +390,35 @@ xfer *xfer_new(lua_State *L, ctl *c, int spec) {
   curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
   curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
   curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
-  curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
+  /* wait for a connection that may multiplex only where one can (HTTP/2
+   * over TLS): on cleartext HTTP/1.1 it would queue every transfer behind
+   * a busy connection, however stalled */
+  if (strncasecmp(url, "https://", 8) == 0) curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
   curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 256L * 1024);
 #if LIBCURL_VERSION_NUM >= 0x073e00
   curl_easy_setopt(e, CURLOPT_UPLOAD_BUFFERSIZE, 512L * 1024);
 #endif
-  /* downloads are checked against Content-Length: no transfer encoding */
-  if (!download) curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
+  if (!identity) curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
   if (cainfo) curl_easy_setopt(e, CURLOPT_CAINFO, cainfo);
-  if (fresh) curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, 1L);
-  if (timeout > 0) curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout);
-  if (connect_timeout > 0) curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout);
-  if (low_limit > 0 && low_time > 0) {
-    curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, low_limit);
-    curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, low_time);
-  }
-  if (body) {
+  if (capath) curl_easy_setopt(e, CURLOPT_CAPATH, capath);
+  if (proxy) curl_easy_setopt(e, CURLOPT_PROXY, proxy);
+  if (noproxy) curl_easy_setopt(e, CURLOPT_NOPROXY, noproxy);
+  if (timeout > 0) curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)timeout);
+  if (connect_timeout > 0) curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)connect_timeout);
+  if (body && body_len > 0) {
     if (!(x->body = copy_str(body, body_len))) goto fail;
+    x->body_src.mem = x->body;
+    x->body_src.size = (curl_off_t)body_len;
+    curl_easy_setopt(e, CURLOPT_POST, 1L);
     curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
-    curl_easy_setopt(e, CURLOPT_POSTFIELDS, x->body);
+    curl_easy_setopt(e, CURLOPT_READFUNCTION, on_read);
+    curl_easy_setopt(e, CURLOPT_READDATA, &x->body_src);
   }
-  if (!add_form(L, spec, x) || !add_headers(L, spec, x)) goto fail;
+  if (!add_form(L, spec, x)) goto fail;
+  if (x->fail) return x;
+  if (!add_headers(L, spec, x)) goto fail;
   if (method && strcmp(method, "GET") == 0) curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
-  else if (method && strcmp(method, "POST") == 0 && !body && !x->mime) {
+  else if (method && strcmp(method, "POST") == 0 && !x->body && !x->mime) {
     curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, 0L);
     curl_easy_setopt(e, CURLOPT_POSTFIELDS, "");
   } else if (method && strcmp(method, "POST") != 0) {
@@ -241,28 +430,43 @@ fail:
   return NULL;
 }
 
+/* handed to libcurl: the stall clock starts */
+void xfer_started(xfer *x) {
+  x->started = x->last_io = lb_now_ms();
+}
+
 /* ------------------------------------------------------------ results */
 
-/* Close the download: renamed to its path only when complete. */
+/* Close the download: renamed over its path only when complete, and only
+ * over a regular file (or nothing), keeping that file's mode. */
+static void finish_download(xfer *x, CURLcode result) {
+  struct stat st;
+  curl_off_t cl = -1;
+  int ok = result == CURLE_OK && !x->fail && is_2xx(x);
+  if (ok) {
+    curl_easy_getinfo(x->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
+    if (cl >= 0 && cl != x->written) {
+      xfer_fail(x, "truncated", "the download is %ld bytes, shorter than its Content-Length %ld",
+                (long)x->written, (long)cl);
+    } else if (fchmod(x->out, x->mode) != 0 || close(x->out) != 0) {
+      x->out = -1;
+      xfer_fail(x, "io", "cannot write %s: %s", x->tmp, strerror(errno));
+    } else {
+      x->out = -1;
+      if (lstat(x->path, &st) == 0 && !S_ISREG(st.st_mode))
+        xfer_fail(x, "io", "cannot download to %s: it is %s", x->path, what_it_is(st.st_mode));
+      else if (rename(x->tmp, x->path) != 0)
+        xfer_fail(x, "io", "cannot rename %s to %s: %s", x->tmp, x->path, strerror(errno));
+      else { free(x->tmp); x->tmp = NULL; }
+    }
+  }
+  if (x->out >= 0) { close(x->out); x->out = -1; }
+  if (x->tmp) { unlink(x->tmp); free(x->tmp); x->tmp = NULL; }
+}
+
 void xfer_finish(xfer *x, CURLcode result) {
   x->result = result;
-  if (!x->path) return;
-  if (result == CURLE_OK && !x->fail && is_2xx(x)) {
-    curl_off_t cl = -1;
-    curl_easy_getinfo(x->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
-    if (!x->out) {  /* an empty body never reached on_write */
-      FILE *f = fopen(x->path, "wb");
-      if (!f || fclose(f) != 0) x->fail = "cannot create the download file";
-      return;
-    }
-    if (cl >= 0 && cl != x->written) x->fail = "download is shorter than its Content-Length";
-    else if (fclose(x->out) != 0) x->fail = "cannot write the download file";
-    else if (rename(x->tmp, x->path) != 0) x->fail = "cannot rename the download file";
-    x->out = NULL;
-    if (!x->fail) { free(x->tmp); x->tmp = NULL; }
-  }
-  if (x->out) { fclose(x->out); x->out = NULL; }
-  if (x->tmp) { unlink(x->tmp); free(x->tmp); x->tmp = NULL; }
+  if (x->path) finish_download(x, result);
 }
 
 static void set_str(lua_State *L, const char *k, const char *s, size_t n) {
@@ -280,24 +484,34 @@ static void set_int(lua_State *L, const char *k, lua_Integer v) {
   lua_setfield(L, -2, k);
 }
 
-/* { status, body, headers, code (curl), error, path, bytes, time } */
+/* { status, body, headers, code (curl), error, fail (our own failure's
+ *   kind), path, bytes, sent (upload bytes), received (body bytes), time,
+ *   version (HTTP: 1, 2), connect_code } */
 void xfer_push_result(lua_State *L, xfer *x) {
-  long status = 0;
+  long status = 0, version = 0, connect = 0;
   double t = 0;
   curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
   curl_easy_getinfo(x->easy, CURLINFO_TOTAL_TIME, &t);
-  lua_createtable(L, 0, 8);
+  curl_easy_getinfo(x->easy, CURLINFO_HTTP_CONNECTCODE, &connect);
+#if LIBCURL_VERSION_NUM >= 0x073200
+  curl_easy_getinfo(x->easy, CURLINFO_HTTP_VERSION, &version);
+#endif
+  lua_createtable(L, 0, 12);
   set_int(L, "status", (lua_Integer)status);
   set_num(L, "time", t);
   set_int(L, "code", (lua_Integer)x->result);
+  set_int(L, "sent", (lua_Integer)x->file_src.pos);
+  set_int(L, "received", (lua_Integer)x->written);
+  set_int(L, "version", version == CURL_HTTP_VERSION_2_0 ? 2 : version == CURL_HTTP_VERSION_1_0 ? 1 : version ? 1 : 0);
+  if (connect) set_int(L, "connect_code", (lua_Integer)connect);
   if (x->resp.len || !x->path) set_str(L, "body", x->resp.p ? x->resp.p : "", x->resp.len);
   set_str(L, "headers", x->hdrs.p ? x->hdrs.p : "", x->hdrs.len);
-  if (x->result != CURLE_OK) {
+  if (x->fail) {
+    set_str(L, "fail", x->fail, strlen(x->fail));
+    set_str(L, "error", x->failmsg, strlen(x->failmsg));
+  } else if (x->result != CURLE_OK) {
     const char *msg = x->errbuf[0] ? x->errbuf : curl_easy_strerror(x->result);
     set_str(L, "error", msg, strlen(msg));
-  } else if (x->fail) {
-    set_str(L, "error", x->fail, strlen(x->fail));
-    set_str(L, "fail", "download", 8);
   }
   if (x->path && x->result == CURLE_OK && !x->fail && status >= 200 && status < 300) {
     set_str(L, "path", x->path, strlen(x->path));
@@ -305,13 +519,25 @@ void xfer_push_result(lua_State *L, xfer *x) {
   }
 }
 
+/* up_done, up_total, down_done, down_total (-1: not known yet) */
+void xfer_push_progress(lua_State *L, xfer *x) {
+  curl_off_t cl = -1;
+  if (x->easy) curl_easy_getinfo(x->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
+  lua_pushinteger(L, (lua_Integer)x->file_src.pos);
+  lua_pushinteger(L, (lua_Integer)(x->file_src.fd >= 0 || x->file_src.mem ? x->file_src.size : -1));
+  lua_pushinteger(L, (lua_Integer)x->written);
+  lua_pushinteger(L, (lua_Integer)cl);
+}
+
 void xfer_free(xfer *x) {
-  if (x->out) fclose(x->out);
+  if (x->out >= 0) close(x->out);
   if (x->tmp) { unlink(x->tmp); free(x->tmp); }
   if (x->easy) curl_easy_cleanup(x->easy);
   if (x->mime) curl_mime_free(x->mime);
+  if (x->file_src.fd >= 0) close(x->file_src.fd);
   curl_slist_free_all(x->headers);
   free(x->body);
+  free(x->upload_mem);
   free(x->path);
   buf_free(&x->resp);
   buf_free(&x->hdrs);

@@ -215,7 +215,7 @@ end
 
 ---------------------------------------------------------------- batches
 
-local ENDPOINTS = rules.endpoints
+local ENDPOINTS = require("lbatch.service").ENDPOINTS
 
 local function window_hours(w)
   if type(w) ~= "string" then return nil end

@@ -147,7 +147,7 @@ local function execute(b, req, raw)
   end
   local body
   if b.endpoint == "/v1/embeddings" then body = embeddings(req.body)
-  else body = chat(req.body, req.body.model == rules.test_model) end
+  else body = chat(req.body, req.body.model == require("lbatch.service").TEST.model) end
   return {
     id = "batch_req_" .. util.hex(12), custom_id = req.custom_id,
     response = { status_code = 200, request_id = util.uuid(), body = body },

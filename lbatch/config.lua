@@ -1,0 +1,163 @@
+--- A client's options: checked once, with the environment's defaults.
+--
+-- Wrong option values raise at `lbatch.new` (a programming error), with a
+-- message naming the option. Nothing here touches the network.
+-- @module lbatch.config
+local service = require "lbatch.service"
+local errors = require "lbatch.errors"
+
+local M = {}
+
+--- Defaults, in seconds and bytes.
+M.DEFAULTS = {
+  timeout = 600,             -- a whole API request (not uploads and downloads)
+  connect_timeout = 10,
+  stall_timeout = 30,        -- no byte moved for this long: the transfer fails
+  max_retries = 2,
+  retry_after_cap = 60,      -- a longer Retry-After is returned to the caller
+  max_connections = 16,
+  max_response_bytes = 64 * 1024 * 1024,   -- an answer kept in memory
+}
+
+local function fail(msg) errors.arg("new", msg, 4) end
+
+local function env(k)
+  local v = os.getenv(k)
+  if v ~= "" then return v end
+end
+
+-- a number > 0 (or >= 0), finite, and whole when `whole`
+local function number(opts, k, whole, zero_ok)
+  local v = opts[k]
+  if v == nil then return M.DEFAULTS[k] end
+  if type(v) ~= "number" then fail(("%s must be a number (got %s)"):format(k, type(v))) end
+  if v ~= v or v == math.huge or v < 0 or (v == 0 and not zero_ok) then
+    fail(("%s must be a number %s 0 (got %s)"):format(k, zero_ok and ">=" or ">", tostring(v)))
+  end
+  if whole and v ~= math.floor(v) then fail(("%s must be a whole number (got %s)"):format(k, tostring(v))) end
+  return v
+end
+
+local function string_opt(opts, k)
+  local v = opts[k]
+  if v ~= nil and type(v) ~= "string" then fail(("%s must be a string (got %s)"):format(k, type(v))) end
+  return v
+end
+
+-- A header name is a token; no value holds CR, LF or NUL (they would
+-- smuggle another header into the request).
+local function header_line(name, value)
+  if type(name) ~= "string" or not name:find("^[%w!#$%%&'*+%.^_`|~-]+$") then
+    fail(("headers: %q is not a header name"):format(tostring(name)))
+  end
+  if type(value) ~= "string" and type(value) ~= "number" then
+    fail(("headers: the value of %s must be a string"):format(name))
+  end
+  value = tostring(value)
+  if value:find("[\r\n%z]") then fail(("headers: the value of %s holds a CR, LF or NUL"):format(name)) end
+  return name .. ": " .. value
+end
+
+-- headers whose values are secrets, scrubbed like the key
+local SECRET_HEADER = { "auth", "key", "token", "secret", "cookie", "password", "session" }
+local function is_secret_header(name)
+  name = name:lower()
+  for _, w in ipairs(SECRET_HEADER) do if name:find(w, 1, true) then return true end end
+  return false
+end
+
+--- Extra headers from an option (`{Name = "value"}` or `{"Name: value"}`).
+-- @tparam table h the option
+-- @tparam string fn the function checking it, for messages
+-- @tparam ?table secrets a list to add secret values to
+-- @treturn {string,...} header lines
+function M.headers(h, fn, secrets)
+  local lines = {}
+  if h == nil then return lines end
+  if type(h) ~= "table" then errors.arg(fn, "headers must be a table", 4) end
+  for k, v in pairs(h) do
+    local name, value = k, v
+    if type(k) == "number" then
+      if type(v) ~= "string" then errors.arg(fn, "headers: a list entry must be a string \"Name: value\"", 4) end
+      name, value = v:match("^([^:]*):%s*(.*)$")
+      if not name then errors.arg(fn, ("headers: %q is not \"Name: value\""):format(v), 4) end
+    end
+    lines[#lines + 1] = header_line(name, value)
+    if secrets and is_secret_header(name) then secrets[#secrets + 1] = tostring(value) end
+  end
+  table.sort(lines)
+  return lines
+end
+
+local function is_loopback(host)
+  return host == "localhost" or host:find("^127%.%d+%.%d+%.%d+$") ~= nil or host == "[::1]"
+end
+
+-- https://, or http:// to this machine (or with allow_http): the key
+-- never crosses a network in clear by accident
+local function check_base(base, allow_http)
+  local scheme, host = base:match("^(%a[%w+.-]*)://([^/:?#]*)")
+  scheme = scheme and scheme:lower()
+  if scheme ~= "https" and scheme ~= "http" then
+    fail(("base_url must start with https:// (got %q)"):format(base))
+  end
+  if scheme == "http" and not is_loopback(host:lower()) and not allow_http then
+    fail(("base_url %q would send the API key unencrypted: use https://, or allow_http = true"):format(base))
+  end
+end
+
+--- Check `opts` and fill in defaults and the environment.
+-- @tparam table opts the options of `lbatch.new`
+-- @treturn table the configuration (no secrets in it)
+-- @treturn table the secrets: `key`, `headers` (every request's), `list` (to scrub)
+function M.new(opts)
+  if type(opts) ~= "table" then fail("opts must be a table") end
+  local region = opts.region or "cn"
+  if not service.REGIONS[region] then fail("region must be cn, intl or openai") end
+  local key = string_opt(opts, "api_key")
+  if not key then
+    if region == "openai" then key = env("OPENAI_API_KEY") or env("DASHSCOPE_API_KEY")
+    else key = env("DASHSCOPE_API_KEY") or env("OPENAI_API_KEY") end
+  end
+  if not key or key == "" then fail("no API key: pass api_key or set DASHSCOPE_API_KEY (or OPENAI_API_KEY)") end
+  if key:find("[\r\n%z]") then fail("api_key holds a CR, LF or NUL") end
+  local base = string_opt(opts, "base_url") or env("LBATCH_BASE_URL")
+  if not base or base == "" then base = service.REGIONS[region] end
+  base = base:gsub("/+$", "")
+  check_base(base, opts.allow_http)
+  local proxy = string_opt(opts, "proxy")
+  local secret_list = { key }
+  if proxy then
+    local cred = proxy:match("^%a[%w+.-]*://([^@/]+)@") or proxy:match("^([^@/]+)@")
+    if cred then secret_list[#secret_list + 1] = cred end
+  end
+  local headers = { "Authorization: Bearer " .. key, "Accept: application/json",
+                    "User-Agent: lbatch/" .. require("lbatch.version") }
+  for _, h in ipairs(M.headers(opts.headers, "new", secret_list)) do headers[#headers + 1] = h end
+  local host = opts.host
+  if host ~= nil then
+    if type(host) ~= "table" then fail("host must be a table") end
+    for _, k in ipairs({ "waiter", "notify" }) do
+      if host[k] ~= nil and type(host[k]) ~= "function" then fail("host." .. k .. " must be a function") end
+    end
+  end
+  local cfg = {
+    base_url = base, region = region,
+    timeout = number(opts, "timeout"),
+    connect_timeout = number(opts, "connect_timeout"),
+    stall_timeout = number(opts, "stall_timeout"),
+    transfer_timeout = opts.transfer_timeout ~= nil and number(opts, "transfer_timeout") or nil,
+    max_retries = number(opts, "max_retries", true, true),
+    retry_after_cap = number(opts, "retry_after_cap", false, true),
+    max_connections = number(opts, "max_connections", true),
+    max_response_bytes = number(opts, "max_response_bytes", true),
+    cainfo = string_opt(opts, "cainfo") or env("SSL_CERT_FILE") or env("CURL_CA_BUNDLE"),
+    capath = string_opt(opts, "capath") or env("SSL_CERT_DIR"),
+    proxy = proxy,
+    noproxy = string_opt(opts, "noproxy"),
+    host = host,
+  }
+  return cfg, { key = key, headers = headers, list = secret_list }
+end
+
+return M

@@ -1,0 +1,285 @@
+--- The transport: one API call from request to value, with retries.
+--
+-- It builds the request (URL, query, headers, body or form), hands it to
+-- the loop, maps the answer to a value or an error object, honours
+-- Retry-After and retries what is worth retrying. A client's methods are
+-- a few lines each on top of `transport:call`. Every string that came
+-- from the network is scrubbed of the client's secrets before anything
+-- reads it, so an echoed key reaches no error, log, journal or output.
+-- @module lbatch.http
+local json = require "lbatch.json"
+local errors = require "lbatch.errors"
+local service = require "lbatch.service"
+
+local M = {}
+
+------------------------------------------------------------------ requests
+
+local function pct(c) return ("%%%02X"):format(c:byte()) end
+
+--- Percent-encode a string for a URL (RFC 3986 unreserved kept).
+-- @tparam string s
+-- @treturn string
+function M.urlencode(s)
+  return (tostring(s):gsub("[^%w%-%._~]", pct))
+end
+
+--- A query string of every parameter given (sorted, so requests are
+-- stable): a list value becomes a comma-separated one, `false`/`nil` are
+-- left out.
+-- @tparam ?table params
+-- @treturn string "" or "?k=v&..."
+function M.query(params)
+  if params == nil then return "" end
+  local keys = {}
+  for k, v in pairs(params) do
+    if type(k) == "string" and v ~= nil and v ~= false then keys[#keys + 1] = k end
+  end
+  table.sort(keys)
+  local q = {}
+  for _, k in ipairs(keys) do
+    local v = params[k]
+    if type(v) == "table" then
+      local parts = {}
+      for i, x in ipairs(v) do parts[i] = tostring(x) end
+      v = table.concat(parts, ",")
+    end
+    q[#q + 1] = M.urlencode(k) .. "=" .. M.urlencode(v)
+  end
+  return #q > 0 and ("?" .. table.concat(q, "&")) or ""
+end
+
+--- An id for a URL path: a non-empty string with no `/`, no control
+-- character and not a dot segment (`.` or `..` would reach another route).
+-- @tparam string fn the public function, for the error
+-- @tparam string name the argument's name
+-- @param id the id
+-- @return the encoded id, or nil and an `invalid` error
+function M.path_id(fn, name, id)
+  errors.check(fn, name, id, "string")
+  if id == "" or id == "." or id == ".." or id:find("[/%c\\?#%%]") then
+    return nil, errors.new({ kind = "invalid", code = "invalid_id", param = name,
+      message = ("%s: %q is not a valid id"):format(fn, id) })
+  end
+  return M.urlencode(id)
+end
+
+------------------------------------------------------------------ answers
+
+--- Response headers as a table of lowercased names (the last value wins).
+-- @tparam string raw the header block
+-- @treturn table
+function M.parse_headers(raw)
+  local h = {}
+  for name, value in (raw or ""):gmatch("([%w%-]+):[ \t]*([^\r\n]*)") do
+    h[name:lower()] = value
+  end
+  return h
+end
+
+--- Seconds the server asked us to wait (`retry-after-ms`, `retry-after`
+-- in seconds or as an HTTP date), or nil.
+-- @tparam table h parsed headers
+-- @treturn ?number
+function M.retry_after(h)
+  local ms = tonumber(h["retry-after-ms"] or "")
+  if ms and ms == ms then return math.max(0, ms / 1000) end
+  local ra = h["retry-after"]
+  if not ra then return nil end
+  local s = tonumber(ra)
+  if s and s == s then return math.max(0, s) end
+  local at = service.http_date(ra)
+  if at then return math.max(0, at - os.time()) end
+end
+
+-- curl result codes that are worth another attempt
+local RETRY_CURL = { [5] = true, [6] = true, [7] = true, [16] = true, [18] = true, [28] = true,
+                     [35] = true, [52] = true, [55] = true, [56] = true, [65] = true, [92] = true }
+-- ... and those after which the request surely never reached the server
+local NOT_SENT = { [5] = true, [6] = true, [7] = true, [35] = true }
+-- TLS certificate problems: never fixed by trying again
+local CERT = { [51] = true, [58] = true, [60] = true, [77] = true, [80] = true, [83] = true,
+               [90] = true, [91] = true }
+
+-- our own failures (lbatch/core/xfer.c): kind, code, retryable
+local FAIL = {
+  io = { "io", "io", false },
+  truncated = { "network", "truncated", true },
+  too_large = { "decode", "response_too_large", false },
+  stalled = { "timeout", "stalled", true },
+  encoding = { "decode", "unexpected_encoding", false },
+}
+
+local function request_id(h, body)
+  local id = type(body) == "table" and body.request_id
+  if type(id) ~= "string" then id = h["x-request-id"] or h["x-dashscope-request-id"] or h["req-id"] end
+  return id
+end
+
+-- the error of a transfer that got no usable answer
+local function transport_error(res)
+  local f = res.fail and FAIL[res.fail]
+  if f then
+    return errors.new({ kind = f[1], code = f[2], retryable = f[3], status = res.status ~= 0 and res.status or nil,
+                        message = res.error })
+  end
+  local code = res.code
+  if res.connect_code == 407 then
+    return errors.new({ kind = "network", code = "proxy_auth_required",
+      message = "the proxy asks for authentication (407): give its credentials in the proxy URL" })
+  end
+  if CERT[code] then
+    return errors.new({ kind = "network", code = "tls_certificate", message = "TLS certificate problem: "
+      .. tostring(res.error) .. " (cainfo, capath, SSL_CERT_FILE or CURL_CA_BUNDLE name the CA)" })
+  end
+  local kind = code == 28 and "timeout" or code == 42 and "cancelled" or "network"
+  return errors.new({ kind = kind, code = "curl_" .. code, message = res.error,
+                      retryable = RETRY_CURL[code] or false, not_sent = NOT_SENT[code] or false })
+end
+
+-- the error of an answer with a status that is not 2xx
+local function http_error(res, h)
+  local body = res.body and json.object(res.body) or {}
+  local e = type(body.error) == "table" and body.error or body
+  local message = e.message
+  if type(message) ~= "string" then
+    local text = (res.body or ""):gsub("%s+", " ")
+    message = ("HTTP %d%s"):format(res.status, text ~= "" and (": " .. text:sub(1, 200)) or "")
+  end
+  local s = res.status
+  return errors.new({
+    kind = "http", status = s, message = message:sub(1, 2000), code = e.code, type = e.type, param = e.param,
+    request_id = request_id(h, body),
+    retryable = s == 408 or s == 409 or s == 429 or s >= 500,
+    retry_after = M.retry_after(h),
+  })
+end
+
+--- Map a transfer's result to a value, or nil and an error object.
+-- @tparam table res the core's result
+-- @tparam table o the call's options (raw: the body as a string; list: a page)
+-- @treturn value or nil
+-- @treturn ?table the error
+-- @treturn table meta: status, headers, request_id, version
+function M.answer(res, o)
+  local h = M.parse_headers(res.headers)
+  local meta = { status = res.status, headers = h, version = res.version, time = res.time }
+  if res.fail or res.code ~= 0 then return nil, transport_error(res), meta end
+  if res.status < 200 or res.status >= 300 then
+    local err = http_error(res, h)
+    meta.request_id = err.request_id
+    return nil, err, meta
+  end
+  meta.request_id = request_id(h)
+  if res.path then return res.path, nil, meta end
+  if o.raw then return res.body or "", nil, meta end
+  local v, why = json.object(res.body or "")
+  if not v then
+    return nil, errors.new({ kind = "decode", status = res.status, code = "invalid_json", request_id = meta.request_id,
+      message = ("the answer is not a JSON object (%s): %s"):format(why, (res.body or ""):sub(1, 120)) }), meta
+  end
+  if o.list then
+    -- a page's data is always a list of objects (the dashscope dialect
+    -- sends null for none; what is not an object is dropped)
+    local data = {}
+    for _, x in ipairs(type(v.data) == "table" and v.data or {}) do
+      if type(x) == "table" then data[#data + 1] = x end
+    end
+    v.data = data
+  end
+  return json.normalize(v), nil, meta
+end
+
+------------------------------------------------------------------ the transport
+
+local Transport = {}
+Transport.__index = Transport
+
+--- A transport for one client.
+-- @tparam table cfg the configuration (lbatch.config)
+-- @tparam table secrets key, headers, list
+-- @tparam table loop the client's loop
+-- @treturn table
+function M.new(cfg, secrets, loop)
+  local json_headers = { "Content-Type: application/json" }
+  for i, h in ipairs(secrets.headers) do json_headers[i + 1] = h end
+  return setmetatable({ cfg = cfg, loop = loop, headers = secrets.headers, json_headers = json_headers,
+                        scrub = errors.scrubber(secrets.list) }, Transport)
+end
+
+-- the spec of one attempt
+function Transport:spec(method, path, o)
+  local cfg = self.cfg
+  local headers = o.body and self.json_headers or self.headers
+  if o.headers then
+    local all = {}
+    for i, v in ipairs(headers) do all[i] = v end
+    for _, v in ipairs(o.headers) do all[#all + 1] = v end
+    headers = all
+  end
+  local timeout = o.timeout or (o.stream and (cfg.transfer_timeout or 0) or cfg.timeout)
+  return {
+    url = cfg.base_url .. path, method = method, headers = headers,
+    body = o.body, form = o.form, download = o.download, identity = o.identity,
+    cainfo = cfg.cainfo, capath = cfg.capath, proxy = cfg.proxy, noproxy = cfg.noproxy,
+    connect_timeout = cfg.connect_timeout * 1000, timeout = timeout * 1000,
+    stall = cfg.stall_timeout * 1000,
+    max_body = cfg.max_response_bytes,
+  }
+end
+
+-- scrub what came from the network, unless it is a file's bytes
+function Transport:clean(res, raw_ok)
+  local scrub = self.scrub
+  res.headers = scrub(res.headers)
+  if res.error then res.error = scrub(res.error) end
+  local keep = raw_ok and res.status >= 200 and res.status < 300
+  if res.body and not keep then res.body = scrub(res.body) end
+  return res
+end
+
+--- Backoff before attempt `attempt + 1`: the server's Retry-After, else
+-- 0.5 s doubling up to 8 s, with jitter.
+function Transport:backoff(attempt, err)
+  if err.retry_after then return err.retry_after end
+  local base = math.min(8, 0.5 * 2 ^ attempt)
+  return base * (0.75 + 0.25 * math.random())
+end
+
+--- One API call with retries.
+-- @tparam string method
+-- @tparam string path the path after the base URL, query included
+-- @tparam table o body (JSON string), form, download (a path), raw (the
+-- body as a string), identity (a file's bytes), stream (no whole-request
+-- timeout), timeout (s), max_retries, headers (lines), on_progress(done,
+-- total, direction), recover(err) -> value | nil, stop
+-- @return the value, or nil and an error object; then meta
+function Transport:call(method, path, o)
+  local cfg = self.cfg
+  local spec = self:spec(method, path, o)
+  local max_retries = o.max_retries or cfg.max_retries
+  local attempt = 0
+  while true do
+    local res, fail, message = self.loop:transfer(spec, o.on_progress)
+    local value, err, meta
+    if res then
+      value, err, meta = M.answer(self:clean(res, o.raw or o.download), o)
+    else
+      err = errors.new({ kind = fail == "io" and "io" or "invalid", code = fail, message = message })
+    end
+    if value ~= nil then return value, nil, meta end
+    errors.scrub(err, self.scrub)
+    if not err.retryable or attempt >= max_retries then return nil, err, meta end
+    local wait = self:backoff(attempt, err)
+    if wait > cfg.retry_after_cap then return nil, err, meta end
+    self.loop:sleep(wait)
+    if o.recover and not err.not_sent then
+      local found, stop = o.recover(err)
+      if found ~= nil then return found, nil, meta end
+      if stop then return nil, err, meta end
+    end
+    attempt = attempt + 1
+  end
+end
+
+return M
