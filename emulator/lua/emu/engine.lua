@@ -5,6 +5,12 @@
 --
 -- Service time is scaled by --speed: a stage of D service seconds takes
 -- D / speed real seconds.
+--
+-- b.sim is the simulation's own state of a batch, journaled with it and
+-- never shown to clients: t_stage (when its stage began), t_expires, total
+-- (lines), fail_lines (lines that fail on purpose), test (batch-test-model),
+-- validated, job (a validation or finalization is running), done and
+-- missed_code (how far it got, and why the rest did not run), finalized.
 local cjson = require "cjson"
 local rules = require "lbatch.rules"
 local store = require "emu.store"
@@ -35,24 +41,24 @@ end
 
 -- requests finished (in request order) at time t of an in_progress batch
 local function processed(b, t)
-  local _ = b._
-  local n = math.floor((t - _.t_stage) / scaled(line_seconds(b)))
-  return math.max(0, math.min(_.total, n))
+  local sim = b.sim
+  local n = math.floor((t - sim.t_stage) / scaled(line_seconds(b)))
+  return math.max(0, math.min(sim.total, n))
 end
 
 local function failed_before(b, n)
   local c = 0
-  for _, ln in ipairs(b._.fail_lines or {}) do if ln <= n then c = c + 1 end end
+  for _, ln in ipairs(b.sim.fail_lines or {}) do if ln <= n then c = c + 1 end end
   return c
 end
 
 -- request_counts of a batch right now (grows while it runs)
 function E.counts(b)
-  local _ = b._
+  local sim = b.sim
   if b.status == "in_progress" then
     local n = processed(b, store.now())
     local f = failed_before(b, n)
-    return { total = _.total or 0, completed = n - f, failed = f }
+    return { total = sim.total or 0, completed = n - f, failed = f }
   end
   return b.request_counts
 end
@@ -60,7 +66,7 @@ end
 local function stamp(b, status)
   b.status = status
   b[status .. "_at"] = math.floor(store.now())
-  b._.t_stage = store.now()
+  b.sim.t_stage = store.now()
 end
 
 ---------------------------------------------------------------- models
@@ -163,17 +169,17 @@ end
 
 local function run_job(fn, b)
   jobs = jobs + 1
-  b._.job = true
+  b.sim.job = true
   local ok, err = ngx.timer.at(0, function(premature)
     if premature then return end
     local ok2, err2 = pcall(fn, b)
     if not ok2 then ngx.log(ngx.ERR, "emulator job for ", b.id, " failed: ", err2) end
     jobs = jobs - 1
-    b._.job = false
+    b.sim.job = false
   end)
   if not ok then
     jobs = jobs - 1
-    b._.job = false
+    b.sim.job = false
     ngx.log(ngx.ERR, "cannot start job: ", err)
   end
 end
@@ -181,7 +187,7 @@ end
 local function running_tests(except)
   local n = 0
   for id, o in pairs(active) do
-    if id ~= except and o._.test and o._.validated then n = n + 1 end
+    if id ~= except and o.sim.test and o.sim.validated then n = n + 1 end
   end
   return n
 end
@@ -201,7 +207,7 @@ local function validate(b)
     end
     fh:close()
     chk:finish(problems)
-    b._.total, b._.fail_lines, b._.test = chk.lines, fails, chk.test
+    b.sim.total, b.sim.fail_lines, b.sim.test = chk.lines, fails, chk.test
     b.model = chk.model
     if #problems == 0 and chk.test and running_tests(b.id) >= 2 then
       problems[1] = rules.problem("test_model_concurrency", nil,
@@ -211,7 +217,7 @@ local function validate(b)
   if #problems > 0 then
     b.errors = { object = "list", data = problems }
   end
-  b._.validated = true
+  b.sim.validated = true
 end
 
 local function new_file(id, filename, path, bytes)
@@ -227,8 +233,8 @@ end
 -- Write the output and error files. Requests 1..done ran; the rest did
 -- not (cancelled or expired), and go to the error file with `code`.
 local function finalize(b)
-  local _ = b._
-  local done, code = _.done, _.missed_code
+  local sim = b.sim
+  local done, code = sim.done, sim.missed_code
   local out_id = "file-batch_output-" .. util.uuid()
   local err_id = "file-batch_output-" .. util.uuid()
   local out_path, err_path = store.blob(out_id) .. ".part", store.blob(err_id) .. ".part"
@@ -271,13 +277,13 @@ local function finalize(b)
   else os.remove(out_path) end
   if nerr > 0 then b.error_file_id = new_file(err_id, b.id .. "_error.jsonl", err_path, nerr).id
   else os.remove(err_path) end
-  b.request_counts = { total = _.total, completed = ok_count, failed = (_.total - done) + fail_count }
+  b.request_counts = { total = sim.total, completed = ok_count, failed = (sim.total - done) + fail_count }
   b.usage = {
     input_tokens = usage.input_tokens, input_tokens_details = { cached_tokens = 0 },
     output_tokens = usage.output_tokens, output_tokens_details = { reasoning_tokens = 0 },
     total_tokens = usage.input_tokens + usage.output_tokens,
   }
-  _.finalized = true
+  sim.finalized = true
 end
 
 ---------------------------------------------------------------- callback
@@ -316,44 +322,44 @@ local function finish(b, status)
 end
 
 local function begin_finalize(b, status, done, code)
-  b._.done, b._.missed_code, b._.finalized = done, code, false
+  b.sim.done, b.sim.missed_code, b.sim.finalized = done, code, false
   local f = failed_before(b, done)
-  b.request_counts = { total = b._.total or 0, completed = done - f, failed = f }
+  b.request_counts = { total = b.sim.total or 0, completed = done - f, failed = f }
   if status ~= b.status then stamp(b, status) end
   store.put_batch(b)
 end
 
 local function step(b, now)
-  local _ = b._
-  if _.job then return end
+  local sim = b.sim
+  if sim.job then return end
   local s = b.status
-  if (s == "validating" or s == "in_progress") and _.t_expires and now >= _.t_expires then
+  if (s == "validating" or s == "in_progress") and sim.t_expires and now >= sim.t_expires then
     local done = s == "in_progress" and processed(b, now) or 0
-    _.total = _.total or 0
+    sim.total = sim.total or 0
     begin_finalize(b, "expiring", done, "batch_expired")
     return
   end
   if s == "validating" then
-    if not _.validated then
+    if not sim.validated then
       if jobs < E.MAX_JOBS then run_job(validate, b) end
-    elseif now >= _.t_stage + scaled(E.VALIDATE) then
+    elseif now >= sim.t_stage + scaled(E.VALIDATE) then
       if b.errors then
-        b.request_counts = { total = _.total or 0, completed = 0, failed = 0 }
+        b.request_counts = { total = sim.total or 0, completed = 0, failed = 0 }
         finish(b, "failed")
       else
-        b.request_counts = { total = _.total, completed = 0, failed = 0 }
+        b.request_counts = { total = sim.total, completed = 0, failed = 0 }
         stamp(b, "in_progress")
         store.put_batch(b)
       end
     end
   elseif s == "in_progress" then
-    if processed(b, now) >= _.total then begin_finalize(b, "finalizing", _.total, nil) end
+    if processed(b, now) >= sim.total then begin_finalize(b, "finalizing", sim.total, nil) end
   elseif s == "finalizing" or s == "cancelling" or s == "expiring" then
-    if not _.finalized then
+    if not sim.finalized then
       if jobs < E.MAX_JOBS then run_job(finalize, b) end
     else
       local wait = s == "cancelling" and E.CANCEL or s == "finalizing" and E.FINALIZE or 0
-      if now >= _.t_stage + scaled(wait) then
+      if now >= sim.t_stage + scaled(wait) then
         finish(b, s == "finalizing" and "completed" or s == "cancelling" and "cancelled" or "expired")
       end
     end
@@ -384,7 +390,7 @@ function E.cancel(b)
   local now = store.now()
   local done = 0
   if b.status == "in_progress" then done = processed(b, now) end
-  b._.total = b._.total or 0
+  b.sim.total = b.sim.total or 0
   begin_finalize(b, "cancelling", done, "batch_cancelled")
 end
 
@@ -393,9 +399,9 @@ function E.start(config)
   for _, id in ipairs(store.batch_order) do
     local b = store.batches[id]
     if not TERMINAL[b.status] then
-      b._.job = false
-      if b.status == "validating" then b._.validated = false end
-      if b.status ~= "validating" and b.status ~= "in_progress" then b._.finalized = false end
+      b.sim.job = false
+      if b.status == "validating" then b.sim.validated = false end
+      if b.status ~= "validating" and b.status ~= "in_progress" then b.sim.finalized = false end
       active[id] = b
     end
   end

@@ -1,21 +1,19 @@
 -- State of the emulated service: files and batches in memory, every change
--- appended to DATA/journal.jsonl, file contents in DATA/blobs/. At start the
--- journal is replayed and compacted, so a restart loses nothing accepted.
-local cjson = require "cjson"
+-- appended to DATA/journal.jsonl (lbatch.journal), file contents in
+-- DATA/blobs/. At start the journal is replayed and compacted, so a
+-- restart loses nothing accepted.
+local journal = require "lbatch.journal"
 
 local S = {
-  files = {}, file_order = {},     -- id -> file; ids in creation order (false once deleted)
+  files = {}, file_order = {},     -- id -> file; ids in creation order
   batches = {}, batch_order = {},  -- id -> batch; ids in creation order
   batch_pos = {},                  -- id -> index in batch_order
   offset = 0,                      -- clock offset from /_emulator/clock
 }
 
-local dir, journal
+local dir, log
 
-local function append(rec)
-  journal:write(cjson.encode(rec), "\n")
-  journal:flush()
-end
+local function append(rec) assert(log:append(rec)) end
 
 function S.blob(id) return dir .. "/blobs/" .. id end
 
@@ -32,39 +30,26 @@ local function add_batch(b)
   S.batches[b.id] = b
 end
 
-local function replay(path)
-  local fh = io.open(path, "rb")
-  if not fh then return end
-  for line in fh:lines() do
-    local ok, rec = pcall(cjson.decode, line)  -- a torn last line is skipped
-    if ok and type(rec) == "table" then
-      if rec.file then add_file(rec.file)
-      elseif rec.batch then add_batch(rec.batch)
-      elseif rec.delete then S.files[rec.delete] = nil
-      elseif rec.offset then S.offset = rec.offset end
-    end
-  end
-  fh:close()
+local function replay(rec)
+  if rec.file then add_file(rec.file)
+  elseif rec.batch then add_batch(rec.batch)
+  elseif rec.delete then S.files[rec.delete] = nil
+  elseif rec.offset then S.offset = rec.offset end
 end
 
 function S.open(data_dir)
-  dir = data_dir
-  os.execute("mkdir -p '" .. dir .. "/blobs'")
-  local path = dir .. "/journal.jsonl"
-  replay(path)
-  -- compact: live records only, written aside and renamed over
-  local order = {}
+  dir = data_dir                   -- emulator/run made DATA/blobs
+  log = assert(journal.open(dir .. "/journal.jsonl", replay))
+  -- compact: live records only
+  local order, recs = {}, {}
   for _, id in ipairs(S.file_order) do
     if S.files[id] then order[#order + 1] = id end
   end
   S.file_order = order
-  journal = assert(io.open(path .. ".new", "wb"))
-  if S.offset ~= 0 then append({ offset = S.offset }) end
-  for _, id in ipairs(S.file_order) do append({ file = S.files[id] }) end
-  for _, id in ipairs(S.batch_order) do append({ batch = S.batches[id] }) end
-  journal:close()
-  assert(os.rename(path .. ".new", path))
-  journal = assert(io.open(path, "ab"))
+  if S.offset ~= 0 then recs[#recs + 1] = { offset = S.offset } end
+  for _, id in ipairs(S.file_order) do recs[#recs + 1] = { file = S.files[id] } end
+  for _, id in ipairs(S.batch_order) do recs[#recs + 1] = { batch = S.batches[id] } end
+  assert(log:compact(recs))
 end
 
 function S.put_file(f) add_file(f); append({ file = f }) end

@@ -1,0 +1,54 @@
+-- The admin paths, outside the API and without auth: faults to inject,
+-- request counts, and the service clock.
+local cjson = require "cjson"
+local respond = require "emu.respond"
+local store = require "emu.store"
+local engine = require "emu.engine"
+
+local A = {}
+local faults = {}
+local stats = {}
+
+-- the next fault for this request, if one matches (it is used up)
+function A.take_fault(method, path)
+  for i, f in ipairs(faults) do
+    if (f.method == "*" or f.method == method) and path:find(f.path) then
+      f.times = f.times - 1
+      if f.times <= 0 then table.remove(faults, i) end
+      return f
+    end
+  end
+end
+
+function A.count(route) stats[route] = (stats[route] or 0) + 1 end
+
+function A.handle(method, path)
+  if path == "/_emulator/faults" then
+    if method == "POST" then
+      local rule, e = respond.read_json()
+      if not rule then return e end
+      if type(rule.path) ~= "string" then
+        return respond.err(400, "invalid_fault", "A fault needs a path (a Lua pattern).", "path")
+      end
+      rule.method = rule.method or "*"
+      rule.times = tonumber(rule.times) or 1
+      faults[#faults + 1] = rule
+      return respond.json(200, { faults = #faults })
+    elseif method == "DELETE" then
+      faults = {}
+      return respond.json(200, { faults = 0 })
+    end
+  elseif path == "/_emulator/stats" and method == "GET" then
+    return respond.json(200, { routes = next(stats) and stats or cjson.null, running = engine.running() })
+  elseif path == "/_emulator/clock" and method == "POST" then
+    local body, e = respond.read_json()
+    if not body then return e end
+    local adv = tonumber(body.advance)
+    if not adv or adv < 0 then return respond.err(400, "invalid_parameter", "advance must be >= 0 seconds.", "advance") end
+    store.set_offset(store.offset + engine.scaled(adv))
+    return respond.json(200, { now = store.now() })
+  end
+  return respond.err(404, "unknown_url", ("Invalid URL (%s %s)"):format(method, path))
+end
+
+return A

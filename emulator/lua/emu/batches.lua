@@ -1,0 +1,154 @@
+-- The Batch API: create, retrieve, cancel and list.
+local cjson = require "cjson"
+local respond = require "emu.respond"
+local store = require "emu.store"
+local engine = require "emu.engine"
+local util = require "emu.util"
+local service = require "lbatch.service"
+
+local B = {}
+local cfg
+
+local json, err = respond.json, respond.err
+
+function B.init(config) cfg = config end
+
+local function window_hours(w)
+  if type(w) ~= "string" then return nil end
+  local n, unit = w:match("^(%d+)([hd])$")
+  n = tonumber(n)
+  if not n then return nil end
+  if cfg.dialect == "openai" then return w == "24h" and 24 or nil end
+  local hours = unit == "d" and n * 24 or n
+  if hours < service.LIMITS.min_window_hours or hours > service.LIMITS.max_window_hours then return nil end
+  return hours
+end
+
+-- metadata: nil, or an object of at most 16 short strings; nil, error response when not
+local function check_metadata(meta)
+  if meta == nil or meta == cjson.null then return nil end
+  if type(meta) ~= "table" then
+    return nil, err(400, "invalid_metadata", "metadata must be an object of strings.", "metadata")
+  end
+  local n = 0
+  for k, v in pairs(meta) do
+    n = n + 1
+    if type(k) ~= "string" or type(v) ~= "string" or #k > 64 or #v > 512 then
+      return nil, err(400, "invalid_metadata",
+        "metadata values must be strings (keys up to 64, values up to 512 characters).", "metadata")
+    end
+  end
+  if n > 16 then return nil, err(400, "invalid_metadata", "metadata has at most 16 keys.", "metadata") end
+  return meta
+end
+
+function B.create()
+  local req, e = respond.read_json()
+  if not req then return e end
+  local fid = req.input_file_id
+  if type(fid) ~= "string" or fid == "" then
+    return err(400, "missing_required_parameter", "input_file_id is required.", "input_file_id")
+  end
+  if type(req.endpoint) ~= "string" or not service.ENDPOINTS[req.endpoint] then
+    return err(400, "invalid_endpoint",
+      "endpoint must be one of /v1/chat/completions, /v1/embeddings, /v1/chat/ds-test.", "endpoint")
+  end
+  local hours = window_hours(req.completion_window)
+  if not hours then
+    return err(400, "invalid_completion_window", cfg.dialect == "openai"
+      and "completion_window must be \"24h\"."
+      or "completion_window must be between 24h and 336h (e.g. \"24h\", \"72h\", \"14d\").", "completion_window")
+  end
+  local meta
+  meta, e = check_metadata(req.metadata)
+  if e then return e end
+  local f = store.files[fid]
+  if not f then return err(404, "file_not_found", ("No such file: %s"):format(fid), "input_file_id") end
+  if f.purpose ~= "batch" then
+    return err(422, "invalid_input_file", ("File %s has purpose %q, not \"batch\"."):format(fid, f.purpose),
+      "input_file_id")
+  end
+  if cfg.rate_limits and engine.running() >= service.LIMITS.running then
+    return err(429, "too_many_running_batches", "At most 1000 batches may be running at once.", nil,
+      { ["Retry-After"] = "60" })
+  end
+  local now = store.now()
+  local b = {
+    id = "batch_" .. util.uuid(), object = "batch", endpoint = req.endpoint,
+    input_file_id = fid, completion_window = req.completion_window, status = "validating",
+    created_at = math.floor(now), expires_at = math.floor(now + hours * 3600),
+    request_counts = { total = 0, completed = 0, failed = 0 }, metadata = meta,
+    sim = { t_stage = now, t_expires = now + engine.scaled(hours * 3600) },
+  }
+  store.put_batch(b)
+  engine.track(b)
+  return json(200, util.public(b, engine))
+end
+
+local function find(id)
+  local b = store.batches[id]
+  if not b then return nil, err(404, "batch_not_found", ("No such batch: %s"):format(id), "batch_id") end
+  return b
+end
+
+function B.get(id)
+  local b, e = find(id)
+  return e or json(200, util.public(b, engine))
+end
+
+function B.cancel(id)
+  local b, e = find(id)
+  if not b then return e end
+  local s = b.status
+  if s == "validating" or s == "in_progress" then
+    engine.cancel(b)
+  elseif s ~= "cancelling" then
+    return err(409, "batch_not_cancellable",
+      ("Cannot cancel a batch with status %q."):format(engine.visible_status(b)), "batch_id")
+  end
+  return json(200, util.public(b, engine))
+end
+
+local function set_of(v)
+  if not v then return nil end
+  local t = {}
+  for s in tostring(v):gmatch("[^,%s]+") do t[s] = true end
+  return t
+end
+
+function B.list(args)
+  local limit, e = respond.int_arg(args, "limit", 20, 1, 100)
+  if not limit then return e end
+  local statuses, files = set_of(args.status), set_of(args.input_file_ids)
+  local after_t, before_t
+  for _, k in ipairs({ "create_after", "create_before" }) do
+    if args[k] then
+      local t = service.ts14(tostring(args[k]))
+      if not t then return err(400, "invalid_parameter", k .. " must be yyyyMMddHHmmss.", k) end
+      if k == "create_after" then after_t = t else before_t = t end
+    end
+  end
+  local name = args.ds_name and tostring(args.ds_name)
+  local start = #store.batch_order
+  if args.after then
+    local pos = store.batch_pos[args.after]
+    if not pos then return err(404, "batch_not_found", ("No such batch: %s"):format(args.after), "after") end
+    start = pos - 1
+  end
+  local items, has_more = {}, false
+  for i = start, 1, -1 do
+    local b = store.batches[store.batch_order[i]]
+    local meta = type(b.metadata) == "table" and b.metadata or {}
+    if (not statuses or statuses[engine.visible_status(b)])
+      and (not files or files[b.input_file_id])
+      and (not after_t or b.created_at >= after_t)
+      and (not before_t or b.created_at <= before_t)
+      and (not name or (type(meta.ds_name) == "string" and meta.ds_name:find(name, 1, true))) then
+      if #items == limit then has_more = true break end
+      items[#items + 1] = util.public(b, engine)
+    end
+  end
+  return respond.page(items, has_more, cfg.dialect == "dashscope")
+end
+
+return B

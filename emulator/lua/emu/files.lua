@@ -1,0 +1,126 @@
+-- The Files API: upload (multipart, spooled to disk by nginx), list, get,
+-- delete and content.
+local respond = require "emu.respond"
+local store = require "emu.store"
+local util = require "emu.util"
+local multipart = require "emu.multipart"
+
+local F = {}
+local cfg
+
+local MAX_UPLOAD = 500 * 1024 * 1024
+local json, err = respond.json, respond.err
+
+function F.init(config) cfg = config end
+
+local function public(f)
+  return { id = f.id, object = "file", bytes = f.bytes, created_at = f.created_at,
+           filename = f.filename, purpose = f.purpose, status = f.status }
+end
+
+function F.upload()
+  local boundary = multipart.boundary(ngx.var.http_content_type)
+  if not boundary then
+    return err(400, "invalid_request", "Content-Type must be multipart/form-data with a boundary.")
+  end
+  ngx.req.read_body()
+  local body_file = ngx.req.get_body_file()
+  local tmp
+  if not body_file then
+    -- small bodies may stay in memory; spool them so there is one path
+    local data = ngx.req.get_body_data() or ""
+    tmp = store.blob("upload-" .. util.hex(12) .. ".body")
+    local fh = assert(io.open(tmp, "wb"))
+    fh:write(data)
+    fh:close()
+    body_file = tmp
+  end
+  local id = "file-batch-" .. util.uuid()
+  local part = store.blob(id) .. ".part"
+  local res, msg = multipart.parse(body_file, boundary, part, MAX_UPLOAD)
+  if tmp then os.remove(tmp) end
+  if not res then
+    os.remove(part)
+    if msg == "too_large" then
+      return err(413, "file_too_large", "The file is larger than 500 MB.", "file")
+    end
+    return err(400, "invalid_multipart", "Malformed multipart body: " .. msg .. ".")
+  end
+  if not res.file then
+    return err(400, "missing_file", "The multipart body has no 'file' part.", "file")
+  end
+  local purpose = res.fields.purpose
+  if purpose == nil then
+    os.remove(part)
+    return err(400, "missing_purpose", "The 'purpose' field is required.", "purpose")
+  end
+  local allowed = cfg.dialect == "dashscope" and { batch = true }
+    or { batch = true, assistants = true, ["fine-tune"] = true, vision = true, user_data = true, evals = true }
+  if not allowed[purpose] then
+    os.remove(part)
+    return err(400, "invalid_purpose", ("purpose %q is not supported; use \"batch\"."):format(purpose), "purpose")
+  end
+  local f = {
+    id = id, object = "file", bytes = res.file.bytes, created_at = math.floor(store.now()),
+    filename = res.file.filename, purpose = purpose, status = "processed",
+  }
+  assert(os.rename(part, store.blob(id)))
+  store.put_file(f)
+  return json(200, public(f))
+end
+
+function F.list(args)
+  local limit, e = respond.int_arg(args, "limit", 10000, 1, 10000)
+  if not limit then return e end
+  local order = args.order or "desc"
+  if order ~= "asc" and order ~= "desc" then
+    return err(400, "invalid_parameter", "order must be asc or desc.", "order")
+  end
+  local ids = store.file_order
+  local from, to, dir = #ids, 1, -1
+  if order == "asc" then from, to, dir = 1, #ids, 1 end
+  local items, started = {}, args.after == nil
+  local has_more = false
+  for i = from, to, dir do
+    local f = store.files[ids[i]]
+    if f then
+      if started and (not args.purpose or args.purpose == f.purpose) then
+        if #items == limit then has_more = true break end
+        items[#items + 1] = public(f)
+      elseif f.id == args.after then
+        started = true
+      end
+    end
+  end
+  return respond.page(items, has_more, false)
+end
+
+local function find(id)
+  local f = store.files[id]
+  if not f then return nil, err(404, "file_not_found", ("No such file: %s"):format(id), "file_id") end
+  return f
+end
+
+function F.get(id)
+  local f, e = find(id)
+  return e or json(200, public(f))
+end
+
+function F.delete(id)
+  local _, e = find(id)
+  if e then return e end
+  store.delete_file(id)
+  return json(200, { id = id, object = "file", deleted = true })
+end
+
+function F.content(id)
+  local f, e = find(id)
+  if e then return e end
+  if cfg.dialect == "dashscope" and f.purpose ~= "batch_output" then
+    return err(400, "file_not_downloadable",
+      "Only output and error files of batches can be downloaded.", "file_id")
+  end
+  return { status = 200, file = f.id, bytes = f.bytes }
+end
+
+return F

@@ -1,0 +1,134 @@
+-- Answers: JSON bodies, errors in the service's shape, list pages, and
+-- sending them (spoiled when a fault says so).
+local cjson = require "cjson"
+local store = require "emu.store"
+local util = require "emu.util"
+
+local R = {}
+
+-- A response is {status, body (string), headers} or {status, file, bytes, headers}.
+function R.json(status, obj, headers)
+  return { status = status, body = cjson.encode(obj), headers = headers }
+end
+
+local ERROR_TYPES = {
+  [400] = "invalid_request_error", [401] = "invalid_request_error", [404] = "invalid_request_error",
+  [409] = "invalid_request_error", [413] = "invalid_request_error", [422] = "invalid_request_error",
+  [429] = "rate_limit_error", [500] = "server_error",
+}
+
+function R.err(status, code, message, param, headers)
+  return R.json(status, { error = {
+    message = message, type = ERROR_TYPES[status] or "invalid_request_error",
+    param = param or cjson.null, code = code or cjson.null,
+  } }, headers)
+end
+
+-- A list page. Encoded by hand: lua-cjson 2.1.0 writes an empty table as {}.
+function R.page(items, has_more, null_when_empty)
+  local parts = {}
+  for i, o in ipairs(items) do parts[i] = cjson.encode(o) end
+  local data = #parts > 0 and "[" .. table.concat(parts, ",") .. "]"
+    or (null_when_empty and "null" or "[]")
+  local first = items[1] and cjson.encode(items[1].id) or "null"
+  local last = items[#items] and cjson.encode(items[#items].id) or "null"
+  return { status = 200, body = '{"object":"list","data":' .. data .. ',"first_id":' .. first
+    .. ',"last_id":' .. last .. ',"has_more":' .. tostring(has_more) .. "}" }
+end
+
+local function send_headers(res, length)
+  ngx.status = res.status
+  for k, v in pairs(res.headers or {}) do ngx.header[k] = v end
+  ngx.header["Content-Type"] = res.file and "application/octet-stream" or "application/json"
+  ngx.header["x-request-id"] = util.uuid()
+  if length then ngx.header["Content-Length"] = length end
+end
+
+-- Send `res`, spoiled as the fault says (fault.mode: close, truncate, invalid_json).
+function R.send(res, fault)
+  local mode = fault and fault.mode
+  if mode == "close" then return ngx.exit(444) end
+  if res.file then
+    if not mode then
+      -- nginx serves it: sendfile, Range, Content-Length
+      ngx.header["x-request-id"] = util.uuid()
+      return ngx.exec("/_emulator_blob/" .. res.file)
+    end
+    -- a spoiled download: read the blob, stop half way
+    send_headers(res, res.bytes)
+    local fh = io.open(store.blob(res.file), "rb")
+    local left = math.floor(res.bytes / 2)
+    while left > 0 do
+      local chunk = fh:read(math.min(left, 65536))
+      if not chunk then break end
+      left = left - #chunk
+      ngx.print(chunk)
+    end
+    fh:close()
+    ngx.flush(true)
+    return ngx.exit(444)
+  end
+  local body = res.body
+  if mode == "invalid_json" then body = body:sub(1, math.floor(#body / 2)) .. "<not json" end
+  if mode == "truncate" then
+    send_headers(res, #body)
+    ngx.print(body:sub(1, math.floor(#body / 2)))
+    ngx.flush(true)
+    return ngx.exit(444)
+  end
+  send_headers(res, #body)
+  ngx.print(body)
+  return ngx.exit(res.status)
+end
+
+-- nginx's own errors (header too large, body too large, ...) as JSON
+function R.nginx_error()
+  local status = tonumber(ngx.var.uri:match("(%d+)$")) or 400
+  local messages = {
+    [400] = "Bad request (malformed request or headers too large).",
+    [413] = "Request body too large (files are at most 500 MB).",
+    [414] = "Request URI too long.",
+    [500] = "Internal error.",
+  }
+  local code = status == 413 and "request_too_large" or status == 500 and "internal_error" or "bad_request"
+  local res = R.err(status == 414 and 400 or status, code, messages[status] or "Request failed.")
+  send_headers(res, #res.body)
+  ngx.print(res.body)
+  return ngx.exit(res.status)
+end
+
+-- The request's JSON object body, or nil and an error response.
+function R.read_json()
+  ngx.req.read_body()
+  local data = ngx.req.get_body_data()
+  if not data then
+    local f = ngx.req.get_body_file()
+    if f then
+      local fh = io.open(f, "rb")
+      data = fh and fh:read("*a")
+      if fh then fh:close() end
+    end
+  end
+  if not data or data == "" then return nil, R.err(400, "invalid_request", "Request body is empty; a JSON object is expected.") end
+  local ok, obj = pcall(cjson.decode, data)
+  if not ok or type(obj) ~= "table" then
+    return nil, R.err(400, "invalid_json", "Request body is not a valid JSON object.")
+  end
+  return obj
+end
+
+-- A query argument as an integer in [lo, hi], or nil and an error response.
+function R.int_arg(args, name, default, lo, hi)
+  local v = args[name]
+  if v == nil then return default end
+  if type(v) ~= "string" or not v:match("^%d+$") then
+    return nil, R.err(400, "invalid_parameter", name .. " must be an integer.", name)
+  end
+  v = tonumber(v)
+  if v < lo or v > hi then
+    return nil, R.err(400, "invalid_parameter", ("%s must be between %d and %d."):format(name, lo, hi), name)
+  end
+  return v
+end
+
+return R
