@@ -29,9 +29,10 @@ local function duel(runs, a, b)
 end
 
 local function body(i)
+  local question = "Question number " .. i .. ": what is " .. i .. " + " .. i .. "?"
   return { model = "qwen-plus", temperature = 0.7, max_tokens = 512,
            messages = { { role = "system", content = "You are a helpful assistant." },
-                        { role = "user", content = "Question number " .. i .. ": what is " .. i .. " + " .. i .. "?" } } }
+                        { role = "user", content = question } } }
 end
 
 -- writing: plain cjson.encode of the whole request line vs the writer
@@ -58,8 +59,8 @@ do
       id = "batch_req_" .. i, custom_id = "r" .. i, error = cjson.null,
       response = { status_code = 200, request_id = "req-" .. i, body = {
         id = "chatcmpl-" .. i, object = "chat.completion", created = 1711475054, model = "qwen-plus",
-        choices = { { index = 0, finish_reason = "stop",
-                      message = { role = "assistant", content = "The answer to question " .. i .. " is " .. 2 * i .. "." } } },
+        choices = { { index = 0, finish_reason = "stop", message = { role = "assistant",
+                      content = "The answer to question " .. i .. " is " .. 2 * i .. "." } } },
         usage = { prompt_tokens = 24, completion_tokens = 15, total_tokens = 39 } } },
     }), "\n")
   end

@@ -198,7 +198,9 @@ function run.csv2jsonl(o, pos)
                                         endpoint = o.endpoint, max_lines = n.max_lines })
   if not m then return nil, err end
   local t = {}
-  for _, f in ipairs(m.files) do t[#t + 1] = ("%s  %d lines  %d bytes  %s"):format(f.path, f.lines, f.bytes, f.model) end
+  for _, f in ipairs(m.files) do
+    t[#t + 1] = ("%s  %d lines  %d bytes  %s"):format(f.path, f.lines, f.bytes, f.model)
+  end
   out(o, m, table.concat(t, "\n"))
   return 0
 end
@@ -206,8 +208,9 @@ end
 -- the merged results as CSV or JSONL ("-": stdout); the count, or nil, err
 local function write_results(reader, path, bom)
   if path:find("%.csv$") then return csv.from_results(reader, path, { bom = bom }) end
-  local f, msg = io.stdout, nil
+  local f = io.stdout
   if path ~= "-" then
+    local msg
     f, msg = io.open(path, "wb")
     if not f then return nil, errors.io("cannot write", path, msg) end
   end
@@ -315,7 +318,7 @@ end
 function run.download(o, pos)
   local c = client(o)
   local id = pos[1]
-  local got, err = {}, nil
+  local got, err = {}
   if id:find("^batch") then
     local b
     b, err = c:retrieve(id)

@@ -387,7 +387,9 @@ local function wait_opts(opts)
     if type(v) ~= "number" or v ~= v or v == math.huge then argerr("wait", "opts." .. k .. " must be a number", 4) end
     o[k] = v
   end
-  if o.interval <= 0 or o.max_interval <= 0 then argerr("wait", "opts.interval and opts.max_interval must be > 0", 4) end
+  if o.interval <= 0 or o.max_interval <= 0 then
+    argerr("wait", "opts.interval and opts.max_interval must be > 0", 4)
+  end
   if o.factor < 1 then argerr("wait", "opts.factor must be >= 1", 4) end
   if o.jitter < 0 or o.jitter >= 1 then argerr("wait", "opts.jitter must be in [0, 1)", 4) end
   if opts.deadline ~= nil then

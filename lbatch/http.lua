@@ -240,7 +240,7 @@ end
 
 --- Backoff before attempt `attempt + 1`: the server's Retry-After, else
 -- 0.5 s doubling up to 8 s, with jitter.
-function Transport:backoff(attempt, err)
+function Transport.backoff(_, attempt, err)
   if err.retry_after then return err.retry_after end
   local base = math.min(8, 0.5 * 2 ^ attempt)
   return base * (0.75 + 0.25 * math.random())

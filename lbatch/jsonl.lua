@@ -99,7 +99,8 @@ function Writer:_route(id, model, url, thinking)
   local test = model == TEST_MODEL
   local resolved = url or self.endpoint or (test and TEST_URL) or "/v1/chat/completions"
   if self.endpoint and resolved ~= self.endpoint then
-    return nil, invalid(id, "mismatched_url", ("url %q differs from the writer's endpoint %q"):format(resolved, self.endpoint), "url")
+    return nil, invalid(id, "mismatched_url",
+      ("url %q differs from the writer's endpoint %q"):format(resolved, self.endpoint), "url")
   end
   if not ENDPOINTS[resolved] then
     return nil, invalid(id, "invalid_url", ("url %q is not a supported endpoint"):format(resolved), "url")

@@ -145,7 +145,7 @@ function Reader:_index()
   for k, path in ipairs(files) do
     local fh = open_or_fail(path)
     local off = 0
-    for n, text, bytes in rules.lines(fh, math.huge) do
+    for _, text, bytes in rules.lines(fh, math.huge) do
       local id = text:match('"custom_id":%s*"([^"\\]*)"')
       if not id then
         local ok, r = pcall(decode, text)
@@ -293,7 +293,8 @@ function Reader:summary(opts)
     if rec.ok and type(u) == "table" then
       local pt, ct = tonumber(u.prompt_tokens) or 0, tonumber(u.completion_tokens) or 0
       local tt = tonumber(u.total_tokens) or (pt + ct)
-      s.prompt_tokens, s.completion_tokens, s.total_tokens = s.prompt_tokens + pt, s.completion_tokens + ct, s.total_tokens + tt
+      s.prompt_tokens, s.completion_tokens = s.prompt_tokens + pt, s.completion_tokens + ct
+      s.total_tokens = s.total_tokens + tt
       local model = rec.model or "?"
       local m = s.by_model[model] or { requests = 0, prompt_tokens = 0, completion_tokens = 0, cost = 0 }
       s.by_model[model] = m

@@ -44,7 +44,9 @@ function A.handle(method, path)
     local body, e = respond.read_json()
     if not body then return e end
     local adv = tonumber(body.advance)
-    if not adv or adv < 0 then return respond.err(400, "invalid_parameter", "advance must be >= 0 seconds.", "advance") end
+    if not adv or adv < 0 then
+      return respond.err(400, "invalid_parameter", "advance must be >= 0 seconds.", "advance")
+    end
     store.set_offset(store.offset + engine.scaled(adv))
     return respond.json(200, { now = store.now() })
   end

@@ -109,7 +109,9 @@ function R.read_json()
       if fh then fh:close() end
     end
   end
-  if not data or data == "" then return nil, R.err(400, "invalid_request", "Request body is empty; a JSON object is expected.") end
+  if not data or data == "" then
+    return nil, R.err(400, "invalid_request", "Request body is empty; a JSON object is expected.")
+  end
   local ok, obj = pcall(cjson.decode, data)
   if not ok or type(obj) ~= "table" then
     return nil, R.err(400, "invalid_json", "Request body is not a valid JSON object.")
