@@ -8,7 +8,7 @@ local lbatch = require "lbatch"
 
 local client = lbatch.new()
 client:spawn(function()
-  local page = assert(client:list({ limit = 5 }))
+  local page = assert(client:list_batches({ limit = 5 }))
   print(("%d batch(es) on %s"):format(#page.data, client.base_url))
   client:sleep(0.2)                         -- a timer: the pollable's timeout wakes cqueues
 end)

@@ -2,7 +2,7 @@
 -- answers out. The requests are sharded, submitted and waited for at once
 -- (one task per shard), and the results joined back to the questions.
 --
---   lua5.4 examples/evaluate.lua [questions.csv] [answers.csv] [model]
+--   emulator/around lua5.4 examples/evaluate.lua [questions.csv] [answers.csv] [model]
 local lbatch = require "lbatch"
 local csv = require "lbatch.csv"
 local results = require "lbatch.results"

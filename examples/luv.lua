@@ -1,20 +1,20 @@
 -- An event loop (luv, Debian lua-luv) drives lbatch without polling: it
 -- waits on the client's descriptor and its timeout, then calls step().
+-- The host's notify starts a turn when work is queued from outside.
 --
 --   emulator/around lua5.4 examples/luv.lua
 local uv = require "luv"
 local lbatch = require "lbatch"
 
-local client = lbatch.new()
-client:spawn(function()
-  local page = assert(client:list({ limit = 5 }))
-  print(("%d batch(es) on %s"):format(#page.data, client.base_url))
-end)
-
-local poll = uv.new_poll(client:pollfd())   -- readable when a transfer has work
-local timer = uv.new_timer()
+local poll, timer = nil, uv.new_timer()
 local wakeups = 0
-local function pump()
+local pump
+
+local client = lbatch.new({ host = {
+  notify = function() timer:stop() timer:start(0, 0, pump) end,   -- work queued: a turn soon
+} })
+
+function pump()
   wakeups = wakeups + 1
   local pending, failure = client:step()
   if failure then error(failure) end
@@ -23,8 +23,13 @@ local function pump()
   timer:stop()
   if ms >= 0 then timer:start(ms, 0, pump) end
 end
+
+poll = uv.new_poll(client:pollfd())         -- readable when a transfer has work
 poll:start("r", pump)
-timer:start(0, 0, pump)
+client:spawn(function()                     -- notify() schedules the first turn
+  local page = assert(client:list_batches({ limit = 5 }))
+  print(("%d batch(es) on %s"):format(#page.data, client.base_url))
+end)
 uv.run()
 poll:close() timer:close()
 uv.run()

@@ -1,8 +1,9 @@
 -- The main job end to end: write a request file, upload it, create a batch,
 -- wait for it, download the output and error files, print what came back.
 --
---   make demo                       -- offline, on the local emulator
---   DASHSCOPE_API_KEY=sk-... make demo   -- the real service, batch-test-model
+--   emulator/around lua5.4 examples/quickstart.lua   -- offline, on the local emulator
+--   make demo                                        -- the same, then evaluate.lua
+--   DASHSCOPE_API_KEY=sk-... make demo               -- the real service, batch-test-model
 local lbatch = require "lbatch"
 local cjson = require "cjson"
 

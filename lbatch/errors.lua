@@ -76,7 +76,7 @@ function M.io(what, path, reason)
   -- io.open's message already starts with the path
   local p = tostring(path)
   if reason:sub(1, #p + 2) == p .. ": " then reason = reason:sub(#p + 3) end
-  return M.new({ kind = "io", code = "io", param = "path", path = p,
+  return M.new({ kind = "io", path = p,
                  message = ("%s %s: %s"):format(what, p, reason) })
 end
 

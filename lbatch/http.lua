@@ -103,7 +103,7 @@ local CERT = { [51] = true, [58] = true, [60] = true, [77] = true, [80] = true, 
 
 -- our own failures (lbatch/core/xfer.c): kind, code, retryable
 local FAIL = {
-  io = { "io", "io", false },
+  io = { "io", nil, false },
   truncated = { "network", "truncated", true },
   too_large = { "decode", "response_too_large", false },
   stalled = { "timeout", "stalled", true },
@@ -265,7 +265,7 @@ function Transport:call(method, path, o)
     if res then
       value, err, meta = M.answer(self:clean(res, o.raw or o.download), o)
     else
-      err = errors.new({ kind = fail == "io" and "io" or "invalid", code = fail, message = message })
+      err = errors.new({ kind = fail == "io" and "io" or "invalid", message = message })
     end
     if value ~= nil then return value, nil, meta end
     errors.scrub(err, self.scrub)

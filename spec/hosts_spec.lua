@@ -1,5 +1,6 @@
 -- Hosts that drive lbatch themselves: a game loop calling step() once per
--- frame, and an event loop waiting on pollfd() and timeout().
+-- frame (timed), and the pollable protocol for cqueues. (The luv and cqueues
+-- examples run in spec/examples_spec.lua.)
 local H = require "helper"
 local lbatch = require "lbatch"
 local pipeline = require "lbatch.pipeline"
@@ -150,38 +151,7 @@ describe("a game loop", function()
   end)
 end)
 
-describe("an event loop", function()
-  it("waits on pollfd() and timeout() instead of polling (examples/luv.lua)", function()
-    local ok_luv = pcall(require, "luv")
-    if not ok_luv then pending("lua-luv is not installed for this Lua") return end
-    local emu = H.emulator({ speed = 200, rate_limits = false })
-    local out = H.sh(("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/examples/luv.lua 2>&1")
-      :format(emu.base, H.lua, H.root))
-    emu.stop()
-    assert.matches("0 batch%(es%) on " .. emu.base:gsub("%p", "%%%0"), out)
-    local wakeups = tonumber(out:match("woken (%d+) times"))
-    assert.is_truthy(wakeups, out)
-    assert.is_true(wakeups < 50, out)
-  end)
-end)
-
-describe("cqueues", function()
-  it("waits on client:pollable() with cqueues.poll while other coroutines run (examples/cqueues.lua)", function()
-    if not pcall(require, "cqueues") then pending("lua-cqueues is not installed for this Lua") return end
-    local emu = H.emulator({ speed = 200, rate_limits = false })
-    local t0 = H.now()
-    local out = H.sh(("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/examples/cqueues.lua 2>&1")
-      :format(emu.base, H.lua, H.root))
-    local took = H.now() - t0
-    emu.stop()
-    assert.matches("0 batch%(es%) on " .. emu.base:gsub("%p", "%%%0"), out)
-    local wakeups, ticks = out:match("woken (%d+) times, (%d+) ticks")
-    assert.is_truthy(wakeups, out)
-    assert.are.equal("5", ticks)                  -- the host's coroutine ran too
-    assert.is_true(tonumber(wakeups) < 50, out)   -- woken by I/O and timers, not spinning
-    assert.is_true(took >= 0.2, "the task's 0.2 s sleep was waited out")
-  end)
-
+describe("cqueues' pollable protocol", function()
   it("pollable() gives the descriptor, \"r\" and the timeout in seconds", function()
     local client = lbatch.new({ api_key = "k", base_url = "http://127.0.0.1:9/v1" })
     local p = client:pollable()
