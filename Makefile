@@ -6,7 +6,9 @@
 #   CURL_CFLAGS  libcurl compile flags    (default from pkg-config, else none)
 #   CURL_LIBS    libcurl link flags       (default from pkg-config, else -lcurl)
 #   CFLAGS       optimisation/debug flags (default -O2 -g)
-#   PREFIX       install prefix for `make install` (default /usr/local)
+#   PREFIX       the LuaRocks tree `make install` installs into (default /usr/local:
+#                the lbatch command lands in PREFIX/bin)
+#   LUA_VERSION  the Lua LuaRocks builds for in `make install` (default: LuaRocks' own)
 #   SPEC         busted arguments (default: spec)
 
 LUA_INCDIR ?= /usr/include/lua5.4
@@ -21,14 +23,16 @@ SRC = lbatch/core/core.c lbatch/core/xfer.c lbatch/core/idmap.c lbatch/core/util
 HDR = lbatch/core/core.h lbatch/core/compat.h
 
 DEB = lua5.4 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
-      nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-socket \
+      nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-socket lua-check \
       curl gcc make pkg-config time
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NODE_DIR = emulator/conformance
 
 BUSTED = env LUA_PATH="./?.lua;./?/init.lua;./spec/?.lua;;" LBATCH_ROOT=$(CURDIR)
 
-.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare install clean
+ROCKSPEC = $(wildcard rockspec/lbatch-*.rockspec)
+
+.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare install lint clean
 
 all: build
 
@@ -112,7 +116,10 @@ bench: deps build
 	env LUA_PATH="./?.lua;./?/init.lua;;" LUA_CPATH="./build/jit/?.so;;" luajit bench/jsonl.lua
 
 install: build
-	luarocks make --deps-mode=none rockspec/lbatch-scm-1.rockspec
+	luarocks $(if $(LUA_VERSION),--lua-version $(LUA_VERSION)) --tree $(PREFIX) make --deps-mode=none $(ROCKSPEC)
+
+lint: deps
+	luacheck -q .
 
 clean:
 	rm -rf build

@@ -401,8 +401,8 @@ function M.main(args)
     return 2
   end
   local ok, code, err = pcall(run[name], o, pos)
-  if not ok then   -- a bug, or an option of the wrong type (lbatch.new raises)
-    err = errors.new({ kind = "invalid", message = tostring(code) })
+  if not ok then   -- a bug, or an option of the wrong value (lbatch.new raises)
+    err = errors.new({ kind = "invalid", message = (tostring(code):gsub("^[^\n]-:%d+: ", "")) })
   elseif code then
     return code
   end

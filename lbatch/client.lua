@@ -46,6 +46,7 @@ end
 -- @treturn lbatch.client
 function Client.new(opts)
   local cfg, secrets = config.new(opts or {})
+  if not cfg then argerr("new", secrets) end
   local loop = Loop.new({ max_connections = cfg.max_connections, host = cfg.host })
   local self = setmetatable({ base_url = cfg.base_url, region = cfg.region, config = cfg, loop = loop }, Client)
   transports[self] = http.new(cfg, secrets, loop)
@@ -72,7 +73,11 @@ local function call_options(fn, opts, o)
     end
   end
   o.timeout, o.max_retries = opts.timeout, opts.max_retries
-  if opts.headers then o.headers = config.headers(opts.headers, fn) end
+  if opts.headers then
+    local lines, why = config.headers(opts.headers)
+    if not lines then argerr(fn, "opts." .. why, 4) end
+    o.headers = lines
+  end
   o.with_response = opts.with_response
   return o
 end

@@ -4,7 +4,6 @@
 -- message naming the option. Nothing here touches the network.
 -- @module lbatch.config
 local service = require "lbatch.service"
-local errors = require "lbatch.errors"
 
 local M = {}
 
@@ -19,7 +18,19 @@ M.DEFAULTS = {
   max_response_bytes = 64 * 1024 * 1024,   -- an answer kept in memory
 }
 
-local function fail(msg) errors.arg("new", msg, 4) end
+-- a wrong option: caught at this module's edge (guarded) and returned, so
+-- the public function raises it at its own caller's line
+local WRONG = {}
+local function fail(msg) error({ [WRONG] = msg }, 0) end
+
+local function guarded(fn)
+  return function(...)
+    local ok, a, b = pcall(fn, ...)
+    if ok then return a, b end
+    if type(a) == "table" and a[WRONG] then return nil, a[WRONG] end
+    error(a, 0)
+  end
+end
 
 local function env(k)
   local v = os.getenv(k)
@@ -66,21 +77,16 @@ local function is_secret_header(name)
   return false
 end
 
---- Extra headers from an option (`{Name = "value"}` or `{"Name: value"}`).
--- @tparam table h the option
--- @tparam string fn the function checking it, for messages
--- @tparam ?table secrets a list to add secret values to
--- @treturn {string,...} header lines
-function M.headers(h, fn, secrets)
+local function headers(h, secrets)
   local lines = {}
   if h == nil then return lines end
-  if type(h) ~= "table" then errors.arg(fn, "headers must be a table", 4) end
+  if type(h) ~= "table" then fail("headers must be a table") end
   for k, v in pairs(h) do
     local name, value = k, v
     if type(k) == "number" then
-      if type(v) ~= "string" then errors.arg(fn, "headers: a list entry must be a string \"Name: value\"", 4) end
+      if type(v) ~= "string" then fail("headers: a list entry must be a string \"Name: value\"") end
       name, value = v:match("^([^:]*):%s*(.*)$")
-      if not name then errors.arg(fn, ("headers: %q is not \"Name: value\""):format(v), 4) end
+      if not name then fail(("headers: %q is not \"Name: value\""):format(v)) end
     end
     lines[#lines + 1] = header_line(name, value)
     if secrets and is_secret_header(name) then secrets[#secrets + 1] = tostring(value) end
@@ -88,6 +94,12 @@ function M.headers(h, fn, secrets)
   table.sort(lines)
   return lines
 end
+
+--- Extra headers from an option (`{Name = "value"}` or `{"Name: value"}`).
+-- @tparam table h the option
+-- @tparam ?table secrets a list to add secret values to
+-- @treturn {string,...} header lines, or nil and what is wrong
+M.headers = guarded(headers)
 
 local function is_loopback(host)
   return host == "localhost" or host:find("^127%.%d+%.%d+%.%d+$") ~= nil or host == "[::1]"
@@ -106,11 +118,7 @@ local function check_base(base, allow_http)
   end
 end
 
---- Check `opts` and fill in defaults and the environment.
--- @tparam table opts the options of `lbatch.new`
--- @treturn table the configuration (no secrets in it)
--- @treturn table the secrets: `key`, `headers` (every request's), `list` (to scrub)
-function M.new(opts)
+local function new(opts)
   if type(opts) ~= "table" then fail("opts must be a table") end
   local region = opts.region or "cn"
   if not service.REGIONS[region] then fail("region must be cn, intl or openai") end
@@ -131,9 +139,9 @@ function M.new(opts)
     local cred = proxy:match("^%a[%w+.-]*://([^@/]+)@") or proxy:match("^([^@/]+)@")
     if cred then secret_list[#secret_list + 1] = cred end
   end
-  local headers = { "Authorization: Bearer " .. key, "Accept: application/json",
-                    "User-Agent: lbatch/" .. require("lbatch.version") }
-  for _, h in ipairs(M.headers(opts.headers, "new", secret_list)) do headers[#headers + 1] = h end
+  local lines = { "Authorization: Bearer " .. key, "Accept: application/json",
+                  "User-Agent: lbatch/" .. require("lbatch.version") }
+  for _, h in ipairs(headers(opts.headers, secret_list)) do lines[#lines + 1] = h end
   local host = opts.host
   if host ~= nil then
     if type(host) ~= "table" then fail("host must be a table") end
@@ -157,7 +165,13 @@ function M.new(opts)
     noproxy = string_opt(opts, "noproxy"),
     host = host,
   }
-  return cfg, { key = key, headers = headers, list = secret_list }
+  return cfg, { key = key, headers = lines, list = secret_list }
 end
+
+--- Check `opts` and fill in defaults and the environment.
+-- @tparam table opts the options of `lbatch.new`
+-- @treturn table the configuration (no secrets in it), or nil and what is wrong
+-- @treturn table the secrets: `key`, `headers` (every request's), `list` (to scrub)
+M.new = guarded(new)
 
 return M

@@ -1,9 +1,10 @@
 -- The official openai SDK (pinned in emulator/conformance/package.json)
 -- runs the whole lifecycle against the emulator through Prism in
--- `proxy --errors` mode with the OpenAPI description in ../shared.
+-- `proxy --errors` mode with the OpenAPI description vendored in
+-- emulator/conformance/openapi (its README gives its source and licence).
 local H = require "helper"
 
-local SPEC = H.root .. "/../shared/openapi/batch-files-v1.patched.json"
+local SPEC = H.root .. "/emulator/conformance/openapi/batch-files-v1.patched.json"
 local SCRIPT = H.root .. "/emulator/conformance/lifecycle.mjs"
 
 local function run(emu)
@@ -14,7 +15,7 @@ end
 
 describe("conformance with the openai SDK and the OpenAPI description #conformance", function()
   setup(function()
-    assert(H.exists(SPEC), "missing " .. SPEC .. " (../shared beside the project)")
+    assert(H.exists(SPEC), "missing " .. SPEC)
   end)
 
   it("runs the full lifecycle in the openai dialect with zero violations", function()

@@ -1,9 +1,9 @@
 rockspec_format = "3.0"
 package = "lbatch"
-version = "scm-1"
+version = "0.2.0-1"
 source = {
   url = "git+https://github.com/lbatch/lbatch.git",
-  branch = "main",
+  tag = "v0.2.0",
 }
 description = {
   summary = "Batch File API client (DashScope, OpenAI) on libcurl's multi interface",
@@ -29,9 +29,14 @@ build = {
   install = { bin = { lbatch = "bin/lbatch" } },
   modules = {
     ["lbatch"] = "lbatch/init.lua",
-    ["lbatch.client"] = "lbatch/client.lua",
-    ["lbatch.loop"] = "lbatch/loop.lua",
+    ["lbatch.version"] = "lbatch/version.lua",
+    ["lbatch.service"] = "lbatch/service.lua",
     ["lbatch.errors"] = "lbatch/errors.lua",
+    ["lbatch.config"] = "lbatch/config.lua",
+    ["lbatch.http"] = "lbatch/http.lua",
+    ["lbatch.loop"] = "lbatch/loop.lua",
+    ["lbatch.client"] = "lbatch/client.lua",
+    ["lbatch.journal"] = "lbatch/journal.lua",
     ["lbatch.rules"] = "lbatch/rules.lua",
     ["lbatch.json"] = "lbatch/json.lua",
     ["lbatch.jsonl"] = "lbatch/jsonl.lua",
