@@ -42,7 +42,7 @@ Killed and started again with the same --dir, it resumes where it stopped.
   --resubmit           resubmit what expired or cancelled shards did not run
   --bom                a byte-order mark in a CSV output]] },
   submit = { args = "FILE", help = [[
-Upload FILE and create a batch from it; prints the batch.
+Upload FILE (with progress) and create a batch from it; prints the batch.
   --endpoint E   (default: the url of the file's first line)
   --window W     completion window (default 24h)
   --meta K=V     metadata, repeatable]] },
@@ -57,7 +57,8 @@ List batches, newest first.
   --all           follow has_more to the end]] },
   cancel = { args = "BATCH_ID", help = "Cancel a batch." },
   download = { args = "ID", help = [[
-Download a file by id, or a batch's output and error files by batch id.
+Download a file by id, or a batch's output and error files by batch id,
+with progress; an interrupted download leaves nothing behind.
   --output PATH   where the file (or the batch's output) goes
   --errors PATH   where a batch's error file goes]] },
   validate = { args = "FILE", help = [[
@@ -72,11 +73,27 @@ Read an output file (with --errors, --inputs) and write one row per request.
   --bom           a byte-order mark in the CSV]] },
   csv2jsonl = { args = "CSV JSONL", help = [[
 Turn a CSV (first column custom_id, second the content) into request files.
-  --model M (required)  --system TEXT  --endpoint E  --max-lines N]] },
+The first row is a header and is skipped, unless --no-header.
+  --model M (required)  --system TEXT  --endpoint E  --max-lines N  --no-header]] },
+  files = { args = "", help = [[
+List stored files, newest first: id, purpose, size, age, name.
+  --limit N        (default 100)
+  --purpose P      only this purpose (batch, batch_output, ...)
+  --all            follow has_more to the end]] },
+  rm = { args = "FILE_ID...", help = [[
+Delete files. Exit 1 when one could not be deleted.]] },
+  prune = { args = "", help = [[
+Delete files older than an age, and say how much space that freed. The
+service keeps at most 10,000 files or 100 GB.
+  --older-than AGE   e.g. 30d, 12h, 2w (required)
+  --purpose P        batch and batch_output by default; "all" for every purpose
+  --dry-run          list what would go, delete nothing]] },
 }
-local ORDER = { "run", "submit", "status", "list", "cancel", "download", "validate", "results", "csv2jsonl" }
+local ORDER = { "run", "submit", "status", "list", "cancel", "download", "validate", "results", "csv2jsonl",
+                "files", "rm", "prune" }
 
-local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = true, bom = true }
+local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = true, bom = true,
+                  no_header = true, dry_run = true }
 
 local function usage()
   local t = { "Usage: lbatch COMMAND [options]\n\nCommands:" }
@@ -145,26 +162,77 @@ end
 
 local function fmt_time(s)
   s = math.max(0, math.floor(s))
+  if s >= 3600 then return ("%d:%02d:%02d"):format(math.floor(s / 3600), math.floor(s / 60) % 60, s % 60) end
   return ("%02d:%02d"):format(math.floor(s / 60), s % 60)
 end
 
--- progress: a live line on a terminal, plain lines otherwise
-local function progress_printer()
+local function fmt_bytes(n)
+  if n >= 1e9 then return ("%.1f GB"):format(n / 1e9) end
+  if n >= 1e6 then return ("%.1f MB"):format(n / 1e6) end
+  if n >= 1e3 then return ("%.1f kB"):format(n / 1e3) end
+  return ("%d B"):format(n)
+end
+
+local core = require "lbatch.core"
+local now = core.now
+
+-- A status line on stderr: redrawn in place on a terminal; in a pipe,
+-- plain lines, at most one every `every` seconds (and the last one).
+local function status_line(every)
   local tty = os.execute("[ -t 2 ]")
   tty = tty == true or tty == 0
-  local last
-  return function(p)
+  local last, shown_at = nil, -math.huge
+  local function show(line, force)
+    if line == last then return end
+    if not tty and not force and now() - shown_at < every then return end
+    last, shown_at = line, now()
+    if tty then io.stderr:write("\r\27[K", line) else io.stderr:write(line, "\n") end
+    io.stderr:flush()
+  end
+  local function finish() if tty and last then io.stderr:write("\n") io.stderr:flush() end end
+  return show, finish
+end
+
+-- A transfer's progress: bytes, rate and time left. Returns the
+-- on_progress callback and a function that ends the line.
+local function transfer_printer(label)
+  local show, finish = status_line(5)
+  local started = now()
+  return function(done, total)
+    local t = math.max(now() - started, 1e-3)
+    local rate = done / t
+    local line = ("%s: %s"):format(label, fmt_bytes(done))
+    if total and total > 0 then
+      line = line .. (" of %s (%d%%)"):format(fmt_bytes(total), math.floor(done * 100 / total))
+    end
+    line = line .. (", %s/s"):format(fmt_bytes(rate))
+    if total and total > done and rate > 0 then line = line .. (", %s left"):format(fmt_time((total - done) / rate)) end
+    show(line, total and done >= total)
+  end, finish
+end
+
+-- a pipeline's progress: jobs by status, requests, and bytes moving
+local function progress_printer()
+  local show, finish = status_line(0)
+  local moving, last_p = {}, nil
+  local function draw()
+    local p = last_p
+    if not p then return end
     local jobs = {}
     for status, n in pairs(p.jobs) do jobs[#jobs + 1] = n .. " " .. status end
     table.sort(jobs)
     local line = ("jobs: %s | requests %d/%d done, %d failed | %s elapsed%s"):format(
       table.concat(jobs, ", "), p.completed, p.total, p.failed, fmt_time(p.elapsed),
       p.eta and (", ~" .. fmt_time(p.eta) .. " left") or "")
-    if line == last then return end
-    last = line
-    if tty then io.stderr:write("\r\27[K", line) else io.stderr:write(line, "\n") end
-    io.stderr:flush()
-  end, function() if tty and last then io.stderr:write("\n") end end
+    local done, total, n = 0, 0, 0
+    for _, m in pairs(moving) do done, total, n = done + m[1], total + m[2], n + 1 end
+    if n > 0 then line = line .. (" | moving %s of %s"):format(fmt_bytes(done), fmt_bytes(total)) end
+    show(line)
+  end
+  return function(p) last_p = p draw() end, finish, function(shard, _, done, total)
+    if total > 0 and done >= total then moving[shard] = nil else moving[shard] = { done, math.max(total, 0) } end
+    draw()
+  end
 end
 
 local function batch_line(b)
@@ -195,7 +263,8 @@ function run.csv2jsonl(o, pos)
   local n, nerr = nums(o, "max_lines")
   if not n then return nil, nerr end
   local m, err = csv.to_jsonl(pos[1], { path = pos[2], model = o.model, system = o.system,
-                                        endpoint = o.endpoint, max_lines = n.max_lines })
+                                        endpoint = o.endpoint, max_lines = n.max_lines,
+                                        header = not o.no_header })
   if not m then return nil, err end
   local t = {}
   for _, f in ipairs(m.files) do
@@ -244,8 +313,21 @@ function run.results(o, pos)
   return 0
 end
 
+-- The command's client. On SIGINT or SIGTERM it is closed at the end of
+-- the loop's turn (a download's temp file goes with it; a pipeline's
+-- journal is whole) and the command exits 130.
 local function client(o)
-  return lbatch.new({ base_url = o.base_url, region = o.region })
+  local c = lbatch.new({ base_url = o.base_url, region = o.region })
+  core.trap()
+  c:at_turn_end(function()
+    local sig = core.caught()
+    if sig then
+      c:close()
+      io.stderr:write("\nlbatch: interrupted\n")
+      os.exit(128 + sig)
+    end
+  end)
+  return c
 end
 
 function run.submit(o, pos)
@@ -256,7 +338,9 @@ function run.submit(o, pos)
     if not rep then return nil, err end
     endpoint = rep.endpoint or "/v1/chat/completions"
   end
-  local f, err = c:upload(pos[1])
+  local show, finish = transfer_printer("upload " .. pos[1])
+  local f, err = c:upload(pos[1], nil, { on_progress = show })
+  finish()
   if not f then return nil, err end
   local b
   b, err = c:create({ input_file_id = f.id, endpoint = endpoint, completion_window = o.window, metadata = o.meta })
@@ -315,6 +399,14 @@ function run.cancel(o, pos)
   return 0
 end
 
+-- a file's content to path, with progress
+local function fetch(c, id, path)
+  local show, finish = transfer_printer("download " .. path)
+  local got, err = c:content(id, { path = path, on_progress = show })
+  finish()
+  return got, err
+end
+
 function run.download(o, pos)
   local c = client(o)
   local id = pos[1]
@@ -324,15 +416,15 @@ function run.download(o, pos)
     b, err = c:retrieve(id)
     if not b then return nil, err end
     if b.output_file_id then
-      got.output, err = c:content(b.output_file_id, { path = o.output or (id .. ".output.jsonl") })
+      got.output, err = fetch(c, b.output_file_id, o.output or (id .. ".output.jsonl"))
       if not got.output then return nil, err end
     end
     if b.error_file_id then
-      got.errors, err = c:content(b.error_file_id, { path = o.errors or (id .. ".errors.jsonl") })
+      got.errors, err = fetch(c, b.error_file_id, o.errors or (id .. ".errors.jsonl"))
       if not got.errors then return nil, err end
     end
   else
-    got.output, err = c:content(id, { path = o.output or (id .. ".jsonl") })
+    got.output, err = fetch(c, id, o.output or (id .. ".jsonl"))
     if not got.output then return nil, err end
   end
   local t = {}
@@ -347,12 +439,12 @@ function run.run(o, pos)
   if not n then return nil, nerr end
   local c = client(o)
   local dir = o.dir or (pos[1] .. ".lbatch")
-  local show, done = progress_printer()
+  local show, done, moving = progress_printer()
   local report, err = pipeline.run({
     client = c, requests = pos[1], dir = dir, model = o.model, system = o.system, endpoint = o.endpoint,
     max_in_flight = n.max_in_flight, max_lines = n.max_lines,
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
-    resubmit = o.resubmit, on_progress = show,
+    resubmit = o.resubmit, on_progress = show, on_transfer = moving,
   })
   done()
   if not report then return nil, err end
@@ -371,6 +463,115 @@ function run.run(o, pos)
       output, s.total, s.ok, s.failed, s.missing, s.total_tokens, #report.shards))
   return (bad > 0 or s.missing > 0) and 3 or 0
 end
+
+------------------------------------------------------------------ files
+
+local function age(seconds)
+  seconds = math.max(0, seconds)
+  if seconds >= 86400 then return ("%dd"):format(math.floor(seconds / 86400)) end
+  if seconds >= 3600 then return ("%dh"):format(math.floor(seconds / 3600)) end
+  return ("%dm"):format(math.floor(seconds / 60))
+end
+
+local function file_line(f)
+  return ("%s  %-14s %10s  %5s  %s"):format(f.id, tostring(f.purpose), fmt_bytes(f.bytes or 0),
+    age(os.time() - (f.created_at or os.time())), tostring(f.filename))
+end
+
+-- every file the options select: a list, or nil and an error
+local function select_files(c, o, limit, keep)
+  local all = {}
+  local params = { limit = limit, purpose = o.purpose ~= "all" and o.purpose or nil }
+  if o.all or keep then
+    for f, err in c:each_file(params) do
+      if not f then return nil, err end
+      if not keep or keep(f) then all[#all + 1] = f end
+    end
+  else
+    local p, err = c:list_files(params)
+    if not p then return nil, err end
+    all = p.data
+  end
+  -- newest first, keeping the service's order among equals
+  local pos = {}
+  for i, f in ipairs(all) do pos[f] = i end
+  table.sort(all, function(a, b)
+    local ta, tb = a.created_at or 0, b.created_at or 0
+    if ta ~= tb then return ta > tb end
+    return pos[a] < pos[b]
+  end)
+  return all
+end
+
+function run.files(o)
+  local n, nerr = nums(o, "limit")
+  if not n then return nil, nerr end
+  local list, err = select_files(client(o), o, n.limit or 100)
+  if not list then return nil, err end
+  local lines, bytes = {}, 0
+  for i, f in ipairs(list) do lines[i], bytes = file_line(f), bytes + (f.bytes or 0) end
+  lines[#lines + 1] = ("%d file(s), %s"):format(#list, fmt_bytes(bytes))
+  out(o, list, table.concat(lines, "\n"))
+  return 0
+end
+
+function run.rm(o, pos)
+  local c, done, failed = client(o), {}, nil
+  for _, id in ipairs(pos) do
+    local r, err = c:delete_file(id)
+    if r then done[#done + 1] = id
+    else
+      failed = failed or err
+      io.stderr:write("lbatch rm: ", tostring(err), "\n")
+    end
+  end
+  out(o, { deleted = done }, #done > 0 and ("deleted " .. table.concat(done, " ")) or "nothing deleted")
+  return failed and 1 or 0
+end
+
+local UNITS = { s = 1, m = 60, h = 3600, d = 86400, w = 7 * 86400 }
+
+local function parse_age(s)
+  local n, u = tostring(s or ""):match("^(%d+%.?%d*)([smhdw])$")
+  if not n then return nil end
+  return tonumber(n) * UNITS[u]
+end
+
+local BATCH_PURPOSES = { batch = true, batch_output = true }
+
+function run.prune(o)
+  local older = parse_age(o.older_than)
+  if not older then return nil, usage_error("--older-than takes an age such as 30d, 12h or 2w") end
+  local cutoff = os.time() - older
+  local c = client(o)
+  local list, err = select_files(c, o, 100, function(f)
+    local purpose_ok = o.purpose == "all" or (o.purpose and f.purpose == o.purpose)
+      or (not o.purpose and BATCH_PURPOSES[f.purpose])
+    return purpose_ok and (f.created_at or math.huge) < cutoff
+  end)
+  if not list then return nil, err end
+  local lines, freed, deleted, failed = {}, 0, {}, nil
+  for _, f in ipairs(list) do
+    if o.dry_run then
+      lines[#lines + 1] = "would delete " .. file_line(f)
+      freed, deleted[#deleted + 1] = freed + (f.bytes or 0), f.id
+    else
+      local r, derr = c:delete_file(f.id)
+      if r then
+        lines[#lines + 1] = "deleted " .. file_line(f)
+        freed, deleted[#deleted + 1] = freed + (f.bytes or 0), f.id
+      else
+        failed = failed or derr
+        io.stderr:write("lbatch prune: ", tostring(derr), "\n")
+      end
+    end
+  end
+  lines[#lines + 1] = ("%s %d file(s), %s"):format(o.dry_run and "would free" or "freed", #deleted, fmt_bytes(freed))
+  out(o, { deleted = deleted, bytes = freed, dry_run = o.dry_run or false }, table.concat(lines, "\n"))
+  return failed and 1 or 0
+end
+
+------------------------------------------------------------------ main
 
 function M.main(args)
   local name = args[1]
@@ -395,7 +596,8 @@ function M.main(args)
     return 0
   end
   local want = select(2, cmd.args:gsub("%S+", ""))
-  if #pos ~= want then
+  local many = cmd.args:find("%.%.%.$")
+  if (many and #pos < want) or (not many and #pos ~= want) then
     io.stderr:write(("lbatch %s: expected %s (see lbatch %s --help)\n"):format(name,
       want == 0 and "no arguments" or cmd.args, name))
     return 2

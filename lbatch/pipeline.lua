@@ -143,6 +143,13 @@ function Run:hook(step, s)
   if self.opts.on_step then self.opts.on_step(step, s) end
 end
 
+-- per-call options that report a shard's transfer to opts.on_transfer
+function Run:transfer_watch(s, direction)
+  local cb = self.opts.on_transfer
+  if not cb then return nil end
+  return { on_progress = function(done, total) cb(s.name, direction, done, total) end }
+end
+
 -- progress is summed up once per turn, however many shards moved
 function Run:progress() self.moved = true end
 
@@ -189,7 +196,7 @@ function Run:process(s)
       s.step = "uploading"
       self:save(s)
       self:hook("before_upload", s)
-      f = assert(client:upload(s.path, { filename = s.name }))
+      f = assert(client:upload(s.path, { filename = s.name }, self:transfer_watch(s, "up")))
       self:hook("after_upload", s)
     end
     s.file_id, s.step = f.id, "uploaded"
@@ -227,8 +234,13 @@ function Run:process(s)
   end
   if s.step == "finished" then
     local base = s.path:gsub("%.jsonl$", "")
-    if s.output_file_id then s.output = assert(client:content(s.output_file_id, { path = base .. ".output.jsonl" })) end
-    if s.error_file_id then s.error = assert(client:content(s.error_file_id, { path = base .. ".errors.jsonl" })) end
+    local function fetch(id, path)
+      local o = self:transfer_watch(s, "down") or {}
+      o.path = path
+      return assert(client:content(id, o))
+    end
+    if s.output_file_id then s.output = fetch(s.output_file_id, base .. ".output.jsonl") end
+    if s.error_file_id then s.error = fetch(s.error_file_id, base .. ".errors.jsonl") end
     self:hook("after_download", s)
     s.step = "downloaded"
     self:save(s)
@@ -271,7 +283,8 @@ end
 -- model, endpoint, system, max_lines, max_bytes, max_in_flight (8),
 -- completion_window, metadata (a table, or fn(shard) -> table),
 -- poll_interval, max_poll_interval, poll_factor, resubmit, max_rounds,
--- on_progress(p), on_step(step, shard)
+-- on_progress(p), on_step(step, shard), on_transfer(shard_name,
+-- "up" | "down", bytes, total)
 -- @treturn table the report `{shards, results (a reader), outputs,
 -- errors, inputs, journal}`, or nil and an error
 function M.run(opts)

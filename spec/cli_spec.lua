@@ -2,11 +2,22 @@
 local H = require "helper"
 local cjson = require "cjson"
 
+-- the command's exit code, its stdout and stderr together, and its stdout
 local function lbatch(emu, args)
   local env = emu and ("DASHSCOPE_API_KEY=k LBATCH_BASE_URL=" .. emu.base .. " ") or ""
-  local out = H.sh(("env %s%s %s/bin/lbatch %s 2>&1; echo \"exit=$?\""):format(env, H.lua, H.root, args))
+  local err = os.tmpname()
+  local out = H.sh(("env %s%s %s/bin/lbatch %s 2>%s; echo \"exit=$?\""):format(env, H.lua, H.root, args, err))
   local code = tonumber(out:match("exit=(%d+)%s*$"))
-  return code, (out:gsub("exit=%d+%s*$", ""))
+  out = out:gsub("exit=%d+%s*$", "")
+  local text = out .. (H.read(err) or "")
+  os.remove(err)
+  return code, text, out
+end
+
+-- the JSON a --json command printed on stdout
+local function json_of(code, _, out)
+  assert(code, "no exit code")
+  return cjson.decode(out)
 end
 
 describe("the lbatch command", function()
@@ -49,9 +60,10 @@ describe("the lbatch command", function()
   it("submits, waits, downloads and reads results; lists and cancels", function()
     local input = H.requests(dir .. "/in.jsonl", 4, { url = "/v1/chat/completions", model = "qwen-plus",
       content = function(i) return i == 2 and "lbatch-emulator:fail" or ("q" .. i) end })
-    local code, text = lbatch(emu, "submit --json --meta ds_name=cli " .. input)
+    local code, text, stdout = lbatch(emu, "submit --json --meta ds_name=cli " .. input)
     assert.are.equal(0, code, text)
-    local b = cjson.decode(text)
+    local b = cjson.decode(stdout)
+    assert.matches("upload .*in.jsonl: .* B of .* %(100%%%)", text)     -- the upload's progress (stderr)
     assert.are.same({ "validating", "cli" }, { b.status, b.metadata.ds_name })
     code, text = lbatch(emu, "status --wait --poll 0.05 --json " .. b.id)
     assert.are.equal(0, code, text)
@@ -68,7 +80,7 @@ describe("the lbatch command", function()
     code, text = lbatch(emu, "list --json --limit 5")
     assert.are.equal(0, code)
     assert.are.equal(b.id, cjson.decode(text)[1].id)
-    local slow = cjson.decode(select(2, lbatch(emu, "submit --json --meta emulator_line_seconds=1000 " .. input)))
+    local slow = json_of(lbatch(emu, "submit --json --meta emulator_line_seconds=1000 " .. input))
     code, text = lbatch(emu, "cancel " .. slow.id)
     assert.are.equal(0, code, text)
     assert.matches("cancelling", text)
@@ -118,5 +130,115 @@ describe("the lbatch command", function()
     assert.matches("2 lines", text)
     assert.is_true(require("lbatch.jsonl").validate(dir .. "/c.jsonl").ok)
     assert.are.equal(2, (lbatch(nil, ("csv2jsonl %s %s/d.jsonl"):format(questions, dir))))
+    -- --no-header: the first row is a request too
+    local bare = H.write(dir .. "/bare.csv", "x,hello\ny,world\n")
+    code, text = lbatch(nil, ("csv2jsonl %s %s/e.jsonl --model qwen-plus --no-header"):format(bare, dir))
+    assert.are.equal(0, code, text)
+    assert.matches("2 lines", text)
+    assert.matches('"custom_id":"x"', H.read(dir .. "/e.jsonl"))
+  end)
+
+  it("lists, deletes and prunes files, saying how much space that freed", function()
+    local ids = {}
+    for i = 1, 3 do
+      local f = H.requests(dir .. "/keep" .. i .. ".jsonl", i, { url = "/v1/chat/completions", model = "qwen-plus" })
+      local _, body = H.json("POST", emu.base .. "/files", { form = { "purpose=batch", "file=@" .. f } })
+      ids[i] = body.id
+    end
+    local code, text, stdout = lbatch(emu, "files --json --all")
+    assert.are.equal(0, code, text)
+    local listed = {}
+    for _, f in ipairs(cjson.decode(stdout)) do listed[f.id] = f end
+    for _, id in ipairs(ids) do assert.is_table(listed[id], id) end
+    code, text = lbatch(emu, "files")
+    assert.matches(ids[3]:gsub("%p", "%%%0") .. "  batch%s+%d+ B%s+%d+m  keep3.jsonl", text)   -- size and age
+    assert.is_true(text:find(ids[3], 1, true) < text:find(ids[1], 1, true))
+    code, text = lbatch(emu, "rm " .. ids[1])
+    assert.are.equal(0, code, text)
+    assert.are.equal(404, (H.json("GET", emu.base .. "/files/" .. ids[1])))
+    assert.are.equal(1, (lbatch(emu, "rm file-batch-nope")))
+    H.sleep(2.1)                            -- (created_at is in whole seconds)
+    code, text = lbatch(emu, "prune --older-than 1s --dry-run")
+    assert.are.equal(0, code, text)
+    assert.matches("would delete " .. ids[2], text, 1, true)
+    assert.matches("would free %d+ file%(s%), [%d.]+ k?B", text)
+    assert.are.equal(200, (H.json("GET", emu.base .. "/files/" .. ids[2])))      -- still there
+    code, text, stdout = lbatch(emu, "prune --older-than 1s --json")
+    assert.are.equal(0, code, text)
+    local report = cjson.decode(stdout)
+    assert.is_true(report.bytes > 0)
+    assert.are.equal(404, (H.json("GET", emu.base .. "/files/" .. ids[2])))
+    assert.are.equal(404, (H.json("GET", emu.base .. "/files/" .. ids[3])))
+    assert.are.equal(2, (lbatch(emu, "prune")))                                  -- --older-than is required
+    assert.are.equal(2, (lbatch(emu, "prune --older-than soon")))
+  end)
+
+  it("shows a download's bytes, rate and time left on a terminal", function()
+    local input = H.requests(dir .. "/prog.jsonl", 2000, { url = "/v1/chat/completions", model = "qwen-plus" })
+    local b = cjson.decode(select(3, lbatch(emu, "submit --json " .. input)))
+    assert.are.equal(0, (lbatch(emu, "status --wait --poll 0.05 " .. b.id)))
+    local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch download %s --output %s/prog.out")
+      :format(emu.base, H.lua, H.root, b.id, dir)
+    local text = H.sh(("script -qec %q /dev/null"):format(cmd))
+    assert.matches("\r\27%[Kdownload [^\r]*prog%.out: [%d.]+ [kM]?B of [%d.]+ [kM]?B %(100%%%), [%d.]+ [kMG]?B/s", text)
+    assert.matches("output  " .. dir .. "/prog.out", text, 1, true)
+  end)
+
+  it("removes its partial download when interrupted (SIGINT), and exits 130", function()
+    local input = H.requests(dir .. "/int.jsonl", 3, { url = "/v1/chat/completions", model = "qwen-plus" })
+    local b = cjson.decode(select(3, lbatch(emu, "submit --json " .. input)))
+    assert.are.equal(0, (lbatch(emu, "status --wait --poll 0.05 " .. b.id)))
+    H.mkdir(dir .. "/int")
+    H.json("POST", emu.url .. "/_emulator/faults", { json = { path = "/content$", delay = 5 } })
+    local pidfile = dir .. "/int.pid"
+    local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch download %s --output %s/int/out.jsonl")
+      :format(emu.base, H.lua, H.root, b.id, dir)
+    H.ok(("(%s >/dev/null 2>&1 & echo $! > %s; wait $!; echo \"exit=$?\" > %s.rc) &"):format(cmd, pidfile, pidfile))
+    local partial
+    for _ = 1, 50 do                        -- the temp file is made before the request goes out
+      partial = H.sh("ls " .. dir .. "/int")
+      if partial:find("part-", 1, true) then break end
+      H.sleep(0.05)
+    end
+    assert.matches("out.jsonl.part-", partial)
+    H.ok("kill -INT $(cat " .. pidfile .. ")")
+    local rc
+    for _ = 1, 100 do
+      rc = H.read(pidfile .. ".rc")
+      if rc then break end
+      H.sleep(0.05)
+    end
+    H.http("DELETE", emu.url .. "/_emulator/faults")
+    assert.matches("exit=130", rc or "")
+    assert.are.equal("", H.sh("ls -A " .. dir .. "/int"))
+  end)
+end)
+
+describe("the lbatch command from a checkout and installed", function()
+  local emu
+  setup(function() emu = H.emulator({ speed = 200, rate_limits = false }) end)
+  teardown(function() emu.stop() end)
+
+  local function clean(cmd)   -- an empty environment: nothing set by hand
+    return H.sh(("cd /tmp && env -i PATH=%s DASHSCOPE_API_KEY=k %s 2>&1; echo \"exit=$?\""):format(os.getenv("PATH"), cmd))
+  end
+
+  it("runs as bin/lbatch and as `lua bin/lbatch` with an empty environment", function()
+    local out = clean(H.root .. "/bin/lbatch --help")
+    assert.matches("Usage: lbatch COMMAND", out)
+    assert.matches("exit=0", out)
+    out = clean(("%s %s/bin/lbatch list --base-url %s"):format(H.lua, H.root, emu.base))
+    assert.matches("exit=0", out)
+  end)
+
+  it("runs after make install into a scratch prefix", function()
+    local prefix = H.tmpdir()
+    local built = H.sh(("cd %s && make -s install PREFIX=%s >/dev/null 2>&1; echo $?"):format(H.root, prefix))
+    assert.are.equal("0\n", built)
+    local out = clean(prefix .. "/bin/lbatch --help")
+    assert.matches("Usage: lbatch COMMAND", out)
+    out = clean(("%s/bin/lbatch list --base-url %s"):format(prefix, emu.base))
+    assert.matches("exit=0", out)
+    H.ok("rm -rf " .. prefix)
   end)
 end)

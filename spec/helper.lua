@@ -49,6 +49,8 @@ function H.tmpdir()
   return (sh("mktemp -d /tmp/lbatch-spec.XXXXXX"):gsub("%s+$", ""))
 end
 
+function H.mkdir(path) assert(H.ok("mkdir -p " .. H.q(path))) return path end
+
 function H.write(path, text)
   local f = assert(io.open(path, "wb"))
   f:write(text)

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <time.h>
 #include <unistd.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include "core.h"
 
@@ -427,6 +428,30 @@ static int core_mkdir(lua_State *L) {
   return 1;
 }
 
+/* trap(): SIGINT and SIGTERM only set a flag (and interrupt a wait in
+ * step), so a command can stop cleanly: close its client (which removes
+ * its temp files) and exit. caught(): the signal caught, or nil. */
+static volatile sig_atomic_t caught_signal = 0;
+
+static void on_signal(int sig) { caught_signal = sig; }
+
+static int core_trap(lua_State *L) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_signal;   /* no SA_RESTART: epoll_wait returns EINTR */
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+  (void)L;
+  return 0;
+}
+
+static int core_caught(lua_State *L) {
+  if (!caught_signal) return 0;
+  lua_pushinteger(L, caught_signal);
+  return 1;
+}
+
 static int core_version(lua_State *L) {
   curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
   lua_pushstring(L, v->version);
@@ -443,7 +468,7 @@ int luaopen_lbatch_core(lua_State *L) {
   };
   static const luaL_Reg funcs[] = {
     {"new", ctl_new}, {"now", core_now}, {"sleep", core_sleep}, {"mkdir", core_mkdir},
-    {"version", core_version},
+    {"version", core_version}, {"trap", core_trap}, {"caught", core_caught},
     {"idmap", lbatch_idmap_new}, {NULL, NULL}
   };
   curl_global_init(CURL_GLOBAL_DEFAULT);
