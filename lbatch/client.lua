@@ -221,7 +221,8 @@ end
 -- renamed over it only when complete; the path must be a regular file
 -- or nothing (a symlink, a directory or a device is refused, `io`).
 -- @tparam string id
--- @tparam[opt] table opts path, on_progress(received, total), and per-call options
+-- @tparam[opt] table opts path, on_progress(received, total) (total is
+-- nil until the answer's headers say it), and per-call options
 -- @return the content (a string), or the path; or nil and an error
 function Client:content(id, opts)
   local path, err = id_path("content", "file_id", id, "/files/%s/content")
@@ -232,7 +233,7 @@ function Client:content(id, opts)
   o.download, o.stream = target, target ~= nil
   if opts and opts.on_progress then
     local fn = opts.on_progress
-    o.on_progress = function(_, _, down, total) fn(down, total) end
+    o.on_progress = function(_, _, down, total) fn(down, total >= 0 and total or nil) end
   end
   return self:_call("GET", path, o)
 end

@@ -45,7 +45,7 @@ function Loop.new(opts)
     alive = 0,
     waiting = {},        -- transfer id -> task or box
     watch = {},          -- transfer id -> progress watcher
-    watched = 0, watch_at = 0,
+    watched = 0,
     ready = {},          -- tasks to resume, in order
     heap = {},           -- timers: {at, seq, task|box}
     seq = 0,
@@ -206,7 +206,7 @@ function Loop:transfer(spec, on_progress)
   local id, kind, message = self.ctl:add(spec)
   if not id then return nil, kind, message end
   if on_progress then
-    self.watch[id] = { fn = on_progress }
+    self.watch[id] = { fn = on_progress, at = 0 }     -- a first report at once
     self.watched = self.watched + 1
   end
   return self:await(wait_transfer, id)
@@ -274,9 +274,7 @@ function Loop:callback(fn, ...)
   if not ok then self.failures[#self.failures + 1] = { error = err } end
 end
 
-function Loop:progress(id, w)
-  local u, ut, d, dt = self.ctl:progress(id)
-  if not u then return end
+function Loop:progress(w, u, ut, d, dt)
   local sig = u .. " " .. ut .. " " .. d .. " " .. dt
   if sig == w.last then return end
   w.last = sig
@@ -291,9 +289,15 @@ function Loop:drive(block, budget_ms)
   local ctl = self.ctl
   local deadline = budget_ms and (now() + budget_ms / 1000)
   ctl:step(block and self:wait_ms() or 0, budget_ms and budget_ms / 2)
-  if self.watched > 0 and now() >= self.watch_at then
-    self.watch_at = now() + PROGRESS_EVERY
-    for id, w in pairs(self.watch) do self:progress(id, w) end
+  if self.watched > 0 then
+    local t = now()
+    for id, w in pairs(self.watch) do
+      if t >= w.at then
+        w.at = t + PROGRESS_EVERY
+        local u, ut, d, dt = ctl:progress(id)
+        if u then self:progress(w, u, ut, d, dt) end
+      end
+    end
   end
   while true do
     local id, res = ctl:done()
@@ -302,8 +306,8 @@ function Loop:drive(block, budget_ms)
     if watcher then
       self.watch[id] = nil
       self.watched = self.watched - 1
-      if res.code == 0 and not res.fail then
-        self:callback(watcher.fn, res.sent, res.sent, res.received, res.received)
+      if res.code == 0 and not res.fail then   -- the last report: all of it
+        self:progress(watcher, res.sent, res.sent, res.received, res.received)
       end
     end
     local w = self.waiting[id]
@@ -344,7 +348,7 @@ function Loop:timeout()
     if ms < 0 or t < ms then ms = t end
   end
   if self.watched > 0 then
-    local t = math.max(0, math.ceil((self.watch_at - now()) * 1000))
+    local t = math.max(0, math.ceil(PROGRESS_EVERY * 1000))
     if ms < 0 or t < ms then ms = t end
   end
   return ms

@@ -405,6 +405,30 @@ describe("lbatch client", function()
     end)
   end)
 
+  describe("progress", function()
+    it("reports an upload's and a download's bytes from the loop, ending at the whole size", function()
+      local openai = H.emulator({ speed = 200, dialect = "openai" })
+      local c = lbatch.new({ api_key = "k", base_url = openai.base, max_connections = 4 })
+      local big = dir .. "/progress.bin"
+      H.ok("head -c 30000000 /dev/urandom > " .. big)
+      local ups, downs = {}, {}
+      local f = assert(c:upload(big, nil, { on_progress = function(done, total) ups[#ups + 1] = { done, total } end }))
+      local out = dir .. "/progress.out"
+      assert(c:content(f.id, { path = out, on_progress = function(done, total) downs[#downs + 1] = { done, total } end }))
+      c:close()
+      openai.stop()
+      for _, seen in ipairs({ ups, downs }) do
+        assert.is_true(#seen >= 2, "calls: " .. #seen)
+        for i, p in ipairs(seen) do
+          assert.is_true(p[2] == 30000000 or (seen == downs and p[2] == nil))   -- nil: no headers yet
+          if i > 1 then assert.is_true(p[1] >= seen[i - 1][1]) end
+        end
+        assert.are.same({ 30000000, 30000000 }, seen[#seen])    -- and the last call says done
+      end
+      os.remove(big) os.remove(out)
+    end)
+  end)
+
   describe("memory", function()
     it("uploads and downloads 200 MB with under 20 MB more peak RSS #memory", function()
       local openai = H.emulator({ speed = 200, dialect = "openai" })

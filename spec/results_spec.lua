@@ -100,6 +100,13 @@ describe("results", function()
     assert.are.equal("qwen-plus", seen[1].input.body.model)
     assert.is_false(seen[3].ok)
     assert.are.same({ 400, "emulated_failure" }, { seen[3].status_code, seen[3].error_code })
+    -- whole numbers come out as integers on every Lua (lua-cjson 2.1.0 decodes floats)
+    assert.are.equal("200", tostring(seen[1].status_code))
+    assert.are.equal(tostring(seen[1].usage.total_tokens), ("%d"):format(seen[1].usage.total_tokens))
+    if math.type then
+      assert.are.equal("integer", math.type(seen[1].status_code))
+      assert.are.equal("integer", math.type(seen[1].created))
+    end
     assert.is_true(seen[7].missing)
     assert.are.same({ "ghost" }, r.missing_ids)
     local s = r:summary({ prices = { ["qwen-plus"] = { input = 2, output = 8 } } })
@@ -107,6 +114,7 @@ describe("results", function()
     assert.are.equal(1, s.by_error.emulated_failure)
     assert.is_true(s.prompt_tokens > 0 and s.completion_tokens > 0)
     assert.are.equal(s.prompt_tokens + s.completion_tokens, s.total_tokens)
+    if math.type then assert.are.equal("integer", math.type(s.total_tokens)) end
     local expect = (s.prompt_tokens * 2 + s.completion_tokens * 8) / 1e6 * 0.5
     assert.is_true(math.abs(s.cost - expect) < 1e-12)
     -- without inputs: every line of both files, outputs first
