@@ -1,4 +1,4 @@
-# lbatch: make demo | make test | make build | make emulator | make asan | make install
+# lbatch: make demo | make test | make build | make emulator | make asan | make install | make docs
 #
 # Flags (override on the command line):
 #   LUA_INCDIR   Lua 5.4 headers          (default /usr/include/lua5.4)
@@ -24,6 +24,7 @@ HDR = lbatch/core/core.h lbatch/core/compat.h
 
 DEB = lua5.4 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
       nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-socket lua-check \
+      lua-ldoc lua-markdown \
       curl gcc make pkg-config time
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NODE_DIR = emulator/conformance
@@ -32,7 +33,7 @@ BUSTED = env LUA_PATH="./?.lua;./?/init.lua;./spec/?.lua;;" LBATCH_ROOT=$(CURDIR
 
 ROCKSPEC = $(wildcard rockspec/lbatch-*.rockspec)
 
-.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare install lint clean
+.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare install lint docs clean
 
 all: build
 
@@ -121,5 +122,9 @@ install: build
 lint: deps
 	luacheck -q .
 
+# The API reference from the doc comments (LDoc, config.ld): docs/index.html
+docs: deps
+	@ldoc -q . && echo "API reference: docs/index.html"
+
 clean:
-	rm -rf build
+	rm -rf build docs

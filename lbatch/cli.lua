@@ -464,7 +464,7 @@ function run.run(o, pos)
   return (bad > 0 or s.missing > 0) and 3 or 0
 end
 
------------------------------------------------------------------- files
+-- ------------------------------------------------------------ files
 
 local function age(seconds)
   seconds = math.max(0, seconds)
@@ -571,8 +571,11 @@ function run.prune(o)
   return failed and 1 or 0
 end
 
------------------------------------------------------------------- main
+-- ------------------------------------------------------------ main
 
+--- Run the command.
+-- @tparam {string,...} args the arguments (`arg`)
+-- @treturn integer the exit code
 function M.main(args)
   local name = args[1]
   if not name or name == "-h" or name == "--help" or name == "help" then

@@ -53,7 +53,7 @@ function Client.new(opts)
   return self
 end
 
------------------------------------------------------------------- calls
+-- ------------------------------------------------------------ calls
 
 local CALL = { timeout = "number", max_retries = "number", headers = "table", with_response = "boolean",
                on_progress = "function" }
@@ -100,7 +100,7 @@ local function id_path(fn, name, id, fmt)
   return fmt:format(enc)
 end
 
------------------------------------------------------------------- files
+-- ------------------------------------------------------------ files
 
 local function basename(p) return (p:match("([^/\\]+)$")) or p end
 
@@ -238,7 +238,7 @@ function Client:content(id, opts)
   return self:_call("GET", path, o)
 end
 
------------------------------------------------------------------- batches
+-- ------------------------------------------------------------ batches
 
 local function same_metadata(a, b)
   a, b = a or {}, b or {}
@@ -442,7 +442,7 @@ function Client:wait(id, opts)
   end
 end
 
------------------------------------------------------------------- the loop
+-- ------------------------------------------------------------ the loop
 
 --- Start a task: `fn(...)` in a coroutine whose operations overlap with
 -- every other task's.

@@ -85,7 +85,7 @@ end
 -- @treturn boolean
 function M.is(x) return getmetatable(x) == Error end
 
------------------------------------------------------------------- programming errors
+-- ------------------------------------------------------------ programming errors
 
 --- Raise a programming error `lbatch.<fn>: <msg>` at the caller of the
 -- public function.
@@ -111,7 +111,7 @@ function M.check(fn, name, v, want, optional)
   return v
 end
 
------------------------------------------------------------------- secrets
+-- ------------------------------------------------------------ secrets
 
 -- The shortest piece of a secret that is scrubbed wherever it appears: a
 -- server that echoes part of a key (or a message cut inside it) must not

@@ -13,7 +13,7 @@ local service = require "lbatch.service"
 
 local M = {}
 
------------------------------------------------------------------- requests
+-- ------------------------------------------------------------ requests
 
 local function pct(c) return ("%%%02X"):format(c:byte()) end
 
@@ -64,7 +64,7 @@ function M.path_id(fn, name, id)
   return M.urlencode(id)
 end
 
------------------------------------------------------------------- answers
+-- ------------------------------------------------------------ answers
 
 --- Response headers as a table of lowercased names (the last value wins).
 -- @tparam string raw the header block
@@ -190,7 +190,7 @@ function M.answer(res, o)
   return json.normalize(v), nil, meta
 end
 
------------------------------------------------------------------- the transport
+-- ------------------------------------------------------------ the transport
 
 local Transport = {}
 Transport.__index = Transport

@@ -27,7 +27,7 @@ local function invalid(id, code, message, param)
     message = ("custom_id %s: %s"):format(id == nil and "(none)" or ("%q"):format(tostring(id)), message) })
 end
 
------------------------------------------------------------------- writer
+-- ------------------------------------------------------------ writer
 
 local Writer = {}
 Writer.__index = Writer
@@ -119,7 +119,7 @@ function Writer:_route(id, model, url, thinking)
 end
 
 --- Add one request.
--- @tparam string custom_id (a number is taken as its text)
+-- @tparam string id the custom_id (a number is taken as its text)
 -- @tparam table body the request body
 -- @tparam[opt] string url the endpoint (default: the writer's)
 -- @return true, or nil and an error that names the custom_id and the rule
@@ -269,7 +269,7 @@ function Writer:close()
   return { files = files, lines = lines, bytes = bytes }
 end
 
------------------------------------------------------------------- validate
+-- ------------------------------------------------------------ validate
 
 --- Every problem of a file made elsewhere, with line numbers and the
 -- service's codes, read in blocks (never whole).
@@ -293,7 +293,7 @@ function M.validate(path, opts)
            model = chk.model, endpoint = chk.endpoint }
 end
 
------------------------------------------------------------------- multimodal
+-- ------------------------------------------------------------ multimodal
 
 local MAGIC = {
   { "^\137PNG\r\n\26\n", "image/png" }, { "^\255\216\255", "image/jpeg" }, { "^GIF8[79]a", "image/gif" },

@@ -57,7 +57,7 @@ function Loop.new(opts)
   }, Loop)
 end
 
------------------------------------------------------------------- timers
+-- ------------------------------------------------------------ timers
 
 local function heap_push(h, t)
   h[#h + 1] = t
@@ -90,7 +90,7 @@ local function heap_pop(h)
   return top
 end
 
------------------------------------------------------------------- tasks
+-- ------------------------------------------------------------ tasks
 
 function Loop:current()
   local co = co_running()
@@ -222,7 +222,7 @@ function Loop:sleep(seconds)
   return self:await(add_timer, seconds)
 end
 
------------------------------------------------------------------- driving
+-- ------------------------------------------------------------ driving
 
 -- Resume the tasks that are ready. With a deadline, stop once it has
 -- passed and leave the rest, in order, for the next turn.
@@ -360,14 +360,17 @@ function Loop:take_failure()
   if task then return task.error end
 end
 
------------------------------------------------------------------- Task
+-- ------------------------------------------------------------ Task
 
+--- Has the task finished (done, failed or cancelled)?
+-- @treturn boolean
 function Task:done() return self.status == "done" or self.status == "error" end
 
 local function add_joiner(_, w, task) task.joiners[#task.joiners + 1] = w end
 
--- join(): wait for the task, then its results, or nil and its error
--- (an error object; err.traceback says where it was raised)
+--- Wait for the task (yielding in a task, waiting outside).
+-- @return its results, or nil and its error (an error object;
+-- `err.traceback` says where it was raised)
 function Task:join()
   if not self:done() then
     local loop = self.loop
@@ -380,7 +383,8 @@ function Task:join()
   return unpack(self.results, 1, self.results.n)
 end
 
--- cancel(): stop a task that has not finished; its transfer is abandoned.
+--- Stop a task that has not finished; its transfer is abandoned.
+-- @treturn boolean false when it had already finished
 function Task:cancel()
   if self:done() then return false end
   local loop = self.loop

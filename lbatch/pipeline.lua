@@ -30,7 +30,7 @@ local function fail(message)
   return errors.new({ kind = "invalid", message = "pipeline: " .. message })
 end
 
------------------------------------------------------------------- journal
+-- ------------------------------------------------------------ journal
 
 -- The journal (lbatch.journal) holds a header record, then a record per
 -- change: a shard's new state ({k, shard}) or the run's phase ({phase}).
@@ -60,7 +60,7 @@ local function token()
   return (bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
 end
 
------------------------------------------------------------------- sharding
+-- ------------------------------------------------------------ sharding
 
 -- requests: a .jsonl or .csv path, a list of requests, or an iterator
 -- returning them; a request is {custom_id, body[, url]} or a full line.
@@ -112,7 +112,7 @@ local function shard(opts, dir, client)
   return manifest
 end
 
------------------------------------------------------------------- one shard
+-- ------------------------------------------------------------ one shard
 
 local PARTIAL = service.PARTIAL
 
@@ -265,7 +265,7 @@ function Run:process(s)
   end
 end
 
------------------------------------------------------------------- run
+-- ------------------------------------------------------------ run
 
 -- what a worker raised, as an error object
 local function as_error(e)

@@ -76,17 +76,26 @@ function M.lines(fh, max_line)
   end
 end
 
+--- A problem: `{code, line, message, param}`.
+-- @tparam string code
+-- @tparam ?integer line
+-- @tparam string message
+-- @tparam ?string param
+-- @treturn table
 local function problem(code, line, message, param)
   return { code = code, line = line, message = message, param = param }
 end
 M.problem = problem
 
--- Checks one request after another. opts.endpoint: the batch's endpoint
--- (nil: taken from the first line). Each check returns a list of problems
--- (empty when the line is fine); finish() returns the file-level ones.
 local Checker = {}
 Checker.__index = Checker
 
+--- A checker of one input file, line after line.
+-- Each check appends its problems (`{code, line, message, param}`) to
+-- `out` and returns it; `finish` adds the file-level ones.
+-- @tparam[opt] table opts endpoint (the batch's; default: the first
+-- line's url), max_lines, max_bytes
+-- @treturn table the checker
 function M.checker(opts)
   opts = opts or {}
   return setmetatable({
@@ -97,7 +106,11 @@ function M.checker(opts)
   }, Checker)
 end
 
--- A decoded request {custom_id, method, url, body}; n is its line number.
+--- Check a decoded request `{custom_id, method, url, body}`.
+-- @tparam integer n its line number
+-- @param req the decoded line
+-- @tparam[opt] table out the list to add problems to
+-- @treturn table out
 function Checker:request(n, req, out)
   out = out or {}
   if type(req) ~= "table" then
@@ -157,7 +170,12 @@ function Checker:request(n, req, out)
   return out
 end
 
--- One raw line (text nil when it was too long); bytes includes its newline.
+--- Check one raw line.
+-- @tparam integer n its line number
+-- @tparam ?string text the line (nil when it was too long to keep)
+-- @tparam integer bytes its size, newline included
+-- @tparam[opt] table out the list to add problems to
+-- @treturn table out
 function Checker:line(n, text, bytes, out)
   out = out or {}
   self.lines = n
@@ -183,6 +201,9 @@ function Checker:line(n, text, bytes, out)
   return self:request(n, req, out)
 end
 
+--- The file-level problems (empty, too large, test-model limits).
+-- @tparam[opt] table out the list to add problems to
+-- @treturn table out
 function Checker:finish(out)
   out = out or {}
   if self.lines == 0 then

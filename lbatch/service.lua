@@ -49,7 +49,7 @@ M.LIMITS = {
   max_files = 10000, max_storage_bytes = 100 * 1000 * 1000 * 1000,
 }
 
------------------------------------------------------------------- dates
+-- ------------------------------------------------------------ dates
 
 --- Days from 1970-01-01 to a civil date (proleptic Gregorian calendar).
 -- @tparam integer y year
