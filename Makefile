@@ -19,12 +19,12 @@ CFLAGS ?= -O2 -g
 PREFIX ?= /usr/local
 SPEC ?= spec
 WARN = -std=c99 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter
-SRC = lbatch/core/core.c lbatch/core/xfer.c lbatch/core/idmap.c lbatch/core/util.c
-HDR = lbatch/core/core.h lbatch/core/compat.h
+SRC = lbatch/core/core.c lbatch/core/xfer.c lbatch/core/idmap.c lbatch/core/scan.c lbatch/core/util.c
+HDR = lbatch/core/core.h lbatch/core/compat.h lbatch/core/scan.h
 
 DEB = lua5.4 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
       nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-socket lua-check \
-      lua-ldoc lua-markdown \
+      lua-ldoc lua-markdown clang libclang-rt-14-dev \
       curl gcc make pkg-config time
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NODE_DIR = emulator/conformance
@@ -33,7 +33,7 @@ BUSTED = env LUA_PATH="./?.lua;./?/init.lua;./spec/?.lua;;" LBATCH_ROOT=$(CURDIR
 
 ROCKSPEC = $(wildcard rockspec/lbatch-*.rockspec)
 
-.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare install lint docs clean
+.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare install lint docs fuzz clean
 
 all: build
 
@@ -121,6 +121,10 @@ install: build
 
 lint: deps
 	luacheck -q .
+
+# The fuzzer over the core's byte scanners for FUZZ_SECONDS (default 600)
+fuzz: deps
+	spec/fuzz/run $(or $(FUZZ_SECONDS),600)
 
 # The API reference from the doc comments (LDoc, config.ld): docs/index.html
 docs: deps

@@ -58,7 +58,8 @@ function M.new(fields)
   for _, k in ipairs(STRING_FIELDS) do
     local v = fields[k]
     local t = type(v)
-    if t == "number" or t == "boolean" then fields[k] = tostring(v)
+    if t == "number" then fields[k] = v == math.floor(v) and v < 2^53 and v > -2^53 and ("%d"):format(v) or tostring(v)
+    elseif t == "boolean" then fields[k] = tostring(v)
     elseif t ~= "string" then fields[k] = nil end
   end
   if fields.message == nil then fields.message = fields.kind .. " error" end

@@ -46,7 +46,8 @@ build = {
     ["lbatch.cli"] = "lbatch/cli.lua",
     ["lbatch.openresty"] = "lbatch/openresty.lua",
     ["lbatch.core"] = {
-      sources = { "lbatch/core/core.c", "lbatch/core/xfer.c", "lbatch/core/idmap.c", "lbatch/core/util.c" },
+      sources = { "lbatch/core/core.c", "lbatch/core/xfer.c", "lbatch/core/idmap.c", "lbatch/core/scan.c",
+                  "lbatch/core/util.c" },
       defines = { "_GNU_SOURCE" },
       incdirs = { "$(CURL_INCDIR)" },
       libdirs = { "$(CURL_LIBDIR)" },

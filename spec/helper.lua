@@ -72,48 +72,69 @@ function H.exists(path)
   return false
 end
 
--- Start emulator/run on a free port. opts: speed, dialect, rate_limits,
--- api_key, data, include, cpu (taskset's CPU list). Returns an object with
--- url, base (…/v1), port, data, stop().
-function H.emulator(opts)
-  opts = opts or {}
+-- Start a server script on a free port: SCRIPT --port N ARGS... must
+-- print "listening on" once it accepts requests. Returns {pid, port, url,
+-- log, alive(), stop()}. opts.cpu: taskset's CPU list; opts.data: a dir
+-- it keeps (otherwise the one made here is removed by stop()).
+local function serve(script, args, opts, data)
   for _ = 1, 20 do
     local port = math.random(20000, 45000)
-    local data = opts.data or H.tmpdir()
     local log = os.tmpname()
-    local args = { H.root .. "/emulator/run", "--port", port, "--data", data,
-                   "--speed", opts.speed or 200, "--dialect", opts.dialect or "dashscope" }
-    if opts.rate_limits ~= nil then
-      args[#args + 1] = "--rate-limits"
-      args[#args + 1] = opts.rate_limits and "on" or "off"
-    end
-    if opts.api_key then args[#args + 1] = "--api-key" args[#args + 1] = opts.api_key end
-    if opts.include then args[#args + 1] = "--include" args[#args + 1] = opts.include end
     local pin = opts.cpu and ("taskset -c " .. opts.cpu .. " ") or ""
-    local pid = sh("setsid " .. pin .. table.concat(args, " ") .. " >" .. log .. " 2>&1 & echo $!"):match("%d+")
+    local cmd = ("setsid %s%s --port %d %s >%s 2>&1 & echo $!"):format(pin, script, port, table.concat(args, " "), log)
+    local pid = sh(cmd):match("%d+")
     for _ = 1, 100 do
       local out = H.read(log) or ""
       if out:find("listening on", 1, true) then
-        local url = "http://127.0.0.1:" .. port
-        local emu = { pid = pid, port = port, url = url, base = url .. "/v1", data = data, log = log }
-        function emu.alive() return H.ok("kill -0 " .. pid .. " 2>/dev/null") end
-        function emu.stop()
+        local url = (out:match("listening on (https?://[%d.:]+)")) or ("http://127.0.0.1:" .. port)
+        local srv = { pid = pid, port = port, url = url, base = url .. "/v1", data = data, log = log }
+        function srv.alive() return H.ok("kill -0 " .. pid .. " 2>/dev/null") end
+        function srv.stop()
           H.ok("kill -TERM " .. pid .. " 2>/dev/null")
           for _ = 1, 100 do
-            if not emu.alive() then break end
+            if not srv.alive() then break end
             H.sleep(0.05)
           end
           os.remove(log)
-          if not opts.data then H.ok("rm -rf " .. data) end   -- a data dir it made itself
+          if data and not opts.data then H.ok("rm -rf " .. data) end   -- a data dir made here
         end
-        return emu
+        return srv
       end
       if out:find("emerg", 1, true) then break end  -- port taken: try another
       H.sleep(0.05)
     end
     H.ok("kill -TERM " .. pid .. " 2>/dev/null")
   end
-  error("emulator did not start")
+  error(script .. " did not start")
+end
+
+-- Start emulator/run on a free port. opts: speed, dialect, rate_limits,
+-- api_key, data, include, cpu (taskset's CPU list). Returns an object with
+-- url, base (…/v1), port, data, stop().
+function H.emulator(opts)
+  opts = opts or {}
+  local data = opts.data or H.tmpdir()
+  local args = { "--data", data, "--speed", opts.speed or 200, "--dialect", opts.dialect or "dashscope" }
+  if opts.rate_limits ~= nil then
+    args[#args + 1] = "--rate-limits"
+    args[#args + 1] = opts.rate_limits and "on" or "off"
+  end
+  if opts.api_key then args[#args + 1] = "--api-key" args[#args + 1] = opts.api_key end
+  if opts.include then args[#args + 1] = "--include" args[#args + 1] = opts.include end
+  return serve(H.root .. "/emulator/run", args, opts, data)
+end
+
+-- Start the hostile server (spec/hostile). srv.at(name) is the base URL
+-- of a scenario; srv.stats() its request counts; srv.reset() clears them.
+function H.hostile()
+  local srv = serve(H.root .. "/spec/hostile/run", {}, {})
+  function srv.at(name) return srv.url .. "/s/" .. name .. "/v1" end
+  function srv.stats()
+    local _, s = H.json("GET", srv.url .. "/_hostile/stats")
+    return s
+  end
+  function srv.reset() H.http("DELETE", srv.url .. "/_hostile/stats") end
+  return srv
 end
 
 local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end

@@ -469,7 +469,8 @@ int luaopen_lbatch_core(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"new", ctl_new}, {"now", core_now}, {"sleep", core_sleep}, {"mkdir", core_mkdir},
     {"version", core_version}, {"trap", core_trap}, {"caught", core_caught},
-    {"idmap", lbatch_idmap_new}, {NULL, NULL}
+    {"idmap", lbatch_idmap_new}, {"utf8_check", lbatch_utf8_check}, {"json_string", lbatch_json_string},
+    {NULL, NULL}
   };
   curl_global_init(CURL_GLOBAL_DEFAULT);
   {  /* the first multipart boundary seeds the TLS library's random

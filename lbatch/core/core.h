@@ -45,6 +45,7 @@ typedef struct xfer {
   char *path, *tmp;           /* download: final path and temp file beside it */
   int out;                    /* temp file descriptor, -1 when none */
   int had_target;             /* the path existed (a regular file) */
+  int identity;               /* a file's bytes: an unasked Content-Encoding is refused */
   mode_t mode;                /* mode the download gets */
   curl_off_t written;         /* body bytes downloaded (to file or buffer) */
   double started, last_io, stall_ms;  /* monotonic ms; stall_ms 0: no check */
@@ -79,6 +80,10 @@ void buf_free(buf *b);
 
 /* idmap.c */
 int lbatch_idmap_new(lua_State *L);
+
+/* scan.c */
+int lbatch_utf8_check(lua_State *L);
+int lbatch_json_string(lua_State *L);
 
 /* xfer.c */
 xfer *xfer_new(lua_State *L, ctl *c, int spec);

@@ -20,6 +20,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include "core.h"
+#include "scan.h"
 
 #define MAX_HEADERS (1024 * 1024)   /* a header block larger than this is refused */
 
@@ -87,14 +88,13 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud) {
   }
   /* a file's content is its bytes as stored: an encoding nobody asked for
    * (lbatch sends no Accept-Encoding for it) is refused, not saved */
-  if (x->out >= 0 && len > 17 && strncasecmp(p, "content-encoding:", 17) == 0) {
-    const char *v = p + 17, *end = p + len;
-    while (v < end && (*v == ' ' || *v == '\t')) v++;
-    if (end - v < 8 || strncasecmp(v, "identity", 8) != 0) {
-      if (is_2xx(x)) {
-        xfer_fail(x, "encoding", "the server sent the file with a Content-Encoding that was not asked for");
-        return 0;
-      }
+  if (x->identity) {
+    const char *v;
+    size_t vl;
+    if (lb_header_value(p, len, "content-encoding", &v, &vl) && !(vl == 8 && strncasecmp(v, "identity", 8) == 0)
+        && is_2xx(x)) {
+      xfer_fail(x, "encoding", "the server sent the file with a Content-Encoding that was not asked for");
+      return 0;
     }
   }
   return buf_add(&x->hdrs, p, len) ? len : 0;
@@ -373,6 +373,7 @@ xfer *xfer_new(lua_State *L, ctl *c, int spec) {
   x->body_src.fd = x->file_src.fd = -1;
   x->body_src.owner = x->file_src.owner = x;
   x->stall_ms = stall;
+  x->identity = identity;
   x->max_body = (size_t)max_body;
   x->easy = e = curl_easy_init();
   if (!e) { free(x); return NULL; }
