@@ -11,3 +11,4 @@ files["lbatch/openresty.lua"] = { read_globals = { "ngx" } }
 files["examples/openresty"] = { globals = { "ngx" } }
 files["spec/fixtures"] = { read_globals = { "ngx" } }
 files["bin/lbatch"] = { globals = { "_" } }   -- the shell part: _=[[ ... ]]
+files["spec/hostile"] = { globals = { "ngx" } }

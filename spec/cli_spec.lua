@@ -151,6 +151,7 @@ describe("the lbatch command", function()
     for _, f in ipairs(cjson.decode(stdout)) do listed[f.id] = f end
     for _, id in ipairs(ids) do assert.is_table(listed[id], id) end
     code, text = lbatch(emu, "files")
+    assert.are.equal(0, code, text)
     assert.matches(ids[3]:gsub("%p", "%%%0") .. "  batch%s+%d+ B%s+%d+m  keep3.jsonl", text)   -- size and age
     assert.is_true(text:find(ids[3], 1, true) < text:find(ids[1], 1, true))
     code, text = lbatch(emu, "rm " .. ids[1])

@@ -6,7 +6,8 @@ local lbatch = require "lbatch"
 
 local function rockspec()
   local path = H.sh("ls " .. H.root .. "/rockspec/lbatch-*.rockspec"):gsub("%s+$", "")
-  local text, env, chunk = H.read(path), {}, nil
+  local text, env = H.read(path), {}
+  local chunk
   if setfenv then
     chunk = assert(loadstring(text))
     setfenv(chunk, env)
