@@ -40,14 +40,14 @@ end
 --- Make a client.
 -- @tparam[opt] table opts api_key, region (`cn`, `intl`, `openai`),
 -- base_url, timeout, connect_timeout, stall_timeout, transfer_timeout,
--- max_retries, retry_after_cap, max_connections, max_response_bytes,
+-- max_retries, retry_after_cap, max_connections, max_streams, max_response_bytes,
 -- headers, cainfo, capath, proxy, noproxy, allow_http, host (see
 -- `lbatch.loop`). Raises when an option is wrong or no key is found.
 -- @treturn lbatch.client
 function Client.new(opts)
   local cfg, secrets = config.new(opts or {})
   if not cfg then argerr("new", secrets) end
-  local loop = Loop.new({ max_connections = cfg.max_connections, host = cfg.host })
+  local loop = Loop.new({ max_connections = cfg.max_connections, max_streams = cfg.max_streams, host = cfg.host })
   local self = setmetatable({ base_url = cfg.base_url, region = cfg.region, config = cfg, loop = loop }, Client)
   transports[self] = http.new(cfg, secrets, loop)
   return self

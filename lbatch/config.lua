@@ -14,7 +14,8 @@ M.DEFAULTS = {
   stall_timeout = 30,        -- no byte moved for this long: the transfer fails
   max_retries = 2,
   retry_after_cap = 60,      -- a longer Retry-After is returned to the caller
-  max_connections = 16,
+  max_connections = 16,      -- connections (HTTP/1.1: transfers at once)
+  max_streams = 100,         -- transfers at once on one HTTP/2 connection
   max_response_bytes = 64 * 1024 * 1024,   -- an answer kept in memory
 }
 
@@ -158,6 +159,7 @@ local function new(opts)
     max_retries = number(opts, "max_retries", true, true),
     retry_after_cap = number(opts, "retry_after_cap", false, true),
     max_connections = number(opts, "max_connections", true),
+    max_streams = number(opts, "max_streams", true),
     max_response_bytes = number(opts, "max_response_bytes", true),
     cainfo = string_opt(opts, "cainfo") or env("SSL_CERT_FILE") or env("CURL_CA_BUNDLE"),
     capath = string_opt(opts, "capath") or env("SSL_CERT_DIR"),

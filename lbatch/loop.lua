@@ -40,7 +40,7 @@ Task.__index = Task
 function Loop.new(opts)
   local host = opts.host or {}
   return setmetatable({
-    ctl = core.new({ max_connections = opts.max_connections }),
+    ctl = core.new({ max_connections = opts.max_connections, max_streams = opts.max_streams }),
     tasks = {},          -- coroutine -> task
     alive = 0,
     waiting = {},        -- transfer id -> task or box

@@ -220,8 +220,9 @@ describe("the lbatch command from a checkout and installed", function()
   setup(function() emu = H.emulator({ speed = 200, rate_limits = false }) end)
   teardown(function() emu.stop() end)
 
-  local function clean(cmd)   -- an empty environment: nothing set by hand
-    return H.sh(("cd /tmp && env -i PATH=%s DASHSCOPE_API_KEY=k %s 2>&1; echo \"exit=$?\""):format(os.getenv("PATH"), cmd))
+  local function clean(cmd)   -- an empty environment: nothing set by hand (but the TLS pass's CA)
+    local ca = emu.tls and ("SSL_CERT_FILE=" .. emu.tls .. " ") or ""
+    return H.sh(("cd /tmp && env -i PATH=%s DASHSCOPE_API_KEY=k %s%s 2>&1; echo \"exit=$?\""):format(os.getenv("PATH"), ca, cmd))
   end
 
   it("runs as bin/lbatch and as `lua bin/lbatch` with an empty environment", function()

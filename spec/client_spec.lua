@@ -334,7 +334,7 @@ describe("lbatch client", function()
       local core = require "lbatch.core"
       local ctl = core.new({ max_connections = 8 })
       local ids = {}
-      for i = 1, 40 do ids[i] = ctl:add({ url = emu.url .. "/_emulator/stats" }) end
+      for i = 1, 40 do ids[i] = ctl:add({ url = emu.url .. "/_emulator/stats", cainfo = emu.tls }) end
       assert.are.same({ 40, 40, 0 }, { ctl:pending() })
       assert.are.equal(0, ctl:timeout())            -- transfers wait to start
       assert.is_true(ctl:cancel(ids[40]))           -- a queued one can go
@@ -359,7 +359,7 @@ describe("lbatch client", function()
       assert.is_true(peak <= 8, "active at once: " .. peak)
       assert.is_true(steps >= 20, "steps: " .. steps)
       -- without a budget (run()), a step starts all that max_connections allows
-      for _ = 1, 20 do ctl:add({ url = emu.url .. "/_emulator/stats" }) end
+      for _ = 1, 20 do ctl:add({ url = emu.url .. "/_emulator/stats", cainfo = emu.tls }) end
       ctl:step(0)
       local n, q = ctl:pending()
       assert.are.same({ 20, 12 }, { n, q })

@@ -108,20 +108,44 @@ local function serve(script, args, opts, data)
   error(script .. " did not start")
 end
 
+-- The suite's second pass runs over HTTPS and HTTP/2: spec/run-all makes a
+-- throwaway CA, exports LBATCH_SPEC_TLS_CA (its directory) and
+-- SSL_CERT_FILE (which lbatch, and the commands the specs start, trust),
+-- and every emulator then serves TLS with a certificate from that CA.
+H.tls_ca = os.getenv("LBATCH_SPEC_TLS_CA")
+if H.tls_ca == "" then H.tls_ca = nil end
+
 -- Start emulator/run on a free port. opts: speed, dialect, rate_limits,
--- api_key, data, include, cpu (taskset's CPU list). Returns an object with
--- url, base (…/v1), port, data, stop().
+-- api_key, data, include, cpu (taskset's CPU list), tls (default: the
+-- pass's), keepalive_requests. Returns an object with url, base (…/v1),
+-- port, data, stop(), stats().
 function H.emulator(opts)
   opts = opts or {}
   local data = opts.data or H.tmpdir()
   local args = { "--data", data, "--speed", opts.speed or 200, "--dialect", opts.dialect or "dashscope" }
+  local tls = opts.tls
+  if tls == nil then tls = H.tls_ca ~= nil end
+  if tls then
+    args[#args + 1] = "--tls"
+    if H.tls_ca then args[#args + 1] = "--ca" args[#args + 1] = H.tls_ca end
+  end
+  if opts.keepalive_requests then
+    args[#args + 1] = "--keepalive-requests"
+    args[#args + 1] = opts.keepalive_requests
+  end
   if opts.rate_limits ~= nil then
     args[#args + 1] = "--rate-limits"
     args[#args + 1] = opts.rate_limits and "on" or "off"
   end
   if opts.api_key then args[#args + 1] = "--api-key" args[#args + 1] = opts.api_key end
   if opts.include then args[#args + 1] = "--include" args[#args + 1] = opts.include end
-  return serve(H.root .. "/emulator/run", args, opts, data)
+  local emu = serve(H.root .. "/emulator/run", args, opts, data)
+  emu.tls = tls and (data .. "/ca.pem") or nil
+  function emu.stats()
+    local _, s = H.json("GET", emu.url .. "/_emulator/stats", { cacert = emu.tls })
+    return s
+  end
+  return emu
 end
 
 -- Start the hostile server (spec/hostile). srv.at(name) is the base URL
@@ -147,6 +171,8 @@ function H.http(method, url, o)
   local hdr, body = os.tmpname(), o.out or os.tmpname()
   local cmd = { "curl -s -S --max-time 30 -X", method, "-D", hdr, "-o", body, "-w '%{http_code}'" }
   if o.key ~= false then cmd[#cmd + 1] = "-H " .. q("Authorization: Bearer " .. (o.key or "test-key")) end
+  local ca = o.cacert or (url:find("^https://") and (H.tls_ca and H.tls_ca .. "/ca.pem"))
+  if ca then cmd[#cmd + 1] = "--cacert " .. q(ca) end
   for _, h in ipairs(o.headers or {}) do cmd[#cmd + 1] = "-H " .. q(h) end
   if o.json then
     local cjson = require "cjson"

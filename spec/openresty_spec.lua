@@ -27,7 +27,7 @@ describe("lbatch in OpenResty", function()
     local outs = {}
     for i = 1, 3 do
       outs[i] = os.tmpname()
-      H.ok(("curl -s -o %s %s/app/flow?n=20 &"):format(outs[i], emu.url))
+      H.ok(("curl -s %s -o %s %s/app/flow?n=20 &"):format(emu.tls and ("--cacert " .. emu.tls) or "", outs[i], emu.url))
     end
     local worst = 0
     for _ = 1, 20 do

@@ -25,7 +25,7 @@ function M.run_flow(base_url, n)
   return { batch = batch.id, status = batch.status, lines = lines }
 end
 
-local function base() return "http://127.0.0.1:" .. ngx.var.server_port .. "/v1" end
+local function base() return ngx.var.scheme .. "://127.0.0.1:" .. ngx.var.server_port .. "/v1" end
 
 local function reply(ok, res)
   ngx.header["Content-Type"] = "application/json"

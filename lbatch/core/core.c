@@ -159,6 +159,13 @@ static void collect(ctl *c) {
     if (m->msg != CURLMSG_DONE) continue;
     result = m->data.result;
     curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&x);
+#if LIBCURL_VERSION_NUM >= 0x073200
+    if (c->max_active && c->max_active == c->max_conns) {
+      long v = 0;
+      curl_easy_getinfo(m->easy_handle, CURLINFO_HTTP_VERSION, &v);
+      if (v == CURL_HTTP_VERSION_2_0) c->max_active = c->max_conns * c->max_streams;  /* streams share */
+    }
+#endif
     curl_multi_remove_handle(c->multi, m->easy_handle);
     unlink_from(&c->active, x);
     xfer_finish(x, result);
@@ -168,14 +175,20 @@ static void collect(ctl *c) {
 
 /* ------------------------------------------------------------ methods */
 
+/* new{max_connections = 16, max_streams = 100}: at most max_connections
+ * connections; on HTTP/2 each carries up to max_streams transfers */
 static int ctl_new(lua_State *L) {
-  long maxc = 16;
+  long maxc = 16, maxs = 100;
   ctl *c;
   if (lua_istable(L, 1)) {
     lua_getfield(L, 1, "max_connections");
     if (!lua_isnil(L, -1)) maxc = (long)luaL_checknumber(L, -1);
     lua_pop(L, 1);
+    lua_getfield(L, 1, "max_streams");
+    if (!lua_isnil(L, -1)) maxs = (long)luaL_checknumber(L, -1);
+    lua_pop(L, 1);
   }
+  if (maxs < 1) maxs = 1;
   c = lua_newuserdata(L, sizeof *c);
   memset(c, 0, sizeof *c);
   c->epfd = -1;
@@ -199,12 +212,16 @@ static int ctl_new(lua_State *L) {
   curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
 #endif
   curl_multi_setopt(c->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
-  c->max_active = maxc > 0 ? (int)maxc : 0;
+  c->max_active = c->max_conns = maxc > 0 ? (int)maxc : 0;
+  c->max_streams = (int)maxs;
   if (maxc > 0) {
     curl_multi_setopt(c->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, maxc);
     curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, maxc);
     curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, maxc);
   }
+#if LIBCURL_VERSION_NUM >= 0x074300
+  curl_multi_setopt(c->multi, CURLMOPT_MAX_CONCURRENT_STREAMS, maxs);
+#endif
   return 1;
 }
 

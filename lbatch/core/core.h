@@ -66,6 +66,8 @@ typedef struct ctl {
   double deadline;            /* monotonic ms when curl wants a call; <0: none */
   int running;
   int max_active;             /* transfers in the multi handle at once; 0: no cap */
+  int max_conns, max_streams; /* max_active is max_conns, and max_conns x max_streams
+                               * once a connection has multiplexed (HTTP/2) */
   lua_Integer next_id;
   list queued;                /* added, not yet handed to libcurl */
   list active;                /* in the multi handle */

@@ -8,6 +8,7 @@ local engine = require "emu.engine"
 local A = {}
 local faults = {}
 local stats = {}
+local protocols, connections, seen = {}, 0, {}
 
 -- the next fault for this request, if one matches (it is used up)
 function A.take_fault(method, path)
@@ -21,6 +22,16 @@ function A.take_fault(method, path)
 end
 
 function A.count(route) stats[route] = (stats[route] or 0) + 1 end
+
+-- every API request: by protocol (HTTP/1.1, HTTP/2.0), and the
+-- connections they came on (nginx numbers each connection)
+function A.seen(protocol, connection)
+  protocols[protocol] = (protocols[protocol] or 0) + 1
+  if connection and not seen[connection] then
+    seen[connection] = true
+    connections = connections + 1
+  end
+end
 
 function A.handle(method, path)
   if path == "/_emulator/faults" then
@@ -39,7 +50,8 @@ function A.handle(method, path)
       return respond.json(200, { faults = 0 })
     end
   elseif path == "/_emulator/stats" and method == "GET" then
-    return respond.json(200, { routes = next(stats) and stats or cjson.null, running = engine.running() })
+    return respond.json(200, { routes = next(stats) and stats or cjson.null, running = engine.running(),
+                               protocols = next(protocols) and protocols or cjson.null, connections = connections })
   elseif path == "/_emulator/clock" and method == "POST" then
     local body, e = respond.read_json()
     if not body then return e end

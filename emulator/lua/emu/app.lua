@@ -46,6 +46,7 @@ function A.handle()
   if path:sub(1, 11) == "/_emulator/" then
     return respond.send(admin.handle(method, path))
   end
+  admin.seen(ngx.var.server_protocol, ngx.var.connection)
   local fault = admin.take_fault(method, path)
   if fault and fault.delay then ngx.sleep(tonumber(fault.delay) or 0) end
   local r, id = route(method, path)
@@ -94,7 +95,7 @@ end
 function A.init_worker()
   engine.start(cfg)
   ngx.timer.at(0, function()
-    io.stdout:write(("listening on http://127.0.0.1:%d\n"):format(cfg.port))
+    io.stdout:write(("listening on %s://127.0.0.1:%d\n"):format(cfg.scheme or "http", cfg.port))
     io.stdout:flush()
   end)
 end
