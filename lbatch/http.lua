@@ -98,8 +98,8 @@ local RETRY_CURL = { [5] = true, [6] = true, [7] = true, [16] = true, [18] = tru
 -- ... and those after which the request surely never reached the server
 local NOT_SENT = { [5] = true, [6] = true, [7] = true, [35] = true }
 -- TLS certificate problems: never fixed by trying again
-local CERT = { [51] = true, [58] = true, [60] = true, [77] = true, [80] = true, [83] = true,
-               [90] = true, [91] = true }
+local CERT = { [51] = true, [58] = true, [60] = true, [77] = true, [82] = true, [83] = true,
+               [90] = true, [91] = true, [98] = true }
 
 -- our own failures (lbatch/core/xfer.c): kind, code, retryable
 local FAIL = {
@@ -107,6 +107,7 @@ local FAIL = {
   truncated = { "network", "truncated", true },
   too_large = { "decode", "response_too_large", false },
   stalled = { "timeout", "stalled", true },
+  resend = { "network", "connection_lost", true },
   encoding = { "decode", "unexpected_encoding", false },
 }
 

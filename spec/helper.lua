@@ -148,6 +148,53 @@ function H.emulator(opts)
   return emu
 end
 
+-- Start a real forward proxy (Debian's squid) on a free port, with a
+-- throwaway configuration: CONNECT to any port on this machine; with
+-- opts.user and opts.password, basic authentication. Returns {url, port,
+-- log() (its access log), stop()}.
+function H.squid(opts)
+  opts = opts or {}
+  local dir = H.tmpdir()
+  H.ok("chmod 777 " .. dir)              -- squid writes as its own user
+  for _ = 1, 10 do
+    local port = math.random(20000, 45000)
+    local auth = ""
+    if opts.user then
+      local hash = sh("openssl passwd -1 " .. H.q(opts.password)):gsub("%s+$", "")
+      H.write(dir .. "/passwd", opts.user .. ":" .. hash .. "\n")
+      H.ok("chmod 644 " .. dir .. "/passwd")
+      auth = ("auth_param basic program /usr/lib/squid/basic_ncsa_auth %s/passwd\n"):format(dir)
+        .. "auth_param basic realm lbatch\nacl authed proxy_auth REQUIRED\nhttp_access allow authed\n"
+    end
+    H.write(dir .. "/squid.conf", table.concat({
+      "http_port 127.0.0.1:" .. port, "pid_filename " .. dir .. "/squid.pid",
+      "cache_log " .. dir .. "/cache.log", "access_log stdio:" .. dir .. "/access.log",
+      "cache deny all", "cache_mem 8 MB", "coredump_dir " .. dir, "shutdown_lifetime 0 seconds",
+      "pinger_enable off", auth, opts.user and "" or "http_access allow localhost", "http_access deny all", "",
+    }, "\n"))
+    local pid = sh(("setsid squid -N -f %s/squid.conf >%s/out 2>&1 & echo $!"):format(dir, dir)):match("%d+")
+    for _ = 1, 100 do
+      if (H.read(dir .. "/cache.log") or ""):find("Accepting HTTP Socket connections", 1, true) then
+        local proxy = { port = port, url = "http://127.0.0.1:" .. port, dir = dir }
+        function proxy.log() return H.read(dir .. "/access.log") or "" end
+        function proxy.stop()
+          H.ok("kill -TERM " .. pid .. " 2>/dev/null")
+          for _ = 1, 100 do
+            if not H.ok("kill -0 " .. pid .. " 2>/dev/null") then break end
+            H.sleep(0.05)
+          end
+          H.ok("rm -rf " .. dir)
+        end
+        return proxy
+      end
+      if (H.read(dir .. "/cache.log") or ""):find("FATAL", 1, true) then break end
+      H.sleep(0.05)
+    end
+    H.ok("kill -TERM " .. pid .. " 2>/dev/null")
+  end
+  error("squid did not start: " .. (H.read(dir .. "/cache.log") or ""))
+end
+
 -- Start the hostile server (spec/hostile). srv.at(name) is the base URL
 -- of a scenario; srv.stats() its request counts; srv.reset() clears them.
 function H.hostile()

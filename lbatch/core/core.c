@@ -129,7 +129,11 @@ static double stalls(ctl *c, int act) {
   for (x = c->active.head; x; x = nx) {
     double due = x->last_io + x->stall_ms;
     nx = x->next;
+#if LIBCURL_VERSION_NUM >= 0x075000
+    if (x->stall_ms <= 0 || x->requests == 0) continue;   /* still waiting for a connection */
+#else
     if (x->stall_ms <= 0) continue;
+#endif
     if (act && now >= due) {
       curl_multi_remove_handle(c->multi, x->easy);
       unlink_from(&c->active, x);

@@ -49,6 +49,7 @@ typedef struct xfer {
   mode_t mode;                /* mode the download gets */
   curl_off_t written;         /* body bytes downloaded (to file or buffer) */
   double started, last_io, stall_ms;  /* monotonic ms; stall_ms 0: no check */
+  int requests;               /* times libcurl began sending this request */
   CURLcode result;
   const char *fail;           /* our own failure: io, truncated, too_large, stalled, encoding */
   char failmsg[512];

@@ -135,6 +135,25 @@ static int on_seek(void *ud, curl_off_t offset, int origin) {
   return CURL_SEEKFUNC_CANTSEEK;
 }
 
+#if LIBCURL_VERSION_NUM >= 0x075000
+/* Right before each request goes out (on a new or a reused connection).
+ * The stall clock starts here: waiting for a connection (libcurl's own
+ * queue, a handshake) is not a stall. A second request after body bytes
+ * were read is libcurl re-sending on its own: when it did not rewind
+ * (the bytes were read but never accepted by the socket), the body would
+ * go out short; refuse it, and let lbatch decide. */
+static int on_prereq(void *ud, char *conn_ip, char *local_ip, int conn_port, int local_port) {
+  xfer *x = ud;
+  (void)conn_ip; (void)local_ip; (void)conn_port; (void)local_port;
+  x->last_io = lb_now_ms();
+  if (++x->requests > 1 && (x->body_src.pos > 0 || x->file_src.pos > 0)) {
+    xfer_fail(x, "resend", "the connection was lost while the request was being sent; libcurl may not send it again");
+    return CURL_PREREQFUNC_ABORT;
+  }
+  return CURL_PREREQFUNC_OK;
+}
+#endif
+
 /* ------------------------------------------------------------ building */
 
 static const char *opt_string(lua_State *L, int t, const char *k, size_t *len) {
@@ -388,6 +407,10 @@ xfer *xfer_new(lua_State *L, ctl *c, int spec) {
   curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
   curl_easy_setopt(e, CURLOPT_HEADERDATA, x);
   curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+#if LIBCURL_VERSION_NUM >= 0x075000
+  curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, on_prereq);
+  curl_easy_setopt(e, CURLOPT_PREREQDATA, x);
+#endif
   curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
   curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
   curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
@@ -414,6 +437,8 @@ xfer *xfer_new(lua_State *L, ctl *c, int spec) {
     curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
     curl_easy_setopt(e, CURLOPT_READFUNCTION, on_read);
     curl_easy_setopt(e, CURLOPT_READDATA, &x->body_src);
+    curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, on_seek);   /* rewinds only what was never read */
+    curl_easy_setopt(e, CURLOPT_SEEKDATA, &x->body_src);
   }
   if (!add_form(L, spec, x)) goto fail;
   if (x->fail) return x;
