@@ -145,6 +145,20 @@ function H.emulator(opts)
     local _, s = H.json("GET", emu.url .. "/_emulator/stats", { cacert = emu.tls })
     return s
   end
+  -- spec/run-all sums up the protocols the emulators saw (LBATCH_SPEC_STATS)
+  local stop, record = emu.stop, os.getenv("LBATCH_SPEC_STATS")
+  function emu.stop()
+    if record and record ~= "" and emu.alive() then
+      local s = emu.stats()
+      local p = type(s) == "table" and type(s.protocols) == "table" and s.protocols or {}
+      local f = io.open(record, "ab")
+      if f then
+        f:write(("%d %d %d\n"):format(p["HTTP/2.0"] or 0, p["HTTP/1.1"] or 0, tonumber(s.connections) or 0))
+        f:close()
+      end
+    end
+    return stop()
+  end
   return emu
 end
 
