@@ -14,8 +14,9 @@ local put = idmap().put
 
 local cjson_encode, fix, MARK, find = require("cjson").encode, json.fix, json.MARK, string.find
 local safe_encode = require("cjson.safe").encode   -- nil, err instead of raising: no pcall per line
-local LIMITS, TEST = service.LIMITS, service.TEST
-local ENDPOINTS, TEST_MODEL, TEST_URL, MAX_LINE = service.ENDPOINTS, TEST.model, TEST.url, LIMITS.max_line_bytes
+local TEST = service.TEST
+local TEST_MODEL, TEST_URL, RULES, thinking_of = TEST.model, TEST.url, service.ENDPOINT_RULES, service.thinking
+local utf8_bad = rules.utf8_bad
 local M = {}
 
 -- a line is written in pieces: L1 id L2 url L3 body L4
@@ -37,22 +38,29 @@ Writer.__index = Writer
 -- `add` return nil and an `io` error.
 -- @tparam table opts path (a template: the first file is path, the next
 -- path-2, path-3, ...), endpoint (all requests; default by helper: chat,
--- embeddings, ds-test), model (default for the helpers), max_lines,
--- max_bytes (only lower than the service's), unique = "file" (the
--- service's rule) or "all" (every file)
+-- embeddings, ds-test), model (default for the helpers), limits (a
+-- profile name of `lbatch.service`: `dashscope` (default),
+-- `dashscope-strict`, `openai`, or a region), max_lines, max_bytes (only
+-- lower than the profile's), unique = "file" (the service's rule) or
+-- "all" (every file)
 -- @treturn table the writer
 function M.writer(opts)
   errors.check("jsonl.writer", "opts", opts, "table")
   errors.check("jsonl.writer", "opts.path", opts.path, "string")
-  if opts.endpoint ~= nil and not ENDPOINTS[opts.endpoint] then
-    errors.arg("jsonl.writer", "endpoint must be /v1/chat/completions, /v1/embeddings or /v1/chat/ds-test")
+  local profile = service.profile(opts.limits)
+  if not profile then errors.arg("jsonl.writer", "limits must be dashscope, dashscope-strict or openai") end
+  if opts.endpoint ~= nil and not profile.endpoints[opts.endpoint] then
+    local list = {}
+    for url in pairs(profile.endpoints) do list[#list + 1] = url end
+    table.sort(list)
+    errors.arg("jsonl.writer", ("endpoint must be one of %s"):format(table.concat(list, ", ")))
   end
   local stem, ext = opts.path:match("^(.-)(%.[^./]*)$")
   return setmetatable({
-    stem = stem or opts.path, ext = ext or "",
+    stem = stem or opts.path, ext = ext or "", profile = profile,
     endpoint = opts.endpoint, model = opts.model,
-    max_lines = math.min(opts.max_lines or LIMITS.max_lines, LIMITS.max_lines),
-    max_bytes = math.min(opts.max_bytes or LIMITS.max_bytes, LIMITS.max_bytes),
+    max_lines = math.min(opts.max_lines or profile.max_lines, profile.max_lines),
+    max_bytes = math.min(opts.max_bytes or profile.max_bytes, profile.max_bytes),
     unique_all = opts.unique == "all", seen = opts.unique == "all" and idmap() or nil,
     routes = {},    -- (model, url, thinking) -> {url, test, file: the current file}
     files = {},     -- manifest entries, in the order files were started
@@ -99,19 +107,26 @@ function Writer:_route(id, model, url, thinking)
   local test = model == TEST_MODEL
   local resolved = url or self.endpoint or (test and TEST_URL) or "/v1/chat/completions"
   if self.endpoint and resolved ~= self.endpoint then
-    return nil, invalid(id, "mismatched_url",
+    return nil, invalid(id, "url_mismatch",
       ("url %q differs from the writer's endpoint %q"):format(resolved, self.endpoint), "url")
   end
-  if not ENDPOINTS[resolved] then
-    return nil, invalid(id, "invalid_url", ("url %q is not a supported endpoint"):format(resolved), "url")
+  if not self.profile.endpoints[resolved] then
+    return nil, invalid(id, "url_not_found", ("url %q is not supported by the Batch API (%s)")
+      :format(resolved, self.profile.name), "url")
   end
   if test and resolved ~= TEST_URL then
-    return nil, invalid(id, "test_model_url", "batch-test-model requests must use " .. TEST_URL, "url")
+    return nil, invalid(id, "mismatched_test_url", "batch-test-model requests must use " .. TEST_URL, "url")
+  end
+  local embedding = service.is_embedding_model(model)
+  if not test and (resolved == "/v1/embeddings") ~= embedding then
+    return nil, invalid(id, "model_endpoint_mismatch", embedding
+      and ("the embedding model %q belongs on /v1/embeddings"):format(model)
+      or ("%q is not an embedding model; /v1/embeddings needs one"):format(model), "body.model")
   end
   local key = model .. "\0" .. resolved .. (thinking and "\0t" or "")
   local route = self.routes[key]
   if not route then
-    route = { key = key, model = model, url = resolved, test = test }
+    route = { key = key, model = model, url = resolved, test = test, rule = RULES[resolved] }
     self.routes[key] = route
   end
   self.last_model, self.last_url, self.last_thinking, self.last_route = model, url, thinking, route
@@ -136,23 +151,36 @@ function Writer:add(id, body, url)
   if type(model) ~= "string" or model == "" then
     return nil, invalid(id, "missing_model", "body.model is missing", "body.model")
   end
-  local thinking = body.enable_thinking == true
+  local thinking = thinking_of(body)
   local route = self.last_route
   if model ~= self.last_model or url ~= self.last_url or thinking ~= self.last_thinking or not route then
     local err
     route, err = self:_route(id, model, url, thinking)
     if not route then return nil, err end
   end
+  local field = route.rule.field
+  if field then
+    local v = body[field]
+    if v == nil or (field == "messages" and (type(v) ~= "table" or next(v) == nil)) then
+      return nil, invalid(id, "missing_field", ("a %s request needs body.%s"):format(route.url, field),
+        "body." .. field)
+    end
+  end
   local encoded, why = safe_encode(body)
   if not encoded then
     return nil, invalid(id, "invalid_body", "body cannot be encoded as JSON: " .. tostring(why), "body")
+  end
+  local bad = utf8_bad(encoded) or utf8_bad(id)
+  if bad then
+    return nil, invalid(id, "invalid_utf8", "the request is not valid UTF-8 (a string holds a bad byte)", "body")
   end
   if find(encoded, MARK, 1, true) then encoded = fix(encoded) end
   local eid = cjson_encode(id)   -- a string never holds the empty-array marker
   local rurl = route.url
   local size = FIXED + #eid + #rurl + #encoded
-  if size - 1 > MAX_LINE then
-    return nil, invalid(id, "line_too_large", ("the line is %d bytes, over 6 MB"):format(size - 1))
+  if size - 1 > self.profile.max_line_bytes then
+    return nil, invalid(id, "line_too_large", ("the line is %d bytes, over the %d allowed (%s)")
+      :format(size - 1, self.profile.max_line_bytes, self.profile.name))
   end
   local f = route.file
   if not f or f.lines >= f.max_lines or f.bytes + size > f.max_bytes then
@@ -274,23 +302,29 @@ end
 --- Every problem of a file made elsewhere, with line numbers and the
 -- service's codes, read in blocks (never whole).
 -- @tparam string path
--- @tparam[opt] table opts endpoint (the batch's)
+-- @tparam[opt] table opts endpoint (the batch's), limits (a profile name;
+-- default `dashscope`), region (`cn`, `intl`: models outside its list are
+-- warnings)
 -- @treturn table the report `{ok, problems = {{code, line, message,
--- param}}, lines, bytes, model, endpoint}`, or nil and an `io` error
+-- param}}, warnings, lines, bytes, model, endpoint, thinking}`, or nil and an `io` error
 function M.validate(path, opts)
   errors.check("jsonl.validate", "path", path, "string")
+  errors.check("jsonl.validate", "opts", opts, "table", true)
+  opts = opts or {}
+  local profile = service.profile(opts.limits)
+  if not profile then errors.arg("jsonl.validate", "limits must be dashscope, dashscope-strict or openai") end
   local fh, msg = io.open(path, "rb")
   if not fh then return nil, errors.io("cannot read", path, msg) end
-  local chk = rules.checker({ endpoint = opts and opts.endpoint })
+  local chk = rules.checker({ endpoint = opts.endpoint, limits = profile, region = opts.region })
   local problems = {}
   local ok, rerr = pcall(function()
-    for n, text, bytes in rules.lines(fh) do chk:line(n, text, bytes, problems) end
+    for n, text, bytes in rules.lines(fh, profile.max_line_bytes) do chk:line(n, text, bytes, problems) end
   end)
   fh:close()
   if not ok then return nil, errors.io("cannot read", path, rerr) end
   chk:finish(problems)
-  return { ok = #problems == 0, problems = problems, lines = chk.lines, bytes = chk.bytes,
-           model = chk.model, endpoint = chk.endpoint }
+  return { ok = #problems == 0, problems = problems, warnings = chk.warnings, lines = chk.lines, bytes = chk.bytes,
+           model = chk.model, endpoint = chk.endpoint, thinking = chk.thinking }
 end
 
 -- ------------------------------------------------------------ multimodal

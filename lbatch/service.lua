@@ -27,27 +27,141 @@ M.FINAL = { completed = true, failed = true, expired = true, cancelled = true }
 -- requests without a result can be sent again.
 M.PARTIAL = { expired = true, cancelled = true }
 
---- The endpoints a batch input file may use (a set).
-M.ENDPOINTS = {
-  ["/v1/chat/completions"] = true,
-  ["/v1/embeddings"] = true,
-  ["/v1/chat/ds-test"] = true,
+--- The dialect each region speaks: `dashscope` or `openai`.
+M.DIALECT = { cn = "dashscope", intl = "dashscope", openai = "openai" }
+
+--- Every batch endpoint, with the field a line's body must hold (besides
+-- `model`, which moderations may leave out) and the dialects that take it.
+M.ENDPOINT_RULES = {
+  ["/v1/chat/completions"] = { field = "messages", dashscope = true, openai = true },
+  ["/v1/embeddings"] = { field = "input", dashscope = true, openai = true },
+  ["/v1/chat/ds-test"] = { field = "messages", dashscope = true },
+  ["/v1/responses"] = { openai = true },
+  ["/v1/completions"] = { field = "prompt", openai = true },
+  ["/v1/moderations"] = { field = "input", model_optional = true, openai = true },
 }
+
+--- The endpoints of any dialect (a set). A profile's `endpoints` are its own.
+M.ENDPOINTS = {}
+for url in pairs(M.ENDPOINT_RULES) do M.ENDPOINTS[url] = true end
 
 --- The free test model and its rules.
 M.TEST = { model = "batch-test-model", url = "/v1/chat/ds-test", max_lines = 100,
            max_bytes = 1024 * 1024, running = 2 }
 
---- The service's limits.
-M.LIMITS = {
-  max_lines = 50000,                    -- lines per input file
-  max_bytes = 500 * 1024 * 1024,        -- bytes per input file
-  max_line_bytes = 6 * 1024 * 1024,     -- bytes per line
-  min_window_hours = 24, max_window_hours = 336,
-  create_per_minute = 1000, running = 1000,
-  retrieve_per_minute = 1000, cancel_per_minute = 1000, list_per_minute = 100,
-  max_files = 10000, max_storage_bytes = 100 * 1000 * 1000 * 1000,
+local MB = 1024 * 1024
+
+local function endpoints_of(dialect)
+  local t = {}
+  for url, rule in pairs(M.ENDPOINT_RULES) do if rule[dialect] then t[url] = true end end
+  return t
+end
+
+--- Limits profiles, by name.
+-- `dashscope`: the current DashScope documents (1,000 creates a minute and
+-- 1,000 running, 6 MB lines). `dashscope-strict`: the older document's
+-- stricter numbers (1 MB lines; create 100 a minute with 100 running,
+-- retrieve 300, cancel 100). `openai`: OpenAI's (200 MB files, 50,000
+-- embedding inputs a batch, a 24h window only).
+M.PROFILES = {
+  dashscope = {
+    name = "dashscope", dialect = "dashscope", endpoints = endpoints_of("dashscope"),
+    max_lines = 50000, max_bytes = 500 * MB, max_line_bytes = 6 * MB,
+    min_window_hours = 24, max_window_hours = 336,
+    create_per_minute = 1000, running = 1000, retrieve_per_minute = 1000, cancel_per_minute = 1000,
+    list_per_minute = 100, max_files = 10000, max_storage_bytes = 100 * 1000 * 1000 * 1000,
+  },
+  ["dashscope-strict"] = {
+    name = "dashscope-strict", dialect = "dashscope", endpoints = endpoints_of("dashscope"),
+    max_lines = 50000, max_bytes = 500 * MB, max_line_bytes = 1 * MB,
+    min_window_hours = 24, max_window_hours = 336,
+    create_per_minute = 100, running = 100, retrieve_per_minute = 300, cancel_per_minute = 100,
+    list_per_minute = 100, max_files = 10000, max_storage_bytes = 100 * 1000 * 1000 * 1000,
+  },
+  openai = {
+    name = "openai", dialect = "openai", endpoints = endpoints_of("openai"),
+    max_lines = 50000, max_bytes = 200 * MB, max_line_bytes = 200 * MB, max_embedding_inputs = 50000,
+    min_window_hours = 24, max_window_hours = 24,
+    create_per_minute = 1000, running = 1000, retrieve_per_minute = 1000, cancel_per_minute = 1000,
+    list_per_minute = 1000,
+  },
 }
+
+--- The current DashScope limits (the `dashscope` profile).
+M.LIMITS = M.PROFILES.dashscope
+
+--- A profile by name, or the default of a region (`cn`, `intl`: dashscope;
+-- `openai`: openai).
+-- @tparam ?string name a profile or a region (default `dashscope`)
+-- @treturn ?table the profile, nil when unknown
+function M.profile(name)
+  if name == nil then return M.PROFILES.dashscope end
+  if M.PROFILES[name] then return M.PROFILES[name] end
+  local dialect = M.DIALECT[name]
+  return dialect and M.PROFILES[dialect] or nil
+end
+
+--- The models the DashScope regions list for batch, by endpoint (Model
+-- Studio's batch documents, 2026). Lists change: a model outside them is a
+-- warning, not an error.
+M.MODELS = {
+  cn = {
+    ["/v1/chat/completions"] = {
+      "qwen3.8-max", "qwen3.7-max", "qwen3-max", "qwen-max", "qwen-max-latest",
+      "qwen3.7-plus", "qwen3.6-plus", "qwen3.5-plus", "qwen-plus", "qwen-plus-latest",
+      "qwen3.8-flash", "qwen3.7-flash", "qwen3.6-flash", "qwen3.5-flash", "qwen-flash",
+      "qwen-turbo", "qwen-turbo-latest", "qwen-long", "qwen-long-latest", "qwq-plus",
+      "deepseek-r1", "deepseek-v3.2", "deepseek-v3",
+      "qwen3-vl-plus", "qwen3-vl-flash", "qwen-vl-max", "qwen-vl-plus", "qwen-vl-ocr", "qwen-vl-ocr-latest",
+      "qwen3.5-omni-plus",
+    },
+    ["/v1/embeddings"] = { "text-embedding-v1", "text-embedding-v2", "text-embedding-v3", "text-embedding-v4",
+                           "qwen3.7-text-embedding", "qwen3.7-text-embedding-flash" },
+    ["/v1/chat/ds-test"] = { "batch-test-model" },
+  },
+  intl = {
+    ["/v1/chat/completions"] = { "qwen3.7-plus", "qwen-max", "qwen-plus", "qwen-flash", "qwen-turbo" },
+    ["/v1/embeddings"] = {},
+    ["/v1/chat/ds-test"] = { "batch-test-model" },
+  },
+}
+
+--- Does a region list `model` for `endpoint`?
+-- @tparam string region `cn` or `intl` (other regions: always true)
+-- @tparam string endpoint
+-- @tparam string model
+-- @treturn boolean
+-- @treturn ?{string,...} the region's list for the endpoint
+function M.serves(region, endpoint, model)
+  local lists = M.MODELS[region]
+  if not lists then return true end
+  local list = lists[endpoint] or {}
+  for _, m in ipairs(list) do if m == model then return true, list end end
+  return false, list
+end
+
+--- Is `model` an embedding model?
+function M.is_embedding_model(model)
+  return model:find("embedding", 1, true) ~= nil
+end
+
+-- models that think unless told not to (DashScope: the qwen3.5 to 3.8
+-- series, the open-source qwen3 models, QwQ and DeepSeek-R1); the
+-- commercial qwen-plus, qwen-flash and qwen-turbo do not
+local THINKING = { "^qwen3%.[5-9]", "^qwen3%-%d+b", "^qwq", "^deepseek%-r1", "%-thinking" }
+
+--- The thinking mode a request runs in: its `enable_thinking` when it is
+-- a boolean, else the model's default.
+-- @tparam table body the request body
+-- @treturn boolean
+function M.thinking(body)
+  local t = body.enable_thinking
+  if t == true or t == false then return t end
+  local model = type(body.model) == "string" and body.model or ""
+  if model:find("%-instruct") then return false end
+  for _, p in ipairs(THINKING) do if model:find(p) then return true end end
+  return false
+end
 
 -- ------------------------------------------------------------ dates
 

@@ -191,7 +191,7 @@ describe("emulator (dashscope dialect)", function()
       local b = create(emu, fid, chat, { metadata = { ds_name = "life", ds_description = "x" } })
       assert.are.equal("validating", b.status)
       assert.are.equal(cjson.null, b.in_progress_at)
-      assert.are.equal(b.created_at + 24 * 3600, b.expires_at)
+      assert.are.equal(cjson.null, b.expires_at)          -- the service sends null at every stage
       local seen = {}
       local deadline = H.now() + 20
       repeat
@@ -205,7 +205,9 @@ describe("emulator (dashscope dialect)", function()
       for _, k in ipairs({ "in_progress_at", "finalizing_at", "completed_at" }) do assert.is_number(b[k], k) end
       assert.are.equal(cjson.null, b.failed_at)
       assert.are.same({ total = 3, completed = 3, failed = 0 }, b.request_counts)
-      assert.are.equal("qwen-plus", b.model)
+      assert.is_nil(b.model)                 -- the service's batch objects have no model and no usage
+      assert.is_nil(b.usage)
+      assert.are.equal(b.completed_at, b.finalizing_at)   -- as the service records them
       assert.are.same({ ds_name = "life", ds_description = "x" }, b.metadata)
     end)
 
@@ -298,12 +300,12 @@ describe("emulator (dashscope dialect)", function()
         chat("second", "qwen-max"),
         chat("think", "qwen-plus", { enable_thinking = true }),
       })
-      assert.is_true(has(errs, "invalid_json", 2))
+      assert.is_true(has(errs, "invalid_json_line", 2))
       assert.is_true(has(errs, "missing_custom_id", 3))
       assert.is_true(has(errs, "duplicate_custom_id", 4))
       assert.is_true(has(errs, "invalid_method", 5))
-      assert.is_true(has(errs, "mismatched_url", 6))
-      assert.is_true(has(errs, "mismatched_model", 7))
+      assert.is_true(has(errs, "url_mismatch", 6))
+      assert.is_true(has(errs, "model_mismatch", 7))
       assert.is_true(has(errs, "mismatched_thinking", 8))
       assert.is_false(has(errs, nil, 1))
     end)
@@ -321,17 +323,17 @@ describe("emulator (dashscope dialect)", function()
     it("fails more than 50,000 lines", function()
       local path = dir .. "/many.jsonl"
       local f = assert(io.open(path, "wb"))
-      for i = 1, 50001 do f:write('{"custom_id":"', i, '","method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}\n') end
+      for i = 1, 50001 do f:write('{"custom_id":"', i, '","method":"POST","url":"/v1/chat/completions","body":{"model":"qwen-plus","messages":[{"role":"user","content":"x"}]}}\n') end
       f:close()
       local b = H.wait_final(emu, create(emu, upload(emu, path).id, "/v1/chat/completions").id, 60)
       assert.are.equal("failed", b.status)
-      assert.is_true(has(b.errors.data, "too_many_lines", 50001))
+      assert.is_true(has(b.errors.data, "too_many_tasks", 50001))
     end)
 
     it("applies the test-model rules", function()
       local wrong_url = cjson.encode({ custom_id = "t", method = "POST", url = "/v1/chat/completions",
         body = { model = "batch-test-model", messages = {} } })
-      assert.is_true(has(fails({ wrong_url }), "test_model_url", 1))
+      assert.is_true(has(fails({ wrong_url }), "mismatched_test_url", 1))
       local path = H.requests(dir .. "/t101.jsonl", 101)
       local b = H.wait_final(emu, create(emu, upload(emu, path).id).id)
       assert.are.equal("failed", b.status)
@@ -569,11 +571,11 @@ describe("emulator (openai dialect)", function()
     local _, f = H.json("POST", emu.base .. "/files",
       { key = "only-this-key", form = { "purpose=batch", "file=@" .. H.requests(dir .. "/o.jsonl", 1) } })
     local status, body = H.json("POST", emu.base .. "/batches", { key = "only-this-key",
-      json = { input_file_id = f.id, endpoint = "/v1/chat/ds-test", completion_window = "48h" } })
+      json = { input_file_id = f.id, endpoint = "/v1/chat/completions", completion_window = "48h" } })
     assert.are.equal(400, status)
     assert.are.equal("invalid_completion_window", body.error.code)
     local _, b = H.json("POST", emu.base .. "/batches", { key = "only-this-key",
-      json = { input_file_id = f.id, endpoint = "/v1/chat/ds-test", completion_window = "24h" } })
+      json = { input_file_id = f.id, endpoint = "/v1/chat/completions", completion_window = "24h" } })
     assert.is_nil(b.output_file_id)
     assert.is_nil(b.in_progress_at)
     local c = H.http("GET", emu.base .. "/files/" .. f.id .. "/content", k)

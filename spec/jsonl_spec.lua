@@ -42,6 +42,8 @@ describe("jsonl writer", function()
     assert.matches('"top_p":0.8[,}]', line)
   end)
 
+  local msgs = { { role = "user", content = "hi" } }
+
   it("refuses each broken request with its custom_id and the rule", function()
     local w = jsonl.writer({ path = dir .. "/b.jsonl", model = "qwen-plus" })
     assert.is_true(w:chat("dup", { prompt = "x" }))
@@ -49,10 +51,16 @@ describe("jsonl writer", function()
       { function() return w:chat("dup", { prompt = "y" }) end, "duplicate_custom_id", "dup" },
       { function() return w:chat("", { prompt = "y" }) end, "missing_custom_id", "" },
       { function() return w:add("nomodel", { messages = {} }) end, "missing_model", "nomodel" },
-      { function() return w:add("fn", { model = "m", f = print }) end, "invalid_body", "fn" },
-      { function() return w:add("big", { model = "m", x = ("z"):rep(6 * 1024 * 1024) }) end, "line_too_large", "big" },
-      { function() return w:add("url", { model = "m" }, "/v1/completions") end, "invalid_url", "url" },
-      { function() return w:add("tm", { model = "batch-test-model" }, "/v1/chat/completions") end, "test_model_url", "tm" },
+      { function() return w:add("fn", { model = "m", messages = msgs, f = print }) end, "invalid_body", "fn" },
+      { function() return w:add("big", { model = "m", messages = msgs, x = ("z"):rep(6 * 1024 * 1024) }) end,
+        "line_too_large", "big" },
+      { function() return w:add("nomsg", { model = "m" }) end, "missing_field", "nomsg" },
+      { function() return w:add("emb", { model = "text-embedding-v4", messages = msgs }) end,
+        "model_endpoint_mismatch", "emb" },
+      { function() return w:add("utf", { model = "m", messages = { { role = "user", content = "a\255b" } } }) end,
+        "invalid_utf8", "utf" },
+      { function() return w:add("url", { model = "m" }, "/v1/completions") end, "url_not_found", "url" },
+      { function() return w:add("tm", { model = "batch-test-model" }, "/v1/chat/completions") end, "mismatched_test_url", "tm" },
       { function() return w:request({ custom_id = "get", method = "GET", url = "/v1/chat/completions", body = { model = "m" } }) end,
         "invalid_method", "get" },
     }
@@ -65,7 +73,7 @@ describe("jsonl writer", function()
     local fixed = jsonl.writer({ path = dir .. "/f.jsonl", endpoint = "/v1/embeddings" })
     local ok, err = fixed:add("c", { model = "m" }, "/v1/chat/completions")
     assert.is_nil(ok)
-    assert.are.equal("mismatched_url", err.code)
+    assert.are.equal("url_mismatch", err.code)
     fixed:close()
     assert.has_error(function() w:add("x", "not a table") end)
     assert.has_error(function() w:add({}, { model = "m" }) end)
@@ -149,30 +157,32 @@ describe("jsonl.validate", function()
     return found, rep
   end
 
+  local msgs = { { role = "user", content = "hi" } }
+
   it("names every problem with its line number", function()
     local found, rep = problems({
       line("a"),                                                             -- 1 fine
       "{broken",                                                             -- 2
-      cjson.encode({ method = "POST", url = "/v1/chat/completions", body = { model = "qwen-plus" } }), -- 3
+      cjson.encode({ method = "POST", url = "/v1/chat/completions", body = { model = "qwen-plus", messages = msgs } }), -- 3
       line("a"),                                                             -- 4
       line("m", { method = "PUT" }),                                         -- 5
-      line("u", { url = "/v1/embeddings" }),                                 -- 6
-      line("x", nil, { model = "qwen-max" }),                                -- 7
-      line("t", nil, { model = "qwen-plus", enable_thinking = true }),       -- 8
+      line("u", { url = "/v1/chat/ds-test" }),                               -- 6
+      line("x", nil, { model = "qwen-max", messages = msgs }),               -- 7
+      line("t", nil, { model = "qwen-plus", enable_thinking = true, messages = msgs }), -- 8
       "",                                                                    -- 9
       line("nb", { body = "text" }),                                         -- 10
-      line("nm", nil, { messages = {} }),                                    -- 11
+      line("nm", nil, { messages = msgs }),                                  -- 11
     })
     assert.is_false(rep.ok)
-    assert.are.same({ "invalid_json@2", "missing_custom_id@3", "duplicate_custom_id@4", "invalid_method@5",
-                      "mismatched_url@6", "mismatched_model@7", "mismatched_thinking@8", "empty_line@9",
+    assert.are.same({ "invalid_json_line@2", "missing_custom_id@3", "duplicate_custom_id@4", "invalid_method@5",
+                      "url_mismatch@6", "model_mismatch@7", "mismatched_thinking@8", "empty_line@9",
                       "invalid_body@10", "missing_model@11" }, found)
     assert.are.same({ 11, "qwen-plus", "/v1/chat/completions" }, { rep.lines, rep.model, rep.endpoint })
   end)
 
   it("checks the batch endpoint when given", function()
     local found = problems({ line("a") }, { endpoint = "/v1/embeddings" })
-    assert.are.same({ "mismatched_url@1" }, found)
+    assert.are.same({ "url_mismatch@1" }, found)
   end)
 
   it("reports an empty file, a line over 6 MB and more than 50,000 lines", function()
@@ -185,12 +195,12 @@ describe("jsonl.validate", function()
     f:close()
     local rep = jsonl.validate(path)
     assert.are.equal(1, #rep.problems)
-    assert.are.same({ "too_many_lines", 50001 }, { rep.problems[1].code, rep.problems[1].line })
+    assert.are.same({ "too_many_tasks", 50001 }, { rep.problems[1].code, rep.problems[1].line })
   end)
 
   it("applies the test-model rules", function()
     local t = { model = "batch-test-model", messages = { { role = "user", content = "x" } } }
-    assert.are.same({ "test_model_url@1" }, (problems({ line("a", nil, t) })))
+    assert.are.same({ "mismatched_test_url@1" }, (problems({ line("a", nil, t) })))
     local lines = {}
     for i = 1, 101 do lines[i] = line("t" .. i, { url = "/v1/chat/ds-test" }, t) end
     assert.are.same({ "test_model_too_many_lines@nil" }, (problems(lines)))

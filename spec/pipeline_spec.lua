@@ -114,7 +114,8 @@ describe("pipeline", function()
   it("refuses broken requests before uploading anything", function()
     local client = lbatch.new({ api_key = "k", base_url = emu.base })
     local v, err = pipeline.run({ client = client, dir = dir .. "/bad", requests = {
-      { custom_id = "a", body = { model = "m" } }, { custom_id = "a", body = { model = "m" } } } })
+      { custom_id = "a", body = { model = "m", messages = { { role = "user", content = "x" } } } },
+      { custom_id = "a", body = { model = "m", messages = { { role = "user", content = "y" } } } } } })
     client:close()
     assert.is_nil(v)
     assert.are.equal("duplicate_custom_id", err.code)

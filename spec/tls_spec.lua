@@ -33,7 +33,7 @@ describe("TLS", function()
     local out = H.sh(("env -u SSL_CERT_FILE -u CURL_CA_BUNDLE %s %s %s %s 2>&1"):format(H.lua, script, emu.base, hashed))
     assert.matches("^list", out)
     for _, var in ipairs({ "SSL_CERT_FILE", "CURL_CA_BUNDLE" }) do
-      local out = H.sh(("env -u SSL_CERT_FILE -u CURL_CA_BUNDLE %s=%s DASHSCOPE_API_KEY=k %s %s/bin/lbatch list --base-url %s 2>&1; echo exit=$?")
+      out = H.sh(("env -u SSL_CERT_FILE -u CURL_CA_BUNDLE %s=%s DASHSCOPE_API_KEY=k %s %s/bin/lbatch list --base-url %s 2>&1; echo exit=$?")
         :format(var, emu.tls, H.lua, H.root, emu.base))
       assert.matches("exit=0", out, 1, true)
     end
@@ -99,9 +99,8 @@ describe("TLS", function()
     local goaway = H.emulator({ speed = 200, rate_limits = false, tls = true, keepalive_requests = 7 })
     local c = lbatch.new({ api_key = "k", base_url = goaway.base, cainfo = goaway.tls, max_retries = 4 })
     local f = assert(c:upload(chat_file(dir, "goaway.jsonl", 2)))
-    local tasks = {}
     for i = 1, 100 do
-      tasks[i] = c:spawn(function()
+      c:spawn(function()
         return assert(c:create({ input_file_id = f.id, endpoint = "/v1/chat/completions", metadata = { n = tostring(i) } }))
       end)
     end

@@ -75,6 +75,7 @@ function A.handle()
       res = respond.err(500, "internal_error", "The emulator hit an internal error.")
     end
   end
+  res.batch_api = r and r[3]:find("/batches", 1, true) ~= nil
   if fault and fault.status and fault.process then
     res = respond.err(tonumber(fault.status), fault.code or "emulated_fault", "Fault injected after processing.")
   end
@@ -85,7 +86,9 @@ A.nginx_error = respond.nginx_error
 
 function A.init(config)
   cfg = config
+  cfg.profile = require("lbatch.service").profile(cfg.profile)
   util.dialect = cfg.dialect
+  if cfg.dialect == "dashscope" then respond.batch_type = "application/json;charset=UTF-8" end
   guard.init(cfg)
   files.init(cfg)
   batches.init(cfg)

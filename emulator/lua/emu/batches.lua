@@ -1,10 +1,11 @@
 -- The Batch API: create, retrieve, cancel and list.
 local cjson = require "cjson"
 local respond = require "emu.respond"
+local guard = require "emu.guard"
+local service = require "lbatch.service"
 local store = require "emu.store"
 local engine = require "emu.engine"
 local util = require "emu.util"
-local service = require "lbatch.service"
 
 local B = {}
 local cfg
@@ -20,7 +21,7 @@ local function window_hours(w)
   if not n then return nil end
   if cfg.dialect == "openai" then return w == "24h" and 24 or nil end
   local hours = unit == "d" and n * 24 or n
-  if hours < service.LIMITS.min_window_hours or hours > service.LIMITS.max_window_hours then return nil end
+  if hours < cfg.profile.min_window_hours or hours > cfg.profile.max_window_hours then return nil end
   return hours
 end
 
@@ -49,9 +50,11 @@ function B.create()
   if type(fid) ~= "string" or fid == "" then
     return err(400, "missing_required_parameter", "input_file_id is required.", "input_file_id")
   end
-  if type(req.endpoint) ~= "string" or not service.ENDPOINTS[req.endpoint] then
-    return err(400, "invalid_endpoint",
-      "endpoint must be one of /v1/chat/completions, /v1/embeddings, /v1/chat/ds-test.", "endpoint")
+  if type(req.endpoint) ~= "string" or not cfg.profile.endpoints[req.endpoint] then
+    local list = {}
+    for url in pairs(cfg.profile.endpoints) do list[#list + 1] = url end
+    table.sort(list)
+    return err(400, "invalid_endpoint", "endpoint must be one of " .. table.concat(list, ", ") .. ".", "endpoint")
   end
   local hours = window_hours(req.completion_window)
   if not hours then
@@ -68,9 +71,10 @@ function B.create()
     return err(422, "invalid_input_file", ("File %s has purpose %q, not \"batch\"."):format(fid, f.purpose),
       "input_file_id")
   end
-  if cfg.rate_limits and engine.running() >= service.LIMITS.running then
-    return err(429, "too_many_running_batches", "At most 1000 batches may be running at once.", nil,
-      { ["Retry-After"] = "60" })
+  local owner = guard.owner()
+  if cfg.rate_limits and engine.running(owner) >= cfg.profile.running then
+    return err(429, "too_many_running_batches",
+      ("At most %d batches may be running at once."):format(cfg.profile.running), nil, { ["Retry-After"] = "60" })
   end
   local now = store.now()
   local b = {
@@ -78,7 +82,7 @@ function B.create()
     input_file_id = fid, completion_window = req.completion_window, status = "validating",
     created_at = math.floor(now), expires_at = math.floor(now + hours * 3600),
     request_counts = { total = 0, completed = 0, failed = 0 }, metadata = meta,
-    sim = { t_stage = now, t_expires = now + engine.scaled(hours * 3600) },
+    sim = { t_stage = now, t_expires = now + engine.scaled(hours * 3600), owner = owner },
   }
   store.put_batch(b)
   engine.track(b)

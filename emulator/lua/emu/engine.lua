@@ -85,7 +85,9 @@ end
 
 local function tokens(s) return math.max(1, math.ceil(#s / 4)) end
 
-local function chat(body, test)
+local service = require "lbatch.service"
+
+local function chat(body, test, id)
   local prompt, last = {}, ""
   for _, m in ipairs(type(body.messages) == "table" and body.messages or {}) do
     if type(m) == "table" then
@@ -97,16 +99,39 @@ local function chat(body, test)
   local content = test and "This is a test result."
     or ("Emulated answer (" .. body.model .. "): " .. last)
   local message = { role = "assistant", content = content }
-  if body.enable_thinking == true then
+  if service.thinking(body) then
     message.reasoning_content = "Emulated reasoning about: " .. last
   end
   local p, c = tokens(table.concat(prompt, "\n")), tokens(content)
+  if test then p, c = 20, 6 end          -- the documents' fixed usage for batch-test-model
+  local choice = { index = 0, message = message, finish_reason = "stop" }
+  if cfg.dialect == "openai" then choice.logprobs = cjson.null end
   return {
-    id = "chatcmpl-" .. util.hex(16), object = "chat.completion",
+    id = "chatcmpl-" .. id, object = "chat.completion",
     created = math.floor(store.now()), model = body.model,
-    choices = { { index = 0, message = message, finish_reason = "stop", logprobs = cjson.null } },
+    choices = { choice },
     usage = { prompt_tokens = p, completion_tokens = c, total_tokens = p + c },
   }
+end
+
+-- OpenAI's other batch endpoints, emulated as simply
+local function other(endpoint, body, id)
+  local text = "Emulated answer (" .. tostring(body.model) .. ")"
+  local now = math.floor(store.now())
+  if endpoint == "/v1/responses" then
+    return { id = "resp_" .. id, object = "response", created_at = now, status = "completed", model = body.model,
+             output = { { type = "message", id = "msg_" .. id, role = "assistant", status = "completed",
+                          content = { { type = "output_text", text = text, annotations = {} } } } },
+             usage = { input_tokens = 8, output_tokens = tokens(text), total_tokens = 8 + tokens(text) } }
+  elseif endpoint == "/v1/completions" then
+    return { id = "cmpl-" .. id, object = "text_completion", created = now, model = body.model,
+             choices = { { text = text, index = 0, finish_reason = "stop", logprobs = cjson.null } },
+             usage = { prompt_tokens = tokens(tostring(body.prompt)), completion_tokens = tokens(text),
+                       total_tokens = tokens(tostring(body.prompt)) + tokens(text) } }
+  end
+  return { id = "modr-" .. id, model = body.model or "omni-moderation-latest",
+           results = { { flagged = false, categories = { violence = false },
+                         category_scores = { violence = 0.0001 } } } }
 end
 
 local function vector(text, dim)
@@ -136,11 +161,20 @@ local function embeddings(body)
            usage = { prompt_tokens = used, total_tokens = used } }
 end
 
+-- a result line's id and its request id: one uuid in the service's
+-- output (recorded), batch_req_... and another in OpenAI's
+local function line_ids()
+  local uuid = util.uuid()
+  if cfg.dialect == "dashscope" then return uuid, uuid, uuid end
+  return "batch_req_" .. util.hex(24), "req_" .. util.hex(24), util.hex(24)
+end
+
 local function error_line(id, status, code, message, typ)
   local err = { message = message, type = typ or "invalid_request_error", param = cjson.null, code = code }
+  local lid, rid = line_ids()
   return {
-    id = "batch_req_" .. util.hex(12), custom_id = id,
-    response = { status_code = status, request_id = util.uuid(), body = { error = err } },
+    id = lid, custom_id = id,
+    response = { status_code = status, request_id = rid, body = { error = err } },
     error = { code = code, message = message },
   }
 end
@@ -151,12 +185,20 @@ local function execute(b, req, raw)
     return error_line(req.custom_id, 400, "emulated_failure",
       "This request asked the emulator to fail (" .. E.FAIL_MARKER .. ")."), false
   end
+  local model = req.body.model
+  if cfg.region and type(model) == "string" and not service.serves(cfg.region, b.endpoint, model) then
+    return error_line(req.custom_id, 404, "model_not_found",
+      ("The provided model %s is not supported by the Batch API."):format(model)), false
+  end
+  local lid, rid, cid = line_ids()
   local body
   if b.endpoint == "/v1/embeddings" then body = embeddings(req.body)
-  else body = chat(req.body, req.body.model == require("lbatch.service").TEST.model) end
+  elseif b.endpoint == "/v1/chat/completions" or b.endpoint == "/v1/chat/ds-test" then
+    body = chat(req.body, model == service.TEST.model, cid)
+  else body = other(b.endpoint, req.body, cid) end
   return {
-    id = "batch_req_" .. util.hex(12), custom_id = req.custom_id,
-    response = { status_code = 200, request_id = util.uuid(), body = body },
+    id = lid, custom_id = req.custom_id,
+    response = { status_code = 200, request_id = rid, body = body },
     error = cjson.null,
   }, true
 end
@@ -198,7 +240,7 @@ local function validate(b)
   if not fh then
     problems[1] = rules.problem("file_not_found", nil, "The input file no longer exists.", "input_file_id")
   else
-    local chk = rules.checker({ endpoint = b.endpoint })
+    local chk = rules.checker({ endpoint = b.endpoint, limits = cfg.profile })
     local fails = {}
     for n, text, bytes in rules.lines(fh) do
       if #problems < 1000 then chk:line(n, text, bytes, problems) else chk.lines = n end
@@ -316,6 +358,10 @@ end
 
 local function finish(b, status)
   stamp(b, status)
+  if cfg.dialect == "dashscope" then        -- as the service records them
+    if status == "failed" and not b.in_progress_at then b.failed_at = b.created_at end
+    if status == "completed" then b.finalizing_at = b.completed_at end
+  end
   active[b.id] = nil
   store.put_batch(b)
   notify(b)
@@ -380,9 +426,12 @@ function E.track(b)
   active[b.id] = b
 end
 
-function E.running()
+-- batches not yet final; with owner, only that account's
+function E.running(owner)
   local n = 0
-  for _ in pairs(active) do n = n + 1 end
+  for _, b in pairs(active) do
+    if not owner or b.sim.owner == owner then n = n + 1 end
+  end
   return n
 end
 

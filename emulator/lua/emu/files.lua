@@ -92,7 +92,7 @@ function F.list(args)
       end
     end
   end
-  return respond.page(items, has_more, false)
+  return respond.page(items, has_more, false, cfg.dialect == "dashscope")
 end
 
 local function find(id)

@@ -25,21 +25,33 @@ function R.err(status, code, message, param, headers)
 end
 
 -- A list page. Encoded by hand: lua-cjson 2.1.0 writes an empty table as {}.
-function R.page(items, has_more, null_when_empty)
+-- null_when_empty: data is null for no items (the service's batch list);
+-- no_ids: no first_id / last_id (the service's file list)
+function R.page(items, has_more, null_when_empty, no_ids)
   local parts = {}
   for i, o in ipairs(items) do parts[i] = cjson.encode(o) end
   local data = #parts > 0 and "[" .. table.concat(parts, ",") .. "]"
     or (null_when_empty and "null" or "[]")
-  local first = items[1] and cjson.encode(items[1].id) or "null"
-  local last = items[#items] and cjson.encode(items[#items].id) or "null"
-  return { status = 200, body = '{"object":"list","data":' .. data .. ',"first_id":' .. first
-    .. ',"last_id":' .. last .. ',"has_more":' .. tostring(has_more) .. "}" }
+  local ids = ""
+  if not no_ids then
+    local first = items[1] and cjson.encode(items[1].id) or "null"
+    local last = items[#items] and cjson.encode(items[#items].id) or "null"
+    ids = ',"first_id":' .. first .. ',"last_id":' .. last
+  end
+  return { status = 200,
+           body = '{"object":"list","data":' .. data .. ids .. ',"has_more":' .. tostring(has_more) .. "}" }
 end
+
+-- the service sends Batch API answers as application/json;charset=UTF-8
+-- and Files API answers as application/json (spec/fixtures/recorded)
+R.json_type = "application/json"
+R.batch_type = "application/json"
 
 local function send_headers(res, length)
   ngx.status = res.status
   for k, v in pairs(res.headers or {}) do ngx.header[k] = v end
-  ngx.header["Content-Type"] = res.file and "application/octet-stream" or "application/json"
+  ngx.header["Content-Type"] = res.file and "application/octet-stream"
+    or (res.batch_api and R.batch_type or R.json_type)
   ngx.header["x-request-id"] = util.uuid()
   if length then ngx.header["Content-Length"] = length end
 end

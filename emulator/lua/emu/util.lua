@@ -20,11 +20,18 @@ function U.uuid()
   return table.concat({ U.hex(8), U.hex(4), "4" .. U.hex(3), ("89ab"):sub(v, v) .. U.hex(3), U.hex(12) }, "-")
 end
 
+-- The fields of a batch, in each dialect. The service's (recorded in
+-- spec/fixtures/recorded) has no model and no usage, and expires_at is
+-- null at every stage; OpenAI's has both, and an expires_at.
 local BATCH_FIELDS = {
-  "id", "object", "endpoint", "model", "errors", "input_file_id", "completion_window",
-  "status", "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at",
-  "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at",
-  "request_counts", "usage", "metadata",
+  dashscope = { "id", "object", "endpoint", "errors", "input_file_id", "completion_window",
+    "status", "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at",
+    "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at",
+    "request_counts", "metadata" },
+  openai = { "id", "object", "endpoint", "model", "errors", "input_file_id", "completion_window",
+    "status", "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at",
+    "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at",
+    "request_counts", "usage", "metadata" },
 }
 
 -- What clients see of a batch: no internal state, the running counts, and
@@ -32,11 +39,16 @@ local BATCH_FIELDS = {
 -- them as plain strings and integers).
 function U.public(b, engine)
   local out = {}
-  local fill = U.dialect == "dashscope" and cjson.null or nil
-  for _, k in ipairs(BATCH_FIELDS) do
+  local dashscope = U.dialect == "dashscope"
+  local fill = dashscope and cjson.null or nil
+  for _, k in ipairs(BATCH_FIELDS[U.dialect] or BATCH_FIELDS.openai) do
     local v = b[k]
     if v == nil then v = fill end
     out[k] = v
+  end
+  if dashscope then
+    out.expires_at = cjson.null
+    if out.metadata == cjson.null then out.metadata = {} end       -- the documents show {}
   end
   if engine then
     out.status = engine.visible_status(b)
