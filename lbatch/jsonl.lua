@@ -149,7 +149,11 @@ function Writer:add(id, body, url)
   if id == "" then return nil, invalid(id, "missing_custom_id", "custom_id is empty", "custom_id") end
   local model = body.model
   if type(model) ~= "string" or model == "" then
-    return nil, invalid(id, "missing_model", "body.model is missing", "body.model")
+    local rule = RULES[url or self.endpoint or ""]
+    if model ~= nil or not (rule and rule.model_optional) then
+      return nil, invalid(id, "missing_model", "body.model is missing", "body.model")
+    end
+    model = ""                 -- moderations: the service's default model
   end
   local thinking = thinking_of(body)
   local route = self.last_route

@@ -323,7 +323,8 @@ describe("emulator (dashscope dialect)", function()
     it("fails more than 50,000 lines", function()
       local path = dir .. "/many.jsonl"
       local f = assert(io.open(path, "wb"))
-      for i = 1, 50001 do f:write('{"custom_id":"', i, '","method":"POST","url":"/v1/chat/completions","body":{"model":"qwen-plus","messages":[{"role":"user","content":"x"}]}}\n') end
+      local line = '","method":"POST","url":"/v1/chat/completions","body":{"model":"qwen-plus","messages":[{"role":"user","content":"x"}]}}\n'
+      for i = 1, 50001 do f:write('{"custom_id":"', i, line) end
       f:close()
       local b = H.wait_final(emu, create(emu, upload(emu, path).id, "/v1/chat/completions").id, 60)
       assert.are.equal("failed", b.status)

@@ -129,6 +129,8 @@ function H.emulator(opts)
     args[#args + 1] = "--tls"
     if H.tls_ca then args[#args + 1] = "--ca" args[#args + 1] = H.tls_ca end
   end
+  if opts.region then args[#args + 1] = "--region" args[#args + 1] = opts.region end
+  if opts.limits then args[#args + 1] = "--limits" args[#args + 1] = opts.limits end
   if opts.keepalive_requests then
     args[#args + 1] = "--keepalive-requests"
     args[#args + 1] = opts.keepalive_requests

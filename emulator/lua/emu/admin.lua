@@ -7,6 +7,7 @@ local engine = require "emu.engine"
 
 local A = {}
 local faults = {}
+local last = {}                 -- the last API request: what a client sent
 local stats = {}
 local protocols, connections, seen = {}, 0, {}
 
@@ -22,6 +23,14 @@ function A.take_fault(method, path)
 end
 
 function A.count(route) stats[route] = (stats[route] or 0) + 1 end
+
+-- the last API request, for specs that check what a client sent: method,
+-- path, query, and what its handler noted (body, form fields)
+function A.begin(method, path, query, headers)
+  headers.authorization = nil                 -- the key is not kept
+  last = { method = method, path = path, query = query, headers = headers }
+end
+function A.note(k, v) last[k] = v end
 
 -- every API request: by protocol (HTTP/1.1, HTTP/2.0), and the
 -- connections they came on (nginx numbers each connection)
@@ -52,6 +61,8 @@ function A.handle(method, path)
   elseif path == "/_emulator/stats" and method == "GET" then
     return respond.json(200, { routes = next(stats) and stats or cjson.null, running = engine.running(),
                                protocols = next(protocols) and protocols or cjson.null, connections = connections })
+  elseif path == "/_emulator/last" and method == "GET" then
+    return respond.json(200, last)
   elseif path == "/_emulator/clock" and method == "POST" then
     local body, e = respond.read_json()
     if not body then return e end

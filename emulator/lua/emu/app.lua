@@ -47,6 +47,7 @@ function A.handle()
     return respond.send(admin.handle(method, path))
   end
   admin.seen(ngx.var.server_protocol, ngx.var.connection)
+  admin.begin(method, path, ngx.req.get_uri_args(100), ngx.req.get_headers(100))
   local fault = admin.take_fault(method, path)
   if fault and fault.delay then ngx.sleep(tonumber(fault.delay) or 0) end
   local r, id = route(method, path)

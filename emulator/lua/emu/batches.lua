@@ -2,6 +2,7 @@
 local cjson = require "cjson"
 local respond = require "emu.respond"
 local guard = require "emu.guard"
+local admin = require "emu.admin"
 local service = require "lbatch.service"
 local store = require "emu.store"
 local engine = require "emu.engine"
@@ -46,6 +47,7 @@ end
 function B.create()
   local req, e = respond.read_json()
   if not req then return e end
+  admin.note("body", req)
   local fid = req.input_file_id
   if type(fid) ~= "string" or fid == "" then
     return err(400, "missing_required_parameter", "input_file_id is required.", "input_file_id")
@@ -65,6 +67,14 @@ function B.create()
   local meta
   meta, e = check_metadata(req.metadata)
   if e then return e end
+  local oe = req.output_expires_after
+  if oe ~= nil and oe ~= cjson.null then
+    local s = type(oe) == "table" and tonumber(oe.seconds)
+    if type(oe) ~= "table" or oe.anchor ~= "created_at" or not s or s < 3600 or s > 2592000 then
+      return err(400, "invalid_output_expires_after", "output_expires_after needs anchor \"created_at\" "
+        .. "and seconds between 3600 and 2592000.", "output_expires_after")
+    end
+  end
   local f = store.files[fid]
   if not f then return err(404, "file_not_found", ("No such file: %s"):format(fid), "input_file_id") end
   if f.purpose ~= "batch" then

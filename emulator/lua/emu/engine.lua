@@ -215,9 +215,12 @@ local function run_job(fn, b)
   local ok, err = ngx.timer.at(0, function(premature)
     if premature then return end
     local ok2, err2 = pcall(fn, b)
-    if not ok2 then ngx.log(ngx.ERR, "emulator job for ", b.id, " failed: ", err2) end
     jobs = jobs - 1
     b.sim.job = false
+    if not ok2 then             -- a bug here fails the batch rather than retry forever
+      ngx.log(ngx.ERR, "emulator job for ", b.id, " failed: ", err2)
+      b.sim.crashed = tostring(err2)
+    end
   end)
   if not ok then
     jobs = jobs - 1
@@ -302,9 +305,9 @@ local function finalize(b)
         local s = cjson.encode(line) .. "\n"
         if good then
           out:write(s); nout = nout + #s; ok_count = ok_count + 1
-          local u = line.response.body.usage
-          usage.input_tokens = usage.input_tokens + (u.prompt_tokens or 0)
-          usage.output_tokens = usage.output_tokens + (u.completion_tokens or 0)
+          local u = line.response.body.usage or {}  -- moderations have none
+          usage.input_tokens = usage.input_tokens + (u.prompt_tokens or u.input_tokens or 0)
+          usage.output_tokens = usage.output_tokens + (u.completion_tokens or u.output_tokens or 0)
         else
           errf:write(s); nerr = nerr + #s
           if n <= done then fail_count = fail_count + 1 end
@@ -378,6 +381,13 @@ end
 local function step(b, now)
   local sim = b.sim
   if sim.job then return end
+  if sim.crashed then
+    b.errors = { object = "list", data = { { code = "internal_error", line = cjson.null,
+      message = "The emulator could not run this batch: " .. sim.crashed } } }
+    b.request_counts = b.request_counts or { total = sim.total or 0, completed = 0, failed = 0 }
+    sim.crashed = nil
+    return finish(b, "failed")
+  end
   local s = b.status
   if (s == "validating" or s == "in_progress") and sim.t_expires and now >= sim.t_expires then
     local done = s == "in_progress" and processed(b, now) or 0

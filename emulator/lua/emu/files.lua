@@ -4,6 +4,7 @@ local respond = require "emu.respond"
 local store = require "emu.store"
 local util = require "emu.util"
 local multipart = require "emu.multipart"
+local admin = require "emu.admin"
 
 local F = {}
 local cfg
@@ -15,8 +16,22 @@ function F.init(config) cfg = config end
 
 local function public(f)
   return { id = f.id, object = "file", bytes = f.bytes, created_at = f.created_at,
-           filename = f.filename, purpose = f.purpose, status = f.status }
+           filename = f.filename, purpose = f.purpose, status = f.status, expires_at = f.expires_at }
 end
+
+-- expires_after[anchor] and expires_after[seconds] (OpenAI): seconds, or
+-- nil and an error response
+local function expiry(fields)
+  local anchor, seconds = fields["expires_after[anchor]"], fields["expires_after[seconds]"]
+  if anchor == nil and seconds == nil then return nil end
+  local s = tonumber(seconds)
+  if anchor ~= "created_at" or not s or s < 3600 or s > 2592000 or s ~= math.floor(s) then
+    return nil, err(400, "invalid_expires_after",
+      "expires_after needs anchor \"created_at\" and seconds between 3600 and 2592000.", "expires_after")
+  end
+  return s
+end
+F.expiry = expiry
 
 function F.upload()
   local boundary = multipart.boundary(ngx.var.http_content_type)
@@ -49,6 +64,7 @@ function F.upload()
   if not res.file then
     return err(400, "missing_file", "The multipart body has no 'file' part.", "file")
   end
+  admin.note("form", res.fields)
   local purpose = res.fields.purpose
   if purpose == nil then
     os.remove(part)
@@ -60,10 +76,13 @@ function F.upload()
     os.remove(part)
     return err(400, "invalid_purpose", ("purpose %q is not supported; use \"batch\"."):format(purpose), "purpose")
   end
+  local ttl, e = expiry(res.fields)
+  if e then os.remove(part) return e end
   local f = {
     id = id, object = "file", bytes = res.file.bytes, created_at = math.floor(store.now()),
     filename = res.file.filename, purpose = purpose, status = "processed",
   }
+  if ttl then f.expires_at = f.created_at + ttl end
   assert(os.rename(part, store.blob(id)))
   store.put_file(f)
   return json(200, public(f))
