@@ -203,6 +203,7 @@ describe("validation, rule by rule", function()
     assert.are.equal("unknown_model", rep.warnings[1].code)
     assert.matches("intl region's batch list for /v1/chat/completions %(qwen3.7%-plus, qwen%-max", rep.warnings[1].message)
     found, rep = check({ line("a", { model = "qwen3.8-max", messages = msgs }) }, { region = "cn" })
+    assert.are.same({}, found)
     assert.are.equal(0, #rep.warnings)
   end)
 
