@@ -254,7 +254,7 @@ function Run:process(s)
       if n > 0 then
         local k = #self.state.shards + 1
         self.state.shards[k] = { path = path, name = self.state.run .. "-" .. k .. ".jsonl", lines = n,
-          model = s.model, endpoint = s.endpoint, round = s.round + 1, step = "written" }
+          model = s.model, endpoint = s.endpoint, round = s.round + 1, step = "written", origin = s.origin or s.path }
         self.queue[#self.queue + 1] = self.state.shards[k]
         self:save(self.state.shards[k])
       end
@@ -357,13 +357,30 @@ function M.run(opts)
   end
   unhook()
   log:close()
-  local outputs, errs, inputs = {}, {}, {}
+  -- each first-round shard is joined with its own answers and those of its
+  -- resubmissions (later rounds first: their answers are newer), so the
+  -- merge holds one shard's index at a time, whatever the total
+  local outputs, errs, inputs, groups, by_path = {}, {}, {}, {}, {}
   for _, s in ipairs(state.shards) do
     if s.output then outputs[#outputs + 1] = s.output end
     if s.error then errs[#errs + 1] = s.error end
-    if s.round == 1 then inputs[#inputs + 1] = s.path end
+    if s.round == 1 then
+      inputs[#inputs + 1] = s.path
+      by_path[s.path] = { inputs = s.path, output = {}, errors = {} }
+      groups[#groups + 1] = by_path[s.path]
+    end
   end
-  local reader, rerr = results.open({ output = outputs, errors = errs, inputs = inputs })
+  for i = #state.shards, 1, -1 do
+    local s = state.shards[i]
+    local origin = s.origin or s.path
+    while origin:find("%.r%d+%.jsonl$") do origin = origin:gsub("%.r%d+%.jsonl$", ".jsonl") end  -- before 0.3
+    local g = by_path[origin]
+    if g then
+      if s.output then g.output[#g.output + 1] = s.output end
+      if s.error then g.errors[#g.errors + 1] = s.error end
+    end
+  end
+  local reader, rerr = results.open({ groups = groups })
   if not reader then return nil, rerr end
   return { shards = state.shards, outputs = outputs, errors = errs, inputs = inputs, journal = path,
            results = reader }

@@ -13,7 +13,11 @@ local json = require "lbatch.json"
 local rules = require "lbatch.rules"
 local errors = require "lbatch.errors"
 
+local core = require "lbatch.core"
+
 local decode, normalize = json.decode, json.normalize
+local json_string, sub = core.json_string, string.sub
+local SPAN = 2 ^ 36          -- a result's place: file number * SPAN + byte offset (as core's idmap:scan)
 local M = {}
 
 local function list(name, v)
@@ -99,23 +103,50 @@ M.record = record
 local Reader = {}
 Reader.__index = Reader
 
+local function group_of(name, g)
+  if type(g) ~= "table" then errors.arg("results.open", name .. " must be a table", 4) end
+  return { outputs = list(name .. ".output", g.output), errs = list(name .. ".errors", g.errors),
+           inputs = list(name .. ".inputs", g.inputs) }
+end
+
 --- A reader of results.
--- @tparam table opts output, errors, inputs: a path or a list of paths (shards)
+-- Joined with inputs, each result is found through an index of custom_ids
+-- held in C (about 100 bytes a result, no Lua string per line); past
+-- `max_index` results the inputs are taken in chunks of that many
+-- requests, each chunk reading the result files once, so memory stays
+-- bounded whatever the files' size. `groups` joins each group's outputs
+-- to its own inputs only (a pipeline's shards): memory then depends on
+-- the largest group, not on the total.
+-- @tparam table opts output, errors, inputs: a path or a list of paths
+-- (shards); or groups = {{output=, errors=, inputs=}, ...}; max_index
+-- (results indexed at once, default 1,000,000)
 -- @treturn table the reader, or nil and an `io` error when a file cannot be read
 function M.open(opts)
   errors.check("results.open", "opts", opts, "table")
-  local r = setmetatable({
-    outputs = list("output", opts.output), errs = list("errors", opts.errors), inputs = list("inputs", opts.inputs),
-  }, Reader)
-  for _, group in ipairs({ r.outputs, r.errs, r.inputs }) do
-    for _, path in ipairs(group) do
-      local fh, msg = io.open(path, "rb")
-      if not fh then return nil, errors.io("cannot read", path, msg) end
-      fh:close()
+  errors.check("results.open", "opts.max_index", opts.max_index, "number", true)
+  local groups = {}
+  if opts.groups ~= nil then
+    if type(opts.groups) ~= "table" then errors.arg("results.open", "groups must be a list of tables") end
+    for i, g in ipairs(opts.groups) do groups[i] = group_of("groups[" .. i .. "]", g) end
+  end
+  if opts.output ~= nil or opts.errors ~= nil or opts.inputs ~= nil or #groups == 0 then
+    table.insert(groups, 1, group_of("opts", opts))
+  end
+  local r = setmetatable({ groups = groups, outputs = {}, errs = {}, inputs = {},
+                           max_index = math.max(1, math.floor(opts.max_index or M.MAX_INDEX)) }, Reader)
+  for _, g in ipairs(groups) do
+    for _, key in ipairs({ "outputs", "errs", "inputs" }) do
+      for _, path in ipairs(g[key]) do
+        local fh, msg = io.open(path, "rb")
+        if not fh then return nil, errors.io("cannot read", path, msg) end
+        fh:close()
+        r[key][#r[key] + 1] = path
+      end
     end
   end
   return r
 end
+M.MAX_INDEX = 1000000
 
 -- inside the reader, a file that cannot be read raises its io error,
 -- which each() and the others return
@@ -131,56 +162,152 @@ local function as_error(err, path)
   return errors.io("cannot read", path or "a results file", err)
 end
 
--- every result file, in order
-function Reader:_files()
-  local all = {}
-  for _, p in ipairs(self.outputs) do all[#all + 1] = p end
-  for _, p in ipairs(self.errs) do all[#all + 1] = p end
-  return all
+-- a line's custom_id (a string), found without decoding when it can be
+local function id_of(text)
+  if not text then return nil end
+  local id = json_string(text, "custom_id")
+  if id == false then
+    local ok, r = pcall(decode, text)
+    id = ok and type(r) == "table" and r.custom_id
+  end
+  if type(id) == "string" then return id end
 end
 
--- custom_id -> file number and byte offset of its result line
-function Reader:_index()
-  local files, where, offset = self:_files(), {}, {}
-  for k, path in ipairs(files) do
+-- the line at byte offset off of an open file
+local function line_at(fh, off)
+  fh:seek("set", off)
+  local text = fh:read("*l")
+  if text and sub(text, -1) == "\r" then text = sub(text, 1, -2) end
+  return text
+end
+
+-- scan(map, path, fileno, ...) as core's idmap:scan, with the lines it
+-- could not read cheaply decoded here; raises an io error
+local function scan(map, path, fileno, start, max_lines, filter, drop)
+  local n, nxt, hard = map:scan(path, fileno, start, max_lines, filter, drop)
+  if not n then error(errors.io("cannot read", path, nxt), 0) end
+  if #hard > 0 then
     local fh = open_or_fail(path)
-    local off = 0
-    for _, text, bytes in rules.lines(fh, math.huge) do
-      local id = text:match('"custom_id":%s*"([^"\\]*)"')
-      if not id then
-        local ok, r = pcall(decode, text)
-        id = ok and type(r) == "table" and r.custom_id or nil
+    for _, off in ipairs(hard) do
+      local id = id_of(line_at(fh, off))
+      if id and (not filter or filter:has(id)) then
+        if drop then map:take(id) else map:put(id, fileno * SPAN + off) end
       end
-      if id and not where[id] then where[id], offset[id] = k, off end
-      off = off + bytes
     end
     fh:close()
   end
-  return files, where, offset
+  return n, nxt
 end
 
--- take(id): the record of id's result, read once (nil when it has none);
--- rest(): the ids never taken; close(): the result files
-function Reader:_lookup()
-  local files, where, offset = self:_index()
-  local handles = {}
-  return {
-    take = function(id)
-      local f = where[id]
-      if not f then return nil end
-      where[id] = nil
-      local h = handles[f]
-      if not h then h = open_or_fail(files[f]) handles[f] = h end
-      h:seek("set", offset[id])
-      return record(h:read("*l"))
-    end,
-    rest = function()
-      local t = {}
-      for id in pairs(where) do t[#t + 1] = id end
-      return t
-    end,
-    close = function() for _, h in pairs(handles) do h:close() end end,
-  }
+-- every result file of a group, outputs first (a success wins)
+local function result_files(g)
+  local all = {}
+  for _, p in ipairs(g.outputs) do all[#all + 1] = p end
+  for _, p in ipairs(g.errs) do all[#all + 1] = p end
+  return all
+end
+
+-- rec.input and rec.prompt are decoded from the request line when read
+local Joined = { __index = function(rec, k)
+  if k ~= "input" and k ~= "prompt" then return nil end
+  local ok, req = pcall(decode, rawget(rec, "line") or "")
+  if not ok or type(req) ~= "table" then req = nil end
+  rawset(rec, "input", req)
+  rawset(rec, "prompt", prompt_of(req))
+  return rawget(rec, k)
+end }
+
+-- The join of one group: an iterator of records in input order (each
+-- with .line, its request line), then nil; self.missing_ids and
+-- self.orphans grow as it goes.
+function Reader:_join(g)
+  local files, inputs, budget = result_files(g), g.inputs, self.max_index
+  local fi, start = 1, 0                 -- where the next chunk of inputs begins
+  local seg, segs = 0, {}                -- the chunk's segments {file, from, to}
+  local chunks, found = 0, nil           -- chunks so far; the chunk's results (an idmap)
+  local handles, fh, it, stop, pos = {}, nil, nil, nil, 0
+
+  local function next_chunk()
+    if not inputs[fi] then return false end
+    chunks = chunks + 1
+    local wanted, left = core.idmap(), budget
+    segs, seg = {}, 0
+    while inputs[fi] and left > 0 do
+      local n, nxt = scan(wanted, inputs[fi], fi, start, left)
+      segs[#segs + 1] = { fi, start, nxt }
+      left = left - n
+      if nxt then start = nxt else fi, start = fi + 1, 0 end
+    end
+    -- all in one chunk: every result indexed, what is left are orphans
+    local single = chunks == 1 and not inputs[fi]
+    if found then found:clear() end
+    found = core.idmap()
+    for k, path in ipairs(files) do scan(found, path, k, 0, nil, not single and wanted or nil) end
+    wanted:clear()
+    return true
+  end
+
+  local function result(v)
+    local k = math.floor(v / SPAN)
+    local h = handles[k]
+    if not h then h = open_or_fail(files[k]) handles[k] = h end
+    return record(line_at(h, v - k * SPAN) or "")
+  end
+
+  local function finish()
+    for _, h in pairs(handles) do h:close() end
+    handles = {}
+    local orphans = self.orphans
+    if chunks <= 1 then
+      for _, id in ipairs(found and found:keys() or {}) do orphans[#orphans + 1] = id end
+    else                                 -- the results no chunk asked for
+      for k, path in ipairs(files) do
+        local at = 0
+        while at do
+          local left = core.idmap()
+          at = select(2, scan(left, path, k, at, budget))
+          for i = 1, #inputs do scan(left, inputs[i], i, 0, nil, nil, true) end
+          for _, id in ipairs(left:keys()) do orphans[#orphans + 1] = id end
+          left:clear()
+        end
+      end
+    end
+    if found then found:clear() end
+  end
+
+  return function()
+    while true do
+      if it then
+        local _, text, bytes = it()
+        if text or bytes then pos = pos + (bytes or 0) end
+        if _ == nil or (stop and pos > stop) then
+          fh:close() fh, it = nil, nil
+        else
+          local id = id_of(text)
+          if id then
+            local v = found:take(id)
+            local rec
+            if v then rec = result(v)
+            else
+              rec = { custom_id = id, ok = false, missing = true }
+              self.missing_ids[#self.missing_ids + 1] = id
+            end
+            rec.line = text
+            return setmetatable(rec, Joined)
+          end
+        end
+      elseif segs[seg + 1] then
+        seg = seg + 1
+        local s = segs[seg]
+        fh = open_or_fail(inputs[s[1]])
+        fh:seek("set", s[2])
+        pos, stop, it = s[2], s[3], rules.lines(fh)
+      elseif not next_chunk() then
+        finish()
+        return nil
+      end
+    end
+  end
 end
 
 -- an iterator whose failure (a raised io error) comes out as false, err,
@@ -196,65 +323,49 @@ local function guarded(step)
   end
 end
 
+-- a group's result lines, one record each, without inputs
+local function plain(g)
+  local files, k, lines, fh = result_files(g), 0, nil, nil
+  return function()
+    while true do
+      local line = lines and lines()
+      if line then
+        if line ~= "" then return record(line) end
+      else
+        if fh then fh:close() fh = nil end
+        k = k + 1
+        if not files[k] then return nil end
+        fh = open_or_fail(files[k])
+        lines = fh:lines()
+      end
+    end
+  end
+end
+
 --- An iterator over records: `for rec, err in r:each()`.
 -- Joined with inputs, records come in input order with rec.input (the
--- request) and rec.prompt, and a request with no result gives
+-- request, decoded when first read), rec.prompt and rec.line (the request
+-- line as it is in the file), and a request with no result gives
 -- `{custom_id, ok = false, missing = true}`. A file that cannot be read
--- gives `false, err` (an `io` error) and the iteration ends.
+-- gives `false, err` (an `io` error) and the iteration ends. Afterwards
+-- `r.orphans` lists the results no input asked for.
 -- @treturn function the iterator
 function Reader:each()
   return guarded(self:_each())
 end
 
+-- the records of group after group
 function Reader:_each()
-  if #self.inputs == 0 then
-    local files, k, lines, fh = self:_files(), 0, nil, nil
-    return function()
-      while true do
-        local line = lines and lines()
-        if line then
-          if line ~= "" then return record(line) end
-        else
-          if fh then fh:close() fh = nil end
-          k = k + 1
-          if not files[k] then return nil end
-          fh = open_or_fail(files[k])
-          lines = fh:lines()
-        end
-      end
-    end
-  end
-  local results
-  self.missing_ids = {}
-  local k, it, fh = 0, nil, nil
+  self.missing_ids, self.orphans = {}, {}
+  local g, it = 0, nil
   return function()
-    results = results or self:_lookup()
     while true do
-      local n, text = nil, nil
-      if it then n, text = it() end
-      if n then
-        local okj, req = pcall(decode, text or "")
-        local id = okj and type(req) == "table" and req.custom_id
-        if id then
-          local rec = results.take(id)
-          if not rec then
-            rec = { custom_id = id, ok = false, missing = true }
-            self.missing_ids[#self.missing_ids + 1] = id
-          end
-          rec.input, rec.prompt = req, prompt_of(req)
-          return rec
-        end
-      else
-        if fh then fh:close() fh = nil end
-        k = k + 1
-        if not self.inputs[k] then
-          results.close()
-          self.orphans = results.rest()
-          return nil
-        end
-        fh = open_or_fail(self.inputs[k])
-        it = rules.lines(fh)
-      end
+      local rec = it and it()
+      if rec then return rec end
+      g = g + 1
+      local group = self.groups[g]
+      if not group then return nil end
+      if #group.inputs > 0 then it = self:_join(group) else it = plain(group) end
     end
   end
 end
@@ -329,22 +440,12 @@ function Reader:resubmit(path, opts)
 end
 
 function Reader:_resubmit(out, opts)
-  local results = self:_lookup()
   local n = 0
-  for _, input in ipairs(self.inputs) do
-    local fh = open_or_fail(input)
-    for _, text in rules.lines(fh) do
-      local okj, req = pcall(decode, text or "")
-      local id = okj and type(req) == "table" and req.custom_id
-      if id then
-        local rec = results.take(id)
-        local again = not rec or (not rec.ok and (NOT_RUN[rec.error_code] or (opts and opts.failed))) or false
-        if again then out:write(text, "\n") n = n + 1 end
-      end
-    end
-    fh:close()
+  for rec, err in self:each() do
+    if not rec then error(err, 0) end
+    local again = rec.missing or (not rec.ok and (NOT_RUN[rec.error_code] or (opts and opts.failed)))
+    if again and rec.line then out:write(rec.line, "\n") n = n + 1 end
   end
-  results.close()
   return n
 end
 

@@ -1,0 +1,184 @@
+-- The join of results to inputs, held against a plain reference join
+-- (every line decoded with cjson into Lua tables) on random real files:
+-- shuffled answers, errors, missing and orphan results, duplicates,
+-- escaped ids, CRLF, blank lines, a last line without a newline; with the
+-- whole index in memory and in chunks as small as one request; by groups.
+local H = require "helper"
+local results = require "lbatch.results"
+local cjson = require "cjson"
+
+local function write(path, lines, opts)
+  local f = assert(io.open(path, "wb"))
+  for i, l in ipairs(lines) do
+    local eol = (opts and opts.crlf and i % 3 == 0) and "\r\n" or "\n"
+    if opts and opts.no_last_newline and i == #lines then eol = "" end
+    f:write(l, eol)
+    if opts and opts.blank and i % 5 == 0 then f:write("\n") end
+  end
+  f:close()
+  return path
+end
+
+local function shuffle(t, rnd)
+  for i = #t, 2, -1 do local j = rnd(i) t[i], t[j] = t[j], t[i] end
+  return t
+end
+
+-- n requests, with ids that LuaJIT's string hash finds hardest
+local function make_case(dir, n, rnd, tag)
+  local ids, inputs, outs, errs = {}, {}, {}, {}
+  for i = 1, n do
+    ids[i] = (rnd(9) == 1) and ('q"' .. i .. '\\x') or ("req-%07d"):format(i)   -- some need an escape
+    inputs[i] = cjson.encode({ custom_id = ids[i], method = "POST", url = "/v1/chat/completions",
+      body = { model = "qwen-plus", messages = { { role = "user", content = "question " .. i } } } })
+  end
+  local fate = {}
+  for i = 1, n do
+    local r = rnd(20)
+    if r == 1 then fate[ids[i]] = "missing"
+    elseif r == 2 then
+      fate[ids[i]] = "error"
+      errs[#errs + 1] = cjson.encode({ id = "e" .. i, custom_id = ids[i], response = cjson.null,
+        error = { code = "batch_expired", message = "not run" } })
+    else
+      fate[ids[i]] = "ok"
+      outs[#outs + 1] = cjson.encode({ id = "o" .. i, custom_id = ids[i], response = { status_code = 200,
+        request_id = "r" .. i, body = { model = "qwen-plus", choices = { { message = { content = "answer " .. i } } },
+          usage = { prompt_tokens = i, completion_tokens = 1, total_tokens = i + 1 } } }, error = cjson.null })
+      if r == 3 then outs[#outs + 1] = outs[#outs]:gsub("answer", "later answer") end  -- a duplicate: the first wins
+    end
+  end
+  for k = 1, rnd(4) - 1 do                                       -- results nobody asked for
+    outs[#outs + 1] = cjson.encode({ id = "x", custom_id = "orphan-" .. tag .. "-" .. k,
+      response = { status_code = 200, body = {} } })
+  end
+  shuffle(outs, rnd) shuffle(errs, rnd)
+  local base = dir .. "/" .. tag
+  return {
+    ids = ids, fate = fate,
+    inputs = write(base .. ".in.jsonl", inputs, { crlf = true, blank = true }),
+    output = write(base .. ".out.jsonl", outs, { crlf = true, no_last_newline = true }),
+    errors = write(base .. ".err.jsonl", errs, { blank = true }),
+  }
+end
+
+-- the reference: everything decoded into Lua tables
+local function reference(case)
+  local by_id, orphans = {}, {}
+  for _, p in ipairs({ case.output, case.errors }) do
+    for line in io.lines(p) do
+      line = line:gsub("\r$", "")
+      if line ~= "" then
+        local r = cjson.decode(line)
+        if by_id[r.custom_id] == nil then by_id[r.custom_id] = r end
+      end
+    end
+  end
+  local want, asked = {}, {}
+  for line in io.lines(case.inputs) do
+    line = line:gsub("\r$", "")
+    if line ~= "" then
+      local req = cjson.decode(line)
+      local r = by_id[req.custom_id]
+      asked[req.custom_id] = true
+      want[#want + 1] = { id = req.custom_id, missing = r == nil,
+        content = r and r.response ~= cjson.null and r.response.body.choices and r.response.body.choices[1].message.content or nil,
+        error_code = r and r.error ~= cjson.null and r.error.code or nil, line = line }
+    end
+  end
+  for id in pairs(by_id) do if not asked[id] then orphans[#orphans + 1] = id end end
+  table.sort(orphans)
+  return want, orphans
+end
+
+local function got(reader)
+  local out = {}
+  for rec, err in reader:each() do
+    assert.is_truthy(rec, tostring(err))
+    out[#out + 1] = { id = rec.custom_id, missing = rec.missing == true, content = rec.content,
+      error_code = rec.error_code, line = rec.line }
+    assert.are.equal(rec.custom_id, rec.input.custom_id)
+    assert.are.equal(rec.input.body.messages[1].content, rec.prompt)
+  end
+  local orphans = reader.orphans
+  table.sort(orphans)
+  return out, orphans
+end
+
+describe("the join of results to inputs", function()
+  local dir
+  setup(function() dir = H.tmpdir() end)
+
+  it("matches a plain reference join on random files, whole and in chunks down to one request", function()
+    local seed = os.time()
+    math.randomseed(seed)
+    for round = 1, 12 do
+      local n = math.random(1, 400)
+      local case = make_case(dir, n, math.random, "r" .. round)
+      local want, want_orphans = reference(case)
+      for _, max_index in ipairs({ 1, 2, 7, 64, 1000000 }) do
+        local r = assert(results.open({ output = case.output, errors = case.errors, inputs = case.inputs,
+                                        max_index = max_index }))
+        local records, orphans = got(r)
+        local where = ("seed %d round %d n %d max_index %d"):format(seed, round, n, max_index)
+        assert.are.same(want, records, where)
+        assert.are.same(want_orphans, orphans, where)
+      end
+    end
+  end)
+
+  it("joins group by group, each group's answers to its own inputs", function()
+    local a = make_case(dir, 50, math.random, "ga")
+    local b = make_case(dir, 70, math.random, "gb")
+    local wa, oa = reference(a)
+    local wb, ob = reference(b)
+    local r = assert(results.open({ groups = {
+      { output = a.output, errors = a.errors, inputs = a.inputs },
+      { output = b.output, errors = b.errors, inputs = b.inputs } }, max_index = 16 }))
+    local records, orphans = got(r)
+    local want = {}
+    for _, w in ipairs(wa) do want[#want + 1] = w end
+    for _, w in ipairs(wb) do want[#want + 1] = w end
+    local want_orphans = {}
+    for _, o in ipairs(oa) do want_orphans[#want_orphans + 1] = o end
+    for _, o in ipairs(ob) do want_orphans[#want_orphans + 1] = o end
+    table.sort(want_orphans)
+    assert.are.same(want, records)
+    assert.are.same(want_orphans, orphans)
+  end)
+
+  it("resubmits byte for byte what did not run, in chunks as whole", function()
+    local case = make_case(dir, 300, math.random, "rs")
+    local want = {}
+    for line in io.lines(case.inputs) do
+      line = line:gsub("\r$", "")
+      if line ~= "" then
+        local fate = case.fate[cjson.decode(line).custom_id]
+        if fate ~= "ok" then want[#want + 1] = line end
+      end
+    end
+    for _, max_index in ipairs({ 5, 1000000 }) do
+      local r = assert(results.open({ output = case.output, errors = case.errors, inputs = case.inputs,
+                                      max_index = max_index }))
+      local path = dir .. "/again-" .. max_index .. ".jsonl"
+      assert.are.equal(#want, assert(r:resubmit(path)))
+      local lines = {}
+      for l in io.lines(path) do lines[#lines + 1] = l end
+      assert.are.same(want, lines)
+    end
+  end)
+
+  it("a result file that goes away mid-way ends the iteration with an io error", function()
+    local case = make_case(dir, 40, math.random, "gone")
+    local r = assert(results.open({ output = case.output, errors = case.errors, inputs = case.inputs, max_index = 3 }))
+    local it = r:each()
+    assert.is_truthy(it())
+    os.remove(case.output)
+    local rec, err
+    repeat rec, err = it() until not rec
+    assert.are.equal(false, rec)
+    assert.are.equal("io", err.kind)
+    assert.matches("out.jsonl", err.message, 1, true)
+    assert.is_nil(it())
+  end)
+end)
