@@ -18,9 +18,9 @@ local json = require "lbatch.json"
 local config = require "lbatch.config"
 local http = require "lbatch.http"
 local Loop = require "lbatch.loop"
+local watch = require "lbatch.watch"
 local errors = require "lbatch.errors"
 local service = require "lbatch.service"
-local now = require("lbatch.core").now
 
 local check, argerr = errors.check, errors.arg
 
@@ -389,6 +389,7 @@ local function wait_opts(opts)
   local o = {}
   for k, default in pairs(WAIT) do
     local v = opts[k]
+    if v == nil and k == "interval" then v = tonumber(os.getenv("LBATCH_POLL_INTERVAL") or "") end
     if v == nil then v = default end
     if type(v) ~= "number" or v ~= v or v == math.huge then argerr("wait", "opts." .. k .. " must be a number", 4) end
     o[k] = v
@@ -409,37 +410,36 @@ local function wait_opts(opts)
 end
 
 --- Poll a batch until it is final, with backoff.
--- The service asks for about a minute between polls: `interval` (60 s)
+-- The service asks for about a minute between polls: `interval` (60 s,
+-- or the environment's LBATCH_POLL_INTERVAL)
 -- grows by `factor` (1.5) up to `max_interval` (600 s), with `jitter`
 -- (0.1). `on_progress(batch)` runs on every change of status or counts.
+-- Every wait on a client shares its watcher (`lbatch.watch`): at most
+-- `poll_budget` status calls a minute in all, and `list` pages instead of
+-- one `retrieve` each when many batches are due.
 -- @tparam string id
 -- @tparam[opt] table opts interval, factor, max_interval, jitter,
 -- deadline (seconds), on_progress
 -- @treturn table the final batch, or nil and an error (`timeout` past
 -- the deadline, with `err.batch`)
 function Client:wait(id, opts)
+  check("wait", "id", id, "string")
   local o = wait_opts(opts)
-  local interval, stop, last = o.interval, o.deadline and (now() + o.deadline), nil
-  while true do
-    local b, err = self:retrieve(id)
-    if not b then return nil, err end
-    local c = type(b.request_counts) == "table" and b.request_counts or {}
-    local sig = ("%s %s %s %s"):format(tostring(b.status), c.total, c.completed, c.failed)
-    if sig ~= last then
-      last = sig
-      if o.on_progress then o.on_progress(b) end
-    end
-    if service.FINAL[b.status] then return b end
-    local pause = interval * (1 + o.jitter * (2 * math.random() - 1))
-    if stop and now() + pause > stop then
-      local e = errors.new({ kind = "timeout", code = "wait_deadline",
-        message = ("batch %s is still %s at the wait deadline"):format(id, tostring(b.status)) })
-      e.batch = b
-      return nil, e
-    end
-    self.loop:sleep(pause)
-    interval = math.min(interval * o.factor, o.max_interval)
+  transport(self)
+  return self:watcher():wait(id, o)
+end
+
+--- The client's watcher (`lbatch.watch`): its budget of status calls
+-- (`poll_budget` a minute) and the poller every `wait` shares. `calls`
+-- counts the status calls it made.
+-- @treturn table the watcher
+function Client:watcher()
+  local w = self.watch
+  if not w then
+    w = watch.new(self, self.config.poll_budget)
+    self.watch = w
   end
+  return w
 end
 
 -- ------------------------------------------------------------ the loop

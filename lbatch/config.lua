@@ -150,8 +150,15 @@ local function new(opts)
       if host[k] ~= nil and type(host[k]) ~= "function" then fail("host." .. k .. " must be a function") end
     end
   end
+  local limits = string_opt(opts, "limits") or service.DIALECT[region]
+  local profile = service.PROFILES[limits]
+  if not profile then fail("limits must be dashscope, dashscope-strict or openai") end
+  local budget = opts.poll_budget
+  if budget == nil then
+    budget = math.min(profile.list_per_minute or math.huge, profile.retrieve_per_minute or math.huge)
+  else budget = number(opts, "poll_budget") end
   local cfg = {
-    base_url = base, region = region,
+    base_url = base, region = region, limits = profile.name, poll_budget = budget,
     timeout = number(opts, "timeout"),
     connect_timeout = number(opts, "connect_timeout"),
     stall_timeout = number(opts, "stall_timeout"),

@@ -59,8 +59,14 @@ function A.handle(method, path)
       return respond.json(200, { faults = 0 })
     end
   elseif path == "/_emulator/stats" and method == "GET" then
+    -- routes: requests by route ("429 route" for those refused by a rate
+    -- limit); with ?finished=1, each batch's wall-clock end; now: this clock
+    ngx.update_time()
+    local args = ngx.req.get_uri_args(10)
     return respond.json(200, { routes = next(stats) and stats or cjson.null, running = engine.running(),
-                               protocols = next(protocols) and protocols or cjson.null, connections = connections })
+                               protocols = next(protocols) and protocols or cjson.null, connections = connections,
+                               now = ngx.now(),
+                               finished = args.finished and next(engine.finished) and engine.finished or nil })
   elseif path == "/_emulator/last" and method == "GET" then
     return respond.json(200, last)
   elseif path == "/_emulator/clock" and method == "POST" then

@@ -67,6 +67,7 @@ function A.handle()
     return respond.send(respond.err(404, "unknown_url", ("Invalid URL (%s %s)"):format(method, uri)), fault)
   end
   local res = guard.rate_limited(r[4])
+  if res then admin.count("429 " .. r[3]) end
   if not res then
     local arg = r[6] == "args" and ngx.req.get_uri_args(100) or id
     local ok, out = pcall(r[5], arg)

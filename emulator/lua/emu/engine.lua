@@ -359,8 +359,11 @@ end
 
 ---------------------------------------------------------------- ticker
 
+E.finished = {}     -- batch id -> the wall-clock time it became final (for specs)
+
 local function finish(b, status)
   stamp(b, status)
+  E.finished[b.id] = ngx.now()
   if cfg.dialect == "dashscope" then        -- as the service records them
     if status == "failed" and not b.in_progress_at then b.failed_at = b.created_at end
     if status == "completed" then b.finalizing_at = b.completed_at end
