@@ -35,7 +35,7 @@ function M.open(path, replay)
   end
   local log, msg = io.open(path, "ab")
   if not log then return nil, errors.io("cannot write", path, msg) end
-  return setmetatable({ path = path, log = log }, Journal)
+  return setmetatable({ path = path, log = log, appended = 0 }, Journal)
 end
 
 local function lines(records)
@@ -67,14 +67,16 @@ function Journal:compact(records)
   local log
   log, msg = io.open(self.path, "ab")
   if not log then return nil, errors.io("cannot write", self.path, msg) end
-  self.log = log
+  self.log, self.appended = log, 0
   return true
 end
 
---- Append records in one write, flushed.
+--- Append records in one write, flushed. `appended` counts the records
+-- since the last compaction.
 -- @tparam table ... records
 -- @treturn true, or nil and an `io` error
 function Journal:append(...)
+  self.appended = self.appended + select("#", ...)
   local ok, msg = self.log:write(lines({ ... }))
   if ok then ok, msg = self.log:flush() end
   if not ok then return nil, errors.io("cannot write", self.path, msg) end

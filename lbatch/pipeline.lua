@@ -60,6 +60,39 @@ local function token()
   return (bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
 end
 
+-- ------------------------------------------------------------ disk
+
+local function size_of(path)
+  local fh = io.open(path, "rb")
+  if not fh then return 0 end
+  local n = fh:seek("end") or 0
+  fh:close()
+  return n
+end
+
+local function human(n)
+  if n >= 1e9 then return ("%.1f GB"):format(n / 1e9) end
+  if n >= 1e6 then return ("%.1f MB"):format(n / 1e6) end
+  return ("%d kB"):format(math.ceil(n / 1e3))
+end
+
+-- The disk must hold what the run will write: copies of the requests and
+-- the answers (an output file is typically two to three times its input:
+-- `disk_factor`, default 3). Checked before any work, so a full disk is a
+-- clear error at the start and not a failed download halfway.
+local function room(opts, dir, input_bytes, copies)
+  if opts.check_disk == false or input_bytes <= 0 then return true end
+  local need = input_bytes * (copies + (opts.disk_factor or 3))
+  local free, why = core.disk_free(dir)
+  if not free then return nil, errors.io("cannot tell the free space of", dir, why) end
+  if free < need then
+    return nil, errors.new({ kind = "io", code = "disk_full", path = dir, message = ("pipeline: %s has %s free; "
+      .. "this run needs about %s (%s of requests, answers up to %gx that); free some space or set disk_factor")
+      :format(dir, human(free), human(need), human(input_bytes), opts.disk_factor or 3) })
+  end
+  return true
+end
+
 -- ------------------------------------------------------------ sharding
 
 -- requests: a .jsonl or .csv path, a list of requests, or an iterator
@@ -131,6 +164,11 @@ function Run:flush()
     end
     self.dirty = {}
     local ok, err = self.log:append((table.unpack or unpack)(recs))
+    -- past a few changes a shard, the journal is written again as the
+    -- live state: it stays small and replays fast at any number of shards
+    if ok and self.log.appended > 4 * #self.state.shards + 64 then
+      ok, err = self.log:compact(snapshot(self.state))
+    end
     if not ok then self.failure = self.failure or err end
   end
   if self.moved then
@@ -283,6 +321,8 @@ end
 -- model, endpoint, system, max_lines, max_bytes, max_in_flight (8),
 -- completion_window, metadata (a table, or fn(shard) -> table),
 -- poll_interval, max_poll_interval, poll_factor, resubmit, max_rounds,
+-- disk_factor (3: answers up to 3x the requests' size; the free space is
+-- checked first, `check_disk = false` to skip),
 -- on_progress(p), on_step(step, shard), on_transfer(shard_name,
 -- "up" | "down", bytes, total)
 -- @treturn table the report `{shards, results (a reader), outputs,
@@ -298,6 +338,10 @@ function M.run(opts)
   local log, jerr, state = open_journal(path)
   if not log then return nil, jerr end
   if not state or state.phase == "sharding" then
+    if type(opts.requests) == "string" then
+      local fits, ferr = room(opts, opts.dir, size_of(opts.requests), 1)
+      if not fits then log:close() return nil, ferr end
+    end
     state = { version = 1, run = token(), phase = "sharding", shards = {} }
     local ok, err = log:compact(snapshot(state))
     if not ok then log:close() return nil, err end
@@ -312,6 +356,12 @@ function M.run(opts)
     client:pause()
   end
   local ok, cerr = log:compact(snapshot(state))
+  if not ok then log:close() return nil, cerr end
+  local pending = 0                      -- the requests whose answers are still to come
+  for _, s in ipairs(state.shards) do
+    if s.step ~= "downloaded" and s.step ~= "done" then pending = pending + size_of(s.path) end
+  end
+  ok, cerr = room(opts, opts.dir, pending, 0)
   if not ok then log:close() return nil, cerr end
   local run = setmetatable({ client = client, opts = opts, journal = path, state = state,
                              queue = {}, started = os.time(), dirty = {}, log = log }, Run)

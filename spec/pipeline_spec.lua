@@ -171,4 +171,55 @@ describe("pipeline", function()
     local _, batches = H.json("GET", emu.base .. "/batches?limit=100")
     assert.are.equal(5, #batches.data)
   end)
+
+  it("checks the free disk space before any work, with a clear error", function()
+    local client = lbatch.new({ api_key = "k", base_url = emu.base })
+    local path = chat_requests(dir .. "/disk.jsonl", 10)
+    local v, err = pipeline.run({ client = client, requests = path, dir = dir .. "/disk", disk_factor = 1e15 })
+    assert.is_nil(v)
+    assert.are.same({ "io", "disk_full" }, { err.kind, err.code })
+    assert.matches("free; this run needs about", err.message, 1, true)
+    -- and for requests given as a list, once they are sharded
+    v, err = pipeline.run({ client = client, dir = dir .. "/disk2", disk_factor = 1e15, requests = {
+      { custom_id = "a", body = { model = "qwen-plus", messages = { { role = "user", content = "x" } } } } } })
+    assert.is_nil(v)
+    assert.are.equal("disk_full", err.code)
+    assert.is_nil(stats(emu)["POST /files"])
+    -- the same run goes through with the check off
+    assert(pipeline.run({ client = client, requests = path, dir = dir .. "/disk3", check_disk = false,
+                          poll_interval = 0.05 }))
+    client:close()
+  end)
+
+  it("runs 1,000 shards at once: a small journal that replays fast, list pages, every answer merged", function()
+    local client = lbatch.new({ api_key = "k", base_url = emu.base, max_connections = 16 })
+    local reqs = {}
+    for i = 1, 1000 do
+      reqs[i] = { custom_id = ("req-%07d"):format(i), body = { model = "qwen-plus", messages = { { role = "user", content = "q" .. i } } } }
+    end
+    local report = assert(pipeline.run({ client = client, requests = reqs, dir = dir .. "/k", max_lines = 1,
+                                         max_in_flight = 1000, poll_interval = 0.5, poll_factor = 1 }))
+    assert.are.equal(1000, #report.shards)
+    local n = 0
+    for rec in report.results:each() do
+      n = n + 1
+      assert.is_true(rec.ok)
+      assert.are.equal(("req-%07d"):format(n), rec.custom_id)
+    end
+    assert.are.equal(1000, n)
+    local st = stats(emu)
+    assert.are.same({ 1000, 1000 }, { st["POST /files"], st["POST /batches"] })
+    local calls = (st["GET /batches"] or 0) + (st["GET /batches/{id}"] or 0)
+    assert.is_true(calls < 1000, calls .. " status calls for 1,000 batches")
+    assert.is_true(st["GET /batches"] > 0)
+    local lines = 0
+    for _ in io.lines(report.journal) do lines = lines + 1 end
+    assert.is_true(lines <= 4 * 1000 + 64 + 1001, lines .. " journal lines")
+    local t0 = require("lbatch.core").now()
+    local again = assert(pipeline.run({ client = client, requests = reqs, dir = dir .. "/k" }))
+    local replay = require("lbatch.core").now() - t0
+    assert.are.equal(1000, #again.shards)
+    assert.is_true(replay < 1, ("replayed in %.2f s"):format(replay))
+    client:close()
+  end)
 end)

@@ -16,6 +16,7 @@
 #include <unistd.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include "core.h"
 
 #if LIBCURL_VERSION_NUM < 0x073800
@@ -423,6 +424,20 @@ static int core_sleep(lua_State *L) {
 }
 
 /* mkdir(path): like mkdir -p, without a shell. true, or nil, message */
+/* core.disk_free(path) -> bytes an unprivileged writer may still use on
+ * path's file system; or nil and the OS's reason */
+static int core_disk_free(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  struct statvfs v;
+  if (statvfs(path, &v) != 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", path, strerror(errno));
+    return 2;
+  }
+  lua_pushnumber(L, (lua_Number)v.f_bavail * (lua_Number)v.f_frsize);
+  return 1;
+}
+
 static int core_mkdir(lua_State *L) {
   size_t n;
   const char *path = luaL_checklstring(L, 1, &n);
@@ -488,7 +503,7 @@ int luaopen_lbatch_core(lua_State *L) {
     {"close", ctl_close}, {NULL, NULL}
   };
   static const luaL_Reg funcs[] = {
-    {"new", ctl_new}, {"now", core_now}, {"sleep", core_sleep}, {"mkdir", core_mkdir},
+    {"new", ctl_new}, {"now", core_now}, {"sleep", core_sleep}, {"mkdir", core_mkdir}, {"disk_free", core_disk_free},
     {"version", core_version}, {"trap", core_trap}, {"caught", core_caught},
     {"idmap", lbatch_idmap_new}, {"utf8_check", lbatch_utf8_check}, {"json_string", lbatch_json_string},
     {NULL, NULL}
