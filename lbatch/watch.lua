@@ -35,7 +35,7 @@ function M.new(client, per_minute)
   return setmetatable({
     client = client, loop = client.loop, dialect = service.DIALECT[client.region],
     per_minute = per_minute, rate = math.max(per_minute - burst, 1) / 60, burst = burst,
-    tokens = burst, at = now(), jobs = {}, count = 0, calls = 0, poller = nil,
+    tokens = burst, at = now(), jobs = {}, ids = {}, count = 0, calls = 0, poller = nil,
   }, Watch)
 end
 
@@ -46,6 +46,9 @@ local function settle(self, job, b, err)
   if self.jobs[job] then
     self.jobs[job] = nil
     self.count = self.count - 1
+    local same = self.ids[job.id]
+    same[job] = nil
+    if not next(same) then self.ids[job.id] = nil end
   end
   if job.waiter then self.loop:wake(job.waiter, b, err) else job.result = { b, err } end
 end
@@ -136,11 +139,15 @@ function Watch:page(params)
   local page = self.client:list_batches(params)
   if not page or type(page.data) ~= "table" then return nil end
   for _, b in ipairs(page.data) do
-    if type(b) == "table" and b.id then
-      for job in pairs(self.jobs) do
-        if job.id == b.id then seen(self, job, b) end
+    local same = type(b) == "table" and self.ids[b.id]
+    if same then
+      local jobs = {}
+      for job in pairs(same) do jobs[#jobs + 1] = job end
+      for _, job in ipairs(jobs) do
+        if self.jobs[job] then seen(self, job, b) end
       end
     end
+    self.loop:pause()                    -- a host's step stays short
   end
   return page
 end
@@ -169,9 +176,11 @@ function Watch:list_round(due)
       if page then mark(page) end
     end
   end
-  local after, pages = nil, 0
-  while left > 0 and pages < 100 do
-    local page = self:page({ limit = 100, after = after })
+  -- a host that steps the loop from its frames gets half pages: a page
+  -- of 100 batches costs about 1 ms to decode, which its frame then pays
+  local after, pages, limit = nil, 0, self.loop.deadline and 50 or 100
+  while left > 0 and pages < 200 do
+    local page = self:page({ limit = limit, after = after })
     if not page then break end
     pages = pages + 1
     mark(page)
@@ -229,6 +238,9 @@ function Watch:wait(id, o)
                 stop = o.deadline and now() + o.deadline }
   self.jobs[job] = true
   self.count = self.count + 1
+  local same = self.ids[id] or {}
+  same[job] = true
+  self.ids[id] = same
   if not self.poller then
     self.poller = self.loop:spawn(self.run, self)
   end
