@@ -4,12 +4,14 @@
 -- Each command returns its exit code, or nil and an error object.
 -- @module lbatch.cli
 local cjson = require "cjson"
+local json = require "lbatch.json"
 local lbatch = require "lbatch"
 local jsonl = require "lbatch.jsonl"
 local results = require "lbatch.results"
 local csv = require "lbatch.csv"
 local pipeline = require "lbatch.pipeline"
 local errors = require "lbatch.errors"
+local service = require "lbatch.service"
 
 local M = {}
 
@@ -35,6 +37,7 @@ Killed and started again with the same --dir, it resumes where it stopped.
   --model M            model (needed for a CSV)
   --system TEXT        system prompt (CSV)
   --endpoint E         /v1/chat/completions, /v1/embeddings or /v1/chat/ds-test
+  --limits L           the rules the shards are written to (as validate's)
   --max-in-flight N    jobs at once (default 8)
   --max-lines N        lines per shard (default 50000)
   --window W           completion window (default 24h)
@@ -63,8 +66,24 @@ with progress; an interrupted download leaves nothing behind.
   --errors PATH   where a batch's error file goes]] },
   validate = { args = "FILE", help = [[
 Check a request file against the service's rules without uploading it.
-Exit 1 when problems are found.
-  --endpoint E    the batch endpoint to check urls against]] },
+Exit 1 when problems are found. Warnings (a model outside the --region's
+batch list: lists change) go to stderr and do not change the exit code.
+  --endpoint E    the batch endpoint to check urls against
+  --limits L      dashscope (default; openai with --region openai),
+                  dashscope-strict (the older 1 MB lines) or openai]] },
+  estimate = { args = "FILE...", help = [[
+Count requests, tokens (approximate) and cost at batch prices.
+Reads request files line by line: requests per model and endpoint, input
+tokens, the most output tokens the requests allow, and with --prices
+their cost at batch prices.
+  --prices FILE   JSON {"MODEL": {"input": P, "output": P}}: real-time
+                  prices in currency units per million tokens
+  --discount X    batch price / real-time price (default 0.5)
+Input tokens are an approximation, not the model's tokenizer: 1 per CJK
+character, 1 per 4 other characters (rounded up per model), counting the
+messages' content (strings and text parts), input and prompt. The output
+bound is the sum of max_tokens (or max_completion_tokens, max_output_tokens;
+0 for embeddings); it is unknown for a model when a request sets none.]] },
   results = { args = "OUTPUT", help = [[
 Read an output file (with --errors, --inputs) and write one row per request.
   --errors FILE   the error file
@@ -74,7 +93,8 @@ Read an output file (with --errors, --inputs) and write one row per request.
   csv2jsonl = { args = "CSV JSONL", help = [[
 Turn a CSV (first column custom_id, second the content) into request files.
 The first row is a header and is skipped, unless --no-header.
-  --model M (required)  --system TEXT  --endpoint E  --max-lines N  --no-header]] },
+  --model M (required)  --system TEXT  --endpoint E  --max-lines N  --no-header
+  --limits L            the rules the files are written to (as validate's)]] },
   files = { args = "", help = [[
 List stored files, newest first: id, purpose, size, age, name.
   --limit N        (default 100)
@@ -89,8 +109,8 @@ service keeps at most 10,000 files or 100 GB.
   --purpose P        batch and batch_output by default; "all" for every purpose
   --dry-run          list what would go, delete nothing]] },
 }
-local ORDER = { "run", "submit", "status", "list", "cancel", "download", "validate", "results", "csv2jsonl",
-                "files", "rm", "prune" }
+local ORDER = { "run", "submit", "status", "list", "cancel", "download", "validate", "estimate", "results",
+                "csv2jsonl", "files", "rm", "prune" }
 
 local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = true, bom = true,
                   no_header = true, dry_run = true }
@@ -136,7 +156,7 @@ local function parse(args)
 end
 
 local function out(o, value, text)
-  if o.json then io.stdout:write(cjson.encode(value), "\n")
+  if o.json then io.stdout:write(json.encode(value), "\n")
   else io.stdout:write(text, "\n") end
 end
 
@@ -243,27 +263,119 @@ end
 
 local FINAL_BAD = { failed = true, expired = true, cancelled = true }
 
+-- the limits profile's name the options choose (--limits, else the
+-- region's), or nil and a usage error
+local function limits_of(o)
+  if o.region ~= nil and not service.REGIONS[o.region] then
+    return nil, usage_error("--region must be cn, intl or openai")
+  end
+  if o.limits ~= nil and not service.PROFILES[o.limits] then
+    return nil, usage_error("--limits must be dashscope, dashscope-strict or openai")
+  end
+  return o.limits or service.profile(o.region).name
+end
+
 local run = {}
 
 function run.validate(o, pos)
-  local rep, err = jsonl.validate(pos[1], { endpoint = o.endpoint })
+  local limits, lerr = limits_of(o)
+  if not limits then return nil, lerr end
+  local rep, err = jsonl.validate(pos[1], { endpoint = o.endpoint, limits = limits, region = o.region })
   if not rep then return nil, err end
+  for _, w in ipairs(rep.warnings) do
+    io.stderr:write(("%s:%s: warning: %s %s\n"):format(pos[1], w.line or "-", w.code, w.message))
+  end
   local lines = {}
   for _, p in ipairs(rep.problems) do
     lines[#lines + 1] = ("%s:%s: %s %s"):format(pos[1], p.line or "-", p.code, p.message)
   end
-  lines[#lines + 1] = ("%s: %d lines, %d bytes, %s; %d problem(s)"):format(pos[1], rep.lines, rep.bytes,
-    tostring(rep.model), #rep.problems)
+  lines[#lines + 1] = ("%s: %d lines, %d bytes, %s; %d problem(s), %d warning(s) (%s)"):format(pos[1], rep.lines,
+    rep.bytes, tostring(rep.model), #rep.problems, #rep.warnings, limits)
+  rep.problems, rep.warnings = json.array(rep.problems), json.array(rep.warnings)   -- [] when none
   out(o, rep, table.concat(lines, "\n"))
   return rep.ok and 0 or 1
+end
+
+local function cost(v) return v and ("%.6f"):format(v) or "?" end
+
+function run.estimate(o, pos)
+  local n, nerr = nums(o, "discount")
+  if not n then return nil, nerr end
+  local rep, err = jsonl.estimate(pos, { prices = o.prices, discount = n.discount })
+  if not rep then return nil, err end
+  local names = {}
+  for model in pairs(rep.models) do names[#names + 1] = model end
+  table.sort(names, function(a, b)
+    local ra, rb = rep.models[a].requests, rep.models[b].requests
+    if ra ~= rb then return ra > rb end
+    return a < b
+  end)
+  local rows = { { "model", "endpoint", "requests", "input tokens~", "output tokens max" } }
+  if rep.priced then
+    rows[1][6], rows[1][7] = "input cost", "output cost max"
+  end
+  local notes = {}
+  for _, model in ipairs(names) do
+    local m = rep.models[model]
+    local urls = {}
+    for url in pairs(m.endpoints) do urls[#urls + 1] = url end
+    table.sort(urls)
+    if #urls > 1 then   -- each endpoint's count
+      for i, url in ipairs(urls) do urls[i] = ("%s (%d)"):format(url, m.endpoints[url]) end
+    end
+    local row = { model, table.concat(urls, ", "), tostring(m.requests), tostring(m.input_tokens),
+                  m.output_known and tostring(m.output_tokens_max) or "?" }
+    if not m.output_known then
+      notes[#notes + 1] = ("%s: %d of %d requests set max_tokens: no output bound"):format(model, m.with_max_tokens,
+        m.requests)
+    end
+    if rep.priced then
+      row[6], row[7] = cost(m.input_cost), cost(m.output_cost_max)
+      if not m.price then notes[#notes + 1] = ("%s: no price in %s"):format(model, o.prices) end
+    end
+    rows[#rows + 1] = row
+  end
+  local t = rep.totals
+  local total = { "total", "", tostring(rep.requests), tostring(t.input_tokens),
+                  t.output_tokens_max and tostring(t.output_tokens_max) or "?" }
+  if rep.priced then total[6], total[7] = cost(t.input_cost), cost(t.output_cost_max) end
+  rows[#rows + 1] = total
+  local width = {}
+  for _, row in ipairs(rows) do
+    for i, cell in ipairs(row) do width[i] = math.max(width[i] or 0, #cell) end
+  end
+  local lines = {}
+  for _, row in ipairs(rows) do
+    local cells = {}
+    for i, cell in ipairs(row) do
+      cells[i] = i <= 2 and ("%-" .. width[i] .. "s"):format(cell) or ("%" .. width[i] .. "s"):format(cell)
+    end
+    lines[#lines + 1] = (table.concat(cells, "  "):gsub("%s+$", ""))
+  end
+  if rep.skipped > 0 then
+    notes[#notes + 1] = ("%d line(s) are not requests and were skipped (lbatch validate names them)")
+      :format(rep.skipped)
+  end
+  notes[#notes + 1] = "~ " .. rep.method
+  if rep.priced then
+    notes[#notes + 1] = ("costs are at batch prices (%g x the real-time prices of %s), in its currency units")
+      :format(rep.discount, o.prices)
+  else
+    notes[#notes + 1] = "no prices given (--prices FILE): counts and tokens only"
+  end
+  for _, note in ipairs(notes) do lines[#lines + 1] = note end
+  out(o, rep, table.concat(lines, "\n"))
+  return 0
 end
 
 function run.csv2jsonl(o, pos)
   if not o.model then return nil, usage_error("--model is required") end
   local n, nerr = nums(o, "max_lines")
   if not n then return nil, nerr end
+  local limits, lerr = limits_of(o)
+  if not limits then return nil, lerr end
   local m, err = csv.to_jsonl(pos[1], { path = pos[2], model = o.model, system = o.system,
-                                        endpoint = o.endpoint, max_lines = n.max_lines,
+                                        endpoint = o.endpoint, max_lines = n.max_lines, limits = limits,
                                         header = not o.no_header })
   if not m then return nil, err end
   local t = {}
@@ -437,12 +549,14 @@ end
 function run.run(o, pos)
   local n, nerr = nums(o, "max_in_flight", "max_lines", "poll")
   if not n then return nil, nerr end
+  local limits, lerr = limits_of(o)
+  if not limits then return nil, lerr end
   local c = client(o)
   local dir = o.dir or (pos[1] .. ".lbatch")
   local show, done, moving = progress_printer()
   local report, err = pipeline.run({
     client = c, requests = pos[1], dir = dir, model = o.model, system = o.system, endpoint = o.endpoint,
-    max_in_flight = n.max_in_flight, max_lines = n.max_lines,
+    max_in_flight = n.max_in_flight, max_lines = n.max_lines, limits = limits,
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show, on_transfer = moving,
   })

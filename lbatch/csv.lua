@@ -136,7 +136,7 @@ function Writer:close()
 end
 
 local SKIP = { path = true, header = true, system = true, endpoint = true, max_lines = true,
-               max_bytes = true, unique = true, model = true }
+               max_bytes = true, unique = true, model = true, limits = true }
 
 -- the requests of a CSV into writer w; nil, err on the first failure
 local function add_rows(w, rows, opts)
@@ -167,7 +167,8 @@ end
 -- @tparam string csv_path
 -- @tparam table opts path (the JSONL, a template as in `jsonl.writer`),
 -- model, system, endpoint, header (false: the first row is data too),
--- max_lines, max_bytes, unique, and any request parameter (temperature, ...)
+-- limits, max_lines, max_bytes, unique (as in `jsonl.writer`), and any
+-- request parameter (temperature, ...)
 -- @treturn table the writer's manifest, or nil and the first error
 function M.to_jsonl(csv_path, opts)
   errors.check("csv.to_jsonl", "opts", opts, "table")
@@ -175,7 +176,7 @@ function M.to_jsonl(csv_path, opts)
   errors.check("csv.to_jsonl", "opts.model", opts.model, "string")
   local rows, err = M.rows(csv_path)
   if not rows then return nil, err end
-  local w = jsonl.writer({ path = opts.path, endpoint = opts.endpoint, model = opts.model,
+  local w = jsonl.writer({ path = opts.path, endpoint = opts.endpoint, model = opts.model, limits = opts.limits,
                            max_lines = opts.max_lines, max_bytes = opts.max_bytes, unique = opts.unique })
   local ok, res = add_rows(w, rows, opts)
   local manifest, cerr = w:close()

@@ -99,7 +99,8 @@ end
 -- returning them; a request is {custom_id, body[, url]} or a full line.
 local function shard(opts, dir, client)
   local w = jsonl.writer({ path = dir .. "/requests.jsonl", endpoint = opts.endpoint, model = opts.model,
-                           max_lines = opts.max_lines, max_bytes = opts.max_bytes, unique = "all" })
+                           limits = opts.limits, max_lines = opts.max_lines, max_bytes = opts.max_bytes,
+                           unique = "all" })
   local function add(r)
     if type(r) ~= "table" then error(fail("a request must be a table"), 0) end
     client:pause()                     -- a host's frame goes on
@@ -113,15 +114,19 @@ local function shard(opts, dir, client)
       w:close()
       local m, e = csv.to_jsonl(src, { path = dir .. "/requests.jsonl", model = opts.model,
         system = opts.system, endpoint = opts.endpoint, max_lines = opts.max_lines,
-        max_bytes = opts.max_bytes, unique = "all" })
+        max_bytes = opts.max_bytes, unique = "all", limits = opts.limits })
       if not m then error(e, 0) end
       w = { close = function() return m end }
     elseif type(src) == "string" then
       local fh, msg = io.open(src, "rb")
       if not fh then error(errors.io("cannot read", src, msg), 0) end
+      local max_line = w.profile.max_line_bytes
       local okr, rerr = pcall(function()
-        for n, line in rules.lines(fh) do
-          if line and line:find("%S") then
+        for n, line in rules.lines(fh, max_line) do
+          if not line then      -- too long to keep: the writer's rule, not a silent skip
+            error(errors.new({ kind = "invalid", code = "line_too_large", message = ("%s line %d is larger than "
+              .. "the %d bytes allowed (%s)"):format(src, n, max_line, w.profile.name) }), 0)
+          elseif line:find("%S") then
             local okj, r = pcall(json.decode, line)
             if not okj then error(fail(("%s line %d is not JSON"):format(src, n)), 0) end
             add(r)
@@ -318,7 +323,8 @@ end
 -- @tparam table opts client, requests (a .jsonl or .csv path, a list of
 -- requests, or an iterator returning them; a request is `{custom_id, body[,
 -- url]}` or a whole line), dir, journal (default dir/journal.jsonl),
--- model, endpoint, system, max_lines, max_bytes, max_in_flight (8),
+-- model, endpoint, system, limits (a profile name, as in `jsonl.writer`),
+-- max_lines, max_bytes, max_in_flight (8),
 -- completion_window, metadata (a table, or fn(shard) -> table),
 -- poll_interval, max_poll_interval, poll_factor, resubmit, max_rounds,
 -- disk_factor (3: answers up to 3x the requests' size; the free space is

@@ -31,7 +31,8 @@ describe("the lbatch command", function()
   it("has --help for every command and exits 2 on wrong usage", function()
     local code, text = lbatch(nil, "--help")
     assert.are.equal(0, code)
-    for _, c in ipairs({ "run", "submit", "status", "list", "cancel", "download", "validate", "results", "csv2jsonl" }) do
+    for _, c in ipairs({ "run", "submit", "status", "list", "cancel", "download", "validate", "estimate", "results",
+                        "csv2jsonl" }) do
       assert.matches("\n  " .. c .. " ", text)
       local cc, help = lbatch(nil, c .. " --help")
       assert.are.equal(0, cc, c)
@@ -55,6 +56,70 @@ describe("the lbatch command", function()
     code, text = lbatch(nil, "validate --json " .. bad)
     assert.are.equal(1, code)
     assert.are.equal("invalid_json_line", cjson.decode(text).problems[1].code)
+  end)
+
+  it("validate prints a region's warnings on stderr, in --json too, and exits 0", function()
+    local f = H.requests(dir .. "/intl.jsonl", 2, { url = "/v1/chat/completions", model = "qwen3-max" })
+    local code, text, stdout = lbatch(nil, "validate --region intl " .. f)
+    assert.are.equal(0, code, text)
+    assert.are.equal(1, select(2, text:gsub("warning: unknown_model", "")), text)   -- once per model
+    assert.matches(f .. ":1: warning: unknown_model The model \"qwen3-max\" is not in the intl region's", text, 1, true)
+    assert.matches("(qwen3.7-plus, qwen-max, qwen-plus, qwen-flash, qwen-turbo)", text, 1, true)
+    assert.is_nil(stdout:find("warning:", 1, true))                                   -- stderr only
+    assert.matches("0 problem(s), 1 warning(s)", stdout, 1, true)
+    code, text, stdout = lbatch(nil, "validate --json --region intl " .. f)
+    assert.are.equal(0, code, text)
+    local rep = cjson.decode(stdout)
+    assert.are.same({ "unknown_model", 1, "body.model" }, { rep.warnings[1].code, rep.warnings[1].line, rep.warnings[1].param })
+    assert.are.equal("[]", stdout:match('"problems":(%b[])'))
+    -- the cn region lists qwen3-max; no region, no list
+    for _, args in ipairs({ "--region cn ", "" }) do
+      code, text = lbatch(nil, "validate " .. args .. f)
+      assert.are.equal(0, code, text)
+      assert.is_nil(text:find("warning:", 1, true), text)
+    end
+    -- a warning beside a problem: the problem sets the exit code
+    local both = H.write(dir .. "/intl-bad.jsonl", H.read(f) .. "{oops\n")
+    code, text = lbatch(nil, "validate --region intl " .. both)
+    assert.are.equal(1, code, text)
+    assert.matches("warning: unknown_model", text, 1, true)
+    assert.are.equal(2, (lbatch(nil, "validate --limits loose " .. f)))
+    assert.are.equal(2, (lbatch(nil, "validate --region mars " .. f)))
+  end)
+
+  it("--limits dashscope-strict fails a 2 MB line in validate, csv2jsonl and run", function()
+    local big = string.rep("x", 2 * 1024 * 1024)
+    local f = H.requests(dir .. "/big.jsonl", 1, { url = "/v1/chat/completions", model = "qwen-plus",
+                                                   content = function() return big end })
+    local code, text = lbatch(nil, "validate " .. f)                        -- 6 MB lines by default
+    assert.are.equal(0, code, text)
+    code, text = lbatch(nil, "validate --limits dashscope-strict " .. f)
+    assert.are.equal(1, code, text)
+    assert.matches(f .. ":1: line_too_large The line is larger than 1048576 bytes.", text, 1, true)
+    local questions = H.write(dir .. "/big.csv", "id,q\na," .. big .. "\n")
+    code, text = lbatch(nil, ("csv2jsonl %s %s/big-ok.jsonl --model qwen-plus"):format(questions, dir))
+    assert.are.equal(0, code, text)
+    assert.is_true(#H.read(dir .. "/big-ok.jsonl") > 2 * 1024 * 1024)
+    code, text = lbatch(nil, ("csv2jsonl %s %s/big-strict.jsonl --model qwen-plus --limits dashscope-strict")
+      :format(questions, dir))
+    assert.are.equal(1, code, text)
+    assert.matches("line_too_large: custom_id \"a\": the line is %d+ bytes, over the 1048576 allowed %(dashscope%-strict%)", text)
+    assert.is_nil((H.read(dir .. "/big-strict.jsonl") or ""):find("xxx", 1, true))   -- the line was not written
+    -- run: the shards are written to the same rules, so nothing goes out
+    local function uploads()
+      local _, st = H.json("GET", emu.url .. "/_emulator/stats")
+      return type(st.routes) == "table" and st.routes["POST /files"] or 0
+    end
+    local before = uploads()
+    code, text = lbatch(emu, ("run %s --dir %s/big-run --limits dashscope-strict"):format(f, dir))
+    assert.are.equal(1, code, text)
+    assert.matches("line_too_large", text, 1, true)
+    assert.matches("dashscope-strict", text, 1, true)
+    assert.are.equal(before, uploads())
+    code, text = lbatch(emu, ("run %s --model qwen-plus --dir %s/big-csv-run --limits dashscope-strict"):format(questions, dir))
+    assert.are.equal(1, code, text)
+    assert.matches("line_too_large", text, 1, true)
+    assert.are.equal(2, (lbatch(nil, ("csv2jsonl %s %s/x.jsonl --model qwen-plus --limits loose"):format(questions, dir))))
   end)
 
   it("submits, waits, downloads and reads results; lists and cancels", function()
