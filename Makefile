@@ -33,7 +33,7 @@ BUSTED = env LUA_PATH="./?.lua;./?/init.lua;./spec/?.lua;;" LBATCH_ROOT=$(CURDIR
 
 ROCKSPEC = $(wildcard rockspec/lbatch-*.rockspec)
 
-.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare install lint docs fuzz clean
+.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare bench-scale install lint docs fuzz clean
 
 all: build
 
@@ -111,6 +111,10 @@ emulator: deps
 # lbatch beside the openai SDK and curl (JOBS, LINES, SIZE_MB, POLL, LUA)
 bench-compare: deps build $(NODE_DIR)/node_modules/.installed
 	EMULATOR_ARGS="--speed 2000 --dialect openai --rate-limits off" emulator/around bench/compare
+
+# lbatch at the service's scale: merge, pipeline, 1,000 jobs (SIZES, BENCH_10M=1)
+bench-scale: deps build
+	bench/scale
 
 bench: deps build
 	$(RUN54) lua5.4 bench/jsonl.lua

@@ -225,25 +225,42 @@ function Reader:_join(g)
   local fi, start = 1, 0                 -- where the next chunk of inputs begins
   local seg, segs = 0, {}                -- the chunk's segments {file, from, to}
   local chunks, found = 0, nil           -- chunks so far; the chunk's results (an idmap)
+  local chunked = false                  -- true when the inputs took more than one index
   local handles, fh, it, stop, pos = {}, nil, nil, nil, 0
+
+  -- do the group's inputs fit one index? (counted without an index)
+  local function fits()
+    local nothing, lines = core.idmap(), 0
+    for i = 1, #inputs do
+      lines = lines + scan(nothing, inputs[i], i, 0, budget + 1 - lines, nothing)
+      if lines > budget then return false end
+    end
+    return true
+  end
 
   local function next_chunk()
     if not inputs[fi] then return false end
     chunks = chunks + 1
-    local wanted, left = core.idmap(), budget
+    if found then found:clear() end
+    found = core.idmap()
     segs, seg = {}, 0
+    if chunks == 1 and fits() then
+      -- all in one chunk: every result indexed, what is left are orphans
+      for i = 1, #inputs do segs[i] = { i, 0, nil } end
+      fi = #inputs + 1
+      for k, path in ipairs(files) do scan(found, path, k) end
+      return true
+    end
+    local wanted, left = core.idmap(), budget
     while inputs[fi] and left > 0 do
       local n, nxt = scan(wanted, inputs[fi], fi, start, left)
       segs[#segs + 1] = { fi, start, nxt }
       left = left - n
       if nxt then start = nxt else fi, start = fi + 1, 0 end
     end
-    -- all in one chunk: every result indexed, what is left are orphans
-    local single = chunks == 1 and not inputs[fi]
-    if found then found:clear() end
-    found = core.idmap()
-    for k, path in ipairs(files) do scan(found, path, k, 0, nil, not single and wanted or nil) end
+    for k, path in ipairs(files) do scan(found, path, k, 0, nil, wanted) end
     wanted:clear()
+    chunked = true
     return true
   end
 
@@ -258,7 +275,7 @@ function Reader:_join(g)
     for _, h in pairs(handles) do h:close() end
     handles = {}
     local orphans = self.orphans
-    if chunks <= 1 then
+    if not chunked then
       for _, id in ipairs(found and found:keys() or {}) do orphans[#orphans + 1] = id end
     else                                 -- the results no chunk asked for
       for k, path in ipairs(files) do
