@@ -37,6 +37,7 @@ build = {
     ["lbatch.loop"] = "lbatch/loop.lua",
     ["lbatch.client"] = "lbatch/client.lua",
     ["lbatch.journal"] = "lbatch/journal.lua",
+    ["lbatch.watch"] = "lbatch/watch.lua",
     ["lbatch.rules"] = "lbatch/rules.lua",
     ["lbatch.json"] = "lbatch/json.lua",
     ["lbatch.jsonl"] = "lbatch/jsonl.lua",

@@ -17,7 +17,7 @@ describe("client:wait", function()
   local emu, client, dir
   setup(function()
     emu = H.emulator({ speed = 200, rate_limits = false })
-    client = lbatch.new({ api_key = "k", base_url = emu.base })
+    client = lbatch.new({ api_key = "k", base_url = emu.base, poll_budget = 6000 })  -- polls every 0.05 s
     dir = H.tmpdir()
   end)
   teardown(function() client:close() emu.stop() end)
