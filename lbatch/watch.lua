@@ -103,7 +103,10 @@ local function seen(self, job, b)
   if service.FINAL[b.status] then return settle(self, job, b) end
   local o = job.o
   local pause = job.interval * (1 + o.jitter * (2 * math.random() - 1))
-  local t = now()
+  -- the next poll counts from the start of this round: the batches a
+  -- round saw are due together, and the next round finds them on the same
+  -- pages at the same pace (an end is seen within one interval)
+  local t = self.round or now()
   if job.stop and t + pause > job.stop then
     local e = errors.new({ kind = "timeout", code = "wait_deadline",
       message = ("batch %s is still %s at the wait deadline"):format(job.id, tostring(b.status)) })
@@ -155,6 +158,7 @@ end
 -- the due jobs through list pages, newest first, until each is seen or
 -- the pages are older than the oldest of them; the rest by retrieve
 function Watch:list_round(due)
+  self.round = now()
   local want = by_id(due)
   local left, oldest = 0, math.huge
   for _, job in ipairs(due) do oldest = math.min(oldest, job.created_at or -math.huge) end
@@ -209,6 +213,7 @@ function Watch:run()
 end
 
 function Watch:poll()
+  self.round = nil
   while self.count > 0 do
     local t, due, next_due = now(), {}, math.huge
     expire(self)
@@ -220,6 +225,7 @@ function Watch:poll()
       self.loop:sleep(math.max(0.001, math.min(next_due - t, IDLE)))
     elseif #due >= LIST_FROM then
       self:list_round(due)
+      self.round = nil
     else
       for _, job in ipairs(due) do
         if self.jobs[job] and job.due <= now() then retrieve(self, job) end
