@@ -52,6 +52,7 @@ function Loop.new(opts)
     failures = {},       -- errors of tasks nobody joined, not yet reported
     idle_wait = opts.idle_wait or 1000,
     after = {},          -- functions run at the end of every turn (see drive)
+    deferred = {},       -- functions run once at the start of the next turn
     waiter = host.waiter,
     notify = host.notify or function() end,
   }, Loop)
@@ -254,7 +255,7 @@ end
 
 -- ms until something is due, for the wait in drive()
 function Loop:wait_ms()
-  if #self.ready > 0 then return 0 end
+  if #self.ready > 0 or #self.deferred > 0 then return 0 end
   local ms = self.idle_wait
   local top = self.heap[1]
   if top then ms = math.min(ms, math.max(0, (top.at - now()) * 1000)) end
@@ -288,6 +289,12 @@ end
 function Loop:drive(block, budget_ms)
   local ctl = self.ctl
   local deadline = budget_ms and (now() + budget_ms / 1000)
+  if #self.deferred > 0 then
+    local list = self.deferred
+    self.deferred = {}
+    for _, fn in ipairs(list) do fn() end
+    block = false
+  end
   ctl:step(block and self:wait_ms() or 0, budget_ms and budget_ms / 2)
   if self.watched > 0 then
     local t = now()
@@ -325,6 +332,16 @@ function Loop:drive(block, budget_ms)
   for _, fn in ipairs(self.after) do fn() end
 end
 
+-- defer(fn): fn runs once at the start of the next turn, from wherever the
+-- loop is driven. A task that must outlive its caller is spawned there:
+-- under ngx_lua a coroutine made in a request handler belongs to that
+-- request, and resuming it from the driver's timer after the request ends
+-- crashes the worker.
+function Loop:defer(fn)
+  self.deferred[#self.deferred + 1] = fn
+  self.notify()
+end
+
 -- at_turn_end(fn) runs fn at the end of every turn; returns a remover
 function Loop:at_turn_end(fn)
   local list = self.after
@@ -336,11 +353,11 @@ end
 
 -- work still pending: live tasks, transfers in flight, timers set
 function Loop:pending()
-  return self.alive + self.ctl:pending() + #self.heap
+  return self.alive + self.ctl:pending() + #self.heap + #self.deferred
 end
 
 function Loop:timeout()
-  if #self.ready > 0 then return 0 end
+  if #self.ready > 0 or #self.deferred > 0 then return 0 end
   local ms = self.ctl:timeout()
   local top = self.heap[1]
   if top then

@@ -46,7 +46,8 @@ local function start(opts)
         sleeping = false
       else
         local ms = client:timeout()
-        ngx.sleep((ms >= 0 and ms < POLL * 1000) and ms / 1000 or POLL)
+        -- (at least 1 ms: ngx.sleep(0) needs a patch stock nginx lacks)
+        ngx.sleep((ms >= 1 and ms < POLL * 1000) and ms / 1000 or ms < 1 and 0.001 or POLL)
       end
     end
   end

@@ -135,8 +135,10 @@ local function by_id(due)
   return ids
 end
 
--- one list call; every watched batch it shows is brought up to date
--- (not only the due ones). Returns the page, or nil when it failed.
+--- One list call from the budget; every watched batch it shows is brought
+-- up to date (not only the due ones).
+-- @tparam table params the list's query
+-- @treturn ?table the page, or nil when it failed
 function Watch:page(params)
   if not self:take() then return nil end
   local page = self.client:list_batches(params)
@@ -155,8 +157,10 @@ function Watch:page(params)
   return page
 end
 
--- the due jobs through list pages, newest first, until each is seen or
--- the pages are older than the oldest of them; the rest by retrieve
+--- One round for the due waits: list pages, newest first, until each is
+-- seen or the pages are older than the oldest of them; the rest by
+-- retrieve.
+-- @tparam table due the due waits
 function Watch:list_round(due)
   self.round = now()
   local want = by_id(due)
@@ -200,8 +204,8 @@ function Watch:list_round(due)
   end
 end
 
--- the poller: while anything is watched, poll what is due; should it
--- fail, every wait ends with its error
+--- The poller's task: while anything is watched, poll what is due;
+-- should it fail, every wait ends with its error.
 function Watch:run()
   local ok, raised = pcall(self.poll, self)
   self.poller = nil
@@ -212,6 +216,7 @@ function Watch:run()
   end
 end
 
+--- The poller's loop (see `run`).
 function Watch:poll()
   self.round = nil
   while self.count > 0 do
@@ -247,8 +252,9 @@ function Watch:wait(id, o)
   local same = self.ids[id] or {}
   same[job] = true
   self.ids[id] = same
-  if not self.poller then
-    self.poller = self.loop:spawn(self.run, self)
+  if not self.poller then               -- spawned from the loop's own turn (see Loop:defer)
+    self.poller = true
+    self.loop:defer(function() self.poller = self.loop:spawn(self.run, self) end)
   end
   local b, err
   if job.result then b, err = job.result[1], job.result[2]
