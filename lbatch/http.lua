@@ -174,7 +174,9 @@ function M.answer(res, o)
   meta.request_id = request_id(h)
   if res.path then return res.path, nil, meta end
   if o.raw then return res.body or "", nil, meta end
-  local v, why = json.object(res.body or "")
+  local body = res.body or ""
+  if body:sub(1, 3) == "\239\187\191" then body = body:sub(4) end   -- a BOM, as DashScope's file lists have
+  local v, why = json.object(body)
   if not v then
     return nil, errors.new({ kind = "decode", status = res.status, code = "invalid_json", request_id = meta.request_id,
       message = ("the answer is not a JSON object (%s): %s"):format(why, (res.body or ""):sub(1, 120)) }), meta

@@ -184,6 +184,64 @@ end
 -- 200 OK {} to anything: counts requests
 function S.count() return reply(200, "{}") end
 
+------------------------------------------------------------------ replay
+
+-- The real service's recorded answers (spec/fixtures/recorded), byte for
+-- byte with their status and content type, for the request that matches a
+-- recorded one (method, path, and query as a set of fields).
+local RECORDED = debug.getinfo(1, "S").source:match("^@(.*)/hostile/[^/]*$") .. "/fixtures/recorded/dashscope/"
+
+local function read(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+local function request_key(method, target)
+  local path, query = target:match("^([^?]*)%??(.*)$")
+  local fields = {}
+  for pair in query:gmatch("[^&]+") do fields[#fields + 1] = ngx.unescape_uri(pair) end
+  table.sort(fields)
+  return method .. " " .. path:gsub("^/compatible%-mode", "") .. "?" .. table.concat(fields, "&")
+end
+
+local recorded
+local function exchanges()
+  if recorded then return recorded end
+  recorded = {}
+  local p = io.popen("ls " .. RECORDED)
+  for name in p:lines() do
+    local base = name:match("^(.*)%.request%.header%.txt$")
+    if base then
+      local first = read(RECORDED .. name):match("^[^\r\n]*")
+      local method, target = first:match("^(%u+) (%S+)")
+      target = target:gsub("^https?://[^/]+", "")
+      local head = read(RECORDED .. base .. ".response.header.txt")
+      recorded[request_key(method, target)] = {
+        status = tonumber(head:match("^HTTP/%S+ (%d+)")) or 200,
+        type = head:match("\n[Cc]ontent%-[Tt]ype: *([^\r\n]+)"),
+        body = read(RECORDED .. base .. ".response.body.txt"),
+      }
+    end
+  end
+  p:close()
+  return recorded
+end
+
+function S.replay()
+  local target = ngx.var.request_uri:gsub("^/s/replay", "")
+  local e = exchanges()[request_key(ngx.req.get_method(), target)]
+  if not e then return reply(404, '{"error":{"message":"nothing recorded for ' .. request_key(ngx.req.get_method(), target) .. '"}}') end
+  ngx.req.read_body()
+  ngx.status = e.status
+  ngx.header["Content-Type"] = e.type          -- nil: none, as recorded
+  ngx.header["Content-Length"] = #e.body
+  ngx.print(e.body)
+  return ngx.exit(e.status)
+end
+
 ------------------------------------------------------------------ random
 
 -- An answer drawn from ARG (a seed): a status, then a body of random

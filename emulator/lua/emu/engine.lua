@@ -403,7 +403,8 @@ local function step(b, now)
       if jobs < E.MAX_JOBS then run_job(validate, b) end
     elseif now >= sim.t_stage + scaled(E.VALIDATE) then
       if b.errors then
-        b.request_counts = { total = sim.total or 0, completed = 0, failed = 0 }
+        -- the service counts nothing for a file it refused
+        b.request_counts = { total = cfg.dialect == "dashscope" and 0 or sim.total or 0, completed = 0, failed = 0 }
         finish(b, "failed")
       else
         b.request_counts = { total = sim.total, completed = 0, failed = 0 }
