@@ -192,7 +192,21 @@ function H.squid(opts)
     for _ = 1, 100 do
       if (H.read(dir .. "/cache.log") or ""):find("Accepting HTTP Socket connections", 1, true) then
         local proxy = { port = port, url = "http://127.0.0.1:" .. port, dir = dir }
-        function proxy.log() return H.read(dir .. "/access.log") or "" end
+        -- squid writes its access log a moment after a request ends:
+        -- the log once it has stopped growing (0.3 s), at most 3 s
+        function proxy.log()
+          local last, still = nil, 0
+          for _ = 1, 60 do
+            local now = H.read(dir .. "/access.log") or ""
+            if now == last and now ~= "" then
+              still = still + 1
+              if still >= 6 then return now end
+            else still = 0 end
+            last = now
+            H.sleep(0.05)
+          end
+          return last or ""
+        end
         function proxy.stop()
           H.ok("kill -TERM " .. pid .. " 2>/dev/null")
           for _ = 1, 100 do
