@@ -109,8 +109,10 @@ emulator: deps
 	emulator/run $(ARGS)
 
 # lbatch beside the openai SDK and curl (JOBS, LINES, SIZE_MB, POLL, LUA)
+# (then the same over HTTPS and HTTP/2, the SDK trusting the CA through NODE_EXTRA_CA_CERTS)
 bench-compare: deps build $(NODE_DIR)/node_modules/.installed
 	EMULATOR_ARGS="--speed 2000 --dialect openai --rate-limits off" emulator/around bench/compare
+	EMULATOR_ARGS="--speed 2000 --dialect openai --rate-limits off" emulator/around --tls bench/compare
 
 # lbatch at the service's scale: merge, pipeline, 1,000 jobs (SIZES, BENCH_10M=1)
 bench-scale: deps build

@@ -214,7 +214,7 @@ describe("pipeline", function()
     assert.is_true(st["GET /batches"] > 0)
     local lines = 0
     for _ in io.lines(report.journal) do lines = lines + 1 end
-    assert.is_true(lines <= 4 * 1000 + 64 + 1001, lines .. " journal lines")
+    assert.is_true(lines <= 16 * 1000 + 1024 + 1001, lines .. " journal lines")
     local t0 = require("lbatch.core").now()
     local again = assert(pipeline.run({ client = client, requests = reqs, dir = dir .. "/k" }))
     local replay = require("lbatch.core").now() - t0
