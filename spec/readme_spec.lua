@@ -1,0 +1,184 @@
+-- The README, run. Every ```lua block is taken from README.md itself, so
+-- the two cannot drift, and run in a fresh Lua (the suite's: lua5.4 or
+-- luajit) with an empty environment but lbatch's paths, a key and the
+-- emulator's URL, in a directory holding the files the snippets name. As
+-- the README says, snippets after the first go on from it: `client` is a
+-- client and `batch` a finished batch. A block right after a line
+-- `<!-- fragment: ... -->` needs a host (cqueues, nginx) and is only
+-- compiled; the example it names runs it whole (spec/examples_spec.lua).
+-- The command lines of "The lbatch command" run the same way, as
+-- `bin/lbatch` from this checkout, once without their [options] and once
+-- with them.
+local H = require "helper"
+local lbatch = require "lbatch"
+
+local README = H.root .. "/README.md"
+
+-- { {code, heading, line, fragment}, ... }: the README's Lua blocks
+local function lua_blocks()
+  local blocks, heading, n, block, fragment = {}, nil, 0, nil, false
+  for line in io.lines(README) do
+    n = n + 1
+    if block then
+      if line == "```" then blocks[#blocks + 1], block = block, nil
+      else block.code = block.code .. line .. "\n" end
+    elseif line == "```lua" then
+      block = { code = "", heading = heading, line = n, fragment = fragment }
+    else
+      if line:find("^#+ ") then heading = line:gsub("^#+ ", "") end
+      if line:find("%S") then fragment = line:find("^<!%-%- fragment") ~= nil end
+    end
+  end
+  return blocks
+end
+
+-- the indented command lines of a section
+local function command_lines(section)
+  local lines, inside = {}, false
+  for line in io.lines(README) do
+    if line:find("^## ") then inside = line == "## " .. section end
+    local cmd = inside and line:match("^    (lbatch .-)%s*$")
+    if cmd then lines[#lines + 1] = (cmd:gsub("%s+#.*$", "")) end
+  end
+  return lines
+end
+
+-- what a snippet leaves behind when it worked, by its section
+local EXPECT = {
+  ["Use"] = {},
+  ["Many jobs at once: tasks"] = { out = { "requests%.jsonl%s+completed%s+2", "requests%-2%.jsonl%s+completed%s+2" } },
+  ["Waiting"] = {},
+  ["Pipelines that resume"] = { out = { "q1%s+%S", "q3%s+%S" }, files = { "work/journal.jsonl" } },
+  ["Hosts with their own loop"] = { out = { "completed" } },
+  ["Building request files"] = { files = { "eval.jsonl", "eval-2.jsonl", "eval-3.jsonl" } },
+  ["Reading results"] = { out = { "^0\n" }, files = { "retry.jsonl" } },
+  ["CSV"] = { files = { "requests.jsonl", "answers.csv" } },
+}
+
+local function luapaths()
+  local cdir = H.lua:find("luajit") and "jit" or "5.4"
+  return ("LUA_PATH='%s/?.lua;%s/?/init.lua;;' LUA_CPATH='%s/build/%s/?.so;;'"):format(H.root, H.root, H.root, cdir)
+end
+
+describe("the README", function()
+  local emu, dir, fixtures, done_id
+  local function env()
+    local ca = emu.tls and ("SSL_CERT_FILE=" .. emu.tls .. " ") or ""
+    return ("env -i PATH=%s HOME=%s DASHSCOPE_API_KEY=sk-readme LBATCH_BASE_URL=%s LBATCH_POLL_INTERVAL=0.2 %s"):format(
+      os.getenv("PATH"), dir, emu.base, ca)
+  end
+
+  setup(function()
+    emu = H.emulator({ speed = 20, rate_limits = false })
+    dir = H.tmpdir()
+    fixtures = H.mkdir(dir .. "/fixtures")
+    -- the files the snippets name: requests (one of them fails on purpose), a CSV, an image,
+    -- and a finished batch's output and error files
+    local chat = { model = "qwen-plus", url = "/v1/chat/completions" }
+    local d = fixtures
+    H.requests(d .. "/requests.jsonl", 3, setmetatable({ content = function(i)
+      return i == 2 and "lbatch-emulator:fail" or "question " .. i end }, { __index = chat }))
+    H.requests(d .. "/requests-2.jsonl", 2, chat)
+    H.write(d .. "/questions.csv", "id,question\nq1,What is 2 + 2?\nq2,Name a prime.\nq3,\"Say \"\"hi\"\", briefly\"\n")
+    H.write(d .. "/cat.png", "\137PNG\r\n\26\n\0\0\0\rIHDR")
+    H.write(d .. "/prices.json", '{"qwen-plus": {"input": 0.8, "output": 2}}')
+    local c = lbatch.new({ api_key = "sk-readme", base_url = emu.base, cainfo = emu.tls })
+    local f = assert(c:upload(d .. "/requests.jsonl"))
+    local b = assert(c:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" }))
+    b = assert(c:wait(b.id, { interval = 0.1 }))
+    assert(c:content(b.output_file_id, { path = d .. "/out.jsonl" }))
+    assert(c:content(b.error_file_id, { path = d .. "/err.jsonl" }))
+    assert(H.ok(("cp %s/out.jsonl %s/output.jsonl && cp %s/err.jsonl %s/errors.jsonl"):format(d, d, d, d)))
+    assert(H.ok(("cp -r %s %s/snippets"):format(d, dir)))
+    done_id = b.id
+    c:close()
+  end)
+  teardown(function()
+    emu.stop()
+    H.ok("rm -rf " .. H.q(dir))
+  end)
+
+  local blocks = lua_blocks()
+
+  it("has its Lua snippets, each run below or marked a fragment", function()
+    local run, fragments = 0, 0
+    for _, b in ipairs(blocks) do
+      if b.fragment then fragments = fragments + 1 else run = run + 1 end
+    end
+    assert.is_true(run >= 8, "run " .. run)
+    assert.is_true(fragments <= 2, "fragments " .. fragments)
+    for _, b in ipairs(blocks) do
+      if not b.fragment then assert.is_truthy(b.heading and EXPECT[b.heading] or b.heading, b.heading) end
+    end
+  end)
+
+  for _, b in ipairs(blocks) do
+    local name = ("README.md:%d (%s)"):format(b.line, b.heading or "?")
+    if b.fragment then
+      it("compiles the fragment at " .. name, function()
+        local fn, err = (loadstring or load)(b.code, "=" .. name)
+        assert(fn, err)
+      end)
+    else
+      it("runs the snippet at " .. name, function()
+        local here = dir .. "/snippets"                    -- the snippets go on in one directory
+        local path = ("%s/snippet-%d.lua"):format(here, b.line)
+        local prelude = b.line == blocks[1].line and "" or ([[
+lbatch = require "lbatch"; client = lbatch.new{}; batch = assert(client:retrieve(%q)) ]]):format(done_id)
+        H.write(path, prelude .. b.code)                   -- on one line: the snippet's line numbers hold
+        local out = H.sh(("cd %s && %s %s %s %s 2>&1; echo \"exit=$?\""):format(H.q(here), env(), luapaths(), H.lua, path))
+        assert.matches("exit=0\n$", out)
+        local want = EXPECT[b.heading] or {}
+        for _, pattern in ipairs(want.out or {}) do assert.matches(pattern, out) end
+        for _, file in ipairs(want.files or {}) do assert.is_true(H.exists(here .. "/" .. file), file .. "\n" .. out) end
+      end)
+    end
+  end
+
+  -- the command lines: placeholders made real, [options] left out and then given
+  local PLACE = { N = "5", E = "/v1/chat/completions", AGE = "30d" }
+
+  local function fresh(what)
+    local c = lbatch.new({ api_key = "sk-readme", base_url = emu.base, cainfo = emu.tls })
+    local f = assert(c:upload(fixtures .. "/requests-2.jsonl"))
+    local id = f.id
+    if what == "batch" then id = assert(c:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" })).id end
+    c:close()
+    return id
+  end
+
+  local function concrete(cmd, with_options)
+    local paths = 0
+    if with_options then cmd = cmd:gsub("%[(.-)%]", "%1") else cmd = cmd:gsub("%s*%[.-%]", "") end
+    cmd = cmd:gsub("BATCH_ID|FILE_ID", done_id)
+    cmd = cmd:gsub("BATCH_ID", cmd:find("^lbatch cancel") and fresh("batch") or done_id)
+    cmd = cmd:gsub("FILE_ID%.%.%.", function() return fresh("file") .. " " .. fresh("file") end)
+    cmd = cmd:gsub("PATH", function() paths = paths + 1 return "path-" .. paths .. ".jsonl" end)
+    cmd = cmd:gsub("%f[%w]([NE])%f[%W]", PLACE)
+    return cmd
+  end
+
+  local commands = command_lines("The lbatch command")
+
+  it("has the command's lines, one for every command", function()
+    assert.is_true(#commands >= 13, #commands)
+    local help = H.sh(("%s %s/bin/lbatch --help"):format(H.lua, H.root))
+    for c in help:gmatch("\n  (%l[%w]+) ") do
+      local seen = false
+      for _, line in ipairs(commands) do seen = seen or line:find("^lbatch " .. c .. "%f[%s]") ~= nil end
+      assert.is_true(seen, "README has no line for `lbatch " .. c .. "`")
+    end
+  end)
+
+  for i, line in ipairs(commands) do
+    for _, with_options in ipairs({ false, true }) do
+      it(("runs `%s` %s"):format(line, with_options and "with its options" or "without options"), function()
+        local sub = ("%s/cmd-%d-%s"):format(dir, i, tostring(with_options))
+        assert(H.ok(("cp -r %s %s"):format(fixtures, sub)))
+        local cmd = concrete(line, with_options):gsub("^lbatch", H.lua .. " " .. H.root .. "/bin/lbatch")
+        local out = H.sh(("cd %s && %s %s 2>&1; echo \"exit=$?\""):format(sub, env(), cmd))
+        assert.matches("exit=0\n$", out)
+      end)
+    end
+  end
+end)
