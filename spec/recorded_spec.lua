@@ -15,17 +15,65 @@ local function recorded(name)
   return cjson.decode(body), head:match("\n[Cc]ontent%-[Tt]ype: *([^\r\n]+)")
 end
 
--- a value's shape: each object's keys with their shapes, an array's first
--- element's, "null", or the JSON type
-local function shape(v)
+-- a value's JSON type; numbers as integer or number (lua-cjson decodes
+-- both as floats on 5.4), and an empty table as "empty" ({} and [] alike)
+local function jtype(v)
   if v == cjson.null then return "null" end
-  if type(v) ~= "table" then return type(v) end
-  if next(v) == nil then return "empty" end
-  if #v > 0 then return { shape(v[1]) } end
-  local t = {}
-  for k, x in pairs(v) do t[k] = shape(x) end
+  local t = type(v)
+  if t == "number" then return v == math.floor(v) and "integer" or "number" end
+  if t == "table" then
+    if next(v) == nil then return "empty" end
+    return #v > 0 and "array" or "object"
+  end
   return t
 end
+
+-- an id's form: its hex digits as x (batch_…-uuid, file-batch- and 24 hex digits)
+local function form(s) return (s:gsub("%x", "x")) end
+
+-- What may differ between the service's answer and the emulator's, by key:
+-- ids ("id": the same form), times and whatever the run decides ("any": the
+-- same type). Every other value is held equal.
+local VARY = { id = "id", input_file_id = "id", output_file_id = "id", error_file_id = "id",
+               first_id = "id", last_id = "id", request_id = "id", created = "any" }
+
+-- the differences between a recorded value and the emulator's: keys at every
+-- level, JSON types, nulls, values (but VARY's and `vary`'s), and the times
+-- the record shows equal (finalizing_at = completed_at, ...) equal
+local function differences(want, got, vary, path, out)
+  out, path = out or {}, path or ""
+  local wt, gt = jtype(want), got == nil and "absent" or jtype(got)
+  local key = path:match("([^.]+)$") or ""
+  local kind = vary and vary[key] or VARY[key] or (key:match("_at$") and "any")
+  if wt ~= gt then
+    out[#out + 1] = ("%s: %s in the record, %s from the emulator"):format(path, wt, gt)
+  elseif wt == "object" then
+    for k, w in pairs(want) do differences(w, got[k], vary, path .. "." .. k, out) end
+    for k in pairs(got) do
+      if want[k] == nil then out[#out + 1] = ("%s.%s: not in the record"):format(path, k) end
+    end
+    for a, x in pairs(want) do
+      for b, y in pairs(want) do
+        if a < b and a:match("_at$") and b:match("_at$") and x ~= cjson.null and x == y and got[a] ~= got[b] then
+          out[#out + 1] = ("%s: %s = %s in the record, not from the emulator"):format(path, a, b)
+        end
+      end
+    end
+  elseif wt == "array" then
+    if #want ~= #got then
+      out[#out + 1] = ("%s: %d items in the record, %d from the emulator"):format(path, #want, #got)
+    end
+    for i = 1, math.min(#want, #got) do differences(want[i], got[i], vary, path .. "[" .. i .. "]", out) end
+  elseif kind == "id" and wt == "string" then
+    if form(want) ~= form(got) then out[#out + 1] = ("%s: %s recorded, %s emulated"):format(path, want, got) end
+  elseif kind ~= "any" and want ~= got then
+    out[#out + 1] = ("%s: %s recorded, %s emulated"):format(path, tostring(want), tostring(got))
+  end
+  return out
+end
+
+-- a UTC+8 time as the service's list filters take it (yyyyMMddHHmmss, or yyyyMMdd)
+local function beijing(t, fmt) return os.date("!" .. (fmt or "%Y%m%d%H%M%S"), math.floor(t) + 8 * 3600) end
 
 describe("the client against the service's recorded answers, replayed byte for byte", function()
   local srv, c
@@ -96,91 +144,179 @@ describe("the client against the service's recorded answers, replayed byte for b
   end)
 end)
 
-describe("the emulator beside the recorded service, field by field", function()
-  local emu, c, dir
+
+describe("the emulator (dashscope dialect) beside every recorded answer, field by field", function()
+  local emu, dir
   setup(function()
     emu = H.emulator({ speed = 200, rate_limits = false })
-    c = lbatch.new({ api_key = "k", base_url = emu.base })
     dir = H.tmpdir()
   end)
-  teardown(function() c:close() emu.stop() end)
+  teardown(function() emu.stop() end)
 
   -- the emulator's raw answer (curl, not lbatch: nothing normalized)
   local function raw(method, path, opts)
     local status, body, headers = H.json(method, emu.base .. path, opts)
-    return status, body, headers
+    assert.are.equal(200, status, type(body) == "string" and body or cjson.encode(body))
+    return body, headers["content-type"]
   end
 
-  local function content_type(path)
-    local out = H.sh(("curl -s -o /dev/null -D - -H 'Authorization: Bearer k' %s"):format(H.q(emu.base .. path)))
-    return out:match("\n[Cc]ontent%-[Tt]ype: *([^\r\n]+)")
-  end
-
-  local function test_batch(url, meta)
-    local path = dir .. "/t-" .. url:gsub("%W", "") .. ".jsonl"
-    H.write(path, cjson.encode({ custom_id = "1", method = "POST", url = url,
-      body = { model = "batch-test-model", messages = { { role = "user", content = "hi" } } } }) .. "\n")
-    local f = assert(c:upload(path))
-    local _, b = raw("POST", "/batches", { json = { input_file_id = f.id, endpoint = "/v1/chat/ds-test",
-      completion_window = "24h", metadata = meta } })
-    return b
+  -- the emulator's answer held against the record NAME (or its part `part`)
+  local function check(name, got, got_type, vary, part)
+    local want, want_type = recorded(name)
+    if part then want = part(want) end
+    assert.are.same({}, differences(want, got, vary))
+    if got_type ~= false then assert.are.equal(want_type, got_type) end
+    return want
   end
 
   local META = { ds_name = "测试任务", ds_description = "任务描述", ds_batch_finish_callback = "https://www.cnblogs.com" }
+  local KNOB = "emulator_line_seconds"        -- the emulator's own, set aside before comparing
 
-  it("a new batch: the same keys, types and nulls, metadata echoed, the service's content type", function()
-    local want, want_type = recorded("create-batch")
-    local b = test_batch("/v1/chat/ds-test", META)
-    assert.are.same(shape(want), shape(b))
-    assert.are.same(want.metadata, b.metadata)
-    assert.are.equal(want_type, content_type("/batches/" .. b.id))
+  local function upload(name, text, purpose)
+    local path = H.mkdir(dir .. "/" .. H.now() * 1e6) .. "/" .. name
+    H.write(path, text)
+    return raw("POST", "/files", { form = { "purpose=" .. purpose, "file=@" .. path } })
+  end
+
+  -- an input file of the requests the recorded batches ran: custom_id 1 and 2, qwen-flash
+  local function input(url, n)
+    local lines = {}
+    for i = 1, n or 2 do
+      lines[i] = cjson.encode({ custom_id = tostring(i), method = "POST", url = url,
+        body = { model = "qwen-flash", messages = { { role = "user", content = "hi " .. i } } } })
+    end
+    return (upload("input.jsonl", table.concat(lines, "\n") .. "\n", "batch"))
+  end
+
+  local function create(file_id, endpoint, meta)
+    return raw("POST", "/batches", { json = { input_file_id = file_id, endpoint = endpoint,
+                                              completion_window = "24h", metadata = meta } })
+  end
+
+  local function until_status(id, want)
+    local b
+    for _ = 1, 400 do
+      b = raw("GET", "/batches/" .. id)
+      if b.status == want or H.FINAL[b.status] then break end
+      H.sleep(0.025)
+    end
+    assert.are.equal(want, b.status)
+    return b
+  end
+
+  local function without_knob(b)
+    if type(b) == "table" and type(b.metadata) == "table" and b.metadata[KNOB] then
+      b.metadata[KNOB] = nil
+    end
+    return b
+  end
+
+  -- moves the emulator's clock on by `seconds` (so batches fall into different seconds)
+  local function later(seconds)
+    assert.are.equal(200, (H.json("POST", emu.url .. "/_emulator/clock", { json = { advance = seconds * 200 } })))
+  end
+
+  it("files: an upload of file-extract, retrieve, the list by date, cursor and purpose, delete", function()
+    local old = upload("file1.txt", ("x"):rep(1313) .. "\n", "file-extract")
+    local got, ct = raw("GET", "/files/" .. old.id)
+    check("get-file", got, ct)
+    local new
+    new, ct = upload("test2.txt", "hello\n\n", "file-extract")
+    check("upload-file", new, ct)
+    assert(upload("other.jsonl", H.read(H.requests(dir .. "/r.jsonl", 1)), "batch"))
+    -- as recorded: after=…&limit=3&create_after=yyyyMMdd&create_before=yyyyMMdd&purpose=file-extract
+    local q = "/files?after=%s&limit=3&create_after=%s&create_before=%s&purpose=file-extract"
+    got, ct = raw("GET", q:format(new.id, beijing(old.created_at, "%Y%m%d"), beijing(old.created_at + 86400, "%Y%m%d")))
+    check("list-files", got, ct)
+    assert.are.equal(old.id, got.data[1].id)
+    got = raw("GET", q:format(new.id, beijing(old.created_at + 86400, "%Y%m%d"), beijing(old.created_at + 86400, "%Y%m%d")))
+    assert.are.same({}, got.data)
+    got, ct = raw("DELETE", "/files/" .. old.id)
+    check("delete-file", got, ct)
   end)
 
-  it("a completed batch and its output file's lines", function()
-    local want = recorded("get-completed-batch")
-    local b = test_batch("/v1/chat/ds-test", META)
-    b = assert(c:wait(b.id, { interval = 0.05 }))
-    local _, got = raw("GET", "/batches/" .. b.id)
-    assert.are.same(shape(want), shape(got))
-    assert.are.equal(got.completed_at, got.finalizing_at)
-    local text = assert(c:content(got.output_file_id))
-    local line = cjson.decode(text:match("[^\n]+"))
-    local rec = H.read(DIR .. "get-file-content-compatible.response.body.txt")
-    local want_line = cjson.decode(rec:match("[^\n]+"))
-    assert.are.same(shape(want_line), shape(line))
+  local failed
+  it("a new batch (every stamp null), failed validation, and the list by time in UTC+8", function()
+    local f = input("/v1/chat/completion", 1)
+    later(2)
+    local b, ct = create(f.id, "/v1/chat/ds-test", META)
+    check("create-batch", b, ct)
+    later(2)
+    until_status(b.id, "failed")
+    local got
+    got, ct = raw("GET", "/batches/" .. b.id)
+    check("get-invalid-batch", got, ct)
+    failed = got
+    -- as recorded: create_after and create_before, Beijing time, no limit
+    local q = "/batches?create_after=%s&create_before=%s"
+    got, ct = raw("GET", q:format(beijing(b.created_at), beijing(b.created_at)))
+    check("list-batches-filter-by-time", got, ct)
+    got = raw("GET", q:format(beijing(b.created_at + 1), beijing(b.created_at + 3600)))
+    assert.are.equal(cjson.null, got.data)
+    got = raw("GET", q:format(beijing(b.created_at - 3600), beijing(b.created_at - 1)))
+    assert.are.equal(cjson.null, got.data)
   end)
 
-  it("a batch that failed validation: the service's code, message, line and stamps", function()
-    local want = recorded("get-invalid-batch")
-    local b = test_batch("/v1/chat/completion", META)
-    b = assert(c:wait(b.id, { interval = 0.05 }))
-    local _, got = raw("GET", "/batches/" .. b.id)
-    assert.are.same(shape(want), shape(got))
-    assert.are.same(want.errors.data[1], got.errors.data[1])
-    assert.are.equal(got.created_at, got.failed_at)
-    assert.are.same(want.request_counts, got.request_counts)
+  local older, cancelled, completed, input_id
+  it("a batch in progress, cancelled (cancelling_at = cancelled_at), one completed and its output's lines", function()
+    older = create(input("/v1/chat/completions").id, "/v1/chat/completions", META)
+    assert(until_status(older.id, "completed"))
+    later(2)
+    input_id = input("/v1/chat/completions").id
+    local meta = { [KNOB] = "100000" }
+    for k, v in pairs(META) do meta[k] = v end
+    local b = create(input_id, "/v1/chat/completions", meta)
+    later(2)                   -- (lands within validation: a later in_progress_at would show)
+    until_status(b.id, "in_progress")
+    local got, ct = raw("GET", "/batches/" .. b.id)
+    assert.are.equal("100000", got.metadata[KNOB])
+    check("get-inprogress-batch", without_knob(got), ct)
+    -- cancel, and the clock 2 s on at once (one curl): a later cancelled_at would show
+    H.sh(("curl -s -o /dev/null %s -X POST -H 'Authorization: Bearer k' %s --next -s -o /dev/null %s -X POST "
+      .. "-H 'Content-Type: application/json' --data '{\"advance\":400}' %s"):format(
+      emu.tls and "--cacert " .. H.q(emu.tls) or "", H.q(emu.base .. "/batches/" .. b.id .. "/cancel"),
+      emu.tls and "--cacert " .. H.q(emu.tls) or "", H.q(emu.url .. "/_emulator/clock")))
+    cancelled = without_knob(until_status(b.id, "cancelled"))
+    -- the service's cancelled batch is recorded in its lists
+    check("list-batches-filter-by-input-file-id", cancelled, false, nil, function(l) return l.data[2] end)
+    later(2)
+    b = create(input_id, "/v1/chat/completions", META)
+    until_status(b.id, "completed")
+    got, ct = raw("GET", "/batches/" .. b.id)
+    check("get-completed-batch", got, ct)
+    completed = got
+    local _, text, headers = H.http("GET", emu.base .. "/files/" .. got.output_file_id .. "/content")
+    local lines = {}
+    for line in text:gmatch("[^\n]+") do lines[#lines + 1] = cjson.decode(line) end
+    local rec = {}
+    for line in H.read(DIR .. "get-file-content-compatible.response.body.txt"):gmatch("[^\n]+") do
+      rec[#rec + 1] = cjson.decode(line)
+    end
+    assert.are.same({}, differences(rec, lines, { content = "any", completion_tokens = "any",
+                                                  prompt_tokens = "any", total_tokens = "any" }))
+    for _, l in ipairs(lines) do       -- one uuid: the line's, the request's, the completion's
+      assert.are.same({ l.id, "chatcmpl-" .. l.id }, { l.response.request_id, l.response.body.id })
+    end
+    local want_type = H.read(DIR .. "get-file-content-compatible.response.header.txt"):match("\n[Cc]ontent%-[Tt]ype:")
+    assert.are.equal(want_type, headers["content-type"])        -- none
   end)
 
-  it("an empty list, lists by filter, files: the same keys and nulls", function()
-    local want = recorded("list-batches-empty")
-    local _, got = raw("GET", "/batches?limit=2&input_file_ids=hello")
-    assert.are.same(want, got)
-    want = recorded("list-batches-search-status")
-    assert(c:wait(test_batch("/v1/chat/ds-test", META).id, { interval = 0.05 }))
-    local _, all = raw("GET", "/batches?limit=2&status=completed%2Ccancelled")
-    assert.are.same(shape(want), shape(all))
-    local f = assert(c:upload(H.requests(dir .. "/f.jsonl", 1)))
-    local wf = recorded("get-file")
-    local _, gf = raw("GET", "/files/" .. f.id)
-    assert.are.same(shape(wf), shape(gf))
-    local wl = recorded("list-files")
-    local _, gl = raw("GET", "/files?limit=1")
-    assert.are.same(shape(wl), shape(gl))
-    local wu = recorded("upload-file")
-    assert.are.same(shape(wu), shape(f))
-    local wd = recorded("delete-file")
-    local _, gd = raw("DELETE", "/files/" .. f.id)
-    assert.are.same(shape(wd), shape(gd))
-    assert.is_true(gd.deleted)
+  it("lists: empty, by input_file_ids, by status and create_after (UTC+8), by ds_name", function()
+    assert(completed and cancelled and failed, "needs the batches of the cases before")
+    local function list(q)
+      local got, ct = raw("GET", "/batches?" .. q)
+      if got.data ~= cjson.null then for _, b in ipairs(got.data) do without_knob(b) end end
+      return got, ct
+    end
+    check("list-batches-empty", list("limit=2&input_file_ids=hello"))
+    local got, ct = list("input_file_ids=" .. input_id .. "%2C" .. input_id)
+    check("list-batches-filter-by-input-file-id", got, ct)
+    assert.are.same({ completed.id, cancelled.id }, { got.data[1].id, got.data[2].id })
+    got, ct = list("limit=2&status=completed%2Ccancelled&create_after=" .. beijing(older.created_at))
+    check("list-batches-search-status", got, ct)
+    assert.are.same({ completed.id, cancelled.id }, { got.data[1].id, got.data[2].id })
+    got, ct = list("limit=2&ds_name=%E4%BB%BB%E5%8A%A1")
+    check("list-batches-search-ds-name", got, ct)
+    assert.are.same({ completed.id, cancelled.id }, { got.data[1].id, got.data[2].id })
   end)
 end)

@@ -90,7 +90,10 @@ function A.init(config)
   cfg = config
   cfg.profile = require("lbatch.service").profile(cfg.profile)
   util.dialect = cfg.dialect
-  if cfg.dialect == "dashscope" then respond.batch_type = "application/json;charset=UTF-8" end
+  if cfg.dialect == "dashscope" then
+    respond.batch_type = "application/json;charset=UTF-8"
+    respond.file_type = nil
+  end
   guard.init(cfg)
   files.init(cfg)
   batches.init(cfg)

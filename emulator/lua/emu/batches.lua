@@ -3,7 +3,6 @@ local cjson = require "cjson"
 local respond = require "emu.respond"
 local guard = require "emu.guard"
 local admin = require "emu.admin"
-local service = require "lbatch.service"
 local store = require "emu.store"
 local engine = require "emu.engine"
 local util = require "emu.util"
@@ -134,14 +133,13 @@ function B.list(args)
   local limit, e = respond.int_arg(args, "limit", 20, 1, 100)
   if not limit then return e end
   local statuses, files = set_of(args.status), set_of(args.input_file_ids)
-  local after_t, before_t
   for _, k in ipairs({ "create_after", "create_before" }) do
-    if args[k] then
-      local t = service.ts14(tostring(args[k]))
-      if not t then return err(400, "invalid_parameter", k .. " must be yyyyMMddHHmmss.", k) end
-      if k == "create_after" then after_t = t else before_t = t end
+    if args[k] and not util.list_time(args[k]) then
+      return err(400, "invalid_parameter", k .. " must be yyyyMMddHHmmss (UTC+8).", k)
     end
   end
+  local after_t, before_t = args.create_after and util.list_time(args.create_after),
+    args.create_before and util.list_time(args.create_before)
   local name = args.ds_name and tostring(args.ds_name)
   local start = #store.batch_order
   if args.after then

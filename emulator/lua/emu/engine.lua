@@ -280,8 +280,8 @@ end
 local function finalize(b)
   local sim = b.sim
   local done, code = sim.done, sim.missed_code
-  local out_id = "file-batch_output-" .. util.uuid()
-  local err_id = "file-batch_output-" .. util.uuid()
+  local out_id = "file-batch_output-" .. util.hex(24)
+  local err_id = "file-batch_output-" .. util.hex(24)
   local out_path, err_path = store.blob(out_id) .. ".part", store.blob(err_id) .. ".part"
   local out, errf = assert(io.open(out_path, "wb")), assert(io.open(err_path, "wb"))
   local nout, nerr, ok_count, fail_count = 0, 0, 0, 0
@@ -367,6 +367,7 @@ local function finish(b, status)
   if cfg.dialect == "dashscope" then        -- as the service records them
     if status == "failed" and not b.in_progress_at then b.failed_at = b.created_at end
     if status == "completed" then b.finalizing_at = b.completed_at end
+    if status == "cancelled" then b.cancelled_at = b.cancelling_at or b.cancelled_at end
   end
   active[b.id] = nil
   store.put_batch(b)
@@ -409,6 +410,8 @@ local function step(b, now)
       else
         b.request_counts = { total = sim.total, completed = 0, failed = 0 }
         stamp(b, "in_progress")
+        -- the service's in_progress_at is its created_at (both recorded batches)
+        if cfg.dialect == "dashscope" then b.in_progress_at = b.created_at end
         store.put_batch(b)
       end
     end

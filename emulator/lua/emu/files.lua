@@ -9,6 +9,11 @@ local admin = require "emu.admin"
 local F = {}
 local cfg
 
+-- ids as the service's (spec/fixtures/recorded): a prefix by purpose and
+-- 24 hex digits, file-batch-61875e1242854691b8bfd17d, file-fe-5d5eb068...
+local PREFIX = { ["file-extract"] = "file-fe-" }
+function F.new_id(purpose) return (PREFIX[purpose] or "file-batch-") .. util.hex(24) end
+
 local MAX_UPLOAD = 500 * 1024 * 1024
 local json, err = respond.json, respond.err
 
@@ -50,8 +55,7 @@ function F.upload()
     fh:close()
     body_file = tmp
   end
-  local id = "file-batch-" .. util.uuid()
-  local part = store.blob(id) .. ".part"
+  local part = store.blob("upload-" .. util.hex(24)) .. ".part"
   local res, msg = multipart.parse(body_file, boundary, part, MAX_UPLOAD)
   if tmp then os.remove(tmp) end
   if not res then
@@ -70,7 +74,7 @@ function F.upload()
     os.remove(part)
     return err(400, "missing_purpose", "The 'purpose' field is required.", "purpose")
   end
-  local allowed = cfg.dialect == "dashscope" and { batch = true }
+  local allowed = cfg.dialect == "dashscope" and { batch = true, ["file-extract"] = true }
     or { batch = true, assistants = true, ["fine-tune"] = true, vision = true, user_data = true, evals = true }
   if not allowed[purpose] then
     os.remove(part)
@@ -78,6 +82,7 @@ function F.upload()
   end
   local ttl, e = expiry(res.fields)
   if e then os.remove(part) return e end
+  local id = F.new_id(purpose)
   local f = {
     id = id, object = "file", bytes = res.file.bytes, created_at = math.floor(store.now()),
     filename = res.file.filename, purpose = purpose, status = "processed",
@@ -95,6 +100,14 @@ function F.list(args)
   if order ~= "asc" and order ~= "desc" then
     return err(400, "invalid_parameter", "order must be asc or desc.", "order")
   end
+  -- the service's filters (recorded: create_after=20250101&create_before=20251101), in UTC+8
+  for _, k in ipairs({ "create_after", "create_before" }) do
+    if args[k] and not util.list_time(args[k]) then
+      return err(400, "invalid_parameter", k .. " must be yyyyMMdd or yyyyMMddHHmmss (UTC+8).", k)
+    end
+  end
+  local after_t, before_t = args.create_after and util.list_time(args.create_after),
+    args.create_before and util.list_time(args.create_before)
   local ids = store.file_order
   local from, to, dir = #ids, 1, -1
   if order == "asc" then from, to, dir = 1, #ids, 1 end
@@ -103,7 +116,8 @@ function F.list(args)
   for i = from, to, dir do
     local f = store.files[ids[i]]
     if f then
-      if started and (not args.purpose or args.purpose == f.purpose) then
+      if started and (not args.purpose or args.purpose == f.purpose)
+        and (not after_t or f.created_at >= after_t) and (not before_t or f.created_at <= before_t) then
         if #items == limit then has_more = true break end
         items[#items + 1] = public(f)
       elseif f.id == args.after then

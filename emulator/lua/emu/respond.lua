@@ -46,12 +46,13 @@ end
 -- and Files API answers as application/json (spec/fixtures/recorded)
 R.json_type = "application/json"
 R.batch_type = "application/json"
+R.file_type = "application/octet-stream"     -- the service's file content has none (nil)
 
 local function send_headers(res, length)
   ngx.status = res.status
   for k, v in pairs(res.headers or {}) do ngx.header[k] = v end
-  ngx.header["Content-Type"] = res.file and "application/octet-stream"
-    or (res.batch_api and R.batch_type or R.json_type)
+  if res.file then ngx.header["Content-Type"] = R.file_type
+  else ngx.header["Content-Type"] = res.batch_api and R.batch_type or R.json_type end
   ngx.header["x-request-id"] = util.uuid()
   if length then ngx.header["Content-Length"] = length end
 end

@@ -1,5 +1,6 @@
 -- Small helpers: ids, the public view of a batch, the dialect.
 local cjson = require "cjson"
+local service = require "lbatch.service"
 
 local U = { dialect = "dashscope" }
 
@@ -18,6 +19,17 @@ end
 function U.uuid()
   local v = math.random(4)
   return table.concat({ U.hex(8), U.hex(4), "4" .. U.hex(3), ("89ab"):sub(v, v) .. U.hex(3), U.hex(12) }, "-")
+end
+
+-- A list filter's create_after / create_before (yyyyMMddHHmmss, or
+-- yyyyMMdd as the recorded file list sends) as seconds since the epoch, or
+-- nil. The service reads them in Beijing time (UTC+8): its recorded list
+-- with create_after=20260417162000 holds a batch created at 08:26:34 UTC.
+function U.list_time(v)
+  local s = tostring(v)
+  if s:match("^%d%d%d%d%d%d%d%d$") then s = s .. "000000" end
+  local t = service.ts14(s)
+  return t and t - 8 * 3600
 end
 
 -- The fields of a batch, in each dialect. The service's (recorded in
