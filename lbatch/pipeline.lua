@@ -353,6 +353,7 @@ function M.run(opts)
     state = { version = 1, run = token(), phase = "sharding", shards = {} }
     local ok, err = log:compact(snapshot(state))
     if not ok then log:close() return nil, err end
+    client:pause()
     local manifest
     manifest, err = shard(opts, opts.dir, client)
     if not manifest then log:close() return nil, err end
@@ -416,6 +417,7 @@ function M.run(opts)
   end
   unhook()
   log:close()
+  client:pause()
   -- each first-round shard is joined with its own answers and those of its
   -- resubmissions (later rounds first: their answers are newer), so the
   -- merge holds one shard's index at a time, whatever the total
@@ -439,7 +441,7 @@ function M.run(opts)
       if s.error then g.errors[#g.errors + 1] = s.error end
     end
   end
-  local reader, rerr = results.open({ groups = groups })
+  local reader, rerr = results.open({ groups = groups, pause = function() client:pause() end })
   if not reader then return nil, rerr end
   return { shards = state.shards, outputs = outputs, errors = errs, inputs = inputs, journal = path,
            results = reader }

@@ -119,11 +119,14 @@ end
 -- the largest group, not on the total.
 -- @tparam table opts output, errors, inputs: a path or a list of paths
 -- (shards); or groups = {{output=, errors=, inputs=}, ...}; max_index
--- (results indexed at once, default 1,000,000)
+-- (results indexed at once, default 1,000,000); pause (a function called
+-- between the checks of many files, `client:pause` in a task, so that a
+-- host's step stays short)
 -- @treturn table the reader, or nil and an `io` error when a file cannot be read
 function M.open(opts)
   errors.check("results.open", "opts", opts, "table")
   errors.check("results.open", "opts.max_index", opts.max_index, "number", true)
+  errors.check("results.open", "opts.pause", opts.pause, "function", true)
   local groups = {}
   if opts.groups ~= nil then
     if type(opts.groups) ~= "table" then errors.arg("results.open", "groups must be a list of tables") end
@@ -134,6 +137,7 @@ function M.open(opts)
   end
   local r = setmetatable({ groups = groups, outputs = {}, errs = {}, inputs = {},
                            max_index = math.max(1, math.floor(opts.max_index or M.MAX_INDEX)) }, Reader)
+  local pause, checked = opts.pause, 0
   for _, g in ipairs(groups) do
     for _, key in ipairs({ "outputs", "errs", "inputs" }) do
       for _, path in ipairs(g[key]) do
@@ -141,6 +145,8 @@ function M.open(opts)
         if not fh then return nil, errors.io("cannot read", path, msg) end
         fh:close()
         r[key][#r[key] + 1] = path
+        checked = checked + 1
+        if pause and checked % 16 == 0 then pause() end
       end
     end
   end

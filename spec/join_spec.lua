@@ -147,6 +147,19 @@ describe("the join of results to inputs", function()
     assert.are.same(want_orphans, orphans)
   end)
 
+  it("checks many groups' files with a pause between every 16 (a host's step stays short)", function()
+    local groups = {}
+    for i = 1, 20 do
+      local c = make_case(dir, 3, math.random, "p" .. i)
+      groups[i] = { output = c.output, errors = c.errors, inputs = c.inputs }
+    end
+    local pauses = 0
+    local r = assert(results.open({ groups = groups, pause = function() pauses = pauses + 1 end }))
+    assert.are.equal(3, pauses)                         -- 60 files checked
+    assert.are.equal(60, #got(r))
+    assert.has_error(function() results.open({ groups = groups, pause = 1 }) end)
+  end)
+
   it("resubmits byte for byte what did not run, in chunks as whole", function()
     local case = make_case(dir, 300, math.random, "rs")
     local want = {}
