@@ -1,11 +1,13 @@
 -- lbatch side of bench/compare: N batches of M requests, each uploaded,
 -- created, waited for (polling every POLL s) and downloaded, all at once
 -- from one process. Also `upload FILE` and `download FILE_ID PATH`.
---   lua5.4 bench/jobs.lua jobs N M POLL | upload FILE | download ID PATH
+--   [BUDGET=N] lua5.4 bench/jobs.lua jobs N M POLL | upload FILE | download ID PATH
 local lbatch = require "lbatch"
 local jsonl = require "lbatch.jsonl"
 
-local client = lbatch.new({ max_connections = 32, timeout = 600 })
+-- BUDGET: status calls a minute for every wait together (default: the
+-- service's, 100); the SDK's loop has none (each batch polled every POLL s)
+local client = lbatch.new({ max_connections = 32, timeout = 600, poll_budget = tonumber(os.getenv("BUDGET") or "") })
 local mode = arg[1]
 
 if mode == "upload" then
