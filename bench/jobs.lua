@@ -1,7 +1,7 @@
 -- lbatch side of bench/compare: N batches of M requests, each uploaded,
 -- created, waited for (polling every POLL s) and downloaded, all at once
 -- from one process. Also `upload FILE` and `download FILE_ID PATH`.
---   [BUDGET=N] lua5.4 bench/jobs.lua jobs N M POLL | upload FILE | download ID PATH
+--   [BUDGET=N] [PROGRESS=1] lua5.4 bench/jobs.lua jobs N M POLL | upload FILE | download ID PATH
 local lbatch = require "lbatch"
 local jsonl = require "lbatch.jsonl"
 
@@ -10,12 +10,22 @@ local jsonl = require "lbatch.jsonl"
 local client = lbatch.new({ max_connections = 32, timeout = 600, poll_budget = tonumber(os.getenv("BUDGET") or "") })
 local mode = arg[1]
 
+-- PROGRESS=1: uploads and downloads report on_progress (counted, printed)
+local reports = 0
+local progress = os.getenv("PROGRESS") == "1" and { on_progress = function() reports = reports + 1 end } or nil
+
 if mode == "upload" then
-  local f = assert(client:upload(arg[2]))
-  print(("uploaded %d bytes"):format(f.bytes))
-  print(f.id)
+  local f = assert(client:upload(arg[2], nil, progress))
+  if progress then    -- the figures last: bench/compare shows a row's last line
+    print(f.id)
+    print(("uploaded %d bytes, %d progress reports"):format(f.bytes, reports))
+  else
+    print(("uploaded %d bytes"):format(f.bytes))
+    print(f.id)
+  end
 elseif mode == "download" then
-  assert(client:content(arg[2], { path = arg[3] }))
+  assert(client:content(arg[2], { path = arg[3], on_progress = progress and progress.on_progress }))
+  if progress then io.write(("%d progress reports, "):format(reports)) end
   local fh = io.open(arg[3], "rb")
   print(("downloaded %d bytes"):format(fh:seek("end")))
   fh:close()
