@@ -48,6 +48,7 @@ local EXPECT = {
   ["Use"] = {},
   ["Many jobs at once: tasks"] = { out = { "requests%.jsonl%s+completed%s+2", "requests%-2%.jsonl%s+completed%s+2" } },
   ["Waiting"] = {},
+  ["Progress on long transfers"] = { out = { "\r%d+ of %d+ bytes" }, files = { "copy.jsonl" } },
   ["Pipelines that resume"] = { out = { "q1%s+%S", "q3%s+%S" }, files = { "work/journal.jsonl" } },
   ["Hosts with their own loop"] = { out = { "completed" } },
   ["Building request files"] = { files = { "eval.jsonl", "eval-2.jsonl", "eval-3.jsonl" } },
