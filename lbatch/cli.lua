@@ -488,7 +488,7 @@ function run.list(o)
   if not n then return nil, nerr end
   local c = client(o)
   local params = { limit = n.limit or 20, status = o.status }
-  local all, lines = {}, {}
+  local all, lines, more = {}, {}, false
   if o.all then
     for b, err in c:each_batch(params) do
       if not b then return nil, err end
@@ -497,9 +497,10 @@ function run.list(o)
   else
     local p, err = c:list_batches(params)
     if not p then return nil, err end
-    all = p.data
+    all, more = p.data, p.has_more == true
   end
   for i, b in ipairs(all) do lines[i] = batch_line(b) end
+  lines[#lines + 1] = ("%d batch(es)%s"):format(#all, more and "; more with --all or a larger --limit" or "")
   out(o, all, table.concat(lines, "\n"))
   return 0
 end
