@@ -154,6 +154,7 @@ describe("the lbatch command", function()
     assert.are.equal(0, code, text)
     assert.matches("cancelling", text)
     code, text = lbatch(emu, "list --limit 1")                 -- two batches now: the newest, and a hint
+    assert.are.equal(0, code)
     assert.matches(slow.id, text, 1, true)
     assert.matches("\n1 batch%(es%); more with %-%-all", text)
     code = lbatch(emu, "status --wait --poll 0.05 " .. slow.id)
