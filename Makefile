@@ -8,7 +8,8 @@
 #   CFLAGS       optimisation/debug flags (default -O2 -g)
 #   PREFIX       the LuaRocks tree `make install` installs into (default /usr/local:
 #                the lbatch command lands in PREFIX/bin)
-#   LUA_VERSION  the Lua LuaRocks builds for in `make install` (default: LuaRocks' own)
+#   LUA_VERSION  the Lua LuaRocks builds for in `make install` (default 5.4; Debian's
+#                LuaRocks would pick 5.1)
 #   SPEC         busted arguments (default: spec)
 
 LUA_INCDIR ?= /usr/include/lua5.4
@@ -17,6 +18,7 @@ CURL_CFLAGS ?= $(shell pkg-config --cflags libcurl 2>/dev/null)
 CURL_LIBS ?= $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
 CFLAGS ?= -O2 -g
 PREFIX ?= /usr/local
+LUA_VERSION ?= 5.4
 SPEC ?= spec
 WARN = -std=c99 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter
 SRC = lbatch/core/core.c lbatch/core/xfer.c lbatch/core/idmap.c lbatch/core/scan.c lbatch/core/util.c
@@ -122,8 +124,10 @@ bench: deps build
 	$(RUN54) lua5.4 bench/jsonl.lua
 	env LUA_PATH="./?.lua;./?/init.lua;;" LUA_CPATH="./build/jit/?.so;;" luajit bench/jsonl.lua
 
+# (luarocks make compiles in the checkout: its objects are removed after)
 install: build
-	luarocks $(if $(LUA_VERSION),--lua-version $(LUA_VERSION)) --tree $(PREFIX) make --deps-mode=none $(ROCKSPEC)
+	luarocks --lua-version $(LUA_VERSION) --tree $(PREFIX) make --deps-mode=none $(ROCKSPEC); \
+	  rc=$$?; rm -f lbatch/core.so lbatch/core/*.o; exit $$rc
 
 lint: deps
 	luacheck -q .
@@ -137,4 +141,4 @@ docs: deps
 	@ldoc -q . && echo "API reference: docs/index.html"
 
 clean:
-	rm -rf build docs
+	rm -rf build docs lbatch/core.so lbatch/core/*.o

@@ -29,9 +29,9 @@ The API key comes from $DASHSCOPE_API_KEY (or $OPENAI_API_KEY).]]
 
 local COMMANDS = {
   run = { args = "INPUT", help = [[
-Run a whole job: INPUT (.jsonl requests or a .csv of id,content) is sharded,
-uploaded, created, waited for and downloaded; the results are merged.
-Killed and started again with the same --dir, it resumes where it stopped.
+Run a whole job, resumable: shard, upload, create, wait, download, merge.
+INPUT is .jsonl requests or a .csv of id,content. Killed and started again
+with the same --dir, it resumes where it stopped.
   --dir DIR            work directory and journal (default: INPUT.lbatch)
   --output FILE        merged results, .csv or .jsonl (default: DIR/results.jsonl)
   --model M            model (needed for a CSV)
@@ -41,7 +41,7 @@ Killed and started again with the same --dir, it resumes where it stopped.
   --max-in-flight N    jobs at once (default 8)
   --max-lines N        lines per shard (default 50000)
   --window W           completion window (default 24h)
-  --poll SECONDS       first poll interval (default 60)
+  --poll SECONDS       first poll interval (default $LBATCH_POLL_INTERVAL, else 60)
   --resubmit           resubmit what expired or cancelled shards did not run
   --bom                a byte-order mark in a CSV output]] },
   submit = { args = "FILE", help = [[
@@ -52,7 +52,7 @@ Upload FILE (with progress) and create a batch from it; prints the batch.
   status = { args = "BATCH_ID", help = [[
 Show a batch.
   --wait            wait until it is final, with progress
-  --poll SECONDS    first poll interval when waiting (default 60)]] },
+  --poll SECONDS    first poll interval when waiting (default $LBATCH_POLL_INTERVAL, else 60)]] },
   list = { args = "", help = [[
 List batches, newest first.
   --limit N       (default 20)
@@ -60,8 +60,8 @@ List batches, newest first.
   --all           follow has_more to the end]] },
   cancel = { args = "BATCH_ID", help = "Cancel a batch." },
   download = { args = "ID", help = [[
-Download a file by id, or a batch's output and error files by batch id,
-with progress; an interrupted download leaves nothing behind.
+Download a file, or a batch's output and error files (by batch id).
+Shows progress; an interrupted download leaves nothing behind.
   --output PATH   where the file (or the batch's output) goes
   --errors PATH   where a batch's error file goes]] },
   validate = { args = "FILE", help = [[
@@ -118,14 +118,22 @@ local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = 
 local function usage()
   local t = { "Usage: lbatch COMMAND [options]\n\nCommands:" }
   for _, name in ipairs(ORDER) do
-    local first = COMMANDS[name].help:match("^[^\n]*")
+    local first = COMMANDS[name].help:match("^(.-%.)%s") or COMMANDS[name].help:match("^[^\n]*")
+    first = first:gsub("%s*\n%s*", " ")
     t[#t + 1] = ("  %-10s %-10s %s"):format(name, COMMANDS[name].args, first)
   end
   t[#t + 1] = "\n" .. GLOBAL .. "\nlbatch COMMAND --help shows a command's options."
   return table.concat(t, "\n")
 end
 
-local function parse(args)
+-- the options a command takes: those its help and GLOBAL name
+local function options_of(cmd)
+  local ok = {}
+  for flag in (cmd.help .. GLOBAL):gmatch("%-%-(%l[%w%-]*)") do ok[flag:gsub("%-", "_")] = true end
+  return ok
+end
+
+local function parse(args, ok)
   local o, pos, meta = {}, {}, {}
   local i = 1
   while i <= #args do
@@ -134,6 +142,7 @@ local function parse(args)
     elseif a:sub(1, 2) == "--" then
       local k, v = a:match("^%-%-([%w%-]+)=(.*)$")
       k = (k or a:sub(3)):gsub("%-", "_")
+      if not ok[k] then return nil, "unknown option " .. a:gsub("=.*", "") end
       if not v and not BOOLEAN[k] then
         i = i + 1
         v = args[i]
@@ -287,10 +296,11 @@ function run.validate(o, pos)
   end
   local lines = {}
   for _, p in ipairs(rep.problems) do
-    lines[#lines + 1] = ("%s:%s: %s %s"):format(pos[1], p.line or "-", p.code, p.message)
+    lines[#lines + 1] = p.line and ("%s:%s: %s %s"):format(pos[1], p.line, p.code, p.message)
+      or ("%s: %s %s"):format(pos[1], p.code, p.message)
   end
   lines[#lines + 1] = ("%s: %d lines, %d bytes, %s; %d problem(s), %d warning(s) (%s)"):format(pos[1], rep.lines,
-    rep.bytes, tostring(rep.model), #rep.problems, #rep.warnings, limits)
+    rep.bytes, rep.model and ("model " .. rep.model) or "no model", #rep.problems, #rep.warnings, limits)
   rep.problems, rep.warnings = json.array(rep.problems), json.array(rep.warnings)   -- [] when none
   out(o, rep, table.concat(lines, "\n"))
   return rep.ok and 0 or 1
@@ -548,6 +558,7 @@ function run.download(o, pos)
 end
 
 function run.run(o, pos)
+  if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
   local n, nerr = nums(o, "max_in_flight", "max_lines", "poll")
   if not n then return nil, nerr end
   local limits, lerr = limits_of(o)
@@ -704,9 +715,9 @@ function M.main(args)
   end
   local rest = {}
   for i = 2, #args do rest[#rest + 1] = args[i] end
-  local o, pos = parse(rest)
+  local o, pos = parse(rest, options_of(cmd))
   if not o then
-    io.stderr:write("lbatch ", name, ": ", pos, "\n")
+    io.stderr:write(("lbatch %s: %s (see lbatch %s --help)\n"):format(name, pos, name))
     return 2
   end
   if o.help then
@@ -734,7 +745,7 @@ function M.main(args)
     io.stdout:write(cjson.encode({ error = { kind = err.kind, status = err.status, code = err.code,
       message = err.message, param = err.param, request_id = err.request_id } }), "\n")
   end
-  io.stderr:write("lbatch ", name, ": ", tostring(err), "\n")
+  io.stderr:write("lbatch ", name, ": ", (tostring(err):gsub("^lbatch: ", "")), "\n")
   return 1
 end
 

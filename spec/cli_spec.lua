@@ -42,6 +42,13 @@ describe("the lbatch command", function()
     assert.are.equal(2, (lbatch(nil, "frobnicate")))
     assert.are.equal(2, (lbatch(nil, "status")))
     assert.are.equal(2, (lbatch(nil, "list --limit")))
+    code, text = lbatch(nil, "list --stauts completed")                -- a typo is not ignored
+    assert.are.equal(2, code)
+    assert.matches("unknown option %-%-stauts", text)
+    assert.are.equal(2, (lbatch(nil, "status b --bogus=1")))
+    code, text = lbatch(nil, "run questions.csv")
+    assert.are.equal(2, code)
+    assert.matches("%-%-model is required for a CSV", text)
   end)
 
   it("validates a file: problems with line numbers, exit 1", function()

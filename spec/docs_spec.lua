@@ -32,6 +32,14 @@ describe("the API reference", function()
     assert.are.same({}, missing)
   end)
 
+  it("lists every module in config.ld, so that the reference has them all", function()
+    local ld = H.read(H.root .. "/config.ld")
+    for path in H.sh("cd " .. H.root .. " && ls lbatch/*.lua"):gmatch("[^\n]+") do
+      local listed = ld:find('"' .. path .. '"', 1, true) or path == "lbatch/version.lua"   -- a string, no API
+      assert.is_truthy(listed, path .. " is not in config.ld")
+    end
+  end)
+
   it("builds with `make docs` into docs/ #docs", function()
     if not H.ok("command -v ldoc >/dev/null") then pending("ldoc (lua-ldoc) is not installed") return end
     local out = H.sh("cd " .. H.root .. " && make -s docs 2>&1; echo \"exit=$?\"")
