@@ -39,10 +39,11 @@ end
 
 --- Make a client.
 -- @tparam[opt] table opts api_key, region (`cn`, `intl`, `openai`),
--- base_url, timeout, connect_timeout, stall_timeout, transfer_timeout,
--- max_retries, retry_after_cap, max_connections, max_streams, max_response_bytes,
--- headers, cainfo, capath, proxy, noproxy, allow_http, host (see
--- `lbatch.loop`). Raises when an option is wrong or no key is found.
+-- base_url, limits, poll_budget, timeout, connect_timeout, stall_timeout,
+-- transfer_timeout, max_retries, retry_after_cap, max_connections,
+-- max_streams, max_response_bytes, headers, cainfo, capath, proxy, noproxy,
+-- allow_http, host (see `lbatch.loop`). Raises when an option is wrong or
+-- unknown (a misspelt one), or no key is found.
 -- @treturn lbatch.client
 function Client.new(opts)
   local cfg, secrets = config.new(opts or {})

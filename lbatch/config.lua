@@ -119,8 +119,18 @@ local function check_base(base, allow_http)
   end
 end
 
+-- every option lbatch.new takes: a misspelt one raises instead of being ignored
+local KNOWN = { api_key = true, region = true, base_url = true, allow_http = true, limits = true,
+                poll_budget = true, timeout = true, connect_timeout = true, stall_timeout = true,
+                transfer_timeout = true, max_retries = true, retry_after_cap = true, max_connections = true,
+                max_streams = true, max_response_bytes = true, headers = true, cainfo = true, capath = true,
+                proxy = true, noproxy = true, host = true }
+
 local function new(opts)
   if type(opts) ~= "table" then fail("opts must be a table") end
+  for k in pairs(opts) do
+    if not KNOWN[k] then fail(("unknown option %s"):format(type(k) == "string" and k or "[" .. tostring(k) .. "]")) end
+  end
   local region = opts.region or "cn"
   if not service.REGIONS[region] then fail("region must be cn, intl or openai") end
   local key = string_opt(opts, "api_key")

@@ -236,6 +236,9 @@ describe("the hostile kit", function()
         assert.is_false(ok, k)
         assert.matches("lbatch.new: " .. k, msg)
       end
+      local ok, msg = pcall(lbatch.new, { api_key = KEY, regoin = "intl" })   -- misspelt: not ignored
+      assert.is_false(ok)
+      assert.matches("lbatch.new: unknown option regoin", msg)
     end)
   end)
 
