@@ -56,16 +56,7 @@ local function set(list)
   return t
 end
 
-local function jtype(v)
-  if v == cjson.null then return "null" end
-  local t = type(v)
-  if t == "number" then return v == math.floor(v) and "integer" or "number" end
-  if t == "table" then
-    if next(v) == nil then return "empty" end
-    return #v > 0 and "array" or "object"
-  end
-  return t
-end
+local jtype = H.jtype
 
 local SCHEMA_TYPES = { integer = { integer = true }, number = { integer = true, number = true },
   string = { string = true }, boolean = { boolean = true }, object = { object = true, empty = true },

@@ -45,7 +45,7 @@ describe("habits", function()
     end
   end)
 
-  it("reads nothing from outside the project (a user's clone has no ../shared)", function()
+  it("reads nothing from outside the project (a user's clone has nothing beside it)", function()
     local hits = H.sh("cd " .. H.root .. " && git grep -nI '\\.\\./shared' -- . ':!*.md' ':!spec/habits_spec.lua' 2>/dev/null")
     assert.are.equal("", hits)
   end)

@@ -278,6 +278,21 @@ function H.json(method, url, o)
   return status, ok and obj or body, headers, rc
 end
 
+-- a decoded JSON value's type: "null", "integer" or "number" (lua-cjson
+-- decodes both as floats on 5.4), "empty" ({} and [] alike), "array",
+-- "object", or Lua's type
+function H.jtype(v)
+  local cjson = require "cjson"
+  if v == cjson.null then return "null" end
+  local t = type(v)
+  if t == "number" then return v == math.floor(v) and "integer" or "number" end
+  if t == "table" then
+    if next(v) == nil then return "empty" end
+    return #v > 0 and "array" or "object"
+  end
+  return t
+end
+
 -- A JSONL file of n chat (or test-model) requests.
 function H.requests(path, n, o)
   o = o or {}

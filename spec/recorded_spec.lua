@@ -17,16 +17,7 @@ end
 
 -- a value's JSON type; numbers as integer or number (lua-cjson decodes
 -- both as floats on 5.4), and an empty table as "empty" ({} and [] alike)
-local function jtype(v)
-  if v == cjson.null then return "null" end
-  local t = type(v)
-  if t == "number" then return v == math.floor(v) and "integer" or "number" end
-  if t == "table" then
-    if next(v) == nil then return "empty" end
-    return #v > 0 and "array" or "object"
-  end
-  return t
-end
+local jtype = H.jtype
 
 -- an id's form: its hex digits as x (batch_…-uuid, file-batch- and 24 hex digits)
 local function form(s) return (s:gsub("%x", "x")) end
