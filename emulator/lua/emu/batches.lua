@@ -133,13 +133,9 @@ function B.list(args)
   local limit, e = respond.int_arg(args, "limit", 20, 1, 100)
   if not limit then return e end
   local statuses, files = set_of(args.status), set_of(args.input_file_ids)
-  for _, k in ipairs({ "create_after", "create_before" }) do
-    if args[k] and not util.list_time(args[k]) then
-      return err(400, "invalid_parameter", k .. " must be yyyyMMddHHmmss (UTC+8).", k)
-    end
-  end
-  local after_t, before_t = args.create_after and util.list_time(args.create_after),
-    args.create_before and util.list_time(args.create_before)
+  local window, bad = util.list_window(args)
+  if not window then return err(400, "invalid_parameter", bad .. " must be yyyyMMddHHmmss (UTC+8).", bad) end
+  local after_t, before_t = window.create_after, window.create_before
   local name = args.ds_name and tostring(args.ds_name)
   local start = #store.batch_order
   if args.after then

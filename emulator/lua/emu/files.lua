@@ -101,13 +101,11 @@ function F.list(args)
     return err(400, "invalid_parameter", "order must be asc or desc.", "order")
   end
   -- the service's filters (recorded: create_after=20250101&create_before=20251101), in UTC+8
-  for _, k in ipairs({ "create_after", "create_before" }) do
-    if args[k] and not util.list_time(args[k]) then
-      return err(400, "invalid_parameter", k .. " must be yyyyMMdd or yyyyMMddHHmmss (UTC+8).", k)
-    end
+  local window, bad = util.list_window(args)
+  if not window then
+    return err(400, "invalid_parameter", bad .. " must be yyyyMMdd or yyyyMMddHHmmss (UTC+8).", bad)
   end
-  local after_t, before_t = args.create_after and util.list_time(args.create_after),
-    args.create_before and util.list_time(args.create_before)
+  local after_t, before_t = window.create_after, window.create_before
   local ids = store.file_order
   local from, to, dir = #ids, 1, -1
   if order == "asc" then from, to, dir = 1, #ids, 1 end

@@ -32,6 +32,19 @@ function U.list_time(v)
   return t and t - 8 * 3600
 end
 
+-- A list's create_after and create_before, as list_time reads them:
+-- {create_after = t, create_before = t}, or nil and the one that is wrong.
+function U.list_window(args)
+  local w = {}
+  for _, k in ipairs({ "create_after", "create_before" }) do
+    if args[k] then
+      w[k] = U.list_time(args[k])
+      if not w[k] then return nil, k end
+    end
+  end
+  return w
+end
+
 -- The fields of a batch, in each dialect. The service's (recorded in
 -- spec/fixtures/recorded) has no model and no usage, and expires_at is
 -- null at every stage; OpenAI's has both, and an expires_at.
