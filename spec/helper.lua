@@ -313,16 +313,20 @@ end
 -- Upload with curl, create, and wait until the batch is final.
 H.FINAL = { completed = true, failed = true, expired = true, cancelled = true }
 
-function H.wait_final(emu, id, seconds)
+-- Poll the emulator until batch `id` has status `want` (or any final
+-- one) or `seconds` (20) pass; returns the last batch read.
+function H.wait_status(emu, id, want, seconds)
   local deadline = H.now() + (seconds or 20)
   local b
   repeat
     local _
     _, b = H.json("GET", emu.base .. "/batches/" .. id)
-    if H.FINAL[b.status] then return b end
-    H.sleep(0.05)
+    if type(b) == "table" and (b.status == want or H.FINAL[b.status]) then return b end
+    H.sleep(0.025)
   until H.now() > deadline
   return b
 end
+
+function H.wait_final(emu, id, seconds) return H.wait_status(emu, id, nil, seconds) end
 
 return H

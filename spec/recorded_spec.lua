@@ -185,12 +185,7 @@ describe("the emulator (dashscope dialect) beside every recorded answer, field b
   end
 
   local function until_status(id, want)
-    local b
-    for _ = 1, 400 do
-      b = raw("GET", "/batches/" .. id)
-      if b.status == want or H.FINAL[b.status] then break end
-      H.sleep(0.025)
-    end
+    local b = H.wait_status(emu, id, want)
     assert.are.equal(want, b.status)
     return b
   end
