@@ -4,6 +4,7 @@
 -- message naming the option. Nothing here touches the network.
 -- @module lbatch.config
 local service = require "lbatch.service"
+local errors = require "lbatch.errors"
 
 local M = {}
 
@@ -19,19 +20,9 @@ M.DEFAULTS = {
   max_response_bytes = 64 * 1024 * 1024,   -- an answer kept in memory
 }
 
--- a wrong option: caught at this module's edge (guarded) and returned, so
--- the public function raises it at its own caller's line
-local WRONG = {}
-local function fail(msg) error({ [WRONG] = msg }, 0) end
-
-local function guarded(fn)
-  return function(...)
-    local ok, a, b = pcall(fn, ...)
-    if ok then return a, b end
-    if type(a) == "table" and a[WRONG] then return nil, a[WRONG] end
-    error(a, 0)
-  end
-end
+-- a wrong option: thrown to this module's edge (errors.protect) and
+-- returned, so the public function raises it at its own caller's line
+local fail, guarded = errors.throw, errors.protect
 
 local function env(k)
   local v = os.getenv(k)
@@ -124,7 +115,30 @@ local KNOWN = { api_key = true, region = true, base_url = true, allow_http = tru
                 poll_budget = true, timeout = true, connect_timeout = true, stall_timeout = true,
                 transfer_timeout = true, max_retries = true, retry_after_cap = true, max_connections = true,
                 max_streams = true, max_response_bytes = true, headers = true, cainfo = true, capath = true,
-                proxy = true, noproxy = true, host = true }
+                proxy = true, noproxy = true, host = true, scheduler = true }
+
+--- A `host` option (see `lbatch.loop`), checked: nil, or a table of
+-- `waiter` and `notify` functions. Throws what is wrong (see `errors.throw`).
+-- @param host the option
+-- @return host
+function M.host(host)
+  if host ~= nil then
+    if type(host) ~= "table" then fail("host must be a table") end
+    for _, k in ipairs({ "waiter", "notify" }) do
+      if host[k] ~= nil and type(host[k]) ~= "function" then fail("host." .. k .. " must be a function") end
+    end
+  end
+  return host
+end
+
+--- A number option (`max_connections`, `timeout`, ...), checked, or its
+-- default. Throws what is wrong.
+-- @tparam table opts the options
+-- @tparam string k the option's name
+-- @tparam[opt] boolean whole it must be a whole number
+-- @tparam[opt] boolean zero_ok 0 is allowed
+-- @treturn number
+M.number = number
 
 local function new(opts)
   if type(opts) ~= "table" then fail("opts must be a table") end
@@ -138,7 +152,10 @@ local function new(opts)
     if region == "openai" then key = env("OPENAI_API_KEY") or env("DASHSCOPE_API_KEY")
     else key = env("DASHSCOPE_API_KEY") or env("OPENAI_API_KEY") end
   end
-  if not key or key == "" then fail("no API key: pass api_key or set DASHSCOPE_API_KEY (or OPENAI_API_KEY)") end
+  if not key or key == "" then      -- what the environment lacks: a runtime failure, returned
+    fail(errors.new({ kind = "config", code = "no_api_key", param = "api_key",
+      message = "no API key: pass api_key or set DASHSCOPE_API_KEY (or OPENAI_API_KEY)" }))
+  end
   if key:find("[\r\n%z]") then fail("api_key holds a CR, LF or NUL") end
   local base = string_opt(opts, "base_url") or env("LBATCH_BASE_URL")
   if not base or base == "" then base = service.REGIONS[region] end
@@ -153,11 +170,11 @@ local function new(opts)
   local lines = { "Authorization: Bearer " .. key, "Accept: application/json",
                   "User-Agent: lbatch/" .. require("lbatch.version") }
   for _, h in ipairs(headers(opts.headers, secret_list)) do lines[#lines + 1] = h end
-  local host = opts.host
-  if host ~= nil then
-    if type(host) ~= "table" then fail("host must be a table") end
-    for _, k in ipairs({ "waiter", "notify" }) do
-      if host[k] ~= nil and type(host[k]) ~= "function" then fail("host." .. k .. " must be a function") end
+  local host = M.host(opts.host)
+  if opts.scheduler ~= nil then
+    if type(opts.scheduler) ~= "table" then fail("scheduler must be a scheduler (lbatch.scheduler())") end
+    for _, k in ipairs({ "host", "max_connections", "max_streams" }) do
+      if opts[k] ~= nil then fail(k .. " is the scheduler's: pass it to lbatch.scheduler{}, not with scheduler =") end
     end
   end
   local limits = string_opt(opts, "limits") or service.DIALECT[region]

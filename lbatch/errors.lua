@@ -5,7 +5,7 @@
 -- `tostring(err)`. Programming errors (a wrong argument type) raise a string
 -- `lbatch.<function>: <what is wrong>` instead.
 --
---    kind        http | network | timeout | decode | invalid | io | cancelled | task
+--    kind        http | network | timeout | decode | invalid | io | cancelled | task | config
 --    status      the HTTP status, when there was an answer
 --    code        a short machine-readable code (the service's, curl_N, ...)
 --    message     what went wrong, for people
@@ -41,9 +41,10 @@ end
 -- input that breaks a rule (a request line, an option value, a usage
 -- error); `io`: a local file (path and reason in the message; never
 -- retryable); `cancelled`: a task or transfer was cancelled; `task`: a task
--- raised something that is not an error object (`err.traceback` has where).
+-- raised something that is not an error object (`err.traceback` has where);
+-- `config`: what the environment lacks (no API key found).
 M.KINDS = { http = true, network = true, timeout = true, decode = true, invalid = true,
-            io = true, cancelled = true, task = true }
+            io = true, cancelled = true, task = true, config = true }
 
 local STRING_FIELDS = { "code", "message", "param", "type", "request_id" }
 
@@ -85,6 +86,56 @@ end
 -- @param x anything
 -- @treturn boolean
 function M.is(x) return getmetatable(x) == Error end
+
+-- ------------------------------------------------------------ raises into returns
+
+-- A failure thrown by `throw` or `try`: a box, so that `protect` tells it
+-- from a programming error (a string, or anything else raised).
+local Thrown = {}
+
+--- `e` boxed as `throw` raises it, to be raised later and elsewhere
+-- (`error(errors.thrown(box), 0)`).
+-- @param e any value
+-- @treturn table the box
+function M.box(e) return setmetatable({ e }, Thrown) end
+
+--- Throw `e` to the nearest `protect`ed function, which returns `nil, e`.
+-- @param e the error (an error object, or any value a protected
+-- function returns as its second result)
+function M.throw(e) error(M.box(e), 0) end
+
+--- `v, ...` when `v` is neither nil nor false; else throw `e` (as
+-- luasocket's `try`): `local f = errors.try(client:upload(path))`.
+-- @param v a value
+-- @param e its error
+-- @return v and the rest
+function M.try(v, e, ...)
+  if v == nil or v == false then M.throw(e) end
+  return v, e, ...
+end
+
+--- The value `throw` or `try` threw, when `x` is what a pcall caught from
+-- one of them; else nil.
+-- @param x a raised value
+-- @return the thrown value, or nil
+function M.thrown(x)
+  if getmetatable(x) == Thrown then return x[1] end
+end
+
+local function protected(ok, ...)
+  if ok then return ... end
+  local x = ...
+  if getmetatable(x) == Thrown then return nil, x[1] end
+  error(x, 0)             -- a programming error goes on up
+end
+
+--- `fn` made to return `nil, e` for what it throws (`throw`, `try`), as
+-- luasocket's `protect`; anything else it raises goes on up.
+-- @tparam function fn
+-- @treturn function
+function M.protect(fn)
+  return function(...) return protected(pcall(fn, ...)) end
+end
 
 -- ------------------------------------------------------------ programming errors
 
