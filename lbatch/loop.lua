@@ -30,6 +30,7 @@ local unpack = table.unpack or unpack
 local function pack(...) return { n = select("#", ...), ... } end
 
 local PROGRESS_EVERY = 0.1   -- seconds between progress calls for a transfer
+local IDLE_MS = 1000         -- the longest wait in drive() when nothing is due
 
 local Loop = {}
 Loop.__index = Loop
@@ -50,7 +51,6 @@ function Loop.new(opts)
     heap = {},           -- timers: {at, seq, task|box}
     seq = 0,
     failures = {},       -- errors of tasks nobody joined, not yet reported
-    idle_wait = opts.idle_wait or 1000,
     after = {},          -- functions run at the end of every turn (see drive)
     deferred = {},       -- functions run once at the start of the next turn
     waiter = host.waiter,
@@ -167,9 +167,11 @@ end
 
 -- Wait, as the current task or, outside tasks, the host's way or by
 -- driving the loop, until `register(self, waiter, a, b)` arranges for
--- self:wake(waiter, ...) to be called. (Functions and arguments, not
--- closures: the hot paths then make no closure, which LuaJIT cannot
--- compile.)
+-- self:wake(waiter, ...) to be called. A register that leaves work behind
+-- should the waiting task be cancelled (a transfer, a watched batch) sets
+-- `waiter.undo = fn` and `waiter.undo_arg`: Task:cancel calls
+-- fn(loop, undo_arg). (Functions and arguments, not closures: the hot
+-- paths then make no closure, which LuaJIT cannot compile.)
 function Loop:await(register, a, b)
   local task = self:current()
   if task then
@@ -177,7 +179,7 @@ function Loop:await(register, a, b)
     register(self, task, a, b)
     co_yield(AWAIT)
     local v = task.wakeup
-    task.wakeup = nil
+    task.wakeup, task.undo, task.undo_arg = nil, nil, nil
     return unpack(v, 1, v.n)
   end
   local box = {}
@@ -194,9 +196,19 @@ function Loop:await(register, a, b)
   return unpack(box.value, 1, box.value.n)
 end
 
+-- a cancelled task's transfer: stopped, and nobody waits for it
+local function drop_transfer(self, id)
+  self.ctl:cancel(id)
+  self.waiting[id] = nil
+  if self.watch[id] then
+    self.watch[id] = nil
+    self.watched = self.watched - 1
+  end
+end
+
 local function wait_transfer(self, w, id)
   self.waiting[id] = w
-  w.transfer = id
+  w.undo, w.undo_arg = drop_transfer, id
 end
 
 -- transfer(spec[, on_progress]): the core's result table; or nil, kind,
@@ -256,7 +268,7 @@ end
 -- ms until something is due, for the wait in drive()
 function Loop:wait_ms()
   if #self.ready > 0 or #self.deferred > 0 then return 0 end
-  local ms = self.idle_wait
+  local ms = IDLE_MS
   local top = self.heap[1]
   if top then ms = math.min(ms, math.max(0, (top.at - now()) * 1000)) end
   if self.watched > 0 then ms = math.min(ms, PROGRESS_EVERY * 1000) end
@@ -319,10 +331,7 @@ function Loop:drive(block, budget_ms)
     end
     local w = self.waiting[id]
     self.waiting[id] = nil
-    if w then
-      w.transfer = nil
-      self:wake(w, res)
-    end
+    if w then self:wake(w, res) end
   end
   local heap, t = self.heap, now()
   while heap[1] and heap[1].at <= t do self:wake(heap_pop(heap).w, true) end
@@ -400,19 +409,15 @@ function Task:join()
   return unpack(self.results, 1, self.results.n)
 end
 
---- Stop a task that has not finished; its transfer is abandoned.
+--- Stop a task that has not finished: what it waits on is undone (its
+-- transfer stopped, its batch no longer polled for it).
 -- @treturn boolean false when it had already finished
 function Task:cancel()
   if self:done() then return false end
   local loop = self.loop
-  if self.transfer then
-    loop.ctl:cancel(self.transfer)
-    loop.waiting[self.transfer] = nil
-    if loop.watch[self.transfer] then
-      loop.watch[self.transfer] = nil
-      loop.watched = loop.watched - 1
-    end
-  end
+  local undo, arg = self.undo, self.undo_arg
+  self.undo, self.undo_arg = nil, nil
+  if undo then undo(loop, arg) end
   -- a timer it sleeps on stays in the heap: waking a finished task is a no-op
   loop.tasks[self.co] = nil
   loop.alive = loop.alive - 1
