@@ -439,7 +439,7 @@ end
 -- the loop's turn (a download's temp file goes with it; a pipeline's
 -- journal is whole) and the command exits 130.
 local function client(o)
-  local c = lbatch.new({ base_url = o.base_url, region = o.region })
+  local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region }))   -- no key: thrown
   core.trap()
   c:at_turn_end(function()
     local sig = core.caught()
@@ -732,7 +732,9 @@ function M.main(args)
     return 2
   end
   local ok, code, err = pcall(run[name], o, pos)
-  if not ok then   -- a bug, or an option of the wrong value (lbatch.new raises)
+  if not ok and errors.thrown(code) then   -- a failure thrown by errors.try
+    err = errors.thrown(code)
+  elseif not ok then   -- a bug, or an option of the wrong value (lbatch.new raises)
     err = errors.new({ kind = "invalid", message = (tostring(code):gsub("^[^\n]-:%d+: ", "")) })
   elseif code then
     return code

@@ -1,8 +1,10 @@
---- The client: every Batch and File operation, and the loop they run on.
+--- The client: every Batch and File operation of one service and key.
 --
 -- Each operation returns its value, or nil and an error object (see
 -- `lbatch.errors`). Inside a task it yields while its transfer runs, so
--- tasks overlap; outside any task it waits (see `lbatch.loop`).
+-- tasks overlap; outside any task it waits (see `lbatch.loop`). Its
+-- transfers run on a scheduler (`lbatch.scheduler`): its own, or one it
+-- shares with other clients (`scheduler = sched`).
 --
 -- Every operation takes its API parameters (sent as given: a field the
 -- service adds tomorrow needs no new lbatch) and, last, per-call options:
@@ -17,8 +19,9 @@
 local json = require "lbatch.json"
 local config = require "lbatch.config"
 local http = require "lbatch.http"
-local Loop = require "lbatch.loop"
+local Scheduler = require "lbatch.scheduler"
 local watch = require "lbatch.watch"
+local recover = require "lbatch.recover"
 local errors = require "lbatch.errors"
 local service = require "lbatch.service"
 
@@ -40,17 +43,30 @@ end
 --- Make a client.
 -- @tparam[opt] table opts api_key, region (`cn`, `intl`, `openai`),
 -- base_url, limits, poll_budget, timeout, connect_timeout, stall_timeout,
--- transfer_timeout, max_retries, retry_after_cap, max_connections,
--- max_streams, max_response_bytes, headers, cainfo, capath, proxy, noproxy,
--- allow_http, host (see `lbatch.loop`). Raises when an option is wrong or
--- unknown (a misspelt one), or no key is found.
--- @treturn lbatch.client
+-- transfer_timeout, max_retries, retry_after_cap, max_response_bytes,
+-- headers, cainfo, capath, proxy, noproxy, allow_http; and scheduler (a
+-- `lbatch.scheduler` to share), or the options of a scheduler of its own:
+-- max_connections, max_streams, host (see `lbatch.loop`). Raises when an
+-- option is wrong or unknown (a misspelt one).
+-- @treturn lbatch.client, or nil and an error (kind `config`) when no key
+-- is found
 function Client.new(opts)
   local cfg, secrets = config.new(opts or {})
-  if not cfg then argerr("new", secrets) end
-  local loop = Loop.new({ max_connections = cfg.max_connections, max_streams = cfg.max_streams, host = cfg.host })
-  local self = setmetatable({ base_url = cfg.base_url, region = cfg.region, config = cfg, loop = loop }, Client)
-  transports[self] = http.new(cfg, secrets, loop)
+  if not cfg then
+    if errors.is(secrets) then return nil, secrets end
+    argerr("new", secrets)
+  end
+  local sched = opts and opts.scheduler
+  if sched ~= nil and not Scheduler.is(sched) then
+    argerr("new", "scheduler must be a scheduler (lbatch.scheduler())")
+  end
+  local own = sched == nil
+  if own then
+    sched = Scheduler.new({ host = cfg.host, max_connections = cfg.max_connections, max_streams = cfg.max_streams })
+  end
+  local self = setmetatable({ base_url = cfg.base_url, region = cfg.region, config = cfg, scheduler = sched,
+                              own_scheduler = own }, Client)
+  transports[self] = http.new(cfg, secrets, sched.loop)
   return self
 end
 
@@ -129,14 +145,9 @@ local function form_fields(out, prefix, v)
   end
 end
 
--- After an upload whose outcome is unknown: the file it may have stored
--- (same name and size, among the newest files, made since it began).
-function Client:_find_upload(name, bytes, since)
-  local page, err = self:list_files({ limit = 100, order = "desc" })
-  if not page then return nil, err end
-  for _, f in ipairs(page.data) do
-    if f.filename == name and f.bytes == bytes and (f.created_at or 0) >= since then return f end
-  end
+-- what recovery lists with: the transport's own call, not the client's
+local function lister(t, path)
+  return function(q) return t:call("GET", path .. http.query(q), { list = true }) end
 end
 
 --- Upload a file (streamed from disk) or bytes made in memory.
@@ -174,15 +185,16 @@ function Client:upload(file, params, opts)
     local fn = opts.on_progress
     o.on_progress = function(up, total) fn(up, total) end
   end
+  local t = transport(self)
   local since = os.time() - 300     -- allow for clock skew
   o.recover = function()
     local size = bytes or file_size(file)
     if not size then return nil, true end
-    local found, lerr = self:_find_upload(part.filename, size, since)
+    local found, lerr = recover.upload(lister(t, "/files"), { filename = part.filename, bytes = size, since = since })
     if found then return found end
     return nil, lerr ~= nil         -- cannot tell: do not risk a second file
   end
-  return self:_call("POST", "/files", o)
+  return finish(o, t:call("POST", "/files", o))
 end
 
 local function page(fn, self, path, params, opts)
@@ -241,25 +253,6 @@ end
 
 -- ------------------------------------------------------------ batches
 
-local function same_metadata(a, b)
-  a, b = a or {}, b or {}
-  for k, v in pairs(a) do if b[k] ~= v then return false end end
-  for k, v in pairs(b) do if a[k] ~= v then return false end end
-  return true
-end
-
--- After a create whose outcome is unknown: the batch it may have made.
-function Client:_find_created(params, since)
-  local p, err = self:list_batches({ limit = 100 })
-  if not p then return nil, err end
-  for _, b in ipairs(p.data) do
-    if b.input_file_id == params.input_file_id and b.endpoint == params.endpoint
-      and same_metadata(b.metadata, params.metadata) and (b.created_at or 0) >= since then
-      return b
-    end
-  end
-end
-
 --- Create a batch.
 -- Never leaves a second batch behind: libcurl cannot re-send the body on
 -- its own (lbatch/core/xfer.c), and after an attempt whose outcome is
@@ -280,14 +273,16 @@ function Client:create(params, opts)
   req.completion_window = req.completion_window or "24h"
   local o = call_options("create", opts)
   o.body = json.encode(req)
+  local t = transport(self)
   local since = os.time() - 300     -- allow for clock skew
   o.recover = function(err)
     if err.status == 429 or err.status == 408 then return nil end
-    local found, lerr = self:_find_created(req, since)
+    local found, lerr = recover.batch(lister(t, "/batches"), { input_file_id = req.input_file_id,
+      endpoint = req.endpoint, metadata = req.metadata or {}, since = since })
     if found then return found end
     return nil, lerr ~= nil         -- cannot tell: do not risk a second batch
   end
-  return self:_call("POST", "/batches", o)
+  return finish(o, t:call("POST", "/batches", o))
 end
 
 --- A batch.
@@ -379,9 +374,6 @@ function Client:each_batch(params, opts) return each("each_batch", Client.list_b
 -- @treturn function the iterator
 function Client:each_file(params, opts) return each("each_file", Client.list_files, self, params, opts) end
 
--- the names before 0.2
-Client.list, Client.files, Client.batches = Client.list_batches, Client.list_files, Client.each_batch
-
 local WAIT = { interval = 60, factor = 1.5, max_interval = 600, jitter = 0.1 }
 
 local function wait_opts(opts)
@@ -437,96 +429,67 @@ end
 function Client:watcher()
   local w = self.watch
   if not w then
-    w = watch.new(self, self.config.poll_budget)
+    local client = self
+    w = watch.new({ loop = self.scheduler.loop, per_minute = self.config.poll_budget,
+                    dialect = service.DIALECT[self.region],
+                    retrieve = function(id) return client:retrieve(id) end,
+                    list = function(q) return client:list_batches(q) end })
     self.watch = w
   end
   return w
 end
 
--- ------------------------------------------------------------ the loop
+-- ------------------------------------------------------------ the scheduler
 
---- Start a task: `fn(...)` in a coroutine whose operations overlap with
--- every other task's.
+-- Shorthands for the client's scheduler (`lbatch.scheduler`): on a shared
+-- one they drive every client on it.
+
+--- Start a task (`scheduler:spawn`).
 -- @tparam function fn
 -- @param ... its arguments
--- @treturn table the task: `task:done()`, `task:join()` (its results, or
--- nil and its error, with `err.traceback`), `task:cancel()`
-function Client:spawn(fn, ...) return self.loop:spawn(fn, ...) end
+-- @treturn table the task
+function Client:spawn(fn, ...) return self.scheduler:spawn(fn, ...) end
 
---- Sleep: in a task, without blocking the others.
+--- Sleep in a task (`scheduler:sleep`).
 -- @tparam number seconds
-function Client:sleep(seconds) return self.loop:sleep(seconds) end
+function Client:sleep(seconds) return self.scheduler:sleep(seconds) end
 
---- In a task's long work (building requests, reading results), let a
--- host's step() return once its budget is spent; the work goes on at the
--- next step. Under run() or outside a task it returns at once.
-function Client:pause() return self.loop:pause() end
+--- Let a host's step() end in a task's long work (`scheduler:pause`).
+function Client:pause() return self.scheduler:pause() end
 
---- Run `fn` at the end of every loop turn, after the tasks ran and before
--- any request they queued goes out (the pipeline writes its journal so).
+--- Run `fn` at the end of every loop turn (`scheduler:at_turn_end`).
 -- @tparam function fn
 -- @treturn function a remover
-function Client:at_turn_end(fn)
-  check("at_turn_end", "fn", fn, "function")
-  return self.loop:at_turn_end(fn)
-end
+function Client:at_turn_end(fn) return self.scheduler:at_turn_end(fn) end
 
---- Drive the loop until every task is done.
--- @treturn true, or nil and the error of a task that failed (with `err.traceback`)
-function Client:run()
-  local loop = self.loop
-  if loop:current() then argerr("run", "cannot be called from inside a task") end
-  while true do
-    local err = loop:take_failure()
-    if err then return nil, err end
-    if loop.alive == 0 then return true end
-    loop:drive(true)
-  end
-end
+--- Drive the loop until every task is done (`scheduler:run`).
+-- @treturn true, or nil and the error of a task that failed
+function Client:run() return self.scheduler:run() end
 
---- Do what is ready, never wait: for hosts with their own loop.
--- Sockets are handed to libcurl for up to half the budget, tasks are
--- resumed until it is spent, and the rest waits for the next step
--- (timeout() is then 0).
+--- Do what is ready, never wait (`scheduler:step`).
 -- @tparam[opt=0.5] number budget_ms
--- @treturn integer the work still pending (tasks, transfers, timers)
+-- @treturn integer the work still pending
 -- @treturn ?table the error of a task that failed, when one did
-function Client:step(budget_ms)
-  check("step", "budget_ms", budget_ms, "number", true)
-  self.loop:drive(false, budget_ms or 0.5)
-  return self.loop:pending(), self.loop:take_failure()
-end
+function Client:step(budget_ms) return self.scheduler:step(budget_ms) end
 
---- Milliseconds until step() is next needed: 0 now, -1 only socket
--- activity (see pollfd).
+--- Milliseconds until step() is next needed (`scheduler:timeout`).
 -- @treturn integer
-function Client:timeout() return self.loop:timeout() end
+function Client:timeout() return self.scheduler:timeout() end
 
---- One descriptor (an epoll set on Linux) readable when a transfer has
--- work, for luv, poll(2) and the like.
+--- The descriptor a host waits on (`scheduler:pollfd`).
 -- @treturn integer
-function Client:pollfd() return self.loop.ctl:pollfd() end
+function Client:pollfd() return self.scheduler:pollfd() end
 
---- The client in cqueues' pollable protocol: `pollfd()`, `events()`
--- (`"r"`) and `timeout()` in seconds (nil: none).
+--- cqueues' pollable protocol (`scheduler:pollable`).
 -- @treturn table
-function Client:pollable()
-  local client = self
-  return {
-    pollfd = function() return client:pollfd() end,
-    events = function() return "r" end,
-    timeout = function()
-      local ms = client:timeout()
-      if ms >= 0 then return ms / 1000 end
-    end,
-  }
-end
+function Client:pollable() return self.scheduler:pollable() end
 
---- Close the client: every transfer stops, and the key is forgotten.
+--- Close the client: the key is forgotten, and its own scheduler (not a
+-- shared one) stops every transfer.
 function Client:close()
   if transports[self] then
-    self.loop.ctl:close()
     transports[self] = nil
+    if self.own_scheduler then self.scheduler:close() end
   end
 end
 

@@ -4,14 +4,23 @@
 --    local lbatch = require "lbatch"
 --    local client = lbatch.new{ region = "cn" }
 --    local file = assert(client:upload("requests.jsonl"))
+--
+-- Several clients (services, regions, keys) on one loop:
+--
+--    local sched = lbatch.scheduler()
+--    local a = lbatch.new{ region = "cn", scheduler = sched }
+--    local b = lbatch.new{ region = "openai", scheduler = sched }
 -- @module lbatch
 local Client = require "lbatch.client"
+local Scheduler = require "lbatch.scheduler"
 local errors = require "lbatch.errors"
 local service = require "lbatch.service"
 
 return {
   --- Make a client (see `lbatch.client.new`).
   new = Client.new,
+  --- Make a scheduler for several clients (see `lbatch.scheduler.new`).
+  scheduler = Scheduler.new,
   --- lbatch's version.
   _VERSION = Client.VERSION,
   VERSION = Client.VERSION,

@@ -4,18 +4,21 @@
 --    -- in content_by_lua*, ngx.timer handlers, anywhere a yield is allowed:
 --    local batch = assert(client:retrieve(id))
 --
--- One client per worker (client() returns the same one for the same
--- options). It uses only the documented host seam (see `lbatch.loop`): a
--- driver in an ngx.timer calls step() and sleeps with ngx.sleep while
--- transfers are active, and on a semaphore while idle (`notify` wakes it);
--- an operation called from a request or timer handler waits on an
--- ngx.semaphore (`waiter`), so the worker serves other requests meanwhile.
+-- One scheduler per worker (`lbatch.scheduler`), shared by every client
+-- made here: one driver, one multi handle, whatever the number of services
+-- and keys; client() returns the same client for the same options. It
+-- uses only the documented host seam (see `lbatch.loop`): the driver, in an
+-- ngx.timer, calls step() and sleeps with ngx.sleep while transfers are
+-- active, and on a semaphore while idle (`notify` wakes it); an operation
+-- called from a request or timer handler waits on an ngx.semaphore
+-- (`waiter`), so the worker serves other requests meanwhile.
 -- @module lbatch.openresty
 local lbatch = require "lbatch"
 local semaphore = require "ngx.semaphore"
 
 local M = {}
 local clients = {}
+local sched
 
 local POLL = 0.002       -- seconds between steps while transfers are active
 local IDLE = 1           -- seconds the driver sleeps when there is no work
@@ -26,44 +29,54 @@ local function waiter()
   return { wait = function() sema:wait(60) end, wake = function() sema:post(1) end }
 end
 
-local function start(opts)
+--- This worker's scheduler (made, with its driver, on first use).
+-- @tparam[opt] table opts max_connections, max_streams: taken when it is made
+-- @treturn lbatch.scheduler
+function M.scheduler(opts)
+  if sched then return sched end
   local idle, sleeping = semaphore.new(), false
-  local o = {}
-  for k, v in pairs(opts) do o[k] = v end
-  o.host = {
+  opts = opts or {}
+  sched = lbatch.scheduler({ max_connections = opts.max_connections, max_streams = opts.max_streams, host = {
     waiter = waiter,
     notify = function() if sleeping then idle:post(1) end end,
-  }
-  local client = lbatch.new(o)
-
+  } })
+  local s = sched
   local function drive(premature)
     if premature then return end
     while not ngx.worker.exiting() do
-      local pending = client:step(1)
+      local pending = s:step(1)
       if pending == 0 then
         sleeping = true
         idle:wait(IDLE)
         sleeping = false
       else
-        local ms = client:timeout()
+        local ms = s:timeout()
         -- (at least 1 ms: ngx.sleep(0) needs a patch stock nginx lacks)
         ngx.sleep((ms >= 1 and ms < POLL * 1000) and ms / 1000 or ms < 1 and 0.001 or POLL)
       end
     end
   end
   assert(ngx.timer.at(0, drive))
-  return client
+  return sched
 end
 
---- This worker's client for these options (made on first use).
--- @tparam[opt] table opts as `lbatch.new` (`host` is set here)
--- @treturn lbatch.client
+--- This worker's client for these options (made on first use), on the
+-- worker's scheduler.
+-- @tparam[opt] table opts as `lbatch.new` (`scheduler` is set here;
+-- max_connections and max_streams go to the scheduler when it is made)
+-- @treturn lbatch.client, or nil and an error (no key found)
 function M.client(opts)
   opts = opts or {}
   local key = (opts.base_url or "") .. "\0" .. (opts.region or "") .. "\0" .. (opts.api_key or "")
   local c = clients[key]
   if not c then
-    c = start(opts)
+    local o = {}
+    for k, v in pairs(opts) do o[k] = v end
+    o.max_connections, o.max_streams = nil, nil
+    o.scheduler = M.scheduler(opts)
+    local err
+    c, err = lbatch.new(o)
+    if not c then return nil, err end
     clients[key] = c
   end
   return c

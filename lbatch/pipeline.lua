@@ -23,6 +23,9 @@ local errors = require "lbatch.errors"
 local journal = require "lbatch.journal"
 local service = require "lbatch.service"
 local rules = require "lbatch.rules"
+local recover = require "lbatch.recover"
+
+local try, throw = errors.try, errors.throw
 
 local M = {}
 
@@ -102,11 +105,11 @@ local function shard(opts, dir, client)
                            limits = opts.limits, max_lines = opts.max_lines, max_bytes = opts.max_bytes,
                            unique = "all" })
   local function add(r)
-    if type(r) ~= "table" then error(fail("a request must be a table"), 0) end
+    if type(r) ~= "table" then throw(fail("a request must be a table")) end
     client:pause()                     -- a host's frame goes on
     local ok, err
     if r.method then ok, err = w:request(r) else ok, err = w:add(r.custom_id, r.body, r.url) end
-    if not ok then error(err, 0) end
+    if not ok then throw(err) end
   end
   local src = opts.requests
   local ok, err = pcall(function()
@@ -115,36 +118,40 @@ local function shard(opts, dir, client)
       local m, e = csv.to_jsonl(src, { path = dir .. "/requests.jsonl", model = opts.model,
         system = opts.system, endpoint = opts.endpoint, max_lines = opts.max_lines,
         max_bytes = opts.max_bytes, unique = "all", limits = opts.limits })
-      if not m then error(e, 0) end
+      if not m then throw(e) end
       w = { close = function() return m end }
     elseif type(src) == "string" then
       local fh, msg = io.open(src, "rb")
-      if not fh then error(errors.io("cannot read", src, msg), 0) end
+      if not fh then throw(errors.io("cannot read", src, msg)) end
       local max_line = w.profile.max_line_bytes
       local okr, rerr = pcall(function()
         for n, line in rules.lines(fh, max_line) do
           if not line then      -- too long to keep: the writer's rule, not a silent skip
-            error(errors.new({ kind = "invalid", code = "line_too_large", message = ("%s line %d is larger than "
-              .. "the %d bytes allowed (%s)"):format(src, n, max_line, w.profile.name) }), 0)
+            throw(errors.new({ kind = "invalid", code = "line_too_large", message = ("%s line %d is larger than "
+              .. "the %d bytes allowed (%s)"):format(src, n, max_line, w.profile.name) }))
           elseif line:find("%S") then
             local okj, r = pcall(json.decode, line)
-            if not okj then error(fail(("%s line %d is not JSON"):format(src, n)), 0) end
+            if not okj then throw(fail(("%s line %d is not JSON"):format(src, n))) end
             add(r)
           end
         end
       end)
       fh:close()
-      if not okr then error(errors.is(rerr) and rerr or errors.io("cannot read", src, rerr), 0) end
+      rerr = errors.thrown(rerr) or rerr
+      if not okr then throw(errors.is(rerr) and rerr or errors.io("cannot read", src, rerr)) end
     elseif type(src) == "table" then
       for _, r in ipairs(src) do add(r) end
     elseif type(src) == "function" then
       for r in src do add(r) end
     else
-      error(fail("requests must be a path, a list or an iterator"), 0)
+      throw(fail("requests must be a path, a list or an iterator"))
     end
   end)
   local manifest, cerr = w:close()
-  if not ok then return nil, errors.is(err) and err or fail(tostring(err)) end
+  if not ok then
+    err = errors.thrown(err) or err
+    return nil, errors.is(err) and err or fail(tostring(err))
+  end
   if not manifest then return nil, cerr end
   if #manifest.files == 0 then return nil, fail("no requests") end
   return manifest
@@ -216,20 +223,20 @@ function Run:report_progress()
 end
 
 -- the file this run uploaded under `name`, if the service has it (a
--- failure to look raises: uploading again could make a second file)
+-- failure to look is thrown: uploading again could make a second file)
 function Run:find_upload(name)
-  local page = assert(self.client:list_files({ limit = 100, order = "desc" }))
-  for _, f in ipairs(page.data) do
-    if f.filename == name then return f end
-  end
+  local client = self.client
+  local f, err = recover.upload(function(q) return client:list_files(q) end, { filename = name })
+  if err then try(nil, err) end
+  return f
 end
 
--- the batch made from `file_id`, if any (a failure to look raises)
+-- the batch made from `file_id`, if any (a failure to look is thrown)
 function Run:find_batch(file_id)
-  local page = assert(self.client:list_batches({ input_file_ids = { file_id }, limit = 100 }))
-  for _, b in ipairs(page.data) do
-    if b.input_file_id == file_id then return b end
-  end
+  local client = self.client
+  local b, err = recover.batch(function(q) return client:list_batches(q) end, { input_file_id = file_id })
+  if err then try(nil, err) end
+  return b
 end
 
 function Run:process(s)
@@ -241,7 +248,7 @@ function Run:process(s)
       s.step = "uploading"
       self:save(s)
       self:hook("before_upload", s)
-      f = assert(client:upload(s.path, { filename = s.name }, self:transfer_watch(s, "up")))
+      f = try(client:upload(s.path, { filename = s.name }, self:transfer_watch(s, "up")))
       self:hook("after_upload", s)
     end
     s.file_id, s.step = f.id, "uploaded"
@@ -255,7 +262,7 @@ function Run:process(s)
       self:save(s)
       local metadata = opts.metadata
       if type(metadata) == "function" then metadata = metadata(s) end
-      b = assert(client:create({ input_file_id = s.file_id, endpoint = s.endpoint,
+      b = try(client:create({ input_file_id = s.file_id, endpoint = s.endpoint,
         completion_window = opts.completion_window, metadata = metadata }))
       self:hook("after_create", s)
     end
@@ -265,7 +272,7 @@ function Run:process(s)
   end
   if s.step == "created" then
     self:hook("waiting", s)
-    local b = assert(client:wait(s.batch_id, {
+    local b = try(client:wait(s.batch_id, {
       interval = opts.poll_interval, max_interval = opts.max_poll_interval, factor = opts.poll_factor,
       on_progress = function(b)
         s.status, s.counts = b.status, b.request_counts
@@ -282,7 +289,7 @@ function Run:process(s)
     local function fetch(id, path)
       local o = self:transfer_watch(s, "down") or {}
       o.path = path
-      return assert(client:content(id, o))
+      return try(client:content(id, o))
     end
     if s.output_file_id then s.output = fetch(s.output_file_id, base .. ".output.jsonl") end
     if s.error_file_id then s.error = fetch(s.error_file_id, base .. ".errors.jsonl") end
@@ -295,7 +302,7 @@ function Run:process(s)
     if PARTIAL[s.status] and opts.resubmit and s.round < (opts.max_rounds or 3) then
       local path = s.path:gsub("%.jsonl$", "") .. ".r" .. (s.round + 1) .. ".jsonl"
       local r = results.open({ output = s.output, errors = s.error, inputs = s.path })
-      local n = assert(r:resubmit(path))
+      local n = try(r:resubmit(path))
       if n > 0 then
         local k = #self.state.shards + 1
         self.state.shards[k] = { path = path, name = self.state.run .. "-" .. k .. ".jsonl", lines = n,
@@ -314,6 +321,7 @@ end
 
 -- what a worker raised, as an error object
 local function as_error(e)
+  e = errors.thrown(e) or e
   if errors.is(e) then return e end
   return errors.new({ kind = "task", code = "pipeline_failed", message = tostring(e),
                       traceback = debug.traceback(tostring(e), 2) })
@@ -433,9 +441,7 @@ function M.run(opts)
   end
   for i = #state.shards, 1, -1 do
     local s = state.shards[i]
-    local origin = s.origin or s.path
-    while origin:find("%.r%d+%.jsonl$") do origin = origin:gsub("%.r%d+%.jsonl$", ".jsonl") end  -- before 0.3
-    local g = by_path[origin]
+    local g = by_path[s.origin or s.path]
     if g then
       if s.output then g.output[#g.output + 1] = s.output end
       if s.error then g.errors[#g.errors + 1] = s.error end

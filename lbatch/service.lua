@@ -16,10 +16,6 @@ M.REGIONS = {
   openai = "https://api.openai.com/v1",
 }
 
---- Every status a batch can have, in lifecycle order.
-M.STATUSES = { "validating", "in_progress", "finalizing", "completed", "failed", "expired",
-               "cancelling", "cancelled" }
-
 --- The statuses a batch never leaves (a set).
 M.FINAL = { completed = true, failed = true, expired = true, cancelled = true }
 

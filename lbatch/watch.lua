@@ -26,23 +26,24 @@ local LIST_FROM = 3          -- due batches from which a list page pays
 local BY_FILE_MAX = 20       -- due batches asked for by input file in one call (DashScope)
 local IDLE = 1               -- the poller's longest sleep: a new wait is seen this soon
 
---- A watcher for a client.
--- @tparam lbatch.client client
--- @tparam number per_minute the budget of status calls a minute
+--- A watcher: what it needs of a client, and nothing else.
+-- @tparam table o loop (the scheduler's: its clock, sleep, tasks),
+-- per_minute (the budget of status calls a minute), dialect, and the two
+-- calls it makes: retrieve(id) -> batch | nil, err and list(query) ->
+-- page | nil, err
 -- @treturn table the watcher
-function M.new(client, per_minute)
+function M.new(o)
+  local per_minute = o.per_minute
   local burst = math.max(1, math.floor(per_minute / 10))
   return setmetatable({
-    client = client, loop = client.loop, dialect = service.DIALECT[client.region],
+    loop = o.loop, retrieve = o.retrieve, list = o.list, dialect = o.dialect,
     per_minute = per_minute, rate = math.max(per_minute - burst, 1) / 60, burst = burst,
     tokens = burst, at = now(), jobs = {}, ids = {}, count = 0, calls = 0, poller = nil,
   }, Watch)
 end
 
-local function register(_, w, job) job.waiter = w end
-
--- hand a job its end: the batch, or nil and an error
-local function settle(self, job, b, err)
+-- a job no longer watched (its end, or its waiter gone)
+local function forget(self, job)
   if self.jobs[job] then
     self.jobs[job] = nil
     self.count = self.count - 1
@@ -50,6 +51,19 @@ local function settle(self, job, b, err)
     same[job] = nil
     if not next(same) then self.ids[job.id] = nil end
   end
+end
+
+-- a waiting task was cancelled: its batch is not polled for it any more
+local function unwatch(_, job) forget(job.watch, job) end
+
+local function register(_, w, job)
+  job.waiter = w
+  w.undo, w.undo_arg = unwatch, job
+end
+
+-- hand a job its end: the batch, or nil and an error
+local function settle(self, job, b, err)
+  forget(self, job)
   if job.waiter then self.loop:wake(job.waiter, b, err) else job.result = { b, err } end
 end
 
@@ -97,7 +111,8 @@ local function seen(self, job, b)
     job.last = sig
     if job.o.on_progress then
       local ok, raised = pcall(job.o.on_progress, b)
-      if not ok then return settle(self, job, nil, { raised = raised }) end
+      -- raised again in the waiter (see wait): it is the waiter's callback
+      if not ok then return settle(self, job, nil, errors.box(raised)) end
     end
   end
   if service.FINAL[b.status] then return settle(self, job, b) end
@@ -119,7 +134,7 @@ end
 
 local function retrieve(self, job)
   if not self:take() or not self.jobs[job] then return end
-  local b, err = self.client:retrieve(job.id)
+  local b, err = self.retrieve(job.id)
   if not self.jobs[job] then return end
   if b then seen(self, job, b) else settle(self, job, nil, err) end
 end
@@ -141,7 +156,7 @@ end
 -- @treturn ?table the page, or nil when it failed
 function Watch:page(params)
   if not self:take() then return nil end
-  local page = self.client:list_batches(params)
+  local page = self.list(params)
   if not page or type(page.data) ~= "table" then return nil end
   for _, b in ipairs(page.data) do
     local same = type(b) == "table" and self.ids[b.id]
@@ -245,7 +260,7 @@ end
 -- jitter, deadline, on_progress
 -- @treturn table the final batch, or nil and an error
 function Watch:wait(id, o)
-  local job = { id = id, o = o, interval = o.interval, due = now(),
+  local job = { id = id, o = o, watch = self, interval = o.interval, due = now(),
                 stop = o.deadline and now() + o.deadline }
   self.jobs[job] = true
   self.count = self.count + 1
@@ -259,7 +274,8 @@ function Watch:wait(id, o)
   local b, err
   if job.result then b, err = job.result[1], job.result[2]
   else b, err = self.loop:await(register, job) end
-  if type(err) == "table" and err.raised ~= nil and not errors.is(err) then error(err.raised, 0) end
+  local raised = errors.thrown(err)
+  if raised ~= nil then error(raised, 0) end
   return b, err
 end
 

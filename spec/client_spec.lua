@@ -56,9 +56,9 @@ describe("lbatch client", function()
       local out = dir .. "/ops-out.jsonl"
       assert.are.equal(out, client:content(b.output_file_id, { path = out }))
       assert.are.equal(text, H.read(out))
-      local page = assert(client:list({ limit = 1 }))
+      local page = assert(client:list_batches({ limit = 1 }))
       assert.are.equal(b.id, page.data[1].id)
-      local files = assert(client:files({ limit = 100 }))
+      local files = assert(client:list_files({ limit = 100 }))
       assert.is_true(#files.data >= 2)
       assert.are.equal(f.id, assert(client:file(f.id)).id)
       local del = assert(client:delete_file(f.id))
@@ -87,7 +87,7 @@ describe("lbatch client", function()
         mine[assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" })).id] = i
       end
       local seen, count = {}, 0
-      for b, err in client:batches({ limit = 2, input_file_ids = { f.id } }) do
+      for b, err in client:each_batch({ limit = 2, input_file_ids = { f.id } }) do
         assert.is_truthy(b, tostring(err))
         assert.is_nil(seen[b.id])
         seen[b.id] = true
@@ -95,7 +95,7 @@ describe("lbatch client", function()
       end
       assert.are.equal(5, count)
       for id in pairs(mine) do assert.is_true(seen[id]) end
-      local empty = assert(client:list({ status = "expired", input_file_ids = { f.id } }))
+      local empty = assert(client:list_batches({ status = "expired", input_file_ids = { f.id } }))
       assert.are.same({}, empty.data)   -- the dashscope dialect sends null
     end)
   end)
@@ -103,14 +103,14 @@ describe("lbatch client", function()
   describe("errors", function()
     it("401 with a wrong key, and no key in any message", function()
       local other = lbatch.new({ api_key = "sk-wrong-key-that-must-not-leak", base_url = emu.base, max_retries = 0 })
-      local v, err = other:list()
+      local v, err = other:list_batches()
       other:close()
       assert.is_nil(v)
       assert.are.same({ "http", 401, false }, { err.kind, err.status, err.retryable })
       assert.is_nil(tostring(err):find("sk-wrong", 1, true))
       -- a server that echoes the key: it is scrubbed
       fault(emu, { path = "^/v1/batches$", status = 400, message = "bad request for key " .. KEY })
-      err = select(2, client:list())
+      err = select(2, client:list_batches())
       assert.are.equal(400, err.status)
       assert.is_nil(err.message:find(KEY, 1, true))
       assert.is_nil(tostring(err):find(KEY, 1, true))
@@ -131,15 +131,15 @@ describe("lbatch client", function()
     it("429 with Retry-After: waited out, or surfaced past the cap", function()
       fault(emu, { path = "^/v1/batches$", status = 429, retry_after = 1 })
       local t0 = H.now()
-      assert.is_truthy(client:list())
+      assert.is_truthy(client:list_batches())
       assert.is_true(H.now() - t0 >= 0.9)
       fault(emu, { path = "^/v1/batches$", status = 429, retry_after_ms = 200 })
       t0 = H.now()
-      assert.is_truthy(client:list())
+      assert.is_truthy(client:list_batches())
       assert.is_true(H.now() - t0 >= 0.18)
       fault(emu, { path = "^/v1/batches$", status = 429, retry_after = 3600 })
       t0 = H.now()
-      local v, err = client:list()
+      local v, err = client:list_batches()
       assert.is_nil(v)
       assert.are.same({ "http", 429, true }, { err.kind, err.status, err.retryable })
       assert.is_true(H.now() - t0 < 1)
@@ -148,10 +148,10 @@ describe("lbatch client", function()
     it("500: retried until it succeeds, or given up after max_retries", function()
       local before = stats(emu)["GET /batches"] or 0
       fault(emu, { path = "^/v1/batches$", status = 500, times = 2 })
-      assert.is_truthy(client:list())
+      assert.is_truthy(client:list_batches())
       assert.are.equal(before + 3, stats(emu)["GET /batches"])
       fault(emu, { path = "^/v1/batches$", status = 503, times = 3 })
-      local v, err = client:list()
+      local v, err = client:list_batches()
       assert.is_nil(v)
       assert.are.same({ "http", 503, true }, { err.kind, err.status, err.retryable })
       assert.are.equal(before + 6, stats(emu)["GET /batches"])
@@ -160,22 +160,22 @@ describe("lbatch client", function()
     it("a dropped connection is a retryable network error", function()
       local once = lbatch.new({ api_key = KEY, base_url = emu.base, max_retries = 0 })
       fault(emu, { path = "^/v1/batches$", mode = "close" })
-      local v, err = once:list()
+      local v, err = once:list_batches()
       assert.is_nil(v)
       assert.are.same({ "network", true }, { err.kind, err.retryable })
       fault(emu, { path = "^/v1/batches$", mode = "close" })
-      assert.is_truthy(client:list())    -- with retries it recovers
+      assert.is_truthy(client:list_batches())    -- with retries it recovers
       once:close()
     end)
 
     it("invalid JSON is a decode error; a stall past the timeout is a timeout", function()
       local once = lbatch.new({ api_key = KEY, base_url = emu.base, max_retries = 0, timeout = 0.3 })
       fault(emu, { path = "^/v1/batches$", mode = "invalid_json" })
-      local v, err = once:list()
+      local v, err = once:list_batches()
       assert.is_nil(v)
       assert.are.same({ "decode", 200 }, { err.kind, err.status })
       fault(emu, { path = "^/v1/batches$", delay = 2 })
-      v, err = once:list()
+      v, err = once:list_batches()
       assert.is_nil(v)
       assert.are.same({ "timeout", true }, { err.kind, err.retryable })
       once:close()
@@ -183,7 +183,7 @@ describe("lbatch client", function()
 
     it("a network failure names the kind", function()
       local dead = lbatch.new({ api_key = KEY, base_url = "http://127.0.0.1:9/v1", max_retries = 0 })
-      local v, err = dead:list()
+      local v, err = dead:list_batches()
       dead:close()
       assert.is_nil(v)
       assert.are.equal("network", err.kind)
@@ -236,7 +236,7 @@ describe("lbatch client", function()
                                      metadata = { run = "dup" } })
       assert.is_truthy(b, tostring(err))
       assert.are.equal(before + 1, stats(emu)["POST /batches"])
-      local page = assert(client:list({ input_file_ids = { f.id } }))
+      local page = assert(client:list_batches({ input_file_ids = { f.id } }))
       assert.are.equal(1, #page.data)
       assert.are.equal(b.id, page.data[1].id)
     end)
@@ -247,7 +247,7 @@ describe("lbatch client", function()
       fault(emu, { method = "POST", path = "^/v1/batches$", status = 502 })
       local b = assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" }))
       assert.are.equal(before + 2, stats(emu)["POST /batches"])
-      local page = assert(client:list({ input_file_ids = { f.id } }))
+      local page = assert(client:list_batches({ input_file_ids = { f.id } }))
       assert.are.equal(1, #page.data)
       assert.are.equal(b.id, page.data[1].id)
     end)
@@ -268,7 +268,7 @@ describe("lbatch client", function()
       local t0 = H.now()
       client:spawn(function()
         while true do
-          local pending = client.loop.ctl:pending()
+          local pending = client.scheduler.loop.ctl:pending()
           if pending > max_in_flight then max_in_flight = pending end
           local done = 0
           for _, t in ipairs(tasks) do if t:done() then done = done + 1 end end
@@ -400,7 +400,7 @@ describe("lbatch client", function()
       client:spawn(function()
         for _ = 1, 5 do client:sleep(0.01); ticks = ticks + 1 end
       end)
-      assert.is_truthy(client:list())     -- blocking call
+      assert.is_truthy(client:list_batches())     -- blocking call
       client:sleep(0.1)                   -- blocking sleep
       assert.are.equal(5, ticks)
     end)
@@ -444,7 +444,7 @@ describe("lbatch client", function()
           end
         end
         local c = lbatch.new({ api_key = "k", base_url = arg[1], timeout = 120 })
-        assert(c:files({ limit = 1 }))          -- load everything once
+        assert(c:list_files({ limit = 1 }))          -- load everything once
         local base = hwm()
         local f = assert(c:upload(arg[2]))
         local got = assert(c:content(f.id, { path = arg[3] }))
@@ -470,7 +470,7 @@ describe("emulator under lbatch", function()
     local err
     for _ = 1, 101 do
       local page
-      page, err = c:list({ limit = 1 })
+      page, err = c:list_batches({ limit = 1 })
       if not page then break end
     end
     c:close()
@@ -504,7 +504,7 @@ describe("emulator under lbatch", function()
     local done, deadline = 0, H.now() + 120
     while done < 1000 and H.now() < deadline do
       done = 0
-      for b in c:batches({ limit = 100, status = "completed" }) do
+      for b in c:each_batch({ limit = 100, status = "completed" }) do
         assert.is_truthy(b)
         done = done + 1
       end

@@ -29,7 +29,7 @@ local E = {
 local cfg
 local active = {}     -- id -> batch, for every batch not in a final state
 local jobs = 0
-local TERMINAL = { completed = true, failed = true, expired = true, cancelled = true }
+local TERMINAL = require("lbatch.service").FINAL     -- the client's own set
 E.TERMINAL = TERMINAL
 
 local function scaled(service_seconds) return service_seconds / cfg.speed end

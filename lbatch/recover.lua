@@ -1,0 +1,53 @@
+--- After a call whose outcome is unknown: what it may have made.
+--
+-- An upload or a create that lost its answer (a reset, a timeout) may or
+-- may not have happened. Sending it again could store a second file or
+-- start a second batch (and pay twice), so first look among the newest:
+-- the client does it before a retry, the pipeline after a crash. Each
+-- function takes `list(query) -> page | nil, err`, the one call it needs.
+-- @module lbatch.recover
+local M = {}
+
+local function same_metadata(a, b)
+  a, b = a or {}, b or {}
+  for k, v in pairs(a) do if b[k] ~= v then return false end end
+  for k, v in pairs(b) do if a[k] ~= v then return false end end
+  return true
+end
+
+--- The stored file an upload made: named `want.filename` and, when given,
+-- of `want.bytes` bytes and made since `want.since`, among the newest 100.
+-- @tparam function list one page of files
+-- @tparam table want filename, bytes, since
+-- @return the file, nil when there is none, or nil and the list's error
+function M.upload(list, want)
+  local page, err = list({ limit = 100, order = "desc" })
+  if not page then return nil, err end
+  for _, f in ipairs(page.data) do
+    if f.filename == want.filename and (want.bytes == nil or f.bytes == want.bytes)
+      and (f.created_at or 0) >= (want.since or 0) then
+      return f
+    end
+  end
+end
+
+--- The batch a create made from `want.input_file_id`; when given, also
+-- with `want.endpoint`, exactly `want.metadata` (a table: `{}` for none)
+-- and made since `want.since`, among the newest 100 (on DashScope those
+-- of that input file).
+-- @tparam function list one page of batches
+-- @tparam table want input_file_id, endpoint, metadata, since
+-- @return the batch, nil when there is none, or nil and the list's error
+function M.batch(list, want)
+  local page, err = list({ input_file_ids = { want.input_file_id }, limit = 100 })
+  if not page then return nil, err end
+  for _, b in ipairs(page.data) do
+    if b.input_file_id == want.input_file_id and (want.endpoint == nil or b.endpoint == want.endpoint)
+      and (want.metadata == nil or same_metadata(b.metadata, want.metadata))
+      and (b.created_at or 0) >= (want.since or 0) then
+      return b
+    end
+  end
+end
+
+return M
