@@ -9,6 +9,7 @@ local A = {}
 local faults = {}
 local last = {}                 -- the last API request: what a client sent
 local stats = {}
+local polled = {}               -- batch id -> status calls for it (GET /batches/{id})
 local protocols, connections, seen = {}, 0, {}
 
 -- the next fault for this request, if one matches (it is used up)
@@ -22,7 +23,10 @@ function A.take_fault(method, path)
   end
 end
 
-function A.count(route) stats[route] = (stats[route] or 0) + 1 end
+function A.count(route, id)
+  stats[route] = (stats[route] or 0) + 1
+  if id and route == "GET /batches/{id}" then polled[id] = (polled[id] or 0) + 1 end
+end
 
 -- the last API request, for specs that check what a client sent: method,
 -- path, query, and what its handler noted (body, form fields)
@@ -60,10 +64,12 @@ function A.handle(method, path)
     end
   elseif path == "/_emulator/stats" and method == "GET" then
     -- routes: requests by route ("429 route" for those refused by a rate
-    -- limit); with ?finished=1, each batch's wall-clock end; now: this clock
+    -- limit); polled: retrieve calls by batch id; with ?finished=1, each
+    -- batch's wall-clock end; now: this clock
     ngx.update_time()
     local args = ngx.req.get_uri_args(10)
     return respond.json(200, { routes = next(stats) and stats or cjson.null, running = engine.running(),
+                               polled = next(polled) and polled or cjson.null,
                                protocols = next(protocols) and protocols or cjson.null, connections = connections,
                                now = ngx.now(),
                                finished = args.finished and next(engine.finished) and engine.finished or nil })

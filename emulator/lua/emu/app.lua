@@ -51,7 +51,7 @@ function A.handle()
   local fault = admin.take_fault(method, path)
   if fault and fault.delay then ngx.sleep(tonumber(fault.delay) or 0) end
   local r, id = route(method, path)
-  if r then admin.count(r[3]) end
+  if r then admin.count(r[3], id) end
   if not guard.authorized() then
     return respond.send(respond.err(401, "invalid_api_key",
       "Incorrect or missing API key (Authorization: Bearer KEY)."), fault)
