@@ -59,7 +59,7 @@ int lbatch_mkdir(lua_State *L) {
   int ok = 1;
   if (!p) return luaL_error(L, "out of memory");
   memcpy(p, path, n + 1);
-  for (q = p + 1; ok; q++) {
+  for (q = n ? p + 1 : p; ok; q++) {   /* "": no component to skip (and no p[1]) */
     if (*q == '/' || *q == '\0') {
       char c = *q;
       *q = '\0';
