@@ -21,7 +21,7 @@ PREFIX ?= /usr/local
 LUA_VERSION ?= 5.4
 SPEC ?= spec
 WARN = -std=c99 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter
-SRC = lbatch/core/core.c lbatch/core/xfer.c lbatch/core/idmap.c lbatch/core/scan.c lbatch/core/util.c
+SRC = $(addprefix lbatch/core/,core.c multi.c xfer.c fail.c idmap.c index.c scan.c sys.c buf.c)
 HDR = lbatch/core/core.h lbatch/core/compat.h lbatch/core/scan.h
 
 DEB = lua5.4 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \

@@ -101,15 +101,8 @@ local NOT_SENT = { [5] = true, [6] = true, [7] = true, [35] = true }
 local CERT = { [51] = true, [58] = true, [60] = true, [77] = true, [82] = true, [83] = true,
                [90] = true, [91] = true, [98] = true }
 
--- our own failures (lbatch/core/xfer.c): kind, code, retryable
-local FAIL = {
-  io = { "io", nil, false },
-  truncated = { "network", "truncated", true },
-  too_large = { "decode", "response_too_large", false },
-  stalled = { "timeout", "stalled", true },
-  resend = { "network", "connection_lost", true },
-  encoding = { "decode", "unexpected_encoding", false },
-}
+-- our own failures: name -> { kind, code, retryable } (lbatch/core/fail.c)
+local FAIL = require("lbatch.core").FAIL
 
 local function request_id(h, body)
   local id = type(body) == "table" and body.request_id
@@ -121,8 +114,8 @@ end
 local function transport_error(res)
   local f = res.fail and FAIL[res.fail]
   if f then
-    return errors.new({ kind = f[1], code = f[2], retryable = f[3], status = res.status ~= 0 and res.status or nil,
-                        message = res.error })
+    return errors.new({ kind = f.kind, code = f.code, retryable = f.retryable,
+                        status = res.status ~= 0 and res.status or nil, message = res.error })
   end
   local code = res.code
   if res.connect_code == 407 then

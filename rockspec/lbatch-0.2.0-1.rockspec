@@ -49,8 +49,9 @@ build = {
     ["lbatch.cli"] = "lbatch/cli.lua",
     ["lbatch.openresty"] = "lbatch/openresty.lua",
     ["lbatch.core"] = {
-      sources = { "lbatch/core/core.c", "lbatch/core/xfer.c", "lbatch/core/idmap.c", "lbatch/core/scan.c",
-                  "lbatch/core/util.c" },
+      sources = { "lbatch/core/core.c", "lbatch/core/multi.c", "lbatch/core/xfer.c", "lbatch/core/fail.c",
+                  "lbatch/core/idmap.c", "lbatch/core/index.c", "lbatch/core/scan.c", "lbatch/core/sys.c",
+                  "lbatch/core/buf.c" },
       defines = { "_GNU_SOURCE" },
       incdirs = { "$(CURL_INCDIR)" },
       libdirs = { "$(CURL_LIBDIR)" },

@@ -1,22 +1,60 @@
-/* lbatch.core: one libcurl multi handle (the controller) and the transfers
- * it runs. libcurl callbacks only fill C buffers and files; finished
- * transfers wait in a queue until Lua collects them with ctl:done(). */
+/* lbatch.core: one libcurl multi handle (the controller, multi.c) and the
+ * transfers it runs (xfer.c). libcurl callbacks only fill C buffers and
+ * files; finished transfers wait in a queue until Lua collects them with
+ * ctl:done(). Beside them: a hash map outside the Lua heap (idmap.c), the
+ * JSONL indexer on it (index.c), byte scanners (scan.c, scan.h), system
+ * calls (sys.c) and our own failure kinds (fail.c). core.c builds the
+ * module and registers every metatable. */
 #ifndef LBATCH_CORE_H
 #define LBATCH_CORE_H
 
+#include <stdint.h>
 #include <stdio.h>
 #include <sys/types.h>
 #include <curl/curl.h>
 #include "compat.h"
 
 #define LBATCH_CTL "lbatch.core.ctl"
+#define LBATCH_IDMAP "lbatch.core.idmap"
+
+/* ------------------------------------------------------------ buf.c */
 
 typedef struct buf {
   char *p;
   size_t len, cap;
 } buf;
 
-struct ctl;
+int buf_add(buf *b, const char *p, size_t n);
+void buf_free(buf *b);
+
+/* ------------------------------------------------------------ fail.c */
+
+/* Our own failures: a transfer that libcurl would call fine (or would
+ * call by a vaguer name) but lbatch does not. A result's `fail` is the
+ * name; core.FAIL maps each name to the error lbatch makes of it. */
+typedef enum fail_id {
+  FAIL_NONE = 0,
+  FAIL_IO,          /* a local file: cannot read, write, rename, not a regular file */
+  FAIL_TRUNCATED,   /* a download shorter than its Content-Length */
+  FAIL_TOO_LARGE,   /* an answer (body or headers) over its cap */
+  FAIL_STALLED,     /* no byte moved for the stall time */
+  FAIL_RESEND,      /* libcurl would send a request (and part of its body) a second time */
+  FAIL_ENCODING,    /* a file sent with a Content-Encoding nobody asked for */
+  FAIL_COUNT
+} fail_id;
+
+typedef struct fail_info {
+  const char *name;   /* the result's `fail` */
+  const char *kind;   /* the error's kind */
+  const char *code;   /* the error's code; NULL: none */
+  int retryable;
+} fail_info;
+
+extern const fail_info lb_fail[FAIL_COUNT];
+void lbatch_push_fail(lua_State *L);   /* core.FAIL */
+
+/* ------------------------------------------------------------ xfer.c */
+
 struct xfer;
 
 /* An upload source: a regular file read through our own callbacks (so
@@ -31,9 +69,8 @@ typedef struct source {
 
 typedef struct xfer {
   CURL *easy;
-  struct ctl *ctl;
   lua_Integer id;
-  struct xfer *prev, *next;   /* in one of ctl's lists: queued, active, done */
+  struct xfer *prev, *next;   /* in one of the controller's lists: queued, active, done */
   struct curl_slist *headers;
   curl_mime *mime;
   char *body;                 /* request body (copied) */
@@ -44,57 +81,64 @@ typedef struct xfer {
   size_t max_body;            /* cap on resp (and hdrs); 0: none */
   char *path, *tmp;           /* download: final path and temp file beside it */
   int out;                    /* temp file descriptor, -1 when none */
-  int had_target;             /* the path existed (a regular file) */
   int identity;               /* a file's bytes: an unasked Content-Encoding is refused */
   mode_t mode;                /* mode the download gets */
   curl_off_t written;         /* body bytes downloaded (to file or buffer) */
-  double started, last_io, stall_ms;  /* monotonic ms; stall_ms 0: no check */
+  double last_io, stall_ms;   /* monotonic ms; stall_ms 0: no check */
   int requests;               /* times libcurl began sending this request */
   CURLcode result;
-  const char *fail;           /* our own failure: io, truncated, too_large, stalled, encoding */
+  fail_id fail;               /* our own failure (the first one); FAIL_NONE: none */
   char failmsg[512];
   char errbuf[CURL_ERROR_SIZE];
 } xfer;
 
-typedef struct list {
-  xfer *head, *tail;
-  int n;
-} list;
-
-typedef struct ctl {
-  CURLM *multi;
-  int epfd;                   /* -1 without epoll: then curl_multi_poll */
-  double deadline;            /* monotonic ms when curl wants a call; <0: none */
-  int running;
-  int max_active;             /* transfers in the multi handle at once; 0: no cap */
-  int max_conns, max_streams; /* max_active is max_conns, and max_conns x max_streams
-                               * once a connection has multiplexed (HTTP/2) */
-  lua_Integer next_id;
-  list queued;                /* added, not yet handed to libcurl */
-  list active;                /* in the multi handle */
-  list done;                  /* finished, waiting for ctl:done() */
-  int closed;
-} ctl;
-
-/* util.c */
-double lb_now_ms(void);
-int buf_add(buf *b, const char *p, size_t n);
-void buf_free(buf *b);
-
-/* idmap.c */
-int lbatch_idmap_new(lua_State *L);
-
-/* scan.c */
-int lbatch_utf8_check(lua_State *L);
-int lbatch_json_string(lua_State *L);
-
-/* xfer.c */
-xfer *xfer_new(lua_State *L, ctl *c, int spec);
+xfer *xfer_new(lua_State *L, int spec);
 void xfer_started(xfer *x);
-void xfer_fail(xfer *x, const char *kind, const char *fmt, ...);
+void xfer_fail(xfer *x, fail_id kind, const char *fmt, ...);
 void xfer_finish(xfer *x, CURLcode result);
 void xfer_push_result(lua_State *L, xfer *x);
 void xfer_push_progress(lua_State *L, xfer *x);
 void xfer_free(xfer *x);
+
+/* ------------------------------------------------------------ multi.c */
+
+int lbatch_ctl_new(lua_State *L);          /* core.new */
+extern const luaL_Reg lbatch_ctl_methods[];
+extern const luaL_Reg lbatch_ctl_meta[];   /* __gc, __close */
+
+/* ------------------------------------------------------------ idmap.c */
+
+typedef struct idmap idmap;
+
+int lbatch_idmap_new(lua_State *L);        /* core.idmap */
+extern const luaL_Reg lbatch_idmap_methods[];
+extern const luaL_Reg lbatch_idmap_meta[]; /* __gc */
+
+idmap *idmap_check(lua_State *L, int arg);
+uint64_t idmap_hash(const char *k, size_t len);
+/* h is idmap_hash(k, len) */
+int idmap_has(const idmap *m, const char *k, size_t len, uint64_t h);
+int idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v);  /* 1 new, 0 kept, -1 no memory */
+int idmap_remove(idmap *m, const char *k, size_t len, uint64_t h);             /* 1 when it was there */
+
+/* ------------------------------------------------------------ index.c */
+
+extern const luaL_Reg lbatch_index_methods[];  /* idmap:scan */
+
+/* ------------------------------------------------------------ scan.c */
+
+int lbatch_utf8_check(lua_State *L);
+int lbatch_json_string(lua_State *L);
+
+/* ------------------------------------------------------------ sys.c */
+
+double lb_now_ms(void);                    /* monotonic */
+int lbatch_now(lua_State *L);
+int lbatch_sleep(lua_State *L);
+int lbatch_mkdir(lua_State *L);
+int lbatch_disk_free(lua_State *L);
+int lbatch_trap(lua_State *L);
+int lbatch_caught(lua_State *L);
+int lbatch_version(lua_State *L);
 
 #endif

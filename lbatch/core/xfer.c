@@ -24,7 +24,7 @@
 
 #define MAX_HEADERS (1024 * 1024)   /* a header block larger than this is refused */
 
-void xfer_fail(xfer *x, const char *kind, const char *fmt, ...) {
+void xfer_fail(xfer *x, fail_id kind, const char *fmt, ...) {
   va_list ap;
   if (x->fail) return;              /* the first failure is the one to report */
   x->fail = kind;
@@ -62,12 +62,12 @@ static size_t on_write(char *p, size_t size, size_t n, void *ud) {
   x->last_io = lb_now_ms();
   if (x->out >= 0 && is_2xx(x)) {
     if (!write_all(x->out, p, len)) {
-      xfer_fail(x, "io", "cannot write %s: %s", x->tmp, strerror(errno));
+      xfer_fail(x, FAIL_IO, "cannot write %s: %s", x->tmp, strerror(errno));
       return 0;
     }
   } else {
     if (x->max_body && x->resp.len + len > x->max_body) {
-      xfer_fail(x, "too_large", "the answer is larger than %lu bytes (max_response_bytes)",
+      xfer_fail(x, FAIL_TOO_LARGE, "the answer is larger than %lu bytes (max_response_bytes)",
                 (unsigned long)x->max_body);
       return 0;
     }
@@ -83,7 +83,7 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud) {
   x->last_io = lb_now_ms();
   if (len > 5 && memcmp(p, "HTTP/", 5) == 0) x->hdrs.len = 0;   /* a new response */
   if (x->hdrs.len + len > MAX_HEADERS) {
-    xfer_fail(x, "too_large", "the answer's headers are larger than %d bytes", MAX_HEADERS);
+    xfer_fail(x, FAIL_TOO_LARGE, "the answer's headers are larger than %d bytes", MAX_HEADERS);
     return 0;
   }
   /* a file's content is its bytes as stored: an encoding nobody asked for
@@ -93,7 +93,7 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud) {
     size_t vl;
     if (lb_header_value(p, len, "content-encoding", &v, &vl) && !(vl == 8 && strncasecmp(v, "identity", 8) == 0)
         && is_2xx(x)) {
-      xfer_fail(x, "encoding", "the server sent the file with a Content-Encoding that was not asked for");
+      xfer_fail(x, FAIL_ENCODING, "the server sent the file with a Content-Encoding that was not asked for");
       return 0;
     }
   }
@@ -114,11 +114,11 @@ static size_t on_read(char *p, size_t size, size_t n, void *ud) {
     ssize_t r;
     do r = read(s->fd, p, want); while (r < 0 && errno == EINTR);
     if (r < 0) {
-      xfer_fail(s->owner, "io", "cannot read the file being uploaded: %s", strerror(errno));
+      xfer_fail(s->owner, FAIL_IO, "cannot read the file being uploaded: %s", strerror(errno));
       return CURL_READFUNC_ABORT;
     }
     if (r == 0) {
-      xfer_fail(s->owner, "io", "the file being uploaded changed: it is shorter than when the upload began");
+      xfer_fail(s->owner, FAIL_IO, "the file being uploaded changed: it is shorter than when the upload began");
       return CURL_READFUNC_ABORT;
     }
     want = (size_t)r;
@@ -147,7 +147,7 @@ static int on_prereq(void *ud, char *conn_ip, char *local_ip, int conn_port, int
   (void)conn_ip; (void)local_ip; (void)conn_port; (void)local_port;
   x->last_io = lb_now_ms();
   if (++x->requests > 1 && (x->body_src.pos > 0 || x->file_src.pos > 0)) {
-    xfer_fail(x, "resend", "the connection was lost while the request was being sent; libcurl may not send it again");
+    xfer_fail(x, FAIL_RESEND, "the connection was lost while the request was being sent; libcurl may not send it again");
     return CURL_PREREQFUNC_ABORT;
   }
   return CURL_PREREQFUNC_OK;
@@ -238,14 +238,14 @@ static const char *what_it_is(mode_t m) {
 static int open_upload(xfer *x, const char *path) {
   struct stat st;
   int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-  if (fd < 0) { xfer_fail(x, "io", "cannot read %s: %s", path, strerror(errno)); return 0; }
+  if (fd < 0) { xfer_fail(x, FAIL_IO, "cannot read %s: %s", path, strerror(errno)); return 0; }
   if (fstat(fd, &st) != 0) {
-    xfer_fail(x, "io", "cannot read %s: %s", path, strerror(errno));
+    xfer_fail(x, FAIL_IO, "cannot read %s: %s", path, strerror(errno));
     close(fd);
     return 0;
   }
   if (!S_ISREG(st.st_mode)) {
-    xfer_fail(x, "io", "cannot upload %s: it is %s", path, what_it_is(st.st_mode));
+    xfer_fail(x, FAIL_IO, "cannot upload %s: it is %s", path, what_it_is(st.st_mode));
     close(fd);
     return 0;
   }
@@ -321,13 +321,12 @@ static int open_download(xfer *x, const char *path) {
   size_t pl = strlen(path);
   if (lstat(path, &st) == 0) {
     if (!S_ISREG(st.st_mode)) {
-      xfer_fail(x, "io", "cannot download to %s: it is %s", path, what_it_is(st.st_mode));
+      xfer_fail(x, FAIL_IO, "cannot download to %s: it is %s", path, what_it_is(st.st_mode));
       return 0;
     }
-    x->had_target = 1;
     x->mode = st.st_mode & 07777;
   } else if (errno != ENOENT) {
-    xfer_fail(x, "io", "cannot download to %s: %s", path, strerror(errno));
+    xfer_fail(x, FAIL_IO, "cannot download to %s: %s", path, strerror(errno));
     return 0;
   } else {
     mode_t um = umask(0);
@@ -335,14 +334,14 @@ static int open_download(xfer *x, const char *path) {
     x->mode = 0666 & ~um;
   }
   if (!(x->path = copy_str(path, pl)) || !(x->tmp = malloc(pl + 16))) {
-    xfer_fail(x, "io", "out of memory");
+    xfer_fail(x, FAIL_IO, "out of memory");
     return 0;
   }
   memcpy(x->tmp, path, pl);
   memcpy(x->tmp + pl, ".part-XXXXXX", 13);
   x->out = mkostemp(x->tmp, O_CLOEXEC);
   if (x->out < 0) {
-    xfer_fail(x, "io", "cannot create %s: %s", x->tmp, strerror(errno));
+    xfer_fail(x, FAIL_IO, "cannot create %s: %s", x->tmp, strerror(errno));
     free(x->tmp);
     x->tmp = NULL;
     return 0;
@@ -359,7 +358,7 @@ static int open_download(xfer *x, const char *path) {
  *          cainfo, capath, proxy, noproxy }
  * Returns the transfer; when x->fail is set, it failed before any
  * request (a local file) and must be freed. NULL: out of memory. */
-xfer *xfer_new(lua_State *L, ctl *c, int spec) {
+xfer *xfer_new(lua_State *L, int spec) {
   size_t body_len = 0;
   const char *url, *method, *body, *download, *cainfo, *capath, *proxy, *noproxy;
   double timeout, connect_timeout, stall, max_body;
@@ -387,7 +386,6 @@ xfer *xfer_new(lua_State *L, ctl *c, int spec) {
 
   x = calloc(1, sizeof *x);
   if (!x) return NULL;
-  x->ctl = c;
   x->out = -1;
   x->body_src.fd = x->file_src.fd = -1;
   x->body_src.owner = x->file_src.owner = x;
@@ -456,9 +454,10 @@ fail:
   return NULL;
 }
 
-/* handed to libcurl: the stall clock starts */
+/* handed to libcurl: the stall clock starts (again when the request
+ * goes out, on libcurl 7.80 and later: on_prereq) */
 void xfer_started(xfer *x) {
-  x->started = x->last_io = lb_now_ms();
+  x->last_io = lb_now_ms();
 }
 
 /* ------------------------------------------------------------ results */
@@ -472,17 +471,17 @@ static void finish_download(xfer *x, CURLcode result) {
   if (ok) {
     curl_easy_getinfo(x->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
     if (cl >= 0 && cl != x->written) {
-      xfer_fail(x, "truncated", "the download is %ld bytes, shorter than its Content-Length %ld",
+      xfer_fail(x, FAIL_TRUNCATED, "the download is %ld bytes, shorter than its Content-Length %ld",
                 (long)x->written, (long)cl);
     } else if (fchmod(x->out, x->mode) != 0 || close(x->out) != 0) {
       x->out = -1;
-      xfer_fail(x, "io", "cannot write %s: %s", x->tmp, strerror(errno));
+      xfer_fail(x, FAIL_IO, "cannot write %s: %s", x->tmp, strerror(errno));
     } else {
       x->out = -1;
       if (lstat(x->path, &st) == 0 && !S_ISREG(st.st_mode))
-        xfer_fail(x, "io", "cannot download to %s: it is %s", x->path, what_it_is(st.st_mode));
+        xfer_fail(x, FAIL_IO, "cannot download to %s: it is %s", x->path, what_it_is(st.st_mode));
       else if (rename(x->tmp, x->path) != 0)
-        xfer_fail(x, "io", "cannot rename %s to %s: %s", x->tmp, x->path, strerror(errno));
+        xfer_fail(x, FAIL_IO, "cannot rename %s to %s: %s", x->tmp, x->path, strerror(errno));
       else { free(x->tmp); x->tmp = NULL; }
     }
   }
@@ -533,7 +532,7 @@ void xfer_push_result(lua_State *L, xfer *x) {
   if (x->resp.len || !x->path) set_str(L, "body", x->resp.p ? x->resp.p : "", x->resp.len);
   set_str(L, "headers", x->hdrs.p ? x->hdrs.p : "", x->hdrs.len);
   if (x->fail) {
-    set_str(L, "fail", x->fail, strlen(x->fail));
+    set_str(L, "fail", lb_fail[x->fail].name, strlen(lb_fail[x->fail].name));
     set_str(L, "error", x->failmsg, strlen(x->failmsg));
   } else if (x->result != CURLE_OK) {
     const char *msg = x->errbuf[0] ? x->errbuf : curl_easy_strerror(x->result);

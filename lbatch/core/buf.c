@@ -1,14 +1,7 @@
-/* Growable buffers and the monotonic clock. */
+/* Growable byte buffers, always NUL-terminated. */
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include "core.h"
-
-double lb_now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
 
 int buf_add(buf *b, const char *p, size_t n) {
   if (b->len + n + 1 > b->cap) {

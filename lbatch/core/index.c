@@ -1,0 +1,123 @@
+/* The JSONL indexer: which line of which file holds each custom_id, read
+ * straight from the file into an idmap, with no Lua string per line.
+ * lbatch/results.lua joins result files to their inputs with it.
+ *
+ *   m:scan(path, fileno [, start, max_lines, filter, drop])
+ *     reads the JSONL file at path from byte `start` (0) for at most
+ *     `max_lines` lines and, for each line's top-level "custom_id" string,
+ *     puts custom_id -> fileno * 2^36 + the line's byte offset (the first
+ *     one wins) or, with `drop`, removes it; with `filter` (another idmap)
+ *     only the ids in filter count. Returns lines read, the offset after
+ *     them (nil at the end of the file), and the offsets of the lines whose
+ *     id it could not read cheaply (escapes, no id, over LINE_MAX bytes):
+ *     the caller decodes those. Or nil and the OS's reason. */
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "core.h"
+#include "scan.h"
+
+#define SCAN_CHUNK (1 << 20)
+#define SCAN_LINE_MAX (8u << 20)   /* past the service's 6 MB line limit */
+#define FILE_SPAN 68719476736.0    /* 2^36: offsets up to 64 GB per file */
+
+/* one line of a scan: its id counted in m (or its offset listed for Lua);
+ * 0: out of memory */
+static int scan_line(lua_State *L, idmap *m, idmap *filter, int drop, double base,
+                     const char *line, size_t n, int over, size_t off, int *bad) {
+  size_t io = 0, il = 0;
+  uint64_t h;
+  if (n && line[n - 1] == '\r') n--;
+  if (over || lb_json_string(line, n, "custom_id", 9, &io, &il) != LB_FOUND) {
+    if (n == 0 && !over) return 1;                 /* an empty line */
+    lua_pushinteger(L, (lua_Integer)off);
+    lua_rawseti(L, -2, ++*bad);
+    return 1;
+  }
+  h = idmap_hash(line + io, il);
+  if (filter && !idmap_has(filter, line + io, il, h)) return 1;
+  if (drop) {
+    idmap_remove(m, line + io, il, h);
+    return 1;
+  }
+  return idmap_put(m, line + io, il, h, base + (double)off) >= 0;   /* the first one wins */
+}
+
+static int m_scan(lua_State *L) {
+  idmap *m = idmap_check(L, 1);
+  const char *path = luaL_checkstring(L, 2);
+  double fileno = luaL_checknumber(L, 3);
+  size_t start = (size_t)luaL_optnumber(L, 4, 0);
+  double max_lines = luaL_optnumber(L, 5, -1);
+  idmap *filter = lua_isnoneornil(L, 6) ? NULL : idmap_check(L, 6);
+  int drop = lua_toboolean(L, 7);
+  double base = fileno * FILE_SPAN, lines = 0;
+  size_t off = start, line_off = start;  /* where the next read starts; where the line began */
+  int bad = 0, ok = 1, over = 0, at_end = 0;
+  buf line = {0};
+  char *chunk;
+  FILE *f = fopen(path, "rb");
+  if (!f) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", path, strerror(errno));
+    return 2;
+  }
+  if (start && fseek(f, (long)start, SEEK_SET) != 0) { fclose(f); return luaL_error(L, "idmap: cannot seek"); }
+  if (!(chunk = malloc(SCAN_CHUNK))) { fclose(f); return luaL_error(L, "idmap: out of memory"); }
+  lua_newtable(L);
+  while (ok && (max_lines < 0 || lines < max_lines)) {
+    size_t got = fread(chunk, 1, SCAN_CHUNK, f), i = 0;
+    if (got == 0) {
+      if (ferror(f)) { ok = -1; break; }
+      if (line.len || over) {                       /* a last line without \n */
+        ok = scan_line(L, m, filter, drop, base, line.p, line.len, over, line_off, &bad);
+        lines++;
+      }
+      at_end = 1;
+      break;
+    }
+    while (i < got) {
+      char *nl = memchr(chunk + i, '\n', got - i);
+      size_t take = nl ? (size_t)(nl - (chunk + i)) : got - i;
+      const char *p = chunk + i;
+      if (!over && line.len + take > SCAN_LINE_MAX) { over = 1; line.len = 0; }
+      if (!nl) {
+        if (!over && !buf_add(&line, p, take)) { ok = 0; break; }
+        i = got;
+        break;
+      }
+      if (line.len && !over) {
+        if (!buf_add(&line, p, take)) { ok = 0; break; }
+        ok = scan_line(L, m, filter, drop, base, line.p, line.len, 0, line_off, &bad);
+      } else {
+        ok = scan_line(L, m, filter, drop, base, p, take, over, line_off, &bad);
+      }
+      line.len = 0; over = 0;
+      i += take + 1;
+      line_off = off + i;
+      lines++;
+      if (!ok || (max_lines >= 0 && lines >= max_lines)) break;
+    }
+    off += i;
+    if (ok && i < got) break;                        /* max_lines reached mid-chunk */
+  }
+  free(chunk);
+  buf_free(&line);
+  if (ok == -1 || ferror(f)) {
+    fclose(f);
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: read error", path);
+    return 2;
+  }
+  fclose(f);
+  if (!ok) return luaL_error(L, "idmap: out of memory");
+  lua_pushinteger(L, (lua_Integer)lines);
+  lua_insert(L, -2);
+  if (at_end) lua_pushnil(L); else lua_pushinteger(L, (lua_Integer)line_off);
+  lua_insert(L, -2);
+  return 3;
+}
+
+const luaL_Reg lbatch_index_methods[] = { {"scan", m_scan}, {NULL, NULL} };

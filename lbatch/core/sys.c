@@ -1,0 +1,110 @@
+/* The system calls a command and a host loop need, without a shell or
+ * another module:
+ *   core.now()            monotonic seconds
+ *   core.sleep(s)         pace a loop (a frame)
+ *   core.mkdir(path)      like mkdir -p
+ *   core.disk_free(path)  bytes an unprivileged writer may still use
+ *   core.trap(), core.caught()  SIGINT and SIGTERM as a flag
+ *   core.version()        libcurl's version, and whether it speaks HTTP/2 */
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <time.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include "core.h"
+
+double lb_now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+int lbatch_now(lua_State *L) {
+  lua_pushnumber(L, lb_now_ms() / 1e3);
+  return 1;
+}
+
+/* sleep(seconds): for hosts and examples that pace a loop (a frame) */
+int lbatch_sleep(lua_State *L) {
+  double s = luaL_checknumber(L, 1);
+  struct timespec ts;
+  if (s <= 0) return 0;
+  ts.tv_sec = (time_t)s;
+  ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+  return 0;
+}
+
+/* core.disk_free(path) -> bytes an unprivileged writer may still use on
+ * path's file system; or nil and the OS's reason */
+int lbatch_disk_free(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  struct statvfs v;
+  if (statvfs(path, &v) != 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", path, strerror(errno));
+    return 2;
+  }
+  lua_pushnumber(L, (lua_Number)v.f_bavail * (lua_Number)v.f_frsize);
+  return 1;
+}
+
+/* mkdir(path): like mkdir -p, without a shell. true, or nil, message */
+int lbatch_mkdir(lua_State *L) {
+  size_t n;
+  const char *path = luaL_checklstring(L, 1, &n);
+  char *p = malloc(n + 1), *q;
+  int ok = 1;
+  if (!p) return luaL_error(L, "out of memory");
+  memcpy(p, path, n + 1);
+  for (q = n ? p + 1 : p; ok; q++) {   /* "": no component to skip (and no p[1]) */
+    if (*q == '/' || *q == '\0') {
+      char c = *q;
+      *q = '\0';
+      if (mkdir(p, 0777) != 0 && errno != EEXIST) ok = 0;
+      *q = c;
+      if (c == '\0') break;
+    }
+  }
+  free(p);
+  if (!ok) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "mkdir %s: %s", path, strerror(errno));
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* trap(): SIGINT and SIGTERM only set a flag (and interrupt a wait in
+ * step), so a command can stop cleanly: close its client (which removes
+ * its temp files) and exit. caught(): the signal caught, or nil. */
+static volatile sig_atomic_t caught_signal = 0;
+
+static void on_signal(int sig) { caught_signal = sig; }
+
+int lbatch_trap(lua_State *L) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_signal;   /* no SA_RESTART: epoll_wait returns EINTR */
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+  (void)L;
+  return 0;
+}
+
+int lbatch_caught(lua_State *L) {
+  if (!caught_signal) return 0;
+  lua_pushinteger(L, caught_signal);
+  return 1;
+}
+
+int lbatch_version(lua_State *L) {
+  curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
+  lua_pushstring(L, v->version);
+  lua_pushboolean(L, (v->features & CURL_VERSION_HTTP2) != 0);
+  return 2;
+}

@@ -1,0 +1,404 @@
+-- lbatch.core's pure parts, with no server: the failure kinds (core.FAIL
+-- against what the C sources emit), idmap, the JSONL indexer (idmap:scan),
+-- the system calls, the byte scanners, and a controller that never steps.
+local core = require "lbatch.core"
+
+local root = os.getenv("LBATCH_ROOT") or "."
+local SPAN = 2 ^ 36                         -- idmap:scan's value: fileno * SPAN + byte offset
+
+local function slurp(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+local function tmpdir()
+  local d = os.tmpname()
+  os.remove(d)
+  assert(core.mkdir(d))
+  return d
+end
+
+local function write(path, s)
+  local f = assert(io.open(path, "wb"))
+  f:write(s)
+  f:close()
+  return path
+end
+
+local function sorted(t)
+  table.sort(t)
+  return t
+end
+
+describe("core.FAIL", function()
+  -- the mapping http.lua held before it was the core's
+  local expected = {
+    io = { kind = "io", retryable = false },
+    truncated = { kind = "network", code = "truncated", retryable = true },
+    too_large = { kind = "decode", code = "response_too_large", retryable = false },
+    stalled = { kind = "timeout", code = "stalled", retryable = true },
+    resend = { kind = "network", code = "connection_lost", retryable = true },
+    encoding = { kind = "decode", code = "unexpected_encoding", retryable = false },
+  }
+
+  it("maps each of our own failures to its kind, code and retryable", function()
+    assert.same(expected, core.FAIL)
+    assert.is_nil(core.FAIL.io.code)
+  end)
+
+  it("names every failure the C sources emit, and they emit no kind as a string", function()
+    local names = {}                        -- FAIL_X -> its name, from the one table in fail.c
+    for id, name in slurp(root .. "/lbatch/core/fail.c"):gmatch("%[(FAIL_[%u_]+)%]%s*=%s*{%s*\"([%w_]+)\"") do
+      names[id] = name
+    end
+    assert.is_true(next(names) ~= nil)
+    local emitted = 0
+    for _, file in ipairs({ "xfer.c", "multi.c" }) do
+      local src = slurp(root .. "/lbatch/core/" .. file):gsub("void xfer_fail%b()", "")  -- its definition
+      for arg in src:gmatch("xfer_fail%([^,]+,%s*([^,]+),") do
+        assert.truthy(arg:match("^FAIL_[%u_]+$"), file .. " fails with " .. arg)
+        assert.is_string(names[arg], arg .. " has no row in fail.c")
+        assert.is_table(core.FAIL[names[arg]], names[arg] .. " is not in core.FAIL")
+        emitted = emitted + 1
+      end
+    end
+    assert.is_true(emitted >= 10)
+    for id, name in pairs(names) do
+      assert.is_table(core.FAIL[name], id)
+    end
+  end)
+
+  it("is what the transport makes of a result's fail", function()
+    local http = require "lbatch.http"
+    for name, f in pairs(expected) do
+      local v, err = http.answer({ fail = name, error = "it failed", status = 0, code = 0, headers = "" }, {})
+      assert.is_nil(v)
+      assert.same({ f.kind, f.code, f.retryable, "it failed" }, { err.kind, err.code, err.retryable, err.message })
+    end
+  end)
+end)
+
+describe("core.idmap", function()
+  it("puts, gets, takes, counts and lists", function()
+    local m = core.idmap()
+    assert.equal(0, m:count())
+    assert.is_true(m:put("a", 5))
+    assert.is_false(m:put("a", 7))          -- the key was there: kept
+    assert.equal(5, m:get("a"))
+    assert.is_true(m:put("b"))              -- the value defaults to 1
+    assert.equal(1, m:get("b"))
+    assert.is_true(m:put("", 3))            -- the empty key is a key
+    assert.equal(3, m:get(""))
+    assert.is_true(m:has("a"))
+    assert.is_false(m:has("c"))
+    assert.is_nil(m:get("c"))
+    assert.equal(3, m:count())
+    assert.same({ "", "a", "b" }, sorted(m:keys()))
+    assert.equal(5, m:take("a"))
+    assert.is_nil(m:take("a"))
+    assert.is_false(m:has("a"))
+    assert.equal(2, m:count())
+    assert.is_true(m:put("a", 9))           -- back in after a take
+    assert.equal(9, m:get("a"))
+  end)
+
+  it("tells keys apart by every byte, NUL included", function()
+    local m = core.idmap()
+    assert.is_true(m:put("a\0b", 1))
+    assert.is_true(m:put("a\0c", 2))
+    assert.is_true(m:put("a", 3))
+    assert.same({ 1, 2, 3 }, { m:get("a\0b"), m:get("a\0c"), m:get("a") })
+  end)
+
+  it("keeps exact values as large as a scan's", function()
+    local m = core.idmap()
+    local v = 1000 * SPAN + 123456789
+    m:put("k", v)
+    assert.equal(v, m:get("k"))
+  end)
+
+  it("holds many keys through growth and removals", function()
+    local m = core.idmap()
+    for i = 1, 5000 do assert.is_true(m:put("id-" .. i, i)) end
+    for i = 1, 5000, 2 do assert.equal(i, m:take("id-" .. i)) end
+    for i = 5001, 6000 do assert.is_true(m:put("id-" .. i, i)) end
+    assert.equal(2500 + 1000, m:count())
+    for i = 1, 6000 do
+      local want = (i % 2 == 0 or i > 5000) and i or nil
+      assert.is_true(m:get("id-" .. i) == want, "id-" .. i)
+    end
+    assert.equal(m:count(), #m:keys())
+  end)
+
+  it("clears, and is usable after", function()
+    local m = core.idmap()
+    for i = 1, 100 do m:put(tostring(i), i) end
+    m:clear()
+    assert.equal(0, m:count())
+    assert.same({}, m:keys())
+    assert.is_nil(m:get("1"))
+    assert.is_true(m:put("1", 2))
+    assert.equal(2, m:get("1"))
+  end)
+
+  it("refuses what is not an idmap", function()
+    local m = core.idmap()
+    assert.has_error(function() m.get({}, "a") end)
+    assert.has_error(function() m:put({}, 1) end)
+  end)
+end)
+
+describe("idmap:scan", function()
+  local dir, path, offs
+  -- line i begins at offs[i]
+  local lines = {
+    '{"custom_id":"a","x":1}\n',
+    '\n',                                     -- blank: read, neither indexed nor hard
+    '\r\n',                                   -- blank too
+    '{"custom_id":"b"}\r\n',                  -- CRLF
+    '{"x":1}\n',                              -- no id: hard
+    '{"custom_id":"e\\u0041"}\n',             -- an escape: hard
+    '{"custom_id":"a","x":2}\n',              -- a duplicate: the first one wins
+    '{"body":"' .. ("y"):rep(1500000) .. '","custom_id":"long"}\n',  -- across the 1 MB reads
+    '{"custom_id":"c"}',                      -- no newline at the end
+  }
+
+  setup(function()
+    dir = tmpdir()
+    offs = {}
+    local at = 0
+    for i, l in ipairs(lines) do offs[i] = at; at = at + #l end
+    path = write(dir .. "/r.jsonl", table.concat(lines))
+  end)
+
+  teardown(function()
+    os.remove(path)
+    os.remove(dir .. "/big.jsonl")
+    os.remove(dir)
+  end)
+
+  it("indexes each custom_id at its file and byte offset, and lists the lines it cannot read cheaply", function()
+    local m = core.idmap()
+    local n, nxt, hard = m:scan(path, 3)
+    assert.equal(#lines, n)
+    assert.is_nil(nxt)                        -- the end of the file
+    assert.same({ offs[5], offs[6] }, hard)
+    assert.same({ "a", "b", "c", "long" }, sorted(m:keys()))
+    assert.equal(3 * SPAN + offs[1], m:get("a"))
+    assert.equal(3 * SPAN + offs[4], m:get("b"))
+    assert.equal(3 * SPAN + offs[8], m:get("long"))
+    assert.equal(3 * SPAN + offs[9], m:get("c"))
+  end)
+
+  it("reads at most max_lines from start, and says where to go on", function()
+    local m = core.idmap()
+    local n, nxt, hard = m:scan(path, 0, 0, 4)
+    assert.equal(4, n)
+    assert.equal(offs[5], nxt)
+    assert.same({}, hard)
+    assert.same({ "a", "b" }, sorted(m:keys()))
+    n, nxt, hard = m:scan(path, 0, nxt, 4)
+    assert.equal(4, n)
+    assert.equal(offs[9], nxt)
+    assert.same({ offs[5], offs[6] }, hard)
+    assert.equal(0 * SPAN + offs[1], m:get("a"))   -- line 7's duplicate did not replace it
+    n, nxt = m:scan(path, 0, nxt)
+    assert.equal(1, n)
+    assert.is_nil(nxt)
+    assert.equal(offs[9], m:get("c"))
+  end)
+
+  it("counts only the ids in a filter, and drops with drop", function()
+    local f = core.idmap()
+    f:put("b")
+    f:put("c")
+    f:put("zz")
+    local m = core.idmap()
+    m:scan(path, 1, 0, nil, f)
+    assert.same({ "b", "c" }, sorted(m:keys()))
+    local all = core.idmap()
+    all:scan(path, 1)
+    all:put("kept", 1)
+    all:scan(path, 1, 0, nil, f, true)        -- drops b and c only
+    assert.same({ "a", "kept", "long" }, sorted(all:keys()))
+    all:scan(path, 1, 0, nil, nil, true)      -- drops every id in the file
+    assert.same({ "kept" }, all:keys())
+  end)
+
+  it("lists a line over its line limit as hard, and reads on after it", function()
+    local big = '{"custom_id":"big","p":"' .. ("z"):rep(9 * 1024 * 1024) .. '"}\n'
+    local p = write(dir .. "/big.jsonl", big .. '{"custom_id":"after"}\n')
+    local m = core.idmap()
+    local n, nxt, hard = m:scan(p, 0)
+    assert.equal(2, n)
+    assert.is_nil(nxt)
+    assert.same({ 0 }, hard)
+    assert.same({ "after" }, m:keys())
+    assert.equal(#big, m:get("after"))
+  end)
+
+  it("gives nil and the reason for a file it cannot open", function()
+    local n, why = core.idmap():scan(dir .. "/missing.jsonl", 0)
+    assert.is_nil(n)
+    assert.truthy(why:find("missing.jsonl", 1, true))
+    assert.truthy(why:find("No such file", 1, true))
+  end)
+end)
+
+describe("the core's system calls", function()
+  it("mkdir makes every missing directory of a path, like mkdir -p", function()
+    local d = tmpdir()
+    local deep = d .. "/a/b/c"
+    assert.is_true(core.mkdir(deep))
+    assert.is_true(core.mkdir(deep))          -- there already: fine
+    assert.is_true(core.mkdir(deep .. "/"))
+    write(deep .. "/f", "x")
+    assert.equal("x", slurp(deep .. "/f"))
+    local ok, why = core.mkdir(deep .. "/f/g")  -- under a file
+    assert.is_nil(ok)
+    assert.truthy(why:find(deep .. "/f/g", 1, true))
+    ok, why = core.mkdir("")
+    assert.is_nil(ok)
+    assert.is_string(why)
+    os.remove(deep .. "/f")
+    os.remove(deep); os.remove(d .. "/a/b"); os.remove(d .. "/a"); os.remove(d)
+  end)
+
+  it("disk_free gives the bytes left, or nil and the reason", function()
+    local n = core.disk_free("/tmp")
+    assert.is_number(n)
+    assert.is_true(n > 0)
+    local none, why = core.disk_free("/nonexistent/lbatch")
+    assert.is_nil(none)
+    assert.truthy(why:find("/nonexistent/lbatch", 1, true))
+  end)
+
+  it("now is monotonic seconds, and sleep waits", function()
+    local t0 = core.now()
+    assert.is_number(t0)
+    local prev = t0
+    for _ = 1, 1000 do
+      local t = core.now()
+      assert.is_true(t >= prev)
+      prev = t
+    end
+    core.sleep(0.05)
+    local d = core.now() - t0
+    assert.is_true(d >= 0.045, "slept " .. d)
+    assert.is_true(d < 5, "slept " .. d)
+    core.sleep(0)
+    core.sleep(-1)
+  end)
+
+  it("version gives libcurl's version and whether it speaks HTTP/2", function()
+    local v, h2 = core.version()
+    assert.truthy(v:match("^%d+%.%d+%.%d+"))
+    assert.is_boolean(h2)
+  end)
+
+  it("trap turns SIGTERM into a flag that caught reads", function()
+    local lua = jit and "luajit" or ("lua" .. _VERSION:match("%d+%.%d+"))
+    local code = 'local c = require "lbatch.core"; io.write(tostring((c.caught())), " "); c.trap(); '
+      .. 'os.execute("kill -TERM $PPID"); io.write(tostring((c.caught())))'
+    local p = assert(io.popen(lua .. " -e '" .. code .. "'"))
+    local out = p:read("*a")
+    p:close()
+    assert.equal("nil 15", out)
+  end)
+end)
+
+describe("the byte scanners", function()
+  it("utf8_check: nil for valid UTF-8, else the 1-based offset of the first bad byte", function()
+    for _, s in ipairs({ "", "plain", "h\195\169llo", "\226\130\172", "\240\159\152\128", "a\0b",
+                         "\244\143\191\191" }) do
+      assert.is_nil(core.utf8_check(s), s)
+    end
+    local bad = {
+      { "\255", 1 },
+      { "ab\195", 3 },                         -- cut short
+      { "a\226\130", 2 },
+      { "\192\175", 1 },                       -- overlong
+      { "\224\128\128", 1 },                   -- overlong, 3 bytes
+      { "x\237\160\128", 2 },                  -- a surrogate
+      { "\244\144\128\128", 1 },               -- past U+10FFFF
+      { "ok\128", 3 },                         -- a lone continuation byte
+      { "\195\40", 1 },                        -- a lead byte without its continuation
+      { "h\195\169llo\254", 7 },
+    }
+    for _, c in ipairs(bad) do
+      assert.equal(c[2], core.utf8_check(c[1]), ("%q"):format(c[1]))
+    end
+  end)
+
+  it("json_string: a top-level key's plain string; nil when absent; false when it cannot tell cheaply", function()
+    local J = core.json_string
+    assert.equal("x1", J('{"custom_id":"x1"}', "custom_id"))
+    assert.equal("q", J('  { "a" : 1 , "b":[1,{"c":"}"}], "custom_id" : "q" }  ', "custom_id"))
+    assert.equal("z", J('{"a":"}\\"{","custom_id":"z"}', "custom_id"))
+    assert.equal("", J('{"custom_id":""}', "custom_id"))
+    assert.equal("2", J('{"k":"1","k":"2"}', "k"))       -- the last one counts
+    assert.is_nil(J('{"a":"custom_id"}', "custom_id"))
+    assert.is_nil(J('{"a":{"custom_id":"nested"}}', "custom_id"))
+    assert.is_nil(J("{}", "custom_id"))
+    assert.is_false(J('{"custom_id":"a\\u0041"}', "custom_id"))   -- an escape
+    assert.is_false(J('{"custom_id":7}', "custom_id"))            -- not a string
+    assert.is_false(J('{"c\\u0075stom_id":"x"}', "custom_id"))    -- an escaped key
+    assert.is_false(J('{"custom_id":"x"', "custom_id"))           -- never closed
+    assert.is_false(J('{"custom_id":"x"} tail', "custom_id"))
+    assert.is_false(J('[{"custom_id":"x"}]', "custom_id"))
+    assert.is_false(J("", "custom_id"))
+    assert.is_false(J('{"custom_id" "x"}', "custom_id"))
+  end)
+end)
+
+describe("a controller that never steps", function()
+  it("queues, reports progress, cancels and closes without any request going out", function()
+    local ctl = core.new({ max_connections = 2 })
+    assert.same({ 0, 0, 0 }, { ctl:pending() })
+    assert.is_number(ctl:pollfd())
+    local id = ctl:add({ url = "http://127.0.0.1:9/", method = "GET" })
+    assert.is_number(id)
+    assert.same({ 1, 1, 0 }, { ctl:pending() })
+    assert.equal(0, ctl:timeout())            -- a transfer waits to start
+    assert.same({ 0, -1, 0, -1 }, { ctl:progress(id) })
+    assert.is_nil(ctl:progress(id + 1))
+    assert.is_nil(ctl:done())
+    assert.is_true(ctl:cancel(id))
+    assert.is_false(ctl:cancel(id))
+    assert.same({ 0, 0, 0 }, { ctl:pending() })
+    assert.equal(id + 1, ctl:add({ url = "http://127.0.0.1:9/" }))
+    ctl:close()
+    ctl:close()
+    assert.has_error(function() ctl:pending() end, "lbatch.core: controller is closed")
+  end)
+
+  it("fails a transfer whose local file is not usable with io, before any request", function()
+    local ctl = core.new()
+    local d = tmpdir()
+    local id, fail, why = ctl:add({ url = "http://127.0.0.1:9/", form = { { name = "file", file = d .. "/none" } } })
+    assert.same({ nil, "io" }, { id, fail })
+    assert.truthy(why:find(d .. "/none", 1, true))
+    id, fail, why = ctl:add({ url = "http://127.0.0.1:9/", form = { { name = "file", file = d } } })
+    assert.same({ nil, "io" }, { id, fail })
+    assert.truthy(why:find("a directory", 1, true))
+    id, fail, why = ctl:add({ url = "http://127.0.0.1:9/", download = d })
+    assert.same({ nil, "io" }, { id, fail })
+    assert.truthy(why:find("a directory", 1, true))
+    assert.is_table(core.FAIL[fail])
+    assert.same({ 0, 0, 0 }, { ctl:pending() })
+    ctl:close()
+    os.remove(d)
+  end)
+
+  it("checks a spec before it allocates anything", function()
+    local ctl = core.new()
+    assert.has_error(function() ctl:add({}) end, "lbatch.core: spec.url is required")
+    assert.has_error(function() ctl:add({ url = "http://x/", headers = { "A: b\r\nC: d" } }) end)
+    assert.has_error(function() ctl:add({ url = "http://x/", timeout = -1 }) end)
+    assert.has_error(function() ctl:add({ url = "http://x/", form = { { value = "v" } } }) end)
+    assert.same({ 0, 0, 0 }, { ctl:pending() })
+    ctl:close()
+  end)
+end)
