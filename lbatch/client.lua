@@ -26,6 +26,7 @@ local errors = require "lbatch.errors"
 local service = require "lbatch.service"
 
 local check, argerr = errors.check, errors.arg
+local now = require("lbatch.core").now
 
 local Client = { VERSION = require "lbatch.version", REGIONS = service.REGIONS, FINAL = service.FINAL }
 Client.__index = Client
@@ -44,7 +45,9 @@ end
 -- @tparam[opt] table opts api_key, region (`cn`, `intl`, `openai`),
 -- base_url, limits, poll_budget, timeout, connect_timeout, stall_timeout,
 -- transfer_timeout, max_retries, retry_after_cap, max_response_bytes,
--- headers, cainfo, capath, proxy, noproxy, allow_http; and scheduler (a
+-- headers, cainfo, capath, proxy, noproxy, allow_http, fresh_window (30: seconds
+-- an id this client made is asked for again when the service says it is
+-- not there yet); and scheduler (a
 -- `lbatch.scheduler` to share), or the options of a scheduler of its own:
 -- max_connections, max_streams, host (see `lbatch.loop`). Raises when an
 -- option is wrong or unknown (a misspelt one).
@@ -65,7 +68,7 @@ function Client.new(opts)
     sched = Scheduler.new({ host = cfg.host, max_connections = cfg.max_connections, max_streams = cfg.max_streams })
   end
   local self = setmetatable({ base_url = cfg.base_url, region = cfg.region, config = cfg, scheduler = sched,
-                              own_scheduler = own }, Client)
+                              own_scheduler = own, fresh = {}, nfresh = 0 }, Client)
   transports[self] = http.new(cfg, secrets, sched.loop)
   return self
 end
@@ -109,6 +112,34 @@ end
 
 function Client:_call(method, path, o)
   return finish(o, transport(self):call(method, path, o))
+end
+
+-- Ids this client made a moment ago (fresh_window seconds): the service
+-- may not list them yet, so "not there" is asked again (see http).
+function Client:_made(id)
+  if type(id) ~= "string" or self.config.fresh_window <= 0 then return end
+  local t = now()
+  if self.nfresh >= 1024 then             -- bounded: the expired ones go
+    local n = 0
+    for k, until_t in pairs(self.fresh) do
+      if until_t <= t then self.fresh[k] = nil else n = n + 1 end
+    end
+    self.nfresh = n
+  end
+  if not self.fresh[id] then self.nfresh = self.nfresh + 1 end
+  self.fresh[id] = t + self.config.fresh_window
+end
+
+-- the call's options for an id: fresh_until while the id is fresh
+local function fresh(self, id, o)
+  local until_t = self.fresh[id]
+  if until_t and until_t > now() then o.fresh_until = until_t end
+  return o
+end
+
+local function made(self, value, err, meta)
+  if value ~= nil and type(value) == "table" then self:_made(value.id) end
+  return value, err, meta
 end
 
 local function id_path(fn, name, id, fmt)
@@ -162,12 +193,12 @@ function Client:upload(file, params, opts)
   local part, name, bytes
   if type(file) == "string" then
     name = basename(file)
-    part = { name = "file", file = file }
+    part = { name = "file", file = file, type = "application/octet-stream" }
   elseif type(file) == "table" then
     check("upload", "file.data", file.data, "string")
     check("upload", "file.filename", file.filename, "string")
     name, bytes = file.filename, #file.data
-    part = { name = "file", value = file.data, stream = true }
+    part = { name = "file", value = file.data, stream = true, type = "application/octet-stream" }
   else
     argerr("upload", "file must be a path or {data = ..., filename = ...}")
   end
@@ -194,7 +225,7 @@ function Client:upload(file, params, opts)
     if found then return found end
     return nil, lerr ~= nil         -- cannot tell: do not risk a second file
   end
-  return finish(o, t:call("POST", "/files", o))
+  return finish(o, made(self, t:call("POST", "/files", o)))
 end
 
 local function page(fn, self, path, params, opts)
@@ -216,7 +247,7 @@ function Client:list_files(params, opts) return page("list_files", self, "/files
 function Client:file(id, opts)
   local path, err = id_path("file", "file_id", id, "/files/%s")
   if not path then return nil, err end
-  return self:_call("GET", path, call_options("file", opts))
+  return self:_call("GET", path, fresh(self, id, call_options("file", opts)))
 end
 
 --- Delete a file.
@@ -226,7 +257,7 @@ end
 function Client:delete_file(id, opts)
   local path, err = id_path("delete_file", "file_id", id, "/files/%s")
   if not path then return nil, err end
-  return self:_call("DELETE", path, call_options("delete_file", opts))
+  return self:_call("DELETE", path, fresh(self, id, call_options("delete_file", opts)))
 end
 
 --- A file's content: as a string, or streamed to a file.
@@ -240,7 +271,7 @@ end
 function Client:content(id, opts)
   local path, err = id_path("content", "file_id", id, "/files/%s/content")
   if not path then return nil, err end
-  local o = call_options("content", opts, { raw = true, identity = true })
+  local o = fresh(self, id, call_options("content", opts, { raw = true, identity = true }))
   local target = opts and opts.path
   check("content", "opts.path", target, "string", true)
   o.download, o.stream = target, target ~= nil
@@ -282,7 +313,8 @@ function Client:create(params, opts)
     if found then return found end
     return nil, lerr ~= nil         -- cannot tell: do not risk a second batch
   end
-  return finish(o, t:call("POST", "/batches", o))
+  fresh(self, req.input_file_id, o)
+  return finish(o, made(self, t:call("POST", "/batches", o)))
 end
 
 --- A batch.
@@ -292,7 +324,7 @@ end
 function Client:retrieve(id, opts)
   local path, err = id_path("retrieve", "batch_id", id, "/batches/%s")
   if not path then return nil, err end
-  return self:_call("GET", path, call_options("retrieve", opts))
+  return self:_call("GET", path, fresh(self, id, call_options("retrieve", opts)))
 end
 
 --- Cancel a batch.
@@ -302,7 +334,7 @@ end
 function Client:cancel(id, opts)
   local path, err = id_path("cancel", "batch_id", id, "/batches/%s/cancel")
   if not path then return nil, err end
-  return self:_call("POST", path, call_options("cancel", opts))
+  return self:_call("POST", path, fresh(self, id, call_options("cancel", opts)))
 end
 
 --- One page of batches, newest first.

@@ -18,6 +18,8 @@ M.DEFAULTS = {
   max_connections = 16,      -- connections (HTTP/1.1: transfers at once)
   max_streams = 100,         -- transfers at once on one HTTP/2 connection
   max_response_bytes = 64 * 1024 * 1024,   -- an answer kept in memory
+  fresh_window = 30,         -- an id this client made a moment ago that the service
+                             -- says is not there is asked again for this long
 }
 
 -- a wrong option: thrown to this module's edge (errors.protect) and
@@ -115,7 +117,7 @@ local KNOWN = { api_key = true, region = true, base_url = true, allow_http = tru
                 poll_budget = true, timeout = true, connect_timeout = true, stall_timeout = true,
                 transfer_timeout = true, max_retries = true, retry_after_cap = true, max_connections = true,
                 max_streams = true, max_response_bytes = true, headers = true, cainfo = true, capath = true,
-                proxy = true, noproxy = true, host = true, scheduler = true }
+                proxy = true, noproxy = true, host = true, scheduler = true, fresh_window = true }
 
 --- A `host` option (see `lbatch.loop`), checked: nil, or a table of
 -- `waiter` and `notify` functions. Throws what is wrong (see `errors.throw`).
@@ -195,6 +197,7 @@ local function new(opts)
     max_connections = number(opts, "max_connections", true),
     max_streams = number(opts, "max_streams", true),
     max_response_bytes = number(opts, "max_response_bytes", true),
+    fresh_window = number(opts, "fresh_window", false, true),
     cainfo = string_opt(opts, "cainfo") or env("SSL_CERT_FILE") or env("CURL_CA_BUNDLE"),
     capath = string_opt(opts, "capath") or env("SSL_CERT_DIR"),
     proxy = proxy,

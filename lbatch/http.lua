@@ -10,6 +10,7 @@
 local json = require "lbatch.json"
 local errors = require "lbatch.errors"
 local service = require "lbatch.service"
+local now = require("lbatch.core").now
 
 local M = {}
 
@@ -242,39 +243,99 @@ function Transport.backoff(_, attempt, err)
   return base * (0.75 + 0.25 * math.random())
 end
 
+-- A "not there" answer: 404, or a 400 that says so (DashScope and
+-- OpenAI answer a create from an unknown file with 400 "... not found" /
+-- "Cannot find file ...").
+local function not_found(err)
+  if err.status == 404 then return true end
+  if err.status ~= 400 then return false end
+  local text = ((err.code or "") .. " " .. (err.message or "")):lower()
+  return text:find("not[ _]found") ~= nil or text:find("cannot find", 1, true) ~= nil
+    or text:find("does not exist", 1, true) ~= nil or text:find("no such", 1, true) ~= nil
+end
+M.not_found = not_found
+
+local function remove_partial(_, path) os.remove(path) end
+
+-- the spec of an attempt that resumes a cut download from its temp file
+local function resumed(spec, partial, bytes)
+  local again = {}
+  for k, v in pairs(spec) do again[k] = v end
+  local headers = {}
+  for i, h in ipairs(spec.headers) do headers[i] = h end
+  headers[#headers + 1] = ("Range: bytes=%d-"):format(bytes)
+  again.headers, again.resume = headers, partial
+  return again
+end
+
 --- One API call with retries.
+-- A cut download goes on from the bytes already on disk (`Range`, the
+-- temp file kept between attempts and removed however the call ends).
+-- With `fresh_until` (the id was made by this client a moment ago), a
+-- "not there" answer is retried until that time, as the service's
+-- listings catch up, and these retries do not count against max_retries.
 -- @tparam string method
 -- @tparam string path the path after the base URL, query included
 -- @tparam table o body (JSON string), form, download (a path), raw (the
 -- body as a string), identity (a file's bytes), stream (no whole-request
 -- timeout), timeout (s), max_retries, headers (lines), on_progress(done,
--- total, direction), recover(err) -> value | nil, stop
+-- total, direction), recover(err) -> value | nil, stop, fresh_until (a
+-- `core.now()` time)
 -- @return the value, or nil and an error object; then meta
 function Transport:call(method, path, o)
-  local cfg = self.cfg
-  local spec = self:spec(method, path, o)
+  local cfg, loop = self.cfg, self.loop
+  local base = self:spec(method, path, o)
+  if o.download then base.keep_partial = true end
+  local spec, partial = base, nil
   local max_retries = o.max_retries or cfg.max_retries
-  local attempt = 0
+  local attempt, waited = 0, 0
   while true do
-    local res, fail, message = self.loop:transfer(spec, o.on_progress)
+    local res, fail, message = loop:transfer(spec, o.on_progress)
     local value, err, meta
     if res then
       value, err, meta = M.answer(self:clean(res, o.raw or o.download), o)
+      if res.partial then partial = res.partial end
+      -- asked for a range past the end (or the server refused it): from byte 0
+      if spec.resume and res.status == 416 and partial then
+        os.remove(partial)
+        partial, err.retryable = nil, true
+      end
     else
       err = errors.new({ kind = fail == "io" and "io" or "invalid", message = message })
     end
     if value ~= nil then return value, nil, meta end
     errors.scrub(err, self.scrub)
-    if not err.retryable or attempt >= max_retries then return nil, err, meta end
-    local wait = self:backoff(attempt, err)
-    if wait > cfg.retry_after_cap then return nil, err, meta end
-    self.loop:sleep(wait)
-    if o.recover and not err.not_sent then
+    local fresh = o.fresh_until and not err.retryable and not_found(err) and now() < o.fresh_until
+    if not fresh and (not err.retryable or attempt >= max_retries) then
+      if partial then os.remove(partial) end
+      return nil, err, meta
+    end
+    local wait
+    if fresh then
+      wait = math.min(self:backoff(waited, err), math.max(0.05, o.fresh_until - now()))
+      waited = waited + 1
+    else
+      wait = self:backoff(attempt, err)
+      if wait > cfg.retry_after_cap then
+        if partial then os.remove(partial) end
+        return nil, err, meta
+      end
+    end
+    -- a cancel during the wait removes the kept temp file
+    if partial then loop:sleep(wait, remove_partial, partial) else loop:sleep(wait) end
+    if o.recover and not err.not_sent and not fresh then
       local found, stop = o.recover(err)
       if found ~= nil then return found, nil, meta end
       if stop then return nil, err, meta end
     end
-    attempt = attempt + 1
+    if partial then
+      local bytes = res and res.partial == partial and res.partial_bytes
+      spec = bytes and resumed(base, partial, bytes) or base
+      if not bytes then os.remove(partial) partial = nil end
+    else
+      spec = base
+    end
+    if not fresh then attempt = attempt + 1 end
   end
 end
 

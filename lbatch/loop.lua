@@ -225,14 +225,17 @@ function Loop:transfer(spec, on_progress)
   return self:await(wait_transfer, id)
 end
 
-local function add_timer(self, w, seconds)
+local function add_timer(self, w, seconds, undo)
   self.seq = self.seq + 1
   heap_push(self.heap, { at = now() + math.max(0, seconds), seq = self.seq, w = w })
+  if undo then w.undo, w.undo_arg = undo[1], undo[2] end
 end
 
-function Loop:sleep(seconds)
+-- sleep(seconds[, undo, arg]): with undo, a cancel during the sleep calls
+-- undo(loop, arg) (the transport removes a kept temp file so)
+function Loop:sleep(seconds, undo, arg)
   if type(seconds) ~= "number" or seconds ~= seconds then errors.arg("sleep", "seconds must be a number") end
-  return self:await(add_timer, seconds)
+  return self:await(add_timer, seconds, undo and { undo, arg })
 end
 
 -- ------------------------------------------------------------ driving

@@ -93,7 +93,7 @@ for _, dialect in ipairs({ "dashscope", "openai" }) do
       assert.are.same({ 404, 404 }, { err.status, r2.status })
     end)
 
-    it("iterates every file and every batch; the old names still work", function()
+    it("iterates every file and every batch; the names before 0.2 are gone", function()
       local want = 0
       for _ in pairs(select(2, H.json("GET", emu.base .. "/files")).data) do want = want + 1 end
       local n = 0
@@ -102,9 +102,9 @@ for _, dialect in ipairs({ "dashscope", "openai" }) do
         n = n + 1
       end
       assert.are.equal(want, n)
-      assert.are.equal(c.list_batches, c.list)
-      assert.are.equal(c.list_files, c.files)
-      assert.are.equal(c.each_batch, c.batches)
+      assert.is_nil(c.list)
+      assert.is_nil(c.files)
+      assert.is_nil(c.batches)
     end)
   end)
 end

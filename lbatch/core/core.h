@@ -40,6 +40,7 @@ typedef enum fail_id {
   FAIL_STALLED,     /* no byte moved for the stall time */
   FAIL_RESEND,      /* libcurl would send a request (and part of its body) a second time */
   FAIL_ENCODING,    /* a file sent with a Content-Encoding nobody asked for */
+  FAIL_RANGE,       /* a resumed download answered with another range than the one asked */
   FAIL_COUNT
 } fail_id;
 
@@ -83,7 +84,12 @@ typedef struct xfer {
   int out;                    /* temp file descriptor, -1 when none */
   int identity;               /* a file's bytes: an unasked Content-Encoding is refused */
   mode_t mode;                /* mode the download gets */
-  curl_off_t written;         /* body bytes downloaded (to file or buffer) */
+  curl_off_t written;         /* body bytes downloaded (to file or buffer) in this answer */
+  curl_off_t resume_from;     /* a resumed download: bytes already in the temp file; 0: none */
+  curl_off_t range_start, range_total;  /* the answer's Content-Range; -1: none */
+  int keep_partial;           /* a cut 2xx download keeps its temp file, for a resume */
+  int body_started;           /* the first byte of a 2xx body was handled */
+  char *partial;              /* the temp file kept after a cut (reported, never removed here) */
   double last_io, stall_ms;   /* monotonic ms; stall_ms 0: no check */
   int requests;               /* times libcurl began sending this request */
   CURLcode result;

@@ -13,6 +13,7 @@ const fail_info lb_fail[FAIL_COUNT] = {
   [FAIL_STALLED]   = { "stalled", "timeout", "stalled", 1 },
   [FAIL_RESEND]    = { "resend", "network", "connection_lost", 1 },
   [FAIL_ENCODING]  = { "encoding", "decode", "unexpected_encoding", 0 },
+  [FAIL_RANGE]     = { "range", "network", "bad_range", 1 },
 };
 
 /* core.FAIL: name -> { kind, code (absent when none), retryable } */

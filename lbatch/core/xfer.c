@@ -56,11 +56,34 @@ static int write_all(int fd, const char *p, size_t n) {
 
 /* A 2xx answer to a download goes to the temp file; anything else stays in
  * memory (an error body, to be decoded), within max_body. */
+/* The first byte of a 2xx answer to a resumed download: a 206 must start
+ * where the temp file ends; a 200 is the whole file again, written over it. */
+static int body_start(xfer *x) {
+  long status = 0;
+  x->body_started = 1;
+  if (x->resume_from == 0) return 1;
+  curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
+  if (status == 206) {
+    if (x->range_start == x->resume_from) return 1;
+    xfer_fail(x, FAIL_RANGE, "asked for the bytes from %ld, the server sent them from %ld",
+              (long)x->resume_from, (long)x->range_start);
+    return 0;
+  }
+  if (ftruncate(x->out, 0) != 0) {
+    xfer_fail(x, FAIL_IO, "cannot write %s: %s", x->tmp, strerror(errno));
+    return 0;
+  }
+  x->resume_from = 0;
+  x->range_total = -1;
+  return 1;
+}
+
 static size_t on_write(char *p, size_t size, size_t n, void *ud) {
   xfer *x = ud;
   size_t len = size * n;
   x->last_io = lb_now_ms();
   if (x->out >= 0 && is_2xx(x)) {
+    if (!x->body_started && !body_start(x)) return 0;
     if (!write_all(x->out, p, len)) {
       xfer_fail(x, FAIL_IO, "cannot write %s: %s", x->tmp, strerror(errno));
       return 0;
@@ -81,7 +104,25 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud) {
   xfer *x = ud;
   size_t len = size * n;
   x->last_io = lb_now_ms();
-  if (len > 5 && memcmp(p, "HTTP/", 5) == 0) x->hdrs.len = 0;   /* a new response */
+  if (len > 5 && memcmp(p, "HTTP/", 5) == 0) {   /* a new response */
+    x->hdrs.len = 0;
+    x->range_start = x->range_total = -1;
+  } else if (x->resume_from > 0) {
+    const char *v;
+    size_t vl;
+    if (lb_header_value(p, len, "content-range", &v, &vl)) {
+      char tmp[96];
+      long long a = -1, b = -1, total = -1;
+      if (vl < sizeof tmp) {
+        memcpy(tmp, v, vl);
+        tmp[vl] = 0;
+        if (sscanf(tmp, "bytes %lld-%lld/%lld", &a, &b, &total) == 3 && a >= 0 && b >= a && total > b) {
+          x->range_start = (curl_off_t)a;
+          x->range_total = (curl_off_t)total;
+        }
+      }
+    }
+  }
   if (x->hdrs.len + len > MAX_HEADERS) {
     xfer_fail(x, FAIL_TOO_LARGE, "the answer's headers are larger than %d bytes", MAX_HEADERS);
     return 0;
@@ -316,7 +357,24 @@ static int add_headers(lua_State *L, int t, xfer *x) {
 /* The target must be a regular file or nothing; its temp file is made
  * now, beside it, so a directory that is missing or not writable fails
  * before any request goes out. */
-static int open_download(xfer *x, const char *path) {
+/* A temp file an earlier attempt kept (`resume`), if it is one: named
+ * path.part-XXXXXX, a regular file and not a link; opened to append. */
+static int open_resume(xfer *x, const char *path, size_t pl, const char *resume) {
+  struct stat st;
+  int fd;
+  if (strlen(resume) != pl + 12 || memcmp(resume, path, pl) != 0 || memcmp(resume + pl, ".part-", 6) != 0) return 0;
+  fd = open(resume, O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return 0;
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || !(x->tmp = copy_str(resume, pl + 12))) {
+    close(fd);
+    return 0;
+  }
+  x->out = fd;
+  x->resume_from = (curl_off_t)st.st_size;
+  return 1;
+}
+
+static int open_download(xfer *x, const char *path, const char *resume) {
   struct stat st;
   size_t pl = strlen(path);
   if (lstat(path, &st) == 0) {
@@ -333,7 +391,12 @@ static int open_download(xfer *x, const char *path) {
     umask(um);
     x->mode = 0666 & ~um;
   }
-  if (!(x->path = copy_str(path, pl)) || !(x->tmp = malloc(pl + 16))) {
+  if (!(x->path = copy_str(path, pl))) {
+    xfer_fail(x, FAIL_IO, "out of memory");
+    return 0;
+  }
+  if (resume && open_resume(x, path, pl, resume)) return 1;
+  if (!(x->tmp = malloc(pl + 16))) {
     xfer_fail(x, FAIL_IO, "out of memory");
     return 0;
   }
@@ -351,7 +414,10 @@ static int open_download(xfer *x, const char *path) {
 
 /* spec = { url, method = "GET"|"POST"|"DELETE"|..., headers = {"K: V"},
  *          body = string, form = {{name, value | file, filename, type, stream}},
- *          download = path, timeout, connect_timeout (ms), stall (ms: fail
+ *          download = path, resume = the temp file a cut attempt kept
+ *          (appended to; the caller sends its Range), keep_partial = true
+ *          (a cut 2xx download keeps its temp file: result.partial),
+ *          timeout, connect_timeout (ms), stall (ms: fail
  *          when no byte moves for that long), max_body (bytes kept in
  *          memory), identity = true (the file's bytes: no Accept-Encoding,
  *          and an encoding the server applies anyway is refused),
@@ -360,7 +426,7 @@ static int open_download(xfer *x, const char *path) {
  * request (a local file) and must be freed. NULL: out of memory. */
 xfer *xfer_new(lua_State *L, int spec) {
   size_t body_len = 0;
-  const char *url, *method, *body, *download, *cainfo, *capath, *proxy, *noproxy;
+  const char *url, *method, *body, *download, *resume, *cainfo, *capath, *proxy, *noproxy;
   double timeout, connect_timeout, stall, max_body;
   int identity;
   xfer *x;
@@ -372,6 +438,7 @@ xfer *xfer_new(lua_State *L, int spec) {
   method = opt_string(L, spec, "method", NULL);
   body = opt_string(L, spec, "body", &body_len);
   download = opt_string(L, spec, "download", NULL);
+  resume = opt_string(L, spec, "resume", NULL);
   cainfo = opt_string(L, spec, "cainfo", NULL);
   capath = opt_string(L, spec, "capath", NULL);
   proxy = opt_string(L, spec, "proxy", NULL);
@@ -387,6 +454,8 @@ xfer *xfer_new(lua_State *L, int spec) {
   x = calloc(1, sizeof *x);
   if (!x) return NULL;
   x->out = -1;
+  x->range_start = x->range_total = -1;
+  x->keep_partial = opt_bool(L, spec, "keep_partial");
   x->body_src.fd = x->file_src.fd = -1;
   x->body_src.owner = x->file_src.owner = x;
   x->stall_ms = stall;
@@ -394,7 +463,7 @@ xfer *xfer_new(lua_State *L, int spec) {
   x->max_body = (size_t)max_body;
   x->easy = e = curl_easy_init();
   if (!e) { free(x); return NULL; }
-  if (download && !open_download(x, download)) return x;
+  if (download && !open_download(x, download, resume)) return x;
 
   curl_easy_setopt(e, CURLOPT_URL, url);
   curl_easy_setopt(e, CURLOPT_PRIVATE, x);
@@ -462,6 +531,11 @@ void xfer_started(xfer *x) {
 
 /* ------------------------------------------------------------ results */
 
+/* the bytes of the file in the temp file */
+static curl_off_t file_bytes(const xfer *x) {
+  return x->resume_from + (x->body_started ? x->written : 0);
+}
+
 /* Close the download: renamed over its path only when complete, and only
  * over a regular file (or nothing), keeping that file's mode. */
 static void finish_download(xfer *x, CURLcode result) {
@@ -473,6 +547,9 @@ static void finish_download(xfer *x, CURLcode result) {
     if (cl >= 0 && cl != x->written) {
       xfer_fail(x, FAIL_TRUNCATED, "the download is %ld bytes, shorter than its Content-Length %ld",
                 (long)x->written, (long)cl);
+    } else if (x->range_total >= 0 && x->resume_from + x->written != x->range_total) {
+      xfer_fail(x, FAIL_TRUNCATED, "the download is %ld bytes, not the %ld its Content-Range says",
+                (long)(x->resume_from + x->written), (long)x->range_total);
     } else if (fchmod(x->out, x->mode) != 0 || close(x->out) != 0) {
       x->out = -1;
       xfer_fail(x, FAIL_IO, "cannot write %s: %s", x->tmp, strerror(errno));
@@ -486,6 +563,13 @@ static void finish_download(xfer *x, CURLcode result) {
     }
   }
   if (x->out >= 0) { close(x->out); x->out = -1; }
+  /* cut with bytes of the file on disk: kept, when asked, for the next
+   * attempt to resume (an answer that is not 2xx adds nothing to it) */
+  if (x->tmp && x->keep_partial && file_bytes(x) > 0
+      && (x->fail == FAIL_NONE || x->fail == FAIL_TRUNCATED || x->fail == FAIL_STALLED)) {
+    x->partial = x->tmp;
+    x->tmp = NULL;
+  }
   if (x->tmp) { unlink(x->tmp); free(x->tmp); x->tmp = NULL; }
 }
 
@@ -540,8 +624,13 @@ void xfer_push_result(lua_State *L, xfer *x) {
   }
   if (x->path && x->result == CURLE_OK && !x->fail && status >= 200 && status < 300) {
     set_str(L, "path", x->path, strlen(x->path));
-    set_int(L, "bytes", (lua_Integer)x->written);
+    set_int(L, "bytes", (lua_Integer)file_bytes(x));
   }
+  if (x->partial) {
+    set_str(L, "partial", x->partial, strlen(x->partial));
+    set_int(L, "partial_bytes", (lua_Integer)file_bytes(x));
+  }
+  if (x->resume_from > 0) set_int(L, "resumed_from", (lua_Integer)x->resume_from);
 }
 
 /* up_done, up_total, down_done, down_total (-1: not known yet) */
@@ -564,6 +653,7 @@ void xfer_free(xfer *x) {
   free(x->body);
   free(x->upload_mem);
   free(x->path);
+  free(x->partial);
   buf_free(&x->resp);
   buf_free(&x->hdrs);
   free(x);

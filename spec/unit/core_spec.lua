@@ -41,6 +41,7 @@ describe("core.FAIL", function()
     stalled = { kind = "timeout", code = "stalled", retryable = true },
     resend = { kind = "network", code = "connection_lost", retryable = true },
     encoding = { kind = "decode", code = "unexpected_encoding", retryable = false },
+    range = { kind = "network", code = "bad_range", retryable = true },
   }
 
   it("maps each of our own failures to its kind, code and retryable", function()
