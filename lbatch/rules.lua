@@ -127,7 +127,9 @@ function M.checker(opts)
   }, Checker)
 end
 
-local function present(v) return v ~= nil and v ~= cjson.null end
+-- each endpoint's own field
+local FIELD, null = {}, cjson.null
+for url, ep in pairs(service.ENDPOINT_RULES) do FIELD[url] = ep.field end
 
 -- ------------------------------------------------------------ the rules
 
@@ -136,12 +138,12 @@ local function present(v) return v ~= nil and v ~= cjson.null end
 -- `code, message, param`. The checker and the `lbatch.jsonl` writer both
 -- call these, so they cannot disagree about a line.
 -- @table rule
-local R = {}
-M.rule = R
+local rule = {}
+M.rule = rule
 
 --- custom_id: a non-empty string.
 -- @param id
-function R.custom_id(id)
+function rule.custom_id(id)
   if type(id) ~= "string" or id == "" then
     return "missing_custom_id", "custom_id is missing or not a non-empty string.", "custom_id"
   end
@@ -152,21 +154,21 @@ end
 -- @tparam string id
 -- @tparam integer first the line it was first on
 -- @tparam[opt] string where the other file
-function R.duplicate(id, first, where)
+function rule.duplicate(id, first, where)
   return "duplicate_custom_id", format("The custom_id %q is a duplicate of line %d%s.", id, first,
     where and (" of " .. where) or ""), "custom_id"
 end
 
 --- method: POST.
 -- @param method
-function R.method(method)
+function rule.method(method)
   if method ~= "POST" then return "invalid_method", "method must be \"POST\".", "method" end
 end
 
 --- url: one of the profile's endpoints.
 -- @param url
 -- @tparam table profile a profile of `lbatch.service`
-function R.url(url, profile)
+function rule.url(url, profile)
   if not (type(url) == "string" and profile.endpoints[url]) then
     return "url_not_found", format("The provided url '%s' is not supported by the Batch API.",
       type(url) == "string" and url or tostring(url)), "url"
@@ -176,7 +178,7 @@ end
 --- url: the batch's endpoint, when there is one.
 -- @tparam string url
 -- @tparam ?string endpoint
-function R.endpoint(url, endpoint)
+function rule.endpoint(url, endpoint)
   if endpoint ~= nil and url ~= endpoint then
     return "url_mismatch", format("The url '%s' does not match the batch's endpoint '%s'.", url, endpoint), "url"
   end
@@ -184,23 +186,23 @@ end
 
 --- body: a JSON object.
 -- @param body
-function R.body(body)
+function rule.body(body)
   if type(body) ~= "table" then return "invalid_body", "body is missing or not a JSON object.", "body" end
 end
 
 --- body: one that can be written as JSON (a Lua table can hold a function).
 -- @tparam string why lua-cjson's reason
-function R.unencodable(why)
+function rule.unencodable(why)
   return "invalid_body", "body cannot be encoded as JSON: " .. tostring(why), "body"
 end
 
 --- body.model: a non-empty string (moderations may leave it out).
 -- @param model
 -- @tparam ?string url a known endpoint
-function R.model(model, url)
+function rule.model(model, url)
   if type(model) ~= "string" or model == "" then
-    local rule = url and service.ENDPOINT_RULES[url]
-    if not (rule and rule.model_optional and model == nil) then
+    local ep = url and service.ENDPOINT_RULES[url]
+    if not (ep and ep.model_optional and model == nil) then
       return "missing_model", "body.model is missing.", "body.model"
     end
   end
@@ -209,7 +211,7 @@ end
 --- body.model: the same in every line of a file.
 -- @tparam string model
 -- @tparam string first the file's model
-function R.same_model(model, first)
+function rule.same_model(model, first)
   if model ~= first then
     return "model_mismatch", format("The model %q differs from %q used earlier in the file; use one model per file.",
       model, first), "body.model"
@@ -220,7 +222,7 @@ end
 -- @tparam boolean thinking this line's
 -- @tparam boolean first the file's
 -- @tparam integer first_line the line it was set by
-function R.same_thinking(thinking, first, first_line)
+function rule.same_thinking(thinking, first, first_line)
   if thinking ~= first then
     return "mismatched_thinking", format(
       "This request runs with thinking %s and line %d with thinking %s (enable_thinking, or the model's default); "
@@ -232,7 +234,7 @@ end
 --- The test model goes to its own url.
 -- @param model
 -- @param url
-function R.test_url(model, url)
+function rule.test_url(model, url)
   if model == TEST.model and url ~= TEST.url then
     return "mismatched_test_url", format("The provided URL '%s' does not match the test model '%s'.",
       tostring(url), TEST.model), "url"
@@ -242,12 +244,11 @@ end
 --- The endpoint's own field (messages: a non-empty array).
 -- @tparam string url a known endpoint
 -- @tparam table body
-function R.field(url, body)
-  local rule = service.ENDPOINT_RULES[url]
-  local field = rule and rule.field
+function rule.field(url, body)
+  local field = FIELD[url]
   if not field then return end
   local v = body[field]
-  if not present(v) then
+  if v == nil or v == null then
     return "missing_field", format("A %s request needs body.%s.", url, field), "body." .. field
   end
   if field == "messages" and (type(v) ~= "table" or next(v) == nil) then
@@ -258,7 +259,7 @@ end
 --- Embedding models on /v1/embeddings, and only there.
 -- @tparam string url a known endpoint
 -- @param model
-function R.model_endpoint(url, model)
+function rule.model_endpoint(url, model)
   if type(model) ~= "string" then return end
   if url == "/v1/embeddings" then
     if not service.is_embedding_model(model) and model ~= TEST.model then
@@ -274,7 +275,7 @@ end
 --- At most `max` embedding inputs in a batch.
 -- @tparam integer count the inputs so far, this line's included
 -- @tparam integer max
-function R.inputs(count, max)
+function rule.inputs(count, max)
   if count > max then
     return "too_many_inputs", format("The batch has more than %d embedding inputs.", max), "body.input"
   end
@@ -283,27 +284,27 @@ end
 --- A line: at most `max_line` bytes (its newline not counted).
 -- @tparam integer size
 -- @tparam integer max_line
-function R.line_size(size, max_line)
+function rule.line_size(size, max_line)
   if size > max_line then return "line_too_large", format("The line is larger than %d bytes.", max_line) end
 end
 
 --- At most `max_lines` requests in a file.
 -- @tparam integer n the line number
 -- @tparam integer max_lines
-function R.lines(n, max_lines)
+function rule.lines(n, max_lines)
   if n > max_lines then return "too_many_tasks", format("The file has more than %d requests.", max_lines) end
 end
 
 --- A file: at most `max_bytes`.
 -- @tparam integer bytes
 -- @tparam integer max_bytes
-function R.file_size(bytes, max_bytes)
+function rule.file_size(bytes, max_bytes)
   if bytes > max_bytes then return "file_too_large", format("The file is larger than %d bytes.", max_bytes) end
 end
 
 --- A batch-test-model file: at most TEST.max_lines lines.
 -- @tparam integer lines
-function R.test_lines(lines)
+function rule.test_lines(lines)
   if lines > TEST.max_lines then
     return "test_model_too_many_lines", format("A batch-test-model file has at most %d lines.", TEST.max_lines)
   end
@@ -311,7 +312,7 @@ end
 
 --- A batch-test-model file: at most TEST.max_bytes.
 -- @tparam integer bytes
-function R.test_bytes(bytes)
+function rule.test_bytes(bytes)
   if bytes > TEST.max_bytes then
     return "test_model_file_too_large", format("A batch-test-model file is at most %d bytes.", TEST.max_bytes)
   end
@@ -319,7 +320,7 @@ end
 
 --- Valid UTF-8; the fourth value is the offset of the first bad byte.
 -- @tparam string text
-function R.utf8(text)
+function rule.utf8(text)
   local bad = utf8_bad(text)
   if bad then return "invalid_utf8", format("This line is not valid UTF-8 (byte %d).", bad), nil, bad end
 end
@@ -330,17 +331,19 @@ end
 -- @tparam ?string text the line without its newline (nil: too long to keep)
 -- @tparam integer size its bytes without the newline
 -- @tparam integer max_line
-function R.raw(text, size, max_line)
+function rule.raw(text, size, max_line)
   local code, message, param, offset
-  if text == nil then code, message = R.line_size(math.max(size, max_line + 1), max_line)
-  else code, message = R.line_size(size, max_line) end
+  if text == nil then code, message = rule.line_size(math.max(size, max_line + 1), max_line)
+  else code, message = rule.line_size(size, max_line) end
   if code then return nil, code, message end
   if find(text, "^%s*$") then return nil, "empty_line", "This line is empty." end
-  code, message, param, offset = R.utf8(text)
+  code, message, param, offset = rule.utf8(text)
   if code then return nil, code, message, param, offset end
   local ok, req = pcall(decode, text)
   if not ok then return nil, "invalid_json_line", "This line is not parseable as valid JSON." end
-  if type(req) ~= "table" then return nil, "invalid_json_line", "This line is not a JSON object." end
+  if type(req) ~= "table" or not find(text, "^%s*{") then   -- a scalar, or an array
+    return nil, "invalid_json_line", "This line is not a JSON object."
+  end
   return req
 end
 
@@ -359,8 +362,8 @@ end
 -- @tparam table out the list to add problems to
 function Checker:body(n, url, body, out)
   local model = body.model
-  add(out, n, R.field(url, body))
-  add(out, n, R.model_endpoint(url, model))
+  add(out, n, rule.field(url, body))
+  add(out, n, rule.model_endpoint(url, model))
   if type(model) == "string" and self.region and not self.warned[model] then
     local ok, list = service.serves(self.region, url, model)
     if not ok then
@@ -373,7 +376,7 @@ function Checker:body(n, url, body, out)
   if url == "/v1/embeddings" and self.profile.max_embedding_inputs then
     local input = body.input
     self.inputs = self.inputs + (type(input) == "table" and #input or 1)
-    if not self.over_inputs and add(out, n, R.inputs(self.inputs, self.profile.max_embedding_inputs)) then
+    if not self.over_inputs and add(out, n, rule.inputs(self.inputs, self.profile.max_embedding_inputs)) then
       self.over_inputs = true
     end
   end
@@ -391,35 +394,35 @@ function Checker:request(n, req, out)
     return out
   end
   local id = req.custom_id
-  if not add(out, n, R.custom_id(id)) then
-    if self.seen[id] then add(out, n, R.duplicate(id, self.seen[id]))
+  if not add(out, n, rule.custom_id(id)) then
+    if self.seen[id] then add(out, n, rule.duplicate(id, self.seen[id]))
     else self.seen[id] = n end
   end
-  add(out, n, R.method(req.method))
+  add(out, n, rule.method(req.method))
   local url = req.url
-  local known = not add(out, n, R.url(url, self.profile))
+  local known = not add(out, n, rule.url(url, self.profile))
   if known then
     if self.endpoint == nil then self.endpoint = url
-    else add(out, n, R.endpoint(url, self.endpoint)) end
+    else add(out, n, rule.endpoint(url, self.endpoint)) end
   end
   local body = req.body
-  if add(out, n, R.body(body)) then return out end
+  if add(out, n, rule.body(body)) then return out end
   local model = body.model
-  if not add(out, n, R.model(model, known and url or nil)) and type(model) == "string" then
+  if not add(out, n, rule.model(model, known and url or nil)) and type(model) == "string" then
     if self.model == nil then
       self.model = model
       self.test = model == TEST.model
     else
-      add(out, n, R.same_model(model, self.model))
+      add(out, n, rule.same_model(model, self.model))
     end
   end
   local thinking = service.thinking(body)
   if self.thinking == nil then
     self.thinking, self.thinking_line = thinking, n
   else
-    add(out, n, R.same_thinking(thinking, self.thinking, self.thinking_line))
+    add(out, n, rule.same_thinking(thinking, self.thinking, self.thinking_line))
   end
-  add(out, n, R.test_url(model, url))
+  add(out, n, rule.test_url(model, url))
   if known then self:body(n, url, body, out) end
   return out
 end
@@ -434,8 +437,8 @@ function Checker:line(n, text, bytes, out)
   out = out or {}
   self.lines = n
   self.bytes = self.bytes + bytes
-  if n == self.max_lines + 1 then add(out, n, R.lines(n, self.max_lines)) end
-  local req, code, message, param, offset = R.raw(text, bytes - 1, self.profile.max_line_bytes)
+  if n == self.max_lines + 1 then add(out, n, rule.lines(n, self.max_lines)) end
+  local req, code, message, param, offset = rule.raw(text, bytes - 1, self.profile.max_line_bytes)
   if not req then
     local p = problem(code, n, message, param)
     p.offset = offset
@@ -453,10 +456,10 @@ function Checker:finish(out)
   if self.lines == 0 then
     out[#out + 1] = problem("empty_file", nil, "The file is empty.", nil)
   end
-  add(out, nil, R.file_size(self.bytes, self.max_bytes))
+  add(out, nil, rule.file_size(self.bytes, self.max_bytes))
   if self.test then
-    add(out, nil, R.test_lines(self.lines))
-    add(out, nil, R.test_bytes(self.bytes))
+    add(out, nil, rule.test_lines(self.lines))
+    add(out, nil, rule.test_bytes(self.bytes))
   end
   return out
 end
