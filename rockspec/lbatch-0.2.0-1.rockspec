@@ -44,6 +44,7 @@ build = {
     ["lbatch.estimate"] = "lbatch/estimate.lua",
     ["lbatch.media"] = "lbatch/media.lua",
     ["lbatch.cost"] = "lbatch/cost.lua",
+    ["lbatch.size"] = "lbatch/size.lua",
     ["lbatch.results"] = "lbatch/results.lua",
     ["lbatch.csv"] = "lbatch/csv.lua",
     ["lbatch.pipeline"] = "lbatch/pipeline.lua",
