@@ -20,7 +20,7 @@ function M.human(n)
   if n >= 1e9 then return ("%.1f GB"):format(n / 1e9) end
   if n >= 1e6 then return ("%.1f MB"):format(n / 1e6) end
   if n >= 1e3 then return ("%.1f kB"):format(n / 1e3) end
-  return ("%d B"):format(n)
+  return ("%d B"):format(math.floor(n))
 end
 
 return M
