@@ -195,12 +195,7 @@ local function fmt_time(s)
   return ("%02d:%02d"):format(math.floor(s / 60), s % 60)
 end
 
-local function fmt_bytes(n)
-  if n >= 1e9 then return ("%.1f GB"):format(n / 1e9) end
-  if n >= 1e6 then return ("%.1f MB"):format(n / 1e6) end
-  if n >= 1e3 then return ("%.1f kB"):format(n / 1e3) end
-  return ("%d B"):format(n)
-end
+local fmt_bytes = require("lbatch.size").human
 
 local core = require "lbatch.core"
 local now = core.now

@@ -152,13 +152,7 @@ end
 
 local function basename(p) return (p:match("([^/\\]+)$")) or p end
 
-local function file_size(path)
-  local fh = io.open(path, "rb")
-  if not fh then return nil end
-  local n = fh:seek("end")
-  fh:close()
-  return n
-end
+local file_size = require("lbatch.size").file
 
 -- form fields of every parameter given: nested tables as key[sub]
 local function form_fields(out, prefix, v)

@@ -1,5 +1,8 @@
 --- Request files: a writer that enforces the service's rules line by line
--- and shards, a validator for files made elsewhere, and multimodal helpers.
+-- and shards, and a validator for files made elsewhere. Both decide with
+-- `lbatch.rules`, so they report a bad line with the same code and message.
+-- `jsonl.estimate` (`lbatch.estimate`) and the multimodal helpers
+-- (`lbatch.media`: `data_url`, `image`, ...) are here too.
 --
 --    local w = jsonl.writer{ path = "out/requests.jsonl", model = "qwen-plus" }
 --    assert(w:chat("q1", { prompt = "2 + 2 = ?", system = "Answer briefly." }))
@@ -14,15 +17,19 @@ local put = idmap().put
 
 local cjson_encode, fix, MARK, find = require("cjson").encode, json.fix, json.MARK, string.find
 local safe_encode = require("cjson.safe").encode   -- nil, err instead of raising: no pcall per line
-local safe_decode = require("cjson.safe").decode
+local media = require "lbatch.media"
+local estimate = require "lbatch.estimate"
 local TEST = service.TEST
-local TEST_MODEL, TEST_URL, RULES, thinking_of = TEST.model, TEST.url, service.ENDPOINT_RULES, service.thinking
-local utf8_bad = rules.utf8_bad
+local TEST_MODEL, TEST_URL, thinking_of = TEST.model, TEST.url, service.thinking
+local R = rules.rule
+local utf8_bad, line_size, custom_id, field = rules.utf8_bad, R.line_size, R.custom_id, R.field
 local M = {}
 
 -- a line is written in pieces: L1 id L2 url L3 body L4
 local L1, L2, L3, L4 = '{"custom_id":', ',"method":"POST","url":"', '","body":', "}\n"
 local FIXED = #L1 + #L2 + #L3 + #L4
+-- a custom_id set maps an id to its line: file index * SPAN + line number
+local SPAN = 2 ^ 26
 
 local function invalid(id, code, message, param)
   return errors.new({ kind = "invalid", code = code, param = param, custom_id = id,
@@ -77,8 +84,8 @@ function Writer:_start(route)
   fh:setvbuf("full", 1024 * 1024)
   local max_lines = test and math.min(self.max_lines, TEST.max_lines) or self.max_lines
   local f = {
-    path = path, lines = 0, bytes = 0, model = route.model, endpoint = route.url,
-    fh = fh, seen = self.seen or idmap(),
+    path = path, lines = 0, bytes = 0, inputs = 0, model = route.model, endpoint = route.url,
+    index = n, tag = n * SPAN + 1, fh = fh, seen = self.seen or idmap(),   -- tag + lines: the next line's id value
     max_lines = max_lines,
     max_bytes = test and math.min(self.max_bytes, TEST.max_bytes) or self.max_bytes,
   }
@@ -102,59 +109,57 @@ local function close_file(f, shared)
   return true
 end
 
--- The shard for a request: checks that depend only on model and url, done
--- once per (model, url, thinking mode) and cached for the next request.
+-- The shard for a request: the rules that depend only on model and url,
+-- decided once per (model, url, thinking mode) and cached for the next
+-- request. A model on the wrong endpoint is kept in the route (`late`) and
+-- reported after the body's field, in the checker's order.
 function Writer:_route(id, model, url, thinking)
-  local test = model == TEST_MODEL
-  local resolved = url or self.endpoint or (test and TEST_URL) or "/v1/chat/completions"
-  if self.endpoint and resolved ~= self.endpoint then
-    return nil, invalid(id, "url_mismatch",
-      ("url %q differs from the writer's endpoint %q"):format(resolved, self.endpoint), "url")
-  end
-  if not self.profile.endpoints[resolved] then
-    return nil, invalid(id, "url_not_found", ("url %q is not supported by the Batch API (%s)")
-      :format(resolved, self.profile.name), "url")
-  end
-  if test and resolved ~= TEST_URL then
-    return nil, invalid(id, "mismatched_test_url", "batch-test-model requests must use " .. TEST_URL, "url")
-  end
-  local embedding = service.is_embedding_model(model)
-  if not test and (resolved == "/v1/embeddings") ~= embedding then
-    return nil, invalid(id, "model_endpoint_mismatch", embedding
-      and ("the embedding model %q belongs on /v1/embeddings"):format(model)
-      or ("%q is not an embedding model; /v1/embeddings needs one"):format(model), "body.model")
-  end
-  local key = model .. "\0" .. resolved .. (thinking and "\0t" or "")
+  local code, message, param = R.url(url, self.profile)
+  if not code then code, message, param = R.endpoint(url, self.endpoint) end
+  if not code then code, message, param = R.model(model, url) end
+  if not code then code, message, param = R.test_url(model, url) end
+  if code then return nil, invalid(id, code, message, param) end
+  local name = model or ""                 -- moderations: the service's default model
+  local key = name .. "\0" .. url .. (thinking and "\0t" or "")
   local route = self.routes[key]
   if not route then
-    route = { key = key, model = model, url = resolved, test = test, rule = RULES[resolved] }
+    local lcode, lmessage, lparam = R.model_endpoint(url, model)
+    route = { key = key, model = name, url = url, test = model == TEST_MODEL,
+              late = lcode and { lcode, lmessage, lparam } or nil,
+              max_inputs = url == "/v1/embeddings" and self.profile.max_embedding_inputs or nil }
     self.routes[key] = route
   end
   self.last_model, self.last_url, self.last_thinking, self.last_route = model, url, thinking, route
   return route
 end
 
---- Add one request.
--- @tparam string id the custom_id (a number is taken as its text)
--- @tparam table body the request body
--- @tparam[opt] string url the endpoint (default: the writer's)
--- @return true, or nil and an error that names the custom_id and the rule
--- (`invalid`) or the file (`io`)
-function Writer:add(id, body, url)
-  if type(body) ~= "table" then errors.arg("jsonl.add", "body must be a table") end
-  local tid = type(id)
-  if tid ~= "string" then
-    if tid ~= "number" then errors.arg("jsonl.add", "custom_id must be a string") end
-    id = tostring(id)
-  end
-  if id == "" then return nil, invalid(id, "missing_custom_id", "custom_id is empty", "custom_id") end
+function Writer:_duplicate(id, v, current)
+  local line = v % SPAN
+  local index = (v - line) / SPAN
+  local where = index ~= current and self.files[index] and self.files[index].path or nil
+  return invalid(id, R.duplicate(id, line, where))
+end
+
+-- Check and write one request: `encoded` is its body as JSON (add), or
+-- `raw` the whole line (line, whose own rules R.raw has checked). The
+-- rules are rules.rule's, in the checker's order; the writer's own lines
+-- are not decoded again.
+function Writer:_put(id, body, url, encoded, raw)
   local model = body.model
-  if type(model) ~= "string" or model == "" then
-    local rule = RULES[url or self.endpoint or ""]
-    if model ~= nil or not (rule and rule.model_optional) then
-      return nil, invalid(id, "missing_model", "body.model is missing", "body.model")
+  url = url or self.endpoint or (model == TEST_MODEL and TEST_URL) or "/v1/chat/completions"
+  local eid, size, code, message, param
+  if raw then
+    size = #raw + 1
+  else
+    eid = cjson_encode(id)   -- a string never holds the empty-array marker
+    size = FIXED + #eid + #url + #encoded
+    code, message = line_size(size - 1, self.profile.max_line_bytes)
+    if code then return nil, invalid(id, code, message) end
+    if utf8_bad(encoded) or utf8_bad(eid) then   -- the line that would be written, as validate sees it
+      return nil, invalid(id, R.utf8(L1 .. eid .. L2 .. url .. L3 .. encoded))
     end
-    model = ""                 -- moderations: the service's default model
+    code, message, param = custom_id(id)
+    if code then return nil, invalid(id, code, message, param) end
   end
   local thinking = thinking_of(body)
   local route = self.last_route
@@ -163,54 +168,61 @@ function Writer:add(id, body, url)
     route, err = self:_route(id, model, url, thinking)
     if not route then return nil, err end
   end
-  local field = route.rule.field
-  if field then
-    local v = body[field]
-    if v == nil or (field == "messages" and (type(v) ~= "table" or next(v) == nil)) then
-      return nil, invalid(id, "missing_field", ("a %s request needs body.%s"):format(route.url, field),
-        "body." .. field)
-    end
-  end
-  local encoded, why = safe_encode(body)
-  if not encoded then
-    return nil, invalid(id, "invalid_body", "body cannot be encoded as JSON: " .. tostring(why), "body")
-  end
-  local bad = utf8_bad(encoded) or utf8_bad(id)
-  if bad then
-    return nil, invalid(id, "invalid_utf8", "the request is not valid UTF-8 (a string holds a bad byte)", "body")
-  end
-  if find(encoded, MARK, 1, true) then encoded = fix(encoded) end
-  local eid = cjson_encode(id)   -- a string never holds the empty-array marker
-  local rurl = route.url
-  local size = FIXED + #eid + #rurl + #encoded
-  if size - 1 > self.profile.max_line_bytes then
-    return nil, invalid(id, "line_too_large", ("the line is %d bytes, over the %d allowed (%s)")
-      :format(size - 1, self.profile.max_line_bytes, self.profile.name))
+  code, message, param = field(url, body)
+  if code then return nil, invalid(id, code, message, param) end
+  if route.late then return nil, invalid(id, route.late[1], route.late[2], route.late[3]) end
+  local inputs = 0
+  if route.max_inputs then
+    local input = body.input
+    inputs = type(input) == "table" and #input or 1
+    code, message, param = R.inputs(inputs, route.max_inputs)
+    if code then return nil, invalid(id, code, message, param) end
   end
   local f = route.file
-  if not f or f.lines >= f.max_lines or f.bytes + size > f.max_bytes then
+  if not f or f.lines >= f.max_lines or f.bytes + size > f.max_bytes
+     or (route.max_inputs and f.inputs + inputs > route.max_inputs) then
     if f then
       local ok, err = close_file(f, self.seen)
       if not ok then return nil, err end
     end
-    if self.seen and self.seen:get(id) then
-      return nil, invalid(id, "duplicate_custom_id", "custom_id is used twice", "custom_id")
-    end
-    if route.test and size > math.min(self.max_bytes, TEST.max_bytes) then
-      return nil, invalid(id, "test_model_file_too_large", "the line alone is over the test model's 1 MB")
-    end
+    local v = self.seen and self.seen:get(id)
+    if v then return nil, self:_duplicate(id, v, nil) end
+    if route.test then code, message = R.test_bytes(size) end
+    if not code then code, message = R.file_size(size, self.max_bytes) end
+    if code then return nil, invalid(id, code, message) end
     local err
     f, err = self:_start(route)
     if not f then return nil, err end
   end
-  if not put(f.seen, id) then
-    return nil, invalid(id, "duplicate_custom_id", "custom_id is used twice", "custom_id")
+  if not put(f.seen, id, f.tag + f.lines) then
+    return nil, self:_duplicate(id, f.seen:get(id), f.index)
   end
-  if not f.fh:write(L1, eid, L2, rurl, L3, encoded, L4) then
-    return nil, errors.io("cannot write", f.path, "write failed")
-  end
-  f.lines, f.bytes = f.lines + 1, f.bytes + size
+  local ok
+  if raw then ok = f.fh:write(raw, "\n")
+  else ok = f.fh:write(L1, eid, L2, url, L3, encoded, L4) end
+  if not ok then return nil, errors.io("cannot write", f.path, "write failed") end
+  f.lines, f.bytes, f.inputs = f.lines + 1, f.bytes + size, f.inputs + inputs
   return true
+end
+
+--- Add one request.
+-- @tparam string id the custom_id (a number is taken as its text)
+-- @tparam table body the request body
+-- @tparam[opt] string url the endpoint (default: the writer's)
+-- @return true, or nil and an error that names the custom_id and the rule
+-- (`invalid`: its code and message are `validate`'s for that line) or the
+-- file (`io`)
+function Writer:add(id, body, url)
+  if type(body) ~= "table" then errors.arg("jsonl.add", "body must be a table") end
+  local tid = type(id)
+  if tid ~= "string" then
+    if tid ~= "number" then errors.arg("jsonl.add", "custom_id must be a string") end
+    id = tostring(id)
+  end
+  local encoded, why = safe_encode(body)
+  if not encoded then return nil, invalid(id, R.unencodable(why)) end
+  if find(encoded, MARK, 1, true) then encoded = fix(encoded) end
+  return self:_put(id, body, url, encoded)
 end
 
 local function copy_extra(body, opts, skip)
@@ -237,7 +249,7 @@ function Writer:chat(id, opts)
     if opts.images then
       content = { { type = "text", text = opts.prompt or "" } }
       for _, src in ipairs(opts.images) do
-        local url, err = M.data_url(src)
+        local url, err = media.data_url(src)
         if not url then
           err.custom_id, err.param = id, "images"
           err.message = ("custom_id %q: %s"):format(tostring(id), err.message)
@@ -271,18 +283,45 @@ function Writer:test(id, prompt)
     TEST_URL)
 end
 
+-- a decoded line's own fields, in the checker's order: nil, or the error
+local function fields(self, req)
+  local id = req.custom_id
+  local code, message, param = custom_id(id)
+  if not code then code, message, param = R.method(req.method) end
+  if not code then code, message, param = R.url(req.url, self.profile) end
+  if not code then code, message, param = R.endpoint(req.url, self.endpoint) end
+  if not code then code, message, param = R.body(req.body) end
+  if code then return invalid(id, code, message, param) end
+end
+
 --- Add a line built elsewhere.
--- @tparam table req `{custom_id, method, url, body}`
+-- @tparam table req `{custom_id, method, url, body}` (a number custom_id
+-- is taken as its text)
 -- @return true, or nil and an error
 function Writer:request(req)
   errors.check("jsonl.request", "req", req, "table")
-  if req.method ~= "POST" then
-    return nil, invalid(req.custom_id, "invalid_method", "method must be POST", "method")
+  if type(req.custom_id) == "number" then
+    req = { custom_id = tostring(req.custom_id), method = req.method, url = req.url, body = req.body }
   end
-  if type(req.body) ~= "table" then
-    return nil, invalid(req.custom_id, "invalid_body", "body is missing or not an object", "body")
-  end
-  return self:add(req.custom_id or "", req.body, req.url)
+  local err = fields(self, req)
+  if err then return nil, err end
+  return self:add(req.custom_id, req.body, req.url)
+end
+
+--- Add a line of JSON text as it is, byte for byte: the rules are
+-- `validate`'s for that line (its size, UTF-8, JSON, then the request's),
+-- with their codes and messages.
+-- @tparam string text one line (a final newline is dropped)
+-- @return true, or nil and an error
+function Writer:line(text)
+  errors.check("jsonl.line", "text", text, "string")
+  text = text:gsub("\r?\n$", "", 1)
+  if find(text, "\n", 1, true) then errors.arg("jsonl.line", "text must be one line") end
+  local req, code, message, param = R.raw(text, #text, self.profile.max_line_bytes)
+  if not req then return nil, invalid(nil, code, message, param) end
+  local err = fields(self, req)
+  if err then return nil, err end
+  return self:_put(req.custom_id, req.body, req.url, nil, text)
 end
 
 --- Close every file.
@@ -332,295 +371,24 @@ function M.validate(path, opts)
            model = chk.model, endpoint = chk.endpoint, thinking = chk.thinking }
 end
 
--- ------------------------------------------------------------ estimate
+-- ------------------------------------------------------------ moved
 
--- UTF-8 sequences counted as one token each: CJK symbols and punctuation,
--- kana, CJK ideographs (U+3000-U+9FFF), Hangul syllables (U+AC00-U+D7FF),
--- compatibility ideographs (U+F900-U+FAFF), fullwidth forms (U+FF00-U+FFEF)
--- and the supplementary ideographs (U+20000-U+3FFFF)
-local CJK = {
-  "[\227-\233][\128-\191][\128-\191]", "\234[\176-\191][\128-\191]", "[\235\236][\128-\191][\128-\191]",
-  "\237[\128-\159][\128-\191]", "\239[\164-\171][\128-\191]", "\239[\188-\191][\128-\191]",
-  "\240[\160-\191][\128-\191][\128-\191]",
-}
-local gsub = string.gsub
-
--- add a string's characters to m: cjk (CJK characters), other (the rest)
-local function count_text(m, s)
-  if type(s) ~= "string" or s == "" then return end
-  local cont = select(2, gsub(s, "[\128-\191]", ""))   -- UTF-8 continuation bytes
-  local chars, cjk = #s - cont, 0
-  if cont > 0 then
-    for _, p in ipairs(CJK) do cjk = cjk + select(2, gsub(s, p, "")) end
-  end
-  m.cjk_chars, m.other_chars = m.cjk_chars + cjk, m.other_chars + chars - cjk
-end
-
--- a message's content: a string, or a list of parts ({type = "text", text})
-local function count_content(m, content)
-  if type(content) == "string" then return count_text(m, content) end
-  if type(content) ~= "table" then return end
-  for _, part in ipairs(content) do
-    if type(part) == "string" then count_text(m, part)
-    elseif type(part) == "table" then count_text(m, part.text) end
-  end
-end
-
--- the text a request sends: messages' content, input (a string, a list of
--- strings, or of messages), prompt (a string or a list of strings)
-local function count_body(m, body)
-  if type(body.messages) == "table" then
-    for _, msg in ipairs(body.messages) do
-      if type(msg) == "table" then count_content(m, msg.content) end
-    end
-  end
-  for _, field in ipairs({ "input", "prompt" }) do
-    local v = body[field]
-    if type(v) == "string" then count_text(m, v)
-    elseif type(v) == "table" then
-      for _, item in ipairs(v) do
-        if type(item) == "table" then count_content(m, item.content ~= nil and item.content or { item })
-        else count_text(m, item) end
-      end
-    end
-  end
-end
-
--- endpoints that answer without output tokens
-local NO_OUTPUT = { ["/v1/embeddings"] = true, ["/v1/moderations"] = true }
-local MAX_OUTPUT = { "max_tokens", "max_completion_tokens", "max_output_tokens" }
-
--- the prices table checked: prices, or nil and an invalid error
-local function check_prices(prices, name)
-  local function bad(msg)
-    return nil, errors.new({ kind = "invalid", code = "invalid_prices", param = "prices",
-      message = ("prices %s: %s"):format(name, msg) })
-  end
-  if type(prices) ~= "table" then return bad("must be a JSON object of models") end
-  for model, p in pairs(prices) do
-    if type(model) ~= "string" then return bad("must be a JSON object of models, not a list") end
-    if type(p) ~= "table" then return bad(("%q must be an object {\"input\": P, \"output\": P}"):format(model)) end
-    for _, k in ipairs({ "input", "output" }) do
-      local v = p[k]
-      if v ~= nil and v ~= json.null and (type(v) ~= "number" or v ~= v or v < 0 or v == math.huge) then
-        return bad(("%q.%s must be a number (currency units per million tokens)"):format(model, k))
-      end
-    end
-    if type(p.input) ~= "number" and type(p.output) ~= "number" then
-      return bad(("%q has neither an input nor an output price"):format(model))
-    end
-  end
-  return prices
-end
-
---- The method of `estimate`'s token counts, in words.
-M.ESTIMATE_METHOD = "input tokens are approximate: 1 per CJK character, 1 per 4 other characters "
-  .. "(rounded up per model); output tokens are at most the sum of max_tokens (or max_completion_tokens, "
-  .. "max_output_tokens)"
-
---- Estimate request files before they are sent: requests per model and
--- endpoint, approximate input tokens, the most output tokens the requests
--- allow, and their cost at batch prices. Files are read line by line,
--- never whole.
---
--- Input tokens are approximate (`jsonl.ESTIMATE_METHOD`): a CJK character
--- counts 1, four other characters count 1, rounded up per model; the
--- text is the messages' content (strings and text parts), `input` and
--- `prompt`. The output bound is the sum of `max_tokens`,
--- `max_completion_tokens` or `max_output_tokens` (0 for embeddings and
--- moderations); it is known for a model when every request sets one.
--- @tparam {string,...} paths request files (or one path)
--- @tparam[opt] table opts prices (a table `{[model] = {input = P, output
--- = P}}` in currency units per million tokens at real-time prices, or the
--- path of a JSON file of it), discount (batch price / real-time price,
--- default 0.5)
--- @treturn table the estimate `{files = {{path, lines, requests, skipped}},
--- lines, requests, skipped, discount, priced, method, models = {[model] =
--- {requests, endpoints = {[url] = n}, cjk_chars, other_chars, input_tokens,
--- output_tokens_max, output_known, with_max_tokens, price, input_cost,
--- output_cost_max}}, totals = {input_tokens, output_tokens_max,
--- input_cost, output_cost_max, unpriced}}`; costs are at batch prices and nil
--- when unknown. Or nil and an `io` error (a file) or an `invalid` one (the
--- prices).
-function M.estimate(paths, opts)
-  if type(paths) == "string" then paths = { paths } end
-  errors.check("jsonl.estimate", "paths", paths, "table")
-  errors.check("jsonl.estimate", "opts", opts, "table", true)
-  opts = opts or {}
-  local discount = opts.discount == nil and 0.5 or opts.discount
-  if type(discount) ~= "number" or discount ~= discount or discount < 0 then
-    errors.arg("jsonl.estimate", "opts.discount must be a number from 0")
-  end
-  local prices = opts.prices
-  if type(prices) == "string" then
-    local fh, msg = io.open(prices, "rb")
-    if not fh then return nil, errors.io("cannot read", prices, msg) end
-    local text, rerr = fh:read("*a")
-    fh:close()
-    if not text then return nil, errors.io("cannot read", opts.prices, rerr) end
-    local why
-    prices, why = safe_decode(text)
-    if prices == nil then
-      return nil, errors.new({ kind = "invalid", code = "invalid_prices", param = "prices",
-        message = ("prices %s: not JSON (%s)"):format(opts.prices, tostring(why)) })
-    end
-  end
-  if prices ~= nil then
-    local err
-    prices, err = check_prices(prices, type(opts.prices) == "string" and opts.prices or "table")
-    if not prices then return nil, err end
-  end
-  local max_line = 0
-  for _, p in pairs(service.PROFILES) do max_line = math.max(max_line, p.max_line_bytes) end
-  local rep = { files = {}, lines = 0, requests = 0, skipped = 0, models = {}, discount = discount,
-                priced = prices ~= nil, method = M.ESTIMATE_METHOD }
-  local models, decode = rep.models, safe_decode
-  for i, path in ipairs(paths) do
-    errors.check("jsonl.estimate", "paths[" .. i .. "]", path, "string")
-    local fh, msg = io.open(path, "rb")
-    if not fh then return nil, errors.io("cannot read", path, msg) end
-    local f = { path = path, lines = 0, requests = 0, skipped = 0 }
-    local ok, rerr = pcall(function()
-      for n, text in rules.lines(fh, max_line) do
-        f.lines = n
-        local req = text and find(text, "%S") and decode(text)
-        local body = type(req) == "table" and req.body
-        if type(body) ~= "table" then
-          if not text or find(text, "%S") then f.skipped = f.skipped + 1 end   -- not a request
-        else
-          local model = type(body.model) == "string" and body.model or "(default)"
-          local url = type(req.url) == "string" and req.url or "(none)"
-          local m = models[model]
-          if not m then
-            m = { requests = 0, endpoints = {}, cjk_chars = 0, other_chars = 0, output_tokens_max = 0,
-                  with_max_tokens = 0 }
-            models[model] = m
-          end
-          m.requests = m.requests + 1
-          m.endpoints[url] = (m.endpoints[url] or 0) + 1
-          count_body(m, body)
-          if NO_OUTPUT[url] then
-            m.with_max_tokens = m.with_max_tokens + 1
-          else
-            for _, k in ipairs(MAX_OUTPUT) do
-              local v = body[k]
-              if type(v) == "number" and v >= 0 then
-                m.output_tokens_max = m.output_tokens_max + math.floor(v)
-                m.with_max_tokens = m.with_max_tokens + 1
-                break
-              end
-            end
-          end
-          f.requests = f.requests + 1
-        end
-      end
-    end)
-    fh:close()
-    if not ok then return nil, errors.io("cannot read", path, rerr) end
-    rep.files[i] = f
-    rep.lines, rep.requests, rep.skipped = rep.lines + f.lines, rep.requests + f.requests, rep.skipped + f.skipped
-  end
-  local totals = { input_tokens = 0, output_tokens_max = 0, input_cost = prices and 0 or nil,
-                   output_cost_max = prices and 0 or nil }
-  local unpriced, all_known = {}, true
-  for model, m in pairs(models) do
-    m.input_tokens = m.cjk_chars + math.ceil(m.other_chars / 4)
-    m.output_known = m.with_max_tokens == m.requests
-    totals.input_tokens = totals.input_tokens + m.input_tokens
-    totals.output_tokens_max = totals.output_tokens_max + m.output_tokens_max
-    all_known = all_known and m.output_known
-    local p = prices and prices[model]
-    if prices and not p then unpriced[#unpriced + 1] = model end
-    if p then
-      m.price = { input = type(p.input) == "number" and p.input or nil,
-                  output = type(p.output) == "number" and p.output or nil }
-      if m.price.input then m.input_cost = m.input_tokens * m.price.input / 1e6 * discount end
-      if m.output_known and (m.price.output or m.output_tokens_max == 0) then
-        m.output_cost_max = m.output_tokens_max * (m.price.output or 0) / 1e6 * discount
-      end
-      totals.input_cost = m.input_cost and totals.input_cost and totals.input_cost + m.input_cost or nil
-      totals.output_cost_max = m.output_cost_max and totals.output_cost_max
-        and totals.output_cost_max + m.output_cost_max or nil
-    end
-  end
-  if not all_known then totals.output_tokens_max = nil end
-  if #unpriced > 0 then
-    table.sort(unpriced)
-    totals.unpriced, totals.input_cost, totals.output_cost_max = unpriced, nil, nil
-  end
-  rep.totals = totals
-  return rep
-end
-
--- ------------------------------------------------------------ multimodal
-
-local MAGIC = {
-  { "^\137PNG\r\n\26\n", "image/png" }, { "^\255\216\255", "image/jpeg" }, { "^GIF8[79]a", "image/gif" },
-  { "^RIFF....WEBP", "image/webp" }, { "^BM", "image/bmp" }, { "^II%*%z", "image/tiff" },
-  { "^MM%z%*", "image/tiff" }, { "^....ftypheic", "image/heic" }, { "^....ftyp", "video/mp4" },
-}
-local EXT = {
-  png = "image/png", jpg = "image/jpeg", jpeg = "image/jpeg", gif = "image/gif", webp = "image/webp",
-  bmp = "image/bmp", tif = "image/tiff", tiff = "image/tiff", heic = "image/heic", mp4 = "video/mp4",
-}
-
---- The MIME type of a file, from its first bytes or else its extension.
--- @tparam string path
--- @tparam[opt] string head its first bytes
--- @treturn string
-function M.mime_type(path, head)
-  for _, m in ipairs(MAGIC) do
-    if head and head:find(m[1]) then return m[2] end
-  end
-  return EXT[(path:match("%.(%w+)$") or ""):lower()] or "application/octet-stream"
-end
-
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local B64T = {}
-for i = 0, 63 do B64T[i] = B64:sub(i + 1, i + 1) end
-
-local function base64(s)
-  local out, n, byte, floor = {}, 0, string.byte, math.floor
-  for i = 1, #s - 2, 3 do
-    local a, b, c = byte(s, i, i + 2)
-    local v = a * 65536 + b * 256 + c
-    n = n + 1
-    out[n] = B64T[floor(v / 262144)] .. B64T[floor(v / 4096) % 64] .. B64T[floor(v / 64) % 64] .. B64T[v % 64]
-  end
-  local rest = #s % 3
-  if rest > 0 then
-    local a, b = byte(s, #s - rest + 1, #s)
-    local v = a * 65536 + (b or 0) * 256
-    n = n + 1
-    out[n] = B64T[floor(v / 262144)] .. B64T[floor(v / 4096) % 64]
-      .. (rest == 2 and B64T[floor(v / 64) % 64] or "=") .. "="
-  end
-  return table.concat(out)
-end
-M.base64 = base64
-
---- An http(s), oss or data: URL as it is; a local file (an image or a
--- video frame) as a data: URL with its MIME type.
--- @tparam string src a path or a URL
--- @treturn string the URL, or nil and an `io` error
-function M.data_url(src)
-  errors.check("jsonl.data_url", "src", src, "string")
-  if src:find("^https?://") or src:find("^data:") or src:find("^oss://") then return src end
-  local fh, msg = io.open(src, "rb")
-  if not fh then return nil, errors.io("cannot read", src, msg) end
-  local data, rerr = fh:read("*a")
-  fh:close()
-  if not data then return nil, errors.io("cannot read", src, rerr) end
-  return "data:" .. M.mime_type(src, data:sub(1, 16)) .. ";base64," .. base64(data)
-end
-
---- A content part `{type = "image_url", image_url = {url = ...}}`.
--- @tparam string src a path or a URL
--- @treturn table the part, or nil and an `io` error
-function M.image(src)
-  local url, err = M.data_url(src)
-  if not url then return nil, err end
-  return { type = "image_url", image_url = { url = url } }
-end
+--- `lbatch.estimate`'s `files`: estimate request files before they are sent.
+-- @function estimate
+M.estimate = estimate.files
+--- `lbatch.estimate`'s `METHOD`: how the token counts are made.
+M.ESTIMATE_METHOD = estimate.METHOD
+--- `lbatch.media`'s: a path or URL as a URL (a local file as a data: URL).
+-- @function data_url
+M.data_url = media.data_url
+--- `lbatch.media`'s: a content part for an image.
+-- @function image
+M.image = media.image
+--- `lbatch.media`'s: a file's MIME type.
+-- @function mime_type
+M.mime_type = media.mime_type
+--- `lbatch.media`'s: base64.
+-- @function base64
+M.base64 = media.base64
 
 return M

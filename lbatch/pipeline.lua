@@ -65,19 +65,9 @@ end
 
 -- ------------------------------------------------------------ disk
 
-local function size_of(path)
-  local fh = io.open(path, "rb")
-  if not fh then return 0 end
-  local n = fh:seek("end") or 0
-  fh:close()
-  return n
-end
-
-local function human(n)
-  if n >= 1e9 then return ("%.1f GB"):format(n / 1e9) end
-  if n >= 1e6 then return ("%.1f MB"):format(n / 1e6) end
-  return ("%d kB"):format(math.ceil(n / 1e3))
-end
+local size = require "lbatch.size"
+local function size_of(path) return size.file(path) or 0 end
+local human = size.human
 
 -- The disk must hold what the run will write: copies of the requests and
 -- the answers (an output file is typically two to three times its input:

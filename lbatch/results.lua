@@ -12,6 +12,7 @@
 local json = require "lbatch.json"
 local rules = require "lbatch.rules"
 local errors = require "lbatch.errors"
+local cost = require "lbatch.cost"
 
 local core = require "lbatch.core"
 
@@ -410,7 +411,7 @@ end
 function Reader:summary(opts)
   errors.check("results.summary", "opts", opts, "table", true)
   opts = opts or {}
-  local prices, discount = opts.prices or {}, opts.discount or 0.5
+  local prices, discount = opts.prices or {}, opts.discount or cost.DISCOUNT
   local s = { total = 0, ok = 0, failed = 0, missing = 0, by_error = {},
               prompt_tokens = 0, completion_tokens = 0, total_tokens = 0, cost = 0, by_model = {} }
   for rec, err in self:each() do
@@ -435,7 +436,7 @@ function Reader:summary(opts)
       m.requests, m.prompt_tokens, m.completion_tokens = m.requests + 1, m.prompt_tokens + pt, m.completion_tokens + ct
       local p = prices[model]
       if p then
-        local c = (pt * (p.input or 0) + ct * (p.output or 0)) / 1e6 * discount
+        local c = cost.of(pt, ct, p, discount)
         m.cost, s.cost = m.cost + c, s.cost + c
       end
     end

@@ -127,7 +127,232 @@ function M.checker(opts)
   }, Checker)
 end
 
-local function present(v) return v ~= nil and v ~= cjson.null end
+-- each endpoint's own field
+local FIELD, null = {}, cjson.null
+for url, ep in pairs(service.ENDPOINT_RULES) do FIELD[url] = ep.field end
+
+-- ------------------------------------------------------------ the rules
+
+--- The rules, one function each: the one place that decides a rule and
+-- words its message. Each returns nothing when the rule holds, else
+-- `code, message, param`. The checker and the `lbatch.jsonl` writer both
+-- call these, so they cannot disagree about a line.
+-- @table rule
+local rule = {}
+M.rule = rule
+
+--- custom_id: a non-empty string.
+-- @param id
+function rule.custom_id(id)
+  if type(id) ~= "string" or id == "" then
+    return "missing_custom_id", "custom_id is missing or not a non-empty string.", "custom_id"
+  end
+end
+
+--- A custom_id seen before, at line `first` (of the file `where`, when it
+-- is another one).
+-- @tparam string id
+-- @tparam integer first the line it was first on
+-- @tparam[opt] string where the other file
+function rule.duplicate(id, first, where)
+  return "duplicate_custom_id", format("The custom_id %q is a duplicate of line %d%s.", id, first,
+    where and (" of " .. where) or ""), "custom_id"
+end
+
+--- method: POST.
+-- @param method
+function rule.method(method)
+  if method ~= "POST" then return "invalid_method", "method must be \"POST\".", "method" end
+end
+
+--- url: one of the profile's endpoints.
+-- @param url
+-- @tparam table profile a profile of `lbatch.service`
+function rule.url(url, profile)
+  if not (type(url) == "string" and profile.endpoints[url]) then
+    return "url_not_found", format("The provided url '%s' is not supported by the Batch API.",
+      type(url) == "string" and url or tostring(url)), "url"
+  end
+end
+
+--- url: the batch's endpoint, when there is one.
+-- @tparam string url
+-- @tparam ?string endpoint
+function rule.endpoint(url, endpoint)
+  if endpoint ~= nil and url ~= endpoint then
+    return "url_mismatch", format("The url '%s' does not match the batch's endpoint '%s'.", url, endpoint), "url"
+  end
+end
+
+--- body: a JSON object.
+-- @param body
+function rule.body(body)
+  if type(body) ~= "table" then return "invalid_body", "body is missing or not a JSON object.", "body" end
+end
+
+--- body: one that can be written as JSON (a Lua table can hold a function).
+-- @tparam string why lua-cjson's reason
+function rule.unencodable(why)
+  return "invalid_body", "body cannot be encoded as JSON: " .. tostring(why), "body"
+end
+
+--- body.model: a non-empty string (moderations may leave it out).
+-- @param model
+-- @tparam ?string url a known endpoint
+function rule.model(model, url)
+  if type(model) ~= "string" or model == "" then
+    local ep = url and service.ENDPOINT_RULES[url]
+    if not (ep and ep.model_optional and model == nil) then
+      return "missing_model", "body.model is missing.", "body.model"
+    end
+  end
+end
+
+--- body.model: the same in every line of a file.
+-- @tparam string model
+-- @tparam string first the file's model
+function rule.same_model(model, first)
+  if model ~= first then
+    return "model_mismatch", format("The model %q differs from %q used earlier in the file; use one model per file.",
+      model, first), "body.model"
+  end
+end
+
+--- The thinking mode: the same in every line of a file.
+-- @tparam boolean thinking this line's
+-- @tparam boolean first the file's
+-- @tparam integer first_line the line it was set by
+function rule.same_thinking(thinking, first, first_line)
+  if thinking ~= first then
+    return "mismatched_thinking", format(
+      "This request runs with thinking %s and line %d with thinking %s (enable_thinking, or the model's default); "
+      .. "use one thinking mode per file.", thinking and "on" or "off", first_line, first and "on" or "off"),
+      "body.enable_thinking"
+  end
+end
+
+--- The test model goes to its own url.
+-- @param model
+-- @param url
+function rule.test_url(model, url)
+  if model == TEST.model and url ~= TEST.url then
+    return "mismatched_test_url", format("The provided URL '%s' does not match the test model '%s'.",
+      tostring(url), TEST.model), "url"
+  end
+end
+
+--- The endpoint's own field (messages: a non-empty array).
+-- @tparam string url a known endpoint
+-- @tparam table body
+function rule.field(url, body)
+  local field = FIELD[url]
+  if not field then return end
+  local v = body[field]
+  if v == nil or v == null then
+    return "missing_field", format("A %s request needs body.%s.", url, field), "body." .. field
+  end
+  if field == "messages" and (type(v) ~= "table" or next(v) == nil) then
+    return "missing_field", "body.messages must be a non-empty array.", "body.messages"
+  end
+end
+
+--- Embedding models on /v1/embeddings, and only there.
+-- @tparam string url a known endpoint
+-- @param model
+function rule.model_endpoint(url, model)
+  if type(model) ~= "string" then return end
+  if url == "/v1/embeddings" then
+    if not service.is_embedding_model(model) and model ~= TEST.model then
+      return "model_endpoint_mismatch",
+        format("The model %q is not an embedding model; /v1/embeddings needs one.", model), "body.model"
+    end
+  elseif service.is_embedding_model(model) then
+    return "model_endpoint_mismatch",
+      format("The embedding model %q belongs on /v1/embeddings, not %s.", model, url), "body.model"
+  end
+end
+
+--- At most `max` embedding inputs in a batch.
+-- @tparam integer count the inputs so far, this line's included
+-- @tparam integer max
+function rule.inputs(count, max)
+  if count > max then
+    return "too_many_inputs", format("The batch has more than %d embedding inputs.", max), "body.input"
+  end
+end
+
+--- A line: at most `max_line` bytes (its newline not counted).
+-- @tparam integer size
+-- @tparam integer max_line
+function rule.line_size(size, max_line)
+  if size > max_line then return "line_too_large", format("The line is larger than %d bytes.", max_line) end
+end
+
+--- At most `max_lines` requests in a file.
+-- @tparam integer n the line number
+-- @tparam integer max_lines
+function rule.lines(n, max_lines)
+  if n > max_lines then return "too_many_tasks", format("The file has more than %d requests.", max_lines) end
+end
+
+--- A file: at most `max_bytes`.
+-- @tparam integer bytes
+-- @tparam integer max_bytes
+function rule.file_size(bytes, max_bytes)
+  if bytes > max_bytes then return "file_too_large", format("The file is larger than %d bytes.", max_bytes) end
+end
+
+--- A batch-test-model file: at most TEST.max_lines lines.
+-- @tparam integer lines
+function rule.test_lines(lines)
+  if lines > TEST.max_lines then
+    return "test_model_too_many_lines", format("A batch-test-model file has at most %d lines.", TEST.max_lines)
+  end
+end
+
+--- A batch-test-model file: at most TEST.max_bytes.
+-- @tparam integer bytes
+function rule.test_bytes(bytes)
+  if bytes > TEST.max_bytes then
+    return "test_model_file_too_large", format("A batch-test-model file is at most %d bytes.", TEST.max_bytes)
+  end
+end
+
+--- Valid UTF-8; the fourth value is the offset of the first bad byte.
+-- @tparam string text
+function rule.utf8(text)
+  local bad = utf8_bad(text)
+  if bad then return "invalid_utf8", format("This line is not valid UTF-8 (byte %d).", bad), nil, bad end
+end
+
+--- A raw line's own rules, in order: its size, not empty, UTF-8, JSON, an
+-- object. Returns the decoded request, or nil and `code, message, param,
+-- offset`.
+-- @tparam ?string text the line without its newline (nil: too long to keep)
+-- @tparam integer size its bytes without the newline
+-- @tparam integer max_line
+function rule.raw(text, size, max_line)
+  local code, message, param, offset
+  if text == nil then code, message = rule.line_size(math.max(size, max_line + 1), max_line)
+  else code, message = rule.line_size(size, max_line) end
+  if code then return nil, code, message end
+  if find(text, "^%s*$") then return nil, "empty_line", "This line is empty." end
+  code, message, param, offset = rule.utf8(text)
+  if code then return nil, code, message, param, offset end
+  local ok, req = pcall(decode, text)
+  if not ok then return nil, "invalid_json_line", "This line is not parseable as valid JSON." end
+  if type(req) ~= "table" or not find(text, "^%s*{") then   -- a scalar, or an array
+    return nil, "invalid_json_line", "This line is not a JSON object."
+  end
+  return req
+end
+
+-- ------------------------------------------------------------ the checker
+
+local function add(out, n, code, message, param)
+  if code then out[#out + 1] = problem(code, n, message, param) end
+  return code
+end
 
 --- Check a request body's own rules: the endpoint's field, the model on
 -- the right endpoint and in the region's list, the embedding inputs.
@@ -136,42 +361,23 @@ local function present(v) return v ~= nil and v ~= cjson.null end
 -- @tparam table body the body
 -- @tparam table out the list to add problems to
 function Checker:body(n, url, body, out)
-  local rule = service.ENDPOINT_RULES[url]
   local model = body.model
-  if rule and rule.field and not present(body[rule.field]) then
-    out[#out + 1] = problem("missing_field", n,
-      format("A %s request needs body.%s.", url, rule.field), "body." .. rule.field)
-  elseif url == "/v1/chat/completions" or url == "/v1/chat/ds-test" then
-    local m = body.messages
-    if type(m) ~= "table" or next(m) == nil then
-      out[#out + 1] = problem("missing_field", n, "body.messages must be a non-empty array.", "body.messages")
-    end
-  end
-  if type(model) == "string" then
-    if url == "/v1/embeddings" and not service.is_embedding_model(model) and model ~= TEST.model then
-      out[#out + 1] = problem("model_endpoint_mismatch", n,
-        format("The model %q is not an embedding model; /v1/embeddings needs one.", model), "body.model")
-    elseif url ~= "/v1/embeddings" and service.is_embedding_model(model) then
-      out[#out + 1] = problem("model_endpoint_mismatch", n,
-        format("The embedding model %q belongs on /v1/embeddings, not %s.", model, url), "body.model")
-    end
-    if self.region and not self.warned[model] then
-      local ok, list = service.serves(self.region, url, model)
-      if not ok then
-        self.warned[model] = true
-        self.warnings[#self.warnings + 1] = problem("unknown_model", n, format(
-          "The model %q is not in the %s region's batch list for %s (%s); lists change, so this is a warning.",
-          model, self.region, url, #list > 0 and table.concat(list, ", ") or "none"), "body.model")
-      end
+  add(out, n, rule.field(url, body))
+  add(out, n, rule.model_endpoint(url, model))
+  if type(model) == "string" and self.region and not self.warned[model] then
+    local ok, list = service.serves(self.region, url, model)
+    if not ok then
+      self.warned[model] = true
+      self.warnings[#self.warnings + 1] = problem("unknown_model", n, format(
+        "The model %q is not in the %s region's batch list for %s (%s); lists change, so this is a warning.",
+        model, self.region, url, #list > 0 and table.concat(list, ", ") or "none"), "body.model")
     end
   end
   if url == "/v1/embeddings" and self.profile.max_embedding_inputs then
     local input = body.input
     self.inputs = self.inputs + (type(input) == "table" and #input or 1)
-    if self.inputs > self.profile.max_embedding_inputs and not self.over_inputs then
+    if not self.over_inputs and add(out, n, rule.inputs(self.inputs, self.profile.max_embedding_inputs)) then
       self.over_inputs = true
-      out[#out + 1] = problem("too_many_inputs", n, format(
-        "The batch has more than %d embedding inputs.", self.profile.max_embedding_inputs), "body.input")
     end
   end
 end
@@ -188,60 +394,35 @@ function Checker:request(n, req, out)
     return out
   end
   local id = req.custom_id
-  if type(id) ~= "string" or id == "" then
-    out[#out + 1] = problem("missing_custom_id", n, "custom_id is missing or not a non-empty string.", "custom_id")
-  elseif self.seen[id] then
-    out[#out + 1] = problem("duplicate_custom_id", n,
-      format("The custom_id %q is a duplicate of line %d.", id, self.seen[id]), "custom_id")
-  else
-    self.seen[id] = n
+  if not add(out, n, rule.custom_id(id)) then
+    if self.seen[id] then add(out, n, rule.duplicate(id, self.seen[id]))
+    else self.seen[id] = n end
   end
-  if req.method ~= "POST" then
-    out[#out + 1] = problem("invalid_method", n, "method must be \"POST\".", "method")
-  end
+  add(out, n, rule.method(req.method))
   local url = req.url
-  local known = type(url) == "string" and self.profile.endpoints[url]
-  if not known then
-    out[#out + 1] = problem("url_not_found", n, format("The provided url '%s' is not supported by the Batch API.",
-      type(url) == "string" and url or tostring(url)), "url")
-  elseif self.endpoint == nil then
-    self.endpoint = url
-  elseif url ~= self.endpoint then
-    out[#out + 1] = problem("url_mismatch", n,
-      format("The url '%s' does not match the batch's endpoint '%s'.", url, self.endpoint), "url")
+  local known = not add(out, n, rule.url(url, self.profile))
+  if known then
+    if self.endpoint == nil then self.endpoint = url
+    else add(out, n, rule.endpoint(url, self.endpoint)) end
   end
   local body = req.body
-  if type(body) ~= "table" then
-    out[#out + 1] = problem("invalid_body", n, "body is missing or not a JSON object.", "body")
-    return out
-  end
+  if add(out, n, rule.body(body)) then return out end
   local model = body.model
-  local rule = known and service.ENDPOINT_RULES[url]
-  if type(model) ~= "string" or model == "" then
-    if not (rule and rule.model_optional and model == nil) then
-      out[#out + 1] = problem("missing_model", n, "body.model is missing.", "body.model")
+  if not add(out, n, rule.model(model, known and url or nil)) and type(model) == "string" then
+    if self.model == nil then
+      self.model = model
+      self.test = model == TEST.model
+    else
+      add(out, n, rule.same_model(model, self.model))
     end
-  elseif self.model == nil then
-    self.model = model
-    self.test = model == TEST.model
-  elseif model ~= self.model then
-    out[#out + 1] = problem("model_mismatch", n,
-      format("The model %q differs from %q used earlier in the file; use one model per file.", model, self.model),
-      "body.model")
   end
   local thinking = service.thinking(body)
   if self.thinking == nil then
     self.thinking, self.thinking_line = thinking, n
-  elseif thinking ~= self.thinking then
-    out[#out + 1] = problem("mismatched_thinking", n, format(
-      "This request runs with thinking %s and line %d with thinking %s (enable_thinking, or the model's default); "
-      .. "use one thinking mode per file.", thinking and "on" or "off", self.thinking_line,
-      self.thinking and "on" or "off"), "body.enable_thinking")
+  else
+    add(out, n, rule.same_thinking(thinking, self.thinking, self.thinking_line))
   end
-  if model == TEST.model and url ~= TEST.url then
-    out[#out + 1] = problem("mismatched_test_url", n, format(
-      "The provided URL '%s' does not match the test model '%s'.", tostring(url), TEST.model), "url")
-  end
+  add(out, n, rule.test_url(model, url))
   if known then self:body(n, url, body, out) end
   return out
 end
@@ -256,30 +437,12 @@ function Checker:line(n, text, bytes, out)
   out = out or {}
   self.lines = n
   self.bytes = self.bytes + bytes
-  local max_line = self.profile.max_line_bytes
-  if n == self.max_lines + 1 then
-    out[#out + 1] = problem("too_many_tasks", n,
-      format("The file has more than %d requests.", self.max_lines), nil)
-  end
-  if text == nil or bytes - 1 > max_line then
-    out[#out + 1] = problem("line_too_large", n,
-      format("The line is larger than %d bytes.", max_line), nil)
-    return out
-  end
-  if find(text, "^%s*$") then
-    out[#out + 1] = problem("empty_line", n, "This line is empty.", nil)
-    return out
-  end
-  local bad = utf8_bad(text)
-  if bad then
-    local p = problem("invalid_utf8", n, format("This line is not valid UTF-8 (byte %d).", bad), nil)
-    p.offset = bad
+  if n == self.max_lines + 1 then add(out, n, rule.lines(n, self.max_lines)) end
+  local req, code, message, param, offset = rule.raw(text, bytes - 1, self.profile.max_line_bytes)
+  if not req then
+    local p = problem(code, n, message, param)
+    p.offset = offset
     out[#out + 1] = p
-    return out
-  end
-  local ok, req = pcall(decode, text)
-  if not ok then
-    out[#out + 1] = problem("invalid_json_line", n, "This line is not parseable as valid JSON.", nil)
     return out
   end
   return self:request(n, req, out)
@@ -293,19 +456,10 @@ function Checker:finish(out)
   if self.lines == 0 then
     out[#out + 1] = problem("empty_file", nil, "The file is empty.", nil)
   end
-  if self.bytes > self.max_bytes then
-    out[#out + 1] = problem("file_too_large", nil,
-      format("The file is larger than %d bytes.", self.max_bytes), nil)
-  end
+  add(out, nil, rule.file_size(self.bytes, self.max_bytes))
   if self.test then
-    if self.lines > TEST.max_lines then
-      out[#out + 1] = problem("test_model_too_many_lines", nil,
-        format("A batch-test-model file has at most %d lines.", TEST.max_lines), nil)
-    end
-    if self.bytes > TEST.max_bytes then
-      out[#out + 1] = problem("test_model_file_too_large", nil,
-        format("A batch-test-model file is at most %d bytes.", TEST.max_bytes), nil)
-    end
+    add(out, nil, rule.test_lines(self.lines))
+    add(out, nil, rule.test_bytes(self.bytes))
   end
   return out
 end

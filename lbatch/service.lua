@@ -145,6 +145,7 @@ end
 -- series, the open-source qwen3 models, QwQ and DeepSeek-R1); the
 -- commercial qwen-plus, qwen-flash and qwen-turbo do not
 local THINKING = { "^qwen3%.[5-9]", "^qwen3%-%d+b", "^qwq", "^deepseek%-r1", "%-thinking" }
+local defaults, ndefaults = {}, 0   -- model -> its default, for the last few hundred models (a cache)
 
 --- The thinking mode a request runs in: its `enable_thinking` when it is
 -- a boolean, else the model's default.
@@ -154,9 +155,15 @@ function M.thinking(body)
   local t = body.enable_thinking
   if t == true or t == false then return t end
   local model = type(body.model) == "string" and body.model or ""
-  if model:find("%-instruct") then return false end
-  for _, p in ipairs(THINKING) do if model:find(p) then return true end end
-  return false
+  local d = defaults[model]
+  if d ~= nil then return d end
+  d = false
+  if not model:find("%-instruct") then
+    for _, p in ipairs(THINKING) do if model:find(p) then d = true break end end
+  end
+  if ndefaults >= 256 then defaults, ndefaults = {}, 0 end
+  defaults[model], ndefaults = d, ndefaults + 1
+  return d
 end
 
 -- ------------------------------------------------------------ dates
