@@ -1,5 +1,7 @@
--- Shared by the specs: a real emulator per spec file, a curl(1) client
--- that does not depend on lbatch, temp files and small waits.
+-- Shared by the specs: a real emulator (nginx) when a spec asks for one
+-- with H.emulator(), a curl(1) client that does not depend on lbatch,
+-- temp files and small waits. Requiring it starts nothing: the pure unit
+-- specs run without nginx (spec/README.md).
 local H = {}
 
 H.root = os.getenv("LBATCH_ROOT") or "."
@@ -119,8 +121,11 @@ if H.tls_ca == "" then H.tls_ca = nil end
 -- api_key, data, include, cpu (taskset's CPU list), tls (default: the
 -- pass's), keepalive_requests. Returns an object with url, base (…/v1),
 -- port, data, stop(), stats().
+local has_nginx
 function H.emulator(opts)
   opts = opts or {}
+  if has_nginx == nil then has_nginx = H.ok("command -v nginx >/dev/null 2>&1") end
+  if not has_nginx then error("H.emulator: nginx is not on PATH (this spec needs the emulator: spec/README.md)", 2) end
   local data = opts.data or H.tmpdir()
   local args = { "--data", data, "--speed", opts.speed or 200, "--dialect", opts.dialect or "dashscope" }
   local tls = opts.tls
