@@ -24,7 +24,7 @@ WARN = -std=c99 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter
 SRC = lbatch/core/core.c lbatch/core/xfer.c lbatch/core/idmap.c lbatch/core/scan.c lbatch/core/util.c
 HDR = lbatch/core/core.h lbatch/core/compat.h lbatch/core/scan.h
 
-DEB = lua5.4 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
+DEB = lua5.4 lua5.1 lua5.3 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
       nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-socket lua-check \
       lua-ldoc lua-markdown clang libclang-rt-14-dev squid openssl util-linux \
       curl gcc make pkg-config time
