@@ -177,6 +177,7 @@ function H.squid(opts)
   opts = opts or {}
   local dir = H.tmpdir()
   H.ok("chmod 777 " .. dir)              -- squid writes as its own user
+  local last_log = ""
   for _ = 1, 10 do
     local port = math.random(20000, 45000)
     local auth = ""
@@ -225,9 +226,18 @@ function H.squid(opts)
       if (H.read(dir .. "/cache.log") or ""):find("FATAL", 1, true) then break end
       H.sleep(0.05)
     end
+    -- (port taken, most likely): the next try starts from a clean log, or
+    -- it would read this one's FATAL and give up at once
     H.ok("kill -TERM " .. pid .. " 2>/dev/null")
+    for _ = 1, 40 do
+      if not H.ok("kill -0 " .. pid .. " 2>/dev/null") then break end
+      H.sleep(0.05)
+    end
+    last_log = H.read(dir .. "/cache.log") or ""
+    os.remove(dir .. "/cache.log")
+    os.remove(dir .. "/squid.pid")
   end
-  error("squid did not start: " .. (H.read(dir .. "/cache.log") or ""))
+  error("squid did not start: " .. last_log)
 end
 
 -- Start the hostile server (spec/hostile). srv.at(name) is the base URL
