@@ -24,7 +24,7 @@ WARN = -std=c99 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter
 SRC = $(addprefix lbatch/core/,core.c multi.c xfer.c fail.c idmap.c index.c scan.c sys.c buf.c)
 HDR = lbatch/core/core.h lbatch/core/compat.h lbatch/core/scan.h
 
-DEB = lua5.4 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
+DEB = lua5.4 lua5.1 lua5.3 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
       nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-socket lua-check \
       lua-ldoc lua-markdown clang libclang-rt-14-dev squid openssl util-linux \
       curl gcc make pkg-config time
@@ -102,10 +102,10 @@ asan: deps build/asan/lbatch/core.so
 	$(BUSTED) LUA_CPATH="./build/asan/?.so;;" LBATCH_LUA=lua5.4 \
 	  LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=1 \
 	  LSAN_OPTIONS=suppressions=$(CURDIR)/spec/lsan.supp:print_suppressions=0 \
-	  lua5.4 /usr/bin/busted --exclude-tags=memory,conformance spec/client_spec.lua
+	  lua5.4 /usr/bin/busted --exclude-tags=memory,conformance spec/unit/client_spec.lua
 
 conformance: deps $(NODE_DIR)/node_modules/.installed
-	$(BUSTED) lua5.4 /usr/bin/busted spec/conformance_spec.lua
+	$(BUSTED) lua5.4 /usr/bin/busted spec/conformance/conformance_spec.lua
 
 emulator: deps
 	emulator/run $(ARGS)

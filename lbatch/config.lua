@@ -102,7 +102,10 @@ end
 -- https://, or http:// to this machine (or with allow_http): the key
 -- never crosses a network in clear by accident
 local function check_base(base, allow_http)
-  local scheme, host = base:match("^(%a[%w+.-]*)://([^/:?#]*)")
+  local scheme, host, after = base:match("^(%a[%w+.-]*)://(%[[^%]/]*%])(.?)")   -- an IPv6 address: [::1]
+  if not (scheme and (after == "" or (":/?#"):find(after, 1, true))) then
+    scheme, host = base:match("^(%a[%w+.-]*)://([^/:?#]*)")
+  end
   scheme = scheme and scheme:lower()
   if scheme ~= "https" and scheme ~= "http" then
     fail(("base_url must start with https:// (got %q)"):format(base))

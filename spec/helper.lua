@@ -1,5 +1,7 @@
--- Shared by the specs: a real emulator per spec file, a curl(1) client
--- that does not depend on lbatch, temp files and small waits.
+-- Shared by the specs: a real emulator (nginx) when a spec asks for one
+-- with H.emulator(), a curl(1) client that does not depend on lbatch,
+-- temp files and small waits. Requiring it starts nothing: the pure unit
+-- specs run without nginx (spec/README.md).
 local H = {}
 
 H.root = os.getenv("LBATCH_ROOT") or "."
@@ -119,8 +121,11 @@ if H.tls_ca == "" then H.tls_ca = nil end
 -- api_key, data, include, cpu (taskset's CPU list), tls (default: the
 -- pass's), keepalive_requests. Returns an object with url, base (…/v1),
 -- port, data, stop(), stats().
+local has_nginx
 function H.emulator(opts)
   opts = opts or {}
+  if has_nginx == nil then has_nginx = H.ok("command -v nginx >/dev/null 2>&1") end
+  if not has_nginx then error("H.emulator: nginx is not on PATH (this spec needs the emulator: spec/README.md)", 2) end
   local data = opts.data or H.tmpdir()
   local args = { "--data", data, "--speed", opts.speed or 200, "--dialect", opts.dialect or "dashscope" }
   local tls = opts.tls
@@ -172,6 +177,7 @@ function H.squid(opts)
   opts = opts or {}
   local dir = H.tmpdir()
   H.ok("chmod 777 " .. dir)              -- squid writes as its own user
+  local last_log = ""
   for _ = 1, 10 do
     local port = math.random(20000, 45000)
     local auth = ""
@@ -220,9 +226,18 @@ function H.squid(opts)
       if (H.read(dir .. "/cache.log") or ""):find("FATAL", 1, true) then break end
       H.sleep(0.05)
     end
+    -- (port taken, most likely): the next try starts from a clean log, or
+    -- it would read this one's FATAL and give up at once
     H.ok("kill -TERM " .. pid .. " 2>/dev/null")
+    for _ = 1, 40 do
+      if not H.ok("kill -0 " .. pid .. " 2>/dev/null") then break end
+      H.sleep(0.05)
+    end
+    last_log = H.read(dir .. "/cache.log") or ""
+    os.remove(dir .. "/cache.log")
+    os.remove(dir .. "/squid.pid")
   end
-  error("squid did not start: " .. (H.read(dir .. "/cache.log") or ""))
+  error("squid did not start: " .. last_log)
 end
 
 -- Start the hostile server (spec/hostile). srv.at(name) is the base URL

@@ -5,7 +5,7 @@
 -- the README says, snippets after the first go on from it: `client` is a
 -- client and `batch` a finished batch. A block right after a line
 -- `<!-- fragment: ... -->` needs a host (cqueues, nginx) and is only
--- compiled; the example it names runs it whole (spec/examples_spec.lua).
+-- compiled; the example it names runs it whole (spec/integration/examples_spec.lua).
 -- The command lines of "The lbatch command" run the same way, as
 -- `bin/lbatch` from this checkout, once without their [options] and once
 -- with them.

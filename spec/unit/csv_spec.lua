@@ -1,0 +1,200 @@
+-- lbatch.csv: RFC 4180 reading and writing, CSV -> requests, results -> CSV,
+-- on hand-made files (no server, no nginx).
+local H = require "helper"
+local csv = require "lbatch.csv"
+local cjson = require "cjson"
+
+local BOM = "\239\187\191"
+
+describe("csv", function()
+  local dir
+  before_each(function() dir = H.tmpdir() end)
+  after_each(function() H.ok("rm -rf " .. H.q(dir)) end)
+
+  local function rows_of(text)
+    local path = H.write(dir .. "/in.csv", text)
+    local out = {}
+    for row, err in assert(csv.rows(path)) do
+      if not row then out[#out + 1] = { error = err } break end
+      out[#out + 1] = row
+    end
+    return out
+  end
+
+  describe("rows", function()
+    it("splits on commas; quoted fields hold commas, doubled quotes and newlines", function()
+      assert.are.same({ { "a", "b,c", 'say "hi"', "" } }, rows_of('a,"b,c","say ""hi""",""\n'))
+      assert.are.same({ { "id", "line one\nline two\r\nline three", "x" } },
+                      rows_of('id,"line one\nline two\r\nline three",x\r\n'))      -- byte for byte inside quotes
+    end)
+
+    it("ends records at CRLF or LF, the last one with or without; keeps empty fields", function()
+      assert.are.same({ { "a", "b" }, { "c", "d" }, { "e", "f" } }, rows_of("a,b\r\nc,d\ne,f"))
+      assert.are.same({ { "a", "", "" }, { "", "" }, { "" } }, rows_of("a,,\r\n,\r\n\r\n"))
+      assert.are.same({ { "a\rb", "c" } }, rows_of("a\rb,c\r\n"))                  -- a lone CR is data
+      assert.are.same({}, rows_of(""))
+    end)
+
+    it("drops a byte-order mark at the start only", function()
+      assert.are.same({ { "id", "q" }, { BOM .. "x", "y" } }, rows_of(BOM .. "id,q\r\n" .. BOM .. "x,y\r\n"))
+      assert.are.same({ { "\"quoted\" first" } }, rows_of(BOM .. '"""quoted"" first"\n'))
+    end)
+
+    it("an unterminated quote ends the rows with false and an invalid error at the record's first line", function()
+      local out = rows_of('ok,1\nbad,"never closed\nmore\n')
+      assert.are.same({ "ok", "1" }, out[1])
+      local err = out[2].error
+      assert.are.equal("invalid", err.kind)
+      assert.are.equal("csv_unterminated_quote", err.code)
+      assert.matches(":2: a quoted field is never closed", err.message, 1, true)
+      assert.are.equal(2, #out)
+    end)
+
+    it("a missing file is an io error; a path that is not a string raises", function()
+      local rows, err = csv.rows(dir .. "/none.csv")
+      assert.is_nil(rows)
+      assert.are.equal("io", err.kind)
+      assert.has_error(function() csv.rows(nil) end, "lbatch.csv.rows: path must be a string (got nil)")
+    end)
+  end)
+
+  describe("writer", function()
+    it("quotes only what needs it, doubles quotes, ends rows with CRLF, BOM on request", function()
+      assert.are.equal("plain", csv.quote("plain"))
+      assert.are.equal('"a,b"', csv.quote("a,b"))
+      assert.are.equal('"say ""hi"""', csv.quote('say "hi"'))
+      assert.are.equal('"a\nb"', csv.quote("a\nb"))
+      assert.are.equal('"a\rb"', csv.quote("a\rb"))
+      assert.are.equal("", csv.quote(nil))
+      assert.are.equal("12", csv.quote(12))
+      local w = assert(csv.writer(dir .. "/o.csv", { bom = true }))
+      assert.is_true(w:row({ "id", "text" }))
+      assert.is_true(w:row({ "a", nil, "c" }, 3))
+      assert.is_true(w:row({ "q", 'x,"y"' }))
+      assert.are.equal(3, w:close())
+      assert.are.equal(BOM .. 'id,text\r\na,,c\r\nq,"x,""y"""\r\n', H.read(dir .. "/o.csv"))
+      local w2 = assert(csv.writer(dir .. "/p.csv"))
+      w2:row({ "x" })
+      w2:close()
+      assert.are.equal("x\r\n", H.read(dir .. "/p.csv"))
+    end)
+
+    it("round-trips awkward fields through rows", function()
+      local awkward = { { "comma", "a, b" }, { "quote", '"' }, { "crlf", "one\r\ntwo" }, { "lf", "\n" },
+                        { "utf8", "北京 🍕" }, { "empty", "" }, { "spaces", "  padded  " }, { "mixed", 'a,"b"\n中' } }
+      local w = assert(csv.writer(dir .. "/r.csv", { bom = true }))
+      for _, r in ipairs(awkward) do w:row(r) end
+      w:close()
+      local back = {}
+      for row in csv.rows(dir .. "/r.csv") do back[#back + 1] = row end
+      assert.are.same(awkward, back)
+    end)
+
+    it("a file that cannot be created is an io error", function()
+      local w, err = csv.writer(dir .. "/no/such/dir.csv")
+      assert.is_nil(w)
+      assert.are.equal("io", err.kind)
+    end)
+  end)
+
+  describe("to_jsonl", function()
+    local function lines_of(path)
+      local t = {}
+      for l in io.lines(path) do t[#t + 1] = cjson.decode(l) end
+      return t
+    end
+
+    it("turns rows into chat requests: id, the user's text, the system prompt and extra parameters", function()
+      local src = H.write(dir .. "/q.csv", BOM .. 'id,question\r\nq1,"Hi, there"\r\n\r\nq2,"two\nlines"\r\nq3\r\n')
+      local m = assert(csv.to_jsonl(src, { path = dir .. "/q.jsonl", model = "qwen-plus", system = "Be brief.",
+                                           temperature = 0 }))
+      assert.are.equal(3, m.lines)
+      local l = lines_of(dir .. "/q.jsonl")
+      assert.are.equal(3, #l)
+      assert.are.same({ custom_id = "q1", method = "POST", url = "/v1/chat/completions", body = {
+        model = "qwen-plus", temperature = 0,
+        messages = { { role = "system", content = "Be brief." }, { role = "user", content = "Hi, there" } } } }, l[1])
+      assert.are.equal("two\nlines", l[2].body.messages[2].content)
+      assert.are.equal("", l[3].body.messages[2].content)            -- no second column: empty text
+      assert.is_nil(l[1].body.system)
+      assert.is_nil(l[1].body.path)
+    end)
+
+    it("header = false reads the first row as data; embeddings take the text as input", function()
+      local src = H.write(dir .. "/e.csv", "e1,hello\ne2,world\n")
+      local m = assert(csv.to_jsonl(src, { path = dir .. "/e.jsonl", model = "text-embedding-v4",
+                                           endpoint = "/v1/embeddings", header = false, dimensions = 512 }))
+      assert.are.equal(2, m.lines)
+      local l = lines_of(dir .. "/e.jsonl")
+      assert.are.same({ custom_id = "e1", method = "POST", url = "/v1/embeddings",
+                        body = { model = "text-embedding-v4", input = "hello", dimensions = 512 } }, l[1])
+      assert.are.equal("world", l[2].body.input)
+    end)
+
+    it("fails on the first bad row (a duplicate id, an unterminated quote) and on a missing file", function()
+      local m, err = csv.to_jsonl(H.write(dir .. "/d.csv", "id,q\nq1,a\nq1,b\n"), { path = dir .. "/d.jsonl",
+                                                                                 model = "qwen-plus" })
+      assert.is_nil(m)
+      assert.are.equal("duplicate_custom_id", err.code)
+      m, err = csv.to_jsonl(H.write(dir .. "/u.csv", 'id,q\nq1,"open\n'), { path = dir .. "/u.jsonl", model = "qwen-plus" })
+      assert.is_nil(m)
+      assert.are.equal("csv_unterminated_quote", err.code)
+      m, err = csv.to_jsonl(dir .. "/none.csv", { path = dir .. "/n.jsonl", model = "qwen-plus" })
+      assert.is_nil(m)
+      assert.are.equal("io", err.kind)
+      assert.has_error(function() csv.to_jsonl(dir .. "/none.csv", { path = dir .. "/n.jsonl" }) end,
+                       "lbatch.csv.to_jsonl: opts.model must be a string (got nil)")
+    end)
+  end)
+
+  describe("from_results", function()
+    local function results_files()
+      local out = H.write(dir .. "/out.jsonl", table.concat({
+        cjson.encode({ id = "o1", custom_id = "q1", response = { status_code = 200, request_id = "r-1", body = {
+          model = "qwen-plus", created = 1712345678, choices = { { message = { content = 'Yes, "of course"\nbye' } } },
+          usage = { prompt_tokens = 12, completion_tokens = 5, total_tokens = 17 } } }, error = cjson.null }),
+        cjson.encode({ id = "o2", custom_id = "emb", response = { status_code = 200, request_id = "r-2", body = {
+          model = "text-embedding-v4", data = { { embedding = { 0.1, 0.2, 0.3 } } } } } }),
+      }, "\n") .. "\n")
+      local errs = H.write(dir .. "/err.jsonl", cjson.encode({ id = "e1", custom_id = "q2", response = cjson.null,
+        error = { code = "batch_expired", message = "not run, expired" } }) .. "\n")
+      return out, errs
+    end
+
+    it("writes one row per result, under the default columns", function()
+      local out, errs = results_files()
+      local n = assert(csv.from_results({ output = out, errors = errs }, dir .. "/r.csv"))
+      assert.are.equal(3, n)
+      local rows = {}
+      for row in csv.rows(dir .. "/r.csv") do rows[#rows + 1] = row end
+      assert.are.same(csv.COLUMNS, rows[1])
+      assert.are.same({ "custom_id", "model", "request_id", "status_code", "error_code", "error_message",
+                        "created", "content", "usage" }, rows[1])
+      local by = {}
+      for i = 2, #rows do by[rows[i][1]] = rows[i] end
+      assert.are.same({ "q1", "qwen-plus", "r-1", "200", "", "", "1712345678", 'Yes, "of course"\nbye', "12/5/17" }, by.q1)
+      assert.are.same({ "emb", "text-embedding-v4", "r-2", "200", "", "", "", "3 dimensions", "" }, by.emb)
+      assert.are.same({ "q2", "", "", "", "batch_expired", "not run, expired", "", "", "" }, by.q2)
+      assert.are.equal(4, #rows)
+      assert.are.equal("custom_id,", H.read(dir .. "/r.csv"):sub(1, 10))       -- no BOM unless asked
+    end)
+
+    it("takes chosen columns, a header of its own, a BOM, and an open reader", function()
+      local out = results_files()
+      local reader = assert(require("lbatch.results").open({ output = out }))
+      local n = assert(csv.from_results(reader, dir .. "/c.csv", { bom = true, columns = { "custom_id", "usage" },
+                                                                   header = { "ID", "Tokens" } }))
+      assert.are.equal(2, n)
+      local text = H.read(dir .. "/c.csv")
+      assert.are.equal(BOM .. "ID,Tokens\r\n", text:sub(1, 3 + #"ID,Tokens\r\n"))
+      assert.matches("\r\nq1,12/5/17\r\n", text, 1, true)
+    end)
+
+    it("fails as io, leaving no CSV, when a results file is missing", function()
+      local n, err = csv.from_results({ output = dir .. "/none.jsonl" }, dir .. "/x.csv")
+      assert.is_nil(n)
+      assert.are.equal("io", err.kind)
+      assert.is_false(H.exists(dir .. "/x.csv"))
+    end)
+  end)
+end)

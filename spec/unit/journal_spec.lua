@@ -1,0 +1,92 @@
+-- lbatch.journal: an append-only journal of JSON records (no server, no nginx).
+local H = require "helper"
+local journal = require "lbatch.journal"
+
+local function replayed(path)
+  local recs = {}
+  local j = assert(journal.open(path, function(rec) recs[#recs + 1] = rec end))
+  j:close()
+  return recs
+end
+
+describe("journal", function()
+  local dir
+  before_each(function() dir = H.tmpdir() end)
+  after_each(function() H.ok("rm -rf " .. H.q(dir)) end)
+
+  it("creates a missing journal, appends records in order, and replays them on open", function()
+    local path = dir .. "/j.jsonl"
+    local seen = 0
+    local j = assert(journal.open(path, function() seen = seen + 1 end))
+    assert.are.equal(0, seen)
+    assert.is_true(H.exists(path))
+    assert.is_true(j:append({ phase = "upload", n = 1 }))
+    assert.is_true(j:append({ phase = "create", n = 2 }, { phase = "poll", n = 3 }))
+    assert.are.equal(3, j.appended)
+    -- flushed: another reader sees every record before close
+    assert.are.same({ { phase = "upload", n = 1 }, { phase = "create", n = 2 }, { phase = "poll", n = 3 } },
+                    replayed(path))
+    j:close()
+    j:close()                                   -- twice is harmless
+    local text = H.read(path)
+    assert.are.equal(3, select(2, text:gsub("\n", "")))   -- one line each, the last one ended
+    assert.are.equal("\n", text:sub(-1))
+  end)
+
+  it("skips a torn last line and lines that are not objects", function()
+    local path = H.write(dir .. "/j.jsonl", '{"a":1}\n7\n"x"\n\n{"b":2}\n{"c":')
+    assert.are.same({ { a = 1 }, { b = 2 } }, replayed(path))
+  end)
+
+  it("compact: the live state replaces the journal, and appends follow it", function()
+    local path = H.write(dir .. "/j.jsonl", '{"a":1}\n{"a":2}\n{"torn":')
+    local state = {}
+    local j = assert(journal.open(path, function(rec) state[#state + 1] = rec end))
+    assert.are.same({ { a = 1 }, { a = 2 } }, state)
+    assert.is_true(j:append({ a = 0 }))
+    assert.are.equal(1, j.appended)
+    assert.is_true(j:compact({ { a = 2 } }))
+    assert.are.equal(0, j.appended)
+    assert.is_false(H.exists(path .. ".tmp"))
+    assert.are.equal('{"a":2}\n', H.read(path))
+    assert.is_true(j:append({ a = 3 }))
+    assert.are.equal(1, j.appended)
+    j:close()
+    assert.are.same({ { a = 2 }, { a = 3 } }, replayed(path))
+    local k = assert(journal.open(path))
+    assert.is_true(k:compact({}))
+    k:close()
+    assert.are.equal("", H.read(path))
+  end)
+
+  it("opening without a replay function keeps the records", function()
+    local path = H.write(dir .. "/j.jsonl", '{"a":1}\n')
+    local j = assert(journal.open(path))
+    assert.is_true(j:append({ a = 2 }))
+    j:close()
+    assert.are.same({ { a = 1 }, { a = 2 } }, replayed(path))
+  end)
+
+  it("a journal that cannot be written is an io error", function()
+    local j, err = journal.open(dir .. "/missing/j.jsonl")
+    assert.is_nil(j)
+    assert.are.equal("io", err.kind)
+    assert.are.equal(dir .. "/missing/j.jsonl", err.path)
+    assert.matches("^cannot write ", err.message)
+    assert.is_false(err.retryable)
+  end)
+
+  it("a compaction that cannot write aside fails as io and keeps the journal", function()
+    local sub = H.mkdir(dir .. "/aside")
+    local path = sub .. "/j.jsonl"
+    local j = assert(journal.open(path))
+    assert(j:append({ a = 1 }))
+    H.mkdir(path .. ".tmp")                     -- the temp file's name is taken by a directory
+    local ok, err = j:compact({ { b = 2 } })
+    assert.is_nil(ok)
+    assert.are.equal("io", err.kind)
+    assert.is_true(j:append({ a = 2 }))         -- still open for appending
+    j:close()
+    assert.are.same({ { a = 1 }, { a = 2 } }, replayed(path))
+  end)
+end)
