@@ -4,6 +4,7 @@ local cjson = require "cjson"
 local respond = require "emu.respond"
 local store = require "emu.store"
 local engine = require "emu.engine"
+local modes = require "emu.modes"
 
 local A = {}
 local faults = {}
@@ -71,8 +72,17 @@ function A.handle(method, path)
     return respond.json(200, { routes = next(stats) and stats or cjson.null, running = engine.running(),
                                polled = next(polled) and polled or cjson.null,
                                protocols = next(protocols) and protocols or cjson.null, connections = connections,
-                               now = ngx.now(),
+                               now = ngx.now(), modes_hit = next(modes.hits) and modes.hits or cjson.null,
                                finished = args.finished and next(engine.finished) and engine.finished or nil })
+  elseif path == "/_emulator/modes" and (method == "GET" or method == "POST") then
+    -- the failure modes on now (emulator/run's header): POST {NAME: {...} | false}
+    if method == "POST" then
+      local body, e = respond.read_json()
+      if not body then return e end
+      local ok, why = modes.set(body)
+      if not ok then return respond.err(400, "invalid_mode", why) end
+    end
+    return respond.json(200, modes.on)          -- {} when none (lua-cjson 2.1.0)
   elseif path == "/_emulator/last" and method == "GET" then
     return respond.json(200, last)
   elseif path == "/_emulator/clock" and method == "POST" then

@@ -3,6 +3,7 @@
 --   admin.lua    faults, stats, clock     files.lua    the Files API
 --   batches.lua  the Batch API            engine.lua   the batch lifecycle
 --   store.lua    state and its journal    util.lua     ids, public views
+--   modes.lua    failure modes (emulator/run's header)
 -- A new endpoint is one line in ROUTES and a handler in its room.
 local respond = require "emu.respond"
 local guard = require "emu.guard"
@@ -98,6 +99,7 @@ function A.init(config)
   files.init(cfg)
   batches.init(cfg)
   store.open(cfg.data)
+  require("emu.modes").load(cfg.modes)
 end
 
 function A.init_worker()

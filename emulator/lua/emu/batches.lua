@@ -6,6 +6,7 @@ local admin = require "emu.admin"
 local store = require "emu.store"
 local engine = require "emu.engine"
 local util = require "emu.util"
+local modes = require "emu.modes"
 
 local B = {}
 local cfg
@@ -43,7 +44,30 @@ local function check_metadata(meta)
   return meta
 end
 
+-- arrears in the openai dialect: create (and upload) refused, as OpenAI
+-- answers an account without quota; nil when not in arrears
+function B.insufficient_quota()
+  local a = modes.get("arrears")
+  if not a or cfg.dialect ~= "openai" or modes.arrears_created < a.after then return nil end
+  modes.hit("arrears")
+  return json(429, { error = { code = "insufficient_quota", type = "insufficient_quota", param = cjson.null,
+    message = "You exceeded your current quota, please check your plan and billing details." } })
+end
+
+-- consistency_delay: when a file or batch made `at` (service clock) is not visible yet
+local made = {}            -- file or batch id -> store.now() when made (this run)
+function B.made(id) made[id] = store.now() end
+local function not_yet(id)
+  local d = modes.get("consistency_delay")
+  if d and made[id] and store.now() < made[id] + engine.scaled(d.seconds) then
+    modes.hit("consistency_delay")
+    return true
+  end
+end
+
 function B.create()
+  local quota = B.insufficient_quota()
+  if quota then return quota end
   local req, e = respond.read_json()
   if not req then return e end
   admin.note("body", req)
@@ -75,15 +99,31 @@ function B.create()
     end
   end
   local f = store.files[fid]
-  if not f then return err(404, "file_not_found", ("No such file: %s"):format(fid), "input_file_id") end
+  if not f or not_yet(fid) then
+    return err(404, "file_not_found", ("No such file: %s"):format(fid), "input_file_id")
+  end
   if f.purpose ~= "batch" then
     return err(422, "invalid_input_file", ("File %s has purpose %q, not \"batch\"."):format(fid, f.purpose),
       "input_file_id")
   end
   local owner = guard.owner()
-  if cfg.rate_limits and engine.running(owner) >= cfg.profile.running then
+  -- the running cap: --rate-limits' (the profile's), or running_cap's own
+  local capped = modes.get("running_cap")
+  local cap = capped and capped.jobs or cfg.rate_limits and cfg.profile.running
+  if cap and engine.running(owner) >= cap then
+    if capped then modes.hit("running_cap") end
     return err(429, "too_many_running_batches",
-      ("At most %d batches may be running at once."):format(cfg.profile.running), nil, { ["Retry-After"] = "60" })
+      ("At most %d batches may be running at once."):format(cap), nil, { ["Retry-After"] = "60" })
+  end
+  local tally
+  local lim = modes.get("token_limit")
+  if lim and lim.fail_fast then      -- Azure's way: create refuses it
+    tally = engine.tally(fid, req.endpoint)
+    local over = engine.over_limit(req.endpoint, tally, nil)
+    if over then
+      modes.hit("token_limit")
+      return err(400, "token_limit_exceeded", over, nil)
+    end
   end
   local now = store.now()
   local b = {
@@ -91,8 +131,20 @@ function B.create()
     input_file_id = fid, completion_window = req.completion_window, status = "validating",
     created_at = math.floor(now), expires_at = math.floor(now + hours * 3600),
     request_counts = { total = 0, completed = 0, failed = 0 }, metadata = meta,
-    sim = { t_stage = now, t_expires = now + engine.scaled(hours * 3600), owner = owner },
+    sim = { t_stage = now, t_expires = now + engine.scaled(hours * 3600), owner = owner, tally = tally },
   }
+  -- modes that decide how it runs, as they are when it is created
+  local arrears = modes.get("arrears")
+  if arrears then
+    if modes.arrears_created >= arrears.after then        -- dashscope: its lines fail
+      b.sim.arrears = true
+      modes.hit("arrears")
+    end
+    modes.arrears_created = modes.arrears_created + 1
+  end
+  b.sim.empty_output = modes.get("empty_output") and true or nil
+  b.sim.line_errors = modes.get("line_errors")
+  B.made(b.id)
   store.put_batch(b)
   engine.track(b)
   return json(200, util.public(b, engine))
@@ -105,6 +157,9 @@ local function find(id)
 end
 
 function B.get(id)
+  if store.batches[id] and not_yet(id) then
+    return err(404, "batch_not_found", ("No such batch: %s"):format(id), "batch_id")
+  end
   local b, e = find(id)
   return e or json(200, util.public(b, engine))
 end

@@ -15,6 +15,7 @@ local cjson = require "cjson"
 local rules = require "lbatch.rules"
 local store = require "emu.store"
 local util = require "emu.util"
+local modes = require "emu.modes"
 
 local E = {
   VALIDATE = 10,      -- service seconds spent validating
@@ -46,9 +47,20 @@ local function processed(b, t)
   return math.max(0, math.min(sim.total, n))
 end
 
+-- a line_errors mode's line: the 1st, every+1th, 2*every+1th, ...
+local function line_error_at(sim, n)
+  return sim.line_errors and (n - 1) % sim.line_errors.every == 0
+end
+
+-- the failed requests among the first n (arrears and empty_output fail all)
 local function failed_before(b, n)
+  local sim = b.sim
+  if sim.arrears or sim.empty_output then return n end
   local c = 0
-  for _, ln in ipairs(b.sim.fail_lines or {}) do if ln <= n then c = c + 1 end end
+  for _, ln in ipairs(sim.fail_lines or {}) do
+    if ln <= n and not line_error_at(sim, ln) then c = c + 1 end
+  end
+  if sim.line_errors then c = c + math.ceil(n / sim.line_errors.every) end
   return c
 end
 
@@ -87,14 +99,39 @@ local function tokens(s) return math.max(1, math.ceil(#s / 4)) end
 
 local service = require "lbatch.service"
 
-local function chat(body, test, id)
-  local prompt, last = {}, ""
-  for _, m in ipairs(type(body.messages) == "table" and body.messages or {}) do
-    if type(m) == "table" then
-      local t = text_of(m.content)
-      prompt[#prompt + 1] = t
-      if m.role == "user" then last = t end
+-- A request's usage.prompt_tokens in its answer (and what token_limit
+-- counts): a quarter of the prompt's bytes, rounded up, at least 1. Chat:
+-- the messages' text joined by newlines (batch-test-model: 20, as the
+-- documents show); embeddings: each input's, summed; completions: the
+-- prompt's; responses: 8; moderations: 0.
+local function prompt_tokens(endpoint, body)
+  if type(body) ~= "table" then return 0 end
+  if endpoint == "/v1/embeddings" then
+    local inputs = body.input
+    if type(inputs) ~= "table" then inputs = { tostring(inputs or "") } end
+    local n = 0
+    for _, s in ipairs(inputs) do n = n + tokens(tostring(s)) end
+    return n
+  elseif endpoint == "/v1/chat/completions" or endpoint == "/v1/chat/ds-test" then
+    if body.model == service.TEST.model then return 20 end
+    local prompt = {}
+    for _, m in ipairs(type(body.messages) == "table" and body.messages or {}) do
+      if type(m) == "table" then prompt[#prompt + 1] = text_of(m.content) end
     end
+    return tokens(table.concat(prompt, "\n"))
+  elseif endpoint == "/v1/completions" then
+    return tokens(tostring(body.prompt))
+  elseif endpoint == "/v1/responses" then
+    return 8
+  end
+  return 0
+end
+E.prompt_tokens = prompt_tokens
+
+local function chat(body, test, id)
+  local last = ""
+  for _, m in ipairs(type(body.messages) == "table" and body.messages or {}) do
+    if type(m) == "table" and m.role == "user" then last = text_of(m.content) end
   end
   local content = test and "This is a test result."
     or ("Emulated answer (" .. body.model .. "): " .. last)
@@ -102,8 +139,8 @@ local function chat(body, test, id)
   if service.thinking(body) then
     message.reasoning_content = "Emulated reasoning about: " .. last
   end
-  local p, c = tokens(table.concat(prompt, "\n")), tokens(content)
-  if test then p, c = 20, 6 end          -- the documents' fixed usage for batch-test-model
+  local p, c = prompt_tokens("/v1/chat/completions", body), tokens(content)
+  if test then c = 6 end                 -- the documents' fixed usage for batch-test-model
   local choice = { index = 0, message = message, finish_reason = "stop" }
   if cfg.dialect == "openai" then choice.logprobs = cjson.null end
   return {
@@ -126,8 +163,8 @@ local function other(endpoint, body, id)
   elseif endpoint == "/v1/completions" then
     return { id = "cmpl-" .. id, object = "text_completion", created = now, model = body.model,
              choices = { { text = text, index = 0, finish_reason = "stop", logprobs = cjson.null } },
-             usage = { prompt_tokens = tokens(tostring(body.prompt)), completion_tokens = tokens(text),
-                       total_tokens = tokens(tostring(body.prompt)) + tokens(text) } }
+             usage = { prompt_tokens = prompt_tokens(endpoint, body), completion_tokens = tokens(text),
+                       total_tokens = prompt_tokens(endpoint, body) + tokens(text) } }
   end
   return { id = "modr-" .. id, model = body.model or "omni-moderation-latest",
            results = { { flagged = false, categories = { violence = false },
@@ -151,11 +188,9 @@ local function embeddings(body)
   local inputs = body.input
   if type(inputs) ~= "table" then inputs = { tostring(inputs or "") } end
   local dim = tonumber(body.dimensions) or 1024
-  local data, used = {}, 0
+  local data, used = {}, prompt_tokens("/v1/embeddings", body)
   for i, s in ipairs(inputs) do
-    s = tostring(s)
-    used = used + tokens(s)
-    data[i] = { object = "embedding", index = i - 1, embedding = vector(s, dim) }
+    data[i] = { object = "embedding", index = i - 1, embedding = vector(tostring(s), dim) }
   end
   return { object = "list", data = data, model = body.model,
            usage = { prompt_tokens = used, total_tokens = used } }
@@ -179,8 +214,34 @@ local function error_line(id, status, code, message, typ)
   }
 end
 
--- The result line of one request, and whether it succeeded.
-local function execute(b, req, raw)
+E.ARREARS = "Access denied, please make sure your account is in good standing."
+
+-- a line_errors line: in the output file with the status, error null (as
+-- the services write a request that failed upstream)
+local function upstream_error(b, req)
+  local status = b.sim.line_errors.status
+  local code = status == 429 and "rate_limit_exceeded" or "server_error"
+  local lid, rid = line_ids()
+  return {
+    id = lid, custom_id = req.custom_id,
+    response = { status_code = status, request_id = rid, body = { error = {
+      code = code, type = status == 429 and "requests" or "server_error", param = cjson.null,
+      message = status == 429 and "Rate limit reached for requests. Please try again later."
+        or "The server had an error while processing your request. Sorry about that!" } } },
+    error = cjson.null,
+  }
+end
+
+-- The result line of request n, and whether it succeeded (true), failed
+-- (false: the error file) or failed in the output file ("output").
+local function execute(b, req, raw, n)
+  if b.sim.arrears then
+    return error_line(req.custom_id, 400, "Arrearage", E.ARREARS, "Arrearage"), false
+  end
+  if b.sim.empty_output then
+    return error_line(req.custom_id, 500, "internal_error",
+      "The batch could not write the result of this request.", "server_error"), false
+  end
   if raw:find(E.FAIL_MARKER, 1, true) then
     return error_line(req.custom_id, 400, "emulated_failure",
       "This request asked the emulator to fail (" .. E.FAIL_MARKER .. ")."), false
@@ -190,6 +251,7 @@ local function execute(b, req, raw)
     return error_line(req.custom_id, 404, "model_not_found",
       ("The provided model %s is not supported by the Batch API."):format(model)), false
   end
+  if line_error_at(b.sim, n) then return upstream_error(b, req), "output" end
   local lid, rid, cid = line_ids()
   local body
   if b.endpoint == "/v1/embeddings" then body = embeddings(req.body)
@@ -244,16 +306,19 @@ local function validate(b)
     problems[1] = rules.problem("file_not_found", nil, "The input file no longer exists.", "input_file_id")
   else
     local chk = rules.checker({ endpoint = b.endpoint, limits = cfg.profile })
-    local fails = {}
+    local fails, used = {}, 0
     for n, text, bytes in rules.lines(fh) do
       if #problems < 1000 then chk:line(n, text, bytes, problems) else chk.lines = n end
       if text and text:find(E.FAIL_MARKER, 1, true) then fails[#fails + 1] = n end
+      local okj, req = pcall(cjson.decode, text or "")
+      if okj and type(req) == "table" then used = used + prompt_tokens(b.endpoint, req.body) end
       yield_every(n)
     end
     fh:close()
     chk:finish(problems)
     b.sim.total, b.sim.fail_lines, b.sim.test = chk.lines, fails, chk.test
     b.model = chk.model
+    b.sim.tally = { model = chk.model, tokens = used, requests = chk.lines }
     if #problems == 0 and chk.test and running_tests(b.id) >= 2 then
       problems[1] = rules.problem("test_model_concurrency", nil,
         "At most 2 batch-test-model batches may run at once.", nil)
@@ -293,7 +358,7 @@ local function finalize(b)
       if okj and type(req) == "table" then
         local line, good
         if n <= done then
-          line, good = execute(b, req, text)
+          line, good = execute(b, req, text, n)
         else
           line = {
             id = "batch_req_" .. util.hex(12), custom_id = req.custom_id, response = cjson.null,
@@ -303,7 +368,10 @@ local function finalize(b)
           }
         end
         local s = cjson.encode(line) .. "\n"
-        if good then
+        if good == "output" then
+          out:write(s); nout = nout + #s; fail_count = fail_count + 1
+          modes.hit("line_errors")
+        elseif good then
           out:write(s); nout = nout + #s; ok_count = ok_count + 1
           local u = line.response.body.usage or {}  -- moderations have none
           usage.input_tokens = usage.input_tokens + (u.prompt_tokens or u.input_tokens or 0)
@@ -320,6 +388,10 @@ local function finalize(b)
   out:close(); errf:close()
   if nout > 0 then b.output_file_id = new_file(out_id, b.id .. "_output.jsonl", out_path, nout).id
   else os.remove(out_path) end
+  if sim.empty_output then
+    b.output_file_id = cjson.null       -- null in both dialects, as the service shows it
+    if done > 0 then modes.hit("empty_output") end
+  end
   if nerr > 0 then b.error_file_id = new_file(err_id, b.id .. "_error.jsonl", err_path, nerr).id
   else os.remove(err_path) end
   b.request_counts = { total = sim.total, completed = ok_count, failed = (sim.total - done) + fail_count }
@@ -382,6 +454,74 @@ local function begin_finalize(b, status, done, code)
   store.put_batch(b)
 end
 
+-- token_limit: what a batch counts against is the enqueued work of its
+-- model: the batches in validating, in_progress or finalizing (a
+-- validating one only when created before `b`, so a later batch never
+-- fails an earlier one), `b` itself not included
+local ENQUEUED = { validating = true, in_progress = true, finalizing = true, expiring = true }
+
+function E.enqueued(model, b)
+  local pos = b and store.batch_pos[b.id] or math.huge
+  local used, requests = 0, 0
+  for id, o in pairs(active) do
+    local t = o.sim.tally
+    if o ~= b and t and t.model == model and ENQUEUED[o.status]
+      and (o.status ~= "validating" or (store.batch_pos[id] or 0) < pos) then
+      used = used + t.tokens
+      if o.endpoint == "/v1/embeddings" then requests = requests + t.requests end
+    end
+  end
+  return used, requests
+end
+
+-- The token_limit message when a batch of `endpoint` with tally `t`
+-- ({model, tokens, requests}) would go over the limit, else nil.
+function E.over_limit(endpoint, t, b)
+  local lim = modes.get("token_limit")
+  if not lim or not t or type(t.model) ~= "string" then return nil end
+  local used, requests = E.enqueued(t.model, b)
+  local tail = " Please try again once some in_progress batches have been completed."
+  if lim.tokens and used + t.tokens > lim.tokens then
+    return ("Enqueued token limit reached for %s in organization org-emulator. Limit: %s enqueued tokens.")
+      :format(t.model, modes.commas(lim.tokens)) .. tail
+  end
+  if lim.requests and endpoint == "/v1/embeddings" and requests + t.requests > lim.requests then
+    return ("Enqueued request limit reached for %s in organization org-emulator. Limit: %s enqueued requests.")
+      :format(t.model, modes.commas(lim.requests)) .. tail
+  end
+end
+
+-- A file's model, prompt tokens and requests (token_limit at create), read
+-- once per file and endpoint: files do not change
+local tallies = {}
+function E.tally(fid, endpoint)
+  local key = fid .. " " .. endpoint
+  if tallies[key] then return tallies[key] end
+  local fh = io.open(store.blob(fid), "rb")
+  if not fh then return nil end
+  local t = { tokens = 0, requests = 0 }
+  for n, text in rules.lines(fh) do
+    t.requests = n
+    local okj, req = pcall(cjson.decode, text or "")
+    if okj and type(req) == "table" then
+      if t.model == nil and type(req.body) == "table" then t.model = req.body.model end
+      t.tokens = t.tokens + prompt_tokens(endpoint, req.body)
+    end
+    yield_every(n)
+  end
+  fh:close()
+  tallies[key] = t
+  return t
+end
+
+-- hold: service seconds a batch in `status` stays longer (counted once a batch)
+local function held(b, status)
+  local h = modes.get("hold")
+  if not h or h.status ~= status then return 0 end
+  if b.sim.held ~= status then b.sim.held = status; modes.hit("hold") end
+  return h.seconds
+end
+
 local function step(b, now)
   local sim = b.sim
   if sim.job then return end
@@ -402,8 +542,15 @@ local function step(b, now)
   if s == "validating" then
     if not sim.validated then
       if jobs < E.MAX_JOBS then run_job(validate, b) end
-    elseif now >= sim.t_stage + scaled(E.VALIDATE) then
-      if b.errors then
+    elseif now >= sim.t_stage + scaled(E.VALIDATE + held(b, "validating")) then
+      local over = not b.errors and E.over_limit(b.endpoint, sim.tally, b)
+      if over then
+        b.errors = { object = "list", data = { { code = "token_limit_exceeded", message = over,
+                                                  line = cjson.null, param = cjson.null } } }
+        b.request_counts = { total = 0, completed = 0, failed = 0 }
+        modes.hit("token_limit")
+        finish(b, "failed")
+      elseif b.errors then
         -- the service counts nothing for a file it refused
         b.request_counts = { total = cfg.dialect == "dashscope" and 0 or sim.total or 0, completed = 0, failed = 0 }
         finish(b, "failed")
@@ -421,7 +568,7 @@ local function step(b, now)
     if not sim.finalized then
       if jobs < E.MAX_JOBS then run_job(finalize, b) end
     else
-      local wait = s == "cancelling" and E.CANCEL or s == "finalizing" and E.FINALIZE or 0
+      local wait = s == "cancelling" and E.CANCEL or s == "finalizing" and E.FINALIZE + held(b, "finalizing") or 0
       if now >= sim.t_stage + scaled(wait) then
         finish(b, s == "finalizing" and "completed" or s == "cancelling" and "cancelled" or "expired")
       end

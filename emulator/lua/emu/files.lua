@@ -5,6 +5,8 @@ local store = require "emu.store"
 local util = require "emu.util"
 local multipart = require "emu.multipart"
 local admin = require "emu.admin"
+local modes = require "emu.modes"
+local batches = require "emu.batches"
 
 local F = {}
 local cfg
@@ -39,6 +41,8 @@ end
 F.expiry = expiry
 
 function F.upload()
+  local quota = batches.insufficient_quota()
+  if quota then return quota end
   local boundary = multipart.boundary(ngx.var.http_content_type)
   if not boundary then
     return err(400, "invalid_request", "Content-Type must be multipart/form-data with a boundary.")
@@ -90,6 +94,7 @@ function F.upload()
   if ttl then f.expires_at = f.created_at + ttl end
   assert(os.rename(part, store.blob(id)))
   store.put_file(f)
+  batches.made(id)
   return json(200, public(f))
 end
 
@@ -144,12 +149,21 @@ function F.delete(id)
   return json(200, { id = id, object = "file", deleted = true })
 end
 
+local cut_once = {}        -- file id -> its one cut download happened
+
 function F.content(id)
   local f, e = find(id)
   if e then return e end
   if cfg.dialect == "dashscope" and f.purpose ~= "batch_output" then
     return err(400, "file_not_downloadable",
       "Only output and error files of batches can be downloaded.", "file_id")
+  end
+  -- cut_download: the first download of each file while it is on is cut
+  local cut = modes.get("cut_download")
+  if cut and not cut_once[id] then
+    cut_once[id] = true
+    modes.hit("cut_download")
+    return { status = 200, file = f.id, bytes = f.bytes, cut = cut.bytes }
   end
   return { status = 200, file = f.id, bytes = f.bytes }
 end

@@ -57,11 +57,56 @@ local function send_headers(res, length)
   if length then ngx.header["Content-Length"] = length end
 end
 
+-- The bytes of a file of `size` a Range header asks for, as nginx reads
+-- it: from, to (inclusive) and true; nil when unsatisfiable; 0, size - 1
+-- and false for none (or one not understood: the whole file).
+local function range_of(header, size)
+  if type(header) ~= "string" then return 0, size - 1, false end
+  local a, b = header:match("^bytes=(%d*)%-(%d*)$")
+  if not a or (a == "" and b == "") then return 0, size - 1, false end
+  local from, to
+  if a == "" then from, to = math.max(0, size - tonumber(b)), size - 1     -- the last b bytes
+  else from, to = tonumber(a), b == "" and size - 1 or math.min(tonumber(b), size - 1) end
+  if from >= size or from > to then return nil end
+  return from, to, true
+end
+
+-- A file's content (a Range honoured) cut after `cut` bytes of the body:
+-- the full Content-Length announced, then the connection closed.
+local function send_cut(res, cut)
+  local from, to, partial = range_of(ngx.var.http_range, res.bytes)
+  if not from then
+    local e = R.err(416, "range_not_satisfiable", "The requested range is not satisfiable.",
+      nil, { ["Content-Range"] = "bytes */" .. res.bytes })
+    send_headers(e, #e.body)
+    ngx.print(e.body)
+    return ngx.exit(416)
+  end
+  local length = to - from + 1
+  local h = { ["Accept-Ranges"] = "bytes" }
+  if partial then h["Content-Range"] = ("bytes %d-%d/%d"):format(from, to, res.bytes) end
+  send_headers({ status = partial and 206 or 200, file = res.file, headers = h }, length)
+  local fh = io.open(store.blob(res.file), "rb")
+  fh:seek("set", from)
+  local left = math.min(cut, length)
+  while left > 0 do
+    local chunk = fh:read(math.min(left, 65536))
+    if not chunk then break end
+    left = left - #chunk
+    ngx.print(chunk)
+  end
+  fh:close()
+  ngx.flush(true)
+  if cut >= length then return ngx.exit(ngx.status) end
+  return ngx.exit(444)
+end
+
 -- Send `res`, spoiled as the fault says (fault.mode: close, truncate, invalid_json).
 function R.send(res, fault)
   local mode = fault and fault.mode
   if mode == "close" then return ngx.exit(444) end
   if res.file then
+    if res.cut and not mode then return send_cut(res, res.cut) end
     if not mode then
       -- nginx serves it: sendfile, Range, Content-Length
       ngx.header["x-request-id"] = util.uuid()
