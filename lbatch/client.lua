@@ -352,22 +352,22 @@ local function each(fn, list, self, params, opts)
       if not more or failed then return nil end
       local p, err = list(self, q, opts)
       if not p then failed = true return false, err end
-      local fresh = {}
+      local new = {}
       for _, x in ipairs(p.data) do
         if x.id == nil or not seen[x.id] then
           if x.id ~= nil then seen[x.id] = true end
-          fresh[#fresh + 1] = x
+          new[#new + 1] = x
         end
       end
-      items, i = fresh, 1
+      items, i = new, 1
       more = p.has_more == true
       if more then
         local cursor = p.last_id or (p.data[#p.data] and p.data[#p.data].id)
-        if cursor == nil or cursors[cursor] or #fresh == 0 then
+        if cursor == nil or cursors[cursor] or #new == 0 then
           failed = true
           local e = errors.new({ kind = "decode", code = "pagination_loop", message =
             ("%s: the server says has_more but its cursor %s does not move on"):format(fn, tostring(cursor)) })
-          if #fresh == 0 then return false, e end
+          if #new == 0 then return false, e end
           items[#items + 1] = false
           items[#items + 1] = e
         else
