@@ -19,7 +19,7 @@ local function in_env(vars, lua_opts)
   local dir = H.tmpdir()
   local script = H.write(dir .. "/c.lua", ([[
     local cfg, s = require("lbatch.config").new(%s)
-    if not cfg then io.write("error: ", s) return end
+    if not cfg then io.write("error: ", type(s) == "table" and (s.kind .. " " .. s.code .. ": " .. s.message) or s) return end
     io.write(cfg.base_url, "|", s.key, "|", cfg.limits, "|", tostring(cfg.cainfo), "|", tostring(cfg.capath))
   ]]):format(lua_opts or "{}"))
   local cmd = { "cd", H.q(H.root), "&& env" }
@@ -188,9 +188,10 @@ describe("config.new: the API key", function()
     assert.matches("|given|", in_env(both, '{ api_key = "given" }'), 1, true)
   end)
 
-  it("is required", function()
-    assert.are.equal("error: no API key: pass api_key or set DASHSCOPE_API_KEY (or OPENAI_API_KEY)", in_env({}))
-    assert.matches("^error: no API key", in_env({}, '{ api_key = "" }'))
+  it("is required: its absence is the environment's (an error object, kind config), not a programming error", function()
+    assert.are.equal("error: config no_api_key: no API key: pass api_key or set DASHSCOPE_API_KEY (or OPENAI_API_KEY)",
+                     in_env({}))
+    assert.matches("^error: config no_api_key: no API key", in_env({}, '{ api_key = "" }'))
   end)
 
   it("takes the CA from SSL_CERT_FILE, CURL_CA_BUNDLE and SSL_CERT_DIR when not given", function()

@@ -45,7 +45,7 @@ describe("require 'lbatch'", function()
     local names = {}
     for k in pairs(lbatch) do names[#names + 1] = k end
     table.sort(names)
-    assert.are.same({ "FINAL", "REGIONS", "VERSION", "_VERSION", "is_error", "new" }, names)
+    assert.are.same({ "FINAL", "REGIONS", "VERSION", "_VERSION", "is_error", "new", "scheduler" }, names)
   end)
 
   it("version.lua is the only place the version is written (the rockspec is named after it)", function()
