@@ -425,6 +425,13 @@ local function wait_opts(opts)
   end
   check("wait", "opts.on_progress", opts.on_progress, "function", true)
   o.on_progress = opts.on_progress
+  if opts.stuck_after ~= nil then
+    local v = opts.stuck_after
+    if type(v) ~= "number" or v ~= v or v < 0 then argerr("wait", "opts.stuck_after must be a number >= 0", 4) end
+    o.stuck_after = v
+  end
+  check("wait", "opts.on_stuck", opts.on_stuck, "function", true)
+  o.on_stuck = opts.on_stuck
   return o
 end
 
@@ -438,7 +445,10 @@ end
 -- one `retrieve` each when many batches are due.
 -- @tparam string id
 -- @tparam[opt] table opts interval, factor, max_interval, jitter,
--- deadline (seconds), on_progress
+-- deadline (seconds), on_progress, stuck_after (seconds) and
+-- on_stuck(batch, seconds): called once when the batch has stayed in one
+-- status that long (validating or finalizing for hours: the wait goes on;
+-- cancel it from there if you will)
 -- @treturn table the final batch, or nil and an error (`timeout` past
 -- the deadline, with `err.batch`)
 function Client:wait(id, opts)

@@ -18,8 +18,7 @@ M.DEFAULTS = {
   max_connections = 16,      -- connections (HTTP/1.1: transfers at once)
   max_streams = 100,         -- transfers at once on one HTTP/2 connection
   max_response_bytes = 64 * 1024 * 1024,   -- an answer kept in memory
-  fresh_window = 30,         -- an id this client made a moment ago that the service
-                             -- says is not there is asked again for this long
+  fresh_window = 30,         -- an id made a moment ago, "not there": asked again so long
 }
 
 -- a wrong option: thrown to this module's edge (errors.protect) and

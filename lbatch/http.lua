@@ -145,7 +145,8 @@ local function http_error(res, h)
   return errors.new({
     kind = "http", status = s, message = message:sub(1, 2000), code = e.code, type = e.type, param = e.param,
     request_id = request_id(h, body),
-    retryable = s == 408 or s == 409 or s == 429 or s >= 500,
+    -- an account that cannot pay is not helped by asking again (429 insufficient_quota)
+    retryable = (s == 408 or s == 409 or s == 429 or s >= 500) and not service.ACCOUNT[e.code],
     retry_after = M.retry_after(h),
   })
 end

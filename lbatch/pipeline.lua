@@ -24,6 +24,9 @@ local journal = require "lbatch.journal"
 local service = require "lbatch.service"
 local rules = require "lbatch.rules"
 local recover = require "lbatch.recover"
+local estimate = require "lbatch.estimate"
+local quota = require "lbatch.quota"
+local now = core.now
 
 local try, throw = errors.try, errors.throw
 
@@ -229,81 +232,278 @@ function Run:find_batch(file_id)
   return b
 end
 
-function Run:process(s)
-  local client, opts = self.client, self.opts
-  if s.step == "written" or s.step == "uploading" then
-    local f
-    if s.step == "uploading" then f = self:find_upload(s.name) end
+-- the shard's estimate (tokens, requests, the most it may cost), made once
+-- when a quota or the cost cap needs it
+function Run:estimate(s)
+  if s.tokens then return s end
+  local opts = self.opts
+  local rep = try(estimate.files({ s.path }, { prices = opts.prices, discount = opts.discount }))
+  local t = rep.totals
+  s.tokens, s.requests = t.input_tokens or 0, rep.requests
+  s.cost_max = t.input_cost and (t.input_cost + (t.output_cost_max or 0)) or nil
+  if opts.max_cost and not s.cost_max then
+    throw(errors.new({ kind = "invalid", code = "max_cost_unknown", param = "prices", message = ("pipeline: "
+      .. "%s cannot be costed (no price for %s, or no max_tokens to bound its answers): max_cost needs both")
+      :format(s.name, tostring(s.model)) }))
+  end
+  return s
+end
+
+local function embeddings(s) return (s.endpoint or ""):find("embeddings", 1, true) ~= nil end
+
+-- Stop new work: the first reason wins, every other worker is stopped
+-- (what they were doing is in the journal: a run on the same dir resumes).
+function Run:trip(err)
+  if not self.tripped then
+    self.tripped = err
+    local me = self.client.scheduler.loop:current()
+    for _, w in ipairs(self.workers) do
+      if w ~= me then w:cancel() end
+    end
+  end
+  throw(self.tripped)
+end
+
+-- an account that cannot work (arrears, no quota, a refused key) stops the run
+function Run:account(code, message, status)
+  if service.ACCOUNT[code] then
+    self:trip(errors.new({ kind = "http", status = status, code = code, account = true,
+      message = ("pipeline stopped: the account cannot run batches (%s): %s"):format(code, tostring(message)) }))
+  end
+end
+
+-- Wait until the shard may be created: it fits its model's quota, and the
+-- cost cap holds what was committed so far and this shard.
+function Run:admission(s)
+  local opts, q = self.opts, self.quota
+  if opts.max_cost or q:limited(s.model) then self:estimate(s) end
+  while not q:fits(s.model, s.tokens, s.requests, embeddings(s)) do
+    if self.tripped then throw(self.tripped) end
+    self.client:sleep(self.quota_poll)
+    if q:limited(s.model) then self:estimate(s) end
+  end
+  if opts.max_cost then
+    if self.committed + s.cost_max > opts.max_cost then
+      self:trip(errors.new({ kind = "invalid", code = "max_cost", param = "max_cost", message = ("pipeline: "
+        .. "%s would bring the run to %.4g, past max_cost %.4g (%.4g committed)"):format(s.name,
+          self.committed + s.cost_max, opts.max_cost, self.committed) }))
+    end
+    self.committed = self.committed + s.cost_max
+  end
+  q:admit(s.model, s.tokens, s.requests, embeddings(s))
+  self.admitted[s] = true
+end
+
+function Run:release(s)
+  if self.admitted[s] then
+    self.admitted[s] = nil
+    self.quota:release(s.model, s.tokens, s.requests, embeddings(s))
+  end
+end
+
+-- Refused by a quota (a failed batch or a create): created again from the
+-- same uploaded file once work of its model ends, with backoff; a delay,
+-- not a failure.
+function Run:refused(s, message)
+  local q, opts = self.quota, self.opts
+  q:learn(s.model, message)
+  s.delays = (s.delays or 0) + 1
+  if s.delays > (opts.max_quota_delays or 100) then
+    throw(errors.new({ kind = "http", code = "token_limit_exceeded", message = ("pipeline: %s refused by the "
+      .. "quota %d times: %s"):format(s.name, s.delays - 1, tostring(message)) }))
+  end
+  s.step, s.batch_id, s.status = "uploaded", nil, nil
+  self:save(s)
+  self:progress()
+  self:hook("quota_delay", s)
+  local gen, t0 = q:ended(s.model), now()
+  while q:ended(s.model) == gen and q:model(s.model).jobs > 0 do
+    if self.tripped then throw(self.tripped) end
+    self.client:sleep(self.quota_poll)
+  end
+  local backoff = math.min(opts.quota_backoff_max or 60, (opts.quota_backoff or 1) * 2 ^ math.min(s.delays - 1, 10))
+  local left = backoff - (now() - t0)
+  if left > 0 then self.client:sleep(left) end
+end
+
+function Run:upload(s)
+  local f
+  if s.step == "uploading" then f = self:find_upload(s.name) end
+  if not f then
+    if self.tripped then throw(self.tripped) end
+    s.step = "uploading"
+    self:save(s)
+    self:hook("before_upload", s)
+    local err
+    f, err = self.client:upload(s.path, { filename = s.name }, self:transfer_watch(s, "up"))
     if not f then
-      s.step = "uploading"
-      self:save(s)
-      self:hook("before_upload", s)
-      f = try(client:upload(s.path, { filename = s.name }, self:transfer_watch(s, "up")))
-      self:hook("after_upload", s)
+      self:account(err.code, err.message, err.status)
+      throw(err)
     end
-    s.file_id, s.step = f.id, "uploaded"
-    self:save(s)
+    self:hook("after_upload", s)
   end
-  if s.step == "uploaded" or s.step == "creating" then
-    local b
-    if s.step == "creating" then b = self:find_batch(s.file_id) end
+  s.file_id, s.step = f.id, "uploaded"
+  self:save(s)
+end
+
+-- every batch of a run carries its run and shard (and, on DashScope, a
+-- name), so a lost journal can be rebuilt from the account (adopt)
+function Run:metadata(s)
+  local metadata = self.opts.metadata
+  if type(metadata) == "function" then metadata = metadata(s) end
+  local m = {}
+  for k, v in pairs(metadata or {}) do m[k] = v end
+  m.lbatch_run, m.lbatch_shard = self.state.run, tostring(s.k)
+  if self.dialect == "dashscope" and m.ds_name == nil then m.ds_name = "lbatch-" .. self.state.run .. "-" .. s.k end
+  return m
+end
+
+function Run:create(s)
+  local client, opts = self.client, self.opts
+  local b
+  if s.step == "creating" then b = self:find_batch(s.file_id) end
+  if b then
+    if not self.admitted[s] then
+      self.quota:admit(s.model, s.tokens, s.requests, embeddings(s))
+      self.admitted[s] = true
+    end
+  else
+    self:admission(s)
+    s.step = "creating"
+    self:save(s)
+    local err
+    b, err = client:create({ input_file_id = s.file_id, endpoint = s.endpoint,
+      completion_window = opts.completion_window, metadata = self:metadata(s) })
     if not b then
-      s.step = "creating"
+      self:release(s)
+      if quota.refused(err.code) then return self:refused(s, err.message) end
+      self:account(err.code, err.message, err.status)
+      throw(err)
+    end
+    self:hook("after_create", s)
+  end
+  s.batch_id, s.step, s.status = b.id, "created", b.status
+  self:save(s)
+  self:progress()
+end
+
+function Run:await(s)
+  local client, opts = self.client, self.opts
+  if not self.admitted[s] then       -- in flight from an earlier run
+    if self.quota:limited(s.model) then self:estimate(s) end
+    self.quota:admit(s.model, s.tokens, s.requests, embeddings(s))
+    self.admitted[s] = true
+  end
+  self:hook("waiting", s)
+  local stuck = opts.stuck_action == "cancel_resubmit"
+  local on_stuck
+  if opts.on_stuck or stuck then
+    on_stuck = function(batch, seconds)
+      s.stuck = batch.status
       self:save(s)
-      local metadata = opts.metadata
-      if type(metadata) == "function" then metadata = metadata(s) end
-      b = try(client:create({ input_file_id = s.file_id, endpoint = s.endpoint,
-        completion_window = opts.completion_window, metadata = metadata }))
-      self:hook("after_create", s)
+      if opts.on_stuck then opts.on_stuck(batch, seconds) end
+      if stuck then client:spawn(function() client:cancel(batch.id) end) end
     end
-    s.batch_id, s.step, s.status = b.id, "created", b.status
-    self:save(s)
-    self:progress()
   end
-  if s.step == "created" then
-    self:hook("waiting", s)
-    local b = try(client:wait(s.batch_id, {
-      interval = opts.poll_interval, max_interval = opts.max_poll_interval, factor = opts.poll_factor,
-      on_progress = function(b)
-        s.status, s.counts = b.status, b.request_counts
-        self:progress()
-      end,
-    }))
-    s.status, s.counts, s.step = b.status, b.request_counts, "finished"
-    s.output_file_id, s.error_file_id = b.output_file_id, b.error_file_id
-    if b.errors and b.errors.data then s.errors = b.errors.data end
-    self:save(s)
+  local b, err = client:wait(s.batch_id, {
+    interval = opts.poll_interval, max_interval = opts.max_poll_interval, factor = opts.poll_factor,
+    stuck_after = opts.stuck_after, on_stuck = on_stuck,
+    on_progress = function(batch)
+      s.status, s.counts = batch.status, batch.request_counts
+      self:progress()
+    end,
+  })
+  self:release(s)
+  if not b then throw(err) end
+  local first = type(b.errors) == "table" and type(b.errors.data) == "table" and b.errors.data[1]
+  if b.status == "failed" and type(first) == "table" and quota.refused(first.code) then
+    return self:refused(s, first.message)
   end
-  if s.step == "finished" then
-    local base = s.path:gsub("%.jsonl$", "")
-    local function fetch(id, path)
-      local o = self:transfer_watch(s, "down") or {}
-      o.path = path
-      return try(client:content(id, o))
+  if b.status == "failed" and type(first) == "table" then self:account(first.code, first.message) end
+  s.status, s.counts, s.step = b.status, b.request_counts, "finished"
+  s.output_file_id, s.error_file_id = b.output_file_id, b.error_file_id
+  if b.errors and b.errors.data then s.errors = b.errors.data end
+  self:save(s)
+end
+
+-- the code and message of an error file's first line
+local function first_error(path)
+  local fh = path and io.open(path, "rb")
+  if not fh then return nil end
+  local line = fh:read("*l")
+  fh:close()
+  local ok, rec = pcall(json.decode, line or "")
+  if not ok or type(rec) ~= "table" then return nil end
+  local e = type(rec.error) == "table" and rec.error
+  if not e and type(rec.response) == "table" and type(rec.response.body) == "table" then
+    e = type(rec.response.body.error) == "table" and rec.response.body.error
+  end
+  if e then return e.code, e.message end
+end
+
+function Run:download(s)
+  local client, opts = self.client, self.opts
+  local base = s.path:gsub("%.jsonl$", "")
+  local function fetch(id, path)
+    local o = self:transfer_watch(s, "down") or {}
+    o.path = path
+    return try(client:content(id, o))
+  end
+  if s.output_file_id then s.output = fetch(s.output_file_id, base .. ".output.jsonl") end
+  if s.error_file_id then s.error = fetch(s.error_file_id, base .. ".errors.jsonl") end
+  self:hook("after_download", s)
+  local c = type(s.counts) == "table" and s.counts or {}
+  local done, failed = tonumber(c.completed) or 0, tonumber(c.failed) or 0
+  if done == 0 and failed > 0 then              -- every line failed: the account's fault?
+    local code, message = first_error(s.error)
+    if service.ACCOUNT[code] then
+      -- nothing of it ran: created again from its file once the account is fixed
+      s.step, s.batch_id, s.output, s.error, s.status, s.counts = "uploaded", nil, nil, nil, nil, nil
+      self:save(s)
+      self:account(code, message, 400)
     end
-    if s.output_file_id then s.output = fetch(s.output_file_id, base .. ".output.jsonl") end
-    if s.error_file_id then s.error = fetch(s.error_file_id, base .. ".errors.jsonl") end
-    self:hook("after_download", s)
-    s.step = "downloaded"
-    self:save(s)
   end
-  if s.step == "downloaded" then
-    -- the new shard and this one's end are saved together
-    if PARTIAL[s.status] and opts.resubmit and s.round < (opts.max_rounds or 3) then
-      local path = s.path:gsub("%.jsonl$", "") .. ".r" .. (s.round + 1) .. ".jsonl"
-      local r = results.open({ output = s.output, errors = s.error, inputs = s.path })
-      local n = try(r:resubmit(path))
-      if n > 0 then
-        local k = #self.state.shards + 1
-        self.state.shards[k] = { path = path, name = self.state.run .. "-" .. k .. ".jsonl", lines = n,
-          model = s.model, endpoint = s.endpoint, round = s.round + 1, step = "written", origin = s.origin or s.path }
-        self.queue[#self.queue + 1] = self.state.shards[k]
-        self:save(self.state.shards[k])
-      end
+  s.step = "downloaded"
+  self:save(s)
+  self.lines_done, self.lines_failed = self.lines_done + done + failed, self.lines_failed + failed
+  local ratio = opts.max_failure_ratio
+  if ratio and self.lines_done > 0 and self.lines_failed / self.lines_done > ratio then
+    self:trip(errors.new({ kind = "invalid", code = "max_failure_ratio", param = "max_failure_ratio",
+      message = ("pipeline stopped: %d of %d lines failed, more than max_failure_ratio %g"):format(
+        self.lines_failed, self.lines_done, ratio) }))
+  end
+end
+
+function Run:finish(s)
+  local opts = self.opts
+  -- the new shard and this one's end are saved together
+  local again = opts.resubmit or (s.stuck and opts.stuck_action == "cancel_resubmit")
+  if PARTIAL[s.status] and again and s.round < (opts.max_rounds or 3) then
+    local path = s.path:gsub("%.jsonl$", "") .. ".r" .. (s.round + 1) .. ".jsonl"
+    local r = try(results.open({ output = s.output, errors = s.error, inputs = s.path }))
+    local n = try(r:resubmit(path))
+    if n > 0 then
+      local k = #self.state.shards + 1
+      self.state.shards[k] = { k = k, path = path, name = self.state.run .. "-" .. k .. ".jsonl", lines = n,
+        model = s.model, endpoint = s.endpoint, round = s.round + 1, step = "written", origin = s.origin or s.path }
+      self.queue[#self.queue + 1] = self.state.shards[k]
+      self:save(self.state.shards[k])
     end
-    s.step = "done"
-    self:save(s)
-    self:progress()
+  end
+  s.step = "done"
+  self:save(s)
+  self:progress()
+end
+
+local STEPS = { written = "upload", uploading = "upload", uploaded = "create", creating = "create",
+                created = "await", finished = "download", downloaded = "finish" }
+
+-- a shard through its steps, each saved as it is reached
+function Run:process(s)
+  while s.step ~= "done" do
+    local step = STEPS[s.step]
+    if not step then throw(fail(("%s is in an unknown step %s"):format(s.name, tostring(s.step)))) end
+    self[step](self, s)
   end
 end
 
@@ -330,7 +530,24 @@ end
 -- disk_factor (3: answers up to 3x the requests' size; the free space is
 -- checked first, `check_disk = false` to skip),
 -- on_progress(p), on_step(step, shard), on_transfer(shard_name,
--- "up" | "down", bytes, total)
+-- "up" | "down", bytes, total);
+-- quotas: max_enqueued_tokens, max_enqueued_requests (a number, or
+-- `{[model] = n}`; also learned from a `token_limit_exceeded` message): a
+-- shard is created only when its model's work in flight leaves room, and
+-- one refused by a quota is created again from the same file once work
+-- of its model ends (`on_step("quota_delay", shard)`, `shard.delays`;
+-- quota_backoff 1 s doubling to quota_backoff_max 60 s, max_quota_delays 100);
+-- max_cost with prices (and discount, as `lbatch.estimate`): the run is
+-- refused before any upload when its bound passes max_cost, and stopped
+-- before a shard that would pass it; max_failure_ratio: stop once more
+-- than that share of the lines done failed; stuck_after (seconds),
+-- on_stuck(batch, seconds), stuck_action = "cancel_resubmit" (cancel a
+-- stuck batch and run its unfinished requests again).
+-- An account that cannot work (arrears, no quota, a refused key:
+-- `lbatch.service.ACCOUNT`) stops new submissions at once: `run` returns
+-- nil and the service's code, and the journal resumes once it is fixed.
+-- Every batch carries `metadata.lbatch_run` and `lbatch_shard` (and, on
+-- DashScope, `ds_name`) beside the given metadata.
 -- @treturn table the report `{shards, results (a reader), outputs,
 -- errors, inputs, journal}`, or nil and an error
 function M.run(opts)
@@ -356,7 +573,7 @@ function M.run(opts)
     manifest, err = shard(opts, opts.dir, client)
     if not manifest then log:close() return nil, err end
     for i, f in ipairs(manifest.files) do
-      state.shards[i] = { path = f.path, name = state.run .. "-" .. i .. ".jsonl", lines = f.lines,
+      state.shards[i] = { k = i, path = f.path, name = state.run .. "-" .. i .. ".jsonl", lines = f.lines,
         model = f.model, endpoint = f.endpoint, round = 1, step = "written" }
     end
     state.phase = "running"
@@ -372,8 +589,33 @@ function M.run(opts)
   ok, cerr = room(opts, opts.dir, pending, 0)
   if not ok then log:close() return nil, cerr end
   local run = setmetatable({ client = client, opts = opts, journal = path, state = state,
-                             queue = {}, started = os.time(), dirty = {}, log = log }, Run)
+                             queue = {}, started = os.time(), dirty = {}, log = log,
+                             quota = quota.new({ tokens = opts.max_enqueued_tokens,
+                                                 requests = opts.max_enqueued_requests }),
+                             admitted = {}, committed = 0, lines_done = 0, lines_failed = 0, workers = {},
+                             quota_poll = opts.quota_poll or 0.2, dialect = service.DIALECT[client.region] }, Run)
+  for i, s in ipairs(state.shards) do s.k = s.k or i end
   client:pause()
+  -- the cost cap, before anything is uploaded: every shard's bound (input
+  -- tokens and max_tokens at the prices), what was created counted as spent
+  if opts.max_cost and state.phase ~= "done" then
+    local total = 0
+    local okc, cerr2 = pcall(function()
+      for i, s in ipairs(state.shards) do
+        run:estimate(s)
+        total = total + s.cost_max
+        if s.batch_id or s.step == "creating" then run.committed = run.committed + s.cost_max end
+        if i % 16 == 0 then client:pause() end
+      end
+    end)
+    if not okc then log:close() return nil, as_error(cerr2) end
+    if total > opts.max_cost then
+      log:close()
+      return nil, errors.new({ kind = "invalid", code = "max_cost", param = "max_cost", message = ("pipeline: "
+        .. "the run may cost up to %.4g (input tokens and max_tokens at the prices), past max_cost %.4g; "
+        .. "nothing was sent"):format(total, opts.max_cost) })
+    end
+  end
   local unhook = client:at_turn_end(function() run:flush() end)
   for _, s in ipairs(state.shards) do
     if s.step ~= "done" then run.queue[#run.queue + 1] = s end
@@ -383,7 +625,7 @@ function M.run(opts)
     -- a worker takes the next shard; idle, it waits while a shard in
     -- progress may still add a resubmitted one
     local function worker()
-      while not failure do
+      while not failure and not run.tripped do
         local s = table.remove(run.queue, 1)
         if s then
           busy = busy + 1
@@ -397,7 +639,7 @@ function M.run(opts)
         end
       end
     end
-    local workers = {}
+    local workers = run.workers
     for i = 1, math.max(1, opts.max_in_flight or 8) do
       workers[i] = client:spawn(worker)
       client:pause()
@@ -407,7 +649,7 @@ function M.run(opts)
       if err then failure = failure or err end
     end
     run:flush()
-    failure = failure or run.failure
+    failure = run.tripped or failure or run.failure
     if failure then unhook() log:close() return nil, failure end
     state.phase = "done"
     local done, err = log:append({ phase = "done" })

@@ -19,6 +19,13 @@ M.REGIONS = {
 --- The statuses a batch never leaves (a set).
 M.FINAL = { completed = true, failed = true, expired = true, cancelled = true }
 
+--- Codes that put the fault on the account, not on a request (a set):
+-- arrears, an exhausted quota or billing limit, a refused or revoked key.
+-- Every batch would fail the same way, so a pipeline stops at the first.
+M.ACCOUNT = { Arrearage = true, ["AccessDenied.Unpurchased"] = true, InvalidApiKey = true,
+              insufficient_quota = true, billing_hard_limit_reached = true, invalid_api_key = true,
+              account_deactivated = true }
+
 --- The final statuses in which part of a batch did not run (a set): the
 -- requests without a result can be sent again.
 M.PARTIAL = { expired = true, cancelled = true }

@@ -117,6 +117,15 @@ local function seen(self, job, b)
   end
   if service.FINAL[b.status] then return settle(self, job, b) end
   local o = job.o
+  -- stuck: in one status past stuck_after seconds (told once a status)
+  if b.status ~= job.status then job.status, job.since, job.told = b.status, now(), false end
+  if o.stuck_after and not job.told and now() - job.since >= o.stuck_after then
+    job.told = true
+    if o.on_stuck then
+      local ok, raised = pcall(o.on_stuck, b, now() - job.since)
+      if not ok then return settle(self, job, nil, errors.box(raised)) end
+    end
+  end
   local pause = job.interval * (1 + o.jitter * (2 * math.random() - 1))
   -- the next poll counts from the start of this round: the batches a
   -- round saw are due together, and the next round finds them on the same

@@ -37,6 +37,7 @@ build = {
     ["lbatch.loop"] = "lbatch/loop.lua",
     ["lbatch.scheduler"] = "lbatch/scheduler.lua",
     ["lbatch.recover"] = "lbatch/recover.lua",
+    ["lbatch.quota"] = "lbatch/quota.lua",
     ["lbatch.client"] = "lbatch/client.lua",
     ["lbatch.journal"] = "lbatch/journal.lua",
     ["lbatch.watch"] = "lbatch/watch.lua",

@@ -1,0 +1,232 @@
+-- The pipeline against the failures users of batch APIs meet, each one
+-- switched on in the emulator (emulator/run --help, "modes"): an
+-- enqueued-token quota, an account in arrears, a cost cap, stuck batches,
+-- fresh ids that are not there yet, downloads cut midway, and every batch
+-- stamped with its run and shard.
+local H = require "helper"
+local lbatch = require "lbatch"
+local pipeline = require "lbatch.pipeline"
+local cjson = require "cjson"
+
+local function routes(emu)
+  local _, s = H.json("GET", emu.url .. "/_emulator/stats", { cacert = emu.tls })
+  return s.routes ~= cjson.null and s.routes or {}, s
+end
+
+local function hits(st) return type(st.modes_hit) == "table" and st.modes_hit or {} end
+
+local function modes(emu, m)
+  local status, body = H.json("POST", emu.url .. "/_emulator/modes", { json = m, cacert = emu.tls })
+  assert.are.equal(200, status, cjson.encode(body))
+end
+
+-- n chat requests of exactly `tokens` prompt tokens each on the emulator's
+-- count (a quarter of the prompt's bytes)
+local function requests(n, tokens, model)
+  local list = {}
+  for i = 1, n do
+    local text = ("q%06d "):format(i)
+    text = text .. ("x"):rep(tokens * 4 - #text)
+    list[i] = { custom_id = "r" .. i, body = { model = model or "qwen-plus", max_tokens = 10,
+                                               messages = { { role = "user", content = text } } } }
+  end
+  return list
+end
+
+local function client(emu, o)
+  o = o or {}
+  o.api_key, o.base_url, o.poll_budget = "k", emu.base, 6000
+  return assert(lbatch.new(o))
+end
+
+local FAST = { poll_interval = 0.05, max_poll_interval = 0.1, quota_poll = 0.05, quota_backoff = 0.05 }
+local function opts(t)
+  for k, v in pairs(FAST) do if t[k] == nil then t[k] = v end end
+  return t
+end
+
+local function count_ok(report)
+  local n, ok = 0, 0
+  for rec in report.results:each() do
+    n = n + 1
+    if rec.ok then ok = ok + 1 end
+  end
+  return n, ok
+end
+
+describe("pipeline under an enqueued-token quota", function()
+  for _, dialect in ipairs({ "openai", "dashscope" }) do
+    it("completes every shard with no second upload, re-creating the refused ones (" .. dialect .. ")", function()
+      local emu = H.emulator({ speed = 500, rate_limits = false, dialect = dialect })
+      modes(emu, { token_limit = { tokens = 700 } })    -- 6 shards of 200 tokens: 3 fit
+      local c = client(emu, { region = dialect == "openai" and "openai" or "cn" })
+      local delays = 0
+      local report = assert(pipeline.run(opts{ client = c, dir = H.tmpdir(), requests = requests(120, 10),
+        max_lines = 20, max_in_flight = 6,
+        on_step = function(step) if step == "quota_delay" then delays = delays + 1 end end }))
+      local n, ok = count_ok(report)
+      assert.are.equal(120, n)
+      assert.are.equal(120, ok)
+      local r, st = routes(emu)
+      assert.are.equal(6, r["POST /files"])                     -- never uploaded twice
+      assert.is_true(r["POST /batches"] > 6, "some shards were created again")
+      assert.is_true(delays > 0)
+      assert.is_true(hits(st).token_limit > 0)
+      for _, s in ipairs(report.shards) do assert.are.equal("completed", s.status) end
+      c:close()
+      emu.stop()
+    end)
+  end
+
+  it("keeps to a configured max_enqueued_tokens: nothing is refused", function()
+    local emu = H.emulator({ speed = 500, rate_limits = false, dialect = "openai" })
+    modes(emu, { token_limit = { tokens = 700 } })
+    local c = client(emu, { region = "openai" })
+    local delays = 0
+    local report = assert(pipeline.run(opts{ client = c, dir = H.tmpdir(), requests = requests(120, 10),
+      max_lines = 20, max_in_flight = 6, max_enqueued_tokens = 650,   -- the estimate's count is near the service's
+      on_step = function(step) if step == "quota_delay" then delays = delays + 1 end end }))
+    assert.are.same({ 120, 120 }, { count_ok(report) })
+    local r, st = routes(emu)
+    assert.are.equal(6, r["POST /batches"])
+    assert.are.equal(0, delays)
+    assert.is_nil(hits(st).token_limit)
+    c:close()
+    emu.stop()
+  end)
+
+  it("waits out a quota that answers 400 at create (fail_fast)", function()
+    local emu = H.emulator({ speed = 500, rate_limits = false, dialect = "openai" })
+    modes(emu, { token_limit = { tokens = 700, fail_fast = true } })
+    local c = client(emu, { region = "openai" })
+    local report = assert(pipeline.run(opts{ client = c, dir = H.tmpdir(), requests = requests(120, 10),
+      max_lines = 20, max_in_flight = 6 }))
+    assert.are.same({ 120, 120 }, { count_ok(report) })
+    assert.are.equal(6, routes(emu)["POST /files"])
+    c:close()
+    emu.stop()
+  end)
+end)
+
+describe("pipeline with an account in arrears", function()
+  it("stops at the first batch whose every line fails Arrearage, and resumes once it is paid (dashscope)", function()
+    local emu = H.emulator({ speed = 500, rate_limits = false })
+    modes(emu, { arrears = { after = 1 } })
+    local c = client(emu)
+    local dir = H.tmpdir()
+    local o = opts{ client = c, dir = dir, requests = requests(100, 10), max_lines = 20, max_in_flight = 1 }
+    local report, err = pipeline.run(o)
+    assert.is_nil(report)
+    assert.are.equal("Arrearage", err.code)
+    assert.is_true(err.account)
+    local r = routes(emu)
+    assert.are.equal(2, r["POST /files"])                  -- the third shard never went out
+    assert.are.equal(2, r["POST /batches"])
+    modes(emu, { arrears = false })
+    report = assert(pipeline.run(o))
+    assert.are.same({ 100, 100 }, { count_ok(report) })
+    r = routes(emu)
+    assert.are.equal(5, r["POST /files"])                  -- the failed shard's file is used again
+    assert.are.equal(6, r["POST /batches"])
+    c:close()
+    emu.stop()
+  end)
+
+  it("stops at the first create refused with insufficient_quota (openai), not retrying it", function()
+    local emu = H.emulator({ speed = 500, rate_limits = false, dialect = "openai" })
+    modes(emu, { arrears = { after = 1 } })
+    local c = client(emu, { region = "openai" })
+    local report, err = pipeline.run(opts{ client = c, dir = H.tmpdir(), requests = requests(100, 10),
+      max_lines = 20, max_in_flight = 1 })
+    assert.is_nil(report)
+    assert.are.equal("insufficient_quota", err.code)
+    local r = routes(emu)
+    assert.are.equal(2, r["POST /files"])                  -- one stored, one refused once: not retried
+    assert.are.equal(1, r["POST /batches"])
+    c:close()
+    emu.stop()
+  end)
+end)
+
+describe("pipeline with a spending cap", function()
+  local prices = { ["qwen-plus"] = { input = 1000, output = 1000 } }   -- per million tokens
+
+  it("refuses before anything is uploaded when the run may cost more than max_cost", function()
+    local emu = H.emulator({ speed = 500, rate_limits = false })
+    local c = client(emu)
+    -- 100 requests x (10 input + 10 max output) tokens x 1000 / 1e6 x 0.5 = 1.0
+    local report, err = pipeline.run(opts{ client = c, dir = H.tmpdir(), requests = requests(100, 10),
+      max_lines = 20, prices = prices, max_cost = 0.9 })
+    assert.is_nil(report)
+    assert.are.equal("max_cost", err.code)
+    assert.matches("nothing was sent", err.message)
+    assert.is_nil(routes(emu)["POST /files"])
+    report = assert(pipeline.run(opts{ client = c, dir = H.tmpdir(), requests = requests(100, 10),
+      max_lines = 20, prices = prices, max_cost = 1.1 }))
+    assert.are.same({ 100, 100 }, { count_ok(report) })
+    c:close()
+    emu.stop()
+  end)
+end)
+
+describe("pipeline with stuck batches", function()
+  it("reports a batch held in validating, cancels it and runs its requests again", function()
+    local emu = H.emulator({ speed = 500, rate_limits = false })
+    modes(emu, { hold = { status = "validating", seconds = 1e6 } })
+    local c = client(emu)
+    local stuck = {}
+    local report = assert(pipeline.run(opts{ client = c, dir = H.tmpdir(), requests = requests(10, 10),
+      stuck_after = 0.3, stuck_action = "cancel_resubmit",
+      on_stuck = function(b, seconds)
+        stuck[#stuck + 1] = { b.status, seconds }
+        modes(emu, { hold = false })                -- the next round runs
+      end }))
+    assert.are.equal(1, #stuck)
+    assert.are.equal("validating", stuck[1][1])
+    assert.is_true(stuck[1][2] >= 0.3)
+    assert.are.same({ 10, 10 }, { count_ok(report) })
+    assert.are.equal(2, #report.shards)
+    assert.are.equal("cancelled", report.shards[1].status)
+    assert.are.equal("completed", report.shards[2].status)
+    c:close()
+    emu.stop()
+  end)
+end)
+
+describe("pipeline through the service's consistency delays and cut downloads", function()
+  it("waits through fresh ids that 404 and resumes cut downloads", function()
+    local emu = H.emulator({ speed = 50, rate_limits = false })
+    modes(emu, { consistency_delay = { seconds = 50 }, cut_download = { bytes = 2000 } })   -- 1 s each here
+    local c = client(emu)
+    local report = assert(pipeline.run(opts{ client = c, dir = H.tmpdir(), requests = requests(40, 10),
+      max_lines = 20 }))
+    assert.are.same({ 40, 40 }, { count_ok(report) })
+    local _, st = routes(emu)
+    assert.is_true(hits(st).consistency_delay > 0)
+    assert.is_true(hits(st).cut_download > 0)
+    c:close()
+    emu.stop()
+  end)
+end)
+
+describe("pipeline stamps", function()
+  it("every batch with its run and shard (and ds_name on DashScope), beside the given metadata", function()
+    local emu = H.emulator({ speed = 500, rate_limits = false })
+    local c = client(emu)
+    local dir = H.tmpdir()
+    local report = assert(pipeline.run(opts{ client = c, dir = dir, requests = requests(40, 10), max_lines = 20,
+      metadata = { team = "eval" } }))
+    local run = cjson.decode(H.read(dir .. "/journal.jsonl"):match("^[^\n]+")).run
+    local seen = {}
+    for _, s in ipairs(report.shards) do
+      local b = assert(c:retrieve(s.batch_id))
+      assert.are.equal(run, b.metadata.lbatch_run)
+      assert.are.equal("eval", b.metadata.team)
+      assert.are.equal("lbatch-" .. run .. "-" .. b.metadata.lbatch_shard, b.metadata.ds_name)
+      seen[b.metadata.lbatch_shard] = true
+    end
+    assert.are.same({ ["1"] = true, ["2"] = true }, seen)
+    c:close()
+    emu.stop()
+  end)
+end)
