@@ -29,7 +29,8 @@ describe("lbatch.quota", function()
 
   it("learns a limit from the service's message, the lower one winning", function()
     local q = quota.new({ tokens = 5000000 })
-    assert.is_false(q:limited("gpt"))
+    assert.is_true(q:limited("gpt"))                 -- one number: every model
+    assert.is_false(quota.new():limited("gpt"))
     assert.is_true(q:learn("gpt", "Enqueued token limit reached for gpt-4o-mini in organization org-x. "
       .. "Limit: 2,000,000 enqueued tokens. Please try again once some in_progress batches have been completed."))
     assert.are.equal(2000000, (q:limits("gpt")))
