@@ -43,7 +43,20 @@ with the same --dir, it resumes where it stopped.
   --window W           completion window (default 24h)
   --poll SECONDS       first poll interval (default $LBATCH_POLL_INTERVAL, else 60)
   --resubmit           resubmit what expired or cancelled shards did not run
+  --max-cost X         refuse the run (before any upload) when it may cost more
+  --prices FILE        the prices --max-cost needs (as estimate's --prices)
   --bom                a byte-order mark in a CSV output]] },
+  adopt = { args = "INPUT", help = [[
+Rebuild a lost journal from the account, so that run resumes without paying twice.
+INPUT and the sharding options are run's; the shards are matched to the
+files and batches of run RUN (its batches' metadata.lbatch_run).
+  --run RUN            the run's id (the prefix of its files' names)
+  --dir DIR            work directory (default: INPUT.lbatch)
+  --model M            model (needed for a CSV)
+  --system TEXT        system prompt (CSV)
+  --endpoint E         as run's
+  --limits L           as run's
+  --max-lines N        as run's]] },
   submit = { args = "FILE", help = [[
 Upload FILE (with progress) and create a batch from it; prints the batch.
   --endpoint E   (default: the url of the file's first line)
@@ -109,7 +122,7 @@ service keeps at most 10,000 files or 100 GB.
   --purpose P        batch and batch_output by default; "all" for every purpose
   --dry-run          list what would go, delete nothing]] },
 }
-local ORDER = { "run", "submit", "status", "list", "cancel", "download", "validate", "estimate", "results",
+local ORDER = { "run", "adopt", "submit", "status", "list", "cancel", "download", "validate", "estimate", "results",
                 "csv2jsonl", "files", "rm", "prune" }
 
 local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = true, bom = true,
@@ -554,8 +567,9 @@ end
 
 function run.run(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
-  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll")
+  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost")
   if not n then return nil, nerr end
+  if n.max_cost and not o.prices then return nil, usage_error("--max-cost needs --prices FILE") end
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
   local c = client(o)
@@ -565,7 +579,7 @@ function run.run(o, pos)
     client = c, requests = pos[1], dir = dir, model = o.model, system = o.system, endpoint = o.endpoint,
     max_in_flight = n.max_in_flight, max_lines = n.max_lines, limits = limits,
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
-    resubmit = o.resubmit, on_progress = show, on_transfer = moving,
+    resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
   })
   done()
   if not report then return nil, err end
@@ -583,6 +597,22 @@ function run.run(o, pos)
     ("%s: %d requests, %d ok, %d failed, %d missing, %d tokens, %d shard(s)"):format(
       output, s.total, s.ok, s.failed, s.missing, s.total_tokens, #report.shards))
   return (bad > 0 or s.missing > 0) and 3 or 0
+end
+
+function run.adopt(o, pos)
+  if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
+  if not o.run then return nil, usage_error("--run RUN is required") end
+  local n, nerr = nums(o, "max_lines")
+  if not n then return nil, nerr end
+  local limits, lerr = limits_of(o)
+  if not limits then return nil, lerr end
+  local dir = o.dir or (pos[1] .. ".lbatch")
+  local found, err = pipeline.adopt({ client = client(o), requests = pos[1], dir = dir, run = o.run,
+    model = o.model, system = o.system, endpoint = o.endpoint, max_lines = n.max_lines, limits = limits })
+  if not found then return nil, err end
+  out(o, found, ("%s: run %s, %d shard(s): %d file(s) and %d batch(es) found; lbatch run resumes it")
+    :format(dir, found.run, found.shards, found.files, found.batches))
+  return 0
 end
 
 -- ------------------------------------------------------------ files

@@ -685,4 +685,80 @@ function M.run(opts)
            results = reader }
 end
 
+--- Rebuild a lost journal from the account, so that `run` resumes the
+-- run without paying twice. The requests are sharded again into `dir`
+-- (the same requests and options make the same shards), and each shard is
+-- matched to what the service holds: its file by the run's unique name,
+-- its batch by `metadata.lbatch_run` and `lbatch_shard` (the newest, when
+-- a quota made several). A shard with a batch resumes waiting (or
+-- downloading), one with a file resumes creating, the rest are sent.
+-- Resubmissions of an earlier round are not adopted: their round runs
+-- again from the first round's results.
+-- @tparam table opts client, dir, run (the run's id: `metadata.lbatch_run`
+-- of its batches, the prefix of its files' names), requests and the
+-- sharding options `run` took (model, endpoint, system, limits,
+-- max_lines, max_bytes), journal
+-- @treturn table `{run, shards, files, batches}` (counts found), or nil and an error
+function M.adopt(opts)
+  errors.check("pipeline.adopt", "opts", opts, "table")
+  errors.check("pipeline.adopt", "opts.client", opts.client, "table")
+  errors.check("pipeline.adopt", "opts.dir", opts.dir, "string")
+  errors.check("pipeline.adopt", "opts.run", opts.run, "string")
+  if not opts.run:find("^[%w_-]+$") then
+    return nil, errors.new({ kind = "invalid", code = "invalid_run", param = "run",
+      message = ("pipeline.adopt: %q is not a run id"):format(opts.run) })
+  end
+  local client = opts.client
+  local made, why = core.mkdir(opts.dir)
+  if not made then return nil, errors.io("cannot make", opts.dir, why:gsub("^mkdir [^:]*: ", "")) end
+  local path = opts.journal or (opts.dir .. "/journal.jsonl")
+  local old = io.open(path, "rb")
+  if old then
+    old:close()
+    return nil, errors.new({ kind = "invalid", code = "journal_exists", param = "dir", message = ("pipeline.adopt: "
+      .. "%s exists: adopt rebuilds a lost journal, it does not replace one"):format(path) })
+  end
+  local manifest, err = shard(opts, opts.dir, client)
+  if not manifest then return nil, err end
+  local run = opts.run
+  local name_pattern = "^" .. run:gsub("%p", "%%%0") .. "%-(%d+)%.jsonl$"
+  local files, batches = {}, {}
+  for f, ferr in client:each_file({ limit = 100 }) do
+    if not f then return nil, ferr end
+    local k = type(f.filename) == "string" and tonumber(f.filename:match(name_pattern))
+    if k and (not files[k] or (f.created_at or 0) > (files[k].created_at or 0)) then files[k] = f end
+  end
+  for b, berr in client:each_batch({ limit = 100 }) do
+    if not b then return nil, berr end
+    local m = type(b.metadata) == "table" and b.metadata or {}
+    local k = m.lbatch_run == run and tonumber(m.lbatch_shard)
+    local refused = b.status == "failed" and type(b.errors) == "table" and type(b.errors.data) == "table"
+      and type(b.errors.data[1]) == "table" and quota.refused(b.errors.data[1].code)
+    if k and not refused and (not batches[k] or (b.created_at or 0) > (batches[k].created_at or 0)) then
+      batches[k] = b
+    end
+  end
+  local state = { version = 1, run = run, phase = "running", shards = {} }
+  local found = { run = run, shards = #manifest.files, files = 0, batches = 0 }
+  for i, f in ipairs(manifest.files) do
+    local s = { k = i, path = f.path, name = run .. "-" .. i .. ".jsonl", lines = f.lines, model = f.model,
+                endpoint = f.endpoint, round = 1, step = "written" }
+    local b, file = batches[i], files[i]
+    if b then
+      s.step, s.batch_id, s.file_id, s.status = "created", b.id, b.input_file_id, b.status
+      found.batches = found.batches + 1
+    elseif file then
+      s.step, s.file_id = "uploaded", file.id
+    end
+    if file then found.files = found.files + 1 end
+    state.shards[i] = s
+  end
+  local log, jerr = open_journal(path)
+  if not log then return nil, jerr end
+  local ok, cerr = log:compact(snapshot(state))
+  log:close()
+  if not ok then return nil, cerr end
+  return found
+end
+
 return M

@@ -230,3 +230,82 @@ describe("pipeline stamps", function()
     emu.stop()
   end)
 end)
+
+describe("pipeline after a lost journal", function()
+  it("adopts the run from the account's files and batches: nothing uploaded or created twice", function()
+    local emu = H.emulator({ speed = 500, rate_limits = false })
+    local c = client(emu)
+    local dir = H.tmpdir()
+    local o = opts{ client = c, dir = dir, requests = requests(60, 10), max_lines = 20, max_in_flight = 1,
+      on_step = function(step, s) if step == "after_create" and s.k == 2 then error("crash") end end }
+    local report, err = pipeline.run(o)
+    assert.is_nil(report)
+    assert.matches("crash", tostring(err))
+    local run = cjson.decode(H.read(dir .. "/journal.jsonl"):match("^[^\n]+")).run
+    os.remove(dir .. "/journal.jsonl")                        -- lost
+    local r = routes(emu)
+    assert.are.same({ 2, 2 }, { r["POST /files"], r["POST /batches"] })
+    o.on_step = nil
+    local found = assert(pipeline.adopt({ client = c, dir = dir, run = run, requests = o.requests, max_lines = 20 }))
+    assert.are.same({ run = run, shards = 3, files = 2, batches = 2 }, found)
+    local again, aerr = pipeline.adopt({ client = c, dir = dir, run = run, requests = o.requests, max_lines = 20 })
+    assert.is_nil(again)
+    assert.are.equal("journal_exists", aerr.code)
+    report = assert(pipeline.run(o))
+    assert.are.same({ 60, 60 }, { count_ok(report) })
+    r = routes(emu)
+    assert.are.same({ 3, 3 }, { r["POST /files"], r["POST /batches"] })
+    c:close()
+    emu.stop()
+  end)
+end)
+
+describe("pipeline killed at random moments under a quota", function()
+  it("ends with every request answered once, no file uploaded twice", function()
+    local emu = H.emulator({ speed = 10, rate_limits = false, dialect = "openai" })   -- a batch takes ~2 s
+    modes(emu, { token_limit = { tokens = 350 } })      -- 6 shards of 100 tokens: 3 fit
+    local dir = H.tmpdir()
+    local input = dir .. "/in.jsonl"
+    local fh = assert(io.open(input, "wb"))
+    for _, r in ipairs(requests(60, 10)) do
+      fh:write(cjson.encode({ custom_id = r.custom_id, method = "POST", url = "/v1/chat/completions", body = r.body }), "\n")
+    end
+    fh:close()
+    local driver = H.root .. "/spec/fixtures/pipeline_driver.lua"
+    local env = "LBATCH_POLL_INTERVAL=0.05 DRIVER_MAX_LINES=10 DRIVER_MAX_IN_FLIGHT=6"
+    local killed, i = 0, 0
+    while killed < 5 and i < 20 do             -- a run that finishes first is not a kill
+      i = i + 1
+      local after = 0.2 + 0.5 * math.random()
+      local out = H.sh(("%s %s %s %s %s %s > %s/run-%d.log 2>&1 & p=$!; sleep %.2f; kill -9 $p 2>/dev/null; "
+        .. "wait $p; echo exit=$?"):format(env, H.lua, driver, emu.base, dir .. "/work", input, dir, i, after))
+      if out:find("exit=137", 1, true) then killed = killed + 1 end
+    end
+    assert.is_true(killed >= 5, ("killed %d of %d runs"):format(killed, i))
+    local out = H.sh(("%s %s %s %s %s 2>&1"):format(env, H.lua, driver, emu.base, dir .. "/work", input))
+    assert.matches("done 6 60 60", out)
+    local r, st = routes(emu)
+    assert.are.equal(6, r["POST /files"])                   -- never uploaded twice
+    assert.is_true(r["POST /batches"] >= 6)
+    assert.is_true(hits(st).token_limit > 0, "the quota was met")
+    -- every request answered once: the batches that completed hold each line once
+    local seen = {}
+    local _, page = H.json("GET", emu.base .. "/batches?limit=100", { cacert = emu.tls })
+    for _, b in ipairs(page.data) do
+      if b.status == "completed" then
+        local _, text = H.http("GET", emu.base .. "/files/" .. b.output_file_id .. "/content", { cacert = emu.tls })
+        for line in text:gmatch("[^\n]+") do
+          local id = cjson.decode(line).custom_id
+          seen[id] = (seen[id] or 0) + 1
+        end
+      end
+    end
+    local n = 0
+    for id, times in pairs(seen) do
+      n = n + 1
+      assert.are.equal(1, times, id .. " answered more than once")
+    end
+    assert.are.equal(60, n)
+    emu.stop()
+  end)
+end)
