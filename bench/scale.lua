@@ -8,6 +8,8 @@
 --   naive DIR        every answer decoded into one Lua table, then the inputs
 --   pipeline N DIR   N requests through lbatch.pipeline on the emulator
 --   jobs N           N batches in flight at once, watched by one client
+--   quota N K        N shards of one model under an enqueued-token limit
+--                    that holds K of them (the emulator's token_limit mode)
 -- Each prints one line of figures; bench/scale adds wall, CPU and RSS.
 local cjson = require "cjson"
 local core = require "lbatch.core"
@@ -227,7 +229,54 @@ elseif mode == "jobs" then
     .. "%d answers 429; each end seen at most %.1f s after it (poll interval %g s)"):format(n, elapsed, #times,
     r["GET /batches"] or 0, r["GET /batches/{id}"] or 0, peak, limited, worst, interval))
   client:close()
+elseif mode == "quota" then
+  local lbatch = require "lbatch"
+  local pipeline = require "lbatch.pipeline"
+  local shards, fit = tonumber(a), tonumber(b)
+  local lines, tokens = 100, 10                 -- a line's prompt: 10 tokens on the emulator's count
+  local base = os.getenv("LBATCH_BASE_URL"):gsub("/compatible%-mode/v1$", "")
+  local limit = math.floor((fit + 0.5) * lines * tokens)
+  assert(os.execute(("curl -sf -o /dev/null -X POST -H 'Content-Type: application/json' "
+    .. "-d '{\"token_limit\": {\"tokens\": %d}}' %s/_emulator/modes"):format(limit, base)))
+  local client = lbatch.new({ region = "openai", max_connections = 16 })
+  local dir = os.tmpname()
+  os.remove(dir)
+  local reqs = {}
+  for i = 1, shards * lines do
+    local text = ("q%07d "):format(i)
+    reqs[i] = { custom_id = "q" .. i, body = { model = "gpt-4o-mini", max_tokens = 10,
+      messages = { { role = "user", content = text .. ("x"):rep(tokens * 4 - #text) } } } }
+  end
+  local created, ended, delays = {}, {}, 0
+  local t0 = now()
+  local report = assert(pipeline.run({ client = client, requests = reqs, dir = dir, max_lines = lines,
+    max_in_flight = shards, poll_interval = tonumber(os.getenv("POLL") or "1"), poll_factor = 1,
+    quota_backoff = 0.5,
+    on_step = function(step, sh)
+      if step == "after_create" then created[sh.k] = now() end
+      if step == "quota_delay" then delays = delays + 1 end
+      if step == "after_download" then ended[sh.k] = now() end
+    end }))
+  local wall = now() - t0
+  local total = count(report.results)
+  -- a batch's own time: the shortest from create to download, of the
+  -- shards that ran first time; the ideal is the waves the quota allows
+  local one = math.huge
+  for k, t in pairs(ended) do if created[k] then one = math.min(one, t - created[k]) end end
+  local ideal = math.ceil(shards / fit) * one
+  local p = io.popen("curl -s " .. base .. "/_emulator/stats")
+  local stats = cjson.decode(p:read("*a"))
+  p:close()
+  local r, limited = stats.routes or {}, 0
+  for route, k in pairs(r) do if route:find("^429") then limited = limited + k end end
+  print(("%d records from %d shards, %d at a time: %.1f s against an ideal %.1f s (%.2fx); %.2f creates a shard, "
+    .. "%d quota delays, %d uploads (%d re-uploads), %d answers 429"):format(total, shards, fit, wall, ideal,
+    wall / ideal, (r["POST /batches"] or 0) / shards, delays, r["POST /files"] or 0,
+    (r["POST /files"] or 0) - shards, limited))
+  os.execute("rm -rf " .. dir)
+  client:close()
 else
-  io.stderr:write("usage: bench/scale.lua gen N DIR | merge DIR | single DIR | naive DIR | pipeline N DIR | jobs N\n")
+  io.stderr:write("usage: bench/scale.lua gen N DIR | merge DIR | single DIR | naive DIR | pipeline N DIR | jobs N"
+    .. " | quota N K\n")
   os.exit(2)
 end

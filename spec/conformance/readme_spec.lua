@@ -156,6 +156,7 @@ lbatch = require "lbatch"; client = lbatch.new{}; batch = assert(client:retrieve
     cmd = cmd:gsub("FILE_ID%.%.%.", function() return fresh("file") .. " " .. fresh("file") end)
     cmd = cmd:gsub("PATH", function() paths = paths + 1 return "path-" .. paths .. ".jsonl" end)
     cmd = cmd:gsub("%f[%w]([NE])%f[%W]", PLACE)
+    cmd = cmd:gsub("%f[%w]RUN%f[%W]", "0123456789ab")       -- a run the account does not have
     return cmd
   end
 
