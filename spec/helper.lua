@@ -124,7 +124,7 @@ if H.tls_ca == "" then H.tls_ca = nil end
 local has_nginx
 function H.emulator(opts)
   opts = opts or {}
-  if has_nginx == nil then has_nginx = H.ok("command -v nginx >/dev/null 2>&1") end
+  if has_nginx == nil then has_nginx = H.ok("sh -c 'command -v nginx' >/dev/null 2>&1") end   -- (under ASan H.ok runs env: a program, not a builtin)
   if not has_nginx then error("H.emulator: nginx is not on PATH (this spec needs the emulator: spec/README.md)", 2) end
   local data = opts.data or H.tmpdir()
   local args = { "--data", data, "--speed", opts.speed or 200, "--dialect", opts.dialect or "dashscope" }
