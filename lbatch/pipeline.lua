@@ -215,21 +215,22 @@ function Run:report_progress()
   cb(p)
 end
 
--- the file this run uploaded under `name`, if the service has it (a
--- failure to look is thrown: uploading again could make a second file)
-function Run:find_upload(name)
-  local client = self.client
-  local f, err = recover.upload(function(q) return client:list_files(q) end, { filename = name })
-  if err then try(nil, err) end
-  return f
+-- What an interrupted step made, if the service has it: the file this run
+-- uploaded under a shard's name, the batch made from its file. A failure
+-- to look is thrown: doing the step again could make a second one.
+local function looked(v, err)
+  if err then throw(err) end
+  return v
 end
 
--- the batch made from `file_id`, if any (a failure to look is thrown)
+function Run:find_upload(name)
+  local client = self.client
+  return looked(recover.upload(function(q) return client:list_files(q) end, { filename = name }))
+end
+
 function Run:find_batch(file_id)
   local client = self.client
-  local b, err = recover.batch(function(q) return client:list_batches(q) end, { input_file_id = file_id })
-  if err then try(nil, err) end
-  return b
+  return looked(recover.batch(function(q) return client:list_batches(q) end, { input_file_id = file_id }))
 end
 
 -- the shard's estimate (tokens, requests, the most it may cost), made once
