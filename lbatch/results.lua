@@ -6,8 +6,14 @@
 --    local r = assert(results.open{ output = "out.jsonl", errors = "err.jsonl", inputs = "in.jsonl" })
 --    for rec, err in r:each() do
 --      if not rec then error(err) end
---      print(rec.custom_id, rec.ok, rec.content or rec.error_message)
+--      print(rec.custom_id, rec.ok, rec.class, rec.content or rec.error_message)
 --    end
+--
+-- A record is `ok` only with a 2xx `response.status_code`, a body (a
+-- non-empty JSON object) and no error, in the line or in the body: the
+-- services write lines with `error: null` and a 500 inside. Every other
+-- record has a `class` (`results.classify`): `"retryable"`,
+-- `"permanent"` or `"account"`.
 -- @module lbatch.results
 local json = require "lbatch.json"
 local rules = require "lbatch.rules"
@@ -60,15 +66,91 @@ M.prompt_of = prompt_of
 local function tab(v) if type(v) == "table" then return v end end
 local function str(v) if v ~= nil then return tostring(v) end end
 
---- One output or error line as a record: custom_id, ok, status_code,
--- request_id, body, model, created, usage, content, reasoning, embedding,
--- error_code, error_message (JSON null is nil; whole numbers are integers).
+--- What a failed record's code says about sending its request again:
+-- code (or error type) -> class. `"retryable"`: the service did not
+-- answer this time (rate limits, server errors, timeouts, a batch that
+-- expired or was cancelled before the line ran, a request with no result
+-- at all: `missing`); `"permanent"`: the request itself is refused
+-- (validation, content inspection) and fails the same way again;
+-- `"account"`: nothing runs until the account is put right (arrears, quota,
+-- key). DashScope's dotted codes are looked up whole, then by the part
+-- before the first dot (`Throttling.RateQuota` as `Throttling`). Add or
+-- change entries to teach `classify` a code.
+M.CLASSES = {
+  -- retryable
+  rate_limit_exceeded = "retryable", server_error = "retryable", internal_error = "retryable",
+  timeout = "retryable", request_timeout = "retryable", service_unavailable = "retryable",
+  batch_expired = "retryable", batch_cancelled = "retryable", missing = "retryable",
+  empty_body = "retryable", invalid_result_line = "retryable",
+  Throttling = "retryable", InternalError = "retryable", ServiceUnavailable = "retryable",
+  RequestTimeOut = "retryable", requests = "retryable", tokens = "retryable",
+  -- permanent
+  data_inspection_failed = "permanent", DataInspectionFailed = "permanent",
+  content_filter = "permanent", content_policy_violation = "permanent",
+  InvalidParameter = "permanent", invalid_value = "permanent", invalid_request = "permanent",
+  model_not_found = "permanent", context_length_exceeded = "permanent", InvalidModel = "permanent",
+  -- account
+  Arrearage = "account", insufficient_quota = "account", billing_hard_limit_reached = "account",
+  invalid_api_key = "account", InvalidApiKey = "account", account_deactivated = "account",
+  ["AccessDenied.Unpurchased"] = "account",
+}
+
+--- The class of an HTTP status when the code says nothing: 408, 429 and
+-- 5xx retryable, 401, 402 and 403 account, other 4xx permanent.
+-- @tparam number status
+-- @treturn ?string
+function M.status_class(status)
+  status = tonumber(status)
+  if not status then return nil end
+  if status == 408 or status == 429 or (status >= 500 and status < 600) then return "retryable" end
+  if status == 401 or status == 402 or status == 403 then return "account" end
+  if status >= 400 and status < 500 then return "permanent" end
+end
+
+local function class_of_code(code)
+  if code == nil then return nil end
+  local CLASSES = M.CLASSES
+  return CLASSES[code] or CLASSES[(code:match("^([^.]+)%."))] or nil
+end
+
+-- the code a failed record is counted by: its error code, else missing,
+-- http_STATUS, error (an error without a code) or empty_body
+local function code_of(rec)
+  if rec.error_code then return rec.error_code end
+  if rec.missing then return "missing" end
+  local s = tonumber(rec.status_code)
+  if not s then return rec.error_message and "error" or "no_response" end
+  if s < 200 or s >= 300 then return "http_" .. ("%d"):format(s) end
+  if rec.error_message then return "error" end
+  return "empty_body"
+end
+
+--- A record's class and the code it is counted by. Nil for an ok record.
+-- The code (`error_code`, else `missing`, `http_STATUS`, `empty_body`) is
+-- looked up in `results.CLASSES`, then the error's type, then the status
+-- (`results.status_class`); what none of them knows is `"permanent"`
+-- (never sent again unasked).
+-- @tparam table rec a record
+-- @treturn ?string "retryable", "permanent" or "account"
+-- @treturn ?string the code
+function M.classify(rec)
+  if rec.ok then return nil end
+  local code = code_of(rec)
+  local class = class_of_code(code) or class_of_code(rec.error_type) or M.status_class(rec.status_code)
+  return class or "permanent", code
+end
+
+--- One output or error line as a record: custom_id, ok, class (when not
+-- ok), status_code, request_id, body, model, created, usage, content,
+-- reasoning, embedding, error_code, error_type, error_message (JSON null
+-- is nil; whole numbers are integers).
 -- @tparam string line
 -- @treturn table the record
 local function record(line)
   local ok, r = pcall(decode, line)
   if not ok or type(r) ~= "table" then
-    return { ok = false, error_code = "invalid_result_line", error_message = "result line is not JSON" }
+    return { ok = false, class = M.CLASSES.invalid_result_line, error_code = "invalid_result_line",
+             error_message = "result line is not JSON" }
   end
   normalize(r)
   local resp = tab(r.response)
@@ -79,7 +161,8 @@ local function record(line)
   local rec = {
     custom_id = r.custom_id, id = r.id, status_code = status,
     request_id = resp and resp.request_id, body = body,
-    ok = status == 200 and err == nil and not berr,
+    ok = type(status) == "number" and status >= 200 and status < 300 and err == nil and not berr
+      and type(body) == "table" and next(body) ~= nil,
   }
   if type(body) == "table" then
     rec.model, rec.created, rec.usage = body.model, body.created, tab(body.usage)
@@ -95,8 +178,11 @@ local function record(line)
   local e = tab(err) or tab(berr)
   if e then
     rec.error_code = str(e.code)
+    rec.error_type = str(e.type)
     rec.error_message = str(e.message)
   end
+  if not rec.error_type and tab(berr) then rec.error_type = str(berr.type) end
+  if not rec.ok then rec.class = M.classify(rec) end
   return rec
 end
 M.record = record
@@ -313,7 +399,7 @@ function Reader:_join(g)
             local rec
             if v then rec = result(v)
             else
-              rec = { custom_id = id, ok = false, missing = true }
+              rec = { custom_id = id, ok = false, missing = true, class = M.CLASSES.missing }
               self.missing_ids[#self.missing_ids + 1] = id
             end
             rec.line = text
@@ -370,7 +456,7 @@ end
 -- Joined with inputs, records come in input order with rec.input (the
 -- request, decoded when first read), rec.prompt and rec.line (the request
 -- line as it is in the file), and a request with no result gives
--- `{custom_id, ok = false, missing = true}`. A file that cannot be read
+-- `{custom_id, ok = false, missing = true, class = "retryable"}`. A file that cannot be read
 -- gives `false, err` (an `io` error) and the iteration ends. Afterwards
 -- `r.orphans` lists the results no input asked for.
 -- @treturn function the iterator
@@ -403,37 +489,64 @@ function Reader:missing()
   return self.missing_ids or {}
 end
 
+-- a usage table's tokens: prompt, completion (reasoning included, as the
+-- services bill it), total and reasoning; chat's names or the
+-- responses API's and DashScope's (input_tokens, output_tokens)
+local function tokens_of(u)
+  local pt = tonumber(u.prompt_tokens) or tonumber(u.input_tokens) or 0
+  local ct = tonumber(u.completion_tokens) or tonumber(u.output_tokens) or 0
+  local d = tab(u.completion_tokens_details) or tab(u.output_tokens_details)
+  local rt = d and tonumber(d.reasoning_tokens) or 0
+  return pt, ct, tonumber(u.total_tokens) or (pt + ct), rt
+end
+
 --- Counts, tokens and a cost estimate.
+-- Failed records are counted by class (`by_class`, as `results.classify`
+-- says: retryable, permanent, account; a missing request is retryable)
+-- and by code (`by_code`: the error code, `missing`, `http_STATUS`,
+-- `empty_body`); `by_error` is `by_code` without `missing`.
+-- `reasoning_tokens` (`usage.completion_tokens_details.reasoning_tokens`,
+-- or DashScope's `output_tokens_details`) are counted apart and are also
+-- in `completion_tokens`: thinking is billed as output, and the cost
+-- counts it so.
 -- @tparam[opt] table opts prices = {[model] = {input = P, output = P}}
 -- (per million tokens, real-time prices), discount (0.5: batch prices)
--- @treturn table total, ok, failed, missing, by_error, prompt_tokens,
--- completion_tokens, total_tokens, cost, by_model; or nil and an `io` error
+-- @treturn table total, ok, failed, missing, by_class, by_code, by_error,
+-- prompt_tokens, completion_tokens, reasoning_tokens, total_tokens, cost,
+-- by_model (each requests, prompt_tokens, completion_tokens,
+-- reasoning_tokens, cost); or nil and an `io` error
 function Reader:summary(opts)
   errors.check("results.summary", "opts", opts, "table", true)
   opts = opts or {}
   local prices, discount = opts.prices or {}, opts.discount or cost.DISCOUNT
-  local s = { total = 0, ok = 0, failed = 0, missing = 0, by_error = {},
-              prompt_tokens = 0, completion_tokens = 0, total_tokens = 0, cost = 0, by_model = {} }
+  local s = { total = 0, ok = 0, failed = 0, missing = 0, by_error = {}, by_class = {}, by_code = {},
+              prompt_tokens = 0, completion_tokens = 0, reasoning_tokens = 0, total_tokens = 0, cost = 0,
+              by_model = {} }
   for rec, err in self:each() do
     if not rec then return nil, err end
     s.total = s.total + 1
-    if rec.missing then s.missing = s.missing + 1
-    elseif rec.ok then s.ok = s.ok + 1
+    if rec.ok then s.ok = s.ok + 1
     else
-      s.failed = s.failed + 1
-      local code = rec.error_code or ("http_" .. tostring(rec.status_code))
-      s.by_error[code] = (s.by_error[code] or 0) + 1
+      local class, code = M.classify(rec)
+      s.by_class[class] = (s.by_class[class] or 0) + 1
+      s.by_code[code] = (s.by_code[code] or 0) + 1
+      if rec.missing then s.missing = s.missing + 1
+      else
+        s.failed = s.failed + 1
+        s.by_error[code] = (s.by_error[code] or 0) + 1
+      end
     end
     local u = rec.usage
     if rec.ok and type(u) == "table" then
-      local pt, ct = tonumber(u.prompt_tokens) or 0, tonumber(u.completion_tokens) or 0
-      local tt = tonumber(u.total_tokens) or (pt + ct)
+      local pt, ct, tt, rt = tokens_of(u)
       s.prompt_tokens, s.completion_tokens = s.prompt_tokens + pt, s.completion_tokens + ct
-      s.total_tokens = s.total_tokens + tt
+      s.total_tokens, s.reasoning_tokens = s.total_tokens + tt, s.reasoning_tokens + rt
       local model = rec.model or "?"
-      local m = s.by_model[model] or { requests = 0, prompt_tokens = 0, completion_tokens = 0, cost = 0 }
+      local m = s.by_model[model] or { requests = 0, prompt_tokens = 0, completion_tokens = 0,
+                                       reasoning_tokens = 0, cost = 0 }
       s.by_model[model] = m
       m.requests, m.prompt_tokens, m.completion_tokens = m.requests + 1, m.prompt_tokens + pt, m.completion_tokens + ct
+      m.reasoning_tokens = m.reasoning_tokens + rt
       local p = prices[model]
       if p then
         local c = cost.of(pt, ct, p, discount)
@@ -444,33 +557,63 @@ function Reader:summary(opts)
   return s
 end
 
-local NOT_RUN = { batch_expired = true, batch_cancelled = true }
+-- the classes resubmit takes: a set
+local function classes_of(opts)
+  if opts == nil then return { retryable = true } end
+  errors.check("results.resubmit", "opts", opts, "table")
+  if opts.all or opts.failed then return { retryable = true, permanent = true, account = true } end
+  if opts.classes == nil then return { retryable = true } end
+  errors.check("results.resubmit", "opts.classes", opts.classes, "table")
+  local set = {}
+  for _, c in ipairs(opts.classes) do
+    if c ~= "retryable" and c ~= "permanent" and c ~= "account" then
+      errors.arg("results.resubmit", "opts.classes holds retryable, permanent or account (got "
+        .. tostring(c) .. ")", 4)
+    end
+    set[c] = true
+  end
+  return set
+end
 
---- Write the input lines of the requests that did not run (no result, or
--- expired / cancelled) to a new input file, byte for byte.
+--- Write the input lines of the requests worth sending again to a new
+-- input file, byte for byte, in input order.
+-- By default it takes the `retryable` ones (`results.classify`): those
+-- with no result at all, those a batch expired or cancelled before they
+-- ran, and those that failed by a rate limit (429), a server error (5xx)
+-- or a timeout. It leaves the `permanent` ones (validation, content
+-- inspection, other 4xx: they would fail again) and the `account` ones
+-- (arrears, quota, key: nothing runs until the account is put right).
 -- @tparam string path the new file
--- @tparam[opt] table opts failed = true: also those that ran and failed
+-- @tparam[opt] table opts classes = {"retryable", "permanent", ...}: the
+-- classes to take; all = true: every request that is not ok (`failed =
+-- true` is the same, as before)
 -- @treturn integer the number of lines written, or nil and an `io` error
+-- @treturn table the lines written by class, `{retryable = n, ...}`
 function Reader:resubmit(path, opts)
   errors.check("results.resubmit", "path", path, "string")
+  local want = classes_of(opts)
   if #self.inputs == 0 then errors.arg("results.resubmit", "open the reader with inputs") end
   local out, msg = io.open(path, "wb")
   if not out then return nil, errors.io("cannot write", path, msg) end
-  local ok, res = pcall(self._resubmit, self, out, opts)
+  local ok, res, taken = pcall(self._resubmit, self, out, want)
   local closed, cerr = out:close()
   if not ok then os.remove(path) return nil, as_error(res) end
   if not closed then os.remove(path) return nil, errors.io("cannot write", path, cerr) end
-  return res
+  return res, taken
 end
 
-function Reader:_resubmit(out, opts)
-  local n = 0
+function Reader:_resubmit(out, want)
+  local n, taken = 0, {}
   for rec, err in self:each() do
     if not rec then error(err, 0) end
-    local again = rec.missing or (not rec.ok and (NOT_RUN[rec.error_code] or (opts and opts.failed)))
-    if again and rec.line then out:write(rec.line, "\n") n = n + 1 end
+    local class = not rec.ok and M.classify(rec)
+    if class and want[class] and rec.line then
+      out:write(rec.line, "\n")
+      n = n + 1
+      taken[class] = (taken[class] or 0) + 1
+    end
   end
-  return n
+  return n, taken
 end
 
 return M

@@ -194,3 +194,206 @@ describe("results", function()
     end)
   end
 end)
+
+-- Hand-made output and error files as the services write them (no server):
+-- what counts as ok, the class of each failure, resubmit and summary.
+describe("results: ok, classes, resubmit and summary", function()
+  local cost = require "lbatch.cost"
+  local dir
+  setup(function() dir = H.tmpdir() end)
+
+  local function chat_body(model, content, usage, reasoning)
+    return { id = "chatcmpl-1", object = "chat.completion", created = 1776432582, model = model,
+             choices = { { index = 0, finish_reason = "stop",
+                           message = { role = "assistant", content = content, reasoning_content = reasoning } } },
+             usage = usage }
+  end
+  local function out_line(id, status, body, err)
+    return cjson.encode({ id = "batch_req_" .. id, custom_id = id,
+      response = { status_code = status, request_id = "req-" .. id, body = body == nil and cjson.null or body },
+      error = err or cjson.null })
+  end
+  -- an error file line: the error in the body and in the line, as both services write it
+  local function err_line(id, status, code, message, typ)
+    return cjson.encode({ id = "batch_req_" .. id, custom_id = id,
+      response = { status_code = status, request_id = "req-" .. id, body = { error = {
+        code = code == nil and cjson.null or code, message = message, type = typ or "invalid_request_error",
+        param = cjson.null } } },
+      error = { code = code == nil and cjson.null or code, message = message } })
+  end
+
+  -- id -> {class, code} (class nil: ok), in input order
+  local CASES = {
+    { "ds-ok", nil },                                   -- DashScope, thinking, reasoning tokens
+    { "oa-ok", nil },                                   -- OpenAI, o-series reasoning tokens
+    { "ds-native", nil },                               -- input_tokens / output_tokens_details
+    { "up-500", "retryable", "server_error" },          -- error null, a 500 inside
+    { "up-429", "retryable", "rate_limit_exceeded" },
+    { "throttled", "retryable", "Throttling.RateQuota" },
+    { "gateway", "retryable", "http_502" },              -- no code at all: the status says
+    { "no-body", "retryable", "empty_body" },            -- 200, error null, body null
+    { "empty-body", "retryable", "empty_body" },         -- 200, body {}
+    { "expired", "retryable", "batch_expired" },
+    { "never", "retryable", "missing" },                 -- no result anywhere
+    { "inspected", "permanent", "data_inspection_failed" },
+    { "invalid", "permanent", "http_400" },              -- OpenAI: code null, invalid_request_error
+    { "too-long", "permanent", "context_length_exceeded" },
+    { "no-model", "permanent", "model_not_found" },
+    { "arrears", "account", "Arrearage" },
+    { "quota", "account", "insufficient_quota" },        -- a 429, but no retry helps
+    { "billing", "account", "billing_hard_limit_reached" },
+    { "bad-key", "account", "invalid_api_key" },
+    { "denied", "account", "AccessDenied" },             -- 403: the status says
+  }
+
+  local function files()
+    local inputs = {}
+    for i, c in ipairs(CASES) do
+      -- odd spacing and non-ASCII: resubmit must copy the line, not re-encode it
+      inputs[i] = ('{"custom_id": "%s",  "method":"POST", "url":"/v1/chat/completions", "body":{"model":"qwen-plus",'
+        .. '"messages":[{"role":"user","content":"问题 %d \\u00e9"}]}}'):format(c[1], i)
+    end
+    local out = {
+      out_line("ds-ok", 200, chat_body("qwen3-plus", "4", { prompt_tokens = 10, completion_tokens = 50,
+        total_tokens = 60, completion_tokens_details = { reasoning_tokens = 30 } }, "2 + 2 is 4")),
+      out_line("oa-ok", 200, chat_body("o4-mini", "Paris", { prompt_tokens = 20, completion_tokens = 100,
+        total_tokens = 120, completion_tokens_details = { reasoning_tokens = 64, accepted_prediction_tokens = 0 },
+        prompt_tokens_details = { cached_tokens = 0 } })),
+      out_line("ds-native", 200, { model = "qwen3-plus", output = { text = "ok" },
+        usage = { input_tokens = 5, output_tokens = 7, output_tokens_details = { reasoning_tokens = 3 } } }),
+      out_line("up-500", 500, { error = { code = "server_error", type = "server_error", param = cjson.null,
+        message = "The server had an error while processing your request. Sorry about that!" } }),
+      out_line("up-429", 429, { error = { code = "rate_limit_exceeded", type = "requests", param = cjson.null,
+        message = "Rate limit reached for requests. Please try again later." } }),
+      out_line("gateway", 502, { error = { message = "Bad gateway" } }),
+      out_line("no-body", 200, nil),
+      out_line("empty-body", 200, {}),
+    }
+    local errs = {
+      err_line("throttled", 429, "Throttling.RateQuota", "Requests rate limit exceeded, please try again later.",
+        "Throttling.RateQuota"),
+      cjson.encode({ id = "batch_req_x", custom_id = "expired", response = cjson.null, error = {
+        code = "batch_expired", message = "This request could not be executed before the completion window expired." } }),
+      err_line("inspected", 400, "data_inspection_failed", "Input data may contain inappropriate content.",
+        "data_inspection_failed"),
+      err_line("invalid", 400, nil, "Invalid value for 'messages[0].role': 'usr'.", "invalid_request_error"),
+      err_line("too-long", 400, "context_length_exceeded", "This model's maximum context length is 8192 tokens."),
+      err_line("no-model", 404, "model_not_found", "The provided model x is not supported by the Batch API."),
+      err_line("arrears", 400, "Arrearage", "Access denied, please make sure your account is in good standing.",
+        "Arrearage"),
+      err_line("quota", 429, "insufficient_quota", "You exceeded your current quota, please check your plan and "
+        .. "billing details.", "insufficient_quota"),
+      err_line("billing", 400, "billing_hard_limit_reached", "Billing hard limit has been reached."),
+      err_line("bad-key", 401, "invalid_api_key", "Incorrect API key provided."),
+      err_line("denied", 403, "AccessDenied", "Access denied."),
+    }
+    return H.write(dir .. "/in.jsonl", table.concat(inputs, "\n") .. "\n"),
+           H.write(dir .. "/out.jsonl", table.concat(out, "\n") .. "\n"),
+           H.write(dir .. "/err.jsonl", table.concat(errs, "\n") .. "\n"), inputs
+  end
+
+  it("counts a record ok only with a 2xx status, a body and no error", function()
+    local path = H.write(dir .. "/ok.jsonl", table.concat({
+      out_line("a", 200, chat_body("qwen-plus", "hi", { prompt_tokens = 1, completion_tokens = 1, total_tokens = 2 })),
+      out_line("b", 201, { object = "list", data = { { embedding = { 0.1 } } } }),     -- any 2xx
+      out_line("c", 500, { error = { code = "server_error", message = "x" } }),         -- error null, 500 inside
+      out_line("d", 500, chat_body("qwen-plus", "hi")),                                 -- a body, but a 500
+      out_line("e", 200, nil),
+      out_line("f", 200, {}),
+      out_line("g", 200, { error = { code = "server_error", message = "x" } }),         -- 200 with an error body
+      out_line("h", 200, chat_body("qwen-plus", "hi"), { code = "batch_expired", message = "x" }),
+      '{"custom_id":"i","error":null}',
+      "not json",
+    }, "\n") .. "\n")
+    local got = {}
+    for rec in results.open({ output = path }):each() do got[#got + 1] = { rec.ok, rec.class } end
+    assert.are.same({ { true }, { true }, { false, "retryable" }, { false, "retryable" }, { false, "retryable" },
+                      { false, "retryable" }, { false, "retryable" }, { false, "retryable" },
+                      { false, "permanent" }, { false, "retryable" } }, got)
+    assert.is_nil((results.classify({ ok = true })))
+    assert.are.same({ "permanent", "no_response" }, { results.classify({ ok = false }) })
+  end)
+
+  it("classifies each failure as retryable, permanent or account, DashScope's and OpenAI's", function()
+    local input, out, err = files()
+    local r = assert(results.open({ output = out, errors = err, inputs = input }))
+    local i = 0
+    for rec in r:each() do
+      i = i + 1
+      local c = CASES[i]
+      assert.are.equal(c[1], rec.custom_id)
+      assert.are.equal(c[2] == nil, rec.ok, c[1])
+      assert.are.equal(c[2], rec.class, c[1])
+      local class, code = results.classify(rec)
+      assert.are.same({ c[2], c[3] }, { class, code }, c[1])
+    end
+    assert.are.equal(#CASES, i)
+    assert.are.same({ "retryable", "permanent", "account" },
+      { results.CLASSES.server_error, results.CLASSES.data_inspection_failed, results.CLASSES.Arrearage })
+    assert.are.same({ "retryable", "retryable", "account", "permanent", "retryable" },
+      { results.status_class(429), results.status_class(503), results.status_class(401),
+        results.status_class(422), results.status_class(408) })
+    assert.is_nil(results.status_class(200))
+  end)
+
+  local function ids_and_lines(path)
+    local ids, lines = {}, {}
+    for l in io.lines(path) do lines[#lines + 1] = l ids[#ids + 1] = cjson.decode(l).custom_id end
+    return ids, lines
+  end
+  local function want(classes, inputs)
+    local ids, lines = {}, {}
+    for i, c in ipairs(CASES) do
+      if c[2] and classes[c[2]] then ids[#ids + 1] = c[1] lines[#lines + 1] = inputs[i] end
+    end
+    return ids, lines
+  end
+
+  it("resubmits the retryable ones by default, others when asked, byte for byte", function()
+    local input, out, err, inputs = files()
+    local r = assert(results.open({ output = out, errors = err, inputs = input }))
+    local path = dir .. "/again.jsonl"
+    local n, taken = r:resubmit(path)
+    local wid, wlines = want({ retryable = true }, inputs)
+    assert.are.same({ #wid, { retryable = #wid } }, { n, taken })
+    assert.are.same({ "up-500", "up-429", "throttled", "gateway", "no-body", "empty-body", "expired", "never" }, wid)
+    local ids, lines = ids_and_lines(path)
+    assert.are.same(wid, ids)
+    assert.are.same(wlines, lines)                     -- the input lines as they were
+    n, taken = r:resubmit(path, { classes = { "retryable", "permanent" } })
+    wid, wlines = want({ retryable = true, permanent = true }, inputs)
+    assert.are.same({ #wid, { retryable = 8, permanent = 4 } }, { n, taken })
+    assert.are.same({ wid, wlines }, { ids_and_lines(path) })
+    for _, o in ipairs({ { all = true }, { failed = true } }) do
+      n, taken = r:resubmit(path, o)
+      wid, wlines = want({ retryable = true, permanent = true, account = true }, inputs)
+      assert.are.same({ 17, { retryable = 8, permanent = 4, account = 5 } }, { n, taken })
+      assert.are.same({ wid, wlines }, { ids_and_lines(path) })
+    end
+    assert.are.equal(5, (r:resubmit(path, { classes = { "account" } })))
+    assert.has_error(function() r:resubmit(path, { classes = { "retry" } }) end,
+      "lbatch.results.resubmit: opts.classes holds retryable, permanent or account (got retry)")
+  end)
+
+  it("sums up by class and by code, and counts reasoning tokens apart, billed as output", function()
+    local input, out, err = files()
+    local r = assert(results.open({ output = out, errors = err, inputs = input }))
+    local prices = { ["qwen3-plus"] = { input = 0.8, output = 8 }, ["o4-mini"] = { input = 1.1, output = 4.4 } }
+    local s = assert(r:summary({ prices = prices }))
+    assert.are.same({ 20, 3, 16, 1 }, { s.total, s.ok, s.failed, s.missing })
+    assert.are.same({ retryable = 8, permanent = 4, account = 5 }, s.by_class)
+    assert.are.same({ server_error = 1, rate_limit_exceeded = 1, ["Throttling.RateQuota"] = 1, http_502 = 1,
+      empty_body = 2, batch_expired = 1, missing = 1, data_inspection_failed = 1, http_400 = 1,
+      context_length_exceeded = 1, model_not_found = 1, Arrearage = 1, insufficient_quota = 1,
+      billing_hard_limit_reached = 1, invalid_api_key = 1, AccessDenied = 1 }, s.by_code)
+    assert.is_nil(s.by_error.missing)
+    assert.are.equal(1, s.by_error.server_error)
+    assert.are.same({ 35, 157, 97, 192 }, { s.prompt_tokens, s.completion_tokens, s.reasoning_tokens, s.total_tokens })
+    assert.are.same({ 2, 15, 57, 33 }, { s.by_model["qwen3-plus"].requests, s.by_model["qwen3-plus"].prompt_tokens,
+      s.by_model["qwen3-plus"].completion_tokens, s.by_model["qwen3-plus"].reasoning_tokens })
+    assert.are.equal(64, s.by_model["o4-mini"].reasoning_tokens)
+    -- the thinking is in completion_tokens, and so in the cost
+    local expect = cost.of(15, 57, prices["qwen3-plus"]) + cost.of(20, 100, prices["o4-mini"])
+    assert.is_true(math.abs(s.cost - expect) < 1e-12, s.cost .. " " .. expect)
+  end)
+end)
