@@ -30,7 +30,8 @@ The API key comes from $DASHSCOPE_API_KEY (or $OPENAI_API_KEY).]]
 local COMMANDS = {
   run = { args = "INPUT", help = [[
 Run a whole job, resumable: shard, upload, create, wait, download, merge.
-INPUT is .jsonl requests or a .csv of id,content. Killed and started again
+INPUT is .jsonl requests or a .csv of id,content (every row a request, but
+a first row that is a header, as csv2jsonl says). Killed and started again
 with the same --dir, it resumes where it stopped.
   --dir DIR            work directory and journal (default: INPUT.lbatch)
   --output FILE        merged results, .csv or .jsonl (default: DIR/results.jsonl)
@@ -105,8 +106,12 @@ Read an output file (with --errors, --inputs) and write one row per request.
   --bom           a byte-order mark in the CSV]] },
   csv2jsonl = { args = "CSV JSONL", help = [[
 Turn a CSV (first column custom_id, second the content) into request files.
-The first row is a header and is skipped, unless --no-header.
-  --model M (required)  --system TEXT  --endpoint E  --max-lines N  --no-header
+Every row is a request, but a first row that is a header (cells such as
+id or custom_id, then content, prompt, question or text): it is skipped
+and a line says so. --header skips the first row whatever it holds,
+--no-header sends it whatever it holds.
+  --model M (required)  --system TEXT  --endpoint E  --max-lines N
+  --header  --no-header
   --limits L            the rules the files are written to (as validate's)]] },
   files = { args = "", help = [[
 List stored files, newest first: id, purpose, size, age, name.
@@ -126,7 +131,7 @@ local ORDER = { "run", "adopt", "submit", "status", "list", "cancel", "download"
                 "csv2jsonl", "files", "rm", "prune" }
 
 local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = true, bom = true,
-                  no_header = true, dry_run = true }
+                  header = true, no_header = true, dry_run = true }
 
 local function usage()
   local t = { "Usage: lbatch COMMAND [options]\n\nCommands:" }
@@ -386,16 +391,38 @@ function run.estimate(o, pos)
   return 0
 end
 
+-- --header (true), --no-header (false) or neither (nil: recognised);
+-- nil, err for both
+local function header_flag(o)
+  if o.header and o.no_header then return nil, usage_error("--header and --no-header exclude each other") end
+  if o.header then return true end
+  if o.no_header then return false end
+end
+
+-- one line saying that the first row of a CSV was skipped as a header (on
+-- stderr with --json, whose stdout is the JSON)
+local function said_header(o, path, cells, forced)
+  local t = {}
+  for i, v in ipairs(cells) do t[i] = csv.quote(v) end
+  local line = forced and ("%s: the first row was skipped as a header (--header): %s")
+    or ("%s: the first row was taken as a header and skipped: %s (--no-header sends it)")
+  local f = o.json and io.stderr or io.stdout
+  f:write(line:format(path, table.concat(t, ",")), "\n")
+end
+
 function run.csv2jsonl(o, pos)
   if not o.model then return nil, usage_error("--model is required") end
   local n, nerr = nums(o, "max_lines")
   if not n then return nil, nerr end
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
+  local header, herr = header_flag(o)
+  if herr then return nil, herr end
   local m, err = csv.to_jsonl(pos[1], { path = pos[2], model = o.model, system = o.system,
                                         endpoint = o.endpoint, max_lines = n.max_lines, limits = limits,
-                                        header = not o.no_header })
+                                        header = header })
   if not m then return nil, err end
+  if m.skipped_header then said_header(o, pos[1], m.header, header == true) end
   local t = {}
   for _, f in ipairs(m.files) do
     t[#t + 1] = ("%s  %d lines  %d bytes  %s"):format(f.path, f.lines, f.bytes, f.model)
@@ -572,6 +599,10 @@ function run.run(o, pos)
   if n.max_cost and not o.prices then return nil, usage_error("--max-cost needs --prices FILE") end
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
+  if pos[1]:find("%.csv$") then
+    local cells = csv.header_of(pos[1])   -- as the pipeline reads it; a file it cannot read fails there
+    if cells then said_header(o, pos[1], cells) end
+  end
   local c = client(o)
   local dir = o.dir or (pos[1] .. ".lbatch")
   local show, done, moving = progress_printer()

@@ -10,13 +10,8 @@ local M = {}
 local BOM = "\239\187\191"
 local find, sub, gsub = string.find, string.sub, string.gsub
 
---- An iterator over rows, each a list of strings:
--- `for row, err in csv.rows(path)`. A row that cannot be read (an
--- unterminated quote, a read error) gives `false, err` and ends it.
--- @tparam string path
--- @treturn function the iterator, or nil and an `io` error
-function M.rows(path)
-  errors.check("csv.rows", "path", path, "string")
+-- csv.rows(path) and its file handle (closed at the end of the rows)
+local function open_rows(path)
   local fh, msg = io.open(path, "rb")
   if not fh then return nil, errors.io("cannot read", path, msg) end
   local first, lineno, failed = true, 0, false
@@ -87,7 +82,19 @@ function M.rows(path)
     failed = true
     if io.type(fh) == "file" then fh:close() end
     return false, row
-  end
+  end, fh
+end
+
+--- An iterator over rows, each a list of strings:
+-- `for row, err in csv.rows(path)`. A row that cannot be read (an
+-- unterminated quote, a read error) gives `false, err` and ends it.
+-- @tparam string path
+-- @treturn function the iterator, or nil and an `io` error
+function M.rows(path)
+  errors.check("csv.rows", "path", path, "string")
+  local it, err = open_rows(path)
+  if not it then return nil, err end
+  return it
 end
 
 local function quote(v)
@@ -138,42 +145,108 @@ end
 local SKIP = { path = true, header = true, system = true, endpoint = true, max_lines = true,
                max_bytes = true, unique = true, model = true, limits = true }
 
--- the requests of a CSV into writer w; nil, err on the first failure
-local function add_rows(w, rows, opts)
-  local embeddings = opts.endpoint == "/v1/embeddings"
-  local skip_header = opts.header ~= false
-  for row, err in rows do
-    if not row then return nil, err end
-    if skip_header then skip_header = false
-    elseif #row > 1 or (row[1] or "") ~= "" then
-      local req = {}
-      for k, v in pairs(opts) do if not SKIP[k] then req[k] = v end end
-      local done, e
-      if embeddings then
-        req.input = row[2] or ""
-        done, e = w:embedding(row[1] or "", req)
-      else
-        req.prompt, req.system = row[2] or "", opts.system
-        done, e = w:chat(row[1] or "", req)
-      end
-      if not done then return nil, e end
+--- The names a header's first cell may have (the custom_id column), after
+-- trimming, lowering and `-` or spaces as `_`.
+M.ID_NAMES = { custom_id = true, id = true, customid = true, request_id = true, question_id = true,
+               qid = true }
+--- The names a header's second cell may have (the content column).
+M.TEXT_NAMES = { content = true, prompt = true, question = true, text = true, input = true, query = true,
+                 message = true, user = true, instruction = true }
+
+local function name_of(cell)
+  if type(cell) ~= "string" then return nil end
+  return (cell:gsub("^%s+", ""):gsub("%s+$", ""):lower():gsub("[%s%-]+", "_"))
+end
+
+--- Whether a row is a header: its first cell is a known name of the id
+-- column (`csv.ID_NAMES`: custom_id, id, ...) or its second a known name
+-- of the content column (`csv.TEXT_NAMES`: content, prompt, question,
+-- text, ...), in any case. A row of data is taken as it is.
+-- @tparam table row a row's cells
+-- @treturn boolean
+function M.is_header(row)
+  return M.ID_NAMES[name_of(row[1])] == true or M.TEXT_NAMES[name_of(row[2])] == true
+end
+
+local function blank(row) return #row <= 1 and (row[1] or "") == "" end
+
+-- whether to skip first, the first row that is not blank: header = true
+-- skips it, false keeps it, nil skips it when it is a header
+local function skips(first, header)
+  if header == nil then return M.is_header(first) end
+  return header == true
+end
+
+--- The first row of a CSV when it would be skipped as a header (as
+-- `to_jsonl` decides): its cells, or false when it is data.
+-- @tparam string path
+-- @tparam[opt] boolean header true: it is a header; false: it is not;
+-- nil: recognised by its cells (`csv.is_header`)
+-- @return the cells, or false; or nil and an error
+function M.header_of(path, header)
+  errors.check("csv.header_of", "path", path, "string")
+  errors.check("csv.header_of", "header", header, "boolean", true)
+  local rows, fh = open_rows(path)
+  if not rows then return nil, fh end
+  for row, rerr in rows do
+    if not row then return nil, rerr end
+    if not blank(row) then
+      if io.type(fh) == "file" then fh:close() end
+      return skips(row, header) and row or false
     end
   end
-  return true
+  return false
+end
+
+-- the requests of a CSV into writer w; nil, err on the first failure;
+-- true and the header's cells when the first row was skipped
+local function add_rows(w, rows, opts)
+  local embeddings = opts.endpoint == "/v1/embeddings"
+  local first, header = true, nil
+  for row, err in rows do
+    if not row then return nil, err end
+    if not blank(row) then
+      if first and skips(row, opts.header) then header = row
+      else
+        local req = {}
+        for k, v in pairs(opts) do if not SKIP[k] then req[k] = v end end
+        local done, e
+        if embeddings then
+          req.input = row[2] or ""
+          done, e = w:embedding(row[1] or "", req)
+        else
+          req.prompt, req.system = row[2] or "", opts.system
+          done, e = w:chat(row[1] or "", req)
+        end
+        if not done then return nil, e end
+      end
+      first = false
+    end
+  end
+  return true, header
 end
 
 --- A CSV of questions as request files: the first column is the
--- custom_id, the second the user's content.
+-- custom_id, the second the user's content. Every row is a request but a
+-- first row that is a header: one whose cells name the columns
+-- (`csv.is_header`: `custom_id` or `id` first, or `content`, `prompt`,
+-- `question`, `text` second, ...), or any first row with `header = true`;
+-- `header = false` takes the first row as a request whatever it holds.
+-- The manifest says what was skipped: `skipped_header` (true or false) and
+-- `header` (the skipped row's cells).
 -- @tparam string csv_path
 -- @tparam table opts path (the JSONL, a template as in `jsonl.writer`),
--- model, system, endpoint, header (false: the first row is data too),
+-- model, system, endpoint, header (nil: recognised; true: the first row
+-- is a header; false: the first row is data too),
 -- limits, max_lines, max_bytes, unique (as in `jsonl.writer`), and any
 -- request parameter (temperature, ...)
--- @treturn table the writer's manifest, or nil and the first error
+-- @treturn table the writer's manifest with skipped_header and header,
+-- or nil and the first error
 function M.to_jsonl(csv_path, opts)
   errors.check("csv.to_jsonl", "opts", opts, "table")
   errors.check("csv.to_jsonl", "opts.path", opts.path, "string")
   errors.check("csv.to_jsonl", "opts.model", opts.model, "string")
+  errors.check("csv.to_jsonl", "opts.header", opts.header, "boolean", true)
   local rows, err = M.rows(csv_path)
   if not rows then return nil, err end
   local w = jsonl.writer({ path = opts.path, endpoint = opts.endpoint, model = opts.model, limits = opts.limits,
@@ -182,6 +255,7 @@ function M.to_jsonl(csv_path, opts)
   local manifest, cerr = w:close()
   if not ok then return nil, res end
   if not manifest then return nil, cerr end
+  manifest.skipped_header, manifest.header = res ~= nil, res
   return manifest
 end
 

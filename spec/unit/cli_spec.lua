@@ -177,6 +177,8 @@ describe("the lbatch command", function()
       :format(questions, dir, dir))
     assert.are.equal(0, code, text)
     assert.matches("3 requests, 3 ok, 0 failed, 0 missing", text)
+    assert.matches(questions .. ": the first row was taken as a header and skipped: id,question (--no-header sends it)\n",
+                   text, 1, true)
     assert.matches("\njobs: ", text)               -- progress lines (not a terminal)
     assert.is_nil(text:find("\r\27[K", 1, true))
     local rows = {}
@@ -188,6 +190,15 @@ describe("the lbatch command", function()
     assert.are.equal(0, code)
     local _, st2 = H.json("GET", emu.url .. "/_emulator/stats")
     assert.are.equal(st.routes["POST /files"], st2.routes["POST /files"])   -- nothing sent again
+  end)
+
+  it("runs every row of a CSV without a header, the first one too", function()
+    local questions = H.write(dir .. "/bare-run.csv", "q1,What is 2 + 2?\nq2,Name a prime.\n")
+    local code, text = lbatch(emu, ("run %s --model qwen-plus --dir %s/bare-run --output %s/bare-run.csv --poll 0.05")
+      :format(questions, dir, dir))
+    assert.are.equal(0, code, text)
+    assert.matches("2 requests, 2 ok, 0 failed, 0 missing", text)
+    assert.is_nil(text:find("header", 1, true), text)
   end)
 
   it("draws one live progress line on a terminal", function()
@@ -205,17 +216,41 @@ describe("the lbatch command", function()
 
   it("turns a CSV into request files", function()
     local questions = H.write(dir .. "/c.csv", "id,text\nx,hello\ny,world\n")
-    local code, text = lbatch(nil, ("csv2jsonl %s %s/c.jsonl --model qwen-plus"):format(questions, dir))
+    local code, text, stdout = lbatch(nil, ("csv2jsonl %s %s/c.jsonl --model qwen-plus"):format(questions, dir))
     assert.are.equal(0, code, text)
     assert.matches("2 lines", text)
+    -- the header is skipped, and said in one line
+    assert.are.equal(1, select(2, stdout:gsub("as a header", "")), stdout)
+    assert.matches(questions .. ": the first row was taken as a header and skipped: id,text (--no-header sends it)\n",
+                   stdout, 1, true)
     assert.is_true(require("lbatch.jsonl").validate(dir .. "/c.jsonl").ok)
     assert.are.equal(2, (lbatch(nil, ("csv2jsonl %s %s/d.jsonl"):format(questions, dir))))
-    -- --no-header: the first row is a request too
+    -- --json: the manifest says it, the line goes to stderr
+    code, text, stdout = lbatch(nil, ("csv2jsonl %s %s/c.jsonl --model qwen-plus --json"):format(questions, dir))
+    assert.are.equal(0, code, text)
+    local m = cjson.decode(stdout)
+    assert.are.same({ true, { "id", "text" }, 2 }, { m.skipped_header, m.header, m.lines })
+    assert.matches("taken as a header", text, 1, true)
+    -- no header: every row is a request, nothing said
     local bare = H.write(dir .. "/bare.csv", "x,hello\ny,world\n")
-    code, text = lbatch(nil, ("csv2jsonl %s %s/e.jsonl --model qwen-plus --no-header"):format(bare, dir))
+    code, text = lbatch(nil, ("csv2jsonl %s %s/b.jsonl --model qwen-plus"):format(bare, dir))
     assert.are.equal(0, code, text)
     assert.matches("2 lines", text)
-    assert.matches('"custom_id":"x"', H.read(dir .. "/e.jsonl"))
+    assert.is_nil(text:find("header", 1, true), text)
+    assert.matches('"custom_id":"x"', H.read(dir .. "/b.jsonl"))
+    -- --no-header: the first row is a request whatever it holds
+    code, text = lbatch(nil, ("csv2jsonl %s %s/e.jsonl --model qwen-plus --no-header"):format(questions, dir))
+    assert.are.equal(0, code, text)
+    assert.matches("3 lines", text)
+    assert.matches('"custom_id":"id"', H.read(dir .. "/e.jsonl"))
+    -- --header: the first row is skipped whatever it holds, and said
+    code, text = lbatch(nil, ("csv2jsonl %s %s/f.jsonl --model qwen-plus --header"):format(bare, dir))
+    assert.are.equal(0, code, text)
+    assert.matches("1 lines", text)
+    assert.matches(bare .. ": the first row was skipped as a header (--header): x,hello\n", text, 1, true)
+    code, text = lbatch(nil, ("csv2jsonl %s %s/g.jsonl --model qwen-plus --header --no-header"):format(bare, dir))
+    assert.are.equal(2, code, text)
+    assert.matches("--header and --no-header exclude each other", text, 1, true)
   end)
 
   it("lists, deletes and prunes files, saying how much space that freed", function()

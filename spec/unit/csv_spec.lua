@@ -131,6 +131,58 @@ describe("csv", function()
       assert.are.equal("world", l[2].body.input)
     end)
 
+    it("sends every row of a CSV without a header: two rows, two requests", function()
+      local src = H.write(dir .. "/bare2.csv", "q1,What is 2 + 2?\nq2,Name a prime.\n")
+      local m = assert(csv.to_jsonl(src, { path = dir .. "/bare2.jsonl", model = "qwen-plus" }))
+      assert.are.same({ 2, false }, { m.lines, m.skipped_header })
+      assert.is_nil(m.header)
+      local l = lines_of(dir .. "/bare2.jsonl")
+      assert.are.same({ "q1", "What is 2 + 2?" }, { l[1].custom_id, l[1].body.messages[1].content })
+      assert.are.equal("q2", l[2].custom_id)
+      -- nor a first row whose names are not known: it is a request, counted
+      src = H.write(dir .. "/kv.csv", "k,v\nq1,hello\n")
+      m = assert(csv.to_jsonl(src, { path = dir .. "/kv.jsonl", model = "qwen-plus" }))
+      assert.are.same({ 2, false }, { m.lines, m.skipped_header })
+      assert.are.equal("k", lines_of(dir .. "/kv.jsonl")[1].custom_id)
+    end)
+
+    it("skips a first row that is a header, and says so in the manifest", function()
+      for _, head in ipairs({ "custom_id,content", "id,question", "ID,Prompt", " Custom ID , text ,system",
+                              "id", "qid,q", "n,question", "#,prompt,model" }) do
+        local src = H.write(dir .. "/h.csv", BOM .. "\r\n" .. head .. "\r\nq1,hello\r\nq2,world\r\n")
+        local m = assert(csv.to_jsonl(src, { path = dir .. "/h.jsonl", model = "qwen-plus" }))
+        assert.are.same({ 2, true }, { m.lines, m.skipped_header }, head)
+        local cells = {}
+        for c in (head .. ","):gmatch("([^,]*),") do cells[#cells + 1] = c end
+        assert.are.same(cells, m.header, head)
+        assert.are.equal("q1", lines_of(dir .. "/h.jsonl")[1].custom_id, head)
+      end
+      assert.is_true(csv.is_header({ "custom_id", "content" }))
+      assert.is_true(csv.is_header({ "x", "Question" }))
+      assert.is_false(csv.is_header({ "q1", "What is an id?" }))
+      assert.is_false(csv.is_header({ "" }))
+      assert.are.same({ "id", "question" }, csv.header_of(H.write(dir .. "/ho.csv", "\nid,question\nq1,a\n")))
+      local bare = H.write(dir .. "/b.csv", "q1,What is 2 + 2?\nq2,Name a prime.\n")
+      assert.is_false(csv.header_of(bare))
+      assert.are.same({ "q1", "What is 2 + 2?" }, csv.header_of(bare, true))
+      assert.is_false(csv.header_of(dir .. "/ho.csv", false))
+      assert.are.equal("io", select(2, csv.header_of(dir .. "/none.csv")).kind)
+    end)
+
+    it("header = true skips any first row; header = false keeps a header as a request", function()
+      local bare = H.write(dir .. "/f.csv", "x,hello\ny,world\n")
+      local m = assert(csv.to_jsonl(bare, { path = dir .. "/f.jsonl", model = "qwen-plus", header = true }))
+      assert.are.same({ 1, true, { "x", "hello" } }, { m.lines, m.skipped_header, m.header })
+      assert.are.equal("y", lines_of(dir .. "/f.jsonl")[1].custom_id)
+      local headed = H.write(dir .. "/k.csv", "id,question\nx,hello\n")
+      m = assert(csv.to_jsonl(headed, { path = dir .. "/k.jsonl", model = "qwen-plus", header = false }))
+      assert.are.same({ 2, false }, { m.lines, m.skipped_header })
+      local l = lines_of(dir .. "/k.jsonl")
+      assert.are.same({ "id", "question" }, { l[1].custom_id, l[1].body.messages[1].content })
+      assert.has_error(function() csv.to_jsonl(headed, { path = dir .. "/k.jsonl", model = "m", header = "yes" }) end,
+                       "lbatch.csv.to_jsonl: opts.header must be a boolean (got string)")
+    end)
+
     it("fails on the first bad row (a duplicate id, an unterminated quote) and on a missing file", function()
       local m, err = csv.to_jsonl(H.write(dir .. "/d.csv", "id,q\nq1,a\nq1,b\n"), { path = dir .. "/d.jsonl",
                                                                                  model = "qwen-plus" })
