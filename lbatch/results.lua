@@ -77,19 +77,16 @@ local function str(v) if v ~= nil then return tostring(v) end end
 -- before the first dot (`Throttling.RateQuota` as `Throttling`). Add or
 -- change entries to teach `classify` a code.
 M.CLASSES = {
-  -- retryable
   rate_limit_exceeded = "retryable", server_error = "retryable", internal_error = "retryable",
   timeout = "retryable", request_timeout = "retryable", service_unavailable = "retryable",
   batch_expired = "retryable", batch_cancelled = "retryable", missing = "retryable",
   empty_body = "retryable", invalid_result_line = "retryable",
   Throttling = "retryable", InternalError = "retryable", ServiceUnavailable = "retryable",
   RequestTimeOut = "retryable", requests = "retryable", tokens = "retryable",
-  -- permanent
   data_inspection_failed = "permanent", DataInspectionFailed = "permanent",
   content_filter = "permanent", content_policy_violation = "permanent",
   InvalidParameter = "permanent", invalid_value = "permanent", invalid_request = "permanent",
   model_not_found = "permanent", context_length_exceeded = "permanent", InvalidModel = "permanent",
-  -- account
   Arrearage = "account", insufficient_quota = "account", billing_hard_limit_reached = "account",
   invalid_api_key = "account", InvalidApiKey = "account", account_deactivated = "account",
   ["AccessDenied.Unpurchased"] = "account",
