@@ -19,6 +19,7 @@ local json = require "lbatch.json"
 local rules = require "lbatch.rules"
 local errors = require "lbatch.errors"
 local cost = require "lbatch.cost"
+local service = require "lbatch.service"
 
 local core = require "lbatch.core"
 
@@ -74,8 +75,11 @@ local function str(v) if v ~= nil then return tostring(v) end end
 -- (validation, content inspection) and fails the same way again;
 -- `"account"`: nothing runs until the account is put right (arrears, quota,
 -- key). DashScope's dotted codes are looked up whole, then by the part
--- before the first dot (`Throttling.RateQuota` as `Throttling`). Add or
--- change entries to teach `classify` a code.
+-- before the first dot (`Throttling.RateQuota` as `Throttling`). The
+-- account codes are `lbatch.service.ACCOUNT`'s (Arrearage,
+-- insufficient_quota, billing_hard_limit_reached, invalid_api_key, ...),
+-- the ones a pipeline stops at. Add or change entries to teach `classify`
+-- a code.
 M.CLASSES = {
   rate_limit_exceeded = "retryable", server_error = "retryable", internal_error = "retryable",
   timeout = "retryable", request_timeout = "retryable", service_unavailable = "retryable",
@@ -87,10 +91,8 @@ M.CLASSES = {
   content_filter = "permanent", content_policy_violation = "permanent",
   InvalidParameter = "permanent", invalid_value = "permanent", invalid_request = "permanent",
   model_not_found = "permanent", context_length_exceeded = "permanent", InvalidModel = "permanent",
-  Arrearage = "account", insufficient_quota = "account", billing_hard_limit_reached = "account",
-  invalid_api_key = "account", InvalidApiKey = "account", account_deactivated = "account",
-  ["AccessDenied.Unpurchased"] = "account",
 }
+for code in pairs(service.ACCOUNT) do M.CLASSES[code] = "account" end
 
 --- The class of an HTTP status when the code says nothing: 408, 429 and
 -- 5xx retryable, 401, 402 and 403 account, other 4xx permanent.
