@@ -43,7 +43,10 @@ with the same --dir, it resumes where it stopped.
   --max-lines N        lines per shard (default 50000)
   --window W           completion window (default 24h)
   --poll SECONDS       first poll interval (default $LBATCH_POLL_INTERVAL, else 60)
-  --resubmit           resubmit what expired or cancelled shards did not run
+  --resubmit           run again what did not run (expired, cancelled) and lines that
+                       failed for a reason that may pass (429, 5xx)
+  --header             a CSV's first row is a header (default: when it looks like one)
+  --no-header          a CSV's first row is a request
   --max-cost X         refuse the run (before any upload) when it may cost more
   --prices FILE        the prices --max-cost needs (as estimate's --prices)
   --bom                a byte-order mark in a CSV output]] },
@@ -599,9 +602,11 @@ function run.run(o, pos)
   if n.max_cost and not o.prices then return nil, usage_error("--max-cost needs --prices FILE") end
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
+  local header, herr = header_flag(o)
+  if herr then return nil, herr end
   if pos[1]:find("%.csv$") then
-    local cells = csv.header_of(pos[1])   -- as the pipeline reads it; a file it cannot read fails there
-    if cells then said_header(o, pos[1], cells) end
+    local cells = csv.header_of(pos[1], header)   -- as the pipeline reads it; a file it cannot read fails there
+    if cells then said_header(o, pos[1], cells, header == true) end
   end
   local c = client(o)
   local dir = o.dir or (pos[1] .. ".lbatch")
@@ -611,6 +616,7 @@ function run.run(o, pos)
     max_in_flight = n.max_in_flight, max_lines = n.max_lines, limits = limits,
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
+    header = header,
   })
   done()
   if not report then return nil, err end

@@ -110,7 +110,7 @@ local function shard(opts, dir, client)
       w:close()
       local m, e = csv.to_jsonl(src, { path = dir .. "/requests.jsonl", model = opts.model,
         system = opts.system, endpoint = opts.endpoint, max_lines = opts.max_lines,
-        max_bytes = opts.max_bytes, unique = "all", limits = opts.limits })
+        max_bytes = opts.max_bytes, unique = "all", limits = opts.limits, header = opts.header })
       if not m then throw(e) end
       w = { close = function() return m end }
     elseif type(src) == "string" then
@@ -479,7 +479,10 @@ function Run:finish(s)
   local opts = self.opts
   -- the new shard and this one's end are saved together
   local again = opts.resubmit or (s.stuck and opts.stuck_action == "cancel_resubmit")
-  if PARTIAL[s.status] and again and s.round < (opts.max_rounds or 3) then
+  local failed = type(s.counts) == "table" and tonumber(s.counts.failed) or 0
+  -- what did not run (expired, cancelled) and the lines that failed for a
+  -- reason that may pass (429, 5xx: results.classify) run again
+  if again and (PARTIAL[s.status] or failed > 0) and s.round < (opts.max_rounds or 3) then
     local path = s.path:gsub("%.jsonl$", "") .. ".r" .. (s.round + 1) .. ".jsonl"
     local r = try(results.open({ output = s.output, errors = s.error, inputs = s.path }))
     local n = try(r:resubmit(path))
@@ -524,7 +527,8 @@ end
 -- @tparam table opts client, requests (a .jsonl or .csv path, a list of
 -- requests, or an iterator returning them; a request is `{custom_id, body[,
 -- url]}` or a whole line), dir, journal (default dir/journal.jsonl),
--- model, endpoint, system, limits (a profile name, as in `jsonl.writer`),
+-- model, endpoint, system, header (a CSV's first row: true a header, false a
+-- request, nil a header when it looks like one), limits (a profile name, as in `jsonl.writer`),
 -- max_lines, max_bytes, max_in_flight (8),
 -- completion_window, metadata (a table, or fn(shard) -> table),
 -- poll_interval, max_poll_interval, poll_factor, resubmit, max_rounds,

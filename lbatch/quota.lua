@@ -31,7 +31,9 @@ function M.new(opts)
   return setmetatable({ tokens = opts.tokens, requests = opts.requests, learned = {}, models = {} }, Quota)
 end
 
--- the model's in-flight work and learned limits
+--- A model's work in flight: `{tokens, requests, jobs, ended}`.
+-- @tparam string name the model
+-- @treturn table
 function Quota:model(name)
   local m = self.models[name]
   if not m then

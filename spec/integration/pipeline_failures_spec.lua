@@ -309,3 +309,37 @@ describe("pipeline killed at random moments under a quota", function()
     emu.stop()
   end)
 end)
+
+describe("pipeline with lines failed inside a batch", function()
+  it("runs the retryable ones (500 with error null) again and merges the second round's answers", function()
+    local emu = H.emulator({ speed = 500, rate_limits = false })
+    modes(emu, { line_errors = { status = 500, every = 3 } })
+    local c = client(emu)
+    local dir = H.tmpdir()
+    local resubmitted = 0
+    local report = assert(pipeline.run(opts{ client = c, dir = dir, requests = requests(30, 10), resubmit = true,
+      on_step = function(step)
+        if step == "after_create" then
+          resubmitted = resubmitted + 1
+          if resubmitted == 1 then modes(emu, { line_errors = false }) end   -- the next round passes
+        end
+      end }))
+    assert.are.same({ 30, 30 }, { count_ok(report) })
+    assert.are.equal(2, #report.shards)
+    assert.are.equal(10, report.shards[2].lines)              -- lines 1, 4, 7, ...: the failed ones only
+    c:close()
+    emu.stop()
+  end)
+
+  it("does not run the permanent ones again", function()
+    local emu = H.emulator({ speed = 500, rate_limits = false })
+    local c = client(emu)
+    local reqs = requests(10, 10)
+    reqs[3].body.messages[1].content = "lbatch-emulator:fail " .. reqs[3].body.messages[1].content
+    local report = assert(pipeline.run(opts{ client = c, dir = H.tmpdir(), requests = reqs, resubmit = true }))
+    assert.are.same({ 10, 9 }, { count_ok(report) })
+    assert.are.equal(1, #report.shards)
+    c:close()
+    emu.stop()
+  end)
+end)
