@@ -54,6 +54,8 @@ build = {
     ["lbatch.pipeline"] = "lbatch/pipeline.lua",
     ["lbatch.cli"] = "lbatch/cli.lua",
     ["lbatch.openresty"] = "lbatch/openresty.lua",
+    ["lbatch.notify"] = "lbatch/notify.lua",
+    ["lbatch.lua_http"] = "lbatch/lua_http.lua",
     ["lbatch.core"] = {
       sources = { "lbatch/core/core.c", "lbatch/core/multi.c", "lbatch/core/xfer.c", "lbatch/core/fail.c",
                   "lbatch/core/idmap.c", "lbatch/core/index.c", "lbatch/core/scan.c", "lbatch/core/sys.c",
