@@ -15,17 +15,17 @@
 LUA_INCDIR ?= /usr/include/lua5.4
 JIT_INCDIR ?= /usr/include/luajit-2.1
 CURL_CFLAGS ?= $(shell pkg-config --cflags libcurl 2>/dev/null)
-CURL_LIBS ?= $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
+CURL_LIBS ?= $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl) $(shell pkg-config --libs libcrypto 2>/dev/null || echo -lcrypto)
 CFLAGS ?= -O2 -g
 PREFIX ?= /usr/local
 LUA_VERSION ?= 5.4
 SPEC ?= spec
 WARN = -std=c99 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter
-SRC = $(addprefix lbatch/core/,core.c multi.c xfer.c fail.c idmap.c index.c scan.c sys.c buf.c)
+SRC = $(addprefix lbatch/core/,core.c multi.c xfer.c fail.c idmap.c index.c scan.c sys.c buf.c hmac.c)
 HDR = lbatch/core/core.h lbatch/core/compat.h lbatch/core/scan.h
 
-DEB = lua5.4 lua5.1 lua5.3 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev lua-busted luarocks \
-      nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-socket lua-check \
+DEB = lua5.4 lua5.1 lua5.3 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev libssl-dev lua-busted luarocks \
+      nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-http lua-socket lua-check \
       lua-ldoc lua-markdown clang libclang-rt-14-dev squid openssl util-linux \
       curl gcc make pkg-config time
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)

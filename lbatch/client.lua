@@ -475,6 +475,23 @@ function Client:watcher()
   return w
 end
 
+--- Hand the client a notice (`lbatch.notify`'s verified one, or a batch
+-- id): the waits on that batch fetch it from the service at once. Only a
+-- hint: nothing acts on what the notice says.
+-- @tparam table|string n the notice (its batch_id) or a batch id
+-- @treturn boolean true when a wait on that batch was woken
+function Client:notice(n)
+  local id = type(n) == "table" and n.batch_id or n
+  if type(id) ~= "string" then return false end
+  return self:watcher():hint(id)
+end
+
+--- Say that notices will come (webhooks or callbacks handed to
+-- `notice`): each wait then polls first after its interval, as the
+-- fallback for a notice lost, not at once.
+-- @tparam[opt=true] boolean on
+function Client:expect_notices(on) self:watcher():expect(on ~= false) end
+
 -- ------------------------------------------------------------ the scheduler
 
 -- Shorthands for the client's scheduler (`lbatch.scheduler`): on a shared

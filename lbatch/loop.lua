@@ -238,6 +238,33 @@ function Loop:sleep(seconds, undo, arg)
   return self:await(add_timer, seconds, undo and { undo, arg })
 end
 
+-- nap(seconds): a sleep in a task that rouse(task) ends early (the
+-- watcher's poller naps so, and a notice wakes it). Its timer stays in
+-- the heap and, fired late, finds the nap over: a no-op.
+local function nap_timer(self, task, seconds, token)
+  add_timer(self, token, seconds)
+  task.nap = token
+end
+
+function Loop:nap(seconds)
+  local task = self:current()
+  if not task then return self:sleep(seconds) end
+  local token = {}
+  token.waiter = { wake = function()
+    if task.nap == token then task.nap = nil self:wake(task, true) end
+  end }
+  return self:await(nap_timer, seconds, token)
+end
+
+-- rouse(task): end the task's nap now, from anywhere (a request handler)
+function Loop:rouse(task)
+  if task and task.nap then
+    task.nap = nil
+    self:wake(task, false)
+    self.notify()
+  end
+end
+
 -- ------------------------------------------------------------ driving
 
 -- Resume the tasks that are ready. With a deadline, stop once it has

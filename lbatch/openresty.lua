@@ -82,4 +82,30 @@ function M.client(opts)
   return c
 end
 
+--- A content handler for a location that receives webhooks and
+-- DashScope's callbacks: each delivery verified (`lbatch.notify`) and
+-- handed to `client:notice`, so the waits in this worker wake.
+--
+--    location = /lbatch/notify { content_by_lua_block {
+--      require("lbatch.openresty").notify_handler{ client = c, secrets = { "whsec_..." } }() } }
+-- @tparam table o client (this worker's client to tell; default
+-- `M.client(o.client_opts)`), and `lbatch.notify.new`'s options
+-- @treturn function the handler: 200 for a notice, 400 refused, 405 not a POST
+function M.notify_handler(o)
+  local n = o.notifier or require("lbatch.notify").new(o)
+  return function()
+    if ngx.req.get_method() ~= "POST" then return ngx.exit(405) end
+    ngx.req.read_body()
+    local body = ngx.req.get_body_data() or ""
+    local notice, err = n:verify(ngx.req.get_headers(100, true), body)
+    if not notice then
+      ngx.log(ngx.WARN, "lbatch: a notice refused: ", tostring(err))
+      return ngx.exit(400)
+    end
+    local client = o.client or assert(M.client(o.client_opts))
+    client:notice(notice)
+    return ngx.exit(200)
+  end
+end
+
 return M

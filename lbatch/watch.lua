@@ -25,6 +25,8 @@ Watch.__index = Watch
 local LIST_FROM = 3          -- due batches from which a list page pays
 local BY_FILE_MAX = 20       -- due batches asked for by input file in one call (DashScope)
 local IDLE = 1               -- the poller's longest sleep: a new wait is seen this soon
+local HINT_GAP = 0.5         -- seconds: a job is fetched for notices at most this often
+local HINTED_MAX = 10000     -- batch ids remembered as told of before their wait began
 
 --- A watcher: what it needs of a client, and nothing else.
 -- @tparam table o loop (the scheduler's: its clock, sleep, tasks),
@@ -39,6 +41,7 @@ function M.new(o)
     loop = o.loop, retrieve = o.retrieve, list = o.list, dialect = o.dialect,
     per_minute = per_minute, rate = math.max(per_minute - burst, 1) / 60, burst = burst,
     tokens = burst, at = now(), jobs = {}, ids = {}, count = 0, calls = 0, poller = nil,
+    hinted = {}, nhinted = 0, told = false, hints = 0,
   }, Watch)
 end
 
@@ -143,6 +146,7 @@ end
 
 local function retrieve(self, job)
   if not self:take() or not self.jobs[job] then return end
+  job.fetched = now()
   local b, err = self.retrieve(job.id)
   if not self.jobs[job] then return end
   if b then seen(self, job, b) else settle(self, job, nil, err) end
@@ -251,7 +255,7 @@ function Watch:poll()
       else next_due = math.min(next_due, job.due, job.stop or math.huge) end
     end
     if #due == 0 then
-      self.loop:sleep(math.max(0.001, math.min(next_due - t, IDLE)))
+      self.loop:nap(math.max(0.001, math.min(next_due - t, IDLE)))
     elseif #due >= LIST_FROM then
       self:list_round(due)
       self.round = nil
@@ -263,13 +267,49 @@ function Watch:poll()
   end
 end
 
+--- A notice about a batch: the waits on it are due now, and the poller
+-- wakes to fetch it from the service (what the notice said is never
+-- taken: a forged one costs one status call, within the budget). A
+-- batch not watched is remembered, so a wait that begins after its
+-- notice asks at once.
+-- @tparam string id the batch id
+-- @treturn boolean true when a wait on it was woken
+function Watch:hint(id)
+  if type(id) ~= "string" then return false end
+  self.hints = self.hints + 1
+  local same = self.ids[id]
+  if not same then
+    if not self.hinted[id] then
+      if self.nhinted >= HINTED_MAX then self.hinted, self.nhinted = {}, 0 end
+      self.nhinted = self.nhinted + 1
+    end
+    self.hinted[id] = true
+    return false
+  end
+  local t = now()
+  for job in pairs(same) do
+    -- a flood of notices for one batch: one fetch per HINT_GAP
+    job.due = math.min(job.due, math.max(t, (job.fetched or -math.huge) + HINT_GAP))
+  end
+  if type(self.poller) == "table" then self.loop:rouse(self.poller) end
+  return true
+end
+
+--- Say that notices come (`client:expect_notices`): a wait then asks
+-- first after its interval, not at once, unless its batch was told of
+-- already; polling is the fallback for a notice lost.
+-- @tparam boolean on
+function Watch:expect(on) self.told = on and true or false end
+
 --- Wait for a batch to be final (as `client:wait`, whose options `o` are).
 -- @tparam string id
 -- @tparam table o checked options: interval, factor, max_interval,
 -- jitter, deadline, on_progress
 -- @treturn table the final batch, or nil and an error
 function Watch:wait(id, o)
-  local job = { id = id, o = o, watch = self, interval = o.interval, due = now(),
+  local first = now()
+  if self.told and not self.hinted[id] then first = first + o.interval end
+  local job = { id = id, o = o, watch = self, interval = o.interval, due = first,
                 stop = o.deadline and now() + o.deadline }
   self.jobs[job] = true
   self.count = self.count + 1

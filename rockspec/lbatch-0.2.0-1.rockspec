@@ -23,6 +23,7 @@ external_dependencies = {
   -- the library only: Debian keeps curl.h in the multiarch include dir,
   -- which the compiler searches but LuaRocks' header probe does not
   CURL = { library = "curl" },
+  CRYPTO = { library = "crypto" },   -- OpenSSL's libcrypto: HMAC-SHA256 for webhooks
 }
 build = {
   type = "builtin",
@@ -53,14 +54,16 @@ build = {
     ["lbatch.pipeline"] = "lbatch/pipeline.lua",
     ["lbatch.cli"] = "lbatch/cli.lua",
     ["lbatch.openresty"] = "lbatch/openresty.lua",
+    ["lbatch.notify"] = "lbatch/notify.lua",
+    ["lbatch.lua_http"] = "lbatch/lua_http.lua",
     ["lbatch.core"] = {
       sources = { "lbatch/core/core.c", "lbatch/core/multi.c", "lbatch/core/xfer.c", "lbatch/core/fail.c",
                   "lbatch/core/idmap.c", "lbatch/core/index.c", "lbatch/core/scan.c", "lbatch/core/sys.c",
-                  "lbatch/core/buf.c" },
+                  "lbatch/core/buf.c", "lbatch/core/hmac.c" },
       defines = { "_GNU_SOURCE" },
       incdirs = { "$(CURL_INCDIR)" },
       libdirs = { "$(CURL_LIBDIR)" },
-      libraries = { "curl" },
+      libraries = { "curl", "crypto" },
     },
   },
 }

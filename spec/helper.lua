@@ -118,7 +118,7 @@ H.tls_ca = os.getenv("LBATCH_SPEC_TLS_CA")
 if H.tls_ca == "" then H.tls_ca = nil end
 
 -- Start emulator/run on a free port. opts: speed, dialect, rate_limits,
--- api_key, data, include, cpu (taskset's CPU list), tls (default: the
+-- api_key, data, include, webhook_url and webhook_secret, cpu (taskset's CPU list), tls (default: the
 -- pass's), keepalive_requests. Returns an object with url, base (…/v1),
 -- port, data, stop(), stats().
 local has_nginx
@@ -146,6 +146,11 @@ function H.emulator(opts)
   end
   if opts.api_key then args[#args + 1] = "--api-key" args[#args + 1] = opts.api_key end
   if opts.include then args[#args + 1] = "--include" args[#args + 1] = opts.include end
+  if opts.webhook_url then            -- OpenAI-dialect webhooks (emulator/lua/emu/webhooks.lua)
+    for _, a in ipairs({ "--webhook-url", opts.webhook_url, "--webhook-secret", opts.webhook_secret }) do
+      args[#args + 1] = a
+    end
+  end
   local emu = serve(H.root .. "/emulator/run", args, opts, data)
   emu.tls = tls and (data .. "/ca.pem") or nil
   function emu.stats()

@@ -28,6 +28,8 @@ int luaopen_lbatch_core(lua_State *L) {
     {"now", lbatch_now}, {"sleep", lbatch_sleep}, {"mkdir", lbatch_mkdir}, {"disk_free", lbatch_disk_free},
     {"version", lbatch_version}, {"trap", lbatch_trap}, {"caught", lbatch_caught},
     {"utf8_check", lbatch_utf8_check}, {"json_string", lbatch_json_string},
+    {"hmac_sha256", lbatch_hmac_sha256}, {"equal", lbatch_equal}, {"base64", lbatch_base64},
+    {"unbase64", lbatch_unbase64},
     {NULL, NULL}
   };
   static const luaL_Reg *const ctl_methods[] = { lbatch_ctl_methods, NULL };

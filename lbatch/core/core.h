@@ -147,4 +147,11 @@ int lbatch_trap(lua_State *L);
 int lbatch_caught(lua_State *L);
 int lbatch_version(lua_State *L);
 
+/* ------------------------------------------------------------ hmac.c */
+
+int lbatch_hmac_sha256(lua_State *L);
+int lbatch_equal(lua_State *L);
+int lbatch_base64(lua_State *L);
+int lbatch_unbase64(lua_State *L);
+
 #endif

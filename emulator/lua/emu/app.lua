@@ -100,6 +100,7 @@ function A.init(config)
   batches.init(cfg)
   store.open(cfg.data)
   require("emu.modes").load(cfg.modes)
+  require("emu.webhooks").init(cfg)
 end
 
 function A.init_worker()

@@ -444,6 +444,7 @@ local function finish(b, status)
   active[b.id] = nil
   store.put_batch(b)
   notify(b)
+  require("emu.webhooks").batch_ended(b)
 end
 
 local function begin_finalize(b, status, done, code)
