@@ -69,7 +69,10 @@ local function endpoints_of(dialect)
   return t
 end
 
---- Limits profiles, by name.
+--- Limits profiles, by name. Each: `endpoints` (a set), `max_lines`,
+-- `max_bytes`, `max_line_bytes`, the window's hours, the rates a minute,
+-- and where they apply `chat_url` (the writer's default url), `no_bom`,
+-- `max_files`.
 -- `dashscope`: the current DashScope documents (1,000 creates a minute and
 -- 1,000 running, 6 MB lines). `dashscope-strict`: the older document's
 -- stricter numbers (1 MB lines; create 100 a minute with 100 running,
@@ -117,14 +120,15 @@ end
 local CHAT = set("/v1/chat/completions")
 -- Each provider's numbers, from the source its PROVIDERS entry names.
 M.PROFILES.azure = like_openai("azure", { endpoints = set("/chat/completions", "/embeddings", "/v1/chat/completions",
-  "/v1/embeddings", "/v1/responses"), max_lines = 100000, max_bytes = 200 * MB, no_bom = true,
+  "/v1/embeddings", "/v1/responses"), chat_url = "/chat/completions", max_lines = 100000, max_bytes = 200 * MB, no_bom = true,
   max_files = 500, one_model = true })
 M.PROFILES.groq = like_openai("groq", { endpoints = CHAT, max_lines = 50000, max_bytes = 100 * MB,
   max_window_hours = 7 * 24 })
 M.PROFILES.together = like_openai("together", { endpoints = CHAT, max_lines = 50000, max_bytes = 100 * MB })
 M.PROFILES.siliconflow = like_openai("siliconflow", { endpoints = CHAT, max_lines = 5000, max_bytes = 1024 * MB,
   max_window_hours = 336 })
-M.PROFILES.zhipu = like_openai("zhipu", { endpoints = set("/v4/chat/completions"), max_lines = 50000,
+M.PROFILES.zhipu = like_openai("zhipu", { endpoints = set("/v4/chat/completions"), chat_url = "/v4/chat/completions",
+  max_lines = 50000,
   max_bytes = 100 * MB })
 M.PROFILES.moonshot = like_openai("moonshot", { endpoints = CHAT, max_lines = 50000, max_bytes = 100 * MB,
   max_files = 1000, one_model = true })

@@ -216,3 +216,40 @@ describe("one shape out", function()
     assert.are.same({ "m", "token_limit_exceeded" }, { err.message, err.code })
   end)
 end)
+
+describe("lbatch validate --provider", function()
+  it("refuses a file over each provider's limits, with the limit in the message", function()
+    local dir = H.tmpdir()
+    local files = {}
+    local function file(n, url)
+      local key = n .. url
+      if files[key] then return files[key] end
+      local path = ("%s/f%d%s.jsonl"):format(dir, n, url:gsub("/", "_"))
+      local f = assert(io.open(path, "w"))
+      local line = '{"custom_id":"r%d","method":"POST","url":"' .. url
+        .. '","body":{"model":"m","messages":[{"role":"user","content":"hi"}]}}\n'
+      for i = 1, n do f:write(line:format(i)) end
+      f:close()
+      files[key] = path
+      return path
+    end
+    for name, p in pairs(service.PROVIDERS) do
+      local prof = service.PROFILES[p.limits]
+      local path = file(prof.max_lines + 1, prof.chat_url or "/v1/chat/completions")
+      local out = H.sh(("cd %s && %s bin/lbatch validate --provider %s %s 2>&1; echo rc=$?"):format(
+        H.q(H.root), H.lua, name, H.q(path)))
+      assert.is_truthy(out:find(("too_many_tasks The file has more than %d requests."):format(prof.max_lines), 1, true),
+        name .. ": " .. out:sub(1, 300))
+      assert.is_truthy(out:find("(" .. prof.name .. ")", 1, true), out)
+      assert.is_truthy(out:find("rc=1", 1, true), out)
+    end
+    local bom = H.write(dir .. "/bom.jsonl", '\239\187\191{"custom_id":"a","method":"POST","url":"/chat/completions",'
+      .. '"body":{"model":"m","messages":[{"role":"user","content":"hi"}]}}\n')
+    local out = H.sh(("cd %s && %s bin/lbatch validate --provider azure %s 2>&1"):format(H.q(H.root), H.lua, H.q(bom)))
+    assert.is_truthy(out:find("utf8_bom", 1, true), out)
+    local zhipu = file(2, "/v1/chat/completions")
+    out = H.sh(("cd %s && %s bin/lbatch validate --provider zhipu %s 2>&1"):format(H.q(H.root), H.lua, H.q(zhipu)))
+    assert.is_truthy(out:find("url_not_found", 1, true), out)
+    H.ok("rm -rf " .. H.q(dir))
+  end)
+end)
