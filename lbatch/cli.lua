@@ -453,7 +453,8 @@ end
 -- the loop's turn (a download's temp file goes with it; a pipeline's
 -- journal is whole) and the command exits 130.
 local function client(o)
-  local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region, provider = o.provider }))   -- no key: thrown
+  -- no key: thrown
+  local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region, provider = o.provider }))
   core.trap()
   c:at_turn_end(function()
     local sig = core.caught()

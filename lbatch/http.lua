@@ -162,8 +162,6 @@ local TIME = { created_at = true, in_progress_at = true, expires_at = true, fina
                completed_at = true, failed_at = true, expired_at = true, cancelling_at = true,
                cancelled_at = true, job_deadline = true }
 local ID = { id = true, input_file_id = true, output_file_id = true, error_file_id = true }
-local OPENAI_STATUS = { validating = true, failed = true, in_progress = true, finalizing = true, completed = true,
-                        expired = true, cancelling = true, cancelled = true }
 
 -- a time in any form as whole seconds (nil when it cannot be read)
 local function seconds(v)

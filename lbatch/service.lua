@@ -120,7 +120,8 @@ end
 local CHAT = set("/v1/chat/completions")
 -- Each provider's numbers, from the source its PROVIDERS entry names.
 M.PROFILES.azure = like_openai("azure", { endpoints = set("/chat/completions", "/embeddings", "/v1/chat/completions",
-  "/v1/embeddings", "/v1/responses"), chat_url = "/chat/completions", max_lines = 100000, max_bytes = 200 * MB, no_bom = true,
+  "/v1/embeddings", "/v1/responses"), chat_url = "/chat/completions", max_lines = 100000,
+  max_bytes = 200 * MB, no_bom = true,
   max_files = 500, one_model = true })
 M.PROFILES.groq = like_openai("groq", { endpoints = CHAT, max_lines = 50000, max_bytes = 100 * MB,
   max_window_hours = 7 * 24 })
