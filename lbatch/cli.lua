@@ -22,7 +22,9 @@ end
 local GLOBAL = [[
 Options for every command:
   --base-url URL     the API (default: $LBATCH_BASE_URL, else the region's)
-  --region R         cn (default), intl or openai
+  --region R         cn (default), intl or openai (moonshot: intl or cn)
+  --provider P       dashscope (default), openai, azure, groq, together, siliconflow,
+                     zhipu, moonshot, cerebras, novita or litellm: its URL, key and limits
   --json             machine-readable output on stdout
   -h, --help         this help
 The API key comes from $DASHSCOPE_API_KEY (or $OPENAI_API_KEY).]]
@@ -86,8 +88,9 @@ Check a request file against the service's rules without uploading it.
 Exit 1 when problems are found. Warnings (a model outside the --region's
 batch list: lists change) go to stderr and do not change the exit code.
   --endpoint E    the batch endpoint to check urls against
-  --limits L      dashscope (default; openai with --region openai),
-                  dashscope-strict (the older 1 MB lines) or openai]] },
+  --limits L      dashscope (default; openai with --region openai; the
+                  --provider's own), dashscope-strict (the older 1 MB lines),
+                  openai or a provider's (azure, groq, together, ...)]] },
   estimate = { args = "FILE...", help = [[
 Count requests, tokens (approximate) and cost at batch prices.
 Reads request files line by line: requests per model and endpoint, input
@@ -291,13 +294,16 @@ local FINAL_BAD = { failed = true, expired = true, cancelled = true }
 -- the limits profile's name the options choose (--limits, else the
 -- region's), or nil and a usage error
 local function limits_of(o)
-  if o.region ~= nil and not service.REGIONS[o.region] then
+  if o.provider ~= nil and not service.PROVIDERS[o.provider] then
+    return nil, usage_error("--provider must be one of " .. service.provider_names())
+  end
+  if o.region ~= nil and not service.REGIONS[o.region] and not o.provider then
     return nil, usage_error("--region must be cn, intl or openai")
   end
   if o.limits ~= nil and not service.PROFILES[o.limits] then
-    return nil, usage_error("--limits must be dashscope, dashscope-strict or openai")
+    return nil, usage_error("--limits must be one of " .. service.profile_names())
   end
-  return o.limits or service.profile(o.region).name
+  return o.limits or service.profile(o.provider or o.region).name
 end
 
 local run = {}
@@ -477,7 +483,8 @@ end
 -- the loop's turn (a download's temp file goes with it; a pipeline's
 -- journal is whole) and the command exits 130.
 local function client(o)
-  local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region }))   -- no key: thrown
+  -- no key: thrown
+  local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region, provider = o.provider }))
   core.trap()
   c:at_turn_end(function()
     local sig = core.caught()

@@ -119,7 +119,32 @@ local KNOWN = { api_key = true, region = true, base_url = true, allow_http = tru
                 poll_budget = true, timeout = true, connect_timeout = true, stall_timeout = true,
                 transfer_timeout = true, max_retries = true, retry_after_cap = true, max_connections = true,
                 max_streams = true, max_response_bytes = true, headers = true, cainfo = true, capath = true,
-                proxy = true, noproxy = true, host = true, scheduler = true, fresh_window = true }
+                proxy = true, noproxy = true, host = true, scheduler = true, fresh_window = true,
+                provider = true, api_version = true }
+
+-- the provider, its region and the base URL the options choose
+local function where(opts)
+  local name = string_opt(opts, "provider")
+  if name == nil then name = opts.region == "openai" and "openai" or "dashscope" end
+  local p = service.PROVIDERS[name]
+  if not p then fail(("provider must be one of %s (got %q)"):format(service.provider_names(), name)) end
+  local region = opts.region
+  if name == "dashscope" or name == "openai" then
+    region = region or (name == "openai" and "openai" or "cn")
+    if not service.REGIONS[region] or (name == "openai") ~= (region == "openai") then
+      fail("region must be cn, intl or openai")
+    end
+    return p, region, region, service.REGIONS[region]
+  end
+  if region ~= nil and not (p.regions and p.regions[region]) then
+    local r = {}
+    for k in pairs(p.regions or {}) do r[#r + 1] = k end
+    table.sort(r)
+    fail(("region: %s has %s"):format(name, #r > 0 and ("the regions " .. table.concat(r, ", ")) or "no regions"))
+  end
+  region = region or p.region
+  return p, name, region, p.regions and p.regions[region] or p.base_url
+end
 
 --- A `host` option (see `lbatch.loop`), checked: nil, or a table of
 -- `waiter` and `notify` functions. Throws what is wrong (see `errors.throw`).
@@ -149,21 +174,40 @@ local function new(opts)
   for k in pairs(opts) do
     if not KNOWN[k] then fail(("unknown option %s"):format(type(k) == "string" and k or "[" .. tostring(k) .. "]")) end
   end
-  local region = opts.region or "cn"
-  if not service.REGIONS[region] then fail("region must be cn, intl or openai") end
+  local provider, region, provider_region, default_base = where(opts)
   local key = string_opt(opts, "api_key")
   if not key then
-    if region == "openai" then key = env("OPENAI_API_KEY") or env("DASHSCOPE_API_KEY")
-    else key = env("DASHSCOPE_API_KEY") or env("OPENAI_API_KEY") end
+    for _, k in ipairs(provider.key) do
+      key = env(k)
+      if key then break end
+    end
   end
   if not key or key == "" then      -- what the environment lacks: a runtime failure, returned
+    local names = table.concat(provider.key, " (or ")
     fail(errors.new({ kind = "config", code = "no_api_key", param = "api_key",
-      message = "no API key: pass api_key or set DASHSCOPE_API_KEY (or OPENAI_API_KEY)" }))
+      message = ("no API key: pass api_key or set %s%s"):format(names, #provider.key > 1 and ")" or "") }))
   end
   if key:find("[\r\n%z]") then fail("api_key holds a CR, LF or NUL") end
+  local api_version = string_opt(opts, "api_version")
+  if api_version ~= nil and not provider.legacy_prefix then
+    fail(("api_version is Azure's (the legacy API), not %s's"):format(provider.name))
+  end
   local base = string_opt(opts, "base_url") or env("LBATCH_BASE_URL")
-  if not base or base == "" then base = service.REGIONS[region] end
+  if (not base or base == "") and provider.base_env then base = env(provider.base_env) end
+  if not base or base == "" then base = default_base end
+  if not base then
+    fail(("base_url: %s has no fixed one: pass base_url%s"):format(provider.name,
+      provider.base_env and (" or set " .. provider.base_env) or ""))
+  end
   base = base:gsub("/+$", "")
+  -- Azure: the resource's endpoint takes the path prefix of its API
+  -- (v1, or the legacy one with api_version)
+  local query
+  if provider.legacy_prefix then
+    local prefix = api_version and provider.legacy_prefix or provider.prefix
+    if not base:find("/openai", 1, true) then base = base .. prefix end
+    if api_version then query = "api-version=" .. api_version:gsub("[^%w%-%._~]", "") end
+  end
   check_base(base, opts.allow_http)
   local proxy = string_opt(opts, "proxy")
   local secret_list = { key }
@@ -171,7 +215,8 @@ local function new(opts)
     local cred = proxy:match("^%a[%w+.-]*://([^@/]+)@") or proxy:match("^([^@/]+)@")
     if cred then secret_list[#secret_list + 1] = cred end
   end
-  local lines = { "Authorization: Bearer " .. key, "Accept: application/json",
+  local auth = provider.auth == "api-key" and ("api-key: " .. key) or ("Authorization: Bearer " .. key)
+  local lines = { auth, "Accept: application/json",
                   "User-Agent: lbatch/" .. require("lbatch.version") }
   for _, h in ipairs(headers(opts.headers, secret_list)) do lines[#lines + 1] = h end
   local host = M.host(opts.host)
@@ -181,15 +226,16 @@ local function new(opts)
       if opts[k] ~= nil then fail(k .. " is the scheduler's: pass it to lbatch.scheduler{}, not with scheduler =") end
     end
   end
-  local limits = string_opt(opts, "limits") or service.DIALECT[region]
+  local limits = string_opt(opts, "limits") or provider.limits
   local profile = service.PROFILES[limits]
-  if not profile then fail("limits must be dashscope, dashscope-strict or openai") end
+  if not profile then fail("limits must be one of " .. service.profile_names()) end
   local budget = opts.poll_budget
   if budget == nil then
     budget = math.min(profile.list_per_minute or math.huge, profile.retrieve_per_minute or math.huge)
   else budget = number(opts, "poll_budget") end
   local cfg = {
     base_url = base, region = region, limits = profile.name, poll_budget = budget,
+    provider = provider.name, provider_region = provider_region, query = query,
     timeout = number(opts, "timeout"),
     connect_timeout = number(opts, "connect_timeout"),
     stall_timeout = number(opts, "stall_timeout"),

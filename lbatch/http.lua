@@ -132,11 +132,16 @@ local function transport_error(res)
                       retryable = RETRY_CURL[code] or false, not_sent = NOT_SENT[code] or false })
 end
 
--- the error of an answer with a status that is not 2xx
+-- the error of an answer with a status that is not 2xx: OpenAI's
+-- {error: {...}}, a flat {code, message} (DashScope, SiliconFlow's
+-- {code, message, data}) or {detail} (a FastAPI proxy)
 local function http_error(res, h)
   local body = res.body and json.object(res.body) or {}
   local e = type(body.error) == "table" and body.error or body
+  if type(body.error) == "string" and e.message == nil then e = { message = body.error, code = body.code } end
   local message = e.message
+  if message == nil and type(body.detail) == "string" then message = body.detail end
+  if type(e.code) == "number" then e.code = tostring(math.tointeger and math.tointeger(e.code) or e.code) end
   if type(message) ~= "string" then
     local text = (res.body or ""):gsub("%s+", " ")
     message = ("HTTP %d%s"):format(res.status, text ~= "" and (": " .. text:sub(1, 200)) or "")
@@ -151,9 +156,94 @@ local function http_error(res, h)
   })
 end
 
+-- ------------------------------------------------------------ one shape
+
+local TIME = { created_at = true, in_progress_at = true, expires_at = true, finalizing_at = true,
+               completed_at = true, failed_at = true, expired_at = true, cancelling_at = true,
+               cancelled_at = true, job_deadline = true }
+local ID = { id = true, input_file_id = true, output_file_id = true, error_file_id = true }
+
+-- a time in any form as whole seconds (nil when it cannot be read)
+local function seconds(v)
+  if type(v) == "number" then return math.floor(v) end
+  if type(v) == "string" then
+    local n = tonumber(v)
+    if n then return math.floor(n) end
+    return service.iso8601(v)
+  end
+end
+
+--- One object of any provider in OpenAI's shape, in place: the status
+-- lower case on OpenAI's names (the provider's own kept as `raw_status`
+-- when it differs), every `*_at` time as integer seconds (ISO-8601
+-- strings read), `""` ids as nil, `request_counts` always a table of
+-- whole numbers (zeros where the provider gives `progress`, null fields
+-- or nothing), Together's `model_id` as `model`.
+-- @tparam table v a decoded batch or file (nulls already nil)
+-- @tparam[opt] table answers the provider's `answers` (see `lbatch.service.PROVIDERS`)
+-- @treturn table v
+function M.normalise_object(v, answers)
+  answers = answers or {}
+  for k in pairs(ID) do if v[k] == "" then v[k] = nil end end
+  for k in pairs(TIME) do
+    if v[k] ~= nil then v[k] = seconds(v[k]) end
+  end
+  local st = v.status
+  if type(st) == "string" then
+    local low = st:lower()
+    local name = (answers.statuses and answers.statuses[low]) or low
+    if name ~= st then v.raw_status = st end
+    v.status = name
+  end
+  local is_batch = v.object == "batch" or v.input_file_id ~= nil and v.endpoint ~= nil
+  if is_batch then
+    local c = type(v.request_counts) == "table" and v.request_counts or {}
+    for _, k in ipairs({ "total", "completed", "failed" }) do
+      if type(c[k]) ~= "number" then c[k] = 0 end
+    end
+    v.request_counts = c
+  end
+  if v.model == nil and type(v.model_id) == "string" then v.model = v.model_id end
+  if is_batch and v.object == nil then v.object = "batch" end
+  return v
+end
+
+--- An answer of any provider in one shape (see `normalise_object`): a
+-- wrapped object unwrapped (Together's create `{job, warning}`, the
+-- warning kept), a bare array as a page (`{object = "list", data = [...],
+-- has_more = false}`), a page's data always a list of objects.
+-- @param v the decoded answer (nulls already nil)
+-- @tparam[opt] table answers the provider's `answers`
+-- @tparam[opt] boolean list the answer is a page
+-- @treturn table the answer
+function M.normalise(v, answers, list)
+  answers = answers or {}
+  if list or v[1] ~= nil or (next(v) == nil and answers.list == "array") then
+    if v.data == nil and (v[1] ~= nil or next(v) == nil) then
+      v = { object = "list", data = v, has_more = false }
+    end
+    local data, src, n = {}, type(v.data) == "table" and v.data or {}, 0
+    for k in pairs(src) do if type(k) == "number" and k > n then n = k end end   -- nulls made holes
+    for i = 1, n do
+      if type(src[i]) == "table" then data[#data + 1] = M.normalise_object(src[i], answers) end
+    end
+    v.data = data
+    if v.has_more == nil then v.has_more = false end
+    return v
+  end
+  local wrap = answers.unwrap
+  if wrap and type(v[wrap]) == "table" and v.id == nil then
+    local inner = v[wrap]
+    if inner.warning == nil then inner.warning = v.warning end
+    v = inner
+  end
+  return M.normalise_object(v, answers)
+end
+
 --- Map a transfer's result to a value, or nil and an error object.
 -- @tparam table res the core's result
--- @tparam table o the call's options (raw: the body as a string; list: a page)
+-- @tparam table o the call's options (raw: the body as a string; list: a
+-- page; answers: the provider's normalisation, see `normalise`)
 -- @treturn value or nil
 -- @treturn ?table the error
 -- @treturn table meta: status, headers, request_id, version
@@ -172,20 +262,25 @@ function M.answer(res, o)
   local body = res.body or ""
   if body:sub(1, 3) == "\239\187\191" then body = body:sub(4) end   -- a BOM, as DashScope's file lists have
   local v, why = json.object(body)
+  if not v and o.list and body:match("^%s*%[") then      -- a bare array (Together's lists)
+    local ok, arr = pcall(json.decode, body)
+    if ok and type(arr) == "table" then v, why = arr, nil end
+  end
   if not v then
     return nil, errors.new({ kind = "decode", status = res.status, code = "invalid_json", request_id = meta.request_id,
       message = ("the answer is not a JSON object (%s): %s"):format(why, (res.body or ""):sub(1, 120)) }), meta
   end
-  if o.list then
-    -- a page's data is always a list of objects (the dashscope dialect
-    -- sends null for none; what is not an object is dropped)
-    local data = {}
-    for _, x in ipairs(type(v.data) == "table" and v.data or {}) do
-      if type(x) == "table" then data[#data + 1] = x end
-    end
-    v.data = data
+  -- a page's data is always a list of objects (the dashscope dialect
+  -- sends null for none; what is not an object is dropped)
+  v = M.normalise(json.normalize(v), o.answers, o.list)
+  -- an error in a 2xx answer's envelope ({code, message, data: null}, as
+  -- SiliconFlow words its errors)
+  if not o.list and v.id == nil and v.object == nil and v.code ~= nil and type(v.message) == "string"
+      and v.data == nil and v.deleted == nil then
+    return nil, errors.new({ kind = "http", status = res.status, code = tostring(v.code), message = v.message,
+                             request_id = meta.request_id }), meta
   end
-  return json.normalize(v), nil, meta
+  return v, nil, meta
 end
 
 -- ------------------------------------------------------------ the transport
@@ -201,7 +296,9 @@ Transport.__index = Transport
 function M.new(cfg, secrets, loop)
   local json_headers = { "Content-Type: application/json" }
   for i, h in ipairs(secrets.headers) do json_headers[i + 1] = h end
+  local p = service.PROVIDERS[cfg.provider or "dashscope"]
   return setmetatable({ cfg = cfg, loop = loop, headers = secrets.headers, json_headers = json_headers,
+                        answers = p and p.answers or {},
                         scrub = errors.scrubber(secrets.list) }, Transport)
 end
 
@@ -217,7 +314,8 @@ function Transport:spec(method, path, o)
   end
   local timeout = o.timeout or (o.stream and (cfg.transfer_timeout or 0) or cfg.timeout)
   return {
-    url = cfg.base_url .. path, method = method, headers = headers,
+    url = cfg.base_url .. path .. (cfg.query and ((path:find("?", 1, true) and "&" or "?") .. cfg.query) or ""),
+    method = method, headers = headers,
     body = o.body, form = o.form, download = o.download, identity = o.identity,
     cainfo = cfg.cainfo, capath = cfg.capath, proxy = cfg.proxy, noproxy = cfg.noproxy,
     connect_timeout = cfg.connect_timeout * 1000, timeout = timeout * 1000,
@@ -294,6 +392,7 @@ function Transport:call(method, path, o)
     local res, fail, message = loop:transfer(spec, o.on_progress)
     local value, err, meta
     if res then
+      if o.answers == nil then o.answers = self.answers end
       value, err, meta = M.answer(self:clean(res, o.raw or o.download), o)
       if res.partial then partial = res.partial end
       -- asked for a range past the end (or the server refused it): from byte 0

@@ -56,7 +56,7 @@ function M.writer(opts)
   errors.check("jsonl.writer", "opts", opts, "table")
   errors.check("jsonl.writer", "opts.path", opts.path, "string")
   local profile = service.profile(opts.limits)
-  if not profile then errors.arg("jsonl.writer", "limits must be dashscope, dashscope-strict or openai") end
+  if not profile then errors.arg("jsonl.writer", "limits must be one of " .. service.profile_names()) end
   if opts.endpoint ~= nil and not profile.endpoints[opts.endpoint] then
     local list = {}
     for url in pairs(profile.endpoints) do list[#list + 1] = url end
@@ -146,7 +146,8 @@ end
 -- are not decoded again.
 function Writer:_put(id, body, url, encoded, raw)
   local model = body.model
-  url = url or self.endpoint or (model == TEST_MODEL and TEST_URL) or "/v1/chat/completions"
+  url = url or self.endpoint or (model == TEST_MODEL and TEST_URL) or self.profile.chat_url
+    or "/v1/chat/completions"
   local eid, size, code, message, param
   if raw then
     size = #raw + 1
@@ -356,7 +357,7 @@ function M.validate(path, opts)
   errors.check("jsonl.validate", "opts", opts, "table", true)
   opts = opts or {}
   local profile = service.profile(opts.limits)
-  if not profile then errors.arg("jsonl.validate", "limits must be dashscope, dashscope-strict or openai") end
+  if not profile then errors.arg("jsonl.validate", "limits must be one of " .. service.profile_names()) end
   local fh, msg = io.open(path, "rb")
   if not fh then return nil, errors.io("cannot read", path, msg) end
   local chk = rules.checker({ endpoint = opts.endpoint, limits = profile, region = opts.region })

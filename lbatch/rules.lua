@@ -295,6 +295,18 @@ function rule.lines(n, max_lines)
   if n > max_lines then return "too_many_tasks", format("The file has more than %d requests.", max_lines) end
 end
 
+--- The first line: no UTF-8 byte-order mark, where the profile refuses
+-- one (Azure fails such a file with a misleading message: azure-ai-docs
+-- how-to/batch.md, troubleshooting).
+-- @tparam ?string text the first line
+-- @tparam table profile
+function rule.bom(text, profile)
+  if profile.no_bom and text and text:sub(1, 3) == "\239\187\191" then
+    return "utf8_bom", format("The file starts with a UTF-8 byte-order mark, which %s refuses: save it without one.",
+      profile.name), nil
+  end
+end
+
 --- A file: at most `max_bytes`.
 -- @tparam integer bytes
 -- @tparam integer max_bytes
@@ -438,6 +450,7 @@ function Checker:line(n, text, bytes, out)
   self.lines = n
   self.bytes = self.bytes + bytes
   if n == self.max_lines + 1 then add(out, n, rule.lines(n, self.max_lines)) end
+  if n == 1 and add(out, n, rule.bom(text, self.profile)) then return out end
   local req, code, message, param, offset = rule.raw(text, bytes - 1, self.profile.max_line_bytes)
   if not req then
     local p = problem(code, n, message, param)

@@ -31,7 +31,11 @@ M.ACCOUNT = { Arrearage = true, ["AccessDenied.Unpurchased"] = true, InvalidApiK
 M.PARTIAL = { expired = true, cancelled = true }
 
 --- The dialect each region speaks: `dashscope` or `openai`.
-M.DIALECT = { cn = "dashscope", intl = "dashscope", openai = "openai" }
+-- Every other provider (a `client.region` of a provider's name) speaks
+-- OpenAI's dialect, with the differences its `PROVIDERS` entry names.
+M.DIALECT = { cn = "dashscope", intl = "dashscope", openai = "openai", azure = "openai", groq = "openai",
+              together = "openai", siliconflow = "openai", zhipu = "openai", moonshot = "openai",
+              cerebras = "openai", novita = "openai", litellm = "openai" }
 
 --- Every batch endpoint, with the field a line's body must hold (besides
 -- `model`, which moderations may leave out) and the dialects that take it.
@@ -42,6 +46,11 @@ M.ENDPOINT_RULES = {
   ["/v1/responses"] = { openai = true },
   ["/v1/completions"] = { field = "prompt", openai = true },
   ["/v1/moderations"] = { field = "input", model_optional = true, openai = true },
+  -- Azure's documents write the urls without /v1 (MicrosoftDocs/azure-ai-docs, how-to/batch.md)
+  ["/chat/completions"] = { field = "messages" },
+  ["/embeddings"] = { field = "input" },
+  -- Zhipu's (docs.bigmodel.cn batch API: endpoint and each line's url)
+  ["/v4/chat/completions"] = { field = "messages" },
 }
 
 --- The endpoints of any dialect (a set). A profile's `endpoints` are its own.
@@ -60,7 +69,10 @@ local function endpoints_of(dialect)
   return t
 end
 
---- Limits profiles, by name.
+--- Limits profiles, by name. Each: `endpoints` (a set), `max_lines`,
+-- `max_bytes`, `max_line_bytes`, the window's hours, the rates a minute,
+-- and where they apply `chat_url` (the writer's default url), `no_bom`,
+-- `max_files`.
 -- `dashscope`: the current DashScope documents (1,000 creates a minute and
 -- 1,000 running, 6 MB lines). `dashscope-strict`: the older document's
 -- stricter numbers (1 MB lines; create 100 a minute with 100 running,
@@ -90,16 +102,145 @@ M.PROFILES = {
   },
 }
 
+local function set(...)
+  local t = {}
+  for _, k in ipairs({ ... }) do t[k] = true end
+  return t
+end
+
+-- A profile of OpenAI's rates with the provider's own numbers over them.
+local function like_openai(name, t)
+  local p = { name = name, dialect = "openai", max_line_bytes = 200 * MB,
+              create_per_minute = 1000, running = 1000, retrieve_per_minute = 1000, cancel_per_minute = 1000,
+              list_per_minute = 1000, min_window_hours = 24, max_window_hours = 24 }
+  for k, v in pairs(t) do p[k] = v end
+  return p
+end
+
+local CHAT = set("/v1/chat/completions")
+-- Each provider's numbers, from the source its PROVIDERS entry names.
+M.PROFILES.azure = like_openai("azure", { endpoints = set("/chat/completions", "/embeddings", "/v1/chat/completions",
+  "/v1/embeddings", "/v1/responses"), chat_url = "/chat/completions", max_lines = 100000,
+  max_bytes = 200 * MB, no_bom = true,
+  max_files = 500, one_model = true })
+M.PROFILES.groq = like_openai("groq", { endpoints = CHAT, max_lines = 50000, max_bytes = 100 * MB,
+  max_window_hours = 7 * 24 })
+M.PROFILES.together = like_openai("together", { endpoints = CHAT, max_lines = 50000, max_bytes = 100 * MB })
+M.PROFILES.siliconflow = like_openai("siliconflow", { endpoints = CHAT, max_lines = 5000, max_bytes = 1024 * MB,
+  max_window_hours = 336 })
+M.PROFILES.zhipu = like_openai("zhipu", { endpoints = set("/v4/chat/completions"), chat_url = "/v4/chat/completions",
+  max_lines = 50000,
+  max_bytes = 100 * MB })
+M.PROFILES.moonshot = like_openai("moonshot", { endpoints = CHAT, max_lines = 50000, max_bytes = 100 * MB,
+  max_files = 1000, one_model = true })
+M.PROFILES.cerebras = like_openai("cerebras", { endpoints = CHAT, max_lines = 50000, max_bytes = 200 * MB })
+M.PROFILES.novita = like_openai("novita", { endpoints = CHAT, max_lines = 50000, max_bytes = 100 * MB,
+  max_window_hours = 48 })
+M.PROFILES.litellm = like_openai("litellm", { endpoints = endpoints_of("openai"), max_lines = 50000,
+  max_bytes = 200 * MB })
+
+--- The names of every profile, sorted, for messages.
+-- @treturn string "azure, cerebras, ..."
+function M.profile_names()
+  local t = {}
+  for k in pairs(M.PROFILES) do t[#t + 1] = k end
+  table.sort(t)
+  return table.concat(t, ", ")
+end
+
+--- Every provider: where it is and how it differs from OpenAI, as data.
+-- Each entry: `base_url` (nil: the caller gives it), `regions` (region ->
+-- base URL), `region` (the default one), `prefix` (the path before
+-- `/files` and `/batches` on the provider's host, which the emulator's
+-- dialect answers on), `auth` (`bearer`, or `api-key` for Azure's
+-- header), `query` (parameters on every request), `key` (the environment
+-- variables of the key, first found wins), `base_env` (the variable of the
+-- base URL), `limits` (a profile), `upload` (`multipart`, or `presigned`:
+-- Together's three steps), `purpose` (of an input file), `answers` (how to
+-- normalise its answers, see `lbatch.http.normalise`: `statuses` raw ->
+-- OpenAI's name, `unwrap` the field a create's answer wraps the batch in,
+-- `list = "array"` a list answered as a bare array, `progress` a percent
+-- field instead of `request_counts`), and `source` (what each fact was
+-- checked against).
+M.PROVIDERS = {
+  dashscope = { regions = { cn = M.REGIONS.cn, intl = M.REGIONS.intl }, region = "cn", prefix = "/compatible-mode/v1",
+    key = { "DASHSCOPE_API_KEY", "OPENAI_API_KEY" }, limits = "dashscope",
+    source = "Model Studio batch documents; the service's recorded answers (spec/fixtures/recorded)" },
+  openai = { base_url = M.REGIONS.openai, prefix = "/v1", key = { "OPENAI_API_KEY", "DASHSCOPE_API_KEY" },
+    limits = "openai", source = "openai (npm 6.49.0) and OpenAI's OpenAPI document" },
+  -- v1: {endpoint}/openai/v1, no api-version; legacy (api_version given):
+  -- {endpoint}/openai?api-version=...; the api-key header. openai (npm
+  -- 6.49.0) azure.js: baseURL `${endpoint}/openai`, defaultQuery
+  -- api-version, authHeaders `api-key`, AZURE_OPENAI_ENDPOINT and
+  -- AZURE_OPENAI_API_KEY. Limits, BOM, window: azure-ai-docs how-to/batch.md,
+  -- includes/global-batch-limits.md (documents alone).
+  azure = { prefix = "/openai/v1", legacy_prefix = "/openai", api_version = "2024-10-21", auth = "api-key",
+    key = { "AZURE_OPENAI_API_KEY" }, base_env = "AZURE_OPENAI_ENDPOINT", limits = "azure",
+    answers = { empty_ids = true },
+    source = "openai (npm 6.49.0) lib azure.js; azure-ai-docs how-to/batch.md, includes/global-batch-limits.md" },
+  -- groq-sdk (npm 1.6.0): base https://api.groq.com, paths /openai/v1/batches,
+  -- /openai/v1/files; completion_window "24h to 7d"; GROQ_API_KEY
+  groq = { base_url = "https://api.groq.com/openai/v1", prefix = "/openai/v1", key = { "GROQ_API_KEY" },
+    limits = "groq", source = "groq-sdk (npm 1.6.0) resources/batches, resources/files; groq-python batches.py" },
+  -- together-ai (npm 0.52.0): lib/upload.js (POST /files?file_name&file_type&purpose
+  -- answers 302 with Location and X-Together-File-Id, PUT the bytes, then
+  -- GET /files/{id}; together-py also POSTs /files/{id}/preprocess),
+  -- purpose batch-api; resources/batches.d.ts: create answers {job, warning},
+  -- statuses VALIDATING IN_PROGRESS COMPLETED FAILED EXPIRED CANCELLED,
+  -- times as strings, progress, the list an Array<BatchJob>
+  together = { base_url = "https://api.together.xyz/v1", prefix = "/v1", key = { "TOGETHER_API_KEY" },
+    limits = "together", upload = "presigned", purpose = "batch-api",
+    answers = { unwrap = "job", list = "array", progress = true, times = true },
+    source = "together-ai (npm 0.52.0) lib/upload.js, resources/batches.d.ts; together-py resources/batches.py" },
+  -- docs.siliconflow.cn batch guide (documents alone): in_queue, null
+  -- request_counts, errors as {code, message, data}
+  siliconflow = { base_url = "https://api.siliconflow.cn/v1", prefix = "/v1", key = { "SILICONFLOW_API_KEY" },
+    limits = "siliconflow", answers = { statuses = { in_queue = "in_progress" }, progress = true },
+    source = "docs.siliconflow.cn batch; api-docs.siliconflow.cn batches-post, batches-get" },
+  -- docs.bigmodel.cn batch API (documents alone)
+  zhipu = { base_url = "https://open.bigmodel.cn/api/paas/v4", prefix = "/api/paas/v4", key = { "ZHIPUAI_API_KEY" },
+    limits = "zhipu", endpoint = "/v4/chat/completions", source = "docs.bigmodel.cn batch API pages" },
+  -- platform.kimi.ai batch guide (documents alone)
+  moonshot = { regions = { intl = "https://api.moonshot.ai/v1", cn = "https://api.moonshot.cn/v1" }, region = "intl",
+    prefix = "/v1", key = { "MOONSHOT_API_KEY" }, limits = "moonshot",
+    source = "platform.kimi.ai docs/api/batch-create, guide/use-batch-api" },
+  -- @cerebras/cerebras_cloud_sdk (npm 1.91.0): CEREBRAS_API_KEY, CEREBRAS_BASE_URL,
+  -- but no files or batches resource; the rest from inference-docs.cerebras.ai
+  cerebras = { base_url = "https://api.cerebras.ai/v1", prefix = "/v1", key = { "CEREBRAS_API_KEY" },
+    limits = "cerebras", source = "@cerebras/cerebras_cloud_sdk (npm 1.91.0) index.js; inference-docs.cerebras.ai" },
+  -- novita.ai docs llm-batch-api (documents alone): PROGRESS, string times
+  novita = { base_url = "https://api.novita.ai/openai/v1", prefix = "/openai/v1", key = { "NOVITA_API_KEY" },
+    limits = "novita", answers = { statuses = { progress = "in_progress" }, times = true },
+    source = "novita.ai docs llm-batch-api, create-batch" },
+  -- BerriAI/litellm batch proxy docs (documents alone): OpenAI's shape
+  litellm = { prefix = "/v1", key = { "LITELLM_API_KEY" }, base_env = "LITELLM_BASE_URL", limits = "litellm",
+    source = "BerriAI/litellm docs batches (proxy)" },
+}
+for name, p in pairs(M.PROVIDERS) do
+  p.name, p.auth, p.upload = name, p.auth or "bearer", p.upload or "multipart"
+  p.purpose, p.answers = p.purpose or "batch", p.answers or {}
+end
+
+--- The names of every provider, sorted, for messages.
+-- @treturn string
+function M.provider_names()
+  local t = {}
+  for k in pairs(M.PROVIDERS) do t[#t + 1] = k end
+  table.sort(t)
+  return table.concat(t, ", ")
+end
+
 --- The current DashScope limits (the `dashscope` profile).
 M.LIMITS = M.PROFILES.dashscope
 
 --- A profile by name, or the default of a region (`cn`, `intl`: dashscope;
--- `openai`: openai).
+-- `openai`: openai) or of a provider (its `limits`).
 -- @tparam ?string name a profile or a region (default `dashscope`)
 -- @treturn ?table the profile, nil when unknown
 function M.profile(name)
   if name == nil then return M.PROFILES.dashscope end
   if M.PROFILES[name] then return M.PROFILES[name] end
+  if M.PROVIDERS[name] then return M.PROFILES[M.PROVIDERS[name].limits] end
   local dialect = M.DIALECT[name]
   return dialect and M.PROFILES[dialect] or nil
 end
@@ -213,6 +354,33 @@ function M.ts14(s)
   local y, mo, d, h, mi, se = s:match("^(%d%d%d%d)(%d%d)(%d%d)(%d%d)(%d%d)(%d%d)$")
   if not y then return nil end
   return epoch(tonumber(y), tonumber(mo), tonumber(d), tonumber(h), tonumber(mi), tonumber(se))
+end
+
+--- An ISO-8601 / RFC 3339 time (`2024-05-01T12:00:00.123Z`,
+-- `2024-05-01 12:00:00+08:00`; no zone is UTC) as whole seconds since the
+-- epoch.
+-- @tparam string s the time
+-- @treturn ?integer seconds, or nil when `s` is not in that form
+function M.iso8601(s)
+  local y, mo, d, rest = s:match("^%s*(%d%d%d%d)%-(%d%d)%-(%d%d)(.*)$")
+  if not y then return nil end
+  local h, mi, se, tail = 0, 0, 0, rest
+  if rest ~= "" then
+    h, mi, se, tail = rest:match("^[Tt ](%d%d):(%d%d):?(%d?%d?)(.*)$")
+    if not h then return nil end
+    tail = tail:gsub("^[.,]%d+", "")
+  end
+  local off = 0
+  if tail ~= "" and tail ~= "Z" and tail ~= "z" then
+    local sign, oh, om = tail:match("^%s*([+-])(%d%d):?(%d%d)$")
+    if not sign then
+      sign, oh = tail:match("^%s*([+-])(%d%d)$")
+      om = "00"
+    end
+    if not sign then return nil end
+    off = (tonumber(oh) * 3600 + tonumber(om) * 60) * (sign == "-" and -1 or 1)
+  end
+  return epoch(tonumber(y), tonumber(mo), tonumber(d), tonumber(h), tonumber(mi), tonumber(se ~= "" and se or 0)) - off
 end
 
 return M

@@ -60,7 +60,8 @@ describe("config.new", function()
   it("returns what is wrong instead of raising, for each wrong option", function()
     local wrong = {
       { { region = "eu" }, "region must be cn, intl or openai" },
-      { { limits = "fast" }, "limits must be dashscope, dashscope-strict or openai" },
+      { { limits = "fast" }, "limits must be one of azure, cerebras, dashscope, dashscope-strict, groq, litellm, moonshot, novita, "
+        .. "openai, siliconflow, together, zhipu" },
       { { api_key = 42 }, "api_key must be a string (got number)" },
       { { api_key = "sk\r\nX-Evil: 1" }, "api_key holds a CR, LF or NUL" },
       { { base_url = 7 }, "base_url must be a string (got number)" },

@@ -13,6 +13,7 @@ local batches = require "emu.batches"
 local store = require "emu.store"
 local engine = require "emu.engine"
 local util = require "emu.util"
+local providers = require "emu.providers"
 
 local A = {}
 local cfg
@@ -43,7 +44,7 @@ end
 function A.handle()
   local method = ngx.req.get_method()
   local uri = ngx.var.uri
-  local path = uri:gsub("^/compatible%-mode", "")
+  local path = providers.path((uri:gsub("^/compatible%-mode", "")))
   if path:sub(1, 11) == "/_emulator/" then
     return respond.send(admin.handle(method, path))
   end
@@ -78,6 +79,7 @@ function A.handle()
       res = respond.err(500, "internal_error", "The emulator hit an internal error.")
     end
   end
+  res = providers.answer(r and r[3], res)
   res.batch_api = r and r[3]:find("/batches", 1, true) ~= nil
   if fault and fault.status and fault.process then
     res = respond.err(tonumber(fault.status), fault.code or "emulated_fault", "Fault injected after processing.")
@@ -91,6 +93,7 @@ function A.init(config)
   cfg = config
   cfg.profile = require("lbatch.service").profile(cfg.profile)
   util.dialect = cfg.dialect
+  providers.init(cfg.provider)
   if cfg.dialect == "dashscope" then
     respond.batch_type = "application/json;charset=UTF-8"
     respond.file_type = nil

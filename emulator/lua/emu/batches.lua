@@ -20,7 +20,7 @@ local function window_hours(w)
   local n, unit = w:match("^(%d+)([hd])$")
   n = tonumber(n)
   if not n then return nil end
-  if cfg.dialect == "openai" then return w == "24h" and 24 or nil end
+  if cfg.dialect == "openai" and cfg.profile.max_window_hours == 24 then return w == "24h" and 24 or nil end
   local hours = unit == "d" and n * 24 or n
   if hours < cfg.profile.min_window_hours or hours > cfg.profile.max_window_hours then return nil end
   return hours
@@ -83,7 +83,7 @@ function B.create()
   end
   local hours = window_hours(req.completion_window)
   if not hours then
-    return err(400, "invalid_completion_window", cfg.dialect == "openai"
+    return err(400, "invalid_completion_window", cfg.dialect == "openai" and cfg.profile.max_window_hours == 24
       and "completion_window must be \"24h\"."
       or "completion_window must be between 24h and 336h (e.g. \"24h\", \"72h\", \"14d\").", "completion_window")
   end

@@ -106,13 +106,14 @@ local service = require "lbatch.service"
 -- prompt's; responses: 8; moderations: 0.
 local function prompt_tokens(endpoint, body)
   if type(body) ~= "table" then return 0 end
-  if endpoint == "/v1/embeddings" then
+  if endpoint == "/v1/embeddings" or endpoint == "/embeddings" then
     local inputs = body.input
     if type(inputs) ~= "table" then inputs = { tostring(inputs or "") } end
     local n = 0
     for _, s in ipairs(inputs) do n = n + tokens(tostring(s)) end
     return n
-  elseif endpoint == "/v1/chat/completions" or endpoint == "/v1/chat/ds-test" then
+  elseif endpoint == "/v1/chat/completions" or endpoint == "/v1/chat/ds-test"
+    or endpoint == "/v4/chat/completions" or endpoint == "/chat/completions" then
     if body.model == service.TEST.model then return 20 end
     local prompt = {}
     for _, m in ipairs(type(body.messages) == "table" and body.messages or {}) do
@@ -254,8 +255,9 @@ local function execute(b, req, raw, n)
   if line_error_at(b.sim, n) then return upstream_error(b, req), "output" end
   local lid, rid, cid = line_ids()
   local body
-  if b.endpoint == "/v1/embeddings" then body = embeddings(req.body)
-  elseif b.endpoint == "/v1/chat/completions" or b.endpoint == "/v1/chat/ds-test" then
+  if b.endpoint == "/v1/embeddings" or b.endpoint == "/embeddings" then body = embeddings(req.body)
+  elseif b.endpoint == "/v1/chat/completions" or b.endpoint == "/v1/chat/ds-test"
+    or b.endpoint == "/v4/chat/completions" or b.endpoint == "/chat/completions" then
     body = chat(req.body, model == service.TEST.model, cid)
   else body = other(b.endpoint, req.body, cid) end
   return {

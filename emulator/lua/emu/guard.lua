@@ -9,10 +9,8 @@ local windows = {}  -- owner .. class -> {minute, count}
 
 function G.init(config) cfg = config end
 
-local function bearer()
-  local h = ngx.var.http_authorization
-  return h and h:match("^Bearer%s+(%S+)%s*$")
-end
+-- the caller's key (Bearer; Azure's api-key header: emu.providers)
+local function bearer() return require("emu.providers").key() end
 
 function G.authorized()
   local key = bearer()
