@@ -27,7 +27,7 @@ HDR = lbatch/core/core.h lbatch/core/compat.h lbatch/core/scan.h
 DEB = lua5.4 lua5.1 lua5.3 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev libssl-dev lua-busted luarocks \
       nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-http lua-socket lua-check \
       lua-ldoc lua-markdown clang libclang-rt-14-dev squid openssl util-linux \
-      curl gcc make pkg-config time
+      curl gcc make pkg-config time tmux chromium
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NODE_DIR = emulator/conformance
 

@@ -126,6 +126,18 @@ List stored files, newest first: id, purpose, size, age, name.
   --all            follow has_more to the end]] },
   rm = { args = "FILE_ID...", help = [[
 Delete files. Exit 1 when one could not be deleted.]] },
+  top = { args = "", help = [[
+A live, full-screen view of the account's batches: one row a job, totals above.
+Keys: q quit, s sort, f filter by status, up/down or j/k select, c then y
+cancel the selected job. When stdout is not a terminal, one frame as plain lines.
+  --status S       only these statuses (comma-separated), as list's
+  --interval SECONDS  seconds between list reads (default 5)]] },
+  report = { args = "DIR", help = [[
+Write one self-contained HTML page (inline SVG) for a pipeline's DIR.
+A timeline of its shards, requests by outcome and error code, tokens and
+cost by model, the slowest jobs.
+  --output FILE   the page (default: DIR/report.html)
+  --prices FILE   as estimate's: the cost by model]] },
   prune = { args = "", help = [[
 Delete files older than an age, and say how much space that freed. The
 service keeps at most 10,000 files or 100 GB.
@@ -134,7 +146,7 @@ service keeps at most 10,000 files or 100 GB.
   --dry-run          list what would go, delete nothing]] },
 }
 local ORDER = { "run", "adopt", "submit", "status", "list", "cancel", "download", "validate", "estimate", "results",
-                "csv2jsonl", "files", "rm", "prune" }
+                "csv2jsonl", "files", "rm", "prune", "top", "report" }
 
 local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = true, bom = true,
                   header = true, no_header = true, dry_run = true }
@@ -767,6 +779,31 @@ function run.prune(o)
 end
 
 -- ------------------------------------------------------------ main
+
+function run.top(o)
+  local n, nerr = nums(o, "interval")
+  if not n then return nil, nerr end
+  return require("lbatch.top").run(client(o), { status = o.status, interval = n.interval })
+end
+
+function run.report(o, pos)
+  local prices
+  if o.prices then
+    local f = io.open(o.prices, "rb")
+    if not f then return nil, errors.new({ kind = "io", message = "cannot read " .. o.prices }) end
+    local ok, v = pcall(cjson.decode, f:read("*a"))
+    f:close()
+    if not ok or type(v) ~= "table" then return nil, usage_error("--prices: not a JSON object") end
+    prices = v
+  end
+  local output = o.output or (pos[1] .. "/report.html")
+  local st, err = require("lbatch.report").write(pos[1], output, { prices = prices })
+  if not st then return nil, err end
+  local sm = st.summary or {}
+  out(o, { output = output, summary = st.summary }, ("%s: %d requests, %d ok, %d failed"):format(output,
+    sm.total or 0, sm.ok or 0, sm.failed or 0))
+  return 0
+end
 
 --- Run the command.
 -- @tparam {string,...} args the arguments (`arg`)

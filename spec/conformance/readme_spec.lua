@@ -83,6 +83,8 @@ describe("the README", function()
     H.write(d .. "/questions.csv", "id,question\nq1,What is 2 + 2?\nq2,Name a prime.\nq3,\"Say \"\"hi\"\", briefly\"\n")
     H.write(d .. "/cat.png", "\137PNG\r\n\26\n\0\0\0\rIHDR")
     H.write(d .. "/prices.json", '{"qwen-plus": {"input": 0.8, "output": 2}}')
+    H.mkdir(d .. "/report-dir")   -- a pipeline's dir, for report
+    H.write(d .. "/report-dir/journal.jsonl", '{"version":1,"run":"0123456789ab","phase":"done"}\n')
     local c = lbatch.new({ api_key = "sk-readme", base_url = emu.base, cainfo = emu.tls })
     local f = assert(c:upload(d .. "/requests.jsonl"))
     local b = assert(c:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" }))
@@ -157,6 +159,7 @@ lbatch = require "lbatch"; client = lbatch.new{}; batch = assert(client:retrieve
     cmd = cmd:gsub("PATH", function() paths = paths + 1 return "path-" .. paths .. ".jsonl" end)
     cmd = cmd:gsub("%f[%w]([NE])%f[%W]", PLACE)
     cmd = cmd:gsub("%f[%w]RUN%f[%W]", "0123456789ab")       -- a run the account does not have
+    cmd = cmd:gsub("%f[%w]DIR%f[%W]", "report-dir")
     return cmd
   end
 

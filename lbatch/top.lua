@@ -1,0 +1,319 @@
+--- `lbatch top`: a live, full-screen view of the account's batches.
+-- One row a job (id, status, a bar of requests done and failed, age, time
+-- left at its rate so far), the totals above them. The list is read in
+-- pages at most every `interval` seconds (the poll budget); between reads
+-- only keys are handled, and only the lines that changed are redrawn.
+-- Keys: `q` quits, `s` sorts, `f` filters by status, up/down or `j`/`k`
+-- select, `c` then `y` cancels the selected job.
+--
+-- When stdout is not a terminal, one frame is printed as plain lines.
+-- @module lbatch.top
+local M = {}
+
+local STATUSES = { "validating", "in_progress", "finalizing", "cancelling", "completed", "failed", "expired",
+                   "cancelled" }
+local ACTIVE = { validating = true, in_progress = true, finalizing = true, cancelling = true }
+local SORTS = { "age", "status", "progress", "eta" }
+
+local function dur(s)
+  if not s or s ~= s or s == math.huge then return "-" end
+  s = math.max(0, math.floor(s))
+  local fl = math.floor
+  if s >= 86400 then return ("%dd%02dh"):format(fl(s / 86400), fl(s / 3600) % 24) end
+  if s >= 3600 then return ("%dh%02dm"):format(fl(s / 3600), fl(s / 60) % 60) end
+  if s >= 60 then return ("%dm%02ds"):format(fl(s / 60), s % 60) end
+  return s .. "s"
+end
+
+local function counts(b)
+  local c = type(b.request_counts) == "table" and b.request_counts or {}
+  return tonumber(c.total) or 0, tonumber(c.completed) or 0, tonumber(c.failed) or 0
+end
+
+--- A job's figures: requests total, done, failed, its age and time left.
+-- @tparam table b a batch object
+-- @tparam number now the time (Unix seconds)
+-- @treturn table `{total, done, failed, age, rate, eta}` (rate in requests a second, eta in seconds or nil)
+function M.figures(b, now)
+  local total, done, failed = counts(b)
+  local created = tonumber(b.created_at) or now
+  local started = tonumber(b.in_progress_at) or created
+  local rate, eta
+  local ran = done + failed
+  if ran > 0 and now > started then rate = ran / (now - started) end
+  if ACTIVE[b.status] and rate and rate > 0 and total > ran then eta = (total - ran) / rate end
+  if b.status == "completed" or b.status == "failed" then eta = 0 end
+  return { total = total, done = done, failed = failed, age = now - created, rate = rate, eta = eta }
+end
+
+-- a bar of `width` cells: '#' done, 'x' failed, '.' to go
+local function bar(f, width)
+  if f.total <= 0 then return ("."):rep(width) end
+  local d = math.floor(f.done * width / f.total + 0.5)
+  local x = f.failed > 0 and math.max(1, math.floor(f.failed * width / f.total + 0.5)) or 0
+  d = math.min(d, width - x)
+  return ("#"):rep(d) .. ("x"):rep(x) .. ("."):rep(width - d - x)
+end
+
+local RANK = {}
+for i, s in ipairs(STATUSES) do RANK[s] = i end
+
+local function sorter(key, now)
+  return function(a, b)
+    local fa, fb = M.figures(a, now), M.figures(b, now)
+    local va, vb
+    if key == "status" then va, vb = RANK[a.status] or 99, RANK[b.status] or 99
+    elseif key == "progress" then
+      va = fa.total > 0 and (fa.done + fa.failed) / fa.total or 0
+      vb = fb.total > 0 and (fb.done + fb.failed) / fb.total or 0
+    elseif key == "eta" then va, vb = fa.eta or math.huge, fb.eta or math.huge
+    else va, vb = -(tonumber(a.created_at) or 0), -(tonumber(b.created_at) or 0) end
+    if va ~= vb then return va < vb end
+    return tostring(a.id) < tostring(b.id)
+  end
+end
+
+--- A new view's state.
+-- @tparam[opt] table opts `status` (the service's filter, as `lbatch list --status`)
+-- @treturn table the state that @{frame} draws and @{key} changes
+function M.state(opts)
+  opts = opts or {}
+  return { batches = {}, sort = "age", filter = nil, selected = 1, top = 1, message = "",
+           status = opts.status, samples = {} }
+end
+
+--- Take in a fresh list of batches (one refresh).
+-- @tparam table st the state
+-- @tparam {table,...} batches every batch the list pages gave
+-- @tparam number now the time
+function M.update(st, batches, now)
+  local sel = st.rows and st.rows[st.selected] and st.rows[st.selected].id
+  st.batches, st.read_at = batches, now
+  local ran = 0
+  for _, b in ipairs(batches) do
+    local _, d, f = counts(b)
+    ran = ran + d + f
+  end
+  local s = st.samples
+  s[#s + 1] = { now, ran }
+  while #s > 2 and s[#s][1] - s[1][1] > 30 do table.remove(s, 1) end   -- the rate over the last 30 s
+  st.keep = sel
+end
+
+-- the rows shown: filtered and sorted
+local function rows(st, now)
+  local t = {}
+  for _, b in ipairs(st.batches) do
+    if not st.filter or b.status == st.filter then t[#t + 1] = b end
+  end
+  table.sort(t, sorter(st.sort, now))
+  st.rows = t
+  if st.keep then
+    for i, b in ipairs(t) do if b.id == st.keep then st.selected = i end end
+    st.keep = nil
+  end
+  st.selected = math.max(1, math.min(st.selected, #t))
+  return t
+end
+
+--- The screen's lines.
+-- @tparam table st the state
+-- @tparam number width columns (80 or more is best)
+-- @tparam number height lines
+-- @tparam number now the time
+-- @treturn {string,...} at most `height` lines, none wider than `width`
+function M.frame(st, width, height, now)
+  width = math.max(width, 40)
+  local list = rows(st, now)
+  local by, total, done, failed, tokens = {}, 0, 0, 0, 0
+  for _, b in ipairs(st.batches) do
+    by[b.status] = (by[b.status] or 0) + 1
+    local t, d, f = counts(b)
+    total, done, failed = total + t, done + d, failed + f
+    local u = type(b.usage) == "table" and b.usage or {}
+    tokens = tokens + (tonumber(u.total_tokens) or (tonumber(u.input_tokens) or 0) + (tonumber(u.output_tokens) or 0))
+  end
+  local jobs = {}
+  for _, s in ipairs(STATUSES) do if by[s] then jobs[#jobs + 1] = by[s] .. " " .. s end end
+  for s, n in pairs(by) do if not RANK[s] then jobs[#jobs + 1] = n .. " " .. tostring(s) end end
+  local s, rps = st.samples, 0
+  if #s >= 2 and s[#s][1] > s[1][1] then rps = math.max(0, (s[#s][2] - s[1][2]) / (s[#s][1] - s[1][1])) end
+  local lines = {
+    ("lbatch top: %d jobs (%s)"):format(#st.batches, #jobs > 0 and table.concat(jobs, ", ") or "none"),
+    ("requests: %d/%d done, %d failed, %.1f/s; tokens %d"):format(done, total, failed, rps, tokens),
+    ("sort %s | filter %s%s | q quit s sort f filter j/k move c cancel"):format(st.sort, st.filter or "all",
+      st.status and (" (service: " .. st.status .. ")") or ""),
+  }
+  local fixed = 46
+  local idw = math.max(14, math.min(42, width - fixed - 10))
+  local bw = math.max(10, math.min(60, width - fixed - idw))
+  local fmt = "%s%-" .. idw .. "s %-11s %s %11s %5s %6s %6s"
+  lines[#lines + 1] = fmt:format(" ", "id", "status", ("requests"):sub(1, bw) .. (" "):rep(bw - 8), "done/total",
+    "fail", "age", "eta")
+  local room = math.max(1, height - #lines - 1)
+  if st.selected < st.top then st.top = st.selected end
+  if st.selected >= st.top + room then st.top = st.selected - room + 1 end
+  st.top = math.max(1, math.min(st.top, math.max(1, #list - room + 1)))
+  for i = st.top, math.min(#list, st.top + room - 1) do
+    local b = list[i]
+    local f = M.figures(b, now)
+    lines[#lines + 1] = fmt:format(i == st.selected and ">" or " ", tostring(b.id):sub(1, idw),
+      tostring(b.status):sub(1, 11), bar(f, bw), ("%d/%d"):format(f.done, f.total):sub(1, 11), f.failed,
+      dur(f.age), dur(f.eta))
+  end
+  while #lines < height - 1 do lines[#lines + 1] = "" end
+  lines[#lines + 1] = st.message
+  for i, l in ipairs(lines) do lines[i] = l:sub(1, width) end
+  return lines
+end
+
+--- Handle one key.
+-- @tparam table st the state
+-- @tparam string k the key: a character, or "up", "down"
+-- @tparam function cancel `cancel(id)` returns the batch or nil and an error
+-- @treturn string "quit" to stop, else nil
+function M.key(st, k, cancel)
+  if st.confirm then
+    local id = st.confirm
+    st.confirm = nil
+    if k == "y" or k == "Y" then
+      local b, err = cancel(id)
+      if b then
+        st.message = ("cancel %s: %s"):format(id, tostring(b.status))
+        for i, x in ipairs(st.batches) do if x.id == id then st.batches[i] = b end end
+      else
+        st.message = ("cancel %s failed: %s"):format(id, tostring(err))
+      end
+    else
+      st.message = "kept " .. id
+    end
+    return nil
+  end
+  if k == "q" or k == "\3" then return "quit" end
+  if k == "j" or k == "down" then st.selected = st.selected + 1
+  elseif k == "k" or k == "up" then st.selected = math.max(1, st.selected - 1)
+  elseif k == "s" then
+    for i, s in ipairs(SORTS) do if s == st.sort then st.sort = SORTS[i % #SORTS + 1] break end end
+    st.message = "sorted by " .. st.sort
+  elseif k == "f" then
+    local present = {}
+    for _, b in ipairs(st.batches) do present[b.status] = true end
+    local order = { false }
+    for _, s in ipairs(STATUSES) do if present[s] then order[#order + 1] = s end end
+    local at = 1
+    for i, s in ipairs(order) do if s == (st.filter or false) then at = i end end
+    st.filter = order[at % #order + 1] or nil
+    st.selected, st.top = 1, 1
+    st.message = "filter " .. (st.filter or "all")
+  elseif k == "c" then
+    local b = st.rows and st.rows[st.selected]
+    if b then
+      st.confirm = b.id
+      st.message = ("cancel %s? y to confirm, any other key keeps it"):format(b.id)
+    end
+  end
+  return nil
+end
+
+local function sh_ok(cmd)
+  local ok = os.execute(cmd)
+  return ok == true or ok == 0
+end
+
+local function term_size()
+  local p = io.popen("stty size < /dev/tty 2>/dev/null")
+  local out = p and p:read("*a") or ""
+  if p then p:close() end
+  local h, w = out:match("(%d+)%s+(%d+)")
+  return tonumber(w) or 80, tonumber(h) or 24
+end
+
+-- every batch the list pages give, or nil and an error
+local function read_all(c, st)
+  local all = {}
+  for b, err in c:each_batch({ limit = 100, status = st.status }) do
+    if not b then return nil, err end
+    all[#all + 1] = b
+  end
+  return all
+end
+
+--- Run the view until `q` (or one frame when stdout is not a terminal).
+-- @tparam table c a client (`each_batch`, `cancel`)
+-- @tparam[opt] table opts `status` (the service's filter), `interval` (seconds between list reads, default 5)
+-- @treturn integer 0, or nil and an error
+function M.run(c, opts)
+  opts = opts or {}
+  local interval = math.max(tonumber(opts.interval) or 5, 0.5)
+  local st = M.state(opts)
+  local now = os.time
+  local all, err = read_all(c, st)
+  if not all then return nil, err end
+  M.update(st, all, now())
+  if not sh_ok("[ -t 1 ]") then
+    local w = tonumber(os.getenv("COLUMNS")) or 100
+    local lines = M.frame(st, w, #all + 6, now())
+    while lines[#lines] == "" do lines[#lines] = nil end
+    io.stdout:write(table.concat(lines, "\n"), "\n")
+    return 0
+  end
+  local p = io.popen("stty -g < /dev/tty")
+  local saved = p:read("*l")
+  p:close()
+  sh_ok("stty -icanon -echo -isig min 0 time 1 < /dev/tty")
+  local out = io.stdout
+  out:write("\27[?1049h\27[?25l\27[2J")
+  local shown, size = {}, nil
+  local tty
+  local function getc()
+    if not tty then
+      tty = io.open("/dev/tty", "rb")
+      if not tty then return nil end
+      tty:setvbuf("no")
+    end
+    local ch = tty:read(1)
+    if not ch then tty:close() tty = nil end   -- a timeout reads as end of file, which sticks: open again
+    return ch
+  end
+  local function draw()
+    local w, h = term_size()
+    if size ~= w .. "x" .. h then size, shown = w .. "x" .. h, {} out:write("\27[2J") end
+    local lines = M.frame(st, w, h, now())
+    local buf = {}
+    for i = 1, h do
+      local l = lines[i] or ""
+      if shown[i] ~= l then buf[#buf + 1] = ("\27[%d;1H%s\27[K"):format(i, l) shown[i] = l end
+    end
+    if #buf > 0 then out:write(table.concat(buf)) out:flush() end
+  end
+  local ok, perr = pcall(function()
+    local read_at = require("lbatch.core").now()
+    draw()
+    while true do
+      local ch = getc()
+      if ch == "\27" then
+        local a, b = getc(), getc()
+        ch = (a == "[" or a == "O") and (b == "A" and "up" or b == "B" and "down") or nil
+      end
+      if ch then
+        if M.key(st, ch, function(id) return c:cancel(id) end) == "quit" then return end
+        draw()
+      end
+      local t = require("lbatch.core").now()
+      if t - read_at >= interval then
+        read_at = t
+        local fresh, rerr = read_all(c, st)
+        if fresh then M.update(st, fresh, now()) else st.message = "list: " .. tostring(rerr) end
+        draw()
+      end
+    end
+  end)
+  if tty then tty:close() end
+  out:write("\27[?25h\27[?1049l")
+  out:flush()
+  sh_ok("stty " .. (saved or "sane") .. " < /dev/tty")
+  if not ok then error(perr, 0) end
+  return 0
+end
+
+return M

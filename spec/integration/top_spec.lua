@@ -1,0 +1,100 @@
+-- `lbatch top` driven through a pseudo-terminal (tmux) against the
+-- emulator with 300 jobs: its rows and totals on the captured screen, a
+-- cancel (select, c, y) that reaches the service, and q that quits.
+local H = require "helper"
+local lbatch = require "lbatch"
+
+local JOBS = 300
+
+describe("lbatch top", function()
+  local emu, c, ids, dir, sock
+  local function tmux(args) return H.sh(("tmux -L %s %s 2>&1"):format(sock, args)) end
+  local function screen() return tmux("capture-pane -p") end
+  -- the screen once it matches pattern (within seconds)
+  local function until_shown(pattern, seconds)
+    local deadline, s = H.now() + (seconds or 15)
+    repeat
+      s = screen()
+      if s:find(pattern) then return s end
+      H.sleep(0.1)
+    until H.now() > deadline
+    error(("not on the screen: %s\n%s"):format(pattern, s))
+  end
+
+  setup(function()
+    assert(H.ok("command -v tmux >/dev/null"), "tmux is not installed (make deps)")
+    emu = H.emulator({ speed = 200, tls = false, rate_limits = false })
+    c = lbatch.new({ api_key = "k", base_url = emu.base })
+    dir = H.tmpdir()
+    local path = H.requests(dir .. "/r.jsonl", 20, { url = "/v1/chat/completions", model = "qwen-plus",
+      content = function(i) return i % 9 == 0 and "lbatch-emulator:fail" or "question " .. i end })
+    local f = assert(c:upload(path))
+    ids = {}
+    for i = 1, JOBS do   -- most stay in progress for the test's length; some finish
+      local slow = i % 10 == 0 and "0.5" or "400"
+      ids[i] = assert(c:create({ input_file_id = f.id, endpoint = "/v1/chat/completions",
+                                 metadata = { emulator_line_seconds = slow } })).id
+    end
+    sock = "lbatch-top-" .. math.random(1, 1e9)
+  end)
+  teardown(function()
+    if sock then tmux("kill-server") end
+    if c then c:close() end
+    if emu then emu.stop() end
+    if dir then H.ok("rm -rf " .. H.q(dir)) end
+  end)
+
+  it("shows rows and totals in 80 columns, cancels the selected job with c y, and quits on q", function()
+    local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s LUA_PATH=%s LUA_CPATH=%s %s %s/bin/lbatch top --interval 1;"
+      .. " echo exit=$? > %s/exit"):format(emu.base, H.q(os.getenv("LUA_PATH") or ""), H.q(os.getenv("LUA_CPATH") or ""),
+      H.lua, H.root, dir)
+    tmux(("new-session -d -x 80 -y 30 -c %s %s"):format(H.q(H.root), H.q(cmd)))
+    until_shown("lbatch top: 300 jobs")
+    local s = until_shown("requests: %d+/6000 done", 30)   -- every job past validating
+    -- the totals: jobs by status, requests done and failed, the rate
+    assert.matches("requests: %d+/6000 done, %d+ failed, [%d.]+/s", s)
+    -- the rows: as many as the screen holds, each with status, bar, counts, age and eta
+    local rows = 0
+    for line in s:gmatch("[^\n]+") do
+      assert.is_true(#line <= 80, line)
+      if line:find("^[ >]batch_") then
+        rows = rows + 1
+        assert.matches("^[ >]batch_%S+ %l[%l_]* +[#x.]+ +%d+/20 +%d+ +%S+ +%S+$", line)
+      end
+    end
+    assert.equals(30 - 5, rows)
+    -- a refresh later the rate is seen
+    until_shown("[1-9][%d.]*/s")
+    -- select the third row, cancel it
+    tmux("send-keys j")
+    tmux("send-keys Down")
+    local sel_lines
+    local deadline = H.now() + 10
+    repeat
+      sel_lines = {}
+      for line in screen():gmatch("[^\n]+") do if line:find("^[ >]batch_") then sel_lines[#sel_lines + 1] = line end end
+      if sel_lines[3]:sub(1, 1) == ">" then break end
+      H.sleep(0.1)
+    until H.now() > deadline
+    assert.equals(">", sel_lines[3]:sub(1, 1))
+    local prefix = sel_lines[3]:match("^>(batch_%S+)")
+    local id
+    for _, x in ipairs(ids) do if x:sub(1, #prefix) == prefix then id = x end end
+    assert.is_truthy(id, prefix)
+    tmux("send-keys c")
+    until_shown("cancel " .. id:gsub("%-", "%%-") .. "%? y to confirm")
+    tmux("send-keys y")
+    until_shown("cancel " .. id:gsub("%-", "%%-") .. ": cancel")
+    local b = assert(c:retrieve(id))
+    assert.is_truthy(b.status == "cancelling" or b.status == "cancelled", b.status)
+    -- sort and filter change the view
+    tmux("send-keys s")
+    until_shown("sort status")
+    tmux("send-keys f")
+    until_shown("filter %l")
+    tmux("send-keys q")
+    deadline = H.now() + 10
+    while not H.exists(dir .. "/exit") and H.now() < deadline do H.sleep(0.1) end
+    assert.equals("exit=0\n", H.read(dir .. "/exit"))
+  end)
+end)
