@@ -162,6 +162,7 @@ function M.frame(st, width, height, now)
       dur(f.age), dur(f.eta))
   end
   while #lines < height - 1 do lines[#lines + 1] = "" end
+  while #lines > height - 1 do lines[#lines] = nil end   -- a short screen: the message line stays
   lines[#lines + 1] = st.message
   for i, l in ipairs(lines) do lines[i] = l:sub(1, width) end
   return lines

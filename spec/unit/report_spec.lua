@@ -1,0 +1,46 @@
+-- lbatch.report with no server: a hand-made pipeline dir (journal and
+-- result files) read and written as one page with no external resource.
+local H = require "helper"
+local report = require "lbatch.report"
+local cjson = require "cjson"
+
+local function line(t) return cjson.encode(t) .. "\n" end
+
+describe("lbatch.report", function()
+  it("reads the journal and the results, and writes a self-contained page with its charts", function()
+    local dir = H.tmpdir()
+    local out = H.write(dir .. "/s1.output.jsonl",
+      line({ id = "1", custom_id = "a", response = { status_code = 200, body = { model = "qwen-plus",
+        choices = { { message = { content = "hi" } } }, usage = { prompt_tokens = 5, completion_tokens = 2,
+        total_tokens = 7 } } }, error = cjson.null })
+      .. line({ id = "2", custom_id = "b", response = { status_code = 500, body = { error = { code = "server_error",
+        message = "x" } } }, error = cjson.null }))
+    H.write(dir .. "/journal.jsonl", line({ version = 1, run = "r123", phase = "done" })
+      .. line({ k = 1, shard = { k = 1, name = "r123-1.jsonl", step = "done", status = "completed", lines = 2,
+        model = "qwen-plus", output = out, times = { created = 100, in_progress = 110, ended = 160 },
+        counts = { total = 2, completed = 1, failed = 1 } } }))
+    local st = assert(report.read(dir))
+    assert.are.equal("r123", st.run)
+    assert.are.equal(2, st.summary.total)
+    assert.are.equal(1, st.summary.ok)
+    local page = report.html(st)
+    assert.matches("^<!DOCTYPE html>", page)
+    assert.matches("<svg", page, 1, true)
+    assert.matches("server_error", page, 1, true)
+    assert.matches("r123", page, 1, true)
+    assert.is_nil(page:find("https?://[%w.]"), "no external resource")
+    assert.is_nil(page:find("<script", 1, true))
+    assert.truthy(report.write(dir, dir .. "/r.html"))
+    assert.are.equal(page, H.read(dir .. "/r.html"))
+  end)
+
+  it("escapes what the journal holds, and fails with an error object without one", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/journal.jsonl", line({ version = 1, run = "<script>x</script>", phase = "done" }))
+    local page = report.html(assert(report.read(dir)))
+    assert.is_nil(page:find("<script>x", 1, true))
+    local v, err = report.read(H.tmpdir())
+    assert.is_nil(v)
+    assert.are.equal("io", err.kind)
+  end)
+end)

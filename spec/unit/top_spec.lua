@@ -1,0 +1,64 @@
+-- lbatch.top with no server and no terminal: a job's figures, the frame
+-- it draws at 80 columns, and the keys (sort, filter, select, cancel).
+local top = require "lbatch.top"
+
+local NOW = 1000000
+local function batch(id, status, total, done, failed, age)
+  return { id = id, status = status, created_at = NOW - age, in_progress_at = NOW - age,
+           request_counts = { total = total, completed = done, failed = failed } }
+end
+
+describe("lbatch.top", function()
+  it("works out a job's rate and time left from its progress so far", function()
+    local f = top.figures(batch("b1", "in_progress", 100, 40, 10, 50), NOW)
+    assert.are.same({ 100, 40, 10, 50 }, { f.total, f.done, f.failed, f.age })
+    assert.are.equal(1, f.rate)                       -- 50 requests in 50 s
+    assert.are.equal(50, f.eta)
+    assert.is_nil(top.figures(batch("b2", "validating", 100, 0, 0, 5), NOW).eta)
+    assert.are.equal(0, top.figures(batch("b3", "completed", 10, 10, 0, 5), NOW).eta)
+  end)
+
+  it("draws a frame of at most its height, none wider than 80 columns, with the totals and a row a job", function()
+    local st = top.state()
+    top.update(st, { batch("batch_aaa", "in_progress", 100, 50, 0, 60), batch("batch_bbb", "completed", 10, 9, 1, 600),
+                     batch("batch_ccc", "validating", 5, 0, 0, 1) }, NOW)
+    local lines = top.frame(st, 80, 20, NOW)
+    assert.is_true(#lines <= 20)
+    local text = table.concat(lines, "\n")
+    for _, l in ipairs(lines) do assert.is_true(#l <= 80, l) end
+    for _, id in ipairs({ "batch_aaa", "batch_bbb", "batch_ccc" }) do assert.matches(id, text, 1, true) end
+    assert.matches("in_progress", text, 1, true)
+    assert.is_true(#top.frame(st, 80, 4, NOW) <= 4)
+  end)
+
+  it("sorts, filters by status, moves the selection and cancels only after y", function()
+    local st = top.state()
+    top.update(st, { batch("batch_aaa", "in_progress", 100, 50, 0, 60), batch("batch_bbb", "completed", 10, 10, 0, 600) },
+      NOW)
+    top.frame(st, 80, 20, NOW)
+    local cancelled = {}
+    local function cancel(id) cancelled[#cancelled + 1] = id return { id = id, status = "cancelling" } end
+    top.key(st, "f", cancel)                          -- the first status present
+    local shown = top.frame(st, 80, 20, NOW)
+    local n = 0
+    for _, l in ipairs(shown) do if l:find("batch_", 1, true) then n = n + 1 end end
+    assert.are.equal(1, n)
+    top.key(st, "f", cancel) top.key(st, "f", cancel)   -- back to all
+    top.frame(st, 80, 20, NOW)
+    local first = st.rows[st.selected].id
+    top.key(st, "c", cancel)
+    top.key(st, "n", cancel)                          -- kept
+    assert.are.same({}, cancelled)
+    top.key(st, "c", cancel)
+    top.key(st, "y", cancel)
+    assert.are.same({ first }, cancelled)
+    top.key(st, "j", cancel)
+    assert.are.equal(2, st.selected)
+    top.key(st, "k", cancel) top.key(st, "k", cancel)
+    assert.are.equal(1, st.selected)
+    local before = st.sort
+    top.key(st, "s", cancel)
+    assert.are_not.equal(before, st.sort)
+    assert.are.equal("quit", top.key(st, "q", cancel))
+  end)
+end)
