@@ -24,6 +24,9 @@ WARN = -std=c99 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter
 SRC = $(addprefix lbatch/core/,core.c multi.c xfer.c fail.c idmap.c index.c scan.c sys.c buf.c hmac.c)
 HDR = lbatch/core/core.h lbatch/core/compat.h lbatch/core/scan.h
 
+# what `make demo` needs: the build, nginx for the emulator, curl
+DEB_DEMO = lua5.4 liblua5.4-dev lua-cjson libcurl4-openssl-dev libssl-dev nginx-light libnginx-mod-http-lua \
+      luajit2 libluajit2-5.1-dev curl gcc make pkg-config
 DEB = lua5.4 lua5.1 lua5.3 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev libssl-dev lua-busted luarocks \
       nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-http lua-socket lua-check \
       lua-ldoc lua-markdown clang libclang-rt-14-dev squid openssl util-linux \
@@ -64,7 +67,7 @@ build/asan/lbatch/core.so: $(SRC) $(HDR)
 
 # Install the Debian packages that are missing (and nothing when none is).
 deps:
-	@missing=$$(for p in $(DEB); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(or $(PACKAGES),$(DEB)); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:" $$missing; \
 	  $(SUDO) apt-get update -qq && \
@@ -80,7 +83,9 @@ RUN54 = env LUA_PATH="./?.lua;./?/init.lua;;" LUA_CPATH="./build/5.4/?.so;;"
 # The quickstart and the evaluation workflow on the emulator; on the real
 # service (with the free batch-test-model) when DASHSCOPE_API_KEY is set
 # and LBATCH_BASE_URL is not.
-demo: deps build
+demo:
+	@$(MAKE) -s deps PACKAGES="$(DEB_DEMO)"
+	@$(MAKE) -s build
 	@if [ -n "$${DASHSCOPE_API_KEY:-}" ] && [ -z "$${LBATCH_BASE_URL:-}" ]; then \
 	  $(RUN54) lua5.4 examples/quickstart.lua && \
 	  $(RUN54) LBATCH_MODEL=batch-test-model lua5.4 examples/evaluate.lua; \
