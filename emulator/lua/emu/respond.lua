@@ -71,6 +71,20 @@ local function range_of(header, size)
   return from, to, true
 end
 
+-- Print `count` bytes of a stored file from byte `from`, and flush them.
+local function print_blob(file, from, count)
+  local fh = io.open(store.blob(file), "rb")
+  fh:seek("set", from)
+  while count > 0 do
+    local chunk = fh:read(math.min(count, 65536))
+    if not chunk then break end
+    count = count - #chunk
+    ngx.print(chunk)
+  end
+  fh:close()
+  ngx.flush(true)
+end
+
 -- A file's content (a Range honoured) cut after `cut` bytes of the body:
 -- the full Content-Length announced, then the connection closed.
 local function send_cut(res, cut)
@@ -86,17 +100,7 @@ local function send_cut(res, cut)
   local h = { ["Accept-Ranges"] = "bytes" }
   if partial then h["Content-Range"] = ("bytes %d-%d/%d"):format(from, to, res.bytes) end
   send_headers({ status = partial and 206 or 200, file = res.file, headers = h }, length)
-  local fh = io.open(store.blob(res.file), "rb")
-  fh:seek("set", from)
-  local left = math.min(cut, length)
-  while left > 0 do
-    local chunk = fh:read(math.min(left, 65536))
-    if not chunk then break end
-    left = left - #chunk
-    ngx.print(chunk)
-  end
-  fh:close()
-  ngx.flush(true)
+  print_blob(res.file, from, math.min(cut, length))
   if cut >= length then return ngx.exit(ngx.status) end
   return ngx.exit(444)
 end
@@ -114,16 +118,7 @@ function R.send(res, fault)
     end
     -- a spoiled download: read the blob, stop half way
     send_headers(res, res.bytes)
-    local fh = io.open(store.blob(res.file), "rb")
-    local left = math.floor(res.bytes / 2)
-    while left > 0 do
-      local chunk = fh:read(math.min(left, 65536))
-      if not chunk then break end
-      left = left - #chunk
-      ngx.print(chunk)
-    end
-    fh:close()
-    ngx.flush(true)
+    print_blob(res.file, 0, math.floor(res.bytes / 2))
     return ngx.exit(444)
   end
   local body = res.body
