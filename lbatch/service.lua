@@ -188,8 +188,9 @@ M.PROVIDERS = {
   -- purpose batch-api; resources/batches.d.ts: create answers {job, warning},
   -- statuses VALIDATING IN_PROGRESS COMPLETED FAILED EXPIRED CANCELLED,
   -- times as strings, progress, the list an Array<BatchJob>
+  -- (src/resources/batches.ts: completion_window optional in BatchCreateParams)
   together = { base_url = "https://api.together.xyz/v1", prefix = "/v1", key = { "TOGETHER_API_KEY" },
-    limits = "together", upload = "presigned", purpose = "batch-api",
+    limits = "together", upload = "presigned", purpose = "batch-api", window_default = "24h",
     answers = { unwrap = "job", list = "array", progress = true, times = true },
     source = "together-ai (npm 0.52.0) lib/upload.js, resources/batches.d.ts; together-py resources/batches.py" },
   -- docs.siliconflow.cn batch guide (documents alone): in_queue, null
