@@ -170,6 +170,12 @@ function F.put_presigned(id)
   if not f or f.status ~= "pending" or ngx.var.arg_signature ~= f.signature then
     return err(403, "signature_does_not_match", "The request signature does not match, or the URL was used.")
   end
+  -- a signed URL takes no other credentials (S3 answers 400 "Only one auth
+  -- mechanism allowed"): a client that sends its key there leaks it
+  if ngx.var.http_authorization or ngx.var.http_api_key then
+    return err(400, "invalid_argument", "Only one auth mechanism allowed: the URL is signed, "
+      .. "so no Authorization header.")
+  end
   ngx.req.read_body()
   local src = ngx.req.get_body_file()
   local data = not src and (ngx.req.get_body_data() or "")
