@@ -155,6 +155,79 @@ describe("Together's upload in three steps", function()
   end)
 end)
 
+describe("the pipeline takes a provider like a region", function()
+  local pipeline = require "lbatch.pipeline"
+
+  local function requests(n)
+    local t = {}
+    for i = 1, n do
+      t[i] = { custom_id = "q" .. i, body = { model = "m-1", messages = { { role = "user", content = "question " .. i } } } }
+    end
+    return t
+  end
+
+  -- every batch the emulator holds, as it answers them in OpenAI's dialect
+  local function batches(emu, name)
+    local _, page = H.json("GET", emu.url .. service.PROVIDERS[name].prefix .. "/batches?limit=100", { key = KEY })
+    return type(page) == "table" and (page.data or page) or {}
+  end
+
+  for _, name in ipairs({ "zhipu", "moonshot", "groq" }) do
+    it(name .. ": pipeline.run{provider = ...}: its rules (Zhipu's /v4 urls), its dialect (no DashScope ds_name)",
+      function()
+      local emu = H.emulator({ dialect = name, api_key = KEY, speed = 200 })
+      local dir = H.tmpdir()
+      local ok, why = pcall(function()
+        local report = assert(pipeline.run({ provider = name, base_url = emu.url .. service.PROVIDERS[name].prefix,
+          api_key = KEY, requests = requests(5), model = "m-1", dir = dir .. "/work", max_lines = 2,
+          poll_interval = 0.05, max_poll_interval = 0.2 }))
+        assert.are.equal(3, #report.shards)
+        local s = assert(report.results:summary())
+        assert.are.equal(5, s.ok)
+        assert.are.equal(name, report.client.config.provider)
+        local want = name == "zhipu" and "/v4/chat/completions" or "/v1/chat/completions"
+        for _, sh in ipairs(report.shards) do assert.are.equal(want, sh.endpoint) end
+        local seen = batches(emu, name)
+        assert.are.equal(3, #seen)
+        for _, b in ipairs(seen) do
+          assert.is_string(b.metadata.lbatch_run)
+          assert.is_nil(b.metadata.ds_name, name .. " was sent DashScope's ds_name")
+        end
+        report.client:close()
+      end)
+      emu.stop()
+      H.ok("rm -rf " .. H.q(dir))
+      assert(ok, why)
+    end)
+  end
+
+  it("refuses a client and a provider at once", function()
+    local c = assert(lbatch.new({ provider = "groq", api_key = KEY }))
+    assert.has_error(function()
+      pipeline.run({ client = c, provider = "groq", requests = requests(1), dir = H.tmpdir() })
+    end, "lbatch.pipeline.run: opts.client or opts.provider, not both")
+    c:close()
+  end)
+
+  it("lbatch run --provider zhipu: the command's run on Zhipu's dialect", function()
+    local emu = H.emulator({ dialect = "zhipu", api_key = KEY, speed = 200 })
+    local dir = H.tmpdir()
+    local ok, why = pcall(function()
+      local input = H.requests(dir .. "/in.jsonl", 3, { url = "/v4/chat/completions", model = "glm-4" })
+      local out = H.sh(("env ZHIPUAI_API_KEY=%s LBATCH_POLL_INTERVAL=0.05 %s %s/bin/lbatch run --provider zhipu "
+        .. "--base-url %s --dir %s --output %s --json %s 2>&1; echo \"exit=$?\""):format(KEY, H.lua, H.root,
+        H.q(emu.url .. "/api/paas/v4"), H.q(dir .. "/work"), H.q(dir .. "/out.jsonl"), H.q(input)))
+      assert.matches("exit=0", out)
+      local report = require("cjson").decode(out:match("(%b{})"))
+      assert.are.equal(3, report.ok)
+      assert.are.equal("/v4/chat/completions", batches(emu, "zhipu")[1].endpoint)
+    end)
+    emu.stop()
+    H.ok("rm -rf " .. H.q(dir))
+    assert(ok, why)
+  end)
+end)
+
 describe("three providers from one scheduler", function()
   it("runs a job on Azure, Groq and Together at once", function()
     local emus, clients = {}, {}
