@@ -201,14 +201,6 @@ describe("the pipeline takes a provider like a region", function()
     end)
   end
 
-  it("refuses a client and a provider at once", function()
-    local c = assert(lbatch.new({ provider = "groq", api_key = KEY }))
-    assert.has_error(function()
-      pipeline.run({ client = c, provider = "groq", requests = requests(1), dir = H.tmpdir() })
-    end, "lbatch.pipeline.run: opts.client or opts.provider, not both")
-    c:close()
-  end)
-
   it("lbatch run --provider zhipu: the command's run on Zhipu's dialect", function()
     local emu = H.emulator({ dialect = "zhipu", api_key = KEY, speed = 200 })
     local dir = H.tmpdir()
