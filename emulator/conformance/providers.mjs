@@ -58,12 +58,13 @@ const FINAL = new Set(["completed", "failed", "expired", "cancelled"]);
 
 // the OpenAI-shaped lifecycle, through any client with files and batches
 // resources of OpenAI's names (AzureOpenAI, groq-sdk)
-async function openaiShaped(client, { endpoint, info, del, afterEach = async () => {} }) {
+async function openaiShaped(client, { endpoint, info, del, window = "24h", afterEach = async () => {} }) {
   const f = await client.files.create({ file: fs.createReadStream(input("in.jsonl", endpoint)), purpose: "batch" });
   await afterEach("upload");
   check(typeof f.id === "string" && f.bytes > 0, `upload: a file object (${JSON.stringify(f)})`);
-  const b = await client.batches.create({ input_file_id: f.id, endpoint, completion_window: "24h" });
+  const b = await client.batches.create({ input_file_id: f.id, endpoint, completion_window: window });
   await afterEach("create");
+  equal(b.completion_window, window, "create: the window");
   equal(b.object, "batch", "create: a batch");
   check(typeof b.created_at === "number", "create: created_at a number");
   const done = await until(() => client.batches.retrieve(b.id), (x) => FINAL.has(x.status));
@@ -117,7 +118,8 @@ async function groq() {
     const l = await last();
     equal(l.auth, "bearer", `${what}: Bearer`);
   };
-  await openaiShaped(client, { endpoint: "/v1/chat/completions", afterEach,
+  // src/resources/batches.ts: "Durations from `24h` to `7d` are supported"
+  await openaiShaped(client, { endpoint: "/v1/chat/completions", afterEach, window: "7d",
     info: (id) => client.files.info(id), del: (id) => client.files.delete(id) });
   const s = await stats();
   check((s.routes || s)["POST /files"] >= 2, "groq: the uploads reached /openai/v1/files");
