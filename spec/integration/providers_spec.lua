@@ -22,6 +22,18 @@ local function url_of(name)
   return service.PROFILES[service.PROVIDERS[name].limits].chat_url or "/v1/chat/completions"
 end
 
+describe("the emulator's dialects", function()
+  it("emulator/run's usage line names every provider, and each is a --dialect it takes", function()
+    local usage = H.sh(H.q(H.root .. "/emulator/run") .. " --bogus 2>&1")
+    local line = usage:match("%-%-dialect ([%w|%s]+)%]"):gsub("%s", "")
+    local listed = {}
+    for d in line:gmatch("[^|]+") do listed[d] = true end
+    for name in pairs(service.PROVIDERS) do assert.is_true(listed[name], name .. " is not in: " .. usage) end
+    local bad = H.sh(H.q(H.root .. "/emulator/run") .. " --dialect nope --port 1 2>&1")
+    for name in pairs(service.PROVIDERS) do assert.matches(name, bad, 1, true) end
+  end)
+end)
+
 describe("each provider's lifecycle on the emulator in its dialect", function()
   for _, name in ipairs(NAMES) do
     it(name .. ": upload, create, wait, list, cancel, content, delete", function()
