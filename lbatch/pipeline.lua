@@ -226,9 +226,12 @@ local function looked(v, err)
   return v
 end
 
-function Run:find_upload(name)
+-- the shard's upload: its name and all its bytes (a Together upload cut
+-- after its first step leaves a file of that name with none)
+function Run:find_upload(s)
   local client = self.client
-  return looked(recover.upload(function(q) return client:list_files(q) end, { filename = name }))
+  return looked(recover.upload(function(q) return client:list_files(q) end,
+    { filename = s.name, bytes = size_of(s.path) }))
 end
 
 function Run:find_batch(file_id)
@@ -332,7 +335,7 @@ end
 
 function Run:upload(s)
   local f
-  if s.step == "uploading" then f = self:find_upload(s.name) end
+  if s.step == "uploading" then f = self:find_upload(s) end
   if not f then
     if self.tripped then throw(self.tripped) end
     s.step = "uploading"

@@ -155,6 +155,25 @@ describe("Together's upload in three steps", function()
     assert.is_nil(routes()["PUT presigned"])
   end)
 
+  it("a pipeline stopped after the first step uploads again when it resumes, not the file without bytes", function()
+    local pipeline = require "lbatch.pipeline"
+    local input = H.requests(dir .. "/in.jsonl", 3, { url = "/v1/chat/completions", model = "m-1" })
+    local o = { client = c, requests = input, dir = dir .. "/work", poll_interval = 0.05, max_poll_interval = 0.2 }
+    o.on_step = function(step, s)
+      if step == "before_upload" then
+        -- what a run killed between the presign and the PUT leaves: a file of the shard's name, no bytes
+        H.http("POST", emu.url .. "/v1/files", { key = KEY,
+          json = { purpose = "batch-api", file_name = s.name, file_type = "jsonl" } })
+        error("stopped")
+      end
+    end
+    assert.is_nil(pipeline.run(o))
+    o.on_step = nil
+    local report = assert(pipeline.run(o))
+    assert.are.equal(3, assert(report.results:summary()).ok)
+    assert.are.equal(1, routes()["PUT presigned"])
+  end)
+
   it("a create from a file whose bytes never came is refused", function()
     local status, _, headers = H.http("POST", emu.url .. "/v1/files", { key = KEY,
       json = { purpose = "batch-api", file_name = "x.jsonl", file_type = "jsonl" } })
