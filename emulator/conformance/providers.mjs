@@ -154,6 +154,7 @@ async function together() {
   const done = await until(() => client.batches.retrieve(id), (x) => TOGETHER_FINAL.has(x.status));
   equal(done.status, "COMPLETED", "retrieve: COMPLETED");
   equal(done.progress, 100, "retrieve: progress 100");
+  equal(done.file_size_bytes, f.bytes, "retrieve: file_size_bytes, the input's");
   check(!Number.isNaN(Date.parse(done.created_at)), "retrieve: created_at an ISO-8601 string");
   const list = await client.batches.list();
   check(Array.isArray(list) && list.some((x) => x.id === id), "list: a bare array holding the batch");

@@ -62,11 +62,12 @@ local function batch(b)
   if name == "together" then
     local c = type(b.request_counts) == "table" and b.request_counts or {}
     local total = tonumber(c.total) or 0
+    local input = require("emu.store").files[b.input_file_id]
     local out = { id = b.id, user_id = "user-emulator", input_file_id = b.input_file_id, endpoint = b.endpoint,
       model_id = b.model or cjson.null, status = CAPS[b.status] or b.status, created_at = iso(b.created_at),
       completed_at = iso(b.completed_at or b.failed_at or b.cancelled_at or b.expired_at) or cjson.null,
       job_deadline = iso(b.expires_at) or cjson.null, output_file_id = b.output_file_id or cjson.null,
-      error_file_id = b.error_file_id or cjson.null, file_size_bytes = 0,
+      error_file_id = b.error_file_id or cjson.null, file_size_bytes = input and input.bytes or 0,
       progress = total > 0 and math.floor(100 * ((c.completed or 0) + (c.failed or 0)) / total) or 0 }
     return out
   elseif name == "novita" then
