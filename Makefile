@@ -110,7 +110,7 @@ asan: deps build/asan/lbatch/core.so
 	  lua5.4 /usr/bin/busted --exclude-tags=memory,conformance spec/unit/client_spec.lua
 
 conformance: deps $(NODE_DIR)/node_modules/.installed
-	$(BUSTED) lua5.4 /usr/bin/busted spec/conformance/conformance_spec.lua
+	$(BUSTED) lua5.4 /usr/bin/busted spec/conformance/conformance_spec.lua spec/conformance/providers_sdk_spec.lua
 
 emulator: deps
 	emulator/run $(ARGS)

@@ -68,6 +68,9 @@ function Client.new(opts)
     sched = Scheduler.new({ host = cfg.host, max_connections = cfg.max_connections, max_streams = cfg.max_streams })
   end
   local self = setmetatable({ base_url = cfg.base_url, region = cfg.region, config = cfg, scheduler = sched,
+                              provider = service.PROVIDERS[cfg.provider or "dashscope"],
+                              -- dashscope or openai (every other provider speaks OpenAI's)
+                              dialect = cfg.provider == "dashscope" and "dashscope" or "openai",
                               own_scheduler = own, fresh = {}, nfresh = 0 }, Client)
   transports[self] = http.new(cfg, secrets, sched.loop)
   return self
@@ -175,7 +178,51 @@ local function lister(t, path)
   return function(q) return t:call("GET", path .. http.query(q), { list = true }) end
 end
 
+-- Together's upload, in three steps (service.PROVIDERS.together.upload =
+-- "presigned"; together-ai 0.52.0 src/lib/upload.ts, together-py
+-- src/together/lib/resources/files.py UploadManager): POST /files
+-- {purpose, file_name, file_type} answers 302 with a presigned Location
+-- and X-Together-File-Id; the bytes are PUT there, streamed from disk, with
+-- none of the client's headers (the URL is signed: the key goes to no
+-- other host); POST /files/{id}/preprocess answers the file. Each step is
+-- retried as any call; the PUT may be sent again (it replaces).
+local FILE_TYPES = { jsonl = true, parquet = true, csv = true }
+
+-- one step's transport options: the call's, and the step's own
+local function step(o, own)
+  local s = { headers = o.headers, timeout = o.timeout, max_retries = o.max_retries }
+  for k, v in pairs(own) do s[k] = v end
+  return s
+end
+
+local function presigned(self, t, part, params, o)
+  local req = { purpose = params.purpose or self.provider.purpose, file_name = part.filename }
+  for k, v in pairs(params) do if k ~= "filename" and req[k] == nil then req[k] = v end end
+  if req.file_type == nil then
+    local ext = (part.filename:match("%.(%w+)$") or ""):lower()
+    req.file_type = FILE_TYPES[ext] and ext or "jsonl"
+  end
+  local at, err, meta = t:call("POST", "/files", step(o, { body = json.encode(req), redirect = true }))
+  if not at then return nil, err, meta end
+  local url, id = at.location, at["x-together-file-id"]
+  local scheme = url and url:match("^(https?)://[^/]")
+  if not (scheme and id and id ~= "") or (scheme == "http" and self.base_url:match("^https:")) then
+    return nil, errors.new({ kind = "http", status = meta.status, code = "invalid_upload_url",
+      request_id = meta.request_id, message = ("POST /files answered %d without a usable upload URL: Together's "
+        .. "upload needs an https Location and an X-Together-File-Id"):format(meta.status) }), meta
+  end
+  local _, perr, pmeta = t:call("PUT", nil, { url = url, upload = part.file, body = part.value, stream = true,
+    raw = true, on_progress = o.on_progress, max_retries = o.max_retries, timeout = o.timeout,
+    headers = { "Content-Type: application/octet-stream" } })
+  if perr then return nil, perr, pmeta end
+  return t:call("POST", ("/files/%s/preprocess"):format(http.urlencode(id)),
+    step(o, { fresh_until = now() + math.max(self.config.fresh_window, 1) }))
+end
+
 --- Upload a file (streamed from disk) or bytes made in memory.
+-- For Together (`provider = "together"`) in its three steps: a presigned
+-- URL, the bytes PUT there, then preprocess (the purpose defaults to
+-- `"batch-api"`; `file_type` from the name's extension).
 -- @param file a path, or `{data = string, filename = string}`
 -- @tparam[opt] table params form fields, all sent: purpose (default
 -- `"batch"`), filename, expires_after = {anchor = "created_at", seconds = N}
@@ -199,6 +246,12 @@ function Client:upload(file, params, opts)
   check("upload", "params.filename", params.filename, "string", true)
   check("upload", "params.purpose", params.purpose, "string", true)
   part.filename = params.filename or name
+  if opts and opts.on_progress then
+    local fn = opts.on_progress
+    o.on_progress = function(up, total) fn(up, total) end
+  end
+  local t = transport(self)
+  if self.provider.upload == "presigned" then return finish(o, made(self, presigned(self, t, part, params, o))) end
   local form = { { name = "purpose", value = params.purpose or "batch" } }
   for k, v in pairs(params) do
     if k ~= "purpose" and k ~= "filename" and type(k) == "string" then form_fields(form, k, v) end
@@ -206,11 +259,6 @@ function Client:upload(file, params, opts)
   table.sort(form, function(a, b) return a.name < b.name end)
   form[#form + 1] = part      -- the file last, as the SDKs send it
   o.form = form
-  if opts and opts.on_progress then
-    local fn = opts.on_progress
-    o.on_progress = function(up, total) fn(up, total) end
-  end
-  local t = transport(self)
   local since = os.time() - 300     -- allow for clock skew
   o.recover = function()
     local size = bytes or file_size(file)
@@ -467,7 +515,7 @@ function Client:watcher()
   if not w then
     local client = self
     w = watch.new({ loop = self.scheduler.loop, per_minute = self.config.poll_budget,
-                    dialect = service.DIALECT[self.region],
+                    dialect = self.dialect,
                     retrieve = function(id) return client:retrieve(id) end,
                     list = function(q) return client:list_batches(q) end })
     self.watch = w

@@ -243,7 +243,8 @@ end
 --- Map a transfer's result to a value, or nil and an error object.
 -- @tparam table res the core's result
 -- @tparam table o the call's options (raw: the body as a string; list: a
--- page; answers: the provider's normalisation, see `normalise`)
+-- page; answers: the provider's normalisation, see `normalise`; redirect:
+-- a 3xx answer is a value, its headers)
 -- @treturn value or nil
 -- @treturn ?table the error
 -- @treturn table meta: status, headers, request_id, version
@@ -251,12 +252,14 @@ function M.answer(res, o)
   local h = M.parse_headers(res.headers)
   local meta = { status = res.status, headers = h, version = res.version, time = res.time }
   if res.fail or res.code ~= 0 then return nil, transport_error(res), meta end
-  if res.status < 200 or res.status >= 300 then
+  local moved = o.redirect and res.status >= 300 and res.status < 400
+  if (res.status < 200 or res.status >= 300) and not moved then
     local err = http_error(res, h)
     meta.request_id = err.request_id
     return nil, err, meta
   end
   meta.request_id = request_id(h)
+  if moved then return h, nil, meta end
   if res.path then return res.path, nil, meta end
   if o.raw then return res.body or "", nil, meta end
   local body = res.body or ""
@@ -305,7 +308,8 @@ end
 -- the spec of one attempt
 function Transport:spec(method, path, o)
   local cfg = self.cfg
-  local headers = o.body and self.json_headers or self.headers
+  -- another host's URL (a presigned one) gets none of the client's headers: no key
+  local headers = o.url and {} or o.body and self.json_headers or self.headers
   if o.headers then
     local all = {}
     for i, v in ipairs(headers) do all[i] = v end
@@ -313,10 +317,14 @@ function Transport:spec(method, path, o)
     headers = all
   end
   local timeout = o.timeout or (o.stream and (cfg.transfer_timeout or 0) or cfg.timeout)
+  local url = o.url
+  if not url then
+    url = cfg.base_url .. path .. (cfg.query and ((path:find("?", 1, true) and "&" or "?") .. cfg.query) or "")
+  end
   return {
-    url = cfg.base_url .. path .. (cfg.query and ((path:find("?", 1, true) and "&" or "?") .. cfg.query) or ""),
+    url = url,
     method = method, headers = headers,
-    body = o.body, form = o.form, download = o.download, identity = o.identity,
+    body = o.body, form = o.form, upload = o.upload, download = o.download, identity = o.identity,
     cainfo = cfg.cainfo, capath = cfg.capath, proxy = cfg.proxy, noproxy = cfg.noproxy,
     connect_timeout = cfg.connect_timeout * 1000, timeout = timeout * 1000,
     stall = cfg.stall_timeout * 1000,
@@ -375,7 +383,10 @@ end
 -- listings catch up, and these retries do not count against max_retries.
 -- @tparam string method
 -- @tparam string path the path after the base URL, query included
--- @tparam table o body (JSON string), form, download (a path), raw (the
+-- @tparam table o body (JSON string), form, upload (a path: the whole
+-- body, streamed), url (absolute, instead of the base URL and path: sent
+-- with o.headers only, never the key), redirect (a 3xx answer's headers
+-- are the value), download (a path), raw (the
 -- body as a string), identity (a file's bytes), stream (no whole-request
 -- timeout), timeout (s), max_retries, headers (lines), on_progress(done,
 -- total, direction), recover(err) -> value | nil, stop, fresh_until (a

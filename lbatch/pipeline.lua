@@ -93,9 +93,12 @@ end
 
 -- requests: a .jsonl or .csv path, a list of requests, or an iterator
 -- returning them; a request is {custom_id, body[, url]} or a full line.
+-- The shards follow the rules of `limits`, by default the client's (its
+-- provider's or region's profile: sizes, endpoints, Zhipu's /v4 urls).
 local function shard(opts, dir, client)
+  local limits = opts.limits or client.config.limits
   local w = jsonl.writer({ path = dir .. "/requests.jsonl", endpoint = opts.endpoint, model = opts.model,
-                           limits = opts.limits, max_lines = opts.max_lines, max_bytes = opts.max_bytes,
+                           limits = limits, max_lines = opts.max_lines, max_bytes = opts.max_bytes,
                            unique = "all" })
   local function add(r)
     if type(r) ~= "table" then throw(fail("a request must be a table")) end
@@ -110,7 +113,7 @@ local function shard(opts, dir, client)
       w:close()
       local m, e = csv.to_jsonl(src, { path = dir .. "/requests.jsonl", model = opts.model,
         system = opts.system, endpoint = opts.endpoint, max_lines = opts.max_lines,
-        max_bytes = opts.max_bytes, unique = "all", limits = opts.limits, header = opts.header })
+        max_bytes = opts.max_bytes, unique = "all", limits = limits, header = opts.header })
       if not m then throw(e) end
       w = { close = function() return m end }
     elseif type(src) == "string" then
@@ -223,9 +226,12 @@ local function looked(v, err)
   return v
 end
 
-function Run:find_upload(name)
+-- the shard's upload: its name and all its bytes (a Together upload cut
+-- after its first step leaves a file of that name with none)
+function Run:find_upload(s)
   local client = self.client
-  return looked(recover.upload(function(q) return client:list_files(q) end, { filename = name }))
+  return looked(recover.upload(function(q) return client:list_files(q) end,
+    { filename = s.name, bytes = size_of(s.path) }))
 end
 
 function Run:find_batch(file_id)
@@ -329,7 +335,7 @@ end
 
 function Run:upload(s)
   local f
-  if s.step == "uploading" then f = self:find_upload(s.name) end
+  if s.step == "uploading" then f = self:find_upload(s) end
   if not f then
     if self.tripped then throw(self.tripped) end
     s.step = "uploading"
@@ -523,14 +529,32 @@ local function as_error(e)
                       traceback = debug.traceback(tostring(e), 2) })
 end
 
+-- The run's client: `opts.client`, or one made from the options a
+-- client takes for where it talks (provider, region, base_url, api_key),
+-- as `lbatch.new` makes it; the report holds it (`report.client`).
+local WHERE = { "provider", "region", "base_url", "api_key" }
+local function client_of(fn, opts)
+  local o = {}
+  for _, k in ipairs(WHERE) do
+    if opts[k] ~= nil and opts.client ~= nil then errors.arg(fn, ("opts.client or opts.%s, not both"):format(k)) end
+    o[k] = opts[k]
+  end
+  if opts.client == nil then return require("lbatch.client").new(o) end
+  errors.check(fn, "opts.client", opts.client, "table")
+  return opts.client
+end
+
 --- Run a whole job: shard, upload, create, wait, download, merge.
 -- Killed at any moment and run again on the same `dir`, it resumes from
 -- its journal: nothing is uploaded or created twice.
--- @tparam table opts client, requests (a .jsonl or .csv path, a list of
+-- @tparam table opts client, or what a client is made from here as
+-- `lbatch.new` makes it: provider (`"groq"`, ...), region, base_url,
+-- api_key; requests (a .jsonl or .csv path, a list of
 -- requests, or an iterator returning them; a request is `{custom_id, body[,
 -- url]}` or a whole line), dir, journal (default dir/journal.jsonl),
 -- model, endpoint, system, header (a CSV's first row: true a header, false a
--- request, nil a header when it looks like one), limits (a profile name, as in `jsonl.writer`),
+-- request, nil a header when it looks like one), limits (a profile name, as in `jsonl.writer`;
+-- default the client's: its provider's or region's),
 -- max_lines, max_bytes, max_in_flight (8),
 -- completion_window, metadata (a table, or fn(shard) -> table),
 -- poll_interval, max_poll_interval, poll_factor, resubmit, max_rounds,
@@ -556,12 +580,12 @@ end
 -- Every batch carries `metadata.lbatch_run` and `lbatch_shard` (and, on
 -- DashScope, `ds_name`) beside the given metadata.
 -- @treturn table the report `{shards, results (a reader), outputs,
--- errors, inputs, journal}`, or nil and an error
+-- errors, inputs, journal, client}`, or nil and an error
 function M.run(opts)
   errors.check("pipeline.run", "opts", opts, "table")
-  errors.check("pipeline.run", "opts.client", opts.client, "table")
   errors.check("pipeline.run", "opts.dir", opts.dir, "string")
-  local client = opts.client
+  local client, cerr0 = client_of("pipeline.run", opts)
+  if not client then return nil, cerr0 end
   local made, why = core.mkdir(opts.dir)
   if not made then return nil, errors.io("cannot make", opts.dir, why:gsub("^mkdir [^:]*: ", "")) end
   local path = opts.journal or (opts.dir .. "/journal.jsonl")
@@ -600,7 +624,7 @@ function M.run(opts)
                              quota = quota.new({ tokens = opts.max_enqueued_tokens,
                                                  requests = opts.max_enqueued_requests }),
                              admitted = {}, committed = 0, lines_done = 0, lines_failed = 0, workers = {},
-                             quota_poll = opts.quota_poll or 0.2, dialect = service.DIALECT[client.region] }, Run)
+                             quota_poll = opts.quota_poll or 0.2, dialect = client.dialect }, Run)
   for i, s in ipairs(state.shards) do s.k = s.k or i end
   client:pause()
   -- the cost cap, before anything is uploaded: every shard's bound (input
@@ -689,7 +713,7 @@ function M.run(opts)
   local reader, rerr = results.open({ groups = groups, pause = function() client:pause() end })
   if not reader then return nil, rerr end
   return { shards = state.shards, outputs = outputs, errors = errs, inputs = inputs, journal = path,
-           results = reader }
+           results = reader, client = client }
 end
 
 --- Rebuild a lost journal from the account, so that `run` resumes the
@@ -701,21 +725,22 @@ end
 -- downloading), one with a file resumes creating, the rest are sent.
 -- Resubmissions of an earlier round are not adopted: their round runs
 -- again from the first round's results.
--- @tparam table opts client, dir, run (the run's id: `metadata.lbatch_run`
+-- @tparam table opts client (or provider, region, base_url, api_key, as
+-- `run`), dir, run (the run's id: `metadata.lbatch_run`
 -- of its batches, the prefix of its files' names), requests and the
 -- sharding options `run` took (model, endpoint, system, limits,
 -- max_lines, max_bytes), journal
 -- @treturn table `{run, shards, files, batches}` (counts found), or nil and an error
 function M.adopt(opts)
   errors.check("pipeline.adopt", "opts", opts, "table")
-  errors.check("pipeline.adopt", "opts.client", opts.client, "table")
   errors.check("pipeline.adopt", "opts.dir", opts.dir, "string")
   errors.check("pipeline.adopt", "opts.run", opts.run, "string")
   if not opts.run:find("^[%w_-]+$") then
     return nil, errors.new({ kind = "invalid", code = "invalid_run", param = "run",
       message = ("pipeline.adopt: %q is not a run id"):format(opts.run) })
   end
-  local client = opts.client
+  local client, why0 = client_of("pipeline.adopt", opts)
+  if not client then return nil, why0 end
   local made, why = core.mkdir(opts.dir)
   if not made then return nil, errors.io("cannot make", opts.dir, why:gsub("^mkdir [^:]*: ", "")) end
   local path = opts.journal or (opts.dir .. "/journal.jsonl")

@@ -160,8 +160,9 @@ end
 -- normalise its answers, see `lbatch.http.normalise`: `statuses` raw ->
 -- OpenAI's name, `unwrap` the field a create's answer wraps the batch in,
 -- `list = "array"` a list answered as a bare array, `progress` a percent
--- field instead of `request_counts`), and `source` (what each fact was
--- checked against).
+-- field instead of `request_counts`), `window_default` (the window of a
+-- create that gives none, where it may be left out), and `source` (what
+-- each fact was checked against).
 M.PROVIDERS = {
   dashscope = { regions = { cn = M.REGIONS.cn, intl = M.REGIONS.intl }, region = "cn", prefix = "/compatible-mode/v1",
     key = { "DASHSCOPE_API_KEY", "OPENAI_API_KEY" }, limits = "dashscope",
@@ -179,7 +180,8 @@ M.PROVIDERS = {
     answers = { empty_ids = true },
     source = "openai (npm 6.49.0) lib azure.js; azure-ai-docs how-to/batch.md, includes/global-batch-limits.md" },
   -- groq-sdk (npm 1.6.0): base https://api.groq.com, paths /openai/v1/batches,
-  -- /openai/v1/files; completion_window "24h to 7d"; GROQ_API_KEY
+  -- /openai/v1/files; src/resources/batches.ts: completion_window "24h" to
+  -- "7d", endpoint /v1/chat/completions only, files up to 100 MB; GROQ_API_KEY
   groq = { base_url = "https://api.groq.com/openai/v1", prefix = "/openai/v1", key = { "GROQ_API_KEY" },
     limits = "groq", source = "groq-sdk (npm 1.6.0) resources/batches, resources/files; groq-python batches.py" },
   -- together-ai (npm 0.52.0): lib/upload.js (POST /files?file_name&file_type&purpose
@@ -188,8 +190,9 @@ M.PROVIDERS = {
   -- purpose batch-api; resources/batches.d.ts: create answers {job, warning},
   -- statuses VALIDATING IN_PROGRESS COMPLETED FAILED EXPIRED CANCELLED,
   -- times as strings, progress, the list an Array<BatchJob>
+  -- (src/resources/batches.ts: completion_window optional in BatchCreateParams)
   together = { base_url = "https://api.together.xyz/v1", prefix = "/v1", key = { "TOGETHER_API_KEY" },
-    limits = "together", upload = "presigned", purpose = "batch-api",
+    limits = "together", upload = "presigned", purpose = "batch-api", window_default = "24h",
     answers = { unwrap = "job", list = "array", progress = true, times = true },
     source = "together-ai (npm 0.52.0) lib/upload.js, resources/batches.d.ts; together-py resources/batches.py" },
   -- docs.siliconflow.cn batch guide (documents alone): in_queue, null

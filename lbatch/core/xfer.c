@@ -414,6 +414,7 @@ static int open_download(xfer *x, const char *path, const char *resume) {
 
 /* spec = { url, method = "GET"|"POST"|"DELETE"|..., headers = {"K: V"},
  *          body = string, form = {{name, value | file, filename, type, stream}},
+ *          upload = path (the file is the whole body: a PUT, streamed),
  *          download = path, resume = the temp file a cut attempt kept
  *          (appended to; the caller sends its Range), keep_partial = true
  *          (a cut 2xx download keeps its temp file: result.partial),
@@ -426,7 +427,7 @@ static int open_download(xfer *x, const char *path, const char *resume) {
  * request (a local file) and must be freed. NULL: out of memory. */
 xfer *xfer_new(lua_State *L, int spec) {
   size_t body_len = 0;
-  const char *url, *method, *body, *download, *resume, *cainfo, *capath, *proxy, *noproxy;
+  const char *url, *method, *body, *upload, *download, *resume, *cainfo, *capath, *proxy, *noproxy;
   double timeout, connect_timeout, stall, max_body;
   int identity;
   xfer *x;
@@ -437,6 +438,7 @@ xfer *xfer_new(lua_State *L, int spec) {
   if (!url) luaL_error(L, "lbatch.core: spec.url is required");
   method = opt_string(L, spec, "method", NULL);
   body = opt_string(L, spec, "body", &body_len);
+  upload = opt_string(L, spec, "upload", NULL);
   download = opt_string(L, spec, "download", NULL);
   resume = opt_string(L, spec, "resume", NULL);
   cainfo = opt_string(L, spec, "cainfo", NULL);
@@ -507,7 +509,17 @@ xfer *xfer_new(lua_State *L, int spec) {
     curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, on_seek);   /* rewinds only what was never read */
     curl_easy_setopt(e, CURLOPT_SEEKDATA, &x->body_src);
   }
-  if (!add_form(L, spec, x)) goto fail;
+  if (upload) {
+    /* the file as the body (a presigned URL's PUT): read as a form's file
+     * part is, through the callback that never rewinds a byte sent */
+    if (!open_upload(x, upload)) return x;
+    curl_easy_setopt(e, CURLOPT_UPLOAD, 1L);
+    curl_easy_setopt(e, CURLOPT_INFILESIZE_LARGE, x->file_src.size);
+    curl_easy_setopt(e, CURLOPT_READFUNCTION, on_read);
+    curl_easy_setopt(e, CURLOPT_READDATA, &x->file_src);
+    curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, on_seek);
+    curl_easy_setopt(e, CURLOPT_SEEKDATA, &x->file_src);
+  } else if (!add_form(L, spec, x)) goto fail;
   if (x->fail) return x;
   if (!add_headers(L, spec, x)) goto fail;
   if (method && strcmp(method, "GET") == 0) curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);

@@ -42,7 +42,19 @@ describe("lbatch.pipeline before any request", function()
   end)
 
   it("raises on what is a programming error", function()
-    assert.has_error(function() pipeline.run({ dir = "x" }) end)
+    assert.has_error(function() pipeline.run({ dir = "x", client = "c" }) end)
     assert.has_error(function() pipeline.run({ client = offline() }) end)
+    -- a client, or what one is made from (provider, region, ...), not both
+    assert.has_error(function() pipeline.run({ client = offline(), provider = "groq", dir = "x" }) end,
+      "lbatch.pipeline.run: opts.client or opts.provider, not both")
+    assert.has_error(function() pipeline.adopt({ client = offline(), region = "intl", dir = "x", run = "r" }) end,
+      "lbatch.pipeline.adopt: opts.client or opts.region, not both")
+  end)
+
+  it("makes its client from a provider like a region, and refuses a provider it does not know", function()
+    local _, err = pipeline.run({ provider = "groq", api_key = "k", base_url = "http://127.0.0.1:9", dir = H.tmpdir(),
+                                  requests = {} })
+    assert.matches("no requests", err.message)
+    assert.has_error(function() pipeline.run({ provider = "nope", api_key = "k", dir = "x" }) end)
   end)
 end)

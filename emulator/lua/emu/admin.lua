@@ -30,10 +30,12 @@ function A.count(route, id)
 end
 
 -- the last API request, for specs that check what a client sent: method,
--- path, query, and what its handler noted (body, form fields)
+-- path, query, auth, and what its handler noted (body, form fields)
+-- (auth: "api-key" or "bearer", the scheme it came by, not the key)
 function A.begin(method, path, query, headers)
-  headers.authorization = nil                 -- the key is not kept
-  last = { method = method, path = path, query = query, headers = headers }
+  local auth = headers["api-key"] and "api-key" or headers.authorization and "bearer" or nil
+  headers.authorization, headers["api-key"] = nil, nil      -- the key is not kept
+  last = { method = method, path = path, query = query, headers = headers, auth = auth }
 end
 function A.note(k, v) last[k] = v end
 

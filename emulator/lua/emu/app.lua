@@ -19,13 +19,16 @@ local A = {}
 local cfg
 
 -- method, path pattern (captures the id), route name (for stats), rate
--- limit class, handler(id or args)
+-- limit class, handler(id or args), "args" (the handler takes the query),
+-- "signed" (a presigned URL: its signature, not the key, lets it in)
 local ROUTES = {
   { "POST", "^/v1/files$", "POST /files", nil, files.upload },
   { "GET", "^/v1/files$", "GET /files", nil, files.list, "args" },
   { "GET", "^/v1/files/([^/]+)$", "GET /files/{id}", nil, files.get },
   { "DELETE", "^/v1/files/([^/]+)$", "DELETE /files/{id}", nil, files.delete },
   { "GET", "^/v1/files/([^/]+)/content$", "GET /files/{id}/content", nil, files.content },
+  { "POST", "^/v1/files/([^/]+)/preprocess$", "POST /files/{id}/preprocess", nil, files.preprocess },
+  { "PUT", "^/_presigned/([^/]+)$", "PUT presigned", nil, files.put_presigned, nil, "signed" },
   { "POST", "^/v1/batches$", "POST /batches", "create", batches.create },
   { "GET", "^/v1/batches$", "GET /batches", "list", batches.list, "args" },
   { "GET", "^/v1/batches/([^/]+)$", "GET /batches/{id}", "retrieve", batches.get },
@@ -54,7 +57,7 @@ function A.handle()
   if fault and fault.delay then ngx.sleep(tonumber(fault.delay) or 0) end
   local r, id = route(method, path)
   if r then admin.count(r[3], id) end
-  if not guard.authorized() then
+  if not (r and r[7] == "signed") and not guard.authorized() then
     return respond.send(respond.err(401, "invalid_api_key",
       "Incorrect or missing API key (Authorization: Bearer KEY)."), fault)
   end

@@ -81,6 +81,7 @@ function B.create()
     table.sort(list)
     return err(400, "invalid_endpoint", "endpoint must be one of " .. table.concat(list, ", ") .. ".", "endpoint")
   end
+  if req.completion_window == nil then req.completion_window = require("emu.providers").default_window() end
   local hours = window_hours(req.completion_window)
   if not hours then
     return err(400, "invalid_completion_window", cfg.dialect == "openai" and cfg.profile.max_window_hours == 24
@@ -102,9 +103,13 @@ function B.create()
   if not f or not_yet(fid) then
     return err(404, "file_not_found", ("No such file: %s"):format(fid), "input_file_id")
   end
-  if f.purpose ~= "batch" then
-    return err(422, "invalid_input_file", ("File %s has purpose %q, not \"batch\"."):format(fid, f.purpose),
+  local purpose = require("emu.providers").purpose()
+  if f.purpose ~= purpose then
+    return err(422, "invalid_input_file", ("File %s has purpose %q, not %q."):format(fid, f.purpose, purpose),
       "input_file_id")
+  end
+  if f.status == "pending" then        -- Together's upload without its PUT
+    return err(400, "file_not_uploaded", ("File %s has no bytes yet."):format(fid), "input_file_id")
   end
   local owner = guard.owner()
   -- the running cap: --rate-limits' (the profile's), or running_cap's own

@@ -1,5 +1,6 @@
--- The Files API: upload (multipart, spooled to disk by nginx), list, get,
--- delete and content.
+-- The Files API: upload (multipart, spooled to disk by nginx; Together's
+-- three steps: presign, the signed PUT, preprocess), list, get, delete and
+-- content.
 local respond = require "emu.respond"
 local store = require "emu.store"
 local util = require "emu.util"
@@ -7,6 +8,7 @@ local multipart = require "emu.multipart"
 local admin = require "emu.admin"
 local modes = require "emu.modes"
 local batches = require "emu.batches"
+local providers = require "emu.providers"
 
 local F = {}
 local cfg
@@ -23,7 +25,8 @@ function F.init(config) cfg = config end
 
 local function public(f)
   return { id = f.id, object = "file", bytes = f.bytes, created_at = f.created_at,
-           filename = f.filename, purpose = f.purpose, status = f.status, expires_at = f.expires_at }
+           filename = f.filename, purpose = f.purpose, status = f.status, expires_at = f.expires_at,
+           file_type = f.file_type }
 end
 
 -- expires_after[anchor] and expires_after[seconds] (OpenAI): seconds, or
@@ -44,6 +47,7 @@ function F.upload()
   local quota = batches.insufficient_quota()
   if quota then return quota end
   local boundary = multipart.boundary(ngx.var.http_content_type)
+  if not boundary and providers.presigned() then return F.presign() end
   if not boundary then
     return err(400, "invalid_request", "Content-Type must be multipart/form-data with a boundary.")
   end
@@ -80,6 +84,7 @@ function F.upload()
   end
   local allowed = cfg.dialect == "dashscope" and { batch = true, ["file-extract"] = true }
     or { batch = true, assistants = true, ["fine-tune"] = true, vision = true, user_data = true, evals = true }
+  allowed[providers.purpose()] = true
   if not allowed[purpose] then
     os.remove(part)
     return err(400, "invalid_purpose", ("purpose %q is not supported; use \"batch\"."):format(purpose), "purpose")
@@ -95,6 +100,123 @@ function F.upload()
   assert(os.rename(part, store.blob(id)))
   store.put_file(f)
   batches.made(id)
+  return json(200, public(f))
+end
+
+-- ------------------------------------------------------------ Together's upload
+-- together-ai (npm 0.52.0) src/lib/upload.ts: POST {base}/files?file_name=
+-- &file_type=&purpose= (the same fields urlencoded in the body) with
+-- redirect "manual", a 302 wanted, its Location and X-Together-File-Id
+-- read; PUT the bytes to Location (Content-Type application/octet-stream,
+-- no key), 200 wanted; then GET /files/{id}. together-py
+-- src/together/lib/resources/files.py (UploadManager) sends the fields as a
+-- JSON body and ends with POST /files/{id}/preprocess instead. Both answer
+-- the file; a file whose bytes never came cannot be a batch's input.
+
+local FILE_TYPES = { jsonl = true, parquet = true, csv = true }
+local MAX_FIELD = 64 * 1024
+
+-- the fields of the first step: the query, then an urlencoded or JSON body
+local function presign_fields()
+  local fields = ngx.req.get_uri_args(20)
+  ngx.req.read_body()
+  local data = ngx.req.get_body_data()
+  local path = not data and ngx.req.get_body_file()
+  if path then
+    local fh = io.open(path, "rb")
+    data = fh and fh:read(MAX_FIELD)
+    if fh then fh:close() end
+  end
+  if data and data ~= "" then
+    local ok, obj = pcall(require("cjson").decode, data)
+    if not ok or type(obj) ~= "table" then obj = ngx.decode_args(data, 20) end
+    for k, v in pairs(obj) do if fields[k] == nil then fields[k] = v end end
+  end
+  return fields
+end
+function F.presign()
+  local fields = presign_fields()
+  admin.note("form", fields)
+  local purpose, name, ftype = fields.purpose, fields.file_name, fields.file_type or "jsonl"
+  if type(name) ~= "string" or name == "" then
+    return err(400, "missing_file_name", "file_name is required.", "file_name")
+  end
+  if purpose ~= providers.purpose() and purpose ~= "fine-tune" and purpose ~= "eval" then
+    return err(400, "invalid_purpose", ("purpose %q is not supported; use %q."):format(tostring(purpose),
+      providers.purpose()), "purpose")
+  end
+  if not FILE_TYPES[ftype] then
+    return err(400, "invalid_file_type", "file_type must be jsonl, parquet or csv.", "file_type")
+  end
+  local id = "file-" .. util.uuid()
+  local f = { id = id, object = "file", bytes = 0, created_at = math.floor(store.now()),
+              filename = name:match("([^/\\]+)$") or name, purpose = purpose, status = "pending",
+              file_type = ftype, signature = util.hex(32) }
+  store.put_file(f)
+  local host = ngx.var.http_host or ("127.0.0.1:" .. cfg.port)
+  return { status = 302, body = "", headers = {
+    Location = ("%s://%s/_presigned/%s?signature=%s"):format(cfg.scheme or "http", host, id, f.signature),
+    ["X-Together-File-Id"] = id } }
+end
+
+-- the signed PUT: the bytes, streamed from nginx's body file into the blob
+local function unknown()
+  return err(404, "unknown_url", ("Invalid URL (%s %s)"):format(ngx.req.get_method(), ngx.var.uri))
+end
+
+function F.put_presigned(id)
+  if not providers.presigned() then return unknown() end
+  local f = store.files[id]
+  if not f or f.status ~= "pending" or ngx.var.arg_signature ~= f.signature then
+    return err(403, "signature_does_not_match", "The request signature does not match, or the URL was used.")
+  end
+  -- a signed URL takes no other credentials (S3 answers 400 "Only one auth
+  -- mechanism allowed"): a client that sends its key there leaks it
+  if ngx.var.http_authorization or ngx.var.http_api_key then
+    return err(400, "invalid_argument", "Only one auth mechanism allowed: the URL is signed, "
+      .. "so no Authorization header.")
+  end
+  ngx.req.read_body()
+  local src = ngx.req.get_body_file()
+  local data = not src and (ngx.req.get_body_data() or "")
+  local tmp = store.blob(id) .. ".part"
+  local out = assert(io.open(tmp, "wb"))
+  local bytes = 0
+  if data then
+    out:write(data)
+    bytes = #data
+  else
+    local fh = assert(io.open(src, "rb"))
+    while true do
+      local chunk = fh:read(1024 * 1024)
+      if not chunk then break end
+      out:write(chunk)
+      bytes = bytes + #chunk
+    end
+    fh:close()
+  end
+  out:close()
+  if bytes > MAX_UPLOAD then
+    os.remove(tmp)
+    return err(413, "file_too_large", "The file is larger than 500 MB.", "file")
+  end
+  assert(os.rename(tmp, store.blob(id)))
+  f.bytes, f.status, f.signature = bytes, "uploaded", nil
+  store.put_file(f)
+  batches.made(id)
+  return { status = 200, body = "" }
+end
+
+function F.preprocess(id)
+  if not providers.presigned() then return unknown() end
+  local f = store.files[id]
+  if not f then return err(404, "file_not_found", ("No such file: %s"):format(id), "file_id") end
+  if f.status == "pending" then
+    return err(400, "file_not_uploaded", ("File %s has no bytes yet: PUT them to its upload URL."):format(id),
+      "file_id")
+  end
+  f.status = "processed"
+  store.put_file(f)
   return json(200, public(f))
 end
 

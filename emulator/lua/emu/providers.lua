@@ -14,6 +14,15 @@ function P.init(name)
   provider = name and service.PROVIDERS[name] or nil
 end
 
+-- the purpose of a batch's input file (Together's batch-api)
+function P.purpose() return provider and provider.purpose or "batch" end
+
+-- the window of a create that gives none (nil: it is required)
+function P.default_window() return provider and provider.window_default end
+
+-- does the provider upload in Together's three steps?
+function P.presigned() return provider ~= nil and provider.upload == "presigned" end
+
 local function escape(s) return (s:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%1")) end
 
 -- the request's path as OpenAI's (/v1/...): the provider's prefix (Azure's
@@ -53,11 +62,12 @@ local function batch(b)
   if name == "together" then
     local c = type(b.request_counts) == "table" and b.request_counts or {}
     local total = tonumber(c.total) or 0
+    local input = require("emu.store").files[b.input_file_id]
     local out = { id = b.id, user_id = "user-emulator", input_file_id = b.input_file_id, endpoint = b.endpoint,
       model_id = b.model or cjson.null, status = CAPS[b.status] or b.status, created_at = iso(b.created_at),
       completed_at = iso(b.completed_at or b.failed_at or b.cancelled_at or b.expired_at) or cjson.null,
       job_deadline = iso(b.expires_at) or cjson.null, output_file_id = b.output_file_id or cjson.null,
-      error_file_id = b.error_file_id or cjson.null, file_size_bytes = 0,
+      error_file_id = b.error_file_id or cjson.null, file_size_bytes = input and input.bytes or 0,
       progress = total > 0 and math.floor(100 * ((c.completed or 0) + (c.failed or 0)) / total) or 0 }
     return out
   elseif name == "novita" then
@@ -78,6 +88,25 @@ local function batch(b)
   return b
 end
 
+-- Together's file (together-ai 0.52.0 src/resources/files.ts FileResponse:
+-- FileType, Processed beside OpenAI's fields; FileList is {data})
+local function together_file(f)
+  f.FileType, f.file_type = f.file_type or "jsonl", nil
+  f.Processed = f.status == "processed"
+  return f
+end
+
+local function files(route, v, res)
+  if route == "GET /files" then
+    local data = type(v.data) == "table" and v.data or {}
+    for i, f in ipairs(data) do data[i] = together_file(f) end
+    res.body = #data > 0 and cjson.encode({ data = data }) or '{"data":[]}'
+  elseif v.object == "file" and v.deleted == nil then
+    res.body = cjson.encode(together_file(v))
+  end
+  return res
+end
+
 -- an answer in the provider's shape: route is the route's name ("POST
 -- /batches", ...), res the answer OpenAI's dialect made
 function P.answer(route, res)
@@ -91,6 +120,7 @@ function P.answer(route, res)
     end
     return res
   end
+  if P.name == "together" and (route or ""):find("/files", 1, true) then return files(route, v, res) end
   if not (route or ""):find("/batches", 1, true) then return res end
   if route == "GET /batches" then
     local data = type(v.data) == "table" and v.data or {}
