@@ -544,6 +544,19 @@ Results.__index = Results
 --- Each item's result `{key, ok, value | error}`, in the items' order.
 function Results:each() return each_line(self.path) end
 
+--- The results of a flow that has finished in `dir`.
+-- @tparam string dir
+-- @treturn table a reader (`:each()`: `{key, ok, value | error}`, in the
+-- items' order), or nil and an `io` error when the flow has not finished
+function M.results(dir)
+  errors.check("flow.results", "dir", dir, "string")
+  local path = dir .. "/results.jsonl"
+  local fh, msg = io.open(path, "rb")
+  if not fh then return nil, errors.io("cannot read", path, msg) end
+  fh:close()
+  return setmetatable({ path = path }, Results)
+end
+
 local function check(name, opts)
   errors.check(name, "opts", opts, "table")
   errors.check(name, "opts.dir", opts.dir, "string")
@@ -606,7 +619,7 @@ function M.run(opts)
   for _, r in ipairs(st.rounds) do asks, batches = asks + r.asks, batches + (r.batches or 0) end
   return { items = st.items, done = st.done, failed = st.failed, rounds = st.rounds, asks = asks,
            batches = batches, tokens = st.tokens, cost = st.cost, dir = run.dir,
-           results = setmetatable({ path = run.dir .. "/results.jsonl" }, Results) }
+           results = M.results(run.dir) }
 end
 
 --- What a flow's first round will send, and what cannot be known before
