@@ -685,22 +685,13 @@ function run.flow(o, pos)
     return nil, errors.new({ kind = "invalid", code = "bad_script",
       message = pos[1] .. " must return a table with a step function (lbatch.flow)" })
   end
-  local prices
-  if o.prices then
-    local fh, msg = io.open(o.prices, "rb")
-    if not fh then return nil, errors.io("cannot read", o.prices, msg) end
-    local okp, v = pcall(json.decode, fh:read("*a"))
-    fh:close()
-    if not okp or type(v) ~= "table" then return nil, usage_error(o.prices .. " is not a JSON object of prices") end
-    prices = v
-  end
   local dir = o.dir or (o.items .. ".flow")
   local quiet = o.json
   local report, err = require("lbatch.flow").run({
     client = client(o), dir = dir, items = o.items, step = script.step, key = script.key,
     model = o.model or script.model, limits = limits, max_lines = n.max_lines, max_in_flight = n.max_in_flight,
     poll_interval = n.poll, on_change = o.ask_again and "ask_again" or script.on_change,
-    max_cost = n.max_cost, prices = prices,
+    max_cost = n.max_cost, prices = o.prices,
     on_progress = function(p)
       if quiet or p.batches then return end
       io.stderr:write(("round %d: %d of %d items done, %d failed, %d tokens\n"):format(p.round, p.done, p.items,

@@ -332,7 +332,14 @@ function Run:write(id, req)
     for k, v in pairs(req) do if not SKIP[k] or k == "input" then o[k] = v end end
     ok, err = w:embedding(id, o)
   else ok, err = w:chat(id, req) end
-  if not ok and err.kind == "io" then throw(err) end
+  if not ok and (err.kind == "io" or err.code == "duplicate_custom_id") then
+    if err.kind ~= "io" then
+      err = fail("duplicate_key", ("two items have the key %s: keys must be unique"):format(id:match("^(.*)#")),
+        { param = "key" })
+    end
+    self.failure = self.failure or err          -- the run's, not the item's: its step cannot catch it
+    throw(err)
+  end
   if ok then self.asks = self.asks + 1 end
   return ok, err
 end
@@ -377,7 +384,7 @@ function Run:count(rec)
   local p, c = tonumber(u.prompt_tokens or u.input_tokens) or 0, tonumber(u.completion_tokens or u.output_tokens) or 0
   local st = self.state
   st.tokens = st.tokens + p + c
-  local price = type(self.opts.prices) == "table" and self.opts.prices[rec.model or ""]
+  local price = self.prices and self.prices[rec.model or ""]
   if price then st.cost = st.cost + cost.of(p, c, price, self.opts.discount) end
 end
 
@@ -437,10 +444,17 @@ function Run:pass(R)
       end
       write_line(sfh, spath, entry)
     else
-      local ok = how == "done"
-      if ok then done = done + 1 else failed = failed + 1 end
-      write_line(dfh, dpath, { i = entry.i, key = entry.k, ok = ok, value = ok and v or nil,
-                               error = not ok and v or nil })
+      local rec = { i = entry.i, key = entry.k, ok = how == "done" }
+      if rec.ok then rec.value = v else rec.error = v end
+      local okj, line = pcall(encode, rec)
+      if not okj then
+        rec = { i = entry.i, key = entry.k, ok = false,
+                error = "flow: the step's value is not JSON: " .. tostring(line) }
+        line = encode(rec)
+      end
+      if rec.ok then done = done + 1 else failed = failed + 1 end
+      local wok, msg = dfh:write(line, "\n")
+      if not wok then throw(errors.io("cannot write", dpath, msg)) end
     end
     if pause and n % 256 == 0 then pause() end
   end
@@ -571,7 +585,9 @@ local function new_run(opts)
   local made, why = core.mkdir(opts.dir)
   if not made then return nil, errors.io("cannot make", opts.dir, why) end
   local client = opts.client
-  return setmetatable({ opts = opts, dir = opts.dir, client = client, on_change = opts.on_change,
+  local prices, perr = estimate.prices(opts.prices)
+  if perr then return nil, perr end
+  return setmetatable({ opts = opts, dir = opts.dir, client = client, on_change = opts.on_change, prices = prices,
                         pause = client and function() client:pause() end or nil }, Run)
 end
 

@@ -147,6 +147,21 @@ describe("flow.run", function()
     assert.are.equal("max_cost", err.code)
   end)
 
+  it("refuses two items of one key, and keeps a value that is not JSON as the item's error", function()
+    local function step(item, ask)
+      assert(ask{ model = "qwen-plus", prompt = item.text })
+      if item.id == "i2" then return function() end end
+      return false
+    end
+    local _, err = run({ items = { { id = "a", text = "x" }, { id = "a", text = "y" } }, step = step })
+    assert.are.equal("duplicate_key", err.code)
+    assert.matches("two items have the key a", err.message)
+    local rs = list_of(assert(run({ items = items(2), step = step })))
+    assert.are.same({ true, false }, { rs[1].ok, rs[1].value })
+    assert.is_false(rs[2].ok)
+    assert.matches("not JSON", rs[2].error)
+  end)
+
   it("raises when ask is called outside a step", function()
     assert.has_error(function() flow.all({ function() end }) end)
   end)
