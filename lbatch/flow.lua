@@ -320,8 +320,6 @@ end
 local Run = {}
 Run.__index = Run
 
-local SKIP = { body = true, url = true, input = true }
-
 -- an ask's request line, through the round's writer (its rules, its shards)
 function Run:write(id, req)
   local w = self.writer
@@ -329,7 +327,7 @@ function Run:write(id, req)
   if req.body then ok, err = w:add(id, req.body, req.url)
   elseif req.input ~= nil then
     local o = {}
-    for k, v in pairs(req) do if not SKIP[k] or k == "input" then o[k] = v end end
+    for k, v in pairs(req) do if k ~= "url" then o[k] = v end end
     ok, err = w:embedding(id, o)
   else ok, err = w:chat(id, req) end
   if not ok and (err.kind == "io" or err.code == "duplicate_custom_id") then
@@ -340,7 +338,6 @@ function Run:write(id, req)
     self.failure = self.failure or err          -- the run's, not the item's: its step cannot catch it
     throw(err)
   end
-  if ok then self.asks = self.asks + 1 end
   return ok, err
 end
 
@@ -398,7 +395,6 @@ function Run:pass(R)
   if not made then throw(errors.io("cannot make", rdir, why)) end
   self.writer = jsonl.writer({ path = rdir .. "/asks.jsonl", model = opts.model, limits = opts.limits,
                                max_lines = opts.max_lines, max_bytes = opts.max_bytes, endpoint = opts.endpoint })
-  self.asks = 0
   local spath, dpath = rdir .. "/state.jsonl", rdir .. "/done.jsonl"
   local sfh, dfh = create(spath), create(dpath)
   local entries, answer
@@ -408,9 +404,9 @@ function Run:pass(R)
       local item, k = it()
       if item == nil then return nil end
       i = i + 1
-      item = normalize(decode(encode(item)))           -- as every later round will see it
+      if type(item) == "table" then item = normalize(decode(encode(item))) end   -- as later rounds see it
       k = key and key(item) or first_key(item) or k
-      if type(k) == "number" then k = ("%d"):format(k) end
+      if type(k) == "number" then k = k == math.floor(k) and ("%d"):format(k) or tostring(k) end
       if type(k) ~= "string" or k == "" then
         throw(fail("no_key", ("item %d has no key (custom_id, id or a first column): give key = function(item)")
           :format(i)))
