@@ -193,7 +193,8 @@ elseif mode == "flow" then
   local client = lbatch.new({ max_connections = 16, timeout = 600 })
   local t0 = now()
   local report = assert(flow.run({ client = client, dir = dir .. "/flow", items = path, key = judge.key,
-    step = judge.step, max_lines = tonumber(os.getenv("FLOW_MAX_LINES") or "10000"), max_in_flight = 100,
+    step = judge.step, max_lines = tonumber(os.getenv("FLOW_MAX_LINES") or "10000"),
+    max_in_flight = tonumber(os.getenv("FLOW_IN_FLIGHT") or "8"),
     poll_interval = 0.2, poll_factor = 1,
     metadata = { emulator_line_seconds = os.getenv("LINE_SECONDS") or "0.002" } }))
   local wall = now() - t0
