@@ -111,6 +111,20 @@ describe("flow.run", function()
       .. "Emulated answer (qwen-plus): b i2", r.value[2])
   end)
 
+  it("takes embedding asks and raw bodies, each on its own endpoint's shard", function()
+    local report = assert(run({ items = items(2), step = function(item, ask)
+      local e = assert(ask{ model = "text-embedding-v3", input = item.text })
+      local raw = assert(ask{ url = "/v1/chat/completions", body = { model = "qwen-plus",
+        messages = { { role = "user", content = "raw " .. item.text } } } })
+      return { dims = #e.embedding, content = raw.content }
+    end }))
+    local r = list_of(report)[2]
+    assert.is_true(r.value.dims > 0)
+    assert.are.equal("Emulated answer (qwen-plus): raw item 2", r.value.content)
+    assert.are.same({ "/v1/embeddings" }, { report.rounds[1].files[1].endpoint })
+    assert.are.same({ "/v1/chat/completions" }, { report.rounds[2].files[1].endpoint })
+  end)
+
   it("reads items from a CSV (the first column the key) and from JSON lines", function()
     local dir = H.tmpdir()
     H.write(dir .. "/q.csv", "qid,question\nq1,What?\nq2,\"Why, then?\"\n")
