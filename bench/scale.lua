@@ -8,6 +8,10 @@
 --   naive DIR        every answer decoded into one Lua table, then the inputs
 --   pipeline N DIR   N requests through lbatch.pipeline on the emulator
 --   jobs N           N batches in flight at once, watched by one client
+--   flow N DIR       a three-step flow (answer, judge, revise the low
+--                    scorers: spec/fixtures/judge_flow.lua) over N items
+--                    on the emulator, read from a JSON-lines file; prints
+--                    the flow process's own peak RSS (VmHWM)
 --   quota N K        N shards of one model under an enqueued-token limit
 --                    that holds K of them (the emulator's token_limit mode)
 -- Each prints one line of figures; bench/scale adds wall, CPU and RSS.
@@ -177,6 +181,29 @@ elseif mode == "pipeline" then
     n / t_merge, status / shards, limited))
   client:close()
 
+elseif mode == "flow" then
+  local lbatch = require "lbatch"
+  local flow = require "lbatch.flow"
+  local judge = dofile("spec/fixtures/judge_flow.lua")
+  local n, dir = tonumber(a), b
+  local path = dir .. "/items.jsonl"
+  local fh = assert(io.open(path, "wb"))
+  for i = 1, n do fh:write(('{"id":"q%07d","question":"Question %d: what is %d + %d?"}\n'):format(i, i, i, i)) end
+  fh:close()
+  local client = lbatch.new({ max_connections = 16, timeout = 600 })
+  local t0 = now()
+  local report = assert(flow.run({ client = client, dir = dir .. "/flow", items = path, key = judge.key,
+    step = judge.step, max_lines = tonumber(os.getenv("FLOW_MAX_LINES") or "10000"),
+    max_in_flight = tonumber(os.getenv("FLOW_IN_FLIGHT") or "8"),
+    poll_interval = 0.2, poll_factor = 1,
+    metadata = { emulator_line_seconds = os.getenv("LINE_SECONDS") or "0.002" } }))
+  local wall = now() - t0
+  local status = io.open("/proc/self/status"):read("*a")
+  local hwm = tonumber(status:match("VmHWM:%s*(%d+)")) or 0
+  print(("%d items done in %d rounds, %d asks, %d batches, %.0f asks/s; flow process peak RSS %.1f MB"):format(
+    report.done, #report.rounds - 1, report.asks, report.batches, report.asks / wall, hwm / 1024))
+  client:close()
+
 elseif mode == "jobs" then
   local lbatch = require "lbatch"
   local n = tonumber(a)
@@ -276,7 +303,7 @@ elseif mode == "quota" then
   os.execute("rm -rf " .. dir)
   client:close()
 else
-  io.stderr:write("usage: bench/scale.lua gen N DIR | merge DIR | single DIR | naive DIR | pipeline N DIR | jobs N"
-    .. " | quota N K\n")
+  io.stderr:write("usage: bench/scale.lua gen N DIR | merge DIR | single DIR | naive DIR | pipeline N DIR"
+    .. " | flow N DIR | jobs N | quota N K\n")
   os.exit(2)
 end

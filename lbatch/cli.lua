@@ -52,6 +52,22 @@ with the same --dir, it resumes where it stopped.
   --max-cost X         refuse the run (before any upload) when it may cost more
   --prices FILE        the prices --max-cost needs (as estimate's --prices)
   --bom                a byte-order mark in a CSV output]] },
+  flow = { args = "SCRIPT", help = [[
+Run a flow: SCRIPT returns {step = function(item, ask) ... end, key = ...}
+(lbatch.flow), each item's steps as plain Lua, the asks sent in rounds of
+batches. Killed and started again with the same --dir, it goes on where
+it stopped: no ask is sent twice.
+  --items FILE         the items: a .csv with a header row, or .jsonl objects (required)
+  --dir DIR            work directory and journal (default: FILE.flow)
+  --output FILE        the results, one JSON line an item (default: DIR/results.jsonl)
+  --model M            the model of asks that name none
+  --limits L           the rules the shards are written to (as validate's)
+  --max-in-flight N    jobs at once (default 8)
+  --max-lines N        lines per shard (default the limits')
+  --poll SECONDS       first poll interval (default $LBATCH_POLL_INTERVAL, else 60)
+  --ask-again          ask again what the step now asks differently (default: stop, naming it)
+  --max-cost X         stop before a round that may bring the cost past X
+  --prices FILE        the prices --max-cost needs (as estimate's --prices)]] },
   adopt = { args = "INPUT", help = [[
 Rebuild a lost journal from the account, so that run resumes without paying twice.
 INPUT and the sharding options are run's; the shards are matched to the
@@ -145,11 +161,11 @@ service keeps at most 10,000 files or 100 GB.
   --purpose P        batch and batch_output by default; "all" for every purpose
   --dry-run          list what would go, delete nothing]] },
 }
-local ORDER = { "run", "adopt", "submit", "status", "list", "cancel", "download", "validate", "estimate", "results",
-                "csv2jsonl", "files", "rm", "prune", "top", "report" }
+local ORDER = { "run", "flow", "adopt", "submit", "status", "list", "cancel", "download", "validate", "estimate",
+                "results", "csv2jsonl", "files", "rm", "prune", "top", "report" }
 
 local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = true, bom = true,
-                  header = true, no_header = true, dry_run = true }
+                  header = true, no_header = true, dry_run = true, ask_again = true }
 
 local function usage()
   local t = { "Usage: lbatch COMMAND [options]\n\nCommands:" }
@@ -653,6 +669,48 @@ function run.run(o, pos)
     ("%s: %d requests, %d ok, %d failed, %d missing, %d tokens, %d shard(s)"):format(
       output, s.total, s.ok, s.failed, s.missing, s.total_tokens, #report.shards))
   return (bad > 0 or s.missing > 0) and 3 or 0
+end
+
+function run.flow(o, pos)
+  if not o.items then return nil, usage_error("--items FILE is required") end
+  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost")
+  if not n then return nil, nerr end
+  if n.max_cost and not o.prices then return nil, usage_error("--max-cost needs --prices FILE") end
+  local limits, lerr = limits_of(o)
+  if not limits then return nil, lerr end
+  local chunk, why = loadfile(pos[1])
+  if not chunk then return nil, errors.new({ kind = "invalid", code = "bad_script", message = why }) end
+  local script = chunk()
+  if type(script) ~= "table" or type(script.step) ~= "function" then
+    return nil, errors.new({ kind = "invalid", code = "bad_script",
+      message = pos[1] .. " must return a table with a step function (lbatch.flow)" })
+  end
+  local dir = o.dir or (o.items .. ".flow")
+  local quiet = o.json
+  local report, err = require("lbatch.flow").run({
+    client = client(o), dir = dir, items = o.items, step = script.step, key = script.key,
+    model = o.model or script.model, limits = limits, max_lines = n.max_lines, max_in_flight = n.max_in_flight,
+    poll_interval = n.poll, on_change = o.ask_again and "ask_again" or script.on_change,
+    max_cost = n.max_cost, prices = o.prices,
+    on_progress = function(p)
+      if quiet or p.batches then return end
+      io.stderr:write(("round %d: %d of %d items done, %d failed, %d tokens\n"):format(p.round, p.done, p.items,
+        p.failed, p.tokens))
+    end,
+  })
+  if not report then return nil, err end
+  local output = o.output or (dir .. "/results.jsonl")
+  if output ~= dir .. "/results.jsonl" then
+    local f, msg = io.open(output, "wb")
+    if not f then return nil, errors.io("cannot write", output, msg) end
+    for r in report.results:each() do f:write(json.encode(r), "\n") end
+    f:close()
+  end
+  out(o, { output = output, items = report.items, done = report.done, failed = report.failed, asks = report.asks,
+           rounds = #report.rounds, batches = report.batches, tokens = report.tokens },
+    ("%s: %d items, %d done, %d failed; %d asks in %d rounds, %d batches, %d tokens"):format(output,
+      report.items, report.done, report.failed, report.asks, #report.rounds, report.batches, report.tokens))
+  return 0
 end
 
 function run.adopt(o, pos)

@@ -97,6 +97,29 @@ local function check_prices(prices, name)
   return prices
 end
 
+--- Prices as `files` takes them, checked: a table `{[model] = {input =
+-- P, output = P}}` or the path of a JSON file of it.
+-- @param prices a table, a path or nil
+-- @treturn ?table the prices (nil for none), or nil and an `io` or `invalid` error
+function M.prices(prices)
+  local given = prices
+  if type(prices) == "string" then
+    local fh, msg = io.open(prices, "rb")
+    if not fh then return nil, errors.io("cannot read", prices, msg) end
+    local text, rerr = fh:read("*a")
+    fh:close()
+    if not text then return nil, errors.io("cannot read", given, rerr) end
+    local why
+    prices, why = safe_decode(text)
+    if prices == nil then
+      return nil, errors.new({ kind = "invalid", code = "invalid_prices", param = "prices",
+        message = ("prices %s: not JSON (%s)"):format(given, tostring(why)) })
+    end
+  end
+  if prices == nil then return nil end
+  return check_prices(prices, type(given) == "string" and given or "table")
+end
+
 --- The method of `estimate`'s token counts, in words.
 M.METHOD = "input tokens are approximate: 1 per CJK character, 1 per 4 other characters "
   .. "(rounded up per model); output tokens are at most the sum of max_tokens (or max_completion_tokens, "
@@ -135,25 +158,8 @@ function M.files(paths, opts)
   if type(discount) ~= "number" or discount ~= discount or discount < 0 then
     errors.arg("estimate.files", "opts.discount must be a number from 0")
   end
-  local prices = opts.prices
-  if type(prices) == "string" then
-    local fh, msg = io.open(prices, "rb")
-    if not fh then return nil, errors.io("cannot read", prices, msg) end
-    local text, rerr = fh:read("*a")
-    fh:close()
-    if not text then return nil, errors.io("cannot read", opts.prices, rerr) end
-    local why
-    prices, why = safe_decode(text)
-    if prices == nil then
-      return nil, errors.new({ kind = "invalid", code = "invalid_prices", param = "prices",
-        message = ("prices %s: not JSON (%s)"):format(opts.prices, tostring(why)) })
-    end
-  end
-  if prices ~= nil then
-    local err
-    prices, err = check_prices(prices, type(opts.prices) == "string" and opts.prices or "table")
-    if not prices then return nil, err end
-  end
+  local prices, perr = M.prices(opts.prices)
+  if perr then return nil, perr end
   local max_line = 0
   for _, p in pairs(service.PROFILES) do max_line = math.max(max_line, p.max_line_bytes) end
   local rep = { files = {}, lines = 0, requests = 0, skipped = 0, models = {}, discount = discount,

@@ -551,7 +551,9 @@ end
 -- `lbatch.new` makes it: provider (`"groq"`, ...), region, base_url,
 -- api_key; requests (a .jsonl or .csv path, a list of
 -- requests, or an iterator returning them; a request is `{custom_id, body[,
--- url]}` or a whole line), dir, journal (default dir/journal.jsonl),
+-- url]}` or a whole line) or manifest (files already sharded, as
+-- `jsonl.writer`'s close returns: sent as they are, each one a shard),
+-- dir, journal (default dir/journal.jsonl),
 -- model, endpoint, system, header (a CSV's first row: true a header, false a
 -- request, nil a header when it looks like one), limits (a profile name, as in `jsonl.writer`;
 -- default the client's: its provider's or region's),
@@ -580,7 +582,8 @@ end
 -- Every batch carries `metadata.lbatch_run` and `lbatch_shard` (and, on
 -- DashScope, `ds_name`) beside the given metadata.
 -- @treturn table the report `{shards, results (a reader), outputs,
--- errors, inputs, journal, client}`, or nil and an error
+-- errors, inputs, journal, client, groups}` (groups: each first-round shard's
+-- `{inputs, output, errors}`, as `results.open` takes them), or nil and an error
 function M.run(opts)
   errors.check("pipeline.run", "opts", opts, "table")
   errors.check("pipeline.run", "opts.dir", opts.dir, "string")
@@ -601,7 +604,8 @@ function M.run(opts)
     if not ok then log:close() return nil, err end
     client:pause()
     local manifest
-    manifest, err = shard(opts, opts.dir, client)
+    manifest, err = opts.manifest, nil
+    if not manifest then manifest, err = shard(opts, opts.dir, client) end
     if not manifest then log:close() return nil, err end
     for i, f in ipairs(manifest.files) do
       state.shards[i] = { k = i, path = f.path, name = state.run .. "-" .. i .. ".jsonl", lines = f.lines,
@@ -713,7 +717,7 @@ function M.run(opts)
   local reader, rerr = results.open({ groups = groups, pause = function() client:pause() end })
   if not reader then return nil, rerr end
   return { shards = state.shards, outputs = outputs, errors = errs, inputs = inputs, journal = path,
-           results = reader, client = client }
+           results = reader, client = client, groups = groups }
 end
 
 --- Rebuild a lost journal from the account, so that `run` resumes the

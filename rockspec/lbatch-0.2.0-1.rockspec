@@ -52,6 +52,7 @@ build = {
     ["lbatch.results"] = "lbatch/results.lua",
     ["lbatch.csv"] = "lbatch/csv.lua",
     ["lbatch.pipeline"] = "lbatch/pipeline.lua",
+    ["lbatch.flow"] = "lbatch/flow.lua",
     ["lbatch.cli"] = "lbatch/cli.lua",
     ["lbatch.openresty"] = "lbatch/openresty.lua",
     ["lbatch.notify"] = "lbatch/notify.lua",

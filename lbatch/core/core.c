@@ -25,7 +25,7 @@ static void metatable(lua_State *L, const char *name, const luaL_Reg *meta, cons
 int luaopen_lbatch_core(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"new", lbatch_ctl_new}, {"idmap", lbatch_idmap_new},
-    {"now", lbatch_now}, {"sleep", lbatch_sleep}, {"mkdir", lbatch_mkdir}, {"disk_free", lbatch_disk_free},
+    {"now", lbatch_now}, {"sleep", lbatch_sleep}, {"mkdir", lbatch_mkdir}, {"fsync", lbatch_fsync}, {"disk_free", lbatch_disk_free},
     {"version", lbatch_version}, {"trap", lbatch_trap}, {"caught", lbatch_caught},
     {"utf8_check", lbatch_utf8_check}, {"json_string", lbatch_json_string},
     {"hmac_sha256", lbatch_hmac_sha256}, {"equal", lbatch_equal}, {"base64", lbatch_base64},

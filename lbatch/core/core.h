@@ -142,6 +142,7 @@ double lb_now_ms(void);                    /* monotonic */
 int lbatch_now(lua_State *L);
 int lbatch_sleep(lua_State *L);
 int lbatch_mkdir(lua_State *L);
+int lbatch_fsync(lua_State *L);
 int lbatch_disk_free(lua_State *L);
 int lbatch_trap(lua_State *L);
 int lbatch_caught(lua_State *L);

@@ -3,6 +3,7 @@
  *   core.now()            monotonic seconds
  *   core.sleep(s)         pace a loop (a frame)
  *   core.mkdir(path)      like mkdir -p
+ *   core.fsync(path)      a file's (or a directory's) bytes on the disk
  *   core.disk_free(path)  bytes an unprivileged writer may still use
  *   core.trap(), core.caught()  SIGINT and SIGTERM as a flag
  *   core.version()        libcurl's version, and whether it speaks HTTP/2 */
@@ -13,6 +14,8 @@
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include "core.h"
 
 double lb_now_ms(void) {
@@ -48,6 +51,22 @@ int lbatch_disk_free(lua_State *L) {
     return 2;
   }
   lua_pushnumber(L, (lua_Number)v.f_bavail * (lua_Number)v.f_frsize);
+  return 1;
+}
+
+/* fsync(path): what was written to the file (or the names in the
+ * directory) reaches the disk before the call returns. true, or nil, message */
+int lbatch_fsync(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  int fd = open(path, O_RDONLY), ok = fd >= 0 && fsync(fd) == 0;
+  int e = errno;
+  if (fd >= 0) close(fd);
+  if (!ok) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "fsync %s: %s", path, strerror(e));
+    return 2;
+  }
+  lua_pushboolean(L, 1);
   return 1;
 }
 

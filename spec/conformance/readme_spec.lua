@@ -50,6 +50,7 @@ local EXPECT = {
   ["Waiting"] = {},
   ["Progress on long transfers"] = { out = { "\r%d+ of %d+ bytes" }, files = { "copy.jsonl" } },
   ["Pipelines that resume"] = { out = { "q1%s+%S", "q3%s+%S" }, files = { "work/journal.jsonl" } },
+  ["Flows"] = { out = { "q1%s+0\n", "q3%s+0\n" }, files = { "work-flow/results.jsonl" } },
   ["Hosts with their own loop"] = { out = { "completed" } },
   ["Building request files"] = { files = { "eval.jsonl", "eval-2.jsonl", "eval-3.jsonl" } },
   ["Reading results"] = { out = { "^0\n" }, files = { "retry.jsonl" } },
@@ -83,6 +84,7 @@ describe("the README", function()
     H.write(d .. "/questions.csv", "id,question\nq1,What is 2 + 2?\nq2,Name a prime.\nq3,\"Say \"\"hi\"\", briefly\"\n")
     H.write(d .. "/cat.png", "\137PNG\r\n\26\n\0\0\0\rIHDR")
     H.write(d .. "/prices.json", '{"qwen-plus": {"input": 0.8, "output": 2}}')
+    assert(H.ok(("cp %s/spec/fixtures/judge_flow.lua %s/judge.lua"):format(H.q(H.root), d)))   -- a flow file
     H.mkdir(d .. "/report-dir")   -- a pipeline's dir, for report
     H.write(d .. "/report-dir/journal.jsonl", '{"version":1,"run":"0123456789ab","phase":"done"}\n')
     local c = lbatch.new({ api_key = "sk-readme", base_url = emu.base, cainfo = emu.tls })

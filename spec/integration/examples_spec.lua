@@ -21,6 +21,7 @@ local EXPECT = {
   ["game_loop.lua"] = { "60 of 60 lines answered" },
   ["luv.lua"] = { "0 batch%(es%) on http://127%.0%.0%.1" },
   ["cqueues.lua"] = { "0 batch%(es%) on http://127%.0%.0%.1", "5 ticks of other work" },
+  ["judge.lua"] = { "7 items: 6 done, 1 failed; 19 asks in 4 rounds, 3 batches", "q7%s+failed: This request asked the emulator to fail" },
 }
 
 local function run(cmd)

@@ -359,3 +359,36 @@ describe("the lbatch command from a checkout and installed", function()
     H.ok("rm -rf " .. prefix)
   end)
 end)
+
+describe("lbatch flow", function()
+  local emu
+  setup(function() emu = H.emulator({ speed = 200, rate_limits = false }) end)
+  teardown(function() emu.stop() end)
+
+  it("runs a flow file over a CSV of items, and again on its dir without asking anything twice", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/flow.csv", "id,question\nf1,What is 1 + 1?\nf2,What is 2 + 2?\nf3,What is 3 + 3?\n")
+    local script = H.root .. "/spec/fixtures/judge_flow.lua"
+    local args = ("flow %s --items %s/flow.csv --dir %s/flow --poll 0.05 --json"):format(script, dir, dir)
+    local _, st = H.json("GET", emu.url .. "/_emulator/stats")
+    local before = st.routes ~= cjson.null and st.routes["POST /batches"] or 0
+    local code, text, stdout = lbatch(emu, args)
+    assert.are.equal(0, code, text)
+    local r = cjson.decode(stdout)
+    assert.are.same({ 3, 3, 0 }, { r.items, r.done, r.failed })
+    assert.is_true(r.asks >= 6 and r.batches >= 2, stdout)
+    local rows = {}
+    for line in H.read(r.output):gmatch("[^\n]+") do rows[#rows + 1] = cjson.decode(line) end
+    assert.are.same({ "f1", "f2", "f3" }, { rows[1].key, rows[2].key, rows[3].key })
+    assert.is_number(rows[1].value.score)
+    code, text, stdout = lbatch(emu, args)
+    assert.are.equal(0, code, text)
+    assert.are.same(r, cjson.decode(stdout))
+    _, st = H.json("GET", emu.url .. "/_emulator/stats")
+    assert.are.equal(before + r.batches, st.routes["POST /batches"])
+    assert.are.equal(2, (lbatch(emu, "flow " .. script)))                       -- no --items
+    code, text = lbatch(emu, ("flow %s/flow.csv --items %s/flow.csv --dir %s/f2"):format(dir, dir, dir))
+    assert.are.equal(1, code, text)
+    assert.matches("bad_script", text)
+  end)
+end)

@@ -1,0 +1,666 @@
+--- Flows: one item's steps written as plain sequential Lua, run for many
+-- items at batch prices. Each `ask` inside `step` returns the answer of a
+-- request that went out in a batch:
+--
+--   local report = assert(flow.run{ client = client, dir = "work", items = "questions.csv",
+--     step = function(item, ask)
+--       local a = assert(ask{ model = "qwen-plus", prompt = item.question })
+--       local j = assert(ask{ model = "qwen-max", prompt = "Score 1-10:\n" .. a.content })
+--       return { answer = a.content, score = tonumber(j.content) }
+--     end })
+--   for r in report.results:each() do print(r.key, r.ok and r.value.score or r.error) end
+--
+-- The run goes in rounds. A round runs every unfinished item's `step`
+-- from its start in a coroutine; each `ask` is answered from the journal
+-- until one has no answer yet: that request is written to the round's
+-- request file and the coroutine is dropped (nothing of an item stays in
+-- memory between rounds). The round's requests go out through
+-- `lbatch.pipeline` (sharded by model, endpoint and thinking mode and the
+-- limits; quotas, retries, the poll budget, its own journal), and their
+-- answers are written to disk beside the journal. An item's `step` must
+-- therefore be deterministic given its answers: the same item and the
+-- same answers make the same asks, in the same order. An ask whose
+-- request differs from the one journaled at its place (the code changed)
+-- stops the run with an error naming the item, unless `on_change =
+-- "ask_again"` (then that request is asked again).
+--
+-- On disk, under `dir`:
+--   flow.json              the run's state (round, phase, the round's shards), replaced atomically
+--   round-R/asks*.jsonl    the round's requests (one file a shard), custom_id `key#n`
+--   round-R/state.jsonl    every unfinished item: its place, key, item, answers so far, asks pending
+--   round-R/done.jsonl     the items that finished in that round: value or error
+--   round-R/batches/       the round's pipeline (its journal)
+--   round-R/answers-G.jsonl  the answers of shard G, in its lines' order
+--   results.jsonl          every item's result, in the items' order
+-- Each file of a round is written whole and synced to disk before
+-- flow.json moves on: killed at any moment, `run` on the same `dir`
+-- goes on from the last phase reached and asks nothing twice.
+-- @module lbatch.flow
+local cjson = require "cjson"
+local core = require "lbatch.core"
+local json = require "lbatch.json"
+local jsonl = require "lbatch.jsonl"
+local csv = require "lbatch.csv"
+local errors = require "lbatch.errors"
+local results = require "lbatch.results"
+local pipeline = require "lbatch.pipeline"
+local estimate = require "lbatch.estimate"
+local cost = require "lbatch.cost"
+
+local encode, decode, normalize = json.encode, json.decode, json.normalize
+local throw = errors.throw
+
+local M = {}
+
+local function fail(code, message, fields)
+  local e = fields or {}
+  e.kind, e.code, e.message = e.kind or "invalid", code, "flow: " .. message
+  return errors.new(e)
+end
+
+-- ------------------------------------------------------------ files
+
+local function sync(path)
+  local ok, why = core.fsync(path)
+  if not ok then throw(errors.io("cannot sync", path, why)) end
+end
+
+local function create(path)
+  local fh, msg = io.open(path, "wb")
+  if not fh then throw(errors.io("cannot write", path, msg)) end
+  fh:setvbuf("full", 1024 * 1024)
+  return fh
+end
+
+local function close_synced(fh, path)
+  local ok, msg = fh:close()
+  if not ok then throw(errors.io("cannot write", path, msg)) end
+  sync(path)
+end
+
+local function write_line(fh, path, v)
+  local ok, msg = fh:write(encode(v), "\n")
+  if not ok then throw(errors.io("cannot write", path, msg)) end
+end
+
+-- the lines of a JSON-lines file, decoded, one at a time
+local function each_line(path)
+  local fh, msg = io.open(path, "rb")
+  if not fh then throw(errors.io("cannot read", path, msg)) end
+  local it = fh:lines()
+  return function()
+    while true do
+      local line = it()
+      if not line then fh:close() return nil end
+      if line:find("%S") then return normalize(decode(line)) end
+    end
+  end
+end
+
+-- flow.json, replaced whole: written aside, synced, renamed, the directory synced
+local function save_state(dir, st)
+  local path, tmp = dir .. "/flow.json", dir .. "/flow.json.tmp"
+  local fh = create(tmp)
+  write_line(fh, tmp, st)
+  close_synced(fh, tmp)
+  local ok, msg = os.rename(tmp, path)
+  if not ok then throw(errors.io("cannot rename " .. tmp .. " to", path, msg)) end
+  sync(dir)
+end
+
+local function fresh()
+  return { version = 1, round = 0, phase = "answered", items = 0, done = 0, failed = 0, tokens = 0, cost = 0,
+           rounds = {} }
+end
+
+local function load_state(dir)
+  local fh = io.open(dir .. "/flow.json", "rb")
+  if not fh then return fresh() end
+  local text = fh:read("*a")
+  fh:close()
+  local ok, st = pcall(decode, text)
+  if not ok or type(st) ~= "table" then throw(fail("bad_state", dir .. "/flow.json is not a flow's state")) end
+  return normalize(st)
+end
+
+-- ------------------------------------------------------------ items
+
+local function first_key(item)
+  if type(item) ~= "table" then return item end
+  return item.custom_id or item.id or item[1]
+end
+
+-- items: a .csv (a header row names the fields; the first column is the
+-- default key), a .jsonl (an object a line), a list, or an iterator
+local function each_item(src)
+  if type(src) == "string" and src:find("%.csv$") then
+    local rows, err = csv.rows(src)
+    if not rows then throw(err) end
+    local header
+    return function()
+      while true do
+        local row, rerr = rows()
+        if row == false then throw(rerr) end
+        if row == nil then return nil end
+        if not header then header = row
+        elseif #row > 1 or (row[1] or "") ~= "" then
+          local item = {}
+          for i, name in ipairs(header) do item[name] = row[i] end
+          return item, row[1]
+        end
+      end
+    end
+  elseif type(src) == "string" then
+    return each_line(src)
+  elseif type(src) == "table" then
+    local i = 0
+    return function() i = i + 1 return src[i] end
+  elseif type(src) == "function" then
+    return src
+  end
+  errors.arg("flow.run", "items must be a .csv or .jsonl path, a list or an iterator", 3)
+end
+
+-- ------------------------------------------------------------ asks
+
+-- a value as JSON with its keys sorted: the same request, the same text
+local function canonical(v, out)
+  local t = type(v)
+  if t ~= "table" then
+    out[#out + 1] = cjson.encode(v)
+    return out
+  end
+  local keys, n = {}, 0
+  for k in pairs(v) do n = n + 1 keys[n] = k end
+  if n == #v then
+    out[#out + 1] = "["
+    for i = 1, n do
+      if i > 1 then out[#out + 1] = "," end
+      canonical(v[i], out)
+    end
+    out[#out + 1] = "]"
+    return out
+  end
+  for i = 1, n do keys[i] = tostring(keys[i]) end
+  table.sort(keys)
+  out[#out + 1] = "{"
+  for i, k in ipairs(keys) do
+    if i > 1 then out[#out + 1] = "," end
+    local val = v[k]
+    if val == nil then val = v[tonumber(k)] end
+    out[#out + 1] = cjson.encode(k) .. ":"
+    canonical(val, out)
+  end
+  out[#out + 1] = "}"
+  return out
+end
+
+local function hex(s) return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
+
+--- The hash an ask is journaled under: its request's fields, keys sorted.
+-- @tparam table req an ask's request
+-- @treturn string 16 hex digits
+function M.hash(req)
+  return hex(core.hmac_sha256("lbatch.flow", table.concat(canonical(req, {}))):sub(1, 8))
+end
+
+-- an answer record as ask returns it: the record, or nil and an error
+local function outcome(rec)
+  if rec.ok then return rec end
+  return nil, errors.new({ kind = rec.missing and "cancelled" or "http", status = rec.status_code,
+    code = rec.error_code or (rec.missing and "missing") or "failed", custom_id = rec.custom_id,
+    message = rec.error_message or (rec.missing and "the request has no result (its batch did not run it)")
+      or "the request failed", record = rec })
+end
+
+local BLOCKED = setmetatable({}, { __tostring = function() return "flow: blocked" end })
+local contexts = setmetatable({}, { __mode = "k" })   -- coroutine -> its asks' context
+
+-- A context: the item's run, the place of its next ask (`prefix` .. n).
+local function context()
+  local ctx = contexts[coroutine.running() or false]
+  if not ctx then error("flow: ask called outside an item's step (or a flow.all branch)", 3) end
+  return ctx
+end
+
+-- one ask: its answer (true, rec), or false when it was written out
+local function take(ctx, req)
+  if type(req) ~= "table" then error("flow: an ask takes a table (prompt, messages, body, ...)", 4) end
+  local run, entry = ctx.run, ctx.entry
+  ctx.n = ctx.n + 1
+  local place = ctx.prefix .. ctx.n
+  local h = M.hash(req)
+  local got = entry.a[place]
+  if got then
+    if got.h == h then return true, got.r end
+    if run.on_change ~= "ask_again" then
+      run.failure = run.failure or fail("flow_changed", ("item %s: ask %s is not the request journaled at "
+        .. "its place (the step changed since it was asked); on_change = \"ask_again\" asks it again")
+        :format(entry.k, place), { custom_id = entry.k .. "#" .. place, param = "on_change" })
+      throw(run.failure)
+    end
+    entry.a[place] = nil
+  end
+  local ok, err = run:write(entry.k .. "#" .. place, req)
+  if not ok then                    -- refused by the rules: answered at once, the same each time
+    return true, { custom_id = entry.k .. "#" .. place, ok = false, error_code = err.code,
+                   error_message = err.message }
+  end
+  local out = ctx.out
+  out.p[#out.p + 1], out.h[place] = place, h
+  return false
+end
+
+--- Ask for one request; inside `step` (the `ask` it is given).
+-- @tparam table req the writer's helpers' fields (model, prompt, system,
+-- messages, images, embedding `input`, any body field) or a raw `body`
+-- and `url`
+-- @return the result record (content, usage, ok, ...), or nil and an error
+local function ask(req)
+  local ctx = context()
+  local have, rec = take(ctx, req)
+  if not have then coroutine.yield(BLOCKED) end
+  return outcome(rec)
+end
+
+-- several asks in one round: records (false for a failed one) and errors
+local function ask_all(reqs)
+  local ctx = context()
+  local recs, errs, blocked = {}, {}, false
+  for i, req in ipairs(reqs) do
+    local have, rec = take(ctx, req)
+    if have then recs[i], errs[i] = outcome(rec) else blocked = true end
+    if recs[i] == nil then recs[i] = false end
+  end
+  if blocked then coroutine.yield(BLOCKED) end
+  return recs, errs
+end
+
+local Ask = setmetatable({ all = ask_all }, { __call = function(_, req) return ask(req) end })
+
+-- run fn in a coroutine under ctx: "done", value | "blocked" | "failed", err
+local function drive(ctx, fn, ...)
+  local co = coroutine.create(fn)
+  contexts[co] = ctx
+  local ok, v = coroutine.resume(co, ...)
+  contexts[co] = nil
+  if not ok then return "failed", v end
+  if coroutine.status(co) == "suspended" then
+    if v == BLOCKED then return "blocked" end
+    return "failed", "flow: a step yielded outside ask (its own coroutines must not yield through it)"
+  end
+  return "done", v
+end
+
+--- Run functions as branches of one item whose asks go out in the same
+-- round (three judges at once); inside `step`.
+-- @tparam {function,...} fns each called with no arguments; its asks
+-- (through the item's `ask`) are numbered in its own branch
+-- @return a list of the branches' values (the first value each returned)
+function M.all(fns)
+  local ctx = context()
+  ctx.n = ctx.n + 1
+  local base = ctx.prefix .. ctx.n .. "."
+  local values, blocked, failure = {}, false, nil
+  for i, fn in ipairs(fns) do
+    local sub = { run = ctx.run, entry = ctx.entry, prefix = base .. i .. ".", n = 0, out = ctx.out }
+    local how, v = drive(sub, fn)
+    if how == "blocked" then blocked = true
+    elseif how == "failed" then failure = failure or { v }
+    else values[i] = v end
+  end
+  -- a branch that is waiting goes first: an error is raised once all are answered
+  if blocked then coroutine.yield(BLOCKED) end
+  if failure then error(failure[1], 0) end
+  return values
+end
+
+-- ------------------------------------------------------------ a round
+
+local Run = {}
+Run.__index = Run
+
+-- an ask's request line, through the round's writer (its rules, its shards)
+function Run:write(id, req)
+  local w = self.writer
+  local ok, err
+  if req.body then ok, err = w:add(id, req.body, req.url)
+  elseif req.input ~= nil then
+    local o = {}
+    for k, v in pairs(req) do if k ~= "url" then o[k] = v end end
+    ok, err = w:embedding(id, o)
+  else ok, err = w:chat(id, req) end
+  if not ok and (err.kind == "io" or err.code == "duplicate_custom_id") then
+    if err.kind ~= "io" then
+      err = fail("duplicate_key", ("two items have the key %s: keys must be unique"):format(id:match("^(.*)#")),
+        { param = "key" })
+    end
+    self.failure = self.failure or err          -- the run's, not the item's: its step cannot catch it
+    throw(err)
+  end
+  return ok, err
+end
+
+-- an item through its step: "done", value | "blocked" | "failed", message;
+-- and the asks it wrote out: {p = places in order, h = place -> hash}
+function Run:step(entry)
+  local ctx = { run = self, entry = entry, prefix = "", n = 0, out = { p = {}, h = {} } }
+  local how, v = drive(ctx, self.opts.step, entry.item, Ask)
+  if self.failure then throw(self.failure) end
+  if how == "failed" then
+    v = errors.thrown(v) or v
+    return how, tostring(errors.is(v) and v.message or v), ctx.out
+  end
+  return how, v, ctx.out
+end
+
+-- the answers of the last round, one reader a shard, each in its lines'
+-- order (the items' order): an item's answers are at the heads
+local function answer_heads(dir, round, shards)
+  local heads = {}
+  for g = 1, shards do
+    local it = each_line(("%s/round-%d/answers-%d.jsonl"):format(dir, round, g))
+    heads[g] = { it = it, rec = it() }
+  end
+  return function(id)
+    for _, h in ipairs(heads) do
+      if h.rec and h.rec.custom_id == id then
+        local rec = h.rec
+        h.rec = h.it()
+        return rec
+      end
+    end
+    throw(fail("answer_lost", ("the answer to %s is not in round %d's answers"):format(id, round)))
+  end
+end
+
+-- What the run knows of the prices: tokens and their cost at batch prices.
+function Run:count(rec)
+  local u = rec.usage
+  if type(u) ~= "table" then return end
+  local p, c = tonumber(u.prompt_tokens or u.input_tokens) or 0, tonumber(u.completion_tokens or u.output_tokens) or 0
+  local st = self.state
+  st.tokens = st.tokens + p + c
+  local price = self.prices and self.prices[rec.model or ""]
+  if price then st.cost = st.cost + cost.of(p, c, price, self.opts.discount) end
+end
+
+-- Round R's pass: every unfinished item runs from the start, answered
+-- from the journal (the last round's state and answers); what it asks now
+-- is round R's requests.
+function Run:pass(R)
+  local dir, st, opts = self.dir, self.state, self.opts
+  local rdir = ("%s/round-%d"):format(dir, R)
+  local made, why = core.mkdir(rdir)
+  if not made then throw(errors.io("cannot make", rdir, why)) end
+  self.writer = jsonl.writer({ path = rdir .. "/asks.jsonl", model = opts.model, limits = opts.limits,
+                               max_lines = opts.max_lines, max_bytes = opts.max_bytes, endpoint = opts.endpoint })
+  local spath, dpath = rdir .. "/state.jsonl", rdir .. "/done.jsonl"
+  local sfh, dfh = create(spath), create(dpath)
+  local entries, answer
+  if R == 1 then
+    local it, i, key = each_item(opts.items), 0, opts.key
+    entries = function()
+      local item, k = it()
+      if item == nil then return nil end
+      i = i + 1
+      if type(item) == "table" then item = normalize(decode(encode(item))) end   -- as later rounds see it
+      k = key and key(item) or first_key(item) or k
+      if type(k) == "number" then k = k == math.floor(k) and ("%d"):format(k) or tostring(k) end
+      if type(k) ~= "string" or k == "" then
+        throw(fail("no_key", ("item %d has no key (custom_id, id or a first column): give key = function(item)")
+          :format(i)))
+      end
+      return { i = i, k = k, item = item, a = {} }
+    end
+    st.items = 0
+  else
+    local last = st.rounds[R - 1]
+    entries = each_line(("%s/round-%d/state.jsonl"):format(dir, R - 1))
+    answer = answer_heads(dir, R - 1, #last.files)
+  end
+  local pending, done, failed, pause = {}, st.done, st.failed, self.pause
+  local n = 0
+  for entry in entries do
+    n = n + 1
+    if R == 1 then st.items = st.items + 1 end
+    for _, place in ipairs(entry.p or {}) do
+      local rec = answer(entry.k .. "#" .. place)
+      rec.line = nil
+      self:count(rec)
+      entry.a[place] = { h = entry.h[place], r = rec }
+    end
+    entry.p, entry.h = nil, nil
+    local how, v, asked = self:step(entry)
+    if how == "blocked" then
+      entry.p, entry.h = asked.p, asked.h      -- the asks pending, their answers journaled under h
+      for _, place in ipairs(asked.p) do
+        local top = "ask " .. place:match("^%d+")
+        pending[top] = (pending[top] or 0) + 1
+      end
+      write_line(sfh, spath, entry)
+    else
+      local rec = { i = entry.i, key = entry.k, ok = how == "done" }
+      if rec.ok then rec.value = v else rec.error = v end
+      local okj, line = pcall(encode, rec)
+      if not okj then
+        rec = { i = entry.i, key = entry.k, ok = false,
+                error = "flow: the step's value is not JSON: " .. tostring(line) }
+        line = encode(rec)
+      end
+      if rec.ok then done = done + 1 else failed = failed + 1 end
+      local wok, msg = dfh:write(line, "\n")
+      if not wok then throw(errors.io("cannot write", dpath, msg)) end
+    end
+    if pause and n % 256 == 0 then pause() end
+  end
+  close_synced(sfh, spath)
+  close_synced(dfh, dpath)
+  local manifest, err = self.writer:close()
+  if not manifest then throw(err) end
+  for _, f in ipairs(manifest.files) do sync(f.path) end
+  sync(rdir)
+  st.done, st.failed, st.pending = done, failed, pending
+  st.rounds[R] = { asks = manifest.lines, files = manifest.files }
+  st.round = R
+  st.phase = manifest.lines > 0 and "send" or "finished"
+  if not self.dry then save_state(dir, st) end
+  self:progress()
+end
+
+-- Round R's requests through a pipeline, then its answers on disk.
+function Run:send(R)
+  local dir, st, opts = self.dir, self.state, self.opts
+  local rdir = ("%s/round-%d"):format(dir, R)
+  local po = {}
+  for k, v in pairs(opts.pipeline or {}) do po[k] = v end
+  for _, k in ipairs(M.PIPELINE_OPTIONS) do if opts[k] ~= nil then po[k] = opts[k] end end
+  po.client, po.dir, po.manifest = self.client, rdir .. "/batches", { files = st.rounds[R].files }
+  if opts.max_cost then
+    po.max_cost = opts.max_cost - st.cost
+    if po.max_cost <= 0 then
+      throw(fail("max_cost", ("the flow has cost %.4g, max_cost %.4g: round %d was not sent"):format(st.cost,
+        opts.max_cost, R), { param = "max_cost" }))
+    end
+  end
+  local on_progress = opts.on_progress
+  if on_progress then
+    po.on_progress = function(p) self:progress(p) end
+  end
+  local report, err = pipeline.run(po)
+  if not report then throw(err) end
+  for g, group in ipairs(report.groups) do
+    local reader = errors.try(results.open({ groups = { group }, pause = self.pause }))
+    local path = ("%s/answers-%d.jsonl"):format(rdir, g)
+    local fh = create(path)
+    for rec, rerr in reader:each() do
+      if not rec then throw(rerr) end
+      rec.line = nil
+      write_line(fh, path, rec)
+    end
+    close_synced(fh, path)
+  end
+  sync(rdir)
+  st.rounds[R].batches = #report.shards
+  st.phase = "answered"
+  save_state(dir, st)
+end
+
+function Run:progress(batches)
+  local cb = self.opts.on_progress
+  if not cb then return end
+  local st = self.state
+  cb({ items = st.items, done = st.done, failed = st.failed, pending = st.pending or {}, round = st.round,
+       rounds = #st.rounds, tokens = st.tokens, cost = st.cost, batches = batches })
+end
+
+-- Every round's finished items, merged into the items' order.
+function Run:merge()
+  local dir, st = self.dir, self.state
+  local path, tmp = dir .. "/results.jsonl", dir .. "/results.jsonl.tmp"
+  local heads = {}
+  for R = 1, #st.rounds do
+    local it = each_line(("%s/round-%d/done.jsonl"):format(dir, R))
+    heads[#heads + 1] = { it = it, rec = it() }
+  end
+  local fh = create(tmp)
+  while true do
+    local best
+    for _, h in ipairs(heads) do
+      if h.rec and (not best or h.rec.i < best.rec.i) then best = h end
+    end
+    if not best then break end
+    local rec = best.rec
+    best.rec = best.it()
+    rec.i = nil
+    write_line(fh, tmp, rec)
+  end
+  close_synced(fh, tmp)
+  local ok, msg = os.rename(tmp, path)
+  if not ok then throw(errors.io("cannot rename " .. tmp .. " to", path, msg)) end
+  st.phase = "merged"
+  save_state(dir, st)
+end
+
+--- The options `run` passes on to each round's pipeline (as `lbatch.pipeline.run` takes them).
+M.PIPELINE_OPTIONS = { "max_in_flight", "completion_window", "metadata", "poll_interval", "max_poll_interval",
+  "poll_factor", "resubmit", "max_rounds", "max_enqueued_tokens", "max_enqueued_requests", "quota_poll",
+  "quota_backoff", "quota_backoff_max", "max_quota_delays", "prices", "discount", "max_failure_ratio",
+  "stuck_after", "on_stuck", "stuck_action", "check_disk", "disk_factor", "on_step" }
+
+local Results = {}
+Results.__index = Results
+
+--- Each item's result `{key, ok, value | error}`, in the items' order.
+function Results:each() return each_line(self.path) end
+
+--- The results of a flow that has finished in `dir`.
+-- @tparam string dir
+-- @treturn table a reader (`:each()`: `{key, ok, value | error}`, in the
+-- items' order), or nil and an `io` error when the flow has not finished
+function M.results(dir)
+  errors.check("flow.results", "dir", dir, "string")
+  local path = dir .. "/results.jsonl"
+  local fh, msg = io.open(path, "rb")
+  if not fh then return nil, errors.io("cannot read", path, msg) end
+  fh:close()
+  return setmetatable({ path = path }, Results)
+end
+
+local function check(name, opts)
+  errors.check(name, "opts", opts, "table")
+  errors.check(name, "opts.dir", opts.dir, "string")
+  errors.check(name, "opts.step", opts.step, "function")
+  errors.check(name, "opts.key", opts.key, "function", true)
+  if opts.on_change ~= nil and opts.on_change ~= "error" and opts.on_change ~= "ask_again" then
+    errors.arg(name, 'on_change must be "error" or "ask_again"', 3)
+  end
+end
+
+local function new_run(opts)
+  local made, why = core.mkdir(opts.dir)
+  if not made then return nil, errors.io("cannot make", opts.dir, why) end
+  local client = opts.client
+  local prices, perr = estimate.prices(opts.prices)
+  if perr then return nil, perr end
+  return setmetatable({ opts = opts, dir = opts.dir, client = client, on_change = opts.on_change, prices = prices,
+                        pause = client and function() client:pause() end or nil }, Run)
+end
+
+--- Run a flow: every item through `step`, the asks in rounds of batches.
+-- Killed at any moment and run again on the same `dir`, it goes on: each
+-- ask is sent once, and no answer is lost.
+-- @tparam table opts client, dir, items (a .csv with a header row, a
+-- .jsonl of objects, a list, or an iterator; read in the first round
+-- only, then kept in the journal), step (`function(item, ask)`,
+-- deterministic given its answers), key (`function(item)`, stable and
+-- unique: default the item's custom_id, id or first column), model (for
+-- asks without one), endpoint, limits, max_lines, max_bytes (the shards,
+-- as `jsonl.writer`), on_change (`"error"`, default, or `"ask_again"`),
+-- on_progress(p) (`{items, done, failed, pending = {[ask n] = asks},
+-- round, rounds, tokens, cost, batches}`: batches is the round's
+-- pipeline progress while it runs), max_cost with prices (the cost so far,
+-- from the answers' usage, and each round's bound), pipeline (more
+-- options for each round's pipeline), and the pipeline's own options
+-- (`flow.PIPELINE_OPTIONS`)
+-- @treturn table the report `{items, done, failed, rounds = {{asks,
+-- files, batches}}, asks, batches, tokens, cost, results (`:each()`),
+-- dir}`, or nil and an error
+function M.run(opts)
+  check("flow.run", opts)
+  errors.check("flow.run", "opts.client", opts.client, "table")
+  local run, err = new_run(opts)
+  if not run then return nil, err end
+  local ok, perr = pcall(function()
+    run.state = load_state(run.dir)
+    local st = run.state
+    while st.phase ~= "merged" do
+      if st.phase == "answered" then run:pass(st.round + 1)
+      elseif st.phase == "send" then run:send(st.round)
+      elseif st.phase == "finished" then run:merge()
+      else throw(fail("bad_state", ("%s/flow.json has an unknown phase %s"):format(run.dir, tostring(st.phase))))
+      end
+    end
+  end)
+  if not ok then
+    perr = errors.thrown(perr) or perr
+    if errors.is(perr) then return nil, perr end
+    return nil, errors.new({ kind = "task", code = "flow_failed", message = tostring(perr) })
+  end
+  local st, asks, batches = run.state, 0, 0
+  for _, r in ipairs(st.rounds) do asks, batches = asks + r.asks, batches + (r.batches or 0) end
+  return { items = st.items, done = st.done, failed = st.failed, rounds = st.rounds, asks = asks,
+           batches = batches, tokens = st.tokens, cost = st.cost, dir = run.dir,
+           results = M.results(run.dir) }
+end
+
+--- What a flow's first round will send, and what cannot be known before
+-- it runs. Every item runs until its first asks (no request is sent);
+-- those are written to `dir` and estimated as `lbatch.estimate` does.
+-- @tparam table opts as `run`'s (no client needed): items, step, key,
+-- model, limits, prices, discount; dir (a scratch directory)
+-- @treturn table `{items, done (items that ask nothing), first = the
+-- estimate of the first round's requests, unknown = what cannot be
+-- known}`, or nil and an error
+function M.estimate(opts)
+  check("flow.estimate", opts)
+  local run, err = new_run(opts)
+  if not run then return nil, err end
+  run.state, run.dry = fresh(), true
+  local ok, perr = pcall(run.pass, run, 1)
+  if not ok then
+    perr = errors.thrown(perr) or perr
+    if errors.is(perr) then return nil, perr end
+    return nil, errors.new({ kind = "task", code = "flow_failed", message = tostring(perr) })
+  end
+  local st, paths = run.state, {}
+  for i, f in ipairs(st.rounds[1].files) do paths[i] = f.path end
+  local first, eerr = estimate.files(paths, { prices = opts.prices, discount = opts.discount })
+  if not first then return nil, eerr end
+  return { items = st.items, done = st.done + st.failed, first = first,
+    unknown = "only the first round is known: how many items ask again, and how long their later "
+      .. "requests and every answer are, depend on answers that do not exist yet; later rounds "
+      .. "cost at least as much again per ask they make" }
+end
+
+return M

@@ -1,0 +1,197 @@
+-- lbatch.flow: asks and their rounds on the emulator, what an ask returns
+-- for a failed line or a refused request, flow.all and ask.all, the
+-- items' sources and keys, progress, max_cost, estimate, the hash.
+local H = require "helper"
+local lbatch = require "lbatch"
+local flow = require "lbatch.flow"
+local cjson = require "cjson"
+
+local function items(n)
+  local list = {}
+  for i = 1, n do list[i] = { id = "i" .. i, text = "item " .. i } end
+  return list
+end
+
+local function list_of(report)
+  local out = {}
+  for r in report.results:each() do out[#out + 1] = r end
+  return out
+end
+
+describe("flow.hash", function()
+  it("is the request's, whatever the order its fields were set in", function()
+    local a, b = {}, {}
+    a.model, a.prompt, a.temperature = "qwen-plus", "hi", 0.5
+    b.temperature, b.prompt, b.model = 0.5, "hi", "qwen-plus"
+    assert.are.equal(flow.hash(a), flow.hash(b))
+    assert.are.equal(16, #flow.hash(a))
+    b.prompt = "hi!"
+    assert.are_not.equal(flow.hash(a), flow.hash(b))
+    assert.are_not.equal(flow.hash({ messages = { { role = "user", content = "a" } } }),
+                         flow.hash({ messages = { { role = "user", content = "b" } } }))
+  end)
+end)
+
+describe("flow.run", function()
+  local emu, client
+  setup(function()
+    emu = H.emulator({ speed = 2000, rate_limits = false })
+    client = assert(lbatch.new({ api_key = "k", base_url = emu.base }))
+  end)
+  teardown(function() client:close() emu.stop() end)
+
+  local function run(o)
+    o.client, o.dir = client, o.dir or (H.tmpdir() .. "/work")
+    o.poll_interval, o.max_poll_interval = 0.05, 0.2
+    return flow.run(o)
+  end
+
+  it("answers each ask with the result record; the items come back in their order", function()
+    local report = assert(run({ items = items(5), model = "qwen-plus", step = function(item, ask)
+      local a = assert(ask{ prompt = item.text })
+      local b = assert(ask{ prompt = "again: " .. a.content })
+      return { a = a.content, b = b.content, tokens = b.usage.total_tokens, ok = b.ok }
+    end }))
+    assert.are.same({ 5, 5, 0, 10, 3 }, { report.items, report.done, report.failed, report.asks, #report.rounds })
+    local rs = list_of(report)
+    for i, r in ipairs(rs) do
+      assert.are.equal("i" .. i, r.key)
+      assert.are.equal("Emulated answer (qwen-plus): item " .. i, r.value.a)
+      assert.are.equal("Emulated answer (qwen-plus): again: Emulated answer (qwen-plus): item " .. i, r.value.b)
+      assert.is_true(r.value.ok and r.value.tokens > 0)
+    end
+    assert.is_true(report.tokens > 0)
+  end)
+
+  it("gives nil and the line's error for a failed line, and an item that raises fails alone", function()
+    local report = assert(run({ items = items(4), model = "qwen-plus", step = function(item, ask)
+      local prompt = item.id == "i2" and "lbatch-emulator:fail" or item.text
+      local a, err = ask{ prompt = prompt }
+      if item.id == "i3" then error("the step gave up on " .. item.id) end
+      return a and a.content or ("failed: " .. err.code)
+    end }))
+    assert.are.same({ 3, 1 }, { report.done, report.failed })
+    local rs = list_of(report)
+    assert.are.equal("failed: emulated_failure", rs[2].value)
+    assert.is_false(rs[3].ok)
+    assert.matches("the step gave up on i3", rs[3].error)
+    assert.matches("^Emulated answer", rs[4].value)
+  end)
+
+  it("answers a request the writer refuses at once, with nothing sent", function()
+    local before = emu.stats().routes
+    before = before ~= cjson.null and before["POST /batches"] or 0
+    local report = assert(run({ items = items(2), step = function(item, ask)
+      local a, err = ask{ prompt = item.text }                     -- no model
+      return a or err.code
+    end }))
+    assert.are.same({ "missing_model", "missing_model" }, { list_of(report)[1].value, list_of(report)[2].value })
+    assert.are.same({ 1, 0, 0 }, { #report.rounds, report.asks, report.batches })
+    assert.are.equal(before, emu.stats().routes["POST /batches"] or 0)
+  end)
+
+  it("sends the asks of ask.all and of flow.all's branches in one round", function()
+    local report = assert(run({ items = items(3), model = "qwen-plus", step = function(item, ask)
+      local recs = ask.all{ { prompt = "a " .. item.id }, { prompt = "b " .. item.id } }
+      local judged = flow.all{
+        function() return assert(ask{ prompt = "j1 " .. recs[1].content }).content end,
+        function()
+          local x = assert(ask{ prompt = "j2 " .. recs[2].content })
+          return assert(ask{ prompt = "j3 " .. x.content }).content
+        end,
+      }
+      return judged
+    end }))
+    -- ask.all: round 1; both branches: round 2; the second branch's second ask: round 3
+    assert.are.same({ 6, 6, 3, 0 }, { report.rounds[1].asks, report.rounds[2].asks, report.rounds[3].asks,
+                                      report.rounds[4].asks })
+    local r = list_of(report)[2]
+    assert.are.equal("Emulated answer (qwen-plus): j1 Emulated answer (qwen-plus): a i2", r.value[1])
+    assert.are.equal("Emulated answer (qwen-plus): j3 Emulated answer (qwen-plus): j2 "
+      .. "Emulated answer (qwen-plus): b i2", r.value[2])
+  end)
+
+  it("takes embedding asks and raw bodies, each on its own endpoint's shard", function()
+    local report = assert(run({ items = items(2), step = function(item, ask)
+      local e = assert(ask{ model = "text-embedding-v3", input = item.text })
+      local raw = assert(ask{ url = "/v1/chat/completions", body = { model = "qwen-plus",
+        messages = { { role = "user", content = "raw " .. item.text } } } })
+      return { dims = #e.embedding, content = raw.content }
+    end }))
+    local r = list_of(report)[2]
+    assert.is_true(r.value.dims > 0)
+    assert.are.equal("Emulated answer (qwen-plus): raw item 2", r.value.content)
+    assert.are.same({ "/v1/embeddings" }, { report.rounds[1].files[1].endpoint })
+    assert.are.same({ "/v1/chat/completions" }, { report.rounds[2].files[1].endpoint })
+  end)
+
+  it("reads items from a CSV (the first column the key) and from JSON lines", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/q.csv", "qid,question\nq1,What?\nq2,\"Why, then?\"\n")
+    H.write(dir .. "/q.jsonl", '{"id":"j1","question":"Who?"}\n\n{"id":"j2","question":"When?"}\n')
+    local function step(item, ask) return assert(ask{ model = "qwen-plus", prompt = item.question }).content end
+    local a = list_of(assert(run({ items = dir .. "/q.csv", step = step })))
+    assert.are.same({ "q1", "q2" }, { a[1].key, a[2].key })
+    assert.are.equal("Emulated answer (qwen-plus): Why, then?", a[2].value)
+    local b = list_of(assert(run({ items = dir .. "/q.jsonl", step = step })))
+    assert.are.same({ "j1", "j2" }, { b[1].key, b[2].key })
+    local _, err = run({ items = { { text = "no key" } }, step = step })
+    assert.are.equal("no_key", err.code)
+  end)
+
+  it("reports progress: items done, asks pending by ask, rounds, tokens", function()
+    local seen = {}
+    assert(run({ items = items(3), model = "qwen-plus", on_progress = function(p)
+      if not p.batches then seen[#seen + 1] = p end
+    end, step = function(item, ask)
+      local a = assert(ask{ prompt = item.text })
+      if item.id ~= "i1" then assert(ask{ prompt = a.content }) end
+      return true
+    end }))
+    assert.are.same({ 3, 0, 3, 1 }, { seen[1].items, seen[1].done, seen[1].pending["ask 1"], seen[1].round })
+    assert.are.same({ 1, 2 }, { seen[2].done, seen[2].pending["ask 2"] })
+    assert.are.same({ 3, 3 }, { seen[3].done, seen[3].rounds })
+    assert.is_true(seen[3].tokens > seen[2].tokens and seen[2].tokens > 0)
+  end)
+
+  it("stops at max_cost before a round that may pass it, nothing of it sent", function()
+    local prices = { ["qwen-plus"] = { input = 1000, output = 1000 } }
+    local _, err = run({ items = items(3), model = "qwen-plus", max_cost = 0.01, prices = prices,
+      step = function(item, ask) return assert(ask{ prompt = item.text, max_tokens = 100 }).content end })
+    assert.are.equal("max_cost", err.code)
+  end)
+
+  it("refuses two items of one key, and keeps a value that is not JSON as the item's error", function()
+    local function step(item, ask)
+      assert(ask{ model = "qwen-plus", prompt = item.text })
+      if item.id == "i2" then return function() end end
+      return false
+    end
+    local _, err = run({ items = { { id = "a", text = "x" }, { id = "a", text = "y" } }, step = step })
+    assert.are.equal("duplicate_key", err.code)
+    assert.matches("two items have the key a", err.message)
+    local rs = list_of(assert(run({ items = items(2), step = step })))
+    assert.are.same({ true, false }, { rs[1].ok, rs[1].value })
+    assert.is_false(rs[2].ok)
+    assert.matches("not JSON", rs[2].error)
+  end)
+
+  it("raises when ask is called outside a step", function()
+    assert.has_error(function() flow.all({ function() end }) end)
+  end)
+end)
+
+describe("flow.estimate", function()
+  it("estimates the first round and says what it cannot know", function()
+    local est = assert(flow.estimate({ dir = H.tmpdir(), items = items(4), model = "qwen-plus",
+      prices = { ["qwen-plus"] = { input = 0.8, output = 2 } },
+      step = function(item, ask)
+        if item.id == "i4" then return "nothing to ask" end
+        local a = assert(ask{ prompt = item.text, max_tokens = 10 })
+        return assert(ask{ prompt = a.content }).content
+      end }))
+    assert.are.same({ 4, 1, 3 }, { est.items, est.done, est.first.requests })
+    assert.is_true(est.first.totals.input_cost > 0)
+    assert.matches("only the first round is known", est.unknown)
+  end)
+end)
