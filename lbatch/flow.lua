@@ -394,7 +394,7 @@ function Run:pass(R)
   local made, why = core.mkdir(rdir)
   if not made then throw(errors.io("cannot make", rdir, why)) end
   self.writer = jsonl.writer({ path = rdir .. "/asks.jsonl", model = opts.model,
-                               limits = opts.limits or opts.client.config.limits,
+                               limits = opts.limits or (opts.client and opts.client.config.limits),
                                max_lines = opts.max_lines, max_bytes = opts.max_bytes, endpoint = opts.endpoint })
   local spath, dpath = rdir .. "/state.jsonl", rdir .. "/done.jsonl"
   local sfh, dfh = create(spath), create(dpath)
