@@ -51,7 +51,15 @@ with the same --dir, it resumes where it stopped.
   --no-header          a CSV's first row is a request
   --max-cost X         refuse the run (before any upload) when it may cost more
   --prices FILE        the prices --max-cost needs (as estimate's --prices)
-  --bom                a byte-order mark in a CSV output]] },
+  --bom                a byte-order mark in a CSV output
+  --notify-listen HOST:PORT  be told when a job ends: listen there for OpenAI's
+                       webhooks (secrets: $OPENAI_WEBHOOK_SECRET, several
+                       separated by spaces) and DashScope's callbacks, on
+                       lua-http (LuaJIT, Lua 5.1 to 5.3); polling stays as the
+                       fallback at --poll's interval
+  --notify-url URL     the URL the service reaches that listener by: set as each
+                       DashScope batch's callback (OpenAI's comes from the
+                       project's webhook settings)]] },
   adopt = { args = "INPUT", help = [[
 Rebuild a lost journal from the account, so that run resumes without paying twice.
 INPUT and the sharding options are run's; the shards are matched to the
@@ -290,6 +298,7 @@ local function progress_printer()
     show(line)
   end
   return function(p) last_p = p draw() end, finish, function(shard, _, done, total)
+    total = total or 0                   -- (nil until the server has said it)
     if total > 0 and done >= total then moving[shard] = nil else moving[shard] = { done, math.max(total, 0) } end
     draw()
   end
@@ -627,6 +636,23 @@ function run.run(o, pos)
     local cells = csv.header_of(pos[1], header)   -- as the pipeline reads it; a file it cannot read fails there
     if cells then said_header(o, pos[1], cells, header == true) end
   end
+  local notify
+  if o.notify_url and not o.notify_listen then
+    return nil, usage_error("--notify-url needs --notify-listen HOST:PORT (where the notices arrive)")
+  end
+  if o.notify_listen then
+    local secrets = {}
+    for s in (os.getenv("OPENAI_WEBHOOK_SECRET") or ""):gmatch("%S+") do secrets[#secrets + 1] = s end
+    for i, s in ipairs(secrets) do
+      if not require("lbatch.notify").key(s) then
+        return nil, usage_error(("$OPENAI_WEBHOOK_SECRET: secret %d is not whsec_<base64>"):format(i))
+      end
+    end
+    notify = { url = o.notify_url, listen = o.notify_listen, secrets = secrets,
+      on_listen = function(host, port)
+        io.stderr:write(("lbatch: told, not polling: listening for notices on %s:%s\n"):format(host, port))
+      end }
+  end
   local c = client(o)
   local dir = o.dir or (pos[1] .. ".lbatch")
   local show, done, moving = progress_printer()
@@ -635,7 +661,7 @@ function run.run(o, pos)
     max_in_flight = n.max_in_flight, max_lines = n.max_lines, limits = limits,
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
-    header = header,
+    header = header, notify = notify,
   })
   done()
   if not report then return nil, err end
