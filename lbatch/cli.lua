@@ -135,11 +135,15 @@ List stored files, newest first: id, purpose, size, age, name.
   rm = { args = "FILE_ID...", help = [[
 Delete files. Exit 1 when one could not be deleted.]] },
   top = { args = "", help = [[
-A live, full-screen view of the account's batches: one row a job, totals above.
+A live, full-screen view of the account's batches: one row a job, totals above
+(jobs by status, requests and their rate, failures by code, tokens and cost).
 Keys: q quit, s sort, f filter by status, up/down or j/k select, c then y
 cancel the selected job. When stdout is not a terminal, one frame as plain lines.
+  --dir DIR        one run's: its journal's batches, shards not created yet, and
+                   the failures by code of the error files it downloaded
   --status S       only these statuses (comma-separated), as list's
-  --interval SECONDS  seconds between list reads (default 5)]] },
+  --interval SECONDS  seconds between list reads (default 5)
+  --prices FILE    as estimate's: the cost so far]] },
   report = { args = "DIR", help = [[
 Write one self-contained HTML page (inline SVG) for a pipeline's DIR.
 A timeline of its shards, requests by outcome and error code, tokens and
@@ -806,22 +810,35 @@ end
 
 -- ------------------------------------------------------------ main
 
+-- --prices FILE: the prices table (nil without the option), or nil and an error
+local function prices_of(o)
+  if not o.prices then return false end
+  local f = io.open(o.prices, "rb")
+  if not f then return nil, errors.new({ kind = "io", message = "cannot read " .. o.prices }) end
+  local ok, v = pcall(cjson.decode, f:read("*a"))
+  f:close()
+  if not ok or type(v) ~= "table" then return nil, usage_error("--prices: not a JSON object") end
+  return v
+end
+
 function run.top(o)
   local n, nerr = nums(o, "interval")
   if not n then return nil, nerr end
-  return require("lbatch.top").run(client(o), { status = o.status, interval = n.interval })
+  local prices, perr = prices_of(o)
+  if prices == nil then return nil, perr end
+  if o.dir then
+    local fh = io.open(o.dir .. "/journal.jsonl", "rb")
+    if not fh then return nil, usage_error("--dir " .. o.dir .. ": no journal.jsonl there (a pipeline's --dir)") end
+    fh:close()
+  end
+  return require("lbatch.top").run(client(o), { status = o.status, interval = n.interval, dir = o.dir,
+                                                prices = prices or nil })
 end
 
 function run.report(o, pos)
-  local prices
-  if o.prices then
-    local f = io.open(o.prices, "rb")
-    if not f then return nil, errors.new({ kind = "io", message = "cannot read " .. o.prices }) end
-    local ok, v = pcall(cjson.decode, f:read("*a"))
-    f:close()
-    if not ok or type(v) ~= "table" then return nil, usage_error("--prices: not a JSON object") end
-    prices = v
-  end
+  local prices, perr = prices_of(o)
+  if prices == nil then return nil, perr end
+  prices = prices or nil
   local output = o.output or (pos[1] .. "/report.html")
   local st, err = require("lbatch.report").write(pos[1], output, { prices = prices })
   if not st then return nil, err end
