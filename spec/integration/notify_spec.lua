@@ -184,6 +184,42 @@ describe("a pipeline told, not polling", function()
     told("dashscope")
   end)
 
+  it("a forged callback saying completed while the batch runs changes nothing", function()
+    if not ok_http then pending("lua-http is not installed for this Lua") return end
+    local port = math.random(45001, 55000)
+    local hook = ("http://127.0.0.1:%d/hook"):format(port)
+    local emu = H.emulator({ speed = 20, tls = false, rate_limits = false })
+    local c = lbatch.new({ api_key = "k", base_url = emu.base })
+    local dir = H.tmpdir()
+    local reqs = { { custom_id = "a", body = { model = "qwen-plus", messages = { { role = "user", content = "a" } } } },
+                   { custom_id = "b", body = { model = "qwen-plus", messages = { { role = "user", content = "b" } } } } }
+    local forged = dir .. "/forged"
+    local report = assert(require("lbatch.pipeline").run({ client = c, requests = reqs, dir = dir, poll_interval = 30,
+      endpoint = "/v1/chat/completions", metadata = { emulator_line_seconds = "40" },   -- about 4.5 s
+      notify = { url = hook, listen = "127.0.0.1:" .. port },
+      on_step = function(step, sh)
+        -- DashScope's callback is unsigned: anyone can post one (from another
+        -- process, in the background: this one serves it)
+        if step == "waiting" then
+          H.ok(("curl -s --max-time 10 -o /dev/null -w '%%{http_code}' -X POST -d '{\"id\":\"%s\","
+            .. "\"status\":\"completed\",\"output_file_id\":\"file-forged\"}' %s >%s 2>&1 &"):format(
+            sh.batch_id, hook, forged))
+        end
+      end }))
+    local _, st = H.json("GET", emu.url .. "/_emulator/stats?finished=1")
+    emu.stop()
+    local sh = report.shards[1]
+    assert.are.equal("200", H.read(forged))  -- taken as a hint...
+    assert.are.equal("completed", sh.status) -- ...and the batch's real end waited for
+    assert.is_truthy(st.finished[sh.batch_id])
+    local ok = 0
+    for rec in report.results:each() do if rec.ok then ok = ok + 1 end end
+    assert.are.equal(2, ok)
+    assert.are_not.equal("file-forged", sh.output_file_id)
+    assert.is_true(c:watcher().calls <= 3, c:watcher().calls .. " status calls")
+    H.ok("rm -rf " .. dir)
+  end)
+
   it("refuses a notify.url that is not http(s) before any request", function()
     local c = lbatch.new({ api_key = "k", base_url = "http://127.0.0.1:9/v1" })
     local r, err = require("lbatch.pipeline").run({ client = c, requests = { { custom_id = "a", body = {} } },
