@@ -121,7 +121,7 @@ bench-compare: deps build $(NODE_DIR)/node_modules/.installed
 	EMULATOR_ARGS="--speed 2000 --dialect openai --rate-limits off" emulator/around bench/compare
 	EMULATOR_ARGS="--speed 2000 --dialect openai --rate-limits off" emulator/around --tls bench/compare
 
-# lbatch at the service's scale: merge, pipeline, 1,000 jobs (SIZES, BENCH_10M=1)
+# lbatch at the service's scale: merge, pipeline, a quota, 200 jobs told and polled, 1,000 jobs (SIZES, BENCH_10M=1)
 bench-scale: deps build
 	bench/scale
 

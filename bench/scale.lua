@@ -14,6 +14,11 @@
 --                    the flow process's own peak RSS (VmHWM)
 --   quota N K        N shards of one model under an enqueued-token limit
 --                    that holds K of them (the emulator's token_limit mode)
+--   told N | polled N  N jobs ending over about 30 s, each end seen through
+--                    the emulator's webhooks (a lua-http listener on
+--                    NOTIFY_PORT, lbatch.lua_http.serve) or by polling alone:
+--                    the delay from the emulator's finish to lbatch seeing
+--                    it (max, median) and status calls a job
 -- Each prints one line of figures; bench/scale adds wall, CPU and RSS.
 local cjson = require "cjson"
 local core = require "lbatch.core"
@@ -302,8 +307,64 @@ elseif mode == "quota" then
     (r["POST /files"] or 0) - shards, limited))
   os.execute("rm -rf " .. dir)
   client:close()
+elseif mode == "told" or mode == "polled" then
+  local lbatch = require "lbatch"
+  local n, interval = tonumber(a), tonumber(os.getenv("POLL") or "10")
+  local client = lbatch.new({ region = "openai", max_connections = 16 })
+  local path = os.tmpname()
+  local fh = io.open(path, "wb")
+  for i = 1, 10 do fh:write(request(i), "\n") end
+  fh:close()
+  local f = assert(client:upload(path))
+  os.remove(path)
+  local seen_at, ids = {}, {}
+  local function jobs()
+    local tasks = {}
+    for i = 1, n do
+      tasks[i] = client:spawn(function()
+        -- 10 lines of 30 to 300 service seconds each: ends spread over about 30 s at --speed 100
+        local bt = assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions",
+          metadata = { emulator_line_seconds = tostring(30 + (i * 37) % 271) } }))
+        ids[i] = bt.id
+        bt = assert(client:wait(bt.id, { interval = interval, factor = 1, jitter = 0 }))
+        seen_at[bt.id] = now()
+      end)
+    end
+    for _, t in ipairs(tasks) do
+      local _, err = t:join()
+      if err then error(err) end
+    end
+    return true
+  end
+  local t0 = now()
+  if mode == "told" then
+    client:expect_notices()
+    assert(require("lbatch.lua_http").serve({ client = client, listen = "127.0.0.1:" .. os.getenv("NOTIFY_PORT"),
+      secrets = { os.getenv("NOTIFY_SECRET") } }, jobs))
+  else
+    client:spawn(jobs)
+    assert(client:run())
+  end
+  local elapsed = now() - t0
+  local base = os.getenv("LBATCH_BASE_URL"):gsub("/compatible%-mode/v1$", "")
+  local p = io.popen("curl -s '" .. base .. "/_emulator/stats?finished=1'")
+  local stats = cjson.decode(p:read("*a"))
+  p:close()
+  local t_here = now()
+  local delays = {}
+  -- (the two clocks agree to about a millisecond: a delay below 0 is 0)
+  for i, id in ipairs(ids) do delays[i] = math.max(0, stats.now - (t_here - seen_at[id]) - stats.finished[id]) end
+  table.sort(delays)
+  local median = #delays % 2 == 1 and delays[(#delays + 1) / 2] or (delays[#delays / 2] + delays[#delays / 2 + 1]) / 2
+  local r = stats.routes or {}
+  local calls = (r["GET /batches"] or 0) + (r["GET /batches/{id}"] or 0)
+  print(("%d jobs %s, over %.0f s: each end seen %.3f s after the emulator's at most, %.3f s median; "
+    .. "%.2f status calls a job (%d list pages, %d retrieves; poll interval %g s)"):format(n,
+    mode == "told" and "told by webhooks" or "polled", elapsed, delays[#delays], median, calls / n,
+    r["GET /batches"] or 0, r["GET /batches/{id}"] or 0, interval))
+  client:close()
 else
   io.stderr:write("usage: bench/scale.lua gen N DIR | merge DIR | single DIR | naive DIR | pipeline N DIR"
-    .. " | flow N DIR | jobs N | quota N K\n")
+    .. " | flow N DIR | jobs N | quota N K | told N | polled N\n")
   os.exit(2)
 end

@@ -51,7 +51,15 @@ with the same --dir, it resumes where it stopped.
   --no-header          a CSV's first row is a request
   --max-cost X         refuse the run (before any upload) when it may cost more
   --prices FILE        the prices --max-cost needs (as estimate's --prices)
-  --bom                a byte-order mark in a CSV output]] },
+  --bom                a byte-order mark in a CSV output
+  --notify-listen HOST:PORT  be told when a job ends: listen there for OpenAI's
+                       webhooks (secrets: $OPENAI_WEBHOOK_SECRET, several
+                       separated by spaces) and DashScope's callbacks, on
+                       lua-http (LuaJIT, Lua 5.1 to 5.3); polling stays as the
+                       fallback at --poll's interval
+  --notify-url URL     the URL the service reaches that listener by: set as each
+                       DashScope batch's callback (OpenAI's comes from the
+                       project's webhook settings)]] },
   flow = { args = "SCRIPT", help = [[
 Run a flow: SCRIPT returns {step = function(item, ask) ... end, key = ...}
 (lbatch.flow), each item's steps as plain Lua, the asks sent in rounds of
@@ -143,11 +151,15 @@ List stored files, newest first: id, purpose, size, age, name.
   rm = { args = "FILE_ID...", help = [[
 Delete files. Exit 1 when one could not be deleted.]] },
   top = { args = "", help = [[
-A live, full-screen view of the account's batches: one row a job, totals above.
+A live, full-screen view of the account's batches: one row a job, totals above
+(jobs by status, requests and their rate, failures by code, tokens and cost).
 Keys: q quit, s sort, f filter by status, up/down or j/k select, c then y
 cancel the selected job. When stdout is not a terminal, one frame as plain lines.
+  --dir DIR        one run's: its journal's batches, shards not created yet, and
+                   the failures by code of the error files it downloaded
   --status S       only these statuses (comma-separated), as list's
-  --interval SECONDS  seconds between list reads (default 5)]] },
+  --interval SECONDS  seconds between list reads (default 5)
+  --prices FILE    as estimate's: the cost so far]] },
   report = { args = "DIR", help = [[
 Write one self-contained HTML page (inline SVG) for a pipeline's DIR.
 A timeline of its shards, requests by outcome and error code, tokens and
@@ -306,6 +318,7 @@ local function progress_printer()
     show(line)
   end
   return function(p) last_p = p draw() end, finish, function(shard, _, done, total)
+    total = total or 0                   -- (nil until the server has said it)
     if total > 0 and done >= total then moving[shard] = nil else moving[shard] = { done, math.max(total, 0) } end
     draw()
   end
@@ -643,6 +656,23 @@ function run.run(o, pos)
     local cells = csv.header_of(pos[1], header)   -- as the pipeline reads it; a file it cannot read fails there
     if cells then said_header(o, pos[1], cells, header == true) end
   end
+  local notify
+  if o.notify_url and not o.notify_listen then
+    return nil, usage_error("--notify-url needs --notify-listen HOST:PORT (where the notices arrive)")
+  end
+  if o.notify_listen then
+    local secrets = {}
+    for s in (os.getenv("OPENAI_WEBHOOK_SECRET") or ""):gmatch("%S+") do secrets[#secrets + 1] = s end
+    for i, s in ipairs(secrets) do
+      if not require("lbatch.notify").key(s) then
+        return nil, usage_error(("$OPENAI_WEBHOOK_SECRET: secret %d is not whsec_<base64>"):format(i))
+      end
+    end
+    notify = { url = o.notify_url, listen = o.notify_listen, secrets = secrets,
+      on_listen = function(host, port)
+        io.stderr:write(("lbatch: told, not polling: listening for notices on %s:%s\n"):format(host, port))
+      end }
+  end
   local c = client(o)
   local dir = o.dir or (pos[1] .. ".lbatch")
   local show, done, moving = progress_printer()
@@ -651,7 +681,7 @@ function run.run(o, pos)
     max_in_flight = n.max_in_flight, max_lines = n.max_lines, limits = limits,
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
-    header = header,
+    header = header, notify = notify,
   })
   done()
   if not report then return nil, err end
@@ -838,22 +868,35 @@ end
 
 -- ------------------------------------------------------------ main
 
+-- --prices FILE: the prices table (nil without the option), or nil and an error
+local function prices_of(o)
+  if not o.prices then return false end
+  local f = io.open(o.prices, "rb")
+  if not f then return nil, errors.new({ kind = "io", message = "cannot read " .. o.prices }) end
+  local ok, v = pcall(cjson.decode, f:read("*a"))
+  f:close()
+  if not ok or type(v) ~= "table" then return nil, usage_error("--prices: not a JSON object") end
+  return v
+end
+
 function run.top(o)
   local n, nerr = nums(o, "interval")
   if not n then return nil, nerr end
-  return require("lbatch.top").run(client(o), { status = o.status, interval = n.interval })
+  local prices, perr = prices_of(o)
+  if prices == nil then return nil, perr end
+  if o.dir then
+    local fh = io.open(o.dir .. "/journal.jsonl", "rb")
+    if not fh then return nil, usage_error("--dir " .. o.dir .. ": no journal.jsonl there (a pipeline's --dir)") end
+    fh:close()
+  end
+  return require("lbatch.top").run(client(o), { status = o.status, interval = n.interval, dir = o.dir,
+                                                prices = prices or nil })
 end
 
 function run.report(o, pos)
-  local prices
-  if o.prices then
-    local f = io.open(o.prices, "rb")
-    if not f then return nil, errors.new({ kind = "io", message = "cannot read " .. o.prices }) end
-    local ok, v = pcall(cjson.decode, f:read("*a"))
-    f:close()
-    if not ok or type(v) ~= "table" then return nil, usage_error("--prices: not a JSON object") end
-    prices = v
-  end
+  local prices, perr = prices_of(o)
+  if prices == nil then return nil, perr end
+  prices = prices or nil
   local output = o.output or (pos[1] .. "/report.html")
   local st, err = require("lbatch.report").write(pos[1], output, { prices = prices })
   if not st then return nil, err end

@@ -202,4 +202,33 @@ function Notify:verify(headers, body)
            data = data, created_at = tonumber(event.created_at), signed = true }
 end
 
+--- What any HTTP server's handler does with one delivery: verify it and
+-- tell the client. The adapters (`lbatch.lua_http`, `lbatch.openresty`)
+-- are this and their server's way of reading a request.
+--
+--    local handle = require("lbatch.notify").handler{ client = c, secrets = { "whsec_..." } }
+--    local status = handle(method, headers, body)   -- answer it, with no body
+-- @tparam table o client (the client to tell, or a function returning
+-- it), notifier (a receiver made already; else one is made from `o`, as
+-- `new`), on_notice(notice) and on_refused(err): called for each delivery
+-- @treturn function handle(method, headers, body) -> 200 and the notice,
+-- 400 and the error, or 405 for what is not a POST
+function M.handler(o)
+  if type(o) ~= "table" then error("lbatch.notify.handler: options must be a table", 2) end
+  local n = o.notifier or M.new(o)
+  return function(method, headers, body)
+    if method ~= "POST" then return 405 end
+    local notice, err = n:verify(headers, body)
+    if not notice then
+      if o.on_refused then o.on_refused(err) end
+      return 400, err
+    end
+    local client = o.client
+    if type(client) == "function" then client = client() end
+    if client then client:notice(notice) end
+    if o.on_notice then o.on_notice(notice) end
+    return 200, notice
+  end, n
+end
+
 return M

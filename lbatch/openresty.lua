@@ -92,19 +92,22 @@ end
 -- `M.client(o.client_opts)`), and `lbatch.notify.new`'s options
 -- @treturn function the handler: 200 for a notice, 400 refused, 405 not a POST
 function M.notify_handler(o)
-  local n = o.notifier or require("lbatch.notify").new(o)
+  local ho = {}
+  for k, v in pairs(o) do ho[k] = v end
+  ho.client = o.client or function() return assert(M.client(o.client_opts)) end
+  ho.on_refused = function(err)
+    ngx.log(ngx.WARN, "lbatch: a notice refused: ", tostring(err))
+    if o.on_refused then o.on_refused(err) end
+  end
+  local handle = require("lbatch.notify").handler(ho)
   return function()
-    if ngx.req.get_method() ~= "POST" then return ngx.exit(405) end
-    ngx.req.read_body()
-    local body = ngx.req.get_body_data() or ""
-    local notice, err = n:verify(ngx.req.get_headers(100, true), body)
-    if not notice then
-      ngx.log(ngx.WARN, "lbatch: a notice refused: ", tostring(err))
-      return ngx.exit(400)
+    local method = ngx.req.get_method()
+    local body = ""
+    if method == "POST" then
+      ngx.req.read_body()
+      body = ngx.req.get_body_data() or ""
     end
-    local client = o.client or assert(M.client(o.client_opts))
-    client:notice(notice)
-    return ngx.exit(200)
+    return ngx.exit((handle(method, ngx.req.get_headers(100, true), body)))
   end
 end
 

@@ -362,6 +362,12 @@ function Run:metadata(s)
   for k, v in pairs(metadata or {}) do m[k] = v end
   m.lbatch_run, m.lbatch_shard = self.state.run, tostring(s.k)
   if self.dialect == "dashscope" and m.ds_name == nil then m.ds_name = "lbatch-" .. self.state.run .. "-" .. s.k end
+  -- DashScope calls back the URL a batch names; OpenAI's webhooks go to
+  -- the URL set in the project's settings, not per batch
+  local n = self.opts.notify
+  if n and n.url and self.dialect == "dashscope" and m.ds_batch_finish_callback == nil then
+    m.ds_batch_finish_callback = n.url
+  end
   return m
 end
 
@@ -581,6 +587,15 @@ end
 -- nil and the service's code, and the journal resumes once it is fixed.
 -- Every batch carries `metadata.lbatch_run` and `lbatch_shard` (and, on
 -- DashScope, `ds_name`) beside the given metadata.
+-- notify = {url, secret (or secrets), listen, adapter}: told, not
+-- polling. The waits expect notices (`client:expect_notices`: polling at
+-- the wait's interval is the fallback for one lost) and every notice
+-- handed to `client:notice` wakes the wait on its batch; on DashScope
+-- each batch names `url` as its `ds_batch_finish_callback` (OpenAI sends
+-- its webhooks to the URL of the project's settings). With listen
+-- (`"HOST:PORT"`) the run listens there itself, on `adapter.serve`
+-- (default `lbatch.lua_http`: lua-http on cqueues), verifying signed
+-- webhooks with the secrets.
 -- @treturn table the report `{shards, results (a reader), outputs,
 -- errors, inputs, journal, client, groups}` (groups: each first-round shard's
 -- `{inputs, output, errors}`, as `results.open` takes them), or nil and an error
@@ -589,6 +604,26 @@ function M.run(opts)
   errors.check("pipeline.run", "opts.dir", opts.dir, "string")
   local client, cerr0 = client_of("pipeline.run", opts)
   if not client then return nil, cerr0 end
+  local n = opts.notify
+  if n ~= nil then
+    errors.check("pipeline.run", "opts.notify", n, "table")
+    errors.check("pipeline.run", "opts.notify.url", n.url, "string", true)
+    if n.url and not n.url:find("^https?://[^/]") then
+      return nil, fail(("notify.url must be an http(s) URL, not %s"):format(n.url))
+    end
+    client:expect_notices()
+    if n.listen then
+      local listen = { client = client, listen = n.listen, secrets = n.secrets or { n.secret },
+                       tolerance = n.tolerance, on_listen = n.on_listen, on_notice = n.on_notice,
+                       on_refused = n.on_refused }
+      local o = {}
+      for k, v in pairs(opts) do o[k] = v end
+      for _, k in ipairs(WHERE) do o[k] = nil end
+      o.client = client
+      o.notify = { url = n.url }
+      return (n.adapter or require("lbatch.lua_http")).serve(listen, M.run, o)
+    end
+  end
   local made, why = core.mkdir(opts.dir)
   if not made then return nil, errors.io("cannot make", opts.dir, why:gsub("^mkdir [^:]*: ", "")) end
   local path = opts.journal or (opts.dir .. "/journal.jsonl")

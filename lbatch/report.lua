@@ -15,11 +15,11 @@ local function esc(s)
                                           ["'"] = "&#39;" }))
 end
 
---- Read a pipeline's directory.
+--- A pipeline's journal, replayed (no result file read).
 -- @tparam string dir the pipeline's dir (holding `journal.jsonl`)
--- @tparam[opt] table opts `prices` (as `results.summary`'s), `journal` (its path)
--- @treturn table `{run, phase, shards, summary}`, or nil and an error
-function M.read(dir, opts)
+-- @tparam[opt] table opts `journal` (its path)
+-- @treturn table `{run, phase, shards}`, or nil and an error
+function M.journal(dir, opts)
   opts = opts or {}
   local path = opts.journal or (dir .. "/journal.jsonl")
   local f = io.open(path, "rb")
@@ -36,18 +36,40 @@ function M.read(dir, opts)
     end
   end
   f:close()
+  return st
+end
+
+--- The summary (`results:summary`) of the result files the shards
+-- downloaded so far.
+-- @tparam table shards the journal's shards
+-- @tparam[opt] table opts `prices`
+-- @treturn ?table the summary (nil when nothing was downloaded yet), or nil and an error
+-- @treturn ?table or the error
+function M.summary(shards, opts)
   local outs, errs = {}, {}
-  for _, s in pairs(st.shards) do
+  for _, s in pairs(shards) do
     if s.output then outs[#outs + 1] = s.output end
     if s.error then errs[#errs + 1] = s.error end
   end
-  if #outs + #errs > 0 then
-    local r, err = results.open({ output = outs, errors = errs })
-    if not r then return nil, err end
-    st.summary, err = r:summary({ prices = opts.prices })
-    if r.close then r:close() end
-    if not st.summary then return nil, err end
-  end
+  if #outs + #errs == 0 then return nil end
+  local r, err = results.open({ output = outs, errors = errs })
+  if not r then return nil, err end
+  local sm, serr = r:summary({ prices = opts and opts.prices })
+  if r.close then r:close() end
+  if not sm then return nil, serr end
+  return sm
+end
+
+--- Read a pipeline's directory: its journal and the summary of its results.
+-- @tparam string dir the pipeline's dir (holding `journal.jsonl`)
+-- @tparam[opt] table opts `prices` (as `results.summary`'s), `journal` (its path)
+-- @treturn table `{run, phase, shards, summary}`, or nil and an error
+function M.read(dir, opts)
+  opts = opts or {}
+  local st, err = M.journal(dir, opts)
+  if not st then return nil, err end
+  st.summary, err = M.summary(st.shards, opts)
+  if err then return nil, err end
   return st
 end
 

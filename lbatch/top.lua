@@ -6,8 +6,17 @@
 -- Keys: `q` quits, `s` sorts, `f` filters by status, up/down or `j`/`k`
 -- select, `c` then `y` cancels the selected job.
 --
+-- With `dir`, the view is one pipeline run's, from its journal: its
+-- batches (by `metadata.lbatch_run`, or the ids the journal holds), a row
+-- for each shard not created yet (its step), and the failures by code of
+-- the error files it downloaded. The totals: jobs by status, requests
+-- done and failed and their rate, failures by code, tokens and (with
+-- `prices`) cost so far.
+--
 -- When stdout is not a terminal, one frame is printed as plain lines.
 -- @module lbatch.top
+local cost = require "lbatch.cost"
+
 local M = {}
 
 local STATUSES = { "validating", "in_progress", "finalizing", "cancelling", "completed", "failed", "expired",
@@ -79,7 +88,35 @@ end
 function M.state(opts)
   opts = opts or {}
   return { batches = {}, sort = "age", filter = nil, selected = 1, top = 1, message = "",
-           status = opts.status, samples = {} }
+           status = opts.status, samples = {}, prices = opts.prices, discount = opts.discount,
+           models = {}, codes = {} }
+end
+
+-- the totals' figures: failures by code (the error files read: st.codes;
+-- a failed job's errors.data), tokens, and cost at st.prices (of the
+-- results a run downloaded, st.read, and the usage of the other jobs)
+local function spent(st)
+  local codes, counted, tokens, money, priced = {}, 0, 0, 0, false
+  for code, n in pairs(st.codes) do codes[code] = n counted = counted + n end
+  local read = st.read                  -- what the run's downloaded results hold
+  if read then tokens, money, priced = read.tokens, read.cost, st.prices ~= nil end
+  for _, b in ipairs(st.batches) do
+    local data = type(b.errors) == "table" and type(b.errors.data) == "table" and b.errors.data or {}
+    for _, e in ipairs(data) do
+      local code = type(e) == "table" and e.code and (tostring(e.code) .. " (job)")
+      if code then codes[code] = (codes[code] or 0) + 1 end
+    end
+    local u = type(b.usage) == "table" and not (read and read.ids[b.id]) and b.usage or {}
+    local input = tonumber(u.input_tokens) or tonumber(u.prompt_tokens) or 0
+    local output = tonumber(u.output_tokens) or tonumber(u.completion_tokens) or 0
+    tokens = tokens + (tonumber(u.total_tokens) or input + output)
+    local price = st.prices and st.prices[st.models[b.id] or b.model]
+    if price then money, priced = money + cost.of(input, output, price, st.discount), true end
+  end
+  local list = {}
+  for code, n in pairs(codes) do list[#list + 1] = { code, n } end
+  table.sort(list, function(a, b) if a[2] ~= b[2] then return a[2] > b[2] end return a[1] < b[1] end)
+  return list, counted, tokens, priced and money or nil
 end
 
 --- Take in a fresh list of batches (one refresh).
@@ -130,17 +167,25 @@ function M.frame(st, width, height, now)
     by[b.status] = (by[b.status] or 0) + 1
     local t, d, f = counts(b)
     total, done, failed = total + t, done + d, failed + f
-    local u = type(b.usage) == "table" and b.usage or {}
-    tokens = tokens + (tonumber(u.total_tokens) or (tonumber(u.input_tokens) or 0) + (tonumber(u.output_tokens) or 0))
   end
   local jobs = {}
   for _, s in ipairs(STATUSES) do if by[s] then jobs[#jobs + 1] = by[s] .. " " .. s end end
   for s, n in pairs(by) do if not RANK[s] then jobs[#jobs + 1] = n .. " " .. tostring(s) end end
   local s, rps = st.samples, 0
   if #s >= 2 and s[#s][1] > s[1][1] then rps = math.max(0, (s[#s][2] - s[1][2]) / (s[#s][1] - s[1][1])) end
+  local codes, counted, used, money = spent(st)
+  tokens = math.max(tokens, used)
+  local by_code = {}
+  for _, c in ipairs(codes) do by_code[#by_code + 1] = c[2] .. " " .. c[1] end
+  if failed > counted then
+    by_code[#by_code + 1] = (failed - counted) .. (st.run and " not downloaded yet" or " in error files")
+  end
   local lines = {
-    ("lbatch top: %d jobs (%s)"):format(#st.batches, #jobs > 0 and table.concat(jobs, ", ") or "none"),
-    ("requests: %d/%d done, %d failed, %.1f/s; tokens %d"):format(done, total, failed, rps, tokens),
+    ("lbatch top: %d jobs (%s)%s"):format(#st.batches, #jobs > 0 and table.concat(jobs, ", ") or "none",
+      st.run and (" | run " .. st.run) or ""),
+    ("requests: %d/%d done, %d failed, %.1f/s; tokens %d%s"):format(done, total, failed, rps, tokens,
+      money and (", cost %.4f"):format(money) or ""),
+    "failures: " .. (#by_code > 0 and table.concat(by_code, ", ") or "none"),
     ("sort %s | filter %s%s | q quit s sort f filter j/k move c cancel"):format(st.sort, st.filter or "all",
       st.status and (" (service: " .. st.status .. ")") or ""),
   }
@@ -208,7 +253,9 @@ function M.key(st, k, cancel)
     st.message = "filter " .. (st.filter or "all")
   elseif k == "c" then
     local b = st.rows and st.rows[st.selected]
-    if b then
+    if b and b.shard then
+      st.message = ("%s has no batch yet"):format(b.id)
+    elseif b then
       st.confirm = b.id
       st.message = ("cancel %s? y to confirm, any other key keeps it"):format(b.id)
     end
@@ -229,26 +276,64 @@ local function term_size()
   return tonumber(w) or 80, tonumber(h) or 24
 end
 
--- every batch the list pages give, or nil and an error
-local function read_all(c, st)
-  local all = {}
+-- a run's journal read again: the models of its batches, a row for each
+-- shard not created yet, and (when the downloads changed) the failures by
+-- code of its error files
+local function journal(st, dir)
+  local report = require "lbatch.report"
+  local j, err = report.journal(dir)
+  if not j then return nil, err end
+  st.run, st.ids, st.models = j.run, {}, {}
+  local waiting, files, downloaded = {}, {}, {}
+  for k, sh in pairs(j.shards) do
+    if sh.batch_id then
+      st.ids[sh.batch_id], st.models[sh.batch_id] = true, sh.model
+      if sh.output or sh.error then downloaded[sh.batch_id] = true end
+    elseif sh.step ~= "done" then
+      waiting[#waiting + 1] = { id = sh.name or ("shard " .. k), status = sh.step, shard = true,
+                                request_counts = { total = sh.lines } }
+    end
+    files[#files + 1] = (sh.output or "") .. "|" .. (sh.error or "")
+  end
+  table.sort(files)
+  local key = table.concat(files, "\n")
+  if key ~= st.files then
+    local sm, serr = report.summary(j.shards, { prices = st.prices })
+    if serr then return nil, serr end
+    st.files, st.codes = key, sm and sm.by_error or {}
+    st.read = { ids = downloaded, tokens = sm and sm.total_tokens or 0, cost = sm and sm.cost or 0 }
+  end
+  return waiting
+end
+
+-- every batch the list pages give (with `dir`, the run's), or nil and an error
+local function read_all(c, st, dir)
+  local all, waiting = {}, nil
+  if dir then
+    local err
+    waiting, err = journal(st, dir)
+    if not waiting then return nil, err end
+  end
   for b, err in c:each_batch({ limit = 100, status = st.status }) do
     if not b then return nil, err end
-    all[#all + 1] = b
+    local m = type(b.metadata) == "table" and b.metadata or {}
+    if not dir or st.ids[b.id] or (m.lbatch_run ~= nil and m.lbatch_run == st.run) then all[#all + 1] = b end
   end
+  for _, w in ipairs(waiting or {}) do all[#all + 1] = w end
   return all
 end
 
 --- Run the view until `q` (or one frame when stdout is not a terminal).
 -- @tparam table c a client (`each_batch`, `cancel`)
--- @tparam[opt] table opts `status` (the service's filter), `interval` (seconds between list reads, default 5)
+-- @tparam[opt] table opts `status` (the service's filter), `interval` (seconds between list reads, default
+-- 5), `dir` (one pipeline run's, from its journal), `prices` (as `lbatch.estimate`'s: the cost so far), `discount`
 -- @treturn integer 0, or nil and an error
 function M.run(c, opts)
   opts = opts or {}
   local interval = math.max(tonumber(opts.interval) or 5, 0.5)
   local st = M.state(opts)
   local now = os.time
-  local all, err = read_all(c, st)
+  local all, err = read_all(c, st, opts.dir)
   if not all then return nil, err end
   M.update(st, all, now())
   if not sh_ok("[ -t 1 ]") then
@@ -303,7 +388,7 @@ function M.run(c, opts)
       local t = require("lbatch.core").now()
       if t - read_at >= interval then
         read_at = t
-        local fresh, rerr = read_all(c, st)
+        local fresh, rerr = read_all(c, st, opts.dir)
         if fresh then M.update(st, fresh, now()) else st.message = "list: " .. tostring(rerr) end
         draw()
       end

@@ -83,7 +83,9 @@ local function serve(script, args, opts, data)
     local port = math.random(20000, 45000)
     local log = os.tmpname()
     local pin = opts.cpu and ("taskset -c " .. opts.cpu .. " ") or ""
-    local cmd = ("setsid %s%s --port %d %s >%s 2>&1 & echo $!"):format(pin, script, port, table.concat(args, " "), log)
+    -- ({port} in an argument: this port, for a URL back to the server itself)
+    local argv = table.concat(args, " "):gsub("{port}", tostring(port))
+    local cmd = ("setsid %s%s --port %d %s >%s 2>&1 & echo $!"):format(pin, script, port, argv, log)
     local pid = sh(cmd):match("%d+")
     for _ = 1, 100 do
       local out = H.read(log) or ""

@@ -125,3 +125,107 @@ describe("waits woken by webhooks through lua-http", function()
     end
   end)
 end)
+
+describe("a pipeline told, not polling", function()
+  local ok_http = pcall(require, "http.server")
+
+  -- a pipeline of `shards` shards on an emulator that tells it of each end
+  -- (its webhooks in the openai dialect, the batches' callback in the
+  -- dashscope one); poll_interval 30 s: without the notices it would poll
+  -- each shard after 30 s, with them it is done in a few
+  local function told(dialect)
+    if not ok_http then pending("lua-http is not installed for this Lua") return end
+    local port = math.random(45001, 55000)
+    local hook = ("http://127.0.0.1:%d/hook"):format(port)
+    local emu = H.emulator({ speed = 20, dialect = dialect, tls = false, rate_limits = false,
+      webhook_url = dialect == "openai" and hook or nil, webhook_secret = SECRET })
+    local c = lbatch.new({ api_key = "k", base_url = emu.base, region = dialect == "openai" and "openai" or "cn" })
+    local dir = H.tmpdir()
+    local reqs = {}
+    for i = 1, 12 do
+      reqs[i] = { custom_id = "q" .. i, body = { model = "qwen-plus", messages = { { role = "user", content = "q" .. i } } } }
+    end
+    local signed, refused, listening = {}, 0, false
+    local t0 = now()
+    local report, err = require("lbatch.pipeline").run({ client = c, requests = reqs, dir = dir, max_lines = 2,
+      endpoint = "/v1/chat/completions", poll_interval = 30, max_in_flight = 6,
+      notify = { url = hook, secret = SECRET, listen = "127.0.0.1:" .. port,
+                 on_listen = function() listening = true end,
+                 on_notice = function(n) signed[#signed + 1] = n.signed end,
+                 on_refused = function() refused = refused + 1 end },
+    })
+    local wall = now() - t0
+    local _, page = H.json("GET", emu.base .. "/batches?limit=100", { key = "k" })
+    emu.stop()
+    assert.is_true(listening)
+    assert(report, tostring(err))
+    assert.are.equal(6, #report.shards)
+    local ok = 0
+    for rec in report.results:each() do if rec.ok then ok = ok + 1 end end
+    assert.are.equal(12, ok)
+    assert.is_true(wall < 15, ("%.1f s: the waits were not woken"):format(wall))
+    local calls = c:watcher().calls
+    assert.is_true(calls <= 6 + 2, ("%d status calls for 6 shards"):format(calls))
+    assert.are.equal(0, refused)
+    assert.is_true(#signed >= 6, #signed .. " notices")
+    for _, n in ipairs(signed) do assert.are.equal(dialect == "openai", n) end
+    for _, b in ipairs(page.data) do
+      local cb = type(b.metadata) == "table" and b.metadata.ds_batch_finish_callback or nil
+      assert.are.equal(dialect == "dashscope" and hook or nil, cb)
+    end
+    H.ok("rm -rf " .. dir)
+  end
+
+  it("by the emulator's signed webhooks (openai dialect), through its own lua-http listener", function()
+    told("openai")
+  end)
+
+  it("by DashScope's callback, the URL set on every batch it creates", function()
+    told("dashscope")
+  end)
+
+  it("a forged callback saying completed while the batch runs changes nothing", function()
+    if not ok_http then pending("lua-http is not installed for this Lua") return end
+    local port = math.random(45001, 55000)
+    local hook = ("http://127.0.0.1:%d/hook"):format(port)
+    local emu = H.emulator({ speed = 20, tls = false, rate_limits = false })
+    local c = lbatch.new({ api_key = "k", base_url = emu.base })
+    local dir = H.tmpdir()
+    local reqs = { { custom_id = "a", body = { model = "qwen-plus", messages = { { role = "user", content = "a" } } } },
+                   { custom_id = "b", body = { model = "qwen-plus", messages = { { role = "user", content = "b" } } } } }
+    local forged = dir .. "/forged"
+    local report = assert(require("lbatch.pipeline").run({ client = c, requests = reqs, dir = dir, poll_interval = 30,
+      endpoint = "/v1/chat/completions", metadata = { emulator_line_seconds = "40" },   -- about 4.5 s
+      notify = { url = hook, listen = "127.0.0.1:" .. port },
+      on_step = function(step, sh)
+        -- DashScope's callback is unsigned: anyone can post one (from another
+        -- process, in the background: this one serves it)
+        if step == "waiting" then
+          H.ok(("curl -s --max-time 10 -o /dev/null -w '%%{http_code}' -X POST -d '{\"id\":\"%s\","
+            .. "\"status\":\"completed\",\"output_file_id\":\"file-forged\"}' %s >%s 2>&1 &"):format(
+            sh.batch_id, hook, forged))
+        end
+      end }))
+    local _, st = H.json("GET", emu.url .. "/_emulator/stats?finished=1")
+    emu.stop()
+    local sh = report.shards[1]
+    assert.are.equal("200", H.read(forged))  -- taken as a hint...
+    assert.are.equal("completed", sh.status) -- ...and the batch's real end waited for
+    assert.is_truthy(st.finished[sh.batch_id])
+    local ok = 0
+    for rec in report.results:each() do if rec.ok then ok = ok + 1 end end
+    assert.are.equal(2, ok)
+    assert.are_not.equal("file-forged", sh.output_file_id)
+    assert.is_true(c:watcher().calls <= 3, c:watcher().calls .. " status calls")
+    H.ok("rm -rf " .. dir)
+  end)
+
+  it("refuses a notify.url that is not http(s) before any request", function()
+    local c = lbatch.new({ api_key = "k", base_url = "http://127.0.0.1:9/v1" })
+    local r, err = require("lbatch.pipeline").run({ client = c, requests = { { custom_id = "a", body = {} } },
+      dir = H.tmpdir(), notify = { url = "ftp://x/hook" } })
+    assert.is_nil(r)
+    assert.are.equal("invalid", err.kind)
+    assert.truthy(err.message:find("notify.url", 1, true))
+  end)
+end)

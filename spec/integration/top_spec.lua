@@ -1,13 +1,15 @@
 -- `lbatch top` driven through a pseudo-terminal (tmux) against the
 -- emulator with 300 jobs: its rows and totals on the captured screen, a
--- cancel (select, c, y) that reaches the service, and q that quits.
+-- cancel (select, c, y) that reaches the service, and q that quits; and
+-- `lbatch top --dir` on one pipeline run among them: only its jobs, a
+-- shard not created yet, failures by code, tokens and cost.
 local H = require "helper"
 local lbatch = require "lbatch"
 
 local JOBS = 300
 
 describe("lbatch top", function()
-  local emu, c, ids, dir, sock
+  local emu, c, ids, dir, sock, run
   local function tmux(args) return H.sh(("tmux -L %s %s 2>&1"):format(sock, args)) end
   local function screen() return tmux("capture-pane -p") end
   -- the screen once it matches pattern (within seconds)
@@ -28,6 +30,20 @@ describe("lbatch top", function()
     dir = H.tmpdir()
     local path = H.requests(dir .. "/r.jsonl", 20, { url = "/v1/chat/completions", model = "qwen-plus",
       content = function(i) return i % 9 == 0 and "lbatch-emulator:fail" or "question " .. i end })
+    -- one pipeline run of 3 shards (older than the 300 jobs: the rows below them), 3 of its 9
+    -- requests failing
+    local reqs = {}
+    for i = 1, 9 do
+      reqs[i] = { custom_id = "p" .. i, body = { model = "qwen-plus", messages = { { role = "user",
+        content = i % 3 == 0 and "lbatch-emulator:fail" or "question " .. i } } } }
+    end
+    run = assert(require("lbatch.pipeline").run({ client = c, requests = reqs, dir = dir .. "/run", max_lines = 3,
+      endpoint = "/v1/chat/completions", poll_interval = 0.1, poll_factor = 1 }))
+    -- and a fourth shard the run has not created yet
+    H.write(dir .. "/run/journal.jsonl", H.read(dir .. "/run/journal.jsonl") .. require("cjson").encode({ k = 4,
+      shard = { k = 4, name = "later-4.jsonl", step = "written", lines = 3, round = 1, model = "qwen-plus" } }) .. "\n")
+    H.write(dir .. "/prices.json", '{"qwen-plus": {"input": 2, "output": 8}}')
+    H.sleep(1.1)                                  -- (ages are in whole seconds)
     local f = assert(c:upload(path))
     ids = {}
     for i = 1, JOBS do   -- most stay in progress for the test's length; some finish
@@ -49,10 +65,11 @@ describe("lbatch top", function()
       .. " echo exit=$? > %s/exit"):format(emu.base, H.q(os.getenv("LUA_PATH") or ""), H.q(os.getenv("LUA_CPATH") or ""),
       H.lua, H.root, dir)
     tmux(("new-session -d -x 80 -y 30 -c %s %s"):format(H.q(H.root), H.q(cmd)))
-    until_shown("lbatch top: 300 jobs")
-    local s = until_shown("requests: %d+/6000 done", 30)   -- every job past validating
+    until_shown("lbatch top: 303 jobs")   -- and the run's 3
+    local s = until_shown("requests: %d+/6009 done", 30)   -- every job past validating (and the run's 9)
     -- the totals: jobs by status, requests done and failed, the rate
-    assert.matches("requests: %d+/6000 done, %d+ failed, [%d.]+/s", s)
+    assert.matches("requests: %d+/6009 done, %d+ failed, [%d.]+/s", s)
+    assert.matches("failures: %d+ in error files", s)        -- (only a run's are read)
     -- the rows: as many as the screen holds, each with status, bar, counts, age and eta
     local rows = 0
     for line in s:gmatch("[^\n]+") do
@@ -62,7 +79,7 @@ describe("lbatch top", function()
         assert.matches("^[ >]batch_%S+ %l[%l_]* +[#x.]+ +%d+/20 +%d+ +%S+ +%S+$", line)
       end
     end
-    assert.equals(30 - 5, rows)
+    assert.equals(30 - 6, rows)
     -- a refresh later the rate is seen
     until_shown("[1-9][%d.]*/s")
     -- select the third row, cancel it
@@ -96,5 +113,28 @@ describe("lbatch top", function()
     deadline = H.now() + 10
     while not H.exists(dir .. "/exit") and H.now() < deadline do H.sleep(0.1) end
     assert.equals("exit=0\n", H.read(dir .. "/exit"))
+  end)
+
+  it("--dir: one run's jobs from its journal, a shard not created yet, failures by code, tokens and cost", function()
+    local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s LUA_PATH=%s LUA_CPATH=%s %s %s/bin/lbatch top --interval 1"
+      .. " --dir %s/run --prices %s/prices.json; echo exit=$? > %s/exit2"):format(emu.base, H.q(os.getenv("LUA_PATH") or ""),
+      H.q(os.getenv("LUA_CPATH") or ""), H.lua, H.root, dir, dir, dir)
+    tmux(("new-session -d -x 100 -y 20 -c %s %s"):format(H.q(H.root), H.q(cmd)))
+    local runid = run.shards[1].name:match("^(.-)%-1%.jsonl$")
+    local s = until_shown("lbatch top: 4 jobs")
+    assert.matches("lbatch top: 4 jobs %(3 completed, 1 written%) | run " .. runid, s)
+    assert.matches("requests: 6/12 done, 3 failed", s)
+    assert.matches("failures: 3 emulated_failure\n", s)
+    assert.matches("tokens %d+, cost 0%.%d+", s)
+    local batches, later = 0, 0
+    for line in s:gmatch("[^\n]+") do
+      if line:find("^[ >]batch_") then batches = batches + 1 end
+      if line:find("^[ >]later%-4%.jsonl +written ") then later = later + 1 end
+    end
+    assert.are.same({ 3, 1 }, { batches, later })
+    tmux("send-keys q")
+    local deadline = H.now() + 10
+    while not H.exists(dir .. "/exit2") and H.now() < deadline do H.sleep(0.1) end
+    assert.equals("exit=0\n", H.read(dir .. "/exit2"))
   end)
 end)

@@ -330,6 +330,45 @@ describe("the lbatch command", function()
   end)
 end)
 
+describe("lbatch run --notify-listen", function()
+  local SECRET = "whsec_" .. require("lbatch.core").base64("the secret of the command's listener")
+
+  it("is told by the emulator's webhooks: the run ends in seconds, about one status call a job", function()
+    local port = math.random(45001, 55000)
+    local emu = H.emulator({ speed = 20, dialect = "openai", tls = false, rate_limits = false,
+      webhook_url = ("http://127.0.0.1:%d/hook"):format(port), webhook_secret = SECRET })
+    local dir = H.tmpdir()
+    local input = H.requests(dir .. "/in.jsonl", 12, { url = "/v1/chat/completions", model = "gpt-4o-mini" })
+    local t0 = H.now()
+    -- through the shell script: it picks a Lua with lua-http for --notify-listen
+    local out = H.sh(("env OPENAI_API_KEY=k LBATCH_BASE_URL=%s OPENAI_WEBHOOK_SECRET=%s %s/bin/lbatch run %s "
+      .. "--dir %s/run --region openai --max-lines 2 --poll 30 --notify-listen 127.0.0.1:%d --json 2>%s/err; "
+      .. "echo \"exit=$?\""):format(emu.base, SECRET, H.root, input, dir, port, dir))
+    local wall = H.now() - t0
+    local routes = emu.stats().routes
+    emu.stop()
+    local err = H.read(dir .. "/err") or ""
+    assert.matches("exit=0", out, nil, nil, err)
+    assert.truthy(err:find("listening for notices on 127.0.0.1:" .. port, 1, true), err)
+    local rep = cjson.decode(out:match("^[^\n]*"))
+    assert.are.same({ 12, 12, 6 }, { rep.total, rep.ok, rep.shards })
+    assert.is_true(wall < 15, ("%.1f s: the waits were not woken"):format(wall))
+    local calls = (routes["GET /batches"] or 0) + (routes["GET /batches/{id}"] or 0)
+    assert.is_true(calls <= 6 + 2, ("%d status calls for 6 jobs"):format(calls))
+    H.ok("rm -rf " .. dir)
+  end)
+
+  it("refuses --notify-url without --notify-listen, and a secret that is not whsec_", function()
+    local code, text = lbatch(nil, "run x.jsonl --notify-url https://example.com/hook")
+    assert.are.equal(2, code)
+    assert.matches("%-%-notify%-url needs %-%-notify%-listen", text)
+    local out = H.sh(("env OPENAI_WEBHOOK_SECRET=whsec_!! DASHSCOPE_API_KEY=k %s %s/bin/lbatch run x.jsonl "
+      .. "--notify-listen 127.0.0.1:1 2>&1; echo \"exit=$?\""):format(H.lua, H.root))
+    assert.matches("OPENAI_WEBHOOK_SECRET", out)
+    assert.matches("exit=2", out)
+  end)
+end)
+
 describe("the lbatch command from a checkout and installed", function()
   local emu
   setup(function() emu = H.emulator({ speed = 200, rate_limits = false }) end)

@@ -50,3 +50,41 @@ describe("lbatch in OpenResty", function()
     end
   end)
 end)
+
+describe("lbatch in OpenResty, told, not polling", function()
+  local SECRET = "whsec_" .. require("lbatch.core").base64("the OpenResty example's webhook secret")
+  local scheme = H.tls_ca and "https" or "http"
+
+  -- n jobs waited on at a 30 s interval in the worker: done in seconds
+  -- only if each notice delivered to /app/notify woke its wait there
+  local function told(emu, dialect, n)
+    local status, res = H.json("GET", ("%s/app/told?n=%d&dialect=%s"):format(emu.url, n, dialect), { key = false })
+    assert.are.equal(200, status, cjson.encode(res))
+    assert.are.equal(n, #res.statuses)
+    for _, s in ipairs(res.statuses) do assert.are.equal("completed", s) end
+    assert.is_true(res.seconds < 10, ("%.1f s: the waits were not woken"):format(res.seconds))
+    assert.is_true(res.calls <= n + 1, ("%d status calls for %d jobs"):format(res.calls, n))
+  end
+
+  it("the emulator's signed webhooks wake the waits in the same worker", function()
+    local emu = H.emulator({ speed = 100, rate_limits = false, dialect = "openai", webhook_secret = SECRET,
+      webhook_url = scheme .. "://127.0.0.1:{port}/app/notify?dialect=openai",
+      include = H.root .. "/examples/openresty/locations.conf" })
+    local ok, err = pcall(told, emu, "openai", 4)
+    -- a forged delivery is refused; what is not a POST too
+    local forged = H.http("POST", emu.url .. "/app/notify?dialect=openai", { key = false, data = '{"type":"batch.completed"}',
+      headers = { "webhook-id: wh_1", "webhook-timestamp: " .. os.time(), "webhook-signature: v1,AAAA" } })
+    local get = H.http("GET", emu.url .. "/app/notify", { key = false })
+    emu.stop()
+    assert(ok, err)
+    assert.are.same({ 400, 405 }, { tonumber(forged), tonumber(get) })
+  end)
+
+  it("DashScope's callbacks, to the URL each batch names, wake them too", function()
+    local emu = H.emulator({ speed = 100, rate_limits = false,
+      include = H.root .. "/examples/openresty/locations.conf" })
+    local ok, err = pcall(told, emu, "dashscope", 4)
+    emu.stop()
+    assert(ok, err)
+  end)
+end)

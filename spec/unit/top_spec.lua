@@ -61,4 +61,35 @@ describe("lbatch.top", function()
     assert.are_not.equal(before, st.sort)
     assert.are.equal("quit", top.key(st, "q", cancel))
   end)
+
+  it("totals failures by code (error files read, a failed job's errors) and tokens and cost so far", function()
+    local st = top.state({ prices = { ["qwen-plus"] = { input = 2, output = 8 } } })
+    local done = batch("batch_aaa", "completed", 10, 7, 3, 60)
+    done.usage = { input_tokens = 1000000, output_tokens = 500000, total_tokens = 1500000 }
+    local refused = batch("batch_bbb", "failed", 0, 0, 0, 30)
+    refused.errors = { data = { { code = "token_limit_exceeded", message = "too many" } } }
+    st.models = { batch_aaa = "qwen-plus" }
+    st.codes = { emulated_failure = 2 }
+    top.update(st, { done, refused }, NOW)
+    local text = table.concat(top.frame(st, 80, 20, NOW), "\n")
+    -- 2 of the 3 failed requests have a code from the error files; 1 not read
+    assert.matches("failures: 2 emulated_failure, 1 token_limit_exceeded %(job%), 1 in error files", text)
+    -- (1M x 2 + 0.5M x 8) / 1M x 0.5
+    assert.matches("tokens 1500000, cost 3.0000", text, 1, true)
+    local none = top.state()
+    top.update(none, { batch("batch_ccc", "in_progress", 5, 1, 0, 5) }, NOW)
+    local plain = table.concat(top.frame(none, 80, 20, NOW), "\n")
+    assert.matches("failures: none", plain, 1, true)
+    assert.is_nil(plain:find("cost", 1, true))
+  end)
+
+  it("a shard with no batch yet is a row that cannot be cancelled", function()
+    local st = top.state()
+    top.update(st, { { id = "run-4.jsonl", status = "written", shard = true, request_counts = { total = 5 } } }, NOW)
+    top.frame(st, 80, 20, NOW)
+    local called = false
+    top.key(st, "c", function() called = true end)
+    assert.is_false(called)
+    assert.matches("has no batch yet", st.message, 1, true)
+  end)
 end)

@@ -414,21 +414,10 @@ end
 local function notify(b)
   local url = type(b.metadata) == "table" and b.metadata.ds_batch_finish_callback
   if type(url) ~= "string" then return end
-  local host, port, path = url:match("^http://([^/:]+):?(%d*)(/?.*)$")
+  local host = url:match("^https?://([^/:]+)")
   if not host or not is_loopback(host) then return end
   local payload = cjson.encode(util.public(b))
-  ngx.timer.at(0, function()
-    local sock = ngx.socket.tcp()
-    sock:settimeout(5000)
-    local ok = sock:connect(host == "localhost" and "127.0.0.1" or host, tonumber(port) or 80)
-    if not ok then return end
-    sock:send(table.concat({
-      "POST ", path ~= "" and path or "/", " HTTP/1.1\r\nHost: ", host,
-      "\r\nContent-Type: application/json\r\nContent-Length: ", #payload,
-      "\r\nConnection: close\r\n\r\n", payload }))
-    sock:receive("*l")
-    sock:close()
-  end)
+  ngx.timer.at(0, function() require("emu.webhooks").post(url, nil, payload) end)
 end
 
 ---------------------------------------------------------------- ticker

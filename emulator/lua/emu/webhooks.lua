@@ -33,7 +33,8 @@ local function hex(n)
   return table.concat(t)
 end
 
--- one POST; true when the receiver answered 2xx
+-- one POST; true when the receiver answered 2xx (the DashScope callback
+-- goes out this way too: engine.lua)
 local function post(url, headers, body)
   local scheme, host, port, path = url:match("^(https?)://([^/:]+):?(%d*)(/?.*)$")
   if not scheme then return false end
@@ -46,7 +47,7 @@ local function post(url, headers, body)
   local req = { "POST ", path ~= "" and path or "/", " HTTP/1.1\r\nHost: ", host,
                 "\r\nContent-Type: application/json\r\nUser-Agent: OpenAI/webhooks (lbatch emulator)",
                 "\r\nContent-Length: ", #body, "\r\nConnection: close\r\n" }
-  for k, v in pairs(headers) do req[#req + 1] = k .. ": " .. v .. "\r\n" end
+  for k, v in pairs(headers or {}) do req[#req + 1] = k .. ": " .. v .. "\r\n" end
   req[#req + 1] = "\r\n"
   req[#req + 1] = body
   if not sock:send(table.concat(req)) then sock:close() return false end
@@ -55,6 +56,8 @@ local function post(url, headers, body)
   local status = line and tonumber(line:match("^HTTP/%d[%.%d]* (%d%d%d)"))
   return status ~= nil and status >= 200 and status < 300
 end
+
+W.post = post
 
 local function attempt(premature, url, secret, id, body, n, waited)
   if premature then return end
