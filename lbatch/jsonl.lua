@@ -12,8 +12,15 @@ local json = require "lbatch.json"
 local rules = require "lbatch.rules"
 local errors = require "lbatch.errors"
 local service = require "lbatch.service"
-local idmap = require("lbatch.core").idmap   -- custom_id sets outside the Lua heap
+local core = require "lbatch.core"
+local idmap = core.idmap   -- custom_id sets outside the Lua heap
 local put = idmap().put
+local encoder = core.encoder   -- the request line in one walk in C (enc.c)
+local enc_encode, enc_write
+do
+  local e = encoder()
+  enc_encode, enc_write = e.encode, e.write
+end
 
 local cjson_encode, fix, MARK, find = require("cjson").encode, json.fix, json.MARK, string.find
 local safe_encode = require("cjson.safe").encode   -- nil, err instead of raising: no pcall per line
@@ -70,6 +77,7 @@ function M.writer(opts)
     max_lines = math.min(opts.max_lines or profile.max_lines, profile.max_lines),
     max_bytes = math.min(opts.max_bytes or profile.max_bytes, profile.max_bytes),
     unique_all = opts.unique == "all", seen = opts.unique == "all" and idmap() or nil,
+    enc = encoder(type(json.empty_array) == "string" and json.empty_array or nil),
     routes = {},    -- (model, url, thinking) -> {url, test, file: the current file}
     files = {},     -- manifest entries, in the order files were started
   }, Writer)
@@ -140,18 +148,17 @@ function Writer:_duplicate(id, v, current)
   return invalid(id, R.duplicate(id, line, where))
 end
 
--- Check and write one request: `encoded` is its body as JSON (add), or
--- `raw` the whole line (line, whose own rules R.raw has checked). The
--- rules are rules.rule's, in the checker's order; the writer's own lines
--- are not decoded again.
-function Writer:_put(id, body, url, encoded, raw)
+-- Check and write one request: `size` is the size of the line the
+-- encoder holds (add: encoded and checked in C), else `encoded` is its
+-- body as JSON (add, lua-cjson's) or `raw` the whole line (line, whose
+-- own rules R.raw has checked). The rules are rules.rule's, in the
+-- checker's order; the writer's own lines are not decoded again.
+function Writer:_put(id, body, url, size, encoded, raw)
   local model = body.model
-  url = url or self.endpoint or (model == TEST_MODEL and TEST_URL) or self.profile.chat_url
-    or "/v1/chat/completions"
-  local eid, size, code, message, param
+  local eid, code, message, param
   if raw then
     size = #raw + 1
-  else
+  elseif not size then
     eid = cjson_encode(id)   -- a string never holds the empty-array marker
     size = FIXED + #eid + #url + #encoded
     code, message = line_size(size - 1, self.profile.max_line_bytes)
@@ -195,12 +202,17 @@ function Writer:_put(id, body, url, encoded, raw)
     f, err = self:_start(route)
     if not f then return nil, err end
   end
-  if not put(f.seen, id, f.tag + f.lines) then
-    return nil, self:_duplicate(id, f.seen:get(id), f.index)
-  end
   local ok
-  if raw then ok = f.fh:write(raw, "\n")
-  else ok = f.fh:write(L1, eid, L2, url, L3, encoded, L4) end
+  if encoded or raw then
+    ok = put(f.seen, id, f.tag + f.lines)
+    if ok then
+      if raw then ok = f.fh:write(raw, "\n")
+      else ok = f.fh:write(L1, eid, L2, url, L3, encoded, L4) end
+    end
+  else
+    ok = enc_write(self.enc, f.fh, f.seen, id, f.tag + f.lines)
+  end
+  if ok == false then return nil, self:_duplicate(id, f.seen:get(id), f.index) end
   if not ok then return nil, errors.io("cannot write", f.path, "write failed") end
   f.lines, f.bytes, f.inputs = f.lines + 1, f.bytes + size, f.inputs + inputs
   return true
@@ -220,10 +232,15 @@ function Writer:add(id, body, url)
     if tid ~= "number" then errors.arg("jsonl.add", "custom_id must be a string") end
     id = tostring(id)
   end
+  url = url or self.endpoint or (body.model == TEST_MODEL and TEST_URL) or self.profile.chat_url
+    or "/v1/chat/completions"
+  local size = enc_encode(self.enc, id, url, body, self.profile.max_line_bytes)
+  if size then return self:_put(id, body, url, size) end
+  -- what the encoder leaves to lua-cjson, and the lines that break a rule
   local encoded, why = safe_encode(body)
   if not encoded then return nil, invalid(id, R.unencodable(why)) end
   if find(encoded, MARK, 1, true) then encoded = fix(encoded) end
-  return self:_put(id, body, url, encoded)
+  return self:_put(id, body, url, nil, encoded)
 end
 
 local function copy_extra(body, opts, skip)
@@ -322,7 +339,7 @@ function Writer:line(text)
   if not req then return nil, invalid(nil, code, message, param) end
   local err = fields(self, req)
   if err then return nil, err end
-  return self:_put(req.custom_id, req.body, req.url, nil, text)
+  return self:_put(req.custom_id, req.body, req.url, nil, nil, text)
 end
 
 --- Close every file.

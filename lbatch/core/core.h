@@ -136,6 +136,16 @@ extern const luaL_Reg lbatch_index_methods[];  /* idmap:scan */
 int lbatch_utf8_check(lua_State *L);
 int lbatch_json_string(lua_State *L);
 
+/* ------------------------------------------------------------ enc.c */
+
+enum { LB_ENC_OK = 0, LB_ENC_NO = 1, LB_ENC_NOMEM = 2 };
+/* the value at idx appended to b as lua-cjson writes it; LB_ENC_NO when
+ * the encoder leaves it to lua-cjson (enc.c says what) */
+int lb_enc_value(lua_State *L, buf *b, int idx, int depth, const char *marker, size_t mlen);
+int lbatch_encoder_new(lua_State *L);      /* core.encoder */
+int lbatch_encode(lua_State *L);           /* core.encode */
+void lbatch_encoder_register(lua_State *L);
+
 /* ------------------------------------------------------------ sys.c */
 
 double lb_now_ms(void);                    /* monotonic */
