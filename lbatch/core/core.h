@@ -135,6 +135,8 @@ extern const luaL_Reg lbatch_index_methods[];  /* idmap:scan */
 
 int lbatch_utf8_check(lua_State *L);
 int lbatch_json_string(lua_State *L);
+int lbatch_result(lua_State *L);           /* core.result (rec.c) */
+int lbatch_line_at(lua_State *L);          /* core.line_at (rec.c) */
 
 /* ------------------------------------------------------------ enc.c */
 
