@@ -77,10 +77,10 @@ local t_plain_r, t_lb_r = duel(5, function()
     local r = cjson.decode(line)
     local resp = r.response
     if r.error == cjson.null and resp.status_code == 200 and type(r.custom_id) == "string" then
-      local body = resp.body
+      local b = resp.body
       n = n + 1
-      chars = chars + #body.choices[1].message.content
-      tokens = tokens + body.usage.total_tokens
+      chars = chars + #b.choices[1].message.content
+      tokens = tokens + b.usage.total_tokens
     end
   end
   assert(n == N and tokens == 39 * N and chars > 0)

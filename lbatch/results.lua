@@ -119,7 +119,7 @@ local function code_of(rec)
   if rec.missing then return "missing" end
   local s = tonumber(rec.status_code)
   if not s then return rec.error_message and "error" or "no_response" end
-  if s < 200 or s >= 300 then return "http_" .. ("%d"):format(s) end
+  if s < 200 or s >= 300 then return "http_" .. ("%.14g"):format(s) end   -- (%d raises on 299.5)
   if rec.error_message then return "error" end
   return "empty_body"
 end
