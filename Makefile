@@ -107,7 +107,8 @@ asan: deps build/asan/lbatch/core.so
 	$(BUSTED) LUA_CPATH="./build/asan/?.so;;" LBATCH_LUA=lua5.4 \
 	  LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=1 \
 	  LSAN_OPTIONS=suppressions=$(CURDIR)/spec/lsan.supp:print_suppressions=0 \
-	  lua5.4 /usr/bin/busted --exclude-tags=memory,conformance spec/unit/client_spec.lua
+	  lua5.4 /usr/bin/busted --exclude-tags=memory,conformance spec/unit/client_spec.lua \
+	  spec/unit/jsonl_encoder_spec.lua spec/unit/results_light_spec.lua spec/unit/results_join_spec.lua
 
 conformance: deps $(NODE_DIR)/node_modules/.installed
 	$(BUSTED) lua5.4 /usr/bin/busted spec/conformance/conformance_spec.lua
@@ -137,7 +138,7 @@ install: build
 lint: deps
 	luacheck -q .
 
-# The fuzzer over the core's byte scanners for FUZZ_SECONDS (default 600)
+# The fuzzers over the core's byte scanners and its encoder, FUZZ_SECONDS each (default 600)
 fuzz: deps
 	spec/fuzz/run $(or $(FUZZ_SECONDS),600)
 

@@ -42,16 +42,13 @@ typedef struct encoder {
 static const char hex[] = "0123456789abcdef";
 
 /* 0: the byte as it is; else the character after the backslash ('u': \u00xx) */
-static unsigned char esc[256];
-
-static void esc_init(void) {
-  int c;
-  if (esc['"']) return;
-  for (c = 0; c < 0x20; c++) esc[c] = 'u';
-  esc[0x7f] = 'u';
-  esc['\b'] = 'b'; esc['\f'] = 'f'; esc['\n'] = 'n'; esc['\r'] = 'r'; esc['\t'] = 't';
-  esc['"'] = '"'; esc['\\'] = '\\'; esc['/'] = '/';
-}
+static const unsigned char esc[256] = {
+  [0] = 'u', [1] = 'u', [2] = 'u', [3] = 'u', [4] = 'u', [5] = 'u', [6] = 'u', [7] = 'u', [11] = 'u',
+  [14] = 'u', [15] = 'u', [16] = 'u', [17] = 'u', [18] = 'u', [19] = 'u', [20] = 'u', [21] = 'u', [22] = 'u',
+  [23] = 'u', [24] = 'u', [25] = 'u', [26] = 'u', [27] = 'u', [28] = 'u', [29] = 'u', [30] = 'u', [31] = 'u',
+  ['\b'] = 'b', ['\t'] = 't', ['\n'] = 'n', ['\f'] = 'f', ['\r'] = 'r', [0x7f] = 'u',
+  ['"'] = '"', ['\\'] = '\\', ['/'] = '/',
+};
 
 /* room for n more bytes and a NUL */
 static int reserve(buf *b, size_t n) {
@@ -380,7 +377,6 @@ int lbatch_encode(lua_State *L) {
 void lbatch_encoder_register(lua_State *L) {
   static const luaL_Reg methods[] = { {"encode", e_encode}, {"write", e_write}, {NULL, NULL} };
   static const luaL_Reg meta[] = { {"__gc", e_gc}, {NULL, NULL} };
-  esc_init();
   luaL_newmetatable(L, ENCODER);
   lua_newtable(L);
   lua_pushvalue(L, -2);                          /* the methods' upvalues */

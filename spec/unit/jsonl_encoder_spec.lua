@@ -23,7 +23,7 @@ local image = "data:image/png;base64," .. ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYA
 local corpus = {
   { model = "qwen-plus", messages = { { role = "user", content = "你好，世界！请用中文回答：2 + 2 = ?" } } },
   { model = "qwen-plus", messages = { { role = "system", content = "Quote \" backslash \\ slash / tab \t nl \n cr \r" } } },
-  { text = controls, more = "\b\f", emoji = "😀 \u{10FFFF} \u{2028}\u{2029}", latin = "café naïve" },
+  { text = controls, more = "\b\f", emoji = "😀 \244\143\191\191 \226\128\168\226\128\169", latin = "café naïve" },
   { ints = { 0, 1, -1, 42, 512, 99999999999999, -99999999999999, 100000000000000, 2 ^ 53, -(2 ^ 53), 1e15 } },
   { floats = { 0.1, 0.7, -0.5, 1 / 3, 2 / 3, 1e-4, 1.5e-4, 9.9e-5, 1e-7, 123456.789, 1e300, -1e-300, 5e-324,
                99999999999999.9, 0.30000000000000004, 1.7976931348623157e308, 3.14159265358979 } },
