@@ -124,6 +124,7 @@ idmap *idmap_check(lua_State *L, int arg);
 uint64_t idmap_hash(const char *k, size_t len);
 /* h is idmap_hash(k, len) */
 int idmap_has(const idmap *m, const char *k, size_t len, uint64_t h);
+void idmap_prefetch(const idmap *m, uint64_t h);
 int idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v);  /* 1 new, 0 kept, -1 no memory */
 int idmap_remove(idmap *m, const char *k, size_t len, uint64_t h);             /* 1 when it was there */
 

@@ -11,6 +11,9 @@
  *   e:encode(id, url, body, max_line)  -> the line's size with its newline, or nothing
  *   e:write(fh, seen, id, value)       -> true; false when seen (an idmap)
  *                                         has id already; nil when the write fails
+ *   e:put(id, url, body, max_line, fh, seen, value, room)
+ *                                      -> encode, then write when the line fits in
+ *                                         room bytes: one call for the common line
  *   lbatch.core.encode(v)              -> v as cjson.encode writes it, or nothing
  *
  * What lua-cjson writes, checked on the Debian package (spec/unit/enc_spec.lua
@@ -277,32 +280,33 @@ static encoder *check(lua_State *L) { return udata(L, 1, 1, "an encoder expected
 
 static int nomem(lua_State *L) { return luaL_error(L, "encoder: out of memory"); }
 
-/* e:encode(id, url, body, max_line) */
-static int e_encode(lua_State *L) {
-  encoder *e = check(L);
+/* encode the line of id, url, body, max_line at base..base+3 (popped);
+ * 0 when it is left to the Lua path */
+static int encode_at(lua_State *L, encoder *e, int base) {
   size_t il, ul;
   const char *id, *url;
-  lua_Number max_line = luaL_checknumber(L, 5);
+  lua_Number max_line = luaL_checknumber(L, base + 3);
   buf *b = &e->line;
   int r;
-  luaL_checktype(L, 4, LUA_TTABLE);
+  luaL_checktype(L, base + 2, LUA_TTABLE);
   b->len = 0;
-  if (lua_type(L, 2) != LUA_TSTRING || lua_type(L, 3) != LUA_TSTRING) return 0;
-  id = lua_tolstring(L, 2, &il);
-  url = lua_tolstring(L, 3, &ul);
+  if (lua_type(L, base) != LUA_TSTRING || lua_type(L, base + 1) != LUA_TSTRING) return 0;
+  id = lua_tolstring(L, base, &il);
+  url = lua_tolstring(L, base + 1, &ul);
   if (il == 0 || lb_utf8_invalid((const unsigned char *)url, ul) >= 0) return 0;
   if (!reserve(b, il + ul + 256)) return nomem(L);
-  if (!buf_add(b, L1, sizeof L1 - 1)) return nomem(L);
+  if (!put(b, L1, sizeof L1 - 1)) return nomem(L);
   if ((r = put_string(b, id, il)) != LB_ENC_OK) return r == LB_ENC_NOMEM ? nomem(L) : 0;
-  if (!buf_add(b, L2, sizeof L2 - 1) || !buf_add(b, url, ul) || !buf_add(b, L3, sizeof L3 - 1)) return nomem(L);
-  lua_settop(L, 4);
-  if ((r = lb_enc_value(L, b, 4, 0, e->marker, e->mlen)) != LB_ENC_OK) {
+  if (!put(b, L2, sizeof L2 - 1) || !put(b, url, ul) || !put(b, L3, sizeof L3 - 1)) return nomem(L);
+  lua_settop(L, base + 2);
+  r = lb_enc_value(L, b, base + 2, 0, e->marker, e->mlen);
+  lua_settop(L, base - 1);
+  if (r != LB_ENC_OK) {
     b->len = 0;
     return r == LB_ENC_NOMEM ? nomem(L) : 0;
   }
-  if (!buf_add(b, L4, sizeof L4 - 1)) return nomem(L);
+  if (!put(b, L4, sizeof L4 - 1)) return nomem(L);
   if ((lua_Number)(b->len - 1) > max_line) { b->len = 0; return 0; }
-  lua_pushinteger(L, (lua_Integer)b->len);
   return 1;
 }
 
@@ -316,14 +320,14 @@ static FILE *file_of(lua_State *L, int idx) {
   return *(FILE **)ud;
 }
 
-/* e:write(fh, seen, id, value) */
-static int e_write(lua_State *L) {
-  encoder *e = check(L);
-  FILE *f = file_of(L, 2);
-  idmap *seen = udata(L, 3, 2, "an idmap expected");
+/* put the id (at idx id) in seen and write the line: true; false when
+ * seen has the id already; nothing when the write fails */
+static int write_line(lua_State *L, encoder *e, int fh, int seen_at, int id_at, int value_at) {
+  FILE *f = file_of(L, fh);
+  idmap *seen = udata(L, seen_at, 2, "an idmap expected");
   size_t il;
-  const char *id = luaL_checklstring(L, 4, &il);
-  lua_Number v = luaL_checknumber(L, 5);
+  const char *id = luaL_checklstring(L, id_at, &il);
+  lua_Number v = luaL_checknumber(L, value_at);
   int r;
   if (!e->line.len) return luaL_error(L, "encoder: nothing encoded");
   if (!f) return luaL_error(L, "encoder: the file is closed");
@@ -334,6 +338,40 @@ static int e_write(lua_State *L) {
   e->line.len = 0;
   lua_pushboolean(L, 1);
   return 1;
+}
+
+/* e:encode(id, url, body, max_line): the line's size with its newline, or nothing */
+static int e_encode(lua_State *L) {
+  encoder *e = check(L);
+  if (!encode_at(L, e, 2)) return 0;
+  lua_pushinteger(L, (lua_Integer)e->line.len);
+  return 1;
+}
+
+/* e:write(fh, seen, id, value): the line encode or put kept */
+static int e_write(lua_State *L) { return write_line(L, check(L), 2, 3, 4, 5); }
+
+/* e:put(id, url, body, max_line, fh, seen, value, room): encode, and when
+ * the line fits in room bytes, write it as e:write would: size, true;
+ * size, false (a duplicate); size, nil (no room: write it after a new
+ * file, or not); size, nil, true (the write failed); nothing as encode */
+static int e_put(lua_State *L) {
+  encoder *e = check(L);
+  lua_Number room = luaL_checknumber(L, 9);
+  int r;
+  lua_settop(L, 9);
+  if (room >= 0 && lua_type(L, 2) == LUA_TSTRING) {   /* the id's slot on its way while the body is walked */
+    size_t il;
+    const char *id = lua_tolstring(L, 2, &il);
+    idmap_prefetch(udata(L, 7, 2, "an idmap expected"), idmap_hash(id, il));
+  }
+  lua_pushvalue(L, 2); lua_pushvalue(L, 3); lua_pushvalue(L, 4); lua_pushvalue(L, 5);
+  if (!encode_at(L, e, 10)) return 0;
+  lua_pushinteger(L, (lua_Integer)e->line.len);
+  if ((lua_Number)e->line.len > room) return 1;
+  r = write_line(L, e, 6, 7, 2, 8);
+  if (r == 0) { lua_pushnil(L); lua_pushboolean(L, 1); return 3; }
+  return 2;
 }
 
 static int e_gc(lua_State *L) {
@@ -375,7 +413,8 @@ int lbatch_encode(lua_State *L) {
 }
 
 void lbatch_encoder_register(lua_State *L) {
-  static const luaL_Reg methods[] = { {"encode", e_encode}, {"write", e_write}, {NULL, NULL} };
+  static const luaL_Reg methods[] = { {"encode", e_encode}, {"write", e_write}, {"put", e_put},
+                                      {NULL, NULL} };
   static const luaL_Reg meta[] = { {"__gc", e_gc}, {NULL, NULL} };
   luaL_newmetatable(L, ENCODER);
   lua_newtable(L);

@@ -110,6 +110,15 @@ static void clear(idmap *m) {
   m->cap = m->n = m->used = 0;
 }
 
+/* bring the slot a key of hash h starts at into the cache (a put to come) */
+void idmap_prefetch(const idmap *m, uint64_t h) {
+#if defined(__GNUC__)
+  if (m->cap) __builtin_prefetch(&m->slots[(size_t)h & (m->cap - 1)], 1);
+#else
+  (void)m; (void)h;
+#endif
+}
+
 int idmap_has(const idmap *m, const char *k, size_t len, uint64_t h) {
   return lookup(m, k, len, h) != NULL;
 }
