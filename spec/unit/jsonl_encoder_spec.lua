@@ -178,6 +178,12 @@ describe("the writer's lines", function()
     ok, err = w:add("f1", { model = "qwen-plus", messages = { { role = "user", content = print } } })
     assert.is_nil(ok)
     assert.are.equal("invalid_body", err.code)
+    ok, err = w:add("o1", { model = "qwen-plus", prompt = "not UTF-8 \255" })   -- and no messages
+    assert.is_nil(ok)
+    assert.are.equal("invalid_utf8", err.code)                 -- the line's rule first, as validate
+    ok, err = w:add("o2", { model = "qwen-plus", prompt = "no messages" })
+    assert.is_nil(ok)
+    assert.are.equal("missing_field", err.code)
     ok, err = w:add("", body("a"))
     assert.is_nil(ok)
     assert.are.equal("missing_custom_id", err.code)
