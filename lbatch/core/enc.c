@@ -24,6 +24,7 @@
  * -0.0 is -0); a table whose keys are exactly 1..n is an array, the empty
  * table is {}; object keys come in lua_next's order. */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -113,7 +114,24 @@ static int put_string(buf *b, const char *str, size_t n) {
   o = b->p + b->len;
   *o++ = '"';
   while (i < n) {
-    unsigned char c = s[i], e;
+    unsigned char c, e;
+    if (i + 8 <= n) {          /* eight plain ASCII bytes at once (none below 0x20, " \ / or 0x7f+) */
+      uint64_t x;
+      memcpy(&x, s + i, 8);
+#define ONES 0x0101010101010101ULL
+#define HIGH 0x8080808080808080ULL
+#define HAS(v) (((x ^ (ONES * (v))) - ONES) & ~(x ^ (ONES * (v))) & HIGH)
+      if (!(((x - ONES * 0x20) | x | (x + ONES * 0x01)) & HIGH) && !HAS('"') && !HAS('\\') && !HAS('/')) {
+        memcpy(o, s + i, 8);
+        o += 8;
+        i += 8;
+        continue;
+      }
+#undef HAS
+#undef HIGH
+#undef ONES
+    }
+    c = s[i];
     if (c >= 0x80) {
       size_t k = utf8_seq(s, n, i);
       if (!k) return LB_ENC_NO;
