@@ -21,7 +21,7 @@ PREFIX ?= /usr/local
 LUA_VERSION ?= 5.4
 SPEC ?= spec
 WARN = -std=c99 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter
-SRC = $(addprefix lbatch/core/,core.c multi.c xfer.c fail.c idmap.c index.c scan.c sys.c buf.c hmac.c)
+SRC = $(addprefix lbatch/core/,core.c multi.c xfer.c fail.c idmap.c index.c scan.c sys.c buf.c hmac.c enc.c rec.c)
 HDR = lbatch/core/core.h lbatch/core/compat.h lbatch/core/scan.h
 
 # what `make demo` needs: the build, nginx for the emulator, curl
@@ -107,7 +107,8 @@ asan: deps build/asan/lbatch/core.so
 	$(BUSTED) LUA_CPATH="./build/asan/?.so;;" LBATCH_LUA=lua5.4 \
 	  LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=1 \
 	  LSAN_OPTIONS=suppressions=$(CURDIR)/spec/lsan.supp:print_suppressions=0 \
-	  lua5.4 /usr/bin/busted --exclude-tags=memory,conformance spec/unit/client_spec.lua
+	  lua5.4 /usr/bin/busted --exclude-tags=memory,conformance spec/unit/client_spec.lua \
+	  spec/unit/jsonl_encoder_spec.lua spec/unit/results_light_spec.lua spec/unit/results_join_spec.lua
 
 conformance: deps $(NODE_DIR)/node_modules/.installed
 	$(BUSTED) lua5.4 /usr/bin/busted spec/conformance/conformance_spec.lua spec/conformance/providers_sdk_spec.lua
@@ -137,7 +138,7 @@ install: build
 lint: deps
 	luacheck -q .
 
-# The fuzzer over the core's byte scanners for FUZZ_SECONDS (default 600)
+# The fuzzers over the core's byte scanners and its encoder, FUZZ_SECONDS each (default 600)
 fuzz: deps
 	spec/fuzz/run $(or $(FUZZ_SECONDS),600)
 

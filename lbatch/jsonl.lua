@@ -12,8 +12,15 @@ local json = require "lbatch.json"
 local rules = require "lbatch.rules"
 local errors = require "lbatch.errors"
 local service = require "lbatch.service"
-local idmap = require("lbatch.core").idmap   -- custom_id sets outside the Lua heap
+local core = require "lbatch.core"
+local idmap = core.idmap   -- custom_id sets outside the Lua heap
 local put = idmap().put
+local encoder = core.encoder   -- the request line in one walk in C (enc.c)
+local enc_put, enc_write
+do
+  local e = encoder()
+  enc_put, enc_write = e.put, e.write
+end
 
 local cjson_encode, fix, MARK, find = require("cjson").encode, json.fix, json.MARK, string.find
 local safe_encode = require("cjson.safe").encode   -- nil, err instead of raising: no pcall per line
@@ -70,6 +77,9 @@ function M.writer(opts)
     max_lines = math.min(opts.max_lines or profile.max_lines, profile.max_lines),
     max_bytes = math.min(opts.max_bytes or profile.max_bytes, profile.max_bytes),
     unique_all = opts.unique == "all", seen = opts.unique == "all" and idmap() or nil,
+    enc = encoder(type(json.empty_array) == "string" and json.empty_array or nil),
+    max_line = profile.max_line_bytes, chat_url = profile.chat_url or "/v1/chat/completions",
+    defaults = {},  -- model -> its thinking mode when the body does not say
     routes = {},    -- (model, url, thinking) -> {url, test, file: the current file}
     files = {},     -- manifest entries, in the order files were started
   }, Writer)
@@ -140,48 +150,90 @@ function Writer:_duplicate(id, v, current)
   return invalid(id, R.duplicate(id, line, where))
 end
 
--- Check and write one request: `encoded` is its body as JSON (add), or
--- `raw` the whole line (line, whose own rules R.raw has checked). The
--- rules are rules.rule's, in the checker's order; the writer's own lines
--- are not decoded again.
-function Writer:_put(id, body, url, encoded, raw)
-  local model = body.model
-  url = url or self.endpoint or (model == TEST_MODEL and TEST_URL) or self.profile.chat_url
-    or "/v1/chat/completions"
-  local eid, size, code, message, param
-  if raw then
-    size = #raw + 1
-  else
-    eid = cjson_encode(id)   -- a string never holds the empty-array marker
-    size = FIXED + #eid + #url + #encoded
-    code, message = line_size(size - 1, self.profile.max_line_bytes)
-    if code then return nil, invalid(id, code, message) end
-    if utf8_bad(encoded) or utf8_bad(eid) then   -- the line that would be written, as validate sees it
-      return nil, invalid(id, R.utf8(L1 .. eid .. L2 .. url .. L3 .. encoded))
-    end
-    code, message, param = custom_id(id)
-    if code then return nil, invalid(id, code, message, param) end
+-- The body as JSON the Lua way (lua-cjson) and the line's own rules
+-- (size, UTF-8, custom_id): encoded, eid, size; or nil and the error.
+function Writer:_encode(id, body, url)
+  local encoded, why = safe_encode(body)
+  if not encoded then return nil, invalid(id, R.unencodable(why)) end
+  if find(encoded, MARK, 1, true) then encoded = fix(encoded) end
+  local eid = cjson_encode(id)   -- a string never holds the empty-array marker
+  local size = FIXED + #eid + #url + #encoded
+  local code, message = line_size(size - 1, self.max_line)
+  if code then return nil, invalid(id, code, message) end
+  if utf8_bad(encoded) or utf8_bad(eid) then   -- the line that would be written, as validate sees it
+    return nil, invalid(id, R.utf8(L1 .. eid .. L2 .. url .. L3 .. encoded))
   end
-  local thinking = thinking_of(body)
+  local param
+  code, message, param = custom_id(id)
+  if code then return nil, invalid(id, code, message, param) end
+  return encoded, eid, size
+end
+
+-- nil and err, a rule of the request's; on a line not encoded yet, a rule
+-- of the line's own comes first (the checker's order)
+function Writer:_refuse(id, body, url, done, err)
+  if not done then
+    local ok, lerr = self:_encode(id, body, url)
+    if not ok then return nil, lerr end
+  end
+  return nil, err
+end
+
+-- Check and write one request: `raw` is the whole line (line, whose own
+-- rules R.raw has checked); else the C encoder makes the line, checks it
+-- and, when the file has room, writes it in one call (enc:put), and what
+-- it leaves is encoded the Lua way. The rules are rules.rule's, in the
+-- checker's order; the writer's own lines are not decoded again.
+function Writer:_put(id, body, url, raw)
+  local model = body.model
+  local encoded, eid, size, code, message, param
+  if raw then size = #raw + 1 end
+  local thinking = body.enable_thinking    -- service.thinking, its answer by model kept here
+  if thinking ~= true and thinking ~= false then
+    thinking = self.defaults[model]
+    if thinking == nil then
+      thinking = thinking_of(body)
+      if type(model) == "string" then self.defaults[model] = thinking end
+    end
+  end
   local route = self.last_route
   if model ~= self.last_model or url ~= self.last_url or thinking ~= self.last_thinking or not route then
     local err
     route, err = self:_route(id, model, url, thinking)
-    if not route then return nil, err end
+    if not route then return self:_refuse(id, body, url, raw, err) end
   end
   code, message, param = field(url, body)
-  if code then return nil, invalid(id, code, message, param) end
-  if route.late then return nil, invalid(id, route.late[1], route.late[2], route.late[3]) end
+  if code then return self:_refuse(id, body, url, raw, invalid(id, code, message, param)) end
+  local late = route.late
+  if late then return self:_refuse(id, body, url, raw, invalid(id, late[1], late[2], late[3])) end
   local inputs = 0
   if route.max_inputs then
     local input = body.input
     inputs = type(input) == "table" and #input or 1
     code, message, param = R.inputs(inputs, route.max_inputs)
-    if code then return nil, invalid(id, code, message, param) end
+    if code then return self:_refuse(id, body, url, raw, invalid(id, code, message, param)) end
   end
   local f = route.file
-  if not f or f.lines >= f.max_lines or f.bytes + size > f.max_bytes
-     or (route.max_inputs and f.inputs + inputs > route.max_inputs) then
+  local full = not f or f.lines >= f.max_lines or (route.max_inputs and f.inputs + inputs > route.max_inputs)
+  if not raw then
+    local written, failed
+    if full then size = enc_put(self.enc, id, url, body, self.max_line, nil, nil, 0, -1)
+    else
+      size, written, failed = enc_put(self.enc, id, url, body, self.max_line, f.fh, f.seen, f.tag + f.lines,
+        f.max_bytes - f.bytes)
+    end
+    if written then
+      f.lines, f.bytes = f.lines + 1, f.bytes + size
+      if inputs > 0 then f.inputs = f.inputs + inputs end
+      return true
+    elseif written == false then return nil, self:_duplicate(id, f.seen:get(id), f.index)
+    elseif failed then return nil, errors.io("cannot write", f.path, "write failed")
+    elseif not size then                     -- left to lua-cjson and the Lua checks
+      encoded, eid, size = self:_encode(id, body, url)
+      if not encoded then return nil, eid end
+    end
+  end
+  if full or f.bytes + size > f.max_bytes then
     if f then
       local ok, err = close_file(f, self.seen)
       if not ok then return nil, err end
@@ -195,12 +247,17 @@ function Writer:_put(id, body, url, encoded, raw)
     f, err = self:_start(route)
     if not f then return nil, err end
   end
-  if not put(f.seen, id, f.tag + f.lines) then
-    return nil, self:_duplicate(id, f.seen:get(id), f.index)
-  end
   local ok
-  if raw then ok = f.fh:write(raw, "\n")
-  else ok = f.fh:write(L1, eid, L2, url, L3, encoded, L4) end
+  if encoded or raw then
+    ok = put(f.seen, id, f.tag + f.lines)
+    if ok then
+      if raw then ok = f.fh:write(raw, "\n")
+      else ok = f.fh:write(L1, eid, L2, url, L3, encoded, L4) end
+    end
+  else
+    ok = enc_write(self.enc, f.fh, f.seen, id, f.tag + f.lines)
+  end
+  if ok == false then return nil, self:_duplicate(id, f.seen:get(id), f.index) end
   if not ok then return nil, errors.io("cannot write", f.path, "write failed") end
   f.lines, f.bytes, f.inputs = f.lines + 1, f.bytes + size, f.inputs + inputs
   return true
@@ -220,10 +277,7 @@ function Writer:add(id, body, url)
     if tid ~= "number" then errors.arg("jsonl.add", "custom_id must be a string") end
     id = tostring(id)
   end
-  local encoded, why = safe_encode(body)
-  if not encoded then return nil, invalid(id, R.unencodable(why)) end
-  if find(encoded, MARK, 1, true) then encoded = fix(encoded) end
-  return self:_put(id, body, url, encoded)
+  return self:_put(id, body, url or self.endpoint or (body.model == TEST_MODEL and TEST_URL) or self.chat_url)
 end
 
 local function copy_extra(body, opts, skip)
@@ -318,11 +372,11 @@ function Writer:line(text)
   errors.check("jsonl.line", "text", text, "string")
   text = text:gsub("\r?\n$", "", 1)
   if find(text, "\n", 1, true) then errors.arg("jsonl.line", "text must be one line") end
-  local req, code, message, param = R.raw(text, #text, self.profile.max_line_bytes)
+  local req, code, message, param = R.raw(text, #text, self.max_line)
   if not req then return nil, invalid(nil, code, message, param) end
   local err = fields(self, req)
   if err then return nil, err end
-  return self:_put(req.custom_id, req.body, req.url, nil, text)
+  return self:_put(req.custom_id, req.body, req.url, text)
 end
 
 --- Close every file.

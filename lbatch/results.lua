@@ -24,7 +24,7 @@ local service = require "lbatch.service"
 local core = require "lbatch.core"
 
 local decode, normalize = json.decode, json.normalize
-local json_string, sub = core.json_string, string.sub
+local json_string, scan_result, read_at, sub = core.json_string, core.result, core.line_at, string.sub
 local SPAN = 2 ^ 36          -- a result's place: file number * SPAN + byte offset (as core's idmap:scan)
 local M = {}
 
@@ -119,7 +119,7 @@ local function code_of(rec)
   if rec.missing then return "missing" end
   local s = tonumber(rec.status_code)
   if not s then return rec.error_message and "error" or "no_response" end
-  if s < 200 or s >= 300 then return "http_" .. ("%d"):format(s) end
+  if s < 200 or s >= 300 then return "http_" .. ("%.14g"):format(s) end   -- (%d raises on 299.5)
   if rec.error_message then return "error" end
   return "empty_body"
 end
@@ -137,6 +137,17 @@ function M.classify(rec)
   local code = code_of(rec)
   local class = class_of_code(code) or class_of_code(rec.error_type) or M.status_class(rec.status_code)
   return class or "permanent", code
+end
+
+-- a record's error fields from the line's error and its body's
+local function error_fields(rec, err, berr)
+  local e = tab(err) or tab(berr)
+  if e then
+    rec.error_code = str(e.code)
+    rec.error_type = str(e.type)
+    rec.error_message = str(e.message)
+  end
+  if not rec.error_type and tab(berr) then rec.error_type = str(berr.type) end
 end
 
 --- One output or error line as a record: custom_id, ok, class (when not
@@ -174,17 +185,55 @@ local function record(line)
     local data = tab(body.data)
     if data and tab(data[1]) and data[1].embedding then rec.embedding = data[1].embedding end
   end
-  local e = tab(err) or tab(berr)
-  if e then
-    rec.error_code = str(e.code)
-    rec.error_type = str(e.type)
-    rec.error_message = str(e.message)
-  end
-  if not rec.error_type and tab(berr) then rec.error_type = str(berr.type) end
+  error_fields(rec, err, berr)
   if not rec.ok then rec.class = M.classify(rec) end
   return rec
 end
 M.record = record
+
+-- A light record's result line, until its body is read: the record's
+-- other fields come from core.result's scan, and the line is decoded
+-- whole only when rec.body is read (a joined record's rec.input and
+-- rec.prompt, from its request line, likewise).
+local LINE = setmetatable({}, { __tostring = function() return "the result line" end })
+
+local Record = { __index = function(rec, k)
+  if k == "body" then
+    local line = rawget(rec, LINE)
+    if line == nil then return nil end
+    rawset(rec, LINE, nil)
+    local ok, r = pcall(decode, line)
+    local resp = ok and type(r) == "table" and tab(normalize(r).response)
+    local body = resp and resp.body or nil
+    rawset(rec, "body", body)
+    return body
+  end
+  if k ~= "input" and k ~= "prompt" then return nil end
+  local text = rawget(rec, "line")
+  if text == nil then return nil end
+  local ok, req = pcall(decode, text)
+  if not ok or type(req) ~= "table" then req = nil end
+  rawset(rec, "input", req)
+  rawset(rec, "prompt", prompt_of(req))
+  return rawget(rec, k)
+end }
+
+--- One output or error line as a record, as `results.record` makes it,
+-- light: its fields scanned in C (`core.result`), the body decoded when
+-- first read; lines of a shape the scanner leaves alone are decoded whole.
+-- @tparam string line
+-- @treturn table the record
+local function light(line)
+  local rec, err, berr = scan_result(line)
+  if not rec then rec = record(line)
+  else
+    if err or berr then error_fields(rec, err, berr) end
+    if not rec.ok then rec.class = M.classify(rec) end
+    rec[LINE] = line
+  end
+  return setmetatable(rec, Record)
+end
+M.light = light
 
 local Reader = {}
 Reader.__index = Reader
@@ -299,16 +348,6 @@ local function result_files(g)
   return all
 end
 
--- rec.input and rec.prompt are decoded from the request line when read
-local Joined = { __index = function(rec, k)
-  if k ~= "input" and k ~= "prompt" then return nil end
-  local ok, req = pcall(decode, rawget(rec, "line") or "")
-  if not ok or type(req) ~= "table" then req = nil end
-  rawset(rec, "input", req)
-  rawset(rec, "prompt", prompt_of(req))
-  return rawget(rec, k)
-end }
-
 -- The join of one group: an iterator of records in input order (each
 -- with .line, its request line), then nil; self.missing_ids and
 -- self.orphans grow as it goes.
@@ -360,7 +399,7 @@ function Reader:_join(g)
     local k = math.floor(v / SPAN)
     local h = handles[k]
     if not h then h = open_or_fail(files[k]) handles[k] = h end
-    return record(line_at(h, v - k * SPAN) or "")
+    return light(read_at(h, v - k * SPAN) or "")
   end
 
   local function finish()
@@ -402,7 +441,7 @@ function Reader:_join(g)
               self.missing_ids[#self.missing_ids + 1] = id
             end
             rec.line = text
-            return setmetatable(rec, Joined)
+            return setmetatable(rec, Record)
           end
         end
       elseif segs[seg + 1] then
@@ -439,7 +478,7 @@ local function plain(g)
     while true do
       local line = lines and lines()
       if line then
-        if line ~= "" then return record(line) end
+        if line ~= "" then return light(line) end
       else
         if fh then fh:close() fh = nil end
         k = k + 1

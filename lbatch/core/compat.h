@@ -11,11 +11,13 @@
 #if !defined(luaL_newlib)
 #define luaL_newlib(L, l) (lua_newtable(L), luaL_register(L, NULL, (l)))
 static inline void luaL_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
-  (void)nup; /* no upvalues are used here */
-  for (; l->name; l++) {
-    lua_pushcfunction(L, l->func);
-    lua_setfield(L, -2, l->name);
+  int i;
+  for (; l->name; l++) {   /* each function gets the nup values under the table as upvalues */
+    for (i = 0; i < nup; i++) lua_pushvalue(L, -nup);
+    lua_pushcclosure(L, l->func, nup);
+    lua_setfield(L, -(nup + 2), l->name);
   }
+  lua_pop(L, nup);
 }
 #endif
 #endif

@@ -4,7 +4,8 @@
  *   xfer.c   one transfer          fail.c   our own failure kinds (core.FAIL)
  *   idmap.c  the hash map          index.c  the JSONL indexer (idmap:scan)
  *   scan.c   byte scanners         sys.c    clock, sleep, mkdir, disk, signals
- *   buf.c    growable buffers */
+ *   buf.c    growable buffers   enc.c    the request line encoder (core.encoder)
+ *   rec.c    the result line scanner (core.result) */
 #include "core.h"
 
 #if LIBCURL_VERSION_NUM < 0x073800
@@ -29,7 +30,8 @@ int luaopen_lbatch_core(lua_State *L) {
     {"version", lbatch_version}, {"trap", lbatch_trap}, {"caught", lbatch_caught},
     {"utf8_check", lbatch_utf8_check}, {"json_string", lbatch_json_string},
     {"hmac_sha256", lbatch_hmac_sha256}, {"equal", lbatch_equal}, {"base64", lbatch_base64},
-    {"unbase64", lbatch_unbase64},
+    {"unbase64", lbatch_unbase64}, {"encoder", lbatch_encoder_new}, {"encode", lbatch_encode},
+    {"result", lbatch_result}, {"line_at", lbatch_line_at},
     {NULL, NULL}
   };
   static const luaL_Reg *const ctl_methods[] = { lbatch_ctl_methods, NULL };
@@ -42,6 +44,7 @@ int luaopen_lbatch_core(lua_State *L) {
   }
   metatable(L, LBATCH_CTL, lbatch_ctl_meta, ctl_methods);
   metatable(L, LBATCH_IDMAP, lbatch_idmap_meta, idmap_methods);
+  lbatch_encoder_register(L);
   luaL_newlib(L, funcs);
   lbatch_push_fail(L);
   lua_setfield(L, -2, "FAIL");

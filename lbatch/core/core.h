@@ -124,6 +124,7 @@ idmap *idmap_check(lua_State *L, int arg);
 uint64_t idmap_hash(const char *k, size_t len);
 /* h is idmap_hash(k, len) */
 int idmap_has(const idmap *m, const char *k, size_t len, uint64_t h);
+void idmap_prefetch(const idmap *m, uint64_t h);
 int idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v);  /* 1 new, 0 kept, -1 no memory */
 int idmap_remove(idmap *m, const char *k, size_t len, uint64_t h);             /* 1 when it was there */
 
@@ -135,6 +136,18 @@ extern const luaL_Reg lbatch_index_methods[];  /* idmap:scan */
 
 int lbatch_utf8_check(lua_State *L);
 int lbatch_json_string(lua_State *L);
+int lbatch_result(lua_State *L);           /* core.result (rec.c) */
+int lbatch_line_at(lua_State *L);          /* core.line_at (rec.c) */
+
+/* ------------------------------------------------------------ enc.c */
+
+enum { LB_ENC_OK = 0, LB_ENC_NO = 1, LB_ENC_NOMEM = 2 };
+/* the value at idx appended to b as lua-cjson writes it; LB_ENC_NO when
+ * the encoder leaves it to lua-cjson (enc.c says what) */
+int lb_enc_value(lua_State *L, buf *b, int idx, int depth, const char *marker, size_t mlen);
+int lbatch_encoder_new(lua_State *L);      /* core.encoder */
+int lbatch_encode(lua_State *L);           /* core.encode */
+void lbatch_encoder_register(lua_State *L);
 
 /* ------------------------------------------------------------ sys.c */
 

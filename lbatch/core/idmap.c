@@ -27,10 +27,42 @@ typedef struct slot {
   lua_Number value;
 } slot;
 
+/* the keys live in blocks freed together by clear (no malloc per key) */
+typedef struct block {
+  struct block *next;
+  size_t used, cap;
+  char data[];
+} block;
+
+#define BLOCK_SIZE 65536
+
 struct idmap {
   slot *slots;
   size_t cap, n, used;  /* used counts tombstones too */
+  block *keys;          /* the newest block first */
 };
+
+static char *key_copy(idmap *m, const char *k, size_t len) {
+  block *b = m->keys;
+  char *p;
+  if (!b || b->cap - b->used < len) {
+    size_t cap = len > BLOCK_SIZE / 4 ? len : BLOCK_SIZE;
+    if (!(b = malloc(sizeof *b + cap))) return NULL;
+    b->used = 0;
+    b->cap = cap;
+    if (len > BLOCK_SIZE / 4 && m->keys) {   /* a big key: its own block, behind the current one */
+      b->next = m->keys->next;
+      m->keys->next = b;
+    } else {
+      b->next = m->keys;
+      m->keys = b;
+    }
+  }
+  p = b->data + b->used;
+  memcpy(p, k, len);
+  b->used += len;
+  return p;
+}
 
 uint64_t idmap_hash(const char *s, size_t n) {   /* FNV-1a */
   uint64_t h = 1469598103934665603ULL;
@@ -68,12 +100,23 @@ static int grow(idmap *m) {
 }
 
 static void clear(idmap *m) {
-  size_t i;
-  for (i = 0; i < m->cap; i++)
-    if (m->slots[i].key && m->slots[i].key != TOMB) free(m->slots[i].key);
+  while (m->keys) {
+    block *next = m->keys->next;
+    free(m->keys);
+    m->keys = next;
+  }
   free(m->slots);
   m->slots = NULL;
   m->cap = m->n = m->used = 0;
+}
+
+/* bring the slot a key of hash h starts at into the cache (a put to come) */
+void idmap_prefetch(const idmap *m, uint64_t h) {
+#if defined(__GNUC__)
+  if (m->cap) __builtin_prefetch(&m->slots[(size_t)h & (m->cap - 1)], 1);
+#else
+  (void)m; (void)h;
+#endif
 }
 
 int idmap_has(const idmap *m, const char *k, size_t len, uint64_t h) {
@@ -86,16 +129,14 @@ int idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v) {
   if ((m->used + 1) * 10 >= m->cap * 7 && !grow(m)) return -1;
   s = find(m, k, len, h, 1);
   if (s->key && s->key != TOMB) return 0;        /* the first one stays */
-  if (!(copy = malloc(len ? len : 1))) return -1;
-  memcpy(copy, k, len);
+  if (!(copy = key_copy(m, k, len))) return -1;
   if (!s->key) m->used++;
   s->key = copy; s->len = len; s->hash = h; s->value = v;
   m->n++;
   return 1;
 }
 
-static void drop(idmap *m, slot *s) {
-  free(s->key);
+static void drop(idmap *m, slot *s) {   /* its key's bytes stay in their block until clear */
   s->key = TOMB;
   m->n--;
 }

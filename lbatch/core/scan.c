@@ -47,16 +47,23 @@ static size_t ws(const char *s, size_t n, size_t i) {
 /* past a string starting at the quote s[i]; *esc set when it holds a
  * backslash; n + 1 when it never ends */
 static size_t skip_string(const char *s, size_t n, size_t i, int *esc) {
-  for (i++; i < n; i++) {
-    if (s[i] == '"') return i + 1;
-    if (s[i] == '\\') { *esc = 1; i++; }
+  const char *q = NULL, *b;
+  for (i++; i < n; i = (size_t)(b - s) + 2) {   /* from backslash to backslash: linear */
+    if (!q || q < s + i) { q = memchr(s + i, '"', n - i); if (!q) return n + 1; }
+    b = memchr(s + i, '\\', (size_t)(q - (s + i)));
+    if (!b) return (size_t)(q - s) + 1;       /* no backslash before the quote */
+    *esc = 1;
   }
   return n + 1;
 }
 
+/* the bytes skip_value stops at inside a container */
+static unsigned char stop[256];
+
 /* past any value at s[i]; n + 1 when malformed */
 static size_t skip_value(const char *s, size_t n, size_t i) {
   int depth = 0, esc = 0;
+  if (!stop['"']) { stop['"'] = stop['{'] = stop['['] = stop['}'] = stop[']'] = 1; }
   if (i >= n) return n + 1;
   if (s[i] == '"') return skip_string(s, n, i, &esc);
   if (s[i] != '{' && s[i] != '[') {   /* a number or a literal */
@@ -67,9 +74,10 @@ static size_t skip_value(const char *s, size_t n, size_t i) {
   }
   while (i < n) {
     char c = s[i];
+    if (!stop[(unsigned char)c]) { i++; continue; }
     if (c == '"') { i = skip_string(s, n, i, &esc); if (i > n) return n + 1; continue; }
     if (c == '{' || c == '[') depth++;
-    else if (c == '}' || c == ']') { if (--depth == 0) return i + 1; }
+    else if (--depth == 0) return i + 1;
     i++;
   }
   return n + 1;

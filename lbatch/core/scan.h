@@ -10,4 +10,21 @@ long lb_utf8_invalid(const unsigned char *s, size_t n);
 int lb_json_string(const char *s, size_t n, const char *key, size_t klen, size_t *off, size_t *len);
 int lb_header_value(const char *p, size_t n, const char *name, const char **v, size_t *vlen);
 
+/* rec.c: a result line's fields, found in one pass */
+enum { LB_J_ABSENT = 0, LB_J_NULL, LB_J_FALSE, LB_J_TRUE, LB_J_NUM, LB_J_STR, LB_J_OBJ, LB_J_ARR };
+typedef struct lb_span {
+  size_t off, len;  /* a string's content (inside the quotes), else the whole value */
+  int kind, esc;    /* esc: the string holds a backslash */
+} lb_span;
+typedef struct lb_result {
+  lb_span custom_id, id, error, response, status_code, request_id, body, model, created, body_error,
+          usage, choices, choice0, message, content, reasoning, data, datum0, embedding;
+  size_t body_keys;  /* the body's keys whose value is not null */
+} lb_result;
+/* 1 when s is one JSON object (strict JSON, nesting up to 256), its fields in r */
+int lb_result_scan(const char *s, size_t n, lb_result *r);
+/* a string's content unescaped into out (room for n bytes): its length,
+ * or -1 when lua-cjson would refuse it (a lone surrogate, a bad escape) */
+long lb_json_unescape(const char *s, size_t n, char *out);
+
 #endif

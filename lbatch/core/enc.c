@@ -1,0 +1,446 @@
+/* The request writer's encoder: one walk over a request's table that
+ * writes its JSONL line the way lua-cjson 2.1.0 would write it and checks
+ * it on the way (every string valid UTF-8, the custom_id a non-empty
+ * string, the line within its limit). lbatch/jsonl.lua calls it for each
+ * request and falls back to lua-cjson and its own checks whenever this
+ * returns nothing: what it cannot decide (a metatable, a sparse array, a
+ * key that is not a string, a function, NaN, deep nesting) or a line
+ * that breaks a rule (the Lua path words the error).
+ *
+ *   local e = core.encoder(marker)     -- marker: json.empty_array's string (or nil)
+ *   e:encode(id, url, body, max_line)  -> the line's size with its newline, or nothing
+ *   e:write(fh, seen, id, value)       -> true; false when seen (an idmap)
+ *                                         has id already; nil when the write fails
+ *   e:put(id, url, body, max_line, fh, seen, value, room)
+ *                                      -> encode, then write when the line fits in
+ *                                         room bytes: one call for the common line
+ *   lbatch.core.encode(v)              -> v as cjson.encode writes it, or nothing
+ *
+ * What lua-cjson writes, checked on the Debian package (spec/unit/enc_spec.lua
+ * compares the two over a corpus; spec/fuzz over random tables):
+ * strings escape '"', '\\', '/' (as "\/"), \b \f \n \r \t, the other
+ * bytes below 0x20 and 0x7f as \u00xx, and pass every other byte as it is;
+ * numbers are "%.14g" of the value as a double (so 2^53 is 9.007199254741e+15,
+ * -0.0 is -0); a table whose keys are exactly 1..n is an array, the empty
+ * table is {}; object keys come in lua_next's order. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "core.h"
+#include "scan.h"
+
+#ifndef LUA_FILEHANDLE                   /* 5.1 and LuaJIT keep it in lualib.h */
+#define LUA_FILEHANDLE "FILE*"
+#endif
+
+#define ENC_MAX_DEPTH 1000   /* lua-cjson's encode_max_depth */
+
+typedef struct encoder {
+  buf line;                  /* the last encoded line, newline included */
+  char *marker;              /* json.empty_array's string: written [] */
+  size_t mlen;
+} encoder;
+
+static const char hex[] = "0123456789abcdef";
+
+/* 0: the byte as it is; else the character after the backslash ('u': \u00xx) */
+static const unsigned char esc[256] = {
+  [0] = 'u', [1] = 'u', [2] = 'u', [3] = 'u', [4] = 'u', [5] = 'u', [6] = 'u', [7] = 'u', [11] = 'u',
+  [14] = 'u', [15] = 'u', [16] = 'u', [17] = 'u', [18] = 'u', [19] = 'u', [20] = 'u', [21] = 'u', [22] = 'u',
+  [23] = 'u', [24] = 'u', [25] = 'u', [26] = 'u', [27] = 'u', [28] = 'u', [29] = 'u', [30] = 'u', [31] = 'u',
+  ['\b'] = 'b', ['\t'] = 't', ['\n'] = 'n', ['\f'] = 'f', ['\r'] = 'r', [0x7f] = 'u',
+  ['"'] = '"', ['\\'] = '\\', ['/'] = '/',
+};
+
+/* room for n more bytes and a NUL */
+static int reserve(buf *b, size_t n) {
+  if (b->len + n + 1 <= b->cap) return 1;
+  {
+    size_t cap = b->cap ? b->cap : 1024;
+    char *q;
+    while (cap < b->len + n + 1) cap *= 2;
+    if (!(q = realloc(b->p, cap))) return 0;
+    b->p = q;
+    b->cap = cap;
+  }
+  return 1;
+}
+
+/* append n bytes (no NUL kept: the line is handed out by length) */
+static inline int put(buf *b, const char *s, size_t n) {
+  if (b->len + n + 1 > b->cap && !reserve(b, n)) return 0;
+  memcpy(b->p + b->len, s, n);
+  b->len += n;
+  return 1;
+}
+
+#define PUT(b, s, n) do { if (!put((b), (s), (n))) return LB_ENC_NOMEM; } while (0)
+
+/* the length of the valid UTF-8 sequence that starts with c >= 0x80 at
+ * s[i], or 0 (RFC 3629, as lb_utf8_invalid) */
+static size_t utf8_seq(const unsigned char *s, size_t n, size_t i) {
+  unsigned char c = s[i], lo = 0x80, hi = 0xBF;
+  size_t need;
+  if (c >= 0xC2 && c <= 0xDF) need = 1;
+  else if (c == 0xE0) { need = 2; lo = 0xA0; }
+  else if (c >= 0xE1 && c <= 0xEC) need = 2;
+  else if (c == 0xED) { need = 2; hi = 0x9F; }
+  else if (c >= 0xEE && c <= 0xEF) need = 2;
+  else if (c == 0xF0) { need = 3; lo = 0x90; }
+  else if (c >= 0xF1 && c <= 0xF3) need = 3;
+  else if (c == 0xF4) { need = 3; hi = 0x8F; }
+  else return 0;
+  if (i + need >= n || s[i + 1] < lo || s[i + 1] > hi) return 0;
+  if (need >= 2 && (s[i + 2] < 0x80 || s[i + 2] > 0xBF)) return 0;
+  if (need == 3 && (s[i + 3] < 0x80 || s[i + 3] > 0xBF)) return 0;
+  return need + 1;
+}
+
+/* a string, quoted and escaped, checked as UTF-8 in the same pass;
+ * LB_ENC_NO when it is not valid UTF-8 */
+static int put_string(buf *b, const char *str, size_t n) {
+  const unsigned char *s = (const unsigned char *)str;
+  size_t i = 0, worst = n * 6 + 2;
+  char *o;
+  if (n > 65536) {                 /* a large string (an image): room for what it needs */
+    size_t extra = 0;
+    for (i = 0; i < n; i++) if (esc[s[i]]) extra += esc[s[i]] == 'u' ? 5 : 1;
+    worst = n + extra + 2;
+    i = 0;
+  }
+  if (!reserve(b, worst)) return LB_ENC_NOMEM;
+  o = b->p + b->len;
+  *o++ = '"';
+  while (i < n) {
+    unsigned char c, e;
+    if (i + 8 <= n) {          /* eight plain ASCII bytes at once (none below 0x20, " \ / or 0x7f+) */
+      uint64_t x;
+      memcpy(&x, s + i, 8);
+#define ONES 0x0101010101010101ULL
+#define HIGH 0x8080808080808080ULL
+#define HAS(v) (((x ^ (ONES * (v))) - ONES) & ~(x ^ (ONES * (v))) & HIGH)
+      if (!(((x - ONES * 0x20) | x | (x + ONES * 0x01)) & HIGH) && !HAS('"') && !HAS('\\') && !HAS('/')) {
+        memcpy(o, s + i, 8);
+        o += 8;
+        i += 8;
+        continue;
+      }
+#undef HAS
+#undef HIGH
+#undef ONES
+    }
+    c = s[i];
+    if (c >= 0x80) {
+      size_t k = utf8_seq(s, n, i);
+      if (!k) return LB_ENC_NO;
+      memcpy(o, s + i, k);
+      o += k;
+      i += k;
+      continue;
+    }
+    e = esc[c];
+    i++;
+    if (!e) { *o++ = (char)c; continue; }
+    *o++ = '\\';
+    *o++ = (char)e;
+    if (e == 'u') { *o++ = '0'; *o++ = '0'; *o++ = hex[c >> 4]; *o++ = hex[c & 15]; }
+  }
+  *o++ = '"';
+  b->len = (size_t)(o - b->p);
+  return LB_ENC_OK;
+}
+
+static int put_digits(buf *b, unsigned long long u, int neg, int point) {
+  char tmp[48], *p = tmp + sizeof tmp;
+  int k = 0;
+  if (point) {                     /* the fraction's digits, trailing zeros dropped */
+    while (k < point && u % 10 == 0) { u /= 10; k++; }
+    for (; k < point; k++) { *--p = (char)('0' + u % 10); u /= 10; }
+    *--p = '.';
+  }
+  do { *--p = (char)('0' + u % 10); u /= 10; } while (u);
+  if (neg) *--p = '-';
+  PUT(b, p, (size_t)(tmp + sizeof tmp - p));
+  return LB_ENC_OK;
+}
+
+static const double pow10s[] = { 1, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13,
+                                  1e14, 1e15, 1e16, 1e17, 1e18 };
+
+/* "%.14g" of d, as lua-cjson writes numbers. Without printf when d has
+ * at most 14 significant digits in fixed notation: d * 10^k that comes out
+ * whole, m, has d within two ulps of m / 10^k, far nearer than half a
+ * unit of the 14th digit, so %.14g prints m / 10^k. */
+static int put_number(buf *b, double d) {
+  char tmp[32];
+  int n, k;
+  double a = fabs(d);
+  if (isnan(d) || isinf(d)) return LB_ENC_NO;
+  if (a < 1e14 && !(d == 0 && signbit(d))) {
+    if (d == floor(d)) return put_digits(b, (unsigned long long)a, d < 0, 0);
+    if (a >= 1e-4)
+      for (k = 1; k <= 18; k++) {
+        double v = a * pow10s[k];
+        if (v >= 1e14) break;
+        if (v == floor(v)) return put_digits(b, (unsigned long long)v, d < 0, k);
+      }
+  }
+  n = snprintf(tmp, sizeof tmp, "%.14g", d);
+  if (n <= 0 || n >= (int)sizeof tmp) return LB_ENC_NO;
+  for (k = 0; k < n; k++) if (tmp[k] == ',') tmp[k] = '.';   /* a locale's decimal comma */
+  PUT(b, tmp, (size_t)n);
+  return LB_ENC_OK;
+}
+
+/* the length of the array at idx when its keys are exactly 1..n (n > 0);
+ * 0 when it is not an array */
+static size_t dense_length(lua_State *L, int idx) {
+  size_t n = lua_rawlen(L, idx), count = 0;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    lua_Number k;
+    lua_pop(L, 1);
+    if (lua_type(L, -1) != LUA_TNUMBER) { lua_pop(L, 1); return 0; }
+    k = lua_tonumber(L, -1);
+    if (k != floor(k) || k < 1 || k > (lua_Number)n) { lua_pop(L, 1); return 0; }
+    count++;
+  }
+  return count == n ? n : 0;
+}
+
+int lb_enc_value(lua_State *L, buf *b, int idx, int depth, const char *marker, size_t mlen) {
+  switch (lua_type(L, idx)) {
+  case LUA_TSTRING: {
+    size_t n;
+    const char *s = lua_tolstring(L, idx, &n);
+    if (marker && n == mlen && memcmp(s, marker, n) == 0) { PUT(b, "[]", 2); return LB_ENC_OK; }
+    return put_string(b, s, n);
+  }
+  case LUA_TNUMBER: return put_number(b, (double)lua_tonumber(L, idx));
+  case LUA_TBOOLEAN:
+    if (lua_toboolean(L, idx)) PUT(b, "true", 4); else PUT(b, "false", 5);
+    return LB_ENC_OK;
+  case LUA_TLIGHTUSERDATA:               /* cjson.null; anything else is not ours */
+    if (lua_touserdata(L, idx) != NULL) return LB_ENC_NO;
+    PUT(b, "null", 4);
+    return LB_ENC_OK;
+  case LUA_TTABLE: break;
+  default: return LB_ENC_NO;
+  }
+  if (depth >= ENC_MAX_DEPTH || lua_getmetatable(L, idx)) {
+    if (depth < ENC_MAX_DEPTH) lua_pop(L, 1);
+    return LB_ENC_NO;
+  }
+  if (!lua_checkstack(L, 4)) return LB_ENC_NO;
+  if (idx < 0) idx = lua_gettop(L) + idx + 1;
+  lua_pushnil(L);
+  if (!lua_next(L, idx)) { PUT(b, "{}", 2); return LB_ENC_OK; }
+  if (lua_type(L, -2) == LUA_TSTRING) {          /* an object, written in the one walk */
+    char sep = '{';
+    do {
+      size_t kl;
+      const char *k;
+      int r;
+      if (lua_type(L, -2) != LUA_TSTRING) { lua_pop(L, 2); return LB_ENC_NO; }
+      k = lua_tolstring(L, -2, &kl);
+      if (marker && kl == mlen && memcmp(k, marker, kl) == 0) { lua_pop(L, 2); return LB_ENC_NO; }
+      PUT(b, &sep, 1);
+      sep = ',';
+      if ((r = put_string(b, k, kl)) != LB_ENC_OK) { lua_pop(L, 2); return r; }
+      PUT(b, ":", 1);
+      if ((r = lb_enc_value(L, b, -1, depth + 1, marker, mlen)) != LB_ENC_OK) { lua_pop(L, 2); return r; }
+      lua_pop(L, 1);
+    } while (lua_next(L, idx));
+    PUT(b, "}", 1);
+    return LB_ENC_OK;
+  }
+  lua_pop(L, 2);
+  {                                              /* an array: 1..n, nothing else */
+    size_t n = dense_length(L, idx), i;
+    if (!n) return LB_ENC_NO;
+    for (i = 1; i <= n; i++) {
+      int r;
+      PUT(b, i == 1 ? "[" : ",", 1);
+      lua_rawgeti(L, idx, (lua_Integer)i);
+      r = lb_enc_value(L, b, -1, depth + 1, marker, mlen);
+      lua_pop(L, 1);
+      if (r != LB_ENC_OK) return r;
+    }
+    PUT(b, "]", 1);
+  }
+  return LB_ENC_OK;
+}
+
+/* ------------------------------------------------------------ Lua */
+
+#define ENCODER "lbatch.core.encoder"
+#define L1 "{\"custom_id\":"
+#define L2 ",\"method\":\"POST\",\"url\":\""
+#define L3 "\",\"body\":"
+#define L4 "}\n"
+
+/* the userdata at idx when its metatable is upvalue k (the encoder's,
+ * the idmap's, the io library's: compared, not looked up by name) */
+static void *udata(lua_State *L, int idx, int k, const char *what) {
+  void *p = lua_touserdata(L, idx);
+  int same = p && lua_getmetatable(L, idx);
+  if (same) {
+    same = lua_rawequal(L, -1, lua_upvalueindex(k));
+    lua_pop(L, 1);
+  }
+  if (!same) luaL_argerror(L, idx, what);
+  return p;
+}
+
+static encoder *check(lua_State *L) { return udata(L, 1, 1, "an encoder expected"); }
+
+static int nomem(lua_State *L) { return luaL_error(L, "encoder: out of memory"); }
+
+/* encode the line of id, url, body, max_line at base..base+3 (popped);
+ * 0 when it is left to the Lua path */
+static int encode_at(lua_State *L, encoder *e, int base) {
+  size_t il, ul;
+  const char *id, *url;
+  lua_Number max_line = luaL_checknumber(L, base + 3);
+  buf *b = &e->line;
+  int r;
+  luaL_checktype(L, base + 2, LUA_TTABLE);
+  b->len = 0;
+  if (lua_type(L, base) != LUA_TSTRING || lua_type(L, base + 1) != LUA_TSTRING) return 0;
+  id = lua_tolstring(L, base, &il);
+  url = lua_tolstring(L, base + 1, &ul);
+  if (il == 0 || lb_utf8_invalid((const unsigned char *)url, ul) >= 0) return 0;
+  if (!reserve(b, il + ul + 256)) return nomem(L);
+  if (!put(b, L1, sizeof L1 - 1)) return nomem(L);
+  if ((r = put_string(b, id, il)) != LB_ENC_OK) return r == LB_ENC_NOMEM ? nomem(L) : 0;
+  if (!put(b, L2, sizeof L2 - 1) || !put(b, url, ul) || !put(b, L3, sizeof L3 - 1)) return nomem(L);
+  lua_settop(L, base + 2);
+  r = lb_enc_value(L, b, base + 2, 0, e->marker, e->mlen);
+  lua_settop(L, base - 1);
+  if (r != LB_ENC_OK) {
+    b->len = 0;
+    return r == LB_ENC_NOMEM ? nomem(L) : 0;
+  }
+  if (!put(b, L4, sizeof L4 - 1)) return nomem(L);
+  if ((lua_Number)(b->len - 1) > max_line) { b->len = 0; return 0; }
+  return 1;
+}
+
+/* The FILE of an open Lua file handle: the first field of its userdata
+ * on every Lua (5.1's FILE **, 5.2+'s luaL_Stream, LuaJIT's IOFileUD). */
+static FILE *file_of(lua_State *L, int idx) {
+  void *ud = udata(L, idx, 3, "a file expected");
+#if LUA_VERSION_NUM >= 502 && !defined(LUAJIT_VERSION)
+  if (((luaL_Stream *)ud)->closef == NULL) return NULL;
+#endif
+  return *(FILE **)ud;
+}
+
+/* put the id (at idx id) in seen and write the line: true; false when
+ * seen has the id already; nothing when the write fails */
+static int write_line(lua_State *L, encoder *e, int fh, int seen_at, int id_at, int value_at) {
+  FILE *f = file_of(L, fh);
+  idmap *seen = udata(L, seen_at, 2, "an idmap expected");
+  size_t il;
+  const char *id = luaL_checklstring(L, id_at, &il);
+  lua_Number v = luaL_checknumber(L, value_at);
+  int r;
+  if (!e->line.len) return luaL_error(L, "encoder: nothing encoded");
+  if (!f) return luaL_error(L, "encoder: the file is closed");
+  r = idmap_put(seen, id, il, idmap_hash(id, il), v);
+  if (r < 0) return nomem(L);
+  if (r == 0) { lua_pushboolean(L, 0); return 1; }
+  if (fwrite(e->line.p, 1, e->line.len, f) != e->line.len) return 0;
+  e->line.len = 0;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* e:encode(id, url, body, max_line): the line's size with its newline, or nothing */
+static int e_encode(lua_State *L) {
+  encoder *e = check(L);
+  if (!encode_at(L, e, 2)) return 0;
+  lua_pushinteger(L, (lua_Integer)e->line.len);
+  return 1;
+}
+
+/* e:write(fh, seen, id, value): the line encode or put kept */
+static int e_write(lua_State *L) { return write_line(L, check(L), 2, 3, 4, 5); }
+
+/* e:put(id, url, body, max_line, fh, seen, value, room): encode, and when
+ * the line fits in room bytes, write it as e:write would: size, true;
+ * size, false (a duplicate); size, nil (no room: write it after a new
+ * file, or not); size, nil, true (the write failed); nothing as encode */
+static int e_put(lua_State *L) {
+  encoder *e = check(L);
+  lua_Number room = luaL_checknumber(L, 9);
+  int r;
+  lua_settop(L, 9);
+  if (room >= 0 && lua_type(L, 2) == LUA_TSTRING) {   /* the id's slot on its way while the body is walked */
+    size_t il;
+    const char *id = lua_tolstring(L, 2, &il);
+    idmap_prefetch(udata(L, 7, 2, "an idmap expected"), idmap_hash(id, il));
+  }
+  lua_pushvalue(L, 2); lua_pushvalue(L, 3); lua_pushvalue(L, 4); lua_pushvalue(L, 5);
+  if (!encode_at(L, e, 10)) return 0;
+  lua_pushinteger(L, (lua_Integer)e->line.len);
+  if ((lua_Number)e->line.len > room) return 1;
+  r = write_line(L, e, 6, 7, 2, 8);
+  if (r == 0) { lua_pushnil(L); lua_pushboolean(L, 1); return 3; }
+  return 2;
+}
+
+static int e_gc(lua_State *L) {
+  encoder *e = luaL_checkudata(L, 1, ENCODER);
+  buf_free(&e->line);
+  free(e->marker);
+  e->marker = NULL;
+  return 0;
+}
+
+int lbatch_encoder_new(lua_State *L) {
+  size_t ml = 0;
+  const char *m = luaL_optlstring(L, 1, NULL, &ml);
+  encoder *e = lua_newuserdata(L, sizeof *e);
+  memset(e, 0, sizeof *e);
+  luaL_getmetatable(L, ENCODER);
+  lua_setmetatable(L, -2);
+  if (m) {
+    if (!(e->marker = malloc(ml ? ml : 1))) return nomem(L);
+    memcpy(e->marker, m, ml);
+    e->mlen = ml;
+  }
+  return 1;
+}
+
+/* core.encode(v [, marker]): v as lua-cjson writes it, or nothing */
+int lbatch_encode(lua_State *L) {
+  size_t ml = 0;
+  const char *m = luaL_optlstring(L, 2, NULL, &ml);
+  buf b = {0};
+  int r;
+  luaL_checkany(L, 1);
+  lua_settop(L, 1);
+  r = lb_enc_value(L, &b, 1, 0, m, ml);
+  if (r == LB_ENC_OK) lua_pushlstring(L, b.p ? b.p : "", b.len);
+  buf_free(&b);
+  if (r == LB_ENC_NOMEM) return nomem(L);
+  return r == LB_ENC_OK;
+}
+
+void lbatch_encoder_register(lua_State *L) {
+  static const luaL_Reg methods[] = { {"encode", e_encode}, {"write", e_write}, {"put", e_put},
+                                      {NULL, NULL} };
+  static const luaL_Reg meta[] = { {"__gc", e_gc}, {NULL, NULL} };
+  luaL_newmetatable(L, ENCODER);
+  lua_newtable(L);
+  lua_pushvalue(L, -2);                          /* the methods' upvalues */
+  luaL_getmetatable(L, LBATCH_IDMAP);
+  luaL_getmetatable(L, LUA_FILEHANDLE);
+  luaL_setfuncs(L, methods, 3);
+  lua_setfield(L, -2, "__index");
+  luaL_setfuncs(L, meta, 0);
+  lua_pop(L, 1);
+}

@@ -1,0 +1,487 @@
+/* The results reader's scanner: one pass over a result line that checks
+ * it is JSON and finds what a record needs (custom_id, id, the error,
+ * response.status_code, request_id, and in the body model, created,
+ * error, usage, choices[0].message.content and reasoning_content,
+ * data[0].embedding), without decoding the rest.
+ *
+ *   core.result(line) -> rec [, error, body_error]   the record's fields
+ *                        (JSON null as nil, whole numbers as integers:
+ *                        what json.normalize makes of lua-cjson's decode)
+ *                     -> false when it leaves the line to lua-cjson: a
+ *                        shape it does not know (content parts, a
+ *                        custom_id that is not a string, an array where an
+ *                        object is wanted, a key seen twice, deep nesting,
+ *                        anything that is not plain JSON)
+ *
+ * lbatch/results.lua decodes the whole line only when a record's body is
+ * read. The scanner reads untrusted bytes and never past n; spec/fuzz
+ * fuzzes lb_result_scan and lb_json_unescape. */
+#include <stdlib.h>
+#include <string.h>
+#include "scan.h"
+
+#define MAX_DEPTH 256        /* deeper lines go to lua-cjson (its limit: 1000) */
+
+typedef struct cur { const char *s; size_t n, i; } cur;
+
+static void ws(cur *c) {
+  while (c->i < c->n && (c->s[c->i] == ' ' || c->s[c->i] == '\t' || c->s[c->i] == '\n' || c->s[c->i] == '\r'))
+    c->i++;
+}
+
+static int hexval(char ch) {
+  if (ch >= '0' && ch <= '9') return ch - '0';
+  if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+  if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
+  return -1;
+}
+
+/* a string at the quote c->s[c->i]: its content's span; 0 when malformed */
+static int string(cur *c, lb_span *out) {
+  size_t i = c->i + 1;
+  int esc = 0;
+  const char *q = NULL, *b;
+  while (i < c->n) {
+    char ch;
+    if (!q || q < c->s + i) { q = memchr(c->s + i, '"', c->n - i); if (!q) return 0; }
+    b = memchr(c->s + i, '\\', (size_t)(q - (c->s + i)));
+    i = (size_t)((b ? b : q) - c->s);          /* the next backslash, else the closing quote */
+    ch = c->s[i];
+    if (ch == '"') {
+      out->kind = LB_J_STR; out->off = c->i + 1; out->len = i - (c->i + 1); out->esc = esc;
+      c->i = i + 1;
+      return 1;
+    }
+    if (ch == '\\') {
+      esc = 1;
+      if (i + 1 >= c->n) return 0;
+      ch = c->s[i + 1];
+      if (ch == 'u') {
+        int k;
+        if (i + 6 > c->n) return 0;
+        for (k = 2; k < 6; k++) if (hexval(c->s[i + k]) < 0) return 0;
+        i += 6;
+        continue;
+      }
+      if (!strchr("\"\\/bfnrt", ch) || ch == '\0') return 0;
+      i += 2;
+      continue;
+    }
+  }
+  return 0;
+}
+
+/* a number as JSON has it (lua-cjson takes more; those go to it) */
+static int number(cur *c, lb_span *out) {
+  size_t i = c->i, d;
+  const char *s = c->s;
+  if (i < c->n && s[i] == '-') i++;
+  if (i >= c->n) return 0;
+  if (s[i] == '0') i++;
+  else if (s[i] >= '1' && s[i] <= '9') while (i < c->n && s[i] >= '0' && s[i] <= '9') i++;
+  else return 0;
+  if (i < c->n && s[i] == '.') {
+    d = ++i;
+    while (i < c->n && s[i] >= '0' && s[i] <= '9') i++;
+    if (i == d) return 0;
+  }
+  if (i < c->n && (s[i] == 'e' || s[i] == 'E')) {
+    i++;
+    if (i < c->n && (s[i] == '+' || s[i] == '-')) i++;
+    d = i;
+    while (i < c->n && s[i] >= '0' && s[i] <= '9') i++;
+    if (i == d) return 0;
+  }
+  out->kind = LB_J_NUM; out->off = c->i; out->len = i - c->i; out->esc = 0;
+  c->i = i;
+  return 1;
+}
+
+static int literal(cur *c, const char *word, size_t len, int kind, lb_span *out) {
+  if (c->n - c->i < len || memcmp(c->s + c->i, word, len) != 0) return 0;
+  out->kind = kind; out->off = c->i; out->len = len; out->esc = 0;
+  c->i += len;
+  return 1;
+}
+
+/* the levels whose keys are looked at */
+enum { TOP, RESPONSE, BODY, CHOICES, CHOICE, MESSAGE, DATA, DATUM, NONE };
+
+static int value(cur *c, lb_span *out, int level, int depth, lb_result *r);
+
+/* the span a key of an object at `level` goes to, and the level its
+ * value is walked at (NONE: only checked) */
+static lb_span *slot_of(lb_result *r, int level, const char *k, size_t kl, int *inner) {
+#define K(name) (kl == sizeof name - 1 && memcmp(k, name, kl) == 0)
+  *inner = NONE;
+  switch (level) {
+  case TOP:
+    if (K("custom_id")) return &r->custom_id;
+    if (K("id")) return &r->id;
+    if (K("error")) return &r->error;
+    if (K("response")) { *inner = RESPONSE; return &r->response; }
+    break;
+  case RESPONSE:
+    if (K("status_code")) return &r->status_code;
+    if (K("request_id")) return &r->request_id;
+    if (K("body")) { *inner = BODY; return &r->body; }
+    break;
+  case BODY:
+    if (K("model")) return &r->model;
+    if (K("created")) return &r->created;
+    if (K("error")) return &r->body_error;
+    if (K("usage")) return &r->usage;
+    if (K("choices")) { *inner = CHOICES; return &r->choices; }
+    if (K("data")) { *inner = DATA; return &r->data; }
+    break;
+  case CHOICE:
+    if (K("message")) { *inner = MESSAGE; return &r->message; }
+    break;
+  case MESSAGE:
+    if (K("content")) return &r->content;
+    if (K("reasoning_content")) return &r->reasoning;
+    break;
+  case DATUM:
+    if (K("embedding")) return &r->embedding;
+    break;
+  }
+  return NULL;
+#undef K
+}
+
+static int object(cur *c, int level, int depth, lb_result *r, size_t *count) {
+  lb_span key, skip;
+  c->i++;
+  ws(c);
+  *count = 0;
+  if (c->i < c->n && c->s[c->i] == '}') { c->i++; return 1; }
+  for (;;) {
+    lb_span *to = NULL;
+    int inner = NONE;
+    if (c->i >= c->n || c->s[c->i] != '"' || !string(c, &key)) return 0;
+    if (level != NONE) {
+      if (key.esc) return 0;                /* an escaped key might be one of ours */
+      to = slot_of(r, level, c->s + key.off, key.len, &inner);
+    }
+    ws(c);
+    if (c->i >= c->n || c->s[c->i] != ':') return 0;
+    c->i++;
+    ws(c);
+    if (to && inner != NONE && to->kind != LB_J_ABSENT) return 0;   /* a container twice */
+    if (!value(c, to ? to : &skip, to ? inner : NONE, depth, r)) return 0;
+    if ((to ? to : &skip)->kind != LB_J_NULL) ++*count;   /* keys json.normalize keeps */
+    ws(c);
+    if (c->i < c->n && c->s[c->i] == ',') { c->i++; ws(c); continue; }
+    if (c->i < c->n && c->s[c->i] == '}') { c->i++; return 1; }
+    return 0;
+  }
+}
+
+static int array(cur *c, int level, int depth, lb_result *r) {
+  lb_span skip;
+  size_t k = 0;
+  c->i++;
+  ws(c);
+  if (c->i < c->n && c->s[c->i] == ']') { c->i++; return 1; }
+  for (;;) {
+    lb_span *to = &skip;
+    int inner = NONE;
+    if (k == 0 && level == CHOICES) { to = &r->choice0; inner = CHOICE; }
+    if (k == 0 && level == DATA) { to = &r->datum0; inner = DATUM; }
+    if (!value(c, to, inner, depth, r)) return 0;
+    k++;
+    ws(c);
+    if (c->i < c->n && c->s[c->i] == ',') { c->i++; ws(c); continue; }
+    if (c->i < c->n && c->s[c->i] == ']') { c->i++; return 1; }
+    return 0;
+  }
+}
+
+static int value(cur *c, lb_span *out, int level, int depth, lb_result *r) {
+  size_t start = c->i, count = 0;
+  if (c->i >= c->n) return 0;
+  switch (c->s[c->i]) {
+  case '"': return string(c, out);
+  case '{':
+    if (depth >= MAX_DEPTH || !object(c, level == CHOICES || level == DATA ? NONE : level, depth + 1, r, &count))
+      return 0;
+    out->kind = LB_J_OBJ;
+    if (level == BODY) r->body_keys = count;
+    break;
+  case '[':
+    if (depth >= MAX_DEPTH || !array(c, level, depth + 1, r)) return 0;
+    out->kind = LB_J_ARR;
+    break;
+  case 't': return literal(c, "true", 4, LB_J_TRUE, out);
+  case 'f': return literal(c, "false", 5, LB_J_FALSE, out);
+  case 'n': return literal(c, "null", 4, LB_J_NULL, out);
+  default: return number(c, out);
+  }
+  out->off = start; out->len = c->i - start; out->esc = 0;
+  return 1;
+}
+
+int lb_result_scan(const char *s, size_t n, lb_result *r) {
+  cur c = { s, n, 0 };
+  lb_span top;
+  memset(r, 0, sizeof *r);
+  ws(&c);
+  if (c.i >= n || s[c.i] != '{') return 0;
+  if (!value(&c, &top, TOP, 0, r)) return 0;
+  ws(&c);
+  return c.i == n;
+}
+
+/* \uXXXX at s (6 bytes, checked hex) as a code point */
+static unsigned u4(const char *s) {
+  return (unsigned)(hexval(s[2]) << 12 | hexval(s[3]) << 8 | hexval(s[4]) << 4 | hexval(s[5]));
+}
+
+long lb_json_unescape(const char *s, size_t n, char *out) {
+  size_t i = 0, o = 0;
+  while (i < n) {
+    char ch = s[i];
+    if (ch != '\\') { out[o++] = ch; i++; continue; }
+    if (i + 1 >= n) return -1;
+    ch = s[i + 1];
+    if (ch == 'u') {
+      unsigned cp;
+      if (i + 6 > n) return -1;
+      {
+        int k;
+        for (k = 2; k < 6; k++) if (hexval(s[i + k]) < 0) return -1;
+      }
+      cp = u4(s + i);
+      i += 6;
+      if (cp >= 0xDC00 && cp <= 0xDFFF) return -1;          /* a lone low surrogate */
+      if (cp >= 0xD800 && cp <= 0xDBFF) {                    /* a pair, or lua-cjson says no */
+        unsigned lo;
+        int k;
+        if (i + 6 > n || s[i] != '\\' || s[i + 1] != 'u') return -1;
+        for (k = 2; k < 6; k++) if (hexval(s[i + k]) < 0) return -1;
+        lo = u4(s + i);
+        if (lo < 0xDC00 || lo > 0xDFFF) return -1;
+        cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+        i += 6;
+      }
+      if (cp < 0x80) out[o++] = (char)cp;
+      else if (cp < 0x800) { out[o++] = (char)(0xC0 | cp >> 6); out[o++] = (char)(0x80 | (cp & 0x3F)); }
+      else if (cp < 0x10000) {
+        out[o++] = (char)(0xE0 | cp >> 12); out[o++] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[o++] = (char)(0x80 | (cp & 0x3F));
+      } else {
+        out[o++] = (char)(0xF0 | cp >> 18); out[o++] = (char)(0x80 | ((cp >> 12) & 0x3F));
+        out[o++] = (char)(0x80 | ((cp >> 6) & 0x3F)); out[o++] = (char)(0x80 | (cp & 0x3F));
+      }
+      continue;
+    }
+    switch (ch) {
+    case '"': case '\\': case '/': out[o++] = ch; break;
+    case 'b': out[o++] = '\b'; break;
+    case 'f': out[o++] = '\f'; break;
+    case 'n': out[o++] = '\n'; break;
+    case 'r': out[o++] = '\r'; break;
+    case 't': out[o++] = '\t'; break;
+    default: return -1;
+    }
+    i += 2;
+  }
+  return (long)o;
+}
+
+/* ------------------------------------------------------------ Lua */
+#ifndef LBATCH_SCAN_ONLY
+#include <errno.h>
+#include <math.h>
+#include <unistd.h>
+#include "core.h"
+
+typedef struct ctx { lua_State *L; const char *s; char *tmp; } ctx;
+
+/* push a scanned string; 0 when lua-cjson would refuse its escapes */
+static int push_string(ctx *x, const lb_span *v) {
+  long len;
+  if (!v->esc) { lua_pushlstring(x->L, x->s + v->off, v->len); return 1; }
+  len = lb_json_unescape(x->s + v->off, v->len, x->tmp);
+  if (len < 0) return 0;
+  lua_pushlstring(x->L, x->tmp, (size_t)len);
+  return 1;
+}
+
+static void push_number(lua_State *L, const char *p) {
+  lua_Number d = (lua_Number)strtod(p, NULL);   /* lua-cjson's strtod, on the digits JSON allows */
+#if LUA_VERSION_NUM >= 503
+  lua_Integer i;
+  if (d == floor(d) && lua_numbertointeger(d, &i)) {   /* math.tointeger */
+    lua_pushinteger(L, i);
+    return;
+  }
+#endif
+  lua_pushnumber(L, d);
+}
+
+/* push any value (checked JSON) as json.normalize leaves lua-cjson's:
+ * nulls dropped from objects; 0 for what this leaves to lua-cjson (a
+ * null in an array, escapes it refuses) */
+static int push_value(ctx *x, cur *c) {
+  lua_State *L = x->L;
+  lb_span v;
+  ws(c);
+  switch (c->s[c->i]) {
+  case '"':
+    string(c, &v);
+    return push_string(x, &v);
+  case 't': c->i += 4; lua_pushboolean(L, 1); return 1;
+  case 'f': c->i += 5; lua_pushboolean(L, 0); return 1;
+  case 'n': return 0;                          /* only inside objects (below) */
+  case '{':
+    if (!lua_checkstack(L, 3)) return 0;
+    lua_newtable(L);
+    c->i++;
+    for (;;) {
+      ws(c);
+      if (c->s[c->i] == '}') { c->i++; return 1; }
+      if (c->s[c->i] == ',') { c->i++; continue; }
+      string(c, &v);
+      if (!push_string(x, &v)) return 0;
+      ws(c);
+      c->i++;                                  /* the colon */
+      ws(c);
+      if (c->s[c->i] == 'n') { c->i += 4; lua_pop(L, 1); continue; }
+      if (!push_value(x, c)) return 0;
+      lua_rawset(L, -3);
+    }
+  case '[': {
+    lua_Integer k = 0;
+    if (!lua_checkstack(L, 3)) return 0;
+    lua_newtable(L);
+    c->i++;
+    for (;;) {
+      ws(c);
+      if (c->s[c->i] == ']') { c->i++; return 1; }
+      if (c->s[c->i] == ',') { c->i++; continue; }
+      if (!push_value(x, c)) return 0;
+      lua_rawseti(L, -2, ++k);
+    }
+  }
+  default:
+    number(c, &v);
+    push_number(L, c->s + v.off);
+    return 1;
+  }
+}
+
+/* push the value at span v (nil for null or absent) */
+static int push_span(ctx *x, const lb_span *v) {
+  cur c;
+  if (v->kind == LB_J_ABSENT || v->kind == LB_J_NULL) { lua_pushnil(x->L); return 1; }
+  if (v->kind == LB_J_STR) return push_string(x, v);
+  c.s = x->s; c.n = v->off + v->len; c.i = v->off;
+  return push_value(x, &c);
+}
+
+#define OPT(v, k) ((v).kind == LB_J_ABSENT || (v).kind == LB_J_NULL || (v).kind == (k))
+#define NIL(v) ((v).kind == LB_J_ABSENT || (v).kind == LB_J_NULL)
+
+/* every field as results.record has it, or 0: lua-cjson decides */
+static int fields(ctx *x, lb_result *r) {
+  lua_State *L = x->L;
+  int body = r->body.kind == LB_J_OBJ, ok;
+  if (!OPT(r->custom_id, LB_J_STR) || !OPT(r->id, LB_J_STR) || !OPT(r->error, LB_J_OBJ)
+      || !OPT(r->response, LB_J_OBJ) || !OPT(r->status_code, LB_J_NUM) || !OPT(r->request_id, LB_J_STR)
+      || !OPT(r->body, LB_J_OBJ) || !OPT(r->model, LB_J_STR) || !OPT(r->created, LB_J_NUM)
+      || !OPT(r->body_error, LB_J_OBJ) || r->usage.kind == LB_J_ARR
+      || r->choices.kind == LB_J_OBJ || r->choice0.kind == LB_J_ARR || r->message.kind == LB_J_ARR
+      || !OPT(r->content, LB_J_STR) || !OPT(r->reasoning, LB_J_STR)
+      || r->data.kind == LB_J_OBJ || r->datum0.kind == LB_J_ARR
+      || !(OPT(r->embedding, LB_J_ARR) || r->embedding.kind == LB_J_FALSE))
+    return 0;
+  lua_createtable(L, 0, 16);
+#define SET(name, span) do { if (!NIL(span)) { if (!push_span(x, &(span))) return 0; lua_setfield(L, -2, name); } } while (0)
+  SET("custom_id", r->custom_id);
+  SET("id", r->id);
+  SET("status_code", r->status_code);
+  SET("request_id", r->request_id);
+  ok = 0;
+  if (r->status_code.kind == LB_J_NUM) {
+    double st = strtod(x->s + r->status_code.off, NULL);
+    ok = st >= 200 && st < 300 && NIL(r->error) && NIL(r->body_error) && body && r->body_keys > 0;
+  }
+  lua_pushboolean(L, ok);
+  lua_setfield(L, -2, "ok");
+  if (body) {
+    SET("model", r->model);
+    SET("created", r->created);
+    if (r->usage.kind == LB_J_OBJ) SET("usage", r->usage);
+    if (r->message.kind == LB_J_OBJ) {
+      SET("content", r->content);
+      SET("reasoning", r->reasoning);
+    }
+    if (r->datum0.kind == LB_J_OBJ && r->embedding.kind == LB_J_ARR) SET("embedding", r->embedding);
+  }
+#undef SET
+  if (!push_span(x, &r->error) || !push_span(x, &r->body_error)) return 0;
+  return 1;
+}
+
+#ifndef LUA_FILEHANDLE
+#define LUA_FILEHANDLE "FILE*"
+#endif
+
+/* core.line_at(fh, off): the line at byte off of an open file (without
+ * its newline and a final \r), read with pread: a joined result costs
+ * its own bytes, not a buffer's worth of them after a seek; nil at the
+ * end of the file, nil and the reason when it cannot be read */
+int lbatch_line_at(lua_State *L) {
+  FILE *f = *(FILE **)luaL_checkudata(L, 1, LUA_FILEHANDLE);   /* the FILE first, on every Lua */
+  off_t off = (off_t)luaL_checknumber(L, 2);
+  char small[2048], *p = small, *nl = NULL;
+  size_t cap = sizeof small, len = 0;
+  int fd = f ? fileno(f) : -1;
+  if (fd < 0) return luaL_argerror(L, 1, "an open file expected");
+  for (;;) {
+    ssize_t got = pread(fd, p + len, cap - len, off + (off_t)len);
+    if (got < 0) {
+      if (p != small) free(p);
+      lua_pushnil(L);
+      lua_pushstring(L, strerror(errno));
+      return 2;
+    }
+    nl = memchr(p + len, '\n', (size_t)got);
+    len += (size_t)got;
+    if (nl || got == 0) break;
+    if (len == cap) {
+      char *q = p == small ? malloc(cap * 2) : realloc(p, cap * 2);
+      if (!q) { if (p != small) free(p); return luaL_error(L, "line_at: out of memory"); }
+      if (p == small) memcpy(q, small, len);
+      p = q;
+      cap *= 2;
+    }
+  }
+  if (nl) len = (size_t)(nl - p);
+  if (len == 0 && !nl) lua_pushnil(L);
+  else {
+    if (len && p[len - 1] == '\r') len--;
+    lua_pushlstring(L, p, len);
+  }
+  if (p != small) free(p);
+  return 1;
+}
+
+int lbatch_result(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  lb_result r;
+  ctx x;
+  int top = lua_gettop(L), ok;
+  if (!lb_result_scan(s, n, &r)) { lua_pushboolean(L, 0); return 1; }
+  char small[4096];
+  x.L = L; x.s = s;
+  x.tmp = n <= sizeof small ? small : malloc(n);   /* unescaped text is never longer */
+  if (!x.tmp) return luaL_error(L, "result: out of memory");
+  ok = fields(&x, &r);
+  if (x.tmp != small) free(x.tmp);
+  if (!ok) { lua_settop(L, top); lua_pushboolean(L, 0); return 1; }
+  return 3;
+}
+#endif
