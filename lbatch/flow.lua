@@ -571,6 +571,7 @@ function Run:realtime(R)
       end
       if not ok then failure = failure or werr return end
       got[line.custom_id] = rec
+      if opts.on_step then opts.on_step("realtime", { custom_id = line.custom_id, path = jpath }) end
     end
   end
   local workers = {}
@@ -707,7 +708,8 @@ end
 -- from the answers' usage, and each round's bound), finish_realtime (a
 -- round of at most that many asks is sent through the real-time endpoint,
 -- at full price, max_in_flight at once; its records have `realtime =
--- true`), pipeline (more
+-- true`; on_step("realtime", {custom_id, path}) after each answer is
+-- journaled), pipeline (more
 -- options for each round's pipeline), and the pipeline's own options
 -- (`flow.PIPELINE_OPTIONS`)
 -- @treturn table the report `{items, done, failed, rounds = {{asks,

@@ -120,6 +120,40 @@ for _, dialect in ipairs({ "dashscope", "openai" }) do
   end)
 end
 
+describe("finish_realtime killed with kill -9 in its real-time round", function()
+  local emu
+  setup(function() emu = H.emulator({ speed = 2000, rate_limits = false }) end)
+  teardown(function() emu.stop() end)
+
+  it("resumes: every answer journaled is kept, only those in flight at the kill are asked again", function()
+    local N, driver = 200, H.root .. "/spec/fixtures/flow_driver.lua"
+    local dir = H.tmpdir()
+    -- rounds 1 and 2 (N asks each) in batches, round 3 (the revisions) in real time
+    local env = ("LBATCH_ROOT=%s FLOW_FINISH_REALTIME=%d"):format(H.q(H.root), N - 1)
+    local function go(work, at)
+      return H.sh(("%s %s %s %s %s %d %s > %s/run.log 2>&1; echo exit=$?"):format(env, H.lua, driver, emu.base,
+        dir .. "/" .. work, N, at or "", dir))
+    end
+    local function log() return H.read(dir .. "/run.log") end
+    local before = routes(emu)
+    assert.matches("exit=0", go("reference"))
+    local low = tonumber(log():match("done %d+ %d+ %d+ (%d+)")) - 2 * N
+    local mid = routes(emu)
+    assert.is_true(low > 10 and low < N - 1, "some revisions, fewer than N: " .. low)
+    assert.are.equal(low, delta(before, mid, "POST /chat/completions"))
+    assert.matches("exit=137", go("killed", "realtime:3"))
+    assert.matches("exit=137", go("killed", "realtime:5"))
+    assert.matches("exit=0", go("killed"))
+    local after = routes(emu)
+    local asked = delta(mid, after, "POST /chat/completions")
+    -- each kill leaves at most the other 7 of the 8 at once unjournaled
+    assert.is_true(asked >= low and asked <= low + 2 * 7, ("%d real-time requests for %d asks"):format(asked, low))
+    assert.are.equal(delta(before, mid, "POST /batches"), delta(mid, after, "POST /batches"))
+    assert.are.same(values({ results = assert(flow.results(dir .. "/reference")) }),
+                    values({ results = assert(flow.results(dir .. "/killed")) }))
+  end)
+end)
+
 describe("client:request", function()
   local emu, client
   setup(function()
