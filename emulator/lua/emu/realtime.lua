@@ -3,6 +3,7 @@
 -- a batch's line (emu.engine's answer: one model of both).
 local respond = require "emu.respond"
 local engine = require "emu.engine"
+local admin = require "emu.admin"
 local cjson = require "cjson"
 
 local R = {}
@@ -11,6 +12,7 @@ local R = {}
 function R.handle(endpoint)
   local body, e = respond.read_json()
   if not body then return e end
+  admin.note("body", body)
   local status, answer = engine.answer(endpoint, body, cjson.encode(body))
   return respond.json(status, answer)
 end
