@@ -332,6 +332,8 @@ end
 -- "/v1/embeddings": the line's version segment is the base URL's). Retried
 -- as any call (a network failure or a 429/5xx): a real-time request has no
 -- idempotency key, so a retried one may be answered, and billed, twice.
+-- The answer may be silent until it is whole: only `timeout` bounds it
+-- (not `stall_timeout`).
 -- @tparam string url a batch line's url ("/v1/chat/completions", ...)
 -- @tparam table|string body the request's body (a table is encoded)
 -- @tparam[opt] table opts per-call options
@@ -346,6 +348,8 @@ function Client:request(url, body, opts)
   end
   local o = call_options("request", opts)
   o.body = type(body) == "string" and body or json.encode(body)
+  -- a model's answer comes whole at its end: silence until then is no stall
+  o.stall = o.timeout or self.config.timeout
   return self:_call("POST", (url:gsub("^/v%d+/", "/", 1)), o)
 end
 

@@ -170,6 +170,15 @@ describe("client:request", function()
     assert.are.equal(1024, #e.data[1].embedding)
   end)
 
+  it("waits for a slow answer past stall_timeout (a model is silent until its answer is whole)", function()
+    local c = assert(lbatch.new({ api_key = "k", base_url = emu.base, max_retries = 0, stall_timeout = 0.3 }))
+    H.json("POST", emu.url .. "/_emulator/faults", { json = { path = "^/v1/chat/completions$", delay = 1 } })
+    local v = assert(c:request("/v1/chat/completions", { model = "qwen-plus",
+      messages = { { role = "user", content = "slow" } } }))
+    assert.are.equal("Emulated answer (qwen-plus): slow", v.choices[1].message.content)
+    c:close()
+  end)
+
   it("gives nil and the service's error, without the key", function()
     local _, err = client:request("/v1/chat/completions", { model = "qwen-plus",
       messages = { { role = "user", content = "lbatch-emulator:fail" } } })
