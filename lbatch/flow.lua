@@ -535,6 +535,7 @@ function Run:realtime(R)
   local jpath, got, old = rdir .. "/realtime.jsonl", {}, {}
   local log = errors.try(journal.open(jpath, function(rec)
     rec = normalize(rec)
+    if type(rec.custom_id) ~= "string" then return end
     if not got[rec.custom_id] then old[#old + 1] = rec end
     got[rec.custom_id] = rec
   end))

@@ -98,6 +98,19 @@ for _, dialect in ipairs({ "dashscope", "openai" }) do
       assert.are.same(values(batch), values(rt))
     end)
 
+    it("bounds a real-time round by max_cost at full price", function()
+      local prices = { ["qwen-plus"] = { input = 1000, output = 1000 } }
+      local function once(item, ask) return assert(ask{ model = "qwen-plus", prompt = item.text, max_tokens = 100 })
+        .content end
+      -- 2 asks of at most ~206 tokens: about 0.103 at batch prices, 0.206 at full price
+      assert(run({ items = items(2), step = once, prices = prices, max_cost = 0.15 }))
+      local r0 = routes(emu)
+      local _, err = run({ items = items(2), step = once, prices = prices, max_cost = 0.15, finish_realtime = 2 })
+      assert.are.equal("max_cost", err.code)
+      assert.matches("at full price", err.message)
+      assert.are.equal(0, delta(r0, routes(emu), "POST /chat/completions"))
+    end)
+
     it("journals each answer as it comes: a request that failed is the only one asked again", function()
       local c = assert(lbatch.new({ api_key = "k", base_url = emu.base, max_retries = 0 }))
       local dir = H.tmpdir() .. "/work"
