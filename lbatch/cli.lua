@@ -75,7 +75,10 @@ it stopped: no ask is sent twice.
   --poll SECONDS       first poll interval (default $LBATCH_POLL_INTERVAL, else 60)
   --ask-again          ask again what the step now asks differently (default: stop, naming it)
   --max-cost X         stop before a round that may bring the cost past X
-  --prices FILE        the prices --max-cost needs (as estimate's --prices)]] },
+  --prices FILE        the prices --max-cost needs (as estimate's --prices)
+  --finish-realtime N  a round of at most N asks goes through the real-time
+                       endpoint at full price, not a batch (an ask in flight
+                       when the process is killed may be asked again)]] },
   adopt = { args = "INPUT", help = [[
 Rebuild a lost journal from the account, so that run resumes without paying twice.
 INPUT and the sharding options are run's; the shards are matched to the
@@ -703,7 +706,7 @@ end
 
 function run.flow(o, pos)
   if not o.items then return nil, usage_error("--items FILE is required") end
-  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost")
+  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "finish_realtime")
   if not n then return nil, nerr end
   if n.max_cost and not o.prices then return nil, usage_error("--max-cost needs --prices FILE") end
   local limits, lerr = limits_of(o)
@@ -721,7 +724,7 @@ function run.flow(o, pos)
     client = client(o), dir = dir, items = o.items, step = script.step, key = script.key,
     model = o.model or script.model, limits = limits, max_lines = n.max_lines, max_in_flight = n.max_in_flight,
     poll_interval = n.poll, on_change = o.ask_again and "ask_again" or script.on_change,
-    max_cost = n.max_cost, prices = o.prices,
+    max_cost = n.max_cost, prices = o.prices, finish_realtime = n.finish_realtime,
     on_progress = function(p)
       if quiet or p.batches then return end
       io.stderr:write(("round %d: %d of %d items done, %d failed, %d tokens\n"):format(p.round, p.done, p.items,
@@ -737,9 +740,10 @@ function run.flow(o, pos)
     f:close()
   end
   out(o, { output = output, items = report.items, done = report.done, failed = report.failed, asks = report.asks,
-           rounds = #report.rounds, batches = report.batches, tokens = report.tokens },
-    ("%s: %d items, %d done, %d failed; %d asks in %d rounds, %d batches, %d tokens"):format(output,
-      report.items, report.done, report.failed, report.asks, #report.rounds, report.batches, report.tokens))
+           rounds = #report.rounds, batches = report.batches, realtime = report.realtime, tokens = report.tokens },
+    ("%s: %d items, %d done, %d failed; %d asks in %d rounds, %d batches, %d real-time, %d tokens"):format(output,
+      report.items, report.done, report.failed, report.asks, #report.rounds, report.batches, report.realtime,
+      report.tokens))
   return 0
 end
 

@@ -324,6 +324,35 @@ function Client:content(id, opts)
   return self:_call("GET", path, o)
 end
 
+-- ------------------------------------------------------------ real time
+
+--- One request to the service's ordinary real-time endpoint, at full
+-- price: a batch line's `url` and `body` sent as they are (POST
+-- {base_url}/chat/completions for "/v1/chat/completions", /embeddings for
+-- "/v1/embeddings": the line's version segment is the base URL's). Retried
+-- as any call (a network failure or a 429/5xx): a real-time request has no
+-- idempotency key, so a retried one may be answered, and billed, twice.
+-- The answer may be silent until it is whole: only `timeout` bounds it
+-- (not `stall_timeout`).
+-- @tparam string url a batch line's url ("/v1/chat/completions", ...)
+-- @tparam table|string body the request's body (a table is encoded)
+-- @tparam[opt] table opts per-call options
+-- @treturn table the answer's body (a chat completion, an embedding
+-- list), or nil and an error
+function Client:request(url, body, opts)
+  check("request", "url", url, "string")
+  if type(body) ~= "string" and type(body) ~= "table" then argerr("request", "body must be a table or a string") end
+  if url:sub(1, 1) ~= "/" or url:find("[%c?#]") or url:find("/%.%.?/") then
+    return nil, errors.new({ kind = "invalid", code = "invalid_url", param = "url",
+      message = ("request: %q is not a request line's url"):format(url) })
+  end
+  local o = call_options("request", opts)
+  o.body = type(body) == "string" and body or json.encode(body)
+  -- a model's answer comes whole at its end: silence until then is no stall
+  o.stall = o.timeout or self.config.timeout
+  return self:_call("POST", (url:gsub("^/v%d+/", "/", 1)), o)
+end
+
 -- ------------------------------------------------------------ batches
 
 --- Create a batch.

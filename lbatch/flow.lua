@@ -24,6 +24,11 @@
 -- stops the run with an error naming the item, unless `on_change =
 -- "ask_again"` (then that request is asked again).
 --
+-- With `finish_realtime = N`, a round of at most N asks (the stragglers
+-- of the last steps) goes through the service's real-time endpoint
+-- (`client:request`) at full price instead of another batch; each answer
+-- is the same record, journaled as it comes.
+--
 -- On disk, under `dir`:
 --   flow.json              the run's state (round, phase, the round's shards), replaced atomically
 --   round-R/asks*.jsonl    the round's requests (one file a shard), custom_id `key#n`
@@ -31,6 +36,7 @@
 --   round-R/done.jsonl     the items that finished in that round: value or error
 --   round-R/batches/       the round's pipeline (its journal)
 --   round-R/answers-G.jsonl  the answers of shard G, in its lines' order
+--   round-R/realtime.jsonl   a real-time round's answers as they came (finish_realtime)
 --   results.jsonl          every item's result, in the items' order
 -- Each file of a round is written whole and synced to disk before
 -- flow.json moves on: killed at any moment, `run` on the same `dir`
@@ -46,6 +52,7 @@ local results = require "lbatch.results"
 local pipeline = require "lbatch.pipeline"
 local estimate = require "lbatch.estimate"
 local cost = require "lbatch.cost"
+local journal = require "lbatch.journal"
 
 local encode, decode, normalize = json.encode, json.decode, json.normalize
 local throw = errors.throw
@@ -382,7 +389,7 @@ function Run:count(rec)
   local st = self.state
   st.tokens = st.tokens + p + c
   local price = self.prices and self.prices[rec.model or ""]
-  if price then st.cost = st.cost + cost.of(p, c, price, self.opts.discount) end
+  if price then st.cost = st.cost + cost.of(p, c, price, rec.realtime and 1 or self.opts.discount) end
 end
 
 -- Round R's pass: every unfinished item runs from the start, answered
@@ -464,7 +471,8 @@ function Run:pass(R)
   st.done, st.failed, st.pending = done, failed, pending
   st.rounds[R] = { asks = manifest.lines, files = manifest.files }
   st.round = R
-  st.phase = manifest.lines > 0 and "send" or "finished"
+  local rt = opts.finish_realtime
+  st.phase = manifest.lines == 0 and "finished" or (rt and manifest.lines <= rt) and "realtime" or "send"
   if not self.dry then save_state(dir, st) end
   self:progress()
 end
@@ -477,13 +485,7 @@ function Run:send(R)
   for k, v in pairs(opts.pipeline or {}) do po[k] = v end
   for _, k in ipairs(M.PIPELINE_OPTIONS) do if opts[k] ~= nil then po[k] = opts[k] end end
   po.client, po.dir, po.manifest = self.client, rdir .. "/batches", { files = st.rounds[R].files }
-  if opts.max_cost then
-    po.max_cost = opts.max_cost - st.cost
-    if po.max_cost <= 0 then
-      throw(fail("max_cost", ("the flow has cost %.4g, max_cost %.4g: round %d was not sent"):format(st.cost,
-        opts.max_cost, R), { param = "max_cost" }))
-    end
-  end
+  if opts.max_cost then po.max_cost = self:budget(R) end
   local on_progress = opts.on_progress
   if on_progress then
     po.on_progress = function(p) self:progress(p) end
@@ -505,6 +507,105 @@ function Run:send(R)
   st.rounds[R].batches = #report.shards
   st.phase = "answered"
   save_state(dir, st)
+end
+
+-- Round R's requests through the real-time endpoint, at full price
+-- (`finish_realtime`: a few stragglers sent now rather than in another
+-- batch). Each answer is journaled (round-R/realtime.jsonl, synced) as it
+-- comes, before anything moves on: run again, only the requests without
+-- one are sent. A request that failed on the network or with a retryable
+-- status (after the client's retries) is not journaled: the run stops
+-- with its error, and the next run asks it again.
+function Run:realtime(R)
+  local dir, st, opts, client = self.dir, self.state, self.opts, self.client
+  local rdir = ("%s/round-%d"):format(dir, R)
+  local files = st.rounds[R].files
+  local left = self:budget(R)
+  if left then
+    local paths = {}
+    for i, f in ipairs(files) do paths[i] = f.path end
+    local t = errors.try(estimate.files(paths, { prices = opts.prices, discount = 1 })).totals
+    local bound = t.input_cost and t.input_cost + (t.output_cost_max or 0)
+    if not bound or bound > left then
+      throw(fail("max_cost", ("round %d's real-time requests may cost %s at full price, past the %.4g left of "
+        .. "max_cost: it was not sent"):format(R, bound and ("%.4g"):format(bound) or "an unknown amount (no "
+        .. "price for a model)", left), { param = "max_cost" }))
+    end
+  end
+  local jpath, got, old = rdir .. "/realtime.jsonl", {}, {}
+  local log = errors.try(journal.open(jpath, function(rec)
+    rec = normalize(rec)
+    if type(rec.custom_id) ~= "string" then return end
+    if not got[rec.custom_id] then old[#old + 1] = rec end
+    got[rec.custom_id] = rec
+  end))
+  if #old > 0 then errors.try(log:compact(old)) end      -- a torn last line goes
+  local queue, asks = {}, 0
+  for _, f in ipairs(files) do
+    for line in each_line(f.path) do
+      asks = asks + 1
+      if not got[line.custom_id] then queue[#queue + 1] = line end
+    end
+  end
+  local next_i, failure = 0, nil
+  local function worker()
+    while not failure do
+      next_i = next_i + 1
+      local line = queue[next_i]
+      if not line then return end
+      local v, e = client:request(line.url, line.body, { with_response = true })
+      local resp
+      if v ~= nil then resp = { status_code = e.status, request_id = e.request_id, body = v }
+      elseif e.status and not e.retryable then     -- the service's answer: the line's failure
+        resp = { status_code = e.status, request_id = e.request_id,
+                 body = { error = { code = e.code, type = e.type, message = e.message, param = e.param } } }
+      else
+        failure = failure or e
+        return
+      end
+      local rec = results.record_of({ custom_id = line.custom_id, response = resp })
+      rec.realtime = true
+      local ok, werr = log:append(rec)
+      if ok then
+        local synced, why = core.fsync(jpath)
+        if not synced then ok, werr = nil, errors.io("cannot sync", jpath, why) end
+      end
+      if not ok then failure = failure or werr return end
+      got[line.custom_id] = rec
+      if opts.on_step then opts.on_step("realtime", { custom_id = line.custom_id, path = jpath }) end
+    end
+  end
+  local workers = {}
+  for i = 1, math.min(#queue, math.max(1, opts.max_in_flight or 8)) do workers[i] = client:spawn(worker) end
+  for _, w in ipairs(workers) do
+    local _, err = w:join()
+    if err then failure = failure or err end
+  end
+  log:close()
+  if failure then throw(failure) end
+  for g, f in ipairs(files) do
+    local path = ("%s/answers-%d.jsonl"):format(rdir, g)
+    local fh = create(path)
+    for line in each_line(f.path) do write_line(fh, path, got[line.custom_id]) end
+    close_synced(fh, path)
+  end
+  sync(rdir)
+  st.rounds[R].batches, st.rounds[R].realtime = 0, asks
+  st.phase = "answered"
+  save_state(dir, st)
+end
+
+-- What is left of max_cost before round R (nil without one); none left
+-- stops the run.
+function Run:budget(R)
+  local st, opts = self.state, self.opts
+  if not opts.max_cost then return nil end
+  local left = opts.max_cost - st.cost
+  if left <= 0 then
+    throw(fail("max_cost", ("the flow has cost %.4g, max_cost %.4g: round %d was not sent"):format(st.cost,
+      opts.max_cost, R), { param = "max_cost" }))
+  end
+  return left
 end
 
 function Run:progress(batches)
@@ -576,6 +677,10 @@ local function check(name, opts)
   if opts.on_change ~= nil and opts.on_change ~= "error" and opts.on_change ~= "ask_again" then
     errors.arg(name, 'on_change must be "error" or "ask_again"', 3)
   end
+  local rt = opts.finish_realtime
+  if rt ~= nil and (type(rt) ~= "number" or rt ~= rt or rt < 0 or rt == math.huge) then
+    errors.arg(name, "finish_realtime must be a number >= 0 (the most asks a round sends in real time)", 3)
+  end
 end
 
 local function new_run(opts)
@@ -601,11 +706,16 @@ end
 -- on_progress(p) (`{items, done, failed, pending = {[ask n] = asks},
 -- round, rounds, tokens, cost, batches}`: batches is the round's
 -- pipeline progress while it runs), max_cost with prices (the cost so far,
--- from the answers' usage, and each round's bound), pipeline (more
+-- from the answers' usage, and each round's bound), finish_realtime (a
+-- round of at most that many asks is sent through the real-time endpoint,
+-- at full price, max_in_flight at once; its records have `realtime =
+-- true`; on_step("realtime", {custom_id, path}) after each answer is
+-- journaled), pipeline (more
 -- options for each round's pipeline), and the pipeline's own options
 -- (`flow.PIPELINE_OPTIONS`)
 -- @treturn table the report `{items, done, failed, rounds = {{asks,
--- files, batches}}, asks, batches, tokens, cost, results (`:each()`),
+-- files, batches, realtime}}, asks, batches, realtime (asks sent in real
+-- time), tokens, cost, results (`:each()`),
 -- dir}`, or nil and an error
 function M.run(opts)
   check("flow.run", opts)
@@ -618,6 +728,7 @@ function M.run(opts)
     while st.phase ~= "merged" do
       if st.phase == "answered" then run:pass(st.round + 1)
       elseif st.phase == "send" then run:send(st.round)
+      elseif st.phase == "realtime" then run:realtime(st.round)
       elseif st.phase == "finished" then run:merge()
       else throw(fail("bad_state", ("%s/flow.json has an unknown phase %s"):format(run.dir, tostring(st.phase))))
       end
@@ -628,10 +739,12 @@ function M.run(opts)
     if errors.is(perr) then return nil, perr end
     return nil, errors.new({ kind = "task", code = "flow_failed", message = tostring(perr) })
   end
-  local st, asks, batches = run.state, 0, 0
-  for _, r in ipairs(st.rounds) do asks, batches = asks + r.asks, batches + (r.batches or 0) end
+  local st, asks, batches, realtime = run.state, 0, 0, 0
+  for _, r in ipairs(st.rounds) do
+    asks, batches, realtime = asks + r.asks, batches + (r.batches or 0), realtime + (r.realtime or 0)
+  end
   return { items = st.items, done = st.done, failed = st.failed, rounds = st.rounds, asks = asks,
-           batches = batches, tokens = st.tokens, cost = st.cost, dir = run.dir,
+           batches = batches, realtime = realtime, tokens = st.tokens, cost = st.cost, dir = run.dir,
            results = M.results(run.dir) }
 end
 

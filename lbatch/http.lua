@@ -327,7 +327,7 @@ function Transport:spec(method, path, o)
     body = o.body, form = o.form, upload = o.upload, download = o.download, identity = o.identity,
     cainfo = cfg.cainfo, capath = cfg.capath, proxy = cfg.proxy, noproxy = cfg.noproxy,
     connect_timeout = cfg.connect_timeout * 1000, timeout = timeout * 1000,
-    stall = cfg.stall_timeout * 1000,
+    stall = (o.stall or cfg.stall_timeout) * 1000,
     max_body = cfg.max_response_bytes,
   }
 end
@@ -390,7 +390,8 @@ end
 -- body as a string), identity (a file's bytes), stream (no whole-request
 -- timeout), timeout (s), max_retries, headers (lines), on_progress(done,
 -- total, direction), recover(err) -> value | nil, stop, fresh_until (a
--- `core.now()` time)
+-- `core.now()` time), stall (s with no byte moved that fail the transfer;
+-- default stall_timeout)
 -- @return the value, or nil and an error object; then meta
 function Transport:call(method, path, o)
   local cfg, loop = self.cfg, self.loop

@@ -162,7 +162,15 @@ local function record(line)
     return { ok = false, class = M.CLASSES.invalid_result_line, error_code = "invalid_result_line",
              error_message = "result line is not JSON" }
   end
-  normalize(r)
+  return M.record_of(normalize(r))
+end
+M.record = record
+
+--- A result line already decoded (`{custom_id, response = {status_code,
+-- request_id, body}, error}`, nulls as nil) as a record: `record`'s.
+-- @tparam table r
+-- @treturn table the record
+function M.record_of(r)
   local resp = tab(r.response)
   local body = resp and resp.body
   local err = r.error
@@ -189,7 +197,6 @@ local function record(line)
   if not rec.ok then rec.class = M.classify(rec) end
   return rec
 end
-M.record = record
 
 -- A light record's result line, until its body is read: the record's
 -- other fields come from core.result's scan, and the line is decoded

@@ -93,6 +93,18 @@ for _, dialect in ipairs({ "dashscope", "openai" }) do
       assert.are.same({ 404, 404 }, { err.status, r2.status })
     end)
 
+    it("request sends a line's body as it is to the real-time endpoint of its url", function()
+      local v = assert(c:request("/v1/chat/completions", { model = "qwen-plus", messages = msgs, temperature = 0.3,
+                                                           future_field = { a = 1 } }))
+      local l = last(emu)
+      assert.are.same({ "POST", "/v1/chat/completions", 0.3, 1 }, { l.method, l.path, l.body.temperature,
+                                                                  l.body.future_field.a })
+      assert.are.equal("Emulated answer (qwen-plus): hi", v.choices[1].message.content)
+      assert(c:request("/v1/embeddings", { model = "text-embedding-v3", input = { "a", "b" }, dimensions = 8 }))
+      l = last(emu)
+      assert.are.same({ "/v1/embeddings", 8 }, { l.path, l.body.dimensions })
+    end)
+
     it("iterates every file and every batch; the names before 0.2 are gone", function()
       local want = 0
       for _ in pairs(select(2, H.json("GET", emu.base .. "/files")).data) do want = want + 1 end

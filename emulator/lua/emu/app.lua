@@ -4,6 +4,7 @@
 --   batches.lua  the Batch API            engine.lua   the batch lifecycle
 --   store.lua    state and its journal    util.lua     ids, public views
 --   modes.lua    failure modes (emulator/run's header)
+--   realtime.lua the real-time chat and embeddings endpoints
 -- A new endpoint is one line in ROUTES and a handler in its room.
 local respond = require "emu.respond"
 local guard = require "emu.guard"
@@ -14,6 +15,7 @@ local store = require "emu.store"
 local engine = require "emu.engine"
 local util = require "emu.util"
 local providers = require "emu.providers"
+local realtime = require "emu.realtime"
 
 local A = {}
 local cfg
@@ -33,6 +35,8 @@ local ROUTES = {
   { "GET", "^/v1/batches$", "GET /batches", "list", batches.list, "args" },
   { "GET", "^/v1/batches/([^/]+)$", "GET /batches/{id}", "retrieve", batches.get },
   { "POST", "^/v1/batches/([^/]+)/cancel$", "POST /batches/{id}/cancel", "cancel", batches.cancel },
+  { "POST", "^(/v1/chat/completions)$", "POST /chat/completions", nil, realtime.handle },
+  { "POST", "^(/v1/embeddings)$", "POST /embeddings", nil, realtime.handle },
 }
 
 local function route(method, path)

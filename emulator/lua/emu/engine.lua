@@ -205,13 +205,18 @@ local function line_ids()
   return "batch_req_" .. util.hex(24), "req_" .. util.hex(24), util.hex(24)
 end
 
-local function error_line(id, status, code, message, typ)
-  local err = { message = message, type = typ or "invalid_request_error", param = cjson.null, code = code }
+-- an error answer: its status and body, in OpenAI's shape
+local function failure(status, code, message, typ)
+  return status, { error = { message = message, type = typ or "invalid_request_error", param = cjson.null,
+                             code = code } }
+end
+
+local function error_line(id, status, body)
   local lid, rid = line_ids()
   return {
     id = lid, custom_id = id,
-    response = { status_code = status, request_id = rid, body = { error = err } },
-    error = { code = code, message = message },
+    response = { status_code = status, request_id = rid, body = body },
+    error = { code = body.error.code, message = body.error.message },
   }
 end
 
@@ -233,33 +238,44 @@ local function upstream_error(b, req)
   }
 end
 
+local CHAT = { ["/v1/chat/completions"] = true, ["/v1/chat/ds-test"] = true, ["/v4/chat/completions"] = true,
+               ["/chat/completions"] = true }
+
+--- What the service answers one request to `endpoint`: a batch's line
+-- (`raw` its text) or the same body sent to the real-time endpoint (`raw`
+-- the request's body). The one model of both: status, body.
+-- @tparam string endpoint the line's url (the real-time path as /v1/...)
+-- @tparam table body the request's body
+-- @tparam string raw its text
+-- @tparam[opt] string id the answer's id (default a new one)
+function E.answer(endpoint, body, raw, id)
+  id = id or select(3, line_ids())
+  if raw:find(E.FAIL_MARKER, 1, true) then
+    return failure(400, "emulated_failure", "This request asked the emulator to fail (" .. E.FAIL_MARKER .. ").")
+  end
+  local model = body.model
+  if cfg.region and type(model) == "string" and not service.serves(cfg.region, endpoint, model) then
+    return failure(404, "model_not_found", ("The provided model %s is not supported by the Batch API."):format(model))
+  end
+  if endpoint == "/v1/embeddings" or endpoint == "/embeddings" then return 200, embeddings(body) end
+  if CHAT[endpoint] then return 200, chat(body, model == service.TEST.model, id) end
+  return 200, other(endpoint, body, id)
+end
+
 -- The result line of request n, and whether it succeeded (true), failed
 -- (false: the error file) or failed in the output file ("output").
 local function execute(b, req, raw, n)
   if b.sim.arrears then
-    return error_line(req.custom_id, 400, "Arrearage", E.ARREARS, "Arrearage"), false
+    return error_line(req.custom_id, failure(400, "Arrearage", E.ARREARS, "Arrearage")), false
   end
   if b.sim.empty_output then
-    return error_line(req.custom_id, 500, "internal_error",
-      "The batch could not write the result of this request.", "server_error"), false
+    return error_line(req.custom_id, failure(500, "internal_error",
+      "The batch could not write the result of this request.", "server_error")), false
   end
-  if raw:find(E.FAIL_MARKER, 1, true) then
-    return error_line(req.custom_id, 400, "emulated_failure",
-      "This request asked the emulator to fail (" .. E.FAIL_MARKER .. ")."), false
-  end
-  local model = req.body.model
-  if cfg.region and type(model) == "string" and not service.serves(cfg.region, b.endpoint, model) then
-    return error_line(req.custom_id, 404, "model_not_found",
-      ("The provided model %s is not supported by the Batch API."):format(model)), false
-  end
-  if line_error_at(b.sim, n) then return upstream_error(b, req), "output" end
   local lid, rid, cid = line_ids()
-  local body
-  if b.endpoint == "/v1/embeddings" or b.endpoint == "/embeddings" then body = embeddings(req.body)
-  elseif b.endpoint == "/v1/chat/completions" or b.endpoint == "/v1/chat/ds-test"
-    or b.endpoint == "/v4/chat/completions" or b.endpoint == "/chat/completions" then
-    body = chat(req.body, model == service.TEST.model, cid)
-  else body = other(b.endpoint, req.body, cid) end
+  local status, body = E.answer(b.endpoint, req.body, raw, cid)
+  if status ~= 200 then return error_line(req.custom_id, status, body), false end
+  if line_error_at(b.sim, n) then return upstream_error(b, req), "output" end
   return {
     id = lid, custom_id = req.custom_id,
     response = { status_code = 200, request_id = rid, body = body },
