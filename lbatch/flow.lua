@@ -499,6 +499,7 @@ function Run:send(R)
     for rec, rerr in reader:each() do
       if not rec then throw(rerr) end
       rec.line = nil
+      local _ = rec.body                      -- a light record's body, decoded to be journaled
       write_line(fh, path, rec)
     end
     close_synced(fh, path)

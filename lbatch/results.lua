@@ -201,14 +201,16 @@ end
 -- A light record's result line, until its body is read: the record's
 -- other fields come from core.result's scan, and the line is decoded
 -- whole only when rec.body is read (a joined record's rec.input and
--- rec.prompt, from its request line, likewise).
-local LINE = setmetatable({}, { __tostring = function() return "the result line" end })
+-- rec.prompt, from its request line, likewise). The line is kept beside
+-- the record, not in it, so that the record holds only its fields (pairs
+-- and cjson.encode see them alone).
+local LINES = setmetatable({}, { __mode = "k" })
 
 local Record = { __index = function(rec, k)
   if k == "body" then
-    local line = rawget(rec, LINE)
+    local line = LINES[rec]
     if line == nil then return nil end
-    rawset(rec, LINE, nil)
+    LINES[rec] = nil
     local ok, r = pcall(decode, line)
     local resp = ok and type(r) == "table" and tab(normalize(r).response)
     local body = resp and resp.body or nil
@@ -236,7 +238,7 @@ local function light(line)
   else
     if err or berr then error_fields(rec, err, berr) end
     if not rec.ok then rec.class = M.classify(rec) end
-    rec[LINE] = line
+    LINES[rec] = line
   end
   return setmetatable(rec, Record)
 end

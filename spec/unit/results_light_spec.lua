@@ -147,4 +147,12 @@ describe("light records", function()
     assert.are.equal("q", joined[1].prompt)
     os.execute("rm -rf '" .. dir .. "'")
   end)
+
+  it("hold only their fields: pairs and cjson.encode see what a whole decode has", function()
+    local rec = results.light(ok_line)
+    for k in pairs(rec) do assert.are.equal("string", type(k), "a key of the record") end
+    local _ = rec.body
+    local back = require("lbatch.json").normalize(cjson.decode(cjson.encode(rec)))
+    same(back, results.record(ok_line), "encoded")
+  end)
 end)
