@@ -498,6 +498,7 @@ function Run:send(R)
     local fh = create(path)
     for rec, rerr in reader:each() do
       if not rec then throw(rerr) end
+      local _ = rec.body        -- a light record: its body decoded, its line dropped, before it is journaled
       rec.line = nil
       write_line(fh, path, rec)
     end
