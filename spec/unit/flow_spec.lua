@@ -229,6 +229,27 @@ describe("flow.run", function()
     assert.are.same({ 6, 3, 12 }, { report.rounds[1].asks, report.rounds[2].asks, report.asks })
   end)
 
+  it("with flush, the shards' pipelines count one quota: a shard waits for another's work in flight", function()
+    local overlapping = 0
+    local report = assert(run({ items = items(6), model = "qwen-plus", max_lines = 2, flush = { lines = 1 },
+      max_enqueued_tokens = 1, quota_poll = 0.02,        -- one shard of the model in flight at a time
+      on_step = function(at, s)
+        if at ~= "after_create" then return end
+        local _, page = H.json("GET", emu.base .. "/batches?limit=100")
+        for _, b in ipairs(page.data) do
+          if b.input_file_id ~= s.file_id and not ({ completed = 1, failed = 1, expired = 1, cancelled = 1 })[b.status] then
+            overlapping = overlapping + 1
+          end
+        end
+      end,
+      step = function(item, ask)
+        local a = assert(ask{ prompt = item.text })
+        return assert(ask{ prompt = "again: " .. a.content }).content
+      end }))
+    assert.are.same({ 6, 12, 3 }, { report.done, report.asks, #report.rounds[1].files })
+    assert.are.equal(0, overlapping)
+  end)
+
   it("raises when ask is called outside a step", function()
     assert.has_error(function() flow.all({ function() end }) end)
   end)
