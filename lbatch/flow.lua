@@ -643,7 +643,9 @@ function Run:flow()
       end
     end
   end)
-  for _, task in pairs(tasks) do if not task:done() then task:cancel() end end
+  -- stopped (a failure): the shards out end as a pipeline's do, their batches
+  -- waited for and their answers kept, so that no task outlives the run
+  for _, task in pairs(tasks) do task:join() end
   if not ok then throw(errors.thrown(err) or err) end
   if failure then throw(failure) end
 end
