@@ -78,7 +78,10 @@ it stopped: no ask is sent twice.
   --prices FILE        the prices --max-cost needs (as estimate's --prices)
   --finish-realtime N  a round of at most N asks goes through the real-time
                        endpoint at full price, not a batch (an ask in flight
-                       when the process is killed may be asked again)]] },
+                       when the process is killed may be asked again)
+  --flush N,S          items at their own pace: a pass starts, while other shards
+                       are out, once the shards back hold N answers or S seconds
+                       after the oldest came back (N or S may be empty)]] },
   adopt = { args = "INPUT", help = [[
 Rebuild a lost journal from the account, so that run resumes without paying twice.
 INPUT and the sharding options are run's; the shards are matched to the
@@ -709,6 +712,14 @@ function run.flow(o, pos)
   local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "finish_realtime")
   if not n then return nil, nerr end
   if n.max_cost and not o.prices then return nil, usage_error("--max-cost needs --prices FILE") end
+  local flush
+  if o.flush then
+    local fl, fs = tostring(o.flush):match("^([%d]*),([%d.]*)$")
+    flush = fl and { lines = tonumber(fl), seconds = tonumber(fs) }
+    if not flush or not (flush.lines or flush.seconds) then
+      return nil, usage_error("--flush takes LINES,SECONDS (either may be empty: 100, or ,30)")
+    end
+  end
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
   local chunk, why = loadfile(pos[1])
@@ -724,7 +735,7 @@ function run.flow(o, pos)
     client = client(o), dir = dir, items = o.items, step = script.step, key = script.key,
     model = o.model or script.model, limits = limits, max_lines = n.max_lines, max_in_flight = n.max_in_flight,
     poll_interval = n.poll, on_change = o.ask_again and "ask_again" or script.on_change,
-    max_cost = n.max_cost, prices = o.prices, finish_realtime = n.finish_realtime,
+    max_cost = n.max_cost, prices = o.prices, finish_realtime = n.finish_realtime, flush = flush,
     on_progress = function(p)
       if quiet or p.batches then return end
       io.stderr:write(("round %d: %d of %d items done, %d failed, %d tokens\n"):format(p.round, p.done, p.items,

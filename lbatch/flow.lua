@@ -29,12 +29,17 @@
 -- (`client:request`) at full price instead of another batch; each answer
 -- is the same record, journaled as it comes.
 --
+-- With `flush = {lines = N, seconds = S}`, items go at their own pace:
+-- each shard of a round is a pipeline of its own, and a pass starts once
+-- the shards back hold N answers or S seconds after the oldest came back
+-- (see "flush" below).
+--
 -- On disk, under `dir`:
 --   flow.json              the run's state (round, phase, the round's shards), replaced atomically
 --   round-R/asks*.jsonl    the round's requests (one file a shard), custom_id `key#n`
 --   round-R/state.jsonl    every unfinished item: its place, key, item, answers so far, asks pending
 --   round-R/done.jsonl     the items that finished in that round: value or error
---   round-R/batches/       the round's pipeline (its journal)
+--   round-R/batches/       the round's pipeline (its journal); with flush, batches-G a shard's
 --   round-R/answers-G.jsonl  the answers of shard G, in its lines' order
 --   round-R/realtime.jsonl   a real-time round's answers as they came (finish_realtime)
 --   results.jsonl          every item's result, in the items' order
@@ -53,6 +58,7 @@ local pipeline = require "lbatch.pipeline"
 local estimate = require "lbatch.estimate"
 local cost = require "lbatch.cost"
 local journal = require "lbatch.journal"
+local quota = require "lbatch.quota"
 
 local encode, decode, normalize = json.encode, json.decode, json.normalize
 local throw = errors.throw
@@ -255,6 +261,7 @@ local function take(ctx, req)
   end
   local out = ctx.out
   out.p[#out.p + 1], out.h[place] = place, h
+  if run.flush then out.t[place] = run.round .. "." .. run.writer:last_shard() end
   return false
 end
 
@@ -351,7 +358,7 @@ end
 -- an item through its step: "done", value | "blocked" | "failed", message;
 -- and the asks it wrote out: {p = places in order, h = place -> hash}
 function Run:step(entry)
-  local ctx = { run = self, entry = entry, prefix = "", n = 0, out = { p = {}, h = {} } }
+  local ctx = { run = self, entry = entry, prefix = "", n = 0, out = { p = {}, h = {}, t = {} } }
   local how, v = drive(ctx, self.opts.step, entry.item, Ask)
   if self.failure then throw(self.failure) end
   if how == "failed" then
@@ -381,6 +388,28 @@ local function answer_heads(dir, round, shards)
   end
 end
 
+-- The answers of a flush pass's snapshot (the shards back, "round.shard"
+-- -> true), one reader a shard: an ask tagged with a shard of it has its
+-- answer at that shard's head; one tagged otherwise waits (nil).
+local function shard_heads(dir, snapshot)
+  local heads = {}
+  for tag in pairs(snapshot) do
+    local r, g = tag:match("^(%d+)%.(%d+)$")
+    local it = each_line(("%s/round-%s/answers-%s.jsonl"):format(dir, r, g))
+    heads[tag] = { it = it, rec = it() }
+  end
+  return function(id, tag)
+    local h = heads[tag]
+    if not h then return nil end
+    local rec = h.rec
+    if not rec or rec.custom_id ~= id then
+      throw(fail("answer_lost", ("the answer to %s is not in shard %s's answers"):format(id, tag)))
+    end
+    h.rec = h.it()
+    return rec
+  end
+end
+
 -- What the run knows of the prices: tokens and their cost at batch prices.
 function Run:count(rec)
   local u = rec.usage
@@ -395,8 +424,9 @@ end
 -- Round R's pass: every unfinished item runs from the start, answered
 -- from the journal (the last round's state and answers); what it asks now
 -- is round R's requests.
-function Run:pass(R)
+function Run:pass(R, snapshot)
   local dir, st, opts = self.dir, self.state, self.opts
+  self.round = R
   local rdir = ("%s/round-%d"):format(dir, R)
   local made, why = core.mkdir(rdir)
   if not made then throw(errors.io("cannot make", rdir, why)) end
@@ -423,25 +453,36 @@ function Run:pass(R)
     end
     st.items = 0
   else
-    local last = st.rounds[R - 1]
     entries = each_line(("%s/round-%d/state.jsonl"):format(dir, R - 1))
-    answer = answer_heads(dir, R - 1, #last.files)
+    answer = snapshot and shard_heads(dir, snapshot) or answer_heads(dir, R - 1, #st.rounds[R - 1].files)
   end
   local pending, done, failed, pause = {}, st.done, st.failed, self.pause
   local n = 0
   for entry in entries do
     n = n + 1
     if R == 1 then st.items = st.items + 1 end
+    local waiting = {}                         -- asks whose shard is still out (flush)
     for _, place in ipairs(entry.p or {}) do
-      local rec = answer(entry.k .. "#" .. place)
-      rec.line = nil
-      self:count(rec)
-      entry.a[place] = { h = entry.h[place], r = rec }
+      local rec = answer(entry.k .. "#" .. place, entry.t and entry.t[place])
+      if rec then
+        rec.line = nil
+        self:count(rec)
+        entry.a[place] = { h = entry.h[place], r = rec }
+      else
+        waiting[#waiting + 1] = place
+      end
     end
-    entry.p, entry.h = nil, nil
-    local how, v, asked = self:step(entry)
+    local how, v, asked
+    if #waiting > 0 then
+      how, asked = "blocked", { p = waiting, h = {}, t = {} }
+      for _, place in ipairs(waiting) do asked.h[place], asked.t[place] = entry.h[place], entry.t[place] end
+    else
+      entry.p, entry.h, entry.t = nil, nil, nil
+      how, v, asked = self:step(entry)
+    end
     if how == "blocked" then
       entry.p, entry.h = asked.p, asked.h      -- the asks pending, their answers journaled under h
+      if self.flush then entry.t = asked.t end -- and the shard each went out in, "round.shard"
       for _, place in ipairs(asked.p) do
         local top = "ask " .. place:match("^%d+")
         pending[top] = (pending[top] or 0) + 1
@@ -471,43 +512,142 @@ function Run:pass(R)
   st.done, st.failed, st.pending = done, failed, pending
   st.rounds[R] = { asks = manifest.lines, files = manifest.files }
   st.round = R
-  local rt = opts.finish_realtime
-  st.phase = manifest.lines == 0 and "finished" or (rt and manifest.lines <= rt) and "realtime" or "send"
+  if self.flush then
+    -- one save: the snapshot's shards consumed, this pass's shards out
+    local shards = {}
+    for _, sh in ipairs(st.shards or {}) do
+      if not (snapshot and snapshot[sh.r .. "." .. sh.g]) then shards[#shards + 1] = sh end
+    end
+    for g = 1, #manifest.files do shards[#shards + 1] = { r = R, g = g, s = "out" } end
+    st.shards, st.phase = shards, #shards == 0 and "finished" or "flowing"
+  else
+    local rt = opts.finish_realtime
+    st.phase = manifest.lines == 0 and "finished" or (rt and manifest.lines <= rt) and "realtime" or "send"
+  end
   if not self.dry then save_state(dir, st) end
   self:progress()
 end
 
--- Round R's requests through a pipeline, then its answers on disk.
-function Run:send(R)
-  local dir, st, opts = self.dir, self.state, self.opts
-  local rdir = ("%s/round-%d"):format(dir, R)
+-- A pipeline's options for files of round R, its journal in pdir.
+function Run:pipeline_options(R, pdir, files)
+  local opts = self.opts
   local po = {}
   for k, v in pairs(opts.pipeline or {}) do po[k] = v end
   for _, k in ipairs(M.PIPELINE_OPTIONS) do if opts[k] ~= nil then po[k] = opts[k] end end
-  po.client, po.dir, po.manifest = self.client, rdir .. "/batches", { files = st.rounds[R].files }
+  po.client, po.dir, po.manifest = self.client, pdir, { files = files }
   if opts.max_cost then po.max_cost = self:budget(R) end
-  local on_progress = opts.on_progress
-  if on_progress then
+  if opts.on_progress then
     po.on_progress = function(p) self:progress(p) end
   end
-  local report, err = pipeline.run(po)
-  if not report then throw(err) end
-  for g, group in ipairs(report.groups) do
-    local reader = errors.try(results.open({ groups = { group }, pause = self.pause }))
-    local path = ("%s/answers-%d.jsonl"):format(rdir, g)
-    local fh = create(path)
-    for rec, rerr in reader:each() do
-      if not rec then throw(rerr) end
-      rec.line = nil
-      local _ = rec.body                      -- a light record's body, decoded to be journaled
-      write_line(fh, path, rec)
-    end
-    close_synced(fh, path)
+  return po
+end
+
+-- A pipeline's answers for one of its groups, in its lines' order, synced.
+function Run:answers(group, path)
+  local reader = errors.try(results.open({ groups = { group }, pause = self.pause }))
+  local fh = create(path)
+  for rec, rerr in reader:each() do
+    if not rec then throw(rerr) end
+    local _ = rec.body          -- a light record: its body decoded, its line dropped, before it is journaled
+    rec.line = nil
+    write_line(fh, path, rec)
   end
+  close_synced(fh, path)
+end
+
+-- Round R's requests through a pipeline, then its answers on disk.
+function Run:send(R)
+  local dir, st = self.dir, self.state
+  local rdir = ("%s/round-%d"):format(dir, R)
+  local report, err = pipeline.run(self:pipeline_options(R, rdir .. "/batches", st.rounds[R].files))
+  if not report then throw(err) end
+  for g, group in ipairs(report.groups) do self:answers(group, ("%s/answers-%d.jsonl"):format(rdir, g)) end
   sync(rdir)
   st.rounds[R].batches = #report.shards
   st.phase = "answered"
   save_state(dir, st)
+end
+
+-- ------------------------------------------------------------ flush
+
+-- With `flush`, each shard of each pass is a pipeline of its own (a task;
+-- its journal round-R/batches-G), all of them counting one quota. Back,
+-- its answers are written (round-R/answers-G.jsonl, synced) and it is
+-- marked answered in flow.json. A pass runs when the answered shards hold
+-- flush.lines answers, when the oldest came back flush.seconds ago, or
+-- when no shard is out: it takes the answered shards as they are then
+-- (the snapshot), replays every item whose asks are all answered, copies
+-- the others (their answers so far journaled), and in one save marks the
+-- snapshot consumed and its own shards out. Killed in a pass, the pass
+-- runs again from the same state file; killed in a shard, its pipeline
+-- resumes from its journal.
+
+-- one shard of round R through its pipeline, its answers on disk
+function Run:send_shard(sh)
+  local st, R, g = self.state, sh.r, sh.g
+  local rdir = ("%s/round-%d"):format(self.dir, R)
+  local po = self:pipeline_options(R, ("%s/batches-%d"):format(rdir, g), { st.rounds[R].files[g] })
+  po.quota = self.quota
+  local report, err = pipeline.run(po)
+  if not report then throw(err) end
+  self:answers(report.groups[1], ("%s/answers-%d.jsonl"):format(rdir, g))
+  sync(rdir)
+  st.rounds[R].batches = (st.rounds[R].batches or 0) + #report.shards
+  sh.s, sh.at = "answered", core.now()
+  if not self.passing then save_state(self.dir, st) end    -- a pass saves it with its own
+end
+
+-- the shards back and not yet consumed, if a pass is due: "round.shard" -> true
+function Run:due()
+  local flush, now, lines, oldest, out, snapshot = self.opts.flush, core.now(), 0, nil, false, nil
+  for _, sh in ipairs(self.state.shards) do
+    if sh.s == "out" then out = true
+    else
+      snapshot = snapshot or {}
+      snapshot[sh.r .. "." .. sh.g] = true
+      lines = lines + self.state.rounds[sh.r].files[sh.g].lines
+      oldest = math.min(oldest or sh.at, sh.at)
+    end
+  end
+  if snapshot and (not out or (flush.lines and lines >= flush.lines)
+                   or (flush.seconds and now - oldest >= flush.seconds)) then
+    return snapshot
+  end
+end
+
+function Run:flow()
+  local st, client = self.state, self.client
+  if st.round == 0 then self:pass(1) end
+  local tasks, running, failure = {}, 0, nil
+  local limit = math.max(1, self.opts.max_in_flight or 8)
+  local ok, err = pcall(function()
+    while st.phase == "flowing" and not failure do
+      for _, sh in ipairs(st.shards) do
+        local tag = sh.r .. "." .. sh.g
+        if sh.s == "out" and not tasks[tag] and running < limit then
+          running = running + 1
+          tasks[tag] = client:spawn(function()
+            local done, why = pcall(self.send_shard, self, sh)
+            running = running - 1
+            if not done then failure = failure or errors.thrown(why) or why end
+          end)
+        end
+      end
+      local snapshot = self:due()
+      if snapshot then
+        self.passing = true
+        self:pass(st.round + 1, snapshot)
+        self.passing = false
+      elseif not failure then
+        client:sleep(0.05)
+      end
+    end
+  end)
+  -- stopped (a failure): the shards out end as a pipeline's do, their batches
+  -- waited for and their answers kept, so that no task outlives the run
+  for _, task in pairs(tasks) do task:join() end
+  if not ok then throw(errors.thrown(err) or err) end
+  if failure then throw(failure) end
 end
 
 -- Round R's requests through the real-time endpoint, at full price
@@ -678,6 +818,19 @@ local function check(name, opts)
   if opts.on_change ~= nil and opts.on_change ~= "error" and opts.on_change ~= "ask_again" then
     errors.arg(name, 'on_change must be "error" or "ask_again"', 3)
   end
+  local f = opts.flush
+  if f ~= nil then
+    errors.check(name, "opts.flush", f, "table")
+    for _, k in ipairs({ "lines", "seconds" }) do
+      local v = f[k]
+      if v ~= nil and (type(v) ~= "number" or v ~= v or v < 0) then
+        errors.arg(name, "flush." .. k .. " must be a number >= 0", 3)
+      end
+    end
+    if opts.finish_realtime ~= nil or opts.max_cost ~= nil then
+      errors.arg(name, "flush does not take finish_realtime or max_cost (yet)", 3)
+    end
+  end
   local rt = opts.finish_realtime
   if rt ~= nil and (type(rt) ~= "number" or rt ~= rt or rt < 0 or rt == math.huge) then
     errors.arg(name, "finish_realtime must be a number >= 0 (the most asks a round sends in real time)", 3)
@@ -691,6 +844,8 @@ local function new_run(opts)
   local prices, perr = estimate.prices(opts.prices)
   if perr then return nil, perr end
   return setmetatable({ opts = opts, dir = opts.dir, client = client, on_change = opts.on_change, prices = prices,
+                        flush = opts.flush and true or nil,
+                        quota = quota.new({ tokens = opts.max_enqueued_tokens, requests = opts.max_enqueued_requests }),
                         pause = client and function() client:pause() end or nil }, Run)
 end
 
@@ -711,7 +866,10 @@ end
 -- round of at most that many asks is sent through the real-time endpoint,
 -- at full price, max_in_flight at once; its records have `realtime =
 -- true`; on_step("realtime", {custom_id, path}) after each answer is
--- journaled), pipeline (more
+-- journaled), flush (`{lines, seconds}`: a pass starts, while other
+-- shards are out, once the shards back hold that many answers or that
+-- long after the oldest came back; each shard its own pipeline, one quota
+-- for all), pipeline (more
 -- options for each round's pipeline), and the pipeline's own options
 -- (`flow.PIPELINE_OPTIONS`)
 -- @treturn table the report `{items, done, failed, rounds = {{asks,
@@ -726,6 +884,18 @@ function M.run(opts)
   local ok, perr = pcall(function()
     run.state = load_state(run.dir)
     local st = run.state
+    if opts.flush and st.phase ~= "merged" and st.phase ~= "finished" then
+      st.shards = st.shards or {}
+      st.phase = st.round == 0 and "flowing" or st.phase
+      local task = run.client:spawn(function()
+        local done, why = pcall(run.flow, run)
+        return done or errors.thrown(why) or why
+      end)
+      local v, ferr = task:join()
+      if v ~= true then
+        throw(errors.is(v) and v or errors.is(ferr) and ferr or fail("flow_failed", tostring(v or ferr)))
+      end
+    end
     while st.phase ~= "merged" do
       if st.phase == "answered" then run:pass(st.round + 1)
       elseif st.phase == "send" then run:send(st.round)

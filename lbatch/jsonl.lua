@@ -379,6 +379,14 @@ function Writer:line(text)
   return self:_put(req.custom_id, req.body, req.url, text)
 end
 
+--- The shard the last line written went to: its index in the manifest's
+-- files (a flow tags each ask with it).
+-- @treturn number the index, or nil before any line
+function Writer:last_shard()
+  local route = self.last_route
+  return route and route.file and route.file.index
+end
+
 --- Close every file.
 -- @treturn table the manifest `{files = {{path, lines, bytes, model,
 -- endpoint}}, lines, bytes}`, or nil and an `io` error (a full disk)

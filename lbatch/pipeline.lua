@@ -576,6 +576,8 @@ end
 -- one refused by a quota is created again from the same file once work
 -- of its model ends (`on_step("quota_delay", shard)`, `shard.delays`;
 -- quota_backoff 1 s doubling to quota_backoff_max 60 s, max_quota_delays 100);
+-- quota (an `lbatch.quota` object shared by runs at once: one account's
+-- work in flight, and the limits learned, counted once; it replaces the two);
 -- max_cost with prices (and discount, as `lbatch.estimate`): the run is
 -- refused before any upload when its bound passes max_cost, and stopped
 -- before a shard that would pass it; max_failure_ratio: stop once more
@@ -660,8 +662,8 @@ function M.run(opts)
   if not ok then log:close() return nil, cerr end
   local run = setmetatable({ client = client, opts = opts, journal = path, state = state,
                              queue = {}, started = os.time(), dirty = {}, log = log,
-                             quota = quota.new({ tokens = opts.max_enqueued_tokens,
-                                                 requests = opts.max_enqueued_requests }),
+                             quota = opts.quota or quota.new({ tokens = opts.max_enqueued_tokens,
+                                                               requests = opts.max_enqueued_requests }),
                              admitted = {}, committed = 0, lines_done = 0, lines_failed = 0, workers = {},
                              quota_poll = opts.quota_poll or 0.2, dialect = client.dialect }, Run)
   for i, s in ipairs(state.shards) do s.k = s.k or i end

@@ -434,6 +434,16 @@ describe("lbatch flow", function()
     local _, st2 = H.json("GET", emu.url .. "/_emulator/stats")
     assert.are.equal(st.routes["POST /batches"], st2.routes["POST /batches"])
     assert.are.equal((st.routes["POST /chat/completions"] or 0) + r.asks, st2.routes["POST /chat/completions"])
+    -- --flush: the shards' passes at their own pace, to the same results
+    code, text, stdout = lbatch(emu, ("flow %s --items %s/flow.csv --dir %s/fl --flush 1,0.1 --max-lines 1 --poll 0.05 --json")
+      :format(script, dir, dir))
+    assert.are.equal(0, code, text)
+    local fl = cjson.decode(stdout)
+    assert.are.same({ 3, r.asks }, { fl.done, fl.asks })
+    local frows = {}
+    for line in H.read(fl.output):gmatch("[^\n]+") do frows[#frows + 1] = cjson.decode(line) end
+    assert.are.same(rows, frows)
+    assert.are.equal(2, (lbatch(emu, ("flow %s --items %s/flow.csv --dir %s/f3 --flush x"):format(script, dir, dir))))
     assert.are.equal(2, (lbatch(emu, "flow " .. script)))                       -- no --items
     code, text = lbatch(emu, ("flow %s/flow.csv --items %s/flow.csv --dir %s/f2"):format(dir, dir, dir))
     assert.are.equal(1, code, text)

@@ -176,6 +176,80 @@ describe("flow.run", function()
     assert.matches("not JSON", rs[2].error)
   end)
 
+  -- odd items ask qwen-plus, even ones qwen-max, whose shard the emulator
+  -- runs slowly (3 lines at 1,200 service seconds each: about 1.8 s here)
+  local function two_speeds(seen)
+    local core = require "lbatch.core"
+    return {
+      items = items(6), max_in_flight = 4,
+      metadata = function(s) if s.model == "qwen-max" then return { emulator_line_seconds = "1200" } end end,
+      step = function(item, ask)
+        local model = tonumber(item.id:match("%d+")) % 2 == 0 and "qwen-max" or "qwen-plus"
+        local a = assert(ask{ model = model, prompt = item.text })
+        seen[item.id] = seen[item.id] or core.now()      -- when its first answer came into a pass
+        local b = assert(ask{ model = "qwen-plus", prompt = "again: " .. a.content })
+        return { a = a.content, b = b.content }
+      end }
+  end
+
+  it("with flush, starts a pass for the shards back while a slow one is out; the values are the same", function()
+    local seen, plain = {}, {}
+    local report = assert(run(setmetatable({ flush = { lines = 100, seconds = 0.2 } },
+                                           { __index = two_speeds(seen) })))
+    assert.are.same({ 6, 6, 0, 12 }, { report.items, report.done, report.failed, report.asks })
+    local fast, slow = 0, math.huge
+    for id, t in pairs(seen) do
+      if tonumber(id:match("%d+")) % 2 == 0 then slow = math.min(slow, t) else fast = math.max(fast, t) end
+    end
+    -- the fast items had their answers, and asked again, a second before the slow shard was back
+    assert.is_true(slow - fast > 1, ("fast answered at %.2f, slow at %.2f"):format(fast, slow))
+    -- passes: the first asks; the fast items' second asks alone, while the slow shard is out; then (in an
+    -- order the shards' speeds decide) the slow items' second asks and the answers that end the items
+    assert.are.same({ 6, 3 }, { report.rounds[1].asks, report.rounds[2].asks })
+    assert.is_true(#report.rounds >= 4)
+    -- without flush, a round waits for the slow shard: the fast items' answers come in with the slow ones
+    local without = assert(run(two_speeds(plain)))
+    local pf, ps = 0, math.huge
+    for id, t in pairs(plain) do
+      if tonumber(id:match("%d+")) % 2 == 0 then ps = math.min(ps, t) else pf = math.max(pf, t) end
+    end
+    assert.is_true(math.abs(ps - pf) < 0.5)
+    assert.are.same({ 6, 6, 0 }, { without.rounds[1].asks, without.rounds[2].asks, without.rounds[3].asks })
+    assert.are.same(list_of(without), list_of(report))
+  end)
+
+  it("with flush, a pass waits for flush.lines answers (or flush.seconds) while shards are out", function()
+    local seen = {}
+    -- 3 fast answers are fewer than 4 lines, and 30 s is not reached: the pass waits for the slow shard
+    local report = assert(run(setmetatable({ flush = { lines = 4, seconds = 30 } },
+                                           { __index = two_speeds(seen) })))
+    assert.are.same({ 6, 6, 0 }, { report.rounds[1].asks, report.rounds[2].asks, report.rounds[3].asks })
+    seen = {}
+    report = assert(run(setmetatable({ flush = { lines = 3 } }, { __index = two_speeds(seen) })))
+    assert.are.same({ 6, 3, 12 }, { report.rounds[1].asks, report.rounds[2].asks, report.asks })
+  end)
+
+  it("with flush, the shards' pipelines count one quota: a shard waits for another's work in flight", function()
+    local overlapping = 0
+    local report = assert(run({ items = items(6), model = "qwen-plus", max_lines = 2, flush = { lines = 1 },
+      max_enqueued_tokens = 1, quota_poll = 0.02,        -- one shard of the model in flight at a time
+      on_step = function(at, s)
+        if at ~= "after_create" then return end
+        local _, page = H.json("GET", emu.base .. "/batches?limit=100")
+        for _, b in ipairs(page.data) do
+          if b.input_file_id ~= s.file_id and not ({ completed = 1, failed = 1, expired = 1, cancelled = 1 })[b.status] then
+            overlapping = overlapping + 1
+          end
+        end
+      end,
+      step = function(item, ask)
+        local a = assert(ask{ prompt = item.text })
+        return assert(ask{ prompt = "again: " .. a.content }).content
+      end }))
+    assert.are.same({ 6, 12, 3 }, { report.done, report.asks, #report.rounds[1].files })
+    assert.are.equal(0, overlapping)
+  end)
+
   it("raises when ask is called outside a step", function()
     assert.has_error(function() flow.all({ function() end }) end)
   end)
