@@ -304,6 +304,7 @@ end
 -- @return true, or nil and an error that names the custom_id and the rule
 -- (`invalid`: its code and message are `validate`'s for that line) or the
 -- file (`io`)
+-- @function Writer:add
 Writer.add = adder(function(self, id, body, url, failed)
   if failed then return nil, errors.io("cannot write", self:_sync().path, "write failed") end
   if type(body) ~= "table" then errors.arg("jsonl.add", "body must be a table", 4) end

@@ -14,6 +14,12 @@
  *   e:put(id, url, body, max_line, fh, seen, value, room)
  *                                      -> encode, then write when the line fits in
  *                                         room bytes: one call for the common line
+ *   e:arm(model, url, thinking, nil_ok, default_url, field, nonempty, fh, seen,
+ *         tag, lines, bytes, max_lines, max_bytes, max_line)
+ *                                      -> the gate: the route the Lua rules decided
+ *   e:sync()                           -> its file's lines, bytes; the gate closed
+ *   e:adder(slow)                      -> the writer's add: a request on the armed
+ *                                         route written here, any other to slow
  *   lbatch.core.encode(v)              -> v as cjson.encode writes it, or nothing
  *
  * What lua-cjson writes, checked on the Debian package (spec/unit/enc_spec.lua
