@@ -16,10 +16,11 @@ local core = require "lbatch.core"
 local idmap = core.idmap   -- custom_id sets outside the Lua heap
 local put = idmap().put
 local encoder = core.encoder   -- the request line in one walk in C (enc.c)
-local enc_put, enc_write
+local enc_put, enc_write, enc_arm, enc_sync, adder
 do
   local e = encoder()
-  enc_put, enc_write = e.put, e.write
+  enc_put, enc_write, enc_arm, enc_sync = e.put, e.write, e.arm, e.sync
+  adder = function(slow) return e:adder(slow) end
 end
 
 local cjson_encode, fix, MARK, find = require("cjson").encode, json.fix, json.MARK, string.find
@@ -30,6 +31,7 @@ local TEST = service.TEST
 local TEST_MODEL, TEST_URL, thinking_of = TEST.model, TEST.url, service.thinking
 local R = rules.rule
 local utf8_bad, line_size, custom_id, field = rules.utf8_bad, R.line_size, R.custom_id, R.field
+local field_of = rules.field_of
 local M = {}
 
 -- a line is written in pieces: L1 id L2 url L3 body L4
@@ -143,6 +145,31 @@ function Writer:_route(id, model, url, thinking)
   return route
 end
 
+-- The C encoder's gate (enc:arm): the route of the line just written, with
+-- what its rules decided, so that the next request of the same shape on
+-- it (the same model, url and thinking mode, the endpoint's field there)
+-- is written by enc:add alone; the gate keeps the file's lines and bytes
+-- until _sync gives them back. Embedding routes (their inputs are counted
+-- here) are not armed.
+function Writer:_arm(route, f, model, url, thinking)
+  if route.max_inputs or route.late or type(model) ~= "string" then return end
+  local name, nonempty = field_of(url)
+  local default = self.endpoint or (model == TEST_MODEL and TEST_URL) or self.chat_url
+  enc_arm(self.enc, model, url, thinking, self.defaults[model] == thinking, default == url, name, nonempty,
+    f.fh, f.seen, f.tag, f.lines, f.bytes, f.max_lines, f.max_bytes, self.max_line)
+  self.armed = f
+end
+
+-- the armed file's counters back in its table, the gate closed: the file
+function Writer:_sync()
+  local f = self.armed
+  if f then
+    f.lines, f.bytes = enc_sync(self.enc)
+    self.armed = nil
+  end
+  return f
+end
+
 function Writer:_duplicate(id, v, current)
   local line = v % SPAN
   local index = (v - line) / SPAN
@@ -185,6 +212,7 @@ end
 -- it leaves is encoded the Lua way. The rules are rules.rule's, in the
 -- checker's order; the writer's own lines are not decoded again.
 function Writer:_put(id, body, url, raw)
+  if self.armed then self:_sync() end
   local model = body.model
   local encoded, eid, size, code, message, param
   if raw then size = #raw + 1 end
@@ -225,6 +253,7 @@ function Writer:_put(id, body, url, raw)
     if written then
       f.lines, f.bytes = f.lines + 1, f.bytes + size
       if inputs > 0 then f.inputs = f.inputs + inputs end
+      self:_arm(route, f, model, url, thinking)
       return true
     elseif written == false then return nil, self:_duplicate(id, f.seen:get(id), f.index)
     elseif failed then return nil, errors.io("cannot write", f.path, "write failed")
@@ -260,8 +289,13 @@ function Writer:_put(id, body, url, raw)
   if ok == false then return nil, self:_duplicate(id, f.seen:get(id), f.index) end
   if not ok then return nil, errors.io("cannot write", f.path, "write failed") end
   f.lines, f.bytes, f.inputs = f.lines + 1, f.bytes + size, f.inputs + inputs
+  if not raw then self:_arm(route, f, model, url, thinking) end
   return true
 end
+
+-- The method is enc:adder's C function: it writes the armed route's
+-- common request itself and calls this for the others, `failed` true when
+-- that request's write failed; so an argument error is raised at level 4.
 
 --- Add one request.
 -- @tparam string id the custom_id (a number is taken as its text)
@@ -270,15 +304,17 @@ end
 -- @return true, or nil and an error that names the custom_id and the rule
 -- (`invalid`: its code and message are `validate`'s for that line) or the
 -- file (`io`)
-function Writer:add(id, body, url)
-  if type(body) ~= "table" then errors.arg("jsonl.add", "body must be a table") end
+-- @function Writer:add
+Writer.add = adder(function(self, id, body, url, failed)
+  if failed then return nil, errors.io("cannot write", self:_sync().path, "write failed") end
+  if type(body) ~= "table" then errors.arg("jsonl.add", "body must be a table", 4) end
   local tid = type(id)
   if tid ~= "string" then
-    if tid ~= "number" then errors.arg("jsonl.add", "custom_id must be a string") end
+    if tid ~= "number" then errors.arg("jsonl.add", "custom_id must be a string", 4) end
     id = tostring(id)
   end
   return self:_put(id, body, url or self.endpoint or (body.model == TEST_MODEL and TEST_URL) or self.chat_url)
-end
+end)
 
 local function copy_extra(body, opts, skip)
   for k, v in pairs(opts) do
@@ -391,6 +427,7 @@ end
 -- @treturn table the manifest `{files = {{path, lines, bytes, model,
 -- endpoint}}, lines, bytes}`, or nil and an `io` error (a full disk)
 function Writer:close()
+  self:_sync()
   local files, lines, bytes, failure = {}, 0, 0, nil
   for i, f in ipairs(self.files) do
     local ok, err = close_file(f, self.seen)

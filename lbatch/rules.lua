@@ -127,9 +127,21 @@ function M.checker(opts)
   }, Checker)
 end
 
--- each endpoint's own field
-local FIELD, null = {}, cjson.null
+-- each endpoint's own field, and those that must be a non-empty array
+local FIELD, NONEMPTY, null = {}, { messages = true }, cjson.null
 for url, ep in pairs(service.ENDPOINT_RULES) do FIELD[url] = ep.field end
+
+--- An endpoint's own field, as `rule.field` checks it: its name (nil when
+-- the endpoint has none) and whether it must be a non-empty array (else
+-- present and not null). The writer's C encoder passes a body of that
+-- shape without asking `rule.field` again.
+-- @tparam string url
+-- @treturn ?string
+-- @treturn boolean
+function M.field_of(url)
+  local field = FIELD[url]
+  return field, NONEMPTY[field] == true
+end
 
 -- ------------------------------------------------------------ the rules
 
@@ -251,8 +263,8 @@ function rule.field(url, body)
   if v == nil or v == null then
     return "missing_field", format("A %s request needs body.%s.", url, field), "body." .. field
   end
-  if field == "messages" and (type(v) ~= "table" or next(v) == nil) then
-    return "missing_field", "body.messages must be a non-empty array.", "body.messages"
+  if NONEMPTY[field] and (type(v) ~= "table" or next(v) == nil) then
+    return "missing_field", format("body.%s must be a non-empty array.", field), "body." .. field
   end
 end
 

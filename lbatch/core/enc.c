@@ -14,6 +14,12 @@
  *   e:put(id, url, body, max_line, fh, seen, value, room)
  *                                      -> encode, then write when the line fits in
  *                                         room bytes: one call for the common line
+ *   e:arm(model, url, thinking, nil_ok, default_url, field, nonempty, fh, seen,
+ *         tag, lines, bytes, max_lines, max_bytes, max_line)
+ *                                      -> the gate: the route the Lua rules decided
+ *   e:sync()                           -> its file's lines, bytes; the gate closed
+ *   e:adder(slow)                      -> the writer's add: a request on the armed
+ *                                         route written here, any other to slow
  *   lbatch.core.encode(v)              -> v as cjson.encode writes it, or nothing
  *
  * What lua-cjson writes, checked on the Debian package (spec/unit/enc_spec.lua
@@ -37,10 +43,27 @@
 
 #define ENC_MAX_DEPTH 1000   /* lua-cjson's encode_max_depth */
 
+/* The last route the writer wrote a line on, armed by jsonl.lua with what
+ * rules.lua decided for it (e:arm), and the counters of its file: e:add
+ * writes a request that is on that route and has the shape the route's
+ * rules passed (the same model, url and thinking mode, the endpoint's
+ * field present) without any Lua; anything else goes to the Lua path. */
+typedef struct gate {
+  int armed;
+  char *model, *url, *field;         /* field: NULL when the endpoint has none */
+  size_t model_len, url_len;
+  int thinking, nil_ok, default_url, nonempty;
+  void *fh_ud;                       /* the file's userdata, kept by fh_ref */
+  idmap *seen;                       /* kept by seen_ref */
+  int fh_ref, seen_ref;
+  lua_Number tag, lines, bytes, max_lines, max_bytes, max_line;
+} gate;
+
 typedef struct encoder {
   buf line;                  /* the last encoded line, newline included */
   char *marker;              /* json.empty_array's string: written [] */
   size_t mlen;
+  gate g;
 } encoder;
 
 static const char hex[] = "0123456789abcdef";
@@ -392,8 +415,180 @@ static int e_put(lua_State *L) {
   return 2;
 }
 
+/* ------------------------------------------------------------ the gate */
+
+static void disarm(lua_State *L, gate *g) {
+  if (!g->armed) return;
+  luaL_unref(L, LUA_REGISTRYINDEX, g->fh_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, g->seen_ref);
+  free(g->model); free(g->url); free(g->field);
+  g->model = g->url = g->field = NULL;
+  g->armed = 0;
+}
+
+static char *copy(lua_State *L, int idx, size_t *len) {
+  size_t n;
+  const char *s = luaL_checklstring(L, idx, &n);
+  char *p = malloc(n + 1);
+  if (!p) return NULL;
+  memcpy(p, s, n + 1);
+  if (len) *len = n;
+  return p;
+}
+
+/* e:arm(model, url, thinking, nil_ok, default_url, field, nonempty, fh, seen,
+ *       tag, lines, bytes, max_lines, max_bytes, max_line)
+ * nil_ok: a body without a boolean enable_thinking runs with `thinking`;
+ * default_url: add's url left out resolves to `url`; field: the
+ * endpoint's own field (or nil), nonempty: it must be a non-empty table */
+static int e_arm(lua_State *L) {
+  encoder *e = check(L);
+  gate *g = &e->g;
+  disarm(L, g);
+  g->fh_ud = udata(L, 9, 3, "a file expected");
+  g->seen = udata(L, 10, 2, "an idmap expected");
+  g->thinking = lua_toboolean(L, 4);
+  g->nil_ok = lua_toboolean(L, 5);
+  g->default_url = lua_toboolean(L, 6);
+  g->nonempty = lua_toboolean(L, 8);
+  g->tag = luaL_checknumber(L, 11);
+  g->lines = luaL_checknumber(L, 12);
+  g->bytes = luaL_checknumber(L, 13);
+  g->max_lines = luaL_checknumber(L, 14);
+  g->max_bytes = luaL_checknumber(L, 15);
+  g->max_line = luaL_checknumber(L, 16);
+  if (!(g->model = copy(L, 2, &g->model_len)) || !(g->url = copy(L, 3, &g->url_len))
+      || (!lua_isnil(L, 7) && !(g->field = copy(L, 7, NULL)))) {
+    free(g->model); free(g->url);
+    g->model = g->url = NULL;
+    return nomem(L);
+  }
+  lua_pushvalue(L, 9);
+  g->fh_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, 10);
+  g->seen_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  g->armed = 1;
+  return 0;
+}
+
+/* e:sync(): the armed file's lines and bytes, and the gate closed; nothing
+ * when it was not armed */
+static int e_sync(lua_State *L) {
+  encoder *e = check(L);
+  gate *g = &e->g;
+  if (!g->armed) return 0;
+  lua_pushinteger(L, (lua_Integer)g->lines);
+  lua_pushinteger(L, (lua_Integer)g->bytes);
+  disarm(L, g);
+  return 2;
+}
+
+static int same(lua_State *L, int idx, const char *s, size_t n) {
+  size_t l;
+  const char *v;
+  if (lua_type(L, idx) != LUA_TSTRING) return 0;
+  v = lua_tolstring(L, idx, &l);
+  return l == n && memcmp(v, s, n) == 0;
+}
+
+/* Write the request id, body, url (at 2, 3, 4; the stack's top is 5) on
+ * the armed route: 1; 0 when the write failed; -1 (and nothing changed)
+ * when the request is not the armed route's common case. */
+static int gate_put(lua_State *L, encoder *e) {
+  gate *g = &e->g;
+  size_t il;
+  const char *id;
+  FILE *f;
+  uint64_t h;
+  int t, r;
+  if (!g->armed || lua_type(L, 2) != LUA_TSTRING || lua_type(L, 3) != LUA_TTABLE) return -1;
+  if (lua_getmetatable(L, 3)) return -1;
+  t = lua_type(L, 4);
+  if (t == LUA_TNIL || (t == LUA_TBOOLEAN && !lua_toboolean(L, 4))) {
+    if (!g->default_url) return -1;
+  } else if (!same(L, 4, g->url, g->url_len)) return -1;
+  if (g->lines >= g->max_lines) return -1;
+  lua_getfield(L, 3, "model");
+  if (!same(L, 6, g->model, g->model_len)) return -1;
+  lua_getfield(L, 3, "enable_thinking");
+  if (lua_type(L, 7) == LUA_TBOOLEAN ? lua_toboolean(L, 7) != g->thinking : !g->nil_ok) return -1;
+  if (g->field) {
+    lua_getfield(L, 3, g->field);
+    t = lua_type(L, 8);
+    if (t == LUA_TNIL || t == LUA_TLIGHTUSERDATA) return -1;
+    if (g->nonempty) {
+      if (t != LUA_TTABLE) return -1;
+      lua_pushnil(L);
+      if (!lua_next(L, 8)) return -1;
+    }
+  }
+  id = lua_tolstring(L, 2, &il);
+  h = idmap_hash(id, il);
+  idmap_prefetch(g->seen, h);
+  lua_settop(L, 5);
+  lua_pushvalue(L, 2);
+  lua_pushlstring(L, g->url, g->url_len);
+  lua_pushvalue(L, 3);
+  lua_pushnumber(L, g->max_line);
+  if (!encode_at(L, e, 6)) return -1;
+  if ((lua_Number)e->line.len > g->max_bytes - g->bytes) { e->line.len = 0; return -1; }
+#if LUA_VERSION_NUM >= 502 && !defined(LUAJIT_VERSION)
+  if (((luaL_Stream *)g->fh_ud)->closef == NULL) { e->line.len = 0; return -1; }
+#endif
+  if (!(f = *(FILE **)g->fh_ud)) { e->line.len = 0; return -1; }
+  r = idmap_put(g->seen, id, il, h, g->tag + g->lines);
+  if (r < 0) return nomem(L);
+  if (r == 0) { e->line.len = 0; return -1; }    /* a duplicate: the Lua path words it */
+  r = fwrite(e->line.p, 1, e->line.len, f) == e->line.len;
+  if (r) {
+    g->lines += 1;
+    g->bytes += (lua_Number)e->line.len;
+  }
+  e->line.len = 0;
+  return r;
+}
+
+/* The writer's add(self, id, body, url): the armed route's common request
+ * written here (true), else slow(self, id, body, url, failed) with failed
+ * true when that request's write failed. Upvalues: the three metatables,
+ * "enc", slow. */
+static int adder_call(lua_State *L) {
+  encoder *e = NULL;
+  int r = -1;
+  lua_settop(L, 4);
+  if (lua_type(L, 1) == LUA_TTABLE) {      /* self.enc, an encoder */
+    lua_pushvalue(L, lua_upvalueindex(4));
+    lua_rawget(L, 1);
+    if ((e = lua_touserdata(L, 5)) && lua_getmetatable(L, 5)) {
+      if (!lua_rawequal(L, -1, lua_upvalueindex(1))) e = NULL;
+      lua_pop(L, 1);
+    } else e = NULL;
+  }
+  if (e && (r = gate_put(L, e)) == 1) { lua_pushboolean(L, 1); return 1; }
+  lua_settop(L, 4);
+  lua_pushvalue(L, lua_upvalueindex(5));
+  lua_insert(L, 1);
+  lua_pushboolean(L, r == 0);
+  lua_call(L, 5, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+/* e:adder(slow): the writer's add method, the gate in front of slow */
+static int e_adder(lua_State *L) {
+  check(L);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_pushvalue(L, lua_upvalueindex(2));
+  lua_pushvalue(L, lua_upvalueindex(3));
+  lua_pushliteral(L, "enc");
+  lua_pushvalue(L, 2);
+  lua_pushcclosure(L, adder_call, 5);
+  return 1;
+}
+
 static int e_gc(lua_State *L) {
   encoder *e = luaL_checkudata(L, 1, ENCODER);
+  disarm(L, &e->g);
   buf_free(&e->line);
   free(e->marker);
   e->marker = NULL;
@@ -432,7 +627,7 @@ int lbatch_encode(lua_State *L) {
 
 void lbatch_encoder_register(lua_State *L) {
   static const luaL_Reg methods[] = { {"encode", e_encode}, {"write", e_write}, {"put", e_put},
-                                      {NULL, NULL} };
+                                      {"arm", e_arm}, {"sync", e_sync}, {"adder", e_adder}, {NULL, NULL} };
   static const luaL_Reg meta[] = { {"__gc", e_gc}, {NULL, NULL} };
   luaL_newmetatable(L, ENCODER);
   lua_newtable(L);

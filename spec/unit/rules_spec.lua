@@ -50,10 +50,18 @@ describe("the writer and validate", function()
 
   -- one bad line after some good ones: the writer's first refusal and
   -- validate's problem for that line agree
-  local function agree(code, before, bad, o, add)
+  -- (added: ids of good requests added before it, whose lines follow before's)
+  local function agree(code, before, bad, o, add, added)
     o = o or {}
     local w = writer(o)
     for _, l in ipairs(before) do assert(w:line(l)) end
+    local lines = {}
+    for i, l in ipairs(before) do lines[i] = l end
+    before = lines
+    for _, id in ipairs(added or {}) do
+      assert.is_true(w:add(id, { model = "qwen-plus", messages = msgs }))
+      before[#before + 1] = line(id)
+    end
     local ok, err
     if add then ok, err = add(w) else ok, err = w:line(bad) end
     w:close()
@@ -142,6 +150,37 @@ describe("the writer and validate", function()
     end
     agree("duplicate_custom_id", { good }, line("g1"), nil,
       function(w) return w:add("g1", { model = "qwen-plus", messages = msgs }) end)
+  end)
+
+  -- the same after a good request on the same route, so the C encoder's
+  -- gate is armed (enc:arm): what it must not pass goes to the rules
+  it("refuse each bad request of add after a good one on its route (the encoder's gate armed)", function()
+    local after = {
+      { "missing_field", "f", { model = "qwen-plus", messages = {} } },
+      { "missing_field", "f", { model = "qwen-plus", messages = cjson.null } },
+      { "missing_field", "f", { model = "qwen-plus", messages = "hi" } },
+      { "duplicate_custom_id", "g0", { model = "qwen-plus", messages = msgs } },
+      { "duplicate_custom_id", "g2", { model = "qwen-plus", messages = msgs }, CHAT },
+      { "line_too_large", "big", { model = "qwen-plus", messages = { { role = "user", content = big } } }, nil,
+        { limits = "dashscope-strict" } },
+    }
+    for _, c in ipairs(added) do
+      -- (another model would shard: validate fails that file as a whole)
+      local same = c[3].model == nil or c[3].model == "qwen-plus"
+      if same and (c[4] == nil or c[4] == CHAT) and not (c[5] and c[5].endpoint) then after[#after + 1] = c end
+    end
+    for _, c in ipairs(after) do
+      local code, id, body, url, o = c[1], c[2], c[3], c[4], c[5]
+      -- g1 arms the gate, g2 goes through it
+      agree(code, { line("g0") }, line(id, body, url or CHAT), o, function(w) return w:add(id, body, url) end,
+        { "g1", "g2" })
+    end
+    local w = writer({})
+    assert(w:add("t0", { model = "batch-test-model", messages = msgs }, TESTURL))
+    local ok, err = w:add("t1", { model = "batch-test-model", messages = { { role = "user", content = big } } }, TESTURL)
+    w:close()
+    assert.is_nil(ok)
+    assert.are.equal("test_model_file_too_large", err.code)
   end)
 
   -- file-level rules: validate fails the file; the writer starts a new one,
