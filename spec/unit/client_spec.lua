@@ -515,3 +515,23 @@ describe("emulator under lbatch", function()
     assert.are.equal(1000, done)
   end)
 end)
+
+describe("client:wait's options", function()
+  it("refuses a poll interval of 0 or less and a negative stuck_after before any request; takes stuck_after = 0",
+    function()
+      local c = lbatch.new({ api_key = KEY, base_url = "http://127.0.0.1:9/v1", max_retries = 0 })
+      for _, o in ipairs({ { interval = 0 }, { max_interval = 0 }, { interval = -1 } }) do
+        local ok, msg = pcall(c.wait, c, "batch_x", o)
+        assert.is_false(ok)
+        assert.matches("opts.interval and opts.max_interval must be > 0", msg, 1, true)
+      end
+      local ok, msg = pcall(c.wait, c, "batch_x", { stuck_after = -1 })
+      assert.is_false(ok)
+      assert.matches("opts.stuck_after must be a number >= 0", msg, 1, true)
+      -- 0 is in range: the wait goes on to its first poll, which finds no server
+      local b, err = c:wait("batch_x", { stuck_after = 0, interval = 0.01 })
+      assert.is_nil(b)
+      assert.are.equal("network", err.kind)
+      c:close()
+    end)
+end)

@@ -69,6 +69,8 @@ describe("the command's exit codes", function()
     { "failure: problems found", "validate %s/bad.jsonl", 1, "out", "bad%.jsonl:3: invalid_json_line" },
     { "failure: a file that is not there", "validate %s/none.jsonl", 1, "err", "^lbatch validate: .*cannot read" },
     { "failure: the service's 404", "status batch_nope", 1, "err", "^lbatch status: .*404" },
+    { "failure: submit a file that is not there", "submit %s/none.jsonl", 1, "err",
+      "^lbatch submit: io: cannot read [^\n]*none%.jsonl" },
     { "failure: the service's 404, in JSON", "status batch_nope --json", 1, "json", 404 },
     { "usage: no command", "", 2, "out", "Usage" },
     { "usage: an unknown command", "frobnicate", 2, "err", "^lbatch: unknown command frobnicate" },
@@ -90,6 +92,19 @@ describe("the command's exit codes", function()
       if want == 2 then assert.are.equal("", where == "err" and out or "") end   -- usage: nothing on stdout
     end)
   end
+
+  it("submit: exits 0, the batch on stdout, its upload's progress on stderr in a few lines", function()
+    -- 4 MB: libcurl reports progress many times; off a terminal a line is
+    -- printed at most every 5 s, and the last one (100%) always
+    local big = H.requests(dir .. "/big.jsonl", 2, { content = function() return ("w "):rep(1000000) end })
+    local code, out, err = lbatch(emu, "submit " .. big)
+    assert.are.equal(0, code, out .. err)
+    assert.matches("^batch_%S+%s+validating", out)
+    local lines = {}
+    for l in err:gmatch("upload [^\n]*") do lines[#lines + 1] = l end
+    assert.is_true(#lines >= 1 and #lines <= 4, err)
+    assert.matches("%(100%%%)", lines[#lines])
+  end)
 
   it("run: exits 0 when every request came back", function()
     local csvp = H.write(dir .. "/q.csv", "id,question\na,one\nb,two\n")
