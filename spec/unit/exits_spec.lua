@@ -6,8 +6,12 @@
 local H = require "helper"
 local cjson = require "cjson"
 
-local function lbatch(emu, args)
+-- requests for a model with no limit on batches running at once (the test model has 2)
+local CHAT = { url = "/v1/chat/completions", model = "qwen-plus" }
+
+local function lbatch(emu, args, key)
   local env = emu and ("DASHSCOPE_API_KEY=k LBATCH_BASE_URL=" .. emu.base .. " ") or ""
+  if key then env = "DASHSCOPE_API_KEY=" .. key .. " " end
   local err = os.tmpname()
   local out = H.sh(("env %s%s %s/bin/lbatch %s 2>%s; echo \"exit=$?\""):format(env, H.lua, H.root, args, err))
   local code = tonumber(out:match("exit=(%d+)%s*$"))
@@ -28,17 +32,18 @@ describe("the command's exit codes", function()
     end
     local function create(fid, meta)
       local _, b = H.json("POST", emu.base .. "/batches", { json = { input_file_id = fid,
-        endpoint = "/v1/chat/ds-test", completion_window = "24h", metadata = meta } })
+        endpoint = "/v1/chat/completions", completion_window = "24h", metadata = meta } })
       return b.id
     end
-    local good = upload(H.requests(dir .. "/good.jsonl", 2))
+    local good = upload(H.requests(dir .. "/good.jsonl", 2, CHAT))
     ids.completed = create(good)
     -- a file the service refuses at validation: the batch fails
     ids.failed = create(upload(H.write(dir .. "/bad.jsonl", H.read(dir .. "/good.jsonl") .. "{oops\n")))
-    ids.expired = create(upload(H.requests(dir .. "/slow.jsonl", 4)), { emulator_line_seconds = "18000" })
-    ids.cancelled = create(upload(H.requests(dir .. "/slow2.jsonl", 4)), { emulator_line_seconds = "18000" })
+    ids.expired = create(upload(H.requests(dir .. "/slow.jsonl", 10, CHAT)), { emulator_line_seconds = "18000" })
+    ids.cancelled = create(upload(H.requests(dir .. "/slow2.jsonl", 4, CHAT)), { emulator_line_seconds = "18000" })
     H.wait_status(emu, ids.expired, "in_progress")
     H.json("POST", emu.base .. "/batches/" .. ids.cancelled .. "/cancel")
+    assert.are.equal("cancelled", H.wait_final(emu, ids.cancelled).status)   -- before the clock moves
     H.json("POST", emu.url .. "/_emulator/clock", { json = { advance = 25 * 3600 } })
     for status, id in pairs(ids) do assert.are.equal(status, H.wait_final(emu, id).status) end
   end)
@@ -94,10 +99,13 @@ describe("the command's exit codes", function()
   end
 
   it("submit: exits 0, the batch on stdout, its upload's progress on stderr in a few lines", function()
-    -- 4 MB: libcurl reports progress many times; off a terminal a line is
-    -- printed at most every 5 s, and the last one (100%) always
-    local big = H.requests(dir .. "/big.jsonl", 2, { content = function() return ("w "):rep(1000000) end })
-    local code, out, err = lbatch(emu, "submit " .. big)
+    -- 24 MB to a server that takes 1 MB every 100 ms (more than the
+    -- sockets' buffers hold): progress is reported some 20 times; off a
+    -- terminal a line is printed at most every 5 s, and the last one (100%)
+    local big = H.requests(dir .. "/big.jsonl", 2, { content = function() return ("w "):rep(6000000) end })
+    local srv = H.hostile()
+    local code, out, err = lbatch(nil, ("submit --base-url %s %s"):format(srv.at("slow_reader-1024"), big), "k")
+    srv.stop()
     assert.are.equal(0, code, out .. err)
     assert.matches("^batch_%S+%s+validating", out)
     local lines = {}
