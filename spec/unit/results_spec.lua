@@ -324,7 +324,6 @@ describe("results: ok, classes, resubmit and summary", function()
   end)
 
   it("counts a result outside 2xx by its status, and a 2xx one without a body as empty_body: at each edge", function()
-    local cjson = require "cjson"
     for _, case in ipairs({ { 199, false, "http_199" }, { 200, false, "empty_body" }, { 299, false, "empty_body" },
                             { 300, false, "http_300" }, { 404, false, "http_404" }, { 200, true } }) do
       local body = case[2] ~= false and { choices = { { message = { content = "x" } } } } or {}
