@@ -118,6 +118,10 @@ describe("pipeline", function()
                                         requests = reqs, dir = dir .. "/work" }))
     assert.are.equal(5, #again.shards)
     assert.are.same({ 5, 5 }, { stats(emu)["POST /files"], stats(emu)["POST /batches"] })
+    -- and it has every answer still: the journal held each shard's end
+    local s = assert(again.results:summary())
+    assert.are.same({ 22, 22, 0 }, { s.total, s.ok, s.missing })
+    for _, sh in ipairs(again.shards) do assert.are.equal("completed", sh.status) end
   end)
 
   it("refuses broken requests before uploading anything", function()
