@@ -9,46 +9,46 @@ local core = require "lbatch.core"
 local jsonl = require "lbatch.jsonl"
 
 local BAD = {
-  { "a lone continuation byte", "\x80" },
-  { "a continuation byte at the end of the range", "\xBF" },
-  { "two continuation bytes", "\x80\x80" },
-  { "C0: an overlong ASCII", "\xC0\xAF" },
-  { "C1: an overlong ASCII", "\xC1\xBF" },
-  { "an overlong three-byte NUL", "\xE0\x80\x80" },
-  { "an overlong three-byte U+07FF", "\xE0\x9F\xBF" },
-  { "an overlong four-byte U+FFFF", "\xF0\x8F\xBF\xBF" },
-  { "an overlong four-byte NUL", "\xF0\x80\x80\x80" },
-  { "the first surrogate U+D800", "\xED\xA0\x80" },
-  { "the last surrogate U+DFFF", "\xED\xBF\xBF" },
-  { "a surrogate pair written as two", "\xED\xA0\xBD\xED\xB8\x80" },
-  { "past U+10FFFF: U+110000", "\xF4\x90\x80\x80" },
-  { "past U+10FFFF: F5", "\xF5\x80\x80\x80" },
-  { "past U+10FFFF: F7", "\xF7\xBF\xBF\xBF" },
-  { "a five-byte form", "\xF8\x88\x80\x80\x80" },
-  { "a six-byte form", "\xFC\x84\x80\x80\x80\x80" },
-  { "FE", "\xFE" },
-  { "FF", "\xFF" },
-  { "a two-byte sequence cut short", "\xC3" },
-  { "a three-byte sequence cut after one", "\xE4" },
-  { "a three-byte sequence cut after two", "\xE4\xB8" },
-  { "a four-byte sequence cut after three", "\xF0\x9F\x98" },
-  { "a two-byte lead before ASCII", "\xC3A" },
-  { "a three-byte lead, its second byte ASCII", "\xE4\xB8A" },
-  { "a four-byte lead, its third byte ASCII", "\xF0\x9FA\x80" },
-  { "a four-byte lead, its last byte ASCII", "\xF0\x9F\x98A" },
-  { "a lead byte followed by a lead byte", "\xC3\xC3\xA9" },
+  { "a lone continuation byte", "\128" },
+  { "a continuation byte at the end of the range", "\191" },
+  { "two continuation bytes", "\128\128" },
+  { "C0: an overlong ASCII", "\192\175" },
+  { "C1: an overlong ASCII", "\193\191" },
+  { "an overlong three-byte NUL", "\224\128\128" },
+  { "an overlong three-byte U+07FF", "\224\159\191" },
+  { "an overlong four-byte U+FFFF", "\240\143\191\191" },
+  { "an overlong four-byte NUL", "\240\128\128\128" },
+  { "the first surrogate U+D800", "\237\160\128" },
+  { "the last surrogate U+DFFF", "\237\191\191" },
+  { "a surrogate pair written as two", "\237\160\189\237\184\128" },
+  { "past U+10FFFF: U+110000", "\244\144\128\128" },
+  { "past U+10FFFF: F5", "\245\128\128\128" },
+  { "past U+10FFFF: F7", "\247\191\191\191" },
+  { "a five-byte form", "\248\136\128\128\128" },
+  { "a six-byte form", "\252\132\128\128\128\128" },
+  { "FE", "\254" },
+  { "FF", "\255" },
+  { "a two-byte sequence cut short", "\195" },
+  { "a three-byte sequence cut after one", "\228" },
+  { "a three-byte sequence cut after two", "\228\184" },
+  { "a four-byte sequence cut after three", "\240\159\152" },
+  { "a two-byte lead before ASCII", "\195A" },
+  { "a three-byte lead, its second byte ASCII", "\228\184A" },
+  { "a four-byte lead, its third byte ASCII", "\240\159A\128" },
+  { "a four-byte lead, its last byte ASCII", "\240\159\152A" },
+  { "a lead byte followed by a lead byte", "\195\195\169" },
 }
 
 local GOOD = {
-  { "U+0080, the smallest two-byte", "\xC2\x80" },
-  { "U+07FF, the largest two-byte", "\xDF\xBF" },
-  { "U+0800, the smallest three-byte", "\xE0\xA0\x80" },
-  { "U+D7FF, just below the surrogates", "\xED\x9F\xBF" },
-  { "U+E000, just above the surrogates", "\xEE\x80\x80" },
-  { "U+FFFF, the largest three-byte", "\xEF\xBF\xBF" },
-  { "U+10000, the smallest four-byte", "\xF0\x90\x80\x80" },
-  { "U+10FFFF, the largest code point", "\xF4\x8F\xBF\xBF" },
-  { "U+FFFD", "\xEF\xBF\xBD" },
+  { "U+0080, the smallest two-byte", "\194\128" },
+  { "U+07FF, the largest two-byte", "\223\191" },
+  { "U+0800, the smallest three-byte", "\224\160\128" },
+  { "U+D7FF, just below the surrogates", "\237\159\191" },
+  { "U+E000, just above the surrogates", "\238\128\128" },
+  { "U+FFFF, the largest three-byte", "\239\191\191" },
+  { "U+10000, the smallest four-byte", "\240\144\128\128" },
+  { "U+10FFFF, the largest code point", "\244\143\191\191" },
+  { "U+FFFD", "\239\191\189" },
 }
 
 -- a request line whose content holds `bytes` after `pre`
@@ -111,9 +111,9 @@ describe("UTF-8", function()
 
   it("finds the first bad byte after valid multibyte text, also at the very end", function()
     local good = "中文😀é"
-    assert.are.equal(#good + 1, core.utf8_check(good .. "\xED\xA0\x80"))
-    assert.are.equal(#good + 1, core.utf8_check(good .. "\xF0\x9F\x98"))   -- cut at the end of the input
-    assert.are.equal(#good + 1, core.utf8_check(good .. "\xC3"))
+    assert.are.equal(#good + 1, core.utf8_check(good .. "\237\160\128"))
+    assert.are.equal(#good + 1, core.utf8_check(good .. "\240\159\152"))   -- cut at the end of the input
+    assert.are.equal(#good + 1, core.utf8_check(good .. "\195"))
     assert.is_nil(core.utf8_check(good))
     assert.is_nil(core.utf8_check(""))
   end)
