@@ -13,7 +13,7 @@ end
 
 local function stats(emu)
   local _, s = H.json("GET", emu.url .. "/_emulator/stats")
-  return s.routes or {}
+  return type(s.routes) == "table" and s.routes or {}   -- none yet: JSON null
 end
 
 local function chat_file(dir, name, n)
@@ -223,6 +223,19 @@ describe("lbatch client", function()
       local v, err = client:upload(dir .. "/does-not-exist.jsonl")
       assert.is_nil(v)
       assert.are.equal("io", err.kind)
+    end)
+  end)
+
+  describe("upload", function()
+    it("uploads again when the failed attempt stored nothing, and once only", function()
+      local before = stats(emu)["POST /files"] or 0
+      fault(emu, { method = "POST", path = "^/v1/files$", status = 502 })
+      local f = assert(client:upload(chat_file(dir, "again.jsonl", 2)))
+      assert.are.equal(before + 2, stats(emu)["POST /files"])
+      local same = 0
+      for x in client:each_file() do if x.filename == "again.jsonl" then same = same + 1 end end
+      assert.are.equal(1, same)
+      assert.are.equal(f.id, assert(client:file(f.id)).id)
     end)
   end)
 
