@@ -402,7 +402,9 @@ describe("a controller that never steps", function()
     assert.same({ 0, 0, 0 }, { ctl:pending() })
     ctl:close()
   end)
+end)
 
+describe("base64", function()
   -- a webhook secret (whsec_...) is base64: every one of its 64 letters decodes
   it("decodes base64 over its whole alphabet, and refuses what is not base64", function()
     local A = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -433,6 +435,22 @@ describe("a controller that never steps", function()
     for _, bad in ipairs({ "QUJD RA==", "QUJ", "QU=D", "QUJD\n", "QUJD-_==", "Q===" }) do
       assert.is_nil(core.unbase64(bad), bad)
     end
+  end)
+end)
+
+describe("a controller that steps", function()
+  it("step() returns at once while a finished transfer waits to be collected, whatever wait it is given", function()
+    local ctl = core.new()
+    local id = ctl:add({ url = "http://127.0.0.1:9/", method = "GET" })      -- refused at once: it ends
+    local t0 = core.now()
+    repeat ctl:step(10) until select(3, ctl:pending()) == 0 or core.now() - t0 > 5
+    local total, queued, active = ctl:pending()
+    assert.are.same({ 1, 0, 0 }, { total, queued, active })            -- done, not yet collected
+    local t = core.now()
+    ctl:step(3000)
+    assert.is_true(core.now() - t < 1, "step(3000) blocked with a result waiting")
+    assert.are.equal(id, (ctl:done()))
+    ctl:close()
   end)
 end)
 
