@@ -2,7 +2,7 @@
 std = "max"                   -- Lua 5.1 to 5.4 and LuaJIT
 max_line_length = 120
 codes = true
-include_files = { "**/*.lua", "bin/lbatch", ".luacheckrc" }
+include_files = { "**/*.lua", "bin/lbatch", "spec/mutate/run", ".luacheckrc" }
 exclude_files = { "emulator/conformance/node_modules", "build", "docs" }
 
 files["spec"] = { std = "+busted", max_line_length = 180 }

@@ -1,4 +1,4 @@
-# lbatch: make demo | make test | make build | make emulator | make asan | make install | make docs
+# lbatch: make demo | make test | make build | make emulator | make asan | make install | make docs | make mutate
 #
 # Flags (override on the command line):
 #   LUA_INCDIR   Lua 5.4 headers          (default /usr/include/lua5.4)
@@ -11,6 +11,7 @@
 #   LUA_VERSION  the Lua LuaRocks builds for in `make install` (default 5.4; Debian's
 #                LuaRocks would pick 5.1)
 #   SPEC         busted arguments (default: spec)
+#   FILES        the files `make mutate` mutates (default: lbatch/*.lua and lbatch/core/*.c)
 
 LUA_INCDIR ?= /usr/include/lua5.4
 JIT_INCDIR ?= /usr/include/luajit-2.1
@@ -38,7 +39,7 @@ BUSTED = env LUA_PATH="./?.lua;./?/init.lua;./spec/?.lua;;" LBATCH_ROOT=$(CURDIR
 
 ROCKSPEC = $(wildcard rockspec/lbatch-*.rockspec)
 
-.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare bench-scale install lint docs fuzz clean
+.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare bench-scale install lint docs fuzz mutate clean
 
 all: build
 
@@ -141,6 +142,12 @@ lint: deps
 # The fuzzers over the core's byte scanners and its encoder, FUZZ_SECONDS each (default 600)
 fuzz: deps
 	spec/fuzz/run $(or $(FUZZ_SECONDS),600)
+
+# Mutation testing (spec/mutate/run): small bugs, one at a time in a temp
+# copy of the tree, each against its module's specs, the survivors against
+# the whole Lua 5.4 suite; prints the score. Long: not part of make test.
+mutate: deps build
+	spec/mutate/run $(FILES)
 
 # The API reference from the doc comments (LDoc, config.ld): docs/index.html
 docs: deps

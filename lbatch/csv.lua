@@ -100,7 +100,9 @@ end
 local function quote(v)
   if v == nil then return "" end
   v = tostring(v)
-  if find(v, '[,"\r\n]') then return '"' .. gsub(v, '"', '""') .. '"' end
+  -- a field that starts with a byte-order mark is quoted too: unquoted
+  -- first in a file, the reader would take it for the file's mark
+  if find(v, '[,"\r\n]') or sub(v, 1, 3) == BOM then return '"' .. gsub(v, '"', '""') .. '"' end
   return v
 end
 M.quote = quote

@@ -113,6 +113,29 @@ function S.drip(r)
   return ngx.exit(200)
 end
 
+-- a server that takes a request's body slowly (ARG KB every 100 ms,
+-- default 64), then answers as the service would: an upload that lasts
+-- long enough for its progress to be reported many times
+function S.slow_reader(r)
+  local per = (tonumber(r.arg) or 64) * 1024
+  local left = tonumber(ngx.var.http_content_length) or 0
+  local sock = assert(ngx.req.socket())
+  while left > 0 do
+    local got = sock:receive(math.min(per, left))
+    if not got then break end
+    left = left - #got
+    ngx.sleep(0.1)
+  end
+  local now = ngx.time()
+  if ngx.var.uri:find("/files$") then
+    return json(200, { id = "file-slow", object = "file", bytes = tonumber(ngx.var.http_content_length),
+                       filename = "slow.jsonl", purpose = "batch", status = "processed", created_at = now })
+  end
+  return json(200, { id = "batch_slow", object = "batch", endpoint = "/v1/chat/completions", status = "validating",
+                     input_file_id = "file-slow", completion_window = "24h", created_at = now,
+                     request_counts = { total = 0, completed = 0, failed = 0 } })
+end
+
 ------------------------------------------------------------------ shapes
 
 function S.array() return reply(200, "[1,2,3]") end

@@ -80,7 +80,7 @@ describe("pipeline", function()
     for i = 1, 22 do
       reqs[i] = { custom_id = "c" .. i, body = { model = "qwen-plus", messages = { { role = "user", content = "n" .. i } } } }
     end
-    local max_running, progress = 0, 0
+    local max_running, progress, etas = 0, 0, 0
     local report = assert(pipeline.run({
       client = client, requests = reqs, dir = dir .. "/work", max_lines = 5, max_in_flight = 2,
       poll_interval = 0.05,
@@ -89,8 +89,17 @@ describe("pipeline", function()
         local running = (p.jobs.validating or 0) + (p.jobs.in_progress or 0) + (p.jobs.finalizing or 0)
         max_running = math.max(max_running, running)
         assert.are.equal(22, p.total)
+        -- the time left: none before a request is done or after all are, else a whole number of seconds
+        local done = p.completed + p.failed
+        if done == 0 or done >= p.total then
+          assert.is_nil(p.eta)
+        else
+          assert.is_true(p.eta ~= nil and p.eta >= 0 and p.eta < math.huge and p.eta == math.floor(p.eta), tostring(p.eta))
+          etas = etas + 1
+        end
       end,
     }))
+    assert.is_true(etas > 0)
     client:close()
     assert.are.equal(5, #report.shards)
     assert.is_true(progress > 0)
@@ -109,6 +118,10 @@ describe("pipeline", function()
                                         requests = reqs, dir = dir .. "/work" }))
     assert.are.equal(5, #again.shards)
     assert.are.same({ 5, 5 }, { stats(emu)["POST /files"], stats(emu)["POST /batches"] })
+    -- and it has every answer still: the journal held each shard's end
+    local s = assert(again.results:summary())
+    assert.are.same({ 22, 22, 0 }, { s.total, s.ok, s.missing })
+    for _, sh in ipairs(again.shards) do assert.are.equal("completed", sh.status) end
   end)
 
   it("refuses broken requests before uploading anything", function()

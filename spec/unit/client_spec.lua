@@ -13,7 +13,7 @@ end
 
 local function stats(emu)
   local _, s = H.json("GET", emu.url .. "/_emulator/stats")
-  return s.routes or {}
+  return type(s.routes) == "table" and s.routes or {}   -- none yet: JSON null
 end
 
 local function chat_file(dir, name, n)
@@ -223,6 +223,19 @@ describe("lbatch client", function()
       local v, err = client:upload(dir .. "/does-not-exist.jsonl")
       assert.is_nil(v)
       assert.are.equal("io", err.kind)
+    end)
+  end)
+
+  describe("upload", function()
+    it("uploads again when the failed attempt stored nothing, and once only", function()
+      local before = stats(emu)["POST /files"] or 0
+      fault(emu, { method = "POST", path = "^/v1/files$", status = 502 })
+      local f = assert(client:upload(chat_file(dir, "again.jsonl", 2)))
+      assert.are.equal(before + 2, stats(emu)["POST /files"])
+      local same = 0
+      for x in client:each_file() do if x.filename == "again.jsonl" then same = same + 1 end end
+      assert.are.equal(1, same)
+      assert.are.equal(f.id, assert(client:file(f.id)).id)
     end)
   end)
 
@@ -514,4 +527,24 @@ describe("emulator under lbatch", function()
     emu.stop()
     assert.are.equal(1000, done)
   end)
+end)
+
+describe("client:wait's options", function()
+  it("refuses a poll interval of 0 or less and a negative stuck_after before any request; takes stuck_after = 0",
+    function()
+      local c = lbatch.new({ api_key = KEY, base_url = "http://127.0.0.1:9/v1", max_retries = 0 })
+      for _, o in ipairs({ { interval = 0 }, { max_interval = 0 }, { interval = -1 } }) do
+        local ok, msg = pcall(c.wait, c, "batch_x", o)
+        assert.is_false(ok)
+        assert.matches("opts.interval and opts.max_interval must be > 0", msg, 1, true)
+      end
+      local ok, msg = pcall(c.wait, c, "batch_x", { stuck_after = -1 })
+      assert.is_false(ok)
+      assert.matches("opts.stuck_after must be a number >= 0", msg, 1, true)
+      -- 0 is in range: the wait goes on to its first poll, which finds no server
+      local b, err = c:wait("batch_x", { stuck_after = 0, interval = 0.01 })
+      assert.is_nil(b)
+      assert.are.equal("network", err.kind)
+      c:close()
+    end)
 end)

@@ -421,3 +421,54 @@ describe("a controller that never steps", function()
     ctl:close()
   end)
 end)
+
+describe("base64", function()
+  -- a webhook secret (whsec_...) is base64: every one of its 64 letters decodes
+  it("decodes base64 over its whole alphabet, and refuses what is not base64", function()
+    local A = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    local function encode(bytes)                  -- an independent encoder (RFC 4648)
+      local out = {}
+      for i = 1, #bytes, 3 do
+        local a, b, c = bytes:byte(i, i + 2)
+        local n = a * 65536 + (b or 0) * 256 + (c or 0)
+        local q = { math.floor(n / 262144) % 64, math.floor(n / 4096) % 64, math.floor(n / 64) % 64, n % 64 }
+        for k = 1, 4 do out[#out + 1] = A:sub(q[k] + 1, q[k] + 1) end
+        if not c then out[#out] = "=" end
+        if not b then out[#out - 1] = "=" end
+      end
+      return table.concat(out)
+    end
+    -- bytes whose encoding holds each letter: 3 bytes per 4 letters, letters k, k+1, k+2, k+3
+    for k = 0, 63 do
+      local n = k * 262144 + ((k + 1) % 64) * 4096 + ((k + 2) % 64) * 64 + (k + 3) % 64
+      local bytes = string.char(math.floor(n / 65536), math.floor(n / 256) % 256, n % 256)
+      local text = encode(bytes)
+      assert.are.equal(A:sub(k + 1, k + 1), text:sub(1, 1))
+      assert.are.equal(bytes, core.unbase64(text), text)
+    end
+    for _, n in ipairs({ 1, 2, 3, 4, 5, 32 }) do
+      local bytes = ("\0\255\127\128x"):rep(7):sub(1, n)
+      assert.are.equal(bytes, core.unbase64(encode(bytes)), n)
+    end
+    for _, bad in ipairs({ "QUJD RA==", "QUJ", "QU=D", "QUJD\n", "QUJD-_==", "Q===" }) do
+      assert.is_nil(core.unbase64(bad), bad)
+    end
+  end)
+end)
+
+describe("a controller that steps", function()
+  it("step() returns at once while a finished transfer waits to be collected, whatever wait it is given", function()
+    local ctl = core.new()
+    local id = ctl:add({ url = "http://127.0.0.1:9/", method = "GET" })      -- refused at once: it ends
+    local t0 = core.now()
+    repeat ctl:step(10) until select(3, ctl:pending()) == 0 or core.now() - t0 > 5
+    local total, queued, active = ctl:pending()
+    assert.are.same({ 1, 0, 0 }, { total, queued, active })            -- done, not yet collected
+    local t = core.now()
+    ctl:step(3000)
+    assert.is_true(core.now() - t < 1, "step(3000) blocked with a result waiting")
+    assert.are.equal(id, (ctl:done()))
+    ctl:close()
+  end)
+end)
+

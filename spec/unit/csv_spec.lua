@@ -32,6 +32,8 @@ describe("csv", function()
       assert.are.same({ { "a", "b" }, { "c", "d" }, { "e", "f" } }, rows_of("a,b\r\nc,d\ne,f"))
       assert.are.same({ { "a", "", "" }, { "", "" }, { "" } }, rows_of("a,,\r\n,\r\n\r\n"))
       assert.are.same({ { "a\rb", "c" } }, rows_of("a\rb,c\r\n"))                  -- a lone CR is data
+      -- an empty last field after a quoted one (results' CSV: no usage) is a field
+      assert.are.same({ { "a", "" }, { "b", "" }, { "x,y", "", "" } }, rows_of('"a",\r\n"b",\n"x,y",,'))
       assert.are.same({}, rows_of(""))
     end)
 

@@ -60,6 +60,30 @@ local function stats(emu)
   return type(s.routes) == "table" and s.routes or {}
 end
 
+describe("error objects", function()
+  local errors = require "lbatch.errors"
+  it("name a file once in an io error, though the system's reason names it too", function()
+    local path = H.tmpdir() .. "/none.jsonl"
+    local _, msg = io.open(path, "rb")
+    assert.are.equal(path .. ": No such file or directory", msg)
+    local e = errors.io("cannot read", path, msg)
+    assert.are.equal("cannot read " .. path .. ": No such file or directory", e.message)
+    assert.are.equal("cannot read " .. path .. ": it is a directory", errors.io("cannot read", path, "it is a directory").message)
+  end)
+
+  it("write a number code as its digits only where a double holds the number exactly", function()
+    local cjson = require "cjson"
+    local function code(json) return errors.new({ kind = "http", code = cjson.decode(json).code }).code end
+    assert.are.equal("9007199254740991", code('{"code":9007199254740991}'))      -- 2^53 - 1: exact
+    assert.are.equal("-9007199254740991", code('{"code":-9007199254740991}'))
+    -- 9007199254740993 reads as 2^53: its digits would be another code
+    assert.are_not.equal("9007199254740992", code('{"code":9007199254740993}'))
+    assert.are_not.equal("-9007199254740992", code('{"code":-9007199254740993}'))
+    assert.are.equal("429", code('{"code":429}'))
+    assert.are.equal("1.5", code('{"code":1.5}'))
+  end)
+end)
+
 describe("one error contract", function()
   local emu, dir, client
   setup(function()

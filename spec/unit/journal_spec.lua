@@ -89,4 +89,23 @@ describe("journal", function()
     j:close()
     assert.are.same({ { a = 1 }, { a = 2 } }, replayed(path))
   end)
+
+  it("a compaction that cannot rename over the journal fails as io, leaves no temp file, keeps appending", function()
+    local path = dir .. "/j.jsonl"
+    local j = assert(journal.open(path))
+    assert(j:append({ a = 1 }))
+    -- the journal's name taken by a directory that is not empty: the rename fails
+    local moved = dir .. "/j.moved"
+    assert(os.rename(path, moved))
+    H.mkdir(path)
+    H.write(path .. "/x", "x")
+    local ok, err = j:compact({ { b = 2 } })
+    assert.is_nil(ok)
+    assert.are.equal("io", err.kind)
+    assert.matches("cannot rename", err.message)
+    assert.is_false(H.exists(path .. ".tmp"))
+    assert.is_true(j:append({ a = 2 }))         -- the journal it had stays open
+    j:close()
+    assert.are.same({ { a = 1 }, { a = 2 } }, replayed(moved))
+  end)
 end)

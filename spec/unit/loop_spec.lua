@@ -84,6 +84,22 @@ describe("lbatch.loop", function()
     assert.are.same({ "a" }, undone)
   end)
 
+  it("calls a sleep's undo with its argument when the sleeper is cancelled (a kept temp file removed)", function()
+    local loop = Loop.new({})
+    local undone = {}
+    local function undo(l, arg) undone[#undone + 1] = { l, arg } end
+    local t = loop:spawn(function() return loop:sleep(0.2, undo, "/tmp/part-1") end)
+    local quick = loop:spawn(function() return loop:sleep(0, undo, "/tmp/part-2") end)
+    loop:drive(false)
+    assert.is_true(t:cancel())
+    drain(loop)
+    assert.are.equal(1, #undone)
+    assert.are.equal(loop, undone[1][1])
+    assert.are.equal("/tmp/part-1", undone[1][2])
+    assert.is_false(quick:cancel())                 -- woke normally: nothing to undo
+    assert.are.equal(1, #undone)
+  end)
+
   it("refuses a task joining itself", function()
     local loop = Loop.new({})
     local t

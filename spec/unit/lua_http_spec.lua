@@ -18,8 +18,10 @@ local function stream(method, headers, body)
   }
   return {
     get_headers = function() return req end,
-    get_body_chars = function() return body end,
-    write_headers = function(_, h) sent.status = h:get(":status") end,
+    get_body_chars = function(_, n) return body:sub(1, n) end,          -- as lua-http: at most n
+    write_headers = function(_, h, done)
+      sent.status, sent.length, sent.done = h:get(":status"), h:get("content-length"), done
+    end,
   }, sent
 end
 
@@ -50,5 +52,25 @@ describe("lbatch.lua_http", function()
     s, sent = stream("GET", {}, "")
     handler(nil, s)
     assert.are.equal("405", sent.status)
+    -- each answer is whole: an empty body of a stated length, the stream ended
+    assert.are.same({ "0", true }, { sent.length, sent.done })
+  end)
+
+  it("refuses a body over max_body as too large, one byte over included", function()
+    local refused = {}
+    local handler = lua_http.onstream({ secrets = { secret }, max_body = 100,
+      on_refused = function(err) refused[#refused + 1] = err.code end })
+    local ts = tostring(os.time())
+    for _, size in ipairs({ 100, 101 }) do
+      local body = ('{"object":"event","id":"evt_1","type":"batch.completed","data":{"id":"batch_1"},"pad":"%s"}')
+      body = body:format(("p"):rep(size - #body:format("")))
+      assert.are.equal(size, #body)
+      local s, sent = stream("POST", { ["webhook-id"] = "msg_" .. size, ["webhook-timestamp"] = ts,
+        ["webhook-signature"] = notify.sign(secret, "msg_" .. size, ts, body) }, body)
+      handler(nil, s)
+      assert.are.equal(size <= 100 and "200" or "400", sent.status, size)
+      assert.are.equal("0", sent.length)
+    end
+    assert.are.same({ "webhook_body_too_large" }, refused)
   end)
 end)

@@ -103,11 +103,17 @@ describe("lbatch.notify", function()
       return n:verify({ ["webhook-id"] = id, ["webhook-timestamp"] = tostring(t),
                         ["webhook-signature"] = notify.sign(secret, id, t, body) }, body)
     end
-    for i = 1, 10 do assert.truthy(deliver("msg_" .. i)) end
+    local function remembered()
+      local count = 0
+      for _ in pairs(n.seen) do count = count + 1 end
+      return count
+    end
+    for i = 1, 10 do
+      assert.truthy(deliver("msg_" .. i))
+      assert.are.equal(math.min(i, 3), remembered())       -- never more than `remember`, also between calls
+    end
     assert.is_nil((deliver("msg_10")))
-    local count = 0
-    for _ in pairs(n.seen) do count = count + 1 end
-    assert.are.equal(3, count)
+    assert.are.equal(3, remembered())
   end)
 
   it("takes DashScope's unsigned callback as a hint only, unless refused", function()

@@ -7,7 +7,25 @@ local cjson = require "cjson"
 describe("lbatch in OpenResty", function()
   local emu
   setup(function()
-    emu = H.emulator({ speed = 200, rate_limits = false, include = H.root .. "/examples/openresty/locations.conf" })
+    -- the example app's locations, and a probe of the worker's clients
+    local conf = H.write(H.tmpdir() .. "/locations.conf", ("include %s/examples/openresty/locations.conf;\n"):format(H.root)
+      .. [[location = /probe/clients { content_by_lua_block {
+  local o, cjson = require "lbatch.openresty", require "cjson"
+  local a = assert(o.client({ api_key = "k", base_url = "http://127.0.0.1:1/v1" }))
+  local b = assert(o.client({ api_key = "k", base_url = "http://127.0.0.1:2/v1" }))
+  local c = assert(o.client({ api_key = "k2", base_url = "http://127.0.0.1:1/v1" }))
+  local a2 = assert(o.client({ api_key = "k", base_url = "http://127.0.0.1:1/v1" }))
+  ngx.say(cjson.encode({ by_url = a ~= b, by_key = a ~= c, cached = a == a2, one_scheduler = o.scheduler() == o.scheduler()
+    and a.scheduler == b.scheduler and a.scheduler == o.scheduler() }))
+} }
+]])
+    emu = H.emulator({ speed = 200, rate_limits = false, include = conf })
+  end)
+
+  it("keeps one client per base_url, region and key, all on the worker's one scheduler", function()
+    local status, res = H.json("GET", emu.url .. "/probe/clients", { key = false })
+    assert.are.equal(200, status, cjson.encode(res))
+    assert.are.same({ by_url = true, by_key = true, cached = true, one_scheduler = true }, res)
   end)
   teardown(function() emu.stop() end)
 

@@ -43,6 +43,10 @@ describe("lbatch.recover", function()
     assert.are.equal("b3", recover.batch(list, want).id)
     want.since = 150
     assert.is_nil(recover.batch(list, want))
+    want.since = 100                                    -- made in the very second the create began
+    assert.are.equal("b3", recover.batch(list, want).id)
+    want.since = 101
+    assert.is_nil(recover.batch(list, want))
     assert.is_nil(recover.batch(list, { input_file_id = "f2" }))
   end)
 

@@ -314,6 +314,29 @@ describe("results: ok, classes, resubmit and summary", function()
     assert.are.same({ "permanent", "no_response" }, { results.classify({ ok = false }) })
   end)
 
+  it("raises on options of the wrong type (a programming error), before reading anything", function()
+    local r = assert(results.open({ output = H.write(H.tmpdir() .. "/o.jsonl", "") }))
+    for _, call in ipairs({ { "summary", "results.summary: opts must be a table" } }) do
+      local ok, msg = pcall(r[call[1]], r, "prices.json")
+      assert.is_false(ok)
+      assert.matches(call[2], msg, 1, true)
+    end
+  end)
+
+  it("counts a result outside 2xx by its status, and a 2xx one without a body as empty_body: at each edge", function()
+    for _, case in ipairs({ { 199, false, "http_199" }, { 200, false, "empty_body" }, { 299, false, "empty_body" },
+                            { 300, false, "http_300" }, { 404, false, "http_404" }, { 200, true } }) do
+      local body = case[2] ~= false and { choices = { { message = { content = "x" } } } } or {}
+      local rec = results.record(cjson.encode({ custom_id = "a", response = { status_code = case[1], body = body } }))
+      assert.are.equal(case[3] == nil, rec.ok, case[1])
+      assert.are.equal(case[3], select(2, results.classify(rec)), case[1])
+    end
+    local bad = results.record(cjson.encode({ custom_id = "a", response = { status_code = 300,
+      body = { choices = { { message = { content = "x" } } } } } }))
+    assert.is_false(bad.ok)                                            -- a body does not make a 3xx ok
+    assert.are.equal("http_300", select(2, results.classify(bad)))
+  end)
+
   it("classifies each failure as retryable, permanent or account, DashScope's and OpenAI's", function()
     local input, out, err = files()
     local r = assert(results.open({ output = out, errors = err, inputs = input }))

@@ -113,6 +113,9 @@ describe("the writer and validate", function()
     { "missing_field", {}, line("f", { model = "qwen-plus" }) },
     { "missing_field", {}, '{"custom_id":"f","method":"POST","url":"/v1/chat/completions","body":{"model":"qwen-plus","messages":[]}}' },
     { "missing_field", {}, line("f", { model = "text-embedding-v4" }, EMB) },
+    -- a required field written as JSON null is missing, not given
+    { "missing_field", {}, '{"custom_id":"f","method":"POST","url":"/v1/chat/completions","body":{"model":"qwen-plus","messages":null}}' },
+    { "missing_field", {}, '{"custom_id":"f","method":"POST","url":"/v1/embeddings","body":{"model":"text-embedding-v4","input":null}}' },
     { "model_endpoint_mismatch", {}, line("e", { model = "text-embedding-v4", messages = msgs }) },
     { "model_endpoint_mismatch", {}, line("e", { model = "qwen-plus", input = "x" }, EMB) },
     { "mismatched_test_url", {}, line("t", { model = "batch-test-model", messages = msgs }) },
@@ -131,6 +134,8 @@ describe("the writer and validate", function()
     { "url_mismatch", "u", { model = "qwen-plus", messages = msgs }, CHAT, { endpoint = EMB } },
     { "missing_model", "m", { messages = msgs } },
     { "missing_field", "f", { model = "qwen-plus" } },
+    { "missing_field", "f", { model = "qwen-plus", messages = cjson.null } },
+    { "missing_field", "f", { model = "text-embedding-v4", input = cjson.null }, EMB },
     { "model_endpoint_mismatch", "e", { model = "text-embedding-v4", messages = msgs } },
     { "mismatched_test_url", "t", { model = "batch-test-model", messages = msgs }, CHAT },
     { "invalid_utf8", "u", { model = "qwen-plus", messages = { { role = "user", content = "ok \255" } } } },

@@ -12,6 +12,27 @@ describe("lbatch.size", function()
     assert.is_nil(size.file(path))
   end)
 
+  it("leaves no file open: a long-lived host asks for sizes all day", function()
+    local stat = assert(io.open("/proc/self/stat"))
+    local pid = stat:read("*n")
+    stat:close()
+    local function open_fds()
+      local p = assert(io.popen("ls /proc/" .. pid .. "/fd"))
+      local n = 0
+      for _ in p:lines() do n = n + 1 end
+      p:close()
+      return n
+    end
+    local path = os.tmpname()
+    collectgarbage("stop")                          -- no collector to close what was left open
+    local before = open_fds()
+    for _ = 1, 20 do assert.are.equal(0, size.file(path)) end
+    local after = open_fds()
+    collectgarbage("restart")
+    os.remove(path)
+    assert.are.equal(before, after)
+  end)
+
   it("writes bytes in powers of 1000", function()
     assert.are.same({ "0 B", "999 B", "1.0 kB", "1.5 kB", "12.0 MB", "3.4 GB" },
       { size.human(0), size.human(999.5), size.human(1000), size.human(1500), size.human(12e6), size.human(3.4e9) })

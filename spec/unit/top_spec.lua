@@ -18,6 +18,16 @@ describe("lbatch.top", function()
     assert.are.equal(0, top.figures(batch("b3", "completed", 10, 10, 0, 5), NOW).eta)
   end)
 
+  it("shows the account's request rate over the last 30 s, not since it started", function()
+    local st = top.state()
+    -- 10 requests in the first 10 s, 90 in the next 30, then 1000 in 10 s
+    for _, at in ipairs({ { 0, 0 }, { 10, 10 }, { 40, 100 }, { 50, 1100 } }) do
+      top.update(st, { batch("batch_aaa", "in_progress", 5000, at[2], 0, 60) }, NOW + at[1])
+    end
+    local text = table.concat(top.frame(st, 80, 20, NOW + 50), "\n")
+    assert.matches("1100/5000 done, 0 failed, 100.0/s", text, 1, true)
+  end)
+
   it("draws a frame of at most its height, none wider than 80 columns, with the totals and a row a job", function()
     local st = top.state()
     top.update(st, { batch("batch_aaa", "in_progress", 100, 50, 0, 60), batch("batch_bbb", "completed", 10, 9, 1, 600),

@@ -24,6 +24,37 @@ local function make(c, dir, n, lines)
   return ids
 end
 
+describe("the watcher's budget", function()
+  -- a watcher with one job watched and a loop that must not be slept on:
+  -- the status calls it takes before it would sleep are the ones it has
+  local watch = require "lbatch.watch"
+  local function at_once(w)
+    local n = 0
+    while pcall(w.take, w) do n = n + 1 assert(n < 10000) end
+    return n
+  end
+  local function watcher(per_minute)
+    local w = watch.new({ per_minute = per_minute, retrieve = function() end, list = function() end,
+      loop = { sleep = function() error("out of calls") end } })
+    w.jobs[{ id = "batch_x" }], w.count = true, 1
+    return w
+  end
+
+  it("spends at most its burst (a tenth of a minute's calls) at once, at the start and after an idle while", function()
+    local w = watcher(600)
+    local first = at_once(w)
+    assert.is_true(first >= 60 and first <= 61, first .. " calls at once")
+    w.at = w.at - 3600                         -- an hour without a call: still no more than the burst
+    local later = at_once(w)
+    assert.is_true(later >= 60 and later <= 61, later .. " calls at once after an hour")
+    assert.are.equal(first + later, w.calls)
+    -- then its rate: 540 a minute beside the burst, 9 a second
+    w.at = w.at - 5
+    local five = at_once(w)
+    assert.is_true(five >= 45 and five <= 46, five .. " calls after 5 s")
+  end)
+end)
+
 describe("the watcher", function()
   it("watches 120 batches with list pages inside its budget: no 429, each end seen within a poll interval", function()
     local emu = H.emulator({ speed = 20, rate_limits = true })

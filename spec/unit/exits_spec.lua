@@ -1,0 +1,123 @@
+-- The command's exit codes and messages, one row per outcome: done (0),
+-- a failure (1: the service, a file, problems found), wrong usage (2),
+-- and each final status of a batch (completed 0; failed, expired and
+-- cancelled 3), for `status`, `status --wait` and `run`. A script that
+-- runs lbatch relies on exactly these (lbatch --help, README).
+local H = require "helper"
+local cjson = require "cjson"
+
+-- requests for a model with no limit on batches running at once (the test model has 2)
+local CHAT = { url = "/v1/chat/completions", model = "qwen-plus" }
+
+local function lbatch(emu, args, key)
+  local env = emu and ("DASHSCOPE_API_KEY=k LBATCH_BASE_URL=" .. emu.base .. " ") or ""
+  if key then env = "DASHSCOPE_API_KEY=" .. key .. " " end
+  local err = os.tmpname()
+  local out = H.sh(("env %s%s %s/bin/lbatch %s 2>%s; echo \"exit=$?\""):format(env, H.lua, H.root, args, err))
+  local code = tonumber(out:match("exit=(%d+)%s*$"))
+  out = out:gsub("exit=%d+%s*$", "")
+  local stderr = H.read(err) or ""
+  os.remove(err)
+  return code, out, stderr
+end
+
+describe("the command's exit codes", function()
+  local emu, dir, ids = nil, nil, {}
+  setup(function()
+    emu = H.emulator({ speed = 400, rate_limits = false })
+    dir = H.tmpdir()
+    local function upload(path)
+      local _, f = H.json("POST", emu.base .. "/files", { form = { "purpose=batch", "file=@" .. path } })
+      return f.id
+    end
+    local function create(fid, meta)
+      local _, b = H.json("POST", emu.base .. "/batches", { json = { input_file_id = fid,
+        endpoint = "/v1/chat/completions", completion_window = "24h", metadata = meta } })
+      return b.id
+    end
+    local good = upload(H.requests(dir .. "/good.jsonl", 2, CHAT))
+    ids.completed = create(good)
+    -- a file the service refuses at validation: the batch fails
+    ids.failed = create(upload(H.write(dir .. "/bad.jsonl", H.read(dir .. "/good.jsonl") .. "{oops\n")))
+    ids.expired = create(upload(H.requests(dir .. "/slow.jsonl", 10, CHAT)), { emulator_line_seconds = "18000" })
+    ids.cancelled = create(upload(H.requests(dir .. "/slow2.jsonl", 4, CHAT)), { emulator_line_seconds = "18000" })
+    H.wait_status(emu, ids.expired, "in_progress")
+    H.json("POST", emu.base .. "/batches/" .. ids.cancelled .. "/cancel")
+    assert.are.equal("cancelled", H.wait_final(emu, ids.cancelled).status)   -- before the clock moves
+    H.json("POST", emu.url .. "/_emulator/clock", { json = { advance = 25 * 3600 } })
+    for status, id in pairs(ids) do assert.are.equal(status, H.wait_final(emu, id).status) end
+  end)
+  teardown(function() emu.stop() end)
+
+  -- status: the final status sets the exit code; stdout names the batch and its status
+  for _, row in ipairs({
+    { "completed", 0 }, { "failed", 3 }, { "expired", 3 }, { "cancelled", 3 },
+  }) do
+    local status, want = row[1], row[2]
+    it(("exits %d for a batch that ended %s, with status and status --wait"):format(want, status), function()
+      for _, args in ipairs({ "status " .. ids[status], "status --wait --poll 0.05 " .. ids[status] }) do
+        local code, out, err = lbatch(emu, args)
+        assert.are.equal(want, code, args .. ": " .. out .. err)
+        assert.matches(ids[status]:gsub("%-", "%%-") .. "%s+" .. status .. " ", out)
+        local jcode, json = lbatch(emu, args .. " --json")
+        assert.are.equal(want, jcode)
+        assert.are.equal(status, cjson.decode(json).status)
+      end
+    end)
+  end
+
+  -- every other outcome: the code, and the words on stdout or stderr
+  for _, row in ipairs({
+    { "done: --help", "--help", 0, "out", "Usage: lbatch" },
+    { "done: a command's --help", "status --help", 0, "out", "Usage: lbatch status" },
+    { "done: a valid file", "validate %s/good.jsonl", 0, "out", "2 lines" },
+    { "failure: problems found", "validate %s/bad.jsonl", 1, "out", "bad%.jsonl:3: invalid_json_line" },
+    { "failure: a file that is not there", "validate %s/none.jsonl", 1, "err", "^lbatch validate: .*cannot read" },
+    { "failure: the service's 404", "status batch_nope", 1, "err", "^lbatch status: .*404" },
+    { "failure: submit a file that is not there", "submit %s/none.jsonl", 1, "err",
+      "^lbatch submit: io: cannot read [^\n]*none%.jsonl" },
+    { "failure: the service's 404, in JSON", "status batch_nope --json", 1, "json", 404 },
+    { "usage: no command", "", 2, "out", "Usage" },
+    { "usage: an unknown command", "frobnicate", 2, "err", "^lbatch: unknown command frobnicate" },
+    { "usage: a missing argument", "status", 2, "err", "^lbatch status: expected BATCH_ID" },
+    { "usage: too many arguments", "status a b", 2, "err", "^lbatch status: expected" },
+    { "usage: an unknown option", "list --stauts x", 2, "err", "^lbatch list: unknown option %-%-stauts" },
+    { "usage: an option without its value", "list --limit", 2, "err", "^lbatch list:" },
+    { "usage: a CSV without --model", "run q.csv", 2, "err", "%-%-model is required for a CSV" },
+  }) do
+    local name, args, want, where, text = row[1], row[2], row[3], row[4], row[5]
+    it(("exits %d: %s"):format(want, name), function()
+      local code, out, err = lbatch(emu, args:format(dir))
+      assert.are.equal(want, code, out .. err)
+      if where == "json" then
+        assert.are.equal(text, cjson.decode(out).error.status)
+      else
+        assert.matches(text, where == "out" and out or err)
+      end
+      if want == 2 then assert.are.equal("", where == "err" and out or "") end   -- usage: nothing on stdout
+    end)
+  end
+
+  it("submit: exits 0, the batch on stdout, its upload's progress on stderr in a few lines", function()
+    -- 24 MB to a server that takes 1 MB every 100 ms (more than the
+    -- sockets' buffers hold): progress is reported some 20 times; off a
+    -- terminal a line is printed at most every 5 s, and the last one (100%)
+    local big = H.requests(dir .. "/big.jsonl", 2, { content = function() return ("w "):rep(6000000) end })
+    local srv = H.hostile()
+    local code, out, err = lbatch(nil, ("submit --base-url %s %s"):format(srv.at("slow_reader-1024"), big), "k")
+    srv.stop()
+    assert.are.equal(0, code, out .. err)
+    assert.matches("^batch_%S+%s+validating", out)
+    local lines = {}
+    for l in err:gmatch("upload [^\n]*") do lines[#lines + 1] = l end
+    assert.is_true(#lines >= 1 and #lines <= 4, err)
+    assert.matches("%(100%%%)", lines[#lines])
+  end)
+
+  it("run: exits 0 when every request came back", function()
+    local csvp = H.write(dir .. "/q.csv", "id,question\na,one\nb,two\n")
+    local code, out, err = lbatch(emu, ("run --model batch-test-model --endpoint /v1/chat/ds-test --poll 0.05 %s"):format(csvp))
+    assert.are.equal(0, code, out .. err)
+    assert.matches("2 requests, 2 ok, 0 failed, 0 missing", out)
+  end)
+end)
