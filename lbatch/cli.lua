@@ -291,8 +291,11 @@ end
 -- on_progress callback and a function that ends the line.
 local function transfer_printer(label)
   local show, finish = status_line(5)
-  local started = now()
+  local started, ended = now(), nil
   return function(done, total)
+    local whole = total and total > 0 and done >= total
+    if whole and ended == done then return end     -- the end once, however often it is reported
+    ended = whole and done or nil
     local t = math.max(now() - started, 1e-3)
     local rate = done / t
     local line = ("%s: %s"):format(label, fmt_bytes(done))

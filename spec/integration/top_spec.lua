@@ -82,19 +82,30 @@ describe("lbatch top", function()
     assert.equals(30 - 6, rows)
     -- a refresh later the rate is seen
     until_shown("[1-9][%d.]*/s")
-    -- select the third row, cancel it
-    tmux("send-keys j")
-    tmux("send-keys Down")
-    local sel_lines
-    local deadline = H.now() + 10
-    repeat
-      sel_lines = {}
-      for line in screen():gmatch("[^\n]+") do if line:find("^[ >]batch_") then sel_lines[#sel_lines + 1] = line end end
-      if sel_lines[3]:sub(1, 1) == ">" then break end
-      H.sleep(0.1)
-    until H.now() > deadline
-    assert.equals(">", sel_lines[3]:sub(1, 1))
-    local prefix = sel_lines[3]:match("^>(batch_%S+)")
+    -- select the third row (j, then Down), or the first in progress below it (one that
+    -- finished cannot be cancelled), and cancel it
+    local function selected_row()
+      local rows_now = {}
+      for line in screen():gmatch("[^\n]+") do if line:find("^[ >]batch_") then rows_now[#rows_now + 1] = line end end
+      for i, line in ipairs(rows_now) do if line:sub(1, 1) == ">" then return i, line end end
+    end
+    local function move(key, want)
+      tmux("send-keys " .. key)
+      local deadline, at, line = H.now() + 10
+      repeat
+        at, line = selected_row()
+        if at == want then return line end
+        H.sleep(0.1)
+      until H.now() > deadline
+      error(("row %s selected, not %d"):format(tostring(at), want))
+    end
+    move("j", 2)
+    local sel = move("Down", 3)
+    for n = 4, 20 do
+      if sel:find(" in_progress ", 1, true) then break end
+      sel = move("Down", n)
+    end
+    local prefix = sel:match("^>(batch_%S+)")
     local id
     for _, x in ipairs(ids) do if x:sub(1, #prefix) == prefix then id = x end end
     assert.is_truthy(id, prefix)
@@ -110,7 +121,7 @@ describe("lbatch top", function()
     tmux("send-keys f")
     until_shown("filter %l")
     tmux("send-keys q")
-    deadline = H.now() + 10
+    local deadline = H.now() + 10
     while not H.exists(dir .. "/exit") and H.now() < deadline do H.sleep(0.1) end
     assert.equals("exit=0\n", H.read(dir .. "/exit"))
   end)

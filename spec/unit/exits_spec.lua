@@ -112,6 +112,9 @@ describe("the command's exit codes", function()
     for l in err:gmatch("upload [^\n]*") do lines[#lines + 1] = l end
     assert.is_true(#lines >= 1 and #lines <= 4, err)
     assert.matches("%(100%%%)", lines[#lines])
+    local whole = 0
+    for _, l in ipairs(lines) do if l:find("(100%)", 1, true) then whole = whole + 1 end end
+    assert.are.equal(1, whole, err)                   -- the end said once
   end)
 
   it("run: exits 0 when every request came back", function()
