@@ -3,15 +3,20 @@
 #include <string.h>
 #include "core.h"
 
+/* room for n more bytes and a NUL */
+int buf_reserve(buf *b, size_t n) {
+  size_t cap = b->cap ? b->cap : 1024;
+  char *q;
+  if (b->len + n + 1 <= b->cap) return 1;
+  while (cap < b->len + n + 1) cap *= 2;
+  if (!(q = realloc(b->p, cap))) return 0;
+  b->p = q;
+  b->cap = cap;
+  return 1;
+}
+
 int buf_add(buf *b, const char *p, size_t n) {
-  if (b->len + n + 1 > b->cap) {
-    size_t cap = b->cap ? b->cap : 1024;
-    char *q;
-    while (cap < b->len + n + 1) cap *= 2;
-    if (!(q = realloc(b->p, cap))) return 0;
-    b->p = q;
-    b->cap = cap;
-  }
+  if (!buf_reserve(b, n)) return 0;
   memcpy(b->p + b->len, p, n);
   b->len += n;
   b->p[b->len] = '\0';

@@ -24,6 +24,7 @@ typedef struct buf {
   size_t len, cap;
 } buf;
 
+int buf_reserve(buf *b, size_t n);
 int buf_add(buf *b, const char *p, size_t n);
 void buf_free(buf *b);
 

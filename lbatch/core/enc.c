@@ -77,49 +77,15 @@ static const unsigned char esc[256] = {
   ['"'] = '"', ['\\'] = '\\', ['/'] = '/',
 };
 
-/* room for n more bytes and a NUL */
-static int reserve(buf *b, size_t n) {
-  if (b->len + n + 1 <= b->cap) return 1;
-  {
-    size_t cap = b->cap ? b->cap : 1024;
-    char *q;
-    while (cap < b->len + n + 1) cap *= 2;
-    if (!(q = realloc(b->p, cap))) return 0;
-    b->p = q;
-    b->cap = cap;
-  }
-  return 1;
-}
-
 /* append n bytes (no NUL kept: the line is handed out by length) */
 static inline int put(buf *b, const char *s, size_t n) {
-  if (b->len + n + 1 > b->cap && !reserve(b, n)) return 0;
+  if (b->len + n + 1 > b->cap && !buf_reserve(b, n)) return 0;
   memcpy(b->p + b->len, s, n);
   b->len += n;
   return 1;
 }
 
 #define PUT(b, s, n) do { if (!put((b), (s), (n))) return LB_ENC_NOMEM; } while (0)
-
-/* the length of the valid UTF-8 sequence that starts with c >= 0x80 at
- * s[i], or 0 (RFC 3629, as lb_utf8_invalid) */
-static size_t utf8_seq(const unsigned char *s, size_t n, size_t i) {
-  unsigned char c = s[i], lo = 0x80, hi = 0xBF;
-  size_t need;
-  if (c >= 0xC2 && c <= 0xDF) need = 1;
-  else if (c == 0xE0) { need = 2; lo = 0xA0; }
-  else if (c >= 0xE1 && c <= 0xEC) need = 2;
-  else if (c == 0xED) { need = 2; hi = 0x9F; }
-  else if (c >= 0xEE && c <= 0xEF) need = 2;
-  else if (c == 0xF0) { need = 3; lo = 0x90; }
-  else if (c >= 0xF1 && c <= 0xF3) need = 3;
-  else if (c == 0xF4) { need = 3; hi = 0x8F; }
-  else return 0;
-  if (i + need >= n || s[i + 1] < lo || s[i + 1] > hi) return 0;
-  if (need >= 2 && (s[i + 2] < 0x80 || s[i + 2] > 0xBF)) return 0;
-  if (need == 3 && (s[i + 3] < 0x80 || s[i + 3] > 0xBF)) return 0;
-  return need + 1;
-}
 
 /* a string, quoted and escaped, checked as UTF-8 in the same pass;
  * LB_ENC_NO when it is not valid UTF-8 */
@@ -133,7 +99,7 @@ static int put_string(buf *b, const char *str, size_t n) {
     worst = n + extra + 2;
     i = 0;
   }
-  if (!reserve(b, worst)) return LB_ENC_NOMEM;
+  if (!buf_reserve(b, worst)) return LB_ENC_NOMEM;
   o = b->p + b->len;
   *o++ = '"';
   while (i < n) {
@@ -156,7 +122,7 @@ static int put_string(buf *b, const char *str, size_t n) {
     }
     c = s[i];
     if (c >= 0x80) {
-      size_t k = utf8_seq(s, n, i);
+      size_t k = lb_utf8_seq(s, n, i);
       if (!k) return LB_ENC_NO;
       memcpy(o, s + i, k);
       o += k;
@@ -335,7 +301,7 @@ static int encode_at(lua_State *L, encoder *e, int base) {
   id = lua_tolstring(L, base, &il);
   url = lua_tolstring(L, base + 1, &ul);
   if (il == 0 || lb_utf8_invalid((const unsigned char *)url, ul) >= 0) return 0;
-  if (!reserve(b, il + ul + 256)) return nomem(L);
+  if (!buf_reserve(b, il + ul + 256)) return nomem(L);
   if (!put(b, L1, sizeof L1 - 1)) return nomem(L);
   if ((r = put_string(b, id, il)) != LB_ENC_OK) return r == LB_ENC_NOMEM ? nomem(L) : 0;
   if (!put(b, L2, sizeof L2 - 1) || !put(b, url, ul) || !put(b, L3, sizeof L3 - 1)) return nomem(L);

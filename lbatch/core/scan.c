@@ -12,29 +12,14 @@
 #include <string.h>
 #include "scan.h"
 
-/* UTF-8 as RFC 3629 has it: no overlong forms, no surrogates, nothing
- * past U+10FFFF. Returns the offset of the first bad byte, or -1. */
+/* UTF-8 as RFC 3629 has it (lb_utf8_seq, scan.h). Returns the offset of
+ * the first bad byte, or -1. */
 long lb_utf8_invalid(const unsigned char *s, size_t n) {
   size_t i = 0;
   while (i < n) {
-    unsigned char c = s[i];
-    size_t need;
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (c < 0x80) { i++; continue; }
-    if (c >= 0xC2 && c <= 0xDF) need = 1;
-    else if (c == 0xE0) { need = 2; lo = 0xA0; }
-    else if (c >= 0xE1 && c <= 0xEC) need = 2;
-    else if (c == 0xED) { need = 2; hi = 0x9F; }
-    else if (c >= 0xEE && c <= 0xEF) need = 2;
-    else if (c == 0xF0) { need = 3; lo = 0x90; }
-    else if (c >= 0xF1 && c <= 0xF3) need = 3;
-    else if (c == 0xF4) { need = 3; hi = 0x8F; }
-    else return (long)i;
-    if (i + need >= n) return (long)i;     /* cut short */
-    if (s[i + 1] < lo || s[i + 1] > hi) return (long)i;
-    if (need >= 2 && (s[i + 2] < 0x80 || s[i + 2] > 0xBF)) return (long)i;
-    if (need == 3 && (s[i + 3] < 0x80 || s[i + 3] > 0xBF)) return (long)i;
-    i += need + 1;
+    size_t k = s[i] < 0x80 ? 1 : lb_utf8_seq(s, n, i);
+    if (k == 0) return (long)i;
+    i += k;
   }
   return -1;
 }
