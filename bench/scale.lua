@@ -32,6 +32,17 @@ local function request(i)
     .. '"messages":[{"role":"user","content":"Question number %d: what is %d + %d?"}]}}'):format(i, i, i, i)
 end
 
+-- a file of 10 requests, uploaded: the input of the jobs and told/polled runs
+local function ten_requests(client)
+  local path = os.tmpname()
+  local fh = io.open(path, "wb")
+  for i = 1, 10 do fh:write(request(i), "\n") end
+  fh:close()
+  local f = assert(client:upload(path))
+  os.remove(path)
+  return f
+end
+
 local function answer(i)
   return ('{"id":"batch_req_%d","custom_id":"req-%07d","response":{"status_code":200,"request_id":"r-%d","body":'
     .. '{"id":"chatcmpl-%d","object":"chat.completion","created":1795000000,"model":"qwen-plus",'
@@ -213,12 +224,7 @@ elseif mode == "jobs" then
   local lbatch = require "lbatch"
   local n = tonumber(a)
   local client = lbatch.new({ max_connections = 16 })
-  local path = os.tmpname()
-  local fh = io.open(path, "wb")
-  for i = 1, 10 do fh:write(request(i), "\n") end
-  fh:close()
-  local f = assert(client:upload(path))
-  os.remove(path)
+  local f = ten_requests(client)
   local w = client:watcher()
   local times, take = {}, w.take
   w.take = function(self)
@@ -311,12 +317,7 @@ elseif mode == "told" or mode == "polled" then
   local lbatch = require "lbatch"
   local n, interval = tonumber(a), tonumber(os.getenv("POLL") or "10")
   local client = lbatch.new({ region = "openai", max_connections = 16 })
-  local path = os.tmpname()
-  local fh = io.open(path, "wb")
-  for i = 1, 10 do fh:write(request(i), "\n") end
-  fh:close()
-  local f = assert(client:upload(path))
-  os.remove(path)
+  local f = ten_requests(client)
   local seen_at, ids = {}, {}
   local function jobs()
     local tasks = {}
