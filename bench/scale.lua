@@ -32,6 +32,15 @@ local function request(i)
     .. '"messages":[{"role":"user","content":"Question number %d: what is %d + %d?"}]}}'):format(i, i, i, i)
 end
 
+-- the emulator's stats with each batch's finish time (and its clock: stats.now)
+local function finished_stats()
+  local base = os.getenv("LBATCH_BASE_URL"):gsub("/compatible%-mode/v1$", "")
+  local p = io.popen("curl -s '" .. base .. "/_emulator/stats?finished=1'")
+  local stats = cjson.decode(p:read("*a"))
+  p:close()
+  return stats
+end
+
 -- a file of 10 requests, uploaded: the input of the jobs and told/polled runs
 local function ten_requests(client)
   local path = os.tmpname()
@@ -246,10 +255,7 @@ elseif mode == "jobs" then
   end
   assert(client:run())
   local elapsed = now() - t0
-  local base = os.getenv("LBATCH_BASE_URL"):gsub("/compatible%-mode/v1$", "")
-  local p = io.popen("curl -s '" .. base .. "/_emulator/stats?finished=1'")
-  local stats = cjson.decode(p:read("*a"))
-  p:close()
+  local stats = finished_stats()
   local t_here = now()
   local worst = 0
   for _, id in ipairs(ids) do
@@ -347,10 +353,7 @@ elseif mode == "told" or mode == "polled" then
     assert(client:run())
   end
   local elapsed = now() - t0
-  local base = os.getenv("LBATCH_BASE_URL"):gsub("/compatible%-mode/v1$", "")
-  local p = io.popen("curl -s '" .. base .. "/_emulator/stats?finished=1'")
-  local stats = cjson.decode(p:read("*a"))
-  p:close()
+  local stats = finished_stats()
   local t_here = now()
   local delays = {}
   -- (the two clocks agree to about a millisecond: a delay below 0 is 0)
