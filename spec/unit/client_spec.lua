@@ -390,18 +390,24 @@ describe("lbatch client", function()
         end
         return n
       end)
-      local steps = 0
+      -- Each step's length is read as the process's CPU time (os.clock), not
+      -- the wall clock: a busy machine may preempt any step for many
+      -- milliseconds, and the wall-clock budget is judged in the #timing
+      -- specs, alone on the machine. Work that pause() did not spread would
+      -- show here as a step of the whole run's CPU time.
+      local steps, worst = 0, 0
       while not task:done() do
-        local t0 = H.now()
+        local c0 = os.clock()
         client:step(0.2)
+        worst = math.max(worst, os.clock() - c0)
         steps = steps + 1
         if not task:done() then
-          assert.is_true(H.now() - t0 < 0.005)
           assert.are.equal(0, client:timeout())     -- more to do at once
         end
       end
       assert.are.equal(20000, task:join())
       assert.is_true(steps > 3, "steps: " .. steps)
+      assert.is_true(worst < 0.005, ("the longest step took %.1f ms of CPU"):format(worst * 1000))
       -- under run() the same work goes through in one go
       local ran = client:spawn(function() for _ = 1, 1000 do client:pause() end return true end)
       assert.is_true(client:run())
