@@ -62,6 +62,30 @@ end
 -- or every run picks the same "random" emulator ports
 math.randomseed(os.time() + H.pid * 7919)
 
+-- A port for a listener a spec starts itself (a webhook receiver), which
+-- must be known before the listener runs: below the kernel's ephemeral
+-- range (32768-60999 on Linux), where no outgoing connection can hold it,
+-- apart from the servers' range below (20000-45000), and not bound now by
+-- any socket on the machine (/proc/net/tcp and tcp6).
+function H.free_port()
+  local used = {}
+  for _, table_ in ipairs({ "/proc/net/tcp", "/proc/net/tcp6" }) do
+    local f = io.open(table_)
+    if f then
+      for line in f:lines() do
+        local hex = line:match("^%s*%d+:%s+%x+:(%x+)%s")
+        if hex then used[tonumber(hex, 16)] = true end
+      end
+      f:close()
+    end
+  end
+  for _ = 1, 1000 do
+    local port = math.random(10000, 19999)
+    if not used[port] then return port end
+  end
+  error("no free port in 10000-19999")
+end
+
 function H.tmpdir()
   return (sh("mktemp -d /tmp/lbatch-spec.XXXXXX"):gsub("%s+$", ""))
 end

@@ -22,7 +22,7 @@ describe("the emulator's webhooks #conformance", function()
       pending("npm install in emulator/conformance first")
       return
     end
-    local port = math.random(45001, 55000)
+    local port = H.free_port()
     local log = os.tmpname()
     local pid = H.sh(("setsid node %s %d %s 2 >%s 2>&1 & echo $!"):format(H.q(RECEIVER), port, SECRET, log)):match("%d+")
     for _ = 1, 100 do if (H.read(log) or ""):find("listening") then break end H.sleep(0.05) end
@@ -135,7 +135,7 @@ describe("a pipeline told, not polling", function()
   -- each shard after 30 s, with them it is done in a few
   local function told(dialect)
     if not ok_http then pending("lua-http is not installed for this Lua") return end
-    local port = math.random(45001, 55000)
+    local port = H.free_port()
     local hook = ("http://127.0.0.1:%d/hook"):format(port)
     local emu = H.emulator({ speed = 20, dialect = dialect, tls = false, rate_limits = false,
       webhook_url = dialect == "openai" and hook or nil, webhook_secret = SECRET })
@@ -186,7 +186,7 @@ describe("a pipeline told, not polling", function()
 
   it("a forged callback saying completed while the batch runs changes nothing", function()
     if not ok_http then pending("lua-http is not installed for this Lua") return end
-    local port = math.random(45001, 55000)
+    local port = H.free_port()
     local hook = ("http://127.0.0.1:%d/hook"):format(port)
     local emu = H.emulator({ speed = 20, tls = false, rate_limits = false })
     local c = lbatch.new({ api_key = "k", base_url = emu.base })

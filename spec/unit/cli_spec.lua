@@ -334,7 +334,7 @@ describe("lbatch run --notify-listen", function()
   local SECRET = "whsec_" .. require("lbatch.core").base64("the secret of the command's listener")
 
   it("is told by the emulator's webhooks: the run ends in seconds, about one status call a job", function()
-    local port = math.random(45001, 55000)
+    local port = H.free_port()
     local emu = H.emulator({ speed = 20, dialect = "openai", tls = false, rate_limits = false,
       webhook_url = ("http://127.0.0.1:%d/hook"):format(port), webhook_secret = SECRET })
     local dir = H.tmpdir()
@@ -448,5 +448,47 @@ describe("lbatch flow", function()
     code, text = lbatch(emu, ("flow %s/flow.csv --items %s/flow.csv --dir %s/f2"):format(dir, dir, dir))
     assert.are.equal(1, code, text)
     assert.matches("bad_script", text)
+  end)
+
+  it("stops on an ask the step changed since it was asked, unless --ask-again or the script's on_change says so", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/flow.csv", "id,question\nc1,What is 5 + 5?\nc2,What is 6 + 6?\n")
+    local judge = H.root .. "/spec/fixtures/judge_flow.lua"
+    local function script(name, body)
+      local path = ("%s/%s.lua"):format(dir, name)
+      H.write(path, ("local base = dofile(%q)\n"):format(judge) .. body)
+      return path
+    end
+    -- a run that dies once its first answers are journaled: the items are half done
+    local dies = script("dies", [[
+return { key = base.key, step = function(item, ask)
+  assert(ask{ model = "qwen-plus", prompt = item.question })
+  os.exit(9)
+end }]])
+    -- the judge's flow, its first ask worded anew; on_change from the script
+    local function changed(name, on_change)
+      return script(name, ([[
+return { key = base.key, on_change = %s, step = function(item, ask)
+  return base.step({ id = item.id, question = "Now: " .. item.question }, ask)
+end }]]):format(on_change and ("%q"):format(on_change) or "nil"))
+    end
+    local function flow(path, work, extra)
+      return lbatch(emu, ("flow %s --items %s/flow.csv --dir %s/%s --poll 0.05 --json%s")
+        :format(path, dir, dir, work, extra or ""))
+    end
+    for _, work in ipairs({ "a", "b", "c" }) do
+      local code, text = flow(dies, work)
+      assert.are.equal(9, code, text)
+    end
+    local code, text = flow(changed("plain"), "a")
+    assert.are.equal(1, code, text)
+    assert.matches("flow_changed", text)
+    code, text = flow(changed("plain"), "b", " --ask-again")
+    assert.are.equal(0, code, text)
+    code, text = flow(changed("told", "ask_again"), "c")
+    assert.are.equal(0, code, text)
+    local rows = {}
+    for line in H.read(dir .. "/c/results.jsonl"):gmatch("[^\n]+") do rows[#rows + 1] = cjson.decode(line) end
+    assert.matches("Now: What is 5 %+ 5%?", rows[1].value.answer)
   end)
 end)
