@@ -120,6 +120,39 @@ describe("TLS", function()
   end)
 end)
 
+describe("Together's upload over TLS", function()
+  local KEY = "tls-key-0123456789abcdef"
+  local emu, c, dir
+  setup(function()
+    emu = H.emulator({ dialect = "together", api_key = KEY, speed = 200, tls = true })
+    c = assert(lbatch.new({ provider = "together", api_key = KEY, cainfo = emu.tls, fresh_window = 0,
+      base_url = emu.url .. require("lbatch.service").PROVIDERS.together.prefix }))
+    dir = H.tmpdir()
+  end)
+  teardown(function()
+    c:close()
+    emu.stop()
+  end)
+
+  it("sends the bytes to the https URL the service presigned", function()
+    local path = chat_file(dir, "tls.jsonl", 3)
+    local f = assert(c:upload(path))
+    assert.are.equal(1, routes(emu)["PUT presigned"])
+    assert.are.equal(H.read(path), assert(c:content(f.id)))
+  end)
+
+  it("never sends them over plain http when the service is https: a downgraded Location is refused", function()
+    local before = routes(emu)["PUT presigned"] or 0
+    local plain = "http://127.0.0.1:" .. emu.url:match(":(%d+)") .. "/_presigned/file-x?signature=s"
+    assert.are.equal(200, (H.json("POST", emu.url .. "/_emulator/faults", { cacert = emu.tls,
+      json = { path = "^/v1/files$", method = "POST", headers = { Location = plain } } })))
+    local f, err = c:upload(chat_file(dir, "down.jsonl", 1))
+    assert.is_nil(f)
+    assert.are.equal("invalid_upload_url", err.code)
+    assert.are.equal(before, routes(emu)["PUT presigned"] or 0)
+  end)
+end)
+
 describe("proxies", function()
   local emu
   setup(function() emu = H.emulator({ speed = 200, rate_limits = false, tls = true }) end)

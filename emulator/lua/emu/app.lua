@@ -91,6 +91,12 @@ function A.handle()
   if fault and fault.status and fault.process then
     res = respond.err(tonumber(fault.status), fault.code or "emulated_fault", "Fault injected after processing.")
   end
+  if fault and type(fault.headers) == "table" then     -- what a tampering proxy would put in
+    res.headers = res.headers or {}
+    for k, v in pairs(fault.headers) do
+      if type(k) == "string" and type(v) == "string" then res.headers[k] = v end
+    end
+  end
   return respond.send(res, fault)
 end
 
