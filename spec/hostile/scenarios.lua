@@ -193,6 +193,13 @@ function S.redirect()
   return reply(302, '{"moved":true}', { Location = "http://127.0.0.1:9/elsewhere" })
 end
 
+-- status N (200 unless given) and a body that is a batch, with no
+-- Location: only a 2xx may make it a value
+function S.status(r)
+  return json(tonumber(r.arg) or 200, { id = "batch_1", object = "batch", status = "completed",
+                                        endpoint = "/v1/chat/completions", request_counts = { total = 1 } })
+end
+
 -- a file's content, gzip-encoded although nobody asked for it
 function S.gzip()
   return reply(200, "\31\139\8\0\0\0\0\0\0\3not really gzip", { ["Content-Encoding"] = "gzip",

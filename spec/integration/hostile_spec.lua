@@ -426,6 +426,23 @@ describe("the hostile kit", function()
       assert.are.equal(1, srv.stats()["requests:redirect"])
       c:close()
     end)
+
+    it("only a 2xx answer is a value: 300 and 399 with a batch for a body are errors, 200 and 299 are the batch",
+       function()
+      for _, status in ipairs({ 200, 299, 300, 399 }) do
+        local c = client("status-" .. status)
+        local b, err = c:retrieve("batch_1")
+        if status >= 200 and status < 300 then
+          assert.is_nil(err, status)
+          assert.are.equal("completed", b.status)
+        else
+          assert.is_nil(b, status)
+          is_error(err, "http")
+          assert.are.equal(status, err.status)
+        end
+        c:close()
+      end
+    end)
   end)
 
   describe("random answers", function()

@@ -278,6 +278,18 @@ describe("the core's system calls", function()
     os.remove(d .. "/f") os.remove(d)
   end)
 
+  it("fsync works in a program started with stdin closed (a daemon: the file it opens is fd 0)", function()
+    local H = require "helper"
+    local d = tmpdir()
+    write(d .. "/f", "x")
+    local code = ([[
+      assert(io.open("/proc/self/fd/0") == nil, "stdin is open")
+      local core = require "lbatch.core"
+      print(core.fsync(%q), core.fsync(%q))]]):format(d .. "/f", d)
+    assert.equal("true\ttrue\n", H.sh(H.lua .. " -e " .. H.q(code) .. " <&- 2>&1"))
+    os.remove(d .. "/f") os.remove(d)
+  end)
+
   it("disk_free gives the bytes left, or nil and the reason", function()
     local n = core.disk_free("/tmp")
     assert.is_number(n)
