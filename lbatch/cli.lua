@@ -192,7 +192,7 @@ local function usage()
     first = first:gsub("%s*\n%s*", " ")
     t[#t + 1] = ("  %-10s %-10s %s"):format(name, COMMANDS[name].args, first)
   end
-  t[#t + 1] = "\n" .. GLOBAL .. "\nlbatch COMMAND --help shows a command's options."
+  t[#t + 1] = "\n" .. GLOBAL .. "\nlbatch COMMAND --help shows a command's options; lbatch --version (-V) the version."
   return table.concat(t, "\n")
 end
 
@@ -234,9 +234,11 @@ local function parse(args, ok)
   return o, pos
 end
 
+-- the result on stdout (o.stdout: elsewhere, when stdout carries a download)
 local function out(o, value, text)
-  if o.json then io.stdout:write(json.encode(value), "\n")
-  else io.stdout:write(text, "\n") end
+  local f = o.stdout or io.stdout
+  if o.json then f:write(json.encode(value), "\n")
+  else f:write(text, "\n") end
 end
 
 -- o[k] as a number; nil, err when it is not one
@@ -276,15 +278,17 @@ local function status_line(every)
   local tty = os.execute("[ -t 2 ]")
   tty = tty == true or tty == 0
   local last, shown_at = nil, -math.huge
-  local function show(line, force)
-    if line == last then return end
+  -- sig: what counts as a change (default the line)
+  local function show(line, force, sig)
+    sig = not tty and sig or line
+    if sig == last then return end
     if not tty and not force and now() - shown_at < every then return end
-    last, shown_at = line, now()
+    last, shown_at = sig, now()
     if tty then io.stderr:write("\r\27[K", line) else io.stderr:write(line, "\n") end
     io.stderr:flush()
   end
   local function finish() if tty and last then io.stderr:write("\n") io.stderr:flush() end end
-  return show, finish
+  return show, finish, tty
 end
 
 -- A transfer's progress: bytes, rate and time left. Returns the
@@ -308,9 +312,11 @@ local function transfer_printer(label)
   end, finish
 end
 
--- a pipeline's progress: jobs by status, requests, and bytes moving
+-- a pipeline's progress: jobs by status, requests, and bytes moving. Off
+-- a terminal, a plain line each time the jobs or requests change, without
+-- the bytes moving (a line a chunk would flood a log).
 local function progress_printer()
-  local show, finish = status_line(0)
+  local show, finish, tty = status_line(0)
   local moving, last_p = {}, nil
   local function draw()
     local p = last_p
@@ -318,13 +324,16 @@ local function progress_printer()
     local jobs = {}
     for status, n in pairs(p.jobs) do jobs[#jobs + 1] = n .. " " .. status end
     table.sort(jobs)
-    local line = ("jobs: %s | requests %d/%d done, %d failed | %s elapsed%s"):format(
-      table.concat(jobs, ", "), p.completed, p.total, p.failed, fmt_time(p.elapsed),
+    local sig = ("jobs: %s | requests %d/%d done, %d failed"):format(table.concat(jobs, ", "), p.completed,
+      p.total, p.failed)
+    local line = ("%s | %s elapsed%s"):format(sig, fmt_time(p.elapsed),
       p.eta and (", ~" .. fmt_time(p.eta) .. " left") or "")
     local done, total, n = 0, 0, 0
     for _, m in pairs(moving) do done, total, n = done + m[1], total + m[2], n + 1 end
-    if n > 0 then line = line .. (" | moving %s of %s"):format(fmt_bytes(done), fmt_bytes(total)) end
-    show(line)
+    if n > 0 and tty then   -- a size not known yet (0) is not shown as "of 0 B"
+      line = line .. " | moving " .. fmt_bytes(done) .. (total > 0 and (" of " .. fmt_bytes(total)) or "")
+    end
+    show(line, false, sig)
   end
   return function(p) last_p = p draw() end, finish, function(shard, _, done, total)
     total = total or 0                   -- (nil until the server has said it)
@@ -340,6 +349,16 @@ local function batch_line(b)
 end
 
 local FINAL_BAD = { failed = true, expired = true, cancelled = true }
+
+-- A fresh run's input must be readable before its work directory is made:
+-- a command that fails on its input leaves nothing behind. A dir that
+-- exists (a run to resume) is left to the run. nil, or an error
+local function unreadable(path, dir)
+  if os.rename(dir, dir) then return nil end
+  local f, msg = io.open(path, "rb")
+  if f then f:close() return nil end
+  return errors.io("cannot read", path, msg)
+end
 
 -- the limits profile's name the options choose (--limits, else the
 -- region's), or nil and a usage error
@@ -617,11 +636,25 @@ function run.cancel(o, pos)
   return 0
 end
 
--- a file's content to path, with progress
+-- a temporary file's bytes to stdout, and the file removed: "-", or nil and an error
+local function to_stdout(tmp)
+  local f, msg = io.open(tmp, "rb")
+  if not f then return nil, errors.io("cannot read", tmp, msg) end
+  for chunk in function() return f:read(65536) end do io.stdout:write(chunk) end
+  f:close()
+  io.stdout:flush()
+  return "-"
+end
+
+-- a file's content to path ("-": stdout, through a temporary file, so
+-- that nothing of a cut download is written), with progress
 local function fetch(c, id, path)
-  local show, finish = transfer_printer("download " .. path)
-  local got, err = c:content(id, { path = path, on_progress = show })
+  local target = path == "-" and os.tmpname() or path
+  local show, finish = transfer_printer("download " .. (path == "-" and "to stdout" or path))
+  local got, err = c:content(id, { path = target, on_progress = show })
   finish()
+  if got and path == "-" then got, err = to_stdout(target) end
+  if path == "-" then os.remove(target) end
   return got, err
 end
 
@@ -648,7 +681,8 @@ function run.download(o, pos)
   local t = {}
   for k, v in pairs(got) do t[#t + 1] = k .. "  " .. v end
   table.sort(t)
-  out(o, got, #t > 0 and table.concat(t, "\n") or "nothing to download yet")
+  local say = (got.output == "-" or got.errors == "-") and { json = o.json, stdout = io.stderr } or o
+  out(say, got, #t > 0 and table.concat(t, "\n") or "nothing to download yet")
   return 0
 end
 
@@ -684,6 +718,8 @@ function run.run(o, pos)
   end
   local c = client(o)
   local dir = o.dir or (pos[1] .. ".lbatch")
+  local missing = unreadable(pos[1], dir)
+  if missing then return nil, missing end
   local show, done, moving = progress_printer()
   local report, err = pipeline.run({
     client = c, requests = pos[1], dir = dir, model = o.model, system = o.system, endpoint = o.endpoint,
@@ -733,6 +769,8 @@ function run.flow(o, pos)
       message = pos[1] .. " must return a table with a step function (lbatch.flow)" })
   end
   local dir = o.dir or (o.items .. ".flow")
+  local missing = unreadable(o.items, dir)
+  if missing then return nil, missing end
   local quiet = o.json
   local report, err = require("lbatch.flow").run({
     client = client(o), dir = dir, items = o.items, step = script.step, key = script.key,
@@ -835,7 +873,7 @@ function run.rm(o, pos)
     if r then done[#done + 1] = id
     else
       failed = failed or err
-      io.stderr:write("lbatch rm: ", tostring(err), "\n")
+      io.stderr:write("lbatch rm: ", (tostring(err):gsub("^lbatch: ", "")), "\n")
     end
   end
   out(o, { deleted = done }, #done > 0 and ("deleted " .. table.concat(done, " ")) or "nothing deleted")
@@ -875,7 +913,7 @@ function run.prune(o)
         freed, deleted[#deleted + 1] = freed + (f.bytes or 0), f.id
       else
         failed = failed or derr
-        io.stderr:write("lbatch prune: ", tostring(derr), "\n")
+        io.stderr:write("lbatch prune: ", (tostring(derr):gsub("^lbatch: ", "")), "\n")
       end
     end
   end
@@ -929,6 +967,10 @@ end
 -- @treturn integer the exit code
 function M.main(args)
   local name = args[1]
+  if name == "--version" or name == "-V" then
+    io.stdout:write("lbatch ", lbatch.VERSION, "\n")
+    return 0
+  end
   if not name or name == "-h" or name == "--help" or name == "help" then
     io.stdout:write(usage(), "\n")
     return name and 0 or 2

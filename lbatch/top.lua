@@ -186,8 +186,9 @@ function M.frame(st, width, height, now)
     ("requests: %d/%d done, %d failed, %.1f/s; tokens %d%s"):format(done, total, failed, rps, tokens,
       money and (", cost %.4f"):format(money) or ""),
     "failures: " .. (#by_code > 0 and table.concat(by_code, ", ") or "none"),
-    ("sort %s | filter %s%s | q quit s sort f filter j/k move c cancel"):format(st.sort, st.filter or "all",
-      st.status and (" (service: " .. st.status .. ")") or ""),
+    ("sort %s | filter %s%s%s"):format(st.sort, st.filter or "all",
+      st.status and (" (service: " .. st.status .. ")") or "",
+      st.plain and "" or " | q quit s sort f filter j/k move c cancel"),   -- no keys off a terminal
   }
   local fixed = 46
   local idw = math.max(14, math.min(42, width - fixed - 10))
@@ -337,6 +338,7 @@ function M.run(c, opts)
   if not all then return nil, err end
   M.update(st, all, now())
   if not sh_ok("[ -t 1 ]") then
+    st.plain = true
     local w = tonumber(os.getenv("COLUMNS")) or 100
     local lines = M.frame(st, w, #all + 6, now())
     while lines[#lines] == "" do lines[#lines] = nil end

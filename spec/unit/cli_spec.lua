@@ -493,3 +493,100 @@ end }]]):format(on_change and ("%q"):format(on_change) or "nil"))
     assert.matches("Now: What is 5 %+ 5%?", rows[1].value.answer)
   end)
 end)
+
+describe("the lbatch command's small things (issue 32)", function()
+  local emu
+  setup(function() emu = H.emulator({ speed = 400, rate_limits = false }) end)
+  teardown(function() emu.stop() end)
+
+  -- the command run in `cwd`: its exit code, stdout and stderr apart (stderr a file: not a terminal)
+  local function cmd(cwd, args)
+    local out, err = os.tmpname(), os.tmpname()
+    local code = H.sh(("cd %s && env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch %s >%s 2>%s; echo $?")
+      :format(H.q(cwd), emu.base, H.lua, H.root, args, out, err))
+    local o, e = H.read(out) or "", H.read(err) or ""
+    os.remove(out) os.remove(err)
+    return tonumber(code:match("(%d+)%s*$")), o, e
+  end
+  local function upload(path)
+    local _, f = H.json("POST", emu.base .. "/files", { form = { "purpose=batch", "file=@" .. path } })
+    return f.id
+  end
+
+  it("--version and -V print lbatch and the version", function()
+    local want = "lbatch " .. require("lbatch.version") .. "\n"
+    for _, flag in ipairs({ "--version", "-V" }) do
+      local code, out = cmd(H.root, flag)
+      assert.are.same({ 0, want }, { code, out })
+    end
+  end)
+
+  it("rm says what failed with one prefix", function()
+    local code, out, err = cmd(H.root, "rm file-nope")
+    assert.are.equal(1, code)
+    assert.matches("nothing deleted", out)
+    assert.matches("^lbatch rm: http 404", err)
+    assert.is_nil(err:find("lbatch: ", 1, true))
+  end)
+
+  it("download --output - writes the file to stdout, and no file named -", function()
+    local dir = H.tmpdir()
+    local path = H.requests(dir .. "/in.jsonl", 50, { url = "/v1/chat/completions", model = "qwen-plus" })
+    local _, b = H.json("POST", emu.base .. "/batches", { json = { input_file_id = upload(path),
+      endpoint = "/v1/chat/completions", completion_window = "24h" } })
+    b = H.wait_final(emu, b.id)
+    assert.are.equal("completed", b.status)
+    local _, want = H.http("GET", emu.base .. "/files/" .. b.output_file_id .. "/content")
+    assert.are.equal(50, select(2, want:gsub("\n", "")))
+    local code, out, err = cmd(dir, "download " .. b.id .. " --output -")
+    assert.are.equal(0, code, err)
+    assert.are.equal(want, out)
+    assert.is_false(H.exists(dir .. "/-"))
+    assert.matches("output  %-", err)            -- what was written where: on stderr, stdout is the file
+    code, out, err = cmd(dir, "download " .. b.output_file_id .. " --output - --json")
+    assert.are.equal(0, code, err)
+    assert.are.equal(want, out)
+    assert.matches('"output":"-"', err, 1, true)
+  end)
+
+  it("off a terminal: plain progress lines, one a change, no byte counter of an unknown size", function()
+    local dir = H.tmpdir()
+    local path = H.requests(dir .. "/in.jsonl", 30, { url = "/v1/chat/completions", model = "qwen-plus" })
+    local code, _, err = cmd(dir, "run in.jsonl --max-lines 10 --poll 0.1")
+    assert.are.equal(0, code, err)
+    assert.is_nil(err:find("moving", 1, true), err)
+    assert.is_nil(err:find("\r", 1, true))
+    local last
+    for line in err:gmatch("[^\n]+") do
+      local sig = line:match("^(jobs: .- | requests [^|]*)")
+      if sig then
+        assert.are_not.equal(last, sig, err)    -- a line when something changed, not a line a tick
+        last = sig
+      end
+    end
+    assert.matches("requests 30/30 done", last)
+    assert.truthy(H.exists(path .. ".lbatch/results.jsonl"))
+  end)
+
+  it("top off a terminal prints its frame without the key help", function()
+    local code, out = cmd(H.root, "top")
+    assert.are.equal(0, code, out)
+    assert.matches("lbatch top:", out)
+    assert.matches("| filter all", out, 1, true)
+    assert.is_nil(out:find("q quit", 1, true), out)
+  end)
+
+  it("run and flow on a missing input fail and leave no work directory behind", function()
+    local dir = H.tmpdir()
+    local code, _, err = cmd(dir, "run nope.csv --model qwen-plus")
+    assert.are.equal(1, code)
+    assert.matches("cannot read nope.csv", err)
+    code, _, err = cmd(dir, "run nope.jsonl --dir work")
+    assert.are.equal(1, code)
+    assert.matches("cannot read nope.jsonl", err)
+    code, _, err = cmd(dir, ("flow %s/spec/fixtures/judge_flow.lua --items nope.csv"):format(H.root))
+    assert.are.equal(1, code)
+    assert.matches("cannot read nope.csv", err)
+    assert.are.equal("", H.sh("ls -A " .. H.q(dir)))
+  end)
+end)
