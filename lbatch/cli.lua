@@ -1001,8 +1001,10 @@ function M.main(args)
   local ok, code, err = pcall(run[name], o, pos)
   if not ok and errors.thrown(code) then   -- a failure thrown by errors.try
     err = errors.thrown(code)
-  elseif not ok then   -- a bug, or an option of the wrong value (lbatch.new raises)
-    err = errors.new({ kind = "invalid", message = (tostring(code):gsub("^[^\n]-:%d+: ", "")) })
+  elseif not ok then   -- a bug, or an option of the wrong value (lbatch.new raises; on plain Lua 5.1, always)
+    local unsupported = require("lbatch.loop").UNSUPPORTED
+    err = errors.new({ kind = unsupported and tostring(code):find(unsupported, 1, true) and "config" or "invalid",
+                       message = (tostring(code):gsub("^[^\n]-:%d+: ", "")) })
   elseif code then
     return code
   end

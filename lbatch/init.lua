@@ -16,11 +16,16 @@ local Scheduler = require "lbatch.scheduler"
 local errors = require "lbatch.errors"
 local service = require "lbatch.service"
 
+-- plain Lua 5.1: raised, not returned (the environment, not a runtime
+-- failure; 5.1's assert would hide an error object)
+local unsupported = require("lbatch.loop").UNSUPPORTED
+local function refuse() error(unsupported, 2) end
+
 return {
-  --- Make a client (see `lbatch.client.new`).
-  new = Client.new,
+  --- Make a client (see `lbatch.client.new`). Raises on plain Lua 5.1.
+  new = unsupported and refuse or Client.new,
   --- Make a scheduler for several clients (see `lbatch.scheduler.new`).
-  scheduler = Scheduler.new,
+  scheduler = unsupported and refuse or Scheduler.new,
   --- lbatch's version.
   _VERSION = Client.VERSION,
   VERSION = Client.VERSION,

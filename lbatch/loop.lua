@@ -35,6 +35,14 @@ local IDLE_MS = 1000         -- the longest wait in drive() when nothing is due
 local Loop = {}
 Loop.__index = Loop
 
+--- Why this Lua cannot run lbatch's client, or nil. Plain Lua 5.1 cannot
+-- yield across pcall, which the tasks do (the watcher, the pipeline, the
+-- flow), and its assert takes no error object; LuaJIT can, 5.2 on can.
+-- `lbatch.new`, `lbatch.scheduler` and the command refuse with it.
+Loop.UNSUPPORTED = _VERSION == "Lua 5.1" and not rawget(_G, "jit") and
+  "lbatch needs Lua 5.2 to 5.4 or LuaJIT 2.1: plain Lua 5.1 cannot yield across pcall and its assert"
+  .. " shows no error object (the pure modules, lbatch.csv, lbatch.jsonl, lbatch.rules, ..., work on 5.1)" or nil
+
 local Task = {}
 Task.__index = Task
 

@@ -11,12 +11,14 @@ description = {
 A C core on one libcurl multi handle and a thin Lua layer: upload request
 files streamed from disk, create, wait for and cancel batches, download
 results streamed to disk, with many jobs at once from coroutines or from a
-host loop that calls step().]],
+host loop that calls step(). Lua 5.2 to 5.4 and LuaJIT 2.1; on plain Lua
+5.1 only the modules that make no client (lbatch.csv, lbatch.jsonl,
+lbatch.rules, ...): lbatch.new and the command refuse it.]],
   license = "MIT",
   homepage = "https://github.com/lbatch/lbatch",
 }
 dependencies = {
-  "lua >= 5.1",
+  "lua >= 5.1",   -- LuaJIT counts as 5.1; plain 5.1 runs the pure modules only (lbatch.loop.UNSUPPORTED)
   "lua-cjson",
 }
 external_dependencies = {

@@ -124,3 +124,40 @@ describe("the command's exit codes", function()
     assert.matches("2 requests, 2 ok, 0 failed, 0 missing", out)
   end)
 end)
+
+describe("plain Lua 5.1", function()
+  -- the checkout's modules and the core built for `v`, on a service that is not there
+  local function on(v, cmd)
+    return H.sh(("cd %s && env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=http://127.0.0.1:9/v1 LUA_PATH='./?.lua;./?/init.lua;;'"
+      .. " LUA_CPATH='./build/%s/?.so;;' %s 2>&1; echo \"exit=$?\""):format(H.q(H.root), v, cmd))
+  end
+
+  it("is refused by the command and by lbatch.new, naming the Luas that work; the offline commands run", function()
+    if not H.ok("command -v lua5.1 >/dev/null 2>&1") then return pending("lua5.1 is not installed") end
+    if not H.exists(H.root .. "/build/5.1/lbatch/core.so") then
+      assert.is_true(H.ok(("make -s -C %s compat >/dev/null 2>&1"):format(H.q(H.root))))   -- the 5.1 core
+    end
+    local want = "lbatch needs Lua 5.2 to 5.4 or LuaJIT 2.1: plain Lua 5.1 cannot yield across pcall"
+    local out = on("5.1", "lua5.1 bin/lbatch list")
+    assert.matches("^lbatch list: config: " .. want:gsub("%p", "%%%0"), out)
+    assert.matches("exit=1\n$", out)
+    out = on("5.1", "lua5.1 bin/lbatch run spec/fixtures/nope.jsonl")
+    assert.matches("^lbatch run: config: " .. want:gsub("%p", "%%%0"), out)
+    -- assert(lbatch.new{...}) shows the text, not 5.1's "bad argument #2 to 'assert'"
+    local new = [[-e 'local c = assert(require("lbatch").new({ api_key = "k" })) print(type(c))']]
+    out = on("5.1", "lua5.1 " .. new)
+    assert.matches(want, out, 1, true)
+    assert.is_nil(out:find("bad argument", 1, true), out)
+    assert.matches("exit=1\n$", out)
+    out = on("5.1", [[lua5.1 -e 'require("lbatch").scheduler()']])
+    assert.matches(want, out, 1, true)
+    out = on("jit", "luajit " .. new)                   -- LuaJIT (a 5.1) is not refused
+    assert.are.equal("table\nexit=0\n", out)
+    -- the offline commands and the pure modules still run on 5.1
+    local f = H.requests(H.tmpdir() .. "/ok.jsonl", 2, CHAT)
+    out = on("5.1", "lua5.1 bin/lbatch validate " .. H.q(f))
+    assert.matches("0 problem%(s%).*exit=0\n$", out)
+    out = on("5.1", "lua5.1 bin/lbatch --version")
+    assert.matches("^lbatch %d+%.%d+%.%d+\nexit=0\n$", out)
+  end)
+end)
