@@ -8,7 +8,8 @@ local csv = require "lbatch.csv"
 local results = require "lbatch.results"
 
 local input = arg[1] or "examples/questions.csv"
-local output = arg[2] or ((os.getenv("TMPDIR") or "/tmp") .. "/lbatch-answers.csv")
+local base = not arg[2] and os.tmpname()   -- a name of its own: two runs at once do not clash
+local output = arg[2] or (base .. "-answers.csv")
 local model = arg[3] or os.getenv("LBATCH_MODEL") or "qwen-plus"
 local work = output:gsub("%.csv$", "") .. "-requests.jsonl"
 
@@ -51,3 +52,4 @@ assert(csv.from_results(reader, output, { bom = true,
   header = { "id", "question", "answer", "status", "error_code", "error" } }))
 local s = reader:summary()
 print(("%d answered, %d failed, %d missing, %d tokens -> %s"):format(s.ok, s.failed, s.missing, s.total_tokens, output))
+if base then os.remove(base) end

@@ -7,8 +7,8 @@ local pipeline = require "lbatch.pipeline"
 local core = require "lbatch.core"
 
 local client = lbatch.new()
-local dir = (os.getenv("TMPDIR") or "/tmp") .. "/lbatch-game-loop"
-os.execute("rm -rf " .. dir)
+local base = os.tmpname()                -- a name of its own: two runs at once do not clash
+local dir = base .. "-game-loop"
 
 local requests = {}
 for i = 1, 60 do
@@ -36,3 +36,5 @@ end
 local ok = 0
 for rec in report.results:each() do if rec.ok then ok = ok + 1 end end
 print(("%d frames, slowest step %.2f ms, %d of %d lines answered"):format(frame, worst * 1000, ok, #requests))
+os.execute("rm -rf '" .. dir .. "'")   -- this run's work directory: nothing left in /tmp
+os.remove(base)

@@ -5,20 +5,15 @@
 --
 --   emulator/around lua5.4 examples/judge.lua [questions.csv] [dir]
 --   DASHSCOPE_API_KEY=sk-... lua5.4 examples/judge.lua questions.csv work/judge
+--   lbatch flow examples/judge.lua --items questions.csv --dir work/judge   # the same flow, by the command
+--
+-- As a program it runs the flow; loaded by `lbatch flow` (or dofile) it
+-- returns the flow, {key, step}, and runs nothing.
 --
 -- On the emulator every answer echoes its prompt, so no judge replies with
 -- a number: a reply that is not one scores 0, and every answer is revised.
-local lbatch = require "lbatch"
-local flow = require "lbatch.flow"
-
-local items = arg[1] or "examples/questions.csv"
-local dir = arg[2] or ((os.getenv("TMPDIR") or "/tmp") .. "/lbatch-judge-" .. os.time())
-
-local client = lbatch.new()   -- key: DASHSCOPE_API_KEY; URL: LBATCH_BASE_URL or the cn region
-local report = assert(flow.run{
-  client = client, dir = dir, items = items,
+local judge = {
   key = function(item) return item.id end,
-  poll_interval = 1, max_poll_interval = 300,
   step = function(item, ask)
     local a = assert(ask{ model = "qwen-plus", prompt = item.question })
     local j = assert(ask{ model = "qwen-max", system = "Score 1-10. Reply with the number only.",
@@ -29,6 +24,21 @@ local report = assert(flow.run{
     end
     return { answer = a.content, score = score }
   end,
+}
+
+-- loaded, not run: this file is not the program's script
+if not (arg and debug.getinfo(1, "S").source == "@" .. tostring(arg[0])) then return judge end
+
+local lbatch = require "lbatch"
+local flow = require "lbatch.flow"
+
+local items = arg[1] or "examples/questions.csv"
+local dir = arg[2] or (os.tmpname() .. "-judge")   -- a name of its own: two runs at once do not clash
+
+local client = lbatch.new()   -- key: DASHSCOPE_API_KEY; URL: LBATCH_BASE_URL or the cn region
+local report = assert(flow.run{
+  client = client, dir = dir, items = items, key = judge.key, step = judge.step,
+  poll_interval = 1, max_poll_interval = 300,
 })
 for r in report.results:each() do
   if r.ok then print(("%-4s %2d  %s"):format(r.key, r.value.score, (r.value.answer:gsub("%s+", " "):sub(1, 70))))

@@ -8,8 +8,9 @@ local lbatch = require "lbatch"
 local cjson = require "cjson"
 
 local client = lbatch.new()   -- key: DASHSCOPE_API_KEY; URL: LBATCH_BASE_URL or the cn region
-local dir = os.getenv("TMPDIR") or "/tmp"
-local input = dir .. "/lbatch-quickstart.jsonl"
+-- the files of this run, beside a name of its own (two runs at once do not clash)
+local base = os.tmpname()
+local input = base .. "-requests.jsonl"
 
 -- 1. ten requests for the test model (free, answers "This is a test result.")
 local f = assert(io.open(input, "wb"))
@@ -55,7 +56,7 @@ end
 -- 4. download the output and error files (streamed to disk)
 local function show(id, label)
   if not id then return end
-  local path = assert(client:content(id, { path = dir .. "/lbatch-quickstart-" .. label .. ".jsonl" }))
+  local path = assert(client:content(id, { path = base .. "-" .. label .. ".jsonl" }))
   print(label .. "   " .. path)
   for line in io.lines(path) do
     local r = cjson.decode(line)
@@ -67,4 +68,5 @@ local function show(id, label)
 end
 show(batch.output_file_id, "output")
 show(batch.error_file_id, "errors")
+os.remove(base)
 client:close()

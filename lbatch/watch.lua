@@ -12,7 +12,10 @@
 -- has seen them all (on DashScope, a handful of due batches are asked for
 -- by their input files in one call). What a page does not show is asked
 -- for by `retrieve`. Each batch keeps its own backoff (interval, factor,
--- max_interval, jitter) and deadline.
+-- max_interval, jitter) and deadline. A wait asks at once, then after
+-- FIRST seconds, the pause doubling up to its interval (a minute by
+-- default, the service's guidance once a job runs): a job that ends in
+-- seconds is seen in seconds; from there the pause grows by its factor.
 -- @module lbatch.watch
 local errors = require "lbatch.errors"
 local service = require "lbatch.service"
@@ -27,6 +30,8 @@ local BY_FILE_MAX = 20       -- due batches asked for by input file in one call 
 local IDLE = 1               -- the poller's longest sleep: a new wait is seen this soon
 local HINT_GAP = 0.5         -- seconds: a job is fetched for notices at most this often
 local HINTED_MAX = 10000     -- batch ids remembered as told of before their wait began
+local FIRST = 3              -- seconds: the pause after a wait's first poll (doubling up to its interval)
+local WARM = 2               -- the pause's factor until it reaches the wait's interval
 
 --- A watcher: what it needs of a client, and nothing else.
 -- @tparam table o loop (the scheduler's: its clock, sleep, tasks),
@@ -141,7 +146,8 @@ local function seen(self, job, b)
     return settle(self, job, nil, e)
   end
   job.due = t + pause
-  job.interval = math.min(job.interval * o.factor, o.max_interval)
+  if job.interval < o.interval then job.interval = math.min(job.interval * WARM, o.interval)
+  else job.interval = math.min(job.interval * o.factor, o.max_interval) end
 end
 
 local function retrieve(self, job)
@@ -309,7 +315,9 @@ function Watch:expect(on) self.told = on and true or false end
 function Watch:wait(id, o)
   local first = now()
   if self.told and not self.hinted[id] then first = first + o.interval end
-  local job = { id = id, o = o, watch = self, interval = o.interval, due = first,
+  -- told of its end: polling is the fallback, at the wait's interval
+  local interval = self.told and o.interval or math.min(o.interval, FIRST)
+  local job = { id = id, o = o, watch = self, interval = interval, due = first,
                 stop = o.deadline and now() + o.deadline }
   self.jobs[job] = true
   self.count = self.count + 1
