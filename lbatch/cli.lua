@@ -95,9 +95,15 @@ files and batches of run RUN (its batches' metadata.lbatch_run).
   --max-lines N        as run's]] },
   submit = { args = "FILE", help = [[
 Upload FILE (with progress) and create a batch from it; prints the batch.
+FILE is checked first as validate checks it: nothing is sent when it has
+problems. The same submit again (same file, endpoint, window and metadata)
+finds the batch it made and prints it instead of making a second one.
   --endpoint E   (default: the url of the file's first line)
   --window W     completion window (default 24h)
-  --meta K=V     metadata, repeatable]] },
+  --meta K=V     metadata, repeatable
+  --limits L     the rules FILE is checked against (as validate's)
+  --again        upload again and make a new batch, even when one was made
+  --no-check     send FILE without checking it]] },
   status = { args = "BATCH_ID", help = [[
 Show a batch.
   --wait            wait until it is final, with progress
@@ -183,7 +189,8 @@ local ORDER = { "run", "flow", "adopt", "submit", "status", "list", "cancel", "d
                 "results", "csv2jsonl", "files", "rm", "prune", "top", "report" }
 
 local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = true, bom = true,
-                  header = true, no_header = true, dry_run = true, ask_again = true }
+                  header = true, no_header = true, dry_run = true, ask_again = true,
+                  again = true, no_check = true }
 
 local function usage()
   local t = { "Usage: lbatch COMMAND [options]\n\nCommands:" }
@@ -532,13 +539,14 @@ end
 -- The command's client. On SIGINT or SIGTERM it is closed at the end of
 -- the loop's turn (a download's temp file goes with it; a pipeline's
 -- journal is whole) and the command exits 130.
-local function client(o)
+-- `hold(sig)`, when given, may keep it going a while (true: not yet).
+local function client(o, hold)
   -- no key: thrown
   local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region, provider = o.provider }))
   core.trap()
   c:at_turn_end(function()
     local sig = core.caught()
-    if sig then
+    if sig and not (hold and hold(sig)) then
       c:close()
       io.stderr:write("\nlbatch: interrupted\n")
       os.exit(128 + sig)
@@ -547,22 +555,155 @@ local function client(o)
   return c
 end
 
-function run.submit(o, pos)
-  local c = client(o)
-  local endpoint = o.endpoint
-  if not endpoint then
-    local rep, err = jsonl.validate(pos[1])
-    if not rep then return nil, err end
-    endpoint = rep.endpoint or "/v1/chat/completions"
+local recover = require "lbatch.recover"
+
+-- what submit is told, checked before anything is read or sent: nil, or a usage error
+local function submit_usage(o, limits)
+  local p = service.PROFILES[limits]
+  if o.window ~= nil then
+    local n, unit = tostring(o.window):match("^(%d+)([hd])$")
+    local hours = n and tonumber(n) * (unit == "d" and 24 or 1)
+    if not hours or hours < p.min_window_hours or hours > p.max_window_hours then
+      return usage_error(("--window %s: a completion window is hours or days (24h, 7d), from %dh to %dh on %s")
+        :format(tostring(o.window), p.min_window_hours, p.max_window_hours, limits))
+    end
   end
-  local show, finish = transfer_printer("upload " .. pos[1])
-  local f, err = c:upload(pos[1], nil, { on_progress = show })
+  local m, keys = service.METADATA, 0
+  for k, v in pairs(o.meta or {}) do
+    keys = keys + 1
+    if #k > m.max_key or #v > m.max_value or k:find("^lbatch_") then
+      return usage_error(("--meta %s: keys are up to %d characters, values up to %d, and lbatch_ keys are lbatch's")
+        :format(k, m.max_key, m.max_value))
+    end
+  end
+  if keys > m.max_keys - 1 then
+    return usage_error(("--meta: at most %d keys (the service takes %d; lbatch_submit is one)")
+      :format(m.max_keys - 1, m.max_keys))
+  end
+end
+
+-- the file's checks, as validate's: its report, or nil and an error (nothing sent)
+local function submit_check(o, path, limits)
+  if path:lower():find("%.csv$") then
+    return nil, errors.new({ kind = "invalid", code = "not_jsonl", message = path .. " is a CSV, not request "
+      .. "lines: lbatch run takes it (or csv2jsonl makes request files of it); nothing was uploaded" })
+  end
+  local rep, err = jsonl.validate(path, { endpoint = o.endpoint, limits = limits, region = o.region })
+  if not rep then return nil, err end
+  for _, w in ipairs(rep.warnings) do
+    io.stderr:write(("%s:%s: warning: %s %s\n"):format(path, w.line or "-", w.code, w.message))
+  end
+  for i, p in ipairs(rep.problems) do
+    if i > 10 then io.stderr:write(("%s: ... and %d more\n"):format(path, #rep.problems - 10)) break end
+    io.stderr:write(("%s:%s: %s %s\n"):format(path, p.line or "-", p.code, p.message))
+  end
+  if #rep.problems > 0 then
+    return nil, errors.new({ kind = "invalid", code = "invalid_file", message = ("%s: %d problem(s) against %s, "
+      .. "the first: %s; nothing was uploaded (lbatch validate names them; --no-check sends it anyway)")
+      :format(path, #rep.problems, limits, rep.problems[1].code) })
+  end
+  return rep
+end
+
+-- the url of the file's first line (the endpoint when --no-check and no --endpoint)
+local function first_url(path)
+  local fh, msg = io.open(path, "rb")
+  if not fh then return nil, errors.io("cannot read", path, msg) end
+  local line = fh:read("*l")
+  fh:close()
+  local ok, v = pcall(cjson.decode, line or "")
+  if ok and type(v) == "table" and type(v.url) == "string" then return v.url end
+  return nil, usage_error(path .. ": its first line names no url: say --endpoint")
+end
+
+local function hex(s) return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
+
+-- the stamp of a submit: a hash of the file's bytes and of what shapes its batch
+local function submit_stamp(path, endpoint, window, meta)
+  local keys = {}
+  for k in pairs(meta or {}) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local parts = { endpoint, window or "" }
+  for _, k in ipairs(keys) do parts[#parts + 1] = k .. "=" .. meta[k] end
+  local h = core.hmac_sha256("lbatch submit", table.concat(parts, "\0"))
+  local fh, msg = io.open(path, "rb")
+  if not fh then return nil, errors.io("cannot read", path, msg) end
+  for chunk in function() return fh:read(1048576) end do h = core.hmac_sha256(h, chunk) end
+  fh:close()
+  return hex(h):sub(1, 16)
+end
+
+local function when(t) return t and os.date("!%Y-%m-%d %H:%M UTC", t) or "at an unknown time" end
+
+local SUBMIT_GRACE = 15     -- seconds a Ctrl-C during the create waits for the service's answer
+
+-- the file submit sends (found by its stamped name, else uploaded): the file, or nil and an error
+local function submit_file(c, path, name, again)
+  local bytes = require("lbatch.size").file(path)
+  if not again then
+    local f, err = recover.upload(function(q) return c:list_files(q) end, { filename = name, bytes = bytes })
+    if f or err then return f, err end
+  end
+  local show, finish = transfer_printer("upload " .. path)
+  local f, err = c:upload(path, { filename = name }, { on_progress = show })
   finish()
+  return f, err
+end
+
+function run.submit(o, pos)
+  local limits, lerr = limits_of(o)
+  if not limits then return nil, lerr end
+  local uerr = submit_usage(o, limits)
+  if uerr then return nil, uerr end
+  local path, endpoint, err = pos[1], o.endpoint, nil
+  if not o.no_check then
+    local rep
+    rep, err = submit_check(o, path, limits)
+    if not rep then return nil, err end
+    endpoint = endpoint or rep.endpoint
+  end
+  if not endpoint then endpoint, err = first_url(path) end
+  if not endpoint then return nil, err end
+  local stamp
+  stamp, err = submit_stamp(path, endpoint, o.window, o.meta)
+  if not stamp then return nil, err end
+  local creating, held = false, nil
+  local c = client(o, function()
+    if not creating then return false end
+    held = held or now()
+    if now() - held < SUBMIT_GRACE then return true end
+    io.stderr:write("\nlbatch: the create had no answer; its batch may exist: the same submit finds it\n")
+  end)
+  local name = (path:match("[^/]*$"):gsub("%.jsonl$", "")) .. "-" .. stamp .. ".jsonl"
+  local f
+  f, err = submit_file(c, path, name, o.again)
   if not f then return nil, err end
   local b
-  b, err = c:create({ input_file_id = f.id, endpoint = endpoint, completion_window = o.window, metadata = o.meta })
+  if not o.again then
+    b, err = recover.stamped(function(q) return c:list_batches(q) end,
+      { input_file_id = f.id, key = "lbatch_submit", stamp = stamp })
+    if err then return nil, err end
+    if b then
+      io.stderr:write(("already submitted: %s (created %s); --again makes a new one\n"):format(b.id,
+        when(b.created_at)))
+      out(o, b, batch_line(b))
+      return 0
+    end
+  end
+  local meta = {}
+  for k, v in pairs(o.meta or {}) do meta[k] = v end
+  meta.lbatch_submit = o.again and (stamp .. "." .. hex(core.hmac_sha256(stamp, tostring(now())
+    .. tostring({}))):sub(1, 8)) or stamp
+  creating = true
+  b, err = c:create({ input_file_id = f.id, endpoint = endpoint, completion_window = o.window, metadata = meta })
+  creating = false
   if not b then return nil, err end
   out(o, b, batch_line(b))
+  local sig = core.caught()
+  if sig then
+    io.stderr:write(("\nlbatch: interrupted; the batch %s was made\n"):format(b.id))
+    return 128 + sig
+  end
   return 0
 end
 

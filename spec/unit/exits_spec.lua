@@ -102,9 +102,12 @@ describe("the command's exit codes", function()
     -- 24 MB to a server that takes 1 MB every 100 ms (more than the
     -- sockets' buffers hold): progress is reported some 20 times; off a
     -- terminal a line is printed at most every 5 s, and the last one (100%)
-    local big = H.requests(dir .. "/big.jsonl", 2, { content = function() return ("w "):rep(6000000) end })
+    -- (lines the service takes: submit checks them first; --again: this
+    -- server answers no list of files or batches to look in)
+    local big = H.requests(dir .. "/big.jsonl", 6, { url = "/v1/chat/completions", model = "qwen-plus",
+      content = function() return ("w "):rep(2000000) end })
     local srv = H.hostile()
-    local code, out, err = lbatch(nil, ("submit --base-url %s %s"):format(srv.at("slow_reader-1024"), big), "k")
+    local code, out, err = lbatch(nil, ("submit --again --base-url %s %s"):format(srv.at("slow_reader-1024"), big), "k")
     srv.stop()
     assert.are.equal(0, code, out .. err)
     assert.matches("^batch_%S+%s+validating", out)
