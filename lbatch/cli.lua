@@ -348,6 +348,52 @@ end
 
 local FINAL_BAD = { failed = true, expired = true, cancelled = true }
 
+-- a batch's own errors (a refused file, a quota), one line each: code, line, message
+local function error_lines(b)
+  local data = type(b.errors) == "table" and type(b.errors.data) == "table" and b.errors.data or {}
+  local t = {}
+  for _, e in ipairs(data) do
+    if type(e) == "table" then
+      t[#t + 1] = ("  error %s%s: %s"):format(tostring(e.code or "?"),
+        type(e.line) == "number" and (" line " .. ("%d"):format(e.line)) or "",
+        type(e.message) == "string" and e.message or "")
+    end
+  end
+  return t
+end
+
+local CHEAP_ERRORS = 1048576      -- an error file read for counts by code when no larger
+
+-- the failed lines of a batch by code ("3 http_500, 1 invalid_model"), when
+-- its error file is small enough to read at once; else nil
+local function error_counts(c, b)
+  local n = b.request_counts or {}
+  if not b.error_file_id or (n.failed or 0) == 0 then return nil end
+  local f = c:file(b.error_file_id)
+  if not f or (f.bytes or math.huge) > CHEAP_ERRORS then return nil end
+  local text = c:content(b.error_file_id)
+  if type(text) ~= "string" then return nil end
+  local by = {}
+  for line in text:gmatch("[^\n]+") do
+    local _, code = results.classify(results.record(line))
+    if code then by[code] = (by[code] or 0) + 1 end
+  end
+  local t = {}
+  for code, k in pairs(by) do t[#t + 1] = { code, k } end
+  table.sort(t, function(x, y) if x[2] ~= y[2] then return x[2] > y[2] end return x[1] < y[1] end)
+  for i, x in ipairs(t) do t[i] = ("%d %s"):format(x[2], x[1]) end
+  return #t > 0 and table.concat(t, ", ") or nil
+end
+
+-- a batch as status shows it: its line, its errors, its failed lines by code
+local function batch_text(c, b)
+  local t = { batch_line(b) }
+  for _, l in ipairs(error_lines(b)) do t[#t + 1] = l end
+  local counts = error_counts(c, b)
+  if counts then t[#t + 1] = "  failed lines: " .. counts end
+  return table.concat(t, "\n")
+end
+
 -- the limits profile's name the options choose (--limits, else the
 -- region's), or nil and a usage error
 local function limits_of(o)
@@ -725,7 +771,7 @@ function run.status(o, pos)
     b, err = c:retrieve(pos[1])
   end
   if not b then return nil, err end
-  out(o, b, batch_line(b))
+  out(o, b, o.json and "" or batch_text(c, b))
   return FINAL_BAD[b.status] and 3 or 0
 end
 
@@ -766,12 +812,25 @@ local function fetch(c, id, path)
   return got, err
 end
 
+-- a batch with no file: still running (0), or final and why (3)
+local function nothing_to_download(o, b)
+  local c = b.request_counts or {}
+  if not service.FINAL[b.status] then
+    out(o, { batch = b.id, status = b.status }, ("nothing to download yet: %s is %s (%d/%d done)")
+      :format(b.id, b.status, c.completed or 0, c.total or 0))
+    return 0
+  end
+  local t = { ("nothing to download: %s ended %s with no output or error file"):format(b.id, b.status) }
+  for _, l in ipairs(error_lines(b)) do t[#t + 1] = l end
+  out(o, { batch = b.id, status = b.status, errors = b.errors }, table.concat(t, "\n"))
+  return 3
+end
+
 function run.download(o, pos)
   local c = client(o)
   local id = pos[1]
-  local got, err = {}
+  local got, err, b = {}
   if id:find("^batch") then
-    local b
     b, err = c:retrieve(id)
     if not b then return nil, err end
     if b.output_file_id then
@@ -786,6 +845,7 @@ function run.download(o, pos)
     got.output, err = fetch(c, id, o.output or (id .. ".jsonl"))
     if not got.output then return nil, err end
   end
+  if not next(got) and b then return nothing_to_download(o, b) end
   local t = {}
   for k, v in pairs(got) do t[#t + 1] = k .. "  " .. v end
   table.sort(t)

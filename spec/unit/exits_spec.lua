@@ -126,4 +126,43 @@ describe("the command's exit codes", function()
     assert.are.equal(0, code, out .. err)
     assert.matches("2 requests, 2 ok, 0 failed, 0 missing", out)
   end)
+
+  -- a failed batch says why without --json; download of one with nothing says so
+  it("status and download: a failed batch's errors in plain words, exit 3; a running one exit 0", function()
+    local function batch(path, meta)
+      local _, f = H.json("POST", emu.base .. "/files", { form = { "purpose=batch", "file=@" .. path } })
+      local _, b = H.json("POST", emu.base .. "/batches", { json = { input_file_id = f.id,
+        endpoint = "/v1/chat/completions", completion_window = "24h", metadata = meta } })
+      return b.id
+    end
+    H.json("POST", emu.url .. "/_emulator/modes", { json = { token_limit = { tokens = 1 } } })
+    local quota = batch(H.requests(dir .. "/quota.jsonl", 2, CHAT))
+    assert.are.equal("failed", H.wait_final(emu, quota).status)
+    H.json("POST", emu.url .. "/_emulator/modes", { json = { token_limit = false } })
+    local code, out, err = lbatch(emu, "status " .. quota)
+    assert.are.equal(3, code, out .. err)
+    assert.matches("failed%s+0/0 done, 0 failed[^\n]*\n  error token_limit_exceeded: %S", out)
+    code, out, err = lbatch(emu, ("download %s --output %s/q.out"):format(quota, dir))
+    assert.are.equal(3, code, out .. err)
+    assert.matches("nothing to download: [^\n]* ended failed with no output or error file\n  error "
+      .. "token_limit_exceeded: %S", out)
+    assert.is_false(H.exists(dir .. "/q.out"))
+    -- a refused file: its problems with their lines
+    code, out = lbatch(emu, "status " .. ids.failed)
+    assert.are.equal(3, code, out)
+    assert.matches("\n  error %S+ line 3: %S", out)
+    -- line errors: counted by code
+    local mixed = batch(H.requests(dir .. "/mixed.jsonl", 3, { url = "/v1/chat/completions", model = "qwen-plus",
+      content = function(i) return i == 2 and "lbatch-emulator:fail" or "q" end }))
+    assert.are.equal("completed", H.wait_final(emu, mixed).status)
+    code, out, err = lbatch(emu, "status " .. mixed)
+    assert.are.equal(0, code, out .. err)
+    assert.matches("\n  failed lines: 1 %S+\n?$", out)
+    -- still running: exit 0, saying so
+    local slow = batch(H.requests(dir .. "/slow3.jsonl", 2, CHAT), { emulator_line_seconds = "18000" })
+    code, out, err = lbatch(emu, "download " .. slow)
+    assert.are.equal(0, code, out .. err)
+    assert.matches("nothing to download yet: [^\n]* is [%l_]+ %(%d+/%d+ done%)", out)
+    H.json("POST", emu.base .. "/batches/" .. slow .. "/cancel")
+  end)
 end)
