@@ -92,7 +92,10 @@ files and batches of run RUN (its batches' metadata.lbatch_run).
   --system TEXT        system prompt (CSV)
   --endpoint E         as run's
   --limits L           as run's
-  --max-lines N        as run's]] },
+  --max-lines N        as run's (default: what the run's shards hold)
+  --header             as run's
+  --no-header          as run's
+  --window W           as run's: its batches' window is checked]] },
   submit = { args = "FILE", help = [[
 Upload FILE (with progress) and create a batch from it; prints the batch.
 FILE is checked first as validate checks it: nothing is sent when it has
@@ -853,6 +856,28 @@ function run.download(o, pos)
   return 0
 end
 
+-- the id of the run in DIR (its journal's first record), or nil
+local function run_id_in(dir)
+  local fh = io.open(dir .. "/journal.jsonl", "rb")
+  local line = fh and fh:read("*l")
+  if fh then fh:close() end
+  local ok, rec = pcall(cjson.decode, line or "")
+  return ok and type(rec) == "table" and type(rec.run) == "string" and rec.run or nil
+end
+
+-- says the run's id on stderr once: at once when DIR has a journal, else
+-- at its first step (before anything is sent); returns the on_step
+local function run_id_teller(dir)
+  local said = false
+  local function say(id)
+    if said or not id then return end
+    said = true
+    io.stderr:write(("lbatch: run %s in %s (lbatch adopt --run %s rebuilds a lost journal)\n"):format(id, dir, id))
+  end
+  say(run_id_in(dir))
+  return function(_, s) say(type(s) == "table" and type(s.name) == "string" and s.name:match("^(.-)%-%d+%.jsonl$")) end
+end
+
 function run.run(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
   local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost")
@@ -891,7 +916,7 @@ function run.run(o, pos)
     max_in_flight = n.max_in_flight, max_lines = n.max_lines, limits = limits,
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
-    header = header, notify = notify,
+    header = header, notify = notify, on_step = run_id_teller(dir),
   })
   done()
   if not report then return nil, err end
@@ -906,7 +931,7 @@ function run.run(o, pos)
   for _, sh in ipairs(report.shards) do if FINAL_BAD[sh.status] then bad = bad + 1 end end
   out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
            missing = s.missing, total_tokens = s.total_tokens },
-    ("%s: %d requests, %d ok, %d failed, %d missing, %d tokens, %d shard(s)"):format(
+    ("%s: %d requests, %d ok, %d failed, %d missing, %d tokens, %d shard(s); run " .. tostring(run_id_in(dir))):format(
       output, s.total, s.ok, s.failed, s.missing, s.total_tokens, #report.shards))
   return (bad > 0 or s.missing > 0) and 3 or 0
 end
@@ -969,12 +994,20 @@ function run.adopt(o, pos)
   if not n then return nil, nerr end
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
+  local header, herr = header_flag(o)
+  if herr then return nil, herr end
   local dir = o.dir or (pos[1] .. ".lbatch")
   local found, err = pipeline.adopt({ client = client(o), requests = pos[1], dir = dir, run = o.run,
-    model = o.model, system = o.system, endpoint = o.endpoint, max_lines = n.max_lines, limits = limits })
-  if not found then return nil, err end
-  out(o, found, ("%s: run %s, %d shard(s): %d file(s) and %d batch(es) found; lbatch run resumes it")
-    :format(dir, found.run, found.shards, found.files, found.batches))
+    model = o.model, system = o.system, endpoint = o.endpoint, max_lines = n.max_lines, limits = limits,
+    header = header, completion_window = o.window })
+  if not found then
+    err.message = err.message:gsub("give adopt the options the run had: [^)]*", "give adopt the options the run "
+      .. "had: --max-lines, --model, --system, --header or --no-header, --endpoint, --limits, --window")
+    return nil, err
+  end
+  out(o, found, ("%s: run %s, %d shard(s): %d file(s) and %d batch(es) found%s; lbatch run resumes it")
+    :format(dir, found.run, found.shards, found.files, found.batches, found.max_lines
+      and ("; its shards hold %d lines, as --max-lines %d made them"):format(found.max_lines, found.max_lines) or ""))
   return 0
 end
 
