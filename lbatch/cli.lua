@@ -733,8 +733,8 @@ function run.submit(o, pos)
       { input_file_id = f.id, key = "lbatch_submit", stamp = stamp })
     if err then return nil, err end
     if b then
-      io.stderr:write(("already submitted: %s (created %s); --again makes a new one\n"):format(b.id,
-        when(b.created_at)))
+      io.stderr:write(("already submitted: %s (created %s, %s); --again makes a new one\n"):format(b.id,
+        when(b.created_at), tostring(b.status)))
       out(o, b, batch_line(b))
       return 0
     end
