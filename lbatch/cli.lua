@@ -686,13 +686,20 @@ local function when(t) return t and os.date("!%Y-%m-%d %H:%M UTC", t) or "at an 
 
 local SUBMIT_GRACE = 15     -- seconds a Ctrl-C during the create waits for the service's answer
 
--- the file submit sends (found by its stamped name, else uploaded): the file, or nil and an error
-local function submit_file(c, path, name, again)
-  local bytes = require("lbatch.size").file(path)
-  if not again then
-    local f, err = recover.upload(function(q) return c:list_files(q) end, { filename = name, bytes = bytes })
-    if f or err then return f, err end
-  end
+-- what an earlier submit of the same stamp left: its file (by its name and
+-- size) and its batch, each or both nil; or nil, nil and an error
+local function submitted(c, path, name, stamp)
+  local f, err = recover.upload(function(q) return c:list_files(q) end,
+    { filename = name, bytes = require("lbatch.size").file(path) })
+  if err then return nil, nil, err end
+  local b
+  b, err = recover.stamped(function(q) return c:list_batches(q) end,
+    { input_file_id = f and f.id, key = "lbatch_submit", stamp = stamp })
+  if err then return nil, nil, err end
+  return f, b
+end
+
+local function upload_shown(c, path, name)
   local show, finish = transfer_printer("upload " .. path)
   local f, err = c:upload(path, { filename = name }, { on_progress = show })
   finish()
@@ -724,13 +731,9 @@ function run.submit(o, pos)
     io.stderr:write("\nlbatch: the create had no answer; its batch may exist: the same submit finds it\n")
   end)
   local name = (path:match("[^/]*$"):gsub("%.jsonl$", "")) .. "-" .. stamp .. ".jsonl"
-  local f
-  f, err = submit_file(c, path, name, o.again)
-  if not f then return nil, err end
-  local b
+  local f, b
   if not o.again then
-    b, err = recover.stamped(function(q) return c:list_batches(q) end,
-      { input_file_id = f.id, key = "lbatch_submit", stamp = stamp })
+    f, b, err = submitted(c, path, name, stamp)
     if err then return nil, err end
     if b then
       io.stderr:write(("already submitted: %s (created %s, %s); --again makes a new one\n"):format(b.id,
@@ -739,6 +742,8 @@ function run.submit(o, pos)
       return 0
     end
   end
+  if not f then f, err = upload_shown(c, path, name) end
+  if not f then return nil, err end
   local meta = {}
   for k, v in pairs(o.meta or {}) do meta[k] = v end
   meta.lbatch_submit = o.again and (stamp .. "." .. hex(core.hmac_sha256(stamp, tostring(now())

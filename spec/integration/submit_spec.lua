@@ -75,6 +75,13 @@ describe("lbatch submit", function()
     assert.matches("already submitted: " .. pat(first.id) .. " %(created [^)]+%); %-%-again makes a new one", err)
     assert.is_nil(err:find("upload", 1, true))                 -- nothing sent again
     assert.are.equal(before + 1, #batches(emu))
+    -- its file deleted since: the batch is still found by its stamp, nothing uploaded
+    H.json("DELETE", emu.base .. "/files/" .. first.input_file_id)
+    local stored = #files(emu)
+    code, out, err = lbatch(emu, "submit --meta team=a " .. input)
+    assert.are.equal(0, code, out .. err)
+    assert.matches("already submitted: " .. pat(first.id), err)
+    assert.are.same({ stored, before + 1 }, { #files(emu), #batches(emu) })
     -- other metadata is another batch
     code, out, err = lbatch(emu, "submit --meta team=b " .. input)
     assert.are.equal(0, code, out .. err)
