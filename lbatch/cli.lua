@@ -612,9 +612,12 @@ local function submit_usage(o, limits)
   if o.window ~= nil then
     local n, unit = tostring(o.window):match("^(%d+)([hd])$")
     local hours = n and tonumber(n) * (unit == "d" and 24 or 1)
+    if p.min_window_hours == p.max_window_hours and o.window ~= p.max_window_hours .. "h" then hours = nil end
     if not hours or hours < p.min_window_hours or hours > p.max_window_hours then
-      return usage_error(("--window %s: a completion window is hours or days (24h, 7d), from %dh to %dh on %s")
-        :format(tostring(o.window), p.min_window_hours, p.max_window_hours, limits))
+      local range = p.min_window_hours == p.max_window_hours and ("only %dh"):format(p.max_window_hours)
+        or ("from %dh to %dh"):format(p.min_window_hours, p.max_window_hours)
+      return usage_error(("--window %s: a completion window is hours or days (24h, 7d), %s on %s")
+        :format(tostring(o.window), range, limits))
     end
   end
   local m, keys = service.METADATA, 0

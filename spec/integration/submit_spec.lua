@@ -46,6 +46,7 @@ describe("lbatch submit", function()
       { "submit --endpoint /v1/embeddings " .. good, 1, "nothing was uploaded" },
       { "submit --window 7x " .. good, 2, "%-%-window 7x: a completion window is hours or days" },
       { "submit --window 400h " .. good, 2, "from 24h to 336h" },
+      { "submit --limits openai --window 1d " .. good, 2, "only 24h on openai" },
       { "submit --meta lbatch_submit=x " .. good, 2, "lbatch_ keys are lbatch's" },
     }) do
       local code, out, err = lbatch(emu, row[1])
