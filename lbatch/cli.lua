@@ -92,12 +92,21 @@ files and batches of run RUN (its batches' metadata.lbatch_run).
   --system TEXT        system prompt (CSV)
   --endpoint E         as run's
   --limits L           as run's
-  --max-lines N        as run's]] },
+  --max-lines N        as run's (default: what the run's shards hold)
+  --header             as run's
+  --no-header          as run's
+  --window W           as run's: its batches' window is checked]] },
   submit = { args = "FILE", help = [[
 Upload FILE (with progress) and create a batch from it; prints the batch.
+FILE is checked first as validate checks it: nothing is sent when it has
+problems. The same submit again (same file, endpoint, window and metadata)
+finds the batch it made and prints it instead of making a second one.
   --endpoint E   (default: the url of the file's first line)
   --window W     completion window (default 24h)
-  --meta K=V     metadata, repeatable]] },
+  --meta K=V     metadata, repeatable
+  --limits L     the rules FILE is checked against (as validate's)
+  --again        upload again and make a new batch, even when one was made
+  --no-check     send FILE without checking it]] },
   status = { args = "BATCH_ID", help = [[
 Show a batch.
   --wait            wait until it is final, with progress
@@ -183,7 +192,8 @@ local ORDER = { "run", "flow", "adopt", "submit", "status", "list", "cancel", "d
                 "results", "csv2jsonl", "files", "rm", "prune", "top", "report" }
 
 local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = true, bom = true,
-                  header = true, no_header = true, dry_run = true, ask_again = true }
+                  header = true, no_header = true, dry_run = true, ask_again = true,
+                  again = true, no_check = true }
 
 local function usage()
   local t = { "Usage: lbatch COMMAND [options]\n\nCommands:" }
@@ -358,6 +368,52 @@ local function unreadable(path, dir)
   local f, msg = io.open(path, "rb")
   if f then f:close() return nil end
   return errors.io("cannot read", path, msg)
+end
+
+-- a batch's own errors (a refused file, a quota), one line each: code, line, message
+local function error_lines(b)
+  local data = type(b.errors) == "table" and type(b.errors.data) == "table" and b.errors.data or {}
+  local t = {}
+  for _, e in ipairs(data) do
+    if type(e) == "table" then
+      t[#t + 1] = ("  error %s%s: %s"):format(tostring(e.code or "?"),
+        type(e.line) == "number" and (" line " .. ("%d"):format(e.line)) or "",
+        type(e.message) == "string" and e.message or "")
+    end
+  end
+  return t
+end
+
+local CHEAP_ERRORS = 1048576      -- an error file read for counts by code when no larger
+
+-- the failed lines of a batch by code ("3 http_500, 1 invalid_model"), when
+-- its error file is small enough to read at once; else nil
+local function error_counts(c, b)
+  local n = b.request_counts or {}
+  if not b.error_file_id or (n.failed or 0) == 0 then return nil end
+  local f = c:file(b.error_file_id)
+  if not f or (f.bytes or math.huge) > CHEAP_ERRORS then return nil end
+  local text = c:content(b.error_file_id)
+  if type(text) ~= "string" then return nil end
+  local by = {}
+  for line in text:gmatch("[^\n]+") do
+    local _, code = results.classify(results.record(line))
+    if code then by[code] = (by[code] or 0) + 1 end
+  end
+  local t = {}
+  for code, k in pairs(by) do t[#t + 1] = { code, k } end
+  table.sort(t, function(x, y) if x[2] ~= y[2] then return x[2] > y[2] end return x[1] < y[1] end)
+  for i, x in ipairs(t) do t[i] = ("%d %s"):format(x[2], x[1]) end
+  return #t > 0 and table.concat(t, ", ") or nil
+end
+
+-- a batch as status shows it: its line, its errors, its failed lines by code
+local function batch_text(c, b)
+  local t = { batch_line(b) }
+  for _, l in ipairs(error_lines(b)) do t[#t + 1] = l end
+  local counts = error_counts(c, b)
+  if counts then t[#t + 1] = "  failed lines: " .. counts end
+  return table.concat(t, "\n")
 end
 
 -- the limits profile's name the options choose (--limits, else the
@@ -551,13 +607,14 @@ end
 -- The command's client. On SIGINT or SIGTERM it is closed at the end of
 -- the loop's turn (a download's temp file goes with it; a pipeline's
 -- journal is whole) and the command exits 130.
-local function client(o)
+-- `hold(sig)`, when given, may keep it going a while (true: not yet).
+local function client(o, hold)
   -- no key: thrown
   local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region, provider = o.provider }))
   core.trap()
   c:at_turn_end(function()
     local sig = core.caught()
-    if sig then
+    if sig and not (hold and hold(sig)) then
       c:close()
       io.stderr:write("\nlbatch: interrupted\n")
       os.exit(128 + sig)
@@ -566,22 +623,163 @@ local function client(o)
   return c
 end
 
-function run.submit(o, pos)
-  local c = client(o)
-  local endpoint = o.endpoint
-  if not endpoint then
-    local rep, err = jsonl.validate(pos[1])
-    if not rep then return nil, err end
-    endpoint = rep.endpoint or "/v1/chat/completions"
+local recover = require "lbatch.recover"
+
+-- what submit is told, checked before anything is read or sent: nil, or a usage error
+local function submit_usage(o, limits)
+  local p = service.PROFILES[limits]
+  if o.window ~= nil then
+    local n, unit = tostring(o.window):match("^(%d+)([hd])$")
+    local hours = n and tonumber(n) * (unit == "d" and 24 or 1)
+    if p.min_window_hours == p.max_window_hours and o.window ~= p.max_window_hours .. "h" then hours = nil end
+    if not hours or hours < p.min_window_hours or hours > p.max_window_hours then
+      local range = p.min_window_hours == p.max_window_hours and ("only %dh"):format(p.max_window_hours)
+        or ("from %dh to %dh"):format(p.min_window_hours, p.max_window_hours)
+      return usage_error(("--window %s: a completion window is hours or days (24h, 7d), %s on %s")
+        :format(tostring(o.window), range, limits))
+    end
   end
-  local show, finish = transfer_printer("upload " .. pos[1])
-  local f, err = c:upload(pos[1], nil, { on_progress = show })
-  finish()
-  if not f then return nil, err end
+  local m, keys = service.METADATA, 0
+  for k, v in pairs(o.meta or {}) do
+    keys = keys + 1
+    if #k > m.max_key or #v > m.max_value or k:find("^lbatch_") then
+      return usage_error(("--meta %s: keys are up to %d characters, values up to %d, and lbatch_ keys are lbatch's")
+        :format(k, m.max_key, m.max_value))
+    end
+  end
+  if keys > m.max_keys - 1 then
+    return usage_error(("--meta: at most %d keys (the service takes %d; lbatch_submit is one)")
+      :format(m.max_keys - 1, m.max_keys))
+  end
+end
+
+-- the file's checks, as validate's: its report, or nil and an error (nothing sent)
+local function submit_check(o, path, limits)
+  if path:lower():find("%.csv$") then
+    return nil, errors.new({ kind = "invalid", code = "not_jsonl", message = path .. " is a CSV, not request "
+      .. "lines: lbatch run takes it (or csv2jsonl makes request files of it); nothing was uploaded" })
+  end
+  local rep, err = jsonl.validate(path, { endpoint = o.endpoint, limits = limits, region = o.region })
+  if not rep then return nil, err end
+  for _, w in ipairs(rep.warnings) do
+    io.stderr:write(("%s:%s: warning: %s %s\n"):format(path, w.line or "-", w.code, w.message))
+  end
+  for i, p in ipairs(rep.problems) do
+    if i > 10 then io.stderr:write(("%s: ... and %d more\n"):format(path, #rep.problems - 10)) break end
+    io.stderr:write(("%s:%s: %s %s\n"):format(path, p.line or "-", p.code, p.message))
+  end
+  if #rep.problems > 0 then
+    return nil, errors.new({ kind = "invalid", code = "invalid_file", message = ("%s: %d problem(s) against %s, "
+      .. "the first: %s; nothing was uploaded (lbatch validate names them; --no-check sends it anyway)")
+      :format(path, #rep.problems, limits, rep.problems[1].code) })
+  end
+  return rep
+end
+
+-- the url of the file's first line (the endpoint when --no-check and no --endpoint)
+local function first_url(path)
+  local fh, msg = io.open(path, "rb")
+  if not fh then return nil, errors.io("cannot read", path, msg) end
+  local line = fh:read("*l")
+  fh:close()
+  local ok, v = pcall(cjson.decode, line or "")
+  if ok and type(v) == "table" and type(v.url) == "string" then return v.url end
+  return nil, usage_error(path .. ": its first line names no url: say --endpoint")
+end
+
+local function hex(s) return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
+
+-- the stamp of a submit: a hash of the file's bytes and of what shapes its batch
+local function submit_stamp(path, endpoint, window, meta)
+  local keys = {}
+  for k in pairs(meta or {}) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local parts = { endpoint, window or "" }
+  for _, k in ipairs(keys) do parts[#parts + 1] = k .. "=" .. meta[k] end
+  local h = core.hmac_sha256("lbatch submit", table.concat(parts, "\0"))
+  local fh, msg = io.open(path, "rb")
+  if not fh then return nil, errors.io("cannot read", path, msg) end
+  for chunk in function() return fh:read(1048576) end do h = core.hmac_sha256(h, chunk) end
+  fh:close()
+  return hex(h):sub(1, 16)
+end
+
+local function when(t) return t and os.date("!%Y-%m-%d %H:%M UTC", t) or "at an unknown time" end
+
+local SUBMIT_GRACE = 15     -- seconds a Ctrl-C during the create waits for the service's answer
+
+-- what an earlier submit of the same stamp left: its file (by its name and
+-- size) and its batch, each or both nil; or nil, nil and an error
+local function submitted(c, path, name, stamp)
+  local f, err = recover.upload(function(q) return c:list_files(q) end,
+    { filename = name, bytes = require("lbatch.size").file(path) })
+  if err then return nil, nil, err end
   local b
-  b, err = c:create({ input_file_id = f.id, endpoint = endpoint, completion_window = o.window, metadata = o.meta })
+  b, err = recover.stamped(function(q) return c:list_batches(q) end,
+    { input_file_id = f and f.id, key = "lbatch_submit", stamp = stamp })
+  if err then return nil, nil, err end
+  return f, b
+end
+
+local function upload_shown(c, path, name)
+  local show, finish = transfer_printer("upload " .. path)
+  local f, err = c:upload(path, { filename = name }, { on_progress = show })
+  finish()
+  return f, err
+end
+
+function run.submit(o, pos)
+  local limits, lerr = limits_of(o)
+  if not limits then return nil, lerr end
+  local uerr = submit_usage(o, limits)
+  if uerr then return nil, uerr end
+  local path, endpoint, err = pos[1], o.endpoint, nil
+  if not o.no_check then
+    local rep
+    rep, err = submit_check(o, path, limits)
+    if not rep then return nil, err end
+    endpoint = endpoint or rep.endpoint
+  end
+  if not endpoint then endpoint, err = first_url(path) end
+  if not endpoint then return nil, err end
+  local stamp
+  stamp, err = submit_stamp(path, endpoint, o.window, o.meta)
+  if not stamp then return nil, err end
+  local creating, held = false, nil
+  local c = client(o, function()
+    if not creating then return false end
+    held = held or now()
+    if now() - held < SUBMIT_GRACE then return true end
+    io.stderr:write("\nlbatch: the create had no answer; its batch may exist: the same submit finds it\n")
+  end)
+  local name = (path:match("[^/]*$"):gsub("%.jsonl$", "")) .. "-" .. stamp .. ".jsonl"
+  local f, b
+  if not o.again then
+    f, b, err = submitted(c, path, name, stamp)
+    if err then return nil, err end
+    if b then
+      io.stderr:write(("already submitted: %s (created %s, %s); --again makes a new one\n"):format(b.id,
+        when(b.created_at), tostring(b.status)))
+      out(o, b, batch_line(b))
+      return 0
+    end
+  end
+  if not f then f, err = upload_shown(c, path, name) end
+  if not f then return nil, err end
+  local meta = {}
+  for k, v in pairs(o.meta or {}) do meta[k] = v end
+  meta.lbatch_submit = o.again and (stamp .. "." .. hex(core.hmac_sha256(stamp, tostring(now())
+    .. tostring({}))):sub(1, 8)) or stamp
+  creating = true
+  b, err = c:create({ input_file_id = f.id, endpoint = endpoint, completion_window = o.window, metadata = meta })
+  creating = false
   if not b then return nil, err end
   out(o, b, batch_line(b))
+  local sig = core.caught()
+  if sig then
+    io.stderr:write(("\nlbatch: interrupted; the batch %s was made\n"):format(b.id))
+    return 128 + sig
+  end
   return 0
 end
 
@@ -603,7 +801,7 @@ function run.status(o, pos)
     b, err = c:retrieve(pos[1])
   end
   if not b then return nil, err end
-  out(o, b, batch_line(b))
+  out(o, b, o.json and "" or batch_text(c, b))
   return FINAL_BAD[b.status] and 3 or 0
 end
 
@@ -658,12 +856,25 @@ local function fetch(c, id, path)
   return got, err
 end
 
+-- a batch with no file: still running (0), or final and why (3)
+local function nothing_to_download(o, b)
+  local c = b.request_counts or {}
+  if not service.FINAL[b.status] then
+    out(o, { batch = b.id, status = b.status }, ("nothing to download yet: %s is %s (%d/%d done)")
+      :format(b.id, b.status, c.completed or 0, c.total or 0))
+    return 0
+  end
+  local t = { ("nothing to download: %s ended %s with no output or error file"):format(b.id, b.status) }
+  for _, l in ipairs(error_lines(b)) do t[#t + 1] = l end
+  out(o, { batch = b.id, status = b.status, errors = b.errors }, table.concat(t, "\n"))
+  return 3
+end
+
 function run.download(o, pos)
   local c = client(o)
   local id = pos[1]
-  local got, err = {}
+  local got, err, b = {}
   if id:find("^batch") then
-    local b
     b, err = c:retrieve(id)
     if not b then return nil, err end
     if b.output_file_id then
@@ -678,12 +889,35 @@ function run.download(o, pos)
     got.output, err = fetch(c, id, o.output or (id .. ".jsonl"))
     if not got.output then return nil, err end
   end
+  if not next(got) and b then return nothing_to_download(o, b) end
   local t = {}
   for k, v in pairs(got) do t[#t + 1] = k .. "  " .. v end
   table.sort(t)
   local say = (got.output == "-" or got.errors == "-") and { json = o.json, stdout = io.stderr } or o
   out(say, got, #t > 0 and table.concat(t, "\n") or "nothing to download yet")
   return 0
+end
+
+-- the id of the run in DIR (its journal's first record), or nil
+local function run_id_in(dir)
+  local fh = io.open(dir .. "/journal.jsonl", "rb")
+  local line = fh and fh:read("*l")
+  if fh then fh:close() end
+  local ok, rec = pcall(cjson.decode, line or "")
+  return ok and type(rec) == "table" and type(rec.run) == "string" and rec.run or nil
+end
+
+-- says the run's id on stderr once: at once when DIR has a journal, else
+-- at its first step (before anything is sent); returns the on_step
+local function run_id_teller(dir)
+  local said = false
+  local function say(id)
+    if said or not id then return end
+    said = true
+    io.stderr:write(("lbatch: run %s in %s (lbatch adopt --run %s rebuilds a lost journal)\n"):format(id, dir, id))
+  end
+  say(run_id_in(dir))
+  return function(_, s) say(type(s) == "table" and type(s.name) == "string" and s.name:match("^(.-)%-%d+%.jsonl$")) end
 end
 
 function run.run(o, pos)
@@ -726,7 +960,7 @@ function run.run(o, pos)
     max_in_flight = n.max_in_flight, max_lines = n.max_lines, limits = limits,
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
-    header = header, notify = notify,
+    header = header, notify = notify, on_step = run_id_teller(dir),
   })
   done()
   if not report then return nil, err end
@@ -741,7 +975,7 @@ function run.run(o, pos)
   for _, sh in ipairs(report.shards) do if FINAL_BAD[sh.status] then bad = bad + 1 end end
   out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
            missing = s.missing, total_tokens = s.total_tokens },
-    ("%s: %d requests, %d ok, %d failed, %d missing, %d tokens, %d shard(s)"):format(
+    ("%s: %d requests, %d ok, %d failed, %d missing, %d tokens, %d shard(s); run " .. tostring(run_id_in(dir))):format(
       output, s.total, s.ok, s.failed, s.missing, s.total_tokens, #report.shards))
   return (bad > 0 or s.missing > 0) and 3 or 0
 end
@@ -806,12 +1040,20 @@ function run.adopt(o, pos)
   if not n then return nil, nerr end
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
+  local header, herr = header_flag(o)
+  if herr then return nil, herr end
   local dir = o.dir or (pos[1] .. ".lbatch")
   local found, err = pipeline.adopt({ client = client(o), requests = pos[1], dir = dir, run = o.run,
-    model = o.model, system = o.system, endpoint = o.endpoint, max_lines = n.max_lines, limits = limits })
-  if not found then return nil, err end
-  out(o, found, ("%s: run %s, %d shard(s): %d file(s) and %d batch(es) found; lbatch run resumes it")
-    :format(dir, found.run, found.shards, found.files, found.batches))
+    model = o.model, system = o.system, endpoint = o.endpoint, max_lines = n.max_lines, limits = limits,
+    header = header, completion_window = o.window })
+  if not found then
+    err.message = err.message:gsub("give adopt the options the run had: [^)]*", "give adopt the options the run "
+      .. "had: --max-lines, --model, --system, --header or --no-header, --endpoint, --limits, --window")
+    return nil, err
+  end
+  out(o, found, ("%s: run %s, %d shard(s): %d file(s) and %d batch(es) found%s; lbatch run resumes it")
+    :format(dir, found.run, found.shards, found.files, found.batches, found.max_lines
+      and ("; its shards hold %d lines, as --max-lines %d made them"):format(found.max_lines, found.max_lines) or ""))
   return 0
 end
 

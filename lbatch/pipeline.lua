@@ -757,6 +757,105 @@ function M.run(opts)
            results = reader, client = client, groups = groups }
 end
 
+-- the account's files and batches of run `run`, by shard number: files,
+-- batches; or nil and an error
+local function run_items(client, run)
+  local name_pattern = "^" .. run:gsub("%p", "%%%0") .. "%-(%d+)%.jsonl$"
+  local files, batches = {}, {}
+  for f, ferr in client:each_file({ limit = 100 }) do
+    if not f then return nil, ferr end
+    local k = type(f.filename) == "string" and tonumber(f.filename:match(name_pattern))
+    if k and (not files[k] or (f.created_at or 0) > (files[k].created_at or 0)) then files[k] = f end
+  end
+  for b, berr in client:each_batch({ limit = 100 }) do
+    if not b then return nil, berr end
+    local m = type(b.metadata) == "table" and b.metadata or {}
+    local k = m.lbatch_run == run and tonumber(m.lbatch_shard)
+    local refused = b.status == "failed" and type(b.errors) == "table" and type(b.errors.data) == "table"
+      and type(b.errors.data[1]) == "table" and quota.refused(b.errors.data[1].code)
+    if k and not refused and (not batches[k] or (b.created_at or 0) > (batches[k].created_at or 0)) then
+      batches[k] = b
+    end
+  end
+  return files, batches
+end
+
+local function requests_of(b)
+  local n = type(b) == "table" and type(b.request_counts) == "table" and tonumber(b.request_counts.total)
+  return n and n > 0 and n or nil
+end
+
+-- how the run's shards differ from these (sizes, line counts, how many,
+-- the window): a message and the option it names, or nil when they match
+local function mismatch(manifest, files, batches, window)
+  local most = 0
+  for k in pairs(files) do most = math.max(most, k) end
+  for k in pairs(batches) do most = math.max(most, k) end
+  if most > #manifest.files then
+    return ("the run has a shard %d, these requests make %d"):format(most, #manifest.files), "max_lines"
+  end
+  for k, f in ipairs(manifest.files) do
+    local file, b, bytes = files[k], batches[k], size_of(f.path)
+    if file and tonumber(file.bytes) and file.bytes ~= bytes then
+      return ("the run's file %s holds %d bytes, shard %d here %d"):format(file.filename, file.bytes, k, bytes)
+    end
+    if requests_of(b) and requests_of(b) ~= f.lines then
+      return ("the run's batch %s holds %d requests, shard %d here %d"):format(b.id, requests_of(b), k, f.lines),
+        "max_lines"
+    end
+    if window and b and type(b.completion_window) == "string" and b.completion_window ~= window then
+      return ("the run's batch %s has the window %s, not %s"):format(b.id, b.completion_window, window),
+        "completion_window"
+    end
+  end
+end
+
+-- the lines of the run's first shard, by its batch's count or its file's
+-- bytes (these requests, line after line, until they add up): n or nil
+local function first_shard_lines(manifest, files, batches)
+  if requests_of(batches[1]) then return requests_of(batches[1]) end
+  local want = files[1] and tonumber(files[1].bytes)
+  if not want then return nil end
+  local sum, n = 0, 0
+  for _, m in ipairs(manifest.files) do
+    local fh = io.open(m.path, "rb")
+    if not fh then return nil end
+    for line in fh:lines() do
+      sum, n = sum + #line + 1, n + 1
+      if sum >= want then fh:close() return sum == want and n or nil end
+    end
+    fh:close()
+  end
+end
+
+local function mismatch_error(run, why, param)
+  return errors.new({ kind = "invalid", code = "adopt_mismatch", param = param, message = ("pipeline.adopt: "
+    .. "run %s was not made with these requests and options: %s; nothing was adopted (give adopt the options "
+    .. "the run had: max_lines, model, system, header, endpoint, limits, completion_window)"):format(run, why) })
+end
+
+-- the shards of the run: the manifest its files and batches match (with
+-- max_lines read from them when it was not given), or nil and an error
+local function run_shards(opts, client, files, batches)
+  local manifest, err = shard(opts, opts.dir, client)
+  if not manifest then return nil, err end
+  local why, param = mismatch(manifest, files, batches, opts.completion_window)
+  if not why then return manifest end
+  local n = param ~= "completion_window" and first_shard_lines(manifest, files, batches)
+  if not n or opts.max_lines ~= nil then
+    if n and n ~= opts.max_lines then why, param = why .. (" (its shards hold %d lines)"):format(n), "max_lines" end
+    return nil, mismatch_error(opts.run, why, param)
+  end
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  o.max_lines = n
+  manifest, err = shard(o, opts.dir, client)
+  if not manifest then return nil, err end
+  why, param = mismatch(manifest, files, batches, opts.completion_window)
+  if why then return nil, mismatch_error(opts.run, why, param) end
+  return manifest, n
+end
+
 --- Rebuild a lost journal from the account, so that `run` resumes the
 -- run without paying twice. The requests are sharded again into `dir`
 -- (the same requests and options make the same shards), and each shard is
@@ -766,12 +865,19 @@ end
 -- downloading), one with a file resumes creating, the rest are sent.
 -- Resubmissions of an earlier round are not adopted: their round runs
 -- again from the first round's results.
+-- The shards must be the run's: the files' sizes, the batches' request
+-- counts and the number of shards are checked (and the batches' window
+-- against completion_window, when given). When max_lines was not given,
+-- the run's is read from its first shard (`found.max_lines`); any other
+-- difference is an `adopt_mismatch` error, and a run of which the account
+-- holds no file and no batch is `run_not_found`: nothing is written.
 -- @tparam table opts client (or provider, region, base_url, api_key, as
 -- `run`), dir, run (the run's id: `metadata.lbatch_run`
 -- of its batches, the prefix of its files' names), requests and the
--- sharding options `run` took (model, endpoint, system, limits,
--- max_lines, max_bytes), journal
--- @treturn table `{run, shards, files, batches}` (counts found), or nil and an error
+-- sharding options `run` took (model, endpoint, system, header, limits,
+-- max_lines, max_bytes), completion_window, journal
+-- @treturn table `{run, shards, files, batches, max_lines}` (counts found;
+-- max_lines when read from the run), or nil and an error
 function M.adopt(opts)
   errors.check("pipeline.adopt", "opts", opts, "table")
   errors.check("pipeline.adopt", "opts.dir", opts.dir, "string")
@@ -791,28 +897,18 @@ function M.adopt(opts)
     return nil, errors.new({ kind = "invalid", code = "journal_exists", param = "dir", message = ("pipeline.adopt: "
       .. "%s exists: adopt rebuilds a lost journal, it does not replace one"):format(path) })
   end
-  local manifest, err = shard(opts, opts.dir, client)
-  if not manifest then return nil, err end
   local run = opts.run
-  local name_pattern = "^" .. run:gsub("%p", "%%%0") .. "%-(%d+)%.jsonl$"
-  local files, batches = {}, {}
-  for f, ferr in client:each_file({ limit = 100 }) do
-    if not f then return nil, ferr end
-    local k = type(f.filename) == "string" and tonumber(f.filename:match(name_pattern))
-    if k and (not files[k] or (f.created_at or 0) > (files[k].created_at or 0)) then files[k] = f end
+  local files, batches = run_items(client, run)
+  if not files then return nil, batches end
+  if not next(files) and not next(batches) then
+    return nil, errors.new({ kind = "invalid", code = "run_not_found", param = "run", message = ("pipeline.adopt: "
+      .. "the account holds no file (%s-N.jsonl) and no batch (metadata.lbatch_run) of run %s among its "
+      .. "newest; nothing was adopted"):format(run, run) })
   end
-  for b, berr in client:each_batch({ limit = 100 }) do
-    if not b then return nil, berr end
-    local m = type(b.metadata) == "table" and b.metadata or {}
-    local k = m.lbatch_run == run and tonumber(m.lbatch_shard)
-    local refused = b.status == "failed" and type(b.errors) == "table" and type(b.errors.data) == "table"
-      and type(b.errors.data[1]) == "table" and quota.refused(b.errors.data[1].code)
-    if k and not refused and (not batches[k] or (b.created_at or 0) > (batches[k].created_at or 0)) then
-      batches[k] = b
-    end
-  end
+  local manifest, max_lines = run_shards(opts, client, files, batches)
+  if not manifest then return nil, max_lines end
   local state = { version = 1, run = run, phase = "running", shards = {} }
-  local found = { run = run, shards = #manifest.files, files = 0, batches = 0 }
+  local found = { run = run, shards = #manifest.files, files = 0, batches = 0, max_lines = max_lines }
   for i, f in ipairs(manifest.files) do
     local s = { k = i, path = f.path, name = run .. "-" .. i .. ".jsonl", lines = f.lines, model = f.model,
                 endpoint = f.endpoint, round = 1, step = "written" }

@@ -50,4 +50,26 @@ function M.batch(list, want)
   end
 end
 
+--- The newest batch whose `metadata[want.key]` is `want.stamp` (or
+-- `want.stamp .. "." .. anything`: the same stamp asked for again), made
+-- from `want.input_file_id` when given, among the newest 100 (on DashScope
+-- those of that input file).
+-- @tparam function list one page of batches
+-- @tparam table want key, stamp, input_file_id
+-- @return the batch, nil when there is none, or nil and the list's error
+function M.stamped(list, want)
+  local id = want.input_file_id
+  local page, err = list({ input_file_ids = id and { id } or nil, limit = 100 })
+  if not page then return nil, err end
+  local best
+  for _, b in ipairs(page.data) do
+    local v = type(b.metadata) == "table" and b.metadata[want.key]
+    local ok = type(v) == "string" and (v == want.stamp or v:sub(1, #want.stamp + 1) == want.stamp .. ".")
+    if ok and (id == nil or b.input_file_id == id) and (not best or (b.created_at or 0) > (best.created_at or 0)) then
+      best = b
+    end
+  end
+  return best
+end
+
 return M

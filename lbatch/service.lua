@@ -30,6 +30,10 @@ M.ACCOUNT = { Arrearage = true, ["AccessDenied.Unpurchased"] = true, InvalidApiK
 -- requests without a result can be sent again.
 M.PARTIAL = { expired = true, cancelled = true }
 
+--- A batch's metadata: at most `max_keys` pairs, keys of at most `max_key`
+-- characters, values of at most `max_value` (OpenAI's API reference, Metadata).
+M.METADATA = { max_keys = 16, max_key = 64, max_value = 512 }
+
 --- The dialect each region speaks: `dashscope` or `openai`.
 -- Every other provider (a `client.region` of a provider's name) speaks
 -- OpenAI's dialect, with the differences its `PROVIDERS` entry names.

@@ -96,6 +96,10 @@ describe("the README", function()
     assert(H.ok(("cp %s/out.jsonl %s/output.jsonl && cp %s/err.jsonl %s/errors.jsonl"):format(d, d, d, d)))
     assert(H.ok(("cp -r %s %s/snippets"):format(d, dir)))
     done_id = b.id
+    -- run RUN (adopt's): its one shard of questions.csv, stored under the run's name
+    local m = assert(require("lbatch.csv").to_jsonl(d .. "/questions.csv", { path = dir .. "/run-shard.jsonl",
+      model = "qwen-plus", unique = "all" }))
+    assert(c:upload(m.files[1].path, { filename = "0123456789ab-1.jsonl" }))
     c:close()
   end)
   teardown(function()
@@ -160,7 +164,7 @@ lbatch = require "lbatch"; client = lbatch.new{}; batch = assert(client:retrieve
     cmd = cmd:gsub("FILE_ID%.%.%.", function() return fresh("file") .. " " .. fresh("file") end)
     cmd = cmd:gsub("PATH", function() paths = paths + 1 return "path-" .. paths .. ".jsonl" end)
     cmd = cmd:gsub("%f[%w]([NE])%f[%W]", PLACE)
-    cmd = cmd:gsub("%f[%w]RUN%f[%W]", "0123456789ab")       -- a run the account does not have
+    cmd = cmd:gsub("%f[%w]RUN%f[%W]", "0123456789ab")       -- a run of which the account has a file
     cmd = cmd:gsub("%f[%w]DIR%f[%W]", "report-dir")
     return cmd
   end

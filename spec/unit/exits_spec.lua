@@ -102,9 +102,12 @@ describe("the command's exit codes", function()
     -- 24 MB to a server that takes 1 MB every 100 ms (more than the
     -- sockets' buffers hold): progress is reported some 20 times; off a
     -- terminal a line is printed at most every 5 s, and the last one (100%)
-    local big = H.requests(dir .. "/big.jsonl", 2, { content = function() return ("w "):rep(6000000) end })
+    -- (lines the service takes: submit checks them first; --again: this
+    -- server answers no list of files or batches to look in)
+    local big = H.requests(dir .. "/big.jsonl", 6, { url = "/v1/chat/completions", model = "qwen-plus",
+      content = function() return ("w "):rep(2000000) end })
     local srv = H.hostile()
-    local code, out, err = lbatch(nil, ("submit --base-url %s %s"):format(srv.at("slow_reader-1024"), big), "k")
+    local code, out, err = lbatch(nil, ("submit --again --base-url %s %s"):format(srv.at("slow_reader-1024"), big), "k")
     srv.stop()
     assert.are.equal(0, code, out .. err)
     assert.matches("^batch_%S+%s+validating", out)
@@ -122,6 +125,45 @@ describe("the command's exit codes", function()
     local code, out, err = lbatch(emu, ("run --model batch-test-model --endpoint /v1/chat/ds-test --poll 0.05 %s"):format(csvp))
     assert.are.equal(0, code, out .. err)
     assert.matches("2 requests, 2 ok, 0 failed, 0 missing", out)
+  end)
+
+  -- a failed batch says why without --json; download of one with nothing says so
+  it("status and download: a failed batch's errors in plain words, exit 3; a running one exit 0", function()
+    local function batch(path, meta)
+      local _, f = H.json("POST", emu.base .. "/files", { form = { "purpose=batch", "file=@" .. path } })
+      local _, b = H.json("POST", emu.base .. "/batches", { json = { input_file_id = f.id,
+        endpoint = "/v1/chat/completions", completion_window = "24h", metadata = meta } })
+      return b.id
+    end
+    H.json("POST", emu.url .. "/_emulator/modes", { json = { token_limit = { tokens = 1 } } })
+    local quota = batch(H.requests(dir .. "/quota.jsonl", 2, CHAT))
+    assert.are.equal("failed", H.wait_final(emu, quota).status)
+    H.json("POST", emu.url .. "/_emulator/modes", { json = { token_limit = false } })
+    local code, out, err = lbatch(emu, "status " .. quota)
+    assert.are.equal(3, code, out .. err)
+    assert.matches("failed%s+0/0 done, 0 failed[^\n]*\n  error token_limit_exceeded: %S", out)
+    code, out, err = lbatch(emu, ("download %s --output %s/q.out"):format(quota, dir))
+    assert.are.equal(3, code, out .. err)
+    assert.matches("nothing to download: [^\n]* ended failed with no output or error file\n  error "
+      .. "token_limit_exceeded: %S", out)
+    assert.is_false(H.exists(dir .. "/q.out"))
+    -- a refused file: its problems with their lines
+    code, out = lbatch(emu, "status " .. ids.failed)
+    assert.are.equal(3, code, out)
+    assert.matches("\n  error %S+ line 3: %S", out)
+    -- line errors: counted by code
+    local mixed = batch(H.requests(dir .. "/mixed.jsonl", 3, { url = "/v1/chat/completions", model = "qwen-plus",
+      content = function(i) return i == 2 and "lbatch-emulator:fail" or "q" end }))
+    assert.are.equal("completed", H.wait_final(emu, mixed).status)
+    code, out, err = lbatch(emu, "status " .. mixed)
+    assert.are.equal(0, code, out .. err)
+    assert.matches("\n  failed lines: 1 %S+\n?$", out)
+    -- still running: exit 0, saying so
+    local slow = batch(H.requests(dir .. "/slow3.jsonl", 2, CHAT), { emulator_line_seconds = "18000" })
+    code, out, err = lbatch(emu, "download " .. slow)
+    assert.are.equal(0, code, out .. err)
+    assert.matches("nothing to download yet: [^\n]* is [%l_]+ %(%d+/%d+ done%)", out)
+    H.json("POST", emu.base .. "/batches/" .. slow .. "/cancel")
   end)
 end)
 
