@@ -27,7 +27,8 @@ Options for every command:
                      zhipu, moonshot, cerebras, novita or litellm: its URL, key and limits
   --json             machine-readable output on stdout
   -h, --help         this help
-The API key comes from $DASHSCOPE_API_KEY (or $OPENAI_API_KEY).]]
+The key comes from the provider's variable ($DASHSCOPE_API_KEY, $OPENAI_API_KEY,
+$GROQ_API_KEY, ...); without --provider or --region, the key set names the provider.]]
 
 local COMMANDS = {
   run = { args = "INPUT", help = [[
@@ -535,6 +536,7 @@ end
 local function client(o)
   -- no key: thrown
   local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region, provider = o.provider }))
+  if c.config.warning then io.stderr:write("lbatch: ", c.config.warning, "\n") end
   core.trap()
   c:at_turn_end(function()
     local sig = core.caught()
