@@ -162,11 +162,11 @@ describe("csv", function()
       assert.are.same({ 2, 1 }, { csv.columns({ "prompt" }) })
       assert.are.same({ 1, 3 }, { csv.columns({ "id", "x", "text" }) })
       -- --header with names in another order: the names still say where
-      local m = assert(csv.to_jsonl(H.write(dir .. "/o.csv", "question,id\nhello,c1\n"),
+      assert(csv.to_jsonl(H.write(dir .. "/o.csv", "question,id\nhello,c1\n"),
                                     { path = dir .. "/o.jsonl", model = "m", header = true }))
       assert.are.equal("c1", lines_of(dir .. "/o.jsonl")[1].custom_id)
       -- --no-header: the first row is data, first column the id
-      m = assert(csv.to_jsonl(H.write(dir .. "/o.csv", "question,id\nhello,c1\n"),
+      local m = assert(csv.to_jsonl(H.write(dir .. "/o.csv", "question,id\nhello,c1\n"),
                               { path = dir .. "/o.jsonl", model = "m", header = false }))
       assert.are.same({ 2, false }, { m.lines, m.skipped_header })
       assert.are.equal("question", lines_of(dir .. "/o.jsonl")[1].custom_id)
