@@ -119,6 +119,8 @@ Check a request file against the service's rules without uploading it.
 Exit 1 when problems are found. Warnings (a model outside the --region's
 batch list: lists change) go to stderr and do not change the exit code.
   --endpoint E    the batch endpoint to check urls against
+  --model M       a CSV of id,content (required for one): checked as the
+                  requests it makes (--header, --no-header as csv2jsonl)
   --limits L      dashscope (default; openai with --region openai; the
                   --provider's own), dashscope-strict (the older 1 MB lines),
                   openai or a provider's (azure, groq, together, ...)]] },
@@ -362,7 +364,17 @@ local run = {}
 function run.validate(o, pos)
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
-  local rep, err = jsonl.validate(pos[1], { endpoint = o.endpoint, limits = limits, region = o.region })
+  local rep, err
+  if pos[1]:lower():find("%.csv$") then       -- a CSV: the requests it makes (lbatch.csv)
+    if not o.model then return nil, usage_error("--model is required for a CSV") end
+    if o.header and o.no_header then return nil, usage_error("--header and --no-header exclude each other") end
+    local header
+    if o.header then header = true elseif o.no_header then header = false end
+    rep, err = csv.validate(pos[1], { model = o.model, endpoint = o.endpoint, limits = limits, region = o.region,
+                                      header = header })
+  else
+    rep, err = jsonl.validate(pos[1], { endpoint = o.endpoint, limits = limits, region = o.region })
+  end
   if not rep then return nil, err end
   for _, w in ipairs(rep.warnings) do
     io.stderr:write(("%s:%s: warning: %s %s\n"):format(pos[1], w.line or "-", w.code, w.message))

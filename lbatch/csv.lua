@@ -311,6 +311,62 @@ function M.to_jsonl(csv_path, opts)
   return manifest
 end
 
+-- what csv.validate reports of a CSV that made no requests: its problem
+local function problem_of(path, err)
+  local message, at = tostring(err.message), ("%s:%s: "):format(path, tostring(err.line))
+  if message:sub(1, #at) == at then message = message:sub(#at + 1) end
+  return { ok = false, problems = { { code = err.code, line = err.line, message = message, param = err.param } },
+           warnings = {}, lines = 0, bytes = 0 }
+end
+
+-- the reports of the request files, as one (a problem's line becomes the
+-- request's number in the whole CSV, named in its message)
+local function merge(rep, r, offset)
+  for _, k in ipairs({ "problems", "warnings" }) do
+    for _, p in ipairs(r[k]) do
+      if p.line then p.message, p.line = ("request %d: %s"):format(offset + p.line, tostring(p.message)), nil end
+      rep[k][#rep[k] + 1] = p
+    end
+  end
+  rep.lines, rep.bytes = rep.lines + r.lines, rep.bytes + r.bytes
+  rep.model, rep.endpoint = rep.model or r.model, rep.endpoint or r.endpoint
+end
+
+--- Every problem of a CSV of questions, as `jsonl.validate` reports a
+-- request file: the CSV is turned into requests in temporary files (as
+-- `to_jsonl` does: a row without content is a problem naming its row,
+-- code `csv_no_content`) and each is validated, then removed.
+-- @tparam string csv_path
+-- @tparam table opts model (required), endpoint, limits, region, header,
+-- system
+-- @treturn table the report of `jsonl.validate` (`lines`: the requests),
+-- with skipped_header and header; or nil and an `io` error
+function M.validate(csv_path, opts)
+  errors.check("csv.validate", "csv_path", csv_path, "string")
+  errors.check("csv.validate", "opts", opts, "table")
+  errors.check("csv.validate", "opts.model", opts.model, "string")
+  local tmp = os.tmpname()
+  local m, err = M.to_jsonl(csv_path, { path = tmp .. ".jsonl", model = opts.model, endpoint = opts.endpoint,
+    limits = opts.limits, header = opts.header, system = opts.system, unique = "all" })
+  os.remove(tmp)
+  if not m then
+    if err.kind == "io" then return nil, err end
+    return problem_of(csv_path, err)
+  end
+  local rep, failure = { problems = {}, warnings = {}, lines = 0, bytes = 0, skipped_header = m.skipped_header,
+                         header = m.header }, nil
+  for _, f in ipairs(m.files) do
+    if not failure then
+      local r, verr = jsonl.validate(f.path, { endpoint = opts.endpoint, limits = opts.limits, region = opts.region })
+      if r then merge(rep, r, rep.lines) else failure = verr end
+    end
+    os.remove(f.path)
+  end
+  if failure then return nil, failure end
+  rep.ok = #rep.problems == 0
+  return rep
+end
+
 M.COLUMNS = { "custom_id", "model", "request_id", "status_code", "error_code", "error_message",
               "created", "content", "usage" }
 

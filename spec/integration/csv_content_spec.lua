@@ -1,4 +1,4 @@
--- No empty request leaves: `lbatch run` and `lbatch csv2jsonl` on a CSV
+-- No empty request leaves: `lbatch run`, `csv2jsonl` and `validate` on a CSV
 -- with a row without content, or without a content column, stop before
 -- anything is uploaded (the emulator counts what it was sent), naming the
 -- row; a header whose names come in another order is read by its names.
@@ -44,6 +44,10 @@ describe("a CSV row without content", function()
       assert.are.equal(1, code, out)
       assert.matches(case[2], out, 1, true)
       assert.is_false(H.exists(("%s/%s.jsonl"):format(dir, name)))
+      code, out = lbatch(("validate %s --model qwen-plus"):format(src))
+      assert.are.equal(1, code, out)
+      assert.matches("csv_no_content " .. case[2]:match("^[^:]*:%d+: (.*)$"), out, 1, true)
+      assert.matches("1 problem(s)", out, 1, true)
     end
   end)
 

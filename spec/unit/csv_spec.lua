@@ -148,6 +148,24 @@ describe("csv", function()
       assert.matches("c.csv:1: row 1 has no content column", err.message, 1, true)
     end)
 
+    it("validate: a CSV checked as the requests it makes, a row without content a problem naming its row", function()
+      local rep = assert(csv.validate(H.write(dir .. "/v.csv", "question,id\nhello,c1\n,c2\n"), { model = "qwen-plus" }))
+      assert.is_false(rep.ok)
+      assert.are.same({ { code = "csv_no_content", line = 3, param = "path",
+                          message = 'row 3 (c2) has no content: the "question" column (1) is empty' } }, rep.problems)
+      rep = assert(csv.validate(H.write(dir .. "/v.csv", "c1\nc2\n"), { model = "qwen-plus" }))
+      assert.are.equal("csv_no_content", rep.problems[1].code)
+      rep = assert(csv.validate(H.write(dir .. "/v.csv", "question,id\nhello,c1\nworld,c2\n"), { model = "qwen-plus" }))
+      assert.are.same({ true, 2, true, "qwen-plus" }, { rep.ok, rep.lines, rep.skipped_header, rep.model })
+      -- what the writer refuses is a problem too; the requests' own problems are numbered by request
+      rep = assert(csv.validate(H.write(dir .. "/v.csv", "id,q\na,x\na,y\n"), { model = "qwen-plus" }))
+      assert.are.equal("duplicate_custom_id", rep.problems[1].code)
+      rep = assert(csv.validate(H.write(dir .. "/v.csv", "a,x\nb,y\n"), { model = "qwen-plus", region = "cn",
+                                                                         endpoint = "/v1/embeddings" }))
+      assert.is_false(rep.ok)
+      assert.are.equal("io", select(2, csv.validate(dir .. "/none.csv", { model = "m" })).kind)
+    end)
+
     it("recognises a header by its names in any order, and reads the columns where it names them", function()
       for _, head in ipairs({ "question,id", "Prompt,Custom_ID", "content,ID,extra", "id,category,question" }) do
         local src = H.write(dir .. "/o.csv", head .. "\n" .. (head:lower():find("^id") and "c1,x,hello\n" or "hello,c1\n"))
