@@ -330,7 +330,11 @@ end
 
 --- Check `opts` and fill in defaults and the environment.
 -- @tparam table opts the options of `lbatch.new`
--- @treturn table the configuration (no secrets in it), or nil and what is wrong
+-- @treturn table the configuration (no secrets in it; `provider_by_key`:
+-- the provider came from the key set, `warning`: what was chosen when
+-- several keys are set, for the caller to show once), or nil and what is
+-- wrong (an error object of kind `config` when the environment lacks the
+-- key, `no_api_key`, or leaves the provider unclear, `provider_unclear`)
 -- @treturn table the secrets: `key`, `headers` (every request's), `list` (to scrub)
 M.new = guarded(new)
 
