@@ -282,7 +282,8 @@ elseif mode == "quota" then
   local limit = math.floor((fit + 0.5) * lines * tokens)
   assert(os.execute(("curl -sf -o /dev/null -X POST -H 'Content-Type: application/json' "
     .. "-d '{\"token_limit\": {\"tokens\": %d}}' %s/_emulator/modes"):format(limit, base)))
-  local client = lbatch.new({ region = "openai", max_connections = 16 })
+  -- emulator/around sets DASHSCOPE_API_KEY: an OpenAI client is given it
+  local client = lbatch.new({ region = "openai", api_key = os.getenv("DASHSCOPE_API_KEY"), max_connections = 16 })
   local dir = os.tmpname()
   os.remove(dir)
   local reqs = {}
@@ -322,7 +323,8 @@ elseif mode == "quota" then
 elseif mode == "told" or mode == "polled" then
   local lbatch = require "lbatch"
   local n, interval = tonumber(a), tonumber(os.getenv("POLL") or "10")
-  local client = lbatch.new({ region = "openai", max_connections = 16 })
+  -- emulator/around sets DASHSCOPE_API_KEY: an OpenAI client is given it
+  local client = lbatch.new({ region = "openai", api_key = os.getenv("DASHSCOPE_API_KEY"), max_connections = 16 })
   local f = ten_requests(client)
   local seen_at, ids = {}, {}
   local function jobs()

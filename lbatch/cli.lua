@@ -27,7 +27,8 @@ Options for every command:
                      zhipu, moonshot, cerebras, novita or litellm: its URL, key and limits
   --json             machine-readable output on stdout
   -h, --help         this help
-The API key comes from $DASHSCOPE_API_KEY (or $OPENAI_API_KEY).]]
+The key comes from the provider's variable ($DASHSCOPE_API_KEY, $OPENAI_API_KEY,
+$GROQ_API_KEY, ...); without --provider or --region, the key set names the provider.]]
 
 local COMMANDS = {
   run = { args = "INPUT", help = [[
@@ -127,6 +128,8 @@ Check a request file against the service's rules without uploading it.
 Exit 1 when problems are found. Warnings (a model outside the --region's
 batch list: lists change) go to stderr and do not change the exit code.
   --endpoint E    the batch endpoint to check urls against
+  --model M       a CSV of id,content (required for one): checked as the
+                  requests it makes (--header, --no-header as csv2jsonl)
   --limits L      dashscope (default; openai with --region openai; the
                   --provider's own), dashscope-strict (the older 1 MB lines),
                   openai or a provider's (azure, groq, together, ...)]] },
@@ -436,7 +439,17 @@ local run = {}
 function run.validate(o, pos)
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
-  local rep, err = jsonl.validate(pos[1], { endpoint = o.endpoint, limits = limits, region = o.region })
+  local rep, err
+  if pos[1]:lower():find("%.csv$") then       -- a CSV: the requests it makes (lbatch.csv)
+    if not o.model then return nil, usage_error("--model is required for a CSV") end
+    if o.header and o.no_header then return nil, usage_error("--header and --no-header exclude each other") end
+    local header
+    if o.header then header = true elseif o.no_header then header = false end
+    rep, err = csv.validate(pos[1], { model = o.model, endpoint = o.endpoint, limits = limits, region = o.region,
+                                      header = header })
+  else
+    rep, err = jsonl.validate(pos[1], { endpoint = o.endpoint, limits = limits, region = o.region })
+  end
   if not rep then return nil, err end
   for _, w in ipairs(rep.warnings) do
     io.stderr:write(("%s:%s: warning: %s %s\n"):format(pos[1], w.line or "-", w.code, w.message))
@@ -611,6 +624,7 @@ end
 local function client(o, hold)
   -- no key: thrown
   local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region, provider = o.provider }))
+  if c.config.warning then io.stderr:write("lbatch: ", c.config.warning, "\n") end
   core.trap()
   c:at_turn_end(function()
     local sig = core.caught()

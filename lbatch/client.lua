@@ -6,6 +6,11 @@
 -- transfers run on a scheduler (`lbatch.scheduler`): its own, or one it
 -- shares with other clients (`scheduler = sched`).
 --
+-- The six of the design: `upload` (a file), `create` (a batch), `retrieve`
+-- (a batch), `list` (a page of batches; also named `list_batches`),
+-- `cancel` (a batch) and `content` (a file's bytes); beside them files,
+-- pages, waits and notices.
+--
 -- Every operation takes its API parameters (sent as given: a field the
 -- service adds tomorrow needs no new lbatch) and, last, per-call options:
 --
@@ -41,8 +46,27 @@ local function transport(self)
   return t
 end
 
+-- A connection failure (no answer: kind network or timeout) names the
+-- provider and the host it was trying: a key sent to the wrong place shows.
+local function located(call, cfg)
+  return function(t, method, path, o)
+    local value, err, meta = call(t, method, path, o)
+    if value == nil and errors.is(err) and (err.kind == "network" or err.kind == "timeout")
+      and not err.status and not err.host then
+      local url = o and o.url or cfg.base_url
+      local host = url:match("^%a[%w+.-]*://([^/?#]*)") or url
+      err.provider, err.host = cfg.provider, host:gsub("^.*@", "")
+      err.message = ("%s (provider %s, host %s)"):format(tostring(err.message), err.provider, err.host)
+    end
+    return value, err, meta
+  end
+end
+
 --- Make a client.
--- @tparam[opt] table opts api_key, region (`cn`, `intl`, `openai`),
+-- Without provider, region or api_key, the provider is the one whose key
+-- variable is set (OPENAI_API_KEY: openai, ...); with several, DashScope
+-- with its own key, said in `client.config.warning` (see `lbatch.config`).
+-- @tparam[opt] table opts api_key, provider, region (`cn`, `intl`, `openai`),
 -- base_url, limits, poll_budget, timeout, connect_timeout, stall_timeout,
 -- transfer_timeout, max_retries, retry_after_cap, max_response_bytes,
 -- headers, cainfo, capath, proxy, noproxy, allow_http, fresh_window (30: seconds
@@ -72,7 +96,9 @@ function Client.new(opts)
                               -- dashscope or openai (every other provider speaks OpenAI's)
                               dialect = cfg.provider == "dashscope" and "dashscope" or "openai",
                               own_scheduler = own, fresh = {}, nfresh = 0 }, Client)
-  transports[self] = http.new(cfg, secrets, sched.loop)
+  local t = http.new(cfg, secrets, sched.loop)
+  t.call = located(t.call, cfg)
+  transports[self] = t
   return self
 end
 
@@ -414,6 +440,13 @@ end
 -- @tparam[opt] table opts per-call options
 -- @treturn table the page (`data` is always a list), or nil and an error
 function Client:list_batches(params, opts) return page("list_batches", self, "/batches", params, opts) end
+
+--- One page of batches, as `list_batches` (the design's name, beside
+-- upload, create, retrieve, cancel and content).
+-- @tparam[opt] table params as `list_batches`
+-- @tparam[opt] table opts per-call options
+-- @treturn table the page (`data` is always a list), or nil and an error
+function Client:list(params, opts) return page("list", self, "/batches", params, opts) end
 
 -- Every item, page after page. A cursor that repeats, or a page that
 -- brings nothing new while claiming more, ends it with an error: a server

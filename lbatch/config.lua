@@ -122,10 +122,69 @@ local KNOWN = { api_key = true, region = true, base_url = true, allow_http = tru
                 proxy = true, noproxy = true, host = true, scheduler = true, fresh_window = true,
                 provider = true, api_version = true }
 
--- the provider, its region and the base URL the options choose
+-- The provider no option names follows from the key the environment
+-- holds: a key goes to its own provider only (each provider's variables:
+-- service.PROVIDERS[name].key). Several keys: the default provider with
+-- its own, said in a warning; no default key among them, or a base URL
+-- with another provider's key: the caller names the provider.
+local DEFAULT = "dashscope"
+
+-- every provider's key found in the environment, by provider name
+local function keys_set()
+  local names, found = {}, {}
+  for name in pairs(service.PROVIDERS) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    for _, var in ipairs(service.PROVIDERS[name].key) do
+      if env(var) then found[#found + 1] = { provider = name, var = var } break end
+    end
+  end
+  return found
+end
+
+local function vars(found)
+  local t = {}
+  for _, f in ipairs(found) do t[#t + 1] = f.var end
+  return table.concat(t, ", ")
+end
+
+local function unclear(message)
+  fail(errors.new({ kind = "config", code = "provider_unclear", param = "provider", message = message
+    .. ": name the provider (the command: --provider NAME; lbatch.new: provider = NAME)" }))
+end
+
+-- the provider from the keys set (nil: none set), and a warning
+local function from_keys(base)
+  local found = keys_set()
+  if #found == 0 then return nil end
+  for _, f in ipairs(found) do
+    if f.provider == DEFAULT then
+      if #found == 1 then return DEFAULT end
+      return DEFAULT, ("%s are set and no provider is named: using %s with %s (--provider or provider = picks another)")
+        :format(vars(found), DEFAULT, f.var)
+    end
+  end
+  if base then
+    unclear(("a base URL (--base-url, LBATCH_BASE_URL or base_url) is given and the key found is %s, not %s's")
+      :format(#found > 1 and vars(found) or (found[1].var .. ", " .. found[1].provider .. "'s"), DEFAULT))
+  end
+  if #found > 1 then unclear(("%s are set and no provider is named"):format(vars(found))) end
+  return found[1].provider
+end
+
+-- the provider, its region, the base URL the options choose, and
+-- whether the provider was found by its key alone (and a warning)
 local function where(opts)
-  local name = string_opt(opts, "provider")
-  if name == nil then name = opts.region == "openai" and "openai" or "dashscope" end
+  local name, found, warning = string_opt(opts, "provider"), false, nil
+  if name == nil then
+    if opts.region ~= nil or opts.api_key ~= nil then name = opts.region == "openai" and "openai" or DEFAULT
+    else
+      local base = opts.base_url or env("LBATCH_BASE_URL")
+      name, warning = from_keys(base ~= nil and base ~= "")
+      found = name ~= nil
+      name = name or DEFAULT
+    end
+  end
   local p = service.PROVIDERS[name]
   if not p then fail(("provider must be one of %s (got %q)"):format(service.provider_names(), name)) end
   local region = opts.region
@@ -134,7 +193,7 @@ local function where(opts)
     if not service.REGIONS[region] or (name == "openai") ~= (region == "openai") then
       fail("region must be cn, intl or openai")
     end
-    return p, region, region, service.REGIONS[region]
+    return p, region, region, service.REGIONS[region], found, warning
   end
   if region ~= nil and not (p.regions and p.regions[region]) then
     local r = {}
@@ -143,7 +202,32 @@ local function where(opts)
     fail(("region: %s has %s"):format(name, #r > 0 and ("the regions " .. table.concat(r, ", ")) or "no regions"))
   end
   region = region or p.region
-  return p, name, region, p.regions and p.regions[region] or p.base_url
+  return p, name, region, p.regions and p.regions[region] or p.base_url, found, warning
+end
+
+-- the key: the api_key option, else the provider's own variable
+local function api_key(opts, provider, unnamed)
+  local key = string_opt(opts, "api_key")
+  if not key then
+    for _, k in ipairs(provider.key) do
+      key = env(k)
+      if key then break end
+    end
+  end
+  if not key or key == "" then      -- what the environment lacks: a runtime failure, returned
+    local others = {}
+    for _, f in ipairs(keys_set()) do
+      if f.provider ~= provider.name then others[#others + 1] = ("%s (%s)"):format(f.var, f.provider) end
+    end
+    local names = table.concat(provider.key, " (or ") .. (#provider.key > 1 and ")" or "")
+    local hint = #others > 0 and ("; set but not %s's: %s (--provider or provider = names one)")
+      :format(provider.name, table.concat(others, ", "))
+      or unnamed and ", or another provider's (OPENAI_API_KEY, GROQ_API_KEY, ...: the provider follows from it)" or ""
+    fail(errors.new({ kind = "config", code = "no_api_key", param = "api_key",
+      message = ("no API key: pass api_key or set %s%s"):format(names, hint) }))
+  end
+  if key:find("[\r\n%z]") then fail("api_key holds a CR, LF or NUL") end
+  return key
 end
 
 --- A `host` option (see `lbatch.loop`), checked: nil, or a table of
@@ -174,20 +258,8 @@ local function new(opts)
   for k in pairs(opts) do
     if not KNOWN[k] then fail(("unknown option %s"):format(type(k) == "string" and k or "[" .. tostring(k) .. "]")) end
   end
-  local provider, region, provider_region, default_base = where(opts)
-  local key = string_opt(opts, "api_key")
-  if not key then
-    for _, k in ipairs(provider.key) do
-      key = env(k)
-      if key then break end
-    end
-  end
-  if not key or key == "" then      -- what the environment lacks: a runtime failure, returned
-    local names = table.concat(provider.key, " (or ")
-    fail(errors.new({ kind = "config", code = "no_api_key", param = "api_key",
-      message = ("no API key: pass api_key or set %s%s"):format(names, #provider.key > 1 and ")" or "") }))
-  end
-  if key:find("[\r\n%z]") then fail("api_key holds a CR, LF or NUL") end
+  local provider, region, provider_region, default_base, by_key, warning = where(opts)
+  local key = api_key(opts, provider, not by_key and opts.provider == nil and opts.region == nil)
   local api_version = string_opt(opts, "api_version")
   if api_version ~= nil and not provider.legacy_prefix then
     fail(("api_version is Azure's (the legacy API), not %s's"):format(provider.name))
@@ -236,6 +308,7 @@ local function new(opts)
   local cfg = {
     base_url = base, region = region, limits = profile.name, poll_budget = budget,
     provider = provider.name, provider_region = provider_region, query = query,
+    provider_by_key = by_key, warning = warning,
     timeout = number(opts, "timeout"),
     connect_timeout = number(opts, "connect_timeout"),
     stall_timeout = number(opts, "stall_timeout"),
@@ -257,7 +330,11 @@ end
 
 --- Check `opts` and fill in defaults and the environment.
 -- @tparam table opts the options of `lbatch.new`
--- @treturn table the configuration (no secrets in it), or nil and what is wrong
+-- @treturn table the configuration (no secrets in it; `provider_by_key`:
+-- the provider came from the key set, `warning`: what was chosen when
+-- several keys are set, for the caller to show once), or nil and what is
+-- wrong (an error object of kind `config` when the environment lacks the
+-- key, `no_api_key`, or leaves the provider unclear, `provider_unclear`)
 -- @treturn table the secrets: `key`, `headers` (every request's), `list` (to scrub)
 M.new = guarded(new)
 

@@ -14,7 +14,7 @@ local find, sub, gsub = string.find, string.sub, string.gsub
 local function open_rows(path)
   local fh, msg = io.open(path, "rb")
   if not fh then return nil, errors.io("cannot read", path, msg) end
-  local first, lineno, failed = true, 0, false
+  local first, lineno, failed, start = true, 0, false, 0
   local function nextline()
     local l, err = fh:read("*l")
     if l == nil and err then error(errors.io("cannot read", path, err), 0) end
@@ -29,7 +29,7 @@ local function open_rows(path)
   local function row_of()
     local line = nextline()
     if line == nil then fh:close() return nil end
-    local start = lineno
+    start = lineno
     -- a record's \r\n ends it only outside quotes: inside, \r is data
     local row, pos = {}, 1
     while true do
@@ -82,7 +82,7 @@ local function open_rows(path)
     failed = true
     if io.type(fh) == "file" then fh:close() end
     return false, row
-  end, fh
+  end, fh, function() return start end
 end
 
 --- An iterator over rows, each a list of strings:
@@ -160,14 +160,36 @@ local function name_of(cell)
   return (cell:gsub("^%s+", ""):gsub("%s+$", ""):lower():gsub("[%s%-]+", "_"))
 end
 
---- Whether a row is a header: its first cell is a known name of the id
--- column (`csv.ID_NAMES`: custom_id, id, ...) or its second a known name
--- of the content column (`csv.TEXT_NAMES`: content, prompt, question,
--- text, ...), in any case. A row of data is taken as it is.
+--- Whether a row is a header: its first or second cell is a known name
+-- of the id column (`csv.ID_NAMES`: custom_id, id, ...) or of the content
+-- column (`csv.TEXT_NAMES`: content, prompt, question, text, ...), in any
+-- order and any case (`question,id` is a header). A row of data is taken
+-- as it is.
 -- @tparam table row a row's cells
 -- @treturn boolean
 function M.is_header(row)
-  return M.ID_NAMES[name_of(row[1])] == true or M.TEXT_NAMES[name_of(row[2])] == true
+  for i = 1, 2 do
+    local n = name_of(row[i])
+    if M.ID_NAMES[n] or M.TEXT_NAMES[n] then return true end
+  end
+  return false
+end
+
+--- The columns of the id and of the content: where a header names them
+-- (in any order), else the first and the second.
+-- @tparam ?table header the header's cells (nil: no header)
+-- @treturn integer the id's column
+-- @treturn integer the content's column
+function M.columns(header)
+  local id, text
+  for i, c in ipairs(header or {}) do
+    local n = name_of(c)
+    if not id and M.ID_NAMES[n] then id = i
+    elseif not text and M.TEXT_NAMES[n] then text = i end
+  end
+  if not id then id = text == 1 and 2 or 1 end
+  if not text then text = id == 1 and 2 or 1 end
+  return id, text
 end
 
 local function blank(row) return #row <= 1 and (row[1] or "") == "" end
@@ -200,25 +222,45 @@ function M.header_of(path, header)
   return false
 end
 
+-- a row with no content (an empty cell, or no such column): an error
+-- naming the file, its line and the row; nil when it has content
+local function no_content(path, line, n, row, header, id, text)
+  local v = row[text]
+  if v ~= nil and find(v, "%S") then return nil end
+  local what = header and header[text] and ("the %q column (%d)"):format(header[text], text) or ("column " .. text)
+  local message = v == nil
+    and ("%s:%d: row %d has no content column: %d cell(s), the content would be %s (a CSV of questions is "
+      .. "id,content)"):format(path, line, n, #row, what)
+    or ("%s:%d: row %d (%s) has no content: %s is empty"):format(path, line, n, tostring(row[id]), what)
+  return errors.new({ kind = "invalid", code = "csv_no_content", param = "path", line = line, row = n,
+                      message = message })
+end
+
 -- the requests of a CSV into writer w; nil, err on the first failure;
 -- true and the header's cells when the first row was skipped
-local function add_rows(w, rows, opts)
+local function add_rows(w, rows, line_of, path, opts)
   local embeddings = opts.endpoint == "/v1/embeddings"
-  local first, header = true, nil
+  local first, header, n = true, nil, 0
+  local id, text = M.columns(nil)
   for row, err in rows do
     if not row then return nil, err end
+    n = n + 1
     if not blank(row) then
-      if first and skips(row, opts.header) then header = row
+      if first and skips(row, opts.header) then
+        header = row
+        id, text = M.columns(header)
       else
+        local e = no_content(path, line_of(), n, row, header, id, text)
+        if e then return nil, e end
         local req = {}
         for k, v in pairs(opts) do if not SKIP[k] then req[k] = v end end
-        local done, e
+        local done
         if embeddings then
-          req.input = row[2] or ""
-          done, e = w:embedding(row[1] or "", req)
+          req.input = row[text]
+          done, e = w:embedding(row[id] or "", req)
         else
-          req.prompt, req.system = row[2] or "", opts.system
-          done, e = w:chat(row[1] or "", req)
+          req.prompt, req.system = row[text], opts.system
+          done, e = w:chat(row[id] or "", req)
         end
         if not done then return nil, e end
       end
@@ -229,11 +271,15 @@ local function add_rows(w, rows, opts)
 end
 
 --- A CSV of questions as request files: the first column is the
--- custom_id, the second the user's content. Every row is a request but a
--- first row that is a header: one whose cells name the columns
--- (`csv.is_header`: `custom_id` or `id` first, or `content`, `prompt`,
--- `question`, `text` second, ...), or any first row with `header = true`;
+-- custom_id, the second the user's content, unless a header names them in
+-- another order (`csv.columns`). Every row is a request but a first row
+-- that is a header: one whose cells name the columns (`csv.is_header`:
+-- `custom_id` or `id`, `content`, `prompt`, `question`, `text`, ..., in
+-- either of the first two cells), or any first row with `header = true`;
 -- `header = false` takes the first row as a request whatever it holds.
+-- A row without content (an empty or blank cell, or no content column at
+-- all) is an error naming its line and row (code `csv_no_content`): no
+-- empty request is written.
 -- The manifest says what was skipped: `skipped_header` (true or false) and
 -- `header` (the skipped row's cells).
 -- @tparam string csv_path
@@ -249,16 +295,76 @@ function M.to_jsonl(csv_path, opts)
   errors.check("csv.to_jsonl", "opts.path", opts.path, "string")
   errors.check("csv.to_jsonl", "opts.model", opts.model, "string")
   errors.check("csv.to_jsonl", "opts.header", opts.header, "boolean", true)
-  local rows, err = M.rows(csv_path)
+  errors.check("csv.to_jsonl", "csv_path", csv_path, "string")
+  local rows, err, line_of = open_rows(csv_path)
   if not rows then return nil, err end
   local w = jsonl.writer({ path = opts.path, endpoint = opts.endpoint, model = opts.model, limits = opts.limits,
                            max_lines = opts.max_lines, max_bytes = opts.max_bytes, unique = opts.unique })
-  local ok, res = add_rows(w, rows, opts)
+  local ok, res = add_rows(w, rows, line_of, csv_path, opts)
   local manifest, cerr = w:close()
-  if not ok then return nil, res end
+  if not ok then          -- no part of a CSV that failed is left to upload
+    for _, f in ipairs(manifest and manifest.files or {}) do os.remove(f.path) end
+    return nil, res
+  end
   if not manifest then return nil, cerr end
   manifest.skipped_header, manifest.header = res ~= nil, res
   return manifest
+end
+
+-- what csv.validate reports of a CSV that made no requests: its problem
+local function problem_of(path, err)
+  local message, at = tostring(err.message), ("%s:%s: "):format(path, tostring(err.line))
+  if message:sub(1, #at) == at then message = message:sub(#at + 1) end
+  return { ok = false, problems = { { code = err.code, line = err.line, message = message, param = err.param } },
+           warnings = {}, lines = 0, bytes = 0 }
+end
+
+-- the reports of the request files, as one (a problem's line becomes the
+-- request's number in the whole CSV, named in its message)
+local function merge(rep, r, offset)
+  for _, k in ipairs({ "problems", "warnings" }) do
+    for _, p in ipairs(r[k]) do
+      if p.line then p.message, p.line = ("request %d: %s"):format(offset + p.line, tostring(p.message)), nil end
+      rep[k][#rep[k] + 1] = p
+    end
+  end
+  rep.lines, rep.bytes = rep.lines + r.lines, rep.bytes + r.bytes
+  rep.model, rep.endpoint = rep.model or r.model, rep.endpoint or r.endpoint
+end
+
+--- Every problem of a CSV of questions, as `jsonl.validate` reports a
+-- request file: the CSV is turned into requests in temporary files (as
+-- `to_jsonl` does: a row without content is a problem naming its row,
+-- code `csv_no_content`) and each is validated, then removed.
+-- @tparam string csv_path
+-- @tparam table opts model (required), endpoint, limits, region, header,
+-- system
+-- @treturn table the report of `jsonl.validate` (`lines`: the requests),
+-- with skipped_header and header; or nil and an `io` error
+function M.validate(csv_path, opts)
+  errors.check("csv.validate", "csv_path", csv_path, "string")
+  errors.check("csv.validate", "opts", opts, "table")
+  errors.check("csv.validate", "opts.model", opts.model, "string")
+  local tmp = os.tmpname()
+  local m, err = M.to_jsonl(csv_path, { path = tmp .. ".jsonl", model = opts.model, endpoint = opts.endpoint,
+    limits = opts.limits, header = opts.header, system = opts.system, unique = "all" })
+  os.remove(tmp)
+  if not m then
+    if err.kind == "io" then return nil, err end
+    return problem_of(csv_path, err)
+  end
+  local rep, failure = { problems = {}, warnings = {}, lines = 0, bytes = 0, skipped_header = m.skipped_header,
+                         header = m.header }, nil
+  for _, f in ipairs(m.files) do
+    if not failure then
+      local r, verr = jsonl.validate(f.path, { endpoint = opts.endpoint, limits = opts.limits, region = opts.region })
+      if r then merge(rep, r, rep.lines) else failure = verr end
+    end
+    os.remove(f.path)
+  end
+  if failure then return nil, failure end
+  rep.ok = #rep.problems == 0
+  return rep
 end
 
 M.COLUMNS = { "custom_id", "model", "request_id", "status_code", "error_code", "error_message",

@@ -5,6 +5,12 @@
 --    local client = lbatch.new{ region = "cn" }
 --    local file = assert(client:upload("requests.jsonl"))
 --
+-- A key goes to its own provider only: with no `provider`, `region` or
+-- `api_key`, the provider is the one whose key variable is set
+-- (`DASHSCOPE_API_KEY`: dashscope, `OPENAI_API_KEY`: openai,
+-- `GROQ_API_KEY`: groq, ...); several set, DashScope with its own, said in
+-- `client.config.warning`.
+--
 -- Several clients (services, regions, keys) on one loop:
 --
 --    local sched = lbatch.scheduler()

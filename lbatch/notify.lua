@@ -14,8 +14,11 @@
 -- over `max_body` bytes.
 --
 -- DashScope's completion callback (`metadata.ds_batch_finish_callback`)
--- is not signed: it is accepted, unless `dashscope = false`, as a hint
--- (`signed = false`). Every notice, signed or not, is only a hint: the
+-- is not signed: a delivery with none of the three Standard Webhooks
+-- headers is taken as one, unless `dashscope = false`, as a hint
+-- (`signed = false`); a delivery with some of them and no
+-- `webhook-signature` is refused (`webhook_headers`), as the standard
+-- says. Every notice, signed or not, is only a hint: the
 -- watcher fetches the batch from the service before anything acts on it,
 -- so a forged `completed` changes nothing.
 -- @module lbatch.notify
@@ -165,8 +168,14 @@ function Notify:verify(headers, body)
     return refuse("webhook_body_too_large", ("a body of %d bytes (at most %d)"):format(#body, self.max_body))
   end
   local sigs = header(headers, "webhook-signature")
-  if sigs == nil then return callback(self, body) end
   local id, ts = header(headers, "webhook-id"), header(headers, "webhook-timestamp")
+  -- only a delivery with none of Standard Webhooks' headers can be
+  -- DashScope's callback: one that has some of them must be signed
+  if sigs == nil and id == nil and ts == nil then return callback(self, body) end
+  if sigs == nil then
+    return refuse("webhook_headers", "webhook-signature is missing: a delivery with webhook-id or "
+      .. "webhook-timestamp is a Standard Webhooks one, and must be signed")
+  end
   if not sigs or not id or id == "" or not ts then
     return refuse("webhook_headers", "webhook-id, webhook-timestamp or webhook-signature is missing or repeated")
   end

@@ -158,7 +158,8 @@ end
 -- `/files` and `/batches` on the provider's host, which the emulator's
 -- dialect answers on), `auth` (`bearer`, or `api-key` for Azure's
 -- header), `query` (parameters on every request), `key` (the environment
--- variables of the key, first found wins), `base_env` (the variable of the
+-- variables of the provider's own key, as its SDK reads them, first found
+-- wins; a key set there also names the provider, see `lbatch.config`), `base_env` (the variable of the
 -- base URL), `limits` (a profile), `upload` (`multipart`, or `presigned`:
 -- Together's three steps), `purpose` (of an input file), `answers` (how to
 -- normalise its answers, see `lbatch.http.normalise`: `statuses` raw ->
@@ -169,9 +170,9 @@ end
 -- each fact was checked against).
 M.PROVIDERS = {
   dashscope = { regions = { cn = M.REGIONS.cn, intl = M.REGIONS.intl }, region = "cn", prefix = "/compatible-mode/v1",
-    key = { "DASHSCOPE_API_KEY", "OPENAI_API_KEY" }, limits = "dashscope",
+    key = { "DASHSCOPE_API_KEY" }, limits = "dashscope",
     source = "Model Studio batch documents; the service's recorded answers (spec/fixtures/recorded)" },
-  openai = { base_url = M.REGIONS.openai, prefix = "/v1", key = { "OPENAI_API_KEY", "DASHSCOPE_API_KEY" },
+  openai = { base_url = M.REGIONS.openai, prefix = "/v1", key = { "OPENAI_API_KEY" },
     limits = "openai", source = "openai (npm 6.49.0) and OpenAI's OpenAPI document" },
   -- v1: {endpoint}/openai/v1, no api-version; legacy (api_version given):
   -- {endpoint}/openai?api-version=...; the api-key header. openai (npm

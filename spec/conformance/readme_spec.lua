@@ -66,7 +66,9 @@ describe("the README", function()
   local emu, dir, fixtures, done_id
   local function env()
     local ca = emu.tls and ("SSL_CERT_FILE=" .. emu.tls .. " ") or ""
-    return ("env -i PATH=%s HOME=%s DASHSCOPE_API_KEY=sk-readme LBATCH_BASE_URL=%s LBATCH_POLL_INTERVAL=0.2 %s"):format(
+    -- both keys: "Many services at once" makes an OpenAI client (OPENAI_API_KEY, its own)
+    return ("env -i PATH=%s HOME=%s DASHSCOPE_API_KEY=sk-readme OPENAI_API_KEY=sk-readme-oa LBATCH_BASE_URL=%s "
+      .. "LBATCH_POLL_INTERVAL=0.2 %s"):format(
       os.getenv("PATH"), dir, emu.base, ca)
   end
 

@@ -68,6 +68,22 @@ describe("lbatch client", function()
       assert.are.equal(404, err.status)
     end)
 
+    it("lists batches as list, the design's name, with list_batches' arguments and answer", function()
+      local f = assert(client:upload(chat_file(dir, "list.jsonl", 1)))
+      local made = {}
+      for i = 1, 3 do made[i] = assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" })).id end
+      local page = assert(client:list({ limit = 2, input_file_ids = { f.id } }))
+      assert.are.same({ made[3], made[2] }, { page.data[1].id, page.data[2].id })
+      assert.is_true(page.has_more)
+      local nxt = assert(client:list({ limit = 2, after = page.last_id, input_file_ids = { f.id } }))
+      assert.are.same({ made[1] }, { nxt.data[1].id })
+      assert.are.same(page, assert(client:list_batches({ limit = 2, input_file_ids = { f.id } })))
+      local p2, response = client:list({ limit = 1 }, { with_response = true })
+      assert.is_table(p2)
+      assert.are.equal(200, response.status)
+      assert.has_error(function() client:list(5) end)
+    end)
+
     it("cancels a batch", function()
       local f = assert(client:upload(chat_file(dir, "cancel.jsonl", 5)))
       local b = assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions",
@@ -188,6 +204,14 @@ describe("lbatch client", function()
       assert.is_nil(v)
       assert.are.equal("network", err.kind)
       assert.matches("curl_7", err.code)
+      -- it names the provider and the host in use
+      assert.are.same({ "dashscope", "127.0.0.1:9" }, { err.provider, err.host })
+      assert.matches("(provider dashscope, host 127.0.0.1:9)", tostring(err), 1, true)
+      local oa = lbatch.new({ api_key = KEY, provider = "openai", base_url = "http://127.0.0.1:9/v1", max_retries = 0 })
+      local _, oerr = oa:list()
+      oa:close()
+      assert.matches("(provider openai, host 127.0.0.1:9)", tostring(oerr), 1, true)
+      assert.is_nil(tostring(oerr):find(KEY, 1, true))
     end)
 
     it("a download cut off half way leaves no file behind", function()

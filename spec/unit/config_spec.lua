@@ -13,15 +13,20 @@ end
 
 -- config.new in another process, with only the environment given (the
 -- variables config reads cleared first): prints the fields asked for
-local CLEARED = { "DASHSCOPE_API_KEY", "OPENAI_API_KEY", "LBATCH_BASE_URL", "SSL_CERT_FILE", "CURL_CA_BUNDLE",
-                  "SSL_CERT_DIR" }
-local function in_env(vars, lua_opts)
+local CLEARED = { "LBATCH_BASE_URL", "SSL_CERT_FILE", "CURL_CA_BUNDLE", "SSL_CERT_DIR" }
+for _, p in pairs(service.PROVIDERS) do
+  for _, k in ipairs(p.key) do CLEARED[#CLEARED + 1] = k end
+  if p.base_env then CLEARED[#CLEARED + 1] = p.base_env end
+end
+-- `warning`: the configuration's warning printed last
+local function in_env(vars, lua_opts, warning)
   local dir = H.tmpdir()
   local script = H.write(dir .. "/c.lua", ([[
     local cfg, s = require("lbatch.config").new(%s)
     if not cfg then io.write("error: ", type(s) == "table" and (s.kind .. " " .. s.code .. ": " .. s.message) or s) return end
     io.write(cfg.base_url, "|", s.key, "|", cfg.limits, "|", tostring(cfg.cainfo), "|", tostring(cfg.capath))
-  ]]):format(lua_opts or "{}"))
+    if %s then io.write("|", tostring(cfg.warning)) end
+  ]]):format(lua_opts or "{}", tostring(warning == true)))
   local cmd = { "cd", H.q(H.root), "&& env" }
   for _, k in ipairs(CLEARED) do cmd[#cmd + 1] = "-u " .. k end
   for k, v in pairs(vars) do cmd[#cmd + 1] = H.q(k .. "=" .. v) end
@@ -129,7 +134,8 @@ end)
 describe("config.new: base_url", function()
   it("is the region's when none is given, and a given one wins (trailing slashes dropped)", function()
     for region, url in pairs(service.REGIONS) do
-      local out = in_env({ DASHSCOPE_API_KEY = "k" }, ("{ region = %q }"):format(region))
+      local var = region == "openai" and "OPENAI_API_KEY" or "DASHSCOPE_API_KEY"
+      local out = in_env({ [var] = "k" }, ("{ region = %q }"):format(region))
       assert.are.equal(url .. "|k|" .. service.DIALECT[region] .. "|nil|nil", out)
     end
     assert.are.equal(service.REGIONS.cn, (in_env({ DASHSCOPE_API_KEY = "k" }):match("^[^|]*")))
@@ -178,20 +184,66 @@ describe("config.new: base_url", function()
 end)
 
 describe("config.new: the API key", function()
-  it("comes from DASHSCOPE_API_KEY first for DashScope, OPENAI_API_KEY first for OpenAI", function()
+  it("comes from the provider's own variable only: DASHSCOPE_API_KEY for DashScope, OPENAI_API_KEY for OpenAI", function()
     local both = { DASHSCOPE_API_KEY = "ds", OPENAI_API_KEY = "oa" }
     assert.matches("|ds|", in_env(both, '{ region = "cn" }'), 1, true)
     assert.matches("|ds|", in_env(both, '{ region = "intl" }'), 1, true)
     assert.matches("|oa|", in_env(both, '{ region = "openai" }'), 1, true)
-    assert.matches("|oa|", in_env({ OPENAI_API_KEY = "oa" }, '{ region = "cn" }'), 1, true)
-    assert.matches("|ds|", in_env({ DASHSCOPE_API_KEY = "ds" }, '{ region = "openai" }'), 1, true)
-    assert.matches("|oa|", in_env({ DASHSCOPE_API_KEY = "", OPENAI_API_KEY = "oa" }), 1, true)   -- empty: unset
+    assert.matches("|oa|", in_env(both, '{ provider = "openai" }'), 1, true)
+    -- never the other provider's key
+    assert.are.equal("error: config no_api_key: no API key: pass api_key or set DASHSCOPE_API_KEY; set but not "
+      .. "dashscope's: OPENAI_API_KEY (openai) (--provider or provider = names one)",
+      in_env({ OPENAI_API_KEY = "oa" }, '{ region = "cn" }'))
+    assert.matches("^error: config no_api_key: no API key: pass api_key or set OPENAI_API_KEY; ",
+      in_env({ DASHSCOPE_API_KEY = "ds" }, '{ region = "openai" }'))
+    assert.matches("^error: config no_api_key: no API key: pass api_key or set GROQ_API_KEY; ",
+      in_env({ OPENAI_API_KEY = "oa" }, '{ provider = "groq" }'))
     assert.matches("|given|", in_env(both, '{ api_key = "given" }'), 1, true)
   end)
 
+  it("names the provider when no option does: the one whose key is set", function()
+    assert.are.equal(service.REGIONS.openai .. "|oa|openai|nil|nil", in_env({ OPENAI_API_KEY = "oa" }))
+    assert.are.equal(service.REGIONS.cn .. "|ds|dashscope|nil|nil", in_env({ DASHSCOPE_API_KEY = "ds" }))
+    assert.are.equal(service.REGIONS.openai .. "|oa|openai|nil|nil",
+                     in_env({ DASHSCOPE_API_KEY = "", OPENAI_API_KEY = "oa" }))   -- empty: unset
+    assert.are.equal(service.PROVIDERS.groq.base_url .. "|gk|groq|nil|nil", in_env({ GROQ_API_KEY = "gk" }))
+    assert.matches("^https://r.example/openai/v1|ak|azure|",
+                   in_env({ AZURE_OPENAI_API_KEY = "ak", AZURE_OPENAI_ENDPOINT = "https://r.example" }))
+  end)
+
+  it("with two keys and no provider named, takes the default with its own key, and says so", function()
+    local out = in_env({ DASHSCOPE_API_KEY = "ds", OPENAI_API_KEY = "oa" }, nil, true)
+    assert.are.equal(service.REGIONS.cn .. "|ds|dashscope|nil|nil|DASHSCOPE_API_KEY, OPENAI_API_KEY are set and no "
+      .. "provider is named: using dashscope with DASHSCOPE_API_KEY (--provider or provider = picks another)", out)
+    -- one key: nothing to say
+    assert.matches("|nil$", in_env({ OPENAI_API_KEY = "oa" }, nil, true))
+    -- no default key among several: the caller names one
+    assert.are.equal("error: config provider_unclear: GROQ_API_KEY, OPENAI_API_KEY are set and no provider is named: "
+      .. "name the provider (the command: --provider NAME; lbatch.new: provider = NAME)",
+      in_env({ GROQ_API_KEY = "g", OPENAI_API_KEY = "oa" }))
+  end)
+
+  it("with a base URL and only another provider's key, asks for the provider by name", function()
+    for _, case in ipairs({ { { LBATCH_BASE_URL = "https://proxy.example/v1" } },
+                            { {}, '{ base_url = "https://proxy.example/v1" }' } }) do
+      case[1].OPENAI_API_KEY = "oa"
+      local out = in_env(case[1], case[2])
+      assert.are.equal("error: config provider_unclear: a base URL (--base-url, LBATCH_BASE_URL or base_url) is "
+        .. "given and the key found is OPENAI_API_KEY, openai's, not dashscope's: name the provider (the command: "
+        .. "--provider NAME; lbatch.new: provider = NAME)", out)
+      assert.is_nil(out:find("|oa|", 1, true))
+    end
+    assert.are.equal("https://proxy.example/v1|oa|openai|nil|nil",
+                     in_env({ OPENAI_API_KEY = "oa", LBATCH_BASE_URL = "https://proxy.example/v1" }, '{ provider = "openai" }'))
+    assert.are.equal("https://proxy.example/v1|ds|dashscope|nil|nil",
+                     in_env({ DASHSCOPE_API_KEY = "ds", LBATCH_BASE_URL = "https://proxy.example/v1" }))
+    assert.are.equal("https://proxy.example/v1|x|dashscope|nil|nil",
+                     in_env({ OPENAI_API_KEY = "oa" }, '{ api_key = "x", base_url = "https://proxy.example/v1" }'))
+  end)
+
   it("is required: its absence is the environment's (an error object, kind config), not a programming error", function()
-    assert.are.equal("error: config no_api_key: no API key: pass api_key or set DASHSCOPE_API_KEY (or OPENAI_API_KEY)",
-                     in_env({}))
+    assert.are.equal("error: config no_api_key: no API key: pass api_key or set DASHSCOPE_API_KEY, or another "
+      .. "provider's (OPENAI_API_KEY, GROQ_API_KEY, ...: the provider follows from it)", in_env({}))
     assert.matches("^error: config no_api_key: no API key", in_env({}, '{ api_key = "" }'))
   end)
 

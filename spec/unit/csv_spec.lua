@@ -107,19 +107,87 @@ describe("csv", function()
     end
 
     it("turns rows into chat requests: id, the user's text, the system prompt and extra parameters", function()
-      local src = H.write(dir .. "/q.csv", BOM .. 'id,question\r\nq1,"Hi, there"\r\n\r\nq2,"two\nlines"\r\nq3\r\n')
+      local src = H.write(dir .. "/q.csv", BOM .. 'id,question\r\nq1,"Hi, there"\r\n\r\nq2,"two\nlines"\r\n')
       local m = assert(csv.to_jsonl(src, { path = dir .. "/q.jsonl", model = "qwen-plus", system = "Be brief.",
                                            temperature = 0 }))
-      assert.are.equal(3, m.lines)
+      assert.are.equal(2, m.lines)
       local l = lines_of(dir .. "/q.jsonl")
-      assert.are.equal(3, #l)
+      assert.are.equal(2, #l)
       assert.are.same({ custom_id = "q1", method = "POST", url = "/v1/chat/completions", body = {
         model = "qwen-plus", temperature = 0,
         messages = { { role = "system", content = "Be brief." }, { role = "user", content = "Hi, there" } } } }, l[1])
       assert.are.equal("two\nlines", l[2].body.messages[2].content)
-      assert.are.equal("", l[3].body.messages[2].content)            -- no second column: empty text
       assert.is_nil(l[1].body.system)
       assert.is_nil(l[1].body.path)
+    end)
+
+    it("refuses a row without content, naming its line and row, and leaves no file to upload", function()
+      local cases = {
+        { "c1,hello\nc2,\n", "c.csv:2: row 2 (c2) has no content: column 2 is empty" },
+        { "c1,hello\nc2,   \n", "c.csv:2: row 2 (c2) has no content: column 2 is empty" },
+        { "id,question\n\nc1,\"a\nb\"\nc2,\"\"\n", "c.csv:5: row 4 (c2) has no content: the \"question\" column (2) is empty" },
+        { "c1\nc2\n", "c.csv:1: row 1 has no content column: 1 cell(s), the content would be column 2" },
+        { "custom_id\nc1\n", "c.csv:2: row 2 has no content column: 1 cell(s), the content would be column 2" },
+        { "question,id\nhello,c1\n,c2\n", "c.csv:3: row 3 (c2) has no content: the \"question\" column (1) is empty" },
+      }
+      for _, case in ipairs(cases) do
+        local src = H.write(dir .. "/c.csv", case[1])
+        local out = dir .. "/c.jsonl"
+        os.remove(out)
+        for endpoint, model in pairs({ ["/v1/chat/completions"] = "qwen-plus", ["/v1/embeddings"] = "text-embedding-v4" }) do
+          local m, err = csv.to_jsonl(src, { path = out, model = model, endpoint = endpoint })
+          assert.is_nil(m, case[1])
+          assert.are.same({ "invalid", "csv_no_content" }, { err.kind, err.code })
+          assert.are.equal(dir .. "/" .. case[2], err.message:sub(1, #dir + 1 + #case[2]), case[1])
+          assert.is_false(H.exists(out), case[1])
+        end
+      end
+      -- header = false: the first row is a request, and it too needs content
+      local _, err = csv.to_jsonl(H.write(dir .. "/c.csv", "id\nc1,x\n"), { path = dir .. "/c.jsonl", model = "m",
+                                                                             header = false })
+      assert.matches("c.csv:1: row 1 has no content column", err.message, 1, true)
+    end)
+
+    it("validate: a CSV checked as the requests it makes, a row without content a problem naming its row", function()
+      local rep = assert(csv.validate(H.write(dir .. "/v.csv", "question,id\nhello,c1\n,c2\n"), { model = "qwen-plus" }))
+      assert.is_false(rep.ok)
+      assert.are.same({ { code = "csv_no_content", line = 3, param = "path",
+                          message = 'row 3 (c2) has no content: the "question" column (1) is empty' } }, rep.problems)
+      rep = assert(csv.validate(H.write(dir .. "/v.csv", "c1\nc2\n"), { model = "qwen-plus" }))
+      assert.are.equal("csv_no_content", rep.problems[1].code)
+      rep = assert(csv.validate(H.write(dir .. "/v.csv", "question,id\nhello,c1\nworld,c2\n"), { model = "qwen-plus" }))
+      assert.are.same({ true, 2, true, "qwen-plus" }, { rep.ok, rep.lines, rep.skipped_header, rep.model })
+      -- what the writer refuses is a problem too; the requests' own problems are numbered by request
+      rep = assert(csv.validate(H.write(dir .. "/v.csv", "id,q\na,x\na,y\n"), { model = "qwen-plus" }))
+      assert.are.equal("duplicate_custom_id", rep.problems[1].code)
+      rep = assert(csv.validate(H.write(dir .. "/v.csv", "a,x\nb,y\n"), { model = "qwen-plus", region = "cn",
+                                                                         endpoint = "/v1/embeddings" }))
+      assert.is_false(rep.ok)
+      assert.are.equal("io", select(2, csv.validate(dir .. "/none.csv", { model = "m" })).kind)
+    end)
+
+    it("recognises a header by its names in any order, and reads the columns where it names them", function()
+      for _, head in ipairs({ "question,id", "Prompt,Custom_ID", "content,ID,extra", "id,category,question" }) do
+        local src = H.write(dir .. "/o.csv", head .. "\n" .. (head:lower():find("^id") and "c1,x,hello\n" or "hello,c1\n"))
+        local m = assert(csv.to_jsonl(src, { path = dir .. "/o.jsonl", model = "m" }))
+        assert.are.same({ 1, true }, { m.lines, m.skipped_header }, head)
+        local l = lines_of(dir .. "/o.jsonl")
+        assert.are.same({ "c1", "hello" }, { l[1].custom_id, l[1].body.messages[1].content }, head)
+        assert.is_true(csv.is_header(m.header))
+      end
+      assert.are.same({ 2, 1 }, { csv.columns({ "question", "id" }) })
+      assert.are.same({ 1, 2 }, { csv.columns(nil) })
+      assert.are.same({ 2, 1 }, { csv.columns({ "prompt" }) })
+      assert.are.same({ 1, 3 }, { csv.columns({ "id", "x", "text" }) })
+      -- --header with names in another order: the names still say where
+      assert(csv.to_jsonl(H.write(dir .. "/o.csv", "question,id\nhello,c1\n"),
+                                    { path = dir .. "/o.jsonl", model = "m", header = true }))
+      assert.are.equal("c1", lines_of(dir .. "/o.jsonl")[1].custom_id)
+      -- --no-header: the first row is data, first column the id
+      local m = assert(csv.to_jsonl(H.write(dir .. "/o.csv", "question,id\nhello,c1\n"),
+                              { path = dir .. "/o.jsonl", model = "m", header = false }))
+      assert.are.same({ 2, false }, { m.lines, m.skipped_header })
+      assert.are.equal("question", lines_of(dir .. "/o.jsonl")[1].custom_id)
     end)
 
     it("header = false reads the first row as data; embeddings take the text as input", function()

@@ -128,6 +128,28 @@ describe("lbatch.notify", function()
     assert.are.equal("webhook_unsigned", err.code)
   end)
 
+  it("refuses a Standard Webhooks delivery without its signature: it is not DashScope's callback", function()
+    local v = vectors[1]
+    local batch = '{"id":"batch_abc","object":"batch","status":"completed"}'
+    for _, n in ipairs({ notify.new({ secrets = { v.secret }, clock = at(v.timestamp) }),
+                         notify.new({ clock = at(v.timestamp) }),
+                         notify.new({ secrets = { v.secret }, clock = at(v.timestamp), dashscope = false }) }) do
+      for _, h in ipairs({ { ["Webhook-Id"] = v.id, ["webhook-timestamp"] = ("%d"):format(v.timestamp) },
+                           { ["webhook-id"] = v.id }, { ["WEBHOOK-TIMESTAMP"] = ("%d"):format(v.timestamp) } }) do
+        for _, body in ipairs({ batch, v.body }) do
+          local got, err = n:verify(h, body)
+          assert.is_nil(got)
+          assert.are.same({ "invalid", "webhook_headers" }, { err.kind, err.code })
+        end
+      end
+      local _, err = n:verify({ ["webhook-id"] = v.id }, batch)
+      assert.matches("webhook-signature is missing", err.message, 1, true)
+    end
+    -- none of the three: DashScope's callback, as before
+    local got = assert(notify.new({ clock = at(v.timestamp) }):verify({ ["x-other"] = "1" }, batch))
+    assert.are.same({ "dashscope.callback", false }, { got.type, got.signed })
+  end)
+
   it("refuses what is not a secret or an option", function()
     assert.has_error(function() notify.new({ secrets = { "whsec_not base64!" } }) end)
     assert.has_error(function() notify.new({ tolerance = -1 }) end)
