@@ -36,6 +36,7 @@ INPUT is .jsonl requests or a .csv of id,content (every row a request, but
 a first row that is a header, as csv2jsonl says). Killed and started again
 with the same --dir, it resumes where it stopped.
   --dir DIR            work directory and journal (default: INPUT.lbatch)
+  --wait-lock SECONDS  wait that long for another run on DIR to end (default: stop at once)
   --output FILE        merged results, .csv or .jsonl (default: DIR/results.jsonl)
   --model M            model (needed for a CSV)
   --system TEXT        system prompt (CSV)
@@ -67,6 +68,7 @@ batches. Killed and started again with the same --dir, it goes on where
 it stopped: no ask is sent twice.
   --items FILE         the items: a .csv with a header row, or .jsonl objects (required)
   --dir DIR            work directory and journal (default: FILE.flow)
+  --wait-lock SECONDS  wait that long for another flow on DIR to end (default: stop at once)
   --output FILE        the results, one JSON line an item (default: DIR/results.jsonl)
   --model M            the model of asks that name none
   --limits L           the rules the shards are written to (as validate's)
@@ -88,6 +90,7 @@ INPUT and the sharding options are run's; the shards are matched to the
 files and batches of run RUN (its batches' metadata.lbatch_run).
   --run RUN            the run's id (the prefix of its files' names)
   --dir DIR            work directory (default: INPUT.lbatch)
+  --wait-lock SECONDS  wait that long for another run on DIR to end (default: stop at once)
   --model M            model (needed for a CSV)
   --system TEXT        system prompt (CSV)
   --endpoint E         as run's
@@ -654,7 +657,7 @@ end
 
 function run.run(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
-  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost")
+  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "wait_lock")
   if not n then return nil, nerr end
   if n.max_cost and not o.prices then return nil, usage_error("--max-cost needs --prices FILE") end
   local limits, lerr = limits_of(o)
@@ -690,7 +693,7 @@ function run.run(o, pos)
     max_in_flight = n.max_in_flight, max_lines = n.max_lines, limits = limits,
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
-    header = header, notify = notify,
+    header = header, notify = notify, wait_lock = n.wait_lock,
   })
   done()
   if not report then return nil, err end
@@ -712,7 +715,7 @@ end
 
 function run.flow(o, pos)
   if not o.items then return nil, usage_error("--items FILE is required") end
-  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "finish_realtime")
+  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "finish_realtime", "wait_lock")
   if not n then return nil, nerr end
   if n.max_cost and not o.prices then return nil, usage_error("--max-cost needs --prices FILE") end
   local flush
@@ -739,6 +742,7 @@ function run.flow(o, pos)
     model = o.model or script.model, limits = limits, max_lines = n.max_lines, max_in_flight = n.max_in_flight,
     poll_interval = n.poll, on_change = o.ask_again and "ask_again" or script.on_change,
     max_cost = n.max_cost, prices = o.prices, finish_realtime = n.finish_realtime, flush = flush,
+    wait_lock = n.wait_lock,
     on_progress = function(p)
       if quiet or p.batches then return end
       io.stderr:write(("round %d: %d of %d items done, %d failed, %d tokens\n"):format(p.round, p.done, p.items,
@@ -764,13 +768,14 @@ end
 function run.adopt(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
   if not o.run then return nil, usage_error("--run RUN is required") end
-  local n, nerr = nums(o, "max_lines")
+  local n, nerr = nums(o, "max_lines", "wait_lock")
   if not n then return nil, nerr end
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
   local dir = o.dir or (pos[1] .. ".lbatch")
   local found, err = pipeline.adopt({ client = client(o), requests = pos[1], dir = dir, run = o.run,
-    model = o.model, system = o.system, endpoint = o.endpoint, max_lines = n.max_lines, limits = limits })
+    model = o.model, system = o.system, endpoint = o.endpoint, max_lines = n.max_lines, limits = limits,
+    wait_lock = n.wait_lock })
   if not found then return nil, err end
   out(o, found, ("%s: run %s, %d shard(s): %d file(s) and %d batch(es) found; lbatch run resumes it")
     :format(dir, found.run, found.shards, found.files, found.batches))

@@ -26,6 +26,7 @@ local rules = require "lbatch.rules"
 local recover = require "lbatch.recover"
 local estimate = require "lbatch.estimate"
 local quota = require "lbatch.quota"
+local lock = require "lbatch.lock"
 local now = core.now
 
 local try, throw = errors.try, errors.throw
@@ -550,6 +551,14 @@ local function client_of(fn, opts)
   return opts.client
 end
 
+-- One owner per work directory (lbatch.lock): another run, flow or adopt
+-- on it fails at once, or waits opts.wait_lock seconds for it.
+local function lock_dir(opts, client)
+  return lock.acquire(opts.dir, { wait = opts.wait_lock, sleep = function(s) client:sleep(s) end })
+end
+
+local run_locked, adopt_locked
+
 --- Run a whole job: shard, upload, create, wait, download, merge.
 -- Killed at any moment and run again on the same `dir`, it resumes from
 -- its journal: nothing is uploaded or created twice.
@@ -559,7 +568,9 @@ end
 -- requests, or an iterator returning them; a request is `{custom_id, body[,
 -- url]}` or a whole line) or manifest (files already sharded, as
 -- `jsonl.writer`'s close returns: sent as they are, each one a shard),
--- dir, journal (default dir/journal.jsonl),
+-- dir (locked for the run: another run, flow or adopt on it fails at once
+-- with a `busy` error, code `dir_locked`, naming its holder; wait_lock =
+-- seconds waits that long for it), journal (default dir/journal.jsonl),
 -- model, endpoint, system, header (a CSV's first row: true a header, false a
 -- request, nil a header when it looks like one), limits (a profile name, as in `jsonl.writer`;
 -- default the client's: its provider's or region's),
@@ -628,6 +639,13 @@ function M.run(opts)
   end
   local made, why = core.mkdir(opts.dir)
   if not made then return nil, errors.io("cannot make", opts.dir, why:gsub("^mkdir [^:]*: ", "")) end
+  local lk, lerr = lock_dir(opts, client)
+  if not lk then return nil, lerr end
+  return lk:release(run_locked(opts, client))
+end
+
+-- the run, its directory locked
+function run_locked(opts, client)
   local path = opts.journal or (opts.dir .. "/journal.jsonl")
   local log, jerr, state = open_journal(path)
   if not log then return nil, jerr end
@@ -770,7 +788,7 @@ end
 -- `run`), dir, run (the run's id: `metadata.lbatch_run`
 -- of its batches, the prefix of its files' names), requests and the
 -- sharding options `run` took (model, endpoint, system, limits,
--- max_lines, max_bytes), journal
+-- max_lines, max_bytes), journal, wait_lock (as `run`'s: dir is locked)
 -- @treturn table `{run, shards, files, batches}` (counts found), or nil and an error
 function M.adopt(opts)
   errors.check("pipeline.adopt", "opts", opts, "table")
@@ -784,6 +802,13 @@ function M.adopt(opts)
   if not client then return nil, why0 end
   local made, why = core.mkdir(opts.dir)
   if not made then return nil, errors.io("cannot make", opts.dir, why:gsub("^mkdir [^:]*: ", "")) end
+  local lk, lerr = lock_dir(opts, client)
+  if not lk then return nil, lerr end
+  return lk:release(adopt_locked(opts, client))
+end
+
+-- the adoption, its directory locked
+function adopt_locked(opts, client)
   local path = opts.journal or (opts.dir .. "/journal.jsonl")
   local old = io.open(path, "rb")
   if old then
