@@ -48,7 +48,7 @@ local function open_journal(path)
     if rec.version == 1 then state = { version = 1, run = rec.run, phase = rec.phase, shards = {} }
     elseif state and rec.k then state.shards[rec.k] = rec.shard
     elseif state and rec.phase then state.phase = rec.phase end
-  end)
+  end, { durable = true })
   if not j then return nil, err end
   return j, nil, state
 end
@@ -165,14 +165,34 @@ Run.__index = Run
 -- the shards that moved), before any request made in that turn goes out.
 function Run:save(s) self.dirty[s] = true end
 
+-- the steps whose request goes out in the next turn: their record must
+-- survive a crash of the machine (fsync) before it does
+local IN_FLIGHT = { uploading = true, creating = true }
+
+-- A journal that cannot be written stops the run at once: every worker is
+-- stopped, so that no request made in this turn goes out (its transfer is
+-- dropped before the loop's next step). What was sent before is in the
+-- journal as in flight, and the next run recovers it.
+function Run:halt(err)
+  self.failure = self.failure or err
+  if not self.tripped then
+    self.tripped = err
+    for _, w in ipairs(self.workers) do w:cancel() end
+  end
+end
+
 function Run:flush()
   if next(self.dirty) then
-    local recs = {}
+    local recs, sync = {}, false
     for k, s in ipairs(self.state.shards) do
-      if self.dirty[s] then recs[#recs + 1] = { k = k, shard = s } end
+      if self.dirty[s] then
+        recs[#recs + 1] = { k = k, shard = s }
+        sync = sync or IN_FLIGHT[s.step] ~= nil
+      end
     end
     self.dirty = {}
     local ok, err = self.log:append((table.unpack or unpack)(recs))
+    if ok and sync then ok, err = self.log:sync() end
     -- past 16 changes a shard (a shard's whole life takes about 8), the
     -- journal is written again as the live state: it stays small and
     -- replays fast at any number of shards, and a host's frame rarely pays
@@ -180,7 +200,7 @@ function Run:flush()
     if ok and self.log.appended > 16 * #self.state.shards + 1024 then
       ok, err = self.log:compact(snapshot(self.state))
     end
-    if not ok then self.failure = self.failure or err end
+    if not ok then self:halt(err) end
   end
   if self.moved then
     self.moved = false
