@@ -680,7 +680,7 @@ function Run:realtime(R)
     if type(rec.custom_id) ~= "string" then return end
     if not got[rec.custom_id] then old[#old + 1] = rec end
     got[rec.custom_id] = rec
-  end))
+  end, { durable = true }))                               -- the answers paid for survive a crash
   if #old > 0 then errors.try(log:compact(old)) end      -- a torn last line goes
   local queue, asks = {}, 0
   for _, f in ipairs(files) do

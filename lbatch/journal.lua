@@ -134,6 +134,17 @@ function Journal:sync()
   return true
 end
 
+-- LuaJIT compiles file:write and file:flush into a call and a guard on its
+-- result; when the guard fails (the disk full) the trace exits to before
+-- the call, and the interpreter calls it again, on a buffer the C library
+-- has already dropped: a flush that failed is reported as done (a write,
+-- done twice). The journal's writes therefore stay interpreted.
+local jit = rawget(_G, "jit")
+if jit then
+  jit.off(Journal.append)
+  jit.off(Journal.compact)
+end
+
 --- Close the journal.
 function Journal:close()
   if self.log then self.log:close() self.log = nil end

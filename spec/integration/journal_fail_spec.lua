@@ -27,12 +27,9 @@ end
 
 -- the file system full, the journal's last page too (a file's last page
 -- takes appends while it has room): empty lines, which a replay skips
-local function fill(mnt)
+local function fill(mnt, journal)
   H.ok(("dd if=/dev/zero of=%s/fill bs=4k 2>/dev/null"):format(H.q(mnt)))
-  local f = assert(io.open(mnt .. "/journal.jsonl", "ab"))
-  f:setvbuf("no")
-  for _ = 1, 8192 do if not f:write("\n") then break end end
-  f:close()
+  H.ok(("yes '' | head -c 8192 >> %s 2>/dev/null"):format(H.q(journal or (mnt .. "/journal.jsonl"))))
 end
 
 local function ok_lines(report)
@@ -123,12 +120,62 @@ describe("a pipeline whose journal cannot be written", function()
     local r = routes(emu)
     -- the uploads already out ended, unrecorded; no create, no other upload started
     assert.is_true(r["POST /files"] <= 4, r["POST /files"])
-    assert.is_nil(r["POST /batches"])
+    assert.is_nil(r["POST /batches"], tostring(err))
     report = rerun(client, input)
     assert.are.equal(80, ok_lines(report))
     r = routes(emu)
     assert.are.equal(8, r["POST /files"])
     assert.are.equal(8, r["POST /batches"])
+    client:close()
+  end)
+end)
+
+describe("a flow whose round's journal cannot be written", function()
+  local flow = require "lbatch.flow"
+  local judge = dofile(H.root .. "/spec/fixtures/judge_flow.lua")
+
+  -- the lines of every batch the emulator holds
+  local function lines_sent(emu)
+    local n, after = 0, nil
+    repeat
+      local _, page = H.json("GET", emu.base .. "/batches?limit=100" .. (after and ("&after=" .. after) or ""))
+      for _, b in ipairs(page.data) do
+        n = n + b.request_counts.total
+        after = b.id
+      end
+    until not page.has_more
+    return n
+  end
+
+  it("stops before its next upload; the rerun with room sends each ask once", function()
+    local mnt, unmount = small_fs(2048)
+    if not mnt then return pending("cannot mount a tmpfs here (not root)") end
+    local emu = H.emulator({ rate_limits = false })
+    finally(function() emu.stop() unmount() end)
+    local items = {}
+    for i = 1, 40 do items[i] = { id = ("q%03d"):format(i), question = ("Question %d: what is %d + %d?"):format(i, i, i) } end
+    local client = assert(lbatch.new({ api_key = "k", base_url = emu.base }))
+    local dir, filled = mnt .. "/flow", false
+    local function opts(on_step)
+      return { client = client, dir = dir, items = items, key = judge.key, step = judge.step, max_lines = 10,
+               max_in_flight = 1, poll_interval = 0.05, max_poll_interval = 0.1, on_step = on_step }
+    end
+    local report, err = flow.run(opts(function(step, s)
+      if step == "before_upload" and s.k == 2 and not filled then
+        filled = true
+        fill(mnt, dir .. "/round-1/batches/journal.jsonl")
+      end
+    end))
+    assert.is_nil(report)
+    assert.are.equal("io", err.kind)
+    local r = routes(emu)
+    assert.are.equal(1, r["POST /files"])        -- the second shard's upload never went out
+    assert.are.equal(1, r["POST /batches"])
+    os.remove(mnt .. "/fill")
+    report = assert(flow.run(opts()))
+    assert.are.equal(40, report.done)
+    assert.are.equal(report.asks, lines_sent(emu))
+    assert.are.equal(report.batches, routes(emu)["POST /batches"])   -- each shard created once
     client:close()
   end)
 end)

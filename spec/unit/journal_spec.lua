@@ -148,6 +148,27 @@ describe("journal, its writes failing", function()
     for _, rec in ipairs(recs) do assert.are_not.equal(3, rec.a) end
   end)
 
+  it("a write that fails after many that passed (LuaJIT: compiled code) is still a failure", function()
+    local mnt, unmount = small_fs(1024)
+    if not mnt then return pending("cannot mount a tmpfs here (not root)") end
+    finally(unmount)
+    local path = mnt .. "/j.jsonl"
+    local failed = 0
+    for round = 1, 6 do
+      local j = assert(journal.open(path))
+      for i = 1, 200 do assert(j:append({ round = round, i = i })) end
+      fill(mnt)
+      -- the file's last page too: appends would fit there
+      H.ok(("yes '' | head -c 8192 >> %s 2>/dev/null"):format(H.q(path)))
+      local ok, err = j:append({ round = round, last = true })
+      if not ok and err.kind == "io" then failed = failed + 1 end
+      j:close()
+      os.remove(mnt .. "/fill")
+      os.remove(path)
+    end
+    assert.are.equal(6, failed)
+  end)
+
   it("a torn last line is ended before the next append, which is not lost with it", function()
     local dir = H.tmpdir()
     finally(function() H.ok("rm -rf " .. H.q(dir)) end)
