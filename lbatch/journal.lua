@@ -62,6 +62,12 @@ local function synced(path)
   return nil, (tostring(why):gsub("^fsync [^:]*: ", ""))
 end
 
+-- a failed write: the journal is broken, the error kept
+local function broken(j, err)
+  j.broken = err
+  return nil, err
+end
+
 local function lines(records)
   local t = {}
   for i, rec in ipairs(records) do t[i] = cjson.encode(rec) end
@@ -92,20 +98,14 @@ function Journal:compact(records)
   if self.durable then
     local d = self.path:match("^(.*)/[^/]*$")
     local dok, derr = synced(d == nil and "." or d == "" and "/" or d)
-    if not dok then return self:fail(errors.io("cannot sync", self.path, derr)) end
+    if not dok then return broken(self, errors.io("cannot sync", self.path, derr)) end
   end
   self.log:close()
   local log
   log, msg = io.open(self.path, "ab")
-  if not log then return self:fail(errors.io("cannot write", self.path, msg)) end
+  if not log then return broken(self, errors.io("cannot write", self.path, msg)) end
   self.log, self.appended, self.torn = log, 0, false
   return true
-end
-
--- a failed write: the journal is broken, the error kept
-function Journal:fail(err)
-  self.broken = err
-  return nil, err
 end
 
 --- Append records in one write, flushed. `appended` counts the records
@@ -119,7 +119,7 @@ function Journal:append(...)
   if self.torn then text = "\n" .. text end
   local ok, msg = self.log:write(text)
   if ok then ok, msg = self.log:flush() end
-  if not ok then return self:fail(errors.io("cannot write", self.path, msg)) end
+  if not ok then return broken(self, errors.io("cannot write", self.path, msg)) end
   self.torn = false
   return true
 end
@@ -130,7 +130,7 @@ end
 function Journal:sync()
   if self.broken then return nil, self.broken end
   local ok, why = synced(self.path)
-  if not ok then return self:fail(errors.io("cannot sync", self.path, why)) end
+  if not ok then return broken(self, errors.io("cannot sync", self.path, why)) end
   return true
 end
 
