@@ -33,8 +33,8 @@ local function busy(dir, path, text, waited)
   local who, h = holder(text)
   local after = waited and ("after waiting %gs"):format(waited) or "at once"
   return errors.new({ kind = "busy", code = "dir_locked", param = "dir", path = path, holder = h,
-    message = ("%s is in use by %s (lock %s); stopped %s: nothing was sent. Wait for it to end, or "
-      .. "wait for it with --wait-lock SECONDS (library: wait_lock = seconds)"):format(dir, who, path, after) })
+    message = ("%s is in use by %s (lock %s); stopped %s, nothing was sent. To wait for it: "
+      .. "--wait-lock SECONDS (library: wait_lock = seconds)"):format(dir, who, path, after) })
 end
 
 --- Take the lock of a work directory (which must exist).

@@ -19,7 +19,7 @@ describe("lock.acquire", function()
     assert.are.equal(H.pid, err.holder.pid)
     assert.matches(("^lbatch: busy dir_locked: %s is in use by pid %d on "):format(dir, H.pid):gsub("%-", "%%-"),
       tostring(err))
-    assert.matches("stopped at once: nothing was sent", err.message, 1, true)
+    assert.matches("stopped at once, nothing was sent", err.message, 1, true)
     assert.matches("--wait-lock SECONDS (library: wait_lock = seconds)", err.message, 1, true)
     lk:release()
     assert(lock.acquire(dir)):release()
