@@ -527,7 +527,7 @@ describe("core.lock", function()
   it("is freed by the kernel when its holder is killed with kill -9", function()
     local dir = tmpdir()
     local path = dir .. "/lock"
-    local lua = rawget(_G, "jit") and "luajit" or "lua5.4"
+    local lua = os.getenv("LBATCH_LUA") or (rawget(_G, "jit") and "luajit" or "lua5.4")
     local holder = ("%s -e 'local core = require \"lbatch.core\"; local lk = assert(core.lock(%q)); core.sleep(60)'"
       .. " >/dev/null 2>&1 & echo $!"):format(lua, path)
     local p = io.popen(holder)
