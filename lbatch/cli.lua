@@ -37,6 +37,7 @@ INPUT is .jsonl requests or a .csv of id,content (every row a request, but
 a first row that is a header, as csv2jsonl says). Killed and started again
 with the same --dir, it resumes where it stopped.
   --dir DIR            work directory and journal (default: INPUT.lbatch)
+  --wait-lock SECONDS  wait that long for another run on DIR to end (default: stop at once)
   --output FILE        merged results, .csv or .jsonl (default: DIR/results.jsonl)
   --model M            model (needed for a CSV)
   --system TEXT        system prompt (CSV)
@@ -68,6 +69,7 @@ batches. Killed and started again with the same --dir, it goes on where
 it stopped: no ask is sent twice.
   --items FILE         the items: a .csv with a header row, or .jsonl objects (required)
   --dir DIR            work directory and journal (default: FILE.flow)
+  --wait-lock SECONDS  wait that long for another flow on DIR to end (default: stop at once)
   --output FILE        the results, one JSON line an item (default: DIR/results.jsonl)
   --model M            the model of asks that name none
   --limits L           the rules the shards are written to (as validate's)
@@ -89,6 +91,7 @@ INPUT and the sharding options are run's; the shards are matched to the
 files and batches of run RUN (its batches' metadata.lbatch_run).
   --run RUN            the run's id (the prefix of its files' names)
   --dir DIR            work directory (default: INPUT.lbatch)
+  --wait-lock SECONDS  wait that long for another run on DIR to end (default: stop at once)
   --model M            model (needed for a CSV)
   --system TEXT        system prompt (CSV)
   --endpoint E         as run's
@@ -936,7 +939,7 @@ end
 
 function run.run(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
-  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost")
+  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "wait_lock")
   if not n then return nil, nerr end
   if n.max_cost and not o.prices then return nil, usage_error("--max-cost needs --prices FILE") end
   local limits, lerr = limits_of(o)
@@ -974,7 +977,7 @@ function run.run(o, pos)
     max_in_flight = n.max_in_flight, max_lines = n.max_lines, limits = limits,
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
-    header = header, notify = notify, on_step = run_id_teller(dir),
+    header = header, notify = notify, on_step = run_id_teller(dir), wait_lock = n.wait_lock,
   })
   done()
   if not report then return nil, err end
@@ -996,7 +999,7 @@ end
 
 function run.flow(o, pos)
   if not o.items then return nil, usage_error("--items FILE is required") end
-  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "finish_realtime")
+  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "finish_realtime", "wait_lock")
   if not n then return nil, nerr end
   if n.max_cost and not o.prices then return nil, usage_error("--max-cost needs --prices FILE") end
   local flush
@@ -1025,6 +1028,7 @@ function run.flow(o, pos)
     model = o.model or script.model, limits = limits, max_lines = n.max_lines, max_in_flight = n.max_in_flight,
     poll_interval = n.poll, on_change = o.ask_again and "ask_again" or script.on_change,
     max_cost = n.max_cost, prices = o.prices, finish_realtime = n.finish_realtime, flush = flush,
+    wait_lock = n.wait_lock,
     on_progress = function(p)
       if quiet or p.batches then return end
       io.stderr:write(("round %d: %d of %d items done, %d failed, %d tokens\n"):format(p.round, p.done, p.items,
@@ -1050,7 +1054,7 @@ end
 function run.adopt(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
   if not o.run then return nil, usage_error("--run RUN is required") end
-  local n, nerr = nums(o, "max_lines")
+  local n, nerr = nums(o, "max_lines", "wait_lock")
   if not n then return nil, nerr end
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
@@ -1059,7 +1063,7 @@ function run.adopt(o, pos)
   local dir = o.dir or (pos[1] .. ".lbatch")
   local found, err = pipeline.adopt({ client = client(o), requests = pos[1], dir = dir, run = o.run,
     model = o.model, system = o.system, endpoint = o.endpoint, max_lines = n.max_lines, limits = limits,
-    header = header, completion_window = o.window })
+    header = header, completion_window = o.window, wait_lock = n.wait_lock })
   if not found then
     err.message = err.message:gsub("give adopt the options the run had: [^)]*", "give adopt the options the run "
       .. "had: --max-lines, --model, --system, --header or --no-header, --endpoint, --limits, --window")

@@ -42,9 +42,10 @@ end
 -- error); `io`: a local file (path and reason in the message; never
 -- retryable); `cancelled`: a task or transfer was cancelled; `task`: a task
 -- raised something that is not an error object (`err.traceback` has where);
--- `config`: what the environment lacks (no API key found).
+-- `config`: what the environment lacks (no API key found); `busy`: a work
+-- directory held by another run (code `dir_locked`, lbatch.lock).
 M.KINDS = { http = true, network = true, timeout = true, decode = true, invalid = true,
-            io = true, cancelled = true, task = true, config = true }
+            io = true, cancelled = true, task = true, config = true, busy = true }
 
 local STRING_FIELDS = { "code", "message", "param", "type", "request_id" }
 

@@ -59,6 +59,7 @@ local estimate = require "lbatch.estimate"
 local cost = require "lbatch.cost"
 local journal = require "lbatch.journal"
 local quota = require "lbatch.quota"
+local lock = require "lbatch.lock"
 
 local encode, decode, normalize = json.encode, json.decode, json.normalize
 local throw = errors.throw
@@ -679,7 +680,7 @@ function Run:realtime(R)
     if type(rec.custom_id) ~= "string" then return end
     if not got[rec.custom_id] then old[#old + 1] = rec end
     got[rec.custom_id] = rec
-  end))
+  end, { durable = true }))                               -- the answers paid for survive a crash
   if #old > 0 then errors.try(log:compact(old)) end      -- a torn last line goes
   local queue, asks = {}, 0
   for _, f in ipairs(files) do
@@ -849,6 +850,8 @@ local function new_run(opts)
                         pause = client and function() client:pause() end or nil }, Run)
 end
 
+local run_locked
+
 --- Run a flow: every item through `step`, the asks in rounds of batches.
 -- Killed at any moment and run again on the same `dir`, it goes on: each
 -- ask is sent once, and no answer is lost.
@@ -869,7 +872,9 @@ end
 -- journaled), flush (`{lines, seconds}`: a pass starts, while other
 -- shards are out, once the shards back hold that many answers or that
 -- long after the oldest came back; each shard its own pipeline, one quota
--- for all), pipeline (more
+-- for all), wait_lock (dir is locked for the run: another flow, run or
+-- adopt on it fails at once with a `busy` error, code `dir_locked`, naming
+-- its holder; wait_lock = seconds waits that long for it), pipeline (more
 -- options for each round's pipeline), and the pipeline's own options
 -- (`flow.PIPELINE_OPTIONS`)
 -- @treturn table the report `{items, done, failed, rounds = {{asks,
@@ -881,6 +886,14 @@ function M.run(opts)
   errors.check("flow.run", "opts.client", opts.client, "table")
   local run, err = new_run(opts)
   if not run then return nil, err end
+  local client = opts.client
+  local lk, lerr = lock.acquire(run.dir, { wait = opts.wait_lock, sleep = function(s) client:sleep(s) end })
+  if not lk then return nil, lerr end
+  return lk:release(run_locked(run, opts))
+end
+
+-- the flow, its directory locked
+function run_locked(run, opts)
   local ok, perr = pcall(function()
     run.state = load_state(run.dir)
     local st = run.state

@@ -26,6 +26,7 @@ local rules = require "lbatch.rules"
 local recover = require "lbatch.recover"
 local estimate = require "lbatch.estimate"
 local quota = require "lbatch.quota"
+local lock = require "lbatch.lock"
 local now = core.now
 
 local try, throw = errors.try, errors.throw
@@ -47,7 +48,7 @@ local function open_journal(path)
     if rec.version == 1 then state = { version = 1, run = rec.run, phase = rec.phase, shards = {} }
     elseif state and rec.k then state.shards[rec.k] = rec.shard
     elseif state and rec.phase then state.phase = rec.phase end
-  end)
+  end, { durable = true })
   if not j then return nil, err end
   return j, nil, state
 end
@@ -164,14 +165,34 @@ Run.__index = Run
 -- the shards that moved), before any request made in that turn goes out.
 function Run:save(s) self.dirty[s] = true end
 
+-- the steps whose request goes out in the next turn: their record must
+-- survive a crash of the machine (fsync) before it does
+local IN_FLIGHT = { uploading = true, creating = true }
+
+-- A journal that cannot be written stops the run at once: every worker is
+-- stopped, so that no request made in this turn goes out (its transfer is
+-- dropped before the loop's next step). What was sent before is in the
+-- journal as in flight, and the next run recovers it.
+function Run:halt(err)
+  self.failure = self.failure or err
+  if not self.tripped then
+    self.tripped = err
+    for _, w in ipairs(self.workers) do w:cancel() end
+  end
+end
+
 function Run:flush()
   if next(self.dirty) then
-    local recs = {}
+    local recs, sync = {}, false
     for k, s in ipairs(self.state.shards) do
-      if self.dirty[s] then recs[#recs + 1] = { k = k, shard = s } end
+      if self.dirty[s] then
+        recs[#recs + 1] = { k = k, shard = s }
+        sync = sync or IN_FLIGHT[s.step] ~= nil
+      end
     end
     self.dirty = {}
     local ok, err = self.log:append((table.unpack or unpack)(recs))
+    if ok and sync then ok, err = self.log:sync() end
     -- past 16 changes a shard (a shard's whole life takes about 8), the
     -- journal is written again as the live state: it stays small and
     -- replays fast at any number of shards, and a host's frame rarely pays
@@ -179,7 +200,7 @@ function Run:flush()
     if ok and self.log.appended > 16 * #self.state.shards + 1024 then
       ok, err = self.log:compact(snapshot(self.state))
     end
-    if not ok then self.failure = self.failure or err end
+    if not ok then self:halt(err) end
   end
   if self.moved then
     self.moved = false
@@ -550,6 +571,14 @@ local function client_of(fn, opts)
   return opts.client
 end
 
+-- One owner per work directory (lbatch.lock): another run, flow or adopt
+-- on it fails at once, or waits opts.wait_lock seconds for it.
+local function lock_dir(opts, client)
+  return lock.acquire(opts.dir, { wait = opts.wait_lock, sleep = function(s) client:sleep(s) end })
+end
+
+local run_locked, adopt_locked
+
 --- Run a whole job: shard, upload, create, wait, download, merge.
 -- Killed at any moment and run again on the same `dir`, it resumes from
 -- its journal: nothing is uploaded or created twice.
@@ -559,7 +588,9 @@ end
 -- requests, or an iterator returning them; a request is `{custom_id, body[,
 -- url]}` or a whole line) or manifest (files already sharded, as
 -- `jsonl.writer`'s close returns: sent as they are, each one a shard),
--- dir, journal (default dir/journal.jsonl),
+-- dir (locked for the run: another run, flow or adopt on it fails at once
+-- with a `busy` error, code `dir_locked`, naming its holder; wait_lock =
+-- seconds waits that long for it), journal (default dir/journal.jsonl),
 -- model, endpoint, system, header (a CSV's first row: true a header, false a
 -- request, nil a header when it looks like one), limits (a profile name, as in `jsonl.writer`;
 -- default the client's: its provider's or region's),
@@ -628,6 +659,13 @@ function M.run(opts)
   end
   local made, why = core.mkdir(opts.dir)
   if not made then return nil, errors.io("cannot make", opts.dir, why:gsub("^mkdir [^:]*: ", "")) end
+  local lk, lerr = lock_dir(opts, client)
+  if not lk then return nil, lerr end
+  return lk:release(run_locked(opts, client))
+end
+
+-- the run, its directory locked
+function run_locked(opts, client)
   local path = opts.journal or (opts.dir .. "/journal.jsonl")
   local log, jerr, state = open_journal(path)
   if not log then return nil, jerr end
@@ -875,7 +913,8 @@ end
 -- `run`), dir, run (the run's id: `metadata.lbatch_run`
 -- of its batches, the prefix of its files' names), requests and the
 -- sharding options `run` took (model, endpoint, system, header, limits,
--- max_lines, max_bytes), completion_window, journal
+-- max_lines, max_bytes), completion_window, journal, wait_lock (as
+-- `run`'s: dir is locked)
 -- @treturn table `{run, shards, files, batches, max_lines}` (counts found;
 -- max_lines when read from the run), or nil and an error
 function M.adopt(opts)
@@ -890,6 +929,13 @@ function M.adopt(opts)
   if not client then return nil, why0 end
   local made, why = core.mkdir(opts.dir)
   if not made then return nil, errors.io("cannot make", opts.dir, why:gsub("^mkdir [^:]*: ", "")) end
+  local lk, lerr = lock_dir(opts, client)
+  if not lk then return nil, lerr end
+  return lk:release(adopt_locked(opts, client))
+end
+
+-- the adoption, its directory locked
+function adopt_locked(opts, client)
   local path = opts.journal or (opts.dir .. "/journal.jsonl")
   local old = io.open(path, "rb")
   if old then

@@ -43,6 +43,7 @@ build = {
     ["lbatch.quota"] = "lbatch/quota.lua",
     ["lbatch.client"] = "lbatch/client.lua",
     ["lbatch.journal"] = "lbatch/journal.lua",
+    ["lbatch.lock"] = "lbatch/lock.lua",
     ["lbatch.watch"] = "lbatch/watch.lua",
     ["lbatch.rules"] = "lbatch/rules.lua",
     ["lbatch.json"] = "lbatch/json.lua",

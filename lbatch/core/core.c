@@ -3,7 +3,7 @@
  *   multi.c  the controller (core.new): the multi handle, its queue, step
  *   xfer.c   one transfer          fail.c   our own failure kinds (core.FAIL)
  *   idmap.c  the hash map          index.c  the JSONL indexer (idmap:scan)
- *   scan.c   byte scanners         sys.c    clock, sleep, mkdir, disk, signals
+ *   scan.c   byte scanners         sys.c    clock, sleep, mkdir, disk, signals, lock
  *   buf.c    growable buffers   enc.c    the request line encoder (core.encoder)
  *   rec.c    the result line scanner (core.result) */
 #include "core.h"
@@ -27,6 +27,7 @@ int luaopen_lbatch_core(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"new", lbatch_ctl_new}, {"idmap", lbatch_idmap_new},
     {"now", lbatch_now}, {"sleep", lbatch_sleep}, {"mkdir", lbatch_mkdir}, {"fsync", lbatch_fsync}, {"disk_free", lbatch_disk_free},
+    {"lock", lbatch_lock},
     {"version", lbatch_version}, {"trap", lbatch_trap}, {"caught", lbatch_caught},
     {"utf8_check", lbatch_utf8_check}, {"json_string", lbatch_json_string},
     {"hmac_sha256", lbatch_hmac_sha256}, {"equal", lbatch_equal}, {"base64", lbatch_base64},
@@ -45,6 +46,7 @@ int luaopen_lbatch_core(lua_State *L) {
   metatable(L, LBATCH_CTL, lbatch_ctl_meta, ctl_methods);
   metatable(L, LBATCH_IDMAP, lbatch_idmap_meta, idmap_methods);
   lbatch_encoder_register(L);
+  lbatch_lock_register(L);
   luaL_newlib(L, funcs);
   lbatch_push_fail(L);
   lua_setfield(L, -2, "FAIL");

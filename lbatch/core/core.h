@@ -158,6 +158,8 @@ int lbatch_sleep(lua_State *L);
 int lbatch_mkdir(lua_State *L);
 int lbatch_fsync(lua_State *L);
 int lbatch_disk_free(lua_State *L);
+int lbatch_lock(lua_State *L);            /* core.lock */
+void lbatch_lock_register(lua_State *L);
 int lbatch_trap(lua_State *L);
 int lbatch_caught(lua_State *L);
 int lbatch_version(lua_State *L);

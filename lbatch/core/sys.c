@@ -5,6 +5,7 @@
  *   core.mkdir(path)      like mkdir -p
  *   core.fsync(path)      a file's (or a directory's) bytes on the disk
  *   core.disk_free(path)  bytes an unprivileged writer may still use
+ *   core.lock(path)       one owner of a directory: an exclusive flock
  *   core.trap(), core.caught()  SIGINT and SIGTERM as a flag
  *   core.version()        libcurl's version, and whether it speaks HTTP/2 */
 #include <stdlib.h>
@@ -14,6 +15,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/file.h>
 #include <fcntl.h>
 #include <unistd.h>
 #include "core.h"
@@ -126,4 +128,93 @@ int lbatch_version(lua_State *L) {
   lua_pushstring(L, v->version);
   lua_pushboolean(L, (v->features & CURL_VERSION_HTTP2) != 0);
   return 2;
+}
+
+/* lock(path): an exclusive flock(2) on path (opened O_CLOEXEC|O_NOFOLLOW,
+ * created 0644), without waiting. Held, the file holds its holder, one
+ * JSON line {"pid", "host", "started"}, and the lock object is returned
+ * (lock:release(...) frees it and returns its arguments; the kernel frees
+ * it on any death, the collector when the object is dropped). Held by
+ * another: nil, "busy", what the file says of its holder. Else nil, "io",
+ * the OS's reason. */
+#define LBATCH_LOCK "lbatch.core.lock"
+
+static int lock_fail(lua_State *L, const char *path, const char *what) {
+  lua_pushnil(L);
+  lua_pushliteral(L, "io");
+  lua_pushfstring(L, "%s %s: %s", what, path, strerror(errno));
+  return 3;
+}
+
+static void lock_holder(char *out, size_t n) {
+  char host[256] = "", date[32] = "";
+  time_t t = time(NULL);
+  struct tm tm;
+  size_t i, j = 0;
+  if (gethostname(host, sizeof host - 1) != 0) host[0] = '\0';
+  for (i = 0; host[i] && j < sizeof host; i++)   /* only what needs no JSON escape */
+    if (host[i] != '"' && host[i] != '\\' && (unsigned char)host[i] >= 0x20) host[j++] = host[i];
+  host[j] = '\0';
+  if (gmtime_r(&t, &tm)) strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  snprintf(out, n, "{\"pid\":%ld,\"host\":\"%s\",\"started\":\"%s\"}\n", (long)getpid(), host, date);
+}
+
+int lbatch_lock(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  char text[512];
+  int *ud, fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+  if (fd < 0) return lock_fail(L, path, "cannot open");
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    int e = errno;
+    ssize_t got;
+    if (e != EWOULDBLOCK) { close(fd); errno = e; return lock_fail(L, path, "cannot lock"); }
+    got = pread(fd, text, sizeof text - 1, 0);
+    close(fd);
+    text[got > 0 ? got : 0] = '\0';
+    lua_pushnil(L);
+    lua_pushliteral(L, "busy");
+    lua_pushstring(L, text);
+    return 3;
+  }
+  lock_holder(text, sizeof text);
+  if (ftruncate(fd, 0) != 0 || pwrite(fd, text, strlen(text), 0) != (ssize_t)strlen(text)) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return lock_fail(L, path, "cannot write");
+  }
+  ud = (int *)lua_newuserdata(L, sizeof(int));
+  *ud = fd;
+  luaL_getmetatable(L, LBATCH_LOCK);
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
+/* lock:release(...): the lock freed (its file emptied: nobody holds it);
+ * returns its arguments. Again: nothing. */
+static int lock_release(lua_State *L) {
+  int *ud = (int *)luaL_checkudata(L, 1, LBATCH_LOCK);
+  if (*ud >= 0) {
+    if (ftruncate(*ud, 0) != 0) { /* the holder stays written: harmless */ }
+    close(*ud);
+    *ud = -1;
+  }
+  return lua_gettop(L) - 1;
+}
+
+static int lock_gc(lua_State *L) {
+  int *ud = (int *)luaL_checkudata(L, 1, LBATCH_LOCK);
+  if (*ud >= 0) { close(*ud); *ud = -1; }
+  return 0;
+}
+
+void lbatch_lock_register(lua_State *L) {
+  static const luaL_Reg methods[] = { {"release", lock_release}, {NULL, NULL} };
+  luaL_newmetatable(L, LBATCH_LOCK);
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, lock_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
 }

@@ -484,3 +484,72 @@ describe("a controller that steps", function()
   end)
 end)
 
+
+describe("core.lock", function()
+  local function pid()
+    local f = assert(io.open("/proc/self/stat"))
+    local n = tonumber(f:read("*l"):match("^(%d+)"))
+    f:close()
+    return n
+  end
+
+  it("is exclusive, names its holder in the file, and is free again once released", function()
+    local dir = tmpdir()
+    local path = dir .. "/lock"
+    local lk = assert(core.lock(path))
+    local h = require("cjson").decode(slurp(path))
+    assert.are.equal(pid(), h.pid)
+    assert.is_string(h.host)
+    assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ$", h.started)
+    local none, kind, text = core.lock(path)        -- flock: one open file against another, even in one process
+    assert.is_nil(none)
+    assert.are.equal("busy", kind)
+    assert.are.equal(slurp(path), text)
+    assert.are.same({ 1, "x" }, { lk:release(1, "x") })
+    assert.are.equal("", slurp(path))
+    local again = assert(core.lock(path))
+    again:release()
+    again:release()                                  -- twice: nothing
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("refuses a symbolic link and a missing directory with the OS's reason", function()
+    local dir = tmpdir()
+    assert(os.execute("ln -s /etc/hostname " .. dir .. "/lock"))
+    local none, kind, why = core.lock(dir .. "/lock")
+    assert.is_nil(none)
+    assert.are.equal("io", kind)
+    assert.matches("symbolic links", why)
+    assert.are.equal("io", (select(2, core.lock(dir .. "/nowhere/lock"))))
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("is freed by the kernel when its holder is killed with kill -9", function()
+    local dir = tmpdir()
+    local path = dir .. "/lock"
+    local lua = os.getenv("LBATCH_LUA") or (rawget(_G, "jit") and "luajit" or "lua5.4")
+    local holder = ("%s -e 'local core = require \"lbatch.core\"; local lk = assert(core.lock(%q)); core.sleep(60)'"
+      .. " >/dev/null 2>&1 & echo $!"):format(lua, path)
+    local p = io.popen(holder)
+    local child = tonumber(p:read("*l"))
+    p:close()
+    local function text_of()
+      local f = io.open(path, "rb")
+      local s = f and f:read("*a") or ""
+      if f then f:close() end
+      return s
+    end
+    local t0 = core.now()
+    while not text_of():find('"pid"') and core.now() - t0 < 10 do core.sleep(0.02) end
+    local _, kind, text = core.lock(path)
+    assert.are.equal("busy", kind)
+    assert.are.equal(child, require("cjson").decode(text).pid)
+    os.execute("kill -9 " .. child)
+    local lk
+    t0 = core.now()
+    repeat lk = core.lock(path) core.sleep(0.02) until lk or core.now() - t0 > 5
+    assert.is_truthy(lk, "the lock of a killed holder stays taken")
+    lk:release()
+    os.execute("rm -rf " .. dir)
+  end)
+end)

@@ -109,3 +109,105 @@ describe("journal", function()
     assert.are.same({ { a = 1 }, { a = 2 } }, replayed(moved))
   end)
 end)
+
+-- A small file system of its own (tmpfs: the specs run as root, in CI too);
+-- nil when this machine does not let us mount one.
+local function small_fs(kb)
+  local mnt = H.tmpdir()
+  if not H.ok(("mount -t tmpfs -o size=%dk tmpfs %s 2>/dev/null"):format(kb, H.q(mnt))) then
+    H.ok("rmdir " .. H.q(mnt))
+    return nil
+  end
+  return mnt, function() H.ok("umount " .. H.q(mnt) .. " && rmdir " .. H.q(mnt)) end
+end
+
+local function fill(mnt) H.ok(("dd if=/dev/zero of=%s/fill bs=4k 2>/dev/null"):format(H.q(mnt))) end
+
+describe("journal, its writes failing", function()
+  it("a write that fails on a full disk breaks the journal: later appends and compactions fail, write nothing", function()
+    local mnt, unmount = small_fs(64)
+    if not mnt then return pending("cannot mount a tmpfs here (not root)") end
+    finally(unmount)
+    local path = mnt .. "/j.jsonl"
+    local j = assert(journal.open(path, nil, { durable = true }))
+    assert.is_true(j:append({ a = 1 }))
+    assert.is_true(j:sync())
+    fill(mnt)
+    local ok, err = j:append({ a = 2, pad = ("x"):rep(8192) })
+    assert.is_nil(ok)
+    assert.are.same({ "io", path }, { err.kind, err.path })
+    assert.matches("No space left on device", err.message)
+    os.remove(mnt .. "/fill")                       -- room again: the journal stays broken
+    assert.are.same({ nil, err }, { j:append({ a = 3 }) })
+    assert.are.same({ nil, err }, { j:sync() })
+    assert.are.same({ nil, err }, { j:compact({ { a = 4 } }) })
+    j:close()
+    local recs = {}
+    assert(journal.open(path, function(rec) recs[#recs + 1] = rec end)):close()
+    assert.are.equal(1, recs[1].a)
+    for _, rec in ipairs(recs) do assert.are_not.equal(3, rec.a) end
+  end)
+
+  it("a write that fails after many that passed (LuaJIT: compiled code) is still a failure", function()
+    local mnt, unmount = small_fs(1024)
+    if not mnt then return pending("cannot mount a tmpfs here (not root)") end
+    finally(unmount)
+    local path = mnt .. "/j.jsonl"
+    local failed = 0
+    for round = 1, 6 do
+      local j = assert(journal.open(path))
+      for i = 1, 200 do assert(j:append({ round = round, i = i })) end
+      fill(mnt)
+      -- the file's last page too: appends would fit there
+      H.ok(("yes '' | head -c 8192 >> %s 2>/dev/null"):format(H.q(path)))
+      local ok, err = j:append({ round = round, last = true })
+      if not ok and err.kind == "io" then failed = failed + 1 end
+      j:close()
+      os.remove(mnt .. "/fill")
+      os.remove(path)
+    end
+    assert.are.equal(6, failed)
+  end)
+
+  it("a torn last line is ended before the next append, which is not lost with it", function()
+    local dir = H.tmpdir()
+    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    local path = H.write(dir .. "/j.jsonl", '{"a":1}\n{"a":2,"pad":"xx')
+    local j = assert(journal.open(path))
+    assert.is_true(j:append({ a = 3 }))
+    assert.is_true(j:append({ a = 4 }))
+    j:close()
+    local recs = {}
+    assert(journal.open(path, function(rec) recs[#recs + 1] = rec.a end)):close()
+    assert.are.same({ 1, 3, 4 }, recs)
+  end)
+
+  it("durable: a compaction reaches the disk before it returns; sync fsyncs what was appended (strace)", function()
+    if not H.ok("command -v strace >/dev/null 2>&1") then return pending("strace is not installed") end
+    local dir = H.tmpdir()
+    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    local path = dir .. "/j.jsonl"
+    local script = H.write(dir .. "/s.lua", ([[
+      local journal = require "lbatch.journal"
+      local j = assert(journal.open(%q, nil, { durable = true }))
+      assert(j:compact({ { a = 1 } }))
+      assert(j:append({ a = 2 }))
+      io.stderr:write("appended\n")
+      assert(j:sync())
+      j:close()
+    ]]):format(path))
+    local trace = dir .. "/trace"
+    assert.is_true(H.ok(("strace -f -y -e trace=fsync,rename,write -o %s %s %s 2>/dev/null"):format(trace, H.lua, script)))
+    local seen = {}
+    for line in io.lines(trace) do
+      if line:find("fsync(", 1, true) and line:find(path .. ".tmp>", 1, true) then seen[#seen + 1] = "fsync tmp"
+      elseif line:find("rename(", 1, true) then seen[#seen + 1] = "rename"
+      elseif line:find("fsync(", 1, true) and line:find("<" .. dir .. ">", 1, true) then seen[#seen + 1] = "fsync dir"
+      elseif line:find("appended", 1, true) then seen[#seen + 1] = "appended"
+      elseif line:find("fsync(", 1, true) and line:find("<" .. path .. ">", 1, true) then seen[#seen + 1] = "fsync"
+      end
+    end
+    assert.are.same({ "fsync tmp", "rename", "fsync dir", "appended", "fsync" }, seen)
+    assert.are.equal('{"a":1}\n{"a":2}\n', H.read(path))
+  end)
+end)
