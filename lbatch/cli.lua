@@ -52,6 +52,11 @@ with the same --dir, it resumes where it stopped.
   --max-cost X         refuse the run (before any upload) when it may cost more
   --prices FILE        the prices --max-cost needs (as estimate's --prices)
   --bom                a byte-order mark in a CSV output
+  --fresh              DIR holds a run made with other options (another model, system
+                       prompt, ...): start a new run there (the old journal is kept)
+  --reuse              DIR holds a run made with other options: keep the answers whose
+                       request line is unchanged (with another model or system prompt,
+                       none: every request is sent again) and send the others
   --notify-listen HOST:PORT  be told when a job ends: listen there for OpenAI's
                        webhooks (secrets: $OPENAI_WEBHOOK_SECRET, several
                        separated by spaces) and DashScope's callbacks, on
@@ -183,7 +188,7 @@ local ORDER = { "run", "flow", "adopt", "submit", "status", "list", "cancel", "d
                 "results", "csv2jsonl", "files", "rm", "prune", "top", "report" }
 
 local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = true, bom = true,
-                  header = true, no_header = true, dry_run = true, ask_again = true }
+                  header = true, no_header = true, dry_run = true, ask_again = true, fresh = true, reuse = true }
 
 local function usage()
   local t = { "Usage: lbatch COMMAND [options]\n\nCommands:" }
@@ -652,6 +657,31 @@ function run.download(o, pos)
   return 0
 end
 
+-- What a run on a DIR that held a run before did with it: on stderr (the
+-- counts also on stdout, so that a user reading the summary sees them).
+local function said_rerun(o, dir, report)
+  local ch = report.change or {}
+  if not ch.rerun then return end
+  local say = function(text) io.stderr:write("lbatch run: ", text, "\n") end
+  if ch.fingerprint == "unknown" then
+    say(dir .. "'s journal was written by an older lbatch: it does not say what its run was asked, so the "
+      .. "input and options were not checked against it (--fresh starts a new run)")
+  end
+  if ch.fresh then say(("a new run in %s; the old run's journal is kept as %s"):format(dir, ch.archived)) end
+  for _, d in ipairs(ch.shaping or {}) do say(d .. " (--reuse)") end
+  for _, d in ipairs(ch.notes) do
+    say(d .. " (how requests are grouped into batches, not what they ask: their answers stay)")
+  end
+  if (ch.changed or 0) + (ch.added or 0) + (ch.dropped or 0) > 0 then
+    say(("the input changed: %d new, %d changed (sent again), %d no longer asked (dropped from the results)")
+      :format(ch.added, ch.changed, ch.dropped))
+  end
+  if not o.json and report.requests then
+    io.stdout:write(("%d requests: %d answered before, %d sent now\n")
+      :format(report.requests, report.reused, report.sent))
+  end
+end
+
 function run.run(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
   local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost")
@@ -682,6 +712,7 @@ function run.run(o, pos)
         io.stderr:write(("lbatch: told, not polling: listening for notices on %s:%s\n"):format(host, port))
       end }
   end
+  if o.fresh and o.reuse then return nil, usage_error("--fresh or --reuse, not both") end
   local c = client(o)
   local dir = o.dir or (pos[1] .. ".lbatch")
   local show, done, moving = progress_printer()
@@ -690,10 +721,11 @@ function run.run(o, pos)
     max_in_flight = n.max_in_flight, max_lines = n.max_lines, limits = limits,
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
-    header = header, notify = notify,
+    header = header, notify = notify, on_change = o.fresh and "fresh" or o.reuse and "reuse" or nil,
   })
   done()
   if not report then return nil, err end
+  said_rerun(o, dir, report)
   local output = o.output or (dir .. "/results.jsonl")
   local written
   written, err = write_results(report.results, output, o.bom)
@@ -704,7 +736,7 @@ function run.run(o, pos)
   local bad = 0
   for _, sh in ipairs(report.shards) do if FINAL_BAD[sh.status] then bad = bad + 1 end end
   out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
-           missing = s.missing, total_tokens = s.total_tokens },
+           missing = s.missing, total_tokens = s.total_tokens, reused = report.reused, sent = report.sent },
     ("%s: %d requests, %d ok, %d failed, %d missing, %d tokens, %d shard(s)"):format(
       output, s.total, s.ok, s.failed, s.missing, s.total_tokens, #report.shards))
   return (bad > 0 or s.missing > 0) and 3 or 0
