@@ -189,6 +189,9 @@ local function canon(v)
     return "{" .. table.concat(parts, ",") .. "}"
   elseif t == "string" then return json.encode(v)
   elseif t == "function" then return "a function"
+  elseif t == "number" then       -- 1 and 1.0 alike, on every Lua
+    if v == math.floor(v) and math.abs(v) < 2 ^ 53 then return ("%.0f"):format(v) end
+    return ("%.17g"):format(v)
   end
   return tostring(v)
 end
@@ -275,7 +278,7 @@ local function input_hash(paths, pause)
   local acc, n, parts = "lbatch-input", 0, {}
   local ok, err = each_line(paths, function(id, h)
     n = n + 1
-    parts[#parts + 1] = ("%s\0%.0f\n"):format(id, h)
+    parts[#parts + 1] = id .. "\0" .. ("%.0f"):format(h) .. "\n"
     if #parts == 4096 then acc, parts = core.hmac_sha256(acc, table.concat(parts)), {} end
   end, pause)
   if not ok then return nil, err end

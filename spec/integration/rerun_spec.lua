@@ -85,6 +85,13 @@ describe("pipeline run again on the same dir", function()
     local s = assert(report.results:summary())
     assert.are.same({ 4, 4, 0 }, { s.total, s.ok, s.missing })
     assert.are.same({}, report.results.orphans)
+    -- and again: answers kept from both runs before, d dropped, f added
+    csv_of(input, { "e,five", "a,one", "b,TWO", "f,six" })
+    report = assert(run(dir, input, { max_lines = 2 }))
+    assert.are.same({ 4, 3, 1 }, { report.requests, report.reused, report.sent })
+    assert.are.same({ "e=Emulated answer (qwen-plus): five", "a=Emulated answer (qwen-plus): one",
+      "b=Emulated answer (qwen-plus): TWO", "f=Emulated answer (qwen-plus): six" }, answers(report))
+    assert.are.same({ 1, 2, 2, 2 }, batch_lines(client))
   end)
 
   it("does not give the old model's answers for another model: run_changed, then fresh or reuse", function()
@@ -129,6 +136,57 @@ describe("pipeline run again on the same dir", function()
     assert.are.equal(4, #answers(report))
     local r = routes(emu)
     assert.are.same({ 2, 2 }, { r["POST /files"], r["POST /batches"] })   -- the first shard not again
+  end)
+end)
+
+describe("pipeline run again with a changed input, killed", function()
+  local emu
+  before_each(function() emu = H.emulator({ speed = 200, rate_limits = false }) end)
+  after_each(function() emu.stop() end)
+
+  local function jsonl_of(path, ids)
+    local t = {}
+    for _, id in ipairs(ids) do
+      t[#t + 1] = cjson.encode({ custom_id = id, method = "POST", url = "/v1/chat/completions", body = {
+        model = "qwen-plus", max_tokens = 50, temperature = 0.5, messages = { { role = "user", content = "q " .. id } } } })
+    end
+    H.write(path, table.concat(t, "\n") .. "\n")
+    return path
+  end
+
+  -- the pipeline driver (4 lines a shard, 1 job at once) on lua, killed at step:shard
+  local function driver(lua, dir, input, crash)
+    return H.sh(("LBATCH_POLL_INTERVAL=0.05 %s %s/spec/fixtures/pipeline_driver.lua %s %s %s %s 2>&1"):format(
+      lua, H.root, emu.base, dir, input, crash or ""))
+  end
+
+  it("sends each new request once however often the rerun is killed", function()
+    local dir, input = H.tmpdir(), H.tmpdir() .. "/in.jsonl"
+    jsonl_of(input, { "a", "b", "c", "d" })
+    assert.matches("done 1 4 4", driver(H.lua, dir .. "/w", input))
+    jsonl_of(input, { "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l" })
+    for _, at in ipairs({ "before_upload:1", "after_upload:1", "after_create:2", "after_download:2" }) do
+      assert.matches("killing myself at", driver(H.lua, dir .. "/w", input, at))
+    end
+    assert.matches("done 2 12 12", driver(H.lua, dir .. "/w", input))
+    assert.are.equal(3, routes(emu)["POST /files"])               -- the first run's shard, the two new ones
+  end)
+
+  -- (bin/lbatch runs on LuaJIT for --notify-listen: the same dir may see both)
+  local it_plain = H.asan and pending or it    -- (the sanitized core is this Lua's only)
+  it_plain("is the same run on another Lua: a rerun there sends only what is new", function()
+    local jit = H.lua:find("luajit", 1, true)
+    local other = ("env LUA_CPATH='%s/build/%s/?.so;;' %s"):format(H.root, jit and "5.4" or "jit",
+      jit and "lua5.4" or "luajit")
+    local dir, input = H.tmpdir(), H.tmpdir() .. "/in.jsonl"
+    jsonl_of(input, { "a", "b", "c" })
+    assert.matches("done 1 3 3", driver(H.lua, dir .. "/w", input))
+    jsonl_of(input, { "a", "b", "c", "d" })
+    assert.matches("done 1 4 4", driver(other, dir .. "/w", input))
+    assert.are.equal(2, routes(emu)["POST /files"])
+    local client = lbatch.new({ api_key = "k", base_url = emu.base })
+    assert.are.same({ 1, 3 }, batch_lines(client))
+    client:close()
   end)
 end)
 
