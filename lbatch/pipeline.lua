@@ -256,7 +256,8 @@ local function line_hash(line)
   return r.custom_id ~= nil and tostring(r.custom_id) or nil, h
 end
 
--- each request line of the files: fn(id, hash, line); a pause now and then
+-- each request line of the files: fn(id, hash, line); a pause every 16
+-- lines (about 0.3 ms of work) and every file, so that a host's frame stays short
 local function each_line(paths, fn, pause)
   local n = 0
   for _, p in ipairs(paths) do
@@ -266,9 +267,10 @@ local function each_line(paths, fn, pause)
       local id, h = line_hash(line)
       if id then fn(id, h, line) end
       n = n + 1
-      if pause and n % 256 == 0 then pause() end
+      if n % 16 == 0 then pause() end
     end
     fh:close()
+    pause()
   end
   return true
 end
@@ -355,7 +357,7 @@ local function keep_answers(groups, keep, sub, pause)
           local id = answer_id(line)
           if id and keep:has(id) and written:put(id, 1) then f:write(line, "\n") end
           n = n + 1
-          if n % 256 == 0 then pause() end
+          if n % 64 == 0 then pause() end
         end
         fh:close()
       end
