@@ -664,8 +664,8 @@ local function said_rerun(o, dir, report)
   if not ch.rerun then return end
   local say = function(text) io.stderr:write("lbatch run: ", text, "\n") end
   if ch.fingerprint == "unknown" then
-    say(dir .. "'s journal was written by an older lbatch: it does not say what its run was asked, so the "
-      .. "input and options were not checked against it (--fresh starts a new run)")
+    say(dir .. "'s journal does not say what its run was asked (an older lbatch wrote it): the input and "
+      .. "options were not checked against it, its run goes on as it was (--fresh starts a new run)")
   end
   if ch.fresh then say(("a new run in %s; the old run's journal is kept as %s"):format(dir, ch.archived)) end
   for _, d in ipairs(ch.shaping or {}) do say(d .. " (--reuse)") end

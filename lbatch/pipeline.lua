@@ -1208,6 +1208,10 @@ function M.adopt(opts)
     end
   end
   local state = { version = 1, run = run, phase = "running", shards = {} }
+  local function pause() client:pause() end
+  local input, n = input_hash(paths_of(manifest), pause)     -- what the run was asked, as run records it
+  if not input then return nil, n end
+  state.fp = { options = options_fp(opts, client), source = source_hash(opts, pause), input = input, requests = n }
   local found = { run = run, shards = #manifest.files, files = 0, batches = 0 }
   for i, f in ipairs(manifest.files) do
     local s = { k = i, path = f.path, name = run .. "-" .. i .. ".jsonl", lines = f.lines, model = f.model,

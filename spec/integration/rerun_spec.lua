@@ -115,6 +115,22 @@ describe("pipeline run again on the same dir", function()
     assert.are.equal(3, routes(emu)["POST /files"])
   end)
 
+  it("knows what an adopted run was asked: a row added after adopt is the only one sent", function()
+    local dir, input = H.tmpdir(), csv_of(H.tmpdir() .. "/q.csv", { "a,one", "b,two", "c,three" })
+    local first = assert(run(dir, input))
+    local old_run = first.shards[1].name:match("^(%w+)%-")
+    os.remove(dir .. "/journal.jsonl")                                  -- lost
+    assert(pipeline.adopt({ client = client, dir = dir, run = old_run, requests = input, model = "qwen-plus" }))
+    local report = assert(run(dir, input))                               -- the adopted run, finished
+    assert.is_nil(report.change.fingerprint)                             -- (not "unknown")
+    assert.are.same({ 3, 1 }, { #answers(report), routes(emu)["POST /files"] })
+    csv_of(input, { "a,one", "b,two", "c,three", "d,four" })
+    report = assert(run(dir, input))
+    assert.are.same({ 4, 3, 1 }, { report.requests, report.reused, report.sent })
+    assert.are.equal(2, routes(emu)["POST /files"])
+    assert.are.equal(4, #answers(report))
+  end)
+
   it("resumes a journal of an older lbatch (no fingerprint) without sending anything twice", function()
     local dir, input = H.tmpdir(), csv_of(H.tmpdir() .. "/q.csv", { "a,one", "b,two", "c,three", "d,four" })
     -- stopped once its first shard's batch is made: the rest is still to do
