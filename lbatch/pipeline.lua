@@ -205,14 +205,23 @@ local function options_fp(opts, client)
   return o
 end
 
+-- an option's value in a message: unquoted, cut at 60 characters
+local function shown(v)
+  if v == nil then return "not set" end
+  v = v:gsub('^"(.*)"$', "%1")
+  if #v > 60 then
+    local cut = 58
+    while cut > 1 and v:byte(cut) >= 0x80 and v:byte(cut) < 0xC0 do cut = cut - 1 end   -- not inside a character
+    v = v:sub(1, cut - 1) .. "..."
+  end
+  return v
+end
+
 -- what changed between two option fingerprints: {"model was a, now b", ...}
 local function differences(was, now_o, keys)
   local out = {}
   for _, k in ipairs(keys) do
-    if was[k] ~= now_o[k] then
-      out[#out + 1] = ("%s was %s, now %s"):format(k, was[k] and was[k]:gsub('^"(.*)"$', "%1") or "not set",
-        now_o[k] and now_o[k]:gsub('^"(.*)"$', "%1") or "not set")
-    end
+    if was[k] ~= now_o[k] then out[#out + 1] = ("%s was %s, now %s"):format(k, shown(was[k]), shown(now_o[k])) end
   end
   return out
 end

@@ -90,6 +90,18 @@ describe("lbatch.pipeline on a dir that holds a run", function()
     assert.are.equal(before, H.read(dir .. "/journal.jsonl"))         -- the run is left as it was
   end)
 
+  it("names a changed system prompt, cut short, and a changed limit as what changed", function()
+    local dir, input = H.tmpdir(), csv_of(H.tmpdir() .. "/q.csv", { "a,one" })
+    local long = ("é"):rep(100)
+    local _, err = pipeline.run({ client = offline(), dir = dir, requests = input, model = "qwen-plus", system = long })
+    assert.is_not_nil(err)
+    _, err = pipeline.run({ client = offline(), dir = dir, requests = input, model = "qwen-plus", system = "Be brief.",
+                            limits = "openai" })
+    assert.are.equal("run_changed", err.code)
+    assert.matches("system was " .. ("é"):rep(28) .. "%.%.%., now Be brief%.", err.message)
+    assert.matches("limits was dashscope, now openai", err.message)
+  end)
+
   it("refuses a changed input while the run has not finished, and leaves no copy of it", function()
     local dir, input = H.tmpdir(), csv_of(H.tmpdir() .. "/q.csv", { "a,one", "b,two" })
     started(dir, input, "qwen-plus")
