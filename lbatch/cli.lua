@@ -34,7 +34,11 @@ local COMMANDS = {
 Run a whole job, resumable: shard, upload, create, wait, download, merge.
 INPUT is .jsonl requests or a .csv of id,content (every row a request, but
 a first row that is a header, as csv2jsonl says). Killed and started again
-with the same --dir, it resumes where it stopped.
+with the same --dir, it resumes where it stopped. Run again once done with
+rows added, changed or removed, it sends only the new and changed rows and
+its results are exactly INPUT's rows; with another --model, --system,
+--endpoint, --limits or --header it stops and says what changed (--fresh,
+--reuse).
   --dir DIR            work directory and journal (default: INPUT.lbatch)
   --output FILE        merged results, .csv or .jsonl (default: DIR/results.jsonl)
   --model M            model (needed for a CSV)
