@@ -672,6 +672,9 @@ local function said_rerun(o, dir, report)
       .. "options were not checked against it, its run goes on as it was (--fresh starts a new run)")
   end
   if ch.fresh then say(("a new run in %s; the old run's journal is kept as %s"):format(dir, ch.archived)) end
+  if ch.unfinished then
+    say("the old run had not finished: its batches still in flight were not cancelled (lbatch list)")
+  end
   for _, d in ipairs(ch.shaping or {}) do say(d .. " (--reuse)") end
   for _, d in ipairs(ch.notes) do
     say(d .. " (how requests are grouped into batches, not what they ask: their answers stay)")

@@ -470,7 +470,7 @@ local function rerun(ctx, state, path)
   if opts.on_change == "fresh" then
     local kept, err = archive(path, state)
     if not kept then return nil, nil, err end
-    return nil, { rerun = true, fresh = true, archived = kept, notes = {} }
+    return nil, { rerun = true, fresh = true, archived = kept, notes = {}, unfinished = state.phase ~= "done" }
   end
   if not state.fp then return state, { rerun = true, fingerprint = "unknown", notes = {} } end
   -- no requests given: the journal's are the run's
@@ -488,6 +488,7 @@ local function rerun(ctx, state, path)
   if not view then return nil, nil, input end
   if #shaping == 0 and input == state.fp.input then
     if not opts.manifest then discard(view, ctx.sub) end
+    state.fp.source = ctx.fp.source          -- the same requests, written otherwise: known next time
     return state, change
   end
   if state.phase ~= "done" then

@@ -3,6 +3,7 @@
 local H = require "helper"
 local lbatch = require "lbatch"
 local pipeline = require "lbatch.pipeline"
+local cjson = require "cjson"
 
 local function offline() return assert(lbatch.new({ api_key = "k", base_url = "http://127.0.0.1:9", max_retries = 0 })) end
 local function reqs(n)
@@ -119,6 +120,27 @@ describe("lbatch.pipeline on a dir that holds a run", function()
     local _, err = pipeline.run({ client = offline(), dir = dir, requests = input, model = "qwen-plus" })
     assert.are_not.equal("run_changed", err.code)                      -- it went on to upload
     assert.are.equal(run, H.read(dir .. "/journal.jsonl"):match('"run":"(%w+)"'))
+  end)
+
+  it("takes the same requests written otherwise (keys in another order, spaces) as the same run", function()
+    local dir, input = H.tmpdir(), H.tmpdir() .. "/in.jsonl"
+    H.write(input, '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"qwen-plus",'
+      .. '"max_tokens":5,"messages":[{"role":"user","content":"q"}]}}\n')
+    started(dir, input)
+    local function header() return cjson.decode(H.read(dir .. "/journal.jsonl"):match("^[^\n]+")) end
+    local before = header()
+    H.write(input, '{ "body": {"messages": [{"content": "q", "role": "user"}], "max_tokens": 5.0, "model": "qwen-plus"},'
+      .. ' "url": "/v1/chat/completions", "method": "POST", "custom_id": "a" }\n')
+    local _, err = pipeline.run({ client = offline(), dir = dir, requests = input })
+    assert.are_not.equal("run_changed", err.code)
+    local after = header()
+    assert.are.same({ before.run, before.fp.input }, { after.run, after.fp.input })
+    assert.are_not.equal(before.fp.source, after.fp.source)      -- the file as it is now: no second look next time
+    -- a request that changed is another input: not this run's (it has not finished)
+    H.write(input, '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"qwen-plus",'
+      .. '"max_tokens":6,"messages":[{"role":"user","content":"q"}]}}\n')
+    _, err = pipeline.run({ client = offline(), dir = dir, requests = input })
+    assert.are.equal("run_changed", err.code)
   end)
 
   it("with on_change = \"fresh\", keeps the old journal beside the new run's", function()
