@@ -350,10 +350,13 @@ local function answer_id(line)
   if type(id) == "string" then return id end
 end
 
--- the answers of the ids in keep, copied from the run's answer files (the
--- first one of an id, as the reader takes it): {output, errors}
-local function keep_answers(groups, keep, sub, pause)
-  local n, written = 0, core.idmap()
+local KEEP = -1     -- (a line's hash is never negative)
+
+-- the answers of the ids marked KEEP in index, copied from the run's answer
+-- files (the first one of an id, as the reader takes it; each taken from
+-- index as it is copied): {output, errors}
+local function keep_answers(groups, index, sub, pause)
+  local n = 0
   local out = { output = sub .. "/kept.output.jsonl", errors = sub .. "/kept.errors.jsonl" }
   for _, kind in ipairs({ "output", "errors" }) do
     local f, msg = io.open(out[kind], "wb")
@@ -364,7 +367,7 @@ local function keep_answers(groups, keep, sub, pause)
         if not fh then throw(errors.io("cannot read", p, rmsg)) end
         for line in fh:lines() do
           local id = answer_id(line)
-          if id and keep:has(id) and written:put(id, 1) then f:write(line, "\n") end
+          if id and index:get(id) == KEEP then index:take(id) f:write(line, "\n") end   -- the first only
           n = n + 1
           if n % 64 == 0 then pause() end
         end
@@ -374,7 +377,6 @@ local function keep_answers(groups, keep, sub, pause)
     local ok, cerr = f:close()
     if not ok then throw(errors.io("cannot write", out[kind], cerr)) end
   end
-  written:clear()
   return out
 end
 
@@ -387,22 +389,22 @@ local function next_run(ctx, state, view)
   if not made then throw(errors.io("cannot make", sub, why)) end
   local w = jsonl.writer({ path = sub .. "/send.jsonl", endpoint = opts.endpoint, unique = "all",
     limits = opts.limits or ctx.client.config.limits, max_lines = opts.max_lines, max_bytes = opts.max_bytes })
-  local old, keep = core.idmap(), core.idmap()
+  -- one index: custom_id -> the old line's hash, then KEEP once the new line is the same
+  local old, before = core.idmap(), 0
   local c = { reused = 0, added = 0, changed = 0 }
-  try(each_line(view_of(state), function(id, h) old:put(id, h) end, pause))
+  try(each_line(view_of(state), function(id, h) if old:put(id, h) then before = before + 1 end end, pause))
   try(each_line(view, function(id, h, line)
     local was = old:take(id)
-    if was == h then keep:put(id, 1) c.reused = c.reused + 1
+    if was == h then old:put(id, KEEP) c.reused = c.reused + 1
     else
       if was then c.changed = c.changed + 1 else c.added = c.added + 1 end
       try(w:line(line))
     end
   end, pause))
-  c.dropped = old:count()
-  old:clear()
+  c.dropped = before - c.reused - c.changed
   local manifest = try(w:close())
-  local kept = keep_answers(groups_of(state), keep, sub, pause)
-  keep:clear()
+  local kept = keep_answers(groups_of(state), old, sub, pause)
+  old:clear()
   local new = { version = 1, run = ctx.tok, phase = "running", fp = ctx.fp, view = view, kept = kept,
                 change = c, previous = state.run, shards = {} }
   for i, f in ipairs(manifest.files) do

@@ -115,6 +115,32 @@ describe("pipeline run again on the same dir", function()
     assert.are.equal(3, routes(emu)["POST /files"])
   end)
 
+  it("keeps each request's newest answer: a resubmitted one's, not the failure before it", function()
+    local function modes(m)
+      local status = H.json("POST", emu.url .. "/_emulator/modes", { json = m, cacert = emu.tls })
+      assert.are.equal(200, status)
+    end
+    modes({ line_errors = { status = 500, every = 3 } })
+    local dir, input = H.tmpdir(), csv_of(H.tmpdir() .. "/q.csv", { "a,one", "b,two", "c,three", "d,four" })
+    local created = 0
+    local o = { client = client, dir = dir, requests = input, model = "qwen-plus", poll_interval = 0.05,
+      max_poll_interval = 0.2, resubmit = true, on_step = function(step)
+        if step == "after_create" then
+          created = created + 1
+          if created == 1 then modes({ line_errors = false }) end          -- the second round passes
+        end
+      end }
+    local report = assert(pipeline.run(o))
+    assert.are.equal(2, #report.shards)                                 -- a second round ran
+    assert.are.equal(4, select(2, (table.concat(answers(report), "\n")):gsub("Emulated", "")))
+    csv_of(input, { "a,one", "b,two", "c,three", "d,four", "e,five" })
+    report = assert(pipeline.run(o))
+    assert.are.same({ 5, 4, 1 }, { report.requests, report.reused, report.sent })
+    assert.are.same({ "a=Emulated answer (qwen-plus): one", "b=Emulated answer (qwen-plus): two",
+      "c=Emulated answer (qwen-plus): three", "d=Emulated answer (qwen-plus): four",
+      "e=Emulated answer (qwen-plus): five" }, answers(report))
+  end)
+
   it("knows what an adopted run was asked: a row added after adopt is the only one sent", function()
     local dir, input = H.tmpdir(), csv_of(H.tmpdir() .. "/q.csv", { "a,one", "b,two", "c,three" })
     local first = assert(run(dir, input))
