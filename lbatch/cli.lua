@@ -35,7 +35,11 @@ local COMMANDS = {
 Run a whole job, resumable: shard, upload, create, wait, download, merge.
 INPUT is .jsonl requests or a .csv of id,content (every row a request, but
 a first row that is a header, as csv2jsonl says). Killed and started again
-with the same --dir, it resumes where it stopped.
+with the same --dir, it resumes where it stopped. Run again once done with
+rows added, changed or removed, it sends only the new and changed rows and
+its results are exactly INPUT's rows; with another --model, --system,
+--endpoint, --limits or --header it stops and says what changed (--fresh,
+--reuse).
   --dir DIR            work directory and journal (default: INPUT.lbatch)
   --wait-lock SECONDS  wait that long for another run on DIR to end (default: stop at once)
   --output FILE        merged results, .csv or .jsonl (default: DIR/results.jsonl)
@@ -54,6 +58,11 @@ with the same --dir, it resumes where it stopped.
   --max-cost X         refuse the run (before any upload) when it may cost more
   --prices FILE        the prices --max-cost needs (as estimate's --prices)
   --bom                a byte-order mark in a CSV output
+  --fresh              DIR holds a run made with other options (another model, system
+                       prompt, ...): start a new run there (the old journal is kept)
+  --reuse              DIR holds a run made with other options: keep the answers whose
+                       request line is unchanged (with another model or system prompt,
+                       none: every request is sent again) and send the others
   --notify-listen HOST:PORT  be told when a job ends: listen there for OpenAI's
                        webhooks (secrets: $OPENAI_WEBHOOK_SECRET, several
                        separated by spaces) and DashScope's callbacks, on
@@ -199,7 +208,7 @@ local ORDER = { "run", "flow", "adopt", "submit", "status", "list", "cancel", "d
 
 local BOOLEAN = { json = true, help = true, wait = true, all = true, resubmit = true, bom = true,
                   header = true, no_header = true, dry_run = true, ask_again = true,
-                  again = true, no_check = true }
+                  again = true, no_check = true, fresh = true, reuse = true }
 
 local function usage()
   local t = { "Usage: lbatch COMMAND [options]\n\nCommands:" }
@@ -937,6 +946,34 @@ local function run_id_teller(dir)
   return function(_, s) say(type(s) == "table" and type(s.name) == "string" and s.name:match("^(.-)%-%d+%.jsonl$")) end
 end
 
+-- What a run on a DIR that held a run before did with it: on stderr (the
+-- counts also on stdout, so that a user reading the summary sees them).
+local function said_rerun(o, dir, report)
+  local ch = report.change or {}
+  if not ch.rerun then return end
+  local say = function(text) io.stderr:write("lbatch run: ", text, "\n") end
+  if ch.fingerprint == "unknown" then
+    say(dir .. "'s journal does not say what its run was asked (an older lbatch wrote it): the input and "
+      .. "options were not checked against it, its run goes on as it was (--fresh starts a new run)")
+  end
+  if ch.fresh then say(("a new run in %s; the old run's journal is kept as %s"):format(dir, ch.archived)) end
+  if ch.unfinished then
+    say("the old run had not finished: its batches still in flight were not cancelled (lbatch list)")
+  end
+  for _, d in ipairs(ch.shaping or {}) do say(d .. " (--reuse)") end
+  for _, d in ipairs(ch.notes) do
+    say(d .. " (how requests are grouped into batches, not what they ask: their answers stay)")
+  end
+  if (ch.changed or 0) + (ch.added or 0) + (ch.dropped or 0) > 0 then
+    say(("the input changed: %d new, %d changed (sent again), %d no longer asked (dropped from the results)")
+      :format(ch.added, ch.changed, ch.dropped))
+  end
+  if not o.json and report.requests then
+    io.stdout:write(("%d requests: %d answered before, %d sent now\n")
+      :format(report.requests, report.reused, report.sent))
+  end
+end
+
 function run.run(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
   local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "wait_lock")
@@ -967,6 +1004,7 @@ function run.run(o, pos)
         io.stderr:write(("lbatch: told, not polling: listening for notices on %s:%s\n"):format(host, port))
       end }
   end
+  if o.fresh and o.reuse then return nil, usage_error("--fresh or --reuse, not both") end
   local c = client(o)
   local dir = o.dir or (pos[1] .. ".lbatch")
   local missing = unreadable(pos[1], dir)
@@ -978,9 +1016,11 @@ function run.run(o, pos)
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
     header = header, notify = notify, on_step = run_id_teller(dir), wait_lock = n.wait_lock,
+    on_change = o.fresh and "fresh" or o.reuse and "reuse" or nil,
   })
   done()
   if not report then return nil, err end
+  said_rerun(o, dir, report)
   local output = o.output or (dir .. "/results.jsonl")
   local written
   written, err = write_results(report.results, output, o.bom)
@@ -991,7 +1031,7 @@ function run.run(o, pos)
   local bad = 0
   for _, sh in ipairs(report.shards) do if FINAL_BAD[sh.status] then bad = bad + 1 end end
   out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
-           missing = s.missing, total_tokens = s.total_tokens },
+           missing = s.missing, total_tokens = s.total_tokens, reused = report.reused, sent = report.sent },
     ("%s: %d requests, %d ok, %d failed, %d missing, %d tokens, %d shard(s); run " .. tostring(run_id_in(dir))):format(
       output, s.total, s.ok, s.failed, s.missing, s.total_tokens, #report.shards))
   return (bad > 0 or s.missing > 0) and 3 or 0

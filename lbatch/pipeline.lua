@@ -45,7 +45,10 @@ end
 local function open_journal(path)
   local state
   local j, err = journal.open(path, function(rec)
-    if rec.version == 1 then state = { version = 1, run = rec.run, phase = rec.phase, shards = {} }
+    if rec.version == 1 then       -- the header: the run, its phase, what it was asked (fp), ...
+      state = {}
+      for k, v in pairs(rec) do state[k] = v end
+      state.shards = {}
     elseif state and rec.k then state.shards[rec.k] = rec.shard
     elseif state and rec.phase then state.phase = rec.phase end
   end, { durable = true })
@@ -55,7 +58,9 @@ end
 
 -- the whole state as records, for a compaction
 local function snapshot(state)
-  local recs = { { version = 1, run = state.run, phase = state.phase } }
+  local head = {}
+  for k, v in pairs(state) do if k ~= "shards" then head[k] = v end end
+  local recs = { head }
   for k, s in ipairs(state.shards) do recs[#recs + 1] = { k = k, shard = s } end
   return recs
 end
@@ -152,6 +157,356 @@ local function shard(opts, dir, client)
   if not manifest then return nil, cerr end
   if #manifest.files == 0 then return nil, fail("no requests") end
   return manifest
+end
+
+-- ------------------------------------------------------------ what a run was asked
+
+-- The journal's header holds the run's fingerprint (`fp`): the options
+-- that shape a request (SHAPING: the answers are for other questions when
+-- one changes) or only its sharding and batches (SHARDING), a hash of the
+-- source file's bytes (a quick check for an unchanged file) and a hash of
+-- every request line, in order (`input`, with `requests`, their count).
+-- A line's hash is that of its request (custom_id, method, url, body) with
+-- the keys of every object in order, so the same request has the same hash
+-- however it was written. The lines themselves are the run's request
+-- files (`view`: its first-round shards, or the whole input of a rerun),
+-- which a rerun compares with the new input's, custom_id by custom_id.
+local SHAPING = { "model", "system", "endpoint", "limits", "header" }
+local SHARDING = { "max_lines", "max_bytes", "completion_window", "metadata" }
+local CHUNK = 1048576
+
+local function hex(s) return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
+
+-- v as text that is the same for the same value (object keys in order)
+local function canon(v)
+  local t = type(v)
+  if t == "table" then
+    if v == json.null then return "null" end
+    local keys = {}
+    for k in pairs(v) do keys[#keys + 1] = k end
+    table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+    local parts = {}
+    for i, k in ipairs(keys) do parts[i] = json.encode(tostring(k)) .. ":" .. canon(v[k]) end
+    return "{" .. table.concat(parts, ",") .. "}"
+  elseif t == "string" then return json.encode(v)
+  elseif t == "function" then return "a function"
+  elseif t == "number" then       -- 1 and 1.0 alike, on every Lua
+    if v == math.floor(v) and math.abs(v) < 2 ^ 53 then return ("%.0f"):format(v) end
+    return ("%.17g"):format(v)
+  end
+  return tostring(v)
+end
+
+local function options_fp(opts, client)
+  local o = {}
+  for _, list in ipairs({ SHAPING, SHARDING }) do
+    for _, k in ipairs(list) do if opts[k] ~= nil then o[k] = canon(opts[k]) end end
+  end
+  o.limits = canon(opts.limits or client.config.limits)
+  return o
+end
+
+-- an option's value in a message: unquoted, cut at 60 characters
+local function shown(v)
+  if v == nil then return "not set" end
+  v = v:gsub('^"(.*)"$', "%1")
+  if #v > 60 then
+    local cut = 58
+    while cut > 1 and v:byte(cut) >= 0x80 and v:byte(cut) < 0xC0 do cut = cut - 1 end   -- not inside a character
+    v = v:sub(1, cut - 1) .. "..."
+  end
+  return v
+end
+
+-- what changed between two option fingerprints: {"model was a, now b", ...}
+local function differences(was, now_o, keys)
+  local out = {}
+  for _, k in ipairs(keys) do
+    if was[k] ~= now_o[k] then out[#out + 1] = ("%s was %s, now %s"):format(k, shown(was[k]), shown(now_o[k])) end
+  end
+  return out
+end
+
+local function paths_of(manifest)
+  local t = {}
+  for i, f in ipairs(manifest.files) do t[i] = f.path end
+  return t
+end
+
+-- the hash of the source's bytes, read as they are: a path, or the files
+-- of a manifest (nil for a list or an iterator: they are compared line by line)
+local function source_hash(opts, pause)
+  local src, paths = opts.requests
+  if opts.manifest then paths = paths_of(opts.manifest)
+  elseif type(src) == "string" then paths = { src }
+  else return nil end
+  local acc = "lbatch-source"
+  for _, p in ipairs(paths) do
+    local fh = io.open(p, "rb")
+    if not fh then return nil end
+    while true do
+      local data = fh:read(CHUNK)
+      if not data then break end
+      acc = core.hmac_sha256(acc, data)
+      pause()
+    end
+    fh:close()
+    acc = core.hmac_sha256(acc, "\0")
+  end
+  return hex(acc)
+end
+
+-- a request line's custom_id and the 48-bit hash of its request
+local function line_hash(line)
+  local ok, r = pcall(json.decode, line)
+  if not ok or type(r) ~= "table" then return nil end
+  local d = core.hmac_sha256("lbatch-line", canon({ r.custom_id, r.method, r.url, r.body }))
+  local h = 0
+  for i = 1, 6 do h = h * 256 + d:byte(i) end
+  return r.custom_id ~= nil and tostring(r.custom_id) or nil, h
+end
+
+-- each request line of the files: fn(id, hash, line); a pause every 16
+-- lines (about 0.3 ms of work) and every file, so that a host's frame stays short
+local function each_line(paths, fn, pause)
+  local n = 0
+  for _, p in ipairs(paths) do
+    local fh, msg = io.open(p, "rb")
+    if not fh then return nil, errors.io("cannot read", p, msg) end
+    for line in fh:lines() do
+      local id, h = line_hash(line)
+      if id then fn(id, h, line) end
+      n = n + 1
+      if n % 16 == 0 then pause() end
+    end
+    fh:close()
+    pause()
+  end
+  return true
+end
+
+-- the hash of the whole input (every line's id and hash, in order) and its count
+local function input_hash(paths, pause)
+  local acc, n, parts = "lbatch-input", 0, {}
+  local ok, err = each_line(paths, function(id, h)
+    n = n + 1
+    parts[#parts + 1] = id .. "\0" .. ("%.0f"):format(h) .. "\n"
+    if #parts == 4096 then acc, parts = core.hmac_sha256(acc, table.concat(parts)), {} end
+  end, pause)
+  if not ok then return nil, err end
+  return hex(core.hmac_sha256(acc, table.concat(parts))), n
+end
+
+-- the files of the run's requests, in input order
+local function view_of(state)
+  if state.view then return state.view end
+  local t = {}
+  for _, s in ipairs(state.shards) do if s.round == 1 then t[#t + 1] = s.path end end
+  return t
+end
+
+-- ------------------------------------------------------------ a rerun
+
+local function changed(message)
+  return errors.new({ kind = "invalid", code = "run_changed", param = "on_change", message = "pipeline: " .. message })
+end
+
+-- the groups of answers joined to the run's requests: each first-round
+-- shard with its own answers and those of its resubmissions (later rounds
+-- first: their answers are newer), or, for a rerun, its whole input with
+-- the answers it sent for and those it kept from the run before
+local function groups_of(state)
+  local groups, by_path = {}, {}
+  if state.view then
+    groups[1] = { inputs = state.view, output = {}, errors = {} }
+  end
+  for _, s in ipairs(state.shards) do
+    if s.round == 1 and not state.view then
+      by_path[s.path] = { inputs = s.path, output = {}, errors = {} }
+      groups[#groups + 1] = by_path[s.path]
+    end
+  end
+  for i = #state.shards, 1, -1 do
+    local s = state.shards[i]
+    local g = state.view and groups[1] or by_path[s.origin or s.path]
+    if g then
+      if s.output then g.output[#g.output + 1] = s.output end
+      if s.error then g.errors[#g.errors + 1] = s.error end
+    end
+  end
+  if state.kept then
+    local g = groups[1]
+    g.output[#g.output + 1], g.errors[#g.errors + 1] = state.kept.output, state.kept.errors
+  end
+  return groups
+end
+
+-- an answer line's custom_id
+local function answer_id(line)
+  local id = core.json_string(line, "custom_id")
+  if id == false then
+    local ok, r = pcall(json.decode, line)
+    id = ok and type(r) == "table" and r.custom_id
+  end
+  if type(id) == "string" then return id end
+end
+
+local KEEP = -1     -- (a line's hash is never negative)
+
+-- the answers of the ids marked KEEP in index, copied from the run's answer
+-- files (the first one of an id, as the reader takes it; each taken from
+-- index as it is copied): {output, errors}
+local function keep_answers(groups, index, sub, pause)
+  local n = 0
+  local out = { output = sub .. "/kept.output.jsonl", errors = sub .. "/kept.errors.jsonl" }
+  for _, kind in ipairs({ "output", "errors" }) do
+    local f, msg = io.open(out[kind], "wb")
+    if not f then throw(errors.io("cannot write", out[kind], msg)) end
+    for _, g in ipairs(groups) do
+      for _, p in ipairs(g[kind]) do
+        local fh, rmsg = io.open(p, "rb")
+        if not fh then throw(errors.io("cannot read", p, rmsg)) end
+        for line in fh:lines() do
+          local id = answer_id(line)
+          if id and index:get(id) == KEEP then index:take(id) f:write(line, "\n") end   -- the first only
+          n = n + 1
+          if n % 64 == 0 then pause() end
+        end
+        fh:close()
+      end
+    end
+    local ok, cerr = f:close()
+    if not ok then throw(errors.io("cannot write", out[kind], cerr)) end
+  end
+  return out
+end
+
+-- The next run on a dir whose input changed (the old run done): the lines
+-- that are new or changed are its shards, the answers of the unchanged
+-- ones are kept (copied aside), those of requests no longer asked dropped.
+local function next_run(ctx, state, view)
+  local opts, sub, pause = ctx.opts, ctx.sub, function() ctx.client:pause() end
+  local made, why = core.mkdir(sub)
+  if not made then throw(errors.io("cannot make", sub, why)) end
+  local w = jsonl.writer({ path = sub .. "/send.jsonl", endpoint = opts.endpoint, unique = "all",
+    limits = opts.limits or ctx.client.config.limits, max_lines = opts.max_lines, max_bytes = opts.max_bytes })
+  -- one index: custom_id -> the old line's hash, then KEEP once the new line is the same
+  local old, before = core.idmap(), 0
+  local c = { reused = 0, added = 0, changed = 0 }
+  try(each_line(view_of(state), function(id, h) if old:put(id, h) then before = before + 1 end end, pause))
+  try(each_line(view, function(id, h, line)
+    local was = old:take(id)
+    if was == h then old:put(id, KEEP) c.reused = c.reused + 1
+    else
+      if was then c.changed = c.changed + 1 else c.added = c.added + 1 end
+      try(w:line(line))
+    end
+  end, pause))
+  c.dropped = before - c.reused - c.changed
+  local manifest = try(w:close())
+  local kept = keep_answers(groups_of(state), old, sub, pause)
+  old:clear()
+  local new = { version = 1, run = ctx.tok, phase = "running", fp = ctx.fp, view = view, kept = kept,
+                change = c, previous = state.run, shards = {} }
+  for i, f in ipairs(manifest.files) do
+    new.shards[i] = { k = i, path = f.path, name = ctx.tok .. "-" .. i .. ".jsonl", lines = f.lines,
+      model = f.model, endpoint = f.endpoint, round = 1, step = "written" }
+  end
+  if #new.shards == 0 then new.phase = "done" end
+  return new
+end
+
+-- the old journal, copied beside it before it is written over: kept, never deleted
+local function archive(path, state)
+  local to = path:gsub("%.jsonl$", "") .. "-" .. state.run .. ".jsonl"
+  local src, msg = io.open(path, "rb")
+  if not src then return nil, errors.io("cannot read", path, msg) end
+  local text = src:read("*a")
+  src:close()
+  local dst
+  dst, msg = io.open(to, "wb")
+  local ok = dst and dst:write(text)
+  if ok then ok, msg = dst:close() elseif dst then dst:close() end
+  if not ok then return nil, errors.io("cannot write", to, msg) end
+  return to
+end
+
+-- a rerun's copy of the input, not needed: removed
+local function discard(paths, sub)
+  for _, p in ipairs(paths) do os.remove(p) end
+  os.remove(sub)
+end
+
+local function unquote(list) return table.concat(list, "; ") end
+
+-- The input as it is now, sharded into ctx.sub: its files and their hash.
+local function input_now(ctx)
+  local opts, paths = ctx.opts
+  if opts.manifest then
+    paths = paths_of(opts.manifest)
+  else
+    if type(opts.requests) == "string" then
+      local fits, ferr = room(opts, opts.dir, size_of(opts.requests), 1)
+      if not fits then return nil, ferr end
+    end
+    local made, why = core.mkdir(ctx.sub)
+    if not made then return nil, errors.io("cannot make", ctx.sub, why) end
+    local manifest, err = shard(opts, ctx.sub, ctx.client)
+    if not manifest then os.remove(ctx.sub) return nil, err end
+    paths = paths_of(manifest)
+  end
+  local input, n = input_hash(paths, function() ctx.client:pause() end)
+  if not input then
+    if not opts.manifest then discard(paths, ctx.sub) end
+    return nil, n
+  end
+  ctx.fp.input, ctx.fp.requests = input, n
+  return paths, input
+end
+
+-- A run on a dir that has a journal: the same run (resumed, or done), the
+-- next one (only the new and changed requests sent) or an error that names
+-- what changed. Returns the state to go on with (nil: a new run) and what
+-- changed, or nil and an error.
+local function rerun(ctx, state, path)
+  local opts, dir = ctx.opts, ctx.opts.dir
+  if opts.on_change == "fresh" then
+    local kept, err = archive(path, state)
+    if not kept then return nil, nil, err end
+    return nil, { rerun = true, fresh = true, archived = kept, notes = {}, unfinished = state.phase ~= "done" }
+  end
+  if not state.fp then return state, { rerun = true, fingerprint = "unknown", notes = {} } end
+  -- no requests given: the journal's are the run's
+  if opts.requests == nil and not opts.manifest then return state, { rerun = true, notes = {} } end
+  local shaping = differences(state.fp.options, ctx.fp.options, SHAPING)
+  local change = { rerun = true, notes = differences(state.fp.options, ctx.fp.options, SHARDING) }
+  if #shaping > 0 and opts.on_change ~= "reuse" then
+    return nil, nil, changed(("%s was run with other requests: %s. Its answers are not for these: start a new run "
+      .. "(--fresh, on_change = \"fresh\"; the old journal is kept), or keep only the answers whose request line "
+      .. "is unchanged (--reuse, on_change = \"reuse\"; with another model or system prompt, none)"):format(
+      dir, unquote(shaping)))
+  end
+  if #shaping == 0 and ctx.fp.source and ctx.fp.source == state.fp.source then return state, change end
+  local view, input = input_now(ctx)
+  if not view then return nil, nil, input end
+  if #shaping == 0 and input == state.fp.input then
+    if not opts.manifest then discard(view, ctx.sub) end
+    state.fp.source = ctx.fp.source          -- the same requests, written otherwise: known next time
+    return state, change
+  end
+  if state.phase ~= "done" then
+    if not opts.manifest then discard(view, ctx.sub) end
+    return nil, nil, changed(("%s holds a run that has not finished, and its input or options changed since it "
+      .. "started: run it again as it was to finish it, or start a new run (--fresh, on_change = \"fresh\"; "
+      .. "the old journal is kept)"):format(dir))
+  end
+  local ok, new = pcall(next_run, ctx, state, view)
+  if not ok then return nil, nil, errors.thrown(new) or fail(tostring(new)) end
+  local kept, err = archive(path, state)
+  if not kept then return nil, nil, err end
+  change.archived, change.shaping = kept, shaping
+  for k, v in pairs(new.change) do change[k] = v end
+  return new, change
 end
 
 -- ------------------------------------------------------------ one shard
@@ -579,6 +934,53 @@ end
 
 local run_locked, adopt_locked
 
+-- A new run: the input sharded (into the run's own directory when another
+-- run was there before), its fingerprint made, its shards in the journal.
+local function first_run(ctx, log, state)
+  local opts, client = ctx.opts, ctx.client
+  local files = state and state.files or ctx.sub
+  if type(opts.requests) == "string" then
+    local fits, ferr = room(opts, opts.dir, size_of(opts.requests), 1)
+    if not fits then return nil, ferr end
+  end
+  state = { version = 1, run = state and state.run or ctx.tok, phase = "sharding", files = files, shards = {} }
+  local ok, err = log:compact(snapshot(state))
+  if not ok then return nil, err end
+  client:pause()
+  local manifest = opts.manifest
+  if not manifest then
+    if files then
+      local made, why = core.mkdir(files)
+      if not made then return nil, errors.io("cannot make", files, why) end
+    end
+    manifest, err = shard(opts, files or opts.dir, client)
+    if not manifest then return nil, err end
+  end
+  local input, n = input_hash(paths_of(manifest), function() client:pause() end)
+  if not input then return nil, n end
+  ctx.fp.input, ctx.fp.requests = input, n
+  state.fp = ctx.fp
+  for i, f in ipairs(manifest.files) do
+    state.shards[i] = { k = i, path = f.path, name = state.run .. "-" .. i .. ".jsonl", lines = f.lines,
+      model = f.model, endpoint = f.endpoint, round = 1, step = "written" }
+  end
+  state.phase = "running"
+  client:pause()
+  return state
+end
+
+-- the report's counts: requests (of the input; nil when the journal does
+-- not know them), reused (answered by a run before), sent (sent by this
+-- run); change (what a rerun found)
+local function counts(report, state, change, was_done)
+  local sent = 0
+  for _, s in ipairs(state.shards) do if s.round == 1 then sent = sent + (s.lines or 0) end end
+  local reused = state.change and state.change.reused or 0
+  if was_done and change.rerun and not change.archived and not change.fresh then reused, sent = reused + sent, 0 end
+  report.requests = state.fp and state.fp.requests and math.floor(state.fp.requests) or nil
+  report.reused, report.sent, report.change = math.floor(reused), math.floor(sent), change
+end
+
 --- Run a whole job: shard, upload, create, wait, download, merge.
 -- Killed at any moment and run again on the same `dir`, it resumes from
 -- its journal: nothing is uploaded or created twice.
@@ -629,12 +1031,35 @@ local run_locked, adopt_locked
 -- (`"HOST:PORT"`) the run listens there itself, on `adapter.serve`
 -- (default `lbatch.lua_http`: lua-http on cqueues), verifying signed
 -- webhooks with the secrets.
+-- A run knows what it was asked: its journal holds the options that shape
+-- a request (model, system, endpoint, limits, header) or its batches
+-- (max_lines, max_bytes, completion_window, metadata) and a hash of every
+-- request line. Run again on the same `dir` with the same input, it
+-- resumes (or, done, gives its results again). With an input that changed
+-- (the old run done), it sends only the requests that are new or whose line
+-- changed, keeps the answers of the others, and its results are exactly the
+-- new input's requests, in its order (those no longer asked are dropped).
+-- A changed option that shapes requests stops it with `run_changed`
+-- (kind `invalid`) naming the difference, unless `on_change` says:
+-- `"fresh"` (a new run in `dir`; the old journal is kept as
+-- `journal-RUN.jsonl`, its files stay) or `"reuse"` (keep the answers whose
+-- request line is unchanged: with another model or system prompt, none).
+-- A journal of an older lbatch (no fingerprint) resumes unchecked:
+-- `report.change.fingerprint` is `"unknown"`.
 -- @treturn table the report `{shards, results (a reader), outputs,
--- errors, inputs, journal, client, groups}` (groups: each first-round shard's
--- `{inputs, output, errors}`, as `results.open` takes them), or nil and an error
+-- errors, inputs, journal, client, groups, requests, reused, sent, change}`
+-- (groups: each first-round shard's `{inputs, output, errors}`, as
+-- `results.open` takes them; a rerun's: one, its whole input; requests:
+-- the input's count; reused: answered by a run before; sent: sent by this
+-- run; change: what a rerun found: added, changed, dropped, reused,
+-- shaping and notes (the differences, as text), archived (the old
+-- journal's copy), fresh, fingerprint), or nil and an error
 function M.run(opts)
   errors.check("pipeline.run", "opts", opts, "table")
   errors.check("pipeline.run", "opts.dir", opts.dir, "string")
+  if opts.on_change ~= nil and opts.on_change ~= "fresh" and opts.on_change ~= "reuse" then
+    errors.arg("pipeline.run", 'opts.on_change must be "fresh" or "reuse"')
+  end
   local client, cerr0 = client_of("pipeline.run", opts)
   if not client then return nil, cerr0 end
   local n = opts.notify
@@ -669,26 +1094,20 @@ function run_locked(opts, client)
   local path = opts.journal or (opts.dir .. "/journal.jsonl")
   local log, jerr, state = open_journal(path)
   if not log then return nil, jerr end
-  if not state or state.phase == "sharding" then
-    if type(opts.requests) == "string" then
-      local fits, ferr = room(opts, opts.dir, size_of(opts.requests), 1)
-      if not fits then log:close() return nil, ferr end
-    end
-    state = { version = 1, run = token(), phase = "sharding", shards = {} }
-    local ok, err = log:compact(snapshot(state))
-    if not ok then log:close() return nil, err end
-    client:pause()
-    local manifest
-    manifest, err = opts.manifest, nil
-    if not manifest then manifest, err = shard(opts, opts.dir, client) end
-    if not manifest then log:close() return nil, err end
-    for i, f in ipairs(manifest.files) do
-      state.shards[i] = { k = i, path = f.path, name = state.run .. "-" .. i .. ".jsonl", lines = f.lines,
-        model = f.model, endpoint = f.endpoint, round = 1, step = "written" }
-    end
-    state.phase = "running"
-    client:pause()
+  local ctx, change = { opts = opts, client = client, tok = token() }, { notes = {} }
+  ctx.fp = { options = options_fp(opts, client), source = source_hash(opts, function() client:pause() end) }
+  if state and state.phase ~= "sharding" then
+    ctx.sub = opts.dir .. "/" .. ctx.tok       -- a new run's files, beside the old run's
+    local rerr
+    state, change, rerr = rerun(ctx, state, path)
+    if rerr then log:close() return nil, rerr end
   end
+  if not state or state.phase == "sharding" then
+    local err
+    state, err = first_run(ctx, log, state)
+    if not state then log:close() return nil, err end
+  end
+  local was_done = state.phase == "done"
   local ok, cerr = log:compact(snapshot(state))
   if not ok then log:close() return nil, cerr end
   local pending = 0                      -- the requests whose answers are still to come
@@ -769,30 +1188,19 @@ function run_locked(opts, client)
   log:close()
   client:pause()
   -- each first-round shard is joined with its own answers and those of its
-  -- resubmissions (later rounds first: their answers are newer), so the
-  -- merge holds one shard's index at a time, whatever the total
-  local outputs, errs, inputs, groups, by_path = {}, {}, {}, {}, {}
+  -- resubmissions, so the merge holds one shard's index at a time,
+  -- whatever the total (a rerun: its input with the answers sent and kept)
+  local outputs, errs, groups = {}, {}, groups_of(state)
   for _, s in ipairs(state.shards) do
     if s.output then outputs[#outputs + 1] = s.output end
     if s.error then errs[#errs + 1] = s.error end
-    if s.round == 1 then
-      inputs[#inputs + 1] = s.path
-      by_path[s.path] = { inputs = s.path, output = {}, errors = {} }
-      groups[#groups + 1] = by_path[s.path]
-    end
-  end
-  for i = #state.shards, 1, -1 do
-    local s = state.shards[i]
-    local g = by_path[s.origin or s.path]
-    if g then
-      if s.output then g.output[#g.output + 1] = s.output end
-      if s.error then g.errors[#g.errors + 1] = s.error end
-    end
   end
   local reader, rerr = results.open({ groups = groups, pause = function() client:pause() end })
   if not reader then return nil, rerr end
-  return { shards = state.shards, outputs = outputs, errors = errs, inputs = inputs, journal = path,
-           results = reader, client = client, groups = groups }
+  local report = { shards = state.shards, outputs = outputs, errors = errs, inputs = view_of(state), journal = path,
+                   results = reader, client = client, groups = groups }
+  counts(report, state, change, was_done)
+  return report
 end
 
 -- the account's files and batches of run `run`, by shard number: files,
@@ -954,6 +1362,10 @@ function adopt_locked(opts, client)
   local manifest, max_lines = run_shards(opts, client, files, batches)
   if not manifest then return nil, max_lines end
   local state = { version = 1, run = run, phase = "running", shards = {} }
+  local function pause() client:pause() end
+  local input, n = input_hash(paths_of(manifest), pause)     -- what the run was asked, as run records it
+  if not input then return nil, n end
+  state.fp = { options = options_fp(opts, client), source = source_hash(opts, pause), input = input, requests = n }
   local found = { run = run, shards = #manifest.files, files = 0, batches = 0, max_lines = max_lines }
   for i, f in ipairs(manifest.files) do
     local s = { k = i, path = f.path, name = run .. "-" .. i .. ".jsonl", lines = f.lines, model = f.model,

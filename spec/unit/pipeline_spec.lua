@@ -3,6 +3,7 @@
 local H = require "helper"
 local lbatch = require "lbatch"
 local pipeline = require "lbatch.pipeline"
+local cjson = require "cjson"
 
 local function offline() return assert(lbatch.new({ api_key = "k", base_url = "http://127.0.0.1:9", max_retries = 0 })) end
 local function reqs(n)
@@ -56,5 +57,117 @@ describe("lbatch.pipeline before any request", function()
                                   requests = {} })
     assert.matches("no requests", err.message)
     assert.has_error(function() pipeline.run({ provider = "nope", api_key = "k", dir = "x" }) end)
+  end)
+end)
+
+-- A run knows what it was asked: what a run on a dir that holds a run does
+-- before any request (the client points at nothing: a request would fail).
+describe("lbatch.pipeline on a dir that holds a run", function()
+  local function csv_of(path, rows)
+    local t = { "id,content" }
+    for _, r in ipairs(rows) do t[#t + 1] = r end
+    H.write(path, table.concat(t, "\n") .. "\n")
+    return path
+  end
+
+  -- a run that sharded and wrote its journal, then failed at its first upload
+  local function started(dir, input, model)
+    local _, err = pipeline.run({ client = offline(), dir = dir, requests = input, model = model })
+    assert.is_not_nil(err)
+    assert.is_truthy(H.read(dir .. "/journal.jsonl"):find('"fp"', 1, true))
+  end
+
+  it("refuses another model with run_changed, naming both models and the flags, before any request", function()
+    local dir, input = H.tmpdir(), csv_of(H.tmpdir() .. "/q.csv", { "a,one", "b,two" })
+    started(dir, input, "qwen-plus")
+    local before = H.read(dir .. "/journal.jsonl")
+    local report, err = pipeline.run({ client = offline(), dir = dir, requests = input, model = "qwen-turbo" })
+    assert.is_nil(report)
+    assert.are.same({ "invalid", "run_changed" }, { err.kind, err.code })
+    assert.matches("model was qwen%-plus, now qwen%-turbo", err.message)
+    assert.matches("--fresh", err.message)
+    assert.matches("--reuse", err.message)
+    assert.matches("model was qwen%-plus, now qwen%-turbo", tostring(err))
+    assert.are.equal(before, H.read(dir .. "/journal.jsonl"))         -- the run is left as it was
+  end)
+
+  it("names a changed system prompt, cut short, and a changed limit as what changed", function()
+    local dir, input = H.tmpdir(), csv_of(H.tmpdir() .. "/q.csv", { "a,one" })
+    local long = ("é"):rep(100)
+    local _, err = pipeline.run({ client = offline(), dir = dir, requests = input, model = "qwen-plus", system = long })
+    assert.is_not_nil(err)
+    _, err = pipeline.run({ client = offline(), dir = dir, requests = input, model = "qwen-plus", system = "Be brief.",
+                            limits = "openai" })
+    assert.are.equal("run_changed", err.code)
+    assert.matches("system was " .. ("é"):rep(28) .. "%.%.%., now Be brief%.", err.message)
+    assert.matches("limits was dashscope, now openai", err.message)
+  end)
+
+  it("refuses a changed input while the run has not finished, and leaves no copy of it", function()
+    local dir, input = H.tmpdir(), csv_of(H.tmpdir() .. "/q.csv", { "a,one", "b,two" })
+    started(dir, input, "qwen-plus")
+    csv_of(input, { "a,one", "b,two", "c,three" })
+    local _, err = pipeline.run({ client = offline(), dir = dir, requests = input, model = "qwen-plus" })
+    assert.are.same({ "invalid", "run_changed" }, { err.kind, err.code })
+    assert.matches("has not finished", err.message)
+    assert.are.equal("", H.sh("find " .. H.q(dir) .. " -mindepth 1 -type d"))
+  end)
+
+  it("resumes the same input and options as the same run (its journal's run id)", function()
+    local dir, input = H.tmpdir(), csv_of(H.tmpdir() .. "/q.csv", { "a,one", "b,two" })
+    started(dir, input, "qwen-plus")
+    local run = H.read(dir .. "/journal.jsonl"):match('"run":"(%w+)"')
+    local _, err = pipeline.run({ client = offline(), dir = dir, requests = input, model = "qwen-plus" })
+    assert.are_not.equal("run_changed", err.code)                      -- it went on to upload
+    assert.are.equal(run, H.read(dir .. "/journal.jsonl"):match('"run":"(%w+)"'))
+  end)
+
+  it("takes the same requests written otherwise (keys in another order, spaces) as the same run", function()
+    local dir, input = H.tmpdir(), H.tmpdir() .. "/in.jsonl"
+    H.write(input, '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"qwen-plus",'
+      .. '"max_tokens":5,"messages":[{"role":"user","content":"q"}]}}\n')
+    started(dir, input)
+    local function header() return cjson.decode(H.read(dir .. "/journal.jsonl"):match("^[^\n]+")) end
+    local before = header()
+    H.write(input, '{ "body": {"messages": [{"content": "q", "role": "user"}], "max_tokens": 5.0, "model": "qwen-plus"},'
+      .. ' "url": "/v1/chat/completions", "method": "POST", "custom_id": "a" }\n')
+    local _, err = pipeline.run({ client = offline(), dir = dir, requests = input })
+    assert.are_not.equal("run_changed", err.code)
+    local after = header()
+    assert.are.same({ before.run, before.fp.input }, { after.run, after.fp.input })
+    assert.are_not.equal(before.fp.source, after.fp.source)      -- the file as it is now: no second look next time
+    -- a request that changed is another input: not this run's (it has not finished)
+    H.write(input, '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"qwen-plus",'
+      .. '"max_tokens":6,"messages":[{"role":"user","content":"q"}]}}\n')
+    _, err = pipeline.run({ client = offline(), dir = dir, requests = input })
+    assert.are.equal("run_changed", err.code)
+  end)
+
+  it("with on_change = \"fresh\", keeps the old journal beside the new run's", function()
+    local dir, input = H.tmpdir(), csv_of(H.tmpdir() .. "/q.csv", { "a,one" })
+    started(dir, input, "qwen-plus")
+    local before = H.read(dir .. "/journal.jsonl")
+    local run = before:match('"run":"(%w+)"')
+    pipeline.run({ client = offline(), dir = dir, requests = input, model = "qwen-turbo", on_change = "fresh" })
+    assert.are.equal(before, H.read(dir .. "/journal-" .. run .. ".jsonl"))
+    local now_run = H.read(dir .. "/journal.jsonl"):match('"run":"(%w+)"')
+    assert.are_not.equal(run, now_run)
+    assert.is_true(H.exists(dir .. "/" .. now_run .. "/requests.jsonl"))   -- its files apart from the old run's
+    assert.has_error(function() pipeline.run({ client = offline(), dir = dir, requests = input, on_change = "new" }) end)
+  end)
+
+  it("reads a journal of an older lbatch (no fingerprint) and says the check was not made", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/s1.jsonl", '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}\n')
+    H.write(dir .. "/s1.output.jsonl", '{"custom_id":"a","response":{"status_code":200,"body":'
+      .. '{"choices":[{"message":{"role":"assistant","content":"old"}}]}},"error":null}\n')
+    H.write(dir .. "/journal.jsonl", '{"version":1,"run":"r0","phase":"done"}\n'
+      .. '{"k":1,"shard":{"k":1,"path":"' .. dir .. '/s1.jsonl","name":"r0-1.jsonl","lines":1,"round":1,'
+      .. '"step":"done","status":"completed","output":"' .. dir .. '/s1.output.jsonl"}}\n')
+    local report = assert(pipeline.run({ client = offline(), dir = dir, requests = reqs(3), model = "qwen-max" }))
+    assert.are.equal("unknown", report.change.fingerprint)
+    local got = {}
+    for rec in report.results:each() do got[#got + 1] = rec.custom_id .. "=" .. tostring(rec.content) end
+    assert.are.same({ "a=old" }, got)
   end)
 end)
