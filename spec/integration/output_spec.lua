@@ -1,0 +1,82 @@
+-- The command's output files: written whole or not at all (a full disk
+-- leaves nothing at the destination and a non-zero exit), and valid UTF-8
+-- JSON and CSV whatever bytes the service's results held.
+local H = require "helper"
+
+local function lbatch(emu, args)
+  local env = emu and ("DASHSCOPE_API_KEY=k LBATCH_BASE_URL=" .. emu.base .. " ") or ""
+  local err = os.tmpname()
+  local out = H.sh(("env %s%s %s/bin/lbatch %s 2>%s; echo \"exit=$?\""):format(env, H.lua, H.root, args, err))
+  local code = tonumber(out:match("exit=(%d+)%s*$"))
+  out = out:gsub("exit=%d+%s*$", "")
+  local text = out .. (H.read(err) or "")
+  os.remove(err)
+  return code, text, out
+end
+
+-- a 64 KiB tmpfs, nearly full (a few KiB left), at dir/full; nil when
+-- this process may not mount (not root)
+local function full_disk(dir)
+  local mnt = H.mkdir(dir .. "/full")
+  if not H.ok(("mount -t tmpfs -o size=64k tmpfs %s 2>/dev/null"):format(H.q(mnt))) then return nil end
+  H.ok(("dd if=/dev/zero of=%s/filler bs=1k count=60 2>/dev/null"):format(H.q(mnt)))
+  return mnt
+end
+
+local function listing(dir) return H.sh("ls -A " .. H.q(dir)) end
+
+describe("lbatch run and flow --output on a full disk", function()
+  local emu, dir, mnt
+  setup(function()
+    emu = H.emulator({ speed = 200, rate_limits = false })
+    dir = H.tmpdir()
+    mnt = full_disk(dir)
+  end)
+  teardown(function()
+    if mnt then H.ok("umount " .. H.q(mnt)) end
+    emu.stop()
+  end)
+
+  it("run --output: exit 1, the error names the file, nothing left at the destination", function()
+    if not mnt then pending("mount not allowed here (needs root)") return end
+    local reqs = H.requests(dir .. "/r.jsonl", 80, { content = function(i) return ("question %d "):format(i):rep(8) end })
+    local code, text = lbatch(emu, ("run %s --dir %s/run --poll 0.05"):format(reqs, dir))
+    assert.are.equal(0, code, text)
+    for _, out in ipairs({ "out.jsonl", "out.csv" }) do
+      code, text = lbatch(emu, ("run %s --dir %s/run --poll 0.05 --output %s/%s"):format(reqs, dir, mnt, out))
+      assert.are.equal(1, code, text)
+      assert.matches("cannot write " .. mnt .. "/" .. out, text, 1, true)
+      assert.are.equal("filler\n", listing(mnt))                      -- no file, no temp file
+    end
+    -- a file already there is left as it was
+    H.write(mnt .. "/out.jsonl", "old\n")
+    code, text = lbatch(emu, ("run %s --dir %s/run --poll 0.05 --output %s/out.jsonl"):format(reqs, dir, mnt))
+    assert.are.equal(1, code, text)
+    assert.are.equal("old\n", H.read(mnt .. "/out.jsonl"))
+    assert.are.equal("filler\nout.jsonl\n", listing(mnt))
+    os.remove(mnt .. "/out.jsonl")
+    -- and where there is room, the whole file
+    code, text = lbatch(emu, ("run %s --dir %s/run --poll 0.05 --output %s/whole.jsonl"):format(reqs, dir, dir))
+    assert.are.equal(0, code, text)
+    assert.are.equal(80, select(2, H.read(dir .. "/whole.jsonl"):gsub("\n", "")))
+  end)
+
+  it("flow --output: exit 1, not a success, nothing left at the destination", function()
+    if not mnt then pending("mount not allowed here (needs root)") return end
+    local lines = { "id,question" }
+    for i = 1, 60 do lines[#lines + 1] = ("q%d,What is %d + %d? Say it at length, please."):format(i, i, i) end
+    H.write(dir .. "/items.csv", table.concat(lines, "\n") .. "\n")
+    local script = H.root .. "/spec/fixtures/judge_flow.lua"
+    local args = ("flow %s --items %s/items.csv --dir %s/flow --poll 0.05"):format(script, dir, dir)
+    local code, text = lbatch(emu, args)
+    assert.are.equal(0, code, text)
+    code, text = lbatch(emu, args .. " --output " .. mnt .. "/flow.jsonl")
+    assert.are.equal(1, code, text)
+    assert.matches("cannot write " .. mnt .. "/flow.jsonl", text, 1, true)
+    assert.is_nil(text:find("60 done", 1, true), text)
+    assert.are.equal("filler\n", listing(mnt))
+    code, text = lbatch(emu, args .. " --output " .. dir .. "/flow-out.jsonl")
+    assert.are.equal(0, code, text)
+    assert.are.equal(60, select(2, H.read(dir .. "/flow-out.jsonl"):gsub("\n", "")))
+  end)
+end)
