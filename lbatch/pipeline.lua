@@ -360,8 +360,11 @@ function Run:metadata(s)
   if type(metadata) == "function" then metadata = metadata(s) end
   local m = {}
   for k, v in pairs(metadata or {}) do m[k] = v end
-  m.lbatch_run, m.lbatch_shard = self.state.run, tostring(s.k)
-  if self.dialect == "dashscope" and m.ds_name == nil then m.ds_name = "lbatch-" .. self.state.run .. "-" .. s.k end
+  -- %d: a shard number read back from the journal is a float on Lua 5.3+ (6.0)
+  m.lbatch_run, m.lbatch_shard = self.state.run, ("%d"):format(s.k)
+  if self.dialect == "dashscope" and m.ds_name == nil then
+    m.ds_name = "lbatch-" .. self.state.run .. "-" .. m.lbatch_shard
+  end
   -- DashScope calls back the URL a batch names; OpenAI's webhooks go to
   -- the URL set in the project's settings, not per batch
   local n = self.opts.notify

@@ -79,4 +79,45 @@ describe("lbatch run and flow --output on a full disk", function()
     assert.are.equal(0, code, text)
     assert.are.equal(60, select(2, H.read(dir .. "/flow-out.jsonl"):gsub("\n", "")))
   end)
+
+  it("download: the error reads as a local file's (io), with no HTTP status in its text", function()
+    if not mnt then pending("mount not allowed here (needs root)") return end
+    local reqs = H.requests(dir .. "/big.jsonl", 100)
+    local code, text = lbatch(emu, ("run %s --dir %s/big --poll 0.05"):format(reqs, dir))
+    assert.are.equal(0, code, text)
+    local _, list = H.json("GET", emu.base .. "/batches?limit=1")
+    code, text = lbatch(emu, ("download %s --output %s/got.jsonl"):format(list.data[1].output_file_id, mnt))
+    assert.are.equal(1, code, text)
+    assert.is_truthy(text:find("\nlbatch download: io: cannot write " .. mnt .. "/got.jsonl", 1, true), text)
+    assert.is_nil(text:find("io 200", 1, true), text)
+    assert.are.equal("filler\n", listing(mnt))
+  end)
+end)
+
+describe("a resumed run's stamps", function()
+  it("name its shards by whole numbers (1, not 1.0) in metadata and ds_name", function()
+    local emu = H.emulator({ speed = 200, rate_limits = false })
+    local dir = H.tmpdir()
+    local reqs = H.requests(dir .. "/r.jsonl", 3)
+    -- every create refused: the run stops with its shards in the journal
+    H.json("POST", emu.url .. "/_emulator/faults",
+      { json = { method = "POST", path = "^/v1/batches$", status = 400, times = 100 } })
+    local args = ("run %s --dir %s/d --max-lines 1 --poll 0.05"):format(reqs, dir)
+    local code, text = lbatch(emu, args)
+    assert.are.equal(1, code, text)
+    H.http("DELETE", emu.url .. "/_emulator/faults")
+    code, text = lbatch(emu, args)                                  -- resumed: the shards read back
+    assert.is_true(code == 0 or code == 3, text)
+    local _, list = H.json("GET", emu.base .. "/batches?limit=10")
+    emu.stop()
+    local seen = {}
+    for _, b in ipairs(list.data) do
+      local shard = b.metadata.lbatch_shard
+      assert.matches("^%d+$", shard)
+      assert.matches("^lbatch%-%x+%-" .. shard .. "$", b.metadata.ds_name)
+      seen[#seen + 1] = tonumber(shard)
+    end
+    table.sort(seen)
+    assert.are.same({ 1, 2, 3 }, seen)
+  end)
 end)
