@@ -970,6 +970,14 @@ function M.main(args)
     return 2
   end
   local ok, code, err = pcall(run[name], o, pos)
+  -- the interpreter's SIGINT (before a client traps it) raises "interrupted!"
+  -- where Lua code runs, as such or inside an error a reader made of it
+  local said = not ok and (errors.thrown(code) or code) or err
+  said = type(said) == "table" and said.message or said
+  if type(said) == "string" and said:find("interrupted!$") then
+    io.stderr:write("\nlbatch: interrupted\n")
+    return 130
+  end
   if not ok and errors.thrown(code) then   -- a failure thrown by errors.try
     err = errors.thrown(code)
   elseif not ok then   -- a bug, or an option of the wrong value (lbatch.new raises)

@@ -121,3 +121,32 @@ describe("a resumed run's stamps", function()
     assert.are.same({ 1, 2, 3 }, seen)
   end)
 end)
+
+describe("the command interrupted", function()
+  it("exits 130 with one line at any moment, modules loading or reading, never a traceback", function()
+    local dir = H.tmpdir()
+    local big = H.requests(dir .. "/big.jsonl", 20000)
+    local script = H.write(dir .. "/int.sh", ([[
+for d in 0 0.01 0.02 0.04 0.07 0.1 0.15 0.2 0.3 0.5; do
+  %s %s/bin/lbatch validate %s >/dev/null 2>%s/err &
+  pid=$!
+  sleep $d; kill -INT $pid 2>/dev/null; wait $pid; rc=$?
+  echo "rc=$rc"
+  cat %s/err
+done
+]]):format(H.lua, H.root, big, dir, dir))
+    local out = H.sh("sh " .. script .. " 2>&1")
+    assert.is_nil(out:find("traceback", 1, true), out)
+    assert.is_nil(out:find("interrupted!", 1, true), out)
+    local interrupted = 0
+    for rc, said in (out .. "rc="):gmatch("rc=(%d+)\n(.-)%f[r]rc=") do
+      if rc == "130" then
+        interrupted = interrupted + 1
+        assert.are.equal("\nlbatch: interrupted\n", said, out)
+      else
+        assert.are.equal("1", rc, out)                       -- finished: the file is too large for the test model
+      end
+    end
+    assert.is_true(interrupted >= 3, out)
+  end)
+end)
