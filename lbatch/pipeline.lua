@@ -483,7 +483,10 @@ function Run:download(s)
   end
   s.step = "downloaded"
   self:save(s)
-  self.lines_done, self.lines_failed = self.lines_done + done + failed, self.lines_failed + failed
+  -- every line of the shard counts, and every line that did not succeed
+  -- fails: a batch that failed or expired whole counts none of them
+  local lines = math.max(tonumber(s.lines) or 0, tonumber(c.total) or 0, done + failed)
+  self.lines_done, self.lines_failed = self.lines_done + lines, self.lines_failed + lines - done
   local ratio = opts.max_failure_ratio
   if ratio and self.lines_done > 0 and self.lines_failed / self.lines_done > ratio then
     self:trip(errors.new({ kind = "invalid", code = "max_failure_ratio", param = "max_failure_ratio",
@@ -583,8 +586,10 @@ end
 -- work in flight, and the limits learned, counted once; it replaces the two);
 -- max_cost with prices (and discount, as `lbatch.estimate`): the run is
 -- refused before any upload when its bound passes max_cost, and stopped
--- before a shard that would pass it; max_failure_ratio: stop once more
--- than that share of the lines done failed; stuck_after (seconds),
+-- before a shard that would pass it (a resubmitted round counted on top
+-- of what was committed); max_failure_ratio: stop once more than that
+-- share of the finished shards' lines did not succeed (every line of a
+-- shard counts: a batch that failed or expired whole, all of them); stuck_after (seconds),
 -- on_stuck(batch, seconds), stuck_action = "cancel_resubmit" (cancel a
 -- stuck batch and run its unfinished requests again).
 -- An account that cannot work (arrears, no quota, a refused key:
