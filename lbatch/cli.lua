@@ -548,6 +548,7 @@ local function client(o)
   c:at_turn_end(function()
     local sig = core.caught()
     if sig then
+      if o.on_interrupt then o.on_interrupt() end   -- (top: the terminal as it was)
       c:close()
       io.stderr:write("\nlbatch: interrupted\n")
       os.exit(128 + sig)
@@ -920,8 +921,9 @@ function run.top(o)
     if not fh then return nil, usage_error("--dir " .. o.dir .. ": no journal.jsonl there (a pipeline's --dir)") end
     fh:close()
   end
-  return require("lbatch.top").run(client(o), { status = o.status, interval = n.interval, dir = o.dir,
-                                                prices = prices or nil })
+  local topts = { status = o.status, interval = n.interval, dir = o.dir, prices = prices or nil }
+  o.on_interrupt = function() if topts.restore then topts.restore() end end
+  return require("lbatch.top").run(client(o), topts)
 end
 
 function run.report(o, pos)

@@ -150,3 +150,48 @@ done
     assert.is_true(interrupted >= 3, out)
   end)
 end)
+
+describe("lbatch top on a terminal of no rows", function()
+  local function cpu_ticks(pid)
+    local stat = H.read("/proc/" .. pid .. "/stat") or ""
+    local utime, stime = stat:match("^%d+ %b() %S+" .. (" %S+"):rep(10) .. " (%d+) (%d+)")
+    return (tonumber(utime) or 0) + (tonumber(stime) or 0)
+  end
+
+  it("draws nothing, idles, quits on q and on SIGTERM, and leaves the terminal as it found it", function()
+    if not H.ok("command -v tmux >/dev/null 2>&1") then pending("no tmux") return end
+    local emu = H.emulator({ speed = 200, rate_limits = false })
+    local dir = H.tmpdir()
+    local sock = "lbatch-top0-" .. math.random(1, 1e9)
+    local function tmux(a) return H.sh(("tmux -L %s %s 2>&1"):format(sock, a)) end
+    for _, how in ipairs({ "q", "TERM" }) do
+      os.remove(dir .. "/exit")
+      local cmd = ("stty rows 0 cols 80; stty -g > %s/before; env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s "
+        .. "%s/bin/lbatch top --interval 1; echo exit=$? > %s/exit; stty -g > %s/after; sleep 60")
+        :format(dir, emu.base, H.lua, H.root, dir, dir)
+      tmux(("new-session -d -x 80 -y 30 %s"):format(H.q(cmd)))
+      local pid
+      local deadline = H.now() + 10
+      repeat
+        H.sleep(0.2)
+        local shell = tmux("list-panes -F '#{pane_pid}'"):match("%d+")
+        pid = shell and H.sh("pgrep -P " .. shell):match("%d+")
+      until pid or H.now() > deadline
+      assert.is_truthy(pid, "lbatch top did not start")
+      H.sleep(1)                                                  -- past its start: the view runs
+      local t0 = cpu_ticks(pid)
+      H.sleep(1)
+      local used = cpu_ticks(pid) - t0
+      if how == "q" then tmux("send-keys q") else H.ok("kill -TERM " .. pid) end
+      deadline = H.now() + 10
+      while not H.exists(dir .. "/exit") and H.now() < deadline do H.sleep(0.1) end
+      local exit = H.read(dir .. "/exit")
+      if not exit then H.ok("kill -9 " .. pid) end
+      tmux("kill-server")
+      assert.is_true(used < 50, ("%d ticks of CPU in a second"):format(used))   -- idle, not a spin
+      assert.are.equal(how == "q" and "exit=0\n" or "exit=143\n", exit)
+      assert.are.equal(H.read(dir .. "/before"), H.read(dir .. "/after"))       -- the terminal as it was
+    end
+    emu.stop()
+  end)
+end)
