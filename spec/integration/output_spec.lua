@@ -195,3 +195,21 @@ describe("lbatch top on a terminal of no rows", function()
     emu.stop()
   end)
 end)
+
+describe("LBATCH_NO_DUMP=1", function()
+  -- a process of its own (the flag is the process's): dumpable before and
+  -- after it makes a client, as prctl(PR_GET_DUMPABLE) says
+  local function dumpable_around_client(env)
+    local code = 'local core = require "lbatch.core"; local before = core.dumpable(); '
+      .. 'local c = assert(require("lbatch").new({ api_key = "sk-secret-key-1234" })); '
+      .. 'local during = core.dumpable(); c:close(); print(before, during, core.dumpable())'
+    return H.sh(("cd %s && env %s LUA_PATH='./?.lua;./?/init.lua;;' %s -e %s 2>&1"):format(H.q(H.root), env, H.lua,
+      H.q(code)))
+  end
+
+  it("makes the process that holds a key non-dumpable for the rest of its life; unset, nothing changes", function()
+    assert.are.equal("true\tfalse\tfalse\n", dumpable_around_client("LBATCH_NO_DUMP=1"))
+    assert.are.equal("true\ttrue\ttrue\n", dumpable_around_client("LBATCH_NO_DUMP="))
+    assert.are.equal("true\ttrue\ttrue\n", dumpable_around_client("LBATCH_NO_DUMP=0"))
+  end)
+end)
