@@ -465,6 +465,7 @@ function Run:download(s)
   local function fetch(id, path)
     local o = self:transfer_watch(s, "down") or {}
     o.path = path
+    require("lbatch.http").remove_parts(path)      -- what a killed run's download left
     return try(client:content(id, o))
   end
   if s.output_file_id then s.output = fetch(s.output_file_id, base .. ".output.jsonl") end

@@ -213,3 +213,25 @@ describe("LBATCH_NO_DUMP=1", function()
     assert.are.equal("true\ttrue\ttrue\n", dumpable_around_client("LBATCH_NO_DUMP=0"))
   end)
 end)
+
+describe("a run killed with kill -9 while it downloads", function()
+  it("leaves a .part file that the resumed run removes", function()
+    local emu = H.emulator({ speed = 200, rate_limits = false })
+    local dir = H.tmpdir()
+    local reqs = H.requests(dir .. "/r.jsonl", 5)
+    -- the downloads' answers wait 30 s: the temp file is there, the bytes are not
+    H.json("POST", emu.url .. "/_emulator/faults", { json = { path = "/content$", delay = 30, times = 10 } })
+    local pid = H.sh(("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch run %s --dir %s/d --poll 0.05 "
+      .. ">/dev/null 2>&1 & echo $!"):format(emu.base, H.lua, H.root, reqs, dir)):match("%d+")
+    local function parts() return H.sh(("ls -A %s/d | grep -c '\\.part-' || true"):format(H.q(dir))):match("%d+") end
+    local deadline = H.now() + 20
+    while parts() == "0" and H.now() < deadline do H.sleep(0.05) end
+    H.ok("kill -9 " .. pid)
+    assert.are.equal("1", parts())
+    H.http("DELETE", emu.url .. "/_emulator/faults")
+    local code, text = lbatch(emu, ("run %s --dir %s/d --poll 0.05"):format(reqs, dir))
+    emu.stop()
+    assert.are.equal(0, code, text)
+    assert.are.equal("0", parts())
+  end)
+end)
