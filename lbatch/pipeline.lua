@@ -289,13 +289,17 @@ function Run:admission(s)
     self.client:sleep(self.quota_poll)
     if q:limited(s.model) then self:estimate(s) end
   end
-  if opts.max_cost then
+  -- a shard is charged once: created again after a quota refused it (its
+  -- batch failed, nothing run), it spends no more than before
+  self.charged = self.charged or {}
+  if opts.max_cost and not self.charged[s] then
     if self.committed + s.cost_max > opts.max_cost then
       self:trip(errors.new({ kind = "invalid", code = "max_cost", param = "max_cost", message = ("pipeline: "
         .. "%s would bring the run to %.4g, past max_cost %.4g (%.4g committed)"):format(s.name,
           self.committed + s.cost_max, opts.max_cost, self.committed) }))
     end
     self.committed = self.committed + s.cost_max
+    self.charged[s] = true
   end
   q:admit(s.model, s.tokens, s.requests, embeddings(s))
   self.admitted[s] = true
@@ -681,11 +685,14 @@ function M.run(opts)
   -- tokens and max_tokens at the prices), what was created counted as spent
   if opts.max_cost and state.phase ~= "done" then
     local total = 0
+    run.charged = {}
     local okc, cerr2 = pcall(function()
       for i, s in ipairs(state.shards) do
         run:estimate(s)
         total = total + s.cost_max
-        if s.batch_id or s.step == "creating" then run.committed = run.committed + s.cost_max end
+        if s.batch_id or s.step == "creating" then
+          run.committed, run.charged[s] = run.committed + s.cost_max, true
+        end
         if i % 16 == 0 then client:pause() end
       end
     end)

@@ -90,6 +90,20 @@ describe("the spending cap (max_cost)", function()
   end)
 end)
 
+describe("the spending cap and a quota", function()
+  it("counts a shard once though the quota refused it and it was created again", function()
+    local emu = H.emulator({ speed = 500, rate_limits = false })
+    modes(emu, { token_limit = { tokens = 700 } })                 -- 6 shards of 200 tokens: 3 fit at once
+    local c = client(emu)
+    local report = assert(pipeline.run(opts{ client = c, dir = H.tmpdir(), requests = requests(120),
+      max_lines = 20, max_in_flight = 6, max_cost = 1.2 }))        -- the bound: 120 x 0.01
+    assert.are.equal(120, (report.results:summary()).ok)
+    assert.is_true(routes(emu)["POST /batches"] > 6, "no shard was refused")
+    c:close()
+    emu.stop()
+  end)
+end)
+
 describe("the failure-ratio breaker (max_failure_ratio)", function()
   local emu
   before_each(function() emu = H.emulator({ speed = 500, rate_limits = false }) end)
