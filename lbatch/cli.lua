@@ -767,8 +767,10 @@ function run.flow(o, pos)
     end)
     if not written then return nil, werr end
   end
+  said_repaired(o, output, report.repaired)
   out(o, { output = output, items = report.items, done = report.done, failed = report.failed, asks = report.asks,
-           rounds = #report.rounds, batches = report.batches, realtime = report.realtime, tokens = report.tokens },
+           rounds = #report.rounds, batches = report.batches, realtime = report.realtime, tokens = report.tokens,
+           repaired = report.repaired },
     ("%s: %d items, %d done, %d failed; %d asks in %d rounds, %d batches, %d real-time, %d tokens"):format(output,
       report.items, report.done, report.failed, report.asks, #report.rounds, report.batches, report.realtime,
       report.tokens))

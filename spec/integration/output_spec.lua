@@ -235,3 +235,29 @@ describe("a run killed with kill -9 while it downloads", function()
     assert.are.equal("0", parts())
   end)
 end)
+
+describe("a flow whose values hold invalid UTF-8", function()
+  it("writes its results as valid UTF-8 JSON, the bad bytes as U+FFFD, and counts the items repaired", function()
+    local emu = H.emulator({ speed = 200, rate_limits = false })
+    local dir = H.tmpdir()
+    H.write(dir .. "/items.csv", "id,question\na,What is 1 + 1?\nb,What is 2 + 2?\nc,What is 3 + 3?\n")
+    H.write(dir .. "/bytes.lua", [[
+return {
+  key = function(item) return item.id end,
+  step = function(item, ask)
+    local a = assert(ask{ model = "qwen-plus", prompt = item.question })
+    return { answer = a.content, raw = item.id ~= "b" and "caf\233 \255" or "fine" }
+  end,
+}
+]])
+    local code, text, stdout = lbatch(emu, ("flow %s/bytes.lua --items %s/items.csv --dir %s/f --poll 0.05 --json")
+      :format(dir, dir, dir))
+    emu.stop()
+    assert.are.equal(0, code, text)
+    local r = require("cjson").decode(stdout)
+    assert.are.equal(2, r.repaired)
+    local body = H.read(dir .. "/f/results.jsonl")
+    assert.is_nil(require("lbatch.core").utf8_check(body))
+    assert.are.equal(2, select(2, body:gsub("caf\239\191\189 \239\191\189", "")))
+  end)
+end)
