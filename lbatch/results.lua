@@ -717,9 +717,14 @@ end
 function M.write_whole(path, fill)
   local dir = path:match("^(.*)/[^/]*$") or "."
   if dir == "" then dir = "/" end
-  local tmp = ("%s/.%s.%d.tmp"):format(dir, path:match("[^/]*$"), math.random(1e9))
+  -- (a table's address differs between processes where LuaJIT's random numbers do not)
+  local tmp = ("%s/.%s.%s%d.tmp"):format(dir, path:match("[^/]*$"), tostring({}):match("(%x+)$") or "",
+    math.random(1e9))
   local fh, msg = io.open(tmp, "wb")
-  if not fh then return nil, errors.io("cannot write", path, msg) end
+  if not fh then
+    if msg and msg:sub(1, #tmp + 2) == tmp .. ": " then msg = msg:sub(#tmp + 3) end   -- the reason, not the temp name
+    return nil, errors.io("cannot write", path, msg)
+  end
   fh:setvbuf("full", 1024 * 1024)
   local ok, a, b = pcall(fill, fh)
   local closed, cerr = fh:close()
