@@ -223,7 +223,7 @@ describe("a run killed with kill -9 while it downloads", function()
     H.json("POST", emu.url .. "/_emulator/faults", { json = { path = "/content$", delay = 30, times = 10 } })
     local pid = H.sh(("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch run %s --dir %s/d --poll 0.05 "
       .. ">/dev/null 2>&1 & echo $!"):format(emu.base, H.lua, H.root, reqs, dir)):match("%d+")
-    local function parts() return H.sh(("ls -A %s/d | grep -c '\\.part-' || true"):format(H.q(dir))):match("%d+") end
+    local function parts() return H.sh(("ls -A %s/d 2>/dev/null | grep -c '\\.part-' || true"):format(H.q(dir))):match("%d+") end
     local deadline = H.now() + 20
     while parts() == "0" and H.now() < deadline do H.sleep(0.05) end
     H.ok("kill -9 " .. pid)
