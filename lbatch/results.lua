@@ -690,21 +690,30 @@ function M.repair(s, nul)
   return s, changed
 end
 
---- A value (a string, or a table of them, copied) as `repair` makes it.
+--- A value (a string, or a table of them) as `repair` makes it: the same
+-- value when nothing needs repair, else a copy (a table copied only along
+-- the path to what changed).
 -- @param v
 -- @tparam[opt] boolean nul
 -- @return the value, and true when anything in it was changed
 function M.sanitize(v, nul)
   if type(v) == "string" then return M.repair(v, nul) end
   if type(v) ~= "table" then return v, false end
-  local out, changed = {}, false
+  local out
   for k, x in pairs(v) do
-    local c1, c2
-    k, c1 = M.sanitize(k, nul)
-    out[k], c2 = M.sanitize(x, nul)
-    changed = changed or c1 or c2
+    local k2, c1 = M.sanitize(k, nul)
+    local x2, c2 = M.sanitize(x, nul)
+    if c1 or c2 then
+      if not out then
+        out = {}
+        for a, b in pairs(v) do out[a] = b end
+      end
+      if c1 then out[k] = nil end
+      out[k2] = x2
+    end
   end
-  return setmetatable(out, getmetatable(v)), changed
+  if not out then return v, false end
+  return setmetatable(out, getmetatable(v)), true
 end
 
 --- An output file written whole or not at all: `fill(fh)` writes to a temp

@@ -435,6 +435,9 @@ describe("results output whatever the bytes", function()
     assert.are.same({ "fine ✓", false }, { results.repair("fine ✓", true) })
     local t, changed = results.sanitize({ a = { "x\255" }, n = 3 })
     assert.are.same({ { a = { "x\239\191\189" }, n = 3 }, true }, { t, changed })
+    local clean = { a = { "fine ✓" }, n = 3 }
+    assert.are.same({ clean, false }, { results.sanitize(clean) })
+    assert.are.equal(clean, (results.sanitize(clean)))                 -- not copied
   end)
 
   it("lbatch results writes JSONL and CSV a strict reader takes, and says how many it repaired", function()
