@@ -590,37 +590,46 @@ function run.csv2jsonl(o, pos)
   return 0
 end
 
--- the merged results as CSV or JSONL ("-": stdout); the count, or nil, err
+-- the merged results as JSONL lines on fh (strings made valid UTF-8); the
+-- count and the records repaired, or nil, err
+local function results_lines(reader, fh, path)
+  local n, repaired = 0, 0
+  for rec, err in reader:each() do
+    if not rec then return nil, err end
+    n = n + 1
+    local line, changed = results.sanitize({ custom_id = rec.custom_id, ok = rec.ok, status_code = rec.status_code,
+      content = rec.content, error_code = rec.error_code, error_message = rec.error_message,
+      usage = rec.usage, request_id = rec.request_id, model = rec.model, missing = rec.missing })
+    if changed then repaired = repaired + 1 end
+    local ok, msg = fh:write(cjson.encode(line), "\n")
+    if not ok then return nil, errors.io("cannot write", path, msg) end
+  end
+  return n, repaired
+end
+
+-- the merged results as CSV or JSONL ("-": stdout; a file is written whole
+-- or not at all); the count and the records repaired, or nil, err
 local function write_results(reader, path, bom)
   if path:find("%.csv$") then return csv.from_results(reader, path, { bom = bom }) end
-  local f = io.stdout
-  if path ~= "-" then
-    local msg
-    f, msg = io.open(path, "wb")
-    if not f then return nil, errors.io("cannot write", path, msg) end
+  if path == "-" then return results_lines(reader, io.stdout, "stdout") end
+  return results.write_whole(path, function(fh) return results_lines(reader, fh, path) end)
+end
+
+-- what the command says of records it repaired
+local function said_repaired(o, path, repaired)
+  if (repaired or 0) > 0 and not o.json then
+    io.stderr:write(("lbatch: %s: %d record(s) held invalid UTF-8 or NUL bytes: written repaired (U+FFFD)\n")
+      :format(path, repaired))
   end
-  local n, failure = 0, nil
-  for rec, err in reader:each() do
-    if not rec then failure = err break end
-    n = n + 1
-    f:write(cjson.encode({ custom_id = rec.custom_id, ok = rec.ok, status_code = rec.status_code,
-      content = rec.content, error_code = rec.error_code, error_message = rec.error_message,
-      usage = rec.usage, request_id = rec.request_id, model = rec.model, missing = rec.missing }), "\n")
-  end
-  if f ~= io.stdout then
-    local ok, cerr = f:close()
-    if not ok and not failure then failure = errors.io("cannot write", path, cerr) end
-  end
-  if failure then return nil, failure end
-  return n
 end
 
 function run.results(o, pos)
   local r, err = results.open({ output = pos[1], errors = o.errors, inputs = o.inputs })
   if not r then return nil, err end
-  local n
-  n, err = write_results(r, o.csv or "-", o.bom)
-  if not n then return nil, err end
+  local n, repaired
+  n, repaired = write_results(r, o.csv or "-", o.bom)
+  if not n then return nil, repaired end
+  said_repaired(o, o.csv or "stdout", repaired)
   if o.csv and not o.json then
     local s, serr = r:summary()
     if not s then return nil, serr end
@@ -641,6 +650,7 @@ local function client(o, hold)
   c:at_turn_end(function()
     local sig = core.caught()
     if sig and not (hold and hold(sig)) then
+      if o.on_interrupt then o.on_interrupt() end   -- (top: the terminal as it was)
       c:close()
       io.stderr:write("\nlbatch: interrupted\n")
       os.exit(128 + sig)
@@ -1022,16 +1032,17 @@ function run.run(o, pos)
   if not report then return nil, err end
   said_rerun(o, dir, report)
   local output = o.output or (dir .. "/results.jsonl")
-  local written
-  written, err = write_results(report.results, output, o.bom)
-  if not written then return nil, err end
+  local written, repaired = write_results(report.results, output, o.bom)
+  if not written then return nil, repaired end
+  said_repaired(o, output, repaired)
   local s
   s, err = report.results:summary()
   if not s then return nil, err end
   local bad = 0
   for _, sh in ipairs(report.shards) do if FINAL_BAD[sh.status] then bad = bad + 1 end end
   out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
-           missing = s.missing, total_tokens = s.total_tokens, reused = report.reused, sent = report.sent },
+           missing = s.missing, total_tokens = s.total_tokens, reused = report.reused, sent = report.sent,
+           repaired = repaired },
     ("%s: %d requests, %d ok, %d failed, %d missing, %d tokens, %d shard(s); run " .. tostring(run_id_in(dir))):format(
       output, s.total, s.ok, s.failed, s.missing, s.total_tokens, #report.shards))
   return (bad > 0 or s.missing > 0) and 3 or 0
@@ -1078,13 +1089,19 @@ function run.flow(o, pos)
   if not report then return nil, err end
   local output = o.output or (dir .. "/results.jsonl")
   if output ~= dir .. "/results.jsonl" then
-    local f, msg = io.open(output, "wb")
-    if not f then return nil, errors.io("cannot write", output, msg) end
-    for r in report.results:each() do f:write(json.encode(r), "\n") end
-    f:close()
+    local written, werr = results.write_whole(output, function(fh)
+      for r in report.results:each() do
+        local ok, msg = fh:write(json.encode(r), "\n")
+        if not ok then return nil, errors.io("cannot write", output, msg) end
+      end
+      return true
+    end)
+    if not written then return nil, werr end
   end
+  said_repaired(o, output, report.repaired)
   out(o, { output = output, items = report.items, done = report.done, failed = report.failed, asks = report.asks,
-           rounds = #report.rounds, batches = report.batches, realtime = report.realtime, tokens = report.tokens },
+           rounds = #report.rounds, batches = report.batches, realtime = report.realtime, tokens = report.tokens,
+           repaired = report.repaired },
     ("%s: %d items, %d done, %d failed; %d asks in %d rounds, %d batches, %d real-time, %d tokens"):format(output,
       report.items, report.done, report.failed, report.asks, #report.rounds, report.batches, report.realtime,
       report.tokens))
@@ -1245,8 +1262,9 @@ function run.top(o)
     if not fh then return nil, usage_error("--dir " .. o.dir .. ": no journal.jsonl there (a pipeline's --dir)") end
     fh:close()
   end
-  return require("lbatch.top").run(client(o), { status = o.status, interval = n.interval, dir = o.dir,
-                                                prices = prices or nil })
+  local topts = { status = o.status, interval = n.interval, dir = o.dir, prices = prices or nil }
+  o.on_interrupt = function() if topts.restore then topts.restore() end end
+  return require("lbatch.top").run(client(o), topts)
 end
 
 function run.report(o, pos)
@@ -1299,6 +1317,14 @@ function M.main(args)
     return 2
   end
   local ok, code, err = pcall(run[name], o, pos)
+  -- the interpreter's SIGINT (before a client traps it) raises "interrupted!"
+  -- where Lua code runs, as such or inside an error a reader made of it
+  local said = not ok and (errors.thrown(code) or code) or err
+  said = type(said) == "table" and said.message or said
+  if type(said) == "string" and said:find("interrupted!$") then
+    io.stderr:write("\nlbatch: interrupted\n")
+    return 130
+  end
   if not ok and errors.thrown(code) then   -- a failure thrown by errors.try
     err = errors.thrown(code)
   elseif not ok then   -- a bug, or an option of the wrong value (lbatch.new raises; on plain Lua 5.1, always)

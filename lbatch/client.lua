@@ -62,6 +62,20 @@ local function located(call, cfg)
   end
 end
 
+-- LBATCH_NO_DUMP=1: the process that makes a client (and so holds its key)
+-- is made non-dumpable: no core dump, no ptrace by the same user, no
+-- /proc/PID/mem. For the rest of the process's life: the key's bytes may
+-- stay in freed memory after the client closes. nil, or a config error
+-- when the system cannot do it (asked for, not silently skipped).
+local function no_dump()
+  local want = os.getenv("LBATCH_NO_DUMP")
+  if want == nil or want == "" or want == "0" then return nil end
+  local ok, why = require("lbatch.core").dumpable(false)
+  if ok == false then return nil end
+  return errors.new({ kind = "config", code = "no_dump", message = "LBATCH_NO_DUMP is set but the process "
+    .. "cannot be made non-dumpable: " .. tostring(why or "still dumpable") })
+end
+
 --- Make a client.
 -- Without provider, region or api_key, the provider is the one whose key
 -- variable is set (OPENAI_API_KEY: openai, ...); with several, DashScope
@@ -75,14 +89,18 @@ end
 -- `lbatch.scheduler` to share), or the options of a scheduler of its own:
 -- max_connections, max_streams, host (see `lbatch.loop`). Raises when an
 -- option is wrong or unknown (a misspelt one).
+-- With `LBATCH_NO_DUMP=1` in the environment the process is made
+-- non-dumpable (no core dump holds the key) for the rest of its life.
 -- @treturn lbatch.client, or nil and an error (kind `config`) when no key
--- is found
+-- is found, or LBATCH_NO_DUMP cannot be honoured
 function Client.new(opts)
   local cfg, secrets = config.new(opts or {})
   if not cfg then
     if errors.is(secrets) then return nil, secrets end
     argerr("new", secrets)
   end
+  local dump_err = no_dump()
+  if dump_err then return nil, dump_err end
   local sched = opts and opts.scheduler
   if sched ~= nil and not Scheduler.is(sched) then
     argerr("new", "scheduler must be a scheduler (lbatch.scheduler())")

@@ -391,7 +391,10 @@ end
 -- @tparam[opt] table opts bom, columns (default `csv.COLUMNS`; "usage" is
 -- prompt/completion/total tokens, "input" the request's user text when
 -- the reader is joined with inputs), header (the first row's names)
--- @treturn integer the number of records, or nil and an error
+-- @treturn integer the number of records, or nil and an error. The file is
+-- written whole or not at all (beside it, then renamed over it), every cell
+-- valid UTF-8 (bad bytes and NUL as U+FFFD: `results.repair`)
+-- @treturn integer the records that had a cell repaired
 function M.from_results(reader, csv_path, opts)
   errors.check("csv.from_results", "reader", reader, "table")
   errors.check("csv.from_results", "csv_path", csv_path, "string")
@@ -402,22 +405,31 @@ function M.from_results(reader, csv_path, opts)
     reader = r
   end
   local columns = opts.columns or M.COLUMNS
-  local w, err = M.writer(csv_path, { bom = opts.bom })
-  if not w then return nil, err end
-  local ok, werr = w:row(opts.header or columns)
-  local n = 0
-  for rec, rerr in reader:each() do
-    if not ok then break end
-    if not rec then ok, werr = nil, rerr break end
-    local row = {}
-    for i, name in ipairs(columns) do row[i] = cell(rec, name) end
-    ok, werr = w:row(row, #columns)
-    n = n + 1
+  local function fill(fh)
+    if opts.bom then
+      local ok, msg = fh:write(BOM)
+      if not ok then return nil, errors.io("cannot write", csv_path, msg) end
+    end
+    local w = setmetatable({ fh = fh, n = 0, path = csv_path }, Writer)
+    local ok, werr = w:row(opts.header or columns)
+    if not ok then return nil, werr end
+    local n, repaired = 0, 0
+    for rec, rerr in reader:each() do
+      if not rec then return nil, rerr end
+      local row, changed = {}, false
+      for i, name in ipairs(columns) do
+        local c
+        row[i], c = results.sanitize(cell(rec, name), true)
+        changed = changed or c
+      end
+      if changed then repaired = repaired + 1 end
+      ok, werr = w:row(row, #columns)
+      if not ok then return nil, werr end
+      n = n + 1
+    end
+    return n, repaired
   end
-  local closed, cerr = w:close()
-  if not ok then os.remove(csv_path) return nil, werr end
-  if not closed then os.remove(csv_path) return nil, cerr end
-  return n
+  return results.write_whole(csv_path, fill)
 end
 
 return M

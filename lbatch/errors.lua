@@ -24,10 +24,14 @@ local function str(v)
   return type(v) == "string" and v or tostring(v)
 end
 
+-- the kinds whose text shows the HTTP status: the answer is the failure
+-- (a local file's "io" on a 200 download is not an answer's fault)
+local STATUS_KINDS = { http = true, decode = true }
+
 function Error.__tostring(e)
   local parts = { "lbatch:", str(e.kind) }
-  if e.status and e.status ~= 0 then parts[#parts + 1] = ("%d"):format(e.status) end
-  if e.code and e.code ~= "" then parts[#parts + 1] = str(e.code) end
+  if e.status and e.status ~= 0 and STATUS_KINDS[e.kind] then parts[#parts + 1] = ("%d"):format(e.status) end
+  if e.code and e.code ~= "" and e.code ~= e.kind then parts[#parts + 1] = str(e.code) end
   local s = table.concat(parts, " ") .. ": " .. (str(e.message) or "error")
   if e.param then s = s .. " (param " .. str(e.param) .. ")" end
   if e.request_id then s = s .. " [request_id " .. str(e.request_id) .. "]" end

@@ -767,7 +767,7 @@ function Run:merge()
     local it = each_line(("%s/round-%d/done.jsonl"):format(dir, R))
     heads[#heads + 1] = { it = it, rec = it() }
   end
-  local fh = create(tmp)
+  local fh, repaired = create(tmp), 0
   while true do
     local best
     for _, h in ipairs(heads) do
@@ -777,8 +777,12 @@ function Run:merge()
     local rec = best.rec
     best.rec = best.it()
     rec.i = nil
+    local changed
+    rec, changed = results.sanitize(rec)             -- valid UTF-8 whatever the answers held
+    if changed then repaired = repaired + 1 end
     write_line(fh, tmp, rec)
   end
+  st.repaired = repaired
   close_synced(fh, tmp)
   local ok, msg = os.rename(tmp, path)
   if not ok then throw(errors.io("cannot rename " .. tmp .. " to", path, msg)) end
@@ -929,7 +933,7 @@ function run_locked(run, opts)
   end
   return { items = st.items, done = st.done, failed = st.failed, rounds = st.rounds, asks = asks,
            batches = batches, realtime = realtime, tokens = st.tokens, cost = st.cost, dir = run.dir,
-           results = M.results(run.dir) }
+           repaired = st.repaired or 0, results = M.results(run.dir) }
 end
 
 --- What a flow's first round will send, and what cannot be known before

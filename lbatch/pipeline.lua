@@ -665,13 +665,17 @@ function Run:admission(s)
     self.client:sleep(self.quota_poll)
     if q:limited(s.model) then self:estimate(s) end
   end
-  if opts.max_cost then
+  -- a shard is charged once: created again after a quota refused it (its
+  -- batch failed, nothing run), it spends no more than before
+  self.charged = self.charged or {}
+  if opts.max_cost and not self.charged[s] then
     if self.committed + s.cost_max > opts.max_cost then
       self:trip(errors.new({ kind = "invalid", code = "max_cost", param = "max_cost", message = ("pipeline: "
         .. "%s would bring the run to %.4g, past max_cost %.4g (%.4g committed)"):format(s.name,
           self.committed + s.cost_max, opts.max_cost, self.committed) }))
     end
     self.committed = self.committed + s.cost_max
+    self.charged[s] = true
   end
   q:admit(s.model, s.tokens, s.requests, embeddings(s))
   self.admitted[s] = true
@@ -736,8 +740,11 @@ function Run:metadata(s)
   if type(metadata) == "function" then metadata = metadata(s) end
   local m = {}
   for k, v in pairs(metadata or {}) do m[k] = v end
-  m.lbatch_run, m.lbatch_shard = self.state.run, tostring(s.k)
-  if self.dialect == "dashscope" and m.ds_name == nil then m.ds_name = "lbatch-" .. self.state.run .. "-" .. s.k end
+  -- %d: a shard number read back from the journal is a float on Lua 5.3+ (6.0)
+  m.lbatch_run, m.lbatch_shard = self.state.run, ("%d"):format(s.k)
+  if self.dialect == "dashscope" and m.ds_name == nil then
+    m.ds_name = "lbatch-" .. self.state.run .. "-" .. m.lbatch_shard
+  end
   -- DashScope calls back the URL a batch names; OpenAI's webhooks go to
   -- the URL set in the project's settings, not per batch
   local n = self.opts.notify
@@ -838,6 +845,7 @@ function Run:download(s)
   local function fetch(id, path)
     local o = self:transfer_watch(s, "down") or {}
     o.path = path
+    require("lbatch.http").remove_parts(path)      -- what a killed run's download left
     return try(client:content(id, o))
   end
   if s.output_file_id then s.output = fetch(s.output_file_id, base .. ".output.jsonl") end
@@ -856,7 +864,10 @@ function Run:download(s)
   end
   s.step = "downloaded"
   self:save(s)
-  self.lines_done, self.lines_failed = self.lines_done + done + failed, self.lines_failed + failed
+  -- every line of the shard counts, and every line that did not succeed
+  -- fails: a batch that failed or expired whole counts none of them
+  local lines = math.max(tonumber(s.lines) or 0, tonumber(c.total) or 0, done + failed)
+  self.lines_done, self.lines_failed = self.lines_done + lines, self.lines_failed + lines - done
   local ratio = opts.max_failure_ratio
   if ratio and self.lines_done > 0 and self.lines_failed / self.lines_done > ratio then
     self:trip(errors.new({ kind = "invalid", code = "max_failure_ratio", param = "max_failure_ratio",
@@ -1013,8 +1024,10 @@ end
 -- work in flight, and the limits learned, counted once; it replaces the two);
 -- max_cost with prices (and discount, as `lbatch.estimate`): the run is
 -- refused before any upload when its bound passes max_cost, and stopped
--- before a shard that would pass it; max_failure_ratio: stop once more
--- than that share of the lines done failed; stuck_after (seconds),
+-- before a shard that would pass it (a resubmitted round counted on top
+-- of what was committed); max_failure_ratio: stop once more than that
+-- share of the finished shards' lines did not succeed (every line of a
+-- shard counts: a batch that failed or expired whole, all of them); stuck_after (seconds),
 -- on_stuck(batch, seconds), stuck_action = "cancel_resubmit" (cancel a
 -- stuck batch and run its unfinished requests again).
 -- An account that cannot work (arrears, no quota, a refused key:
@@ -1129,11 +1142,14 @@ function run_locked(opts, client)
   -- tokens and max_tokens at the prices), what was created counted as spent
   if opts.max_cost and state.phase ~= "done" then
     local total = 0
+    run.charged = {}
     local okc, cerr2 = pcall(function()
       for i, s in ipairs(state.shards) do
         run:estimate(s)
         total = total + s.cost_max
-        if s.batch_id or s.step == "creating" then run.committed = run.committed + s.cost_max end
+        if s.batch_id or s.step == "creating" then
+          run.committed, run.charged[s] = run.committed + s.cost_max, true
+        end
         if i % 16 == 0 then client:pause() end
       end
     end)

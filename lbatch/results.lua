@@ -663,4 +663,95 @@ function Reader:_resubmit(out, want)
   return n, taken
 end
 
+
+-- ------------------------------------------------------------ output files
+
+local REPLACEMENT = "\239\191\189"   -- U+FFFD
+
+--- A string as valid UTF-8: each byte that is not part of a valid sequence
+-- becomes U+FFFD; with `nul`, each NUL byte too (for CSV: JSON escapes it).
+-- @tparam string s
+-- @tparam[opt] boolean nul
+-- @treturn string the string, and true when it was changed
+function M.repair(s, nul)
+  local bad, changed = rules.utf8_bad(s), false
+  if bad then
+    local out, rest = {}, s
+    while bad do
+      out[#out + 1] = sub(rest, 1, bad - 1)
+      out[#out + 1] = REPLACEMENT
+      rest = sub(rest, bad + 1)
+      bad = rules.utf8_bad(rest)
+    end
+    out[#out + 1] = rest
+    s, changed = table.concat(out), true
+  end
+  if nul and s:find("\0", 1, true) then s, changed = s:gsub("%z", REPLACEMENT), true end
+  return s, changed
+end
+
+--- A value (a string, or a table of them) as `repair` makes it: the same
+-- value when nothing needs repair, else a copy (a table copied only along
+-- the path to what changed).
+-- @param v
+-- @tparam[opt] boolean nul
+-- @return the value, and true when anything in it was changed
+function M.sanitize(v, nul)
+  if type(v) == "string" then return M.repair(v, nul) end
+  if type(v) ~= "table" then return v, false end
+  local out
+  for k, x in pairs(v) do
+    local k2, c1 = M.sanitize(k, nul)
+    local x2, c2 = M.sanitize(x, nul)
+    if c1 or c2 then
+      if not out then
+        out = {}
+        for a, b in pairs(v) do out[a] = b end
+      end
+      if c1 then out[k] = nil end
+      out[k2] = x2
+    end
+  end
+  if not out then return v, false end
+  return setmetatable(out, getmetatable(v)), true
+end
+
+--- An output file written whole or not at all: `fill(fh)` writes to a temp
+-- file beside `path` (a value, or nil and an error); the file is then
+-- closed, synced and renamed over `path`, and the directory synced. On any
+-- failure the temp file is removed and `path` left as it was.
+-- @tparam string path
+-- @tparam function fill
+-- @return what `fill` returned, or nil and an `io` error
+function M.write_whole(path, fill)
+  local dir = path:match("^(.*)/[^/]*$") or "."
+  if dir == "" then dir = "/" end
+  -- (a table's address differs between processes where LuaJIT's random numbers do not)
+  local tmp = ("%s/.%s.%s%d.tmp"):format(dir, path:match("[^/]*$"), tostring({}):match("(%x+)$") or "",
+    math.random(1e9))
+  local fh, msg = io.open(tmp, "wb")
+  if not fh then
+    if msg and msg:sub(1, #tmp + 2) == tmp .. ": " then msg = msg:sub(#tmp + 3) end   -- the reason, not the temp name
+    return nil, errors.io("cannot write", path, msg)
+  end
+  fh:setvbuf("full", 1024 * 1024)
+  local ok, a, b = pcall(fill, fh)
+  local closed, cerr = fh:close()
+  if not ok then os.remove(tmp) error(a, 0) end
+  local err = (a == nil and (b or errors.io("cannot write", path)))
+    or (not closed and errors.io("cannot write", path, cerr))
+  if not err then
+    local synced, why = core.fsync(tmp)
+    err = not synced and errors.io("cannot sync", tmp, why)
+  end
+  if not err then
+    local renamed, why = os.rename(tmp, path)
+    err = not renamed and errors.io("cannot rename " .. tmp .. " to", path, why)
+  end
+  if err then os.remove(tmp) return nil, err end
+  local synced, why = core.fsync(dir)
+  if not synced then return nil, errors.io("cannot sync", dir, why) end
+  return a, b
+end
+
 return M

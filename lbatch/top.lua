@@ -160,6 +160,7 @@ end
 -- @tparam number now the time
 -- @treturn {string,...} at most `height` lines, none wider than `width`
 function M.frame(st, width, height, now)
+  if height < 1 then return {} end        -- a terminal of no rows (stty rows 0): nothing to draw
   width = math.max(width, 40)
   local list = rows(st, now)
   local by, total, done, failed, tokens = {}, 0, 0, 0, 0
@@ -223,7 +224,7 @@ function M.key(st, k, cancel)
   if st.confirm then
     local id = st.confirm
     st.confirm = nil
-    if k == "y" or k == "Y" then
+    if k == "y" then                      -- y alone spends: every other key keeps the job
       local b, err = cancel(id)
       if b then
         st.message = ("cancel %s: %s"):format(id, tostring(b.status))
@@ -324,11 +325,13 @@ local function read_all(c, st, dir)
   return all
 end
 
---- Run the view until `q` (or one frame when stdout is not a terminal).
+--- Run the view until `q`, SIGTERM or SIGINT (or one frame when stdout is
+-- not a terminal); the terminal is restored however it ends (while the
+-- view runs, `opts.restore` is the function that restores it).
 -- @tparam table c a client (`each_batch`, `cancel`)
 -- @tparam[opt] table opts `status` (the service's filter), `interval` (seconds between list reads, default
 -- 5), `dir` (one pipeline run's, from its journal), `prices` (as `lbatch.estimate`'s: the cost so far), `discount`
--- @treturn integer 0, or nil and an error
+-- @treturn integer 0 (q), 128 + the signal's number, or nil and an error
 function M.run(c, opts)
   opts = opts or {}
   local interval = math.max(tonumber(opts.interval) or 5, 0.5)
@@ -348,11 +351,23 @@ function M.run(c, opts)
   local p = io.popen("stty -g < /dev/tty")
   local saved = p:read("*l")
   p:close()
-  sh_ok("stty -icanon -echo -isig min 0 time 1 < /dev/tty")
   local out = io.stdout
+  local tty
+  -- the terminal as it was, once, however the view ends (q, an error, a
+  -- signal: the command's client calls opts.restore before it exits)
+  local raw = true
+  local function restore()
+    if not raw then return end
+    raw = false
+    if tty then tty:close() tty = nil end
+    out:write("\27[?25h\27[?1049l")
+    out:flush()
+    sh_ok("stty " .. (saved or "sane") .. " < /dev/tty")
+  end
+  opts.restore = restore
+  sh_ok("stty -icanon -echo -isig min 0 time 1 < /dev/tty")
   out:write("\27[?1049h\27[?25l\27[2J")
   local shown, size = {}, nil
-  local tty
   local function getc()
     if not tty then
       tty = io.open("/dev/tty", "rb")
@@ -374,10 +389,13 @@ function M.run(c, opts)
     end
     if #buf > 0 then out:write(table.concat(buf)) out:flush() end
   end
+  local core = require "lbatch.core"
   local ok, perr = pcall(function()
-    local read_at = require("lbatch.core").now()
+    local read_at = core.now()
     draw()
     while true do
+      local sig = core.caught()          -- SIGTERM (or SIGINT) the command trapped
+      if sig then return 128 + sig end
       local ch = getc()
       if ch == "\27" then
         local a, b = getc(), getc()
@@ -387,7 +405,7 @@ function M.run(c, opts)
         if M.key(st, ch, function(id) return c:cancel(id) end) == "quit" then return end
         draw()
       end
-      local t = require("lbatch.core").now()
+      local t = core.now()
       if t - read_at >= interval then
         read_at = t
         local fresh, rerr = read_all(c, st, opts.dir)
@@ -396,12 +414,11 @@ function M.run(c, opts)
       end
     end
   end)
-  if tty then tty:close() end
-  out:write("\27[?25h\27[?1049l")
-  out:flush()
-  sh_ok("stty " .. (saved or "sane") .. " < /dev/tty")
+  restore()
+  opts.restore = nil
   if not ok then error(perr, 0) end
-  return 0
+  if perr then io.stderr:write("lbatch: interrupted\n") end
+  return perr or 0
 end
 
 return M

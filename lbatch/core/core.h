@@ -171,4 +171,6 @@ int lbatch_equal(lua_State *L);
 int lbatch_base64(lua_State *L);
 int lbatch_unbase64(lua_State *L);
 
+int lbatch_dumpable(lua_State *L);         /* sys.c: core.dumpable */
+
 #endif

@@ -218,3 +218,28 @@ void lbatch_lock_register(lua_State *L) {
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
 }
+
+/* dumpable([on]): with a boolean, sets whether the process may leave a
+ * core dump (and be traced, its /proc/PID/mem read) by PR_SET_DUMPABLE:
+ * false for a process that holds an API key. Returns whether it is
+ * dumpable now, or nil and the OS's reason (not on Linux: "unsupported"). */
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+int lbatch_dumpable(lua_State *L) {
+#ifdef __linux__
+  int now;
+  if (!lua_isnoneornil(L, 1) && prctl(PR_SET_DUMPABLE, lua_toboolean(L, 1) ? 1 : 0, 0, 0, 0) != 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "prctl(PR_SET_DUMPABLE): %s", strerror(errno));
+    return 2;
+  }
+  now = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
+  lua_pushboolean(L, now == 1);
+  return 1;
+#else
+  lua_pushnil(L);
+  lua_pushliteral(L, "dumpable: unsupported on this system");
+  return 2;
+#endif
+}

@@ -420,3 +420,57 @@ describe("results: ok, classes, resubmit and summary", function()
     assert.is_true(math.abs(s.cost - expect) < 1e-12, s.cost .. " " .. expect)
   end)
 end)
+
+-- A results file holding invalid UTF-8 and NUL bytes (a service, a proxy or
+-- a disk can write them): the command's JSONL and CSV are still valid
+-- UTF-8 that a strict outside reader (Python's json and csv) takes whole.
+describe("results output whatever the bytes", function()
+  local BAD = { "caf\233 ok", "nul\0inside", "cut \226\130", "surrogate \237\160\128!", "fine ✓" }
+
+  it("repair: each bad byte as U+FFFD, NUL only when asked, good text untouched", function()
+    assert.are.same({ "caf\239\191\189 ok", true }, { results.repair("caf\233 ok") })
+    assert.are.same({ "cut \239\191\189\239\191\189", true }, { results.repair("cut \226\130") })
+    assert.are.same({ "nul\0inside", false }, { results.repair("nul\0inside") })
+    assert.are.same({ "nul\239\191\189inside", true }, { results.repair("nul\0inside", true) })
+    assert.are.same({ "fine ✓", false }, { results.repair("fine ✓", true) })
+    local t, changed = results.sanitize({ a = { "x\255" }, n = 3 })
+    assert.are.same({ { a = { "x\239\191\189" }, n = 3 }, true }, { t, changed })
+    local clean = { a = { "fine ✓" }, n = 3 }
+    assert.are.same({ clean, false }, { results.sanitize(clean) })
+    assert.are.equal(clean, (results.sanitize(clean)))                 -- not copied
+  end)
+
+  it("lbatch results writes JSONL and CSV a strict reader takes, and says how many it repaired", function()
+    if not H.ok("command -v python3 >/dev/null 2>&1") then pending("no python3") return end
+    local dir = H.tmpdir()
+    local lines = {}
+    for i, text in ipairs(BAD) do
+      -- the bytes as they arrive: raw in the JSON string (cjson would escape NUL)
+      lines[i] = ('{"custom_id":"r%d","response":{"status_code":200,"request_id":"q","body":{"model":"m",'
+        .. '"choices":[{"message":{"role":"assistant","content":"%s"}}],"usage":{"prompt_tokens":1,'
+        .. '"completion_tokens":1,"total_tokens":2}}},"error":null}'):format(i, (text:gsub("%z", "\\u0000")))
+    end
+    H.write(dir .. "/out.jsonl", table.concat(lines, "\n") .. "\n")
+    local cmd = ("%s %s/bin/lbatch results %s/out.jsonl"):format(H.lua, H.root, dir)
+    assert.is_true(H.ok(("%s > %s/r.jsonl 2>%s/err1"):format(cmd, dir, dir)))
+    assert.is_true(H.ok(("%s --csv %s/r.csv 2>%s/err2"):format(cmd, dir, dir)))
+    assert.matches("3 record(s) held invalid UTF-8 or NUL bytes", H.read(dir .. "/err1"), 1, true)
+    assert.matches("4 record(s) held invalid UTF-8 or NUL bytes", H.read(dir .. "/err2"), 1, true)
+    local py = [[
+import csv, json, sys
+d = sys.argv[1]
+with open(d + "/r.jsonl", encoding="utf-8", errors="strict") as f:
+    rows = [json.loads(l) for l in f]
+with open(d + "/r.csv", encoding="utf-8", errors="strict", newline="") as f:
+    cells = list(csv.reader(f))
+assert not any("\0" in c for r in cells for c in r)
+print(len(rows), len(cells) - 1, json.dumps([r["content"] for r in rows]))
+]]
+    H.write(dir .. "/check.py", py)
+    local out = H.sh(("python3 %s/check.py %s 2>&1"):format(dir, dir))
+    local want = cjson.encode({ "caf\239\191\189 ok", "nul\0inside", "cut \239\191\189\239\191\189",
+      "surrogate \239\191\189\239\191\189\239\191\189!", "fine ✓" })
+    local got = cjson.decode((assert(out:match("^5 5 (.*)\n$"), out)))
+    assert.are.same(cjson.decode(want), got)
+  end)
+end)

@@ -103,3 +103,45 @@ describe("lbatch.top", function()
     assert.matches("has no batch yet", st.message, 1, true)
   end)
 end)
+
+-- A cancel spends the job's work: only y confirms it. Every other key (each
+-- byte, Y and Enter among them, and the arrows) keeps the job, and the key
+-- after a refusal is an ordinary key again.
+describe("lbatch.top's cancel confirmation", function()
+  local function selected_state()
+    local st = top.state()
+    top.update(st, { batch("batch_aaa", "in_progress", 100, 50, 0, 60) }, NOW)
+    top.frame(st, 80, 20, NOW)
+    return st
+  end
+
+  it("is given by y alone", function()
+    local keys = { "up", "down" }
+    for b = 0, 255 do keys[#keys + 1] = string.char(b) end
+    for _, k in ipairs(keys) do
+      local st, cancelled = selected_state(), 0
+      local function cancel() cancelled = cancelled + 1 return { id = "batch_aaa", status = "cancelling" } end
+      top.key(st, "c", cancel)
+      assert.matches("y to confirm", st.message, 1, true)
+      assert.is_nil(top.key(st, k, cancel))                    -- not even q or ^C quits from the question
+      if k == "y" then
+        assert.are.equal(1, cancelled)
+        assert.are.equal("cancel batch_aaa: cancelling", st.message)
+      else
+        assert.are.equal(0, cancelled, ("key %q cancelled"):format(k))
+        assert.are.equal("kept batch_aaa", st.message)
+        assert.is_nil(st.confirm)
+        top.key(st, "y", cancel)                                -- a y later, unasked, is no confirmation
+        assert.are.equal(0, cancelled)
+      end
+    end
+  end)
+
+  it("draws nothing on a terminal of no rows, and the message line alone on one row", function()
+    local st = selected_state()
+    assert.are.same({}, top.frame(st, 80, 0, NOW))
+    assert.are.same({}, top.frame(st, 0, 0, NOW))
+    st.message = "hello"
+    assert.are.same({ "hello" }, top.frame(st, 80, 1, NOW))
+  end)
+end)
