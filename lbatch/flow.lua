@@ -789,7 +789,8 @@ end
 M.PIPELINE_OPTIONS = { "max_in_flight", "completion_window", "metadata", "poll_interval", "max_poll_interval",
   "poll_factor", "resubmit", "max_rounds", "max_enqueued_tokens", "max_enqueued_requests", "quota_poll",
   "quota_backoff", "quota_backoff_max", "max_quota_delays", "prices", "discount", "max_failure_ratio",
-  "stuck_after", "on_stuck", "stuck_action", "check_disk", "disk_factor", "on_step" }
+  "stuck_after", "on_stuck", "stuck_action", "check_disk", "disk_factor", "on_step",
+  "recover_window" }
 
 local Results = {}
 Results.__index = Results

@@ -226,17 +226,35 @@ local function looked(v, err)
   return v
 end
 
--- the shard's upload: its name and all its bytes (a Together upload cut
--- after its first step leaves a file of that name with none)
-function Run:find_upload(s)
+-- A step in flight when a run died may still be being made by the
+-- service: it is looked for over `recover_window` seconds (default
+-- RECOVER_WINDOW) before it is sent again.
+local RECOVER_WINDOW = 45
+
+function Run:look_within(look)
   local client = self.client
-  return looked(recover.upload(function(q) return client:list_files(q) end,
-    { filename = s.name, bytes = size_of(s.path) }))
+  local window = self.opts.recover_window or RECOVER_WINDOW
+  return looked(recover.within(look, window, function(t) client:sleep(t) end, now))
 end
 
+-- the shard's upload, by its stamps: the run's name for the shard and all
+-- its bytes (a Together upload cut after its first step leaves a file of
+-- that name with none)
+function Run:find_upload(s)
+  local client = self.client
+  local want = { filename = s.name, bytes = size_of(s.path) }
+  return self:look_within(function()
+    return recover.upload(function(q) return client:list_files(q) end, want)
+  end)
+end
+
+-- the shard's batch: the one made from its file (a shard's file is used
+-- by one batch only)
 function Run:find_batch(file_id)
   local client = self.client
-  return looked(recover.batch(function(q) return client:list_batches(q) end, { input_file_id = file_id }))
+  return self:look_within(function()
+    return recover.batch(function(q) return client:list_batches(q) end, { input_file_id = file_id })
+  end)
 end
 
 -- the shard's estimate (tokens, requests, the most it may cost), made once
@@ -566,6 +584,9 @@ end
 -- max_lines, max_bytes, max_in_flight (8),
 -- completion_window, metadata (a table, or fn(shard) -> table),
 -- poll_interval, max_poll_interval, poll_factor, resubmit, max_rounds,
+-- recover_window (45 s: how long an upload or a create in flight when
+-- an earlier run died is looked for, by its stamps, before it is sent
+-- again; a service may make it a while after it was asked),
 -- disk_factor (3: answers up to 3x the requests' size; the free space is
 -- checked first, `check_disk = false` to skip),
 -- on_progress(p), on_step(step, shard), on_transfer(shard_name,
