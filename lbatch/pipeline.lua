@@ -351,6 +351,15 @@ function Run:refused(s, message)
   if left > 0 then self.client:sleep(left) end
 end
 
+-- A step the service refused (a 4xx answer) made nothing: the journal
+-- says so, and a later run sends it without looking for it first.
+function Run:refusal(s, err, step)
+  if err.status and err.status >= 400 and err.status < 500 then
+    s.step = step
+    self:save(s)
+  end
+end
+
 function Run:upload(s)
   local f
   if s.step == "uploading" then f = self:find_upload(s) end
@@ -362,6 +371,7 @@ function Run:upload(s)
     local err
     f, err = self.client:upload(s.path, { filename = s.name }, self:transfer_watch(s, "up"))
     if not f then
+      self:refusal(s, err, "written")
       self:account(err.code, err.message, err.status)
       throw(err)
     end
@@ -408,6 +418,7 @@ function Run:create(s)
     if not b then
       self:release(s)
       if quota.refused(err.code) then return self:refused(s, err.message) end
+      self:refusal(s, err, "uploaded")
       self:account(err.code, err.message, err.status)
       throw(err)
     end
