@@ -59,6 +59,82 @@ local function snapshot(state)
   return recs
 end
 
+-- ------------------------------------------------------------ identity
+
+-- A run's id is kept in three places: its journal's header, its stamps on
+-- the service (files named RUN-K.jsonl, batches with metadata.lbatch_run),
+-- and dir/run.json, written once (aside, synced, renamed, the directory
+-- synced) before anything is sent. A journal that lost its header (emptied,
+-- cut, deleted) beside a run.json, or beside the shards it wrote, is
+-- refused: starting a new run would upload and create everything again.
+local function run_file(dir) return dir .. "/run.json" end
+
+local function read_identity(dir)
+  local path = run_file(dir)
+  local fh = io.open(path, "rb")
+  if not fh then return nil end
+  local text = fh:read("*a")
+  fh:close()
+  local ok, v = pcall(json.decode, text)
+  if not ok or type(v) ~= "table" or type(v.run) ~= "string" then
+    return nil, errors.new({ kind = "invalid", code = "journal_damaged", path = path, message = ("pipeline: %s "
+      .. "is not a run's identity (a JSON object with its run): restore it, or remove it if %s holds no run")
+      :format(path, dir) })
+  end
+  return v
+end
+
+local function write_identity(dir, id)
+  local path = run_file(dir)
+  local tmp = path .. ".tmp"
+  local fh, msg = io.open(tmp, "wb")
+  if not fh then return nil, errors.io("cannot write", tmp, msg) end
+  local ok, werr = fh:write(json.encode({ version = 1, run = id }), "\n")
+  local closed, cerr = fh:close()
+  if not (ok and closed) then return nil, errors.io("cannot write", tmp, werr or cerr) end
+  local synced, why = core.fsync(tmp)
+  if not synced then return nil, errors.io("cannot sync", tmp, why) end
+  local renamed, rerr = os.rename(tmp, path)
+  if not renamed then return nil, errors.io("cannot rename " .. tmp .. " to", path, rerr) end
+  synced, why = core.fsync(dir)
+  if not synced then return nil, errors.io("cannot sync", dir, why) end
+  return true
+end
+
+-- how a damaged journal is repaired: adopt from the account (the requests
+-- sharded again), or, for files handed as a manifest, a backup
+local function repair_hint(opts, path, id)
+  if opts.manifest then
+    return ("restore %s from a backup (its files were handed as a manifest: adopt cannot shard them again)")
+      :format(path)
+  end
+  return ("move %s aside, then rebuild it from the account: lbatch adopt --run %s --dir %s INPUT (with run's "
+    .. "sharding options; pipeline.adopt{run = %q, dir = ..., requests = ...}), and run again"):format(path,
+      id or "RUN", opts.dir, id or "RUN")
+end
+
+-- nil when the journal and the run's identity agree, else the error
+local function check_identity(opts, path, state)
+  local id, err = read_identity(opts.dir)
+  if err then return err end
+  if id and state and state.run ~= id.run then
+    return errors.new({ kind = "invalid", code = "journal_damaged", path = path, run = id.run, message = ("pipeline: "
+      .. "%s is the journal of run %s, but %s says run %s: nothing was sent; put back the run's own journal")
+      :format(path, tostring(state.run), run_file(opts.dir), id.run) })
+  end
+  if state then return nil end
+  local shards = not opts.manifest and io.open(opts.dir .. "/requests.jsonl", "rb")
+  if shards then shards:close() end
+  if not id and not shards then return nil end
+  return errors.new({ kind = "invalid", code = "journal_damaged", path = path, run = id and id.run,
+    message = ("pipeline: the journal %s is empty, cut in its header or missing, but %s: starting again would "
+      .. "upload and create everything again; nothing was sent. To repair: %s%s"):format(path,
+      id and ("run " .. id.run .. " was started here (" .. run_file(opts.dir) .. ")")
+         or ("the shards of a run are there (" .. opts.dir .. "/requests.jsonl)"),
+      repair_hint(opts, path, id and id.run),
+      id and "" or " (RUN is the prefix of the run's files' names: lbatch files)") })
+end
+
 local function token()
   local f = io.open("/dev/urandom", "rb")
   local bytes = f and f:read(6) or tostring(os.time() + math.random())
@@ -663,6 +739,8 @@ function M.run(opts)
   local path = opts.journal or (opts.dir .. "/journal.jsonl")
   local log, jerr, state = open_journal(path)
   if not log then return nil, jerr end
+  local ierr = check_identity(opts, path, state)
+  if ierr then log:close() return nil, ierr end
   if not state or state.phase == "sharding" then
     if type(opts.requests) == "string" then
       local fits, ferr = room(opts, opts.dir, size_of(opts.requests), 1)
@@ -684,6 +762,7 @@ function M.run(opts)
     client:pause()
   end
   local ok, cerr = log:compact(snapshot(state))
+  if ok and not read_identity(opts.dir) then ok, cerr = write_identity(opts.dir, state.run) end
   if not ok then log:close() return nil, cerr end
   local pending = 0                      -- the requests whose answers are still to come
   for i, s in ipairs(state.shards) do
