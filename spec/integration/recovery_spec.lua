@@ -141,3 +141,15 @@ describe("recovery on a server that makes an upload or a create late", function(
     assert(ok, err)
   end)
 end)
+
+describe("the kill -9 soak, short (make soak runs hundreds of kills)", function()
+  it("a pipeline and a flow killed at random on a slow server, restarted at once or after a pause: "
+     .. "every request answered once, nothing made twice", function()
+    local kills = require "soak.kills"
+    math.randomseed(H.pid)
+    local fig, emu = kills.soak({ pipelines = 1, flows = 1, kills = 3, slow = 0.5, pause = 0.5, items = 60 })
+    emu.stop()
+    assert.is_true(fig.kills >= 1, "killed " .. fig.kills .. " times")
+    assert.is_true(fig.files >= 6 and fig.batches >= 6 and fig.answers >= 60)
+  end)
+end)
