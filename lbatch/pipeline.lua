@@ -102,11 +102,12 @@ local function write_identity(dir, id)
 end
 
 -- how a damaged journal is repaired: adopt from the account (the requests
--- sharded again), or, for files handed as a manifest, a backup
+-- sharded again, or the manifest it was handed)
 local function repair_hint(opts, path, id)
   if opts.manifest then
-    return ("restore %s from a backup (its files were handed as a manifest: adopt cannot shard them again)")
-      :format(path)
+    return ("move %s aside, then rebuild it from the account: pipeline.adopt{run = %q, dir = %q, manifest = "
+      .. "(the files this run was handed; a flow's round: flow.json's rounds[R].files)}, and run again")
+      :format(path, id or "RUN", opts.dir)
   end
   return ("move %s aside, then rebuild it from the account: lbatch adopt --run %s --dir %s INPUT (with run's "
     .. "sharding options; pipeline.adopt{run = %q, dir = ..., requests = ...}), and run again"):format(path,
@@ -881,7 +882,8 @@ end
 -- `run`), dir, run (the run's id: `metadata.lbatch_run`
 -- of its batches, the prefix of its files' names), requests and the
 -- sharding options `run` took (model, endpoint, system, limits,
--- max_lines, max_bytes), journal
+-- max_lines, max_bytes), or manifest (the files `run` was handed, as it
+-- took them: a flow's round), journal
 -- @treturn table `{run, shards, files, batches}` (counts found), or nil and an error
 function M.adopt(opts)
   errors.check("pipeline.adopt", "opts", opts, "table")
@@ -902,7 +904,8 @@ function M.adopt(opts)
     return nil, errors.new({ kind = "invalid", code = "journal_exists", param = "dir", message = ("pipeline.adopt: "
       .. "%s exists: adopt rebuilds a lost journal, it does not replace one"):format(path) })
   end
-  local manifest, err = shard(opts, opts.dir, client)
+  local manifest, err = opts.manifest, nil
+  if not manifest then manifest, err = shard(opts, opts.dir, client) end
   if not manifest then return nil, err end
   local run = opts.run
   local name_pattern = "^" .. run:gsub("%p", "%%%0") .. "%-(%d+)%.jsonl$"

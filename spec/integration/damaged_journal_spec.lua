@@ -144,6 +144,24 @@ describe("a flow whose round's files are damaged", function()
     assert.matches(path, err.message, 1, true)
     local after = routes(emu)
     assert.are.same({ before["POST /files"], before["POST /batches"] }, { after["POST /files"], after["POST /batches"] })
+    -- repaired as the message says: aside, adopted with the round's files, run again
+    assert.matches("pipeline.adopt{run = \"" .. err.run .. "\"", err.message, 1, true)
+    assert(os.rename(path, path .. ".damaged"))
+    local st = cjson.decode(H.read(dir .. "/flow.json"))
+    local found = assert(pipeline.adopt({ client = c, dir = dir .. "/round-1/batches", run = err.run,
+                                          manifest = { files = st.rounds[1].files } }))
+    assert.are.equal(found.shards, found.batches)            -- every batch of round 1 found
+    report = assert(flow.run(options(dir)))
+    assert.are.same({ 30, 30, 0 }, { report.items, report.done, report.failed })
+    local r = routes(emu)
+    local _, files = H.json("GET", emu.base .. "/files?purpose=batch&limit=100")
+    local names = {}
+    for _, f in ipairs(files.data) do
+      assert.is_nil(names[f.filename], f.filename .. " uploaded twice")
+      names[f.filename] = true
+    end
+    assert.are.equal(r["POST /files"], #files.data)          -- nothing uploaded twice
+    assert.are.equal(r["POST /batches"], r["POST /files"])   -- one batch a file
   end)
 
   for _, at in ipairs({ "before_upload", "waiting" }) do
