@@ -74,40 +74,59 @@ local function job(o, fig)
   end
 end
 
---- The soak: `o.pipelines` pipeline jobs and `o.flows` flow jobs, each
--- killed up to `o.kills` times (the last run goes to its end), on one
--- emulator with slow_commit `o.slow` seconds; returns the figures and
--- checks the rules (an assert fails the first one broken).
+-- one pipeline job (number j): its run id
+local function pipeline_job(o, fig, emu, root, j, window)
+  local dir = ("%s/p%d"):format(root, j)
+  H.mkdir(dir)
+  local lines = o.lines or 60
+  local input = H.requests(dir .. "/in.jsonl", lines, { url = "/v1/chat/completions", model = "qwen-plus",
+    prefix = "p" .. j .. "-" })
+  local cmd = ("DRIVER_MAX_LINES=10 DRIVER_MAX_IN_FLIGHT=6 DRIVER_RECOVER_WINDOW=%s %s %s %s %s %s"):format(window,
+    H.lua, H.root .. "/spec/fixtures/pipeline_driver.lua", emu.base, dir .. "/work", input)
+  local out = job({ cmd = cmd, dir = dir, kills = o.kills, pause = o.pause or 0.5, min = 0.05, max = o.max or 1.2 }, fig)
+  assert(out:find(("done %d %d %d"):format(math.ceil(lines / 10), lines, lines), 1, true), out)
+  fig.jobs, fig.requests = fig.jobs + 1, fig.requests + lines
+  return cjson.decode(H.read(dir .. "/work/run.json")).run
+end
+
+local function flow_job(o, fig, emu, root, j, window)
+  local dir = ("%s/f%d"):format(root, j)
+  H.mkdir(dir)
+  local cmd = ("LBATCH_ROOT=%s FLOW_MAX_LINES=25 FLOW_RECOVER_WINDOW=%s %s %s %s %s %d"):format(H.q(H.root), window,
+    H.lua, H.root .. "/spec/fixtures/flow_driver.lua", emu.base, dir .. "/work", o.items or 100)
+  local out = job({ cmd = cmd, dir = dir, kills = o.kills, pause = o.pause or 0.5, min = 0.05, max = o.max or 2 }, fig)
+  local items, done, failed = out:match("done (%d+) (%d+) (%d+)")
+  assert(tonumber(items) == (o.items or 100) and done == items and failed == "0", out)
+  fig.jobs, fig.flows = fig.jobs + 1, fig.flows + 1
+end
+
+--- The soak: pipeline jobs and flow jobs in turn (o.flow_every: a flow
+-- job every that many, default 3), each killed up to `o.kills` times (the
+-- last run goes to its end), on one emulator with slow_commit `o.slow`
+-- seconds, until `o.target` kills were made, or `o.jobs` jobs ran, or
+-- `o.seconds` passed; returns the figures (and the emulator) once every
+-- rule held (an assert fails the first one broken).
 function M.soak(o)
   local emu = H.emulator({ speed = o.speed or 200, rate_limits = false })
   local status = H.json("POST", emu.url .. "/_emulator/modes", { json = { slow_commit = { seconds = o.slow } } })
   assert(status == 200)
-  local fig = { kills = 0, at_once = 0, paused = 0, jobs = 0, requests = 0 }
-  local root, runs = H.tmpdir(), {}
+  local fig = { kills = 0, at_once = 0, paused = 0, jobs = 0, flows = 0, requests = 0 }
+  local root, runs, t0 = H.tmpdir(), {}, H.now()
   local window = ("%g"):format(o.window or o.slow * 3 + 1)
-  for j = 1, o.pipelines or 0 do
-    local dir = ("%s/p%d"):format(root, j)
-    H.mkdir(dir)
-    local input = H.requests(dir .. "/in.jsonl", o.lines or 60, { url = "/v1/chat/completions", model = "qwen-plus",
-      prefix = "p" .. j .. "-" })
-    local cmd = ("DRIVER_MAX_LINES=10 DRIVER_MAX_IN_FLIGHT=6 DRIVER_RECOVER_WINDOW=%s %s %s %s %s %s"):format(window,
-      H.lua, H.root .. "/spec/fixtures/pipeline_driver.lua", emu.base, dir .. "/work", input)
-    local out = job({ cmd = cmd, dir = dir, kills = o.kills, pause = o.pause or 0.5, min = 0.05, max = o.max or 1.2 }, fig)
-    assert(out:find(("done %d %d %d"):format((o.lines or 60) / 10, o.lines or 60, o.lines or 60), 1, true), out)
-    runs[#runs + 1] = cjson.decode(H.read(dir .. "/work/run.json")).run
-    fig.jobs, fig.requests = fig.jobs + 1, fig.requests + (o.lines or 60)
-  end
-  for j = 1, o.flows or 0 do
-    local dir = ("%s/f%d"):format(root, j)
-    H.mkdir(dir)
-    local cmd = ("LBATCH_ROOT=%s FLOW_MAX_LINES=25 FLOW_RECOVER_WINDOW=%s %s %s %s %s %d"):format(H.q(H.root), window,
-      H.lua, H.root .. "/spec/fixtures/flow_driver.lua", emu.base, dir .. "/work", o.items or 100)
-    local out = job({ cmd = cmd, dir = dir, kills = o.kills, pause = o.pause or 0.5, min = 0.05, max = o.max or 2 }, fig)
-    local items, done, failed = out:match("done (%d+) (%d+) (%d+)")
-    assert(tonumber(items) == (o.items or 100) and done == items and failed == "0", out)
-    fig.jobs = fig.jobs + 1
-  end
-  return M.check(emu, fig, runs, o), emu
+  local every = o.flow_every or 3
+  local ok, err = pcall(function()
+    while fig.kills < (o.target or math.huge) and fig.jobs < (o.jobs or math.huge)
+      and H.now() - t0 < (o.seconds or math.huge) do
+      if (fig.jobs + 1) % every == 0 then
+        flow_job(o, fig, emu, root, fig.flows + 1, window)
+      else
+        runs[#runs + 1] = pipeline_job(o, fig, emu, root, #runs + 1, window)
+      end
+    end
+    M.check(emu, fig, runs, o)
+  end)
+  if not ok then emu.stop() error(err, 0) end
+  return fig, emu
 end
 
 -- the rules, over everything the emulator holds
