@@ -39,7 +39,7 @@ BUSTED = env LUA_PATH="./?.lua;./?/init.lua;./spec/?.lua;;" LBATCH_ROOT=$(CURDIR
 
 ROCKSPEC = $(wildcard rockspec/lbatch-*.rockspec)
 
-.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare bench-scale install lint docs fuzz mutate clean
+.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare bench-scale install lint docs fuzz mutate soak clean
 
 all: build
 
@@ -158,6 +158,12 @@ fuzz: deps
 # the whole Lua 5.4 suite; prints the score. Long: not part of make test.
 mutate: deps build
 	spec/mutate/run $(FILES)
+
+# The kill -9 soak (spec/soak/run.lua): hundreds of random kills of the
+# pipeline and the flow on a slow server, restarted at once or after a
+# pause; prints its figures. Long: not part of make test (SOAK_* bound it).
+soak: deps build
+	$(BUSTED) LUA_CPATH="./build/5.4/?.so;;" LBATCH_LUA=lua5.4 lua5.4 spec/soak/run.lua
 
 # The API reference from the doc comments (LDoc, config.ld): docs/index.html
 docs: deps

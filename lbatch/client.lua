@@ -303,11 +303,11 @@ function Client:upload(file, params, opts)
   table.sort(form, function(a, b) return a.name < b.name end)
   form[#form + 1] = part      -- the file last, as the SDKs send it
   o.form = form
-  local since = os.time() - 300     -- allow for clock skew
+  -- found by its stamps (name, size), not by this machine's clock
   o.recover = function()
     local size = bytes or file_size(file)
     if not size then return nil, true end
-    local found, lerr = recover.upload(lister(t, "/files"), { filename = part.filename, bytes = size, since = since })
+    local found, lerr = recover.upload(lister(t, "/files"), { filename = part.filename, bytes = size })
     if found then return found end
     return nil, lerr ~= nil         -- cannot tell: do not risk a second file
   end
@@ -420,11 +420,11 @@ function Client:create(params, opts)
   local o = call_options("create", opts)
   o.body = json.encode(req)
   local t = transport(self)
-  local since = os.time() - 300     -- allow for clock skew
+  -- found by its stamps (input file, endpoint, metadata), not by this machine's clock
   o.recover = function(err)
     if err.status == 429 or err.status == 408 then return nil end
     local found, lerr = recover.batch(lister(t, "/batches"), { input_file_id = req.input_file_id,
-      endpoint = req.endpoint, metadata = req.metadata or {}, since = since })
+      endpoint = req.endpoint, metadata = req.metadata or {} })
     if found then return found end
     return nil, lerr ~= nil         -- cannot tell: do not risk a second batch
   end

@@ -556,10 +556,26 @@ function Run:answers(group, path)
   close_synced(fh, path)
 end
 
+-- A round's asks files are the ones its pass wrote (flow.json keeps each
+-- one's size): a file cut or changed since cannot be sent nor answered
+-- from, and is refused by name before anything of it goes out.
+local function check_asks(R, files)
+  for _, f in ipairs(files) do
+    local bytes = require("lbatch.size").file(f.path)
+    if bytes ~= f.bytes then
+      throw(fail("asks_damaged", ("%s has %s bytes, its pass wrote %d: the file was cut or changed, and round %d "
+        .. "cannot be sent or answered from it. Restore it from a backup; or run the flow again in a new dir "
+        .. "(its asks are made again from the same items, and paid again)"):format(f.path,
+          bytes and tostring(bytes) or "no", f.bytes, R), { path = f.path }))
+    end
+  end
+end
+
 -- Round R's requests through a pipeline, then its answers on disk.
 function Run:send(R)
   local dir, st = self.dir, self.state
   local rdir = ("%s/round-%d"):format(dir, R)
+  check_asks(R, st.rounds[R].files)
   local report, err = pipeline.run(self:pipeline_options(R, rdir .. "/batches", st.rounds[R].files))
   if not report then throw(err) end
   for g, group in ipairs(report.groups) do self:answers(group, ("%s/answers-%d.jsonl"):format(rdir, g)) end
@@ -587,6 +603,7 @@ end
 function Run:send_shard(sh)
   local st, R, g = self.state, sh.r, sh.g
   local rdir = ("%s/round-%d"):format(self.dir, R)
+  check_asks(R, { st.rounds[R].files[g] })
   local po = self:pipeline_options(R, ("%s/batches-%d"):format(rdir, g), { st.rounds[R].files[g] })
   po.quota = self.quota
   local report, err = pipeline.run(po)
@@ -662,6 +679,7 @@ function Run:realtime(R)
   local dir, st, opts, client = self.dir, self.state, self.opts, self.client
   local rdir = ("%s/round-%d"):format(dir, R)
   local files = st.rounds[R].files
+  check_asks(R, files)
   local left = self:budget(R)
   if left then
     local paths = {}
@@ -794,7 +812,8 @@ end
 M.PIPELINE_OPTIONS = { "max_in_flight", "completion_window", "metadata", "poll_interval", "max_poll_interval",
   "poll_factor", "resubmit", "max_rounds", "max_enqueued_tokens", "max_enqueued_requests", "quota_poll",
   "quota_backoff", "quota_backoff_max", "max_quota_delays", "prices", "discount", "max_failure_ratio",
-  "stuck_after", "on_stuck", "stuck_action", "check_disk", "disk_factor", "on_step" }
+  "stuck_after", "on_stuck", "stuck_action", "check_disk", "disk_factor", "on_step",
+  "recover_window" }
 
 local Results = {}
 Results.__index = Results

@@ -65,6 +65,83 @@ local function snapshot(state)
   return recs
 end
 
+-- ------------------------------------------------------------ identity
+
+-- A run's id is kept in three places: its journal's header, its stamps on
+-- the service (files named RUN-K.jsonl, batches with metadata.lbatch_run),
+-- and dir/run.json, written once (aside, synced, renamed, the directory
+-- synced) before anything is sent. A journal that lost its header (emptied,
+-- cut, deleted) beside a run.json, or beside the shards it wrote, is
+-- refused: starting a new run would upload and create everything again.
+local function run_file(dir) return dir .. "/run.json" end
+
+local function read_identity(dir)
+  local path = run_file(dir)
+  local fh = io.open(path, "rb")
+  if not fh then return nil end
+  local text = fh:read("*a")
+  fh:close()
+  local ok, v = pcall(json.decode, text)
+  if not ok or type(v) ~= "table" or type(v.run) ~= "string" then
+    return nil, errors.new({ kind = "invalid", code = "journal_damaged", path = path, message = ("pipeline: %s "
+      .. "is not a run's identity (a JSON object with its run): restore it, or remove it if %s holds no run")
+      :format(path, dir) })
+  end
+  return v
+end
+
+local function write_identity(dir, id)
+  local path = run_file(dir)
+  local tmp = path .. ".tmp"
+  local fh, msg = io.open(tmp, "wb")
+  if not fh then return nil, errors.io("cannot write", tmp, msg) end
+  local ok, werr = fh:write(json.encode({ version = 1, run = id }), "\n")
+  local closed, cerr = fh:close()
+  if not (ok and closed) then return nil, errors.io("cannot write", tmp, werr or cerr) end
+  local synced, why = core.fsync(tmp)
+  if not synced then return nil, errors.io("cannot sync", tmp, why) end
+  local renamed, rerr = os.rename(tmp, path)
+  if not renamed then return nil, errors.io("cannot rename " .. tmp .. " to", path, rerr) end
+  synced, why = core.fsync(dir)
+  if not synced then return nil, errors.io("cannot sync", dir, why) end
+  return true
+end
+
+-- how a damaged journal is repaired: adopt from the account (the requests
+-- sharded again, or the manifest it was handed)
+local function repair_hint(opts, path, id)
+  if opts.manifest then
+    return ("move %s aside, then rebuild it from the account: pipeline.adopt{run = %q, dir = %q, manifest = "
+      .. "(the files this run was handed; a flow's round: flow.json's rounds[R].files)}, and run again")
+      :format(path, id or "RUN", opts.dir)
+  end
+  return ("move %s aside, then rebuild it from the account: lbatch adopt --run %s --dir %s INPUT (with run's "
+    .. "sharding options; pipeline.adopt{run = %q, dir = ..., requests = ...}), and run again"):format(path,
+      id or "RUN", opts.dir, id or "RUN")
+end
+
+-- nil when the journal and the run's identity agree, else the error
+local function check_identity(opts, path, state)
+  local id, err = read_identity(opts.dir)
+  if err then return err end
+  if id and state and state.run ~= id.run then
+    return errors.new({ kind = "invalid", code = "journal_damaged", path = path, run = id.run, message = ("pipeline: "
+      .. "%s is the journal of run %s, but %s says run %s: nothing was sent; put back the run's own journal")
+      :format(path, tostring(state.run), run_file(opts.dir), id.run) })
+  end
+  if state then return nil end
+  local shards = not opts.manifest and io.open(opts.dir .. "/requests.jsonl", "rb")
+  if shards then shards:close() end
+  if not id and not shards then return nil end
+  return errors.new({ kind = "invalid", code = "journal_damaged", path = path, run = id and id.run,
+    message = ("pipeline: the journal %s is empty, cut in its header or missing, but %s: starting again would "
+      .. "upload and create everything again; nothing was sent. To repair: %s%s"):format(path,
+      id and ("run " .. id.run .. " was started here (" .. run_file(opts.dir) .. ")")
+         or ("the shards of a run are there (" .. opts.dir .. "/requests.jsonl)"),
+      repair_hint(opts, path, id and id.run),
+      id and "" or " (RUN is the prefix of the run's files' names: lbatch files)") })
+end
+
 local function token()
   local f = io.open("/dev/urandom", "rb")
   local bytes = f and f:read(6) or tostring(os.time() + math.random())
@@ -602,17 +679,35 @@ local function looked(v, err)
   return v
 end
 
--- the shard's upload: its name and all its bytes (a Together upload cut
--- after its first step leaves a file of that name with none)
-function Run:find_upload(s)
+-- A step in flight when a run died may still be being made by the
+-- service: it is looked for over `recover_window` seconds (default
+-- RECOVER_WINDOW) before it is sent again.
+local RECOVER_WINDOW = 45
+
+function Run:look_within(look)
   local client = self.client
-  return looked(recover.upload(function(q) return client:list_files(q) end,
-    { filename = s.name, bytes = size_of(s.path) }))
+  local window = self.opts.recover_window or RECOVER_WINDOW
+  return looked(recover.within(look, window, function(t) client:sleep(t) end, now))
 end
 
+-- the shard's upload, by its stamps: the run's name for the shard and all
+-- its bytes (a Together upload cut after its first step leaves a file of
+-- that name with none)
+function Run:find_upload(s)
+  local client = self.client
+  local want = { filename = s.name, bytes = size_of(s.path) }
+  return self:look_within(function()
+    return recover.upload(function(q) return client:list_files(q) end, want)
+  end)
+end
+
+-- the shard's batch: the one made from its file (a shard's file is used
+-- by one batch only)
 function Run:find_batch(file_id)
   local client = self.client
-  return looked(recover.batch(function(q) return client:list_batches(q) end, { input_file_id = file_id }))
+  return self:look_within(function()
+    return recover.batch(function(q) return client:list_batches(q) end, { input_file_id = file_id })
+  end)
 end
 
 -- the shard's estimate (tokens, requests, the most it may cost), made once
@@ -713,6 +808,15 @@ function Run:refused(s, message)
   if left > 0 then self.client:sleep(left) end
 end
 
+-- A step the service refused (a 4xx answer) made nothing: the journal
+-- says so, and a later run sends it without looking for it first.
+function Run:refusal(s, err, step)
+  if err.status and err.status >= 400 and err.status < 500 then
+    s.step = step
+    self:save(s)
+  end
+end
+
 function Run:upload(s)
   local f
   if s.step == "uploading" then f = self:find_upload(s) end
@@ -724,6 +828,7 @@ function Run:upload(s)
     local err
     f, err = self.client:upload(s.path, { filename = s.name }, self:transfer_watch(s, "up"))
     if not f then
+      self:refusal(s, err, "written")
       self:account(err.code, err.message, err.status)
       throw(err)
     end
@@ -773,6 +878,7 @@ function Run:create(s)
     if not b then
       self:release(s)
       if quota.refused(err.code) then return self:refused(s, err.message) end
+      self:refusal(s, err, "uploaded")
       self:account(err.code, err.message, err.status)
       throw(err)
     end
@@ -1010,6 +1116,9 @@ end
 -- max_lines, max_bytes, max_in_flight (8),
 -- completion_window, metadata (a table, or fn(shard) -> table),
 -- poll_interval, max_poll_interval, poll_factor, resubmit, max_rounds,
+-- recover_window (45 s: how long an upload or a create in flight when
+-- an earlier run died is looked for, by its stamps, before it is sent
+-- again; a service may make it a while after it was asked),
 -- disk_factor (3: answers up to 3x the requests' size; the free space is
 -- checked first, `check_disk = false` to skip),
 -- on_progress(p), on_step(step, shard), on_transfer(shard_name,
@@ -1107,6 +1216,8 @@ function run_locked(opts, client)
   local path = opts.journal or (opts.dir .. "/journal.jsonl")
   local log, jerr, state = open_journal(path)
   if not log then return nil, jerr end
+  local ierr = check_identity(opts, path, state)
+  if ierr then log:close() return nil, ierr end
   local ctx, change = { opts = opts, client = client, tok = token() }, { notes = {} }
   ctx.fp = { options = options_fp(opts, client), source = source_hash(opts, function() client:pause() end) }
   if state and state.phase ~= "sharding" then
@@ -1122,6 +1233,8 @@ function run_locked(opts, client)
   end
   local was_done = state.phase == "done"
   local ok, cerr = log:compact(snapshot(state))
+  local known = ok and read_identity(opts.dir)      -- (a fresh run after another: its own id)
+  if ok and (not known or known.run ~= state.run) then ok, cerr = write_identity(opts.dir, state.run) end
   if not ok then log:close() return nil, cerr end
   local pending = 0                      -- the requests whose answers are still to come
   for i, s in ipairs(state.shards) do
@@ -1299,10 +1412,12 @@ end
 -- the shards of the run: the manifest its files and batches match (with
 -- max_lines read from them when it was not given), or nil and an error
 local function run_shards(opts, client, files, batches)
-  local manifest, err = shard(opts, opts.dir, client)
+  local manifest, err = opts.manifest, nil
+  if not manifest then manifest, err = shard(opts, opts.dir, client) end
   if not manifest then return nil, err end
   local why, param = mismatch(manifest, files, batches, opts.completion_window)
   if not why then return manifest end
+  if opts.manifest then return nil, mismatch_error(opts.run, why, param) end   -- the files it was handed
   local n = param ~= "completion_window" and first_shard_lines(manifest, files, batches)
   if not n or opts.max_lines ~= nil then
     if n and n ~= opts.max_lines then why, param = why .. (" (its shards hold %d lines)"):format(n), "max_lines" end
@@ -1337,7 +1452,8 @@ end
 -- `run`), dir, run (the run's id: `metadata.lbatch_run`
 -- of its batches, the prefix of its files' names), requests and the
 -- sharding options `run` took (model, endpoint, system, header, limits,
--- max_lines, max_bytes), completion_window, journal, wait_lock (as
+-- max_lines, max_bytes), or manifest (the files `run` was handed, as it
+-- took them: a flow's round), completion_window, journal, wait_lock (as
 -- `run`'s: dir is locked)
 -- @treturn table `{run, shards, files, batches, max_lines}` (counts found;
 -- max_lines when read from the run), or nil and an error

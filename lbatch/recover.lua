@@ -5,6 +5,13 @@
 -- start a second batch (and pay twice), so first look among the newest:
 -- the client does it before a retry, the pipeline after a crash. Each
 -- function takes `list(query) -> page | nil, err`, the one call it needs.
+--
+-- A step is recognised by the stamps it carries (a file's name and size,
+-- a batch's input file, endpoint and metadata), never by the client's
+-- wall clock: a clock that runs fast or slow finds the same thing. A
+-- server may make the object a while after it was asked (and even after
+-- the client has gone): `within` looks again over a window before the
+-- caller sends the step again.
 -- @module lbatch.recover
 local M = {}
 
@@ -70,6 +77,28 @@ function M.stamped(list, want)
     end
   end
   return best
+end
+
+--- Look again and again until `look` finds the object or `window`
+-- seconds have passed (a server's consistency delay: an upload or a
+-- create still being made when the client died shows up later).
+-- @tparam function look () -> object | nil | nil, err (an error ends it)
+-- @tparam number window seconds to keep looking (0: once)
+-- @tparam function sleep (seconds) waits
+-- @tparam function clock () -> a monotonic time in seconds
+-- @tparam[opt] number every seconds between looks (default: a tenth of
+-- the window, 0.05 to 2)
+-- @return the object, nil when none appeared in time, or nil and the error
+function M.within(look, window, sleep, clock, every)
+  local t0 = clock()
+  every = every or math.max(0.05, math.min(2, window / 10))
+  while true do
+    local v, err = look()
+    if v ~= nil or err ~= nil then return v, err end
+    local left = window - (clock() - t0)
+    if left <= 0 then return nil end
+    sleep(math.min(every, left))
+  end
 end
 
 return M

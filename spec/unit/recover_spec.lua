@@ -50,6 +50,61 @@ describe("lbatch.recover", function()
     assert.is_nil(recover.batch(list, { input_file_id = "f2" }))
   end)
 
+  it("matches by stamps alone: a created_at far in the past or the future is found all the same", function()
+    local seen = {}
+    local list = pager({
+      { id = "file-future", filename = "r-1.jsonl", bytes = 10, created_at = 4102444800 },   -- 2100
+      { id = "file-past", filename = "r-2.jsonl", bytes = 10, created_at = 0 },
+      { id = "b-future", input_file_id = "f1", endpoint = "/v1/chat/completions",
+        metadata = { lbatch_run = "r", lbatch_shard = "1" }, created_at = 4102444800 },
+      { id = "b-past", input_file_id = "f2", endpoint = "/v1/chat/completions",
+        metadata = { lbatch_run = "r", lbatch_shard = "2" }, created_at = 0 },
+    }, seen)
+    assert.are.equal("file-future", recover.upload(list, { filename = "r-1.jsonl", bytes = 10 }).id)
+    assert.are.equal("file-past", recover.upload(list, { filename = "r-2.jsonl", bytes = 10 }).id)
+    local want = { endpoint = "/v1/chat/completions", metadata = { lbatch_run = "r", lbatch_shard = "1" } }
+    want.input_file_id = "f1"
+    assert.are.equal("b-future", recover.batch(list, want).id)
+    want.input_file_id, want.metadata.lbatch_shard = "f2", "2"
+    assert.are.equal("b-past", recover.batch(list, want).id)
+    -- and the module reads no clock of its own
+    local time, clock = os.time, os.clock
+    os.time = function() error("recover read os.time") end            -- luacheck: ignore 122
+    os.clock = function() error("recover read os.clock") end          -- luacheck: ignore 122
+    local ok, err = pcall(function()
+      assert.are.equal("file-past", recover.upload(list, { filename = "r-2.jsonl", bytes = 10 }).id)
+      assert.are.equal("b-past", recover.batch(list, want).id)
+    end)
+    os.time, os.clock = time, clock                                   -- luacheck: ignore 122
+    assert(ok, err)
+  end)
+
+  it("looks again over the window until the object appears, and no longer", function()
+    local t, looks, slept = 0, 0, {}
+    local clock = function() return t end
+    local sleep = function(s) slept[#slept + 1] = s t = t + s end
+    -- made on the fourth look
+    local v = recover.within(function()
+      looks = looks + 1
+      if looks == 4 then return { id = "late" } end
+    end, 10, sleep, clock)
+    assert.are.same({ "late", 4, { 1, 1, 1 } }, { v.id, looks, slept })
+    -- never made: looked for the whole window, the last look at its end
+    t, looks, slept = 0, 0, {}
+    v = recover.within(function() looks = looks + 1 end, 2.5, sleep, clock, 1)
+    assert.is_nil(v)
+    assert.are.same({ 4, { 1, 1, 0.5 }, 2.5 }, { looks, slept, t })
+    -- a window of 0: one look
+    t, looks = 0, 0
+    assert.is_nil(recover.within(function() looks = looks + 1 end, 0, sleep, clock))
+    assert.are.equal(1, looks)
+    -- a failure to look ends it at once
+    local e = errors.new({ kind = "network", message = "reset" })
+    looks = 0
+    local _, err = recover.within(function() looks = looks + 1 return nil, e end, 10, sleep, clock)
+    assert.are.same({ e, 1 }, { err, looks })
+  end)
+
   it("returns the list's error when it cannot look", function()
     local e = errors.new({ kind = "network", message = "reset" })
     local failing = function() return nil, e end

@@ -130,6 +130,7 @@ function B.create()
       return err(400, "token_limit_exceeded", over, nil)
     end
   end
+  modes.commit_delay()
   local now = store.now()
   local b = {
     id = "batch_" .. util.uuid(), object = "batch", endpoint = req.endpoint,

@@ -91,6 +91,7 @@ function F.upload()
   end
   local ttl, e = expiry(res.fields)
   if e then os.remove(part) return e end
+  require("emu.modes").commit_delay()
   local id = F.new_id(purpose)
   local f = {
     id = id, object = "file", bytes = res.file.bytes, created_at = math.floor(store.now()),

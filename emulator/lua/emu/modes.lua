@@ -44,6 +44,10 @@ local CHECK = {
     if not num(v.bytes) then return nil, "cut_download is {bytes = B}" end
     return { bytes = v.bytes }
   end,
+  slow_commit = function(v)
+    if not seconds(v.seconds) then return nil, "slow_commit is {seconds = S}" end
+    return { seconds = v.seconds }
+  end,
   hold = function(v)
     if (v.status ~= "validating" and v.status ~= "finalizing") or not seconds(v.seconds) then
       return nil, "hold is {status = \"validating\" | \"finalizing\", seconds = S}"
@@ -82,6 +86,17 @@ end
 
 -- the mode's settings when it is on, else nil
 function M.get(name) return M.on[name] end
+
+-- slow_commit: wait (real seconds) before an upload or a create is made,
+-- as a slow store does; the client may have gone meanwhile, the object is
+-- made all the same (nginx does not stop a handler whose client left)
+function M.commit_delay()
+  local s = M.on.slow_commit
+  if s and s.seconds > 0 then
+    M.hit("slow_commit")
+    ngx.sleep(s.seconds)
+  end
+end
 
 function M.hit(name, n) M.hits[name] = (M.hits[name] or 0) + (n or 1) end
 
