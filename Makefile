@@ -1,4 +1,4 @@
-# lbatch: make demo | make test | make build | make emulator | make asan | make install | make docs | make mutate
+# lbatch: make demo | make test | make build | make emulator | make asan | make install | make docs | make mutate | make soak
 #
 # Flags (override on the command line):
 #   LUA_INCDIR   Lua 5.4 headers          (default /usr/include/lua5.4)
