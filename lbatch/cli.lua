@@ -385,6 +385,21 @@ local function unreadable(path, dir)
   return errors.io("cannot read", path, msg)
 end
 
+-- A run this command started in a new DIR that failed before anything was
+-- sent (its input refused while sharding: its journal never left the
+-- "sharding" phase) leaves nothing behind: what the pipeline wrote there
+-- is removed, and DIR if it is then empty. Anything else stays.
+local function unstarted(dir)
+  local fh = io.open(dir .. "/journal.jsonl", "rb")
+  local text = fh and fh:read("*a") or ""
+  if fh then fh:close() end
+  local first, rest = text:match("^([^\n]*)\n?(.*)$")
+  local ok, head = pcall(cjson.decode, first or "")
+  if not (ok and type(head) == "table" and head.phase == "sharding") or rest:find("%S") then return end
+  for _, name in ipairs({ "journal.jsonl", "lock", "run.json", "requests.jsonl" }) do os.remove(dir .. "/" .. name) end
+  os.remove(dir)                -- only when empty
+end
+
 -- a batch's own errors (a refused file, a quota), one line each: code, line, message
 local function error_lines(b)
   local data = type(b.errors) == "table" and type(b.errors.data) == "table" and b.errors.data or {}
@@ -1019,6 +1034,7 @@ function run.run(o, pos)
   local dir = o.dir or (pos[1] .. ".lbatch")
   local missing = unreadable(pos[1], dir)
   if missing then return nil, missing end
+  local fresh = not os.rename(dir, dir)
   local show, done, moving = progress_printer()
   local report, err = pipeline.run({
     client = c, requests = pos[1], dir = dir, model = o.model, system = o.system, endpoint = o.endpoint,
@@ -1029,7 +1045,10 @@ function run.run(o, pos)
     on_change = o.fresh and "fresh" or o.reuse and "reuse" or nil,
   })
   done()
-  if not report then return nil, err end
+  if not report then
+    if fresh then unstarted(dir) end
+    return nil, err
+  end
   said_rerun(o, dir, report)
   local output = o.output or (dir .. "/results.jsonl")
   local written, repaired = write_results(report.results, output, o.bom)

@@ -29,6 +29,23 @@ describe("a new user", function()
     return out, tonumber(out:match("exit=(%d+)%s*$")), H.now() - t
   end
 
+  it("runs a CSV with an empty row: refused before anything is sent, and no work directory left", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/q.csv", "id,question\nc1,What is 2 + 2?\nc2,\n")
+    local function uploads() local r = emu.stats().routes return type(r) == "table" and r["POST /files"] or 0 end
+    local before = uploads()
+    local out, code = run(dir, ("%s %s/bin/lbatch run q.csv --model qwen-plus"):format(H.lua, H.root))
+    assert.are.equal(1, code, out)
+    assert.matches("csv_no_content", out, 1, true)
+    assert.is_false(H.exists(dir .. "/q.csv.lbatch"), out)
+    assert.are.equal(before, uploads())
+    -- a directory the user named and made is theirs: left as it was
+    H.sh("mkdir " .. H.q(dir .. "/mine"))
+    out, code = run(dir, ("%s %s/bin/lbatch run q.csv --model qwen-plus --dir mine"):format(H.lua, H.root))
+    assert.are.equal(1, code, out)
+    assert.truthy(H.exists(dir .. "/mine"))
+  end)
+
   it("runs the README's first snippet and its wait sees the end within seconds, not a minute", function()
     local dir = H.tmpdir()
     H.requests(dir .. "/requests.jsonl", 3, { url = "/v1/chat/completions", model = "qwen-plus" })
