@@ -105,7 +105,7 @@ for _, dialect in ipairs({ "dashscope", "openai" }) do
       assert.are.same({ "/v1/embeddings", 8 }, { l.path, l.body.dimensions })
     end)
 
-    it("iterates every file and every batch; the names before 0.2 are gone", function()
+    it("iterates every file and every batch; the names before 0.2 are gone, but list (the design's name)", function()
       local want = 0
       for _ in pairs(select(2, H.json("GET", emu.base .. "/files")).data) do want = want + 1 end
       local n = 0
@@ -114,7 +114,10 @@ for _, dialect in ipairs({ "dashscope", "openai" }) do
         n = n + 1
       end
       assert.are.equal(want, n)
-      assert.is_nil(c.list)
+      assert.are.equal("function", type(c.list))      -- upload/create/retrieve/list/cancel/content
+      local page, perr = c:list({ limit = 100 })
+      assert.is_truthy(page, tostring(perr))
+      assert.are.equal(#assert(c:list_batches({ limit = 100 })).data, #page.data)
       assert.is_nil(c.files)
       assert.is_nil(c.batches)
     end)

@@ -14,7 +14,7 @@ local AWKWARD = {
   { "newline", "line one\nline two\r\nline three" },
   { "chinese", "北京的天气怎么样？请用中文回答。" },
   { "emoji", "rate this 🍕🚀 from 1 to 5 👍🏽" },
-  { "empty", "" },
+  { "spaces", "  spaces before and after  " },    -- (an empty one is refused: csv_no_content)
   { "mixed", 'a,"b"\n中文,😀' },
 }
 
