@@ -62,6 +62,15 @@ end
 -- or every run picks the same "random" emulator ports
 math.randomseed(os.time() + H.pid * 7919)
 
+-- spec/run-all runs some stages side by side, each with ports of its own:
+-- with LBATCH_PORT_BASE=B, H.free_port picks in B..B+999 and the servers
+-- below in B+1000..B+4999 (unset: the ranges below).
+local port_base = tonumber(os.getenv("LBATCH_PORT_BASE") or "")
+local function server_port()
+  if port_base then return math.random(port_base + 1000, port_base + 4999) end
+  return math.random(20000, 45000)
+end
+
 -- A port for a listener a spec starts itself (a webhook receiver), which
 -- must be known before the listener runs: below the kernel's ephemeral
 -- range (32768-60999 on Linux), where no outgoing connection can hold it,
@@ -80,10 +89,10 @@ function H.free_port()
     end
   end
   for _ = 1, 1000 do
-    local port = math.random(10000, 19999)
+    local port = port_base and math.random(port_base, port_base + 999) or math.random(10000, 19999)
     if not used[port] then return port end
   end
-  error("no free port in 10000-19999")
+  error(port_base and ("no free port in %d-%d"):format(port_base, port_base + 999) or "no free port in 10000-19999")
 end
 
 function H.tmpdir()
@@ -119,7 +128,7 @@ end
 -- it keeps (otherwise the one made here is removed by stop()).
 local function serve(script, args, opts, data)
   for _ = 1, 20 do
-    local port = math.random(20000, 45000)
+    local port = server_port()
     local log = os.tmpname()
     local pin = opts.cpu and ("taskset -c " .. opts.cpu .. " ") or ""
     -- ({port} in an argument: this port, for a URL back to the server itself)
@@ -225,7 +234,7 @@ function H.squid(opts)
   H.ok("chmod 777 " .. dir)              -- squid writes as its own user
   local last_log = ""
   for _ = 1, 10 do
-    local port = math.random(20000, 45000)
+    local port = server_port()
     local auth = ""
     if opts.user then
       local hash = sh("openssl passwd -1 " .. H.q(opts.password)):gsub("%s+$", "")
