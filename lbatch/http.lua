@@ -362,26 +362,6 @@ local function not_found(err)
 end
 M.not_found = not_found
 
---- Remove the temp files (`path.part-XXXXXX`) that downloads to `path` left
--- when their process was killed (kill -9: no cleanup ran). Only for a
--- target no other process downloads to at the same time (a pipeline's own
--- files, in the dir its journal holds).
--- @tparam string path the download's target
--- @treturn integer the files removed
-function M.remove_parts(path)
-  local dir, base = path:match("^(.*)/([^/]*)$")
-  if not dir then dir, base = ".", path end
-  if dir == "" then dir = "/" end
-  local p = io.popen("ls -A -- '" .. dir:gsub("'", "'\\''") .. "' 2>/dev/null")
-  if not p then return 0 end
-  local n, prefix = 0, base .. ".part-"
-  for name in p:lines() do
-    if #name == #prefix + 6 and name:sub(1, #prefix) == prefix and os.remove(dir .. "/" .. name) then n = n + 1 end
-  end
-  p:close()
-  return n
-end
-
 local function remove_partial(_, path) os.remove(path) end
 
 -- the spec of an attempt that resumes a cut download from its temp file

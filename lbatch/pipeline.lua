@@ -951,7 +951,6 @@ function Run:download(s)
   local function fetch(id, path)
     local o = self:transfer_watch(s, "down") or {}
     o.path = path
-    require("lbatch.http").remove_parts(path)      -- what a killed run's download left
     return try(client:content(id, o))
   end
   if s.output_file_id then s.output = fetch(s.output_file_id, base .. ".output.jsonl") end
@@ -1236,9 +1235,11 @@ function run_locked(opts, client)
   local known = ok and read_identity(opts.dir)      -- (a fresh run after another: its own id)
   if ok and (not known or known.run ~= state.run) then ok, cerr = write_identity(opts.dir, state.run) end
   if not ok then log:close() return nil, cerr end
-  local pending = 0                      -- the requests whose answers are still to come
+  local pending, parts = 0, {}           -- the requests whose answers are still to come
   for i, s in ipairs(state.shards) do
     if s.step ~= "downloaded" and s.step ~= "done" then pending = pending + size_of(s.path) end
+    local d = s.path:match("^(.*)/[^/]*$") or "."
+    if not parts[d] then parts[d] = true core.remove_parts(d) end   -- what a killed run's downloads left
     if i % 16 == 0 then client:pause() end      -- a host's frame stays short
   end
   ok, cerr = room(opts, opts.dir, pending, 0)

@@ -33,7 +33,7 @@ int luaopen_lbatch_core(lua_State *L) {
     {"hmac_sha256", lbatch_hmac_sha256}, {"equal", lbatch_equal}, {"base64", lbatch_base64},
     {"unbase64", lbatch_unbase64}, {"encoder", lbatch_encoder_new}, {"encode", lbatch_encode},
     {"result", lbatch_result}, {"line_at", lbatch_line_at},
-    {"dumpable", lbatch_dumpable},
+    {"dumpable", lbatch_dumpable}, {"remove_parts", lbatch_remove_parts},
     {NULL, NULL}
   };
   static const luaL_Reg *const ctl_methods[] = { lbatch_ctl_methods, NULL };

@@ -172,5 +172,6 @@ int lbatch_base64(lua_State *L);
 int lbatch_unbase64(lua_State *L);
 
 int lbatch_dumpable(lua_State *L);         /* sys.c: core.dumpable */
+int lbatch_remove_parts(lua_State *L);     /* sys.c: core.remove_parts */
 
 #endif

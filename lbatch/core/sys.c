@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/file.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <unistd.h>
 #include "core.h"
@@ -242,4 +243,25 @@ int lbatch_dumpable(lua_State *L) {
   lua_pushliteral(L, "dumpable: unsupported on this system");
   return 2;
 #endif
+}
+
+/* remove_parts(dir): removes the files of dir named NAME.part-XXXXXX, the
+ * temp files of downloads (xfer.c) that a killed process left; returns how
+ * many. Run under the directory's lock, so no live download is among them.
+ * A readdir, not a shell: it runs inside step(), where a fork would cost
+ * the host its frame. */
+int lbatch_remove_parts(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  DIR *d = opendir(path);
+  struct dirent *e;
+  lua_Integer n = 0;
+  if (d) {
+    while ((e = readdir(d)) != NULL) {
+      size_t len = strlen(e->d_name);
+      if (len > 12 && memcmp(e->d_name + len - 12, ".part-", 6) == 0 && unlinkat(dirfd(d), e->d_name, 0) == 0) n++;
+    }
+    closedir(d);
+  }
+  lua_pushinteger(L, n);
+  return 1;
 }
