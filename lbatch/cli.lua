@@ -390,13 +390,19 @@ end
 -- "sharding" phase) leaves nothing behind: what the pipeline wrote there
 -- is removed, and DIR if it is then empty. Anything else stays.
 local function unstarted(dir)
+  local lock = core.lock(dir .. "/lock")     -- another run's directory (busy) is never touched
+  if not lock then return end
   local fh = io.open(dir .. "/journal.jsonl", "rb")
   local text = fh and fh:read("*a") or ""
   if fh then fh:close() end
   local first, rest = text:match("^([^\n]*)\n?(.*)$")
   local ok, head = pcall(cjson.decode, first or "")
-  if not (ok and type(head) == "table" and head.phase == "sharding") or rest:find("%S") then return end
-  for _, name in ipairs({ "journal.jsonl", "lock", "run.json", "requests.jsonl" }) do os.remove(dir .. "/" .. name) end
+  if not (ok and type(head) == "table" and head.phase == "sharding") or rest:find("%S") then
+    lock:release()
+    return
+  end
+  for _, name in ipairs({ "journal.jsonl", "run.json", "requests.jsonl", "lock" }) do os.remove(dir .. "/" .. name) end
+  lock:release()
   os.remove(dir)                -- only when empty
 end
 
@@ -1046,7 +1052,7 @@ function run.run(o, pos)
   })
   done()
   if not report then
-    if fresh then unstarted(dir) end
+    if fresh and err.kind ~= "busy" then unstarted(dir) end
     return nil, err
   end
   said_rerun(o, dir, report)
