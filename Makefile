@@ -53,12 +53,15 @@ build/jit/lbatch/core.so: $(SRC) $(HDR)
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) $(WARN) -fPIC -shared -I$(JIT_INCDIR) $(CURL_CFLAGS) -o $@ $(SRC) $(CURL_LIBS)
 
-# The core builds for Lua 5.1, 5.2 and 5.3 too (compile and link check).
+# The core builds for Lua 5.1, 5.2 and 5.3 too (compile and link check),
+# into COMPAT_OUT/VERSION/lbatch/core.so (a spec builds 5.1's in a temp dir).
+COMPAT ?= 5.1 5.2 5.3
+COMPAT_OUT ?= build
 compat: $(SRC) $(HDR)
-	@for v in 5.1 5.2 5.3; do \
-	  mkdir -p build/$$v/lbatch && \
+	@for v in $(COMPAT); do \
+	  mkdir -p $(COMPAT_OUT)/$$v/lbatch && \
 	  $(CC) $(CFLAGS) $(WARN) -Werror -fPIC -shared -I/usr/include/lua$$v $(CURL_CFLAGS) \
-	    -o build/$$v/lbatch/core.so $(SRC) $(CURL_LIBS) && echo "lbatch.core builds for Lua $$v" || exit 1; \
+	    -o $(COMPAT_OUT)/$$v/lbatch/core.so $(SRC) $(CURL_LIBS) && echo "lbatch.core builds for Lua $$v" || exit 1; \
 	done
 
 build/asan/lbatch/core.so: $(SRC) $(HDR)

@@ -62,20 +62,21 @@ end
 -- or every run picks the same "random" emulator ports
 math.randomseed(os.time() + H.pid * 7919)
 
--- spec/run-all runs some stages side by side, each with ports of its own:
--- with LBATCH_PORT_BASE=B, H.free_port picks in B..B+999 and the servers
--- below in B+1000..B+4999 (unset: the ranges below).
+-- Ports. spec/run-all runs several spec files at once, each in a slot of
+-- its own with LBATCH_PORT_BASE=B: H.free_port picks in B..B+499 and the
+-- servers below in B+500..B+2999 (spec/run-all gives the slots 2000,
+-- 5000, ..., 29000). Unset (one spec run by hand): 10000-19999 and
+-- 20000-32499. Every range is below the kernel's ephemeral range
+-- (32768-60999 on Linux), where an outgoing connection may hold any port.
 local port_base = tonumber(os.getenv("LBATCH_PORT_BASE") or "")
 local function server_port()
-  if port_base then return math.random(port_base + 1000, port_base + 4999) end
-  return math.random(20000, 45000)
+  if port_base then return math.random(port_base + 500, port_base + 2999) end
+  return math.random(20000, 32499)
 end
 
 -- A port for a listener a spec starts itself (a webhook receiver), which
--- must be known before the listener runs: below the kernel's ephemeral
--- range (32768-60999 on Linux), where no outgoing connection can hold it,
--- apart from the servers' range below (20000-45000), and not bound now by
--- any socket on the machine (/proc/net/tcp and tcp6).
+-- must be known before the listener runs: apart from the servers' range
+-- and not bound now by any socket on the machine (/proc/net/tcp and tcp6).
 function H.free_port()
   local used = {}
   for _, table_ in ipairs({ "/proc/net/tcp", "/proc/net/tcp6" }) do
@@ -88,15 +89,51 @@ function H.free_port()
       f:close()
     end
   end
+  local lo, hi = 10000, 19999
+  if port_base then lo, hi = port_base, port_base + 499 end
   for _ = 1, 1000 do
-    local port = port_base and math.random(port_base, port_base + 999) or math.random(10000, 19999)
+    local port = math.random(lo, hi)
     if not used[port] then return port end
   end
-  error(port_base and ("no free port in %d-%d"):format(port_base, port_base + 999) or "no free port in 10000-19999")
+  error(("no free port in %d-%d"):format(lo, hi))
+end
+
+-- Temp files. spec/run-all gives each spec file a TMPDIR of its own and
+-- removes it when the file has ended, whatever happened: the specs make
+-- their temp files there (H.tmpdir, and os.tmpname, which on Lua 5.4 and
+-- LuaJIT would name a file in /tmp whatever TMPDIR says).
+H.tmp = os.getenv("TMPDIR")
+if H.tmp == "" or not H.tmp then H.tmp = "/tmp" end
+if H.tmp ~= "/tmp" then
+  local made = 0
+  function os.tmpname()   -- luacheck: ignore 122 (a spec process's own os.tmpname)
+    for _ = 1, 100 do
+      made = made + 1
+      local name = ("%s/lua_%d_%d_%d"):format(H.tmp, H.pid, made, math.random(1e6))
+      if not io.open(name, "rb") then
+        local f = io.open(name, "wb")
+        if f then f:close() return name end
+      end
+    end
+    error("os.tmpname: cannot make a file in " .. H.tmp)
+  end
 end
 
 function H.tmpdir()
-  return (sh("mktemp -d /tmp/lbatch-spec.XXXXXX"):gsub("%s+$", ""))
+  return (sh("mktemp -d " .. H.q(H.tmp .. "/lbatch-spec.XXXXXX")):gsub("%s+$", ""))
+end
+
+-- A copy of the checkout in a temp dir (its files, without .git, node
+-- modules or builds but the 5.4 and LuaJIT cores, timestamps kept so that
+-- make sees those up to date), for a spec that runs make targets which
+-- write into the tree (`make install` compiles in it, `make docs` writes
+-- docs/): the same spec runs in several stages at once (spec/run-all).
+function H.scratch_checkout()
+  local dir = H.tmpdir()
+  assert(H.ok(("tar -C %s --exclude=./.git --exclude=node_modules --exclude=./build --exclude=./docs -cf - . | tar -C %s -xf -"
+    .. " && mkdir -p %s/build && (tar -C %s -cf - build/5.4 build/jit 2>/dev/null | tar -C %s -xf -)")
+    :format(H.q(H.root), H.q(dir), H.q(dir), H.q(H.root), H.q(dir))), "cannot copy the checkout")
+  return dir
 end
 
 function H.mkdir(path) assert(H.ok("mkdir -p " .. H.q(path))) return path end

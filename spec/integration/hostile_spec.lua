@@ -254,7 +254,7 @@ describe("the hostile kit", function()
         is_error(err, "io")
         assert.matches("it is a", err.message)
       end
-      assert.is_true(H.now() - t0 < 1)
+      assert.is_true(H.now() - t0 < 10)   -- (a FIFO opened for reading would block until a writer comes)
       assert.is_nil(srv.stats()["requests:count"])
       c:close()
     end)
