@@ -159,6 +159,30 @@ function H.exists(path)
   return false
 end
 
+-- Every server a spec starts (H.emulator, H.hostile, H.squid) is stopped
+-- when its spec file ends, whatever happened to it: a test that fails
+-- before its own stop(), a setup that errs (busted's "file end" event;
+-- spec/run-all also stops what a spec file's job left, and names it).
+local running = {}
+local function started(srv)
+  running[srv] = true
+  local stop = srv.stop
+  function srv.stop(...)
+    running[srv] = nil
+    return stop(...)
+  end
+  return srv
+end
+do
+  local ok, busted = pcall(require, "busted")
+  if ok and type(busted) == "table" and busted.subscribe then
+    busted.subscribe({ "file", "end" }, function()
+      for srv in pairs(running) do pcall(srv.stop) end
+      return nil, true
+    end)
+  end
+end
+
 -- Start a server script on a free port: SCRIPT --port N ARGS... must
 -- print "listening on" once it accepts requests. Returns {pid, port, url,
 -- log, alive(), stop()}. opts.cpu: taskset's CPU list; opts.data: a dir
@@ -187,7 +211,7 @@ local function serve(script, args, opts, data)
           os.remove(log)
           if data and not opts.data then H.ok("rm -rf " .. data) end   -- a data dir made here
         end
-        return srv
+        return started(srv)
       end
       if out:find("emerg", 1, true) then break end  -- port taken: try another
       H.sleep(0.05)
@@ -313,7 +337,7 @@ function H.squid(opts)
           end
           H.ok("rm -rf " .. dir)
         end
-        return proxy
+        return started(proxy)
       end
       if (H.read(dir .. "/cache.log") or ""):find("FATAL", 1, true) then break end
       H.sleep(0.05)
