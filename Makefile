@@ -98,7 +98,9 @@ demo:
 	    $(RUN54) lua5.4 examples/evaluate.lua'; \
 	fi
 
-test: deps build build/asan/lbatch/core.so $(NODE_DIR)/node_modules/.installed
+# (the builds and npm's install side by side: -j4)
+test: deps
+	@$(MAKE) -s -j4 build build/asan/lbatch/core.so $(NODE_DIR)/node_modules/.installed
 	@spec/run-all
 
 # The inner loop, a couple of minutes (spec/tools/check): the core with
