@@ -196,7 +196,8 @@ local function serve(script, args, opts, data)
     local argv = table.concat(args, " "):gsub("{port}", tostring(port))
     local cmd = ("setsid %s%s --port %d %s >%s 2>&1 & echo $!"):format(pin, script, port, argv, log)
     local pid = sh(cmd):match("%d+")
-    for _ = 1, 100 do
+    local deadline = H.now() + 60                 -- (a busy machine: it starts in well under a second alone)
+    while H.now() < deadline do
       local out = H.read(log) or ""
       if out:find("listening on", 1, true) then
         local url = (out:match("listening on (https?://[%d.:]+)")) or ("http://127.0.0.1:" .. port)
@@ -214,6 +215,7 @@ local function serve(script, args, opts, data)
         return started(srv)
       end
       if out:find("emerg", 1, true) then break end  -- port taken: try another
+      if not H.ok("kill -0 " .. pid .. " 2>/dev/null") then break end   -- it ended: try again
       H.sleep(0.05)
     end
     H.ok("kill -TERM " .. pid .. " 2>/dev/null")
@@ -310,8 +312,11 @@ function H.squid(opts)
       "cache deny all", "cache_mem 8 MB", "coredump_dir " .. dir, "shutdown_lifetime 0 seconds",
       "pinger_enable off", auth, opts.user and "" or "http_access allow localhost", "http_access deny all", "",
     }, "\n"))
-    local pid = sh(("setsid squid -N -f %s/squid.conf >%s/out 2>&1 & echo $!"):format(dir, dir)):match("%d+")
-    for _ = 1, 100 do
+    -- (-n: a service name of its own, so that squids started at once by
+    -- specs running side by side share no shared-memory segment)
+    local pid = sh(("setsid squid -N -n lbatch%d -f %s/squid.conf >%s/out 2>&1 & echo $!"):format(port, dir, dir)):match("%d+")
+    local deadline = H.now() + 60
+    while H.now() < deadline do
       if (H.read(dir .. "/cache.log") or ""):find("Accepting HTTP Socket connections", 1, true) then
         local proxy = { port = port, url = "http://127.0.0.1:" .. port, dir = dir }
         -- squid writes its access log a moment after a request ends:
