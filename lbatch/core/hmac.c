@@ -10,7 +10,7 @@
 #include <openssl/crypto.h>
 #include "core.h"
 
-int lbatch_hmac_sha256(lua_State *L) {
+int lb_hmac_sha256(lua_State *L) {
   size_t klen, mlen;
   const char *key = luaL_checklstring(L, 1, &klen);
   const char *msg = luaL_checklstring(L, 2, &mlen);
@@ -22,7 +22,7 @@ int lbatch_hmac_sha256(lua_State *L) {
   return 1;
 }
 
-int lbatch_equal(lua_State *L) {
+int lb_equal(lua_State *L) {
   size_t alen, blen;
   const char *a = luaL_checklstring(L, 1, &alen);
   const char *b = luaL_checklstring(L, 2, &blen);
@@ -31,7 +31,7 @@ int lbatch_equal(lua_State *L) {
   return 1;
 }
 
-int lbatch_base64(lua_State *L) {
+int lb_base64(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
   unsigned char *out;
@@ -43,7 +43,7 @@ int lbatch_base64(lua_State *L) {
   return 1;
 }
 
-int lbatch_unbase64(lua_State *L) {
+int lb_unbase64(lua_State *L) {
   size_t len, i, pad = 0;
   const char *s = luaL_checklstring(L, 1, &len);
   unsigned char *out;
