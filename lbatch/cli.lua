@@ -373,8 +373,6 @@ local function batch_line(b)
     c.failed or 0, b.output_file_id and ("output " .. b.output_file_id) or "")
 end
 
-local FINAL_BAD = { failed = true, expired = true, cancelled = true }
-
 -- A fresh run's input must be readable before its work directory is made:
 -- a command that fails on its input leaves nothing behind. A dir that
 -- exists (a run to resume) is left to the run. nil, or an error
@@ -859,7 +857,7 @@ function run.status(o, pos)
   end
   if not b then return nil, err end
   out(o, b, o.json and "" or batch_text(c, b))
-  return FINAL_BAD[b.status] and 3 or 0
+  return service.FINAL_BAD[b.status] and 3 or 0
 end
 
 function run.list(o)
@@ -1064,7 +1062,7 @@ function run.run(o, pos)
   s, err = report.results:summary()
   if not s then return nil, err end
   local bad = 0
-  for _, sh in ipairs(report.shards) do if FINAL_BAD[sh.status] then bad = bad + 1 end end
+  for _, sh in ipairs(report.shards) do if service.FINAL_BAD[sh.status] then bad = bad + 1 end end
   out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
            missing = s.missing, total_tokens = s.total_tokens, reused = report.reused, sent = report.sent,
            repaired = repaired },

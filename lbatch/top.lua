@@ -16,12 +16,11 @@
 -- When stdout is not a terminal, one frame is printed as plain lines.
 -- @module lbatch.top
 local cost = require "lbatch.cost"
+local service = require "lbatch.service"
 
 local M = {}
 
-local STATUSES = { "validating", "in_progress", "finalizing", "cancelling", "completed", "failed", "expired",
-                   "cancelled" }
-local ACTIVE = { validating = true, in_progress = true, finalizing = true, cancelling = true }
+local STATUSES, ACTIVE = service.STATUSES, service.ACTIVE
 local SORTS = { "age", "status", "progress", "eta" }
 
 local function dur(s)
