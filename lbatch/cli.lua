@@ -742,7 +742,7 @@ local function first_url(path)
   return nil, usage_error(path .. ": its first line names no url: say --endpoint")
 end
 
-local function hex(s) return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
+local hex = core.hex
 
 -- the stamp of a submit: a hash of the file's bytes and of what shapes its batch
 local function submit_stamp(path, endpoint, window, meta)

@@ -209,7 +209,7 @@ local function canonical(v, out)
   return out
 end
 
-local function hex(s) return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
+local hex = core.hex
 
 --- The hash an ask is journaled under: its request's fields, keys sorted.
 -- @tparam table req an ask's request

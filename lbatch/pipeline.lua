@@ -252,7 +252,7 @@ local SHAPING = { "model", "system", "endpoint", "limits", "header" }
 local SHARDING = { "max_lines", "max_bytes", "completion_window", "metadata" }
 local CHUNK = 1048576
 
-local function hex(s) return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
+local hex = core.hex
 
 -- v as text that is the same for the same value (object keys in order)
 local function canon(v)

@@ -323,14 +323,6 @@ local function id_of(text)
   if type(id) == "string" then return id end
 end
 
--- the line at byte offset off of an open file
-local function line_at(fh, off)
-  fh:seek("set", off)
-  local text = fh:read("*l")
-  if text and sub(text, -1) == "\r" then text = sub(text, 1, -2) end
-  return text
-end
-
 -- scan(map, path, fileno, ...) as core's idmap:scan, with the lines it
 -- could not read cheaply decoded here; raises an io error
 local function scan(map, path, fileno, start, max_lines, filter, drop)
@@ -339,7 +331,7 @@ local function scan(map, path, fileno, start, max_lines, filter, drop)
   if #hard > 0 then
     local fh = open_or_fail(path)
     for _, off in ipairs(hard) do
-      local id = id_of(line_at(fh, off))
+      local id = id_of((read_at(fh, off)))
       if id and (not filter or filter:has(id)) then
         if drop then map:take(id) else map:put(id, fileno * SPAN + off) end
       end

@@ -6,7 +6,7 @@
  *   scan.c   byte scanners         sys.c    clock, sleep, mkdir, disk, signals, lock
  *   buf.c    growable buffers   enc.c    the request line encoder (core.encoder)
  *   rec.c    the result line scanner (core.result) and core.line_at
- *   hmac.c   HMAC-SHA256, a constant-time compare, base64 */
+ *   hmac.c   HMAC-SHA256, a constant-time compare, base64, hex */
 #include "core.h"
 
 #if LIBCURL_VERSION_NUM < 0x073800
@@ -32,7 +32,7 @@ LB_EXPORT int luaopen_lbatch_core(lua_State *L) {
     {"version", lb_version}, {"trap", lb_trap}, {"caught", lb_caught},
     {"utf8_check", lb_utf8_check}, {"json_string", lb_core_json_string},
     {"hmac_sha256", lb_hmac_sha256}, {"equal", lb_equal}, {"base64", lb_base64},
-    {"unbase64", lb_unbase64}, {"encoder", lb_encoder_new}, {"encode", lb_encode},
+    {"unbase64", lb_unbase64}, {"hex", lb_hex}, {"encoder", lb_encoder_new}, {"encode", lb_encode},
     {"result", lb_core_result}, {"line_at", lb_line_at},
     {"dumpable", lb_dumpable}, {"remove_parts", lb_remove_parts},
     {NULL, NULL}

@@ -184,6 +184,7 @@ int lb_hmac_sha256(lua_State *L);
 int lb_equal(lua_State *L);
 int lb_base64(lua_State *L);
 int lb_unbase64(lua_State *L);
+int lb_hex(lua_State *L);
 
 #pragma GCC visibility pop
 

@@ -3,7 +3,8 @@
  *   core.hmac_sha256(key, msg)  the 32-byte HMAC-SHA256 of msg
  *   core.equal(a, b)            constant-time comparison of two strings
  *   core.base64(s)              standard base64 (with padding)
- *   core.unbase64(s)            its inverse; nil for what is not base64 */
+ *   core.unbase64(s)            its inverse; nil for what is not base64
+ *   core.hex(s)                 lower-case hex digits, two a byte (a digest's name) */
 #include <string.h>
 #include <openssl/hmac.h>
 #include <openssl/evp.h>
@@ -40,6 +41,20 @@ int lb_base64(lua_State *L) {
   out = (unsigned char *)lua_newuserdata(L, 4 * ((len + 2) / 3) + 1);
   n = EVP_EncodeBlock(out, (const unsigned char *)s, (int)len);
   lua_pushlstring(L, (const char *)out, (size_t)n);
+  return 1;
+}
+
+int lb_hex(lua_State *L) {
+  static const char digits[] = "0123456789abcdef";
+  size_t len, i;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  for (i = 0; i < len; i++) {
+    luaL_addchar(&b, digits[s[i] >> 4]);
+    luaL_addchar(&b, digits[s[i] & 15]);
+  }
+  luaL_pushresult(&b);
   return 1;
 }
 

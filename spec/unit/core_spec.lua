@@ -554,6 +554,15 @@ describe("core.lock", function()
   end)
 end)
 
+describe("core.hex", function()
+  it("writes every byte as two lower-case hex digits", function()
+    local bytes, want = {}, {}
+    for b = 0, 255 do bytes[#bytes + 1], want[#want + 1] = string.char(b), ("%02x"):format(b) end
+    assert.are.equal(table.concat(want), core.hex(table.concat(bytes)))
+    assert.are.equal("", core.hex(""))
+  end)
+end)
+
 describe("core.line_at", function()
   it("reads a line at an offset, and refuses a closed file (no read of freed memory)", function()
     local path = os.tmpname()
