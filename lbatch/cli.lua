@@ -286,11 +286,7 @@ local function nums(o, ...)
   return t
 end
 
-local function fmt_time(s)
-  s = math.max(0, math.floor(s))
-  if s >= 3600 then return ("%d:%02d:%02d"):format(math.floor(s / 3600), math.floor(s / 60) % 60, s % 60) end
-  return ("%02d:%02d"):format(math.floor(s / 60), s % 60)
-end
+local function fmt_time(s) return require("lbatch.size").duration(s, "clock") end
 
 local fmt_bytes = require("lbatch.size").human
 
@@ -1157,12 +1153,7 @@ end
 
 -- ------------------------------------------------------------ files
 
-local function age(seconds)
-  seconds = math.max(0, seconds)
-  if seconds >= 86400 then return ("%dd"):format(math.floor(seconds / 86400)) end
-  if seconds >= 3600 then return ("%dh"):format(math.floor(seconds / 3600)) end
-  return ("%dm"):format(math.floor(seconds / 60))
-end
+local function age(seconds) return require("lbatch.size").duration(seconds, "coarse") end
 
 local function file_line(f)
   return ("%s  %-14s %10s  %5s  %s"):format(f.id, tostring(f.purpose), fmt_bytes(f.bytes or 0),
