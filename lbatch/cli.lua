@@ -1258,12 +1258,9 @@ end
 -- --prices FILE: the prices table (nil without the option), or nil and an error
 local function prices_of(o)
   if not o.prices then return false end
-  local f = io.open(o.prices, "rb")
-  if not f then return nil, errors.new({ kind = "io", message = "cannot read " .. o.prices }) end
-  local ok, v = pcall(cjson.decode, f:read("*a"))
-  f:close()
-  if not ok or type(v) ~= "table" then return nil, usage_error("--prices: not a JSON object") end
-  return v
+  local prices, err = require("lbatch.estimate").prices(o.prices)
+  if prices == nil then return nil, err end
+  return prices
 end
 
 function run.top(o)
