@@ -626,7 +626,13 @@ end
 -- or not at all); the count and the records repaired, or nil, err
 local function write_results(reader, path, bom)
   if path:find("%.csv$") then return csv.from_results(reader, path, { bom = bom }) end
-  if path == "-" then return results_lines(reader, io.stdout, "stdout") end
+  if path == "-" then
+    local n, repaired = results_lines(reader, io.stdout, "stdout")
+    if not n then return nil, repaired end
+    local ok, msg = io.stdout:flush()   -- what the buffer held: its write fails here, not at exit
+    if not ok then return nil, errors.io("cannot write", "stdout", msg) end
+    return n, repaired
+  end
   return results.write_whole(path, function(fh) return results_lines(reader, fh, path) end)
 end
 
@@ -889,9 +895,14 @@ end
 local function to_stdout(tmp)
   local f, msg = io.open(tmp, "rb")
   if not f then return nil, errors.io("cannot read", tmp, msg) end
-  for chunk in function() return f:read(65536) end do io.stdout:write(chunk) end
+  local ok, werr = true, nil
+  for chunk in function() return f:read(65536) end do
+    ok, werr = io.stdout:write(chunk)
+    if not ok then break end
+  end
   f:close()
-  io.stdout:flush()
+  if ok then ok, werr = io.stdout:flush() end
+  if not ok then return nil, errors.io("cannot write", "stdout", werr) end
   return "-"
 end
 
@@ -1343,7 +1354,9 @@ function M.main(args)
     err = errors.new({ kind = unsupported and tostring(code):find(unsupported, 1, true) and "config" or "invalid",
                        message = (tostring(code):gsub("^[^\n]-:%d+: ", "")) })
   elseif code then
-    return code
+    local flushed, msg = io.stdout:flush()   -- a full disk or a closed pipe: not a silent success
+    if code ~= 0 or flushed then return code end
+    err = errors.io("cannot write", "stdout", msg)
   end
   if err.code == "usage" then
     io.stderr:write("lbatch ", name, ": ", err.message, "\n")
