@@ -92,19 +92,11 @@ end
 
 local function write_identity(dir, id)
   local path = run_file(dir)
-  local tmp = path .. ".tmp"
-  local fh, msg = io.open(tmp, "wb")
-  if not fh then return nil, errors.io("cannot write", tmp, msg) end
-  local ok, werr = fh:write(json.encode({ version = 1, run = id }), "\n")
-  local closed, cerr = fh:close()
-  if not (ok and closed) then return nil, errors.io("cannot write", tmp, werr or cerr) end
-  local synced, why = core.fsync(tmp)
-  if not synced then return nil, errors.io("cannot sync", tmp, why) end
-  local renamed, rerr = os.rename(tmp, path)
-  if not renamed then return nil, errors.io("cannot rename " .. tmp .. " to", path, rerr) end
-  synced, why = core.fsync(dir)
-  if not synced then return nil, errors.io("cannot sync", dir, why) end
-  return true
+  return journal.replace(path, function(fh)
+    local ok, werr = fh:write(json.encode({ version = 1, run = id }), "\n")
+    if not ok then return nil, errors.io("cannot write", path, werr) end
+    return true
+  end)
 end
 
 -- how a damaged journal is repaired: adopt from the account (the requests

@@ -182,6 +182,35 @@ describe("journal, its writes failing", function()
     assert.are.same({ 1, 3, 4 }, recs)
   end)
 
+  it("every writer of state replaces its file through journal.replace: synced, renamed, its directory synced (strace)", function()
+    if not H.ok("command -v strace >/dev/null 2>&1") then return pending("strace is not installed") end
+    local dir = H.tmpdir()
+    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    local path = dir .. "/j.jsonl"
+    local script = H.write(dir .. "/s.lua", ([[
+      local journal = require "lbatch.journal"
+      local j = assert(journal.open(%q))            -- not durable: a compaction is synced all the same
+      assert(j:compact({ { a = 1 } }))
+      j:close()
+    ]]):format(path))
+    local trace = dir .. "/trace"
+    assert.is_true(H.ok(("strace -f -y -e trace=fsync,rename -o %s %s %s 2>/dev/null"):format(trace, H.lua, script)))
+    local seen = {}
+    for line in io.lines(trace) do
+      if line:find("fsync(", 1, true) and line:find(path .. ".tmp>", 1, true) then seen[#seen + 1] = "fsync tmp"
+      elseif line:find("rename(", 1, true) then seen[#seen + 1] = "rename"
+      elseif line:find("fsync(", 1, true) and line:find("<" .. dir .. ">", 1, true) then seen[#seen + 1] = "fsync dir"
+      end
+    end
+    assert.are.same({ "fsync tmp", "rename", "fsync dir" }, seen)
+    -- and no other module renames a temp file of its own
+    for file in H.sh("cd " .. H.root .. " && ls lbatch/*.lua"):gmatch("[^\n]+") do
+      if file ~= "lbatch/journal.lua" then
+        assert.is_nil(H.read(H.root .. "/" .. file):find("os%.rename%(%s*tmp"), file)
+      end
+    end
+  end)
+
   it("durable: a compaction reaches the disk before it returns; sync fsyncs what was appended (strace)", function()
     if not H.ok("command -v strace >/dev/null 2>&1") then return pending("strace is not installed") end
     local dir = H.tmpdir()
