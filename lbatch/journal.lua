@@ -25,6 +25,14 @@ local M = {}
 local Journal = {}
 Journal.__index = Journal
 
+-- each record of an open journal to replay (a torn or foreign line skipped)
+local function replay_lines(fh, replay)
+  for line in fh:lines() do
+    local ok, rec = pcall(cjson.decode, line)
+    if ok and type(rec) == "table" then replay(rec) end
+  end
+end
+
 --- Replay a journal and open it for appending.
 -- @tparam string path the journal (created when missing)
 -- @tparam ?function replay called with each record, in order
@@ -34,12 +42,7 @@ function M.open(path, replay, opts)
   local fh = io.open(path, "rb")
   local torn = false
   if fh then
-    if replay then
-      for line in fh:lines() do
-        local ok, rec = pcall(cjson.decode, line)
-        if ok and type(rec) == "table" then replay(rec) end
-      end
-    end
+    if replay then replay_lines(fh, replay) end
     local size = fh:seek("end")
     if size and size > 0 then
       fh:seek("set", size - 1)
@@ -177,6 +180,52 @@ end
 --- Close the journal.
 function Journal:close()
   if self.log then self.log:close() self.log = nil end
+end
+
+-- ------------------------------------------------------------ a pipeline's records
+
+--- A pipeline's journal holds a header record (`{version = 1, run, phase,
+-- ...}`: the run, its phase, what it was asked), then a record per change:
+-- a shard's new state (`{k, shard}`) or the run's phase (`{phase}`). The
+-- one reader of those records: a replay for `journal.open`, and a function
+-- that returns the state so far (`{shards = {[k] = shard}, ...}` with the
+-- header's fields; nil before a header).
+-- @treturn function replay
+-- @treturn function state
+function M.pipeline_replay()
+  local state
+  local function replay(rec)
+    if rec.version == 1 then
+      state = {}
+      for k, v in pairs(rec) do state[k] = v end
+      state.shards = {}
+    elseif state and rec.k and type(rec.shard) == "table" then state.shards[rec.k] = rec.shard
+    elseif state and rec.phase then state.phase = rec.phase end
+  end
+  return replay, function() return state end
+end
+
+--- The records of a pipeline's whole state (a compaction's): its header, then a record per shard.
+-- @tparam table state as `pipeline_replay` makes it
+-- @treturn {table,...}
+function M.pipeline_records(state)
+  local head = {}
+  for k, v in pairs(state) do if k ~= "shards" then head[k] = v end end
+  local recs = { head }
+  for k, sh in ipairs(state.shards) do recs[#recs + 1] = { k = k, shard = sh } end
+  return recs
+end
+
+--- A pipeline's journal read, not opened for writing (`lbatch report`, `lbatch top`).
+-- @tparam string path
+-- @treturn ?table the state (as `pipeline_replay`'s; nil when it has no header yet), or nil and an `io` error
+function M.read_pipeline(path)
+  local fh, msg = io.open(path, "rb")
+  if not fh then return nil, errors.io("cannot read", path, msg) end
+  local replay, state = M.pipeline_replay()
+  replay_lines(fh, replay)
+  fh:close()
+  return state() or { shards = {} }
 end
 
 return M

@@ -39,31 +39,18 @@ end
 
 -- ------------------------------------------------------------ journal
 
--- The journal (lbatch.journal) holds a header record, then a record per
--- change: a shard's new state ({k, shard}) or the run's phase ({phase}).
--- A change costs one short append however many shards there are.
+-- The journal (lbatch.journal, whose pipeline_replay reads its records):
+-- a header record, then a record per change. A change costs one short
+-- append however many shards there are.
 local function open_journal(path)
-  local state
-  local j, err = journal.open(path, function(rec)
-    if rec.version == 1 then       -- the header: the run, its phase, what it was asked (fp), ...
-      state = {}
-      for k, v in pairs(rec) do state[k] = v end
-      state.shards = {}
-    elseif state and rec.k then state.shards[rec.k] = rec.shard
-    elseif state and rec.phase then state.phase = rec.phase end
-  end, { durable = true })
+  local replay, state = journal.pipeline_replay()
+  local j, err = journal.open(path, replay, { durable = true })
   if not j then return nil, err end
-  return j, nil, state
+  return j, nil, state()
 end
 
 -- the whole state as records, for a compaction
-local function snapshot(state)
-  local head = {}
-  for k, v in pairs(state) do if k ~= "shards" then head[k] = v end end
-  local recs = { head }
-  for k, s in ipairs(state.shards) do recs[#recs + 1] = { k = k, shard = s } end
-  return recs
-end
+local snapshot = journal.pipeline_records
 
 -- ------------------------------------------------------------ identity
 

@@ -240,3 +240,40 @@ describe("journal, its writes failing", function()
     assert.are.equal('{"a":1}\n{"a":2}\n', H.read(path))
   end)
 end)
+
+describe("journal, a pipeline's records", function()
+  it("one codec: the records of a state replay to that state, and report reads what the pipeline replays", function()
+    local dir = H.tmpdir()
+    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    local state = { version = 1, run = "r1", phase = "running", fp = "abc",
+                    shards = { { step = "done", batch_id = "b1", output = "o1" }, { step = "upload", lines = 3 } } }
+    local recs = journal.pipeline_records(state)
+    assert.are.same({ version = 1, run = "r1", phase = "running", fp = "abc" }, recs[1])
+    local path = dir .. "/journal.jsonl"
+    local j = assert(journal.open(path))
+    assert(j:compact(recs))
+    -- later changes, a record of another kind, and a torn last line
+    assert(j:append({ k = 2, shard = { step = "created", batch_id = "b2" } }, { phase = "draining" }, { k = 3, shard = "x" }))
+    j:close()
+    local fh = assert(io.open(path, "ab"))
+    fh:write('{"k":1,"shard":{"st')
+    fh:close()
+    local replay, got = journal.pipeline_replay()
+    local k = assert(journal.open(path, replay))
+    k:close()
+    local want = { version = 1, run = "r1", phase = "draining", fp = "abc",
+                   shards = { { step = "done", batch_id = "b1", output = "o1" }, { step = "created", batch_id = "b2" } } }
+    assert.are.same(want, got())
+    assert.are.same(want, journal.read_pipeline(path))
+    assert.are.same(want, require("lbatch.report").journal(dir))
+    local none, err = journal.read_pipeline(dir .. "/nope.jsonl")
+    assert.is_nil(none)
+    assert.are.equal("io", err.kind)
+    -- the pipeline, report and top decode no record of their own
+    for _, file in ipairs({ "pipeline.lua", "report.lua", "top.lua" }) do
+      local src = H.read(H.root .. "/lbatch/" .. file)
+      assert.is_nil(src:find("rec%.k%f[^%w_]"), file)
+      assert.is_nil(src:find("rec%.version"), file)
+    end
+  end)
+end)
