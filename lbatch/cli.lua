@@ -461,9 +461,10 @@ local function limits_of(o)
   return o.limits or service.profile(o.provider or o.region).name
 end
 
-local run = {}
+-- the commands by name: command.run is `lbatch run`
+local command = {}
 
-function run.validate(o, pos)
+function command.validate(o, pos)
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
   local rep, err
@@ -495,7 +496,7 @@ end
 
 local function cost(v) return v and ("%.6f"):format(v) or "?" end
 
-function run.estimate(o, pos)
+function command.estimate(o, pos)
   local n, nerr = nums(o, "discount")
   if not n then return nil, nerr end
   local rep, err = jsonl.estimate(pos, { prices = o.prices, discount = n.discount })
@@ -584,7 +585,7 @@ local function said_header(o, path, cells, forced)
   f:write(line:format(path, table.concat(t, ",")), "\n")
 end
 
-function run.csv2jsonl(o, pos)
+function command.csv2jsonl(o, pos)
   if not o.model then return nil, usage_error("--model is required") end
   local n, nerr = nums(o, "max_lines")
   if not n then return nil, nerr end
@@ -644,7 +645,7 @@ local function said_repaired(o, path, repaired)
   end
 end
 
-function run.results(o, pos)
+function command.results(o, pos)
   local r, err = results.open({ output = pos[1], errors = o.errors, inputs = o.inputs })
   if not r then return nil, err end
   local n, repaired
@@ -785,7 +786,7 @@ local function upload_shown(c, path, name)
   return f, err
 end
 
-function run.submit(o, pos)
+function command.submit(o, pos)
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
   local uerr = submit_usage(o, limits)
@@ -840,7 +841,7 @@ function run.submit(o, pos)
   return 0
 end
 
-function run.status(o, pos)
+function command.status(o, pos)
   local n, nerr = nums(o, "poll")
   if not n then return nil, nerr end
   local c = client(o)
@@ -862,7 +863,7 @@ function run.status(o, pos)
   return service.FINAL_BAD[b.status] and 3 or 0
 end
 
-function run.list(o)
+function command.list(o)
   local n, nerr = nums(o, "limit")
   if not n then return nil, nerr end
   local c = client(o)
@@ -884,7 +885,7 @@ function run.list(o)
   return 0
 end
 
-function run.cancel(o, pos)
+function command.cancel(o, pos)
   local b, err = client(o):cancel(pos[1])
   if not b then return nil, err end
   out(o, b, batch_line(b))
@@ -932,7 +933,7 @@ local function nothing_to_download(o, b)
   return 3
 end
 
-function run.download(o, pos)
+function command.download(o, pos)
   local c = client(o)
   local id = pos[1]
   local got, err, b = {}
@@ -1010,7 +1011,7 @@ local function said_rerun(o, dir, report)
   end
 end
 
-function run.run(o, pos)
+function command.run(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
   local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "wait_lock")
   if not n then return nil, nerr end
@@ -1078,7 +1079,7 @@ function run.run(o, pos)
   return (bad > 0 or s.missing > 0) and 3 or 0
 end
 
-function run.flow(o, pos)
+function command.flow(o, pos)
   if not o.items then return nil, usage_error("--items FILE is required") end
   local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "finish_realtime", "wait_lock")
   if not n then return nil, nerr end
@@ -1138,7 +1139,7 @@ function run.flow(o, pos)
   return 0
 end
 
-function run.adopt(o, pos)
+function command.adopt(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
   if not o.run then return nil, usage_error("--run RUN is required") end
   local n, nerr = nums(o, "max_lines", "wait_lock")
@@ -1196,7 +1197,7 @@ local function select_files(c, o, limit, keep)
   return all
 end
 
-function run.files(o)
+function command.files(o)
   local n, nerr = nums(o, "limit")
   if not n then return nil, nerr end
   local list, err = select_files(client(o), o, n.limit or 100)
@@ -1208,7 +1209,7 @@ function run.files(o)
   return 0
 end
 
-function run.rm(o, pos)
+function command.rm(o, pos)
   local c, done, failed = client(o), {}, nil
   for _, id in ipairs(pos) do
     local r, err = c:delete_file(id)
@@ -1232,7 +1233,7 @@ end
 
 local BATCH_PURPOSES = { batch = true, batch_output = true }
 
-function run.prune(o)
+function command.prune(o)
   local older = parse_age(o.older_than)
   if not older then return nil, usage_error("--older-than takes an age such as 30d, 12h or 2w") end
   local cutoff = os.time() - older
@@ -1274,7 +1275,7 @@ local function prices_of(o)
   return prices
 end
 
-function run.top(o)
+function command.top(o)
   local n, nerr = nums(o, "interval")
   if not n then return nil, nerr end
   local prices, perr = prices_of(o)
@@ -1289,7 +1290,7 @@ function run.top(o)
   return require("lbatch.top").run(client(o), topts)
 end
 
-function run.report(o, pos)
+function command.report(o, pos)
   local prices, perr = prices_of(o)
   if prices == nil then return nil, perr end
   prices = prices or nil
@@ -1338,7 +1339,7 @@ function M.main(args)
       want == 0 and "no arguments" or cmd.args, name))
     return 2
   end
-  local ok, code, err = pcall(run[name], o, pos)
+  local ok, code, err = pcall(command[name], o, pos)
   -- the interpreter's SIGINT (before a client traps it) raises "interrupted!"
   -- where Lua code runs, as such or inside an error a reader made of it
   local said = not ok and (errors.thrown(code) or code) or err

@@ -722,7 +722,7 @@ function Run:trip(err)
 end
 
 -- an account that cannot work (arrears, no quota, a refused key) stops the run
-function Run:account(code, message, status)
+function Run:stop_if_account_error(code, message, status)
   if service.ACCOUNT[code] then
     self:trip(errors.new({ kind = "http", status = status, code = code, account = true,
       message = ("pipeline stopped: the account cannot run batches (%s): %s"):format(code, tostring(message)) }))
@@ -808,7 +808,7 @@ function Run:upload(s)
     f, err = self.client:upload(s.path, { filename = s.name }, self:transfer_watch(s, "up"))
     if not f then
       self:refusal(s, err, "written")
-      self:account(err.code, err.message, err.status)
+      self:stop_if_account_error(err.code, err.message, err.status)
       throw(err)
     end
     self:hook("after_upload", s)
@@ -858,7 +858,7 @@ function Run:create(s)
       self:release(s)
       if quota.refused(err.code) then return self:refused(s, err.message) end
       self:refusal(s, err, "uploaded")
-      self:account(err.code, err.message, err.status)
+      self:stop_if_account_error(err.code, err.message, err.status)
       throw(err)
     end
     self:hook("after_create", s)
@@ -900,7 +900,7 @@ function Run:await(s)
   if b.status == "failed" and type(first) == "table" and quota.refused(first.code) then
     return self:refused(s, first.message)
   end
-  if b.status == "failed" and type(first) == "table" then self:account(first.code, first.message) end
+  if b.status == "failed" and type(first) == "table" then self:stop_if_account_error(first.code, first.message) end
   s.status, s.counts, s.step = b.status, b.request_counts, "finished"
   s.times = { created = b.created_at, in_progress = b.in_progress_at,   -- the report's timeline
               ended = b.completed_at or b.failed_at or b.expired_at or b.cancelled_at }
@@ -943,7 +943,7 @@ function Run:download(s)
       -- nothing of it ran: created again from its file once the account is fixed
       s.step, s.batch_id, s.output, s.error, s.status, s.counts = "uploaded", nil, nil, nil, nil, nil
       self:save(s)
-      self:account(code, message, 400)
+      self:stop_if_account_error(code, message, 400)
     end
   end
   s.step = "downloaded"
