@@ -286,11 +286,7 @@ local function nums(o, ...)
   return t
 end
 
-local function fmt_time(s)
-  s = math.max(0, math.floor(s))
-  if s >= 3600 then return ("%d:%02d:%02d"):format(math.floor(s / 3600), math.floor(s / 60) % 60, s % 60) end
-  return ("%02d:%02d"):format(math.floor(s / 60), s % 60)
-end
+local function fmt_time(s) return require("lbatch.size").duration(s, "clock") end
 
 local fmt_bytes = require("lbatch.size").human
 
@@ -372,8 +368,6 @@ local function batch_line(b)
   return ("%s  %-11s %d/%d done, %d failed  %s"):format(b.id, b.status, c.completed or 0, c.total or 0,
     c.failed or 0, b.output_file_id and ("output " .. b.output_file_id) or "")
 end
-
-local FINAL_BAD = { failed = true, expired = true, cancelled = true }
 
 -- A fresh run's input must be readable before its work directory is made:
 -- a command that fails on its input leaves nothing behind. A dir that
@@ -467,9 +461,10 @@ local function limits_of(o)
   return o.limits or service.profile(o.provider or o.region).name
 end
 
-local run = {}
+-- the commands by name: command.run is `lbatch run`
+local command = {}
 
-function run.validate(o, pos)
+function command.validate(o, pos)
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
   local rep, err
@@ -501,7 +496,7 @@ end
 
 local function cost(v) return v and ("%.6f"):format(v) or "?" end
 
-function run.estimate(o, pos)
+function command.estimate(o, pos)
   local n, nerr = nums(o, "discount")
   if not n then return nil, nerr end
   local rep, err = jsonl.estimate(pos, { prices = o.prices, discount = n.discount })
@@ -590,7 +585,7 @@ local function said_header(o, path, cells, forced)
   f:write(line:format(path, table.concat(t, ",")), "\n")
 end
 
-function run.csv2jsonl(o, pos)
+function command.csv2jsonl(o, pos)
   if not o.model then return nil, usage_error("--model is required") end
   local n, nerr = nums(o, "max_lines")
   if not n then return nil, nerr end
@@ -632,7 +627,13 @@ end
 -- or not at all); the count and the records repaired, or nil, err
 local function write_results(reader, path, bom)
   if path:find("%.csv$") then return csv.from_results(reader, path, { bom = bom }) end
-  if path == "-" then return results_lines(reader, io.stdout, "stdout") end
+  if path == "-" then
+    local n, repaired = results_lines(reader, io.stdout, "stdout")
+    if not n then return nil, repaired end
+    local ok, msg = io.stdout:flush()   -- what the buffer held: its write fails here, not at exit
+    if not ok then return nil, errors.io("cannot write", "stdout", msg) end
+    return n, repaired
+  end
   return results.write_whole(path, function(fh) return results_lines(reader, fh, path) end)
 end
 
@@ -644,7 +645,7 @@ local function said_repaired(o, path, repaired)
   end
 end
 
-function run.results(o, pos)
+function command.results(o, pos)
   local r, err = results.open({ output = pos[1], errors = o.errors, inputs = o.inputs })
   if not r then return nil, err end
   local n, repaired
@@ -744,7 +745,7 @@ local function first_url(path)
   return nil, usage_error(path .. ": its first line names no url: say --endpoint")
 end
 
-local function hex(s) return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
+local hex = core.hex
 
 -- the stamp of a submit: a hash of the file's bytes and of what shapes its batch
 local function submit_stamp(path, endpoint, window, meta)
@@ -785,7 +786,7 @@ local function upload_shown(c, path, name)
   return f, err
 end
 
-function run.submit(o, pos)
+function command.submit(o, pos)
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
   local uerr = submit_usage(o, limits)
@@ -840,7 +841,7 @@ function run.submit(o, pos)
   return 0
 end
 
-function run.status(o, pos)
+function command.status(o, pos)
   local n, nerr = nums(o, "poll")
   if not n then return nil, nerr end
   local c = client(o)
@@ -859,10 +860,10 @@ function run.status(o, pos)
   end
   if not b then return nil, err end
   out(o, b, o.json and "" or batch_text(c, b))
-  return FINAL_BAD[b.status] and 3 or 0
+  return service.FINAL_BAD[b.status] and 3 or 0
 end
 
-function run.list(o)
+function command.list(o)
   local n, nerr = nums(o, "limit")
   if not n then return nil, nerr end
   local c = client(o)
@@ -884,7 +885,7 @@ function run.list(o)
   return 0
 end
 
-function run.cancel(o, pos)
+function command.cancel(o, pos)
   local b, err = client(o):cancel(pos[1])
   if not b then return nil, err end
   out(o, b, batch_line(b))
@@ -895,9 +896,14 @@ end
 local function to_stdout(tmp)
   local f, msg = io.open(tmp, "rb")
   if not f then return nil, errors.io("cannot read", tmp, msg) end
-  for chunk in function() return f:read(65536) end do io.stdout:write(chunk) end
+  local ok, werr = true, nil
+  for chunk in function() return f:read(65536) end do
+    ok, werr = io.stdout:write(chunk)
+    if not ok then break end
+  end
   f:close()
-  io.stdout:flush()
+  if ok then ok, werr = io.stdout:flush() end
+  if not ok then return nil, errors.io("cannot write", "stdout", werr) end
   return "-"
 end
 
@@ -927,7 +933,7 @@ local function nothing_to_download(o, b)
   return 3
 end
 
-function run.download(o, pos)
+function command.download(o, pos)
   local c = client(o)
   local id = pos[1]
   local got, err, b = {}
@@ -1005,7 +1011,7 @@ local function said_rerun(o, dir, report)
   end
 end
 
-function run.run(o, pos)
+function command.run(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
   local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "wait_lock")
   if not n then return nil, nerr end
@@ -1064,7 +1070,7 @@ function run.run(o, pos)
   s, err = report.results:summary()
   if not s then return nil, err end
   local bad = 0
-  for _, sh in ipairs(report.shards) do if FINAL_BAD[sh.status] then bad = bad + 1 end end
+  for _, sh in ipairs(report.shards) do if service.FINAL_BAD[sh.status] then bad = bad + 1 end end
   out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
            missing = s.missing, total_tokens = s.total_tokens, reused = report.reused, sent = report.sent,
            repaired = repaired },
@@ -1073,7 +1079,7 @@ function run.run(o, pos)
   return (bad > 0 or s.missing > 0) and 3 or 0
 end
 
-function run.flow(o, pos)
+function command.flow(o, pos)
   if not o.items then return nil, usage_error("--items FILE is required") end
   local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "finish_realtime", "wait_lock")
   if not n then return nil, nerr end
@@ -1133,7 +1139,7 @@ function run.flow(o, pos)
   return 0
 end
 
-function run.adopt(o, pos)
+function command.adopt(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
   if not o.run then return nil, usage_error("--run RUN is required") end
   local n, nerr = nums(o, "max_lines", "wait_lock")
@@ -1159,12 +1165,7 @@ end
 
 -- ------------------------------------------------------------ files
 
-local function age(seconds)
-  seconds = math.max(0, seconds)
-  if seconds >= 86400 then return ("%dd"):format(math.floor(seconds / 86400)) end
-  if seconds >= 3600 then return ("%dh"):format(math.floor(seconds / 3600)) end
-  return ("%dm"):format(math.floor(seconds / 60))
-end
+local function age(seconds) return require("lbatch.size").duration(seconds, "coarse") end
 
 local function file_line(f)
   return ("%s  %-14s %10s  %5s  %s"):format(f.id, tostring(f.purpose), fmt_bytes(f.bytes or 0),
@@ -1196,7 +1197,7 @@ local function select_files(c, o, limit, keep)
   return all
 end
 
-function run.files(o)
+function command.files(o)
   local n, nerr = nums(o, "limit")
   if not n then return nil, nerr end
   local list, err = select_files(client(o), o, n.limit or 100)
@@ -1208,7 +1209,7 @@ function run.files(o)
   return 0
 end
 
-function run.rm(o, pos)
+function command.rm(o, pos)
   local c, done, failed = client(o), {}, nil
   for _, id in ipairs(pos) do
     local r, err = c:delete_file(id)
@@ -1232,7 +1233,7 @@ end
 
 local BATCH_PURPOSES = { batch = true, batch_output = true }
 
-function run.prune(o)
+function command.prune(o)
   local older = parse_age(o.older_than)
   if not older then return nil, usage_error("--older-than takes an age such as 30d, 12h or 2w") end
   local cutoff = os.time() - older
@@ -1269,15 +1270,12 @@ end
 -- --prices FILE: the prices table (nil without the option), or nil and an error
 local function prices_of(o)
   if not o.prices then return false end
-  local f = io.open(o.prices, "rb")
-  if not f then return nil, errors.new({ kind = "io", message = "cannot read " .. o.prices }) end
-  local ok, v = pcall(cjson.decode, f:read("*a"))
-  f:close()
-  if not ok or type(v) ~= "table" then return nil, usage_error("--prices: not a JSON object") end
-  return v
+  local prices, err = require("lbatch.estimate").prices(o.prices)
+  if prices == nil then return nil, err end
+  return prices
 end
 
-function run.top(o)
+function command.top(o)
   local n, nerr = nums(o, "interval")
   if not n then return nil, nerr end
   local prices, perr = prices_of(o)
@@ -1292,7 +1290,7 @@ function run.top(o)
   return require("lbatch.top").run(client(o), topts)
 end
 
-function run.report(o, pos)
+function command.report(o, pos)
   local prices, perr = prices_of(o)
   if prices == nil then return nil, perr end
   prices = prices or nil
@@ -1341,7 +1339,7 @@ function M.main(args)
       want == 0 and "no arguments" or cmd.args, name))
     return 2
   end
-  local ok, code, err = pcall(run[name], o, pos)
+  local ok, code, err = pcall(command[name], o, pos)
   -- the interpreter's SIGINT (before a client traps it) raises "interrupted!"
   -- where Lua code runs, as such or inside an error a reader made of it
   local said = not ok and (errors.thrown(code) or code) or err
@@ -1357,7 +1355,9 @@ function M.main(args)
     err = errors.new({ kind = unsupported and tostring(code):find(unsupported, 1, true) and "config" or "invalid",
                        message = (tostring(code):gsub("^[^\n]-:%d+: ", "")) })
   elseif code then
-    return code
+    local flushed, msg = io.stdout:flush()   -- a full disk or a closed pipe: not a silent success
+    if code ~= 0 or flushed then return code end
+    err = errors.io("cannot write", "stdout", msg)
   end
   if err.code == "usage" then
     io.stderr:write("lbatch ", name, ": ", err.message, "\n")

@@ -113,13 +113,9 @@ end
 
 -- flow.json, replaced whole: written aside, synced, renamed, the directory synced
 local function save_state(dir, st)
-  local path, tmp = dir .. "/flow.json", dir .. "/flow.json.tmp"
-  local fh = create(tmp)
-  write_line(fh, tmp, st)
-  close_synced(fh, tmp)
-  local ok, msg = os.rename(tmp, path)
-  if not ok then throw(errors.io("cannot rename " .. tmp .. " to", path, msg)) end
-  sync(dir)
+  local path = dir .. "/flow.json"
+  local ok, err = journal.replace(path, function(fh) write_line(fh, path, st) return true end)
+  if not ok then throw(err) end
 end
 
 local function fresh()
@@ -209,7 +205,7 @@ local function canonical(v, out)
   return out
 end
 
-local function hex(s) return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
+local hex = core.hex
 
 --- The hash an ask is journaled under: its request's fields, keys sorted.
 -- @tparam table req an ask's request
@@ -776,16 +772,10 @@ function Run:progress(batches)
        rounds = #st.rounds, tokens = st.tokens, cost = st.cost, batches = batches })
 end
 
--- Every round's finished items, merged into the items' order.
-function Run:merge()
-  local dir, st = self.dir, self.state
-  local path, tmp = dir .. "/results.jsonl", dir .. "/results.jsonl.tmp"
-  local heads = {}
-  for R = 1, #st.rounds do
-    local it = each_line(("%s/round-%d/done.jsonl"):format(dir, R))
-    heads[#heads + 1] = { it = it, rec = it() }
-  end
-  local fh, repaired = create(tmp), 0
+-- the rounds' finished items (their iterators' heads) on fh, in the items'
+-- order; the records repaired
+local function merge_heads(fh, path, heads)
+  local repaired = 0
   while true do
     local best
     for _, h in ipairs(heads) do
@@ -798,12 +788,23 @@ function Run:merge()
     local changed
     rec, changed = results.sanitize(rec)             -- valid UTF-8 whatever the answers held
     if changed then repaired = repaired + 1 end
-    write_line(fh, tmp, rec)
+    write_line(fh, path, rec)
   end
+  return repaired
+end
+
+-- Every round's finished items, merged into the items' order.
+function Run:merge()
+  local dir, st = self.dir, self.state
+  local path = dir .. "/results.jsonl"
+  local heads = {}
+  for R = 1, #st.rounds do
+    local it = each_line(("%s/round-%d/done.jsonl"):format(dir, R))
+    heads[#heads + 1] = { it = it, rec = it() }
+  end
+  local repaired, err = journal.replace(path, function(fh) return merge_heads(fh, path, heads) end)
+  if not repaired then throw(err) end
   st.repaired = repaired
-  close_synced(fh, tmp)
-  local ok, msg = os.rename(tmp, path)
-  if not ok then throw(errors.io("cannot rename " .. tmp .. " to", path, msg)) end
   st.phase = "merged"
   save_state(dir, st)
 end

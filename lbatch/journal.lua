@@ -14,9 +14,8 @@
 -- A write that fails leaves the journal broken: every later append and
 -- compaction returns the same error, nothing more is written through it
 -- (what a failed write left half written stays in the file as a torn
--- line, which the next open skips). Opened `durable`, a compaction reaches
--- the disk (the new file synced before it is renamed, then its directory)
--- before it returns.
+-- line, which the next open skips). A compaction reaches the disk (the new
+-- file synced before it is renamed, then its directory) before it returns.
 -- @module lbatch.journal
 local cjson = require "cjson"
 local errors = require "lbatch.errors"
@@ -26,21 +25,24 @@ local M = {}
 local Journal = {}
 Journal.__index = Journal
 
+-- each record of an open journal to replay (a torn or foreign line skipped)
+local function replay_lines(fh, replay)
+  for line in fh:lines() do
+    local ok, rec = pcall(cjson.decode, line)
+    if ok and type(rec) == "table" then replay(rec) end
+  end
+end
+
 --- Replay a journal and open it for appending.
 -- @tparam string path the journal (created when missing)
 -- @tparam ?function replay called with each record, in order
--- @tparam ?table opts durable (compactions synced)
+-- @tparam ?table opts durable (kept for callers: every compaction is synced)
 -- @treturn table the journal, or nil and an `io` error
 function M.open(path, replay, opts)
   local fh = io.open(path, "rb")
   local torn = false
   if fh then
-    if replay then
-      for line in fh:lines() do
-        local ok, rec = pcall(cjson.decode, line)
-        if ok and type(rec) == "table" then replay(rec) end
-      end
-    end
+    if replay then replay_lines(fh, replay) end
     local size = fh:seek("end")
     if size and size > 0 then
       fh:seek("set", size - 1)
@@ -75,31 +77,61 @@ local function lines(records)
   return table.concat(t, "\n")
 end
 
---- Replace the journal with `records` (written aside, then renamed over).
+--- A file replaced whole or not at all, durably: `fill(fh)` writes a temp
+-- file beside `path` (`tmp`, default `path .. ".tmp"`) and returns a value,
+-- or nil and an error (or raises); the temp file is then closed, synced and
+-- renamed over `path`, and the directory synced. On a failure before the
+-- rename the temp file is removed and `path` left as it was. The one atomic
+-- replace of every file of state (journals, flow.json, run.json, results).
+-- @tparam string path
+-- @tparam function fill
+-- @tparam[opt] string tmp
+-- @return what `fill` returned, or nil, an `io` error and true when `path`
+-- was replaced but its directory could not be synced
+function M.replace(path, fill, tmp)
+  local dir = path:match("^(.*)/[^/]*$") or "."
+  if dir == "" then dir = "/" end
+  tmp = tmp or path .. ".tmp"
+  local fh, msg = io.open(tmp, "wb")
+  if not fh then
+    if msg and msg:sub(1, #tmp + 2) == tmp .. ": " then msg = msg:sub(#tmp + 3) end   -- the reason, not the temp name
+    return nil, errors.io("cannot write", path, msg)
+  end
+  fh:setvbuf("full", 1024 * 1024)
+  local ok, a, b = pcall(fill, fh)
+  local closed, cerr = fh:close()
+  if not ok then os.remove(tmp) error(a, 0) end
+  local err = (a == nil and (b or errors.io("cannot write", path)))
+    or (not closed and errors.io("cannot write", path, cerr))
+  if not err then
+    local done, why = synced(tmp)
+    err = not done and errors.io("cannot sync", tmp, why)
+  end
+  if not err then
+    local renamed, why = os.rename(tmp, path)
+    err = not renamed and errors.io("cannot rename " .. tmp .. " to", path, why)
+  end
+  if err then os.remove(tmp) return nil, err end
+  local done, why = synced(dir)
+  if not done then return nil, errors.io("cannot sync", dir, why), true end
+  return a, b
+end
+
+--- Replace the journal with `records` (`journal.replace`: written aside,
+-- synced, renamed over, its directory synced).
 -- @tparam {table,...} records the live state
 -- @treturn true, or nil and an `io` error
 function Journal:compact(records)
   if self.broken then return nil, self.broken end
-  local tmp = self.path .. ".tmp"
-  local f, msg = io.open(tmp, "wb")
-  if not f then return nil, errors.io("cannot write", tmp, msg) end
-  local ok, werr = f:write(lines(records))
-  local closed, cerr = f:close()
-  if ok and closed and self.durable then ok, werr = synced(tmp) end
-  if not ok or not closed then
-    os.remove(tmp)
-    return nil, errors.io("cannot write", tmp, werr or cerr)
-  end
-  local renamed, rerr = os.rename(tmp, self.path)
-  if not renamed then
-    os.remove(tmp)
-    return nil, errors.io("cannot rename " .. tmp .. " to", self.path, rerr)
-  end
-  if self.durable then
-    local d = self.path:match("^(.*)/[^/]*$")
-    local dok, derr = synced(d == nil and "." or d == "" and "/" or d)
-    if not dok then return broken(self, errors.io("cannot sync", self.path, derr)) end
-  end
+  local text = lines(records)
+  local ok, err, replaced = M.replace(self.path, function(fh)
+    local w, werr = fh:write(text)
+    if not w then return nil, errors.io("cannot write", self.path, werr) end
+    return true
+  end)
+  if replaced then return broken(self, err) end
+  if not ok then return nil, err end
+  local msg
   self.log:close()
   local log
   log, msg = io.open(self.path, "ab")
@@ -148,6 +180,52 @@ end
 --- Close the journal.
 function Journal:close()
   if self.log then self.log:close() self.log = nil end
+end
+
+-- ------------------------------------------------------------ a pipeline's records
+
+--- A pipeline's journal holds a header record (`{version = 1, run, phase,
+-- ...}`: the run, its phase, what it was asked), then a record per change:
+-- a shard's new state (`{k, shard}`) or the run's phase (`{phase}`). The
+-- one reader of those records: a replay for `journal.open`, and a function
+-- that returns the state so far (`{shards = {[k] = shard}, ...}` with the
+-- header's fields; nil before a header).
+-- @treturn function replay
+-- @treturn function state
+function M.pipeline_replay()
+  local state
+  local function replay(rec)
+    if rec.version == 1 then
+      state = {}
+      for k, v in pairs(rec) do state[k] = v end
+      state.shards = {}
+    elseif state and rec.k and type(rec.shard) == "table" then state.shards[rec.k] = rec.shard
+    elseif state and rec.phase then state.phase = rec.phase end
+  end
+  return replay, function() return state end
+end
+
+--- The records of a pipeline's whole state (a compaction's): its header, then a record per shard.
+-- @tparam table state as `pipeline_replay` makes it
+-- @treturn {table,...}
+function M.pipeline_records(state)
+  local head = {}
+  for k, v in pairs(state) do if k ~= "shards" then head[k] = v end end
+  local recs = { head }
+  for k, sh in ipairs(state.shards) do recs[#recs + 1] = { k = k, shard = sh } end
+  return recs
+end
+
+--- A pipeline's journal read, not opened for writing (`lbatch report`, `lbatch top`).
+-- @tparam string path
+-- @treturn ?table the state (as `pipeline_replay`'s; nil when it has no header yet), or nil and an `io` error
+function M.read_pipeline(path)
+  local fh, msg = io.open(path, "rb")
+  if not fh then return nil, errors.io("cannot read", path, msg) end
+  local replay, state = M.pipeline_replay()
+  replay_lines(fh, replay)
+  fh:close()
+  return state() or { shards = {} }
 end
 
 return M

@@ -39,31 +39,18 @@ end
 
 -- ------------------------------------------------------------ journal
 
--- The journal (lbatch.journal) holds a header record, then a record per
--- change: a shard's new state ({k, shard}) or the run's phase ({phase}).
--- A change costs one short append however many shards there are.
+-- The journal (lbatch.journal, whose pipeline_replay reads its records):
+-- a header record, then a record per change. A change costs one short
+-- append however many shards there are.
 local function open_journal(path)
-  local state
-  local j, err = journal.open(path, function(rec)
-    if rec.version == 1 then       -- the header: the run, its phase, what it was asked (fp), ...
-      state = {}
-      for k, v in pairs(rec) do state[k] = v end
-      state.shards = {}
-    elseif state and rec.k then state.shards[rec.k] = rec.shard
-    elseif state and rec.phase then state.phase = rec.phase end
-  end, { durable = true })
+  local replay, state = journal.pipeline_replay()
+  local j, err = journal.open(path, replay, { durable = true })
   if not j then return nil, err end
-  return j, nil, state
+  return j, nil, state()
 end
 
 -- the whole state as records, for a compaction
-local function snapshot(state)
-  local head = {}
-  for k, v in pairs(state) do if k ~= "shards" then head[k] = v end end
-  local recs = { head }
-  for k, s in ipairs(state.shards) do recs[#recs + 1] = { k = k, shard = s } end
-  return recs
-end
+local snapshot = journal.pipeline_records
 
 -- ------------------------------------------------------------ identity
 
@@ -92,19 +79,11 @@ end
 
 local function write_identity(dir, id)
   local path = run_file(dir)
-  local tmp = path .. ".tmp"
-  local fh, msg = io.open(tmp, "wb")
-  if not fh then return nil, errors.io("cannot write", tmp, msg) end
-  local ok, werr = fh:write(json.encode({ version = 1, run = id }), "\n")
-  local closed, cerr = fh:close()
-  if not (ok and closed) then return nil, errors.io("cannot write", tmp, werr or cerr) end
-  local synced, why = core.fsync(tmp)
-  if not synced then return nil, errors.io("cannot sync", tmp, why) end
-  local renamed, rerr = os.rename(tmp, path)
-  if not renamed then return nil, errors.io("cannot rename " .. tmp .. " to", path, rerr) end
-  synced, why = core.fsync(dir)
-  if not synced then return nil, errors.io("cannot sync", dir, why) end
-  return true
+  return journal.replace(path, function(fh)
+    local ok, werr = fh:write(json.encode({ version = 1, run = id }), "\n")
+    if not ok then return nil, errors.io("cannot write", path, werr) end
+    return true
+  end)
 end
 
 -- how a damaged journal is repaired: adopt from the account (the requests
@@ -252,7 +231,7 @@ local SHAPING = { "model", "system", "endpoint", "limits", "header" }
 local SHARDING = { "max_lines", "max_bytes", "completion_window", "metadata" }
 local CHUNK = 1048576
 
-local function hex(s) return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
+local hex = core.hex
 
 -- v as text that is the same for the same value (object keys in order)
 local function canon(v)
@@ -743,7 +722,7 @@ function Run:trip(err)
 end
 
 -- an account that cannot work (arrears, no quota, a refused key) stops the run
-function Run:account(code, message, status)
+function Run:stop_if_account_error(code, message, status)
   if service.ACCOUNT[code] then
     self:trip(errors.new({ kind = "http", status = status, code = code, account = true,
       message = ("pipeline stopped: the account cannot run batches (%s): %s"):format(code, tostring(message)) }))
@@ -829,7 +808,7 @@ function Run:upload(s)
     f, err = self.client:upload(s.path, { filename = s.name }, self:transfer_watch(s, "up"))
     if not f then
       self:refusal(s, err, "written")
-      self:account(err.code, err.message, err.status)
+      self:stop_if_account_error(err.code, err.message, err.status)
       throw(err)
     end
     self:hook("after_upload", s)
@@ -879,7 +858,7 @@ function Run:create(s)
       self:release(s)
       if quota.refused(err.code) then return self:refused(s, err.message) end
       self:refusal(s, err, "uploaded")
-      self:account(err.code, err.message, err.status)
+      self:stop_if_account_error(err.code, err.message, err.status)
       throw(err)
     end
     self:hook("after_create", s)
@@ -921,7 +900,7 @@ function Run:await(s)
   if b.status == "failed" and type(first) == "table" and quota.refused(first.code) then
     return self:refused(s, first.message)
   end
-  if b.status == "failed" and type(first) == "table" then self:account(first.code, first.message) end
+  if b.status == "failed" and type(first) == "table" then self:stop_if_account_error(first.code, first.message) end
   s.status, s.counts, s.step = b.status, b.request_counts, "finished"
   s.times = { created = b.created_at, in_progress = b.in_progress_at,   -- the report's timeline
               ended = b.completed_at or b.failed_at or b.expired_at or b.cancelled_at }
@@ -964,7 +943,7 @@ function Run:download(s)
       -- nothing of it ran: created again from its file once the account is fixed
       s.step, s.batch_id, s.output, s.error, s.status, s.counts = "uploaded", nil, nil, nil, nil, nil
       self:save(s)
-      self:account(code, message, 400)
+      self:stop_if_account_error(code, message, 400)
     end
   end
   s.step = "downloaded"

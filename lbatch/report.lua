@@ -4,7 +4,6 @@
 -- slowest jobs. Read from the journal (`journal.jsonl`) and the shards'
 -- result files (`lbatch.results` summary).
 -- @module lbatch.report
-local cjson = require "cjson"
 local results = require "lbatch.results"
 local errors = require "lbatch.errors"
 
@@ -22,20 +21,10 @@ end
 function M.journal(dir, opts)
   opts = opts or {}
   local path = opts.journal or (dir .. "/journal.jsonl")
-  local f = io.open(path, "rb")
-  if not f then
-    return nil, errors.new({ kind = "io", code = "no_journal", message = "report: cannot read " .. path })
+  local st, err = require("lbatch.journal").read_pipeline(path)
+  if not st then
+    return nil, errors.new({ kind = "io", code = "no_journal", message = "report: " .. err.message })
   end
-  local st = { shards = {} }
-  for line in f:lines() do
-    local ok, rec = pcall(cjson.decode, line)
-    if ok and type(rec) == "table" then
-      if rec.version then st.run, st.phase = rec.run, rec.phase
-      elseif rec.k and type(rec.shard) == "table" then st.shards[rec.k] = rec.shard
-      elseif rec.phase then st.phase = rec.phase end
-    end
-  end
-  f:close()
   return st
 end
 

@@ -323,14 +323,6 @@ local function id_of(text)
   if type(id) == "string" then return id end
 end
 
--- the line at byte offset off of an open file
-local function line_at(fh, off)
-  fh:seek("set", off)
-  local text = fh:read("*l")
-  if text and sub(text, -1) == "\r" then text = sub(text, 1, -2) end
-  return text
-end
-
 -- scan(map, path, fileno, ...) as core's idmap:scan, with the lines it
 -- could not read cheaply decoded here; raises an io error
 local function scan(map, path, fileno, start, max_lines, filter, drop)
@@ -339,7 +331,7 @@ local function scan(map, path, fileno, start, max_lines, filter, drop)
   if #hard > 0 then
     local fh = open_or_fail(path)
     for _, off in ipairs(hard) do
-      local id = id_of(line_at(fh, off))
+      local id = id_of((read_at(fh, off)))
       if id and (not filter or filter:has(id)) then
         if drop then map:take(id) else map:put(id, fileno * SPAN + off) end
       end
@@ -718,8 +710,9 @@ end
 
 --- An output file written whole or not at all: `fill(fh)` writes to a temp
 -- file beside `path` (a value, or nil and an error); the file is then
--- closed, synced and renamed over `path`, and the directory synced. On any
--- failure the temp file is removed and `path` left as it was.
+-- closed, synced and renamed over `path`, and the directory synced
+-- (`journal.replace`, under a temp name of its own). On any failure the
+-- temp file is removed and `path` left as it was.
 -- @tparam string path
 -- @tparam function fill
 -- @return what `fill` returned, or nil and an `io` error
@@ -729,29 +722,7 @@ function M.write_whole(path, fill)
   -- (a table's address differs between processes where LuaJIT's random numbers do not)
   local tmp = ("%s/.%s.%s%d.tmp"):format(dir, path:match("[^/]*$"), tostring({}):match("(%x+)$") or "",
     math.random(1e9))
-  local fh, msg = io.open(tmp, "wb")
-  if not fh then
-    if msg and msg:sub(1, #tmp + 2) == tmp .. ": " then msg = msg:sub(#tmp + 3) end   -- the reason, not the temp name
-    return nil, errors.io("cannot write", path, msg)
-  end
-  fh:setvbuf("full", 1024 * 1024)
-  local ok, a, b = pcall(fill, fh)
-  local closed, cerr = fh:close()
-  if not ok then os.remove(tmp) error(a, 0) end
-  local err = (a == nil and (b or errors.io("cannot write", path)))
-    or (not closed and errors.io("cannot write", path, cerr))
-  if not err then
-    local synced, why = core.fsync(tmp)
-    err = not synced and errors.io("cannot sync", tmp, why)
-  end
-  if not err then
-    local renamed, why = os.rename(tmp, path)
-    err = not renamed and errors.io("cannot rename " .. tmp .. " to", path, why)
-  end
-  if err then os.remove(tmp) return nil, err end
-  local synced, why = core.fsync(dir)
-  if not synced then return nil, errors.io("cannot sync", dir, why) end
-  return a, b
+  return require("lbatch.journal").replace(path, fill, tmp)
 end
 
 return M

@@ -16,8 +16,18 @@ M.REGIONS = {
   openai = "https://api.openai.com/v1",
 }
 
+--- Every status of a batch, the ones still running first (a list, in the order `top` shows them).
+M.STATUSES = { "validating", "in_progress", "finalizing", "cancelling", "completed", "failed", "expired",
+               "cancelled" }
+
 --- The statuses a batch never leaves (a set).
 M.FINAL = { completed = true, failed = true, expired = true, cancelled = true }
+
+--- The final statuses that are not a success (a set): the command exits 3 on them.
+M.FINAL_BAD = { failed = true, expired = true, cancelled = true }
+
+--- The statuses of a batch still running (a set): every status but the final ones.
+M.ACTIVE = { validating = true, in_progress = true, finalizing = true, cancelling = true }
 
 --- Codes that put the fault on the account, not on a request (a set):
 -- arrears, an exhausted quota or billing limit, a refused or revoked key.

@@ -16,23 +16,14 @@
 -- When stdout is not a terminal, one frame is printed as plain lines.
 -- @module lbatch.top
 local cost = require "lbatch.cost"
+local service = require "lbatch.service"
 
 local M = {}
 
-local STATUSES = { "validating", "in_progress", "finalizing", "cancelling", "completed", "failed", "expired",
-                   "cancelled" }
-local ACTIVE = { validating = true, in_progress = true, finalizing = true, cancelling = true }
+local STATUSES, ACTIVE = service.STATUSES, service.ACTIVE
 local SORTS = { "age", "status", "progress", "eta" }
 
-local function dur(s)
-  if not s or s ~= s or s == math.huge then return "-" end
-  s = math.max(0, math.floor(s))
-  local fl = math.floor
-  if s >= 86400 then return ("%dd%02dh"):format(fl(s / 86400), fl(s / 3600) % 24) end
-  if s >= 3600 then return ("%dh%02dm"):format(fl(s / 3600), fl(s / 60) % 60) end
-  if s >= 60 then return ("%dm%02ds"):format(fl(s / 60), s % 60) end
-  return s .. "s"
-end
+local dur = require("lbatch.size").duration
 
 local function counts(b)
   local c = type(b.request_counts) == "table" and b.request_counts or {}

@@ -4,7 +4,7 @@
 #include "core.h"
 
 /* room for n more bytes and a NUL */
-int buf_reserve(buf *b, size_t n) {
+int lb_buf_reserve(buf *b, size_t n) {
   size_t cap = b->cap ? b->cap : 1024;
   char *q;
   if (b->len + n + 1 <= b->cap) return 1;
@@ -15,15 +15,15 @@ int buf_reserve(buf *b, size_t n) {
   return 1;
 }
 
-int buf_add(buf *b, const char *p, size_t n) {
-  if (!buf_reserve(b, n)) return 0;
+int lb_buf_add(buf *b, const char *p, size_t n) {
+  if (!lb_buf_reserve(b, n)) return 0;
   memcpy(b->p + b->len, p, n);
   b->len += n;
   b->p[b->len] = '\0';
   return 1;
 }
 
-void buf_free(buf *b) {
+void lb_buf_free(buf *b) {
   free(b->p);
   b->p = NULL;
   b->len = b->cap = 0;

@@ -2,9 +2,12 @@
  * transfers it runs (xfer.c). libcurl callbacks only fill C buffers and
  * files; finished transfers wait in a queue until Lua collects them with
  * ctl:done(). Beside them: a hash map outside the Lua heap (idmap.c), the
- * JSONL indexer on it (index.c), byte scanners (scan.c, scan.h), system
- * calls (sys.c) and our own failure kinds (fail.c). core.c builds the
- * module and registers every metatable. */
+ * JSONL indexer on it (index.c), byte scanners (scan.c, scan.h), the
+ * request line encoder (enc.c), the result line scanner and core.line_at
+ * (rec.c), HMAC-SHA256 and base64 (hmac.c), growable buffers (buf.c),
+ * system calls (sys.c) and our own failure kinds (fail.c). core.c builds
+ * the module and registers every metatable. Every non-static name starts
+ * with lb_. */
 #ifndef LBATCH_CORE_H
 #define LBATCH_CORE_H
 
@@ -13,6 +16,12 @@
 #include <sys/types.h>
 #include <curl/curl.h>
 #include "compat.h"
+
+/* Every symbol of the core is hidden but luaopen_lbatch_core: here for any
+ * build (the rockspec's too), and -fvisibility=hidden in the Makefile. */
+#define LB_EXPORT __attribute__((visibility("default")))
+LB_EXPORT int luaopen_lbatch_core(lua_State *L);
+#pragma GCC visibility push(hidden)
 
 #define LBATCH_CTL "lbatch.core.ctl"
 #define LBATCH_IDMAP "lbatch.core.idmap"
@@ -24,9 +33,9 @@ typedef struct buf {
   size_t len, cap;
 } buf;
 
-int buf_reserve(buf *b, size_t n);
-int buf_add(buf *b, const char *p, size_t n);
-void buf_free(buf *b);
+int lb_buf_reserve(buf *b, size_t n);
+int lb_buf_add(buf *b, const char *p, size_t n);
+void lb_buf_free(buf *b);
 
 /* ------------------------------------------------------------ fail.c */
 
@@ -53,7 +62,7 @@ typedef struct fail_info {
 } fail_info;
 
 extern const fail_info lb_fail[FAIL_COUNT];
-void lbatch_push_fail(lua_State *L);   /* core.FAIL */
+void lb_push_fail(lua_State *L);   /* core.FAIL */
 
 /* ------------------------------------------------------------ xfer.c */
 
@@ -99,46 +108,49 @@ typedef struct xfer {
   char errbuf[CURL_ERROR_SIZE];
 } xfer;
 
-xfer *xfer_new(lua_State *L, int spec);
-void xfer_started(xfer *x);
-void xfer_fail(xfer *x, fail_id kind, const char *fmt, ...);
-void xfer_finish(xfer *x, CURLcode result);
-void xfer_push_result(lua_State *L, xfer *x);
-void xfer_push_progress(lua_State *L, xfer *x);
-void xfer_free(xfer *x);
+xfer *lb_xfer_new(lua_State *L, int spec);
+void lb_xfer_started(xfer *x);
+void lb_xfer_fail(xfer *x, fail_id kind, const char *fmt, ...);
+void lb_xfer_finish(xfer *x, CURLcode result);
+void lb_xfer_push_result(lua_State *L, xfer *x);
+void lb_xfer_push_progress(lua_State *L, xfer *x);
+void lb_xfer_free(xfer *x);
 
 /* ------------------------------------------------------------ multi.c */
 
-int lbatch_ctl_new(lua_State *L);          /* core.new */
-extern const luaL_Reg lbatch_ctl_methods[];
-extern const luaL_Reg lbatch_ctl_meta[];   /* __gc, __close */
+int lb_ctl_new(lua_State *L);          /* core.new */
+extern const luaL_Reg lb_ctl_methods[];
+extern const luaL_Reg lb_ctl_meta[];   /* __gc, __close */
 
 /* ------------------------------------------------------------ idmap.c */
 
 typedef struct idmap idmap;
 
-int lbatch_idmap_new(lua_State *L);        /* core.idmap */
-extern const luaL_Reg lbatch_idmap_methods[];
-extern const luaL_Reg lbatch_idmap_meta[]; /* __gc */
+int lb_idmap_new(lua_State *L);        /* core.idmap */
+extern const luaL_Reg lb_idmap_methods[];
+extern const luaL_Reg lb_idmap_meta[]; /* __gc */
 
-idmap *idmap_check(lua_State *L, int arg);
-uint64_t idmap_hash(const char *k, size_t len);
-/* h is idmap_hash(k, len) */
-int idmap_has(const idmap *m, const char *k, size_t len, uint64_t h);
-void idmap_prefetch(const idmap *m, uint64_t h);
-int idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v);  /* 1 new, 0 kept, -1 no memory */
-int idmap_remove(idmap *m, const char *k, size_t len, uint64_t h);             /* 1 when it was there */
+idmap *lb_idmap_check(lua_State *L, int arg);
+uint64_t lb_idmap_hash(const char *k, size_t len);
+/* h is lb_idmap_hash(k, len) */
+int lb_idmap_has(const idmap *m, const char *k, size_t len, uint64_t h);
+void lb_idmap_prefetch(const idmap *m, uint64_t h);
+int lb_idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v);  /* 1 new, 0 kept, -1 no memory */
+int lb_idmap_remove(idmap *m, const char *k, size_t len, uint64_t h);             /* 1 when it was there */
 
 /* ------------------------------------------------------------ index.c */
 
-extern const luaL_Reg lbatch_index_methods[];  /* idmap:scan */
+extern const luaL_Reg lb_index_methods[];  /* idmap:scan */
 
 /* ------------------------------------------------------------ scan.c */
 
-int lbatch_utf8_check(lua_State *L);
-int lbatch_json_string(lua_State *L);
-int lbatch_result(lua_State *L);           /* core.result (rec.c) */
-int lbatch_line_at(lua_State *L);          /* core.line_at (rec.c) */
+int lb_utf8_check(lua_State *L);
+int lb_core_json_string(lua_State *L);
+
+/* ------------------------------------------------------------ rec.c */
+
+int lb_core_result(lua_State *L);     /* core.result */
+int lb_line_at(lua_State *L);         /* core.line_at */
 
 /* ------------------------------------------------------------ enc.c */
 
@@ -146,32 +158,34 @@ enum { LB_ENC_OK = 0, LB_ENC_NO = 1, LB_ENC_NOMEM = 2 };
 /* the value at idx appended to b as lua-cjson writes it; LB_ENC_NO when
  * the encoder leaves it to lua-cjson (enc.c says what) */
 int lb_enc_value(lua_State *L, buf *b, int idx, int depth, const char *marker, size_t mlen);
-int lbatch_encoder_new(lua_State *L);      /* core.encoder */
-int lbatch_encode(lua_State *L);           /* core.encode */
-void lbatch_encoder_register(lua_State *L);
+int lb_encoder_new(lua_State *L);      /* core.encoder */
+int lb_encode(lua_State *L);           /* core.encode */
+void lb_encoder_register(lua_State *L);
 
 /* ------------------------------------------------------------ sys.c */
 
 double lb_now_ms(void);                    /* monotonic */
-int lbatch_now(lua_State *L);
-int lbatch_sleep(lua_State *L);
-int lbatch_mkdir(lua_State *L);
-int lbatch_fsync(lua_State *L);
-int lbatch_disk_free(lua_State *L);
-int lbatch_lock(lua_State *L);            /* core.lock */
-void lbatch_lock_register(lua_State *L);
-int lbatch_trap(lua_State *L);
-int lbatch_caught(lua_State *L);
-int lbatch_version(lua_State *L);
+int lb_now(lua_State *L);
+int lb_sleep(lua_State *L);
+int lb_mkdir(lua_State *L);
+int lb_fsync(lua_State *L);
+int lb_disk_free(lua_State *L);
+int lb_lock(lua_State *L);            /* core.lock */
+void lb_lock_register(lua_State *L);
+int lb_trap(lua_State *L);
+int lb_caught(lua_State *L);
+int lb_version(lua_State *L);
+int lb_dumpable(lua_State *L);        /* core.dumpable */
+int lb_remove_parts(lua_State *L);    /* core.remove_parts */
 
 /* ------------------------------------------------------------ hmac.c */
 
-int lbatch_hmac_sha256(lua_State *L);
-int lbatch_equal(lua_State *L);
-int lbatch_base64(lua_State *L);
-int lbatch_unbase64(lua_State *L);
+int lb_hmac_sha256(lua_State *L);
+int lb_equal(lua_State *L);
+int lb_base64(lua_State *L);
+int lb_unbase64(lua_State *L);
+int lb_hex(lua_State *L);
 
-int lbatch_dumpable(lua_State *L);         /* sys.c: core.dumpable */
-int lbatch_remove_parts(lua_State *L);     /* sys.c: core.remove_parts */
+#pragma GCC visibility pop
 
 #endif

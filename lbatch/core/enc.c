@@ -79,7 +79,7 @@ static const unsigned char esc[256] = {
 
 /* append n bytes (no NUL kept: the line is handed out by length) */
 static inline int put(buf *b, const char *s, size_t n) {
-  if (b->len + n + 1 > b->cap && !buf_reserve(b, n)) return 0;
+  if (b->len + n + 1 > b->cap && !lb_buf_reserve(b, n)) return 0;
   memcpy(b->p + b->len, s, n);
   b->len += n;
   return 1;
@@ -99,7 +99,7 @@ static int put_string(buf *b, const char *str, size_t n) {
     worst = n + extra + 2;
     i = 0;
   }
-  if (!buf_reserve(b, worst)) return LB_ENC_NOMEM;
+  if (!lb_buf_reserve(b, worst)) return LB_ENC_NOMEM;
   o = b->p + b->len;
   *o++ = '"';
   while (i < n) {
@@ -301,7 +301,7 @@ static int encode_at(lua_State *L, encoder *e, int base) {
   id = lua_tolstring(L, base, &il);
   url = lua_tolstring(L, base + 1, &ul);
   if (il == 0 || lb_utf8_invalid((const unsigned char *)url, ul) >= 0) return 0;
-  if (!buf_reserve(b, il + ul + 256)) return nomem(L);
+  if (!lb_buf_reserve(b, il + ul + 256)) return nomem(L);
   if (!put(b, L1, sizeof L1 - 1)) return nomem(L);
   if ((r = put_string(b, id, il)) != LB_ENC_OK) return r == LB_ENC_NOMEM ? nomem(L) : 0;
   if (!put(b, L2, sizeof L2 - 1) || !put(b, url, ul) || !put(b, L3, sizeof L3 - 1)) return nomem(L);
@@ -338,7 +338,7 @@ static int write_line(lua_State *L, encoder *e, int fh, int seen_at, int id_at, 
   int r;
   if (!e->line.len) return luaL_error(L, "encoder: nothing encoded");
   if (!f) return luaL_error(L, "encoder: the file is closed");
-  r = idmap_put(seen, id, il, idmap_hash(id, il), v);
+  r = lb_idmap_put(seen, id, il, lb_idmap_hash(id, il), v);
   if (r < 0) return nomem(L);
   if (r == 0) { lua_pushboolean(L, 0); return 1; }
   if (fwrite(e->line.p, 1, e->line.len, f) != e->line.len) return 0;
@@ -370,7 +370,7 @@ static int e_put(lua_State *L) {
   if (room >= 0 && lua_type(L, 2) == LUA_TSTRING) {   /* the id's slot on its way while the body is walked */
     size_t il;
     const char *id = lua_tolstring(L, 2, &il);
-    idmap_prefetch(udata(L, 7, 2, "an idmap expected"), idmap_hash(id, il));
+    lb_idmap_prefetch(udata(L, 7, 2, "an idmap expected"), lb_idmap_hash(id, il));
   }
   lua_pushvalue(L, 2); lua_pushvalue(L, 3); lua_pushvalue(L, 4); lua_pushvalue(L, 5);
   if (!encode_at(L, e, 10)) return 0;
@@ -489,8 +489,8 @@ static int gate_put(lua_State *L, encoder *e) {
     }
   }
   id = lua_tolstring(L, 2, &il);
-  h = idmap_hash(id, il);
-  idmap_prefetch(g->seen, h);
+  h = lb_idmap_hash(id, il);
+  lb_idmap_prefetch(g->seen, h);
   lua_settop(L, 5);
   lua_pushvalue(L, 2);
   lua_pushlstring(L, g->url, g->url_len);
@@ -502,7 +502,7 @@ static int gate_put(lua_State *L, encoder *e) {
   if (((luaL_Stream *)g->fh_ud)->closef == NULL) { e->line.len = 0; return -1; }
 #endif
   if (!(f = *(FILE **)g->fh_ud)) { e->line.len = 0; return -1; }
-  r = idmap_put(g->seen, id, il, h, g->tag + g->lines);
+  r = lb_idmap_put(g->seen, id, il, h, g->tag + g->lines);
   if (r < 0) return nomem(L);
   if (r == 0) { e->line.len = 0; return -1; }    /* a duplicate: the Lua path words it */
   r = fwrite(e->line.p, 1, e->line.len, f) == e->line.len;
@@ -555,13 +555,13 @@ static int e_adder(lua_State *L) {
 static int e_gc(lua_State *L) {
   encoder *e = luaL_checkudata(L, 1, ENCODER);
   disarm(L, &e->g);
-  buf_free(&e->line);
+  lb_buf_free(&e->line);
   free(e->marker);
   e->marker = NULL;
   return 0;
 }
 
-int lbatch_encoder_new(lua_State *L) {
+int lb_encoder_new(lua_State *L) {
   size_t ml = 0;
   const char *m = luaL_optlstring(L, 1, NULL, &ml);
   encoder *e = lua_newuserdata(L, sizeof *e);
@@ -577,7 +577,7 @@ int lbatch_encoder_new(lua_State *L) {
 }
 
 /* core.encode(v [, marker]): v as lua-cjson writes it, or nothing */
-int lbatch_encode(lua_State *L) {
+int lb_encode(lua_State *L) {
   size_t ml = 0;
   const char *m = luaL_optlstring(L, 2, NULL, &ml);
   buf b = {0};
@@ -586,12 +586,12 @@ int lbatch_encode(lua_State *L) {
   lua_settop(L, 1);
   r = lb_enc_value(L, &b, 1, 0, m, ml);
   if (r == LB_ENC_OK) lua_pushlstring(L, b.p ? b.p : "", b.len);
-  buf_free(&b);
+  lb_buf_free(&b);
   if (r == LB_ENC_NOMEM) return nomem(L);
   return r == LB_ENC_OK;
 }
 
-void lbatch_encoder_register(lua_State *L) {
+void lb_encoder_register(lua_State *L) {
   static const luaL_Reg methods[] = { {"encode", e_encode}, {"write", e_write}, {"put", e_put},
                                       {"arm", e_arm}, {"sync", e_sync}, {"adder", e_adder}, {NULL, NULL} };
   static const luaL_Reg meta[] = { {"__gc", e_gc}, {NULL, NULL} };

@@ -17,7 +17,7 @@ const fail_info lb_fail[FAIL_COUNT] = {
 };
 
 /* core.FAIL: name -> { kind, code (absent when none), retryable } */
-void lbatch_push_fail(lua_State *L) {
+void lb_push_fail(lua_State *L) {
   int i;
   lua_createtable(L, 0, FAIL_COUNT - 1);
   for (i = FAIL_NONE + 1; i < FAIL_COUNT; i++) {

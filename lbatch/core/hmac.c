@@ -3,14 +3,15 @@
  *   core.hmac_sha256(key, msg)  the 32-byte HMAC-SHA256 of msg
  *   core.equal(a, b)            constant-time comparison of two strings
  *   core.base64(s)              standard base64 (with padding)
- *   core.unbase64(s)            its inverse; nil for what is not base64 */
+ *   core.unbase64(s)            its inverse; nil for what is not base64
+ *   core.hex(s)                 lower-case hex digits, two a byte (a digest's name) */
 #include <string.h>
 #include <openssl/hmac.h>
 #include <openssl/evp.h>
 #include <openssl/crypto.h>
 #include "core.h"
 
-int lbatch_hmac_sha256(lua_State *L) {
+int lb_hmac_sha256(lua_State *L) {
   size_t klen, mlen;
   const char *key = luaL_checklstring(L, 1, &klen);
   const char *msg = luaL_checklstring(L, 2, &mlen);
@@ -22,7 +23,7 @@ int lbatch_hmac_sha256(lua_State *L) {
   return 1;
 }
 
-int lbatch_equal(lua_State *L) {
+int lb_equal(lua_State *L) {
   size_t alen, blen;
   const char *a = luaL_checklstring(L, 1, &alen);
   const char *b = luaL_checklstring(L, 2, &blen);
@@ -31,7 +32,7 @@ int lbatch_equal(lua_State *L) {
   return 1;
 }
 
-int lbatch_base64(lua_State *L) {
+int lb_base64(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
   unsigned char *out;
@@ -43,7 +44,21 @@ int lbatch_base64(lua_State *L) {
   return 1;
 }
 
-int lbatch_unbase64(lua_State *L) {
+int lb_hex(lua_State *L) {
+  static const char digits[] = "0123456789abcdef";
+  size_t len, i;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  for (i = 0; i < len; i++) {
+    luaL_addchar(&b, digits[s[i] >> 4]);
+    luaL_addchar(&b, digits[s[i] & 15]);
+  }
+  luaL_pushresult(&b);
+  return 1;
+}
+
+int lb_unbase64(lua_State *L) {
   size_t len, i, pad = 0;
   const char *s = luaL_checklstring(L, 1, &len);
   unsigned char *out;

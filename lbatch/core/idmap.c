@@ -64,7 +64,7 @@ static char *key_copy(idmap *m, const char *k, size_t len) {
   return p;
 }
 
-uint64_t idmap_hash(const char *s, size_t n) {   /* FNV-1a */
+uint64_t lb_idmap_hash(const char *s, size_t n) {   /* FNV-1a */
   uint64_t h = 1469598103934665603ULL;
   size_t i;
   for (i = 0; i < n; i++) { h ^= (unsigned char)s[i]; h *= 1099511628211ULL; }
@@ -111,7 +111,7 @@ static void clear(idmap *m) {
 }
 
 /* bring the slot a key of hash h starts at into the cache (a put to come) */
-void idmap_prefetch(const idmap *m, uint64_t h) {
+void lb_idmap_prefetch(const idmap *m, uint64_t h) {
 #if defined(__GNUC__)
   if (m->cap) __builtin_prefetch(&m->slots[(size_t)h & (m->cap - 1)], 1);
 #else
@@ -119,11 +119,11 @@ void idmap_prefetch(const idmap *m, uint64_t h) {
 #endif
 }
 
-int idmap_has(const idmap *m, const char *k, size_t len, uint64_t h) {
+int lb_idmap_has(const idmap *m, const char *k, size_t len, uint64_t h) {
   return lookup(m, k, len, h) != NULL;
 }
 
-int idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v) {
+int lb_idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v) {
   slot *s;
   char *copy;
   if ((m->used + 1) * 10 >= m->cap * 7 && !grow(m)) return -1;
@@ -141,7 +141,7 @@ static void drop(idmap *m, slot *s) {   /* its key's bytes stay in their block u
   m->n--;
 }
 
-int idmap_remove(idmap *m, const char *k, size_t len, uint64_t h) {
+int lb_idmap_remove(idmap *m, const char *k, size_t len, uint64_t h) {
   slot *s = lookup(m, k, len, h);
   if (s) drop(m, s);
   return s != NULL;
@@ -149,24 +149,24 @@ int idmap_remove(idmap *m, const char *k, size_t len, uint64_t h) {
 
 /* ------------------------------------------------------------ Lua */
 
-idmap *idmap_check(lua_State *L, int arg) { return luaL_checkudata(L, arg, LBATCH_IDMAP); }
+idmap *lb_idmap_check(lua_State *L, int arg) { return luaL_checkudata(L, arg, LBATCH_IDMAP); }
 
 static int m_put(lua_State *L) {
-  idmap *m = idmap_check(L, 1);
+  idmap *m = lb_idmap_check(L, 1);
   size_t len;
   const char *k = luaL_checklstring(L, 2, &len);
   lua_Number v = lua_isnoneornil(L, 3) ? 1 : luaL_checknumber(L, 3);
-  int r = idmap_put(m, k, len, idmap_hash(k, len), v);
+  int r = lb_idmap_put(m, k, len, lb_idmap_hash(k, len), v);
   if (r < 0) return luaL_error(L, "idmap: out of memory");
   lua_pushboolean(L, r);
   return 1;
 }
 
 static int get(lua_State *L, int take) {
-  idmap *m = idmap_check(L, 1);
+  idmap *m = lb_idmap_check(L, 1);
   size_t len;
   const char *k = luaL_checklstring(L, 2, &len);
-  slot *s = lookup(m, k, len, idmap_hash(k, len));
+  slot *s = lookup(m, k, len, lb_idmap_hash(k, len));
   if (!s) return 0;
   lua_pushnumber(L, s->value);
   if (take) drop(m, s);
@@ -175,10 +175,10 @@ static int get(lua_State *L, int take) {
 static int m_get(lua_State *L) { return get(L, 0); }
 static int m_take(lua_State *L) { return get(L, 1); }
 
-static int m_count(lua_State *L) { lua_pushinteger(L, (lua_Integer)idmap_check(L, 1)->n); return 1; }
+static int m_count(lua_State *L) { lua_pushinteger(L, (lua_Integer)lb_idmap_check(L, 1)->n); return 1; }
 
 static int m_keys(lua_State *L) {
-  idmap *m = idmap_check(L, 1);
+  idmap *m = lb_idmap_check(L, 1);
   size_t i;
   int n = 0;
   lua_createtable(L, (int)m->n, 0);
@@ -191,17 +191,17 @@ static int m_keys(lua_State *L) {
   return 1;
 }
 
-static int m_clear(lua_State *L) { clear(idmap_check(L, 1)); return 0; }
+static int m_clear(lua_State *L) { clear(lb_idmap_check(L, 1)); return 0; }
 
 static int m_has(lua_State *L) {
-  idmap *m = idmap_check(L, 1);
+  idmap *m = lb_idmap_check(L, 1);
   size_t len;
   const char *k = luaL_checklstring(L, 2, &len);
-  lua_pushboolean(L, idmap_has(m, k, len, idmap_hash(k, len)));
+  lua_pushboolean(L, lb_idmap_has(m, k, len, lb_idmap_hash(k, len)));
   return 1;
 }
 
-int lbatch_idmap_new(lua_State *L) {
+int lb_idmap_new(lua_State *L) {
   idmap *m = lua_newuserdata(L, sizeof *m);
   memset(m, 0, sizeof *m);
   luaL_getmetatable(L, LBATCH_IDMAP);
@@ -209,9 +209,9 @@ int lbatch_idmap_new(lua_State *L) {
   return 1;
 }
 
-const luaL_Reg lbatch_idmap_methods[] = {
+const luaL_Reg lb_idmap_methods[] = {
   {"put", m_put}, {"get", m_get}, {"take", m_take}, {"count", m_count},
   {"keys", m_keys}, {"clear", m_clear}, {"has", m_has}, {NULL, NULL}
 };
 
-const luaL_Reg lbatch_idmap_meta[] = { {"__gc", m_clear}, {NULL, NULL} };
+const luaL_Reg lb_idmap_meta[] = { {"__gc", m_clear}, {NULL, NULL} };

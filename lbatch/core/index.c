@@ -36,22 +36,22 @@ static int scan_line(lua_State *L, idmap *m, idmap *filter, int drop, double bas
     lua_rawseti(L, -2, ++*bad);
     return 1;
   }
-  h = idmap_hash(line + io, il);
-  if (filter && !idmap_has(filter, line + io, il, h)) return 1;
+  h = lb_idmap_hash(line + io, il);
+  if (filter && !lb_idmap_has(filter, line + io, il, h)) return 1;
   if (drop) {
-    idmap_remove(m, line + io, il, h);
+    lb_idmap_remove(m, line + io, il, h);
     return 1;
   }
-  return idmap_put(m, line + io, il, h, base + (double)off) >= 0;   /* the first one wins */
+  return lb_idmap_put(m, line + io, il, h, base + (double)off) >= 0;   /* the first one wins */
 }
 
 static int m_scan(lua_State *L) {
-  idmap *m = idmap_check(L, 1);
+  idmap *m = lb_idmap_check(L, 1);
   const char *path = luaL_checkstring(L, 2);
   double fileno = luaL_checknumber(L, 3);
   size_t start = (size_t)luaL_optnumber(L, 4, 0);
   double max_lines = luaL_optnumber(L, 5, -1);
-  idmap *filter = lua_isnoneornil(L, 6) ? NULL : idmap_check(L, 6);
+  idmap *filter = lua_isnoneornil(L, 6) ? NULL : lb_idmap_check(L, 6);
   int drop = lua_toboolean(L, 7);
   double base = fileno * FILE_SPAN, lines = 0;
   size_t off = start, line_off = start;  /* where the next read starts; where the line began */
@@ -84,12 +84,12 @@ static int m_scan(lua_State *L) {
       const char *p = chunk + i;
       if (!over && line.len + take > SCAN_LINE_MAX) { over = 1; line.len = 0; }
       if (!nl) {
-        if (!over && !buf_add(&line, p, take)) { ok = 0; break; }
+        if (!over && !lb_buf_add(&line, p, take)) { ok = 0; break; }
         i = got;
         break;
       }
       if (line.len && !over) {
-        if (!buf_add(&line, p, take)) { ok = 0; break; }
+        if (!lb_buf_add(&line, p, take)) { ok = 0; break; }
         ok = scan_line(L, m, filter, drop, base, line.p, line.len, 0, line_off, &bad);
       } else {
         ok = scan_line(L, m, filter, drop, base, p, take, over, line_off, &bad);
@@ -104,7 +104,7 @@ static int m_scan(lua_State *L) {
     if (ok && i < got) break;                        /* max_lines reached mid-chunk */
   }
   free(chunk);
-  buf_free(&line);
+  lb_buf_free(&line);
   if (ok == -1 || ferror(f)) {
     fclose(f);
     lua_pushnil(L);
@@ -120,4 +120,4 @@ static int m_scan(lua_State *L) {
   return 3;
 }
 
-const luaL_Reg lbatch_index_methods[] = { {"scan", m_scan}, {NULL, NULL} };
+const luaL_Reg lb_index_methods[] = { {"scan", m_scan}, {NULL, NULL} };

@@ -124,10 +124,10 @@ static void admit(ctl *c, int most) {
     xfer *x = c->queued.head;
     unlink_from(&c->queued, x);
     if (curl_multi_add_handle(c->multi, x->easy) != CURLM_OK) {
-      xfer_finish(x, CURLE_OUT_OF_MEMORY);
+      lb_xfer_finish(x, CURLE_OUT_OF_MEMORY);
       push(&c->done, x);
     } else {
-      xfer_started(x);
+      lb_xfer_started(x);
       push(&c->active, x);
     }
   }
@@ -150,8 +150,8 @@ static double stalls(ctl *c, int act) {
     if (act && now >= due) {
       curl_multi_remove_handle(c->multi, x->easy);
       unlink_from(&c->active, x);
-      xfer_fail(x, FAIL_STALLED, "no data moved for %.3g s (stall_timeout)", x->stall_ms / 1e3);
-      xfer_finish(x, CURLE_OPERATION_TIMEDOUT);
+      lb_xfer_fail(x, FAIL_STALLED, "no data moved for %.3g s (stall_timeout)", x->stall_ms / 1e3);
+      lb_xfer_finish(x, CURLE_OPERATION_TIMEDOUT);
       push(&c->done, x);
     } else if (next < 0 || due < next) {
       next = due;
@@ -185,7 +185,7 @@ static void collect(ctl *c) {
 #endif
     curl_multi_remove_handle(c->multi, m->easy_handle);
     unlink_from(&c->active, x);
-    xfer_finish(x, result);
+    lb_xfer_finish(x, result);
     push(&c->done, x);
   }
 }
@@ -194,7 +194,7 @@ static void collect(ctl *c) {
 
 /* new{max_connections = 16, max_streams = 100}: at most max_connections
  * connections; on HTTP/2 each carries up to max_streams transfers */
-int lbatch_ctl_new(lua_State *L) {
+int lb_ctl_new(lua_State *L) {
   long maxc = 16, maxs = 100;
   ctl *c;
   if (lua_istable(L, 1)) {
@@ -246,13 +246,13 @@ int lbatch_ctl_new(lua_State *L) {
  * (the upload or the download's target) is not usable. */
 static int ctl_add(lua_State *L) {
   ctl *c = check_ctl(L);
-  xfer *x = xfer_new(L, 2);
+  xfer *x = lb_xfer_new(L, 2);
   if (!x) return luaL_error(L, "lbatch.core: out of memory");
   if (x->fail) {              /* a local file failed: no request goes out */
     lua_pushnil(L);
     lua_pushstring(L, lb_fail[x->fail].name);
     lua_pushstring(L, x->failmsg);
-    xfer_free(x);
+    lb_xfer_free(x);
     return 3;
   }
   x->id = ++c->next_id;
@@ -320,8 +320,8 @@ static int ctl_done(lua_State *L) {
   if (!x) return 0;
   unlink_from(&c->done, x);
   lua_pushinteger(L, x->id);
-  xfer_push_result(L, x);
-  xfer_free(x);
+  lb_xfer_push_result(L, x);
+  lb_xfer_free(x);
   return 2;
 }
 
@@ -333,14 +333,14 @@ static int ctl_cancel(lua_State *L) {
   if ((x = find(&c->active, id))) {
     curl_multi_remove_handle(c->multi, x->easy);
     unlink_from(&c->active, x);
-    xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
+    lb_xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
   } else if ((x = find(&c->queued, id))) {
     unlink_from(&c->queued, x);
-    xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
+    lb_xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
   } else if ((x = find(&c->done, id))) {
     unlink_from(&c->done, x);
   }
-  if (x) xfer_free(x);
+  if (x) lb_xfer_free(x);
   lua_pushboolean(L, x != NULL);
   return 1;
 }
@@ -372,7 +372,7 @@ static int ctl_progress(lua_State *L) {
   if (!x) x = find(&c->queued, id);
   if (!x) x = find(&c->done, id);
   if (!x) return 0;
-  xfer_push_progress(L, x);
+  lb_xfer_push_progress(L, x);
   return 4;
 }
 
@@ -401,30 +401,30 @@ static int ctl_close(lua_State *L) {
   while ((x = c->active.head)) {
     curl_multi_remove_handle(c->multi, x->easy);
     unlink_from(&c->active, x);
-    xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
-    xfer_free(x);
+    lb_xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
+    lb_xfer_free(x);
   }
   while ((x = c->queued.head)) {
     unlink_from(&c->queued, x);
-    xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
-    xfer_free(x);
+    lb_xfer_finish(x, CURLE_ABORTED_BY_CALLBACK);
+    lb_xfer_free(x);
   }
   while ((x = c->done.head)) {
     unlink_from(&c->done, x);
-    xfer_free(x);
+    lb_xfer_free(x);
   }
   curl_multi_cleanup(c->multi);
   if (c->epfd >= 0) close(c->epfd);
   return 0;
 }
 
-const luaL_Reg lbatch_ctl_methods[] = {
+const luaL_Reg lb_ctl_methods[] = {
   {"add", ctl_add}, {"step", ctl_step}, {"done", ctl_done}, {"cancel", ctl_cancel},
   {"timeout", ctl_timeout}, {"pollfd", ctl_pollfd}, {"pending", ctl_pending},
   {"progress", ctl_progress}, {"close", ctl_close}, {NULL, NULL}
 };
 
-const luaL_Reg lbatch_ctl_meta[] = {
+const luaL_Reg lb_ctl_meta[] = {
   {"__gc", ctl_close},
 #if LUA_VERSION_NUM >= 504
   {"__close", ctl_close},

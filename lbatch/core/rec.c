@@ -432,12 +432,18 @@ static int fields(ctx *x, lb_result *r) {
  * its newline and a final \r), read with pread: a joined result costs
  * its own bytes, not a buffer's worth of them after a seek; nil at the
  * end of the file, nil and the reason when it cannot be read */
-int lbatch_line_at(lua_State *L) {
-  FILE *f = *(FILE **)luaL_checkudata(L, 1, LUA_FILEHANDLE);   /* the FILE first, on every Lua */
+int lb_line_at(lua_State *L) {
+  void *ud = luaL_checkudata(L, 1, LUA_FILEHANDLE);
+  FILE *f = *(FILE **)ud;   /* the FILE first, on every Lua */
   off_t off = (off_t)luaL_checknumber(L, 2);
   char small[2048], *p = small, *nl = NULL;
   size_t cap = sizeof small, len = 0;
-  int fd = f ? fileno(f) : -1;
+  int fd;
+#if LUA_VERSION_NUM >= 502 && !defined(LUAJIT_VERSION)
+  if (((luaL_Stream *)ud)->closef == NULL) f = NULL;   /* closed: f is freed memory (enc.c's file_of) */
+#endif
+  if (!f) return luaL_error(L, "line_at: the file is closed");
+  fd = fileno(f);
   if (fd < 0) return luaL_argerror(L, 1, "an open file expected");
   for (;;) {
     ssize_t got = pread(fd, p + len, cap - len, off + (off_t)len);
@@ -468,7 +474,7 @@ int lbatch_line_at(lua_State *L) {
   return 1;
 }
 
-int lbatch_result(lua_State *L) {
+int lb_core_result(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
   lb_result r;

@@ -135,7 +135,7 @@ int lb_header_value(const char *p, size_t n, const char *name, const char **v, s
 #ifndef LBATCH_SCAN_ONLY       /* the fuzz harness builds the scanners alone */
 #include "core.h"
 
-int lbatch_utf8_check(lua_State *L) {
+int lb_utf8_check(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
   long bad = lb_utf8_invalid((const unsigned char *)s, n);
@@ -144,7 +144,7 @@ int lbatch_utf8_check(lua_State *L) {
   return 1;
 }
 
-int lbatch_json_string(lua_State *L) {
+int lb_core_json_string(lua_State *L) {
   size_t n, klen, off = 0, len = 0;
   const char *s = luaL_checklstring(L, 1, &n);
   const char *key = luaL_checklstring(L, 2, &klen);

@@ -4,6 +4,8 @@
 
 #include <stddef.h>
 
+#pragma GCC visibility push(hidden)   /* core.h says why */
+
 enum { LB_FOUND = 0, LB_ABSENT = -1, LB_COMPLEX = -2 };
 
 /* The length of the valid UTF-8 sequence (RFC 3629: no overlong forms, no
@@ -46,5 +48,7 @@ int lb_result_scan(const char *s, size_t n, lb_result *r);
 /* a string's content unescaped into out (room for n bytes): its length,
  * or -1 when lua-cjson would refuse it (a lone surrogate, a bad escape) */
 long lb_json_unescape(const char *s, size_t n, char *out);
+
+#pragma GCC visibility pop
 
 #endif

@@ -27,13 +27,13 @@ double lb_now_ms(void) {
   return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-int lbatch_now(lua_State *L) {
+int lb_now(lua_State *L) {
   lua_pushnumber(L, lb_now_ms() / 1e3);
   return 1;
 }
 
 /* sleep(seconds): for hosts and examples that pace a loop (a frame) */
-int lbatch_sleep(lua_State *L) {
+int lb_sleep(lua_State *L) {
   double s = luaL_checknumber(L, 1);
   struct timespec ts;
   if (s <= 0) return 0;
@@ -45,7 +45,7 @@ int lbatch_sleep(lua_State *L) {
 
 /* core.disk_free(path) -> bytes an unprivileged writer may still use on
  * path's file system; or nil and the OS's reason */
-int lbatch_disk_free(lua_State *L) {
+int lb_disk_free(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   struct statvfs v;
   if (statvfs(path, &v) != 0) {
@@ -59,7 +59,7 @@ int lbatch_disk_free(lua_State *L) {
 
 /* fsync(path): what was written to the file (or the names in the
  * directory) reaches the disk before the call returns. true, or nil, message */
-int lbatch_fsync(lua_State *L) {
+int lb_fsync(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   int fd = open(path, O_RDONLY), ok = fd >= 0 && fsync(fd) == 0;
   int e = errno;
@@ -74,7 +74,7 @@ int lbatch_fsync(lua_State *L) {
 }
 
 /* mkdir(path): like mkdir -p, without a shell. true, or nil, message */
-int lbatch_mkdir(lua_State *L) {
+int lb_mkdir(lua_State *L) {
   size_t n;
   const char *path = luaL_checklstring(L, 1, &n);
   char *p = malloc(n + 1), *q;
@@ -107,7 +107,7 @@ static volatile sig_atomic_t caught_signal = 0;
 
 static void on_signal(int sig) { caught_signal = sig; }
 
-int lbatch_trap(lua_State *L) {
+int lb_trap(lua_State *L) {
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = on_signal;   /* no SA_RESTART: epoll_wait returns EINTR */
@@ -118,13 +118,13 @@ int lbatch_trap(lua_State *L) {
   return 0;
 }
 
-int lbatch_caught(lua_State *L) {
+int lb_caught(lua_State *L) {
   if (!caught_signal) return 0;
   lua_pushinteger(L, caught_signal);
   return 1;
 }
 
-int lbatch_version(lua_State *L) {
+int lb_version(lua_State *L) {
   curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
   lua_pushstring(L, v->version);
   lua_pushboolean(L, (v->features & CURL_VERSION_HTTP2) != 0);
@@ -160,7 +160,7 @@ static void lock_holder(char *out, size_t n) {
   snprintf(out, n, "{\"pid\":%ld,\"host\":\"%s\",\"started\":\"%s\"}\n", (long)getpid(), host, date);
 }
 
-int lbatch_lock(lua_State *L) {
+int lb_lock(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   char text[512];
   int *ud, fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
@@ -209,7 +209,7 @@ static int lock_gc(lua_State *L) {
   return 0;
 }
 
-void lbatch_lock_register(lua_State *L) {
+void lb_lock_register(lua_State *L) {
   static const luaL_Reg methods[] = { {"release", lock_release}, {NULL, NULL} };
   luaL_newmetatable(L, LBATCH_LOCK);
   lua_newtable(L);
@@ -227,7 +227,7 @@ void lbatch_lock_register(lua_State *L) {
 #ifdef __linux__
 #include <sys/prctl.h>
 #endif
-int lbatch_dumpable(lua_State *L) {
+int lb_dumpable(lua_State *L) {
 #ifdef __linux__
   int now;
   if (!lua_isnoneornil(L, 1) && prctl(PR_SET_DUMPABLE, lua_toboolean(L, 1) ? 1 : 0, 0, 0, 0) != 0) {
@@ -250,7 +250,7 @@ int lbatch_dumpable(lua_State *L) {
  * many. Run under the directory's lock, so no live download is among them.
  * A readdir, not a shell: it runs inside step(), where a fork would cost
  * the host its frame. */
-int lbatch_remove_parts(lua_State *L) {
+int lb_remove_parts(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   DIR *d = opendir(path);
   struct dirent *e;

@@ -24,7 +24,7 @@
 
 #define MAX_HEADERS (1024 * 1024)   /* a header block larger than this is refused */
 
-void xfer_fail(xfer *x, fail_id kind, const char *fmt, ...) {
+void lb_xfer_fail(xfer *x, fail_id kind, const char *fmt, ...) {
   va_list ap;
   if (x->fail) return;              /* the first failure is the one to report */
   x->fail = kind;
@@ -65,12 +65,12 @@ static int body_start(xfer *x) {
   curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
   if (status == 206) {
     if (x->range_start == x->resume_from) return 1;
-    xfer_fail(x, FAIL_RANGE, "asked for the bytes from %ld, the server sent them from %ld",
+    lb_xfer_fail(x, FAIL_RANGE, "asked for the bytes from %ld, the server sent them from %ld",
               (long)x->resume_from, (long)x->range_start);
     return 0;
   }
   if (ftruncate(x->out, 0) != 0) {
-    xfer_fail(x, FAIL_IO, "cannot write %s: %s", x->tmp, strerror(errno));
+    lb_xfer_fail(x, FAIL_IO, "cannot write %s: %s", x->tmp, strerror(errno));
     return 0;
   }
   x->resume_from = 0;
@@ -85,16 +85,16 @@ static size_t on_write(char *p, size_t size, size_t n, void *ud) {
   if (x->out >= 0 && is_2xx(x)) {
     if (!x->body_started && !body_start(x)) return 0;
     if (!write_all(x->out, p, len)) {
-      xfer_fail(x, FAIL_IO, "cannot write %s: %s", x->tmp, strerror(errno));
+      lb_xfer_fail(x, FAIL_IO, "cannot write %s: %s", x->tmp, strerror(errno));
       return 0;
     }
   } else {
     if (x->max_body && x->resp.len + len > x->max_body) {
-      xfer_fail(x, FAIL_TOO_LARGE, "the answer is larger than %lu bytes (max_response_bytes)",
+      lb_xfer_fail(x, FAIL_TOO_LARGE, "the answer is larger than %lu bytes (max_response_bytes)",
                 (unsigned long)x->max_body);
       return 0;
     }
-    if (!buf_add(&x->resp, p, len)) return 0;
+    if (!lb_buf_add(&x->resp, p, len)) return 0;
   }
   x->written += (curl_off_t)len;
   return len;
@@ -124,7 +124,7 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud) {
     }
   }
   if (x->hdrs.len + len > MAX_HEADERS) {
-    xfer_fail(x, FAIL_TOO_LARGE, "the answer's headers are larger than %d bytes", MAX_HEADERS);
+    lb_xfer_fail(x, FAIL_TOO_LARGE, "the answer's headers are larger than %d bytes", MAX_HEADERS);
     return 0;
   }
   /* a file's content is its bytes as stored: an encoding nobody asked for
@@ -134,11 +134,11 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud) {
     size_t vl;
     if (lb_header_value(p, len, "content-encoding", &v, &vl) && !(vl == 8 && strncasecmp(v, "identity", 8) == 0)
         && is_2xx(x)) {
-      xfer_fail(x, FAIL_ENCODING, "the server sent the file with a Content-Encoding that was not asked for");
+      lb_xfer_fail(x, FAIL_ENCODING, "the server sent the file with a Content-Encoding that was not asked for");
       return 0;
     }
   }
-  return buf_add(&x->hdrs, p, len) ? len : 0;
+  return lb_buf_add(&x->hdrs, p, len) ? len : 0;
 }
 
 /* Reads a source; refuses to rewind once a byte has been read. */
@@ -155,11 +155,11 @@ static size_t on_read(char *p, size_t size, size_t n, void *ud) {
     ssize_t r;
     do r = read(s->fd, p, want); while (r < 0 && errno == EINTR);
     if (r < 0) {
-      xfer_fail(s->owner, FAIL_IO, "cannot read the file being uploaded: %s", strerror(errno));
+      lb_xfer_fail(s->owner, FAIL_IO, "cannot read the file being uploaded: %s", strerror(errno));
       return CURL_READFUNC_ABORT;
     }
     if (r == 0) {
-      xfer_fail(s->owner, FAIL_IO, "the file being uploaded changed: it is shorter than when the upload began");
+      lb_xfer_fail(s->owner, FAIL_IO, "the file being uploaded changed: it is shorter than when the upload began");
       return CURL_READFUNC_ABORT;
     }
     want = (size_t)r;
@@ -188,7 +188,7 @@ static int on_prereq(void *ud, char *conn_ip, char *local_ip, int conn_port, int
   (void)conn_ip; (void)local_ip; (void)conn_port; (void)local_port;
   x->last_io = lb_now_ms();
   if (++x->requests > 1 && (x->body_src.pos > 0 || x->file_src.pos > 0)) {
-    xfer_fail(x, FAIL_RESEND, "the connection was lost while the request was being sent; libcurl may not send it again");
+    lb_xfer_fail(x, FAIL_RESEND, "the connection was lost while the request was being sent; libcurl may not send it again");
     return CURL_PREREQFUNC_ABORT;
   }
   return CURL_PREREQFUNC_OK;
@@ -279,14 +279,14 @@ static const char *what_it_is(mode_t m) {
 static int open_upload(xfer *x, const char *path) {
   struct stat st;
   int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-  if (fd < 0) { xfer_fail(x, FAIL_IO, "cannot read %s: %s", path, strerror(errno)); return 0; }
+  if (fd < 0) { lb_xfer_fail(x, FAIL_IO, "cannot read %s: %s", path, strerror(errno)); return 0; }
   if (fstat(fd, &st) != 0) {
-    xfer_fail(x, FAIL_IO, "cannot read %s: %s", path, strerror(errno));
+    lb_xfer_fail(x, FAIL_IO, "cannot read %s: %s", path, strerror(errno));
     close(fd);
     return 0;
   }
   if (!S_ISREG(st.st_mode)) {
-    xfer_fail(x, FAIL_IO, "cannot upload %s: it is %s", path, what_it_is(st.st_mode));
+    lb_xfer_fail(x, FAIL_IO, "cannot upload %s: it is %s", path, what_it_is(st.st_mode));
     close(fd);
     return 0;
   }
@@ -379,12 +379,12 @@ static int open_download(xfer *x, const char *path, const char *resume) {
   size_t pl = strlen(path);
   if (lstat(path, &st) == 0) {
     if (!S_ISREG(st.st_mode)) {
-      xfer_fail(x, FAIL_IO, "cannot download to %s: it is %s", path, what_it_is(st.st_mode));
+      lb_xfer_fail(x, FAIL_IO, "cannot download to %s: it is %s", path, what_it_is(st.st_mode));
       return 0;
     }
     x->mode = st.st_mode & 07777;
   } else if (errno != ENOENT) {
-    xfer_fail(x, FAIL_IO, "cannot download to %s: %s", path, strerror(errno));
+    lb_xfer_fail(x, FAIL_IO, "cannot download to %s: %s", path, strerror(errno));
     return 0;
   } else {
     mode_t um = umask(0);
@@ -392,19 +392,19 @@ static int open_download(xfer *x, const char *path, const char *resume) {
     x->mode = 0666 & ~um;
   }
   if (!(x->path = copy_str(path, pl))) {
-    xfer_fail(x, FAIL_IO, "out of memory");
+    lb_xfer_fail(x, FAIL_IO, "out of memory");
     return 0;
   }
   if (resume && open_resume(x, path, pl, resume)) return 1;
   if (!(x->tmp = malloc(pl + 16))) {
-    xfer_fail(x, FAIL_IO, "out of memory");
+    lb_xfer_fail(x, FAIL_IO, "out of memory");
     return 0;
   }
   memcpy(x->tmp, path, pl);
   memcpy(x->tmp + pl, ".part-XXXXXX", 13);
   x->out = mkostemp(x->tmp, O_CLOEXEC);
   if (x->out < 0) {
-    xfer_fail(x, FAIL_IO, "cannot create %s: %s", x->tmp, strerror(errno));
+    lb_xfer_fail(x, FAIL_IO, "cannot create %s: %s", x->tmp, strerror(errno));
     free(x->tmp);
     x->tmp = NULL;
     return 0;
@@ -425,7 +425,7 @@ static int open_download(xfer *x, const char *path, const char *resume) {
  *          cainfo, capath, proxy, noproxy }
  * Returns the transfer; when x->fail is set, it failed before any
  * request (a local file) and must be freed. NULL: out of memory. */
-xfer *xfer_new(lua_State *L, int spec) {
+xfer *lb_xfer_new(lua_State *L, int spec) {
   size_t body_len = 0;
   const char *url, *method, *body, *upload, *download, *resume, *cainfo, *capath, *proxy, *noproxy;
   double timeout, connect_timeout, stall, max_body;
@@ -531,13 +531,13 @@ xfer *xfer_new(lua_State *L, int spec) {
   }
   return x;
 fail:
-  xfer_free(x);
+  lb_xfer_free(x);
   return NULL;
 }
 
 /* handed to libcurl: the stall clock starts (again when the request
  * goes out, on libcurl 7.80 and later: on_prereq) */
-void xfer_started(xfer *x) {
+void lb_xfer_started(xfer *x) {
   x->last_io = lb_now_ms();
 }
 
@@ -557,20 +557,20 @@ static void finish_download(xfer *x, CURLcode result) {
   if (ok) {
     curl_easy_getinfo(x->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
     if (cl >= 0 && cl != x->written) {
-      xfer_fail(x, FAIL_TRUNCATED, "the download is %ld bytes, shorter than its Content-Length %ld",
+      lb_xfer_fail(x, FAIL_TRUNCATED, "the download is %ld bytes, shorter than its Content-Length %ld",
                 (long)x->written, (long)cl);
     } else if (x->range_total >= 0 && x->resume_from + x->written != x->range_total) {
-      xfer_fail(x, FAIL_TRUNCATED, "the download is %ld bytes, not the %ld its Content-Range says",
+      lb_xfer_fail(x, FAIL_TRUNCATED, "the download is %ld bytes, not the %ld its Content-Range says",
                 (long)(x->resume_from + x->written), (long)x->range_total);
     } else if (fchmod(x->out, x->mode) != 0 || close(x->out) != 0) {
       x->out = -1;
-      xfer_fail(x, FAIL_IO, "cannot write %s: %s", x->tmp, strerror(errno));
+      lb_xfer_fail(x, FAIL_IO, "cannot write %s: %s", x->tmp, strerror(errno));
     } else {
       x->out = -1;
       if (lstat(x->path, &st) == 0 && !S_ISREG(st.st_mode))
-        xfer_fail(x, FAIL_IO, "cannot download to %s: it is %s", x->path, what_it_is(st.st_mode));
+        lb_xfer_fail(x, FAIL_IO, "cannot download to %s: it is %s", x->path, what_it_is(st.st_mode));
       else if (rename(x->tmp, x->path) != 0)
-        xfer_fail(x, FAIL_IO, "cannot rename %s to %s: %s", x->tmp, x->path, strerror(errno));
+        lb_xfer_fail(x, FAIL_IO, "cannot rename %s to %s: %s", x->tmp, x->path, strerror(errno));
       else { free(x->tmp); x->tmp = NULL; }
     }
   }
@@ -585,7 +585,7 @@ static void finish_download(xfer *x, CURLcode result) {
   if (x->tmp) { unlink(x->tmp); free(x->tmp); x->tmp = NULL; }
 }
 
-void xfer_finish(xfer *x, CURLcode result) {
+void lb_xfer_finish(xfer *x, CURLcode result) {
   x->result = result;
   if (x->path) finish_download(x, result);
 }
@@ -608,7 +608,7 @@ static void set_int(lua_State *L, const char *k, lua_Integer v) {
 /* { status, body, headers, code (curl), error, fail (our own failure's
  *   kind), path, bytes, sent (upload bytes), received (body bytes), time,
  *   version (HTTP: 1, 2), connect_code } */
-void xfer_push_result(lua_State *L, xfer *x) {
+void lb_xfer_push_result(lua_State *L, xfer *x) {
   long status = 0, version = 0, connect = 0;
   double t = 0;
   curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
@@ -646,7 +646,7 @@ void xfer_push_result(lua_State *L, xfer *x) {
 }
 
 /* up_done, up_total, down_done, down_total (-1: not known yet) */
-void xfer_push_progress(lua_State *L, xfer *x) {
+void lb_xfer_push_progress(lua_State *L, xfer *x) {
   curl_off_t cl = -1;
   if (x->easy) curl_easy_getinfo(x->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
   lua_pushinteger(L, (lua_Integer)x->file_src.pos);
@@ -655,7 +655,7 @@ void xfer_push_progress(lua_State *L, xfer *x) {
   lua_pushinteger(L, (lua_Integer)cl);
 }
 
-void xfer_free(xfer *x) {
+void lb_xfer_free(xfer *x) {
   if (x->out >= 0) close(x->out);
   if (x->tmp) { unlink(x->tmp); free(x->tmp); }
   if (x->easy) curl_easy_cleanup(x->easy);
@@ -666,7 +666,7 @@ void xfer_free(xfer *x) {
   free(x->upload_mem);
   free(x->path);
   free(x->partial);
-  buf_free(&x->resp);
-  buf_free(&x->hdrs);
+  lb_buf_free(&x->resp);
+  lb_buf_free(&x->hdrs);
   free(x);
 }

@@ -84,6 +84,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     want = lua_tolstring(L, -1, &n);
     if (!want || n != b.len || memcmp(want, b.p, n) != 0) abort();
   } else if (r != LB_ENC_NO) abort();
-  buf_free(&b);
+  lb_buf_free(&b);
   return 0;
 }

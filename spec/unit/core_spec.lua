@@ -57,8 +57,8 @@ describe("core.FAIL", function()
     assert.is_true(next(names) ~= nil)
     local emitted = 0
     for _, file in ipairs({ "xfer.c", "multi.c" }) do
-      local src = slurp(root .. "/lbatch/core/" .. file):gsub("void xfer_fail%b()", "")  -- its definition
-      for arg in src:gmatch("xfer_fail%([^,]+,%s*([^,]+),") do
+      local src = slurp(root .. "/lbatch/core/" .. file):gsub("void lb_xfer_fail%b()", "")  -- its definition
+      for arg in src:gmatch("lb_xfer_fail%([^,]+,%s*([^,]+),") do
         assert.truthy(arg:match("^FAIL_[%u_]+$"), file .. " fails with " .. arg)
         assert.is_string(names[arg], arg .. " has no row in fail.c")
         assert.is_table(core.FAIL[names[arg]], names[arg] .. " is not in core.FAIL")
@@ -551,5 +551,49 @@ describe("core.lock", function()
     assert.is_truthy(lk, "the lock of a killed holder stays taken")
     lk:release()
     os.execute("rm -rf " .. dir)
+  end)
+end)
+
+describe("core.hex", function()
+  it("writes every byte as two lower-case hex digits", function()
+    local bytes, want = {}, {}
+    for b = 0, 255 do bytes[#bytes + 1], want[#want + 1] = string.char(b), ("%02x"):format(b) end
+    assert.are.equal(table.concat(want), core.hex(table.concat(bytes)))
+    assert.are.equal("", core.hex(""))
+  end)
+end)
+
+describe("core.line_at", function()
+  it("reads a line at an offset, and refuses a closed file (no read of freed memory)", function()
+    local path = os.tmpname()
+    local f = assert(io.open(path, "wb"))
+    f:write("one\ntwo\r\n")
+    f:close()
+    f = assert(io.open(path, "rb"))
+    assert.are.equal("two", core.line_at(f, 4))
+    f:close()
+    local ok, err = pcall(core.line_at, f, 4)
+    os.remove(path)
+    assert.is_false(ok)
+    assert.matches("the file is closed", tostring(err), 1, true)
+  end)
+end)
+
+describe("the built core's exported symbols", function()
+  it("are luaopen_lbatch_core alone (every other symbol is hidden)", function()
+    local so = package.searchpath("lbatch.core", package.cpath)
+    assert.is_truthy(so)
+    local probe = io.popen("command -v nm 2>/dev/null")
+    local nm = probe:read("*l")
+    probe:close()
+    if not nm or nm == "" then return pending("nm is not on PATH") end
+    local p = io.popen("nm -D --defined-only '" .. so .. "' 2>&1")
+    local names = {}
+    for line in p:lines() do
+      local kind, name = line:match("^%x*%s+(%a)%s+(%S+)$")
+      if kind and kind:match("[A-Z]") and name then names[#names + 1] = name end
+    end
+    p:close()
+    assert.are.same({ "luaopen_lbatch_core" }, names)
   end)
 end)

@@ -172,6 +172,12 @@ describe("estimate", function()
       code, text = lbatch(("estimate --json %s --prices %s"):format(a, p))
       assert.are.equal(1, code, text)
       assert.are.equal("invalid_prices", cjson.decode(text:match("^[^\n]*")).error.code)
+      for _, cmd in ipairs({ "report " .. dir, "top" }) do   -- one price reader for every command
+        code, text = lbatch(("%s --prices %s"):format(cmd, p))
+        assert.are.equal(1, code, cmd .. ": " .. text)
+        assert.matches("invalid invalid_prices: prices " .. p .. ": ", text, 1, true)
+        assert.matches(c[2], text, 1, true)
+      end
     end
     local rep, err = jsonl.estimate({ a }, { prices = { ["qwen-plus"] = { output = "x" } } })
     assert.is_nil(rep)

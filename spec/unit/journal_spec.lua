@@ -182,6 +182,35 @@ describe("journal, its writes failing", function()
     assert.are.same({ 1, 3, 4 }, recs)
   end)
 
+  it("every writer of state replaces its file through journal.replace: synced, renamed, its directory synced (strace)", function()
+    if not H.ok("command -v strace >/dev/null 2>&1") then return pending("strace is not installed") end
+    local dir = H.tmpdir()
+    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    local path = dir .. "/j.jsonl"
+    local script = H.write(dir .. "/s.lua", ([[
+      local journal = require "lbatch.journal"
+      local j = assert(journal.open(%q))            -- not durable: a compaction is synced all the same
+      assert(j:compact({ { a = 1 } }))
+      j:close()
+    ]]):format(path))
+    local trace = dir .. "/trace"
+    assert.is_true(H.ok(("strace -f -y -e trace=fsync,rename -o %s %s %s 2>/dev/null"):format(trace, H.lua, script)))
+    local seen = {}
+    for line in io.lines(trace) do
+      if line:find("fsync(", 1, true) and line:find(path .. ".tmp>", 1, true) then seen[#seen + 1] = "fsync tmp"
+      elseif line:find("rename(", 1, true) then seen[#seen + 1] = "rename"
+      elseif line:find("fsync(", 1, true) and line:find("<" .. dir .. ">", 1, true) then seen[#seen + 1] = "fsync dir"
+      end
+    end
+    assert.are.same({ "fsync tmp", "rename", "fsync dir" }, seen)
+    -- and no other module renames a temp file of its own
+    for file in H.sh("cd " .. H.root .. " && ls lbatch/*.lua"):gmatch("[^\n]+") do
+      if file ~= "lbatch/journal.lua" then
+        assert.is_nil(H.read(H.root .. "/" .. file):find("os%.rename%(%s*tmp"), file)
+      end
+    end
+  end)
+
   it("durable: a compaction reaches the disk before it returns; sync fsyncs what was appended (strace)", function()
     if not H.ok("command -v strace >/dev/null 2>&1") then return pending("strace is not installed") end
     local dir = H.tmpdir()
@@ -209,5 +238,42 @@ describe("journal, its writes failing", function()
     end
     assert.are.same({ "fsync tmp", "rename", "fsync dir", "appended", "fsync" }, seen)
     assert.are.equal('{"a":1}\n{"a":2}\n', H.read(path))
+  end)
+end)
+
+describe("journal, a pipeline's records", function()
+  it("one codec: the records of a state replay to that state, and report reads what the pipeline replays", function()
+    local dir = H.tmpdir()
+    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    local state = { version = 1, run = "r1", phase = "running", fp = "abc",
+                    shards = { { step = "done", batch_id = "b1", output = "o1" }, { step = "upload", lines = 3 } } }
+    local recs = journal.pipeline_records(state)
+    assert.are.same({ version = 1, run = "r1", phase = "running", fp = "abc" }, recs[1])
+    local path = dir .. "/journal.jsonl"
+    local j = assert(journal.open(path))
+    assert(j:compact(recs))
+    -- later changes, a record of another kind, and a torn last line
+    assert(j:append({ k = 2, shard = { step = "created", batch_id = "b2" } }, { phase = "draining" }, { k = 3, shard = "x" }))
+    j:close()
+    local fh = assert(io.open(path, "ab"))
+    fh:write('{"k":1,"shard":{"st')
+    fh:close()
+    local replay, got = journal.pipeline_replay()
+    local k = assert(journal.open(path, replay))
+    k:close()
+    local want = { version = 1, run = "r1", phase = "draining", fp = "abc",
+                   shards = { { step = "done", batch_id = "b1", output = "o1" }, { step = "created", batch_id = "b2" } } }
+    assert.are.same(want, got())
+    assert.are.same(want, journal.read_pipeline(path))
+    assert.are.same(want, require("lbatch.report").journal(dir))
+    local none, err = journal.read_pipeline(dir .. "/nope.jsonl")
+    assert.is_nil(none)
+    assert.are.equal("io", err.kind)
+    -- the pipeline, report and top decode no record of their own
+    for _, file in ipairs({ "pipeline.lua", "report.lua", "top.lua" }) do
+      local src = H.read(H.root .. "/lbatch/" .. file)
+      assert.is_nil(src:find("rec%.k%f[^%w_]"), file)
+      assert.is_nil(src:find("rec%.version"), file)
+    end
   end)
 end)

@@ -24,6 +24,23 @@ describe("service facts", function()
     end
   end)
 
+  it("holds every status set once: each status is final or active, never both; the bad ones are the final but completed", function()
+    assert.are.equal(8, #service.STATUSES)
+    for _, st in ipairs(service.STATUSES) do
+      assert.is_true((service.FINAL[st] or false) ~= (service.ACTIVE[st] or false), st)
+      assert.are.equal(service.FINAL[st] and st ~= "completed" or nil, service.FINAL_BAD[st], st)
+    end
+    -- the command and top read these sets; neither restates one
+    local root = os.getenv("LBATCH_ROOT") or "."
+    for _, file in ipairs({ "cli.lua", "top.lua" }) do
+      local f = assert(io.open(root .. "/lbatch/" .. file, "rb"))
+      local src = f:read("*a")
+      f:close()
+      assert.is_nil(src:find("in_progress = true", 1, true), file)
+      assert.is_nil(src:find("expired = true", 1, true), file)
+    end
+  end)
+
   it("lists each dialect's endpoints", function()
     local ds, oa = service.PROFILES.dashscope.endpoints, service.PROFILES.openai.endpoints
     assert.are.same({ ["/v1/chat/completions"] = true, ["/v1/embeddings"] = true, ["/v1/chat/ds-test"] = true }, ds)
