@@ -42,24 +42,29 @@ describe("lbatch in OpenResty", function()
   end)
 
   it("keeps serving other requests while flows run", function()
-    -- each flow's create held 3 s (the emulator sleeps without blocking):
+    -- each flow's create held 5 s (the emulator sleeps without blocking):
     -- a flow that blocked the worker would hold every other answer as long
-    H.json("POST", emu.url .. "/_emulator/faults", { json = { method = "POST", path = "^/v1/batches$", delay = 3 } })
+    H.json("POST", emu.url .. "/_emulator/faults", { json = { method = "POST", path = "^/v1/batches$", delay = 5, times = 3 } })
     local outs = {}
     for i = 1, 3 do
       outs[i] = os.tmpname()
       H.ok(("curl -s %s -o %s %s/app/flow?n=20 &"):format(emu.tls and ("--cacert " .. emu.tls) or "", outs[i], emu.url))
     end
-    local worst = 0
-    for _ = 1, 20 do
+    local function running()
+      for i = 1, 3 do if (H.read(outs[i]) or "") ~= "" then return false end end
+      return true
+    end
+    local worst, answered = 0, 0
+    H.sleep(0.5)                                  -- (the flows' creates are out)
+    while answered < 10 and running() do
       local t0 = H.now()
       assert.are.equal(200, (H.json("GET", emu.base .. "/files?limit=1")))
       worst = math.max(worst, H.now() - t0)
-      H.sleep(0.02)
+      if running() then answered = answered + 1 end
     end
-    for i = 1, 3 do assert.are.equal("", H.read(outs[i]) or "", "a flow ended before the answers were counted") end
     H.http("DELETE", emu.url .. "/_emulator/faults")
-    assert.is_true(worst < 2.5, "slowest answer " .. worst .. " s")
+    assert.is_true(answered >= 3, ("%d answers while the flows ran"):format(answered))
+    assert.is_true(worst < 4, "slowest answer " .. worst .. " s")
     for i = 1, 3 do
       local res
       for _ = 1, 300 do
