@@ -122,6 +122,17 @@ function H.exists(path)
   return false
 end
 
+-- Whether process PID still runs. A zombie does not: the servers are
+-- setsid'd orphans, and PID 1 here may reap them a second or two late
+-- (kill -0 would keep answering yes until then).
+local function running(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local state = (f:read("*a") or ""):match(".*%) (%a)")
+  f:close()
+  return state ~= nil and state ~= "Z"
+end
+
 -- Start a server script on a free port: SCRIPT --port N ARGS... must
 -- print "listening on" once it accepts requests. Returns {pid, port, url,
 -- log, alive(), stop()}. opts.cpu: taskset's CPU list; opts.data: a dir
@@ -140,7 +151,7 @@ local function serve(script, args, opts, data)
       if out:find("listening on", 1, true) then
         local url = (out:match("listening on (https?://[%d.:]+)")) or ("http://127.0.0.1:" .. port)
         local srv = { pid = pid, port = port, url = url, base = url .. "/v1", data = data, log = log }
-        function srv.alive() return H.ok("kill -0 " .. pid .. " 2>/dev/null") end
+        function srv.alive() return running(pid) end
         function srv.stop()
           H.ok("kill -TERM " .. pid .. " 2>/dev/null")
           for _ = 1, 100 do
@@ -271,7 +282,7 @@ function H.squid(opts)
         function proxy.stop()
           H.ok("kill -TERM " .. pid .. " 2>/dev/null")
           for _ = 1, 100 do
-            if not H.ok("kill -0 " .. pid .. " 2>/dev/null") then break end
+            if not running(pid) then break end
             H.sleep(0.05)
           end
           H.ok("rm -rf " .. dir)
@@ -285,7 +296,7 @@ function H.squid(opts)
     -- it would read this one's FATAL and give up at once
     H.ok("kill -TERM " .. pid .. " 2>/dev/null")
     for _ = 1, 40 do
-      if not H.ok("kill -0 " .. pid .. " 2>/dev/null") then break end
+      if not running(pid) then break end
       H.sleep(0.05)
     end
     last_log = H.read(dir .. "/cache.log") or ""
