@@ -46,23 +46,27 @@ describe("client:wait", function()
     assert.is_nil(v)
     assert.are.same({ "timeout", "wait_deadline" }, { err.kind, err.code })
     assert.are.equal(b.id, err.batch.id)
-    assert.is_true(H.now() - t0 < 1.5)
+    assert.is_true(H.now() - t0 < 30)       -- the deadline, not the batch's end (250 s here); loose under load
     assert(client:cancel(b.id))
   end)
 
   it("overlaps hundreds of waits on one client", function()
     local f = assert(client:upload(chat_requests(dir .. "/many.jsonl", 2)))
-    local tasks = {}
+    local tasks, waiting, peak = {}, 0, 0
     for i = 1, 200 do
       tasks[i] = client:spawn(function()
         local b = assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" }))
-        return assert(client:wait(b.id, { interval = 0.1, max_interval = 0.5 })).status
+        waiting = waiting + 1
+        peak = math.max(peak, waiting)
+        local status = assert(client:wait(b.id, { interval = 0.1, max_interval = 0.5 })).status
+        waiting = waiting - 1
+        return status
       end)
     end
-    local t0 = H.now()
     assert(client:run())
     for _, t in ipairs(tasks) do assert.are.equal("completed", t:join()) end
-    assert.is_true(H.now() - t0 < 20)
+    -- overlapped: most of the waits were under way at once (one after another, one at a time)
+    assert.is_true(peak >= 100, "waits at once: " .. peak)
   end)
 end)
 
@@ -228,11 +232,12 @@ describe("pipeline", function()
     local lines = 0
     for _ in io.lines(report.journal) do lines = lines + 1 end
     assert.is_true(lines <= 16 * 1000 + 1024 + 1001, lines .. " journal lines")
-    local t0 = require("lbatch.core").now()
+    -- the replay's CPU time (os.clock), not the wall clock's, which a loaded machine stretches
+    local t0 = os.clock()
     local again = assert(pipeline.run({ client = client, requests = reqs, dir = dir .. "/k" }))
-    local replay = require("lbatch.core").now() - t0
+    local replay = os.clock() - t0
     assert.are.equal(1000, #again.shards)
-    assert.is_true(replay < 1, ("replayed in %.2f s"):format(replay))
+    assert.is_true(replay < 1, ("replayed in %.2f s of CPU"):format(replay))
     client:close()
   end)
 end)
