@@ -79,7 +79,7 @@ describe("pipeline", function()
   after_each(function() emu.stop() end)
 
   it("shards, submits, waits and merges, with at most N jobs in flight", function()
-    local client = lbatch.new({ api_key = "k", base_url = emu.base })
+    local client = lbatch.new({ api_key = "k", base_url = emu.base, poll_budget = 6000 })
     local reqs = {}
     for i = 1, 22 do
       reqs[i] = { custom_id = "c" .. i, body = { model = "qwen-plus", messages = { { role = "user", content = "n" .. i } } } }
@@ -118,7 +118,7 @@ describe("pipeline", function()
     local st = stats(emu)
     assert.are.same({ 5, 5 }, { st["POST /files"], st["POST /batches"] })
     -- run again on the finished journal: nothing is sent
-    local again = assert(pipeline.run({ client = lbatch.new({ api_key = "k", base_url = emu.base }),
+    local again = assert(pipeline.run({ client = lbatch.new({ api_key = "k", base_url = emu.base, poll_budget = 6000 }),
                                         requests = reqs, dir = dir .. "/work" }))
     assert.are.equal(5, #again.shards)
     assert.are.same({ 5, 5 }, { stats(emu)["POST /files"], stats(emu)["POST /batches"] })
@@ -129,7 +129,7 @@ describe("pipeline", function()
   end)
 
   it("refuses broken requests before uploading anything", function()
-    local client = lbatch.new({ api_key = "k", base_url = emu.base })
+    local client = lbatch.new({ api_key = "k", base_url = emu.base, poll_budget = 6000 })
     local v, err = pipeline.run({ client = client, dir = dir .. "/bad", requests = {
       { custom_id = "a", body = { model = "m", messages = { { role = "user", content = "x" } } } },
       { custom_id = "a", body = { model = "m", messages = { { role = "user", content = "y" } } } } } })
@@ -140,7 +140,7 @@ describe("pipeline", function()
   end)
 
   it("resubmits what an expired shard did not run, and merges both rounds", function()
-    local client = lbatch.new({ api_key = "k", base_url = emu.base })
+    local client = lbatch.new({ api_key = "k", base_url = emu.base, poll_budget = 6000 })
     local path = chat_requests(dir .. "/exp.jsonl", 6)
     local expired = false
     local report = assert(pipeline.run({
@@ -190,7 +190,7 @@ describe("pipeline", function()
   end)
 
   it("checks the free disk space before any work, with a clear error", function()
-    local client = lbatch.new({ api_key = "k", base_url = emu.base })
+    local client = lbatch.new({ api_key = "k", base_url = emu.base, poll_budget = 6000 })
     local path = chat_requests(dir .. "/disk.jsonl", 10)
     local v, err = pipeline.run({ client = client, requests = path, dir = dir .. "/disk", disk_factor = 1e15 })
     assert.is_nil(v)
@@ -209,7 +209,8 @@ describe("pipeline", function()
   end)
 
   it("runs 1,000 shards at once: a small journal that replays fast, list pages, every answer merged", function()
-    local client = lbatch.new({ api_key = "k", base_url = emu.base, max_connections = 16 })
+    -- poll_budget: status calls a minute; the default's pace, not the batches', set the run's length
+    local client = lbatch.new({ api_key = "k", base_url = emu.base, max_connections = 16, poll_budget = 36000 })
     local reqs = {}
     for i = 1, 1000 do
       reqs[i] = { custom_id = ("req-%07d"):format(i), body = { model = "qwen-plus", messages = { { role = "user", content = "q" .. i } } } }
