@@ -125,7 +125,7 @@ end
 -- Whether process PID still runs. A zombie does not: the servers are
 -- setsid'd orphans, and PID 1 here may reap them a second or two late
 -- (kill -0 would keep answering yes until then).
-local function running(pid)
+function H.running(pid)
   local f = io.open("/proc/" .. pid .. "/stat")
   if not f then return false end
   local state = (f:read("*a") or ""):match(".*%) (%a)")
@@ -151,7 +151,7 @@ local function serve(script, args, opts, data)
       if out:find("listening on", 1, true) then
         local url = (out:match("listening on (https?://[%d.:]+)")) or ("http://127.0.0.1:" .. port)
         local srv = { pid = pid, port = port, url = url, base = url .. "/v1", data = data, log = log }
-        function srv.alive() return running(pid) end
+        function srv.alive() return H.running(pid) end
         function srv.stop()
           H.ok("kill -TERM " .. pid .. " 2>/dev/null")
           for _ = 1, 100 do
@@ -282,7 +282,7 @@ function H.squid(opts)
         function proxy.stop()
           H.ok("kill -TERM " .. pid .. " 2>/dev/null")
           for _ = 1, 100 do
-            if not running(pid) then break end
+            if not H.running(pid) then break end
             H.sleep(0.05)
           end
           H.ok("rm -rf " .. dir)
@@ -296,7 +296,7 @@ function H.squid(opts)
     -- it would read this one's FATAL and give up at once
     H.ok("kill -TERM " .. pid .. " 2>/dev/null")
     for _ = 1, 40 do
-      if not running(pid) then break end
+      if not H.running(pid) then break end
       H.sleep(0.05)
     end
     last_log = H.read(dir .. "/cache.log") or ""

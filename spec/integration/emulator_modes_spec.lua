@@ -191,7 +191,7 @@ describe("emulator failure modes", function()
     finally(function()
       H.ok("kill -TERM " .. pid .. " 2>/dev/null")
       for _ = 1, 100 do
-        if not H.ok("kill -0 " .. pid .. " 2>/dev/null") then break end
+        if not H.running(pid) then break end
         H.sleep(0.05)
       end
       H.ok("rm -rf " .. H.q(data))
