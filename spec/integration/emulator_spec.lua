@@ -188,7 +188,10 @@ describe("emulator (dashscope dialect)", function()
     end)
 
     it("runs validating -> in_progress -> finalizing -> completed, stamping each *_at", function()
-      local b = create(emu, fid, chat, { metadata = { ds_name = "life", ds_description = "x" } })
+      -- 3 lines of 40 service seconds: in_progress 0.6 s at speed 200, long enough for a poll on a loaded
+      -- machine to see it (validating alone lasts 0.05 s)
+      local b = create(emu, fid, chat, { metadata = { ds_name = "life", ds_description = "x",
+                                                      emulator_line_seconds = "40" } })
       assert.are.equal("validating", b.status)
       assert.are.equal(cjson.null, b.in_progress_at)
       assert.are.equal(cjson.null, b.expires_at)          -- the service sends null at every stage
@@ -208,13 +211,13 @@ describe("emulator (dashscope dialect)", function()
       assert.is_nil(b.model)                 -- the service's batch objects have no model and no usage
       assert.is_nil(b.usage)
       assert.are.equal(b.completed_at, b.finalizing_at)   -- as the service records them
-      assert.are.same({ ds_name = "life", ds_description = "x" }, b.metadata)
+      assert.are.same({ ds_name = "life", ds_description = "x", emulator_line_seconds = "40" }, b.metadata)
     end)
 
     it("grows request_counts while a batch runs", function()
       local f = upload(emu, H.requests(dir .. "/grow.jsonl", 40, { url = chat, model = "qwen-plus" }))
-      -- 40 lines of 5 service seconds each: 1 real second at speed 200 (polled every 0.05 s)
-      local b = create(emu, f.id, chat, { metadata = { emulator_line_seconds = "5" } })
+      -- 40 lines of 10 service seconds each: 2 real seconds at speed 200 (polled every 0.05 s)
+      local b = create(emu, f.id, chat, { metadata = { emulator_line_seconds = "10" } })
       local counts = {}
       local deadline = H.now() + 20
       repeat
