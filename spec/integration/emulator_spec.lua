@@ -412,8 +412,9 @@ describe("emulator (dashscope dialect)", function()
   describe("cancel and expiry", function()
     it("cancels: finished lines stay in the output, the rest fail as batch_cancelled", function()
       local fid = upload(emu, H.requests(dir .. "/cx.jsonl", 20)).id
-      -- 20 lines of 10 service seconds: 1 real second at speed 200
-      local b = create(emu, fid, nil, { metadata = { emulator_line_seconds = "10" } })
+      -- 20 lines of 40 service seconds: 4 real seconds at speed 200 (the cancel goes at 0.6 s: a loaded
+      -- machine's slow polls do not let the batch end first)
+      local b = create(emu, fid, nil, { metadata = { emulator_line_seconds = "40" } })
       repeat
         local _
         _, b = H.json("GET", emu.base .. "/batches/" .. b.id)
