@@ -159,6 +159,17 @@ function H.exists(path)
   return false
 end
 
+-- Whether process PID still runs. A zombie does not: the servers are
+-- setsid'd orphans, and PID 1 here may reap them a second or two late
+-- (kill -0 would keep answering yes until then).
+function H.running(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local state = (f:read("*a") or ""):match(".*%) (%a)")
+  f:close()
+  return state ~= nil and state ~= "Z"
+end
+
 -- Every server a spec starts (H.emulator, H.hostile, H.squid) is stopped
 -- when its spec file ends, whatever happened to it: a test that fails
 -- before its own stop(), a setup that errs (busted's "file end" event;
@@ -202,7 +213,7 @@ local function serve(script, args, opts, data)
       if out:find("listening on", 1, true) then
         local url = (out:match("listening on (https?://[%d.:]+)")) or ("http://127.0.0.1:" .. port)
         local srv = { pid = pid, port = port, url = url, base = url .. "/v1", data = data, log = log }
-        function srv.alive() return H.ok("kill -0 " .. pid .. " 2>/dev/null") end
+        function srv.alive() return H.running(pid) end
         function srv.stop()
           H.ok("kill -TERM " .. pid .. " 2>/dev/null")
           for _ = 1, 100 do
@@ -215,7 +226,7 @@ local function serve(script, args, opts, data)
         return started(srv)
       end
       if out:find("emerg", 1, true) then break end  -- port taken: try another
-      if not H.ok("kill -0 " .. pid .. " 2>/dev/null") then break end   -- it ended: try again
+      if not H.running(pid) then break end   -- it ended: try again
       H.sleep(0.05)
     end
     H.ok("kill -TERM " .. pid .. " 2>/dev/null")
@@ -337,7 +348,7 @@ function H.squid(opts)
         function proxy.stop()
           H.ok("kill -TERM " .. pid .. " 2>/dev/null")
           for _ = 1, 100 do
-            if not H.ok("kill -0 " .. pid .. " 2>/dev/null") then break end
+            if not H.running(pid) then break end
             H.sleep(0.05)
           end
           H.ok("rm -rf " .. dir)
@@ -351,7 +362,7 @@ function H.squid(opts)
     -- it would read this one's FATAL and give up at once
     H.ok("kill -TERM " .. pid .. " 2>/dev/null")
     for _ = 1, 40 do
-      if not H.ok("kill -0 " .. pid .. " 2>/dev/null") then break end
+      if not H.running(pid) then break end
       H.sleep(0.05)
     end
     last_log = H.read(dir .. "/cache.log") or ""

@@ -171,7 +171,7 @@ describe("emulator failure modes", function()
     local data = H.tmpdir()
     local port, pid, log
     for _ = 1, 10 do
-      port = math.random(20000, 45000)
+      port = H.free_port()
       log = data .. "/log"
       local tls = H.tls_ca and (" --tls --ca " .. H.q(H.tls_ca)) or ""
       pid = H.sh(("setsid %s/emulator/run --port %d --data %s --speed 200 --dialect openai%s "
@@ -191,7 +191,7 @@ describe("emulator failure modes", function()
     finally(function()
       H.ok("kill -TERM " .. pid .. " 2>/dev/null")
       for _ = 1, 100 do
-        if not H.ok("kill -0 " .. pid .. " 2>/dev/null") then break end
+        if not H.running(pid) then break end
         H.sleep(0.05)
       end
       H.ok("rm -rf " .. H.q(data))

@@ -209,15 +209,15 @@ describe("emulator (dashscope dialect)", function()
 
     it("grows request_counts while a batch runs", function()
       local f = upload(emu, H.requests(dir .. "/grow.jsonl", 40, { url = chat, model = "qwen-plus" }))
-      -- 40 lines of 20 service seconds each: 4 real seconds at speed 200
-      local b = create(emu, f.id, chat, { metadata = { emulator_line_seconds = "20" } })
+      -- 40 lines of 10 service seconds each: 2 real seconds at speed 200 (polled every 0.05 s)
+      local b = create(emu, f.id, chat, { metadata = { emulator_line_seconds = "10" } })
       local counts = {}
       local deadline = H.now() + 20
       repeat
         local _, cur = H.json("GET", emu.base .. "/batches/" .. b.id)
         if cur.status == "in_progress" then counts[#counts + 1] = cur.request_counts.completed end
         b = cur
-        H.sleep(0.2)
+        H.sleep(0.05)
       until H.FINAL[b.status] or H.now() > deadline
       assert.are.equal("completed", b.status)
       assert.is_true(#counts >= 3)
@@ -405,8 +405,9 @@ describe("emulator (dashscope dialect)", function()
   describe("cancel and expiry", function()
     it("cancels: finished lines stay in the output, the rest fail as batch_cancelled", function()
       local fid = upload(emu, H.requests(dir .. "/cx.jsonl", 20)).id
-      -- 20 lines of 10 service seconds: 1 real second at speed 200
-      local b = create(emu, fid, nil, { metadata = { emulator_line_seconds = "10" } })
+      -- 20 lines of 40 service seconds: 4 real seconds at speed 200 (the cancel goes at 0.6 s: a loaded
+      -- machine's slow polls do not let the batch end first)
+      local b = create(emu, fid, nil, { metadata = { emulator_line_seconds = "40" } })
       repeat
         local _
         _, b = H.json("GET", emu.base .. "/batches/" .. b.id)

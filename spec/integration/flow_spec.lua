@@ -76,7 +76,7 @@ describe("a flow over 10,000 items", function()
   teardown(function() emu.stop() end)
 
   it("does every item, in rounds of batches, to the values of the same steps asked item by item", function()
-    local client = assert(lbatch.new({ api_key = "k", base_url = emu.base }))
+    local client = assert(lbatch.new({ api_key = "k", base_url = emu.base, poll_budget = 6000 }))
     local dir = H.tmpdir()
     local report = assert(flow.run({ client = client, dir = dir .. "/work", items = items(N), key = judge.key,
       step = judge.step, max_lines = MAX_LINES, poll_interval = 0.05, max_poll_interval = 0.2 }))
@@ -184,7 +184,7 @@ describe("a flow whose step changed between runs", function()
   end
 
   it("is an error naming the item and the ask, and ask_again asks the changed requests again", function()
-    local c = assert(lbatch.new({ api_key = "k", base_url = emu.base }))
+    local c = assert(lbatch.new({ api_key = "k", base_url = emu.base, poll_budget = 6000 }))
     local dir = H.tmpdir()
     stopped_after_round_2(c, dir .. "/a")
     local report, err = flow.run({ client = c, dir = dir .. "/a", items = items(20), key = judge.key,

@@ -158,7 +158,10 @@ describe("Together's upload in three steps", function()
   it("a pipeline stopped after the first step uploads again when it resumes, not the file without bytes", function()
     local pipeline = require "lbatch.pipeline"
     local input = H.requests(dir .. "/in.jsonl", 3, { url = "/v1/chat/completions", model = "m-1" })
-    local o = { client = c, requests = input, dir = dir .. "/work", poll_interval = 0.05, max_poll_interval = 0.2 }
+    -- recover_window: the run looks for its upload that long before it sends it again (45 s by default;
+    -- the bytes-less file is there from the start, so 1 s of looking shows that it is not taken)
+    local o = { client = c, requests = input, dir = dir .. "/work", poll_interval = 0.05, max_poll_interval = 0.2,
+                recover_window = 1 }
     o.on_step = function(step, s)
       if step == "before_upload" then
         -- what a run killed between the presign and the PUT leaves: a file of the shard's name, no bytes

@@ -13,7 +13,7 @@ describe("results of failing batches", function()
   setup(function()
     emu = H.emulator({ speed = 200, rate_limits = false })
     dir = H.tmpdir()
-    c = lbatch.new({ api_key = "k", base_url = emu.base })
+    c = lbatch.new({ api_key = "k", base_url = emu.base, poll_budget = 6000 })
   end)
   teardown(function() c:close() emu.stop() end)
 

@@ -125,14 +125,25 @@ describe("a cancelled wait", function()
     local waiting = c:spawn(function() return c:wait(one, o) end)
     local other = c:spawn(function() return c:wait(two, o) end)
     local polled
+    -- events, not fixed sleeps: on a loaded machine a poll may take far longer than its interval
+    local function polled_now()
+      local p = stats(emu).polled
+      return type(p) == "table" and p or {}        -- none yet: JSON null
+    end
+    local function until_polled(id, n)
+      local deadline = H.now() + 30
+      -- (H.json blocks the loop: a step of 0.25 s leaves the waits time to poll between looks)
+      while (polled_now()[id] or 0) < n and H.now() < deadline do c:sleep(0.25) end
+    end
     c:spawn(function()
-      c:sleep(0.5)
+      until_polled(one, 3)
       local before = stats(emu).polled or {}
       assert.is_true((before[one] or 0) >= 3, "the wait polled before the cancel")
       assert.is_true(waiting:cancel())
       c:sleep(0.1)                                  -- a call already in flight may land
-      local at_cancel = stats(emu).polled[one]
-      c:sleep(1)
+      local now_polled = polled_now()
+      local at_cancel = now_polled[one]
+      until_polled(two, (now_polled[two] or 0) + 10)  -- while the other wait polls 10 times more
       polled = { at_cancel = at_cancel, after = stats(emu).polled[one],
                  other_before = before[two] or 0, other_after = stats(emu).polled[two] }
       other:cancel()

@@ -174,7 +174,7 @@ notes:close()
 -- start a script server on a free port (it says "ready" once it listens)
 local function start(script, dir, out)
   for i = 1, 20 do
-    local port = math.random(20000, 60000)
+    local port = H.free_port()
     local said = ("%s/said-%d"):format(dir, i)
     H.ok(("%s %s %d %s > %s 2>&1 &"):format(H.lua, H.q(script), port, H.q(out), H.q(said)))
     for _ = 1, 100 do

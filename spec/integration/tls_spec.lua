@@ -44,14 +44,15 @@ describe("TLS", function()
     H.ok(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=other "
       .. "-keyout %s/k.pem -out %s/ca.pem 2>/dev/null"):format(other, other))
     local before = emu.stats().connections
-    local c = lbatch.new({ api_key = "k", base_url = emu.base, cainfo = other .. "/ca.pem", max_retries = 3 })
+    -- 6 retries would back off 17 s at the least: the bound below tells a retry from a loaded machine
+    local c = lbatch.new({ api_key = "k", base_url = emu.base, cainfo = other .. "/ca.pem", max_retries = 6 })
     local t0 = H.now()
     local v, err = c:list_batches()
     c:close()
     assert.is_nil(v)
     assert.are.same({ "network", "tls_certificate", false }, { err.kind, err.code, err.retryable })
     assert.matches("certificate", err.message)
-    assert.is_true(H.now() - t0 < 1, "it was retried")
+    assert.is_true(H.now() - t0 < 10, "it was retried")
     assert.are.equal(before, emu.stats().connections)      -- no request reached the service
   end)
 
@@ -70,7 +71,7 @@ describe("TLS", function()
     local h2 = (s1.protocols["HTTP/2.0"] or 0) - ((s0.protocols or {})["HTTP/2.0"] or 0)
     assert.is_true(h2 >= 200, "requests over HTTP/2: " .. h2)
     assert.is_true(s1.connections - s0.connections <= 2, "new connections: " .. (s1.connections - s0.connections))
-    assert.is_true(took < 5, ("200 retrieves took %.2f s"):format(took))
+    assert.is_true(took < 30, ("200 retrieves took %.2f s"):format(took))   -- a hang, not a loaded machine
     c:close()
   end)
 

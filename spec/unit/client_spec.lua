@@ -63,7 +63,11 @@ describe("lbatch client", function()
       assert.are.equal(f.id, assert(client:file(f.id)).id)
       local del = assert(client:delete_file(f.id))
       assert.is_true(del.deleted)
-      local none, err = client:file(f.id)
+      -- the client asks again for fresh_window seconds (30) when an id it made a moment ago is "not
+      -- there": a client that did not make it says 404 at once
+      local other = lbatch.new({ api_key = KEY, base_url = emu.base, max_retries = 2 })
+      local none, err = other:file(f.id)
+      other:close()
       assert.is_nil(none)
       assert.are.equal(404, err.status)
     end)
@@ -158,7 +162,7 @@ describe("lbatch client", function()
       local v, err = client:list_batches()
       assert.is_nil(v)
       assert.are.same({ "http", 429, true }, { err.kind, err.status, err.retryable })
-      assert.is_true(H.now() - t0 < 1)
+      assert.is_true(H.now() - t0 < 30)     -- not waited (a wait would be retry_after_cap, 60 s; under load: not 1 s)
     end)
 
     it("500: retried until it succeeds, or given up after max_retries", function()
@@ -340,10 +344,13 @@ describe("lbatch client", function()
     it("drives a whole flow with step() without ever blocking", function()
       local path = chat_file(dir, "step.jsonl", 3)
       local out = dir .. "/step-out.jsonl"
+      -- a step that blocked would take the task's sleep (0.6 s) or the download the server holds for 1 s:
+      -- the bound below (0.3 s) is far from both, and from what a loaded machine adds to a step
+      fault(emu, { path = "/content$", delay = 1 })
       local task = client:spawn(function()
         local f = assert(client:upload(path))
         local b = assert(client:create({ input_file_id = f.id, endpoint = "/v1/chat/completions" }))
-        repeat client:sleep(0.05); b = assert(client:retrieve(b.id)) until b.status == "completed"
+        repeat client:sleep(0.6); b = assert(client:retrieve(b.id)) until b.status == "completed"
         return assert(client:content(b.output_file_id, { path = out }))
       end)
       local steps, worst = 0, 0
@@ -362,7 +369,7 @@ describe("lbatch client", function()
       assert.is_true(task:done())
       assert.are.equal(out, task:join())
       assert.is_true(steps > 10)
-      assert.is_true(worst < 0.05, "slowest step took " .. worst .. " s")
+      assert.is_true(worst < 0.3, "slowest step took " .. worst .. " s")
       assert.are.equal(0, (client:step()))
       assert.is_number(client:pollfd())
     end)
@@ -543,7 +550,8 @@ describe("emulator under lbatch", function()
       assert.are.equal(200, (H.json("GET", emu.base .. "/files?limit=1")))
       worst = math.max(worst, H.now() - t0)
     end
-    assert.is_true(worst < 0.5, "slowest answer " .. worst .. " s")
+    -- (a stall, not a slow machine: up to 8 spec files share 2 cores)
+    assert.is_true(worst < 5, "slowest answer " .. worst .. " s")
     local done, deadline = 0, H.now() + 120
     while done < 1000 and H.now() < deadline do
       done = 0
@@ -551,7 +559,7 @@ describe("emulator under lbatch", function()
         assert.is_truthy(b)
         done = done + 1
       end
-      if done < 1000 then H.sleep(0.5) end
+      if done < 1000 then H.sleep(0.1) end
     end
     c:close()
     emu.stop()

@@ -36,7 +36,7 @@ describe("flow.run", function()
   local emu, client
   setup(function()
     emu = H.emulator({ speed = 2000, rate_limits = false })
-    client = assert(lbatch.new({ api_key = "k", base_url = emu.base }))
+    client = assert(lbatch.new({ api_key = "k", base_url = emu.base, poll_budget = 6000 }))
   end)
   teardown(function() client:close() emu.stop() end)
 

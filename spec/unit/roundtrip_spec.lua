@@ -89,7 +89,7 @@ describe("round trips", function()
     local emu, client
     setup(function()
       emu = H.emulator({ speed = 400, rate_limits = false })
-      client = lbatch.new({ api_key = "k", base_url = emu.base })
+      client = lbatch.new({ api_key = "k", base_url = emu.base, poll_budget = 6000 })
     end)
     teardown(function()
       client:close()
