@@ -4,7 +4,7 @@
 -- here and left out.
 local H = require "helper"
 
-local INTERNAL = { Loop = true, Run = true, Transport = true, run = true }
+local INTERNAL = { Loop = true, Run = true, Transport = true, command = true }
 
 local function undocumented()
   local missing = {}
