@@ -343,7 +343,11 @@ end
 function Client:delete_file(id, opts)
   local path, err = id_path("delete_file", "file_id", id, "/files/%s")
   if not path then return nil, err end
-  return self:_call("DELETE", path, fresh(self, id, call_options("delete_file", opts)))
+  local v, e = self:_call("DELETE", path, fresh(self, id, call_options("delete_file", opts)))
+  -- deleted: a 404 for it from now on is the truth, not a service that
+  -- has not caught up (a fresh id's 404 would be retried fresh_window s)
+  if v and self.fresh[id] then self.fresh[id] = nil self.nfresh = self.nfresh - 1 end
+  return v, e
 end
 
 --- A file's content: as a string, or streamed to a file.

@@ -64,12 +64,12 @@ describe("lbatch client", function()
       local del = assert(client:delete_file(f.id))
       assert.is_true(del.deleted)
       -- the client asks again for fresh_window seconds (30) when an id it made a moment ago is "not
-      -- there": a client that did not make it says 404 at once
-      local other = lbatch.new({ api_key = KEY, base_url = emu.base, max_retries = 2 })
-      local none, err = other:file(f.id)
-      other:close()
+      -- there", but not one it deleted itself: its 404 comes at once
+      local t0 = H.now()
+      local none, err = client:file(f.id)
       assert.is_nil(none)
       assert.are.equal(404, err.status)
+      assert.is_true(H.now() - t0 < 15, "a deleted file's 404 was asked again over fresh_window")
     end)
 
     it("lists batches as list, the design's name, with list_batches' arguments and answer", function()
