@@ -54,8 +54,9 @@ build/jit/lbatch/core.so: $(SRC) $(HDR)
 	$(CC) $(CFLAGS) $(WARN) -fPIC -shared -I$(JIT_INCDIR) $(CURL_CFLAGS) -o $@ $(SRC) $(CURL_LIBS)
 
 # The core builds for Lua 5.1, 5.2 and 5.3 too (compile and link check).
+COMPAT_LUAS ?= 5.1 5.2 5.3
 compat: $(SRC) $(HDR)
-	@for v in 5.1 5.2 5.3; do \
+	@for v in $(COMPAT_LUAS); do \
 	  mkdir -p build/$$v/lbatch && \
 	  $(CC) $(CFLAGS) $(WARN) -Werror -fPIC -shared -I/usr/include/lua$$v $(CURL_CFLAGS) \
 	    -o build/$$v/lbatch/core.so $(SRC) $(CURL_LIBS) && echo "lbatch.core builds for Lua $$v" || exit 1; \

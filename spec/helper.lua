@@ -140,7 +140,11 @@ local function serve(script, args, opts, data)
       if out:find("listening on", 1, true) then
         local url = (out:match("listening on (https?://[%d.:]+)")) or ("http://127.0.0.1:" .. port)
         local srv = { pid = pid, port = port, url = url, base = url .. "/v1", data = data, log = log }
-        function srv.alive() return H.ok("kill -0 " .. pid .. " 2>/dev/null") end
+        function srv.alive()   -- a zombie has ended: its reaper (pid 1) may take a second to reap it
+          local st = H.read("/proc/" .. pid .. "/stat")
+          if st then return not st:match("^%d+ %b() Z") end
+          return H.ok("kill -0 " .. pid .. " 2>/dev/null")
+        end
         function srv.stop()
           H.ok("kill -TERM " .. pid .. " 2>/dev/null")
           for _ = 1, 100 do
@@ -398,5 +402,53 @@ function H.wait_status(emu, id, want, seconds)
 end
 
 function H.wait_final(emu, id, seconds) return H.wait_status(emu, id, nil, seconds) end
+
+
+-- The command line of bin/lbatch ARGS (a shell string: quote with H.q) on
+-- H.lua, as a user types it. opts.emu: against that emulator (the key k and
+-- LBATCH_BASE_URL); opts.env: more VAR=VALUE words before it.
+function H.lbatch_cmd(args, opts)
+  opts = opts or {}
+  local env = opts.emu and ("DASHSCOPE_API_KEY=k LBATCH_BASE_URL=" .. opts.emu.base .. " ") or ""
+  if opts.env then env = env .. opts.env .. " " end
+  return ("env %s%s %s/bin/lbatch %s"):format(env, H.lua, H.root, args)
+end
+
+-- Run bin/lbatch ARGS (H.lbatch_cmd's opts; opts.cwd: where) and wait for
+-- it: its exit code, stdout and stderr.
+function H.lbatch(args, opts)
+  opts = opts or {}
+  local err = os.tmpname()
+  local cd = opts.cwd and ("cd " .. q(opts.cwd) .. " && ") or ""
+  local out = sh(("%s%s 2>%s; echo \"exit=$?\""):format(cd, H.lbatch_cmd(args, opts), err))
+  local code = tonumber(out:match("exit=(%d+)%s*$"))
+  local stderr = H.read(err) or ""
+  os.remove(err)
+  return code, (out:gsub("exit=%d+%s*$", "")), stderr
+end
+
+-- Wait for pred() to be true, checking every `step` seconds (0.05) for at
+-- most `seconds` (30: a deadline only a hang reaches); returns its last value.
+function H.await(pred, seconds, step)
+  local deadline = H.now() + (seconds or 30)
+  local v = pred()
+  while not v and H.now() < deadline do
+    H.sleep(step or 0.05)
+    v = pred()
+  end
+  return v
+end
+
+
+-- A copy of the checkout's files that `make install` reads (the built cores
+-- with their times: make sees them up to date), in a temp dir of its own:
+-- luarocks make builds in, then cleans, the source tree, so two installs
+-- from one tree at once (specs run side by side) would remove each other's
+-- objects. Returns its path.
+function H.install_tree()
+  local tree = H.tmpdir()
+  assert(H.ok(("cd %s && cp -a Makefile rockspec lbatch bin build %s/"):format(q(H.root), q(tree))))
+  return tree
+end
 
 return H

@@ -6,16 +6,7 @@ local H = require "helper"
 
 local CHAT = { url = "/v1/chat/completions", model = "qwen-plus" }
 
-local function lbatch(emu, args)
-  local err = os.tmpname()
-  local out = H.sh(("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch %s 2>%s; echo \"exit=$?\"")
-    :format(emu.base, H.lua, H.root, args, err))
-  local code = tonumber(out:match("exit=(%d+)%s*$"))
-  out = out:gsub("exit=%d+%s*$", "")
-  local stderr = H.read(err) or ""
-  os.remove(err)
-  return code, out, stderr
-end
+local function lbatch(emu, args) return H.lbatch(args, { emu = emu }) end
 
 local function routes(emu) return emu.stats().routes or {} end
 
