@@ -43,7 +43,8 @@ describe("lbatch top", function()
     H.write(dir .. "/run/journal.jsonl", H.read(dir .. "/run/journal.jsonl") .. require("cjson").encode({ k = 4,
       shard = { k = 4, name = "later-4.jsonl", step = "written", lines = 3, round = 1, model = "qwen-plus" } }) .. "\n")
     H.write(dir .. "/prices.json", '{"qwen-plus": {"input": 2, "output": 8}}')
-    H.sleep(1.1)                                  -- (ages are in whole seconds)
+    local t = os.time()                           -- (ages are in whole seconds: the jobs a second later)
+    assert(H.await(function() return os.time() > t end, 5, 0.02))
     local f = assert(c:upload(path))
     ids = {}
     for i = 1, JOBS do   -- most stay in progress for the test's length; some finish
@@ -61,7 +62,8 @@ describe("lbatch top", function()
   end)
 
   it("shows rows and totals in 80 columns, cancels the selected job with c y, and quits on q", function()
-    local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s LUA_PATH=%s LUA_CPATH=%s %s %s/bin/lbatch top --interval 1;"
+    -- (refreshed every half second: the rate needs a refresh after the first)
+    local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s LUA_PATH=%s LUA_CPATH=%s %s %s/bin/lbatch top --interval 0.5;"
       .. " echo exit=$? > %s/exit"):format(emu.base, H.q(os.getenv("LUA_PATH") or ""), H.q(os.getenv("LUA_CPATH") or ""),
       H.lua, H.root, dir)
     tmux(("new-session -d -x 80 -y 30 -c %s %s"):format(H.q(H.root), H.q(cmd)))
