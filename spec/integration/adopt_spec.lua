@@ -37,12 +37,11 @@ describe("lbatch adopt", function()
       .. "--poll 0.05"):format(emu.base, H.lua, H.root, input, work)
     local logf = dir .. "/four.log"
     H.ok(("(%s >%s 2>&1 & echo $! > %s.pid) &"):format(cmd, logf, logf))
-    local created
-    for _ = 1, 400 do
+    local created = 0
+    H.await(function()
       created = (routes(emu)["POST /batches"] or 0)
-      if created >= 2 then break end
-      H.sleep(0.025)
-    end
+      return created >= 2
+    end, 30, 0.025)
     assert.are.equal(2, created)
     local run = (H.read(logf) or ""):match("lbatch: run (%x+) in ")
     assert.is_not_nil(run, H.read(logf))

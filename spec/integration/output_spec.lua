@@ -182,7 +182,7 @@ describe("lbatch top on a terminal of no rows", function()
         :format(dir, emu.base, H.lua, H.root, dir, dir)
       tmux(("new-session -d -x 80 -y 30 %s"):format(H.q(cmd)))
       local pid
-      local deadline = H.now() + 10
+      local deadline = H.now() + 30   -- (a hang, not a slow machine)
       repeat
         H.sleep(0.2)
         local shell = tmux("list-panes -F '#{pane_pid}'"):match("%d+")
@@ -195,7 +195,7 @@ describe("lbatch top on a terminal of no rows", function()
       H.sleep(1)
       local used = cpu_ticks(pid) - t0
       if how == "q" then tmux("send-keys q") else H.ok("kill -TERM " .. pid) end
-      deadline = H.now() + 10
+      deadline = H.now() + 30
       while not H.exists(dir .. "/exit") and H.now() < deadline do H.sleep(0.1) end
       local exit = H.read(dir .. "/exit")
       if not exit then H.ok("kill -9 " .. pid) end

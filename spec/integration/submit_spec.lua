@@ -101,23 +101,14 @@ describe("lbatch submit", function()
       :format(emu.base, H.lua, H.root, input)
     H.ok(("(%s >%s 2>%s.err & echo $! > %s; wait $!; echo \"exit=$?\" > %s.rc) &")
       :format(cmd, outfile, outfile, pidfile, pidfile))
-    for _ = 1, 400 do
-      if looks() > looked then break end
-      H.sleep(0.025)
-    end
-    assert.is_true(looks() > looked)
+    assert.is_true(H.await(function() return looks() > looked end, 30, 0.025))
     -- the create is out, held 3 s by the emulator: the last request it began
     assert.is_true(H.await(function()
       local _, last = H.json("GET", emu.url .. "/_emulator/last")
       return type(last) == "table" and last.method == "POST" and tostring(last.path):find("/batches$") ~= nil
     end, 20, 0.02))
     H.ok("kill -INT $(cat " .. pidfile .. ")")
-    local rc
-    for _ = 1, 200 do
-      rc = H.read(pidfile .. ".rc")
-      if rc then break end
-      H.sleep(0.05)
-    end
+    local rc = H.await(function() return H.read(pidfile .. ".rc") end, 30)
     H.http("DELETE", emu.url .. "/_emulator/faults")
     assert.matches("exit=130", rc or "", H.read(outfile .. ".err"))
     local id = (H.read(outfile) or ""):match("^(batch_%S+)")

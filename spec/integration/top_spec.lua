@@ -14,7 +14,7 @@ describe("lbatch top", function()
   local function screen() return tmux("capture-pane -p") end
   -- the screen once it matches pattern (within seconds)
   local function until_shown(pattern, seconds)
-    local deadline, s = H.now() + (seconds or 15)
+    local deadline, s = H.now() + (seconds or 30)
     repeat
       s = screen()
       if s:find(pattern) then return s end
@@ -68,7 +68,7 @@ describe("lbatch top", function()
       H.lua, H.root, dir)
     tmux(("new-session -d -x 80 -y 30 -c %s %s"):format(H.q(H.root), H.q(cmd)))
     until_shown("lbatch top: 303 jobs")   -- and the run's 3
-    local s = until_shown("requests: %d+/6009 done", 30)   -- every job past validating (and the run's 9)
+    local s = until_shown("requests: %d+/6009 done", 60)   -- every job past validating (and the run's 9)
     -- the totals: jobs by status, requests done and failed, the rate
     assert.matches("requests: %d+/6009 done, %d+ failed, [%d.]+/s", s)
     assert.matches("failures: %d+ in error files", s)        -- (only a run's are read)
@@ -93,7 +93,7 @@ describe("lbatch top", function()
     end
     local function move(key, want)
       tmux("send-keys " .. key)
-      local deadline, at, line = H.now() + 10
+      local deadline, at, line = H.now() + 30
       repeat
         at, line = selected_row()
         if at == want then return line end
@@ -123,7 +123,7 @@ describe("lbatch top", function()
     tmux("send-keys f")
     until_shown("filter %l")
     tmux("send-keys q")
-    local deadline = H.now() + 10
+    local deadline = H.now() + 30   -- (a hang, not a slow machine)
     while not H.exists(dir .. "/exit") and H.now() < deadline do H.sleep(0.1) end
     assert.equals("exit=0\n", H.read(dir .. "/exit"))
   end)
@@ -146,7 +146,7 @@ describe("lbatch top", function()
     end
     assert.are.same({ 3, 1 }, { batches, later })
     tmux("send-keys q")
-    local deadline = H.now() + 10
+    local deadline = H.now() + 30   -- (a hang, not a slow machine)
     while not H.exists(dir .. "/exit2") and H.now() < deadline do H.sleep(0.1) end
     assert.equals("exit=0\n", H.read(dir .. "/exit2"))
   end)
