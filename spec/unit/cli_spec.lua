@@ -302,25 +302,19 @@ describe("the lbatch command", function()
     local b = cjson.decode(select(3, lbatch(emu, "submit --json " .. input)))
     assert.are.equal(0, (lbatch(emu, "status --wait --poll 0.05 " .. b.id)))
     H.mkdir(dir .. "/int")
-    H.json("POST", emu.url .. "/_emulator/faults", { json = { path = "/content$", delay = 5 } })
+    H.json("POST", emu.url .. "/_emulator/faults", { json = { path = "/content$", delay = 30 } })
     local pidfile = dir .. "/int.pid"
     local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch download %s --output %s/int/out.jsonl")
       :format(emu.base, H.lua, H.root, b.id, dir)
     H.ok(("(%s >/dev/null 2>&1 & echo $! > %s; wait $!; echo \"exit=$?\" > %s.rc) &"):format(cmd, pidfile, pidfile))
-    local partial
-    for _ = 1, 50 do                        -- the temp file is made before the request goes out
+    local partial = ""
+    H.await(function()                      -- the temp file is made before the request goes out
       partial = H.sh("ls " .. dir .. "/int")
-      if partial:find("part-", 1, true) then break end
-      H.sleep(0.05)
-    end
+      return partial:find("part-", 1, true)
+    end, 30)
     assert.matches("out.jsonl.part-", partial)
     H.ok("kill -INT $(cat " .. pidfile .. ")")
-    local rc
-    for _ = 1, 100 do
-      rc = H.read(pidfile .. ".rc")
-      if rc then break end
-      H.sleep(0.05)
-    end
+    local rc = H.await(function() return H.read(pidfile .. ".rc") end, 30)   -- (the answer is held 30 s)
     H.http("DELETE", emu.url .. "/_emulator/faults")
     assert.matches("exit=130", rc or "")
     assert.are.equal("", H.sh("ls -A " .. dir .. "/int"))
@@ -401,7 +395,7 @@ end)
 
 describe("lbatch flow", function()
   local emu
-  setup(function() emu = H.emulator({ speed = 200, rate_limits = false }) end)
+  setup(function() emu = H.emulator({ speed = 2000, rate_limits = false }) end)   -- (the flow's asks, not its pace)
   teardown(function() emu.stop() end)
 
   it("runs a flow file over a CSV of items, and again on its dir without asking anything twice", function()
@@ -500,14 +494,7 @@ describe("the lbatch command's small things (issue 32)", function()
   teardown(function() emu.stop() end)
 
   -- the command run in `cwd`: its exit code, stdout and stderr apart (stderr a file: not a terminal)
-  local function cmd(cwd, args)
-    local out, err = os.tmpname(), os.tmpname()
-    local code = H.sh(("cd %s && env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch %s >%s 2>%s; echo $?")
-      :format(H.q(cwd), emu.base, H.lua, H.root, args, out, err))
-    local o, e = H.read(out) or "", H.read(err) or ""
-    os.remove(out) os.remove(err)
-    return tonumber(code:match("(%d+)%s*$")), o, e
-  end
+  local function cmd(cwd, args) return H.lbatch(args, { emu = emu, cwd = cwd }) end
   local function upload(path)
     local _, f = H.json("POST", emu.base .. "/files", { form = { "purpose=batch", "file=@" .. path } })
     return f.id
