@@ -196,7 +196,8 @@ describe("lbatch top on a terminal of no rows", function()
       local used = cpu_ticks(pid) - t0
       if how == "q" then tmux("send-keys q") else H.ok("kill -TERM " .. pid) end
       deadline = H.now() + 30
-      while not H.exists(dir .. "/exit") and H.now() < deadline do H.sleep(0.1) end
+      -- (written whole: the shell makes the file before echo writes to it)
+      while not (H.read(dir .. "/exit") or ""):find("\n") and H.now() < deadline do H.sleep(0.1) end
       local exit = H.read(dir .. "/exit")
       if not exit then H.ok("kill -9 " .. pid) end
       tmux("kill-server")

@@ -124,7 +124,8 @@ describe("lbatch top", function()
     until_shown("filter %l")
     tmux("send-keys q")
     local deadline = H.now() + 30   -- (a hang, not a slow machine)
-    while not H.exists(dir .. "/exit") and H.now() < deadline do H.sleep(0.1) end
+    -- (written whole: the shell makes the file before echo writes to it)
+    while not (H.read(dir .. "/exit") or ""):find("\n") and H.now() < deadline do H.sleep(0.1) end
     assert.equals("exit=0\n", H.read(dir .. "/exit"))
   end)
 
@@ -147,7 +148,8 @@ describe("lbatch top", function()
     assert.are.same({ 3, 1 }, { batches, later })
     tmux("send-keys q")
     local deadline = H.now() + 30   -- (a hang, not a slow machine)
-    while not H.exists(dir .. "/exit2") and H.now() < deadline do H.sleep(0.1) end
+    -- (written whole: the shell makes the file before echo writes to it)
+    while not (H.read(dir .. "/exit2") or ""):find("\n") and H.now() < deadline do H.sleep(0.1) end
     assert.equals("exit=0\n", H.read(dir .. "/exit2"))
   end)
 end)
