@@ -476,4 +476,41 @@ end
 
 function H.wait_final(emu, id, seconds) return H.wait_status(emu, id, nil, seconds) end
 
+
+-- The command line of bin/lbatch ARGS (a shell string: quote with H.q) on
+-- H.lua, as a user types it. opts.emu: against that emulator (the key k and
+-- LBATCH_BASE_URL); opts.env: more VAR=VALUE words before it.
+function H.lbatch_cmd(args, opts)
+  opts = opts or {}
+  local env = opts.emu and ("DASHSCOPE_API_KEY=k LBATCH_BASE_URL=" .. opts.emu.base .. " ") or ""
+  if opts.env then env = env .. opts.env .. " " end
+  return ("env %s%s %s/bin/lbatch %s"):format(env, H.lua, H.root, args)
+end
+
+-- Run bin/lbatch ARGS (H.lbatch_cmd's opts; opts.cwd: where) and wait for
+-- it: its exit code, stdout and stderr.
+function H.lbatch(args, opts)
+  opts = opts or {}
+  local err = os.tmpname()
+  local cd = opts.cwd and ("cd " .. q(opts.cwd) .. " && ") or ""
+  local out = sh(("%s%s 2>%s; echo \"exit=$?\""):format(cd, H.lbatch_cmd(args, opts), err))
+  local code = tonumber(out:match("exit=(%d+)%s*$"))
+  local stderr = H.read(err) or ""
+  os.remove(err)
+  return code, (out:gsub("exit=%d+%s*$", "")), stderr
+end
+
+-- Wait for pred() to be true, checking every `step` seconds (0.05) for at
+-- most `seconds` (30: a deadline only a hang reaches); returns its last value.
+function H.await(pred, seconds, step)
+  local deadline = H.now() + (seconds or 30)
+  local v = pred()
+  while not v and H.now() < deadline do
+    H.sleep(step or 0.05)
+    v = pred()
+  end
+  return v
+end
+
+
 return H

@@ -6,16 +6,7 @@ local H = require "helper"
 
 local CHAT = { url = "/v1/chat/completions", model = "qwen-plus" }
 
-local function lbatch(emu, args)
-  local err = os.tmpname()
-  local out = H.sh(("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch %s 2>%s; echo \"exit=$?\"")
-    :format(emu.base, H.lua, H.root, args, err))
-  local code = tonumber(out:match("exit=(%d+)%s*$"))
-  out = out:gsub("exit=%d+%s*$", "")
-  local stderr = H.read(err) or ""
-  os.remove(err)
-  return code, out, stderr
-end
+local function lbatch(emu, args) return H.lbatch(args, { emu = emu }) end
 
 local function routes(emu) return emu.stats().routes or {} end
 
@@ -46,12 +37,11 @@ describe("lbatch adopt", function()
       .. "--poll 0.05"):format(emu.base, H.lua, H.root, input, work)
     local logf = dir .. "/four.log"
     H.ok(("(%s >%s 2>&1 & echo $! > %s.pid) &"):format(cmd, logf, logf))
-    local created
-    for _ = 1, 400 do
+    local created = 0
+    H.await(function()
       created = (routes(emu)["POST /batches"] or 0)
-      if created >= 2 then break end
-      H.sleep(0.025)
-    end
+      return created >= 2
+    end, 30, 0.025)
     assert.are.equal(2, created)
     local run = (H.read(logf) or ""):match("lbatch: run (%x+) in ")
     assert.is_not_nil(run, H.read(logf))

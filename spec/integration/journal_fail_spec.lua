@@ -41,7 +41,7 @@ end
 describe("a pipeline whose journal cannot be written", function()
   local emu, dir, mnt, unmount
   before_each(function()
-    emu = H.emulator({ rate_limits = false })
+    emu = H.emulator({ speed = 2000, rate_limits = false })   -- (steps, not timing, are under test)
     dir = H.tmpdir()
     mnt, unmount = small_fs(256)
   end)
@@ -150,7 +150,7 @@ describe("a flow whose round's journal cannot be written", function()
   it("stops before its next upload; the rerun with room sends each ask once", function()
     local mnt, unmount = small_fs(2048)
     if not mnt then return pending("cannot mount a tmpfs here (not root)") end
-    local emu = H.emulator({ rate_limits = false })
+    local emu = H.emulator({ speed = 2000, rate_limits = false })
     finally(function() emu.stop() unmount() end)
     local items = {}
     for i = 1, 40 do items[i] = { id = ("q%03d"):format(i), question = ("Question %d: what is %d + %d?"):format(i, i, i) } end

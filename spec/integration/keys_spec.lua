@@ -38,7 +38,7 @@ local function recording_proxy(dir)
     :match("%d+")
   local t0 = H.now()
   while not H.exists(log .. ".ready") do
-    assert(H.now() - t0 < 10, "the recording proxy did not start: " .. tostring(H.read(dir .. "/proxy.out")))
+    assert(H.now() - t0 < 30, "the recording proxy did not start: " .. tostring(H.read(dir .. "/proxy.out")))
     H.sleep(0.05)
   end
   return { url = "http://127.0.0.1:" .. port, log = function() return H.read(log) or "" end,

@@ -17,7 +17,7 @@ end
 
 -- a command line of bin/lbatch against emu, its pid written to pidfile first
 local function command(emu, args, pidfile)
-  local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch %s"):format(emu.base, H.lua, H.root, args)
+  local cmd = H.lbatch_cmd(args, { emu = emu })
   return ("sh -c %s"):format(H.q(("echo $$ > %s; exec %s"):format(pidfile, cmd)))
 end
 
@@ -146,8 +146,10 @@ describe("one owner per work directory", function()
     H.mkdir(dir .. "/work")
     local held = assert(require("lbatch.core").lock(dir .. "/work/lock"))
     local released_at, first_upload, ticks = nil, nil, 0
+    -- released once the other task has ticked 12 times: a loop blocked by the wait never gets there (the
+    -- run then stops busy after its 30 s), however slow the machine
     client:spawn(function()
-      client:sleep(0.6)
+      repeat client:sleep(0.05) until ticks >= 12
       released_at = H.now()
       held:release()
     end)

@@ -74,7 +74,7 @@ describe("notices that lie", function()
 end)
 
 describe("waits woken by webhooks through lua-http", function()
-  it("see each job's end within 1 s of the emulator's finish, with about one status call a job", function()
+  it("see each job's end soon after the emulator's finish, not at their 60 s poll, with about one status call a job", function()
     local ok_http, http_server = pcall(require, "http.server")
     if not ok_http then pending("lua-http is not installed for this Lua") return end
     local cqueues = require "cqueues"
@@ -88,7 +88,7 @@ describe("waits woken by webhooks through lua-http", function()
         on_refused = function() refused = refused + 1 end }) }))
     assert(server:listen())
     local _, _, port = server:localname()
-    local emu = H.emulator({ speed = 20, dialect = "openai", tls = false,
+    local emu = H.emulator({ speed = 200, dialect = "openai", tls = false,
                              webhook_url = ("http://127.0.0.1:%d/hook"):format(port), webhook_secret = SECRET })
     c = lbatch.new({ api_key = "k", base_url = emu.base })
     local ids = batches(c, n_jobs, 2)
@@ -121,7 +121,8 @@ describe("waits woken by webhooks through lua-http", function()
     for _, id in ipairs(ids) do
       assert.are.equal("completed", statuses[id])
       local seen = st.now - (t_here - seen_at[id])
-      assert.is_true(seen - st.finished[id] < 1, ("%s seen %.2f s after its end"):format(id, seen - st.finished[id]))
+      -- (not woken, a wait would see it after its interval's 60 s: a slow machine's seconds still pass)
+      assert.is_true(seen - st.finished[id] < 20, ("%s seen %.2f s after its end"):format(id, seen - st.finished[id]))
     end
   end)
 end)
@@ -131,13 +132,13 @@ describe("a pipeline told, not polling", function()
 
   -- a pipeline of `shards` shards on an emulator that tells it of each end
   -- (its webhooks in the openai dialect, the batches' callback in the
-  -- dashscope one); poll_interval 30 s: without the notices it would poll
-  -- each shard after 30 s, with them it is done in a few
+  -- dashscope one); poll_interval 300 s: without the notices it would poll
+  -- each shard after 300 s, with them it is done in a few
   local function told(dialect)
     if not ok_http then pending("lua-http is not installed for this Lua") return end
     local port = H.free_port()
     local hook = ("http://127.0.0.1:%d/hook"):format(port)
-    local emu = H.emulator({ speed = 20, dialect = dialect, tls = false, rate_limits = false,
+    local emu = H.emulator({ speed = 200, dialect = dialect, tls = false, rate_limits = false,
       webhook_url = dialect == "openai" and hook or nil, webhook_secret = SECRET })
     local c = lbatch.new({ api_key = "k", base_url = emu.base, region = dialect == "openai" and "openai" or "cn" })
     local dir = H.tmpdir()
@@ -148,7 +149,7 @@ describe("a pipeline told, not polling", function()
     local signed, refused, listening = {}, 0, false
     local t0 = now()
     local report, err = require("lbatch.pipeline").run({ client = c, requests = reqs, dir = dir, max_lines = 2,
-      endpoint = "/v1/chat/completions", poll_interval = 30, max_in_flight = 6,
+      endpoint = "/v1/chat/completions", poll_interval = 300, max_in_flight = 6,
       notify = { url = hook, secret = SECRET, listen = "127.0.0.1:" .. port,
                  on_listen = function() listening = true end,
                  on_notice = function(n) signed[#signed + 1] = n.signed end,
@@ -163,7 +164,7 @@ describe("a pipeline told, not polling", function()
     local ok = 0
     for rec in report.results:each() do if rec.ok then ok = ok + 1 end end
     assert.are.equal(12, ok)
-    assert.is_true(wall < 15, ("%.1f s: the waits were not woken"):format(wall))
+    assert.is_true(wall < 120, ("%.1f s: the waits were not woken"):format(wall))   -- (not woken: 300 s)
     local calls = c:watcher().calls
     assert.is_true(calls <= 6 + 2, ("%d status calls for 6 shards"):format(calls))
     assert.are.equal(0, refused)
@@ -195,7 +196,7 @@ describe("a pipeline told, not polling", function()
                    { custom_id = "b", body = { model = "qwen-plus", messages = { { role = "user", content = "b" } } } } }
     local forged = dir .. "/forged"
     local report = assert(require("lbatch.pipeline").run({ client = c, requests = reqs, dir = dir, poll_interval = 30,
-      endpoint = "/v1/chat/completions", metadata = { emulator_line_seconds = "40" },   -- about 4.5 s
+      endpoint = "/v1/chat/completions", metadata = { emulator_line_seconds = "20" },   -- about 2.8 s
       notify = { url = hook, listen = "127.0.0.1:" .. port },
       on_step = function(step, sh)
         -- DashScope's callback is unsigned: anyone can post one (from another

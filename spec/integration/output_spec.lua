@@ -4,14 +4,8 @@
 local H = require "helper"
 
 local function lbatch(emu, args)
-  local env = emu and ("DASHSCOPE_API_KEY=k LBATCH_BASE_URL=" .. emu.base .. " ") or ""
-  local err = os.tmpname()
-  local out = H.sh(("env %s%s %s/bin/lbatch %s 2>%s; echo \"exit=$?\""):format(env, H.lua, H.root, args, err))
-  local code = tonumber(out:match("exit=(%d+)%s*$"))
-  out = out:gsub("exit=%d+%s*$", "")
-  local text = out .. (H.read(err) or "")
-  os.remove(err)
-  return code, text, out
+  local code, out, err = H.lbatch(args, { emu = emu })
+  return code, out .. err, out
 end
 
 -- a 64 KiB tmpfs, nearly full (a few KiB left), at dir/full; nil when
@@ -176,14 +170,19 @@ describe("lbatch top on a terminal of no rows", function()
     local dir = H.tmpdir()
     local sock = "lbatch-top0-" .. math.random(1, 1e9)
     local function tmux(a) return H.sh(("tmux -L %s %s 2>&1"):format(sock, a)) end
+    local function lists()
+      local r = emu.stats().routes
+      return type(r) == "table" and r["GET /batches"] or 0
+    end
     for _, how in ipairs({ "q", "TERM" }) do
       os.remove(dir .. "/exit")
+      local listed = lists()
       local cmd = ("stty rows 0 cols 80; stty -g > %s/before; env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s "
         .. "%s/bin/lbatch top --interval 1; echo exit=$? > %s/exit; stty -g > %s/after; sleep 60")
         :format(dir, emu.base, H.lua, H.root, dir, dir)
       tmux(("new-session -d -x 80 -y 30 %s"):format(H.q(cmd)))
       local pid
-      local deadline = H.now() + 30
+      local deadline = H.now() + 30   -- (a hang, not a slow machine)
       repeat
         H.sleep(0.2)
         local shell = tmux("list-panes -F '#{pane_pid}'"):match("%d+")
@@ -191,13 +190,15 @@ describe("lbatch top on a terminal of no rows", function()
         pid = shell and H.sh("pgrep -P " .. shell .. " -f 'bin/lbatch top'"):match("%d+")
       until pid or H.now() > deadline
       assert.is_truthy(pid, "lbatch top did not start")
-      H.sleep(1)                                                  -- past its start: the view runs
+      -- past its start: the view runs once it has read the list
+      assert.is_true(H.await(function() return lists() > listed end, 20), "lbatch top read no list")
       local t0 = cpu_ticks(pid)
       H.sleep(1)
       local used = cpu_ticks(pid) - t0
       if how == "q" then tmux("send-keys q") else H.ok("kill -TERM " .. pid) end
       deadline = H.now() + 30
-      while not H.exists(dir .. "/exit") and H.now() < deadline do H.sleep(0.1) end
+      -- (written whole: the shell makes the file before echo writes to it)
+      while not (H.read(dir .. "/exit") or ""):find("\n") and H.now() < deadline do H.sleep(0.1) end
       local exit = H.read(dir .. "/exit")
       if not exit then H.ok("kill -9 " .. pid) end
       tmux("kill-server")

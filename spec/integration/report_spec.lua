@@ -32,10 +32,9 @@ describe("lbatch report", function()
 
   it("writes one self-contained page with the timeline, outcomes, codes, tokens and slowest jobs", function()
     local page = dir .. "/report.html"
-    local out = H.sh(("cd %s && %s bin/lbatch report %s --output %s 2>&1; echo exit=$?"):format(H.q(H.root), H.lua,
-      H.q(dir .. "/work"), H.q(page)))
-    assert.matches("12 requests, 9 ok, 3 failed", out)
-    assert.matches("exit=0\n$", out)
+    local code, out, err = H.lbatch(("report %s --output %s"):format(H.q(dir .. "/work"), H.q(page)), { cwd = H.root })
+    assert.matches("12 requests, 9 ok, 3 failed", out .. err)
+    assert.are.equal(0, code, out .. err)
     local html = H.read(page)
     assert.is_nil(html:find("https?://"), "a network resource")
     assert.is_nil(html:find("<script"))

@@ -39,7 +39,7 @@ end
 describe("pipeline run again on the same dir", function()
   local emu, client
   before_each(function()
-    emu = H.emulator({ speed = 200, rate_limits = false })
+    emu = H.emulator({ speed = 2000, rate_limits = false })
     client = lbatch.new({ api_key = "k", base_url = emu.base })
   end)
   after_each(function() client:close() emu.stop() end)
@@ -183,7 +183,7 @@ end)
 
 describe("pipeline run again with a changed input, killed", function()
   local emu
-  before_each(function() emu = H.emulator({ speed = 200, rate_limits = false }) end)
+  before_each(function() emu = H.emulator({ speed = 2000, rate_limits = false }) end)
   after_each(function() emu.stop() end)
 
   local function jsonl_of(path, ids)
@@ -234,18 +234,10 @@ end)
 
 describe("lbatch run again on the same dir", function()
   local emu
-  setup(function() emu = H.emulator({ speed = 200, rate_limits = false }) end)
+  setup(function() emu = H.emulator({ speed = 2000, rate_limits = false }) end)
   teardown(function() emu.stop() end)
 
-  local function lbatch_run(args)
-    local err = os.tmpname()
-    local out = H.sh(("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch run --poll 0.05 %s 2>%s; "
-      .. "echo \"exit=$?\""):format(emu.base, H.lua, H.root, args, err))
-    local code = tonumber(out:match("exit=(%d+)%s*$"))
-    local stderr = H.read(err) or ""
-    os.remove(err)
-    return code, out:gsub("exit=%d+%s*$", ""), stderr
-  end
+  local function lbatch_run(args) return H.lbatch("run --poll 0.05 " .. args, { emu = emu }) end
 
   local function results_of(path)
     local t = {}

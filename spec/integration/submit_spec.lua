@@ -9,16 +9,7 @@ local function pat(s) return (s:gsub("%p", "%%%0")) end
 local CHAT = { url = "/v1/chat/completions", model = "qwen-plus" }
 
 -- the exit code, stdout and stderr of bin/lbatch ARGS against the emulator
-local function lbatch(emu, args)
-  local err = os.tmpname()
-  local out = H.sh(("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch %s 2>%s; echo \"exit=$?\"")
-    :format(emu.base, H.lua, H.root, args, err))
-  local code = tonumber(out:match("exit=(%d+)%s*$"))
-  out = out:gsub("exit=%d+%s*$", "")
-  local stderr = H.read(err) or ""
-  os.remove(err)
-  return code, out, stderr
-end
+local function lbatch(emu, args) return H.lbatch(args, { emu = emu }) end
 
 -- what the emulator holds: its files and its batches
 local function list(emu, what)
@@ -110,19 +101,15 @@ describe("lbatch submit", function()
       :format(emu.base, H.lua, H.root, input)
     H.ok(("(%s >%s 2>%s.err & echo $! > %s; wait $!; echo \"exit=$?\" > %s.rc) &")
       :format(cmd, outfile, outfile, pidfile, pidfile))
-    for _ = 1, 400 do
-      if looks() > looked then break end
-      H.sleep(0.025)
-    end
-    assert.is_true(looks() > looked)
-    H.sleep(0.5)                            -- the create is out, held 3 s by the emulator
+    assert.is_true(H.await(function() return looks() > looked end, 30, 0.025))
+    -- the create is out, held 3 s by the emulator: the last request it began
+    assert.is_true(H.await(function()
+      local _, last = H.json("GET", emu.url .. "/_emulator/last")
+      return type(last) == "table" and last.method == "POST" and tostring(last.path):find("/batches$") ~= nil
+    end, 20, 0.02))
     H.ok("kill -INT $(cat " .. pidfile .. ")")
-    local rc
-    local deadline = H.now() + 60
-    repeat
-      rc = H.read(pidfile .. ".rc")
-      if not rc then H.sleep(0.05) end
-    until rc or H.now() > deadline
+    local rc = H.await(function()   -- (written whole: the shell makes the file before echo writes)
+      local s = H.read(pidfile .. ".rc") return s and s:find("\n") and s end, 30)
     H.http("DELETE", emu.url .. "/_emulator/faults")
     assert.matches("exit=130", rc or "", H.read(outfile .. ".err"))
     local id = (H.read(outfile) or ""):match("^(batch_%S+)")

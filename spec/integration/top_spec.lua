@@ -14,7 +14,7 @@ describe("lbatch top", function()
   local function screen() return tmux("capture-pane -p") end
   -- the screen once it matches pattern (within seconds)
   local function until_shown(pattern, seconds)
-    local deadline, s = H.now() + (seconds or 15)
+    local deadline, s = H.now() + (seconds or 30)
     repeat
       s = screen()
       if s:find(pattern) then return s end
@@ -43,7 +43,8 @@ describe("lbatch top", function()
     H.write(dir .. "/run/journal.jsonl", H.read(dir .. "/run/journal.jsonl") .. require("cjson").encode({ k = 4,
       shard = { k = 4, name = "later-4.jsonl", step = "written", lines = 3, round = 1, model = "qwen-plus" } }) .. "\n")
     H.write(dir .. "/prices.json", '{"qwen-plus": {"input": 2, "output": 8}}')
-    H.sleep(1.1)                                  -- (ages are in whole seconds)
+    local t = os.time()                           -- (ages are in whole seconds: the jobs a second later)
+    assert(H.await(function() return os.time() > t end, 5, 0.02))
     local f = assert(c:upload(path))
     ids = {}
     for i = 1, JOBS do   -- most stay in progress for the test's length; some finish
@@ -61,12 +62,13 @@ describe("lbatch top", function()
   end)
 
   it("shows rows and totals in 80 columns, cancels the selected job with c y, and quits on q", function()
-    local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s LUA_PATH=%s LUA_CPATH=%s %s %s/bin/lbatch top --interval 1;"
+    -- (refreshed every half second: the rate needs a refresh after the first)
+    local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s LUA_PATH=%s LUA_CPATH=%s %s %s/bin/lbatch top --interval 0.5;"
       .. " echo exit=$? > %s/exit"):format(emu.base, H.q(os.getenv("LUA_PATH") or ""), H.q(os.getenv("LUA_CPATH") or ""),
       H.lua, H.root, dir)
     tmux(("new-session -d -x 80 -y 30 -c %s %s"):format(H.q(H.root), H.q(cmd)))
     until_shown("lbatch top: 303 jobs")   -- and the run's 3
-    local s = until_shown("requests: %d+/6009 done", 30)   -- every job past validating (and the run's 9)
+    local s = until_shown("requests: %d+/6009 done", 60)   -- every job past validating (and the run's 9)
     -- the totals: jobs by status, requests done and failed, the rate
     assert.matches("requests: %d+/6009 done, %d+ failed, [%d.]+/s", s)
     assert.matches("failures: %d+ in error files", s)        -- (only a run's are read)
@@ -91,7 +93,7 @@ describe("lbatch top", function()
     end
     local function move(key, want)
       tmux("send-keys " .. key)
-      local deadline, at, line = H.now() + 10
+      local deadline, at, line = H.now() + 30
       repeat
         at, line = selected_row()
         if at == want then return line end
@@ -121,8 +123,9 @@ describe("lbatch top", function()
     tmux("send-keys f")
     until_shown("filter %l")
     tmux("send-keys q")
-    local deadline = H.now() + 10
-    while not H.exists(dir .. "/exit") and H.now() < deadline do H.sleep(0.1) end
+    local deadline = H.now() + 30   -- (a hang, not a slow machine)
+    -- (written whole: the shell makes the file before echo writes to it)
+    while not (H.read(dir .. "/exit") or ""):find("\n") and H.now() < deadline do H.sleep(0.1) end
     assert.equals("exit=0\n", H.read(dir .. "/exit"))
   end)
 
@@ -144,8 +147,9 @@ describe("lbatch top", function()
     end
     assert.are.same({ 3, 1 }, { batches, later })
     tmux("send-keys q")
-    local deadline = H.now() + 10
-    while not H.exists(dir .. "/exit2") and H.now() < deadline do H.sleep(0.1) end
+    local deadline = H.now() + 30   -- (a hang, not a slow machine)
+    -- (written whole: the shell makes the file before echo writes to it)
+    while not (H.read(dir .. "/exit2") or ""):find("\n") and H.now() < deadline do H.sleep(0.1) end
     assert.equals("exit=0\n", H.read(dir .. "/exit2"))
   end)
 end)

@@ -4,14 +4,8 @@ local cjson = require "cjson"
 
 -- the command's exit code, its stdout and stderr together, and its stdout
 local function lbatch(emu, args)
-  local env = emu and ("DASHSCOPE_API_KEY=k LBATCH_BASE_URL=" .. emu.base .. " ") or ""
-  local err = os.tmpname()
-  local out = H.sh(("env %s%s %s/bin/lbatch %s 2>%s; echo \"exit=$?\""):format(env, H.lua, H.root, args, err))
-  local code = tonumber(out:match("exit=(%d+)%s*$"))
-  out = out:gsub("exit=%d+%s*$", "")
-  local text = out .. (H.read(err) or "")
-  os.remove(err)
-  return code, text, out
+  local code, out, err = H.lbatch(args, { emu = emu })
+  return code, out .. err, out
 end
 
 -- the JSON a --json command printed on stdout
@@ -273,7 +267,9 @@ describe("the lbatch command", function()
     assert.are.equal(0, code, text)
     assert.are.equal(404, (H.json("GET", emu.base .. "/files/" .. ids[1])))
     assert.are.equal(1, (lbatch(emu, "rm file-batch-nope")))
-    H.sleep(2.1)                            -- (created_at is in whole seconds)
+    -- (created_at is in whole seconds): the second after the newest file's
+    local _, newest = H.json("GET", emu.base .. "/files/" .. ids[3])
+    assert.is_true(H.await(function() return os.time() - 1 > newest.created_at end, 5, 0.05))
     code, text = lbatch(emu, "prune --older-than 1s --dry-run")
     assert.are.equal(0, code, text)
     assert.matches("would delete " .. ids[2], text, 1, true)
@@ -291,7 +287,8 @@ describe("the lbatch command", function()
 
   it("shows a download's bytes, rate and time left on a terminal", function()
     local input = H.requests(dir .. "/prog.jsonl", 2000, { url = "/v1/chat/completions", model = "qwen-plus" })
-    local b = cjson.decode(select(3, lbatch(emu, "submit --json " .. input)))
+    -- (the emulator's lines at 1 ms of service time each: 2000 lines end in a moment)
+    local b = cjson.decode(select(3, lbatch(emu, "submit --json --meta emulator_line_seconds=0.001 " .. input)))
     assert.are.equal(0, (lbatch(emu, "status --wait --poll 0.05 " .. b.id)))
     local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch download %s --output %s/prog.out")
       :format(emu.base, H.lua, H.root, b.id, dir)
@@ -305,25 +302,20 @@ describe("the lbatch command", function()
     local b = cjson.decode(select(3, lbatch(emu, "submit --json " .. input)))
     assert.are.equal(0, (lbatch(emu, "status --wait --poll 0.05 " .. b.id)))
     H.mkdir(dir .. "/int")
-    H.json("POST", emu.url .. "/_emulator/faults", { json = { path = "/content$", delay = 5 } })
+    H.json("POST", emu.url .. "/_emulator/faults", { json = { path = "/content$", delay = 30 } })
     local pidfile = dir .. "/int.pid"
     local cmd = ("env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch download %s --output %s/int/out.jsonl")
       :format(emu.base, H.lua, H.root, b.id, dir)
     H.ok(("(%s >/dev/null 2>&1 & echo $! > %s; wait $!; echo \"exit=$?\" > %s.rc) &"):format(cmd, pidfile, pidfile))
-    local partial
-    for _ = 1, 50 do                        -- the temp file is made before the request goes out
+    local partial = ""
+    H.await(function()                      -- the temp file is made before the request goes out
       partial = H.sh("ls " .. dir .. "/int")
-      if partial:find("part-", 1, true) then break end
-      H.sleep(0.05)
-    end
+      return partial:find("part-", 1, true)
+    end, 30)
     assert.matches("out.jsonl.part-", partial)
     H.ok("kill -INT $(cat " .. pidfile .. ")")
-    local rc
-    for _ = 1, 100 do
-      rc = H.read(pidfile .. ".rc")
-      if rc then break end
-      H.sleep(0.05)
-    end
+    local rc = H.await(function()   -- (written whole: the shell makes the file before echo writes)
+      local s = H.read(pidfile .. ".rc") return s and s:find("\n") and s end, 30)   -- (the answer is held 30 s)
     H.http("DELETE", emu.url .. "/_emulator/faults")
     assert.matches("exit=130", rc or "")
     assert.are.equal("", H.sh("ls -A " .. dir .. "/int"))
@@ -335,14 +327,14 @@ describe("lbatch run --notify-listen", function()
 
   it("is told by the emulator's webhooks: the run ends in seconds, about one status call a job", function()
     local port = H.free_port()
-    local emu = H.emulator({ speed = 20, dialect = "openai", tls = false, rate_limits = false,
+    local emu = H.emulator({ speed = 200, dialect = "openai", tls = false, rate_limits = false,
       webhook_url = ("http://127.0.0.1:%d/hook"):format(port), webhook_secret = SECRET })
     local dir = H.tmpdir()
     local input = H.requests(dir .. "/in.jsonl", 12, { url = "/v1/chat/completions", model = "gpt-4o-mini" })
     local t0 = H.now()
     -- through the shell script: it picks a Lua with lua-http for --notify-listen
     local out = H.sh(("env OPENAI_API_KEY=k LBATCH_BASE_URL=%s OPENAI_WEBHOOK_SECRET=%s %s/bin/lbatch run %s "
-      .. "--dir %s/run --region openai --max-lines 2 --poll 30 --notify-listen 127.0.0.1:%d --json 2>%s/err; "
+      .. "--dir %s/run --region openai --max-lines 2 --poll 300 --notify-listen 127.0.0.1:%d --json 2>%s/err; "
       .. "echo \"exit=$?\""):format(emu.base, SECRET, H.root, input, dir, port, dir))
     local wall = H.now() - t0
     local routes = emu.stats().routes
@@ -352,7 +344,8 @@ describe("lbatch run --notify-listen", function()
     assert.truthy(err:find("listening for notices on 127.0.0.1:" .. port, 1, true), err)
     local rep = cjson.decode(out:match("^[^\n]*"))
     assert.are.same({ 12, 12, 6 }, { rep.total, rep.ok, rep.shards })
-    assert.is_true(wall < 15, ("%.1f s: the waits were not woken"):format(wall))
+    -- not woken, a wait would poll first after --poll's 300 s: only that (or a hang) takes 120
+    assert.is_true(wall < 120, ("%.1f s: the waits were not woken"):format(wall))
     local calls = (routes["GET /batches"] or 0) + (routes["GET /batches/{id}"] or 0)
     assert.is_true(calls <= 6 + 2, ("%d status calls for 6 jobs"):format(calls))
     H.ok("rm -rf " .. dir)
@@ -401,7 +394,7 @@ end)
 
 describe("lbatch flow", function()
   local emu
-  setup(function() emu = H.emulator({ speed = 200, rate_limits = false }) end)
+  setup(function() emu = H.emulator({ speed = 2000, rate_limits = false }) end)   -- (the flow's asks, not its pace)
   teardown(function() emu.stop() end)
 
   it("runs a flow file over a CSV of items, and again on its dir without asking anything twice", function()
@@ -500,14 +493,7 @@ describe("the lbatch command's small things (issue 32)", function()
   teardown(function() emu.stop() end)
 
   -- the command run in `cwd`: its exit code, stdout and stderr apart (stderr a file: not a terminal)
-  local function cmd(cwd, args)
-    local out, err = os.tmpname(), os.tmpname()
-    local code = H.sh(("cd %s && env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s %s/bin/lbatch %s >%s 2>%s; echo $?")
-      :format(H.q(cwd), emu.base, H.lua, H.root, args, out, err))
-    local o, e = H.read(out) or "", H.read(err) or ""
-    os.remove(out) os.remove(err)
-    return tonumber(code:match("(%d+)%s*$")), o, e
-  end
+  local function cmd(cwd, args) return H.lbatch(args, { emu = emu, cwd = cwd }) end
   local function upload(path)
     local _, f = H.json("POST", emu.base .. "/files", { form = { "purpose=batch", "file=@" .. path } })
     return f.id

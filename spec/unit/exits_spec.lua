@@ -9,16 +9,10 @@ local cjson = require "cjson"
 -- requests for a model with no limit on batches running at once (the test model has 2)
 local CHAT = { url = "/v1/chat/completions", model = "qwen-plus" }
 
+-- bin/lbatch ARGS against emu; with `key`, no emulator: that key alone
 local function lbatch(emu, args, key)
-  local env = emu and ("DASHSCOPE_API_KEY=k LBATCH_BASE_URL=" .. emu.base .. " ") or ""
-  if key then env = "DASHSCOPE_API_KEY=" .. key .. " " end
-  local err = os.tmpname()
-  local out = H.sh(("env %s%s %s/bin/lbatch %s 2>%s; echo \"exit=$?\""):format(env, H.lua, H.root, args, err))
-  local code = tonumber(out:match("exit=(%d+)%s*$"))
-  out = out:gsub("exit=%d+%s*$", "")
-  local stderr = H.read(err) or ""
-  os.remove(err)
-  return code, out, stderr
+  if key then return H.lbatch(args, { env = "DASHSCOPE_API_KEY=" .. key }) end
+  return H.lbatch(args, { emu = emu })
 end
 
 describe("the command's exit codes", function()
