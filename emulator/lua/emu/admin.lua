@@ -67,11 +67,13 @@ function A.handle(method, path)
     end
   elseif path == "/_emulator/stats" and method == "GET" then
     -- routes: requests by route ("429 route" for those refused by a rate
-    -- limit); polled: retrieve calls by batch id; with ?finished=1, each
+    -- limit); running: batches not yet final, running_peak: the most at
+    -- once; polled: retrieve calls by batch id; with ?finished=1, each
     -- batch's wall-clock end; now: this clock
     ngx.update_time()
     local args = ngx.req.get_uri_args(10)
-    return respond.json(200, { routes = next(stats) and stats or cjson.null, running = engine.running(),
+    return respond.json(200, { routes = next(stats) and stats or cjson.null,
+                               running = engine.running(), running_peak = engine.peak,
                                polled = next(polled) and polled or cjson.null,
                                protocols = next(protocols) and protocols or cjson.null, connections = connections,
                                now = ngx.now(), modes_hit = next(modes.hits) and modes.hits or cjson.null,

@@ -594,8 +594,14 @@ function E.visible_status(b)
   return b.status == "expiring" and "in_progress" or b.status
 end
 
+-- E.peak: the most batches not yet final at once (the stats' running_peak:
+-- a spec reads how many ran at once without racing them to their end)
+E.peak = 0
 function E.track(b)
   active[b.id] = b
+  local n = 0
+  for _ in pairs(active) do n = n + 1 end
+  if n > E.peak then E.peak = n end
 end
 
 -- batches not yet final; with owner, only that account's
