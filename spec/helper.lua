@@ -356,6 +356,7 @@ function H.squid(opts)
         return started(proxy)
       end
       if (H.read(dir .. "/cache.log") or ""):find("FATAL", 1, true) then break end
+      if not H.running(pid) then break end   -- it ended (its words in out): try again
       H.sleep(0.05)
     end
     -- (port taken, most likely): the next try starts from a clean log, or
@@ -365,7 +366,7 @@ function H.squid(opts)
       if not H.running(pid) then break end
       H.sleep(0.05)
     end
-    last_log = H.read(dir .. "/cache.log") or ""
+    last_log = (H.read(dir .. "/cache.log") or "") .. (H.read(dir .. "/out") or "")
     os.remove(dir .. "/cache.log")
     os.remove(dir .. "/squid.pid")
   end
