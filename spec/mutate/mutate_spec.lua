@@ -98,15 +98,28 @@ describe("make mutate's map and slots", function()
   before_each(function() dir = tree() end)
   after_each(function() os.execute("rm -rf " .. H.q(dir)) end)
 
-  it("maps a module to the specs that require it, quickest first by the times measured", function()
+  it("maps a module to the specs that load it, quickest first by the times measured", function()
     H.write(dir .. "/spec/unit/zz_spec.lua", 'local a = require("lbatch.a")\nit("x", function() assert(a) end)\n')
+    -- a spec that runs a driver which requires the module, one that runs the command
+    H.mkdir(dir .. "/spec/fixtures")
+    H.write(dir .. "/spec/fixtures/drv.lua", 'local a = require "lbatch.a"\nprint(a.sign(1))\n')
+    H.write(dir .. "/spec/unit/via_spec.lua", 'local DRV = "spec/fixtures/drv.lua"\nit("x", function() assert(DRV) end)\n')
+    H.write(dir .. "/lbatch/cli.lua", "local M = {}\nfunction M.main(x) return x > 1 end\nreturn M\n")
+    H.write(dir .. "/spec/unit/cmd_spec.lua", 'local CMD = "bin/lbatch"\nit("x", function() assert(CMD) end)\n')
+    H.mkdir(dir .. "/build")
+    H.write(dir .. "/build/mutate-times", "9.0\tspec/unit/zz_spec.lua\n0.5\tspec/unit/a_spec.lua\n" ..
+      "3.0\tspec/unit/via_spec.lua\n1.0\tspec/unit/cmd_spec.lua\n")
     local out = run(dir, "MUTATE_LIST=1 MUTATE_MAP=1")
     -- the commented require of other_spec does not count
-    assert.matches("specs, in this order: spec/unit/zz_spec.lua spec/unit/a_spec.lua\n", out, 1, true)
-    H.mkdir(dir .. "/build")
-    H.write(dir .. "/build/mutate-times", "9.0\tspec/unit/zz_spec.lua\n0.5\tspec/unit/a_spec.lua\n")
+    assert.matches("%] lbatch/a%.lua:[^\n]*\n    specs, in this order: " ..
+      "spec/unit/a_spec%.lua spec/unit/via_spec%.lua spec/unit/zz_spec%.lua\n", out)
+    assert.matches("%] lbatch/cli%.lua:[^\n]*\n    specs, in this order: spec/unit/cmd_spec%.lua\n", out)
+    assert.matches("%] lbatch/c%.lua:[^\n]*\n    specs, in this order: \n", out)
+    local f = assert(io.open(dir .. "/build/mutate-times", "a"))
+    f:write("0.1\tspec/unit/zz_spec.lua\n")   -- the last line of a spec counts
+    f:close()
     out = run(dir, "MUTATE_LIST=1 MUTATE_MAP=1")
-    assert.matches("specs, in this order: spec/unit/a_spec.lua spec/unit/zz_spec.lua\n", out, 1, true)
+    assert.matches("specs, in this order: spec/unit/zz_spec.lua spec/unit/a_spec.lua spec/unit/via_spec.lua\n", out, 1, true)
   end)
 
   it("runs the mutants two at a time, each with its ports and temp dir; the first spec that fails kills", function()

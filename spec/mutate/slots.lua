@@ -57,6 +57,15 @@ local function sweep(slot)
   end
 end
 
+-- on Ctrl-C: every process the run started, by its id: those whose command
+-- line or working directory is in the run's temp dir (busted runs under
+-- `timeout`, in a process group of its own, from the slot's copy)
+local function stop_all(tmp)
+  local pids = sh("pgrep -f " .. q(tmp .. "/") .. " 2>/dev/null; for d in /proc/[0-9]*; do " ..
+    "case $(readlink $d/cwd 2>/dev/null) in " .. q(tmp) .. "/*) echo ${d#/proc/};; esac; done")
+  for pid in pids:gmatch("%d+") do os.execute("kill -TERM " .. pid .. " 2>/dev/null") end
+end
+
 local function new_slot(o, i, from)
   local dir = ("%s/s%d"):format(o.tmp, i)
   local slot = { i = i, dir = dir, copy = dir .. "/tree", tmpdir = dir .. "/tmp", base = BASES[i] }
@@ -186,7 +195,7 @@ return function(o)
     end
     if not busy and next_q > #queue then break end
     local _, how = os.execute("sleep 0.2")
-    if how == "signal" then o.cleanup() os.exit(130) end
+    if how == "signal" then stop_all(o.tmp) o.cleanup() os.exit(130) end
   end
   o.cleanup()
   local wall = clock() - t0
