@@ -50,7 +50,9 @@ end
 
 local function run(dir, env)
   local seen = dir .. "/seen"
-  local out = H.sh(("cd %s && env MUTATE_SPEC_SEEN=%s %s lua5.4 spec/mutate/run 2>&1; echo \"exit $?\"")
+  -- not the MUTATE_ settings of a mutation run this spec may be part of
+  local out = H.sh(("cd %s && env -u MUTATE_SINCE -u MUTATE_ONLY -u MUTATE_LIST -u MUTATE_MAP -u MUTATE_WHOLE " ..
+    "-u MUTATE_JOBS -u MUTATE_FULL MUTATE_SPEC_SEEN=%s %s lua5.4 spec/mutate/run 2>&1; echo \"exit $?\"")
     :format(H.q(dir), H.q(seen), env))
   return out, H.exists(seen) and H.read(seen) or ""
 end
@@ -105,7 +107,7 @@ describe("make mutate's map and slots", function()
     H.write(dir .. "/spec/fixtures/drv.lua", 'local a = require "lbatch.a"\nprint(a.sign(1))\n')
     H.write(dir .. "/spec/unit/via_spec.lua", 'local DRV = "spec/fixtures/drv.lua"\nit("x", function() assert(DRV) end)\n')
     H.write(dir .. "/lbatch/cli.lua", "local M = {}\nfunction M.main(x) return x > 1 end\nreturn M\n")
-    H.write(dir .. "/spec/unit/cmd_spec.lua", 'local CMD = "bin/lbatch"\nit("x", function() assert(CMD) end)\n')
+    H.write(dir .. "/spec/unit/cmd_spec.lua", 'local CMD = "bin/' .. 'lbatch"\nit("x", function() assert(CMD) end)\n')
     H.mkdir(dir .. "/build")
     H.write(dir .. "/build/mutate-times", "9.0\tspec/unit/zz_spec.lua\n0.5\tspec/unit/a_spec.lua\n" ..
       "3.0\tspec/unit/via_spec.lua\n1.0\tspec/unit/cmd_spec.lua\n")
@@ -142,5 +144,32 @@ describe("make mutate's map and slots", function()
     assert.equal(2, n)
     -- the tree is as it was
     assert.equal(MODULE, H.read(dir .. "/lbatch/a.lua"))
+  end)
+
+  it("on Ctrl-C stops every process it started and removes its temp copies", function()
+    H.write(dir .. "/spec/unit/a_spec.lua", 'require "lbatch.a"\nit("waits", function() os.execute("sleep 60") end)\n')
+    local log = dir .. "/log"
+    -- a session of its own: its id names every process the run starts
+    local sid = H.sh(("cd %s && setsid %s spec/mutate/run >%s 2>&1 & echo $!")
+      :format(H.q(dir), "env -u MUTATE_SINCE -u MUTATE_ONLY -u MUTATE_LIST lua5.4", H.q(log))):match("%d+")
+    local function in_session(what)
+      return H.sh(("ps -eo pid=,sid=,args= | awk '$2 == %s && /%s/ { print $1 }'"):format(sid, what))
+    end
+    local sleeper
+    for _ = 1, 150 do
+      sleeper = in_session("sleep 60"):match("%d+")
+      if sleeper then break end
+      H.sleep(0.2)
+    end
+    assert.truthy(sleeper, "the spec of a mutant never ran")
+    local copy = H.sh("readlink /proc/" .. sleeper .. "/cwd"):match("^(/tmp/lbatch%-mutate%.[%w]+)/s[12]/tree")
+    assert.truthy(copy)
+    os.execute("/bin/kill -INT -- -" .. sid)   -- Ctrl-C: SIGINT to its process group (dash's kill takes no group)
+    for _ = 1, 100 do
+      if in_session("") == "" then break end
+      H.sleep(0.2)
+    end
+    assert.equal("", in_session(""))
+    assert.is_false(H.exists(copy))
   end)
 end)

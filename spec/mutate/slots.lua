@@ -61,9 +61,11 @@ end
 -- line or working directory is in the run's temp dir (busted runs under
 -- `timeout`, in a process group of its own, from the slot's copy)
 local function stop_all(tmp)
-  local pids = sh("pgrep -f " .. q(tmp .. "/") .. " 2>/dev/null; for d in /proc/[0-9]*; do " ..
-    "case $(readlink $d/cwd 2>/dev/null) in " .. q(tmp) .. "/*) echo ${d#/proc/};; esac; done")
-  for pid in pids:gmatch("%d+") do os.execute("kill -TERM " .. pid .. " 2>/dev/null") end
+  local pids = sh("pgrep -f " .. q(tmp .. "/") .. " 2>/dev/null; find /proc -mindepth 2 -maxdepth 2 -name cwd " ..
+    "-lname " .. q(tmp .. "/*") .. " 2>/dev/null")
+  local list = {}
+  for pid in pids:gmatch("%d+") do list[#list + 1] = pid end
+  if #list > 0 then os.execute("kill -TERM " .. table.concat(list, " ") .. " 2>/dev/null") end
 end
 
 local function new_slot(o, i, from)
