@@ -108,7 +108,20 @@ local function passes(slot, cmd, limit)
   return false, why
 end
 
-local WHOLE = "--exclude-pattern=hostile_spec spec"
+-- the whole suite (as `busted --exclude-pattern=hostile_spec spec` finds
+-- it) but the spec files this mutant has passed already
+local all_specs
+local function whole(o, passed)
+  if not all_specs then
+    all_specs = {}
+    for f in sh("cd " .. q(o.root) .. " && find spec -type f -name '*_spec*.lua' | LC_ALL=C sort"):gmatch("[^\n]+") do
+      if not f:match("[^/]*$"):find("hostile_spec") then all_specs[#all_specs + 1] = f end
+    end
+  end
+  local left = {}
+  for _, f in ipairs(all_specs) do if not passed[f] then left[#left + 1] = q(f) end end
+  return table.concat(left, " ")
+end
 
 -- one mutant in a slot: its verdict, its class (killed, survived, equiv,
 -- stillborn) and, when killed, the first failure
@@ -118,10 +131,12 @@ local function judge(o, slot, m)
       :format(q(slot.copy))) ~= 0 then
     return "stillborn (does not build)", "stillborn"
   end
+  local passed = {}
   for _, spec in ipairs(o.specs_of(m.file)) do
     local pass, x = passes(slot, busted(o, slot, spec), o.timeout)
     if not pass then return "killed by " .. spec, "killed", x end
     o.record_time(spec, x)
+    passed[spec] = true
   end
   local jit = o.jit_specs[m.file]
   if jit then
@@ -136,8 +151,11 @@ local function judge(o, slot, m)
   local eq = o.is_equivalent(m)
   if eq and not o.full then return "survived its specs: equivalent (EQUIVALENT.md)", "equiv" end
   if not o.whole_too then return "SURVIVED its specs (the whole suite not run: MUTATE_WHOLE=0)", "survived" end
-  local pass, why = passes(slot, busted(o, slot, WHOLE, false, o.whole_timeout), o.whole_timeout)
-  if not pass then return "killed by the whole suite", "killed", why end
+  local pass, why = passes(slot, busted(o, slot, whole(o, passed), false, o.whole_timeout), o.whole_timeout)
+  if not pass then
+    return "killed by the whole suite" .. (why:match("%-> (%S+%.lua)") and " (" .. why:match("%-> (%S+%.lua)") .. ")" or ""),
+      "killed", why
+  end
   if eq then return "survived the whole suite: equivalent (EQUIVALENT.md)", "equiv" end
   return "SURVIVED the whole suite", "survived"
 end
