@@ -146,6 +146,14 @@ describe("make mutate's map and slots", function()
     assert.equal(MODULE, H.read(dir .. "/lbatch/a.lua"))
   end)
 
+  it("does not count a kill by a spec that fails without the mutant too", function()
+    H.write(dir .. "/spec/unit/a_spec.lua", 'require "lbatch.a"\nit("fails", function() assert.equal(1, 2) end)\n')
+    local out = run(dir, "MUTATE_WHOLE=0")
+    assert.matches("killed by spec/unit/a_spec.lua, but spec/unit/a_spec.lua fails without the mutant too: UNSURE", out, 1, true)
+    assert.matches("0 killed, 1 survived %(0 equivalent%), 0 stillborn, 2 unsure", out)
+    assert.matches("exit 1\n$", out)
+  end)
+
   it("on Ctrl-C stops every process it started and removes its temp copies", function()
     H.write(dir .. "/spec/unit/a_spec.lua", 'require "lbatch.a"\nit("waits", function() os.execute("sleep 60") end)\n')
     local log = dir .. "/log"

@@ -123,9 +123,16 @@ local function whole(o, passed)
   return table.concat(left, " ")
 end
 
+local function restore(slot, m)
+  writef(slot.copy .. "/" .. m.file, m.orig)     -- as it was when the run began, whatever the tree holds now
+  if m.file:match("%.c$") then
+    os.execute(("cp %s/core.so %s/build/5.4/lbatch/core.so"):format(q(slot.dir), q(slot.copy)))
+  end
+end
+
 -- one mutant in a slot: its verdict, its class (killed, survived, equiv,
 -- stillborn) and, when killed, the first failure
-local function judge(o, slot, m)
+local function judge_mutant(o, slot, m)
   writef(slot.copy .. "/" .. m.file, m.src)
   if m.file:match("%.c$") and bg(slot, ("cd %s && nice -n 10 make -s build/5.4/lbatch/core.so >/dev/null 2>&1")
       :format(q(slot.copy))) ~= 0 then
@@ -160,11 +167,16 @@ local function judge(o, slot, m)
   return "SURVIVED the whole suite", "survived"
 end
 
-local function restore(slot, m)
-  writef(slot.copy .. "/" .. m.file, m.orig)     -- as it was when the run began, whatever the tree holds now
-  if m.file:match("%.c$") then
-    os.execute(("cp %s/core.so %s/build/5.4/lbatch/core.so"):format(q(slot.dir), q(slot.copy)))
-  end
+-- a kill counts when the spec file that made it passes without the mutant
+-- (the tree as it was, in the same slot): one that fails there too (flaky
+-- under load, or broken) decides nothing, and the verdict says so
+local function judge(o, slot, m)
+  local verdict, class, why = judge_mutant(o, slot, m)
+  local spec = class == "killed" and why and why:match("%-> (%S+_spec%.lua)")
+  if not spec then return verdict, class, why end
+  restore(slot, m)
+  if passes(slot, busted(o, slot, spec), o.timeout) then return verdict, class, why end
+  return verdict .. ", but " .. spec .. " fails without the mutant too: UNSURE (rerun it: MUTATE_ONLY)", "unsure", why
 end
 
 local function report(o, n, m, t, verdict, why)
@@ -184,7 +196,7 @@ return function(o)
   print(("mutate: %d mutants (of %d sites) in %d files, seed %d%s; %d at a time")
     :format(#queue, o.total_sites, #o.files, o.seed, o.since_note, jobs))
   io.flush()
-  local count = { killed = 0, survived = 0, equiv = 0, stillborn = 0 }
+  local count = { killed = 0, survived = 0, equiv = 0, stillborn = 0, unsure = 0 }
   local survivors, next_q = {}, 1
   while true do
     local busy = false
@@ -206,7 +218,9 @@ return function(o)
           local m = o.mutants[slot.n]
           report(o, slot.n, m, slot.t, verdict, why)
           count[class] = count[class] + 1
-          if class == "survived" then survivors[#survivors + 1] = o.describe(slot.n, m) end
+          if class == "survived" or class == "unsure" then
+            survivors[#survivors + 1] = o.describe(slot.n, m) .. (class == "unsure" and "  [unsure]" or "")
+          end
           slot.co = nil
         else
           busy = true
@@ -223,12 +237,14 @@ return function(o)
   local real = scored - count.equiv
   print()
   if #survivors > 0 then
-    print("survivors (neither killed nor in spec/mutate/EQUIVALENT.md):")
+    print("survivors (neither killed nor in spec/mutate/EQUIVALENT.md) and unsure kills:")
     table.sort(survivors)
     for _, s in ipairs(survivors) do print("  " .. s) end
   end
-  print(("mutate: %d mutants in %d files (seed %d%s): %d killed, %d survived (%d equivalent), %d stillborn")
-    :format(scored, #o.files, o.seed, o.since_note, count.killed, scored - count.killed, count.equiv, count.stillborn))
+  print(("mutate: %d mutants in %d files (seed %d%s): %d killed, %d survived (%d equivalent), %d stillborn%s")
+    :format(scored, #o.files, o.seed, o.since_note, count.killed, scored - count.killed - count.unsure, count.equiv,
+      count.stillborn, count.unsure > 0 and (", %d unsure (killed by a spec that fails without them too)")
+        :format(count.unsure) or ""))
   print(("score: %d/%d killed (%.0f%%), %d/%d of the non-equivalent mutants (%.0f%%)")
     :format(count.killed, scored, scored > 0 and 100 * count.killed / scored or 0, count.killed, real,
       real > 0 and 100 * count.killed / real or 0))
