@@ -12,6 +12,7 @@
 #                LuaRocks would pick 5.1)
 #   SPEC         busted arguments (default: spec)
 #   FILES        the files `make mutate` mutates (default: lbatch/*.lua and lbatch/core/*.c)
+#   SINCE        a commit: `make mutate` mutates only the lines changed since it
 
 LUA_INCDIR ?= /usr/include/lua5.4
 JIT_INCDIR ?= /usr/include/luajit-2.1
