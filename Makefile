@@ -12,6 +12,7 @@
 #                LuaRocks would pick 5.1)
 #   SPEC         busted arguments (default: spec)
 #   FILES        the files `make mutate` mutates (default: lbatch/*.lua and lbatch/core/*.c)
+#   SINCE        a commit: `make mutate` mutates only the lines changed since it
 
 LUA_INCDIR ?= /usr/include/lua5.4
 JIT_INCDIR ?= /usr/include/luajit-2.1
@@ -169,11 +170,14 @@ lint: deps
 fuzz: deps
 	spec/fuzz/run $(or $(FUZZ_SECONDS),600)
 
-# Mutation testing (spec/mutate/run): small bugs, one at a time in a temp
-# copy of the tree, each against its module's specs, the survivors against
-# the whole Lua 5.4 suite; prints the score. Long: not part of make test.
+# Mutation testing (spec/mutate/run): small bugs, each in a temp copy of the
+# tree, two at a time, each against the specs that load its module (quickest
+# first, up to the first that kills it), the survivors against the whole
+# Lua 5.4 suite; prints the score. SINCE=REF mutates only the lines changed
+# since REF (git diff, uncommitted changes included): minutes. The whole run
+# is long: not part of make test.
 mutate: deps build
-	spec/mutate/run $(FILES)
+	MUTATE_SINCE="$(SINCE)" spec/mutate/run $(FILES)
 
 # The kill -9 soak (spec/soak/run.lua): hundreds of random kills of the
 # pipeline and the flow on a slow server, restarted at once or after a
