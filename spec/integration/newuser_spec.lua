@@ -97,7 +97,7 @@ describe("a new user", function()
 end)
 
 describe("make install", function()
-  it("says where lua-cjson comes from instead of calling Debian's missing", function()
+  it("says where lua-cjson comes from instead of calling Debian's missing #install", function()
     if not H.ok("command -v luarocks >/dev/null 2>&1") then return pending("luarocks is not installed") end
     local tree, src = H.tmpdir(), H.scratch_checkout()   -- (luarocks make compiles in the tree)
     local out = H.sh(("make -s -C %s install PREFIX=%s 2>&1; echo \"exit=$?\""):format(H.q(src), H.q(tree)))

@@ -380,7 +380,7 @@ describe("the lbatch command from a checkout and installed", function()
     assert.matches("exit=0", out)
   end)
 
-  it("runs after make install into a scratch prefix", function()
+  it("runs after make install into a scratch prefix #install", function()
     local prefix, tree = H.tmpdir(), H.scratch_checkout()   -- (luarocks make compiles in the tree)
     local built = H.sh(("cd %s && make -s install PREFIX=%s >/dev/null 2>&1; echo $?"):format(tree, prefix))
     assert.are.equal("0\n", built)
