@@ -669,6 +669,7 @@ local function client(o, hold)
   local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region, provider = o.provider }))
   if c.config.warning then io.stderr:write("lbatch: ", c.config.warning, "\n") end
   core.trap()
+  debug.sethook()             -- (main's raising hook: from now on the client's turn ends stop it)
   c:at_turn_end(function()
     local sig = core.caught()
     if sig and not (hold and hold(sig)) then
@@ -1339,14 +1340,23 @@ function M.main(args)
       want == 0 and "no arguments" or cmd.args, name))
     return 2
   end
+  -- SIGINT and SIGTERM set a flag (core.trap), not the interpreter's
+  -- handler, whose "interrupted!" any pcall on its way swallows (a line
+  -- decoded in a pcall: a Ctrl-C in validate was lost, and it went on). Until
+  -- a client is made (its turn ends stop it cleanly), a hook raises it in Lua
+  -- code every 10,000 instructions; on its way out, every command looks.
+  core.trap()
+  debug.sethook(function() if core.caught() then error("interrupted!", 0) end end, "", 10000)
   local ok, code, err = pcall(command[name], o, pos)
-  -- the interpreter's SIGINT (before a client traps it) raises "interrupted!"
-  -- where Lua code runs, as such or inside an error a reader made of it
+  debug.sethook()
+  local sig = core.caught()
+  -- (or the interpreter's SIGINT, before the trap: "interrupted!" where Lua
+  -- code ran, as such or inside an error a reader made of it)
   local said = not ok and (errors.thrown(code) or code) or err
   said = type(said) == "table" and said.message or said
-  if type(said) == "string" and said:find("interrupted!$") then
+  if sig or (type(said) == "string" and said:find("interrupted!$")) then
     io.stderr:write("\nlbatch: interrupted\n")
-    return 130
+    return 128 + (sig or 2)
   end
   if not ok and errors.thrown(code) then   -- a failure thrown by errors.try
     err = errors.thrown(code)
