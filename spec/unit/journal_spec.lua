@@ -182,6 +182,25 @@ describe("journal, its writes failing", function()
     assert.are.same({ 1, 3, 4 }, recs)
   end)
 
+  -- run SCRIPT under strace (fsync, rename[, write]) and name what it did to
+  -- PATH and DIR, in order: "fsync tmp", "rename", "fsync dir", "fsync"
+  -- (PATH itself), "appended" (a write of that word)
+  local function traced(dir, path, script, calls)
+    local trace = dir .. "/trace"
+    assert.is_true(H.ok(("strace -f -y -e trace=%s -o %s %s %s 2>/dev/null"):format(calls, trace, H.lua, script)))
+    local seen = {}
+    for line in io.lines(trace) do
+      local fsync = line:find("fsync(", 1, true)
+      if fsync and line:find(path .. ".tmp>", 1, true) then seen[#seen + 1] = "fsync tmp"
+      elseif line:find("rename(", 1, true) then seen[#seen + 1] = "rename"
+      elseif fsync and line:find("<" .. dir .. ">", 1, true) then seen[#seen + 1] = "fsync dir"
+      elseif line:find("appended", 1, true) then seen[#seen + 1] = "appended"
+      elseif fsync and line:find("<" .. path .. ">", 1, true) then seen[#seen + 1] = "fsync"
+      end
+    end
+    return seen
+  end
+
   it("every writer of state replaces its file through journal.replace: synced, renamed, its directory synced (strace)", function()
     if not H.ok("command -v strace >/dev/null 2>&1") then return pending("strace is not installed") end
     local dir = H.tmpdir()
@@ -193,16 +212,7 @@ describe("journal, its writes failing", function()
       assert(j:compact({ { a = 1 } }))
       j:close()
     ]]):format(path))
-    local trace = dir .. "/trace"
-    assert.is_true(H.ok(("strace -f -y -e trace=fsync,rename -o %s %s %s 2>/dev/null"):format(trace, H.lua, script)))
-    local seen = {}
-    for line in io.lines(trace) do
-      if line:find("fsync(", 1, true) and line:find(path .. ".tmp>", 1, true) then seen[#seen + 1] = "fsync tmp"
-      elseif line:find("rename(", 1, true) then seen[#seen + 1] = "rename"
-      elseif line:find("fsync(", 1, true) and line:find("<" .. dir .. ">", 1, true) then seen[#seen + 1] = "fsync dir"
-      end
-    end
-    assert.are.same({ "fsync tmp", "rename", "fsync dir" }, seen)
+    assert.are.same({ "fsync tmp", "rename", "fsync dir" }, traced(dir, path, script, "fsync,rename"))
     -- and no other module renames a temp file of its own
     for file in H.sh("cd " .. H.root .. " && ls lbatch/*.lua"):gmatch("[^\n]+") do
       if file ~= "lbatch/journal.lua" then
@@ -225,18 +235,8 @@ describe("journal, its writes failing", function()
       assert(j:sync())
       j:close()
     ]]):format(path))
-    local trace = dir .. "/trace"
-    assert.is_true(H.ok(("strace -f -y -e trace=fsync,rename,write -o %s %s %s 2>/dev/null"):format(trace, H.lua, script)))
-    local seen = {}
-    for line in io.lines(trace) do
-      if line:find("fsync(", 1, true) and line:find(path .. ".tmp>", 1, true) then seen[#seen + 1] = "fsync tmp"
-      elseif line:find("rename(", 1, true) then seen[#seen + 1] = "rename"
-      elseif line:find("fsync(", 1, true) and line:find("<" .. dir .. ">", 1, true) then seen[#seen + 1] = "fsync dir"
-      elseif line:find("appended", 1, true) then seen[#seen + 1] = "appended"
-      elseif line:find("fsync(", 1, true) and line:find("<" .. path .. ">", 1, true) then seen[#seen + 1] = "fsync"
-      end
-    end
-    assert.are.same({ "fsync tmp", "rename", "fsync dir", "appended", "fsync" }, seen)
+    assert.are.same({ "fsync tmp", "rename", "fsync dir", "appended", "fsync" },
+      traced(dir, path, script, "fsync,rename,write"))
     assert.are.equal('{"a":1}\n{"a":2}\n', H.read(path))
   end)
 end)
