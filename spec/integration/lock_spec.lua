@@ -111,14 +111,15 @@ describe("one owner per work directory", function()
   it("a run killed with kill -9 leaves a lock file that does not block the next run", function()
     local input = H.requests(dir .. "/in.jsonl", 60, CHAT)
     local args = ("run %s --dir %s/work --poll 0.05 --max-lines 10"):format(input, dir)
-    -- its status calls held 5 s each: the run is still going when it is
-    -- killed, however fast the rest is
-    H.json("POST", emu.url .. "/_emulator/faults", { json = { method = "GET", path = "^/v1/batches/", delay = 5, times = 1000 } })
+    -- every status call held 20 s, retrieve (/v1/batches/ID) and list
+    -- (/v1/batches?...) alike: the run cannot learn that a batch is done, so
+    -- it is still going when it is killed, however fast the rest is
+    H.json("POST", emu.url .. "/_emulator/faults", { json = { method = "GET", path = "^/v1/batches", delay = 20, times = 1000 } })
     H.sh(("%s >%s/o1 2>&1 &"):format(command(emu, args, dir .. "/p1"), dir))
     local t0 = H.now()
     while (routes(emu)["POST /batches"] or 0) < 1 and H.now() - t0 < 30 do H.sleep(0.02) end
     local pid = tonumber(H.read(dir .. "/p1"))
-    assert.is_true(H.running(pid), "the run had ended before it could be killed")
+    assert.is_true(H.running(pid), "the run had ended before it could be killed:\n" .. (H.read(dir .. "/o1") or ""))
     assert.is_true(H.ok("kill -9 " .. pid))
     H.http("DELETE", emu.url .. "/_emulator/faults")
     H.sleep(0.2)
