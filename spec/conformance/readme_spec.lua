@@ -246,16 +246,21 @@ local function normal(path)
   return table.concat(parts, "/")
 end
 
--- every relative link of a document, outside code: { {target, line}, ... }
+-- every relative link of a document, outside code (fenced, indented, or a code span, which
+-- may run over a line's end): { {target, line}, ... }
 local function links(path)
-  local found, fenced, n = {}, false, 0
+  local prose, fenced = {}, false
   for line in io.lines(H.root .. "/" .. path) do
-    n = n + 1
     if line:find("^```") then fenced = not fenced
-    elseif not fenced and not line:find("^    ") then
-      for target in line:gsub("`[^`]*`", ""):gmatch("%]%(([^)%s]+)%)") do
-        if not target:find("^%a[%w+.-]*:") then found[#found + 1] = { target, n } end
-      end
+    elseif not fenced and not line:find("^    ") then prose[#prose + 1] = line
+    else prose[#prose + 1] = "" end
+  end
+  local text = table.concat(prose, "\n"):gsub("`[^`]*`", function(span) return (span:gsub("[^\n]", "")) end)
+  local found, n = {}, 0
+  for line in (text .. "\n"):gmatch("(.-)\n") do
+    n = n + 1
+    for target in line:gmatch("%]%(([^)%s]+)%)") do
+      if not target:find("^%a[%w+.-]*:") then found[#found + 1] = { target, n } end
     end
   end
   return found
