@@ -219,6 +219,48 @@ lbatch = require "lbatch"; client = lbatch.new{}; batch = assert(client:retrieve
   end
 end)
 
+-- the README's first jobs: { {var = the key's variable its `export` names, cmd = the line}, ... }
+local function first_jobs()
+  local jobs, inside, var = {}, false, nil
+  for line in io.lines(H.root .. "/README.md") do
+    local heading = line:match("^#+ (.-)%s*$")
+    if heading then inside = heading == "A first job" end
+    var = inside and line:match("^    export ([%w_]+)=") or var
+    local cmd = inside and line:match("^    (lbatch .-)%s*$")
+    if cmd then jobs[#jobs + 1] = { var = var, cmd = cmd } end
+  end
+  return jobs
+end
+
+-- each first job as a newcomer runs it: only its key set, on an emulator in its provider's
+-- dialect, examples/questions.csv (seven questions, the last failed by the emulator on purpose)
+describe("the README's first jobs", function()
+  local DIALECT = { DASHSCOPE_API_KEY = "dashscope", OPENAI_API_KEY = "openai" }
+  local jobs = first_jobs()
+
+  it("are one on DashScope and one on OpenAI", function()
+    local vars = {}
+    for _, job in ipairs(jobs) do vars[#vars + 1] = job.var end
+    assert.are.same({ "DASHSCOPE_API_KEY", "OPENAI_API_KEY" }, vars)
+  end)
+
+  for _, job in ipairs(jobs) do
+    it(("runs `%s` with %s alone, every answer in answers.csv"):format(job.cmd, job.var), function()
+      local emu = H.emulator({ speed = 400, rate_limits = false, dialect = DIALECT[job.var] })
+      local dir = H.tmpdir()
+      assert(H.ok(("cp %s/examples/questions.csv %s/"):format(H.q(H.root), H.q(dir))))
+      local cmd = job.cmd:gsub("^lbatch", H.lua .. " " .. H.root .. "/bin/lbatch")
+      local out = H.sh(("cd %s && env -i PATH=%s HOME=%s %s=sk-first LBATCH_BASE_URL=%s LBATCH_POLL_INTERVAL=0.05 %s 2>&1; "
+        .. "echo \"exit=$?\""):format(H.q(dir), os.getenv("PATH"), dir, job.var, emu.base, cmd))
+      emu.stop()
+      assert.matches("exit=0\n$", out)
+      assert.matches("answers.csv: 7 requests, 6 ok, 1 failed, 0 missing", out, 1, true)
+      assert.is_true(H.exists(dir .. "/answers.csv"), out)
+      H.ok("rm -rf " .. H.q(dir))
+    end)
+  end
+end)
+
 -- a heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces as hyphens
 local function anchor(heading)
   return (heading:lower():gsub("[^%w%s%-_]", ""):gsub("%s", "-"))
