@@ -185,9 +185,9 @@ mutate: deps build
 soak: deps build
 	$(BUSTED) LUA_CPATH="./build/5.4/?.so;;" LBATCH_LUA=lua5.4 lua5.4 spec/soak/run.lua
 
-# The API reference from the doc comments (LDoc, config.ld): docs/index.html
+# The API reference from the doc comments (LDoc, config.ld): docs/api/index.html
 docs: deps
-	@ldoc -q . && echo "API reference: docs/index.html"
+	@ldoc -q . && echo "API reference: docs/api/index.html"
 
 clean:
-	rm -rf build docs lbatch/core.so lbatch/core/*.o
+	rm -rf build docs/api lbatch/core.so lbatch/core/*.o

@@ -40,17 +40,17 @@ describe("the API reference", function()
     end
   end)
 
-  it("builds with `make docs` into docs/ #docs", function()
+  it("builds with `make docs` into docs/api/ #docs", function()
     if not H.ok("command -v ldoc >/dev/null") then pending("ldoc (lua-ldoc) is not installed") return end
-    local tree = H.scratch_checkout()   -- (make docs writes docs/ in the tree)
+    local tree = H.scratch_checkout()   -- (make docs writes docs/api/ in the tree)
     local out = H.sh("cd " .. tree .. " && make -s docs 2>&1; echo \"exit=$?\"")
     assert.matches("exit=0", out)
-    local index = H.read(tree .. "/docs/index.html")
+    local index = H.read(tree .. "/docs/api/index.html")
     assert.is_string(index, out)
     for _, mod in ipairs({ "lbatch.client", "lbatch.errors", "lbatch.jsonl", "lbatch.results", "lbatch.pipeline" }) do
       assert.matches(mod, index, 1, true)
     end
-    local client = H.read(tree .. "/docs/classes/lbatch.client.html") or H.read(tree .. "/docs/modules/lbatch.client.html")
+    local client = H.read(tree .. "/docs/api/classes/lbatch.client.html") or H.read(tree .. "/docs/api/modules/lbatch.client.html")
     assert.matches("each_batch", client)
     H.ok("rm -rf " .. tree)
   end)

@@ -1,44 +1,64 @@
--- The README, run. Every ```lua block is taken from README.md itself, so
--- the two cannot drift, and run in a fresh Lua (the suite's: lua5.4 or
--- luajit) with an empty environment but lbatch's paths, a key and the
--- emulator's URL, in a directory holding the files the snippets name. As
--- the README says, snippets after the first go on from it: `client` is a
--- client and `batch` a finished batch. A block right after a line
--- `<!-- fragment: ... -->` needs a host (cqueues, nginx) and is only
--- compiled; the example it names runs it whole (spec/integration/examples_spec.lua).
--- The command lines of "The lbatch command" run the same way, as
+-- The README and the guides, run. Every ```lua block is taken from README.md
+-- and docs/*.md themselves, so the text and the code cannot drift, and run
+-- in a fresh Lua (the suite's: lua5.4 or luajit) with an empty environment
+-- but lbatch's paths, a key and the emulator's URL, in a directory holding
+-- the files the snippets name. As the README says, snippets after its first
+-- go on from it (README.md first, then the guides in the order of their
+-- names): `client` is a client and `batch` a finished batch. A block right
+-- after a line `<!-- fragment: ... -->` needs a host (cqueues, nginx) and is
+-- only compiled; the example it names runs it whole
+-- (spec/integration/examples_spec.lua). The command lines of "The lbatch
+-- command" and "A first job", in any of the files, run the same way, as
 -- `bin/lbatch` from this checkout, once without their [options] and once
--- with them.
+-- with them. Every relative link between the files names a file and an
+-- anchor that exist.
 local H = require "helper"
 local lbatch = require "lbatch"
 
-local README = H.root .. "/README.md"
+-- README.md, then docs/*.md by name: the paths from the checkout's root
+local function documents()
+  local list = { "README.md" }
+  for path in H.sh("cd " .. H.q(H.root) .. " && ls docs/*.md"):gmatch("[^\n]+") do list[#list + 1] = path end
+  return list
+end
+local DOCS = documents()
 
--- { {code, heading, line, fragment}, ... }: the README's Lua blocks
+-- { {code, file, heading, line, fragment}, ... }: the Lua blocks of every document
 local function lua_blocks()
-  local blocks, heading, n, block, fragment = {}, nil, 0, nil, false
-  for line in io.lines(README) do
-    n = n + 1
-    if block then
-      if line == "```" then blocks[#blocks + 1], block = block, nil
-      else block.code = block.code .. line .. "\n" end
-    elseif line == "```lua" then
-      block = { code = "", heading = heading, line = n, fragment = fragment }
-    else
-      if line:find("^#+ ") then heading = line:gsub("^#+ ", "") end
-      if line:find("%S") then fragment = line:find("^<!%-%- fragment") ~= nil end
+  local blocks = {}
+  for _, file in ipairs(DOCS) do
+    local heading, n, block, fragment = nil, 0, nil, false
+    for line in io.lines(H.root .. "/" .. file) do
+      n = n + 1
+      if block then
+        if line == "```" then blocks[#blocks + 1], block = block, nil
+        else block.code = block.code .. line .. "\n" end
+      elseif line == "```lua" then
+        block = { code = "", file = file, heading = heading, line = n, fragment = fragment }
+      else
+        if line:find("^#+ ") then heading = line:gsub("^#+ ", "") end
+        if line:find("%S") then fragment = line:find("^<!%-%- fragment") ~= nil end
+      end
     end
   end
   return blocks
 end
 
--- the indented command lines of a section
-local function command_lines(section)
-  local lines, inside = {}, false
-  for line in io.lines(README) do
-    if line:find("^## ") then inside = line == "## " .. section end
-    local cmd = inside and line:match("^    (lbatch .-)%s*$")
-    if cmd then lines[#lines + 1] = (cmd:gsub("%s+#.*$", "")) end
+-- the indented command lines of the sections named (a heading of any level), in every
+-- document, each line once
+local function command_lines(sections)
+  local lines, seen = {}, {}
+  for _, file in ipairs(DOCS) do
+    local inside = false
+    for line in io.lines(H.root .. "/" .. file) do
+      local heading = line:match("^#+ (.-)%s*$")
+      if heading then inside = sections[heading] == true end
+      local cmd = inside and line:match("^    (lbatch .-)%s*$")
+      if cmd then
+        cmd = cmd:gsub("%s+#.*$", "")
+        if not seen[cmd] then seen[cmd], lines[#lines + 1] = true, cmd end
+      end
+    end
   end
   return lines
 end
@@ -62,7 +82,7 @@ local function luapaths()
   return ("LUA_PATH='%s/?.lua;%s/?/init.lua;;' LUA_CPATH='%s/build/%s/?.so;;'"):format(H.root, H.root, H.root, cdir)
 end
 
-describe("the README", function()
+describe("the README and the guides", function()
   local emu, dir, fixtures, done_id
   local function env()
     local ca = emu.tls and ("SSL_CERT_FILE=" .. emu.tls .. " ") or ""
@@ -124,7 +144,7 @@ describe("the README", function()
   end)
 
   for _, b in ipairs(blocks) do
-    local name = ("README.md:%d (%s)"):format(b.line, b.heading or "?")
+    local name = ("%s:%d (%s)"):format(b.file, b.line, b.heading or "?")
     if b.fragment then
       it("compiles the fragment at " .. name, function()
         local fn, err = (loadstring or load)(b.code, "=" .. name)
@@ -133,8 +153,8 @@ describe("the README", function()
     else
       it("runs the snippet at " .. name, function()
         local here = dir .. "/snippets"                    -- the snippets go on in one directory
-        local path = ("%s/snippet-%d.lua"):format(here, b.line)
-        local prelude = b.line == blocks[1].line and "" or ([[
+        local path = ("%s/snippet-%s-%d.lua"):format(here, (b.file:gsub("[/.]", "-")), b.line)
+        local prelude = b == blocks[1] and "" or ([[
 lbatch = require "lbatch"; client = lbatch.new{}; batch = assert(client:retrieve(%q)) ]]):format(done_id)
         H.write(path, prelude .. b.code)                   -- on one line: the snippet's line numbers hold
         local out = H.sh(("cd %s && %s %s %s %s 2>&1; echo \"exit=$?\""):format(H.q(here), env(), luapaths(), H.lua, path))
@@ -174,7 +194,7 @@ lbatch = require "lbatch"; client = lbatch.new{}; batch = assert(client:retrieve
     return cmd
   end
 
-  local commands = command_lines("The lbatch command")
+  local commands = command_lines({ ["The lbatch command"] = true, ["A first job"] = true })
 
   it("has the command's lines, one for every command", function()
     assert.is_true(#commands >= 13, #commands)
@@ -182,7 +202,7 @@ lbatch = require "lbatch"; client = lbatch.new{}; batch = assert(client:retrieve
     for c in help:gmatch("\n  (%l[%w]+) ") do
       local seen = false
       for _, line in ipairs(commands) do seen = seen or line:find("^lbatch " .. c .. "%f[%s]") ~= nil end
-      assert.is_true(seen, "README has no line for `lbatch " .. c .. "`")
+      assert.is_true(seen, "neither the README nor docs/command.md has a line for `lbatch " .. c .. "`")
     end
   end)
 
@@ -197,4 +217,123 @@ lbatch = require "lbatch"; client = lbatch.new{}; batch = assert(client:retrieve
       end)
     end
   end
+end)
+
+-- the README's first jobs: { {var = the key's variable its `export` names, cmd = the line}, ... }
+local function first_jobs()
+  local jobs, inside, var = {}, false, nil
+  for line in io.lines(H.root .. "/README.md") do
+    local heading = line:match("^#+ (.-)%s*$")
+    if heading then inside = heading == "A first job" end
+    var = inside and line:match("^    export ([%w_]+)=") or var
+    local cmd = inside and line:match("^    (lbatch .-)%s*$")
+    if cmd then jobs[#jobs + 1] = { var = var, cmd = cmd } end
+  end
+  return jobs
+end
+
+-- each first job as a newcomer runs it: only its key set, on an emulator in its provider's
+-- dialect, examples/questions.csv (seven questions, the last failed by the emulator on purpose)
+describe("the README's first jobs", function()
+  local DIALECT = { DASHSCOPE_API_KEY = "dashscope", OPENAI_API_KEY = "openai" }
+  local jobs = first_jobs()
+
+  it("are one on DashScope and one on OpenAI", function()
+    local vars = {}
+    for _, job in ipairs(jobs) do vars[#vars + 1] = job.var end
+    assert.are.same({ "DASHSCOPE_API_KEY", "OPENAI_API_KEY" }, vars)
+  end)
+
+  for _, job in ipairs(jobs) do
+    it(("runs `%s` with %s alone, every answer in answers.csv"):format(job.cmd, job.var), function()
+      local emu = H.emulator({ speed = 400, rate_limits = false, dialect = DIALECT[job.var] })
+      local dir = H.tmpdir()
+      assert(H.ok(("cp %s/examples/questions.csv %s/"):format(H.q(H.root), H.q(dir))))
+      local cmd = job.cmd:gsub("^lbatch", H.lua .. " " .. H.root .. "/bin/lbatch")
+      local out = H.sh(("cd %s && env -i PATH=%s HOME=%s %s=sk-first LBATCH_BASE_URL=%s LBATCH_POLL_INTERVAL=0.05 %s 2>&1; "
+        .. "echo \"exit=$?\""):format(H.q(dir), os.getenv("PATH"), dir, job.var, emu.base, cmd))
+      emu.stop()
+      assert.matches("exit=0\n$", out)
+      assert.matches("answers.csv: 7 requests, 6 ok, 1 failed, 0 missing", out, 1, true)
+      assert.is_true(H.exists(dir .. "/answers.csv"), out)
+      H.ok("rm -rf " .. H.q(dir))
+    end)
+  end
+end)
+
+-- a heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces as hyphens
+local function anchor(heading)
+  return (heading:lower():gsub("[^%w%s%-_]", ""):gsub("%s", "-"))
+end
+
+-- { [path] = {anchor = true, ...} } for a document's headings; nil: no such file
+local function anchors(path)
+  local text = H.read(H.root .. "/" .. path)
+  if not text then return nil end
+  local set, fenced = {}, false
+  for line in (text .. "\n"):gmatch("(.-)\n") do
+    if line:find("^```") then fenced = not fenced end
+    local heading = not fenced and line:match("^#+ (.-)%s*$")
+    if heading then set[anchor(heading)] = true end
+  end
+  return set
+end
+
+-- "dir/../x" -> "x", "./x" -> "x"
+local function normal(path)
+  local parts = {}
+  for part in path:gmatch("[^/]+") do
+    if part == ".." then parts[#parts] = nil elseif part ~= "." then parts[#parts + 1] = part end
+  end
+  return table.concat(parts, "/")
+end
+
+-- every relative link of a document, outside code (fenced, indented, or a code span, which
+-- may run over a line's end): { {target, line}, ... }
+local function links(path)
+  local prose, fenced = {}, false
+  for line in io.lines(H.root .. "/" .. path) do
+    if line:find("^```") then fenced = not fenced
+    elseif not fenced and not line:find("^    ") then prose[#prose + 1] = line
+    else prose[#prose + 1] = "" end
+  end
+  local text = table.concat(prose, "\n"):gsub("`[^`]*`", function(span) return (span:gsub("[^\n]", "")) end)
+  local found, n = {}, 0
+  for line in (text .. "\n"):gmatch("(.-)\n") do
+    n = n + 1
+    for target in line:gmatch("%]%(([^)%s]+)%)") do
+      if not target:find("^%a[%w+.-]*:") then found[#found + 1] = { target, n } end
+    end
+  end
+  return found
+end
+
+describe("the links of the README and the guides", function()
+  it("name a file and an anchor that exist", function()
+    local bad, count = {}, 0
+    for _, doc in ipairs(DOCS) do
+      local dir = doc:match("^(.*)/") or ""
+      for _, l in ipairs(links(doc)) do
+        count = count + 1
+        local file, frag = l[1]:match("^([^#]*)#?(.*)$")
+        local target = file == "" and doc or normal((dir ~= "" and dir .. "/" or "") .. file)
+        local ok = H.exists(H.root .. "/" .. target)
+        if ok and frag ~= "" then
+          local set = anchors(target)
+          ok = set ~= nil and set[frag] == true
+        end
+        if not ok then bad[#bad + 1] = ("%s:%d %s"):format(doc, l[2], l[1]) end
+      end
+    end
+    assert.are.same({}, bad)
+    assert.is_true(count >= 20, "links " .. count)
+  end)
+
+  it("reach every guide from the index, docs/README.md", function()
+    local linked = {}
+    for _, l in ipairs(links("docs/README.md")) do linked[normal("docs/" .. l[1]:gsub("#.*", ""))] = true end
+    for _, doc in ipairs(DOCS) do
+      if doc:find("^docs/") and doc ~= "docs/README.md" then assert.is_true(linked[doc] == true, doc) end
+    end
+  end)
 end)
