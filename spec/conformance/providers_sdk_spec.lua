@@ -14,7 +14,7 @@ local function run(sdk, dialect)
   local dir = H.tmpdir()
   local out = H.sh(("node %s %s %s %s %s 2>&1; echo \"exit=$?\""):format(SCRIPT, sdk, emu.url, KEY, dir))
   emu.stop()
-  H.ok("rm -rf " .. H.q(dir))
+  H.rm_rf(dir)
   return out, tonumber(out:match("exit=(%d+)"))
 end
 

@@ -12,7 +12,7 @@ describe("a CSV row without content", function()
   end)
   teardown(function()
     emu.stop()
-    H.ok("rm -rf " .. H.q(dir))
+    H.rm_rf(dir)
   end)
 
   local function sent()

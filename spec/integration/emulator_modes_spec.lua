@@ -84,7 +84,7 @@ describe("emulator failure modes", function()
   end)
   teardown(function()
     for _, emu in pairs(emus) do emu.stop() end
-    H.ok("rm -rf " .. H.q(dir))
+    H.rm_rf(dir)
   end)
 
   -- every case starts with all off (a failed one may leave some on)
@@ -194,7 +194,7 @@ describe("emulator failure modes", function()
         if not H.running(pid) then break end
         H.sleep(0.05)
       end
-      H.ok("rm -rf " .. H.q(data))
+      H.rm_rf(data)
     end)
     local status, on = H.json("GET", emu.url .. "/_emulator/modes")
     assert.are.equal(200, status)

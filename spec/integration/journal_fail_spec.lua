@@ -48,7 +48,7 @@ describe("a pipeline whose journal cannot be written", function()
   after_each(function()
     emu.stop()
     if unmount then unmount() end
-    H.ok("rm -rf " .. H.q(dir))
+    H.rm_rf(dir)
   end)
 
   -- a run of 6 shards of 10 lines, one at a time, its journal on the small

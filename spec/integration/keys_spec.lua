@@ -71,7 +71,7 @@ describe("a key goes to its own provider", function()
   end)
   teardown(function()
     proxy.stop()
-    H.ok("rm -rf " .. H.q(dir))
+    H.rm_rf(dir)
   end)
 
   local function list(vars)

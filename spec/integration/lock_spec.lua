@@ -63,7 +63,7 @@ describe("one owner per work directory", function()
   end)
   after_each(function()
     emu.stop()
-    H.ok("rm -rf " .. H.q(dir))
+    H.rm_rf(dir)
   end)
 
   it("two lbatch run on one --dir started together: each shard created once, the second stops naming the pid", function()

@@ -58,7 +58,7 @@ describe("lbatch top", function()
     if sock then tmux("kill-server") end
     if c then c:close() end
     if emu then emu.stop() end
-    if dir then H.ok("rm -rf " .. H.q(dir)) end
+    if dir then H.rm_rf(dir) end
   end)
 
   it("shows rows and totals in 80 columns, cancels the selected job with c y, and quits on q", function()

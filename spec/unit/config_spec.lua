@@ -32,7 +32,7 @@ local function in_env(vars, lua_opts, warning)
   for k, v in pairs(vars) do cmd[#cmd + 1] = H.q(k .. "=" .. v) end
   cmd[#cmd + 1] = H.lua .. " " .. H.q(script) .. " 2>&1"
   local out = H.sh(table.concat(cmd, " "))
-  H.ok("rm -rf " .. H.q(dir))
+  H.rm_rf(dir)
   return out
 end
 

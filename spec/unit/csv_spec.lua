@@ -9,7 +9,7 @@ local BOM = "\239\187\191"
 describe("csv", function()
   local dir
   before_each(function() dir = H.tmpdir() end)
-  after_each(function() H.ok("rm -rf " .. H.q(dir)) end)
+  after_each(function() H.rm_rf(dir) end)
 
   local function rows_of(text)
     local path = H.write(dir .. "/in.csv", text)

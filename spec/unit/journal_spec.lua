@@ -12,7 +12,7 @@ end
 describe("journal", function()
   local dir
   before_each(function() dir = H.tmpdir() end)
-  after_each(function() H.ok("rm -rf " .. H.q(dir)) end)
+  after_each(function() H.rm_rf(dir) end)
 
   it("creates a missing journal, appends records in order, and replays them on open", function()
     local path = dir .. "/j.jsonl"
@@ -171,7 +171,7 @@ describe("journal, its writes failing", function()
 
   it("a torn last line is ended before the next append, which is not lost with it", function()
     local dir = H.tmpdir()
-    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    finally(function() H.rm_rf(dir) end)
     local path = H.write(dir .. "/j.jsonl", '{"a":1}\n{"a":2,"pad":"xx')
     local j = assert(journal.open(path))
     assert.is_true(j:append({ a = 3 }))
@@ -204,7 +204,7 @@ describe("journal, its writes failing", function()
   it("every writer of state replaces its file through journal.replace: synced, renamed, its directory synced (strace)", function()
     if not H.ok("command -v strace >/dev/null 2>&1") then return pending("strace is not installed") end
     local dir = H.tmpdir()
-    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    finally(function() H.rm_rf(dir) end)
     local path = dir .. "/j.jsonl"
     local script = H.write(dir .. "/s.lua", ([[
       local journal = require "lbatch.journal"
@@ -224,7 +224,7 @@ describe("journal, its writes failing", function()
   it("durable: a compaction reaches the disk before it returns; sync fsyncs what was appended (strace)", function()
     if not H.ok("command -v strace >/dev/null 2>&1") then return pending("strace is not installed") end
     local dir = H.tmpdir()
-    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    finally(function() H.rm_rf(dir) end)
     local path = dir .. "/j.jsonl"
     local script = H.write(dir .. "/s.lua", ([[
       local journal = require "lbatch.journal"
@@ -244,7 +244,7 @@ end)
 describe("journal, a pipeline's records", function()
   it("one codec: the records of a state replay to that state, and report reads what the pipeline replays", function()
     local dir = H.tmpdir()
-    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    finally(function() H.rm_rf(dir) end)
     local state = { version = 1, run = "r1", phase = "running", fp = "abc",
                     shards = { { step = "done", batch_id = "b1", output = "o1" }, { step = "upload", lines = 3 } } }
     local recs = journal.pipeline_records(state)

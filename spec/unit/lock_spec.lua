@@ -7,7 +7,7 @@ local core = require "lbatch.core"
 describe("lock.acquire", function()
   local dir
   before_each(function() dir = H.tmpdir() end)
-  after_each(function() H.ok("rm -rf " .. H.q(dir)) end)
+  after_each(function() H.rm_rf(dir) end)
 
   it("takes a free directory's lock; a second owner fails at once, naming the holder and how to wait", function()
     local lk = assert(lock.acquire(dir))

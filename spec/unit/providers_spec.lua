@@ -122,7 +122,7 @@ describe("lbatch.new{provider = ...}", function()
     for k, v in pairs(vars) do cmd[#cmd + 1] = H.q(k .. "=" .. v) end
     cmd[#cmd + 1] = H.lua .. " " .. H.q(script) .. " 2>&1"
     local out = H.sh(table.concat(cmd, " "))
-    H.ok("rm -rf " .. H.q(dir))
+    H.rm_rf(dir)
     for name in pairs(vars) do
       local p = name:match("^(%u+)_") and name:lower():match("^(%l+)")
       if p and service.PROVIDERS[p] then
@@ -249,6 +249,6 @@ describe("lbatch validate --provider", function()
     local zhipu = file(2, "/v1/chat/completions")
     out = H.sh(("cd %s && %s bin/lbatch validate --provider zhipu %s 2>&1"):format(H.q(H.root), H.lua, H.q(zhipu)))
     assert.is_truthy(out:find("url_not_found", 1, true), out)
-    H.ok("rm -rf " .. H.q(dir))
+    H.rm_rf(dir)
   end)
 end)
