@@ -77,6 +77,16 @@ local function lines(records)
   return table.concat(t, "\n")
 end
 
+-- Not an API: the kill -9 spec of a compaction (spec/unit/journal_kill_spec)
+-- sets this variable to "N" to have the process SIGKILL itself at the N-th
+-- point of `replace` and `compact` (1 the temp file opened, 2 written, 3
+-- closed, 4 synced, 5 renamed, 6 the directory synced, 7 the journal
+-- reopened). Read once, at load.
+local KILL_AT = tonumber(os.getenv("LBATCH_SPEC_ONLY_KILL_REPLACE_AT") or "")
+local function point(n)
+  if n == KILL_AT then io.stdout:flush() os.execute("kill -9 $PPID") end
+end
+
 --- A file replaced whole or not at all, durably: `fill(fh)` writes a temp
 -- file beside `path` (`tmp`, default `path .. ".tmp"`) and returns a value,
 -- or nil and an error (or raises); the temp file is then closed, synced and
@@ -98,21 +108,27 @@ function M.replace(path, fill, tmp)
     return nil, errors.io("cannot write", path, msg)
   end
   fh:setvbuf("full", 1024 * 1024)
+  point(1)
   local ok, a, b = pcall(fill, fh)
+  point(2)
   local closed, cerr = fh:close()
+  point(3)
   if not ok then os.remove(tmp) error(a, 0) end
   local err = (a == nil and (b or errors.io("cannot write", path)))
     or (not closed and errors.io("cannot write", path, cerr))
   if not err then
     local done, why = synced(tmp)
     err = not done and errors.io("cannot sync", tmp, why)
+    point(4)
   end
   if not err then
     local renamed, why = os.rename(tmp, path)
     err = not renamed and errors.io("cannot rename " .. tmp .. " to", path, why)
+    point(5)
   end
   if err then os.remove(tmp) return nil, err end
   local done, why = synced(dir)
+  point(6)
   if not done then return nil, errors.io("cannot sync", dir, why), true end
   return a, b
 end
@@ -137,6 +153,7 @@ function Journal:compact(records)
   log, msg = io.open(self.path, "ab")
   if not log then return broken(self, errors.io("cannot write", self.path, msg)) end
   self.log, self.appended, self.torn = log, 0, false
+  point(7)
   return true
 end
 
