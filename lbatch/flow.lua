@@ -740,45 +740,44 @@ function Run:flow()
   if failure then throw(failure) end
 end
 
--- Round R's requests through the real-time endpoint, at full price
--- (`finish_realtime`: a few stragglers sent now rather than in another
--- batch). Each answer is journaled (round-R/realtime.jsonl, synced) as it
--- comes, before anything moves on: run again, only the requests without
--- one are sent. A request that failed on the network or with a retryable
--- status (after the client's retries) is not journaled: the run stops
--- with its error, and the next run asks it again.
-function Run:realtime(R)
-  local dir, st, opts, client = self.dir, self.state, self.opts, self.client
-  local rdir = ("%s/round-%d"):format(dir, R)
-  local files = st.rounds[R].files
-  check_asks(R, files)
+-- The max_cost check of round R's real-time requests, at full price.
+function Run:realtime_bound(R, files)
   local left = self:budget(R)
-  if left then
-    local paths = {}
-    for i, f in ipairs(files) do paths[i] = f.path end
-    local t = errors.try(estimate.files(paths, { prices = opts.prices, discount = 1 })).totals
-    local bound = t.input_cost and t.input_cost + (t.output_cost_max or 0)
-    if not bound or bound > left then
-      throw(fail("max_cost", ("round %d's real-time requests may cost %s at full price, past the %.4g left of "
-        .. "max_cost: it was not sent"):format(R, bound and ("%.4g"):format(bound) or "an unknown amount (no "
-        .. "price for a model)", left), { param = "max_cost" }))
-    end
+  if not left then return end
+  local paths = {}
+  for i, f in ipairs(files) do paths[i] = f.path end
+  local t = errors.try(estimate.files(paths, { prices = self.opts.prices, discount = 1 })).totals
+  local bound = t.input_cost and t.input_cost + (t.output_cost_max or 0)
+  if not bound or bound > left then
+    throw(fail("max_cost", ("round %d's real-time requests may cost %s at full price, past the %.4g left of "
+      .. "max_cost: it was not sent"):format(R, bound and ("%.4g"):format(bound) or "an unknown amount (no "
+      .. "price for a model)", left), { param = "max_cost" }))
   end
-  local jpath, got, old = rdir .. "/realtime.jsonl", {}, {}
+end
+
+--- The format of a real-time round's journal (realtime.jsonl's first record).
+M.REALTIME_FORMAT = { format = "lbatch-realtime", version = 1 }
+
+-- A real-time round's journal (the answers paid for survive a crash): the
+-- answers it holds (custom_id -> record), written back compacted under its
+-- format's record (a torn last line goes).
+local function open_realtime(jpath)
+  local got, old = {}, { M.REALTIME_FORMAT }
   local log = errors.try(journal.open(jpath, function(rec)
     rec = normalize(rec)
     if type(rec.custom_id) ~= "string" then return end
     if not got[rec.custom_id] then old[#old + 1] = rec end
     got[rec.custom_id] = rec
-  end, { durable = true }))                               -- the answers paid for survive a crash
-  if #old > 0 then errors.try(log:compact(old)) end      -- a torn last line goes
-  local queue, asks = {}, 0
-  for _, f in ipairs(files) do
-    for line in each_line(f.path) do
-      asks = asks + 1
-      if not got[line.custom_id] then queue[#queue + 1] = line end
-    end
-  end
+  end, { durable = true }))
+  errors.try(log:compact(old))
+  return log, got
+end
+
+-- Each request without an answer, sent (max_in_flight at once); each
+-- answer journaled and synced as it comes. A request that failed on the
+-- network or with a retryable status stops the run with its error.
+function Run:realtime_send(queue, log, jpath, got)
+  local client, opts = self.client, self.opts
   local next_i, failure = 0, nil
   local function worker()
     while not failure do
@@ -815,6 +814,31 @@ function Run:realtime(R)
   end
   log:close()
   if failure then throw(failure) end
+end
+
+-- Round R's requests through the real-time endpoint, at full price
+-- (`finish_realtime`: a few stragglers sent now rather than in another
+-- batch). Each answer is journaled (round-R/realtime.jsonl, synced) as it
+-- comes, before anything moves on: run again, only the requests without
+-- one are sent. A request that failed on the network or with a retryable
+-- status (after the client's retries) is not journaled: the run stops
+-- with its error, and the next run asks it again.
+function Run:realtime(R)
+  local dir, st = self.dir, self.state
+  local rdir = ("%s/round-%d"):format(dir, R)
+  local files = st.rounds[R].files
+  check_asks(R, files)
+  self:realtime_bound(R, files)
+  local jpath = rdir .. "/realtime.jsonl"
+  local log, got = open_realtime(jpath)
+  local queue, asks = {}, 0
+  for _, f in ipairs(files) do
+    for line in each_line(f.path) do
+      asks = asks + 1
+      if not got[line.custom_id] then queue[#queue + 1] = line end
+    end
+  end
+  self:realtime_send(queue, log, jpath, got)
   for g, f in ipairs(files) do
     local path = ("%s/answers-%d.jsonl"):format(rdir, g)
     local fh = create(path)
