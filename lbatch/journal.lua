@@ -201,35 +201,51 @@ end
 
 -- ------------------------------------------------------------ a pipeline's records
 
---- A pipeline's journal holds a header record (`{version = 1, run, phase,
--- ...}`: the run, its phase, what it was asked), then a record per change:
--- a shard's new state (`{k, shard}`) or the run's phase (`{phase}`). The
+--- The format of a pipeline's journal: its header's `format` and `version`.
+-- Version 2 (`{format = "lbatch-pipeline", version = 2, run, phase, ...}`,
+-- a shard's record `{index, shard}`) is written; version 1 (`{version =
+-- 1, run, ...}`, `{k, shard}`) is still read.
+M.PIPELINE_FORMAT, M.PIPELINE_VERSION = "lbatch-pipeline", 2
+
+--- A shard's record in a pipeline's journal: its new state.
+-- @tparam number index the shard's number
+-- @tparam table shard
+-- @treturn table
+function M.shard_record(index, shard) return { index = index, shard = shard } end
+
+--- A pipeline's journal holds a header record (the run, its phase, what
+-- it was asked: see `PIPELINE_FORMAT`), then a record per change: a
+-- shard's new state (`shard_record`) or the run's phase (`{phase}`). The
 -- one reader of those records: a replay for `journal.open`, and a function
--- that returns the state so far (`{shards = {[k] = shard}, ...}` with the
--- header's fields; nil before a header).
+-- that returns the state so far (`{shards = {[index] = shard}, ...}` with
+-- the header's fields, format and version made this version's; nil before
+-- a header).
 -- @treturn function replay
 -- @treturn function state
 function M.pipeline_replay()
   local state
   local function replay(rec)
-    if rec.version == 1 then
+    if rec.format == M.PIPELINE_FORMAT or (rec.format == nil and rec.version == 1) then
       state = {}
       for k, v in pairs(rec) do state[k] = v end
-      state.shards = {}
-    elseif state and rec.k and type(rec.shard) == "table" then state.shards[rec.k] = rec.shard
+      state.format, state.version, state.shards = M.PIPELINE_FORMAT, M.PIPELINE_VERSION, {}
+    elseif state and type(rec.shard) == "table" and (rec.index or rec.k) then
+      state.shards[rec.index or rec.k] = rec.shard
     elseif state and rec.phase then state.phase = rec.phase end
   end
   return replay, function() return state end
 end
 
---- The records of a pipeline's whole state (a compaction's): its header, then a record per shard.
+--- The records of a pipeline's whole state (a compaction's): its header
+-- (this version's format), then a record per shard.
 -- @tparam table state as `pipeline_replay` makes it
 -- @treturn {table,...}
 function M.pipeline_records(state)
   local head = {}
   for k, v in pairs(state) do if k ~= "shards" then head[k] = v end end
+  head.format, head.version = M.PIPELINE_FORMAT, M.PIPELINE_VERSION
   local recs = { head }
-  for k, sh in ipairs(state.shards) do recs[#recs + 1] = { k = k, shard = sh } end
+  for k, sh in ipairs(state.shards) do recs[#recs + 1] = M.shard_record(k, sh) end
   return recs
 end
 

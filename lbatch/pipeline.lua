@@ -597,7 +597,7 @@ function Run:flush()
     local recs, sync = {}, false
     for k, s in ipairs(self.state.shards) do
       if self.dirty[s] then
-        recs[#recs + 1] = { k = k, shard = s }
+        recs[#recs + 1] = journal.shard_record(k, s)
         sync = sync or IN_FLIGHT[s.step] ~= nil
       end
     end

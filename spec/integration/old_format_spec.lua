@@ -61,6 +61,9 @@ describe("a work dir of an older lbatch", function()
     end
     assert.are.equal(30, n)
     for i = 1, 30 do assert.is_true(seen["req-" .. i]) end
+    -- written back in this version's format
+    local head = require("cjson").decode(io.lines(dir .. "/work/journal.jsonl")())
+    assert.are.same({ "lbatch-pipeline", 2 }, { head.format, head.version })
     c:close()
   end)
 
