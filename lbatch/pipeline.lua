@@ -80,7 +80,7 @@ end
 local function write_identity(dir, id)
   local path = run_file(dir)
   return journal.replace(path, function(fh)
-    local ok, werr = fh:write(json.encode({ version = 1, run = id }), "\n")
+    local ok, werr = fh:write(json.encode({ format = "lbatch-run", version = 1, run = id }), "\n")
     if not ok then return nil, errors.io("cannot write", path, werr) end
     return true
   end)

@@ -282,6 +282,10 @@ describe("flow.run", function()
       if flush then
         assert.are.same({ round = 2, shard = 1, status = "out" }, st.shards[1])
       end
+      -- round 1's pipeline: its journal's header and run.json
+      local pdir = dir .. (flush and "/round-1/batches-1" or "/round-1/batches")
+      local head, id = cjson.decode(io.lines(pdir .. "/journal.jsonl")()), cjson.decode(H.read(pdir .. "/run.json"))
+      assert.are.same({ "lbatch-pipeline", 2, "lbatch-run", 1 }, { head.format, head.version, id.format, id.version })
       st.version = 3
       H.write(dir .. "/flow.json", cjson.encode(st))
       local report
