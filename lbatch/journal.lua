@@ -219,13 +219,18 @@ function M.shard_record(index, shard) return { index = index, shard = shard } en
 -- one reader of those records: a replay for `journal.open`, and a function
 -- that returns the state so far (`{shards = {[index] = shard}, ...}` with
 -- the header's fields, format and version made this version's; nil before
--- a header).
+-- a header; nil and an `invalid` error, code `journal_newer`, after the
+-- header of a newer version than this one).
+-- @tparam[opt] string path the journal's, for that error
 -- @treturn function replay
 -- @treturn function state
-function M.pipeline_replay()
-  local state
+function M.pipeline_replay(path)
+  local state, newer
   local function replay(rec)
-    if rec.format == M.PIPELINE_FORMAT or (rec.format == nil and rec.version == 1) then
+    if rec.format == M.PIPELINE_FORMAT and not (tonumber(rec.version) and rec.version <= M.PIPELINE_VERSION) then
+      state, newer = nil, rec.version
+    elseif rec.format == M.PIPELINE_FORMAT or (rec.format == nil and rec.version == 1) then
+      newer = nil
       state = {}
       for k, v in pairs(rec) do state[k] = v end
       state.format, state.version, state.shards = M.PIPELINE_FORMAT, M.PIPELINE_VERSION, {}
@@ -233,7 +238,14 @@ function M.pipeline_replay()
       state.shards[rec.index or rec.k] = rec.shard
     elseif state and rec.phase then state.phase = rec.phase end
   end
-  return replay, function() return state end
+  return replay, function()
+    if newer == nil then return state end
+    local v = tonumber(newer)
+    v = v and v == math.floor(v) and ("%d"):format(v) or tostring(newer)     -- 3, not 3.0 (cjson, Lua 5.3+)
+    return nil, errors.new({ kind = "invalid", code = "journal_newer", path = path, message = ("%s is %s version "
+      .. "%s; this lbatch reads versions 1 to %d: run it with the lbatch that wrote it"):format(path or "the journal",
+      M.PIPELINE_FORMAT, v, M.PIPELINE_VERSION) })
+  end
 end
 
 --- The records of a pipeline's whole state (a compaction's): its header
@@ -252,13 +264,16 @@ end
 --- A pipeline's journal read, not opened for writing (`lbatch report`, `lbatch top`).
 -- @tparam string path
 -- @treturn ?table the state (as `pipeline_replay`'s; nil when it has no header yet), or nil and an `io` error
+-- (or `journal_newer`'s)
 function M.read_pipeline(path)
   local fh, msg = io.open(path, "rb")
   if not fh then return nil, errors.io("cannot read", path, msg) end
-  local replay, state = M.pipeline_replay()
+  local replay, state = M.pipeline_replay(path)
   replay_lines(fh, replay)
   fh:close()
-  return state() or { shards = {} }
+  local st, err = state()
+  if err then return nil, err end
+  return st or { shards = {} }
 end
 
 return M

@@ -43,10 +43,12 @@ end
 -- a header record, then a record per change. A change costs one short
 -- append however many shards there are.
 local function open_journal(path)
-  local replay, state = journal.pipeline_replay()
+  local replay, state = journal.pipeline_replay(path)
   local j, err = journal.open(path, replay, { durable = true })
   if not j then return nil, err end
-  return j, nil, state()
+  local st, serr = state()               -- a newer lbatch's journal is refused
+  if serr then j:close() return nil, serr end
+  return j, nil, st
 end
 
 -- the whole state as records, for a compaction

@@ -38,7 +38,10 @@ local function values(report)
   return v, n
 end
 
-local function routes(emu) return emu.stats().routes or {} end
+local function routes(emu)
+  local r = emu.stats().routes
+  return type(r) == "table" and r or {}
+end
 
 describe("a work dir of an older lbatch", function()
   local emu
@@ -64,6 +67,20 @@ describe("a work dir of an older lbatch", function()
     -- written back in this version's format
     local head = require("cjson").decode(io.lines(dir .. "/work/journal.jsonl")())
     assert.are.same({ "lbatch-pipeline", 2 }, { head.format, head.version })
+    c:close()
+  end)
+
+  it("a pipeline's journal of a newer version is refused, nothing sent", function()
+    local dir = relocated("pipeline")
+    local text = H.read(dir .. "/work/journal.jsonl"):gsub('^{"version":1,', '{"format":"lbatch-pipeline","version":3,')
+    H.write(dir .. "/work/journal.jsonl", text)
+    local c = assert(lbatch.new({ api_key = "k", base_url = emu.base }))
+    local report, err = pipeline.run({ client = c, dir = dir .. "/work", requests = dir .. "/requests.jsonl",
+      max_lines = 10, poll_interval = 0.05 })
+    assert.is_nil(report)
+    assert.are.equal("journal_newer", err.code)
+    assert.matches("journal.jsonl is lbatch-pipeline version 3", err.message, 1, true)
+    assert.is_nil(next(routes(emu)))
     c:close()
   end)
 

@@ -303,4 +303,18 @@ describe("journal, a pipeline's records", function()
     assert.are.same({ "running", 3, "done", "written", "written" }, { old.phase, #old.shards, old.shards[1].step,
       old.shards[2].step, old.shards[3].step })
   end)
+
+  it("refuses a journal of a newer version, by name, in every reader", function()
+    local dir = H.tmpdir()
+    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    local path = H.write(dir .. "/journal.jsonl", '{"format":"lbatch-pipeline","version":3,"run":"r9","phase":"done"}\n'
+      .. '{"index":1,"shard":{"step":"done"}}\n')
+    local want = path .. " is lbatch-pipeline version 3; this lbatch reads versions 1 to 2: run it with the lbatch "
+      .. "that wrote it"
+    for _, read in ipairs({ journal.read_pipeline, function() return require("lbatch.report").journal(dir) end }) do
+      local st, err = read(path)
+      assert.is_nil(st)
+      assert.are.same({ "invalid", "journal_newer", want }, { err.kind, err.code, err.message })
+    end
+  end)
 end)
