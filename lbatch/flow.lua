@@ -46,6 +46,15 @@
 -- Each file of a round is written whole and synced to disk before
 -- flow.json moves on: killed at any moment, `run` on the same `dir`
 -- goes on from the last phase reached and asks nothing twice.
+--
+-- The formats (M.FORMAT, M.VERSION: "lbatch-flow", 2; version 1, the
+-- one-letter names, is still read): flow.json has `format` and `version`
+-- and, with flush, `shards = {{round, shard, status = "out" | "answered",
+-- answered_at}}`; a line of state.jsonl is `{index, key, item, answers =
+-- {[ask] = {hash, record}}, pending = {ask, ...}, pending_hashes = {[ask] =
+-- hash}, pending_shards = {[ask] = "round.shard"}}`, of done.jsonl `{index,
+-- key, ok, value | error}`; realtime.jsonl starts with `{format =
+-- "lbatch-realtime", version = 1}`.
 -- @module lbatch.flow
 local cjson = require "cjson"
 local core = require "lbatch.core"
@@ -118,9 +127,37 @@ local function save_state(dir, st)
   if not ok then throw(err) end
 end
 
+--- The format of a flow's dir (flow.json's `format` and `version`).
+M.FORMAT, M.VERSION = "lbatch-flow", 2
+
 local function fresh()
-  return { version = 1, round = 0, phase = "answered", items = 0, done = 0, failed = 0, tokens = 0, cost = 0,
-           rounds = {} }
+  return { format = M.FORMAT, version = M.VERSION, round = 0, phase = "answered", items = 0, done = 0, failed = 0,
+           tokens = 0, cost = 0, rounds = {} }
+end
+
+-- flow.json as this version writes it: version 1's shards {r, g, s, at}
+-- renamed; a newer version than this one is refused
+local function upgrade(dir, st)
+  if st.version == 1 and st.format == nil then
+    for i, sh in ipairs(st.shards or {}) do
+      st.shards[i] = { round = sh.r, shard = sh.g, status = sh.s, answered_at = sh.at }
+    end
+    st.format, st.version = M.FORMAT, M.VERSION
+  elseif st.format ~= M.FORMAT or st.version ~= M.VERSION then
+    throw(fail("bad_state", ("%s/flow.json is %s version %s; this lbatch reads %s versions 1 and %d: run it "
+      .. "with the lbatch that wrote it"):format(dir, tostring(st.format), tostring(st.version), M.FORMAT,
+      M.VERSION)))
+  end
+  return st
+end
+
+-- a line of state.jsonl as this version writes it (version 1's named i, k, a, p, h, t)
+local function entry_of(rec)
+  if rec.i == nil then return rec end
+  local answers = {}
+  for place, a in pairs(rec.a or {}) do answers[place] = { hash = a.h, record = a.r } end
+  return { index = rec.i, key = rec.k, item = rec.item, answers = answers, pending = rec.p,
+           pending_hashes = rec.h, pending_shards = rec.t }
 end
 
 local function load_state(dir)
@@ -130,7 +167,7 @@ local function load_state(dir)
   fh:close()
   local ok, st = pcall(decode, text)
   if not ok or type(st) ~= "table" then throw(fail("bad_state", dir .. "/flow.json is not a flow's state")) end
-  return normalize(st)
+  return upgrade(dir, normalize(st))
 end
 
 -- ------------------------------------------------------------ items
@@ -240,25 +277,25 @@ local function take(ctx, req)
   ctx.n = ctx.n + 1
   local place = ctx.prefix .. ctx.n
   local h = M.hash(req)
-  local got = entry.a[place]
+  local got = entry.answers[place]
   if got then
-    if got.h == h then return true, got.r end
+    if got.hash == h then return true, got.record end
     if run.on_change ~= "ask_again" then
       run.failure = run.failure or fail("flow_changed", ("item %s: ask %s is not the request journaled at "
         .. "its place (the step changed since it was asked); on_change = \"ask_again\" asks it again")
-        :format(entry.k, place), { custom_id = entry.k .. "#" .. place, param = "on_change" })
+        :format(entry.key, place), { custom_id = entry.key .. "#" .. place, param = "on_change" })
       throw(run.failure)
     end
-    entry.a[place] = nil
+    entry.answers[place] = nil
   end
-  local ok, err = run:write(entry.k .. "#" .. place, req)
+  local ok, err = run:write(entry.key .. "#" .. place, req)
   if not ok then                    -- refused by the rules: answered at once, the same each time
-    return true, { custom_id = entry.k .. "#" .. place, ok = false, error_code = err.code,
+    return true, { custom_id = entry.key .. "#" .. place, ok = false, error_code = err.code,
                    error_message = err.message }
   end
   local out = ctx.out
-  out.p[#out.p + 1], out.h[place] = place, h
-  if run.flush then out.t[place] = run.round .. "." .. run.writer:last_shard() end
+  out.pending[#out.pending + 1], out.hashes[place] = place, h
+  if run.flush then out.shards[place] = run.round .. "." .. run.writer:last_shard() end
   return false
 end
 
@@ -353,9 +390,10 @@ function Run:write(id, req)
 end
 
 -- an item through its step: "done", value | "blocked" | "failed", message;
--- and the asks it wrote out: {p = places in order, h = place -> hash}
+-- and the asks it wrote out: {pending = places in order, hashes = place ->
+-- hash, shards = place -> "round.shard" (flush)}
 function Run:step(entry)
-  local ctx = { run = self, entry = entry, prefix = "", n = 0, out = { p = {}, h = {}, t = {} } }
+  local ctx = { run = self, entry = entry, prefix = "", n = 0, out = { pending = {}, hashes = {}, shards = {} } }
   local how, v = drive(ctx, self.opts.step, entry.item, Ask)
   if self.failure then throw(self.failure) end
   if how == "failed" then
@@ -418,111 +456,149 @@ function Run:count(rec)
   if price then st.cost = st.cost + cost.of(p, c, price, rec.realtime and 1 or self.opts.discount) end
 end
 
--- Round R's pass: every unfinished item runs from the start, answered
--- from the journal (the last round's state and answers); what it asks now
--- is round R's requests.
-function Run:pass(R, snapshot)
-  local dir, st, opts = self.dir, self.state, self.opts
-  self.round = R
-  local rdir = ("%s/round-%d"):format(dir, R)
-  local made, why = core.mkdir(rdir)
-  if not made then throw(errors.io("cannot make", rdir, why)) end
-  self.writer = jsonl.writer({ path = rdir .. "/asks.jsonl", model = opts.model,
-                               limits = opts.limits or (opts.client and opts.client.config.limits),
-                               max_lines = opts.max_lines, max_bytes = opts.max_bytes, endpoint = opts.endpoint })
-  local spath, dpath = rdir .. "/state.jsonl", rdir .. "/done.jsonl"
-  local sfh, dfh = create(spath), create(dpath)
-  local entries, answer
-  if R == 1 then
-    local it, i, key = each_item(opts.items), 0, opts.key
-    entries = function()
-      local item, k = it()
-      if item == nil then return nil end
-      i = i + 1
-      if type(item) == "table" then item = normalize(decode(encode(item))) end   -- as later rounds see it
-      k = key and key(item) or first_key(item) or k
-      if type(k) == "number" then k = k == math.floor(k) and ("%d"):format(k) or tostring(k) end
-      if type(k) ~= "string" or k == "" then
-        throw(fail("no_key", ("item %d has no key (custom_id, id or a first column): give key = function(item)")
-          :format(i)))
-      end
-      return { i = i, k = k, item = item, a = {} }
+-- round 1's entries: the items as later rounds see them, each with its key
+function Run:first_entries()
+  local st, opts = self.state, self.opts
+  local it, i, key = each_item(opts.items), 0, opts.key
+  st.items = 0
+  return function()
+    local item, k = it()
+    if item == nil then return nil end
+    i = i + 1
+    st.items = i
+    if type(item) == "table" then item = normalize(decode(encode(item))) end   -- as later rounds see it
+    k = key and key(item) or first_key(item) or k
+    if type(k) == "number" then k = k == math.floor(k) and ("%d"):format(k) or tostring(k) end
+    if type(k) ~= "string" or k == "" then
+      throw(fail("no_key", ("item %d has no key (custom_id, id or a first column): give key = function(item)")
+        :format(i)))
     end
-    st.items = 0
-  else
-    entries = each_line(("%s/round-%d/state.jsonl"):format(dir, R - 1))
-    answer = snapshot and shard_heads(dir, snapshot) or answer_heads(dir, R - 1, #st.rounds[R - 1].files)
+    return { index = i, key = k, item = item, answers = {} }
   end
-  local pending, done, failed, pause = {}, st.done, st.failed, self.pause
-  local n = 0
-  for entry in entries do
-    n = n + 1
-    if R == 1 then st.items = st.items + 1 end
-    local waiting = {}                         -- asks whose shard is still out (flush)
-    for _, place in ipairs(entry.p or {}) do
-      local rec = answer(entry.k .. "#" .. place, entry.t and entry.t[place])
-      if rec then
-        rec.line = nil
-        self:count(rec)
-        entry.a[place] = { h = entry.h[place], r = rec }
-      else
-        waiting[#waiting + 1] = place
-      end
-    end
-    local how, v, asked
-    if #waiting > 0 then
-      how, asked = "blocked", { p = waiting, h = {}, t = {} }
-      for _, place in ipairs(waiting) do asked.h[place], asked.t[place] = entry.h[place], entry.t[place] end
-    else
-      entry.p, entry.h, entry.t = nil, nil, nil
-      how, v, asked = self:step(entry)
-    end
-    if how == "blocked" then
-      entry.p, entry.h = asked.p, asked.h      -- the asks pending, their answers journaled under h
-      if self.flush then entry.t = asked.t end -- and the shard each went out in, "round.shard"
-      for _, place in ipairs(asked.p) do
-        local top = "ask " .. place:match("^%d+")
-        pending[top] = (pending[top] or 0) + 1
-      end
-      write_line(sfh, spath, entry)
-    else
-      local rec = { i = entry.i, key = entry.k, ok = how == "done" }
-      if rec.ok then rec.value = v else rec.error = v end
-      local okj, line = pcall(encode, rec)
-      if not okj then
-        rec = { i = entry.i, key = entry.k, ok = false,
-                error = "flow: the step's value is not JSON: " .. tostring(line) }
-        line = encode(rec)
-      end
-      if rec.ok then done = done + 1 else failed = failed + 1 end
-      local wok, msg = dfh:write(line, "\n")
-      if not wok then throw(errors.io("cannot write", dpath, msg)) end
-    end
-    if pause and n % 256 == 0 then pause() end
+end
+
+-- the entries of round R's pass and what answers their pending asks
+function Run:pass_entries(R, snapshot)
+  if R == 1 then return self:first_entries() end
+  local dir, st = self.dir, self.state
+  local it = each_line(("%s/round-%d/state.jsonl"):format(dir, R - 1))
+  local entries = function()
+    local rec = it()
+    return rec and entry_of(rec)
   end
-  close_synced(sfh, spath)
-  close_synced(dfh, dpath)
+  return entries, snapshot and shard_heads(dir, snapshot) or answer_heads(dir, R - 1, #st.rounds[R - 1].files)
+end
+
+-- an entry's pending asks answered (journaled in its answers); the ones
+-- whose shard is still out (flush) are left waiting
+function Run:answer(entry, answer)
+  local waiting = {}
+  for _, place in ipairs(entry.pending or {}) do
+    local rec = answer(entry.key .. "#" .. place, entry.pending_shards and entry.pending_shards[place])
+    if rec then
+      rec.line = nil
+      self:count(rec)
+      entry.answers[place] = { hash = entry.pending_hashes[place], record = rec }
+    else
+      waiting[#waiting + 1] = place
+    end
+  end
+  return waiting
+end
+
+-- an entry through its step, unless asks of it are still waiting:
+-- "done", value | "failed", message | "blocked"; and its asks pending
+function Run:advance(entry, answer)
+  local waiting = self:answer(entry, answer)
+  if #waiting > 0 then
+    local asked = { pending = waiting, hashes = {}, shards = {} }
+    for _, place in ipairs(waiting) do
+      asked.hashes[place], asked.shards[place] = entry.pending_hashes[place], entry.pending_shards[place]
+    end
+    return "blocked", nil, asked
+  end
+  entry.pending, entry.pending_hashes, entry.pending_shards = nil, nil, nil
+  return self:step(entry)
+end
+
+-- an entry's line: in state.jsonl while it waits (its asks pending, their
+-- answers journaled under their hashes, with flush the shard each went
+-- out in), else its result in done.jsonl
+function Run:file(entry, f, how, v, asked)
+  if how == "blocked" then
+    entry.pending, entry.pending_hashes = asked.pending, asked.hashes
+    if self.flush then entry.pending_shards = asked.shards end
+    for _, place in ipairs(asked.pending) do
+      local top = "ask " .. place:match("^%d+")
+      f.pending[top] = (f.pending[top] or 0) + 1
+    end
+    write_line(f.sfh, f.spath, entry)
+    return
+  end
+  local rec = { index = entry.index, key = entry.key, ok = how == "done" }
+  if rec.ok then rec.value = v else rec.error = v end
+  local okj, line = pcall(encode, rec)
+  if not okj then
+    rec = { index = entry.index, key = entry.key, ok = false,
+            error = "flow: the step's value is not JSON: " .. tostring(line) }
+    line = encode(rec)
+  end
+  if rec.ok then f.done = f.done + 1 else f.failed = f.failed + 1 end
+  local wok, msg = f.dfh:write(line, "\n")
+  if not wok then throw(errors.io("cannot write", f.dpath, msg)) end
+end
+
+-- round R's pass ended: its files synced, flow.json moved on (with flush:
+-- the snapshot's shards consumed, this pass's shards out, in one save)
+function Run:end_pass(R, rdir, snapshot, f)
+  local st, opts = self.state, self.opts
+  close_synced(f.sfh, f.spath)
+  close_synced(f.dfh, f.dpath)
   local manifest, err = self.writer:close()
   if not manifest then throw(err) end
-  for _, f in ipairs(manifest.files) do sync(f.path) end
+  for _, file in ipairs(manifest.files) do sync(file.path) end
   sync(rdir)
-  st.done, st.failed, st.pending = done, failed, pending
+  st.done, st.failed, st.pending = f.done, f.failed, f.pending
   st.rounds[R] = { asks = manifest.lines, files = manifest.files }
   st.round = R
   if self.flush then
-    -- one save: the snapshot's shards consumed, this pass's shards out
     local shards = {}
     for _, sh in ipairs(st.shards or {}) do
-      if not (snapshot and snapshot[sh.r .. "." .. sh.g]) then shards[#shards + 1] = sh end
+      if not (snapshot and snapshot[sh.round .. "." .. sh.shard]) then shards[#shards + 1] = sh end
     end
-    for g = 1, #manifest.files do shards[#shards + 1] = { r = R, g = g, s = "out" } end
+    for g = 1, #manifest.files do shards[#shards + 1] = { round = R, shard = g, status = "out" } end
     st.shards, st.phase = shards, #shards == 0 and "finished" or "flowing"
   else
     local rt = opts.finish_realtime
     st.phase = manifest.lines == 0 and "finished" or (rt and manifest.lines <= rt) and "realtime" or "send"
   end
-  if not self.dry then save_state(dir, st) end
+  if not self.dry then save_state(self.dir, st) end
   self:progress()
+end
+
+-- Round R's pass: every unfinished item runs from the start, answered
+-- from the journal (the last round's state and answers); what it asks now
+-- is round R's requests.
+function Run:pass(R, snapshot)
+  local st, opts = self.state, self.opts
+  self.round = R
+  local rdir = ("%s/round-%d"):format(self.dir, R)
+  local made, why = core.mkdir(rdir)
+  if not made then throw(errors.io("cannot make", rdir, why)) end
+  self.writer = jsonl.writer({ path = rdir .. "/asks.jsonl", model = opts.model,
+                               limits = opts.limits or (opts.client and opts.client.config.limits),
+                               max_lines = opts.max_lines, max_bytes = opts.max_bytes, endpoint = opts.endpoint })
+  local f = { spath = rdir .. "/state.jsonl", dpath = rdir .. "/done.jsonl", pending = {}, done = st.done,
+              failed = st.failed }
+  f.sfh, f.dfh = create(f.spath), create(f.dpath)
+  local entries, answer = self:pass_entries(R, snapshot)
+  local n, pause = 0, self.pause
+  for entry in entries do
+    n = n + 1
+    self:file(entry, f, self:advance(entry, answer))
+    if pause and n % 256 == 0 then pause() end
+  end
+  self:end_pass(R, rdir, snapshot, f)
 end
 
 -- A pipeline's options for files of round R, its journal in pdir.
@@ -597,7 +673,7 @@ end
 
 -- one shard of round R through its pipeline, its answers on disk
 function Run:send_shard(sh)
-  local st, R, g = self.state, sh.r, sh.g
+  local st, R, g = self.state, sh.round, sh.shard
   local rdir = ("%s/round-%d"):format(self.dir, R)
   check_asks(R, { st.rounds[R].files[g] })
   local po = self:pipeline_options(R, ("%s/batches-%d"):format(rdir, g), { st.rounds[R].files[g] })
@@ -607,7 +683,7 @@ function Run:send_shard(sh)
   self:answers(report.groups[1], ("%s/answers-%d.jsonl"):format(rdir, g))
   sync(rdir)
   st.rounds[R].batches = (st.rounds[R].batches or 0) + #report.shards
-  sh.s, sh.at = "answered", core.now()
+  sh.status, sh.answered_at = "answered", core.now()
   if not self.passing then save_state(self.dir, st) end    -- a pass saves it with its own
 end
 
@@ -615,12 +691,12 @@ end
 function Run:due()
   local flush, now, lines, oldest, out, snapshot = self.opts.flush, core.now(), 0, nil, false, nil
   for _, sh in ipairs(self.state.shards) do
-    if sh.s == "out" then out = true
+    if sh.status == "out" then out = true
     else
       snapshot = snapshot or {}
-      snapshot[sh.r .. "." .. sh.g] = true
-      lines = lines + self.state.rounds[sh.r].files[sh.g].lines
-      oldest = math.min(oldest or sh.at, sh.at)
+      snapshot[sh.round .. "." .. sh.shard] = true
+      lines = lines + self.state.rounds[sh.round].files[sh.shard].lines
+      oldest = math.min(oldest or sh.answered_at, sh.answered_at)
     end
   end
   if snapshot and (not out or (flush.lines and lines >= flush.lines)
@@ -637,8 +713,8 @@ function Run:flow()
   local ok, err = pcall(function()
     while st.phase == "flowing" and not failure do
       for _, sh in ipairs(st.shards) do
-        local tag = sh.r .. "." .. sh.g
-        if sh.s == "out" and not tasks[tag] and running < limit then
+        local tag = sh.round .. "." .. sh.shard
+        if sh.status == "out" and not tasks[tag] and running < limit then
           running = running + 1
           tasks[tag] = client:spawn(function()
             local done, why = pcall(self.send_shard, self, sh)
@@ -664,45 +740,44 @@ function Run:flow()
   if failure then throw(failure) end
 end
 
--- Round R's requests through the real-time endpoint, at full price
--- (`finish_realtime`: a few stragglers sent now rather than in another
--- batch). Each answer is journaled (round-R/realtime.jsonl, synced) as it
--- comes, before anything moves on: run again, only the requests without
--- one are sent. A request that failed on the network or with a retryable
--- status (after the client's retries) is not journaled: the run stops
--- with its error, and the next run asks it again.
-function Run:realtime(R)
-  local dir, st, opts, client = self.dir, self.state, self.opts, self.client
-  local rdir = ("%s/round-%d"):format(dir, R)
-  local files = st.rounds[R].files
-  check_asks(R, files)
+-- The max_cost check of round R's real-time requests, at full price.
+function Run:realtime_bound(R, files)
   local left = self:budget(R)
-  if left then
-    local paths = {}
-    for i, f in ipairs(files) do paths[i] = f.path end
-    local t = errors.try(estimate.files(paths, { prices = opts.prices, discount = 1 })).totals
-    local bound = t.input_cost and t.input_cost + (t.output_cost_max or 0)
-    if not bound or bound > left then
-      throw(fail("max_cost", ("round %d's real-time requests may cost %s at full price, past the %.4g left of "
-        .. "max_cost: it was not sent"):format(R, bound and ("%.4g"):format(bound) or "an unknown amount (no "
-        .. "price for a model)", left), { param = "max_cost" }))
-    end
+  if not left then return end
+  local paths = {}
+  for i, f in ipairs(files) do paths[i] = f.path end
+  local t = errors.try(estimate.files(paths, { prices = self.opts.prices, discount = 1 })).totals
+  local bound = t.input_cost and t.input_cost + (t.output_cost_max or 0)
+  if not bound or bound > left then
+    throw(fail("max_cost", ("round %d's real-time requests may cost %s at full price, past the %.4g left of "
+      .. "max_cost: it was not sent"):format(R, bound and ("%.4g"):format(bound) or "an unknown amount (no "
+      .. "price for a model)", left), { param = "max_cost" }))
   end
-  local jpath, got, old = rdir .. "/realtime.jsonl", {}, {}
+end
+
+--- The format of a real-time round's journal (realtime.jsonl's first record).
+M.REALTIME_FORMAT = { format = "lbatch-realtime", version = 1 }
+
+-- A real-time round's journal (the answers paid for survive a crash): the
+-- answers it holds (custom_id -> record), written back compacted under its
+-- format's record (a torn last line goes).
+local function open_realtime(jpath)
+  local got, old = {}, { M.REALTIME_FORMAT }
   local log = errors.try(journal.open(jpath, function(rec)
     rec = normalize(rec)
     if type(rec.custom_id) ~= "string" then return end
     if not got[rec.custom_id] then old[#old + 1] = rec end
     got[rec.custom_id] = rec
-  end, { durable = true }))                               -- the answers paid for survive a crash
-  if #old > 0 then errors.try(log:compact(old)) end      -- a torn last line goes
-  local queue, asks = {}, 0
-  for _, f in ipairs(files) do
-    for line in each_line(f.path) do
-      asks = asks + 1
-      if not got[line.custom_id] then queue[#queue + 1] = line end
-    end
-  end
+  end, { durable = true }))
+  errors.try(log:compact(old))
+  return log, got
+end
+
+-- Each request without an answer, sent (max_in_flight at once); each
+-- answer journaled and synced as it comes. A request that failed on the
+-- network or with a retryable status stops the run with its error.
+function Run:realtime_send(queue, log, jpath, got)
+  local client, opts = self.client, self.opts
   local next_i, failure = 0, nil
   local function worker()
     while not failure do
@@ -739,6 +814,31 @@ function Run:realtime(R)
   end
   log:close()
   if failure then throw(failure) end
+end
+
+-- Round R's requests through the real-time endpoint, at full price
+-- (`finish_realtime`: a few stragglers sent now rather than in another
+-- batch). Each answer is journaled (round-R/realtime.jsonl, synced) as it
+-- comes, before anything moves on: run again, only the requests without
+-- one are sent. A request that failed on the network or with a retryable
+-- status (after the client's retries) is not journaled: the run stops
+-- with its error, and the next run asks it again.
+function Run:realtime(R)
+  local dir, st = self.dir, self.state
+  local rdir = ("%s/round-%d"):format(dir, R)
+  local files = st.rounds[R].files
+  check_asks(R, files)
+  self:realtime_bound(R, files)
+  local jpath = rdir .. "/realtime.jsonl"
+  local log, got = open_realtime(jpath)
+  local queue, asks = {}, 0
+  for _, f in ipairs(files) do
+    for line in each_line(f.path) do
+      asks = asks + 1
+      if not got[line.custom_id] then queue[#queue + 1] = line end
+    end
+  end
+  self:realtime_send(queue, log, jpath, got)
   for g, f in ipairs(files) do
     local path = ("%s/answers-%d.jsonl"):format(rdir, g)
     local fh = create(path)
@@ -772,6 +872,16 @@ function Run:progress(batches)
        rounds = #st.rounds, tokens = st.tokens, cost = st.cost, batches = batches })
 end
 
+-- the lines of a round's done.jsonl (version 1's `i` read as `index`)
+local function each_done(path)
+  local it = each_line(path)
+  return function()
+    local rec = it()
+    if rec and rec.index == nil then rec.index, rec.i = rec.i, nil end
+    return rec
+  end
+end
+
 -- the rounds' finished items (their iterators' heads) on fh, in the items'
 -- order; the records repaired
 local function merge_heads(fh, path, heads)
@@ -779,12 +889,12 @@ local function merge_heads(fh, path, heads)
   while true do
     local best
     for _, h in ipairs(heads) do
-      if h.rec and (not best or h.rec.i < best.rec.i) then best = h end
+      if h.rec and (not best or h.rec.index < best.rec.index) then best = h end
     end
     if not best then break end
     local rec = best.rec
     best.rec = best.it()
-    rec.i = nil
+    rec.index = nil
     local changed
     rec, changed = results.sanitize(rec)             -- valid UTF-8 whatever the answers held
     if changed then repaired = repaired + 1 end
@@ -799,7 +909,7 @@ function Run:merge()
   local path = dir .. "/results.jsonl"
   local heads = {}
   for R = 1, #st.rounds do
-    local it = each_line(("%s/round-%d/done.jsonl"):format(dir, R))
+    local it = each_done(("%s/round-%d/done.jsonl"):format(dir, R))
     heads[#heads + 1] = { it = it, rec = it() }
   end
   local repaired, err = journal.replace(path, function(fh) return merge_heads(fh, path, heads) end)

@@ -77,6 +77,16 @@ local function lines(records)
   return table.concat(t, "\n")
 end
 
+-- Not an API: the kill -9 spec of a compaction (spec/unit/journal_kill_spec)
+-- sets this variable to "N" to have the process SIGKILL itself at the N-th
+-- point of `replace` and `compact` (1 the temp file opened, 2 written, 3
+-- closed, 4 synced, 5 renamed, 6 the directory synced, 7 the journal
+-- reopened). Read once, at load.
+local KILL_AT = tonumber(os.getenv("LBATCH_SPEC_ONLY_KILL_REPLACE_AT") or "")
+local function point(n)
+  if n == KILL_AT then io.stdout:flush() os.execute("kill -9 $PPID") end
+end
+
 --- A file replaced whole or not at all, durably: `fill(fh)` writes a temp
 -- file beside `path` (`tmp`, default `path .. ".tmp"`) and returns a value,
 -- or nil and an error (or raises); the temp file is then closed, synced and
@@ -98,21 +108,27 @@ function M.replace(path, fill, tmp)
     return nil, errors.io("cannot write", path, msg)
   end
   fh:setvbuf("full", 1024 * 1024)
+  point(1)
   local ok, a, b = pcall(fill, fh)
+  point(2)
   local closed, cerr = fh:close()
+  point(3)
   if not ok then os.remove(tmp) error(a, 0) end
   local err = (a == nil and (b or errors.io("cannot write", path)))
     or (not closed and errors.io("cannot write", path, cerr))
   if not err then
     local done, why = synced(tmp)
     err = not done and errors.io("cannot sync", tmp, why)
+    point(4)
   end
   if not err then
     local renamed, why = os.rename(tmp, path)
     err = not renamed and errors.io("cannot rename " .. tmp .. " to", path, why)
+    point(5)
   end
   if err then os.remove(tmp) return nil, err end
   local done, why = synced(dir)
+  point(6)
   if not done then return nil, errors.io("cannot sync", dir, why), true end
   return a, b
 end
@@ -137,6 +153,7 @@ function Journal:compact(records)
   log, msg = io.open(self.path, "ab")
   if not log then return broken(self, errors.io("cannot write", self.path, msg)) end
   self.log, self.appended, self.torn = log, 0, false
+  point(7)
   return true
 end
 
@@ -184,48 +201,79 @@ end
 
 -- ------------------------------------------------------------ a pipeline's records
 
---- A pipeline's journal holds a header record (`{version = 1, run, phase,
--- ...}`: the run, its phase, what it was asked), then a record per change:
--- a shard's new state (`{k, shard}`) or the run's phase (`{phase}`). The
+--- The format of a pipeline's journal: its header's `format` and `version`.
+-- Version 2 (`{format = "lbatch-pipeline", version = 2, run, phase, ...}`,
+-- a shard's record `{index, shard}`) is written; version 1 (`{version =
+-- 1, run, ...}`, `{k, shard}`) is still read.
+M.PIPELINE_FORMAT, M.PIPELINE_VERSION = "lbatch-pipeline", 2
+
+--- A shard's record in a pipeline's journal: its new state.
+-- @tparam number index the shard's number
+-- @tparam table shard
+-- @treturn table
+function M.shard_record(index, shard) return { index = index, shard = shard } end
+
+--- A pipeline's journal holds a header record (the run, its phase, what
+-- it was asked: see `PIPELINE_FORMAT`), then a record per change: a
+-- shard's new state (`shard_record`) or the run's phase (`{phase}`). The
 -- one reader of those records: a replay for `journal.open`, and a function
--- that returns the state so far (`{shards = {[k] = shard}, ...}` with the
--- header's fields; nil before a header).
+-- that returns the state so far (`{shards = {[index] = shard}, ...}` with
+-- the header's fields, format and version made this version's; nil before
+-- a header; nil and an `invalid` error, code `journal_newer`, after the
+-- header of a newer version than this one).
+-- @tparam[opt] string path the journal's, for that error
 -- @treturn function replay
 -- @treturn function state
-function M.pipeline_replay()
-  local state
+function M.pipeline_replay(path)
+  local state, newer
   local function replay(rec)
-    if rec.version == 1 then
+    if rec.format == M.PIPELINE_FORMAT and not (tonumber(rec.version) and rec.version <= M.PIPELINE_VERSION) then
+      state, newer = nil, rec.version
+    elseif rec.format == M.PIPELINE_FORMAT or (rec.format == nil and rec.version == 1) then
+      newer = nil
       state = {}
       for k, v in pairs(rec) do state[k] = v end
-      state.shards = {}
-    elseif state and rec.k and type(rec.shard) == "table" then state.shards[rec.k] = rec.shard
+      state.format, state.version, state.shards = M.PIPELINE_FORMAT, M.PIPELINE_VERSION, {}
+    elseif state and type(rec.shard) == "table" and (rec.index or rec.k) then
+      state.shards[rec.index or rec.k] = rec.shard
     elseif state and rec.phase then state.phase = rec.phase end
   end
-  return replay, function() return state end
+  return replay, function()
+    if newer == nil then return state end
+    local v = tonumber(newer)
+    v = v and v == math.floor(v) and ("%d"):format(v) or tostring(newer)     -- 3, not 3.0 (cjson, Lua 5.3+)
+    return nil, errors.new({ kind = "invalid", code = "journal_newer", path = path, message = ("%s is %s version "
+      .. "%s; this lbatch reads versions 1 to %d: run it with the lbatch that wrote it"):format(path or "the journal",
+      M.PIPELINE_FORMAT, v, M.PIPELINE_VERSION) })
+  end
 end
 
---- The records of a pipeline's whole state (a compaction's): its header, then a record per shard.
+--- The records of a pipeline's whole state (a compaction's): its header
+-- (this version's format), then a record per shard.
 -- @tparam table state as `pipeline_replay` makes it
 -- @treturn {table,...}
 function M.pipeline_records(state)
   local head = {}
   for k, v in pairs(state) do if k ~= "shards" then head[k] = v end end
+  head.format, head.version = M.PIPELINE_FORMAT, M.PIPELINE_VERSION
   local recs = { head }
-  for k, sh in ipairs(state.shards) do recs[#recs + 1] = { k = k, shard = sh } end
+  for k, sh in ipairs(state.shards) do recs[#recs + 1] = M.shard_record(k, sh) end
   return recs
 end
 
 --- A pipeline's journal read, not opened for writing (`lbatch report`, `lbatch top`).
 -- @tparam string path
 -- @treturn ?table the state (as `pipeline_replay`'s; nil when it has no header yet), or nil and an `io` error
+-- (or `journal_newer`'s)
 function M.read_pipeline(path)
   local fh, msg = io.open(path, "rb")
   if not fh then return nil, errors.io("cannot read", path, msg) end
-  local replay, state = M.pipeline_replay()
+  local replay, state = M.pipeline_replay(path)
   replay_lines(fh, replay)
   fh:close()
-  return state() or { shards = {} }
+  local st, err = state()
+  if err then return nil, err end
+  return st or { shards = {} }
 end
 
 return M

@@ -43,10 +43,12 @@ end
 -- a header record, then a record per change. A change costs one short
 -- append however many shards there are.
 local function open_journal(path)
-  local replay, state = journal.pipeline_replay()
+  local replay, state = journal.pipeline_replay(path)
   local j, err = journal.open(path, replay, { durable = true })
   if not j then return nil, err end
-  return j, nil, state()
+  local st, serr = state()               -- a newer lbatch's journal is refused
+  if serr then j:close() return nil, serr end
+  return j, nil, st
 end
 
 -- the whole state as records, for a compaction
@@ -80,7 +82,7 @@ end
 local function write_identity(dir, id)
   local path = run_file(dir)
   return journal.replace(path, function(fh)
-    local ok, werr = fh:write(json.encode({ version = 1, run = id }), "\n")
+    local ok, werr = fh:write(json.encode({ format = "lbatch-run", version = 1, run = id }), "\n")
     if not ok then return nil, errors.io("cannot write", path, werr) end
     return true
   end)
@@ -597,7 +599,7 @@ function Run:flush()
     local recs, sync = {}, false
     for k, s in ipairs(self.state.shards) do
       if self.dirty[s] then
-        recs[#recs + 1] = { k = k, shard = s }
+        recs[#recs + 1] = journal.shard_record(k, s)
         sync = sync or IN_FLIGHT[s.step] ~= nil
       end
     end

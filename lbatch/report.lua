@@ -22,6 +22,7 @@ function M.journal(dir, opts)
   opts = opts or {}
   local path = opts.journal or (dir .. "/journal.jsonl")
   local st, err = require("lbatch.journal").read_pipeline(path)
+  if not st and err.code == "journal_newer" then return nil, err end
   if not st then
     return nil, errors.new({ kind = "io", code = "no_journal", message = "report: " .. err.message })
   end

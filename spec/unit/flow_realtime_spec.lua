@@ -127,6 +127,11 @@ for _, dialect in ipairs({ "dashscope", "openai" }) do
       local r2 = routes(emu)
       assert.are.equal(1, delta(r1, r2, "POST /chat/completions"))     -- the failed one, nothing else
       assert.are.equal(0, delta(r0, r2, "POST /batches"))
+      -- the journal: its format's record first, then an answer a line, each once
+      local lines = {}
+      for line in io.lines(dir .. "/round-1/realtime.jsonl") do lines[#lines + 1] = cjson.decode(line) end
+      assert.are.same({ format = "lbatch-realtime", version = 1 }, lines[1])
+      assert.are.equal(6, #lines)
       assert.are.same(values(assert(run({ items = items(5), step = simple }))), values(report))
       c:close()
     end)

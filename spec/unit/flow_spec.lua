@@ -250,6 +250,52 @@ describe("flow.run", function()
     assert.are.equal(0, overlapping)
   end)
 
+  -- the keys of each JSON line of a file (a set)
+  local function keys_of(path)
+    local ks = {}
+    for line in io.lines(path) do
+      for k in pairs(cjson.decode(line)) do ks[k] = true end
+    end
+    return ks
+  end
+
+  it("writes its dir in a named, versioned format, and refuses a newer version", function()
+    for _, flush in ipairs({ false, true }) do
+      local dir = H.tmpdir() .. "/work"
+      local _, err = run({ dir = dir, items = items(4), model = "qwen-plus", flush = flush and { lines = 1 } or nil,
+        on_progress = function(p) if p.round == 2 and not p.batches then error("stop") end end,
+        step = function(item, ask)
+          local a = assert(ask{ prompt = item.text })
+          if item.id == "i1" then return a.content end
+          return assert(ask{ prompt = "again: " .. a.content }).content
+        end })
+      assert.matches("stop", tostring(err))
+      local st = cjson.decode(H.read(dir .. "/flow.json"))
+      assert.are.same({ "lbatch-flow", 2 }, { st.format, st.version })
+      assert.are.same({ index = true, key = true, item = true, answers = true, pending = true,
+                        pending_hashes = true, pending_shards = flush or nil }, keys_of(dir .. "/round-2/state.jsonl"))
+      assert.are.same({ index = true, key = true, ok = true, value = true }, keys_of(dir .. "/round-2/done.jsonl"))
+      local entry = cjson.decode(io.lines(dir .. "/round-2/state.jsonl")())
+      local answer = entry.answers["1"]
+      assert.are.same({ hash = "string", record = "table" }, { hash = type(answer.hash), record = type(answer.record) })
+      assert.are.equal(entry.key .. "#1", answer.record.custom_id)
+      if flush then
+        assert.are.same({ round = 2, shard = 1, status = "out" }, st.shards[1])
+      end
+      -- round 1's pipeline: its journal's header and run.json
+      local pdir = dir .. (flush and "/round-1/batches-1" or "/round-1/batches")
+      local head, id = cjson.decode(io.lines(pdir .. "/journal.jsonl")()), cjson.decode(H.read(pdir .. "/run.json"))
+      assert.are.same({ "lbatch-pipeline", 2, "lbatch-run", 1 }, { head.format, head.version, id.format, id.version })
+      st.version = 3
+      H.write(dir .. "/flow.json", cjson.encode(st))
+      local report
+      report, err = run({ dir = dir, items = items(4), model = "qwen-plus", step = function() end })
+      assert.is_nil(report)
+      assert.are.equal("bad_state", err.code)
+      assert.matches("flow.json is lbatch%-flow version 3; this lbatch reads lbatch%-flow versions 1 and 2", err.message)
+    end
+  end)
+
   it("raises when ask is called outside a step", function()
     assert.has_error(function() flow.all({ function() end }) end)
   end)

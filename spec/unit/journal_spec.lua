@@ -1,6 +1,7 @@
 -- lbatch.journal: an append-only journal of JSON records (no server, no nginx).
 local H = require "helper"
 local journal = require "lbatch.journal"
+local cjson = require "cjson"
 
 local function replayed(path)
   local recs = {}
@@ -248,20 +249,22 @@ describe("journal, a pipeline's records", function()
     local state = { version = 1, run = "r1", phase = "running", fp = "abc",
                     shards = { { step = "done", batch_id = "b1", output = "o1" }, { step = "upload", lines = 3 } } }
     local recs = journal.pipeline_records(state)
-    assert.are.same({ version = 1, run = "r1", phase = "running", fp = "abc" }, recs[1])
+    assert.are.same({ format = "lbatch-pipeline", version = 2, run = "r1", phase = "running", fp = "abc" }, recs[1])
+    assert.are.same({ index = 2, shard = state.shards[2] }, recs[3])
     local path = dir .. "/journal.jsonl"
     local j = assert(journal.open(path))
     assert(j:compact(recs))
     -- later changes, a record of another kind, and a torn last line
-    assert(j:append({ k = 2, shard = { step = "created", batch_id = "b2" } }, { phase = "draining" }, { k = 3, shard = "x" }))
+    assert(j:append(journal.shard_record(2, { step = "created", batch_id = "b2" }), { phase = "draining" },
+                    { index = 3, shard = "x" }))
     j:close()
     local fh = assert(io.open(path, "ab"))
-    fh:write('{"k":1,"shard":{"st')
+    fh:write('{"index":1,"shard":{"st')
     fh:close()
     local replay, got = journal.pipeline_replay()
     local k = assert(journal.open(path, replay))
     k:close()
-    local want = { version = 1, run = "r1", phase = "draining", fp = "abc",
+    local want = { format = "lbatch-pipeline", version = 2, run = "r1", phase = "draining", fp = "abc",
                    shards = { { step = "done", batch_id = "b1", output = "o1" }, { step = "created", batch_id = "b2" } } }
     assert.are.same(want, got())
     assert.are.same(want, journal.read_pipeline(path))
@@ -274,6 +277,44 @@ describe("journal, a pipeline's records", function()
       local src = H.read(H.root .. "/lbatch/" .. file)
       assert.is_nil(src:find("rec%.k%f[^%w_]"), file)
       assert.is_nil(src:find("rec%.version"), file)
+    end
+  end)
+
+  it("reads a version 1 journal (header {version = 1}, records {k, shard}) as this version's state", function()
+    local dir = H.tmpdir()
+    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    local path = H.write(dir .. "/journal.jsonl", '{"version":1,"run":"r0","phase":"running"}\n'
+      .. '{"k":1,"shard":{"step":"written"}}\n{"k":2,"shard":{"step":"written"}}\n'
+      .. '{"k":1,"shard":{"step":"done","output":"o1"}}\n{"phase":"done"}\n')
+    local want = { format = "lbatch-pipeline", version = 2, run = "r0", phase = "done",
+                   shards = { { step = "done", output = "o1" }, { step = "written" } } }
+    assert.are.same(want, journal.read_pipeline(path))
+    -- compacted, it is written in this version's format, and reads back the same
+    local replay, got = journal.pipeline_replay()
+    local j = assert(journal.open(path, replay))
+    assert(j:compact(journal.pipeline_records(got())))
+    j:close()
+    local first = cjson.decode(io.lines(path)())
+    assert.are.same({ "lbatch-pipeline", 2 }, { first.format, first.version })
+    assert.is_nil(H.read(path):find('"k":'))
+    assert.are.same(want, journal.read_pipeline(path))
+    -- the fixture an older lbatch wrote (spec/fixtures/old-format/pipeline): one shard downloaded
+    local old = journal.read_pipeline(H.root .. "/spec/fixtures/old-format/pipeline/work/journal.jsonl")
+    assert.are.same({ "running", 3, "done", "written", "written" }, { old.phase, #old.shards, old.shards[1].step,
+      old.shards[2].step, old.shards[3].step })
+  end)
+
+  it("refuses a journal of a newer version, by name, in every reader", function()
+    local dir = H.tmpdir()
+    finally(function() H.ok("rm -rf " .. H.q(dir)) end)
+    local path = H.write(dir .. "/journal.jsonl", '{"format":"lbatch-pipeline","version":3,"run":"r9","phase":"done"}\n'
+      .. '{"index":1,"shard":{"step":"done"}}\n')
+    local want = path .. " is lbatch-pipeline version 3; this lbatch reads versions 1 to 2: run it with the lbatch "
+      .. "that wrote it"
+    for _, read in ipairs({ journal.read_pipeline, function() return require("lbatch.report").journal(dir) end }) do
+      local st, err = read(path)
+      assert.is_nil(st)
+      assert.are.same({ "invalid", "journal_newer", want }, { err.kind, err.code, err.message })
     end
   end)
 end)
