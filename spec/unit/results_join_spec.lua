@@ -112,11 +112,13 @@ describe("the join of results to inputs", function()
   it("matches a plain reference join on random files, whole and in chunks down to one request", function()
     local seed = os.time()
     math.randomseed(seed)
+    -- (a join in chunks of k requests reads the answers once a chunk: its
+    -- cost grows as n * n / k, so the smallest chunks get the smaller files)
     for round = 1, 12 do
-      local n = math.random(1, 400)
+      local n = math.random(1, round % 2 == 0 and 400 or 60)
       local case = make_case(dir, n, math.random, "r" .. round)
       local want, want_orphans = reference(case)
-      for _, max_index in ipairs({ 1, 2, 7, 64, 1000000 }) do
+      for _, max_index in ipairs(n <= 60 and { 1, 2, 7, 64, 1000000 } or { 7, 64, 1000000 }) do
         local r = assert(results.open({ output = case.output, errors = case.errors, inputs = case.inputs,
                                         max_index = max_index }))
         local records, orphans = got(r)
