@@ -70,6 +70,11 @@ build/asan/lbatch/core.so: $(SRC) $(HDR)
 	$(CC) -O1 -g -fsanitize=address -fno-omit-frame-pointer $(WARN) -fPIC -shared \
 	  -I$(LUA_INCDIR) $(CURL_CFLAGS) -o $@ $(SRC) $(CURL_LIBS)
 
+# (for the specs only: spec/tools/unpreload.c)
+build/asan/lbatch_spec_unpreload.so: spec/tools/unpreload.c
+	@mkdir -p $(@D)
+	$(CC) -O1 $(WARN) -fPIC -shared -I$(LUA_INCDIR) -o $@ $<
+
 # Install the Debian packages that are missing (and nothing when none is).
 deps:
 	@missing=$$(for p in $(or $(PACKAGES),$(DEB)); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -101,7 +106,7 @@ demo:
 
 # (the builds and npm's install side by side: -j4)
 test: deps
-	@$(MAKE) -s -j4 build build/asan/lbatch/core.so $(NODE_DIR)/node_modules/.installed
+	@$(MAKE) -s -j4 build build/asan/lbatch/core.so build/asan/lbatch_spec_unpreload.so $(NODE_DIR)/node_modules/.installed
 	@spec/run-all
 
 # The inner loop, a couple of minutes (spec/tools/check): the core with
@@ -121,7 +126,7 @@ test-5.4: deps build
 test-jit: deps build
 	$(BUSTED) LUA_CPATH="./build/jit/?.so;;" LBATCH_LUA=luajit luajit /usr/bin/busted --exclude-tags=conformance $(SPEC)
 
-asan: deps build/asan/lbatch/core.so
+asan: deps build/asan/lbatch/core.so build/asan/lbatch_spec_unpreload.so
 	$(BUSTED) LUA_CPATH="./build/asan/?.so;;" LBATCH_LUA=lua5.4 \
 	  LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=1 \
 	  LSAN_OPTIONS=suppressions=$(CURDIR)/spec/lsan.supp:print_suppressions=0 \

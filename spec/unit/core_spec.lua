@@ -323,7 +323,7 @@ describe("the core's system calls", function()
   end)
 
   it("trap turns SIGTERM into a flag that caught reads", function()
-    local lua = jit and "luajit" or ("lua" .. _VERSION:match("%d+%.%d+"))
+    local lua = require("helper").lua     -- (under AddressSanitizer, with its runtime)
     local code = 'local c = require "lbatch.core"; io.write(tostring((c.caught())), " "); c.trap(); '
       .. 'os.execute("kill -TERM $PPID"); io.write(tostring((c.caught())))'
     local p = assert(io.popen(lua .. " -e '" .. code .. "'"))
@@ -527,7 +527,7 @@ describe("core.lock", function()
   it("is freed by the kernel when its holder is killed with kill -9", function()
     local dir = tmpdir()
     local path = dir .. "/lock"
-    local lua = os.getenv("LBATCH_LUA") or (rawget(_G, "jit") and "luajit" or "lua5.4")
+    local lua = require("helper").lua     -- (under AddressSanitizer, with its runtime)
     local holder = ("%s -e 'local core = require \"lbatch.core\"; local lk = assert(core.lock(%q)); core.sleep(60)'"
       .. " >/dev/null 2>&1 & echo $!"):format(lua, path)
     local p = io.popen(holder)
