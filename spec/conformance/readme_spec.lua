@@ -250,8 +250,10 @@ describe("the README's first jobs", function()
       local dir = H.tmpdir()
       assert(H.ok(("cp %s/examples/questions.csv %s/"):format(H.q(H.root), H.q(dir))))
       local cmd = job.cmd:gsub("^lbatch", H.lua .. " " .. H.root .. "/bin/lbatch")
-      local out = H.sh(("cd %s && env -i PATH=%s HOME=%s %s=sk-first LBATCH_BASE_URL=%s LBATCH_POLL_INTERVAL=0.05 %s 2>&1; "
-        .. "echo \"exit=$?\""):format(H.q(dir), os.getenv("PATH"), dir, job.var, emu.base, cmd))
+      -- (the TLS pass's CA kept: the emulator serves HTTPS there)
+      local ca = emu.tls and ("SSL_CERT_FILE=" .. H.q(os.getenv("SSL_CERT_FILE") or emu.tls) .. " ") or ""
+      local out = H.sh(("cd %s && env -i PATH=%s HOME=%s %s%s=sk-first LBATCH_BASE_URL=%s LBATCH_POLL_INTERVAL=0.05 %s 2>&1; "
+        .. "echo \"exit=$?\""):format(H.q(dir), os.getenv("PATH"), dir, ca, job.var, emu.base, cmd))
       emu.stop()
       assert.matches("exit=0\n$", out)
       assert.matches("answers.csv: 7 requests, 6 ok, 1 failed, 0 missing", out, 1, true)
