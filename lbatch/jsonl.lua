@@ -155,8 +155,10 @@ function Writer:_arm(route, f, model, url, thinking)
   if route.max_inputs or route.late or type(model) ~= "string" then return end
   local name, nonempty = field_of(url)
   local default = self.endpoint or (model == TEST_MODEL and TEST_URL) or self.chat_url
-  enc_arm(self.enc, model, url, thinking, self.defaults[model] == thinking, default == url, name, nonempty,
-    f.fh, f.seen, f.tag, f.lines, f.bytes, f.max_lines, f.max_bytes, self.max_line)
+  enc_arm(self.enc, { model = model, url = url, thinking = thinking, nil_ok = self.defaults[model] == thinking,
+                      default_url = default == url, field = name, nonempty = nonempty, fh = f.fh, seen = f.seen,
+                      tag = f.tag, lines = f.lines, bytes = f.bytes, max_lines = f.max_lines,
+                      max_bytes = f.max_bytes, max_line = self.max_line })
   self.armed = f
 end
 
