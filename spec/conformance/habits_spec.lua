@@ -79,6 +79,8 @@ describe("habits", function()
     local function lua(n) return "local x = 0\nlocal function long_one()\n" .. body(n - 2) .. "end\nreturn long_one\n" end
     -- a C function of N lines from its "{" to its "}"
     local function c(n) return "static int x;\nstatic int\nlong_one(int a,\n         int b) {\n" .. body(n - 2) .. "}\n" end
+    -- the same with its "{" alone at column 0
+    local function c0(n) return "static int\nlong_one(int a)\n{\n" .. body(n - 2) .. "}\n" end
     local function run(name, text)
       H.write(dir .. "/" .. name, text)
       return H.sh("cd " .. H.q(dir) .. " && " .. H.q(H.root .. "/spec/tools/fnlen") .. " " .. name .. "; echo rc=$?")
@@ -87,5 +89,7 @@ describe("habits", function()
     assert.are.equal(name_line("long.c:3 long_one 81 lines"), run("long.c", c(81)))
     assert.are.equal("rc=0\n", run("ok.lua", lua(80)))
     assert.are.equal("rc=0\n", run("ok.c", c(80)))
+    assert.are.equal(name_line("long0.c:2 long_one 81 lines"), run("long0.c", c0(81)))
+    assert.are.equal("rc=0\n", run("ok0.c", c0(80)))
   end)
 end)
