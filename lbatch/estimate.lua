@@ -125,6 +125,90 @@ M.METHOD = "input tokens are approximate: 1 per CJK character, 1 per 4 other cha
   .. "(rounded up per model); output tokens are at most the sum of max_tokens (or max_completion_tokens, "
   .. "max_output_tokens)"
 
+-- one request counted into its model's entry of `models`
+local function count_request(models, req, body)
+  local model = type(body.model) == "string" and body.model or "(default)"
+  local url = type(req.url) == "string" and req.url or "(none)"
+  local m = models[model]
+  if not m then
+    m = { requests = 0, endpoints = {}, cjk_chars = 0, other_chars = 0, output_tokens_max = 0,
+          with_max_tokens = 0 }
+    models[model] = m
+  end
+  m.requests = m.requests + 1
+  m.endpoints[url] = (m.endpoints[url] or 0) + 1
+  count_body(m, body)
+  if NO_OUTPUT[url] then
+    m.with_max_tokens = m.with_max_tokens + 1
+  else
+    for _, k in ipairs(MAX_OUTPUT) do
+      local v = body[k]
+      if type(v) == "number" and v >= 0 then
+        m.output_tokens_max = m.output_tokens_max + math.floor(v)
+        m.with_max_tokens = m.with_max_tokens + 1
+        break
+      end
+    end
+  end
+end
+
+-- one file's requests counted into `models`: its entry {path, lines,
+-- requests, skipped}, or nil and an io error
+local function count_file(path, models, max_line)
+  local fh, msg = io.open(path, "rb")
+  if not fh then return nil, errors.io("cannot read", path, msg) end
+  local f = { path = path, lines = 0, requests = 0, skipped = 0 }
+  local ok, rerr = pcall(function()
+    for n, text in rules.lines(fh, max_line) do
+      f.lines = n
+      local req = text and find(text, "%S") and safe_decode(text)
+      local body = type(req) == "table" and req.body
+      if type(body) ~= "table" then
+        if not text or find(text, "%S") then f.skipped = f.skipped + 1 end   -- not a request
+      else
+        count_request(models, req, body)
+        f.requests = f.requests + 1
+      end
+    end
+  end)
+  fh:close()
+  if not ok then return nil, errors.io("cannot read", path, rerr) end
+  return f
+end
+
+-- each model's tokens and costs, and the totals (costs nil when unknown)
+local function price_models(models, prices, discount)
+  local totals = { input_tokens = 0, output_tokens_max = 0, input_cost = prices and 0 or nil,
+                   output_cost_max = prices and 0 or nil }
+  local unpriced, all_known = {}, true
+  for model, m in pairs(models) do
+    m.input_tokens = m.cjk_chars + math.ceil(m.other_chars / 4)
+    m.output_known = m.with_max_tokens == m.requests
+    totals.input_tokens = totals.input_tokens + m.input_tokens
+    totals.output_tokens_max = totals.output_tokens_max + m.output_tokens_max
+    all_known = all_known and m.output_known
+    local p = prices and prices[model]
+    if prices and not p then unpriced[#unpriced + 1] = model end
+    if p then
+      m.price = { input = type(p.input) == "number" and p.input or nil,
+                  output = type(p.output) == "number" and p.output or nil }
+      if m.price.input then m.input_cost = cost.of(m.input_tokens, 0, m.price, discount) end
+      if m.output_known and (m.price.output or m.output_tokens_max == 0) then
+        m.output_cost_max = cost.of(0, m.output_tokens_max, m.price, discount)
+      end
+      totals.input_cost = m.input_cost and totals.input_cost and totals.input_cost + m.input_cost or nil
+      totals.output_cost_max = m.output_cost_max and totals.output_cost_max
+        and totals.output_cost_max + m.output_cost_max or nil
+    end
+  end
+  if not all_known then totals.output_tokens_max = nil end
+  if #unpriced > 0 then
+    table.sort(unpriced)
+    totals.unpriced, totals.input_cost, totals.output_cost_max = unpriced, nil, nil
+  end
+  return totals
+end
+
 --- Estimate request files before they are sent: requests per model and
 -- endpoint, approximate input tokens, the most output tokens the requests
 -- allow, and their cost at batch prices. Files are read line by line,
@@ -164,81 +248,14 @@ function M.files(paths, opts)
   for _, p in pairs(service.PROFILES) do max_line = math.max(max_line, p.max_line_bytes) end
   local rep = { files = {}, lines = 0, requests = 0, skipped = 0, models = {}, discount = discount,
                 priced = prices ~= nil, method = M.METHOD }
-  local models, decode = rep.models, safe_decode
   for i, path in ipairs(paths) do
     errors.check("estimate.files", "paths[" .. i .. "]", path, "string")
-    local fh, msg = io.open(path, "rb")
-    if not fh then return nil, errors.io("cannot read", path, msg) end
-    local f = { path = path, lines = 0, requests = 0, skipped = 0 }
-    local ok, rerr = pcall(function()
-      for n, text in rules.lines(fh, max_line) do
-        f.lines = n
-        local req = text and find(text, "%S") and decode(text)
-        local body = type(req) == "table" and req.body
-        if type(body) ~= "table" then
-          if not text or find(text, "%S") then f.skipped = f.skipped + 1 end   -- not a request
-        else
-          local model = type(body.model) == "string" and body.model or "(default)"
-          local url = type(req.url) == "string" and req.url or "(none)"
-          local m = models[model]
-          if not m then
-            m = { requests = 0, endpoints = {}, cjk_chars = 0, other_chars = 0, output_tokens_max = 0,
-                  with_max_tokens = 0 }
-            models[model] = m
-          end
-          m.requests = m.requests + 1
-          m.endpoints[url] = (m.endpoints[url] or 0) + 1
-          count_body(m, body)
-          if NO_OUTPUT[url] then
-            m.with_max_tokens = m.with_max_tokens + 1
-          else
-            for _, k in ipairs(MAX_OUTPUT) do
-              local v = body[k]
-              if type(v) == "number" and v >= 0 then
-                m.output_tokens_max = m.output_tokens_max + math.floor(v)
-                m.with_max_tokens = m.with_max_tokens + 1
-                break
-              end
-            end
-          end
-          f.requests = f.requests + 1
-        end
-      end
-    end)
-    fh:close()
-    if not ok then return nil, errors.io("cannot read", path, rerr) end
+    local f, err = count_file(path, rep.models, max_line)
+    if not f then return nil, err end
     rep.files[i] = f
     rep.lines, rep.requests, rep.skipped = rep.lines + f.lines, rep.requests + f.requests, rep.skipped + f.skipped
   end
-  local totals = { input_tokens = 0, output_tokens_max = 0, input_cost = prices and 0 or nil,
-                   output_cost_max = prices and 0 or nil }
-  local unpriced, all_known = {}, true
-  for model, m in pairs(models) do
-    m.input_tokens = m.cjk_chars + math.ceil(m.other_chars / 4)
-    m.output_known = m.with_max_tokens == m.requests
-    totals.input_tokens = totals.input_tokens + m.input_tokens
-    totals.output_tokens_max = totals.output_tokens_max + m.output_tokens_max
-    all_known = all_known and m.output_known
-    local p = prices and prices[model]
-    if prices and not p then unpriced[#unpriced + 1] = model end
-    if p then
-      m.price = { input = type(p.input) == "number" and p.input or nil,
-                  output = type(p.output) == "number" and p.output or nil }
-      if m.price.input then m.input_cost = cost.of(m.input_tokens, 0, m.price, discount) end
-      if m.output_known and (m.price.output or m.output_tokens_max == 0) then
-        m.output_cost_max = cost.of(0, m.output_tokens_max, m.price, discount)
-      end
-      totals.input_cost = m.input_cost and totals.input_cost and totals.input_cost + m.input_cost or nil
-      totals.output_cost_max = m.output_cost_max and totals.output_cost_max
-        and totals.output_cost_max + m.output_cost_max or nil
-    end
-  end
-  if not all_known then totals.output_tokens_max = nil end
-  if #unpriced > 0 then
-    table.sort(unpriced)
-    totals.unpriced, totals.input_cost, totals.output_cost_max = unpriced, nil, nil
-  end
-  rep.totals = totals
+  rep.totals = price_models(rep.models, prices, discount)
   return rep
 end
 

@@ -155,8 +155,10 @@ function Writer:_arm(route, f, model, url, thinking)
   if route.max_inputs or route.late or type(model) ~= "string" then return end
   local name, nonempty = field_of(url)
   local default = self.endpoint or (model == TEST_MODEL and TEST_URL) or self.chat_url
-  enc_arm(self.enc, model, url, thinking, self.defaults[model] == thinking, default == url, name, nonempty,
-    f.fh, f.seen, f.tag, f.lines, f.bytes, f.max_lines, f.max_bytes, self.max_line)
+  enc_arm(self.enc, { model = model, url = url, thinking = thinking, nil_ok = self.defaults[model] == thinking,
+                      default_url = default == url, field = name, nonempty = nonempty, fh = f.fh, seen = f.seen,
+                      tag = f.tag, lines = f.lines, bytes = f.bytes, max_lines = f.max_lines,
+                      max_bytes = f.max_bytes, max_line = self.max_line })
   self.armed = f
 end
 
@@ -206,6 +208,37 @@ function Writer:_refuse(id, body, url, done, err)
   return nil, err
 end
 
+-- the request's thinking mode: its enable_thinking, else the model's
+-- default (service.thinking, its answer by model kept here)
+function Writer:_thinking(body, model)
+  local thinking = body.enable_thinking
+  if thinking ~= true and thinking ~= false then
+    thinking = self.defaults[model]
+    if thinking == nil then
+      thinking = thinking_of(body)
+      if type(model) == "string" then self.defaults[model] = thinking end
+    end
+  end
+  return thinking
+end
+
+-- the route's file `f` full (or none yet): it is closed and the next one
+-- started, once the line of `size` bytes is known to fit a file and its
+-- id not to be in the closed ones; the new file, or nil and an error
+function Writer:_next_file(route, f, id, size)
+  if f then
+    local ok, err = close_file(f, self.seen)
+    if not ok then return nil, err end
+  end
+  local v = self.seen and self.seen:get(id)
+  if v then return nil, self:_duplicate(id, v, nil) end
+  local code, message
+  if route.test then code, message = R.test_bytes(size) end
+  if not code then code, message = R.file_size(size, self.max_bytes) end
+  if code then return nil, invalid(id, code, message) end
+  return self:_start(route)
+end
+
 -- Check and write one request: `raw` is the whole line (line, whose own
 -- rules R.raw has checked); else the C encoder makes the line, checks it
 -- and, when the file has room, writes it in one call (enc:put), and what
@@ -216,14 +249,7 @@ function Writer:_put(id, body, url, raw)
   local model = body.model
   local encoded, eid, size, code, message, param
   if raw then size = #raw + 1 end
-  local thinking = body.enable_thinking    -- service.thinking, its answer by model kept here
-  if thinking ~= true and thinking ~= false then
-    thinking = self.defaults[model]
-    if thinking == nil then
-      thinking = thinking_of(body)
-      if type(model) == "string" then self.defaults[model] = thinking end
-    end
-  end
+  local thinking = self:_thinking(body, model)
   local route = self.last_route
   if model ~= self.last_model or url ~= self.last_url or thinking ~= self.last_thinking or not route then
     local err
@@ -263,17 +289,8 @@ function Writer:_put(id, body, url, raw)
     end
   end
   if full or f.bytes + size > f.max_bytes then
-    if f then
-      local ok, err = close_file(f, self.seen)
-      if not ok then return nil, err end
-    end
-    local v = self.seen and self.seen:get(id)
-    if v then return nil, self:_duplicate(id, v, nil) end
-    if route.test then code, message = R.test_bytes(size) end
-    if not code then code, message = R.file_size(size, self.max_bytes) end
-    if code then return nil, invalid(id, code, message) end
     local err
-    f, err = self:_start(route)
+    f, err = self:_next_file(route, f, id, size)
     if not f then return nil, err end
   end
   local ok

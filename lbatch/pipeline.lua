@@ -1191,9 +1191,10 @@ function M.run(opts)
   return lk:release(run_locked(opts, client))
 end
 
--- the run, its directory locked
-function run_locked(opts, client)
-  local path = opts.journal or (opts.dir .. "/journal.jsonl")
+-- the run's journal opened and its state brought up to this run's input and
+-- options (a first run shards, a rerun compares): log, state, change,
+-- was_done; or nil and an error
+local function open_state(opts, client, path)
   local log, jerr, state = open_journal(path)
   if not log then return nil, jerr end
   local ierr = check_identity(opts, path, state)
@@ -1216,6 +1217,12 @@ function run_locked(opts, client)
   local known = ok and read_identity(opts.dir)      -- (a fresh run after another: its own id)
   if ok and (not known or known.run ~= state.run) then ok, cerr = write_identity(opts.dir, state.run) end
   if not ok then log:close() return nil, cerr end
+  return log, state, change, was_done
+end
+
+-- room on the disk for the answers still to come (what a killed run's
+-- downloads left removed first): true, or nil and an error
+local function make_room(opts, client, state)
   local pending, parts = 0, {}           -- the requests whose answers are still to come
   for i, s in ipairs(state.shards) do
     if s.step ~= "downloaded" and s.step ~= "done" then pending = pending + size_of(s.path) end
@@ -1223,8 +1230,40 @@ function run_locked(opts, client)
     if not parts[d] then parts[d] = true core.remove_parts(d) end   -- what a killed run's downloads left
     if i % 16 == 0 then client:pause() end      -- a host's frame stays short
   end
-  ok, cerr = room(opts, opts.dir, pending, 0)
-  if not ok then log:close() return nil, cerr end
+  return room(opts, opts.dir, pending, 0)
+end
+
+-- the cost cap, before anything is uploaded: every shard's bound (input
+-- tokens and max_tokens at the prices), what was created counted as spent;
+-- true, or nil and an error
+local function check_cost(run, opts, state)
+  if not opts.max_cost or state.phase == "done" then return true end
+  local total = 0
+  run.charged = {}
+  local okc, cerr = pcall(function()
+    for i, s in ipairs(state.shards) do
+      run:estimate(s)
+      total = total + s.cost_max
+      if s.batch_id or s.step == "creating" then
+        run.committed, run.charged[s] = run.committed + s.cost_max, true
+      end
+      if i % 16 == 0 then run.client:pause() end
+    end
+  end)
+  if not okc then return nil, as_error(cerr) end
+  if total > opts.max_cost then
+    return nil, errors.new({ kind = "invalid", code = "max_cost", param = "max_cost", message = ("pipeline: "
+      .. "the run may cost up to %.4g (input tokens and max_tokens at the prices), past max_cost %.4g; "
+      .. "nothing was sent"):format(total, opts.max_cost) })
+  end
+  return true
+end
+
+-- the Run of this state, its shards numbered and the cost cap checked; or
+-- nil and an error
+local function new_run(opts, client, path, state, log)
+  local ok, err = make_room(opts, client, state)
+  if not ok then return nil, err end
   local run = setmetatable({ client = client, opts = opts, journal = path, state = state,
                              queue = {}, started = os.time(), dirty = {}, log = log,
                              quota = opts.quota or quota.new({ tokens = opts.max_enqueued_tokens,
@@ -1233,74 +1272,54 @@ function run_locked(opts, client)
                              quota_poll = opts.quota_poll or 0.2, dialect = client.dialect }, Run)
   for i, s in ipairs(state.shards) do s.k = s.k or i end
   client:pause()
-  -- the cost cap, before anything is uploaded: every shard's bound (input
-  -- tokens and max_tokens at the prices), what was created counted as spent
-  if opts.max_cost and state.phase ~= "done" then
-    local total = 0
-    run.charged = {}
-    local okc, cerr2 = pcall(function()
-      for i, s in ipairs(state.shards) do
-        run:estimate(s)
-        total = total + s.cost_max
-        if s.batch_id or s.step == "creating" then
-          run.committed, run.charged[s] = run.committed + s.cost_max, true
-        end
-        if i % 16 == 0 then client:pause() end
-      end
-    end)
-    if not okc then log:close() return nil, as_error(cerr2) end
-    if total > opts.max_cost then
-      log:close()
-      return nil, errors.new({ kind = "invalid", code = "max_cost", param = "max_cost", message = ("pipeline: "
-        .. "the run may cost up to %.4g (input tokens and max_tokens at the prices), past max_cost %.4g; "
-        .. "nothing was sent"):format(total, opts.max_cost) })
-    end
-  end
-  local unhook = client:at_turn_end(function() run:flush() end)
-  for _, s in ipairs(state.shards) do
+  ok, err = check_cost(run, opts, state)
+  if not ok then return nil, err end
+  return run
+end
+
+-- every shard not done, by max_in_flight workers (a worker takes the next
+-- shard; idle, it waits while a shard in progress may still add a
+-- resubmitted one), then the phase "done" journaled: true, or nil and an error
+local function submit_all(run)
+  local client, failure, busy = run.client, nil, 0
+  for _, s in ipairs(run.state.shards) do
     if s.step ~= "done" then run.queue[#run.queue + 1] = s end
   end
-  if state.phase ~= "done" then
-    local failure, busy = nil, 0
-    -- a worker takes the next shard; idle, it waits while a shard in
-    -- progress may still add a resubmitted one
-    local function worker()
-      while not failure and not run.tripped do
-        local s = table.remove(run.queue, 1)
-        if s then
-          busy = busy + 1
-          local done, err = pcall(run.process, run, s)
-          busy = busy - 1
-          if not done then failure = failure or as_error(err) end
-        elseif busy == 0 then
-          return
-        else
-          client:sleep(0.05)
-        end
+  local function worker()
+    while not failure and not run.tripped do
+      local s = table.remove(run.queue, 1)
+      if s then
+        busy = busy + 1
+        local done, err = pcall(run.process, run, s)
+        busy = busy - 1
+        if not done then failure = failure or as_error(err) end
+      elseif busy == 0 then
+        return
+      else
+        client:sleep(0.05)
       end
     end
-    local workers = run.workers
-    for i = 1, math.max(1, opts.max_in_flight or 8) do
-      workers[i] = client:spawn(worker)
-      client:pause()
-    end
-    for _, w in ipairs(workers) do
-      local _, err = w:join()
-      if err then failure = failure or err end
-    end
-    run:flush()
-    failure = run.tripped or failure or run.failure
-    if failure then unhook() log:close() return nil, failure end
-    state.phase = "done"
-    local done, err = log:append({ phase = "done" })
-    if not done then unhook() log:close() return nil, err end
   end
-  unhook()
-  log:close()
-  client:pause()
-  -- each first-round shard is joined with its own answers and those of its
-  -- resubmissions, so the merge holds one shard's index at a time,
-  -- whatever the total (a rerun: its input with the answers sent and kept)
+  local workers = run.workers
+  for i = 1, math.max(1, run.opts.max_in_flight or 8) do
+    workers[i] = client:spawn(worker)
+    client:pause()
+  end
+  for _, w in ipairs(workers) do
+    local _, err = w:join()
+    if err then failure = failure or err end
+  end
+  run:flush()
+  failure = run.tripped or failure or run.failure
+  if failure then return nil, failure end
+  run.state.phase = "done"
+  return run.log:append({ phase = "done" })
+end
+
+-- the report: each first-round shard is joined with its own answers and
+-- those of its resubmissions, so the merge holds one shard's index at a
+-- time, whatever the total (a rerun: its input with the answers sent and kept)
+local function collect(client, path, state, change, was_done)
   local outputs, errs, groups = {}, {}, groups_of(state)
   for _, s in ipairs(state.shards) do
     if s.output then outputs[#outputs + 1] = s.output end
@@ -1312,6 +1331,24 @@ function run_locked(opts, client)
                    results = reader, client = client, groups = groups }
   counts(report, state, change, was_done)
   return report
+end
+
+-- the run, its directory locked: the state, the Run, the shards submitted
+-- and collected, the report
+function run_locked(opts, client)
+  local path = opts.journal or (opts.dir .. "/journal.jsonl")
+  local log, state, change, was_done = open_state(opts, client, path)
+  if not log then return nil, state end
+  local run, err = new_run(opts, client, path, state, log)
+  if not run then log:close() return nil, err end
+  local unhook = client:at_turn_end(function() run:flush() end)
+  local done, ferr = true, nil
+  if state.phase ~= "done" then done, ferr = submit_all(run) end
+  unhook()
+  log:close()
+  if not done then return nil, ferr end
+  client:pause()
+  return collect(client, path, state, change, was_done)
 end
 
 -- the account's files and batches of run `run`, by shard number: files,

@@ -349,114 +349,132 @@ local function result_files(g)
   return all
 end
 
+-- The join of one group, as an object: the group's files, where the next
+-- chunk of its inputs begins, the chunk's segments and results, the input
+-- being read and the result files opened so far.
+local Join = {}
+Join.__index = Join
+
+-- do the group's inputs fit one index? (counted without an index)
+function Join:fits()
+  local nothing, lines, inputs, budget = core.idmap(), 0, self.inputs, self.budget
+  for i = 1, #inputs do
+    lines = lines + scan(nothing, inputs[i], i, 0, budget + 1 - lines, nothing)
+    if lines > budget then return false end
+  end
+  return true
+end
+
+-- the next chunk of inputs as segments {file, from, to}, its results
+-- indexed in self.found; false when the inputs are all read
+function Join:next_chunk()
+  local inputs, files = self.inputs, self.files
+  if not inputs[self.fi] then return false end
+  self.chunks = self.chunks + 1
+  if self.found then self.found:clear() end
+  local found = core.idmap()
+  self.found, self.segs, self.seg = found, {}, 0
+  if self.chunks == 1 and self:fits() then
+    -- all in one chunk: every result indexed, what is left are orphans
+    for i = 1, #inputs do self.segs[i] = { i, 0, nil } end
+    self.fi = #inputs + 1
+    for k, path in ipairs(files) do scan(found, path, k) end
+    return true
+  end
+  local wanted, left = core.idmap(), self.budget
+  while inputs[self.fi] and left > 0 do
+    local n, nxt = scan(wanted, inputs[self.fi], self.fi, self.start, left)
+    self.segs[#self.segs + 1] = { self.fi, self.start, nxt }
+    left = left - n
+    if nxt then self.start = nxt else self.fi, self.start = self.fi + 1, 0 end
+  end
+  for k, path in ipairs(files) do scan(found, path, k, 0, nil, wanted) end
+  wanted:clear()
+  self.chunked = true
+  return true
+end
+
+-- the light record of the result at index value v
+function Join:result(v)
+  local k = math.floor(v / SPAN)
+  local h = self.handles[k]
+  if not h then h = open_or_fail(self.files[k]) self.handles[k] = h end
+  return light(read_at(h, v - k * SPAN) or "")
+end
+
+-- the end: the result files closed, the orphans (the results no input
+-- asked for) added to the reader's
+function Join:finish()
+  for _, h in pairs(self.handles) do h:close() end
+  self.handles = {}
+  local orphans, found, inputs = self.reader.orphans, self.found, self.inputs
+  if not self.chunked then
+    for _, id in ipairs(found and found:keys() or {}) do orphans[#orphans + 1] = id end
+  else                                 -- the results no chunk asked for
+    for k, path in ipairs(self.files) do
+      local at = 0
+      while at do
+        local left = core.idmap()
+        at = select(2, scan(left, path, k, at, self.budget))
+        for i = 1, #inputs do scan(left, inputs[i], i, 0, nil, nil, true) end
+        for _, id in ipairs(left:keys()) do orphans[#orphans + 1] = id end
+        left:clear()
+      end
+    end
+  end
+  if found then found:clear() end
+end
+
+-- the record of input line `text` (its result, or a missing one); nil for
+-- a line with no custom_id
+function Join:record(text)
+  local id = id_of(text)
+  if not id then return nil end
+  local v = self.found:take(id)
+  local rec
+  if v then rec = self:result(v)
+  else
+    rec = { custom_id = id, ok = false, missing = true, class = M.CLASSES.missing }
+    local missing = self.reader.missing_ids
+    missing[#missing + 1] = id
+  end
+  rec.line = text
+  return setmetatable(rec, Record)
+end
+
+-- the next record in input order, or nil at the end
+function Join:step()
+  while true do
+    if self.it then
+      local _, text, bytes = self.it()
+      if text or bytes then self.pos = self.pos + (bytes or 0) end
+      if _ == nil or (self.stop and self.pos > self.stop) then
+        self.fh:close() self.fh, self.it = nil, nil
+      else
+        local rec = self:record(text)
+        if rec then return rec end
+      end
+    elseif self.segs[self.seg + 1] then
+      self.seg = self.seg + 1
+      local s = self.segs[self.seg]
+      self.fh = open_or_fail(self.inputs[s[1]])
+      self.fh:seek("set", s[2])
+      self.pos, self.stop, self.it = s[2], s[3], rules.lines(self.fh)
+    elseif not self:next_chunk() then
+      self:finish()
+      return nil
+    end
+  end
+end
+
 -- The join of one group: an iterator of records in input order (each
 -- with .line, its request line), then nil; self.missing_ids and
 -- self.orphans grow as it goes.
 function Reader:_join(g)
-  local files, inputs, budget = result_files(g), g.inputs, self.max_index
-  local fi, start = 1, 0                 -- where the next chunk of inputs begins
-  local seg, segs = 0, {}                -- the chunk's segments {file, from, to}
-  local chunks, found = 0, nil           -- chunks so far; the chunk's results (an idmap)
-  local chunked = false                  -- true when the inputs took more than one index
-  local handles, fh, it, stop, pos = {}, nil, nil, nil, 0
-
-  -- do the group's inputs fit one index? (counted without an index)
-  local function fits()
-    local nothing, lines = core.idmap(), 0
-    for i = 1, #inputs do
-      lines = lines + scan(nothing, inputs[i], i, 0, budget + 1 - lines, nothing)
-      if lines > budget then return false end
-    end
-    return true
-  end
-
-  local function next_chunk()
-    if not inputs[fi] then return false end
-    chunks = chunks + 1
-    if found then found:clear() end
-    found = core.idmap()
-    segs, seg = {}, 0
-    if chunks == 1 and fits() then
-      -- all in one chunk: every result indexed, what is left are orphans
-      for i = 1, #inputs do segs[i] = { i, 0, nil } end
-      fi = #inputs + 1
-      for k, path in ipairs(files) do scan(found, path, k) end
-      return true
-    end
-    local wanted, left = core.idmap(), budget
-    while inputs[fi] and left > 0 do
-      local n, nxt = scan(wanted, inputs[fi], fi, start, left)
-      segs[#segs + 1] = { fi, start, nxt }
-      left = left - n
-      if nxt then start = nxt else fi, start = fi + 1, 0 end
-    end
-    for k, path in ipairs(files) do scan(found, path, k, 0, nil, wanted) end
-    wanted:clear()
-    chunked = true
-    return true
-  end
-
-  local function result(v)
-    local k = math.floor(v / SPAN)
-    local h = handles[k]
-    if not h then h = open_or_fail(files[k]) handles[k] = h end
-    return light(read_at(h, v - k * SPAN) or "")
-  end
-
-  local function finish()
-    for _, h in pairs(handles) do h:close() end
-    handles = {}
-    local orphans = self.orphans
-    if not chunked then
-      for _, id in ipairs(found and found:keys() or {}) do orphans[#orphans + 1] = id end
-    else                                 -- the results no chunk asked for
-      for k, path in ipairs(files) do
-        local at = 0
-        while at do
-          local left = core.idmap()
-          at = select(2, scan(left, path, k, at, budget))
-          for i = 1, #inputs do scan(left, inputs[i], i, 0, nil, nil, true) end
-          for _, id in ipairs(left:keys()) do orphans[#orphans + 1] = id end
-          left:clear()
-        end
-      end
-    end
-    if found then found:clear() end
-  end
-
-  return function()
-    while true do
-      if it then
-        local _, text, bytes = it()
-        if text or bytes then pos = pos + (bytes or 0) end
-        if _ == nil or (stop and pos > stop) then
-          fh:close() fh, it = nil, nil
-        else
-          local id = id_of(text)
-          if id then
-            local v = found:take(id)
-            local rec
-            if v then rec = result(v)
-            else
-              rec = { custom_id = id, ok = false, missing = true, class = M.CLASSES.missing }
-              self.missing_ids[#self.missing_ids + 1] = id
-            end
-            rec.line = text
-            return setmetatable(rec, Record)
-          end
-        end
-      elseif segs[seg + 1] then
-        seg = seg + 1
-        local s = segs[seg]
-        fh = open_or_fail(inputs[s[1]])
-        fh:seek("set", s[2])
-        pos, stop, it = s[2], s[3], rules.lines(fh)
-      elseif not next_chunk() then
-        finish()
-        return nil
-      end
-    end
-  end
+  local j = setmetatable({ reader = self, files = result_files(g), inputs = g.inputs, budget = self.max_index,
+                           fi = 1, start = 0, seg = 0, segs = {}, chunks = 0, found = nil, chunked = false,
+                           handles = {}, fh = nil, it = nil, stop = nil, pos = 0 }, Join)
+  return function() return j:step() end
 end
 
 -- an iterator whose failure (a raised io error) comes out as false, err,

@@ -316,6 +316,86 @@ local function read_all(c, st, dir)
   return all
 end
 
+-- the view as plain text, once (stdout is not a terminal): 0
+local function print_once(st, all, now)
+  st.plain = true
+  local w = tonumber(os.getenv("COLUMNS")) or 100
+  local lines = M.frame(st, w, #all + 6, now)
+  while lines[#lines] == "" do lines[#lines] = nil end
+  io.stdout:write(table.concat(lines, "\n"), "\n")
+  return 0
+end
+
+-- the terminal in raw mode on the alternate screen: { restore, getc, draw }
+-- (restore puts the terminal back as it was, once, however the view ends:
+-- q, an error, a signal, the command's client calling opts.restore)
+local function screen(st)
+  local p = io.popen("stty -g < /dev/tty")
+  local saved = p:read("*l")
+  p:close()
+  local out, tty, raw, shown, size = io.stdout, nil, true, {}, nil
+  local s = {}
+  function s.restore()
+    if not raw then return end
+    raw = false
+    if tty then tty:close() tty = nil end
+    out:write("\27[?25h\27[?1049l")
+    out:flush()
+    sh_ok("stty " .. (saved or "sane") .. " < /dev/tty")
+  end
+  function s.getc()
+    if not tty then
+      tty = io.open("/dev/tty", "rb")
+      if not tty then return nil end
+      tty:setvbuf("no")
+    end
+    local ch = tty:read(1)
+    if not ch then tty:close() tty = nil end   -- a timeout reads as end of file, which sticks: open again
+    return ch
+  end
+  function s.draw()
+    local w, h = term_size()
+    if size ~= w .. "x" .. h then size, shown = w .. "x" .. h, {} out:write("\27[2J") end
+    local lines = M.frame(st, w, h, os.time())
+    local buf = {}
+    for i = 1, h do
+      local l = lines[i] or ""
+      if shown[i] ~= l then buf[#buf + 1] = ("\27[%d;1H%s\27[K"):format(i, l) shown[i] = l end
+    end
+    if #buf > 0 then out:write(table.concat(buf)) out:flush() end
+  end
+  sh_ok("stty -icanon -echo -isig min 0 time 1 < /dev/tty")
+  out:write("\27[?1049h\27[?25l\27[2J")
+  return s
+end
+
+-- keys and list reads until q (nil) or a trapped signal (128 + its number)
+local function loop(c, st, opts, scr, interval)
+  local core = require "lbatch.core"
+  local read_at = core.now()
+  scr.draw()
+  while true do
+    local sig = core.caught()          -- SIGTERM (or SIGINT) the command trapped
+    if sig then return 128 + sig end
+    local ch = scr.getc()
+    if ch == "\27" then
+      local a, b = scr.getc(), scr.getc()
+      ch = (a == "[" or a == "O") and (b == "A" and "up" or b == "B" and "down") or nil
+    end
+    if ch then
+      if M.key(st, ch, function(id) return c:cancel(id) end) == "quit" then return end
+      scr.draw()
+    end
+    local t = core.now()
+    if t - read_at >= interval then
+      read_at = t
+      local fresh, rerr = read_all(c, st, opts.dir)
+      if fresh then M.update(st, fresh, os.time()) else st.message = "list: " .. tostring(rerr) end
+      scr.draw()
+    end
+  end
+end
+
 --- Run the view until `q`, SIGTERM or SIGINT (or one frame when stdout is
 -- not a terminal); the terminal is restored however it ends (while the
 -- view runs, `opts.restore` is the function that restores it).
@@ -327,85 +407,14 @@ function M.run(c, opts)
   opts = opts or {}
   local interval = math.max(tonumber(opts.interval) or 5, 0.5)
   local st = M.state(opts)
-  local now = os.time
   local all, err = read_all(c, st, opts.dir)
   if not all then return nil, err end
-  M.update(st, all, now())
-  if not sh_ok("[ -t 1 ]") then
-    st.plain = true
-    local w = tonumber(os.getenv("COLUMNS")) or 100
-    local lines = M.frame(st, w, #all + 6, now())
-    while lines[#lines] == "" do lines[#lines] = nil end
-    io.stdout:write(table.concat(lines, "\n"), "\n")
-    return 0
-  end
-  local p = io.popen("stty -g < /dev/tty")
-  local saved = p:read("*l")
-  p:close()
-  local out = io.stdout
-  local tty
-  -- the terminal as it was, once, however the view ends (q, an error, a
-  -- signal: the command's client calls opts.restore before it exits)
-  local raw = true
-  local function restore()
-    if not raw then return end
-    raw = false
-    if tty then tty:close() tty = nil end
-    out:write("\27[?25h\27[?1049l")
-    out:flush()
-    sh_ok("stty " .. (saved or "sane") .. " < /dev/tty")
-  end
-  opts.restore = restore
-  sh_ok("stty -icanon -echo -isig min 0 time 1 < /dev/tty")
-  out:write("\27[?1049h\27[?25l\27[2J")
-  local shown, size = {}, nil
-  local function getc()
-    if not tty then
-      tty = io.open("/dev/tty", "rb")
-      if not tty then return nil end
-      tty:setvbuf("no")
-    end
-    local ch = tty:read(1)
-    if not ch then tty:close() tty = nil end   -- a timeout reads as end of file, which sticks: open again
-    return ch
-  end
-  local function draw()
-    local w, h = term_size()
-    if size ~= w .. "x" .. h then size, shown = w .. "x" .. h, {} out:write("\27[2J") end
-    local lines = M.frame(st, w, h, now())
-    local buf = {}
-    for i = 1, h do
-      local l = lines[i] or ""
-      if shown[i] ~= l then buf[#buf + 1] = ("\27[%d;1H%s\27[K"):format(i, l) shown[i] = l end
-    end
-    if #buf > 0 then out:write(table.concat(buf)) out:flush() end
-  end
-  local core = require "lbatch.core"
-  local ok, perr = pcall(function()
-    local read_at = core.now()
-    draw()
-    while true do
-      local sig = core.caught()          -- SIGTERM (or SIGINT) the command trapped
-      if sig then return 128 + sig end
-      local ch = getc()
-      if ch == "\27" then
-        local a, b = getc(), getc()
-        ch = (a == "[" or a == "O") and (b == "A" and "up" or b == "B" and "down") or nil
-      end
-      if ch then
-        if M.key(st, ch, function(id) return c:cancel(id) end) == "quit" then return end
-        draw()
-      end
-      local t = core.now()
-      if t - read_at >= interval then
-        read_at = t
-        local fresh, rerr = read_all(c, st, opts.dir)
-        if fresh then M.update(st, fresh, now()) else st.message = "list: " .. tostring(rerr) end
-        draw()
-      end
-    end
-  end)
-  restore()
+  M.update(st, all, os.time())
+  if not sh_ok("[ -t 1 ]") then return print_once(st, all, os.time()) end
+  local scr = screen(st)
+  opts.restore = scr.restore
+  local ok, perr = pcall(loop, c, st, opts, scr, interval)
+  scr.restore()
   opts.restore = nil
   if not ok then error(perr, 0) end
   if perr then io.stderr:write("lbatch: interrupted\n") end

@@ -14,8 +14,8 @@
  *   e:put(id, url, body, max_line, fh, seen, value, room)
  *                                      -> encode, then write when the line fits in
  *                                         room bytes: one call for the common line
- *   e:arm(model, url, thinking, nil_ok, default_url, field, nonempty, fh, seen,
- *         tag, lines, bytes, max_lines, max_bytes, max_line)
+ *   e:arm{model, url, thinking, nil_ok, default_url, field, nonempty, fh, seen,
+ *         tag, lines, bytes, max_lines, max_bytes, max_line}
  *                                      -> the gate: the route the Lua rules decided
  *   e:sync()                           -> its file's lines, bytes; the gate closed
  *   e:adder(slow)                      -> the writer's add: a request on the armed
@@ -402,36 +402,62 @@ static char *copy(lua_State *L, int idx, size_t *len) {
   return p;
 }
 
-/* e:arm(model, url, thinking, nil_ok, default_url, field, nonempty, fh, seen,
- *       tag, lines, bytes, max_lines, max_bytes, max_line)
+/* field k of the arm table (at 2): a number (raises when it is not one) */
+static lua_Number arm_number(lua_State *L, const char *k) {
+  lua_Number v;
+  lua_getfield(L, 2, k);
+  if (!lua_isnumber(L, -1)) return luaL_error(L, "encoder: arm's %s must be a number", k);
+  v = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* field k of the arm table (at 2), as a boolean */
+static int arm_flag(lua_State *L, const char *k) {
+  int v;
+  lua_getfield(L, 2, k);
+  v = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* e:arm{model, url, thinking, nil_ok, default_url, field, nonempty, fh, seen,
+ *       tag, lines, bytes, max_lines, max_bytes, max_line}
  * nil_ok: a body without a boolean enable_thinking runs with `thinking`;
  * default_url: add's url left out resolves to `url`; field: the
  * endpoint's own field (or nil), nonempty: it must be a non-empty table */
 static int e_arm(lua_State *L) {
   encoder *e = check(L);
   gate *g = &e->g;
+  luaL_checktype(L, 2, LUA_TTABLE);
   disarm(L, g);
-  g->fh_ud = udata(L, 9, 3, "a file expected");
-  g->seen = udata(L, 10, 2, "an idmap expected");
-  g->thinking = lua_toboolean(L, 4);
-  g->nil_ok = lua_toboolean(L, 5);
-  g->default_url = lua_toboolean(L, 6);
-  g->nonempty = lua_toboolean(L, 8);
-  g->tag = luaL_checknumber(L, 11);
-  g->lines = luaL_checknumber(L, 12);
-  g->bytes = luaL_checknumber(L, 13);
-  g->max_lines = luaL_checknumber(L, 14);
-  g->max_bytes = luaL_checknumber(L, 15);
-  g->max_line = luaL_checknumber(L, 16);
-  if (!(g->model = copy(L, 2, &g->model_len)) || !(g->url = copy(L, 3, &g->url_len))
+  lua_settop(L, 2);
+  lua_getfield(L, 2, "fh");          /* 3 */
+  lua_getfield(L, 2, "seen");        /* 4 */
+  lua_getfield(L, 2, "model");       /* 5 */
+  lua_getfield(L, 2, "url");         /* 6 */
+  lua_getfield(L, 2, "field");       /* 7 */
+  g->fh_ud = udata(L, 3, 3, "arm: fh, a file expected");
+  g->seen = udata(L, 4, 2, "arm: seen, an idmap expected");
+  g->thinking = arm_flag(L, "thinking");
+  g->nil_ok = arm_flag(L, "nil_ok");
+  g->default_url = arm_flag(L, "default_url");
+  g->nonempty = arm_flag(L, "nonempty");
+  g->tag = arm_number(L, "tag");
+  g->lines = arm_number(L, "lines");
+  g->bytes = arm_number(L, "bytes");
+  g->max_lines = arm_number(L, "max_lines");
+  g->max_bytes = arm_number(L, "max_bytes");
+  g->max_line = arm_number(L, "max_line");
+  if (!(g->model = copy(L, 5, &g->model_len)) || !(g->url = copy(L, 6, &g->url_len))
       || (!lua_isnil(L, 7) && !(g->field = copy(L, 7, NULL)))) {
     free(g->model); free(g->url);
     g->model = g->url = NULL;
     return nomem(L);
   }
-  lua_pushvalue(L, 9);
+  lua_pushvalue(L, 3);
   g->fh_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushvalue(L, 10);
+  lua_pushvalue(L, 4);
   g->seen_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   g->armed = 1;
   return 0;

@@ -46,6 +46,28 @@ static int scan_line(lua_State *L, idmap *m, idmap *filter, int drop, double bas
   return lb_idmap_put(m, line + io, il, h, base + (double)off) >= 0;   /* the first one wins */
 }
 
+/* the size of a scan's chunk: SCAN_CHUNK, or no larger than what is left
+ * of a regular file from start: a join in small chunks scans small files
+ * thousands of times, and a fresh 1 MB each time is page faults (and, under
+ * AddressSanitizer, an mmap) for nothing */
+static size_t chunk_size(FILE *f, size_t start) {
+  struct stat st;
+  if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= 0 && (uint64_t)st.st_size >= start
+      && (uint64_t)st.st_size - start < SCAN_CHUNK)
+    return (size_t)((uint64_t)st.st_size - start) + 1;
+  return SCAN_CHUNK;
+}
+
+/* what m:scan returns, the table of offsets on the stack's top: lines read,
+ * the offset after them (nil at the end of the file), the table */
+static int scan_done(lua_State *L, double lines, int at_end, size_t line_off) {
+  lua_pushinteger(L, (lua_Integer)lines);
+  lua_insert(L, -2);
+  if (at_end) lua_pushnil(L); else lua_pushinteger(L, (lua_Integer)line_off);
+  lua_insert(L, -2);
+  return 3;
+}
+
 static int m_scan(lua_State *L) {
   idmap *m = lb_idmap_check(L, 1);
   const char *path = luaL_checkstring(L, 2);
@@ -59,8 +81,7 @@ static int m_scan(lua_State *L) {
   int bad = 0, ok = 1, over = 0, at_end = 0;
   buf line = {0};
   char *chunk;
-  size_t size = SCAN_CHUNK;
-  struct stat st;
+  size_t size;
   FILE *f = fopen(path, "rb");
   if (!f) {
     lua_pushnil(L);
@@ -68,12 +89,7 @@ static int m_scan(lua_State *L) {
     return 2;
   }
   if (start && fseek(f, (long)start, SEEK_SET) != 0) { fclose(f); return luaL_error(L, "idmap: cannot seek"); }
-  /* a chunk no larger than what is left of a regular file: a join in small
-   * chunks scans small files thousands of times, and a fresh 1 MB each time
-   * is page faults (and, under AddressSanitizer, an mmap) for nothing */
-  if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= 0 && (uint64_t)st.st_size >= start
-      && (uint64_t)st.st_size - start < SCAN_CHUNK)
-    size = (size_t)((uint64_t)st.st_size - start) + 1;
+  size = chunk_size(f, start);
   if (!(chunk = malloc(size))) { fclose(f); return luaL_error(L, "idmap: out of memory"); }
   lua_newtable(L);
   while (ok && (max_lines < 0 || lines < max_lines)) {
@@ -122,11 +138,7 @@ static int m_scan(lua_State *L) {
   }
   fclose(f);
   if (!ok) return luaL_error(L, "idmap: out of memory");
-  lua_pushinteger(L, (lua_Integer)lines);
-  lua_insert(L, -2);
-  if (at_end) lua_pushnil(L); else lua_pushinteger(L, (lua_Integer)line_off);
-  lua_insert(L, -2);
-  return 3;
+  return scan_done(L, lines, at_end, line_off);
 }
 
 const luaL_Reg lb_index_methods[] = { {"scan", m_scan}, {NULL, NULL} };

@@ -412,62 +412,45 @@ static int open_download(xfer *x, const char *path, const char *resume) {
   return 1;
 }
 
-/* spec = { url, method = "GET"|"POST"|"DELETE"|..., headers = {"K: V"},
- *          body = string, form = {{name, value | file, filename, type, stream}},
- *          upload = path (the file is the whole body: a PUT, streamed),
- *          download = path, resume = the temp file a cut attempt kept
- *          (appended to; the caller sends its Range), keep_partial = true
- *          (a cut 2xx download keeps its temp file: result.partial),
- *          timeout, connect_timeout (ms), stall (ms: fail
- *          when no byte moves for that long), max_body (bytes kept in
- *          memory), identity = true (the file's bytes: no Accept-Encoding,
- *          and an encoding the server applies anyway is refused),
- *          cainfo, capath, proxy, noproxy }
- * Returns the transfer; when x->fail is set, it failed before any
- * request (a local file) and must be freed. NULL: out of memory. */
-xfer *lb_xfer_new(lua_State *L, int spec) {
-  size_t body_len = 0;
+/* a transfer's spec as read from its Lua table (the strings stay the
+ * table's: valid while it is) */
+typedef struct xspec {
   const char *url, *method, *body, *upload, *download, *resume, *cainfo, *capath, *proxy, *noproxy;
+  size_t body_len;
   double timeout, connect_timeout, stall, max_body;
-  int identity;
-  xfer *x;
-  CURL *e;
+  int identity, keep_partial;
+} xspec;
 
+/* the spec table at index spec read into s; raises when a field has the
+ * wrong type or url is missing (a programming error) */
+static void read_spec(lua_State *L, int spec, xspec *s) {
   luaL_checktype(L, spec, LUA_TTABLE);
-  url = opt_string(L, spec, "url", NULL);
-  if (!url) luaL_error(L, "lbatch.core: spec.url is required");
-  method = opt_string(L, spec, "method", NULL);
-  body = opt_string(L, spec, "body", &body_len);
-  upload = opt_string(L, spec, "upload", NULL);
-  download = opt_string(L, spec, "download", NULL);
-  resume = opt_string(L, spec, "resume", NULL);
-  cainfo = opt_string(L, spec, "cainfo", NULL);
-  capath = opt_string(L, spec, "capath", NULL);
-  proxy = opt_string(L, spec, "proxy", NULL);
-  noproxy = opt_string(L, spec, "noproxy", NULL);
-  timeout = opt_number(L, spec, "timeout", 0);
-  connect_timeout = opt_number(L, spec, "connect_timeout", 0);
-  stall = opt_number(L, spec, "stall", 0);
-  max_body = opt_number(L, spec, "max_body", 0);
-  identity = opt_bool(L, spec, "identity");
+  s->body_len = 0;
+  s->url = opt_string(L, spec, "url", NULL);
+  if (!s->url) luaL_error(L, "lbatch.core: spec.url is required");
+  s->method = opt_string(L, spec, "method", NULL);
+  s->body = opt_string(L, spec, "body", &s->body_len);
+  s->upload = opt_string(L, spec, "upload", NULL);
+  s->download = opt_string(L, spec, "download", NULL);
+  s->resume = opt_string(L, spec, "resume", NULL);
+  s->cainfo = opt_string(L, spec, "cainfo", NULL);
+  s->capath = opt_string(L, spec, "capath", NULL);
+  s->proxy = opt_string(L, spec, "proxy", NULL);
+  s->noproxy = opt_string(L, spec, "noproxy", NULL);
+  s->timeout = opt_number(L, spec, "timeout", 0);
+  s->connect_timeout = opt_number(L, spec, "connect_timeout", 0);
+  s->stall = opt_number(L, spec, "stall", 0);
+  s->max_body = opt_number(L, spec, "max_body", 0);
+  s->identity = opt_bool(L, spec, "identity");
+  s->keep_partial = opt_bool(L, spec, "keep_partial");
   check_list(L, spec, "headers");
   check_list(L, spec, "form");
+}
 
-  x = calloc(1, sizeof *x);
-  if (!x) return NULL;
-  x->out = -1;
-  x->range_start = x->range_total = -1;
-  x->keep_partial = opt_bool(L, spec, "keep_partial");
-  x->body_src.fd = x->file_src.fd = -1;
-  x->body_src.owner = x->file_src.owner = x;
-  x->stall_ms = stall;
-  x->identity = identity;
-  x->max_body = (size_t)max_body;
-  x->easy = e = curl_easy_init();
-  if (!e) { free(x); return NULL; }
-  if (download && !open_download(x, download, resume)) return x;
-
-  curl_easy_setopt(e, CURLOPT_URL, url);
+/* the curl handle's url, callbacks, TLS, HTTP version, buffers, proxy and
+ * timeouts */
+static void configure(CURL *e, xfer *x, const xspec *s) {
+  curl_easy_setopt(e, CURLOPT_URL, s->url);
   curl_easy_setopt(e, CURLOPT_PRIVATE, x);
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(e, CURLOPT_ERRORBUFFER, x->errbuf);
@@ -486,42 +469,51 @@ xfer *lb_xfer_new(lua_State *L, int spec) {
   /* wait for a connection that may multiplex only where one can (HTTP/2
    * over TLS): on cleartext HTTP/1.1 it would queue every transfer behind
    * a busy connection, however stalled */
-  if (strncasecmp(url, "https://", 8) == 0) curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
+  if (strncasecmp(s->url, "https://", 8) == 0) curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
   curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 256L * 1024);
 #if LIBCURL_VERSION_NUM >= 0x073e00
   curl_easy_setopt(e, CURLOPT_UPLOAD_BUFFERSIZE, 512L * 1024);
 #endif
-  if (!identity) curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
-  if (cainfo) curl_easy_setopt(e, CURLOPT_CAINFO, cainfo);
-  if (capath) curl_easy_setopt(e, CURLOPT_CAPATH, capath);
-  if (proxy) curl_easy_setopt(e, CURLOPT_PROXY, proxy);
-  if (noproxy) curl_easy_setopt(e, CURLOPT_NOPROXY, noproxy);
-  if (timeout > 0) curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)timeout);
-  if (connect_timeout > 0) curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)connect_timeout);
-  if (body && body_len > 0) {
-    if (!(x->body = copy_str(body, body_len))) goto fail;
+  if (!s->identity) curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
+  if (s->cainfo) curl_easy_setopt(e, CURLOPT_CAINFO, s->cainfo);
+  if (s->capath) curl_easy_setopt(e, CURLOPT_CAPATH, s->capath);
+  if (s->proxy) curl_easy_setopt(e, CURLOPT_PROXY, s->proxy);
+  if (s->noproxy) curl_easy_setopt(e, CURLOPT_NOPROXY, s->noproxy);
+  if (s->timeout > 0) curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)s->timeout);
+  if (s->connect_timeout > 0) curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)s->connect_timeout);
+}
+
+/* the body from memory (spec.body, copied) or from a file (spec.upload: a
+ * presigned URL's PUT, read as a form's file part is, through the callback
+ * that never rewinds a byte sent): 1; 0 out of memory. A file that cannot
+ * be opened sets x->fail. */
+static int set_body(CURL *e, xfer *x, const xspec *s) {
+  if (s->body && s->body_len > 0) {
+    if (!(x->body = copy_str(s->body, s->body_len))) return 0;
     x->body_src.mem = x->body;
-    x->body_src.size = (curl_off_t)body_len;
+    x->body_src.size = (curl_off_t)s->body_len;
     curl_easy_setopt(e, CURLOPT_POST, 1L);
-    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)s->body_len);
     curl_easy_setopt(e, CURLOPT_READFUNCTION, on_read);
     curl_easy_setopt(e, CURLOPT_READDATA, &x->body_src);
     curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, on_seek);   /* rewinds only what was never read */
     curl_easy_setopt(e, CURLOPT_SEEKDATA, &x->body_src);
   }
-  if (upload) {
-    /* the file as the body (a presigned URL's PUT): read as a form's file
-     * part is, through the callback that never rewinds a byte sent */
-    if (!open_upload(x, upload)) return x;
+  if (s->upload) {
+    if (!open_upload(x, s->upload)) return 1;
     curl_easy_setopt(e, CURLOPT_UPLOAD, 1L);
     curl_easy_setopt(e, CURLOPT_INFILESIZE_LARGE, x->file_src.size);
     curl_easy_setopt(e, CURLOPT_READFUNCTION, on_read);
     curl_easy_setopt(e, CURLOPT_READDATA, &x->file_src);
     curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, on_seek);
     curl_easy_setopt(e, CURLOPT_SEEKDATA, &x->file_src);
-  } else if (!add_form(L, spec, x)) goto fail;
-  if (x->fail) return x;
-  if (!add_headers(L, spec, x)) goto fail;
+  }
+  return 1;
+}
+
+/* the request's method: GET, a POST with no body (an empty one), or any
+ * other by name (POST with a body is libcurl's own choice) */
+static void set_method(CURL *e, xfer *x, const char *method) {
   if (method && strcmp(method, "GET") == 0) curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
   else if (method && strcmp(method, "POST") == 0 && !x->body && !x->mime) {
     curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, 0L);
@@ -529,6 +521,47 @@ xfer *lb_xfer_new(lua_State *L, int spec) {
   } else if (method && strcmp(method, "POST") != 0) {
     curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
   }
+}
+
+/* spec = { url, method = "GET"|"POST"|"DELETE"|..., headers = {"K: V"},
+ *          body = string, form = {{name, value | file, filename, type, stream}},
+ *          upload = path (the file is the whole body: a PUT, streamed),
+ *          download = path, resume = the temp file a cut attempt kept
+ *          (appended to; the caller sends its Range), keep_partial = true
+ *          (a cut 2xx download keeps its temp file: result.partial),
+ *          timeout, connect_timeout (ms), stall (ms: fail
+ *          when no byte moves for that long), max_body (bytes kept in
+ *          memory), identity = true (the file's bytes: no Accept-Encoding,
+ *          and an encoding the server applies anyway is refused),
+ *          cainfo, capath, proxy, noproxy }
+ * Returns the transfer; when x->fail is set, it failed before any
+ * request (a local file) and must be freed. NULL: out of memory. */
+xfer *lb_xfer_new(lua_State *L, int spec) {
+  xspec s;
+  xfer *x;
+  CURL *e;
+
+  read_spec(L, spec, &s);
+  x = calloc(1, sizeof *x);
+  if (!x) return NULL;
+  x->out = -1;
+  x->range_start = x->range_total = -1;
+  x->keep_partial = s.keep_partial;
+  x->body_src.fd = x->file_src.fd = -1;
+  x->body_src.owner = x->file_src.owner = x;
+  x->stall_ms = s.stall;
+  x->identity = s.identity;
+  x->max_body = (size_t)s.max_body;
+  x->easy = e = curl_easy_init();
+  if (!e) { free(x); return NULL; }
+  if (s.download && !open_download(x, s.download, s.resume)) return x;
+  configure(e, x, &s);
+  if (!set_body(e, x, &s)) goto fail;
+  if (x->fail) return x;
+  if (!s.upload && !add_form(L, spec, x)) goto fail;
+  if (x->fail) return x;
+  if (!add_headers(L, spec, x)) goto fail;
+  set_method(e, x, s.method);
   return x;
 fail:
   lb_xfer_free(x);
