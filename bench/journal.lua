@@ -7,7 +7,7 @@
 -- append alone (write + flush: the page cache), append + sync (fsync: the
 -- disk), and the pipeline's mix: a shard's life is about 8 records, of
 -- which 2 (uploading, creating) are synced.
-local journal = require "lbatch.journal"
+local journal = require "lbatch.impl.orchestration.journal"
 local core = require "lbatch.core"
 
 local N = tonumber(arg and arg[1]) or 2000

@@ -4,7 +4,7 @@
 -- @module lbatch.csv
 local jsonl = require "lbatch.jsonl"
 local results = require "lbatch.results"
-local errors = require "lbatch.errors"
+local errors = require "lbatch.impl.transport.errors"
 
 local M = {}
 local BOM = "\239\187\191"

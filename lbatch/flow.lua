@@ -61,14 +61,14 @@ local core = require "lbatch.core"
 local json = require "lbatch.json"
 local jsonl = require "lbatch.jsonl"
 local csv = require "lbatch.csv"
-local errors = require "lbatch.errors"
+local errors = require "lbatch.impl.transport.errors"
 local results = require "lbatch.results"
 local pipeline = require "lbatch.pipeline"
-local estimate = require "lbatch.estimate"
-local cost = require "lbatch.cost"
-local journal = require "lbatch.journal"
-local quota = require "lbatch.quota"
-local lock = require "lbatch.lock"
+local estimate = require "lbatch.impl.formats.estimate"
+local cost = require "lbatch.impl.formats.cost"
+local journal = require "lbatch.impl.orchestration.journal"
+local quota = require "lbatch.impl.orchestration.quota"
+local lock = require "lbatch.impl.orchestration.lock"
 
 local encode, decode, normalize = json.encode, json.decode, json.normalize
 local throw = errors.throw
@@ -633,7 +633,7 @@ end
 -- from, and is refused by name before anything of it goes out.
 local function check_asks(R, files)
   for _, f in ipairs(files) do
-    local bytes = require("lbatch.size").file(f.path)
+    local bytes = require("lbatch.impl.formats.size").file(f.path)
     if bytes ~= f.bytes then
       throw(fail("asks_damaged", ("%s has %s bytes, its pass wrote %d: the file was cut or changed, and round %d "
         .. "cannot be sent or answered from it. Restore it from a backup; or run the flow again in a new dir "

@@ -17,14 +17,14 @@
 --    local a = lbatch.new{ region = "cn", scheduler = sched }
 --    local b = lbatch.new{ region = "openai", scheduler = sched }
 -- @module lbatch
-local Client = require "lbatch.client"
-local Scheduler = require "lbatch.scheduler"
-local errors = require "lbatch.errors"
-local service = require "lbatch.service"
+local Client = require "lbatch.impl.api.client"
+local Scheduler = require "lbatch.impl.transport.scheduler"
+local errors = require "lbatch.impl.transport.errors"
+local service = require "lbatch.impl.api.service"
 
 -- plain Lua 5.1: raised, not returned (the environment, not a runtime
 -- failure; 5.1's assert would hide an error object)
-local unsupported = require("lbatch.loop").UNSUPPORTED
+local unsupported = require("lbatch.impl.transport.loop").UNSUPPORTED
 local function refuse() error(unsupported, 2) end
 
 return {

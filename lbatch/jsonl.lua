@@ -9,9 +9,9 @@
 --    local manifest = assert(w:close())   -- {files = {{path, lines, bytes, model, endpoint}}, lines, bytes}
 -- @module lbatch.jsonl
 local json = require "lbatch.json"
-local rules = require "lbatch.rules"
-local errors = require "lbatch.errors"
-local service = require "lbatch.service"
+local rules = require "lbatch.impl.formats.rules"
+local errors = require "lbatch.impl.transport.errors"
+local service = require "lbatch.impl.api.service"
 local core = require "lbatch.core"
 local idmap = core.idmap   -- custom_id sets outside the Lua heap
 local put = idmap().put
@@ -25,8 +25,8 @@ end
 
 local cjson_encode, fix, MARK, find = require("cjson").encode, json.fix, json.MARK, string.find
 local safe_encode = require("cjson.safe").encode   -- nil, err instead of raising: no pcall per line
-local media = require "lbatch.media"
-local estimate = require "lbatch.estimate"
+local media = require "lbatch.impl.formats.media"
+local estimate = require "lbatch.impl.formats.estimate"
 local TEST = service.TEST
 local TEST_MODEL, TEST_URL, thinking_of = TEST.model, TEST.url, service.thinking
 local R = rules.rule

@@ -14,7 +14,7 @@
 --      listen = "127.0.0.1:8080", secrets = { "whsec_..." } }, pipeline.run, opts))
 -- @module lbatch.lua_http
 local notify = require "lbatch.notify"
-local errors = require "lbatch.errors"
+local errors = require "lbatch.impl.transport.errors"
 
 local M = {}
 

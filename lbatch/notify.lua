@@ -23,7 +23,7 @@
 -- so a forged `completed` changes nothing.
 -- @module lbatch.notify
 local core = require "lbatch.core"
-local errors = require "lbatch.errors"
+local errors = require "lbatch.impl.transport.errors"
 local json = require "lbatch.json"
 
 local M = {}

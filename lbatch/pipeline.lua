@@ -19,14 +19,14 @@ local jsonl = require "lbatch.jsonl"
 local json = require "lbatch.json"
 local csv = require "lbatch.csv"
 local results = require "lbatch.results"
-local errors = require "lbatch.errors"
-local journal = require "lbatch.journal"
-local service = require "lbatch.service"
-local rules = require "lbatch.rules"
-local recover = require "lbatch.recover"
-local estimate = require "lbatch.estimate"
-local quota = require "lbatch.quota"
-local lock = require "lbatch.lock"
+local errors = require "lbatch.impl.transport.errors"
+local journal = require "lbatch.impl.orchestration.journal"
+local service = require "lbatch.impl.api.service"
+local rules = require "lbatch.impl.formats.rules"
+local recover = require "lbatch.impl.api.recover"
+local estimate = require "lbatch.impl.formats.estimate"
+local quota = require "lbatch.impl.orchestration.quota"
+local lock = require "lbatch.impl.orchestration.lock"
 local now = core.now
 
 local try, throw = errors.try, errors.throw
@@ -132,7 +132,7 @@ end
 
 -- ------------------------------------------------------------ disk
 
-local size = require "lbatch.size"
+local size = require "lbatch.impl.formats.size"
 local function size_of(path) return size.file(path) or 0 end
 local human = size.human
 
@@ -1018,7 +1018,7 @@ local function client_of(fn, opts)
     if opts[k] ~= nil and opts.client ~= nil then errors.arg(fn, ("opts.client or opts.%s, not both"):format(k)) end
     o[k] = opts[k]
   end
-  if opts.client == nil then return require("lbatch.client").new(o) end
+  if opts.client == nil then return require("lbatch.impl.api.client").new(o) end
   errors.check(fn, "opts.client", opts.client, "table")
   return opts.client
 end

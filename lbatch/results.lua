@@ -16,10 +16,10 @@
 -- `"permanent"` or `"account"`.
 -- @module lbatch.results
 local json = require "lbatch.json"
-local rules = require "lbatch.rules"
-local errors = require "lbatch.errors"
-local cost = require "lbatch.cost"
-local service = require "lbatch.service"
+local rules = require "lbatch.impl.formats.rules"
+local errors = require "lbatch.impl.transport.errors"
+local cost = require "lbatch.impl.formats.cost"
+local service = require "lbatch.impl.api.service"
 
 local core = require "lbatch.core"
 
@@ -740,7 +740,7 @@ function M.write_whole(path, fill)
   -- (a table's address differs between processes where LuaJIT's random numbers do not)
   local tmp = ("%s/.%s.%s%d.tmp"):format(dir, path:match("[^/]*$"), tostring({}):match("(%x+)$") or "",
     math.random(1e9))
-  return require("lbatch.journal").replace(path, fill, tmp)
+  return require("lbatch.impl.orchestration.journal").replace(path, fill, tmp)
 end
 
 return M

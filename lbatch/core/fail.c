@@ -1,5 +1,5 @@
 /* Our own failure kinds, defined once: the name a result's `fail` holds
- * and the error lbatch makes of it (lbatch/http.lua reads core.FAIL).
+ * and the error lbatch makes of it (lbatch/impl/transport/http.lua reads core.FAIL).
  *
  *   core.FAIL.truncated -> { kind = "network", code = "truncated", retryable = true }
  */

@@ -36,7 +36,7 @@ describe("habits", function()
     for name, src in pairs(spec.build.modules) do
       if type(src) == "string" then listed[src] = name end
     end
-    for file in H.sh("cd " .. H.root .. " && ls lbatch/*.lua"):gmatch("[^\n]+") do
+    for file in H.sh("cd " .. H.root .. " && find lbatch -name '*.lua' | sort"):gmatch("[^\n]+") do
       assert.is_string(listed[file], file .. " is not in the rockspec")
     end
     local core = spec.build.modules["lbatch.core"].sources

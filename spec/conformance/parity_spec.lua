@@ -245,7 +245,7 @@ describe("validation, rule by rule", function()
     local emb = { line("a", { model = "text-embedding-3-small", input = inputs }, "/v1/embeddings"),
                   line("b", { model = "text-embedding-3-small", input = inputs }, "/v1/embeddings") }
     assert.are.same({ "too_many_inputs@2" }, (check(emb, { limits = "openai" })))
-    assert.are.equal(200 * 1024 * 1024, require("lbatch.service").profile("openai").max_bytes)
+    assert.are.equal(200 * 1024 * 1024, require("lbatch.impl.api.service").profile("openai").max_bytes)
   end)
 end)
 

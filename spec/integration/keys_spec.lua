@@ -3,7 +3,7 @@
 -- and connects nowhere (nothing leaves the machine), and the emulator
 -- checking which key it was sent.
 local H = require "helper"
-local service = require "lbatch.service"
+local service = require "lbatch.impl.api.service"
 
 -- a recording proxy: each request's first line and Authorization header
 -- appended to the log, answered 403 and closed; it never connects onward

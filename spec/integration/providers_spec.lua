@@ -4,7 +4,7 @@
 -- providers at once from one scheduler.
 local H = require "helper"
 local lbatch = require "lbatch"
-local service = require "lbatch.service"
+local service = require "lbatch.impl.api.service"
 
 local KEY = "prov-key-0123456789abcdef"
 local NAMES = { "azure", "groq", "together", "siliconflow", "zhipu", "moonshot", "cerebras", "novita", "litellm" }
@@ -117,7 +117,7 @@ describe("Together's upload in three steps", function()
   it("presign, the PUT streamed from disk without the key, preprocess: the bytes arrive whole", function()
     local path = H.requests(dir .. "/big.jsonl", 10000, { url = "/v1/chat/completions", model = "m-1",
       content = function(i) return ("q%d "):format(i) .. ("x"):rep(500) end })
-    local size = assert(require("lbatch.size").file(path))
+    local size = assert(require("lbatch.impl.formats.size").file(path))
     assert.is_true(size > 4 * 1024 * 1024)
     local last = 0
     local f = assert(c:upload(path, nil, { on_progress = function(done) last = done end }))

@@ -127,7 +127,7 @@ describe("Together's upload over TLS", function()
   setup(function()
     emu = H.emulator({ dialect = "together", api_key = KEY, speed = 200, tls = true })
     c = assert(lbatch.new({ provider = "together", api_key = KEY, cainfo = emu.tls, fresh_window = 0,
-      base_url = emu.url .. require("lbatch.service").PROVIDERS.together.prefix }))
+      base_url = emu.url .. require("lbatch.impl.api.service").PROVIDERS.together.prefix }))
     dir = H.tmpdir()
   end)
   teardown(function()

@@ -106,7 +106,8 @@ describe("make mutate's map and slots", function()
     H.mkdir(dir .. "/spec/fixtures")
     H.write(dir .. "/spec/fixtures/drv.lua", 'local a = require "lbatch.a"\nprint(a.sign(1))\n')
     H.write(dir .. "/spec/unit/via_spec.lua", 'local DRV = "spec/fixtures/drv.lua"\nit("x", function() assert(DRV) end)\n')
-    H.write(dir .. "/lbatch/cli.lua", "local M = {}\nfunction M.main(x) return x > 1 end\nreturn M\n")
+    H.mkdir(dir .. "/lbatch/cmd")
+    H.write(dir .. "/lbatch/cmd/cli.lua", "local M = {}\nfunction M.main(x) return x > 1 end\nreturn M\n")
     H.write(dir .. "/spec/unit/cmd_spec.lua", 'local CMD = "bin/' .. 'lbatch"\nit("x", function() assert(CMD) end)\n')
     H.mkdir(dir .. "/build")
     H.write(dir .. "/build/mutate-times", "9.0\tspec/unit/zz_spec.lua\n0.5\tspec/unit/a_spec.lua\n" ..
@@ -115,7 +116,7 @@ describe("make mutate's map and slots", function()
     -- the commented require of other_spec does not count
     assert.matches("%] lbatch/a%.lua:[^\n]*\n    specs, in this order: " ..
       "spec/unit/a_spec%.lua spec/unit/via_spec%.lua spec/unit/zz_spec%.lua\n", out)
-    assert.matches("%] lbatch/cli%.lua:[^\n]*\n    specs, in this order: spec/unit/cmd_spec%.lua\n", out)
+    assert.matches("%] lbatch/cmd/cli%.lua:[^\n]*\n    specs, in this order: spec/unit/cmd_spec%.lua\n", out)
     assert.matches("%] lbatch/c%.lua:[^\n]*\n    specs, in this order: \n", out)
     local f = assert(io.open(dir .. "/build/mutate-times", "a"))
     f:write("0.1\tspec/unit/zz_spec.lua\n")   -- the last line of a spec counts

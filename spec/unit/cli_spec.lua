@@ -500,7 +500,7 @@ describe("the lbatch command's small things (issue 32)", function()
   end
 
   it("--version and -V print lbatch and the version", function()
-    local want = "lbatch " .. require("lbatch.version") .. "\n"
+    local want = "lbatch " .. require("lbatch.impl.transport.version") .. "\n"
     for _, flag in ipairs({ "--version", "-V" }) do
       local code, out = cmd(H.root, flag)
       assert.are.same({ 0, want }, { code, out })

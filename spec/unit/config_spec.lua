@@ -1,8 +1,8 @@
 -- lbatch.config: a client's options, checked once (no server, no nginx).
 local H = require "helper"
-local config = require "lbatch.config"
-local service = require "lbatch.service"
-local version = require "lbatch.version"
+local config = require "lbatch.impl.api.config"
+local service = require "lbatch.impl.api.service"
+local version = require "lbatch.impl.transport.version"
 
 -- options with a key and an https base URL, plus `o`
 local function opts(o)
@@ -22,7 +22,7 @@ end
 local function in_env(vars, lua_opts, warning)
   local dir = H.tmpdir()
   local script = H.write(dir .. "/c.lua", ([[
-    local cfg, s = require("lbatch.config").new(%s)
+    local cfg, s = require("lbatch.impl.api.config").new(%s)
     if not cfg then io.write("error: ", type(s) == "table" and (s.kind .. " " .. s.code .. ": " .. s.message) or s) return end
     io.write(cfg.base_url, "|", s.key, "|", cfg.limits, "|", tostring(cfg.cainfo), "|", tostring(cfg.capath))
     if %s then io.write("|", tostring(cfg.warning)) end

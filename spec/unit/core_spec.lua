@@ -72,7 +72,7 @@ describe("core.FAIL", function()
   end)
 
   it("is what the transport makes of a result's fail", function()
-    local http = require "lbatch.http"
+    local http = require "lbatch.impl.transport.http"
     for name, f in pairs(expected) do
       local v, err = http.answer({ fail = name, error = "it failed", status = 0, code = 0, headers = "" }, {})
       assert.is_nil(v)

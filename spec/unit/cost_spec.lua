@@ -1,7 +1,7 @@
 -- lbatch.cost: the one costing rule, and that estimate and results:summary use it.
-local cost = require "lbatch.cost"
+local cost = require "lbatch.impl.formats.cost"
 local jsonl = require "lbatch.jsonl"
-local estimate = require "lbatch.estimate"
+local estimate = require "lbatch.impl.formats.estimate"
 
 describe("cost.of", function()
   it("is (input * price.input + output * price.output) / 1e6 * discount", function()

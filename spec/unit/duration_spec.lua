@@ -1,6 +1,6 @@
 -- size.duration: the one duration formatter, in the three styles the
 -- command's progress line (clock), `lbatch files` (coarse) and top (units) show.
-local size = require "lbatch.size"
+local size = require "lbatch.impl.formats.size"
 
 describe("size.duration", function()
   local cases = {
@@ -33,7 +33,7 @@ describe("size.duration", function()
 
   it("is the only formatter: the command and top keep none of their own", function()
     local root = os.getenv("LBATCH_ROOT") or "."
-    for _, file in ipairs({ "cli.lua", "top.lua" }) do
+    for _, file in ipairs({ "cmd/cli.lua", "cmd/top.lua" }) do
       local f = assert(io.open(root .. "/lbatch/" .. file, "rb"))
       local src = f:read("*a")
       f:close()

@@ -8,8 +8,8 @@ local jsonl = require "lbatch.jsonl"
 local results = require "lbatch.results"
 local csv = require "lbatch.csv"
 local pipeline = require "lbatch.pipeline"
-local journal = require "lbatch.journal"
-local cli = require "lbatch.cli"
+local journal = require "lbatch.impl.orchestration.journal"
+local cli = require "lbatch.cmd.cli"
 
 local KINDS = { http = true, network = true, timeout = true, decode = true, invalid = true, io = true,
                 cancelled = true, task = true }
@@ -61,7 +61,7 @@ local function stats(emu)
 end
 
 describe("error objects", function()
-  local errors = require "lbatch.errors"
+  local errors = require "lbatch.impl.transport.errors"
   it("name a file once in an io error, though the system's reason names it too", function()
     local path = H.tmpdir() .. "/none.jsonl"
     local _, msg = io.open(path, "rb")

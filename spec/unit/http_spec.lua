@@ -1,8 +1,8 @@
 -- lbatch.http: requests built, answers mapped to values or errors, retries;
 -- on hand-made core results and a fake loop (no server, no nginx).
-local http = require "lbatch.http"
-local config = require "lbatch.config"
-local errors = require "lbatch.errors"
+local http = require "lbatch.impl.transport.http"
+local config = require "lbatch.impl.api.config"
+local errors = require "lbatch.impl.transport.errors"
 
 local function imf(t) return os.date("!%a, %d %b %Y %H:%M:%S GMT", t) end
 

@@ -3,16 +3,16 @@
 -- the directory synced, the journal reopened. A fresh process then reads
 -- the journal: every record's last state is there, once; the next run
 -- compacts and appends over what the killed one left.
--- (The kill points: LBATCH_SPEC_ONLY_KILL_REPLACE_AT, read by lbatch/journal.lua.)
+-- (The kill points: LBATCH_SPEC_ONLY_KILL_REPLACE_AT, read by lbatch/impl/orchestration/journal.lua.)
 local H = require "helper"
-local journal = require "lbatch.journal"
+local journal = require "lbatch.impl.orchestration.journal"
 
 local KEYS, UPDATES = 20, 3
 
 -- the child: replays the journal, appends KEYS x UPDATES records when it is
 -- new, compacts its live state, appends one more record
 local CHILD = [[
-local journal = require "lbatch.journal"
+local journal = require "lbatch.impl.orchestration.journal"
 local path = arg[1]
 local live, order = {}, {}
 local j = assert(journal.open(path, function(rec)

@@ -1,6 +1,6 @@
 -- lbatch.journal: an append-only journal of JSON records (no server, no nginx).
 local H = require "helper"
-local journal = require "lbatch.journal"
+local journal = require "lbatch.impl.orchestration.journal"
 local cjson = require "cjson"
 
 local function replayed(path)
@@ -208,15 +208,15 @@ describe("journal, its writes failing", function()
     finally(function() H.rm_rf(dir) end)
     local path = dir .. "/j.jsonl"
     local script = H.write(dir .. "/s.lua", ([[
-      local journal = require "lbatch.journal"
+      local journal = require "lbatch.impl.orchestration.journal"
       local j = assert(journal.open(%q))            -- not durable: a compaction is synced all the same
       assert(j:compact({ { a = 1 } }))
       j:close()
     ]]):format(path))
     assert.are.same({ "fsync tmp", "rename", "fsync dir" }, traced(dir, path, script, "fsync,rename"))
     -- and no other module renames a temp file of its own
-    for file in H.sh("cd " .. H.root .. " && ls lbatch/*.lua"):gmatch("[^\n]+") do
-      if file ~= "lbatch/journal.lua" then
+    for file in H.sh("cd " .. H.root .. " && find lbatch -name '*.lua' | sort"):gmatch("[^\n]+") do
+      if file ~= "lbatch/impl/orchestration/journal.lua" then
         assert.is_nil(H.read(H.root .. "/" .. file):find("os%.rename%(%s*tmp"), file)
       end
     end
@@ -228,7 +228,7 @@ describe("journal, its writes failing", function()
     finally(function() H.rm_rf(dir) end)
     local path = dir .. "/j.jsonl"
     local script = H.write(dir .. "/s.lua", ([[
-      local journal = require "lbatch.journal"
+      local journal = require "lbatch.impl.orchestration.journal"
       local j = assert(journal.open(%q, nil, { durable = true }))
       assert(j:compact({ { a = 1 } }))
       assert(j:append({ a = 2 }))
@@ -268,12 +268,12 @@ describe("journal, a pipeline's records", function()
                    shards = { { step = "done", batch_id = "b1", output = "o1" }, { step = "created", batch_id = "b2" } } }
     assert.are.same(want, got())
     assert.are.same(want, journal.read_pipeline(path))
-    assert.are.same(want, require("lbatch.report").journal(dir))
+    assert.are.same(want, require("lbatch.cmd.report").journal(dir))
     local none, err = journal.read_pipeline(dir .. "/nope.jsonl")
     assert.is_nil(none)
     assert.are.equal("io", err.kind)
     -- the pipeline, report and top decode no record of their own
-    for _, file in ipairs({ "pipeline.lua", "report.lua", "top.lua" }) do
+    for _, file in ipairs({ "pipeline.lua", "cmd/report.lua", "cmd/top.lua" }) do
       local src = H.read(H.root .. "/lbatch/" .. file)
       assert.is_nil(src:find("rec%.k%f[^%w_]"), file)
       assert.is_nil(src:find("rec%.version"), file)
@@ -311,7 +311,7 @@ describe("journal, a pipeline's records", function()
       .. '{"index":1,"shard":{"step":"done"}}\n')
     local want = path .. " is lbatch-pipeline version 3; this lbatch reads versions 1 to 2: run it with the lbatch "
       .. "that wrote it"
-    for _, read in ipairs({ journal.read_pipeline, function() return require("lbatch.report").journal(dir) end }) do
+    for _, read in ipairs({ journal.read_pipeline, function() return require("lbatch.cmd.report").journal(dir) end }) do
       local st, err = read(path)
       assert.is_nil(st)
       assert.are.same({ "invalid", "journal_newer", want }, { err.kind, err.code, err.message })

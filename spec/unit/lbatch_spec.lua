@@ -1,9 +1,9 @@
--- require "lbatch" (lbatch/init.lua) and lbatch/version.lua (no server, no nginx).
+-- require "lbatch" (lbatch/init.lua) and lbatch/impl/transport/version.lua (no server, no nginx).
 local H = require "helper"
 local lbatch = require "lbatch"
-local version = require "lbatch.version"
-local service = require "lbatch.service"
-local errors = require "lbatch.errors"
+local version = require "lbatch.impl.transport.version"
+local service = require "lbatch.impl.api.service"
+local errors = require "lbatch.impl.transport.errors"
 
 describe("require 'lbatch'", function()
   it("has one version, semver, as _VERSION and VERSION", function()
@@ -11,7 +11,7 @@ describe("require 'lbatch'", function()
     assert.matches("^%d+%.%d+%.%d+$", version)
     assert.are.equal(version, lbatch._VERSION)
     assert.are.equal(version, lbatch.VERSION)
-    assert.are.equal(version, require("lbatch.client").VERSION)
+    assert.are.equal(version, require("lbatch.impl.api.client").VERSION)
   end)
 
   it("exposes the regions and the final statuses (the service's own tables)", function()

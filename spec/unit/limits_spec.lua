@@ -7,7 +7,7 @@
 local H = require "helper"
 local jsonl = require "lbatch.jsonl"
 local results = require "lbatch.results"
-local service = require "lbatch.service"
+local service = require "lbatch.impl.api.service"
 local cjson = require "cjson"
 
 local PRE = '{"custom_id":"%s","method":"POST","url":"/v1/chat/completions","body":{"model":"qwen-plus",'

@@ -1,7 +1,7 @@
 -- lbatch.lock: one owner per work directory (no server, no nginx). The
 -- commands and the pipeline holding it are in integration/lock_spec.
 local H = require "helper"
-local lock = require "lbatch.lock"
+local lock = require "lbatch.impl.orchestration.lock"
 local core = require "lbatch.core"
 
 describe("lock.acquire", function()

@@ -1,6 +1,6 @@
 -- lbatch.loop with no server: tasks, timers, joins, cancels and what a
 -- cancel undoes, pause, deferred work and the turn-end hooks.
-local Loop = require "lbatch.loop"
+local Loop = require "lbatch.impl.transport.loop"
 local now = require("lbatch.core").now
 
 local function drain(loop)
@@ -12,7 +12,7 @@ local function drain(loop)
   end
 end
 
-describe("lbatch.loop", function()
+describe("lbatch.impl.transport.loop", function()
   it("runs tasks in spawn order and resumes a sleeper no sooner than its time", function()
     local loop, seen = Loop.new({}), {}
     local t0 = now()
@@ -42,7 +42,7 @@ describe("lbatch.loop", function()
   end)
 
   it("keeps a raised error object as it is", function()
-    local errors = require "lbatch.errors"
+    local errors = require "lbatch.impl.transport.errors"
     local loop = Loop.new({})
     local e = errors.new({ kind = "http", status = 404, message = "no such batch" })
     local t = loop:spawn(function() error(e, 0) end)      -- as Lua's assert(nil, e) raises it

@@ -1,5 +1,5 @@
 -- lbatch.media: MIME types, base64 and data: URLs, on temp files; jsonl keeps its aliases.
-local media = require "lbatch.media"
+local media = require "lbatch.impl.formats.media"
 local jsonl = require "lbatch.jsonl"
 
 local function write(bytes)
@@ -10,7 +10,7 @@ local function write(bytes)
   return path
 end
 
-describe("lbatch.media", function()
+describe("lbatch.impl.formats.media", function()
   it("knows a MIME type by the first bytes, else the extension", function()
     assert.are.equal("image/png", media.mime_type("x.bin", "\137PNG\r\n\26\n...."))
     assert.are.equal("image/jpeg", media.mime_type("x", "\255\216\255\224"))

@@ -2,9 +2,9 @@
 -- and the one shape every provider's answers come out in (lbatch.http.normalise);
 -- pure: no server, no nginx.
 local H = require "helper"
-local service = require "lbatch.service"
-local config = require "lbatch.config"
-local http = require "lbatch.http"
+local service = require "lbatch.impl.api.service"
+local config = require "lbatch.impl.api.config"
+local http = require "lbatch.impl.transport.http"
 
 local NAMES = { "azure", "cerebras", "dashscope", "groq", "litellm", "moonshot", "novita", "openai",
                 "siliconflow", "together", "zhipu" }
@@ -109,7 +109,7 @@ describe("lbatch.new{provider = ...}", function()
       AZURE_OPENAI_ENDPOINT = "https://r.openai.azure.com", LITELLM_BASE_URL = "http://127.0.0.1:4000" }
     local dir = H.tmpdir()
     local script = H.write(dir .. "/k.lua", [[
-      local service, config = require "lbatch.service", require "lbatch.config"
+      local service, config = require "lbatch.impl.api.service", require "lbatch.impl.api.config"
       local names = {}
       for n in pairs(service.PROVIDERS) do names[#names + 1] = n end
       table.sort(names)

@@ -1,9 +1,9 @@
 -- lbatch.quota with no server: admission per model against configured
 -- and learned limits, the request limit for embeddings only, and what
 -- counts as a quota's refusal.
-local quota = require "lbatch.quota"
+local quota = require "lbatch.impl.orchestration.quota"
 
-describe("lbatch.quota", function()
+describe("lbatch.impl.orchestration.quota", function()
   it("admits while the model's work in flight leaves room, one limit for all models or one each", function()
     local q = quota.new({ tokens = 500 })
     assert.is_true(q:fits("m", 300, 1))

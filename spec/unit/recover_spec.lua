@@ -1,7 +1,7 @@
 -- lbatch.recover with no server: what an upload or a create whose answer
 -- was lost may have made, found in a page the spec hands it.
-local recover = require "lbatch.recover"
-local errors = require "lbatch.errors"
+local recover = require "lbatch.impl.api.recover"
+local errors = require "lbatch.impl.transport.errors"
 
 local function pager(data, seen)
   return function(q)
@@ -10,7 +10,7 @@ local function pager(data, seen)
   end
 end
 
-describe("lbatch.recover", function()
+describe("lbatch.impl.api.recover", function()
   it("finds the upload by name, and by size and age when given them", function()
     local seen = {}
     local list = pager({

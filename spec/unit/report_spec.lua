@@ -1,12 +1,12 @@
 -- lbatch.report with no server: a hand-made pipeline dir (journal and
 -- result files) read and written as one page with no external resource.
 local H = require "helper"
-local report = require "lbatch.report"
+local report = require "lbatch.cmd.report"
 local cjson = require "cjson"
 
 local function line(t) return cjson.encode(t) .. "\n" end
 
-describe("lbatch.report", function()
+describe("lbatch.cmd.report", function()
   it("reads the journal and the results, and writes a self-contained page with its charts", function()
     local dir = H.tmpdir()
     local out = H.write(dir .. "/s1.output.jsonl",

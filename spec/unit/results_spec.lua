@@ -198,7 +198,7 @@ end)
 -- Hand-made output and error files as the services write them (no server):
 -- what counts as ok, the class of each failure, resubmit and summary.
 describe("results: ok, classes, resubmit and summary", function()
-  local cost = require "lbatch.cost"
+  local cost = require "lbatch.impl.formats.cost"
   local dir
   setup(function() dir = H.tmpdir() end)
 

@@ -3,7 +3,7 @@
 -- because lbatch.rules decides for both. Pure modules: no emulator.
 local H = require "helper"
 local jsonl = require "lbatch.jsonl"
-local rules = require "lbatch.rules"
+local rules = require "lbatch.impl.formats.rules"
 local cjson = require "cjson"
 
 local CHAT, EMB, TESTURL = "/v1/chat/completions", "/v1/embeddings", "/v1/chat/ds-test"

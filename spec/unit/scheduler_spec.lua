@@ -2,7 +2,7 @@
 -- run and step, the host seam's timeout, pollfd and pollable.
 local lbatch = require "lbatch"
 
-describe("lbatch.scheduler", function()
+describe("lbatch.impl.transport.scheduler", function()
   it("takes max_connections, max_streams and host, and refuses anything else", function()
     assert.is_truthy(lbatch.scheduler({ max_connections = 2, max_streams = 10, host = {} }))
     assert.is_truthy(lbatch.scheduler())

@@ -5,7 +5,7 @@
 -- the one place where a missed bug leaks a secret, so it is checked over
 -- thousands of random cases (seeded: a failure names its seed).
 local G = require "gen"
-local errors = require "lbatch.errors"
+local errors = require "lbatch.impl.transport.errors"
 
 local FRAGMENT = 8
 

@@ -1,5 +1,5 @@
 -- lbatch.service: the service's facts, written once (no server, no nginx).
-local service = require "lbatch.service"
+local service = require "lbatch.impl.api.service"
 
 describe("service facts", function()
   it("has each region's base URL, over https, and its dialect", function()
@@ -32,7 +32,7 @@ describe("service facts", function()
     end
     -- the command and top read these sets; neither restates one
     local root = os.getenv("LBATCH_ROOT") or "."
-    for _, file in ipairs({ "cli.lua", "top.lua" }) do
+    for _, file in ipairs({ "cmd/cli.lua", "cmd/top.lua" }) do
       local f = assert(io.open(root .. "/lbatch/" .. file, "rb"))
       local src = f:read("*a")
       f:close()

@@ -1,7 +1,7 @@
 -- lbatch.size: a file's size and a byte count for people.
-local size = require "lbatch.size"
+local size = require "lbatch.impl.formats.size"
 
-describe("lbatch.size", function()
+describe("lbatch.impl.formats.size", function()
   it("gives a file's size, and nil for a file that is not there", function()
     local path = os.tmpname()
     local fh = assert(io.open(path, "wb"))

@@ -1,6 +1,6 @@
 -- lbatch.top with no server and no terminal: a job's figures, the frame
 -- it draws at 80 columns, and the keys (sort, filter, select, cancel).
-local top = require "lbatch.top"
+local top = require "lbatch.cmd.top"
 
 local NOW = 1000000
 local function batch(id, status, total, done, failed, age)
@@ -8,7 +8,7 @@ local function batch(id, status, total, done, failed, age)
            request_counts = { total = total, completed = done, failed = failed } }
 end
 
-describe("lbatch.top", function()
+describe("lbatch.cmd.top", function()
   it("works out a job's rate and time left from its progress so far", function()
     local f = top.figures(batch("b1", "in_progress", 100, 40, 10, 50), NOW)
     assert.are.same({ 100, 40, 10, 50 }, { f.total, f.done, f.failed, f.age })

@@ -27,7 +27,7 @@ end
 describe("the watcher's budget", function()
   -- a watcher with one job watched and a loop that must not be slept on:
   -- the status calls it takes before it would sleep are the ones it has
-  local watch = require "lbatch.watch"
+  local watch = require "lbatch.impl.api.watch"
   local function at_once(w)
     local n = 0
     while pcall(w.take, w) do n = n + 1 assert(n < 10000) end

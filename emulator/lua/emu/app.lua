@@ -104,7 +104,7 @@ A.nginx_error = respond.nginx_error
 
 function A.init(config)
   cfg = config
-  cfg.profile = require("lbatch.service").profile(cfg.profile)
+  cfg.profile = require("lbatch.impl.api.service").profile(cfg.profile)
   util.dialect = cfg.dialect
   providers.init(cfg.provider)
   if cfg.dialect == "dashscope" then

@@ -12,7 +12,7 @@
 -- validated, job (a validation or finalization is running), done and
 -- missed_code (how far it got, and why the rest did not run), finalized.
 local cjson = require "cjson"
-local rules = require "lbatch.rules"
+local rules = require "lbatch.impl.formats.rules"
 local store = require "emu.store"
 local util = require "emu.util"
 local modes = require "emu.modes"
@@ -30,7 +30,7 @@ local E = {
 local cfg
 local active = {}     -- id -> batch, for every batch not in a final state
 local jobs = 0
-local TERMINAL = require("lbatch.service").FINAL     -- the client's own set
+local TERMINAL = require("lbatch.impl.api.service").FINAL     -- the client's own set
 E.TERMINAL = TERMINAL
 
 local function scaled(service_seconds) return service_seconds / cfg.speed end
@@ -97,7 +97,7 @@ end
 
 local function tokens(s) return math.max(1, math.ceil(#s / 4)) end
 
-local service = require "lbatch.service"
+local service = require "lbatch.impl.api.service"
 
 -- A request's usage.prompt_tokens in its answer (and what token_limit
 -- counts): a quarter of the prompt's bytes, rounded up, at least 1. Chat:

@@ -4,7 +4,7 @@
 -- and key into OpenAI's and OpenAI's answer into the provider's, from the facts
 -- in lbatch.service.PROVIDERS (each with its source there).
 local cjson = require "cjson"
-local service = require "lbatch.service"
+local service = require "lbatch.impl.api.service"
 
 local P = { name = nil }
 local provider

@@ -2,7 +2,7 @@
 -- appended to DATA/journal.jsonl (lbatch.journal), file contents in
 -- DATA/blobs/. At start the journal is replayed and compacted, so a
 -- restart loses nothing accepted.
-local journal = require "lbatch.journal"
+local journal = require "lbatch.impl.orchestration.journal"
 
 local S = {
   files = {}, file_order = {},     -- id -> file; ids in creation order

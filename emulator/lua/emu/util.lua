@@ -1,6 +1,6 @@
 -- Small helpers: ids, the public view of a batch, the dialect.
 local cjson = require "cjson"
-local service = require "lbatch.service"
+local service = require "lbatch.impl.api.service"
 
 local U = { dialect = "dashscope" }
 

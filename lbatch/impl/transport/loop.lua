@@ -17,9 +17,9 @@
 --                 spawned, an operation called): the host should step soon
 --
 -- Nothing else of the loop is public; `lbatch.openresty` uses only this.
--- @module lbatch.loop
+-- @module lbatch.impl.transport.loop
 local core = require "lbatch.core"
-local errors = require "lbatch.errors"
+local errors = require "lbatch.impl.transport.errors"
 
 local now = core.now
 local co_create, co_resume, co_running, co_status, co_yield =

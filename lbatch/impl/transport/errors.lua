@@ -13,7 +13,7 @@
 --    request_id  the service's request id, when it gave one
 --    retryable   true when the same call may succeed later
 --
--- @module lbatch.errors
+-- @module lbatch.impl.transport.errors
 local M = {}
 
 local Error = {}

@@ -2,7 +2,7 @@
 -- 0 done, 1 a failure (the service, a file, problems found),
 -- 2 wrong usage, 3 a batch that ended failed, expired or cancelled.
 -- Each command returns its exit code, or nil and an error object.
--- @module lbatch.cli
+-- @module lbatch.cmd.cli
 local cjson = require "cjson"
 local json = require "lbatch.json"
 local lbatch = require "lbatch"
@@ -10,8 +10,8 @@ local jsonl = require "lbatch.jsonl"
 local results = require "lbatch.results"
 local csv = require "lbatch.csv"
 local pipeline = require "lbatch.pipeline"
-local errors = require "lbatch.errors"
-local service = require "lbatch.service"
+local errors = require "lbatch.impl.transport.errors"
+local service = require "lbatch.impl.api.service"
 
 local M = {}
 
@@ -286,9 +286,9 @@ local function nums(o, ...)
   return t
 end
 
-local function fmt_time(s) return require("lbatch.size").duration(s, "clock") end
+local function fmt_time(s) return require("lbatch.impl.formats.size").duration(s, "clock") end
 
-local fmt_bytes = require("lbatch.size").human
+local fmt_bytes = require("lbatch.impl.formats.size").human
 
 local core = require "lbatch.core"
 local now = core.now
@@ -682,7 +682,7 @@ local function client(o, hold)
   return c
 end
 
-local recover = require "lbatch.recover"
+local recover = require "lbatch.impl.api.recover"
 
 -- what submit is told, checked before anything is read or sent: nil, or a usage error
 local function submit_usage(o, limits)
@@ -771,7 +771,7 @@ local SUBMIT_GRACE = 15     -- seconds a Ctrl-C during the create waits for the 
 -- size) and its batch, each or both nil; or nil, nil and an error
 local function submitted(c, path, name, stamp)
   local f, err = recover.upload(function(q) return c:list_files(q) end,
-    { filename = name, bytes = require("lbatch.size").file(path) })
+    { filename = name, bytes = require("lbatch.impl.formats.size").file(path) })
   if err then return nil, nil, err end
   local b
   b, err = recover.stamped(function(q) return c:list_batches(q) end,
@@ -1166,7 +1166,7 @@ end
 
 -- ------------------------------------------------------------ files
 
-local function age(seconds) return require("lbatch.size").duration(seconds, "coarse") end
+local function age(seconds) return require("lbatch.impl.formats.size").duration(seconds, "coarse") end
 
 local function file_line(f)
   return ("%s  %-14s %10s  %5s  %s"):format(f.id, tostring(f.purpose), fmt_bytes(f.bytes or 0),
@@ -1271,7 +1271,7 @@ end
 -- --prices FILE: the prices table (nil without the option), or nil and an error
 local function prices_of(o)
   if not o.prices then return false end
-  local prices, err = require("lbatch.estimate").prices(o.prices)
+  local prices, err = require("lbatch.impl.formats.estimate").prices(o.prices)
   if prices == nil then return nil, err end
   return prices
 end
@@ -1288,7 +1288,7 @@ function command.top(o)
   end
   local topts = { status = o.status, interval = n.interval, dir = o.dir, prices = prices or nil }
   o.on_interrupt = function() if topts.restore then topts.restore() end end
-  return require("lbatch.top").run(client(o), topts)
+  return require("lbatch.cmd.top").run(client(o), topts)
 end
 
 function command.report(o, pos)
@@ -1296,7 +1296,7 @@ function command.report(o, pos)
   if prices == nil then return nil, perr end
   prices = prices or nil
   local output = o.output or (pos[1] .. "/report.html")
-  local st, err = require("lbatch.report").write(pos[1], output, { prices = prices })
+  local st, err = require("lbatch.cmd.report").write(pos[1], output, { prices = prices })
   if not st then return nil, err end
   local sm = st.summary or {}
   out(o, { output = output, summary = st.summary }, ("%s: %d requests, %d ok, %d failed"):format(output,
@@ -1361,7 +1361,7 @@ function M.main(args)
   if not ok and errors.thrown(code) then   -- a failure thrown by errors.try
     err = errors.thrown(code)
   elseif not ok then   -- a bug, or an option of the wrong value (lbatch.new raises; on plain Lua 5.1, always)
-    local unsupported = require("lbatch.loop").UNSUPPORTED
+    local unsupported = require("lbatch.impl.transport.loop").UNSUPPORTED
     err = errors.new({ kind = unsupported and tostring(code):find(unsupported, 1, true) and "config" or "invalid",
                        message = (tostring(code):gsub("^[^\n]-:%d+: ", "")) })
   elseif code then

@@ -1,5 +1,5 @@
 --- Sizes: a file's, and a byte count and a duration as people read them.
--- @module lbatch.size
+-- @module lbatch.impl.formats.size
 local M = {}
 
 --- The size of a file in bytes.

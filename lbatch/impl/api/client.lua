@@ -20,20 +20,20 @@
 --    with_response  true: return value, response ({status, request_id,
 --                   headers, version}) on success (nil, err, response on
 --                   a failure with an answer)
--- @classmod lbatch.client
+-- @classmod lbatch.impl.api.client
 local json = require "lbatch.json"
-local config = require "lbatch.config"
-local http = require "lbatch.http"
-local Scheduler = require "lbatch.scheduler"
-local watch = require "lbatch.watch"
-local recover = require "lbatch.recover"
-local errors = require "lbatch.errors"
-local service = require "lbatch.service"
+local config = require "lbatch.impl.api.config"
+local http = require "lbatch.impl.transport.http"
+local Scheduler = require "lbatch.impl.transport.scheduler"
+local watch = require "lbatch.impl.api.watch"
+local recover = require "lbatch.impl.api.recover"
+local errors = require "lbatch.impl.transport.errors"
+local service = require "lbatch.impl.api.service"
 
 local check, argerr = errors.check, errors.arg
 local now = require("lbatch.core").now
 
-local Client = { VERSION = require "lbatch.version", REGIONS = service.REGIONS, FINAL = service.FINAL }
+local Client = { VERSION = require "lbatch.impl.transport.version", REGIONS = service.REGIONS, FINAL = service.FINAL }
 Client.__index = Client
 
 -- a client's transport (which holds the key) lives here, not in the
@@ -199,7 +199,7 @@ end
 
 local function basename(p) return (p:match("([^/\\]+)$")) or p end
 
-local file_size = require("lbatch.size").file
+local file_size = require("lbatch.impl.formats.size").file
 
 -- form fields of every parameter given: nested tables as key[sub]
 local function form_fields(out, prefix, v)

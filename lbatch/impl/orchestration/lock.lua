@@ -10,10 +10,10 @@
 --    local lk, err = lock.acquire(dir, { wait = 60, sleep = function(s) client:sleep(s) end })
 --    ...
 --    return lk:release(result, err)     -- frees it, passes its arguments through
--- @module lbatch.lock
+-- @module lbatch.impl.orchestration.lock
 local core = require "lbatch.core"
 local cjson = require "cjson"
-local errors = require "lbatch.errors"
+local errors = require "lbatch.impl.transport.errors"
 
 local M = {}
 
