@@ -179,13 +179,16 @@ describe("lbatch top on a terminal of no rows", function()
     if not H.ok("command -v tmux >/dev/null 2>&1") then pending("no tmux") return end
     local emu = H.emulator({ speed = 200, rate_limits = false })
     local dir = H.tmpdir()
-    local sock = "lbatch-top0-" .. math.random(1, 1e9)
+    -- (a tmux server of its own for each round: a new session asked of the
+    -- server the last round just killed can reach it while it ends, and go)
+    local sock
     local function tmux(a) return H.sh(("tmux -L %s %s 2>&1"):format(sock, a)) end
     local function lists()
       local r = emu.stats().routes
       return type(r) == "table" and r["GET /batches"] or 0
     end
     for _, how in ipairs({ "q", "TERM" }) do
+      sock = ("lbatch-top0-%s-%d"):format(how, math.random(1, 1e9))
       os.remove(dir .. "/exit")
       local listed = lists()
       local cmd = ("stty rows 0 cols 80; stty -g > %s/before; env DASHSCOPE_API_KEY=k LBATCH_BASE_URL=%s %s "
@@ -200,7 +203,7 @@ describe("lbatch top on a terminal of no rows", function()
         -- (the shell's child that is lbatch top: not stty, which runs first)
         pid = shell and H.sh("pgrep -P " .. shell .. " -f 'bin/lbatch top'"):match("%d+")
       until pid or H.now() > deadline
-      assert.is_truthy(pid, "lbatch top did not start")
+      assert.is_truthy(pid, ("lbatch top did not start (round %s); its pane:\n%s"):format(how, tmux("capture-pane -p")))
       -- past its start: the view runs once it has read the list
       assert.is_true(H.await(function() return lists() > listed end, 20), "lbatch top read no list")
       local t0 = cpu_ticks(pid)
