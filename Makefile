@@ -104,9 +104,9 @@ demo:
 	    $(RUN54) lua5.4 examples/evaluate.lua'; \
 	fi
 
-# (the builds and npm's install side by side: -j4)
+# (the builds side by side: -j4; npm's install is a job of spec/run-all)
 test: deps
-	@$(MAKE) -s -j4 build build/asan/lbatch/core.so build/asan/lbatch_spec_unpreload.so $(NODE_DIR)/node_modules/.installed
+	@$(MAKE) -s -j4 build build/asan/lbatch/core.so build/asan/lbatch_spec_unpreload.so
 	@spec/run-all
 
 # The inner loop, a couple of minutes (spec/tools/check): the core with
