@@ -30,7 +30,7 @@ HDR = lbatch/core/core.h lbatch/core/compat.h lbatch/core/scan.h
 DEB_DEMO = lua5.4 liblua5.4-dev lua-cjson libcurl4-openssl-dev libssl-dev nginx-light libnginx-mod-http-lua \
       luajit2 libluajit2-5.1-dev curl gcc make pkg-config
 DEB = lua5.4 lua5.1 lua5.3 liblua5.4-dev liblua5.1-0-dev liblua5.2-dev liblua5.3-dev lua-cjson libcurl4-openssl-dev libssl-dev lua-busted luarocks \
-      nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-http lua-socket lua-check \
+      nginx-light libnginx-mod-http-lua luajit2 libluajit2-5.1-dev lua-luv lua-cqueues lua-http lua-socket lua-filesystem lua-check \
       lua-ldoc lua-markdown clang libclang-rt-14-dev squid openssl util-linux \
       curl gcc make pkg-config time tmux chromium
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
