@@ -5,6 +5,7 @@
 -- answer journaled as it comes, so a run stopped midway asks only the
 -- rest again.
 local H = require "helper"
+local jsonl = require "lbatch.jsonl"
 local lbatch = require "lbatch"
 local flow = require "lbatch.flow"
 local cjson = require "cjson"
@@ -109,6 +110,30 @@ for _, dialect in ipairs({ "dashscope", "openai" }) do
       assert.are.equal("max_cost", err.code)
       assert.matches("at full price", err.message)
       assert.are.equal(0, delta(r0, routes(emu), "POST /chat/completions"))
+    end)
+
+    it("sends a real-time round that may cost exactly what is left of max_cost", function()
+      local prices = { ["qwen-plus"] = { input = 1000, output = 1000 } }
+      local function once(item, ask) return assert(ask{ model = "qwen-plus", prompt = item.text, max_tokens = 100 })
+        .content end
+      local dir = H.tmpdir() .. "/work"
+      -- refused under a tiny max_cost: the round's request files stay, and
+      -- their bound at full price is the estimate's, to the last bit
+      local _, err = run({ dir = dir, items = items(2), step = once, prices = prices, max_cost = 1e-9,
+                           finish_realtime = 2 })
+      assert.are.equal("max_cost", err.code)
+      local paths = {}
+      for path in H.sh("ls " .. H.q(dir) .. "/round-1/*.jsonl"):gmatch("[^\n]+") do
+        if not path:find("realtime.jsonl", 1, true) and not path:find("state.jsonl", 1, true)
+          and not path:find("done.jsonl", 1, true) then paths[#paths + 1] = path end
+      end
+      assert.is_true(#paths > 0, "the round's request files")
+      local t = assert(jsonl.estimate(paths, { prices = prices, discount = 1 })).totals
+      local bound = t.input_cost + (t.output_cost_max or 0)
+      local r0 = routes(emu)
+      local report = assert(run({ items = items(2), step = once, prices = prices, max_cost = bound, finish_realtime = 2 }))
+      assert.are.equal(2, report.done)
+      assert.are.equal(2, delta(r0, routes(emu), "POST /chat/completions"))
     end)
 
     it("journals each answer as it comes: a request that failed is the only one asked again", function()
