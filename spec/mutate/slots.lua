@@ -14,7 +14,16 @@
 local BASES = { 20000, 25000 }
 
 local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
-local function ok(cmd) return os.execute(cmd) == true end
+-- Ctrl-C reaches the whole process group. While os.execute runs a command,
+-- system() ignores SIGINT in this process: the command dies of it, and that
+-- is the only sign. Every command goes through ok(), which notes it, and the
+-- loop stops the run at its next turn (else a Ctrl-C that lands there is lost).
+local interrupted = false
+local function ok(cmd)
+  local r, how = os.execute(cmd)
+  if how == "signal" then interrupted = true end
+  return r == true
+end
 local function sh(cmd)
   local p = assert(io.popen(cmd))
   local out = p:read("a")
@@ -53,7 +62,7 @@ end
 -- never stopped): the processes started from the slot's copy, by their ids
 local function sweep(slot)
   for pid in sh("pgrep -f " .. q(slot.copy .. "/") .. " 2>/dev/null"):gmatch("%d+") do
-    os.execute("kill -TERM " .. pid .. " 2>/dev/null")
+    ok("kill -TERM " .. pid .. " 2>/dev/null")
   end
 end
 
@@ -126,7 +135,7 @@ end
 local function restore(slot, m)
   writef(slot.copy .. "/" .. m.file, m.orig)     -- as it was when the run began, whatever the tree holds now
   if m.file:match("%.c$") then
-    os.execute(("cp %s/core.so %s/build/5.4/lbatch/core.so"):format(q(slot.dir), q(slot.copy)))
+    ok(("cp %s/core.so %s/build/5.4/lbatch/core.so"):format(q(slot.dir), q(slot.copy)))
   end
 end
 
@@ -213,6 +222,9 @@ return function(o)
       end
       if slot.co then
         local fine, verdict, class, why = coroutine.resume(slot.co)
+        -- (a SIGINT while this process ran Lua code: the interpreter's "interrupted!")
+        if not fine and tostring(verdict):find("interrupted!", 1, true) then interrupted = true end
+        if interrupted then stop_all(o.tmp) o.cleanup() os.exit(130) end
         if not fine then o.cleanup() error(verdict) end
         if coroutine.status(slot.co) == "dead" then
           local m = o.mutants[slot.n]
@@ -228,8 +240,8 @@ return function(o)
       end
     end
     if not busy and next_q > #queue then break end
-    local _, how = os.execute("sleep 0.2")
-    if how == "signal" then stop_all(o.tmp) o.cleanup() os.exit(130) end
+    ok("sleep 0.2")
+    if interrupted then stop_all(o.tmp) o.cleanup() os.exit(130) end
   end
   o.cleanup()
   local wall = clock() - t0
