@@ -363,6 +363,69 @@ local function view_of(state)
   return t
 end
 
+-- ------------------------------------------------------------ the canary's cut
+
+-- A canary (opts.canary = {lines, check, min_ok}): a sample of the input
+-- run first, its answers judged, the rest released only when enough pass.
+-- Its state is the journal header's `canary` (its own `version`): pending,
+-- passed or failed, with the verdict; a shard of it has `canary = true`.
+local CANARY_VERSION, CANARY_MIN_OK = 1, 0.95
+
+-- opts.canary checked (a wrong value is a programming error: it raises)
+local function check_canary(c)
+  if c == nil then return end
+  errors.check("pipeline.run", "opts.canary", c, "table")
+  if type(c.lines) ~= "number" or c.lines < 1 or c.lines ~= math.floor(c.lines) then
+    errors.arg("pipeline.run", "opts.canary.lines must be a whole number of requests, 1 or more")
+  end
+  errors.check("pipeline.run", "opts.canary.check", c.check, "function", true)
+  if c.min_ok ~= nil and (type(c.min_ok) ~= "number" or not (c.min_ok >= 0 and c.min_ok <= 1)) then
+    errors.arg("pipeline.run", "opts.canary.min_ok must be a share, from 0 to 1")
+  end
+end
+
+-- The `n` request lines of `paths` cut in two, in dir: canary.jsonl holds
+-- `want` of them spread evenly (the lines floor(j * n / want), j = 0 to
+-- want - 1: the same input gives the same sample), rest.jsonl the others.
+-- Their manifests; throws.
+local function cut_canary(opts, client, paths, n, dir)
+  local want = math.min(opts.canary.lines, n)
+  local function writer(name)
+    return jsonl.writer({ path = dir .. "/" .. name, endpoint = opts.endpoint, unique = "all",
+      limits = opts.limits or client.config.limits, max_lines = opts.max_lines, max_bytes = opts.max_bytes })
+  end
+  local cw, rw = writer("canary.jsonl"), writer("rest.jsonl")
+  local i, j, pick = 0, 0, 0
+  try(each_line(paths, function(_, _, line)
+    if i == pick and j < want then
+      try(cw:line(line))
+      j = j + 1
+      pick = math.floor(j * n / want)
+    else
+      try(rw:line(line))
+    end
+    i = i + 1
+  end, function() client:pause() end))
+  return try(cw:close()), try(rw:close())
+end
+
+-- The manifest cut for a canary (its shards first, each `canary = true`)
+-- and the canary's state; the manifest's own files removed unless they were
+-- handed in (`keep`). Nil without a canary (or requests); throws.
+local function with_canary(opts, client, manifest, n, dir, keep)
+  if not opts.canary or n == 0 then return nil end
+  local canary, rest = cut_canary(opts, client, paths_of(manifest), n, dir)
+  if not keep then
+    for _, p in ipairs(paths_of(manifest)) do os.remove(p) end
+  end
+  local files = {}
+  for _, f in ipairs(canary.files) do f.canary = true files[#files + 1] = f end
+  for _, f in ipairs(rest.files) do files[#files + 1] = f end
+  return { files = files, lines = manifest.lines }, { version = CANARY_VERSION, state = "pending",
+    lines = canary.lines, rest = rest.lines, min_ok = opts.canary.min_ok or CANARY_MIN_OK,
+    has_check = opts.canary.check ~= nil }
+end
+
 -- ------------------------------------------------------------ a rerun
 
 local function changed(message)
@@ -464,11 +527,13 @@ local function next_run(ctx, state, view)
   local manifest = try(w:close())
   local kept = keep_answers(groups_of(state), old, sub, pause)
   old:clear()
+  local cut, canary = with_canary(opts, ctx.client, manifest, manifest.lines, sub)
+  manifest = cut or manifest
   local new = { version = 1, run = ctx.tok, phase = "running", fp = ctx.fp, view = view, kept = kept,
-                change = c, previous = state.run, shards = {} }
+                change = c, previous = state.run, shards = {}, canary = canary }
   for i, f in ipairs(manifest.files) do
     new.shards[i] = { k = i, path = f.path, name = ctx.tok .. "-" .. i .. ".jsonl", lines = f.lines,
-      model = f.model, endpoint = f.endpoint, round = 1, step = "written" }
+      model = f.model, endpoint = f.endpoint, round = 1, step = "written", canary = f.canary }
   end
   if #new.shards == 0 then new.phase = "done" end
   return new
@@ -1057,9 +1122,12 @@ local function first_run(ctx, log, state)
   if not input then return nil, n end
   ctx.fp.input, ctx.fp.requests = input, n
   state.fp = ctx.fp
+  local cut_ok, cut, canary = pcall(with_canary, opts, client, manifest, n, files or opts.dir, opts.manifest)
+  if not cut_ok then return nil, as_error(cut) end
+  manifest, state.canary = cut or manifest, canary
   for i, f in ipairs(manifest.files) do
     state.shards[i] = { k = i, path = f.path, name = state.run .. "-" .. i .. ".jsonl", lines = f.lines,
-      model = f.model, endpoint = f.endpoint, round = 1, step = "written" }
+      model = f.model, endpoint = f.endpoint, round = 1, step = "written", canary = f.canary }
   end
   state.phase = "running"
   client:pause()
@@ -1162,6 +1230,7 @@ function M.run(opts)
   if opts.on_change ~= nil and opts.on_change ~= "fresh" and opts.on_change ~= "reuse" then
     errors.arg("pipeline.run", 'opts.on_change must be "fresh" or "reuse"')
   end
+  check_canary(opts.canary)
   local client, cerr0 = client_of("pipeline.run", opts)
   if not client then return nil, cerr0 end
   local n = opts.notify
@@ -1280,10 +1349,11 @@ end
 -- every shard not done, by max_in_flight workers (a worker takes the next
 -- shard; idle, it waits while a shard in progress may still add a
 -- resubmitted one), then the phase "done" journaled: true, or nil and an error
-local function submit_all(run)
+-- (`only(shard)`: those shards only, the phase left as it is: the canary)
+local function submit_all(run, only)
   local client, failure, busy = run.client, nil, 0
   for _, s in ipairs(run.state.shards) do
-    if s.step ~= "done" then run.queue[#run.queue + 1] = s end
+    if s.step ~= "done" and (not only or only(s)) then run.queue[#run.queue + 1] = s end
   end
   local function worker()
     while not failure and not run.tripped do
@@ -1312,8 +1382,121 @@ local function submit_all(run)
   run:flush()
   failure = run.tripped or failure or run.failure
   if failure then return nil, failure end
+  if only then return true end
   run.state.phase = "done"
   return run.log:append({ phase = "done" })
+end
+
+-- ------------------------------------------------------------ the canary's verdict
+
+local KEPT_FAILURES, SHOWN_FAILURES = 20, 3
+
+-- the shards of the canary: its own and their resubmissions
+local function canary_set(state)
+  local paths = {}
+  for _, s in ipairs(state.shards) do if s.canary then paths[s.path] = true end end
+  return function(s) return paths[s.origin or s.path] == true end
+end
+
+-- the canary's requests with their answers, as results.open takes them
+-- (later rounds first: their answers are newer)
+local function canary_group(state)
+  local g, in_it = { inputs = {}, output = {}, errors = {} }, canary_set(state)
+  for _, s in ipairs(state.shards) do if s.canary then g.inputs[#g.inputs + 1] = s.path end end
+  for i = #state.shards, 1, -1 do
+    local s = state.shards[i]
+    if in_it(s) and s.output then g.output[#g.output + 1] = s.output end
+    if in_it(s) and s.error then g.errors[#g.errors + 1] = s.error end
+  end
+  return g
+end
+
+-- why a canary's record fails, or nil when it passes: its status, its
+-- class (a reader's shape check), then the user's check
+local function canary_verdict(rec, check)
+  if rec.missing then return "no answer" end
+  if not rec.ok then
+    return ("%s: %s"):format(tostring(rec.error_code or rec.class or "failed"), tostring(rec.error_message or "not ok"))
+  end
+  if rec.class ~= nil and rec.class ~= "ok" then return "its answer is of class " .. tostring(rec.class) end
+  if not check then return nil end
+  local ran, good, why = pcall(check, rec)
+  if not ran then return "the check raised an error: " .. tostring(errors.thrown(good) or good) end
+  if not good then return why ~= nil and tostring(why) or "the check said no" end
+end
+
+-- the canary's answers judged: {requests, answered, passed, failures}; throws
+local function judge_canary(run, check)
+  local client = run.client
+  local reader = try(results.open({ groups = { canary_group(run.state) }, pause = function() client:pause() end }))
+  local v = { requests = 0, answered = 0, passed = 0, failures = {} }
+  for rec, err in reader:each() do
+    if not rec then throw(err) end
+    v.requests = v.requests + 1
+    if not rec.missing then v.answered = v.answered + 1 end
+    local why = canary_verdict(rec, check)
+    if why == nil then v.passed = v.passed + 1
+    elseif #v.failures < KEPT_FAILURES then v.failures[#v.failures + 1] = { custom_id = rec.custom_id, why = why } end
+  end
+  return v
+end
+
+local function percent(x) return ("%d%%"):format(math.floor(x * 100 + 0.5)) end
+
+local function canary_failed(c, opts)
+  local first = {}
+  for i = 1, math.min(SHOWN_FAILURES, #c.failures) do
+    first[i] = ("%s: %s"):format(tostring(c.failures[i].custom_id), c.failures[i].why)
+  end
+  return errors.new({ kind = "canary", code = "canary_failed", param = "canary", canary = c, message = ("pipeline: "
+    .. "the canary failed: %d of its %d requests passed (%s), under min_ok %s; the other %d requests were not "
+    .. "sent. First failures: %s. Its answers stay in %s: run again with a fixed check or another min_ok to judge "
+    .. "them again (nothing is sent twice), or with a fixed prompt as a new run (--fresh, on_change = \"fresh\")")
+    :format(c.passed, c.requests, percent(c.share), percent(c.min_ok), c.rest or 0,
+      #first > 0 and table.concat(first, "; ") or "none", opts.dir) })
+end
+
+-- nil when the canary can be judged with these options, else the error
+local function canary_refused(state, opts)
+  local c = state.canary
+  if not c and opts.canary then
+    return errors.new({ kind = "invalid", code = "canary_late", param = "canary", message = ("pipeline: %s holds "
+      .. "a run started without a canary, its shards already cut: run it again without one to finish it, or "
+      .. "start a new run with one (--fresh, on_change = \"fresh\")"):format(opts.dir) })
+  end
+  if c and (tonumber(c.version) or math.huge) > CANARY_VERSION then
+    return errors.new({ kind = "invalid", code = "journal_newer", param = "canary", message = ("pipeline: %s's "
+      .. "canary is of version %s; this lbatch reads version %d: run it with the lbatch that wrote it")
+      :format(opts.dir, tostring(c.version), CANARY_VERSION) })
+  end
+  if c and c.state ~= "passed" and c.has_check and not (opts.canary and opts.canary.check) then
+    return errors.new({ kind = "invalid", code = "canary_check_missing", param = "canary", message = ("pipeline: "
+      .. "%s's canary has not passed yet and was to be judged by a check: give it again (canary = {check = ...}, "
+      .. "--canary-check FILE.lua); nothing was sent"):format(opts.dir) })
+  end
+end
+
+-- The canary first: its shards through their steps (resumed after a
+-- kill), its answers judged, the verdict in the journal. True when the
+-- rest may go; nil and an error (kind "canary") when it failed.
+local function canary_gate(run)
+  local state, opts = run.state, run.opts
+  local c = state.canary
+  if not c or c.state == "passed" then return true end
+  local ok, err = submit_all(run, canary_set(state))
+  if not ok then return nil, err end
+  local check = opts.canary and opts.canary.check
+  local judged, v = pcall(judge_canary, run, check)
+  if not judged then return nil, as_error(v) end
+  c.min_ok = opts.canary and opts.canary.min_ok or c.min_ok
+  c.requests, c.answered, c.passed, c.failures = v.requests, v.answered, v.passed, v.failures
+  c.share = v.passed / math.max(v.requests, 1)
+  c.state = c.share >= c.min_ok and "passed" or "failed"
+  local saved, serr = run.log:compact(snapshot(state))
+  if not saved then return nil, serr end
+  run:hook("canary", c)
+  if c.state == "passed" then return true end
+  return nil, canary_failed(c, opts)
 end
 
 -- the report: each first-round shard is joined with its own answers and
@@ -1340,15 +1523,21 @@ function run_locked(opts, client)
   local log, state, change, was_done = open_state(opts, client, path)
   if not log then return nil, state end
   local run, err = new_run(opts, client, path, state, log)
+  if run and state.phase ~= "done" then err = canary_refused(state, opts) run = not err and run end
   if not run then log:close() return nil, err end
   local unhook = client:at_turn_end(function() run:flush() end)
   local done, ferr = true, nil
-  if state.phase ~= "done" then done, ferr = submit_all(run) end
+  if state.phase ~= "done" then
+    done, ferr = canary_gate(run)
+    if done then done, ferr = submit_all(run) end
+  end
   unhook()
   log:close()
   if not done then return nil, ferr end
   client:pause()
-  return collect(client, path, state, change, was_done)
+  local report, rerr = collect(client, path, state, change, was_done)
+  if report then report.canary = state.canary end
+  return report, rerr
 end
 
 -- the account's files and batches of run `run`, by shard number: files,

@@ -1,6 +1,7 @@
 --- The lbatch command. `main(args)` returns the exit code:
 -- 0 done, 1 a failure (the service, a file, problems found),
--- 2 wrong usage, 3 a batch that ended failed, expired or cancelled.
+-- 2 wrong usage, 3 a batch that ended failed, expired or cancelled, 4 a
+-- run's canary that failed its check (nothing past it sent: EXIT_OF_KIND).
 -- Each command returns its exit code, or nil and an error object.
 -- @module lbatch.cmd.cli
 local cjson = require "cjson"
@@ -57,6 +58,12 @@ its results are exactly INPUT's rows; with another --model, --system,
   --no-header          a CSV's first row is a request
   --max-cost X         refuse the run (before any upload) when it may cost more
   --prices FILE        the prices --max-cost needs (as estimate's --prices)
+  --canary N           first run N requests spread evenly over INPUT (the same N
+                       on every run), check their answers, and send the rest only
+                       when enough pass; else stop, nothing more sent (exit 4)
+  --canary-check FILE.lua  FILE returns function(record) -> ok, why: the check of
+                       each canary answer (beside its status; an error counts as a fail)
+  --canary-min-ok X    the share of the canary that must pass (default 0.95)
   --bom                a byte-order mark in a CSV output
   --fresh              DIR holds a run made with other options (another model, system
                        prompt, ...): start a new run there (the old journal is kept)
@@ -1012,10 +1019,60 @@ local function said_rerun(o, dir, report)
   end
 end
 
+-- --canary N, --canary-check FILE.lua, --canary-min-ok X as pipeline.run's
+-- canary (nil without --canary), or nil and a usage error
+local function canary_of(o, n)
+  if not n.canary then
+    if o.canary_check or o.canary_min_ok then
+      return nil, usage_error("--canary-check and --canary-min-ok need --canary N")
+    end
+    return nil
+  end
+  if n.canary < 1 or n.canary ~= math.floor(n.canary) then
+    return nil, usage_error("--canary takes a whole number, 1 or more")
+  end
+  if n.canary_min_ok and n.canary_min_ok > 1 then
+    return nil, usage_error("--canary-min-ok takes a share, from 0 to 1")
+  end
+  local check
+  if o.canary_check then
+    local chunk, why = loadfile(o.canary_check)
+    local ok, fn = chunk ~= nil, why
+    if chunk then ok, fn = pcall(chunk) end
+    if not ok or type(fn) ~= "function" then
+      return nil, usage_error(("--canary-check %s must be a Lua file that returns a function: %s"):format(
+        o.canary_check, ok and ("it returned a " .. type(fn)) or tostring(fn)))
+    end
+    check = fn
+  end
+  return { lines = math.floor(n.canary), check = check, min_ok = n.canary_min_ok }
+end
+
+local function percent(x) return ("%d%%"):format(math.floor((x or 0) * 100 + 0.5)) end
+
+-- the canary's one line: "canary: 20 of 20 requests, 19 passed (95%), min
+-- 95%: released 980" (answered of sent, passed, the share, min_ok, then what followed)
+local function canary_line(c)
+  local head = ("canary: %d of %d requests, %d passed (%s), min %s: "):format(c.answered or 0,
+    c.requests or c.lines or 0, c.passed or 0, percent(c.share), percent(c.min_ok))
+  if c.state == "passed" then return head .. ("released %d"):format(c.rest or 0) end
+  return head .. ("stopped: %d held, nothing more sent"):format(c.rest or 0)
+end
+
+-- the canary in --json: its verdict, without the failures' list when it passed
+local function canary_json(c)
+  if not c then return nil end
+  return { state = c.state, requests = c.requests, answered = c.answered, passed = c.passed, share = c.share,
+           min_ok = c.min_ok, released = c.state == "passed" and (c.rest or 0) or 0, held = c.rest,
+           failures = json.array(c.failures or {}), line = canary_line(c) }
+end
+
 function command.run(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
-  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "wait_lock")
+  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "wait_lock", "canary", "canary_min_ok")
   if not n then return nil, nerr end
+  local canary, canerr = canary_of(o, n)
+  if canerr then return nil, canerr end
   if n.max_cost and not o.prices then return nil, usage_error("--max-cost needs --prices FILE") end
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
@@ -1055,9 +1112,11 @@ function command.run(o, pos)
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
     header = header, notify = notify, on_step = run_id_teller(dir), wait_lock = n.wait_lock,
-    on_change = o.fresh and "fresh" or o.reuse and "reuse" or nil,
+    on_change = o.fresh and "fresh" or o.reuse and "reuse" or nil, canary = canary,
   })
   done()
+  local judged = report and report.canary or err and err.canary
+  if judged and judged.state then io.stderr:write("lbatch run: ", canary_line(judged), "\n") end
   if not report then
     if fresh and err.kind ~= "busy" then unstarted(dir) end
     return nil, err
@@ -1074,7 +1133,7 @@ function command.run(o, pos)
   for _, sh in ipairs(report.shards) do if service.FINAL_BAD[sh.status] then bad = bad + 1 end end
   out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
            missing = s.missing, total_tokens = s.total_tokens, reused = report.reused, sent = report.sent,
-           repaired = repaired },
+           repaired = repaired, canary = canary_json(report.canary) },
     ("%s: %d requests, %d ok, %d failed, %d missing, %d tokens, %d shard(s); run " .. tostring(run_id_in(dir))):format(
       output, s.total, s.ok, s.failed, s.missing, s.total_tokens, #report.shards))
   return (bad > 0 or s.missing > 0) and 3 or 0
@@ -1304,6 +1363,10 @@ function command.report(o, pos)
   return 0
 end
 
+-- the exit codes of errors other than 1 (a failure) by their kind (2, wrong
+-- usage, is the code "usage"; 3, a batch that ended badly, a command's own)
+local EXIT_OF_KIND = { canary = 4 }
+
 --- Run the command.
 -- @tparam {string,...} args the arguments (`arg`)
 -- @treturn integer the exit code
@@ -1375,10 +1438,11 @@ function M.main(args)
   end
   if o.json then
     io.stdout:write(cjson.encode({ error = { kind = err.kind, status = err.status, code = err.code,
-      message = err.message, param = err.param, request_id = err.request_id } }), "\n")
+      message = err.message, param = err.param, request_id = err.request_id, canary = canary_json(err.canary) } }),
+      "\n")
   end
   io.stderr:write("lbatch ", name, ": ", (tostring(err):gsub("^lbatch: ", "")), "\n")
-  return 1
+  return EXIT_OF_KIND[err.kind] or 1
 end
 
 return M

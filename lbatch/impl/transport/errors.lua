@@ -47,9 +47,10 @@ end
 -- retryable); `cancelled`: a task or transfer was cancelled; `task`: a task
 -- raised something that is not an error object (`err.traceback` has where);
 -- `config`: what the environment lacks (no API key found); `busy`: a work
--- directory held by another run (code `dir_locked`, lbatch.lock).
+-- directory held by another run (code `dir_locked`, lbatch.lock); `canary`:
+-- a run's canary failed its check (code `canary_failed`, lbatch.pipeline).
 M.KINDS = { http = true, network = true, timeout = true, decode = true, invalid = true,
-            io = true, cancelled = true, task = true, config = true, busy = true }
+            io = true, cancelled = true, task = true, config = true, busy = true, canary = true }
 
 local STRING_FIELDS = { "code", "message", "param", "type", "request_id" }
 
