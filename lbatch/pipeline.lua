@@ -1216,6 +1216,24 @@ end
 -- request line is unchanged: with another model or system prompt, none).
 -- A journal of an older lbatch (no fingerprint) resumes unchecked:
 -- `report.change.fingerprint` is `"unknown"`.
+-- canary = {lines = N, check = fn(record) -> ok, why, min_ok = 0.95}: N
+-- requests spread evenly over the input (lines floor(j * n / N): the same
+-- ones on every run) are cut into shards of their own (the first) and run
+-- first; each answer is judged: its status, its `class` when the reader
+-- gives one, then `check` (an error in it is a failure, with the error).
+-- The other requests are sent only when the share that passes is at least
+-- min_ok; else the run returns nil and an error of kind `"canary"`, code
+-- `canary_failed`, whose message names the share, min_ok and the first
+-- failures, and `err.canary` the verdict `{state, requests, answered,
+-- passed, share, min_ok, rest (the requests held), failures = {{custom_id,
+-- why}, ...} (the first 20)}`: nothing more is uploaded. The verdict is in
+-- the journal: a kill -9 during the canary resumes it, a run after it
+-- passed does not run it again, and a run after it failed judges its
+-- answers again (nothing sent; another check or min_ok may pass them).
+-- `on_step("canary", verdict)` once judged. The canary counts in max_cost
+-- and its answers in the results (its shards' group first). A run
+-- started without a canary cannot take one (`canary_late`); one judged by
+-- a check needs it again to resume (`canary_check_missing`).
 -- @treturn table the report `{shards, results (a reader), outputs,
 -- errors, inputs, journal, client, groups, requests, reused, sent, change}`
 -- (groups: each first-round shard's `{inputs, output, errors}`, as
@@ -1223,7 +1241,8 @@ end
 -- the input's count; reused: answered by a run before; sent: sent by this
 -- run; change: what a rerun found: added, changed, dropped, reused,
 -- shaping and notes (the differences, as text), archived (the old
--- journal's copy), fresh, fingerprint), or nil and an error
+-- journal's copy), fresh, fingerprint; canary: its verdict, as above), or
+-- nil and an error
 function M.run(opts)
   errors.check("pipeline.run", "opts", opts, "table")
   errors.check("pipeline.run", "opts.dir", opts.dir, "string")
