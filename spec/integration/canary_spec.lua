@@ -13,11 +13,12 @@ local cjson = require "cjson"
 local N, CANARY, MAX_LINES = 100, 10, 30
 
 -- N requests asking for a French translation, or (wrong) a German one
+-- (language: a name, or fn(i) -> name)
 local function input(dir, language)
   return H.requests(dir .. "/in.jsonl", N, { line = function(i)
+    local lang = type(language) == "function" and language(i) or language or "French"
     return { custom_id = "req-" .. i, method = "POST", url = "/v1/chat/completions", body = { model = "qwen-plus",
-      max_tokens = 50, messages = { { role = "user", content = ("Translate to %s: item %d"):format(language or
-      "French", i) } } } }
+      max_tokens = 50, messages = { { role = "user", content = ("Translate to %s: item %d"):format(lang, i) } } } }
   end })
 end
 
@@ -174,6 +175,51 @@ describe("a canary", function()
     c2:close()
   end)
 
+  it("gates a rerun's changed requests too; a run started without a canary cannot take one", function()
+    local requests = input(dir)
+    local report, err, c = run(emu, dir, requests, { lines = CANARY, check = french })
+    assert.is_table(report, tostring(err))
+    local before = routes(emu)["POST /files"]
+    -- 20 requests changed, to a wrong prompt: the rerun's canary (4 of the 20) fails, the other 16 stay
+    requests = input(dir, function(i) return i <= 20 and "German" or "French" end)
+    local v, err2 = pipeline.run({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES,
+      poll_interval = 0.05, canary = { lines = 4, check = french } })
+    assert.is_nil(v)
+    assert.are.equal("canary_failed", err2.code)
+    assert.are.same({ 4, 0, 16 }, { err2.canary.requests, err2.canary.passed, err2.canary.rest })
+    assert.are.equal(before + 1, routes(emu)["POST /files"])
+    -- a run stopped before it ended, started without a canary, is not given one
+    local stopped = select(2, pipeline.run({ client = c, dir = dir .. "/plain", requests = requests,
+      max_lines = MAX_LINES, on_step = function(step) if step == "after_upload" then error("stop here") end end }))
+    assert.matches("stop here", tostring(stopped), 1, true)
+    local uploads = routes(emu)["POST /files"]
+    v, err2 = pipeline.run({ client = c, dir = dir .. "/plain", requests = requests, max_lines = MAX_LINES,
+      canary = { lines = CANARY, check = french } })
+    assert.is_nil(v)
+    assert.are.equal("canary_late", err2.code)
+    assert.are.equal(uploads, routes(emu)["POST /files"])
+    c:close()
+  end)
+
+  it("refuses a journal whose canary is of a newer version, sending nothing", function()
+    local requests = input(dir, "German")
+    local _, err, c = run(emu, dir, requests, { lines = CANARY, check = french })
+    assert.are.equal("canary_failed", err.code)
+    local path = dir .. "/work/journal.jsonl"
+    local text = H.read(path)
+    local head, rest = text:match("^([^\n]*)\n(.*)$")
+    local h = cjson.decode(head)
+    assert.are.same({ 1, "failed" }, { h.canary.version, h.canary.state })
+    h.canary.version, h.canary.state = 2, "passed"
+    H.write(path, cjson.encode(h) .. "\n" .. rest)
+    local v, err2 = pipeline.run({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES,
+      canary = { lines = CANARY, check = french } })
+    assert.is_nil(v)
+    assert.are.equal("journal_newer", err2.code)
+    assert.are.same({ 1, 1 }, { routes(emu)["POST /files"], routes(emu)["POST /batches"] })
+    c:close()
+  end)
+
   it("is counted by max_cost: a run whose rest fits but not with the canary is refused", function()
     local requests = input(dir)
     local prices = H.write(dir .. "/prices.json", cjson.encode({ ["qwen-plus"] = { input = 1000, output = 1000 } }))
@@ -244,6 +290,15 @@ end
       assert.is_not_nil(line:find("French", 1, true))
     end
     assert.are.equal(N, n)
+  end)
+
+  it("passes at --canary-min-ok: 9 of 10 at 0.9 releases the rest", function()
+    local code, _, err = cmd(input(dir, function(i) return i == 41 and "German" or "French" end),
+      "--canary-min-ok 0.9")
+    assert.are.equal(0, code, err)
+    assert.matches("canary: 10 of 10 requests, 9 passed (90%), min 90%: released 90", err, 1, true)
+    local ids = sent(emu)
+    for i = 1, N do assert.are.equal(1, ids["req-" .. i], "req-" .. i) end
   end)
 
   it("refuses --canary-check without --canary, and a check file that returns no function", function()
