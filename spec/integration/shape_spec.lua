@@ -135,6 +135,30 @@ describe("answers checked for shape", function()
     end
   end)
 
+  it("reads the responses API's output text and text.format (OpenAI's dialect)", function()
+    local oe = H.emulator({ speed = 200, rate_limits = false, dialect = "openai" })
+    local c = assert(lbatch.new({ api_key = "k", base_url = oe.base, region = "openai", poll_budget = 6000 }))
+    local format = { type = "json_schema", name = "rating", strict = true, schema = SCHEMA }
+    local lines = {}
+    for i, kind in ipairs({ "", " lbatch-emulator:answer=missing", " lbatch-emulator:answer=not_json" }) do
+      lines[i] = cjson.encode({ custom_id = "r" .. i, method = "POST", url = "/v1/responses",
+        body = { model = "gpt-4o-mini", input = "Rate " .. i .. kind, text = { format = format } } })
+    end
+    local input = H.write(dir .. "/resp.jsonl", table.concat(lines, "\n") .. "\n")
+    local f = assert(c:upload(input))
+    local b = assert(c:create({ input_file_id = f.id, endpoint = "/v1/responses" }))
+    b = assert(c:wait(b.id, { interval = 0.05 }))
+    local output = assert(c:content(b.output_file_id, { path = input .. ".out" }))
+    local got = {}
+    for rec in assert(results.open({ output = output, inputs = input })):each() do got[rec.custom_id] = rec end
+    assert.is_true(got.r1.ok)
+    assert.are.equal(7, got.r1.json.score)
+    assert.are.equal("answer lacks required field 'score'", got.r2.error_message)
+    assert.matches("^answer is not JSON: ", got.r3.error_message)
+    c:close()
+    oe.stop()
+  end)
+
   it("stops at max_rounds when the answers stay invalid, and the command says how many", function()
     local input = write_input(dir .. "/three.jsonl", "three", "")    -- they slip every time
     local code, out, stderr = H.lbatch(("run %s --dir %s/three --poll 0.05 --resubmit"):format(input, dir), { emu = emu })
