@@ -568,7 +568,11 @@ end
 -- Joined with inputs, records come in input order with rec.input (the
 -- request, decoded when first read), rec.prompt and rec.line (the request
 -- line as it is in the file), and a request with no result gives
--- `{custom_id, ok = false, missing = true, class = "retryable"}`. A file that cannot be read
+-- `{custom_id, ok = false, missing = true, class = "retryable"}`. A request
+-- that asks for JSON gets rec.json (its answer parsed, as lua-cjson decodes
+-- it: null is `json.null`), and an answer not of that shape is class
+-- `invalid_answer` with rec.error (only joined: without inputs the reader
+-- cannot know what was asked). A file that cannot be read
 -- gives `false, err` (an `io` error) and the iteration ends. Afterwards
 -- `r.orphans` lists the results no input asked for.
 -- @treturn function the iterator
