@@ -1032,12 +1032,15 @@ function Run:finish(s)
   -- the new shard and this one's end are saved together
   local again = opts.resubmit or (s.stuck and opts.stuck_action == "cancel_resubmit")
   local failed = type(s.counts) == "table" and tonumber(s.counts.failed) or 0
-  -- what did not run (expired, cancelled) and the lines that failed for a
-  -- reason that may pass (429, 5xx: results.classify) run again
-  if again and (PARTIAL[s.status] or failed > 0) and s.round < (opts.max_rounds or 3) then
+  local answered = type(s.counts) == "table" and tonumber(s.counts.completed) or 0
+  -- what did not run (expired, cancelled), the lines that failed for a
+  -- reason that may pass (429, 5xx: results.classify) and the answers
+  -- that are not the JSON their request asked for (invalid_answer) run again
+  if again and (PARTIAL[s.status] or failed > 0 or answered > 0) and s.round < (opts.max_rounds or 3) then
     local path = s.path:gsub("%.jsonl$", "") .. ".r" .. (s.round + 1) .. ".jsonl"
     local r = try(results.open({ output = s.output, errors = s.error, inputs = s.path }))
-    local n = try(r:resubmit(path))
+    local n = try(r:resubmit(path, { classes = { "retryable", "invalid_answer" } }))
+    if n == 0 then os.remove(path) end
     if n > 0 then
       local k = #self.state.shards + 1
       self.state.shards[k] = { k = k, path = path, name = self.state.run .. "-" .. k .. ".jsonl", lines = n,

@@ -13,13 +13,24 @@
 -- non-empty JSON object) and no error, in the line or in the body: the
 -- services write lines with `error: null` and a 500 inside. Every other
 -- record has a `class` (`results.classify`): `"retryable"`,
--- `"permanent"` or `"account"`.
+-- `"permanent"`, `"account"` or `"invalid_answer"`.
+--
+-- Joined with inputs, an ok answer to a request that asks for JSON
+-- (`response_format` `json_object` or `json_schema`; the responses API's
+-- `text.format`) is parsed (`rec.json`, the value) and held to the schema's
+-- required fields and basic types (`lbatch.impl.formats.shape`): one that
+-- is not JSON or not of that shape is not ok, class `"invalid_answer"`,
+-- `rec.error` an error object (kind `decode`, code `invalid_answer`,
+-- param the field) and `error_message` its message ("answer lacks required
+-- field 'score'"). Without inputs the reader cannot know what a request
+-- asked for, and makes no such check.
 -- @module lbatch.results
 local json = require "lbatch.json"
 local rules = require "lbatch.impl.formats.rules"
 local errors = require "lbatch.impl.transport.errors"
 local cost = require "lbatch.impl.formats.cost"
 local service = require "lbatch.impl.api.service"
+local shape = require "lbatch.impl.formats.shape"
 
 local core = require "lbatch.core"
 
@@ -78,8 +89,15 @@ local function str(v) if v ~= nil then return tostring(v) end end
 -- before the first dot (`Throttling.RateQuota` as `Throttling`). The
 -- account codes are `lbatch.service.ACCOUNT`'s (Arrearage,
 -- insufficient_quota, billing_hard_limit_reached, invalid_api_key, ...),
--- the ones a pipeline stops at. Add or change entries to teach `classify`
--- a code.
+-- the ones a pipeline stops at. `"invalid_answer"` (code
+-- `invalid_answer`): the service answered, and billed, but the answer is
+-- not the JSON its request asked for; a class of its own, because it is
+-- neither of the others: sent again it may well pass (a model's answers
+-- vary), so it is not permanent, but sending it again costs as much again
+-- and may fail the same way (a schema the model never follows), so it is
+-- not retryable either, which `resubmit` takes unasked: it is taken when
+-- asked (`classes`), and by a pipeline's `resubmit` up to its rounds.
+-- Add or change entries to teach `classify` a code.
 M.CLASSES = {
   rate_limit_exceeded = "retryable", server_error = "retryable", internal_error = "retryable",
   timeout = "retryable", request_timeout = "retryable", service_unavailable = "retryable",
@@ -91,6 +109,7 @@ M.CLASSES = {
   content_filter = "permanent", content_policy_violation = "permanent",
   InvalidParameter = "permanent", invalid_value = "permanent", invalid_request = "permanent",
   model_not_found = "permanent", context_length_exceeded = "permanent", InvalidModel = "permanent",
+  invalid_answer = "invalid_answer",
 }
 for code in pairs(service.ACCOUNT) do M.CLASSES[code] = "account" end
 
@@ -130,7 +149,7 @@ end
 -- (`results.status_class`); what none of them knows is `"permanent"`
 -- (never sent again unasked).
 -- @tparam table rec a record
--- @treturn ?string "retryable", "permanent" or "account"
+-- @treturn ?string "retryable", "permanent", "account" or "invalid_answer"
 -- @treturn ?string the code
 function M.classify(rec)
   if rec.ok then return nil end
@@ -425,6 +444,40 @@ function Join:finish()
   if found then found:clear() end
 end
 
+-- an answer's text: chat's first choice's content, else the responses
+-- API's first output_text, else a completion's text
+local function answer_text(rec)
+  if rec.content ~= nil then return rec.content end
+  local body = tab(rec.body)
+  for _, item in ipairs(body and tab(body.output) or {}) do
+    if type(item) == "table" and item.type == "message" then
+      for _, part in ipairs(tab(item.content) or {}) do
+        if type(part) == "table" and part.type == "output_text" then return part.text end
+      end
+    end
+  end
+  local choice = body and tab(body.choices) and tab(body.choices[1])
+  return choice and choice.text
+end
+
+-- an ok record whose request (line `text`) asks for JSON: its answer
+-- parsed (rec.json) and checked, and an answer of the wrong shape made
+-- an invalid_answer (not ok, rec.error naming why)
+local function check_answer(rec, text)
+  if not rec.ok or not (text:find('"response_format"', 1, true) or text:find('"format"', 1, true)) then return end
+  local req = rec.input
+  local want = shape.wanted(tab(req) and req.body)
+  if not want then return end
+  local value, why, field = shape.check(answer_text(rec), want)
+  rec.json = value
+  if why then
+    rec.ok, rec.error_code, rec.error_message = false, "invalid_answer", why
+    rec.error = errors.new({ kind = "decode", code = "invalid_answer", message = why, param = field,
+                             custom_id = rec.custom_id })
+    rec.class = M.classify(rec)
+  end
+end
+
 -- the record of input line `text` (its result, or a missing one); nil for
 -- a line with no custom_id
 function Join:record(text)
@@ -439,7 +492,9 @@ function Join:record(text)
     missing[#missing + 1] = id
   end
   rec.line = text
-  return setmetatable(rec, Record)
+  setmetatable(rec, Record)
+  if v then check_answer(rec, text) end
+  return rec
 end
 
 -- the next record in input order, or nil at the end
@@ -513,7 +568,11 @@ end
 -- Joined with inputs, records come in input order with rec.input (the
 -- request, decoded when first read), rec.prompt and rec.line (the request
 -- line as it is in the file), and a request with no result gives
--- `{custom_id, ok = false, missing = true, class = "retryable"}`. A file that cannot be read
+-- `{custom_id, ok = false, missing = true, class = "retryable"}`. A request
+-- that asks for JSON gets rec.json (its answer parsed, as lua-cjson decodes
+-- it: null is `json.null`), and an answer not of that shape is class
+-- `invalid_answer` with rec.error (only joined: without inputs the reader
+-- cannot know what was asked). A file that cannot be read
 -- gives `false, err` (an `io` error) and the iteration ends. Afterwards
 -- `r.orphans` lists the results no input asked for.
 -- @treturn function the iterator
@@ -559,16 +618,21 @@ end
 
 --- Counts, tokens and a cost estimate.
 -- Failed records are counted by class (`by_class`, as `results.classify`
--- says: retryable, permanent, account; a missing request is retryable)
--- and by code (`by_code`: the error code, `missing`, `http_STATUS`,
--- `empty_body`); `by_error` is `by_code` without `missing`.
+-- says: retryable, permanent, account, invalid_answer; a missing request
+-- is retryable) and by code (`by_code`: the error code, `missing`,
+-- `http_STATUS`, `empty_body`, `invalid_answer`); `by_error` is `by_code`
+-- without `missing` and `invalid_answer`. `total` is `ok + failed +
+-- missing + invalid_answers`: an answer that is not the JSON its request
+-- asked for (joined with inputs only) is counted apart, in
+-- `invalid_answers`, neither ok nor failed; its tokens are counted (the
+-- service billed it).
 -- `reasoning_tokens` (`usage.completion_tokens_details.reasoning_tokens`,
 -- or DashScope's `output_tokens_details`) are counted apart and are also
 -- in `completion_tokens`: thinking is billed as output, and the cost
 -- counts it so.
 -- @tparam[opt] table opts prices = {[model] = {input = P, output = P}}
 -- (per million tokens, real-time prices), discount (0.5: batch prices)
--- @treturn table total, ok, failed, missing, by_class, by_code, by_error,
+-- @treturn table total, ok, failed, missing, invalid_answers, by_class, by_code, by_error,
 -- prompt_tokens, completion_tokens, reasoning_tokens, total_tokens, cost,
 -- by_model (each requests, prompt_tokens, completion_tokens,
 -- reasoning_tokens, cost); or nil and an `io` error
@@ -576,7 +640,8 @@ function Reader:summary(opts)
   errors.check("results.summary", "opts", opts, "table", true)
   opts = opts or {}
   local prices, discount = opts.prices or {}, opts.discount or cost.DISCOUNT
-  local s = { total = 0, ok = 0, failed = 0, missing = 0, by_error = {}, by_class = {}, by_code = {},
+  local s = { total = 0, ok = 0, failed = 0, missing = 0, invalid_answers = 0,
+              by_error = {}, by_class = {}, by_code = {},
               prompt_tokens = 0, completion_tokens = 0, reasoning_tokens = 0, total_tokens = 0, cost = 0,
               by_model = {} }
   for rec, err in self:each() do
@@ -588,13 +653,14 @@ function Reader:summary(opts)
       s.by_class[class] = (s.by_class[class] or 0) + 1
       s.by_code[code] = (s.by_code[code] or 0) + 1
       if rec.missing then s.missing = s.missing + 1
+      elseif code == "invalid_answer" then s.invalid_answers = s.invalid_answers + 1
       else
         s.failed = s.failed + 1
         s.by_error[code] = (s.by_error[code] or 0) + 1
       end
     end
     local u = rec.usage
-    if rec.ok and type(u) == "table" then
+    if (rec.ok or rec.error_code == "invalid_answer") and type(u) == "table" then
       local pt, ct, tt, rt = tokens_of(u)
       s.prompt_tokens, s.completion_tokens = s.prompt_tokens + pt, s.completion_tokens + ct
       s.total_tokens, s.reasoning_tokens = s.total_tokens + tt, s.reasoning_tokens + rt
@@ -618,13 +684,15 @@ end
 local function classes_of(opts)
   if opts == nil then return { retryable = true } end
   errors.check("results.resubmit", "opts", opts, "table")
-  if opts.all or opts.failed then return { retryable = true, permanent = true, account = true } end
+  if opts.all or opts.failed then
+    return { retryable = true, permanent = true, account = true, invalid_answer = true }
+  end
   if opts.classes == nil then return { retryable = true } end
   errors.check("results.resubmit", "opts.classes", opts.classes, "table")
   local set = {}
   for _, c in ipairs(opts.classes) do
-    if c ~= "retryable" and c ~= "permanent" and c ~= "account" then
-      errors.arg("results.resubmit", "opts.classes holds retryable, permanent or account (got "
+    if c ~= "retryable" and c ~= "permanent" and c ~= "account" and c ~= "invalid_answer" then
+      errors.arg("results.resubmit", "opts.classes holds retryable, permanent, account or invalid_answer (got "
         .. tostring(c) .. ")", 4)
     end
     set[c] = true
@@ -639,11 +707,14 @@ end
 -- ran, and those that failed by a rate limit (429), a server error (5xx)
 -- or a timeout. It leaves the `permanent` ones (validation, content
 -- inspection, other 4xx: they would fail again) and the `account` ones
--- (arrears, quota, key: nothing runs until the account is put right).
+-- (arrears, quota, key: nothing runs until the account is put right), and
+-- the `invalid_answer` ones (answered and billed, but not the JSON asked
+-- for: sent again only when asked, `classes = {"retryable",
+-- "invalid_answer"}`).
 -- @tparam string path the new file
--- @tparam[opt] table opts classes = {"retryable", "permanent", ...}: the
--- classes to take; all = true: every request that is not ok (`failed =
--- true` is the same, as before)
+-- @tparam[opt] table opts classes = {"retryable", "permanent", "account",
+-- "invalid_answer"}: the classes to take; all = true: every request that
+-- is not ok (`failed = true` is the same, as before)
 -- @treturn integer the number of lines written, or nil and an `io` error
 -- @treturn table the lines written by class, `{retryable = n, ...}`
 function Reader:resubmit(path, opts)

@@ -52,6 +52,7 @@ build = {
     ["lbatch.impl.formats.media"] = "lbatch/impl/formats/media.lua",
     ["lbatch.impl.formats.cost"] = "lbatch/impl/formats/cost.lua",
     ["lbatch.impl.formats.size"] = "lbatch/impl/formats/size.lua",
+    ["lbatch.impl.formats.shape"] = "lbatch/impl/formats/shape.lua",
     ["lbatch.results"] = "lbatch/results.lua",
     ["lbatch.csv"] = "lbatch/csv.lua",
     ["lbatch.pipeline"] = "lbatch/pipeline.lua",

@@ -52,8 +52,9 @@ its results are exactly INPUT's rows; with another --model, --system,
   --max-lines N        lines per shard (default 50000)
   --window W           completion window (default 24h)
   --poll SECONDS       first poll interval (default $LBATCH_POLL_INTERVAL, else 60)
-  --resubmit           run again what did not run (expired, cancelled) and lines that
-                       failed for a reason that may pass (429, 5xx)
+  --resubmit           run again what did not run (expired, cancelled), lines that
+                       failed for a reason that may pass (429, 5xx) and answers that
+                       are not the JSON their request asked for (invalid_answer)
   --header             a CSV's first row is a header (default: when it looks like one)
   --no-header          a CSV's first row is a request
   --max-cost X         refuse the run (before any upload) when it may cost more
@@ -652,6 +653,12 @@ local function said_repaired(o, path, repaired)
   end
 end
 
+-- ", N invalid answers" (not the JSON their requests asked for), or ""
+local function invalid_note(s)
+  if (s.invalid_answers or 0) == 0 then return "" end
+  return (", %d invalid answer(s)"):format(s.invalid_answers)
+end
+
 function command.results(o, pos)
   local r, err = results.open({ output = pos[1], errors = o.errors, inputs = o.inputs })
   if not r then return nil, err end
@@ -662,7 +669,7 @@ function command.results(o, pos)
   if o.csv and not o.json then
     local s, serr = r:summary()
     if not s then return nil, serr end
-    io.stdout:write(("%s: %d ok, %d failed, %d missing\n"):format(o.csv, s.ok, s.failed, s.missing))
+    io.stdout:write(("%s: %d ok, %d failed, %d missing%s\n"):format(o.csv, s.ok, s.failed, s.missing, invalid_note(s)))
   end
   return 0
 end
@@ -1133,9 +1140,10 @@ function command.run(o, pos)
   for _, sh in ipairs(report.shards) do if service.FINAL_BAD[sh.status] then bad = bad + 1 end end
   out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
            missing = s.missing, total_tokens = s.total_tokens, reused = report.reused, sent = report.sent,
-           repaired = repaired, canary = canary_json(report.canary) },
-    ("%s: %d requests, %d ok, %d failed, %d missing, %d tokens, %d shard(s); run " .. tostring(run_id_in(dir))):format(
-      output, s.total, s.ok, s.failed, s.missing, s.total_tokens, #report.shards))
+           repaired = repaired, canary = canary_json(report.canary), invalid_answers = s.invalid_answers },
+    ("%s: %d requests, %d ok, %d failed, %d missing%s, %d tokens, %d shard(s); run "
+      .. tostring(run_id_in(dir))):format(output, s.total, s.ok, s.failed, s.missing, invalid_note(s),
+      s.total_tokens, #report.shards))
   return (bad > 0 or s.missing > 0) and 3 or 0
 end
 

@@ -395,7 +395,7 @@ describe("results: ok, classes, resubmit and summary", function()
     end
     assert.are.equal(5, (r:resubmit(path, { classes = { "account" } })))
     assert.has_error(function() r:resubmit(path, { classes = { "retry" } }) end,
-      "lbatch.results.resubmit: opts.classes holds retryable, permanent or account (got retry)")
+      "lbatch.results.resubmit: opts.classes holds retryable, permanent, account or invalid_answer (got retry)")
   end)
 
   it("sums up by class and by code, and counts reasoning tokens apart, billed as output", function()

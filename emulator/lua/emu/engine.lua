@@ -129,13 +129,102 @@ local function prompt_tokens(endpoint, body)
 end
 E.prompt_tokens = prompt_tokens
 
-local function chat(body, test, id)
+---------------------------------------------------------------- JSON answers
+
+-- A request that asks for JSON (response_format json_object or
+-- json_schema; the responses API's text.format) is answered with JSON: a
+-- value of the schema's shape (every property, of its type: strings
+-- "emulated", integers 7, numbers 0.5, booleans true, arrays of one item,
+-- enum's and anyOf's first), or {"answer": TEXT} for json_object. A
+-- request whose text holds `lbatch-emulator:answer=KIND` gets a wrong
+-- answer of that kind instead: not_json (text, then JSON cut short),
+-- missing (the schema's first required field left out; json_object: {}),
+-- wrong_type (that field of another type). `...=KIND/N`: only the first N
+-- times that same request (its line, or the real-time body, byte for
+-- byte) is answered, a valid answer after: a model that slips now and
+-- then, and a resubmitted line answered right. The counts are kept in
+-- memory (a restart forgets them).
+E.ANSWER_MARKER = "lbatch-emulator:answer="
+local slips = {}      -- ngx.md5 of a request -> wrong answers it got so far
+
+local function tab(v) if type(v) == "table" then return v end end
+
+-- the JSON a body asks for: "json_object", or "json_schema" and the schema
+local function json_wanted(body)
+  local f = tab(body.response_format) or (tab(body.text) and tab(body.text.format))
+  if not f then return nil end
+  if f.type == "json_object" then return "json_object" end
+  if f.type == "json_schema" then
+    return "json_schema", tab(f.schema) or (tab(f.json_schema) and tab(f.json_schema.schema)) or {}
+  end
+end
+
+-- a value of schema s's shape (local $refs followed from root)
+local function example(s, root, depth)
+  if type(s) ~= "table" or depth > 16 then return "emulated" end
+  local ref = s["$ref"]
+  if type(ref) == "string" then
+    local node = root
+    for part in ref:gmatch("/([^/]+)") do node = tab(node) and node[part] end
+    return example(node, root, depth + 1)
+  end
+  if s.const ~= nil then return s.const end
+  if tab(s.enum) and s.enum[1] ~= nil then return s.enum[1] end
+  local any = tab(s.anyOf) or tab(s.oneOf)
+  if any and any[1] ~= nil then return example(any[1], root, depth + 1) end
+  local t = s.type
+  if type(t) == "table" then t = t[1] end
+  if t == "object" or (t == nil and tab(s.properties)) then
+    local o = {}
+    for k, sub in pairs(tab(s.properties) or {}) do o[k] = example(sub, root, depth + 1) end
+    for _, k in ipairs(tab(s.required) or {}) do if o[k] == nil then o[k] = "emulated" end end
+    return o
+  end
+  if t == "array" then return { example(s.items, root, depth + 1) } end
+  local simple = { integer = 7, number = 0.5, boolean = true, null = cjson.null }
+  if simple[t] ~= nil then return simple[t] end
+  return "emulated"
+end
+
+-- the wrong kind asked for by the request's text, if it is due this time
+local function slip(raw)
+  local kind, times = raw:match("lbatch%-emulator:answer=([%w_]+)\\?/?(%d*)")    -- (JSON may write / as \/)
+  if not kind then return nil end
+  times = tonumber(times)
+  if times then
+    local key = ngx.md5(raw)
+    if (slips[key] or 0) >= times then return nil end
+    slips[key] = (slips[key] or 0) + 1
+  end
+  return kind
+end
+
+-- the answer's text for a body that asks for JSON, else nil
+local function json_answer(body, raw, text)
+  local want, schema = json_wanted(body)
+  if not want then return nil end
+  local kind = slip(raw)
+  if kind == "not_json" then return "Sure! Here is the JSON you asked for:\n{\"answer\": " end
+  local value = want == "json_object" and { answer = text } or example(schema, schema, 0)
+  local first = schema and tab(schema.required) and schema.required[1]
+  if type(value) == "table" and (kind == "missing" or kind == "wrong_type") then
+    if want == "json_object" then value = {}
+    elseif first and kind == "missing" then value[first] = nil
+    elseif first then
+      value[first] = type(value[first]) == "string" and 12345 or "emulated"
+    end
+  end
+  return cjson.encode(value)
+end
+
+local function chat(body, test, id, raw)
   local last = ""
   for _, m in ipairs(type(body.messages) == "table" and body.messages or {}) do
     if type(m) == "table" and m.role == "user" then last = text_of(m.content) end
   end
   local content = test and "This is a test result."
     or ("Emulated answer (" .. body.model .. "): " .. last)
+  content = not test and json_answer(body, raw, content) or content
   local message = { role = "assistant", content = content }
   if service.thinking(body) then
     message.reasoning_content = "Emulated reasoning about: " .. last
@@ -153,8 +242,9 @@ local function chat(body, test, id)
 end
 
 -- OpenAI's other batch endpoints, emulated as simply
-local function other(endpoint, body, id)
+local function other(endpoint, body, id, raw)
   local text = "Emulated answer (" .. tostring(body.model) .. ")"
+  if endpoint == "/v1/responses" then text = json_answer(body, raw, text) or text end
   local now = math.floor(store.now())
   if endpoint == "/v1/responses" then
     return { id = "resp_" .. id, object = "response", created_at = now, status = "completed", model = body.model,
@@ -258,8 +348,8 @@ function E.answer(endpoint, body, raw, id)
     return failure(404, "model_not_found", ("The provided model %s is not supported by the Batch API."):format(model))
   end
   if endpoint == "/v1/embeddings" or endpoint == "/embeddings" then return 200, embeddings(body) end
-  if CHAT[endpoint] then return 200, chat(body, model == service.TEST.model, id) end
-  return 200, other(endpoint, body, id)
+  if CHAT[endpoint] then return 200, chat(body, model == service.TEST.model, id, raw) end
+  return 200, other(endpoint, body, id, raw)
 end
 
 -- The result line of request n, and whether it succeeded (true), failed
