@@ -25,6 +25,7 @@ local core = require "lbatch.core"
 
 local decode, normalize = json.decode, json.normalize
 local json_string, scan_result, read_at, sub = core.json_string, core.result, core.line_at, string.sub
+local find = string.find
 local SPAN = 2 ^ 36          -- a result's place: file number * SPAN + byte offset (as core's idmap:scan)
 local M = {}
 
@@ -150,10 +151,43 @@ local function error_fields(rec, err, berr)
   if not rec.error_type and tab(berr) then rec.error_type = str(berr.type) end
 end
 
+-- the output_text of a Responses answer's message items, joined
+local function output_text(output)
+  local parts = {}
+  for _, item in ipairs(output) do
+    local content = tab(item) and item.type == "message" and tab(item.content)
+    for _, c in ipairs(content or {}) do
+      if tab(c) and c.type == "output_text" and type(c.text) == "string" then parts[#parts + 1] = c.text end
+    end
+  end
+  return #parts > 0 and table.concat(parts) or nil
+end
+
+--- The fields of the answers that are not chat's (openai npm 6.49.0
+-- resources/responses, images, videos): a Responses answer's `content` (its
+-- output_text), an ImagesResponse's `images` (its data: each {b64_json} or
+-- {url}) and `content` (the first image's b64_json or url), a Video's
+-- `video` (the object: id, status, ...; its bytes are fetched from
+-- /videos/{id}/content). Their usage (input_tokens, output_tokens) is
+-- read as chat's.
+-- @tparam table rec the record
+-- @tparam table body the answer's body
+-- @tparam ?table data body.data
+function M.shape_fields(rec, body, data)
+  if body.object == "response" and tab(body.output) then
+    rec.content = output_text(body.output)
+  elseif body.object == "video" then
+    rec.video = body
+  elseif data and tab(data[1]) and (data[1].b64_json or data[1].url) then
+    rec.images = data
+    rec.content = data[1].b64_json or data[1].url
+  end
+end
+
 --- One output or error line as a record: custom_id, ok, class (when not
 -- ok), status_code, request_id, body, model, created, usage, content,
--- reasoning, embedding, error_code, error_type, error_message (JSON null
--- is nil; whole numbers are integers).
+-- reasoning, embedding, images, video, error_code, error_type,
+-- error_message (JSON null is nil; whole numbers are integers).
 -- @tparam string line
 -- @treturn table the record
 local function record(line)
@@ -192,6 +226,7 @@ function M.record_of(r)
     end
     local data = tab(body.data)
     if data and tab(data[1]) and data[1].embedding then rec.embedding = data[1].embedding end
+    if not msg then M.shape_fields(rec, body, data) end
   end
   error_fields(rec, err, berr)
   if not rec.ok then rec.class = M.classify(rec) end
@@ -234,7 +269,9 @@ end }
 -- @treturn table the record
 local function light(line)
   local rec, err, berr = scan_result(line)
-  if not rec then rec = record(line)
+  -- an answer that is not chat's nor an embedding (responses, images, videos): decoded whole
+  if not rec or (rec.ok and rec.content == nil and rec.embedding == nil and not find(line, '"choices"', 1, true)) then
+    rec = record(line)
   else
     if err or berr then error_fields(rec, err, berr) end
     if not rec.ok then rec.class = M.classify(rec) end

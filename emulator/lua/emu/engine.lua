@@ -124,6 +124,8 @@ local function prompt_tokens(endpoint, body)
     return tokens(tostring(body.prompt))
   elseif endpoint == "/v1/responses" then
     return 8
+  elseif endpoint == "/v1/images/generations" or endpoint == "/v1/images/edits" then
+    return tokens(tostring(body.prompt))
   end
   return 0
 end
@@ -170,6 +172,35 @@ local function other(endpoint, body, id)
   return { id = "modr-" .. id, model = body.model or "omni-moderation-latest",
            results = { { flagged = false, categories = { violence = false },
                          category_scores = { violence = 0.0001 } } } }
+end
+
+-- a 1x1 transparent PNG: what every emulated image is
+local PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+local IMAGE_TOKENS = 272     -- OpenAI's output tokens for one low-quality 1024x1024 gpt-image-1 image
+
+-- /v1/images/generations and /v1/images/edits: ImagesResponse (openai npm
+-- 6.49.0 resources/images.d.ts): created, data [{b64_json} or {url} when
+-- response_format is "url"], usage {input_tokens, output_tokens, ...}
+local function images(body, id)
+  local n = math.max(1, math.floor(tonumber(body.n) or 1))
+  local data = {}
+  for i = 1, n do
+    data[i] = body.response_format == "url" and { url = ("https://images.emulator.invalid/%s-%d.png"):format(id, i) }
+      or { b64_json = PNG }
+  end
+  local p, c = tokens(tostring(body.prompt)), IMAGE_TOKENS * n
+  return { created = math.floor(store.now()), data = data, output_format = "png",
+           usage = { input_tokens = p, input_tokens_details = { text_tokens = p, image_tokens = 0 },
+                     output_tokens = c, total_tokens = p + c } }
+end
+
+-- /v1/videos: the Video object (resources/videos.d.ts), done; no usage
+local function video(body, id)
+  local now = math.floor(store.now())
+  return { id = "video_" .. id, object = "video", created_at = now, completed_at = now, expires_at = now + 86400,
+           status = "completed", progress = 100, model = body.model, prompt = body.prompt,
+           seconds = body.seconds or "4", size = body.size or "720x1280", error = cjson.null,
+           remixed_from_video_id = cjson.null }
 end
 
 local function vector(text, dim)
@@ -259,6 +290,8 @@ function E.answer(endpoint, body, raw, id)
   end
   if endpoint == "/v1/embeddings" or endpoint == "/embeddings" then return 200, embeddings(body) end
   if CHAT[endpoint] then return 200, chat(body, model == service.TEST.model, id) end
+  if endpoint == "/v1/images/generations" or endpoint == "/v1/images/edits" then return 200, images(body, id) end
+  if endpoint == "/v1/videos" then return 200, video(body, id) end
   return 200, other(endpoint, body, id)
 end
 

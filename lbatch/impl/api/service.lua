@@ -52,14 +52,30 @@ M.DIALECT = { cn = "dashscope", intl = "dashscope", openai = "openai", azure = "
               cerebras = "openai", novita = "openai", litellm = "openai" }
 
 --- Every batch endpoint, with the field a line's body must hold (besides
--- `model`, which moderations may leave out) and the dialects that take it.
+-- `model`, which moderations may leave out), `also` the other fields it
+-- must hold, and the dialects that take it.
 M.ENDPOINT_RULES = {
   ["/v1/chat/completions"] = { field = "messages", dashscope = true, openai = true },
   ["/v1/embeddings"] = { field = "input", dashscope = true, openai = true },
   ["/v1/chat/ds-test"] = { field = "messages", dashscope = true },
-  ["/v1/responses"] = { openai = true },
+  -- responses: `input` (and `model`, as every line here) required, though the
+  -- real-time API leaves both optional (openai npm 6.49.0 resources/responses/
+  -- responses.d.ts ResponseCreateParamsBase): a batch line without them runs
+  -- a stored prompt's defaults at best, so lbatch refuses it
+  ["/v1/responses"] = { field = "input", openai = true },
   ["/v1/completions"] = { field = "prompt", openai = true },
   ["/v1/moderations"] = { field = "input", model_optional = true, openai = true },
+  -- The rest of BatchCreateParams.endpoint's union (openai npm 6.49.0
+  -- resources/batches.d.ts: "/v1/responses, /v1/chat/completions,
+  -- /v1/embeddings, /v1/completions, /v1/moderations, /v1/images/generations,
+  -- /v1/images/edits, and /v1/videos are supported"). Their fields:
+  -- resources/images.d.ts ImageGenerateParams (prompt), ImageEditParams
+  -- (image and prompt), resources/videos.d.ts VideoCreateParams (prompt).
+  -- `model` is optional there (dall-e-2, sora-2 by default): a batch line
+  -- must name it here, so the default is never a silent guess.
+  ["/v1/images/generations"] = { field = "prompt", openai = true },
+  ["/v1/images/edits"] = { field = "prompt", also = { "image" }, openai = true },
+  ["/v1/videos"] = { field = "prompt", openai = true },
   -- Azure's documents write the urls without /v1 (MicrosoftDocs/azure-ai-docs, how-to/batch.md)
   ["/chat/completions"] = { field = "messages" },
   ["/embeddings"] = { field = "input" },
