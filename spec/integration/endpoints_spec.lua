@@ -6,6 +6,8 @@ local H = require "helper"
 local lbatch = require "lbatch"
 local jsonl = require "lbatch.jsonl"
 local results = require "lbatch.results"
+local pipeline = require "lbatch.pipeline"
+local report = require "lbatch.cmd.report"
 
 describe("the endpoints OpenAI batches (openai dialect, over HTTP)", function()
   local emu, c, dir
@@ -88,6 +90,45 @@ describe("the endpoints OpenAI batches (openai dialect, over HTTP)", function()
     assert.are.same({ "video", "completed", "8", "sora-2" }, { v.video.object, v.video.status, v.video.seconds,
                                                              v.video.model })
     assert.truthy(v.video.id:find("^video_"))
+  end)
+
+  it("summary takes the completed batch's usage and model; the lines' sum is kept, and differs on a partial file",
+    function()
+      local bodies = {}
+      for i = 1, 4 do bodies["q" .. i] = { model = "gpt-5-mini", messages = { { role = "user", content = ("x"):rep(i * 40) } } } end
+      local _, b, out = run("/v1/chat/completions", bodies)
+      assert.are.equal("gpt-5-mini", b.model)
+      assert.are.equal("table", type(b.usage))
+      local s = assert(assert(results.open({ output = out })):summary({ batches = { b } }))
+      assert.are.same({ "batch", false }, { s.usage_source, s.usage_differs })
+      assert.are.same({ b.usage.input_tokens, b.usage.output_tokens, b.usage.total_tokens },
+                      { s.prompt_tokens, s.completion_tokens, s.total_tokens })
+      -- a results file that lost a line: the batch's usage is still the bill; the lines say less
+      local lines = {}
+      for l in io.lines(out) do lines[#lines + 1] = l end
+      table.remove(lines)
+      local part = H.write(dir .. "/partial.jsonl", table.concat(lines, "\n") .. "\n")
+      s = assert(assert(results.open({ output = part })):summary({ batches = { b } }))
+      assert.are.same({ "batch", true, 3 }, { s.usage_source, s.usage_differs, s.ok })
+      assert.are.equal(b.usage.input_tokens, s.prompt_tokens)
+      assert.is_true(s.lines_usage.prompt_tokens < s.prompt_tokens)
+    end)
+
+  it("a pipeline journals each batch's usage; the report and the run's summary read it", function()
+    local reqs = {}
+    for i = 1, 6 do
+      reqs[i] = { custom_id = "p" .. i, body = { model = "gpt-5-mini", messages = { { role = "user", content = "n" .. i } } } }
+    end
+    local rep = assert(pipeline.run({ client = c, requests = reqs, dir = dir .. "/work", max_lines = 3,
+                                      poll_interval = 0.05, limits = "openai" }))
+    local want = 0
+    for _, sh in ipairs(rep.shards) do
+      assert.are.equal("table", type(sh.usage))
+      want = want + sh.usage.total_tokens
+    end
+    local st = assert(report.read(dir .. "/work"))
+    assert.are.same({ "batch", false, want }, { st.summary.usage_source, st.summary.usage_differs,
+                                                st.summary.total_tokens })
   end)
 
   it("the emulator fails a batch whose line lacks the endpoint's field (as the writer would refuse it)", function()
