@@ -131,6 +131,35 @@ describe("the endpoints OpenAI batches (openai dialect, over HTTP)", function()
                                                 st.summary.total_tokens })
   end)
 
+  it("expires_after on upload and output_expires_after on create: sent, checked, and kept on the files", function()
+    local w = jsonl.writer({ path = dir .. "/exp.jsonl", endpoint = "/v1/responses", limits = "openai" })
+    assert(w:add("x", { model = "gpt-5-mini", input = "hi" }))
+    local path = assert(w:close()).files[1].path
+    local f = assert(c:upload(path, { expires_after = { anchor = "created_at", seconds = 7200 } }))
+    assert.are.equal(f.created_at + 7200, f.expires_at)
+    local b = assert(c:create({ input_file_id = f.id, endpoint = "/v1/responses",
+                                output_expires_after = { anchor = "created_at", seconds = 3600 } }))
+    b = assert(c:wait(b.id, { interval = 0.05 }))
+    local out = assert(c:file(b.output_file_id))
+    assert.are.equal(out.created_at + 3600, out.expires_at)
+    -- without it: the provider's default (the emulator sets none)
+    local b2 = assert(c:wait(assert(c:create({ input_file_id = f.id, endpoint = "/v1/responses" })).id,
+                             { interval = 0.05 }))
+    assert.is_nil(assert(c:file(b2.output_file_id)).expires_at)
+    -- out of range: the service's 400, returned
+    local no, err = c:create({ input_file_id = f.id, endpoint = "/v1/responses",
+                               output_expires_after = { anchor = "created_at", seconds = 60 } })
+    assert.is_nil(no)
+    assert.are.same({ 400, "invalid_output_expires_after" }, { err.status, err.code })
+    no, err = c:upload(path, { expires_after = { anchor = "created_at", seconds = 9999999 } })
+    assert.is_nil(no)
+    assert.are.equal("invalid_expires_after", err.code)
+    -- not a table: a programming error
+    assert.has_error(function() c:create({ input_file_id = f.id, endpoint = "/v1/responses",
+                                           output_expires_after = 3600 }) end)
+    assert.has_error(function() c:upload(path, { expires_after = "30d" }) end)
+  end)
+
   it("the emulator fails a batch whose line lacks the endpoint's field (as the writer would refuse it)", function()
     local path = H.write(dir .. "/bad.jsonl",
       '{"custom_id":"a","method":"POST","url":"/v1/videos","body":{"model":"sora-2"}}\n')

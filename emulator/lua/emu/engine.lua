@@ -381,11 +381,13 @@ local function validate(b)
   b.sim.validated = true
 end
 
-local function new_file(id, filename, path, bytes)
+-- ttl: the batch's output_expires_after seconds, anchored at the file's creation
+local function new_file(id, filename, path, bytes, ttl)
   local f = {
     id = id, object = "file", bytes = bytes, created_at = math.floor(store.now()),
     filename = filename, purpose = "batch_output", status = "processed",
   }
+  if ttl then f.expires_at = f.created_at + ttl end
   assert(os.rename(path, store.blob(id)))
   store.put_file(f)
   return f
@@ -437,13 +439,13 @@ local function finalize(b)
     fh:close()
   end
   out:close(); errf:close()
-  if nout > 0 then b.output_file_id = new_file(out_id, b.id .. "_output.jsonl", out_path, nout).id
+  if nout > 0 then b.output_file_id = new_file(out_id, b.id .. "_output.jsonl", out_path, nout, sim.output_ttl).id
   else os.remove(out_path) end
   if sim.empty_output then
     b.output_file_id = cjson.null       -- null in both dialects, as the service shows it
     if done > 0 then modes.hit("empty_output") end
   end
-  if nerr > 0 then b.error_file_id = new_file(err_id, b.id .. "_error.jsonl", err_path, nerr).id
+  if nerr > 0 then b.error_file_id = new_file(err_id, b.id .. "_error.jsonl", err_path, nerr, sim.output_ttl).id
   else os.remove(err_path) end
   b.request_counts = { total = sim.total, completed = ok_count, failed = (sim.total - done) + fail_count }
   b.usage = {
