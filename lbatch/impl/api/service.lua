@@ -44,6 +44,33 @@ M.PARTIAL = { expired = true, cancelled = true }
 -- characters, values of at most `max_value` (OpenAI's API reference, Metadata).
 M.METADATA = { max_keys = 16, max_key = 64, max_value = 512 }
 
+--- DashScope's workspace domain of a region: the base URL of a workspace
+-- (`%s`: its ID). Singapore's (help.aliyun.com/en/model-studio/
+-- batch-interfaces-compatible-with-openai: "a workspace-specific domain for
+-- the Singapore region: https://{WorkspaceId}.ap-southeast-1.maas.aliyuncs.com",
+-- recommended over dashscope-intl.aliyuncs.com, which keeps working).
+M.WORKSPACE_DOMAINS = { intl = "https://%s.ap-southeast-1.maas.aliyuncs.com/compatible-mode/v1" }
+
+--- The base URL of a DashScope workspace in `region`: nil and why when the
+-- region has no workspace domain or `id` is not a workspace ID (one DNS
+-- label: letters, digits and inner hyphens, at most 63, so that the key
+-- can go nowhere but that host).
+-- @tparam string region
+-- @tparam string id
+-- @treturn ?string the base URL
+-- @treturn ?string why not
+function M.workspace_url(region, id)
+  local domain = M.WORKSPACE_DOMAINS[region]
+  if not domain then
+    return nil, ("the %s region has no workspace domain (only %s: Singapore)"):format(tostring(region), "intl")
+  end
+  if type(id) ~= "string" or #id > 63 or not id:find("^%w[%w-]*$") or id:find("-$") then
+    return nil, ("%q is not a workspace ID (letters, digits and hyphens, as the console's Workspace Details "
+      .. "page shows it)"):format(tostring(id))
+  end
+  return domain:format(id:lower())
+end
+
 --- The dialect each region speaks: `dashscope` or `openai`.
 -- Every other provider (a `client.region` of a provider's name) speaks
 -- OpenAI's dialect, with the differences its `PROVIDERS` entry names.
