@@ -1,4 +1,4 @@
--- The Singapore workspace domain (`workspace = ID`): the key goes to that
+-- DashScope's workspace domains (`workspace = ID` with its region): the key goes to that
 -- host and no other, through a real local forward proxy that records the
 -- host each request asks for and connects nowhere (nothing leaves the
 -- machine); an ID that would name another host, or no DashScope key,
@@ -64,15 +64,21 @@ describe("workspace = ID: the key goes to the workspace's host only", function()
     return out, seen
   end
 
-  it("DASHSCOPE_API_KEY and workspace: the workspace's domain alone, never dashscope-intl's", function()
-    local out, seen = run({ DASHSCOPE_API_KEY = "sk-ds-ws" }, '{ workspace = "ws-7f3a", max_retries = 0 }')
+  it("DASHSCOPE_API_KEY and workspace: the workspace's domain in its region alone, never dashscope-intl's", function()
+    local out, seen = run({ DASHSCOPE_API_KEY = "sk-ds-ws" }, '{ workspace = "ws-7f3a", region = "intl", max_retries = 0 }')
     assert.are.same({ "ws-7f3a.ap-southeast-1.maas.aliyuncs.com:443" }, seen, out)
     assert.matches("^https://ws%-7f3a%.ap%-southeast%-1%.maas%.aliyuncs%.com/compatible%-mode/v1|", out)
     assert.is_nil(out:find("sk-ds-ws", 1, true))
+    out, seen = run({ DASHSCOPE_API_KEY = "sk-ds-ws" }, '{ workspace = "ws-7f3a", region = "cn", max_retries = 0 }')
+    assert.are.same({ "ws-7f3a.cn-beijing.maas.aliyuncs.com:443" }, seen, out)
+    -- no region: refused, for the ID does not say which of the two domains is its
+    out, seen = run({ DASHSCOPE_API_KEY = "sk-ds-ws" }, '{ workspace = "ws-7f3a" }')
+    assert.are.same({}, seen, out)
+    assert.matches("workspace needs region", out, 1, true)
   end)
 
   it("only another provider's key: no key for the workspace, nothing sent", function()
-    local out, seen = run({ OPENAI_API_KEY = "sk-oa" }, '{ workspace = "ws-7f3a", max_retries = 0 }')
+    local out, seen = run({ OPENAI_API_KEY = "sk-oa" }, '{ workspace = "ws-7f3a", region = "intl", max_retries = 0 }')
     assert.are.same({}, seen, out)
     assert.matches("no API key: pass api_key or set DASHSCOPE_API_KEY", out, 1, true)
     assert.is_nil(out:find("sk-oa", 1, true))
@@ -80,7 +86,7 @@ describe("workspace = ID: the key goes to the workspace's host only", function()
 
   it("an ID that names another host: refused at lbatch.new, nothing sent", function()
     for _, id in ipairs({ "evil.example", "x@evil.example", "ws/../../evil" }) do
-      local out, seen = run({ DASHSCOPE_API_KEY = "sk-ds" }, ("{ workspace = %q }"):format(id))
+      local out, seen = run({ DASHSCOPE_API_KEY = "sk-ds" }, ("{ workspace = %q, region = 'intl' }"):format(id))
       assert.are.same({}, seen, id .. ": " .. out)
       assert.matches("is not a workspace ID", out, 1, true)
     end

@@ -81,8 +81,9 @@ end
 -- variable is set (OPENAI_API_KEY: openai, ...); with several, DashScope
 -- with its own key, said in `client.config.warning` (see `lbatch.config`).
 -- @tparam[opt] table opts api_key, provider, region (`cn`, `intl`, `openai`),
--- workspace (a DashScope workspace ID: its Singapore domain
--- `https://{ID}.ap-southeast-1.maas.aliyuncs.com`, region `intl`), base_url,
+-- workspace (a DashScope workspace ID, with region: its domain,
+-- `https://{ID}.ap-southeast-1.maas.aliyuncs.com` for `intl`,
+-- `https://{ID}.cn-beijing.maas.aliyuncs.com` for `cn`), base_url,
 -- limits, poll_budget, timeout, connect_timeout, stall_timeout,
 -- transfer_timeout, max_retries, retry_after_cap, max_response_bytes,
 -- headers, cainfo, capath, proxy, noproxy, allow_http, fresh_window (30: seconds

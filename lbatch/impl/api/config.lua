@@ -172,11 +172,15 @@ local function from_keys(base)
   return found[1].provider
 end
 
--- workspace = ID: DashScope's workspace domain (Singapore's, so region
--- intl, the default with it); the key goes to that host alone
+-- workspace = ID: DashScope's workspace domain of the region (named: two
+-- regions have one, and the ID says nothing of which); the key goes to
+-- that host alone
 local function workspace_base(p, region, workspace)
   if p.name ~= "dashscope" then fail(("workspace is DashScope's, not %s's"):format(p.name)) end
-  region = region or "intl"
+  if region == nil then
+    fail("workspace needs region: cn (https://{ID}.cn-beijing.maas.aliyuncs.com) or intl "
+      .. "(https://{ID}.ap-southeast-1.maas.aliyuncs.com), as the console's Workspace Details page shows")
+  end
   local base, why = service.workspace_url(region, workspace)
   if not base then fail("workspace: " .. why) end
   return p, region, region, base, false, nil

@@ -44,12 +44,15 @@ M.PARTIAL = { expired = true, cancelled = true }
 -- characters, values of at most `max_value` (OpenAI's API reference, Metadata).
 M.METADATA = { max_keys = 16, max_key = 64, max_value = 512 }
 
---- DashScope's workspace domain of a region: the base URL of a workspace
--- (`%s`: its ID). Singapore's (help.aliyun.com/en/model-studio/
--- batch-interfaces-compatible-with-openai: "a workspace-specific domain for
+--- DashScope's workspace domain of each region: the base URL of a
+-- workspace (`%s`: its ID). Singapore's: help.aliyun.com/en/model-studio/
+-- batch-interfaces-compatible-with-openai ("a workspace-specific domain for
 -- the Singapore region: https://{WorkspaceId}.ap-southeast-1.maas.aliyuncs.com",
--- recommended over dashscope-intl.aliyuncs.com, which keeps working).
-M.WORKSPACE_DOMAINS = { intl = "https://%s.ap-southeast-1.maas.aliyuncs.com/compatible-mode/v1" }
+-- recommended over dashscope-intl.aliyuncs.com, which keeps working); Beijing's:
+-- alibabacloud.com/help/ja/model-studio/batch-interfaces-compatible-with-openai
+-- (2026-06-26: https://{WorkspaceId}.cn-beijing.maas.aliyuncs.com).
+M.WORKSPACE_DOMAINS = { intl = "https://%s.ap-southeast-1.maas.aliyuncs.com/compatible-mode/v1",
+                        cn = "https://%s.cn-beijing.maas.aliyuncs.com/compatible-mode/v1" }
 
 --- The base URL of a DashScope workspace in `region`: nil and why when the
 -- region has no workspace domain or `id` is not a workspace ID (one DNS
@@ -62,7 +65,7 @@ M.WORKSPACE_DOMAINS = { intl = "https://%s.ap-southeast-1.maas.aliyuncs.com/comp
 function M.workspace_url(region, id)
   local domain = M.WORKSPACE_DOMAINS[region]
   if not domain then
-    return nil, ("the %s region has no workspace domain (only %s: Singapore)"):format(tostring(region), "intl")
+    return nil, ("the %s region has no workspace domain (cn: Beijing, intl: Singapore)"):format(tostring(region))
   end
   if type(id) ~= "string" or #id > 63 or not id:find("^%w[%w-]*$") or id:find("-$") then
     return nil, ("%q is not a workspace ID (letters, digits and hyphens, as the console's Workspace Details "
@@ -307,8 +310,11 @@ function M.profile(name)
 end
 
 --- The models the DashScope regions list for batch, by endpoint (Model
--- Studio's batch documents, 2026). Lists change: a model outside them is a
--- warning, not an error.
+-- Studio's batch documents, 2026; cn checked against the newest,
+-- help.aliyun.com/zh/model-studio/batch-interfaces-compatible-with-openai:
+-- qwen3.8-max and -flash, qwen3.7-text-embedding; intl: "qwen-max,
+-- qwen-plus, qwen-flash, qwen-turbo"). Names an older document listed stay:
+-- lists change, and a model outside them is a warning, not an error.
 M.MODELS = {
   cn = {
     ["/v1/chat/completions"] = {
