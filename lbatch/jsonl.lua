@@ -153,7 +153,8 @@ end
 -- here) are not armed.
 function Writer:_arm(route, f, model, url, thinking)
   if route.max_inputs or route.late or type(model) ~= "string" then return end
-  local name, nonempty = field_of(url)
+  local name, nonempty, more = field_of(url)
+  if more then return end      -- fields the encoder does not check (images/edits' image)
   local default = self.endpoint or (model == TEST_MODEL and TEST_URL) or self.chat_url
   enc_arm(self.enc, { model = model, url = url, thinking = thinking, nil_ok = self.defaults[model] == thinking,
                       default_url = default == url, field = name, nonempty = nonempty, fh = f.fh, seen = f.seen,

@@ -969,6 +969,7 @@ function Run:await(s)
   end
   if b.status == "failed" and type(first) == "table" then self:stop_if_account_error(first.code, first.message) end
   s.status, s.counts, s.step = b.status, b.request_counts, "finished"
+  s.usage = type(b.usage) == "table" and b.usage or nil   -- the batch's own (OpenAI): the report's tokens
   s.times = { created = b.created_at, in_progress = b.in_progress_at,   -- the report's timeline
               ended = b.completed_at or b.failed_at or b.expired_at or b.cancelled_at }
   s.output_file_id, s.error_file_id = b.output_file_id, b.error_file_id

@@ -36,6 +36,7 @@ local core = require "lbatch.core"
 
 local decode, normalize = json.decode, json.normalize
 local json_string, scan_result, read_at, sub = core.json_string, core.result, core.line_at, string.sub
+local find = string.find
 local SPAN = 2 ^ 36          -- a result's place: file number * SPAN + byte offset (as core's idmap:scan)
 local M = {}
 
@@ -169,10 +170,43 @@ local function error_fields(rec, err, berr)
   if not rec.error_type and tab(berr) then rec.error_type = str(berr.type) end
 end
 
+-- the output_text of a Responses answer's message items, joined
+local function output_text(output)
+  local parts = {}
+  for _, item in ipairs(output) do
+    local content = tab(item) and item.type == "message" and tab(item.content)
+    for _, c in ipairs(content or {}) do
+      if tab(c) and c.type == "output_text" and type(c.text) == "string" then parts[#parts + 1] = c.text end
+    end
+  end
+  return #parts > 0 and table.concat(parts) or nil
+end
+
+--- The fields of the answers that are not chat's (openai npm 6.49.0
+-- resources/responses, images, videos): a Responses answer's `content` (its
+-- output_text), an ImagesResponse's `images` (its data: each {b64_json} or
+-- {url}) and `content` (the first image's b64_json or url), a Video's
+-- `video` (the object: id, status, ...; its bytes are fetched from
+-- /videos/{id}/content). Their usage (input_tokens, output_tokens) is
+-- read as chat's.
+-- @tparam table rec the record
+-- @tparam table body the answer's body
+-- @tparam ?table data body.data
+function M.shape_fields(rec, body, data)
+  if body.object == "response" and tab(body.output) then
+    rec.content = output_text(body.output)
+  elseif body.object == "video" then
+    rec.video = body
+  elseif data and tab(data[1]) and (data[1].b64_json or data[1].url) then
+    rec.images = data
+    rec.content = data[1].b64_json or data[1].url
+  end
+end
+
 --- One output or error line as a record: custom_id, ok, class (when not
 -- ok), status_code, request_id, body, model, created, usage, content,
--- reasoning, embedding, error_code, error_type, error_message (JSON null
--- is nil; whole numbers are integers).
+-- reasoning, embedding, images, video, error_code, error_type,
+-- error_message (JSON null is nil; whole numbers are integers).
 -- @tparam string line
 -- @treturn table the record
 local function record(line)
@@ -211,6 +245,7 @@ function M.record_of(r)
     end
     local data = tab(body.data)
     if data and tab(data[1]) and data[1].embedding then rec.embedding = data[1].embedding end
+    if not msg then M.shape_fields(rec, body, data) end
   end
   error_fields(rec, err, berr)
   if not rec.ok then rec.class = M.classify(rec) end
@@ -253,7 +288,9 @@ end }
 -- @treturn table the record
 local function light(line)
   local rec, err, berr = scan_result(line)
-  if not rec then rec = record(line)
+  -- an answer that is not chat's nor an embedding (responses, images, videos): decoded whole
+  if not rec or (rec.ok and rec.content == nil and rec.embedding == nil and not find(line, '"choices"', 1, true)) then
+    rec = record(line)
   else
     if err or berr then error_fields(rec, err, berr) end
     if not rec.ok then rec.class = M.classify(rec) end
@@ -608,12 +645,55 @@ end
 -- a usage table's tokens: prompt, completion (reasoning included, as the
 -- services bill it), total and reasoning; chat's names or the
 -- responses API's and DashScope's (input_tokens, output_tokens)
+-- (and the cached input tokens, in prompt_tokens_details or input_tokens_details)
 local function tokens_of(u)
   local pt = tonumber(u.prompt_tokens) or tonumber(u.input_tokens) or 0
   local ct = tonumber(u.completion_tokens) or tonumber(u.output_tokens) or 0
   local d = tab(u.completion_tokens_details) or tab(u.output_tokens_details)
   local rt = d and tonumber(d.reasoning_tokens) or 0
-  return pt, ct, tonumber(u.total_tokens) or (pt + ct), rt
+  local i = tab(u.prompt_tokens_details) or tab(u.input_tokens_details)
+  return pt, ct, tonumber(u.total_tokens) or (pt + ct), rt, i and tonumber(i.cached_tokens) or 0
+end
+
+local TOKENS = { "prompt_tokens", "completion_tokens", "reasoning_tokens", "total_tokens", "cached_tokens", "cost" }
+
+-- The batches' own usage and model (OpenAI fills them on batches created
+-- since September 2025: openai npm 6.49.0 resources/batches.d.ts,
+-- Batch.usage {input_tokens, output_tokens, total_tokens and their
+-- details}, Batch.model) over the lines' sum in `s`: the service bills the
+-- batch's figures, so they win; the lines' sum is kept as `s.lines_usage`
+-- and `s.usage_differs` says whether they disagree. Every batch given must
+-- have its usage, else the lines' sum stays (`usage_source = "lines"`): a
+-- mix would count the others twice or not at all.
+local function from_batches(s, batches, prices, discount)
+  s.usage_source = "lines"
+  if type(batches) ~= "table" or #batches == 0 then return end
+  for _, b in ipairs(batches) do
+    if type(b) ~= "table" or not tab(b.usage) then return end
+  end
+  local lines = { by_model = s.by_model }
+  for _, k in ipairs(TOKENS) do lines[k], s[k] = s[k], 0 end
+  s.by_model = {}
+  for _, b in ipairs(batches) do
+    local pt, ct, tt, rt, cached = tokens_of(b.usage)
+    local model = type(b.model) == "string" and b.model or "?"
+    local m = s.by_model[model] or { requests = 0, prompt_tokens = 0, completion_tokens = 0, reasoning_tokens = 0,
+                                     cached_tokens = 0, cost = 0 }
+    s.by_model[model] = m
+    local rc = tab(b.request_counts) or tab(b.counts)
+    m.requests = m.requests + (rc and tonumber(rc.completed) or 0)
+    m.prompt_tokens, m.completion_tokens = m.prompt_tokens + pt, m.completion_tokens + ct
+    m.reasoning_tokens, m.cached_tokens = m.reasoning_tokens + rt, m.cached_tokens + cached
+    s.prompt_tokens, s.completion_tokens = s.prompt_tokens + pt, s.completion_tokens + ct
+    s.total_tokens = s.total_tokens + tt
+    s.reasoning_tokens, s.cached_tokens = s.reasoning_tokens + rt, s.cached_tokens + cached
+    if prices[model] then
+      local c = cost.of(pt, ct, prices[model], discount)
+      m.cost, s.cost = m.cost + c, s.cost + c
+    end
+  end
+  s.usage_source, s.lines_usage = "batch", lines
+  s.usage_differs = lines.prompt_tokens ~= s.prompt_tokens or lines.completion_tokens ~= s.completion_tokens
 end
 
 --- Counts, tokens and a cost estimate.
@@ -630,20 +710,30 @@ end
 -- or DashScope's `output_tokens_details`) are counted apart and are also
 -- in `completion_tokens`: thinking is billed as output, and the cost
 -- counts it so.
+-- With `batches` (the batch objects these results came from, as
+-- `client:retrieve` returns them) that all carry `usage` (OpenAI's, since
+-- September 2025), the tokens, cost and `by_model` are the batches' usage
+-- and model, which is what the service bills (`usage_source = "batch"`);
+-- the lines' sum is then `lines_usage` (the same fields and `by_model`),
+-- and `usage_differs` is true when the two disagree. Otherwise the lines'
+-- sum (`usage_source = "lines"`).
 -- @tparam[opt] table opts prices = {[model] = {input = P, output = P}}
--- (per million tokens, real-time prices), discount (0.5: batch prices)
+-- (per million tokens, real-time prices), discount (0.5: batch prices),
+-- batches (a list of batch objects)
 -- @treturn table total, ok, failed, missing, invalid_answers, by_class, by_code, by_error,
--- prompt_tokens, completion_tokens, reasoning_tokens, total_tokens, cost,
--- by_model (each requests, prompt_tokens, completion_tokens,
--- reasoning_tokens, cost); or nil and an `io` error
+-- prompt_tokens, completion_tokens, reasoning_tokens, total_tokens,
+-- cached_tokens, cost, by_model (each requests, prompt_tokens,
+-- completion_tokens, reasoning_tokens, cached_tokens, cost), usage_source,
+-- lines_usage, usage_differs; or nil and an `io` error
 function Reader:summary(opts)
   errors.check("results.summary", "opts", opts, "table", true)
   opts = opts or {}
+  errors.check("results.summary", "opts.batches", opts.batches, "table", true)
   local prices, discount = opts.prices or {}, opts.discount or cost.DISCOUNT
   local s = { total = 0, ok = 0, failed = 0, missing = 0, invalid_answers = 0,
               by_error = {}, by_class = {}, by_code = {},
               prompt_tokens = 0, completion_tokens = 0, reasoning_tokens = 0, total_tokens = 0, cost = 0,
-              by_model = {} }
+              cached_tokens = 0, by_model = {} }
   for rec, err in self:each() do
     if not rec then return nil, err end
     s.total = s.total + 1
@@ -661,15 +751,16 @@ function Reader:summary(opts)
     end
     local u = rec.usage
     if (rec.ok or rec.error_code == "invalid_answer") and type(u) == "table" then
-      local pt, ct, tt, rt = tokens_of(u)
+      local pt, ct, tt, rt, cached = tokens_of(u)
       s.prompt_tokens, s.completion_tokens = s.prompt_tokens + pt, s.completion_tokens + ct
       s.total_tokens, s.reasoning_tokens = s.total_tokens + tt, s.reasoning_tokens + rt
+      s.cached_tokens = s.cached_tokens + cached
       local model = rec.model or "?"
       local m = s.by_model[model] or { requests = 0, prompt_tokens = 0, completion_tokens = 0,
-                                       reasoning_tokens = 0, cost = 0 }
+                                       reasoning_tokens = 0, cached_tokens = 0, cost = 0 }
       s.by_model[model] = m
       m.requests, m.prompt_tokens, m.completion_tokens = m.requests + 1, m.prompt_tokens + pt, m.completion_tokens + ct
-      m.reasoning_tokens = m.reasoning_tokens + rt
+      m.reasoning_tokens, m.cached_tokens = m.reasoning_tokens + rt, m.cached_tokens + cached
       local p = prices[model]
       if p then
         local c = cost.of(pt, ct, p, discount)
@@ -677,6 +768,7 @@ function Reader:summary(opts)
       end
     end
   end
+  from_batches(s, opts.batches, prices, discount)
   return s
 end
 

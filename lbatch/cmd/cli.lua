@@ -1134,7 +1134,7 @@ function command.run(o, pos)
   if not written then return nil, repaired end
   said_repaired(o, output, repaired)
   local s
-  s, err = report.results:summary()
+  s, err = report.results:summary({ batches = report.shards })   -- the batches' usage when they have it
   if not s then return nil, err end
   local bad = 0
   for _, sh in ipairs(report.shards) do if service.FINAL_BAD[sh.status] then bad = bad + 1 end end

@@ -30,21 +30,24 @@ function M.journal(dir, opts)
 end
 
 --- The summary (`results:summary`) of the result files the shards
--- downloaded so far.
+-- downloaded so far. When every such shard's batch reported its `usage`
+-- (OpenAI's batch object, since September 2025), the tokens and cost are
+-- the batches' (what the service bills), the lines' sum `lines_usage`.
 -- @tparam table shards the journal's shards
 -- @tparam[opt] table opts `prices`
 -- @treturn ?table the summary (nil when nothing was downloaded yet), or nil and an error
 -- @treturn ?table or the error
 function M.summary(shards, opts)
-  local outs, errs = {}, {}
+  local outs, errs, batches = {}, {}, {}
   for _, s in pairs(shards) do
     if s.output then outs[#outs + 1] = s.output end
     if s.error then errs[#errs + 1] = s.error end
+    if s.output or s.error then batches[#batches + 1] = s end    -- its usage, model and counts
   end
   if #outs + #errs == 0 then return nil end
   local r, err = results.open({ output = outs, errors = errs })
   if not r then return nil, err end
-  local sm, serr = r:summary({ prices = opts and opts.prices })
+  local sm, serr = r:summary({ prices = opts and opts.prices, batches = batches })
   if r.close then r:close() end
   if not sm then return nil, serr end
   return sm
@@ -108,6 +111,18 @@ local function timeline(shards)
   return table.concat(t, "\n")
 end
 
+--- Where the tokens come from, when the batches' usage and the lines' sum
+-- disagree (the batches' wins: it is what the service bills); "" else.
+-- @tparam table sm a summary
+-- @treturn string an HTML paragraph, or ""
+function M.usage_note(sm)
+  local l = sm.usage_source == "batch" and sm.usage_differs and sm.lines_usage
+  if not l then return "" end
+  return ('<p id="usage-note">Tokens and cost are the batches\' own usage (%d in, %d out), as the service bills '
+    .. 'them; the result lines sum to %d in, %d out%s.</p>'):format(sm.prompt_tokens, sm.completion_tokens,
+    l.prompt_tokens, l.completion_tokens, (l.cost or 0) > 0 and (", cost %.6f"):format(l.cost) or "")
+end
+
 --- The page's HTML.
 -- @tparam table st what @{read} returns
 -- @treturn string a whole HTML document, with no external resource
@@ -151,6 +166,7 @@ function M.html(st)
       .. '<span id="failed">%d</span> failed; %d tokens%s</p>'):format(#shards, esc(st.phase or "running"),
       sm.total or 0, sm.ok or 0, sm.failed or 0, sm.total_tokens or 0,
       sm.cost and ("; cost " .. ("%.6f"):format(sm.cost)) or ""),
+    M.usage_note(sm),
     "<h2>Timeline</h2>", timeline(shards),
     "<h2>Requests by outcome</h2>", bars("outcomes", outcome),
     "<h2>Failures by error code</h2>", #codes > 0 and bars("codes", codes) or "<p>No failures.</p>",

@@ -188,6 +188,59 @@ describe("the writer and validate", function()
     assert.are.equal("test_model_file_too_large", err.code)
   end)
 
+  -- openai npm 6.49.0: BatchCreateParams.endpoint, and each endpoint's params
+  it("the endpoints OpenAI batches today: each one's fields, the writer and validate agree", function()
+    local OA = { limits = "openai" }
+    local IG, IE, V, R = "/v1/images/generations", "/v1/images/edits", "/v1/videos", "/v1/responses"
+    local fine = {
+      { IG, { model = "gpt-image-1", prompt = "a cat" } },
+      { IE, { model = "gpt-image-1", prompt = "greener", image = "https://example.com/a.png" } },
+      { V, { model = "sora-2", prompt = "a cat" } },
+      { R, { model = "gpt-5-mini", input = "hi" } },
+      { R, { model = "gpt-5-mini", input = { { role = "user", content = "hi" } } } },
+    }
+    for _, c in ipairs(fine) do
+      local l = line("ok", c[2], c[1])
+      assert.are.same({}, validate({ l }, OA), c[1])
+      local w = writer(OA)
+      assert.is_true(w:add("ok", c[2], c[1]))
+      assert.is_true(w:add("ok2", c[2], c[1]))      -- the second one through the armed gate
+      w:close()
+    end
+    local bad = {
+      { "missing_field", "body.prompt", IG, { model = "gpt-image-1" } },
+      { "missing_field", "body.prompt", IE, { model = "gpt-image-1", image = "https://example.com/a.png" } },
+      { "missing_field", "body.image", IE, { model = "gpt-image-1", prompt = "greener" } },
+      { "missing_field", "body.image", IE, { model = "gpt-image-1", prompt = "greener", image = cjson.null } },
+      { "missing_field", "body.prompt", V, { model = "sora-2", seconds = "4" } },
+      { "missing_field", "body.input", R, { model = "gpt-5-mini", instructions = "hi" } },
+      { "missing_model", "body.model", R, { input = "hi" } },
+      { "missing_model", "body.model", IG, { prompt = "a cat" } },
+    }
+    for _, c in ipairs(bad) do
+      local code, param, url, body = c[1], c[2], c[3], c[4]
+      agree(code, {}, line("b", body, url), OA, function(w) return w:add("b", body, url) end)
+      local probs = validate({ line("b", body, url) }, OA)
+      assert.are.equal(param, probs[1].param, url)
+      -- after a good line of the same shape (the encoder's gate armed, where the endpoint lets it)
+      local w = writer(OA)
+      local good_body = {}
+      for _, f in ipairs(fine) do if f[1] == url and (body.model == nil or f[2].model == body.model) then good_body = f[2] end end
+      if body.model ~= nil then
+        assert.is_true(w:add("g1", good_body, url))
+        assert.is_true(w:add("g2", good_body, url))
+        local ok, err = w:add("b", body, url)
+        assert.is_nil(ok, url .. " " .. param)
+        assert.are.same({ code, param }, { err.code, err.param })
+      end
+      w:close()
+    end
+    -- DashScope batches none of them
+    for _, c in ipairs(fine) do
+      assert.are.equal("url_not_found", validate({ line("d", c[2], c[1]) })[1].code)
+    end
+  end)
+
   -- file-level rules: validate fails the file; the writer starts a new one,
   -- and every file it writes passes validate
   local function shards(code, lines, o)

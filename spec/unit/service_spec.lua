@@ -45,7 +45,8 @@ describe("service facts", function()
     local ds, oa = service.PROFILES.dashscope.endpoints, service.PROFILES.openai.endpoints
     assert.are.same({ ["/v1/chat/completions"] = true, ["/v1/embeddings"] = true, ["/v1/chat/ds-test"] = true }, ds)
     assert.are.same({ ["/v1/chat/completions"] = true, ["/v1/embeddings"] = true, ["/v1/responses"] = true,
-                      ["/v1/completions"] = true, ["/v1/moderations"] = true }, oa)
+                      ["/v1/completions"] = true, ["/v1/moderations"] = true, ["/v1/images/generations"] = true,
+                      ["/v1/images/edits"] = true, ["/v1/videos"] = true }, oa)
     assert.are.same(ds, service.PROFILES["dashscope-strict"].endpoints)
     for url in pairs(ds) do assert.is_true(service.ENDPOINTS[url]) end
     for url in pairs(oa) do assert.is_true(service.ENDPOINTS[url]) end

@@ -91,13 +91,16 @@ function B.create()
   local meta
   meta, e = check_metadata(req.metadata)
   if e then return e end
-  local oe = req.output_expires_after
+  -- openai npm 6.49.0 resources/batches.d.ts BatchCreateParams.OutputExpiresAfter:
+  -- anchor created_at (the output file's), seconds 3600 to 2592000; kept for the output files
+  local oe, output_ttl = req.output_expires_after, nil
   if oe ~= nil and oe ~= cjson.null then
     local s = type(oe) == "table" and tonumber(oe.seconds)
-    if type(oe) ~= "table" or oe.anchor ~= "created_at" or not s or s < 3600 or s > 2592000 then
+    if type(oe) ~= "table" or oe.anchor ~= "created_at" or not s or s < 3600 or s > 2592000 or s ~= math.floor(s) then
       return err(400, "invalid_output_expires_after", "output_expires_after needs anchor \"created_at\" "
         .. "and seconds between 3600 and 2592000.", "output_expires_after")
     end
+    output_ttl = s
   end
   local f = store.files[fid]
   if not f or not_yet(fid) then
@@ -137,7 +140,8 @@ function B.create()
     input_file_id = fid, completion_window = req.completion_window, status = "validating",
     created_at = math.floor(now), expires_at = math.floor(now + hours * 3600),
     request_counts = { total = 0, completed = 0, failed = 0 }, metadata = meta,
-    sim = { t_stage = now, t_expires = now + engine.scaled(hours * 3600), owner = owner, tally = tally },
+    sim = { t_stage = now, t_expires = now + engine.scaled(hours * 3600), owner = owner, tally = tally,
+            output_ttl = output_ttl },
   }
   -- modes that decide how it runs, as they are when it is created
   local arrears = modes.get("arrears")

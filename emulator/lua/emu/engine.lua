@@ -124,6 +124,8 @@ local function prompt_tokens(endpoint, body)
     return tokens(tostring(body.prompt))
   elseif endpoint == "/v1/responses" then
     return 8
+  elseif endpoint == "/v1/images/generations" or endpoint == "/v1/images/edits" then
+    return tokens(tostring(body.prompt))
   end
   return 0
 end
@@ -262,6 +264,35 @@ local function other(endpoint, body, id, raw)
                          category_scores = { violence = 0.0001 } } } }
 end
 
+-- a 1x1 transparent PNG: what every emulated image is
+local PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+local IMAGE_TOKENS = 272     -- OpenAI's output tokens for one low-quality 1024x1024 gpt-image-1 image
+
+-- /v1/images/generations and /v1/images/edits: ImagesResponse (openai npm
+-- 6.49.0 resources/images.d.ts): created, data [{b64_json} or {url} when
+-- response_format is "url"], usage {input_tokens, output_tokens, ...}
+local function images(body, id)
+  local n = math.max(1, math.floor(tonumber(body.n) or 1))
+  local data = {}
+  for i = 1, n do
+    data[i] = body.response_format == "url" and { url = ("https://images.emulator.invalid/%s-%d.png"):format(id, i) }
+      or { b64_json = PNG }
+  end
+  local p, c = tokens(tostring(body.prompt)), IMAGE_TOKENS * n
+  return { created = math.floor(store.now()), data = data, output_format = "png",
+           usage = { input_tokens = p, input_tokens_details = { text_tokens = p, image_tokens = 0 },
+                     output_tokens = c, total_tokens = p + c } }
+end
+
+-- /v1/videos: the Video object (resources/videos.d.ts), done; no usage
+local function video(body, id)
+  local now = math.floor(store.now())
+  return { id = "video_" .. id, object = "video", created_at = now, completed_at = now, expires_at = now + 86400,
+           status = "completed", progress = 100, model = body.model, prompt = body.prompt,
+           seconds = body.seconds or "4", size = body.size or "720x1280", error = cjson.null,
+           remixed_from_video_id = cjson.null }
+end
+
 local function vector(text, dim)
   local x = ngx.crc32_long(text) % 2147483648
   local v, norm = {}, 0
@@ -349,6 +380,8 @@ function E.answer(endpoint, body, raw, id)
   end
   if endpoint == "/v1/embeddings" or endpoint == "/embeddings" then return 200, embeddings(body) end
   if CHAT[endpoint] then return 200, chat(body, model == service.TEST.model, id, raw) end
+  if endpoint == "/v1/images/generations" or endpoint == "/v1/images/edits" then return 200, images(body, id) end
+  if endpoint == "/v1/videos" then return 200, video(body, id) end
   return 200, other(endpoint, body, id, raw)
 end
 
@@ -438,11 +471,13 @@ local function validate(b)
   b.sim.validated = true
 end
 
-local function new_file(id, filename, path, bytes)
+-- ttl: the batch's output_expires_after seconds, anchored at the file's creation
+local function new_file(id, filename, path, bytes, ttl)
   local f = {
     id = id, object = "file", bytes = bytes, created_at = math.floor(store.now()),
     filename = filename, purpose = "batch_output", status = "processed",
   }
+  if ttl then f.expires_at = f.created_at + ttl end
   assert(os.rename(path, store.blob(id)))
   store.put_file(f)
   return f
@@ -494,13 +529,13 @@ local function finalize(b)
     fh:close()
   end
   out:close(); errf:close()
-  if nout > 0 then b.output_file_id = new_file(out_id, b.id .. "_output.jsonl", out_path, nout).id
+  if nout > 0 then b.output_file_id = new_file(out_id, b.id .. "_output.jsonl", out_path, nout, sim.output_ttl).id
   else os.remove(out_path) end
   if sim.empty_output then
     b.output_file_id = cjson.null       -- null in both dialects, as the service shows it
     if done > 0 then modes.hit("empty_output") end
   end
-  if nerr > 0 then b.error_file_id = new_file(err_id, b.id .. "_error.jsonl", err_path, nerr).id
+  if nerr > 0 then b.error_file_id = new_file(err_id, b.id .. "_error.jsonl", err_path, nerr, sim.output_ttl).id
   else os.remove(err_path) end
   b.request_counts = { total = sim.total, completed = ok_count, failed = (sim.total - done) + fail_count }
   b.usage = {

@@ -81,7 +81,10 @@ end
 -- variable is set (OPENAI_API_KEY: openai, ...); with several, DashScope
 -- with its own key, said in `client.config.warning` (see `lbatch.config`).
 -- @tparam[opt] table opts api_key, provider, region (`cn`, `intl`, `openai`),
--- base_url, limits, poll_budget, timeout, connect_timeout, stall_timeout,
+-- workspace (a DashScope workspace ID, with region: its domain,
+-- `https://{ID}.ap-southeast-1.maas.aliyuncs.com` for `intl`,
+-- `https://{ID}.cn-beijing.maas.aliyuncs.com` for `cn`), base_url,
+-- limits, poll_budget, timeout, connect_timeout, stall_timeout,
 -- transfer_timeout, max_retries, retry_after_cap, max_response_bytes,
 -- headers, cainfo, capath, proxy, noproxy, allow_http, fresh_window (30: seconds
 -- an id this client made is asked for again when the service says it is
@@ -270,10 +273,15 @@ end
 -- @param file a path, or `{data = string, filename = string}`
 -- @tparam[opt] table params form fields, all sent: purpose (default
 -- `"batch"`), filename, expires_after = {anchor = "created_at", seconds = N}
+-- (N from 3600 to 2592000; OpenAI's default: a `batch` file expires after
+-- 30 days, openai npm 6.49.0 resources/files.d.ts FileCreateParams; sent as
+-- the form fields `expires_after[anchor]` and `expires_after[seconds]`;
+-- DashScope documents no such field)
 -- @tparam[opt] table opts per-call options, and on_progress(sent, total)
 -- @treturn table the file object, or nil and an error
 function Client:upload(file, params, opts)
   params = check("upload", "params", params, "table", true) or {}
+  check("upload", "params.expires_after", params.expires_after, "table", true)
   local o = call_options("upload", opts, { stream = true })
   local part, name, bytes
   if type(file) == "string" then
@@ -409,7 +417,11 @@ end
 -- unknown `create` looks for the batch among the newest before sending
 -- again.
 -- @tparam table params the body, all sent: input_file_id, endpoint,
--- completion_window (default `"24h"`), metadata, output_expires_after, ...
+-- completion_window (default `"24h"`), metadata, output_expires_after =
+-- {anchor = "created_at", seconds = N} (N from 3600 to 2592000, anchored
+-- at the output file's creation; left out, the output and error files
+-- keep the provider's default: OpenAI's batch files, 30 days, openai npm
+-- 6.49.0 resources/batches.d.ts BatchCreateParams.OutputExpiresAfter), ...
 -- @tparam[opt] table opts per-call options
 -- @treturn table the batch, or nil and an error
 function Client:create(params, opts)
@@ -418,6 +430,7 @@ function Client:create(params, opts)
   check("create", "endpoint", params.endpoint, "string")
   check("create", "completion_window", params.completion_window, "string", true)
   check("create", "metadata", params.metadata, "table", true)
+  check("create", "output_expires_after", params.output_expires_after, "table", true)
   local req = {}
   for k, v in pairs(params) do req[k] = v end
   req.completion_window = req.completion_window or "24h"

@@ -120,7 +120,7 @@ local KNOWN = { api_key = true, region = true, base_url = true, allow_http = tru
                 transfer_timeout = true, max_retries = true, retry_after_cap = true, max_connections = true,
                 max_streams = true, max_response_bytes = true, headers = true, cainfo = true, capath = true,
                 proxy = true, noproxy = true, host = true, scheduler = true, fresh_window = true,
-                provider = true, api_version = true }
+                provider = true, api_version = true, workspace = true }
 
 -- The provider no option names follows from the key the environment
 -- holds: a key goes to its own provider only (each provider's variables:
@@ -172,12 +172,28 @@ local function from_keys(base)
   return found[1].provider
 end
 
+-- workspace = ID: DashScope's workspace domain of the region (named: two
+-- regions have one, and the ID says nothing of which); the key goes to
+-- that host alone
+local function workspace_base(p, region, workspace)
+  if p.name ~= "dashscope" then fail(("workspace is DashScope's, not %s's"):format(p.name)) end
+  if region == nil then
+    fail("workspace needs region: cn (https://{ID}.cn-beijing.maas.aliyuncs.com) or intl "
+      .. "(https://{ID}.ap-southeast-1.maas.aliyuncs.com), as the console's Workspace Details page shows")
+  end
+  local base, why = service.workspace_url(region, workspace)
+  if not base then fail("workspace: " .. why) end
+  return p, region, region, base, false, nil
+end
+
 -- the provider, its region, the base URL the options choose, and
 -- whether the provider was found by its key alone (and a warning)
 local function where(opts)
   local name, found, warning = string_opt(opts, "provider"), false, nil
+  local workspace = string_opt(opts, "workspace")
   if name == nil then
-    if opts.region ~= nil or opts.api_key ~= nil then name = opts.region == "openai" and "openai" or DEFAULT
+    if opts.region ~= nil or opts.api_key ~= nil or workspace then
+      name = opts.region == "openai" and "openai" or DEFAULT
     else
       local base = opts.base_url or env("LBATCH_BASE_URL")
       name, warning = from_keys(base ~= nil and base ~= "")
@@ -188,6 +204,7 @@ local function where(opts)
   local p = service.PROVIDERS[name]
   if not p then fail(("provider must be one of %s (got %q)"):format(service.provider_names(), name)) end
   local region = opts.region
+  if workspace then return workspace_base(p, region, workspace) end
   if name == "dashscope" or name == "openai" then
     region = region or (name == "openai" and "openai" or "cn")
     if not service.REGIONS[region] or (name == "openai") ~= (region == "openai") then
@@ -265,6 +282,9 @@ local function new(opts)
     fail(("api_version is Azure's (the legacy API), not %s's"):format(provider.name))
   end
   local base = string_opt(opts, "base_url") or env("LBATCH_BASE_URL")
+  if opts.workspace and base and base ~= "" then
+    fail(("workspace and %s both name a host: give one"):format(opts.base_url and "base_url" or "LBATCH_BASE_URL"))
+  end
   if (not base or base == "") and provider.base_env then base = env(provider.base_env) end
   if not base or base == "" then base = default_base end
   if not base then

@@ -44,6 +44,36 @@ M.PARTIAL = { expired = true, cancelled = true }
 -- characters, values of at most `max_value` (OpenAI's API reference, Metadata).
 M.METADATA = { max_keys = 16, max_key = 64, max_value = 512 }
 
+--- DashScope's workspace domain of each region: the base URL of a
+-- workspace (`%s`: its ID). Singapore's: help.aliyun.com/en/model-studio/
+-- batch-interfaces-compatible-with-openai ("a workspace-specific domain for
+-- the Singapore region: https://{WorkspaceId}.ap-southeast-1.maas.aliyuncs.com",
+-- recommended over dashscope-intl.aliyuncs.com, which keeps working); Beijing's:
+-- alibabacloud.com/help/ja/model-studio/batch-interfaces-compatible-with-openai
+-- (2026-06-26: https://{WorkspaceId}.cn-beijing.maas.aliyuncs.com).
+M.WORKSPACE_DOMAINS = { intl = "https://%s.ap-southeast-1.maas.aliyuncs.com/compatible-mode/v1",
+                        cn = "https://%s.cn-beijing.maas.aliyuncs.com/compatible-mode/v1" }
+
+--- The base URL of a DashScope workspace in `region`: nil and why when the
+-- region has no workspace domain or `id` is not a workspace ID (one DNS
+-- label: letters, digits and inner hyphens, at most 63, so that the key
+-- can go nowhere but that host).
+-- @tparam string region
+-- @tparam string id
+-- @treturn ?string the base URL
+-- @treturn ?string why not
+function M.workspace_url(region, id)
+  local domain = M.WORKSPACE_DOMAINS[region]
+  if not domain then
+    return nil, ("the %s region has no workspace domain (cn: Beijing, intl: Singapore)"):format(tostring(region))
+  end
+  if type(id) ~= "string" or #id > 63 or not id:find("^%w[%w-]*$") or id:find("-$") then
+    return nil, ("%q is not a workspace ID (letters, digits and hyphens, as the console's Workspace Details "
+      .. "page shows it)"):format(tostring(id))
+  end
+  return domain:format(id:lower())
+end
+
 --- The dialect each region speaks: `dashscope` or `openai`.
 -- Every other provider (a `client.region` of a provider's name) speaks
 -- OpenAI's dialect, with the differences its `PROVIDERS` entry names.
@@ -52,14 +82,30 @@ M.DIALECT = { cn = "dashscope", intl = "dashscope", openai = "openai", azure = "
               cerebras = "openai", novita = "openai", litellm = "openai" }
 
 --- Every batch endpoint, with the field a line's body must hold (besides
--- `model`, which moderations may leave out) and the dialects that take it.
+-- `model`, which moderations may leave out), `also` the other fields it
+-- must hold, and the dialects that take it.
 M.ENDPOINT_RULES = {
   ["/v1/chat/completions"] = { field = "messages", dashscope = true, openai = true },
   ["/v1/embeddings"] = { field = "input", dashscope = true, openai = true },
   ["/v1/chat/ds-test"] = { field = "messages", dashscope = true },
-  ["/v1/responses"] = { openai = true },
+  -- responses: `input` (and `model`, as every line here) required, though the
+  -- real-time API leaves both optional (openai npm 6.49.0 resources/responses/
+  -- responses.d.ts ResponseCreateParamsBase): a batch line without them runs
+  -- a stored prompt's defaults at best, so lbatch refuses it
+  ["/v1/responses"] = { field = "input", openai = true },
   ["/v1/completions"] = { field = "prompt", openai = true },
   ["/v1/moderations"] = { field = "input", model_optional = true, openai = true },
+  -- The rest of BatchCreateParams.endpoint's union (openai npm 6.49.0
+  -- resources/batches.d.ts: "/v1/responses, /v1/chat/completions,
+  -- /v1/embeddings, /v1/completions, /v1/moderations, /v1/images/generations,
+  -- /v1/images/edits, and /v1/videos are supported"). Their fields:
+  -- resources/images.d.ts ImageGenerateParams (prompt), ImageEditParams
+  -- (image and prompt), resources/videos.d.ts VideoCreateParams (prompt).
+  -- `model` is optional there (dall-e-2, sora-2 by default): a batch line
+  -- must name it here, so the default is never a silent guess.
+  ["/v1/images/generations"] = { field = "prompt", openai = true },
+  ["/v1/images/edits"] = { field = "prompt", also = { "image" }, openai = true },
+  ["/v1/videos"] = { field = "prompt", openai = true },
   -- Azure's documents write the urls without /v1 (MicrosoftDocs/azure-ai-docs, how-to/batch.md)
   ["/chat/completions"] = { field = "messages" },
   ["/embeddings"] = { field = "input" },
@@ -264,8 +310,11 @@ function M.profile(name)
 end
 
 --- The models the DashScope regions list for batch, by endpoint (Model
--- Studio's batch documents, 2026). Lists change: a model outside them is a
--- warning, not an error.
+-- Studio's batch documents, 2026; cn checked against the newest,
+-- help.aliyun.com/zh/model-studio/batch-interfaces-compatible-with-openai:
+-- qwen3.8-max and -flash, qwen3.7-text-embedding; intl: "qwen-max,
+-- qwen-plus, qwen-flash, qwen-turbo"). Names an older document listed stay:
+-- lists change, and a model outside them is a warning, not an error.
 M.MODELS = {
   cn = {
     ["/v1/chat/completions"] = {

@@ -128,19 +128,21 @@ function M.checker(opts)
 end
 
 -- each endpoint's own field, and those that must be a non-empty array
-local FIELD, NONEMPTY, null = {}, { messages = true }, cjson.null
-for url, ep in pairs(service.ENDPOINT_RULES) do FIELD[url] = ep.field end
+local FIELD, ALSO, NONEMPTY, null = {}, {}, { messages = true }, cjson.null
+for url, ep in pairs(service.ENDPOINT_RULES) do FIELD[url], ALSO[url] = ep.field, ep.also end
 
 --- An endpoint's own field, as `rule.field` checks it: its name (nil when
 -- the endpoint has none) and whether it must be a non-empty array (else
 -- present and not null). The writer's C encoder passes a body of that
--- shape without asking `rule.field` again.
+-- shape without asking `rule.field` again, unless the third value says
+-- the endpoint has other fields `rule.field` checks (images/edits' image).
 -- @tparam string url
 -- @treturn ?string
 -- @treturn boolean
+-- @treturn boolean
 function M.field_of(url)
   local field = FIELD[url]
-  return field, NONEMPTY[field] == true
+  return field, NONEMPTY[field] == true, ALSO[url] ~= nil
 end
 
 -- ------------------------------------------------------------ the rules
@@ -253,18 +255,23 @@ function rule.test_url(model, url)
   end
 end
 
---- The endpoint's own field (messages: a non-empty array).
+local function missing(url, field)
+  return "missing_field", format("A %s request needs body.%s.", url, field), "body." .. field
+end
+
+--- The endpoint's own fields (messages: a non-empty array).
 -- @tparam string url a known endpoint
 -- @tparam table body
 function rule.field(url, body)
   local field = FIELD[url]
   if not field then return end
   local v = body[field]
-  if v == nil or v == null then
-    return "missing_field", format("A %s request needs body.%s.", url, field), "body." .. field
-  end
+  if v == nil or v == null then return missing(url, field) end
   if NONEMPTY[field] and (type(v) ~= "table" or next(v) == nil) then
     return "missing_field", format("body.%s must be a non-empty array.", field), "body." .. field
+  end
+  for _, other in ipairs(ALSO[url] or {}) do
+    if body[other] == nil or body[other] == null then return missing(url, other) end
   end
 end
 
