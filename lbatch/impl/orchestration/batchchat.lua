@@ -190,7 +190,7 @@ end
 
 -- one request: its held call, then its answer recorded
 function Job:send(item)
-  local v, e, meta = self.client:_call("POST", nil, { url = self.url .. "/chat/completions", keyed = true,
+  local v, e = self.client:_call("POST", nil, { url = self.url .. "/chat/completions", keyed = true,
     body = item.body, headers = self.headers, timeout = self.timeout, stall = self.timeout,
     max_retries = self.max_retries, with_response = true })
   local rec
