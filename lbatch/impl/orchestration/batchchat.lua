@@ -345,6 +345,62 @@ function M.run(client, opts)
   return job:wait()
 end
 
+-- ------------------------------------------------------------ pipeline.run{via = "batch_chat"}
+
+local UNSUPPORTED = { "max_cost", "notify", "resubmit" }
+
+--- `pipeline.run{via = "batch_chat", ...}`: the input written as a file
+-- batch's request files (`shard`, the pipeline's: JSONL, CSV, a list, an
+-- iterator, with model, system, endpoint and limits applied) under
+-- dir/batch-chat/, then sent through Batch Chat into
+-- dir/batch-chat/results.jsonl, the dir locked meanwhile (`lock`).
+-- Options beside the pipeline's: batch_chat_url, concurrency, wait,
+-- max_retries, sync_lines, sync_seconds, on_request(p) (`start`'s
+-- on_progress), on_job(job) (the job, to cancel requests).
+-- @tparam table opts the pipeline's options
+-- @tparam table client
+-- @tparam table pl the pipeline's `shard(opts, dir, client)` and `lock(opts, client)`
+-- @treturn table the report {via, results, outputs, errors, inputs, groups,
+-- journal, client, shards ({}), requests, reused, sent, answered,
+-- unanswered, cancelled, complete}, or nil and an error
+function M.pipeline(opts, client, pl)
+  if opts.via ~= "batch_chat" then errors.arg("pipeline.run", 'opts.via must be "file" or "batch_chat"', 3) end
+  for _, k in ipairs(UNSUPPORTED) do
+    if opts[k] ~= nil then
+      return nil, errors.new({ kind = "invalid", code = "batch_chat_option", param = k, message = ("pipeline: %s "
+        .. "is not supported with via = \"batch_chat\" (yet): nothing was sent"):format(k) })
+    end
+  end
+  local dir = opts.dir .. "/batch-chat"
+  for _, d in ipairs({ opts.dir, dir }) do
+    local made, why = require("lbatch.core").mkdir(d)
+    if not made then return nil, errors.io("cannot make", d, (why:gsub("^mkdir [^:]*: ", ""))) end
+  end
+  local lk, lerr = pl.lock(opts, client)
+  if not lk then return nil, lerr end
+  return lk:release(M.run_dir(opts, client, pl, dir))
+end
+
+function M.run_dir(opts, client, pl, dir)
+  local manifest, serr = pl.shard(opts, dir, client)
+  if not manifest then return nil, serr end
+  local inputs = {}
+  for i, f in ipairs(manifest.files) do inputs[i] = f.path end
+  local path = dir .. "/results.jsonl"
+  local job, err = M.start(client, { input = inputs, path = path, url = opts.batch_chat_url,
+    concurrency = opts.concurrency, wait = opts.wait, max_retries = opts.max_retries, sync_lines = opts.sync_lines,
+    sync_seconds = opts.sync_seconds, on_progress = opts.on_request })
+  if not job then return nil, err end
+  if opts.on_job then opts.on_job(job) end
+  local report, werr = job:wait()
+  if not report then return nil, werr end
+  local reader, rerr = M.results(path, inputs)
+  if not reader then return nil, rerr end
+  report.via, report.results, report.outputs, report.errors, report.inputs = "batch_chat", reader, { path }, {}, inputs
+  report.groups, report.journal, report.client, report.shards = { { inputs = inputs, output = path } }, path, client, {}
+  return report
+end
+
 --- A reader of a job's results (`lbatch.results`), joined with its input.
 -- @tparam string path the results file
 -- @param input a path or a list of paths
