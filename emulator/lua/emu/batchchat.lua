@@ -8,7 +8,8 @@
 --
 --   POST /_batchchat/compatible-mode/v1/chat/completions   the held call
 --   GET  /_batchchat/_stats     requests, answers, 429s, timeouts, the most
---                               held at once, and per key (a request's last
+--                               held at once, the waits asked (seconds ->
+--                               calls), and per key (a request's last
 --                               message's content: the specs put its
 --                               custom_id there) its requests and answers
 --   POST /_batchchat/_config    {queue = N (calls held at once, default
@@ -37,7 +38,7 @@ local held, stats, once
 
 local function reset()
   held = 0
-  stats = { requests = 0, answered = 0, throttled = 0, timeouts = 0, held_peak = 0, keys = {} }
+  stats = { requests = 0, answered = 0, throttled = 0, timeouts = 0, held_peak = 0, keys = {}, waits = {} }
   once = { timeout = {}, throttle = {} }
 end
 reset()
@@ -75,7 +76,7 @@ function B.admin(method, path)
     local s = {}
     for k, v in pairs(stats) do s[k] = v end
     s.held = held
-    if next(s.keys) == nil then s.keys = cjson.null end
+    if next(s.keys) == nil then s.keys, s.waits = cjson.null, cjson.null end
     return respond.json(200, s)
   elseif path == "/_config" and method == "POST" then
     return configure()
@@ -106,6 +107,7 @@ local function held_call(body, raw)
   end
   local wait, werr = wait_of()
   if not wait then return werr end
+  stats.waits[tostring(wait)] = (stats.waits[tostring(wait)] or 0) + 1
   held = held + 1
   if held > stats.held_peak then stats.held_peak = held end
   local service = take(once.timeout, key) and wait + 1 or conf.service * (0.5 + math.random())
