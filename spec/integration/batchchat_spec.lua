@@ -135,8 +135,13 @@ describe("Batch Chat", function()
     local path = input(dir .. "/in.jsonl", 30)
     control("POST", "/_config", { service = 40 })          -- 0.2 s a call, 0.1 to 0.3
     local job, inflight
+    local outcomes, last = {}, nil
     local report = assert(pipeline.run({ client = client, requests = path, dir = dir .. "/w", via = "batch_chat",
       batch_chat_url = url, concurrency = 5,
+      on_request = function(p)
+        outcomes[p.outcome] = (outcomes[p.outcome] or 0) + 1
+        last = p
+      end,
       on_job = function(j)
         job = j
         job:cancel("q-29")                        -- queued: never sent
@@ -147,6 +152,8 @@ describe("Batch Chat", function()
       end }))
     assert.is_true(inflight)
     assert.same({ 28, 2, false }, { report.answered, report.cancelled, report.complete })
+    assert.same({ answered = 28, cancelled = 1 }, outcomes)     -- (q-29 was never sent: no progress of its own)
+    assert.same({ 28, 30 }, { last.done, last.total })
     local s = report.results:summary()
     assert.same({ 30, 28, 2 }, { s.total, s.ok, s.missing })
     local again = assert(pipeline.run({ client = client, requests = path, dir = dir .. "/w", via = "batch_chat",
@@ -158,6 +165,23 @@ describe("Batch Chat", function()
     assert.equal(0, st.keys["q-29"] and st.keys["q-29"].requests - 1 or 0)   -- sent once: by the run again
     local got = answered(dir .. "/w/batch-chat/results.jsonl")
     for i = 1, 30 do assert.equal(1, got["q-" .. i]) end
+  end)
+
+  it("stops every request at once on a refused key: nil and the service's 401, nothing journaled", function()
+    local emu2 = H.emulator({ tls = true, speed = 200, rate_limits = false, api_key = "right" })
+    local wrong = assert(lbatch.new({ api_key = "wrong", base_url = emu2.base, cainfo = emu2.tls }))
+    local dir = H.tmpdir()
+    local path = input(dir .. "/in.jsonl", 200)
+    local r, err = batchchat.run(wrong, { input = path, path = dir .. "/r.jsonl", concurrency = 5,
+                                          url = emu2.url .. "/_batchchat/compatible-mode/v1" })
+    assert.is_nil(r)
+    assert.equal(401, err.status)
+    local _, s = H.json("GET", emu2.url .. "/_batchchat/_stats", { cacert = emu2.tls })
+    assert.is_true(s.requests <= 10, "calls after the 401: " .. tostring(s.requests))
+    assert.equal("", H.read(dir .. "/r.jsonl"))
+    assert.is_nil((H.read(emu2.log) or ""):find("wrong", 1, true))
+    wrong:close()
+    emu2.stop()
   end)
 
   it("sends the key to the provider's own hosts only, and refuses providers without Batch Chat", function()
