@@ -7,6 +7,9 @@
 --   single DIR       lbatch's join of the single files (bounded by max_index)
 --   naive DIR        every answer decoded into one Lua table, then the inputs
 --   pipeline N DIR   N requests through lbatch.pipeline on the emulator
+--   batchchat N DIR | filebatch N DIR  the same N requests through Batch
+--                    Chat (pipeline.run{via = "batch_chat"}) or as a file batch:
+--                    requests a second, connections opened
 --   jobs N           N batches in flight at once, watched by one client
 --   flow N DIR       a three-step flow (answer, judge, revise the low
 --                    scorers: spec/fixtures/judge_flow.lua) over N items
@@ -204,6 +207,36 @@ elseif mode == "pipeline" then
     .. "merge %.0f req/s; %.1f status calls a job, %d answers 429"):format(total, shards,
     n / (marks.upload - t0), n / (marks.uploaded - marks.upload), marks.downloaded - marks.created,
     n / t_merge, status / shards, limited))
+  client:close()
+
+elseif mode == "batchchat" or mode == "filebatch" then
+  -- the same N requests through Batch Chat (CONCURRENCY held calls at once,
+  -- HTTP/2 when the emulator serves TLS) or as a file batch (the pipeline);
+  -- requests a second end to end and the connections the emulator saw
+  local lbatch = require "lbatch"
+  local pipeline = require "lbatch.pipeline"
+  local n, dir = tonumber(a), b
+  local client = lbatch.new({ timeout = 600 })
+  local path = dir .. "/requests.jsonl"
+  local fh = assert(io.open(path, "wb"))
+  for i = 1, n do fh:write(request(i), "\n") end
+  fh:close()
+  local base = os.getenv("LBATCH_BASE_URL"):gsub("/compatible%-mode/v1$", "")
+  local t0 = now()
+  local report = assert(pipeline.run({ client = client, requests = path, dir = dir .. "/run",
+    via = mode == "batchchat" and "batch_chat" or nil, batch_chat_url = mode == "batchchat"
+      and (base .. "/_batchchat/compatible-mode/v1") or nil,
+    concurrency = mode == "batchchat" and tonumber(os.getenv("CONCURRENCY") or "500") or nil,
+    poll_interval = mode == "filebatch" and tonumber(os.getenv("POLL") or "0.5") or nil,
+    poll_factor = mode == "filebatch" and 1 or nil }))
+  local t = now() - t0
+  local total = count(report.results)
+  local p = io.popen("curl -s " .. base .. "/_emulator/stats")
+  local stats = cjson.decode(p:read("*a"))
+  p:close()
+  local proto = type(stats.protocols) == "table" and stats.protocols or {}
+  print(("%d records, %.0f requests/s end to end, %d connection(s) opened, %d calls (%d on HTTP/2)"):format(total,
+    n / t, stats.connections, (proto["HTTP/2.0"] or 0) + (proto["HTTP/1.1"] or 0), proto["HTTP/2.0"] or 0))
   client:close()
 
 elseif mode == "flow" then

@@ -1238,6 +1238,14 @@ end
 -- and its answers in the results (its shards' group first). A run
 -- started without a canary cannot take one (`canary_late`); one judged by
 -- a check needs it again to resume (`canary_check_missing`).
+-- via = "batch_chat" (default "file"): each request sent as a held call of
+-- DashScope's Batch Chat (Beijing), at half the real-time price, answers
+-- appended to dir/batch-chat/results.jsonl as they come, a run again
+-- sending only the requests without one; batch_chat_url (default the
+-- provider's), concurrency (100 calls at once), wait (60 to 3,600 s the
+-- service holds a call; default its own, 3,600), on_request(p), on_job(job)
+-- (`job:cancel(custom_id)`); its report adds answered, unanswered,
+-- cancelled and complete (see `lbatch.impl.orchestration.batchchat`).
 -- @treturn table the report `{shards, results (a reader), outputs,
 -- errors, inputs, journal, client, groups, requests, reused, sent, change}`
 -- (groups: each first-round shard's `{inputs, output, errors}`, as
@@ -1256,6 +1264,10 @@ function M.run(opts)
   check_canary(opts.canary)
   local client, cerr0 = client_of("pipeline.run", opts)
   if not client then return nil, cerr0 end
+  -- via = "batch_chat": DashScope's Batch Chat, each request a held call (lbatch.impl.orchestration.batchchat)
+  if opts.via ~= nil and opts.via ~= "file" then
+    return require("lbatch.impl.orchestration.batchchat").pipeline(opts, client, { shard = shard, lock = lock_dir })
+  end
   local n = opts.notify
   if n ~= nil then
     errors.check("pipeline.run", "opts.notify", n, "table")

@@ -44,6 +44,7 @@ build = {
     ["lbatch.impl.api.client"] = "lbatch/impl/api/client.lua",
     ["lbatch.impl.orchestration.journal"] = "lbatch/impl/orchestration/journal.lua",
     ["lbatch.impl.orchestration.lock"] = "lbatch/impl/orchestration/lock.lua",
+    ["lbatch.impl.orchestration.batchchat"] = "lbatch/impl/orchestration/batchchat.lua",
     ["lbatch.impl.api.watch"] = "lbatch/impl/api/watch.lua",
     ["lbatch.impl.formats.rules"] = "lbatch/impl/formats/rules.lua",
     ["lbatch.json"] = "lbatch/json.lua",

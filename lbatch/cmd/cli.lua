@@ -78,7 +78,13 @@ its results are exactly INPUT's rows; with another --model, --system,
                        fallback at --poll's interval
   --notify-url URL     the URL the service reaches that listener by: set as each
                        DashScope batch's callback (OpenAI's comes from the
-                       project's webhook settings)]] },
+                       project's webhook settings)
+  --via batch-chat     send each request as a held call of DashScope's Batch Chat
+                       (Beijing; half price), not in a file batch: answers are
+                       written as they come, a run again sends only the rest
+  --concurrency N      Batch Chat calls at once (default 100)
+  --batch-chat-wait S  seconds the service holds each call, 60 to 3600 (default 3600)
+  --batch-chat-url URL the Batch Chat base URL (default the provider's)]] },
   flow = { args = "SCRIPT", help = [[
 Run a flow: SCRIPT returns {step = function(item, ask) ... end, key = ...}
 (lbatch.flow), each item's steps as plain Lua, the asks sent in rounds of
@@ -1107,6 +1113,11 @@ function command.run(o, pos)
       end }
   end
   if o.fresh and o.reuse then return nil, usage_error("--fresh or --reuse, not both") end
+  -- --via batch-chat: lbatch.impl.orchestration.batchchat
+  local via = o.via and ({ ["batch-chat"] = "batch_chat", file = "file" })[o.via]
+  if o.via and not via then return nil, usage_error("--via takes batch-chat or file") end
+  local bn, bnerr = nums(o, "concurrency", "batch_chat_wait")
+  if not bn then return nil, bnerr end
   local c = client(o)
   local dir = o.dir or (pos[1] .. ".lbatch")
   local missing = unreadable(pos[1], dir)
@@ -1120,6 +1131,7 @@ function command.run(o, pos)
     resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
     header = header, notify = notify, on_step = run_id_teller(dir), wait_lock = n.wait_lock,
     on_change = o.fresh and "fresh" or o.reuse and "reuse" or nil, canary = canary,
+    via = via, batch_chat_url = o.batch_chat_url, concurrency = bn.concurrency, wait = bn.batch_chat_wait,
   })
   done()
   local judged = report and report.canary or err and err.canary
@@ -1141,9 +1153,10 @@ function command.run(o, pos)
   out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
            missing = s.missing, total_tokens = s.total_tokens, reused = report.reused, sent = report.sent,
            repaired = repaired, canary = canary_json(report.canary), invalid_answers = s.invalid_answers },
-    ("%s: %d requests, %d ok, %d failed, %d missing%s, %d tokens, %d shard(s); run "
-      .. tostring(run_id_in(dir))):format(output, s.total, s.ok, s.failed, s.missing, invalid_note(s),
-      s.total_tokens, #report.shards))
+    ("%s: %d requests, %d ok, %d failed, %d missing%s, %d tokens, " .. (report.via == "batch_chat"
+      and ("through Batch Chat (%d answered before, %d sent now)"):format(report.reused, report.sent)
+      or ("%d shard(s); run " .. tostring(run_id_in(dir))):format(#report.shards))):format(
+      output, s.total, s.ok, s.failed, s.missing, invalid_note(s), s.total_tokens))
   return (bad > 0 or s.missing > 0) and 3 or 0
 end
 

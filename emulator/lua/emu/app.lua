@@ -5,6 +5,7 @@
 --   store.lua    state and its journal    util.lua     ids, public views
 --   modes.lua    failure modes (emulator/run's header)
 --   realtime.lua the real-time chat and embeddings endpoints
+--   batchchat.lua DashScope's Batch Chat (held calls), under /_batchchat
 -- A new endpoint is one line in ROUTES and a handler in its room.
 local respond = require "emu.respond"
 local guard = require "emu.guard"
@@ -16,6 +17,7 @@ local engine = require "emu.engine"
 local util = require "emu.util"
 local providers = require "emu.providers"
 local realtime = require "emu.realtime"
+local batchchat = require "emu.batchchat"
 
 local A = {}
 local cfg
@@ -55,7 +57,11 @@ function A.handle()
   if path:sub(1, 11) == "/_emulator/" then
     return respond.send(admin.handle(method, path))
   end
+  -- Batch Chat (emu.batchchat): its own host in the service, /_batchchat here
+  local bc = uri:match("^/_batchchat(/.*)$")
+  if bc and bc:sub(1, 2) == "/_" then return respond.send(batchchat.admin(method, bc)) end
   admin.seen(ngx.var.server_protocol, ngx.var.connection)
+  if bc then return respond.send(batchchat.handle(method, bc)) end
   admin.begin(method, path, ngx.req.get_uri_args(100), ngx.req.get_headers(100))
   local fault = admin.take_fault(method, path)
   if fault and fault.delay then ngx.sleep(tonumber(fault.delay) or 0) end
@@ -112,6 +118,7 @@ function A.init(config)
     respond.file_type = nil
   end
   guard.init(cfg)
+  batchchat.init(cfg)
   files.init(cfg)
   batches.init(cfg)
   store.open(cfg.data)

@@ -309,7 +309,8 @@ end
 function Transport:spec(method, path, o)
   local cfg = self.cfg
   -- another host's URL (a presigned one) gets none of the client's headers: no key
-  local headers = o.url and {} or o.body and self.json_headers or self.headers
+  -- (o.keyed: a URL its caller checked is the provider's own, Batch Chat's)
+  local headers = o.url and not o.keyed and {} or o.body and self.json_headers or self.headers
   if o.headers then
     local all = {}
     for i, v in ipairs(headers) do all[i] = v end
