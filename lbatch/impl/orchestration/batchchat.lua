@@ -174,7 +174,7 @@ local function account_wide(e)
   return e.status == 401 or e.status == 403 or (e.code ~= nil and service.ACCOUNT[e.code] ~= nil)
 end
 
--- append one answer; synced every sync_lines or sync_seconds
+--- append one answer; synced every sync_lines or sync_seconds
 function Job:record(rec)
   local ok, err = self.log:append(rec)
   if ok then
@@ -188,7 +188,7 @@ function Job:record(rec)
   return ok
 end
 
--- one request: its held call, then its answer recorded
+--- one request: its held call, then its answer recorded
 function Job:send(item)
   local v, e = self.client:_call("POST", nil, { url = self.url .. "/chat/completions", keyed = true,
     body = item.body, headers = self.headers, timeout = self.timeout, stall = self.timeout,
@@ -207,7 +207,7 @@ function Job:send(item)
   return "answered", rec
 end
 
--- a worker: the next request, until none is left or the job stops
+--- a worker: the next request, until none is left or the job stops
 function Job:worker()
   while not self.failure do
     self.next_i = self.next_i + 1
@@ -381,6 +381,7 @@ function M.pipeline(opts, client, pl)
   return lk:release(M.run_dir(opts, client, pl, dir))
 end
 
+--- The pipeline door's work, in `dir` (dir/batch-chat): shard, send, read.
 function M.run_dir(opts, client, pl, dir)
   local manifest, serr = pl.shard(opts, dir, client)
   if not manifest then return nil, serr end
