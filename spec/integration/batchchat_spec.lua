@@ -202,6 +202,14 @@ describe("Batch Chat", function()
     -- the provider's default is Beijing's own host; another region has none
     assert.equal("https://batch.dashscope.aliyuncs.com/compatible-mode/v1",
       batchchat.url_of(assert(lbatch.new({ api_key = "k" }))))
+    -- a client on another URL (here the emulator) is not sent on to the real Batch Chat host
+    r, err = batchchat.url_of(client)
+    assert.is_nil(r)
+    assert.equal("batch_chat_url_needed", err.code)
+    assert.matches("pass batch_chat_url", err.message, 1, true)
+    r, err = pipeline.run({ client = client, requests = path, dir = dir .. "/n", via = "batch_chat" })
+    assert.is_nil(r)
+    assert.equal("batch_chat_url_needed", err.code)
     local intl = assert(lbatch.new({ api_key = "k", region = "intl" }))
     r, err = batchchat.url_of(intl)
     assert.is_nil(r)

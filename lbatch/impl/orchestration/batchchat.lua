@@ -90,6 +90,16 @@ function M.url_of(client, url)
         .. "region = %q (and its key), or pass batch_chat_url"):format(p.batch_chat_region, tostring(client.region),
         p.batch_chat_region))
     end
+    -- a client pointed elsewhere (a proxy, a test server, a workspace
+    -- domain) is not sent on to the service's own Batch Chat host, where
+    -- its key would pay for real answers: the caller names the URL
+    local home = p.regions and p.regions[client.region] or p.base_url
+    if client.base_url and home and client.base_url:gsub("/+$", "") ~= home then
+      return nil, errors.new({ kind = "config", code = "batch_chat_url_needed", param = "batch_chat_url",
+        message = ("batch_chat: this client talks to %s, not %s: Batch Chat would go to %s, with this key, for "
+          .. "real; pass batch_chat_url (the Batch Chat URL you mean; --batch-chat-url on the command line)")
+          :format(client.base_url, home, p.batch_chat_url) })
+    end
     url = p.batch_chat_url
   elseif not p.batch_chat_url then
     return nil, unsupported(("%s offers no Batch Chat"):format(tostring(client.config.provider)))
