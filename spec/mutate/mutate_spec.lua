@@ -85,6 +85,31 @@ describe("make mutate SINCE", function()
     assert.not_matches("lbatch/a.lua", out, 1, true)
   end)
 
+  it("takes the internal modules, the command's and the C core's files changed since the ref, not the others", function()
+    local files = {
+      ["lbatch/impl/api/d.lua"] = "local M = {}\nfunction M.f(x)\n  return x > 1\nend\nreturn M\n",
+      ["lbatch/cmd/e.lua"] = "local M = {}\nfunction M.g(x)\n  return x < 2\nend\nreturn M\n",
+      ["lbatch/core/f.c"] = "int f(int x);\nint f(int x) {\n  return x > 3;\n}\n",
+      ["lbatch/impl/formats/same.lua"] = "local M = {}\nfunction M.h(x)\n  return x >= 4\nend\nreturn M\n",
+    }
+    for path, text in pairs(files) do
+      H.mkdir(dir .. "/" .. path:match("^(.*)/"))
+      H.write(dir .. "/" .. path, text)
+    end
+    assert(H.ok(("cd %s && git add -A && git -c user.name=t -c user.email=t@t commit -qm two"):format(H.q(dir))))
+    for path, text in pairs(files) do   -- line 3 of each changed, but same.lua's
+      if not path:find("same", 1, true) then H.write(dir .. "/" .. path, (text:gsub("return x ([<>]) (%d)", "return (x %1 %2)"))) end
+    end
+    assert(H.ok(("cd %s && git -c user.name=t -c user.email=t@t commit -qam three"):format(H.q(dir))))
+    local out = run(dir, "MUTATE_SINCE=HEAD~1 MUTATE_LIST=1")
+    assert.matches("lbatch/impl/api/d.lua:3 ", out, 1, true)
+    assert.matches("lbatch/cmd/e.lua:3 ", out, 1, true)
+    assert.matches("lbatch/core/f.c:3 ", out, 1, true)
+    assert.not_matches("same.lua", out, 1, true)
+    assert.not_matches("lbatch/a.lua", out, 1, true)
+    assert.matches("in 3 files", out, 1, true)
+  end)
+
   it("with no mutable line changed, says so and exits 0", function()
     local out = run(dir, "MUTATE_SINCE=HEAD")
     assert.matches("no mutable line of lbatch/*.lua or lbatch/core/*.c changed since HEAD: nothing to run", out, 1, true)
