@@ -71,6 +71,21 @@ describe("the API reference", function()
     assert.are.same(want, listed)
   end)
 
+  it("names in spec/README.md and docs/*.md only lbatch/ files that exist", function()
+    local docs = { "spec/README.md" }
+    for f in H.sh("cd " .. H.q(H.root) .. " && ls docs/*.md"):gmatch("[^\n]+") do docs[#docs + 1] = f end
+    local n = 0
+    for _, doc in ipairs(docs) do
+      for path in H.read(H.root .. "/" .. doc):gmatch("lbatch/[%w_/]+%.[%a]+") do
+        if path:find("^lbatch/[%l_/]+%.[%l]+$") and not path:find("^lbatch/build/") then   -- (not lbatch/X.lua, not a URL's)
+          n = n + 1
+          assert.is_true(H.exists(H.root .. "/" .. path), doc .. " names " .. path .. ", which does not exist")
+        end
+      end
+    end
+    assert.is_true(n > 10)
+  end)
+
   it("documents with `make docs` the public modules and the client's methods only #docs", function()
     if not H.ok("command -v ldoc >/dev/null") then pending("ldoc (lua-ldoc) is not installed") return end
     local dir = H.tmpdir()
