@@ -194,6 +194,7 @@ soak: deps build
 # config.ld): docs/api/index.html, or DOCS_DIR/index.html
 DOCS_DIR ?= docs/api
 docs: deps
+	@rm -rf "$(DOCS_DIR)/modules" "$(DOCS_DIR)/classes"   # (LDoc leaves the pages of a module no longer documented)
 	@out=$$(ldoc -q -d "$(DOCS_DIR)" . 2>&1) || { echo "$$out"; exit 1; }; \
 	  echo "$$out" | grep -v -e '^reading configuration from' -e '^found master module' || true; \
 	  echo "API reference: $(DOCS_DIR)/index.html"

@@ -89,6 +89,8 @@ describe("the API reference", function()
   it("documents with `make docs` the public modules and the client's methods only #docs", function()
     if not H.ok("command -v ldoc >/dev/null") then pending("ldoc (lua-ldoc) is not installed") return end
     local dir = H.tmpdir()
+    H.mkdir(dir .. "/modules")   -- a page left by a build before, of a module no longer documented
+    H.write(dir .. "/modules/lbatch.impl.api.client.html", "<html></html>")
     local out = H.sh(("cd %s && make -s docs DOCS_DIR=%s 2>&1; echo \"exit=$?\""):format(H.q(H.root), H.q(dir)))
     assert.matches("exit=0\n$", out)
     local documented, seen = {}, {}   -- (the index links each module twice: the side bar, the table)
@@ -100,6 +102,11 @@ describe("the API reference", function()
     local public = public_names()
     table.sort(public) table.sort(documented)
     assert.are.same(public, documented)
+    local pages = {}
+    for f in H.sh("ls " .. H.q(dir .. "/modules")):gmatch("([%w_.]+)%.html") do pages[#pages + 1] = f end
+    table.sort(pages)
+    assert.are.same(public, pages)
+    assert.is_false(H.exists(dir .. "/classes"))
     local page = assert(H.read(dir .. "/modules/lbatch.html"))
     local methods = client_methods()
     for _, m in ipairs({ "upload", "create", "retrieve", "cancel", "list", "content", "wait", "each_batch", "step" }) do
