@@ -190,9 +190,14 @@ mutate: deps build
 soak: deps build
 	$(BUSTED) LUA_CPATH="./build/5.4/?.so;;" LBATCH_LUA=lua5.4 lua5.4 spec/soak/run.lua
 
-# The API reference from the doc comments (LDoc, config.ld): docs/api/index.html
+# The API reference of the public modules from their doc comments (LDoc,
+# config.ld): docs/api/index.html, or DOCS_DIR/index.html
+DOCS_DIR ?= docs/api
 docs: deps
-	@ldoc -q . && echo "API reference: docs/api/index.html"
+	@rm -rf "$(DOCS_DIR)/modules" "$(DOCS_DIR)/classes"   # (LDoc leaves the pages of a module no longer documented)
+	@out=$$(ldoc -q -d "$(DOCS_DIR)" . 2>&1) || { echo "$$out"; exit 1; }; \
+	  echo "$$out" | grep -v -e '^reading configuration from' -e '^found master module' || true; \
+	  echo "API reference: $(DOCS_DIR)/index.html"
 
 clean:
 	rm -rf build docs/api lbatch/core.so lbatch/core/*.o

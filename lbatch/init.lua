@@ -28,7 +28,7 @@ local unsupported = require("lbatch.impl.transport.loop").UNSUPPORTED
 local function refuse() error(unsupported, 2) end
 
 return {
-  --- Make a client (see `lbatch.client.new`). Raises on plain Lua 5.1.
+  --- Make a client (see `Client.new` below). Raises on plain Lua 5.1.
   new = unsupported and refuse or Client.new,
   --- Make a scheduler for several clients (see `lbatch.scheduler.new`).
   scheduler = unsupported and refuse or Scheduler.new,

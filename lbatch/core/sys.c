@@ -43,16 +43,21 @@ int lb_sleep(lua_State *L) {
   return 0;
 }
 
+/* a system call's failure as these functions return it: nil, "what path:
+ * the OS's reason" ("path: reason" when what is NULL) */
+static int os_fail(lua_State *L, const char *what, const char *path, int e) {
+  lua_pushnil(L);
+  if (what) lua_pushfstring(L, "%s %s: %s", what, path, strerror(e));
+  else lua_pushfstring(L, "%s: %s", path, strerror(e));
+  return 2;
+}
+
 /* core.disk_free(path) -> bytes an unprivileged writer may still use on
  * path's file system; or nil and the OS's reason */
 int lb_disk_free(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   struct statvfs v;
-  if (statvfs(path, &v) != 0) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "%s: %s", path, strerror(errno));
-    return 2;
-  }
+  if (statvfs(path, &v) != 0) return os_fail(L, NULL, path, errno);
   lua_pushnumber(L, (lua_Number)v.f_bavail * (lua_Number)v.f_frsize);
   return 1;
 }
@@ -64,11 +69,7 @@ int lb_fsync(lua_State *L) {
   int fd = open(path, O_RDONLY), ok = fd >= 0 && fsync(fd) == 0;
   int e = errno;
   if (fd >= 0) close(fd);
-  if (!ok) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "fsync %s: %s", path, strerror(e));
-    return 2;
-  }
+  if (!ok) return os_fail(L, "fsync", path, e);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -91,11 +92,7 @@ int lb_mkdir(lua_State *L) {
     }
   }
   free(p);
-  if (!ok) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "mkdir %s: %s", path, strerror(errno));
-    return 2;
-  }
+  if (!ok) return os_fail(L, "mkdir", path, errno);
   lua_pushboolean(L, 1);
   return 1;
 }

@@ -1,6 +1,7 @@
 -- spec/mutate/run itself (make mutate), on a small tree of its own: a git
--- repository with one module, its spec and a Makefile whose build is a
--- stub, so that each case takes seconds. Starts no server.
+-- repository with one module, its spec, spec/run-all (the whole suite's job
+-- pool) and a Makefile whose build is a stub, so that each case takes
+-- seconds. Starts no server.
 local H = require "helper"
 
 local RUN = H.root .. "/spec/mutate"
@@ -37,7 +38,10 @@ local function tree()
   H.mkdir(dir .. "/spec/mutate")
   H.mkdir(dir .. "/spec/unit")
   H.mkdir(dir .. "/lbatch/core")
+  H.mkdir(dir .. "/spec/tools")
   assert(H.ok(("cp %s/run %s/slots.lua %s/spec/mutate/"):format(H.q(RUN), H.q(RUN), H.q(dir))))
+  assert(H.ok(("cd %s && cp spec/run-all %s/spec/ && cp spec/tools/timed.lua spec/tools/slowest %s/spec/tools/")
+    :format(H.q(H.root), H.q(dir), H.q(dir))))
   H.write(dir .. "/lbatch/a.lua", MODULE)
   H.write(dir .. "/lbatch/c.lua", OTHER)
   H.write(dir .. "/spec/unit/a_spec.lua", SPEC)
@@ -48,12 +52,12 @@ local function tree()
   return dir
 end
 
-local function run(dir, env)
+local function run(dir, env, files)
   local seen = dir .. "/seen"
   -- not the MUTATE_ settings of a mutation run this spec may be part of
   local out = H.sh(("cd %s && env -u MUTATE_SINCE -u MUTATE_ONLY -u MUTATE_LIST -u MUTATE_MAP -u MUTATE_WHOLE " ..
-    "-u MUTATE_JOBS -u MUTATE_FULL MUTATE_SPEC_SEEN=%s %s lua5.4 spec/mutate/run 2>&1; echo \"exit $?\"")
-    :format(H.q(dir), H.q(seen), env))
+    "-u MUTATE_JOBS -u MUTATE_WHOLE_JOBS -u MUTATE_FULL MUTATE_SPEC_SEEN=%s %s lua5.4 spec/mutate/run %s 2>&1; echo \"exit $?\"")
+    :format(H.q(dir), H.q(seen), env, files or ""))
   return out, H.exists(seen) and H.read(seen) or ""
 end
 
@@ -83,6 +87,31 @@ describe("make mutate SINCE", function()
     assert.matches("lbatch/c.lua:3 ", out, 1, true)
     assert.matches("lbatch/b.lua:2 ", out, 1, true)
     assert.not_matches("lbatch/a.lua", out, 1, true)
+  end)
+
+  it("takes the internal modules, the command's and the C core's files changed since the ref, not the others", function()
+    local files = {
+      ["lbatch/impl/api/d.lua"] = "local M = {}\nfunction M.f(x)\n  return x > 1\nend\nreturn M\n",
+      ["lbatch/cmd/e.lua"] = "local M = {}\nfunction M.g(x)\n  return x < 2\nend\nreturn M\n",
+      ["lbatch/core/f.c"] = "int f(int x);\nint f(int x) {\n  return x > 3;\n}\n",
+      ["lbatch/impl/formats/same.lua"] = "local M = {}\nfunction M.h(x)\n  return x >= 4\nend\nreturn M\n",
+    }
+    for path, text in pairs(files) do
+      H.mkdir(dir .. "/" .. path:match("^(.*)/"))
+      H.write(dir .. "/" .. path, text)
+    end
+    assert(H.ok(("cd %s && git add -A && git -c user.name=t -c user.email=t@t commit -qm two"):format(H.q(dir))))
+    for path, text in pairs(files) do   -- line 3 of each changed, but same.lua's
+      if not path:find("same", 1, true) then H.write(dir .. "/" .. path, (text:gsub("return x ([<>]) (%d)", "return (x %1 %2)"))) end
+    end
+    assert(H.ok(("cd %s && git -c user.name=t -c user.email=t@t commit -qam three"):format(H.q(dir))))
+    local out = run(dir, "MUTATE_SINCE=HEAD~1 MUTATE_LIST=1")
+    assert.matches("lbatch/impl/api/d.lua:3 ", out, 1, true)
+    assert.matches("lbatch/cmd/e.lua:3 ", out, 1, true)
+    assert.matches("lbatch/core/f.c:3 ", out, 1, true)
+    assert.not_matches("same.lua", out, 1, true)
+    assert.not_matches("lbatch/a.lua", out, 1, true)
+    assert.matches("in 3 files", out, 1, true)
   end)
 
   it("with no mutable line changed, says so and exits 0", function()
@@ -137,14 +166,38 @@ describe("make mutate's map and slots", function()
     assert.matches("score: %d+/%d+ killed", out)
     assert.matches("wall time: %d+ min %d+ s %(2 at a time%)", out)
     assert.matches("exit 1\n$", out)
-    local bases, tmps = {}, {}
-    for base, tmp in seen:gmatch("(%d+) (%S+)") do bases[base] = true tmps[tmp] = true end
-    assert.same({ ["20000"] = true, ["25000"] = true }, bases)
+    -- a module's specs: in the slot (its ports, its TMPDIR); the whole
+    -- suite: through run-all's pool, each job with a TMPDIR and ports of its
+    -- own, in the slot's blocks (20000-25999, 26000-31999)
+    local bases, tmps, pool = {}, {}, 0
+    for base, tmp in seen:gmatch("(%d+) (%S+)") do
+      if tmp:match("^/tmp/lbatch%-timing%.[^/]+/%d+%.tmp$") then
+        pool = pool + 1
+        assert.is_true(tonumber(base) >= 20000 and tonumber(base) <= 29000 and base % 3000 == 2000, base)
+      else
+        bases[base] = true tmps[tmp] = true
+      end
+    end
+    assert.is_true(pool > 0, "the whole suite did not run through run-all's job pool")
+    assert.same({ ["20000"] = true, ["26000"] = true }, bases)
     local n = 0
     for t in pairs(tmps) do n = n + 1 assert.matches("^/tmp/lbatch%-mutate%.[^/]+/s[12]/tmp$", t) end
     assert.equal(2, n)
     -- the tree is as it was
     assert.equal(MODULE, H.read(dir .. "/lbatch/a.lua"))
+  end)
+
+  it("runs a survivor's whole suite in run-all's pool and stops it at the first failure, which it names", function()
+    -- a spec the runner cannot map to c.lua (dofile): only the whole suite runs it
+    H.write(dir .. "/spec/unit/z_spec.lua", 'local c = dofile("lbatch/c.lua")\n' ..
+      'it("ands", function() assert.is_false(c.both(true, false)) end)\n')
+    H.write(dir .. "/spec/unit/slow_spec.lua", 'it("waits", function() os.execute("sleep 120") end)\n')
+    local t = os.time()
+    local out = run(dir, "MUTATE_JOBS=1", "lbatch/c.lua")
+    assert.matches("%] lbatch/c%.lua:3 andor#1 [^\n]*\n    killed by the whole suite %(spec/unit/z_spec%.lua%) %[", out)
+    assert.matches("(Failure -> spec/unit/z_spec.lua @ 2: ands)", out, 1, true)
+    assert.matches("1 killed, 0 survived", out, 1, true)
+    assert.is_true(os.time() - t < 100, "the slow spec was not stopped")   -- (it sleeps 120 s)
   end)
 
   it("does not count a kill by a spec that fails without the mutant too", function()

@@ -3,15 +3,19 @@
 --
 -- MUTATE_JOBS mutants (default 2, at most 2: the machine has 2 cores) run at
 -- the same time, each slot in a temp copy of the tree of its own, its busted
--- with ports of its own (LBATCH_PORT_BASE: 20000 and 25000, so spec/helper.lua
--- picks in B..B+4999, below the kernel's ephemeral range) and a TMPDIR of its
--- own. Each slot is a coroutine; a step (a build, one spec file, the fuzzer,
--- the whole suite) runs in the background and the coroutine yields until the
--- step's exit code is written. A mutant runs its module's specs one file at a
--- time, quickest first, and stops at the first that kills it; a survivor of
--- them runs against the whole Lua 5.4 suite, which decides.
+-- with ports of its own (LBATCH_PORT_BASE: 20000 and 26000; spec/helper.lua
+-- picks in B..B+2999, and the slot's whole-suite jobs in the blocks of 3,000
+-- after: all below the kernel's ephemeral range, 32768, and above make
+-- test's, 2000-19999) and a TMPDIR of its own. Each slot is a coroutine; a
+-- step (a build, one spec file, the fuzzer, the whole suite) runs in the
+-- background and the coroutine yields until the step's exit code is
+-- written. A mutant runs its module's specs one file at a time, quickest
+-- first, and stops at the first that kills it; a survivor of them runs
+-- against the whole Lua 5.4 suite, which decides: spec/run-all's "Lua 5.4"
+-- stage, its job pool (MUTATE_WHOLE_JOBS at once, default the slot's share
+-- of the 4 blocks: 2, or 4 with MUTATE_JOBS=1), stopping at the first failure.
 
-local BASES = { 20000, 25000 }
+local BASES, BLOCKS = { 20000, 26000 }, 4   -- 4 blocks of 3,000 ports: 20000-31999
 
 local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 -- Ctrl-C reaches the whole process group. While os.execute runs a command,
@@ -102,6 +106,16 @@ local function busted(o, slot, args, jit, limit)
     :format(q(slot.copy), v, q(slot.copy), lua, slot.base, q(slot.tmpdir), limit or o.timeout, lua, args, q(slot.dir))
 end
 
+-- the whole suite's step: spec/run-all's "Lua 5.4" stage over `specs`, in
+-- its job pool (each job a spec file, with ports, a TMPDIR and a session of
+-- its own), `jobs` at once in the slot's port blocks, stopped at the first failure
+local function whole_suite(o, slot, specs, jobs)
+  return ("cd %s && env LBATCH_STAGES='^Lua 5\\.4$' LBATCH_SPECS=%s LBATCH_JOBS=%d LBATCH_PORTS_FROM=%d " ..
+    "LBATCH_EXCLUDE_TAGS=conformance,docs LBATCH_FAIL_FAST=1 LBATCH_NO_CGROUP=1 TMPDIR=%s " ..
+    "nice -n 10 timeout %d bash spec/run-all >%s/log 2>&1")
+    :format(q(slot.copy), q(specs), jobs, slot.base, q(slot.tmpdir), o.whole_timeout, q(slot.dir))
+end
+
 -- run a step; true, seconds when it passes, else false and what failed
 local function passes(slot, cmd, limit)
   local t = clock()
@@ -111,6 +125,13 @@ local function passes(slot, cmd, limit)
   local log = readf(slot.dir .. "/log")
   local where, name = log:match("\n(Failure %-> [^\n]*)\n([^\n]*)")
   if not where then where, name = log:match("\n(Error %-> [^\n]*)\n([^\n]*)") end
+  -- run-all's: its list of failures, the first failing job's first
+  local first = log:match("\nfailed:\n  %[([^\n]*)")
+  if first then
+    local file, test = first:match("^[^%]]*%] (%S+_spec%.lua @ %d+): (.*)$")
+    if not file then file, test = first:match("^[^%]]*: (%S+_spec%.lua)%] (.*)$") end
+    if file then where, name = "Failure -> " .. file, test end
+  end
   local why = code == 124 and ("timed out after %d s"):format(limit) or where and (where .. ": " .. name)
     or log:match("==%d+==%s*(ERROR[^\n]*)") or "the run failed: " .. (log:match("[^\n]+") or "")
   if #why > 160 then why = why:sub(1, 157) .. "..." end
@@ -128,7 +149,7 @@ local function whole(o, passed)
     end
   end
   local left = {}
-  for _, f in ipairs(all_specs) do if not passed[f] then left[#left + 1] = q(f) end end
+  for _, f in ipairs(all_specs) do if not passed[f] then left[#left + 1] = f end end
   return table.concat(left, " ")
 end
 
@@ -167,7 +188,7 @@ local function judge_mutant(o, slot, m)
   local eq = o.is_equivalent(m)
   if eq and not o.full then return "survived its specs: equivalent (EQUIVALENT.md)", "equiv" end
   if not o.whole_too then return "SURVIVED its specs (the whole suite not run: MUTATE_WHOLE=0)", "survived" end
-  local pass, why = passes(slot, busted(o, slot, whole(o, passed), false, o.whole_timeout), o.whole_timeout)
+  local pass, why = passes(slot, whole_suite(o, slot, whole(o, passed), o.whole_jobs), o.whole_timeout)
   if not pass then
     return "killed by the whole suite" .. (why:match("%-> (%S+%.lua)") and " (" .. why:match("%-> (%S+%.lua)") .. ")" or ""),
       "killed", why
@@ -199,6 +220,7 @@ return function(o)
   local queue = {}
   for n = 1, #o.mutants do if not o.only or o.only[n] then queue[#queue + 1] = n end end
   local jobs = math.max(1, math.min(tonumber(os.getenv("MUTATE_JOBS") or "2") or 2, #BASES, #queue))
+  o.whole_jobs = math.max(1, math.min(tonumber(os.getenv("MUTATE_WHOLE_JOBS") or "") or BLOCKS // jobs, BLOCKS // jobs))
   local t0 = clock()
   local slots = { new_slot(o, 1) }
   for i = 2, jobs do slots[i] = new_slot(o, i, slots[1]) end

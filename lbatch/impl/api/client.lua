@@ -1,3 +1,6 @@
+--- The API reference shows the client in `lbatch`'s page (config.ld).
+-- @module lbatch
+
 --- The client: every Batch and File operation of one service and key.
 --
 -- Each operation returns its value, or nil and an error object (see
@@ -20,7 +23,7 @@
 --    with_response  true: return value, response ({status, request_id,
 --                   headers, version}) on success (nil, err, response on
 --                   a failure with an answer)
--- @classmod lbatch.impl.api.client
+-- @type Client
 local json = require "lbatch.json"
 local config = require "lbatch.impl.api.config"
 local http = require "lbatch.impl.transport.http"

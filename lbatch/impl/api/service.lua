@@ -199,14 +199,17 @@ M.PROFILES.novita = like_openai("novita", { endpoints = CHAT, max_lines = 50000,
 M.PROFILES.litellm = like_openai("litellm", { endpoints = endpoints_of("openai"), max_lines = 50000,
   max_bytes = 200 * MB })
 
+-- a table's keys, sorted and joined, for messages
+local function names_of(t)
+  local out = {}
+  for k in pairs(t) do out[#out + 1] = k end
+  table.sort(out)
+  return table.concat(out, ", ")
+end
+
 --- The names of every profile, sorted, for messages.
 -- @treturn string "azure, cerebras, ..."
-function M.profile_names()
-  local t = {}
-  for k in pairs(M.PROFILES) do t[#t + 1] = k end
-  table.sort(t)
-  return table.concat(t, ", ")
-end
+function M.profile_names() return names_of(M.PROFILES) end
 
 --- Every provider: where it is and how it differs from OpenAI, as data.
 -- Each entry: `base_url` (nil: the caller gives it), `regions` (region ->
@@ -298,12 +301,7 @@ end
 
 --- The names of every provider, sorted, for messages.
 -- @treturn string
-function M.provider_names()
-  local t = {}
-  for k in pairs(M.PROVIDERS) do t[#t + 1] = k end
-  table.sort(t)
-  return table.concat(t, ", ")
-end
+function M.provider_names() return names_of(M.PROVIDERS) end
 
 --- The current DashScope limits (the `dashscope` profile).
 M.LIMITS = M.PROFILES.dashscope
