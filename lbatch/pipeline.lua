@@ -384,6 +384,9 @@ local function check_canary(c)
   end
 end
 
+-- the 0-based line of the input that is the canary's j-th (0-based) of `want`, of `n`
+local function canary_pick(j, n, want) return math.floor(j * n / want) end
+
 -- The `n` request lines of `paths` cut in two, in dir: canary.jsonl holds
 -- `want` of them spread evenly (the lines floor(j * n / want), j = 0 to
 -- want - 1: the same input gives the same sample), rest.jsonl the others.
@@ -400,7 +403,7 @@ local function cut_canary(opts, client, paths, n, dir)
     if i == pick and j < want then
       try(cw:line(line))
       j = j + 1
-      pick = math.floor(j * n / want)
+      pick = canary_pick(j, n, want)
     else
       try(rw:line(line))
     end
@@ -1230,10 +1233,12 @@ end
 -- the journal: a kill -9 during the canary resumes it, a run after it
 -- passed does not run it again, and a run after it failed judges its
 -- answers again (nothing sent; another check or min_ok may pass them).
--- `on_step("canary", verdict)` once judged. The canary counts in max_cost
--- and its answers in the results (its shards' group first). A run
--- started without a canary cannot take one (`canary_late`); one judged by
--- a check needs it again to resume (`canary_check_missing`).
+-- `on_step("canary", verdict)` once judged. The canary counts in max_cost,
+-- and its answers are in the results at their requests' places: the
+-- results come in the input's order, as without a canary (`groups`: the
+-- canary's shards first). A run started without a canary cannot take one
+-- (`canary_late`); one judged by a check needs it again to resume
+-- (`canary_check_missing`).
 -- @treturn table the report `{shards, results (a reader), outputs,
 -- errors, inputs, journal, client, groups, requests, reused, sent, change}`
 -- (groups: each first-round shard's `{inputs, output, errors}`, as
@@ -1518,6 +1523,20 @@ local function canary_gate(run)
   return nil, canary_failed(c, opts)
 end
 
+-- where the canary's answers go among the others in the results: at the
+-- lines it was cut from, so that they come in the input's order (a first
+-- run's groups are its shards, the canary's first; a rerun's group is its
+-- whole input, in order already); nil without a canary
+local function canary_placed(state)
+  local c = state.canary
+  if not c or state.view then return nil end
+  local m, want = 0, tonumber(c.lines) or 0
+  for _, s in ipairs(state.shards) do if s.round == 1 and s.canary then m = m + 1 end end
+  local n = want + (tonumber(c.rest) or 0)
+  if m == 0 or want == 0 then return nil end
+  return { groups = m, at = function(j) return j <= want and canary_pick(j - 1, n, want) + 1 or nil end }
+end
+
 -- the report: each first-round shard is joined with its own answers and
 -- those of its resubmissions, so the merge holds one shard's index at a
 -- time, whatever the total (a rerun: its input with the answers sent and kept)
@@ -1527,7 +1546,8 @@ local function collect(client, path, state, change, was_done)
     if s.output then outputs[#outputs + 1] = s.output end
     if s.error then errs[#errs + 1] = s.error end
   end
-  local reader, rerr = results.open({ groups = groups, pause = function() client:pause() end })
+  local reader, rerr = results.open({ groups = groups, placed = canary_placed(state),
+                                      pause = function() client:pause() end })
   if not reader then return nil, rerr end
   local report = { shards = state.shards, outputs = outputs, errors = errs, inputs = view_of(state), journal = path,
                    results = reader, client = client, groups = groups }

@@ -151,6 +151,39 @@ describe("a canary", function()
     c:close()
   end)
 
+  it("gives its results in the input's order, as a run without a canary does", function()
+    local requests = input(dir)
+    local function ids_of(reader)
+      local t = {}
+      for rec in reader:each() do t[#t + 1] = rec.custom_id end
+      return t
+    end
+    local plain, perr, c = run(emu, H.mkdir(dir .. "/plain"), requests)
+    assert.is_table(plain, tostring(perr))
+    local want = ids_of(plain.results)
+    for i = 1, N do assert.are.equal("req-" .. i, want[i]) end
+    -- 7 spread over 100 (shards of 30: the canary's lines fall in several of the rest's), and 45, in two shards of its own
+    for _, lines in ipairs({ 7, 45 }) do
+      local report, err = run(emu, H.mkdir(dir .. "/c" .. lines), requests, { lines = lines, check = french })
+      assert.is_table(report, tostring(err))
+      assert.are.equal(lines, report.canary.requests)
+      assert.are.same(want, ids_of(report.results))
+      assert.are.same({}, report.results:missing())
+      -- a request with no answer is missing at its place too (its answers' file emptied)
+      local last = report.shards[#report.shards]
+      H.write(last.output, "")
+      local rec_ids, missing = {}, {}
+      for rec in report.results:each() do
+        rec_ids[#rec_ids + 1] = rec.custom_id
+        if rec.missing then missing[#missing + 1] = rec.custom_id end
+      end
+      assert.are.same(want, rec_ids)
+      assert.are.same(missing, report.results:missing())
+      assert.is_true(#missing > 0)
+    end
+    c:close()
+  end)
+
   it("counts a check that raises, and a status that is not ok, as failures; passes at min_ok exactly", function()
     local requests = input(dir)
     local calls = 0
@@ -288,6 +321,7 @@ end
     for line in io.lines(dir .. "/work/results.jsonl") do
       n = n + 1
       assert.is_not_nil(line:find("French", 1, true))
+      assert.are.equal("req-" .. n, cjson.decode(line).custom_id)     -- in the input's order
     end
     assert.are.equal(N, n)
   end)
