@@ -1238,7 +1238,11 @@ end
 -- results come in the input's order, as without a canary (`groups`: the
 -- canary's shards first). A run started without a canary cannot take one
 -- (`canary_late`); one judged by a check needs it again to resume
--- (`canary_check_missing`).
+-- (`canary_check_missing`). Until the run is done its canary is the one
+-- cut: another `lines` is refused (`canary_changed`, kind `"invalid"`;
+-- the same number or none goes on with it, on_change = "fresh" starts a
+-- new run), while a new `min_ok` is taken: a bar lowered after a failed
+-- canary judges its answers again against it.
 -- @treturn table the report `{shards, results (a reader), outputs,
 -- errors, inputs, journal, client, groups, requests, reused, sent, change}`
 -- (groups: each first-round shard's `{inputs, output, errors}`, as
@@ -1480,6 +1484,15 @@ local function canary_failed(c, opts)
       #first > 0 and table.concat(first, "; ") or "none", opts.dir) })
 end
 
+-- canary.lines asked anew on a run whose canary is cut already
+local function canary_changed(dir, lines, asked)
+  return errors.new({ kind = "invalid", code = "canary_changed", param = "canary", message = ("pipeline: %s holds "
+    .. "a run whose canary is %d requests; %d were asked now, and a canary once cut is not cut again: to go on "
+    .. "with the journal's, give the same number (canary.lines = %d, --canary %d) or none; to have %d, start a new "
+    .. "run (--fresh, on_change = \"fresh\", or another dir); nothing was sent"):format(dir, lines, asked, lines,
+    lines, asked) })
+end
+
 -- nil when the canary can be judged with these options, else the error
 local function canary_refused(state, opts)
   local c = state.canary
@@ -1492,6 +1505,10 @@ local function canary_refused(state, opts)
     return errors.new({ kind = "invalid", code = "journal_newer", param = "canary", message = ("pipeline: %s's "
       .. "canary is of version %s; this lbatch reads version %d: run it with the lbatch that wrote it")
       :format(opts.dir, tostring(c.version), CANARY_VERSION) })
+  end
+  if c and opts.canary then
+    local asked, lines = opts.canary.lines, tonumber(c.lines) or 0
+    if math.min(asked, lines + (tonumber(c.rest) or 0)) ~= lines then return canary_changed(opts.dir, lines, asked) end
   end
   if c and c.state ~= "passed" and c.has_check and not (opts.canary and opts.canary.check) then
     return errors.new({ kind = "invalid", code = "canary_check_missing", param = "canary", message = ("pipeline: "

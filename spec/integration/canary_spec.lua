@@ -234,6 +234,50 @@ describe("a canary", function()
     c:close()
   end)
 
+  it("refuses another canary.lines on a run whose canary is cut (canary_changed), takes another min_ok", function()
+    local requests = input(dir, "German")
+    local _, err, c = run(emu, dir, requests, { lines = CANARY, check = french })
+    assert.are.equal("canary_failed", err.code)
+    local function again(canary)
+      return pipeline.run({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES,
+        poll_interval = 0.05, max_poll_interval = 0.2, canary = canary })
+    end
+    for _, lines in ipairs({ CANARY + 2, CANARY - 1, 1 }) do
+      local v, e = again({ lines = lines, check = french })
+      assert.is_nil(v)
+      assert.are.same({ "invalid", "canary_changed", "canary" }, { e.kind, e.code, e.param })
+      assert.matches(("holds a run whose canary is 10 requests; %d were asked now"):format(lines), e.message, 1, true)
+      assert.matches("give the same number (canary.lines = 10, --canary 10) or none", e.message, 1, true)
+      assert.matches(("to have %d, start a new run (--fresh"):format(lines), e.message, 1, true)
+    end
+    assert.are.same({ 1, 1 }, { routes(emu)["POST /files"], routes(emu)["POST /batches"] })
+    -- the same number, a lower bar: judged again (nothing sent again), passed, the rest released
+    local v, e = again({ lines = CANARY, check = french, min_ok = 0 })
+    assert.is_table(v, tostring(e))
+    assert.are.same({ "passed", 0, 0 }, { v.canary.state, v.canary.passed, v.canary.min_ok })
+    local ids = sent(emu)
+    for i = 1, N do assert.are.equal(1, ids["req-" .. i], "req-" .. i) end
+    -- done: another number is no longer refused (nothing to cut), nothing is sent
+    local before = routes(emu)["POST /batches"]
+    assert.is_table((again({ lines = CANARY + 2, check = french })))
+    assert.are.equal(before, routes(emu)["POST /batches"])
+    c:close()
+  end)
+
+  it("asked for more than the input holds: the same canary (all of it), not refused on resume", function()
+    local requests = H.requests(dir .. "/five.jsonl", 5, { line = function(i)
+      return { custom_id = "req-" .. i, method = "POST", url = "/v1/chat/completions", body = { model = "qwen-plus",
+        max_tokens = 50, messages = { { role = "user", content = "Translate to German: item " .. i } } } }
+    end })
+    local _, err, c = run(emu, dir, requests, { lines = 10, check = french })
+    assert.are.equal("canary_failed", err.code)
+    assert.are.equal(5, err.canary.requests)
+    local _, e2 = pipeline.run({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES,
+      canary = { lines = 20, check = french } })
+    assert.are.equal("canary_failed", e2.code)
+    c:close()
+  end)
+
   it("refuses a journal whose canary is of a newer version, sending nothing", function()
     local requests = input(dir, "German")
     local _, err, c = run(emu, dir, requests, { lines = CANARY, check = french })
