@@ -315,6 +315,93 @@ describe("a canary", function()
   end)
 end)
 
+describe("adopt of a canary run", function()
+  local emu, dir
+  before_each(function()
+    emu = H.emulator({ speed = 2000, rate_limits = false })
+    dir = H.tmpdir()
+  end)
+  after_each(function() emu.stop() end)
+
+  -- a canary run stopped at `at` (an on_step), its journal lost: its id
+  local function lost(c, requests, at)
+    local _, err = pipeline.run({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES,
+      poll_interval = 0.05, max_poll_interval = 0.2, canary = { lines = CANARY, check = french },
+      on_step = function(step, sh)
+        if step .. ":" .. tostring(type(sh) == "table" and sh.k) == at then error("stop here") end
+      end })
+    assert.matches("stop here", tostring(err), 1, true)
+    local id = cjson.decode(H.read(dir .. "/work/journal.jsonl"):match("^[^\n]*")).run
+    os.remove(dir .. "/work/journal.jsonl")
+    return id
+  end
+
+  local function adopt(c, requests, id, canary)
+    return pipeline.adopt({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES, run = id,
+      canary = canary })
+  end
+
+  it("after the canary passed: refused without its canary or with another, adopted with it; nothing sent twice", function()
+    local requests = input(dir)
+    local c = assert(lbatch.new({ api_key = "k", base_url = emu.base }))
+    local id = lost(c, requests, "after_upload:2")
+    -- (the other shards go on while shard 2's step fails: some files and batches of the rest were made)
+    local uploads, creates = routes(emu)["POST /files"], routes(emu)["POST /batches"]
+    assert.is_true(uploads >= 2 and creates >= 1 and creates < uploads, uploads .. " " .. creates)
+    -- without its canary: refused, naming it (the library, then the command)
+    local found, err = adopt(c, requests, id)
+    assert.is_nil(found)
+    assert.are.same({ "invalid", "adopt_canary", "canary" }, { err.kind, err.code, err.param })
+    assert.matches("was cut for a canary of 10 requests (its batches say so): adopt it with that canary", err.message, 1,
+      true)
+    assert.is_false(H.exists(dir .. "/work/journal.jsonl"))
+    local code, out, cerr = H.lbatch(("adopt %s --run %s --dir %s --max-lines %d"):format(H.q(requests), id,
+      H.q(dir .. "/work"), MAX_LINES), { emu = emu })
+    assert.are.equal(1, code, out .. cerr)
+    assert.matches("adopt it with that canary (--canary 10; and its check, --canary-check FILE.lua", cerr, 1, true)
+    -- another size: refused
+    found, err = adopt(c, requests, id, { lines = CANARY + 2 })
+    assert.is_nil(found)
+    assert.are.equal("adopt_mismatch", err.code)
+    assert.is_false(H.exists(dir .. "/work/journal.jsonl"))
+    -- its own, through the command: the canary had passed (the rest's first file is there)
+    code, out, cerr = H.lbatch(("adopt %s --run %s --dir %s --max-lines %d --canary %d"):format(H.q(requests), id,
+      H.q(dir .. "/work"), MAX_LINES, CANARY), { emu = emu })
+    assert.are.equal(0, code, out .. cerr)
+    assert.matches(("4 shard(s): %d file(s) and %d batch(es) found; its canary had passed; lbatch run resumes it")
+      :format(uploads, creates), out, 1, true)
+    -- the next run sends the rest, not the canary nor the uploaded file again
+    local report, rerr = pipeline.run({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES,
+      poll_interval = 0.05, max_poll_interval = 0.2, canary = { lines = CANARY, check = french } })
+    assert.is_table(report, tostring(rerr))
+    assert.are.same({ "passed", true }, { report.canary.state, report.canary.adopted })
+    all_answered(report)
+    local ids = sent(emu)
+    for i = 1, N do assert.are.equal(1, ids["req-" .. i], "req-" .. i) end
+    assert.are.same({ 4, 4 }, { routes(emu)["POST /files"], routes(emu)["POST /batches"] })
+    local n = 0
+    for rec in report.results:each() do n = n + 1 assert.are.equal("req-" .. n, rec.custom_id) end
+    c:close()
+  end)
+
+  it("during the canary: adopted pending, judged by the next run (a wrong prompt stops it)", function()
+    local requests = input(dir, "German")
+    local c = assert(lbatch.new({ api_key = "k", base_url = emu.base }))
+    local id = lost(c, requests, "waiting:1")
+    assert.are.same({ 1, 1 }, { routes(emu)["POST /files"], routes(emu)["POST /batches"] })
+    local found, err = adopt(c, requests, id, { lines = CANARY, check = french })
+    assert.is_table(found, tostring(err))
+    assert.are.same({ 4, 1, 1, "pending" }, { found.shards, found.files, found.batches, found.canary })
+    local report, rerr = pipeline.run({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES,
+      poll_interval = 0.05, max_poll_interval = 0.2, canary = { lines = CANARY, check = french } })
+    assert.is_nil(report)
+    assert.are.equal("canary_failed", rerr.code)
+    assert.are.same({ 10, 0 }, { rerr.canary.requests, rerr.canary.passed })
+    assert.are.same({ 1, 1 }, { routes(emu)["POST /files"], routes(emu)["POST /batches"] })
+    c:close()
+  end)
+end)
+
 describe("lbatch run --canary", function()
   local emu, dir, check
   before_each(function()
