@@ -457,6 +457,18 @@ end
     assert.are.equal(N, n)
   end)
 
+  it("exits 1 on another --canary N for a run whose canary is cut, naming the journal's", function()
+    local code, _, err = cmd(input(dir, "German"))
+    assert.are.equal(4, code, err)
+    code, _, err = H.lbatch(("run %s --dir %s --max-lines %d --poll 0.05 --canary 12 --canary-check %s"):format(
+      H.q(dir .. "/in.jsonl"), H.q(dir .. "/work"), MAX_LINES, H.q(check)), { emu = emu })
+    assert.are.equal(1, code, err)
+    assert.matches("\nlbatch run: invalid canary_changed: ", err, 1, true)
+    assert.matches("canary is 10 requests; 12 were asked now", err, 1, true)
+    assert.matches("(canary.lines = 10, --canary 10) or none", err, 1, true)
+    assert.are.same({ 1, 1 }, { routes(emu)["POST /files"], routes(emu)["POST /batches"] })
+  end)
+
   it("passes at --canary-min-ok: 9 of 10 at 0.9 releases the rest", function()
     local code, _, err = cmd(input(dir, function(i) return i == 41 and "German" or "French" end),
       "--canary-min-ok 0.9")
