@@ -384,6 +384,9 @@ local function check_canary(c)
   end
 end
 
+-- the 0-based line of the input that is the canary's j-th (0-based) of `want`, of `n`
+local function canary_pick(j, n, want) return math.floor(j * n / want) end
+
 -- The `n` request lines of `paths` cut in two, in dir: canary.jsonl holds
 -- `want` of them spread evenly (the lines floor(j * n / want), j = 0 to
 -- want - 1: the same input gives the same sample), rest.jsonl the others.
@@ -400,7 +403,7 @@ local function cut_canary(opts, client, paths, n, dir)
     if i == pick and j < want then
       try(cw:line(line))
       j = j + 1
-      pick = math.floor(j * n / want)
+      pick = canary_pick(j, n, want)
     else
       try(rw:line(line))
     end
@@ -884,6 +887,15 @@ function Run:upload(s)
   self:save(s)
 end
 
+-- a canary shard's batch says so, with the canary's size (when the
+-- metadata has room: user keys first), so that adopt knows the run was cut
+local function canary_mark(m, s, c)
+  if not (s.canary and c) then return end
+  local keys = 0
+  for _ in pairs(m) do keys = keys + 1 end
+  if keys < service.METADATA.max_keys - 1 then m.lbatch_canary = ("%d"):format(c.lines) end   -- (ds_name may follow)
+end
+
 -- every batch of a run carries its run and shard (and, on DashScope, a
 -- name), so a lost journal can be rebuilt from the account (adopt)
 function Run:metadata(s)
@@ -893,6 +905,7 @@ function Run:metadata(s)
   for k, v in pairs(metadata or {}) do m[k] = v end
   -- %d: a shard number read back from the journal is a float on Lua 5.3+ (6.0)
   m.lbatch_run, m.lbatch_shard = self.state.run, ("%d"):format(s.k)
+  canary_mark(m, s, self.state.canary)
   if self.dialect == "dashscope" and m.ds_name == nil then
     m.ds_name = "lbatch-" .. self.state.run .. "-" .. m.lbatch_shard
   end
@@ -1234,10 +1247,16 @@ end
 -- the journal: a kill -9 during the canary resumes it, a run after it
 -- passed does not run it again, and a run after it failed judges its
 -- answers again (nothing sent; another check or min_ok may pass them).
--- `on_step("canary", verdict)` once judged. The canary counts in max_cost
--- and its answers in the results (its shards' group first). A run
--- started without a canary cannot take one (`canary_late`); one judged by
--- a check needs it again to resume (`canary_check_missing`).
+-- `on_step("canary", verdict)` once judged. The canary counts in max_cost,
+-- and its answers are in the results at their requests' places: the
+-- results come in the input's order, as without a canary (`groups`: the
+-- canary's shards first). A run started without a canary cannot take one
+-- (`canary_late`); one judged by a check needs it again to resume
+-- (`canary_check_missing`). Until the run is done its canary is the one
+-- cut: another `lines` is refused (`canary_changed`, kind `"invalid"`;
+-- the same number or none goes on with it, on_change = "fresh" starts a
+-- new run), while a new `min_ok` is taken: a bar lowered after a failed
+-- canary judges its answers again against it.
 -- via = "batch_chat" (default "file"): each request sent as a held call of
 -- DashScope's Batch Chat (Beijing), at half the real-time price, answers
 -- appended to dir/batch-chat/results.jsonl as they come, a run again
@@ -1491,6 +1510,15 @@ local function canary_failed(c, opts)
       #first > 0 and table.concat(first, "; ") or "none", opts.dir) })
 end
 
+-- canary.lines asked anew on a run whose canary is cut already
+local function canary_changed(dir, lines, asked)
+  return errors.new({ kind = "invalid", code = "canary_changed", param = "canary", message = ("pipeline: %s holds "
+    .. "a run whose canary is %d requests; %d were asked now, and a canary once cut is not cut again: to go on "
+    .. "with the journal's, give the same number (canary.lines = %d, --canary %d) or none; to have %d, start a new "
+    .. "run (--fresh, on_change = \"fresh\", or another dir); nothing was sent"):format(dir, lines, asked, lines,
+    lines, asked) })
+end
+
 -- nil when the canary can be judged with these options, else the error
 local function canary_refused(state, opts)
   local c = state.canary
@@ -1503,6 +1531,10 @@ local function canary_refused(state, opts)
     return errors.new({ kind = "invalid", code = "journal_newer", param = "canary", message = ("pipeline: %s's "
       .. "canary is of version %s; this lbatch reads version %d: run it with the lbatch that wrote it")
       :format(opts.dir, tostring(c.version), CANARY_VERSION) })
+  end
+  if c and opts.canary then
+    local asked, lines = opts.canary.lines, tonumber(c.lines) or 0
+    if math.min(asked, lines + (tonumber(c.rest) or 0)) ~= lines then return canary_changed(opts.dir, lines, asked) end
   end
   if c and c.state ~= "passed" and c.has_check and not (opts.canary and opts.canary.check) then
     return errors.new({ kind = "invalid", code = "canary_check_missing", param = "canary", message = ("pipeline: "
@@ -1534,6 +1566,20 @@ local function canary_gate(run)
   return nil, canary_failed(c, opts)
 end
 
+-- where the canary's answers go among the others in the results: at the
+-- lines it was cut from, so that they come in the input's order (a first
+-- run's groups are its shards, the canary's first; a rerun's group is its
+-- whole input, in order already); nil without a canary
+local function canary_placed(state)
+  local c = state.canary
+  if not c or state.view then return nil end
+  local m, want = 0, tonumber(c.lines) or 0
+  for _, s in ipairs(state.shards) do if s.round == 1 and s.canary then m = m + 1 end end
+  local n = want + (tonumber(c.rest) or 0)
+  if m == 0 or want == 0 then return nil end
+  return { groups = m, at = function(j) return j <= want and canary_pick(j - 1, n, want) + 1 or nil end }
+end
+
 -- the report: each first-round shard is joined with its own answers and
 -- those of its resubmissions, so the merge holds one shard's index at a
 -- time, whatever the total (a rerun: its input with the answers sent and kept)
@@ -1543,7 +1589,8 @@ local function collect(client, path, state, change, was_done)
     if s.output then outputs[#outputs + 1] = s.output end
     if s.error then errs[#errs + 1] = s.error end
   end
-  local reader, rerr = results.open({ groups = groups, pause = function() client:pause() end })
+  local reader, rerr = results.open({ groups = groups, placed = canary_placed(state),
+                                      pause = function() client:pause() end })
   if not reader then return nil, rerr end
   local report = { shards = state.shards, outputs = outputs, errors = errs, inputs = view_of(state), journal = path,
                    results = reader, client = client, groups = groups }
@@ -1575,8 +1622,22 @@ function run_locked(opts, client)
   return report, rerr
 end
 
+-- the canary marks of a run's batches: {lines = the canary's size, [k] =
+-- true for each shard marked}, or nil when none is
+local function canary_marks(batches)
+  local marks
+  for k, b in pairs(batches) do
+    local n = type(b.metadata) == "table" and tonumber(b.metadata.lbatch_canary)
+    if n then
+      marks = marks or {}
+      marks[k], marks.lines = true, n
+    end
+  end
+  return marks
+end
+
 -- the account's files and batches of run `run`, by shard number: files,
--- batches; or nil and an error
+-- batches, the canary's marks; or nil and an error
 local function run_items(client, run)
   local name_pattern = "^" .. run:gsub("%p", "%%%0") .. "%-(%d+)%.jsonl$"
   local files, batches = {}, {}
@@ -1595,7 +1656,7 @@ local function run_items(client, run)
       batches[k] = b
     end
   end
-  return files, batches
+  return files, batches, canary_marks(batches)
 end
 
 local function requests_of(b)
@@ -1649,18 +1710,33 @@ end
 local function mismatch_error(run, why, param)
   return errors.new({ kind = "invalid", code = "adopt_mismatch", param = param, message = ("pipeline.adopt: "
     .. "run %s was not made with these requests and options: %s; nothing was adopted (give adopt the options "
-    .. "the run had: max_lines, model, system, header, endpoint, limits, completion_window)"):format(run, why) })
+    .. "the run had: max_lines, model, system, header, endpoint, limits, completion_window, canary)"):format(run,
+    why) })
 end
 
--- the shards of the run: the manifest its files and batches match (with
--- max_lines read from them when it was not given), or nil and an error
+-- the requests as run took them: {manifest (cut for a canary, as run cut
+-- it), input (its hash) and n (its count, before the cut), canary (its
+-- state)}, or nil and an error
+local function adopt_cut(opts, client, manifest)
+  local input, n = input_hash(paths_of(manifest), function() client:pause() end)
+  if not input then return nil, n end
+  local ok, cut, canary = pcall(with_canary, opts, client, manifest, n, opts.dir, opts.manifest)
+  if not ok then return nil, as_error(cut) end
+  return { manifest = cut or manifest, input = input, n = n, canary = canary }
+end
+
+-- the shards of the run: its requests cut as adopt_cut says, which its
+-- files and batches match (with max_lines read from them when it was not
+-- given, and no canary), or nil and an error
 local function run_shards(opts, client, files, batches)
   local manifest, err = opts.manifest, nil
   if not manifest then manifest, err = shard(opts, opts.dir, client) end
   if not manifest then return nil, err end
-  local why, param = mismatch(manifest, files, batches, opts.completion_window)
-  if not why then return manifest end
-  if opts.manifest then return nil, mismatch_error(opts.run, why, param) end   -- the files it was handed
+  local cut, cerr = adopt_cut(opts, client, manifest)
+  if not cut then return nil, cerr end
+  local why, param = mismatch(cut.manifest, files, batches, opts.completion_window)
+  if not why then return cut end
+  if opts.manifest or opts.canary then return nil, mismatch_error(opts.run, why, param) end   -- (cut as told)
   local n = param ~= "completion_window" and first_shard_lines(manifest, files, batches)
   if not n or opts.max_lines ~= nil then
     if n and n ~= opts.max_lines then why, param = why .. (" (its shards hold %d lines)"):format(n), "max_lines" end
@@ -1673,7 +1749,41 @@ local function run_shards(opts, client, files, batches)
   if not manifest then return nil, err end
   why, param = mismatch(manifest, files, batches, opts.completion_window)
   if why then return nil, mismatch_error(opts.run, why, param) end
-  return manifest, n
+  cut, cerr = adopt_cut(o, client, manifest)
+  if not cut then return nil, cerr end
+  return cut, n
+end
+
+-- a canary run's marks against the canary adopt was told (opts.canary,
+-- cut into `cut`): nil when they agree, else the error
+local function canary_adopt_refused(opts, marks, cut)
+  if not marks then return nil end
+  local run = opts.run
+  if not opts.canary then
+    return errors.new({ kind = "invalid", code = "adopt_canary", param = "canary", message = ("pipeline.adopt: run "
+      .. "%s was cut for a canary of %d requests (its batches say so): adopt it with that canary (canary = {lines "
+      .. "= %d}, --canary %d; and its check, --canary-check FILE.lua, if it had one); nothing was adopted")
+      :format(run, marks.lines, marks.lines, marks.lines) })
+  end
+  local c = cut.canary
+  local why = c and c.lines ~= marks.lines and ("its canary held %d requests, these make one of %d")
+    :format(marks.lines, c.lines)
+  for k in pairs(marks) do
+    if not why and k ~= "lines" and not (cut.manifest.files[k] or {}).canary then
+      why = ("its shard %d was of its canary, here it is not"):format(k)
+    end
+  end
+  if why then return mismatch_error(run, why, "canary") end
+end
+
+-- the adopted canary: the run's rest sent (a file or a batch past the
+-- canary's shards) means it had passed; else it is judged on the next run
+local function adopted_canary(state, files, batches)
+  local c = state.canary
+  if not c then return end
+  for k in pairs(files) do if state.shards[k] and not state.shards[k].canary then c.state = "passed" end end
+  for k in pairs(batches) do if state.shards[k] and not state.shards[k].canary then c.state = "passed" end end
+  c.adopted = true
 end
 
 --- Rebuild a lost journal from the account, so that `run` resumes the
@@ -1691,6 +1801,15 @@ end
 -- the run's is read from its first shard (`found.max_lines`); any other
 -- difference is an `adopt_mismatch` error, and a run of which the account
 -- holds no file and no batch is `run_not_found`: nothing is written.
+-- A canary run (`run`'s canary) is adopted with `canary = {lines, check,
+-- min_ok}` as it had: the requests are cut as it cut them (its canary's
+-- shards first, checked too) and its canary is journaled as passed when
+-- the account holds any of the rest (`found.canary`), else pending: the
+-- next run judges it (with the check given then). Its batches are marked
+-- (`metadata.lbatch_canary`, the canary's size, when the metadata has
+-- room): one adopted without its canary, or another size, is refused
+-- (`adopt_canary`, `adopt_mismatch`). max_lines is not read from a canary
+-- run's shards: give it when the run had one.
 -- @tparam table opts client (or provider, region, base_url, api_key, as
 -- `run`), dir, run (the run's id: `metadata.lbatch_run`
 -- of its batches, the prefix of its files' names), requests and the
@@ -1698,8 +1817,8 @@ end
 -- max_lines, max_bytes), or manifest (the files `run` was handed, as it
 -- took them: a flow's round), completion_window, journal, wait_lock (as
 -- `run`'s: dir is locked)
--- @treturn table `{run, shards, files, batches, max_lines}` (counts found;
--- max_lines when read from the run), or nil and an error
+-- @treturn table `{run, shards, files, batches, max_lines, canary}` (counts
+-- found; max_lines when read from the run; the canary's state), or nil and an error
 function M.adopt(opts)
   errors.check("pipeline.adopt", "opts", opts, "table")
   errors.check("pipeline.adopt", "opts.dir", opts.dir, "string")
@@ -1708,6 +1827,7 @@ function M.adopt(opts)
     return nil, errors.new({ kind = "invalid", code = "invalid_run", param = "run",
       message = ("pipeline.adopt: %q is not a run id"):format(opts.run) })
   end
+  check_canary(opts.canary)
   local client, why0 = client_of("pipeline.adopt", opts)
   if not client then return nil, why0 end
   local made, why = core.mkdir(opts.dir)
@@ -1727,24 +1847,28 @@ function adopt_locked(opts, client)
       .. "%s exists: adopt rebuilds a lost journal, it does not replace one"):format(path) })
   end
   local run = opts.run
-  local files, batches = run_items(client, run)
+  local files, batches, marks = run_items(client, run)
   if not files then return nil, batches end
+  if marks and not opts.canary then return nil, canary_adopt_refused(opts, marks) end
   if not next(files) and not next(batches) then
     return nil, errors.new({ kind = "invalid", code = "run_not_found", param = "run", message = ("pipeline.adopt: "
       .. "the account holds no file (%s-N.jsonl) and no batch (metadata.lbatch_run) of run %s among its "
       .. "newest; nothing was adopted"):format(run, run) })
   end
-  local manifest, max_lines = run_shards(opts, client, files, batches)
-  if not manifest then return nil, max_lines end
-  local state = { version = 1, run = run, phase = "running", shards = {} }
+  local cut, max_lines = run_shards(opts, client, files, batches)
+  if not cut then return nil, max_lines end
+  local refused = canary_adopt_refused(opts, marks, cut)
+  if refused then return nil, refused end
+  local manifest = cut.manifest
+  local state = { version = 1, run = run, phase = "running", shards = {}, canary = cut.canary }
   local function pause() client:pause() end
-  local input, n = input_hash(paths_of(manifest), pause)     -- what the run was asked, as run records it
-  if not input then return nil, n end
-  state.fp = { options = options_fp(opts, client), source = source_hash(opts, pause), input = input, requests = n }
+  -- what the run was asked, as run records it (before a canary's cut)
+  state.fp = { options = options_fp(opts, client), source = source_hash(opts, pause), input = cut.input,
+               requests = cut.n }
   local found = { run = run, shards = #manifest.files, files = 0, batches = 0, max_lines = max_lines }
   for i, f in ipairs(manifest.files) do
     local s = { k = i, path = f.path, name = run .. "-" .. i .. ".jsonl", lines = f.lines, model = f.model,
-                endpoint = f.endpoint, round = 1, step = "written" }
+                endpoint = f.endpoint, round = 1, step = "written", canary = f.canary }
     local b, file = batches[i], files[i]
     if b then
       s.step, s.batch_id, s.file_id, s.status = "created", b.id, b.input_file_id, b.status
@@ -1755,6 +1879,8 @@ function adopt_locked(opts, client)
     if file then found.files = found.files + 1 end
     state.shards[i] = s
   end
+  adopted_canary(state, files, batches)
+  found.canary = state.canary and state.canary.state
   local log, jerr = open_journal(path)
   if not log then return nil, jerr end
   local ok, cerr = log:compact(snapshot(state))

@@ -318,7 +318,11 @@ end
 -- to its own inputs only (a pipeline's shards): memory then depends on
 -- the largest group, not on the total.
 -- @tparam table opts output, errors, inputs: a path or a list of paths
--- (shards); or groups = {{output=, errors=, inputs=}, ...}; max_index
+-- (shards); or groups = {{output=, errors=, inputs=}, ...}; placed =
+-- {groups = m, at = fn(j) -> position}: the records of the first m groups
+-- go at the positions at(1), at(2), ... among all (1 the first; rising; nil
+-- past the last), the other groups' records fill the rest in their order
+-- (a pipeline's canary, cut out of its input, back in its place); max_index
 -- (results indexed at once, default 1,000,000); pause (a function called
 -- between the checks of many files, `client:pause` in a task, so that a
 -- host's step stays short)
@@ -335,7 +339,15 @@ function M.open(opts)
   if opts.output ~= nil or opts.errors ~= nil or opts.inputs ~= nil or #groups == 0 then
     table.insert(groups, 1, group_of("opts", opts))
   end
-  local r = setmetatable({ groups = groups, outputs = {}, errs = {}, inputs = {},
+  local placed = opts.placed
+  if placed ~= nil then
+    errors.check("results.open", "opts.placed", placed, "table")
+    errors.check("results.open", "opts.placed.at", placed.at, "function")
+    if type(placed.groups) ~= "number" or placed.groups < 0 or placed.groups > #groups then
+      errors.arg("results.open", "opts.placed.groups must be a count of groups, 0 to #groups")
+    end
+  end
+  local r = setmetatable({ groups = groups, placed = placed, outputs = {}, errs = {}, inputs = {},
                            max_index = math.max(1, math.floor(opts.max_index or M.MAX_INDEX)) }, Reader)
   local pause, checked = opts.pause, 0
   for _, g in ipairs(groups) do
@@ -617,19 +629,39 @@ function Reader:each()
   return guarded(self:_each())
 end
 
--- the records of group after group
-function Reader:_each()
-  self.missing_ids, self.orphans = {}, {}
-  local g, it = 0, nil
+-- the records of groups[from] to groups[to], group after group
+function Reader:_run(from, to)
+  local g, it = from - 1, nil
   return function()
     while true do
       local rec = it and it()
       if rec then return rec end
       g = g + 1
-      local group = self.groups[g]
+      local group = g <= to and self.groups[g]
       if not group then return nil end
       if #group.inputs > 0 then it = self:_join(group) else it = plain(group) end
     end
+  end
+end
+
+-- the records of group after group; with `placed` = {groups = m, at}, the
+-- first m groups' records go at the positions at(1), at(2), ... (1 the
+-- first record) and the other groups' fill the rest, each in its order
+function Reader:_each()
+  self.missing_ids, self.orphans = {}, {}
+  local p = self.placed
+  if not p then return self:_run(1, #self.groups) end
+  local sample, rest = self:_run(1, p.groups), self:_run(p.groups + 1, #self.groups)
+  local j, pos, at = 1, 1, p.at(1)
+  return function()
+    local rec
+    if at and pos >= at then
+      rec = sample()
+      if rec then j = j + 1 at = p.at(j) else at = nil end
+    end
+    rec = rec or rest() or sample()
+    if rec then pos = pos + 1 end
+    return rec
   end
 end
 

@@ -122,7 +122,12 @@ files and batches of run RUN (its batches' metadata.lbatch_run).
   --max-lines N        as run's (default: what the run's shards hold)
   --header             as run's
   --no-header          as run's
-  --window W           as run's: its batches' window is checked]] },
+  --window W           as run's: its batches' window is checked
+  --canary N           as run's: a canary run is cut as it was (its batches say
+                       so: adopt refuses one without its --canary N)
+  --canary-check FILE.lua  as run's: a canary not yet judged is judged by the next
+                       run, which needs the check again
+  --canary-min-ok X    as run's]] },
   submit = { args = "FILE", help = [[
 Upload FILE (with progress) and create a batch from it; prints the batch.
 FILE is checked first as validate checks it: nothing is sent when it has
@@ -1066,6 +1071,9 @@ local function percent(x) return ("%d%%"):format(math.floor((x or 0) * 100 + 0.5
 -- the canary's one line: "canary: 20 of 20 requests, 19 passed (95%), min
 -- 95%: released 980" (answered of sent, passed, the share, min_ok, then what followed)
 local function canary_line(c)
+  if c.adopted and c.state == "passed" and not c.requests then
+    return ("canary: passed before its journal was lost (adopted; not judged again): released %d"):format(c.rest or 0)
+  end
   local head = ("canary: %d of %d requests, %d passed (%s), min %s: "):format(c.answered or 0,
     c.requests or c.lines or 0, c.passed or 0, percent(c.share), percent(c.min_ok))
   if c.state == "passed" then return head .. ("released %d"):format(c.rest or 0) end
@@ -1223,8 +1231,10 @@ end
 function command.adopt(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
   if not o.run then return nil, usage_error("--run RUN is required") end
-  local n, nerr = nums(o, "max_lines", "wait_lock")
+  local n, nerr = nums(o, "max_lines", "wait_lock", "canary", "canary_min_ok")
   if not n then return nil, nerr end
+  local canary, canerr = canary_of(o, n)
+  if canerr then return nil, canerr end
   local limits, lerr = limits_of(o)
   if not limits then return nil, lerr end
   local header, herr = header_flag(o)
@@ -1232,15 +1242,19 @@ function command.adopt(o, pos)
   local dir = o.dir or (pos[1] .. ".lbatch")
   local found, err = pipeline.adopt({ client = client(o), requests = pos[1], dir = dir, run = o.run,
     model = o.model, system = o.system, endpoint = o.endpoint, max_lines = n.max_lines, limits = limits,
-    header = header, completion_window = o.window, wait_lock = n.wait_lock })
+    header = header, completion_window = o.window, wait_lock = n.wait_lock, canary = canary })
   if not found then
     err.message = err.message:gsub("give adopt the options the run had: [^)]*", "give adopt the options the run "
-      .. "had: --max-lines, --model, --system, --header or --no-header, --endpoint, --limits, --window")
+      .. "had: --max-lines, --model, --system, --header or --no-header, --endpoint, --limits, --window, --canary")
+      :gsub("%(canary = {lines = %d+}, ", "(")
     return nil, err
   end
-  out(o, found, ("%s: run %s, %d shard(s): %d file(s) and %d batch(es) found%s; lbatch run resumes it")
+  local judged = found.canary and (found.canary == "passed" and "; its canary had passed"
+    or "; its canary is judged by the next run (give it --canary-check if the run had one)") or ""
+  out(o, found, ("%s: run %s, %d shard(s): %d file(s) and %d batch(es) found%s%s; lbatch run resumes it")
     :format(dir, found.run, found.shards, found.files, found.batches, found.max_lines
-      and ("; its shards hold %d lines, as --max-lines %d made them"):format(found.max_lines, found.max_lines) or ""))
+      and ("; its shards hold %d lines, as --max-lines %d made them"):format(found.max_lines, found.max_lines) or "",
+      judged))
   return 0
 end
 

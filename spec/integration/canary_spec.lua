@@ -151,6 +151,39 @@ describe("a canary", function()
     c:close()
   end)
 
+  it("gives its results in the input's order, as a run without a canary does", function()
+    local requests = input(dir)
+    local function ids_of(reader)
+      local t = {}
+      for rec in reader:each() do t[#t + 1] = rec.custom_id end
+      return t
+    end
+    local plain, perr, c = run(emu, H.mkdir(dir .. "/plain"), requests)
+    assert.is_table(plain, tostring(perr))
+    local want = ids_of(plain.results)
+    for i = 1, N do assert.are.equal("req-" .. i, want[i]) end
+    -- 7 spread over 100 (shards of 30: the canary's lines fall in several of the rest's), and 45, in two shards of its own
+    for _, lines in ipairs({ 7, 45 }) do
+      local report, err = run(emu, H.mkdir(dir .. "/c" .. lines), requests, { lines = lines, check = french })
+      assert.is_table(report, tostring(err))
+      assert.are.equal(lines, report.canary.requests)
+      assert.are.same(want, ids_of(report.results))
+      assert.are.same({}, report.results:missing())
+      -- a request with no answer is missing at its place too (its answers' file emptied)
+      local last = report.shards[#report.shards]
+      H.write(last.output, "")
+      local rec_ids, missing = {}, {}
+      for rec in report.results:each() do
+        rec_ids[#rec_ids + 1] = rec.custom_id
+        if rec.missing then missing[#missing + 1] = rec.custom_id end
+      end
+      assert.are.same(want, rec_ids)
+      assert.are.same(missing, report.results:missing())
+      assert.is_true(#missing > 0)
+    end
+    c:close()
+  end)
+
   it("counts a check that raises, and a status that is not ok, as failures; passes at min_ok exactly", function()
     local requests = input(dir)
     local calls = 0
@@ -201,6 +234,50 @@ describe("a canary", function()
     c:close()
   end)
 
+  it("refuses another canary.lines on a run whose canary is cut (canary_changed), takes another min_ok", function()
+    local requests = input(dir, "German")
+    local _, err, c = run(emu, dir, requests, { lines = CANARY, check = french })
+    assert.are.equal("canary_failed", err.code)
+    local function again(canary)
+      return pipeline.run({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES,
+        poll_interval = 0.05, max_poll_interval = 0.2, canary = canary })
+    end
+    for _, lines in ipairs({ CANARY + 2, CANARY - 1, 1 }) do
+      local v, e = again({ lines = lines, check = french })
+      assert.is_nil(v)
+      assert.are.same({ "invalid", "canary_changed", "canary" }, { e.kind, e.code, e.param })
+      assert.matches(("holds a run whose canary is 10 requests; %d were asked now"):format(lines), e.message, 1, true)
+      assert.matches("give the same number (canary.lines = 10, --canary 10) or none", e.message, 1, true)
+      assert.matches(("to have %d, start a new run (--fresh"):format(lines), e.message, 1, true)
+    end
+    assert.are.same({ 1, 1 }, { routes(emu)["POST /files"], routes(emu)["POST /batches"] })
+    -- the same number, a lower bar: judged again (nothing sent again), passed, the rest released
+    local v, e = again({ lines = CANARY, check = french, min_ok = 0 })
+    assert.is_table(v, tostring(e))
+    assert.are.same({ "passed", 0, 0 }, { v.canary.state, v.canary.passed, v.canary.min_ok })
+    local ids = sent(emu)
+    for i = 1, N do assert.are.equal(1, ids["req-" .. i], "req-" .. i) end
+    -- done: another number is no longer refused (nothing to cut), nothing is sent
+    local before = routes(emu)["POST /batches"]
+    assert.is_table((again({ lines = CANARY + 2, check = french })))
+    assert.are.equal(before, routes(emu)["POST /batches"])
+    c:close()
+  end)
+
+  it("asked for more than the input holds: the same canary (all of it), not refused on resume", function()
+    local requests = H.requests(dir .. "/five.jsonl", 5, { line = function(i)
+      return { custom_id = "req-" .. i, method = "POST", url = "/v1/chat/completions", body = { model = "qwen-plus",
+        max_tokens = 50, messages = { { role = "user", content = "Translate to German: item " .. i } } } }
+    end })
+    local _, err, c = run(emu, dir, requests, { lines = 10, check = french })
+    assert.are.equal("canary_failed", err.code)
+    assert.are.equal(5, err.canary.requests)
+    local _, e2 = pipeline.run({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES,
+      canary = { lines = 20, check = french } })
+    assert.are.equal("canary_failed", e2.code)
+    c:close()
+  end)
+
   it("refuses a journal whose canary is of a newer version, sending nothing", function()
     local requests = input(dir, "German")
     local _, err, c = run(emu, dir, requests, { lines = CANARY, check = french })
@@ -234,6 +311,93 @@ describe("a canary", function()
     assert.is_true(bound(e1) > 0)
     assert.are.equal(bound(e1), bound(e2))
     assert.is_nil(routes(emu)["POST /files"])
+    c:close()
+  end)
+end)
+
+describe("adopt of a canary run", function()
+  local emu, dir
+  before_each(function()
+    emu = H.emulator({ speed = 2000, rate_limits = false })
+    dir = H.tmpdir()
+  end)
+  after_each(function() emu.stop() end)
+
+  -- a canary run stopped at `at` (an on_step), its journal lost: its id
+  local function lost(c, requests, at)
+    local _, err = pipeline.run({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES,
+      poll_interval = 0.05, max_poll_interval = 0.2, canary = { lines = CANARY, check = french },
+      on_step = function(step, sh)
+        if step .. ":" .. tostring(type(sh) == "table" and sh.k) == at then error("stop here") end
+      end })
+    assert.matches("stop here", tostring(err), 1, true)
+    local id = cjson.decode(H.read(dir .. "/work/journal.jsonl"):match("^[^\n]*")).run
+    os.remove(dir .. "/work/journal.jsonl")
+    return id
+  end
+
+  local function adopt(c, requests, id, canary)
+    return pipeline.adopt({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES, run = id,
+      canary = canary })
+  end
+
+  it("after the canary passed: refused without its canary or with another, adopted with it; nothing sent twice", function()
+    local requests = input(dir)
+    local c = assert(lbatch.new({ api_key = "k", base_url = emu.base }))
+    local id = lost(c, requests, "after_upload:2")
+    -- (the other shards go on while shard 2's step fails: some files and batches of the rest were made)
+    local uploads, creates = routes(emu)["POST /files"], routes(emu)["POST /batches"]
+    assert.is_true(uploads >= 2 and creates >= 1 and creates < uploads, uploads .. " " .. creates)
+    -- without its canary: refused, naming it (the library, then the command)
+    local found, err = adopt(c, requests, id)
+    assert.is_nil(found)
+    assert.are.same({ "invalid", "adopt_canary", "canary" }, { err.kind, err.code, err.param })
+    assert.matches("was cut for a canary of 10 requests (its batches say so): adopt it with that canary", err.message, 1,
+      true)
+    assert.is_false(H.exists(dir .. "/work/journal.jsonl"))
+    local code, out, cerr = H.lbatch(("adopt %s --run %s --dir %s --max-lines %d"):format(H.q(requests), id,
+      H.q(dir .. "/work"), MAX_LINES), { emu = emu })
+    assert.are.equal(1, code, out .. cerr)
+    assert.matches("adopt it with that canary (--canary 10; and its check, --canary-check FILE.lua", cerr, 1, true)
+    -- another size: refused
+    found, err = adopt(c, requests, id, { lines = CANARY + 2 })
+    assert.is_nil(found)
+    assert.are.equal("adopt_mismatch", err.code)
+    assert.is_false(H.exists(dir .. "/work/journal.jsonl"))
+    -- its own, through the command: the canary had passed (the rest's first file is there)
+    code, out, cerr = H.lbatch(("adopt %s --run %s --dir %s --max-lines %d --canary %d"):format(H.q(requests), id,
+      H.q(dir .. "/work"), MAX_LINES, CANARY), { emu = emu })
+    assert.are.equal(0, code, out .. cerr)
+    assert.matches(("4 shard(s): %d file(s) and %d batch(es) found; its canary had passed; lbatch run resumes it")
+      :format(uploads, creates), out, 1, true)
+    -- the next run sends the rest, not the canary nor the uploaded file again
+    local report, rerr = pipeline.run({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES,
+      poll_interval = 0.05, max_poll_interval = 0.2, canary = { lines = CANARY, check = french } })
+    assert.is_table(report, tostring(rerr))
+    assert.are.same({ "passed", true }, { report.canary.state, report.canary.adopted })
+    all_answered(report)
+    local ids = sent(emu)
+    for i = 1, N do assert.are.equal(1, ids["req-" .. i], "req-" .. i) end
+    assert.are.same({ 4, 4 }, { routes(emu)["POST /files"], routes(emu)["POST /batches"] })
+    local n = 0
+    for rec in report.results:each() do n = n + 1 assert.are.equal("req-" .. n, rec.custom_id) end
+    c:close()
+  end)
+
+  it("during the canary: adopted pending, judged by the next run (a wrong prompt stops it)", function()
+    local requests = input(dir, "German")
+    local c = assert(lbatch.new({ api_key = "k", base_url = emu.base }))
+    local id = lost(c, requests, "waiting:1")
+    assert.are.same({ 1, 1 }, { routes(emu)["POST /files"], routes(emu)["POST /batches"] })
+    local found, err = adopt(c, requests, id, { lines = CANARY, check = french })
+    assert.is_table(found, tostring(err))
+    assert.are.same({ 4, 1, 1, "pending" }, { found.shards, found.files, found.batches, found.canary })
+    local report, rerr = pipeline.run({ client = c, dir = dir .. "/work", requests = requests, max_lines = MAX_LINES,
+      poll_interval = 0.05, max_poll_interval = 0.2, canary = { lines = CANARY, check = french } })
+    assert.is_nil(report)
+    assert.are.equal("canary_failed", rerr.code)
+    assert.are.same({ 10, 0 }, { rerr.canary.requests, rerr.canary.passed })
+    assert.are.same({ 1, 1 }, { routes(emu)["POST /files"], routes(emu)["POST /batches"] })
     c:close()
   end)
 end)
@@ -288,8 +452,21 @@ end
     for line in io.lines(dir .. "/work/results.jsonl") do
       n = n + 1
       assert.is_not_nil(line:find("French", 1, true))
+      assert.are.equal("req-" .. n, cjson.decode(line).custom_id)     -- in the input's order
     end
     assert.are.equal(N, n)
+  end)
+
+  it("exits 1 on another --canary N for a run whose canary is cut, naming the journal's", function()
+    local code, _, err = cmd(input(dir, "German"))
+    assert.are.equal(4, code, err)
+    code, _, err = H.lbatch(("run %s --dir %s --max-lines %d --poll 0.05 --canary 12 --canary-check %s"):format(
+      H.q(dir .. "/in.jsonl"), H.q(dir .. "/work"), MAX_LINES, H.q(check)), { emu = emu })
+    assert.are.equal(1, code, err)
+    assert.matches("\nlbatch run: invalid canary_changed: ", err, 1, true)
+    assert.matches("canary is 10 requests; 12 were asked now", err, 1, true)
+    assert.matches("(canary.lines = 10, --canary 10) or none", err, 1, true)
+    assert.are.same({ 1, 1 }, { routes(emu)["POST /files"], routes(emu)["POST /batches"] })
   end)
 
   it("passes at --canary-min-ok: 9 of 10 at 0.9 releases the rest", function()

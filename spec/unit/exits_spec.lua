@@ -1,7 +1,8 @@
 -- The command's exit codes and messages, one row per outcome: done (0),
 -- a failure (1: the service, a file, problems found), wrong usage (2),
--- and each final status of a batch (completed 0; failed, expired and
--- cancelled 3), for `status`, `status --wait` and `run`. A script that
+-- each final status of a batch (completed 0; failed, expired and
+-- cancelled 3), for `status`, `status --wait` and `run`, and a run's
+-- canary that failed its check (4: nothing past it sent). A script that
 -- runs lbatch relies on exactly these (lbatch --help, README).
 local H = require "helper"
 local cjson = require "cjson"
@@ -119,6 +120,19 @@ describe("the command's exit codes", function()
     local code, out, err = lbatch(emu, ("run --model batch-test-model --endpoint /v1/chat/ds-test --poll 0.05 %s"):format(csvp))
     assert.are.equal(0, code, out .. err)
     assert.matches("2 requests, 2 ok, 0 failed, 0 missing", out)
+  end)
+
+  it("run: exits 4 when its canary fails its check, the rest not sent", function()
+    local input = H.requests(dir .. "/canary.jsonl", 6, CHAT)
+    local check = H.write(dir .. "/never.lua", 'return function() return false, "never good" end\n')
+    local batches = (emu.stats().routes or {})["POST /batches"] or 0
+    local code, out, err = lbatch(emu, ("run %s --dir %s/canary --poll 0.05 --canary 2 --canary-check %s"):format(
+      input, dir, check))
+    assert.are.equal(4, code, out .. err)
+    assert.matches("canary: 2 of 2 requests, 0 passed %(0%%%), min 95%%: stopped: 4 held, nothing more sent", err)
+    assert.matches("^lbatch run: .*canary_failed.*never good", err:match("[^\n]*canary_failed[^\n]*"))
+    assert.are.equal("", out)
+    assert.are.equal(batches + 1, emu.stats().routes["POST /batches"])
   end)
 
   -- a failed batch says why without --json; download of one with nothing says so
