@@ -587,4 +587,63 @@ function H.await(pred, seconds, step)
 end
 
 
+
+-- What the emulator holds, not the requests it saw. A request cut off after
+-- its headers (lbatch streams a body through a read callback, so a kill -9
+-- can land between the two writes) is counted in the routes at dispatch and
+-- makes nothing, and the next run rightly sends it again: a spec that counts
+-- requests after a kill, a cancel or a dropped connection counts one too
+-- many now and then. Returns {batches = {input file id = batches made from
+-- it}, files = {name = input files (purpose batch) stored under it},
+-- nbatches, nfiles}, every page read.
+function H.made(emu)
+  local cjson = require "cjson"
+  local o = { cacert = emu.tls }
+  local m = { batches = {}, files = {}, nbatches = 0, nfiles = 0 }
+  local function list(page) return type(page) == "table" and type(page.data) == "table" and page.data or {} end
+  local after
+  repeat
+    local _, page = H.json("GET", emu.base .. "/batches?limit=100" .. (after and ("&after=" .. after) or ""), o)
+    for _, b in ipairs(list(page)) do
+      m.batches[b.input_file_id] = (m.batches[b.input_file_id] or 0) + 1
+      m.nbatches, after = m.nbatches + 1, b.id
+    end
+  until type(page) ~= "table" or page.has_more ~= true
+  local _, fl = H.json("GET", emu.base .. "/files?purpose=batch&limit=10000", o)
+  for _, f in ipairs(list(fl)) do
+    if f.purpose == "batch" then
+      m.files[f.filename] = (m.files[f.filename] or 0) + 1
+      m.nfiles = m.nfiles + 1
+    end
+  end
+  m.text = cjson.encode({ batches_by_input_file = m.batches, files_by_name = m.files })
+  return m
+end
+
+-- Fails unless the emulator holds `nfiles` input files and `nbatches`
+-- batches, no two files under one name and no two batches of one file (the
+-- money kept: nothing uploaded or created twice); `why` is added to the
+-- message. Returns H.made's table.
+function H.made_once(emu, nfiles, nbatches, why)
+  local assert = require "luassert"
+  local m = H.made(emu)
+  local msg = m.text .. (why and ("\n" .. why) or "")
+  for name, n in pairs(m.files) do assert.are.equal(1, n, name .. " stored " .. n .. " times: " .. msg) end
+  for id, n in pairs(m.batches) do assert.are.equal(1, n, id .. " has " .. n .. " batches: " .. msg) end
+  assert.are.same({ nfiles, nbatches }, { m.nfiles, m.nbatches }, msg)
+  return m
+end
+
+-- The emulator's requests by route whose body came whole (stats' routes
+-- less its cut: a request cut off after its headers made nothing).
+function H.whole(emu)
+  local cjson = require "cjson"
+  local _, s = H.json("GET", emu.url .. "/_emulator/stats", { cacert = emu.tls })
+  local routes = s.routes ~= cjson.null and s.routes or {}
+  local cut = type(s.cut) == "table" and s.cut or {}
+  local t = {}
+  for route, n in pairs(routes) do t[route] = n - (cut[route] or 0) end
+  return t, cut
+end
+
 return H

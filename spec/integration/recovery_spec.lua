@@ -93,8 +93,11 @@ describe("recovery on a server that makes an upload or a create late", function(
     local out = H.sh(("DRIVER_MAX_IN_FLIGHT=6 DRIVER_RECOVER_WINDOW=8 %s %s %s %s %s 2>&1")
       :format(H.lua, driver, emu.base, work, input))
     assert.matches("done 6 24 24", out)
-    assert.are.same({ 6, 6 }, { made(emu) })
-    assert.are.equal(6, stats(emu)["POST /files"])          -- none sent again
+    -- each shard's file and batch made once; none sent again that came whole
+    -- (an upload the kill cut off after its headers made nothing, and is
+    -- rightly sent again: stats' cut)
+    H.made_once(emu, 6, 6, out)
+    assert.are.equal(6, H.whole(emu)["POST /files"], cjson.encode(emu.stats()))
   end)
 
   it("SIGINT during creates, restarted at once: each shard created once", function()
@@ -110,8 +113,8 @@ describe("recovery on a server that makes an upload or a create late", function(
     local out = H.sh(("DRIVER_MAX_IN_FLIGHT=6 DRIVER_RECOVER_WINDOW=8 %s %s %s %s %s 2>&1")
       :format(H.lua, driver, emu.base, work, input))
     assert.matches("done 6 24 24", out)
-    assert.are.same({ 6, 6 }, { made(emu) })
-    assert.are.equal(6, stats(emu)["POST /batches"])
+    H.made_once(emu, 6, 6, out)
+    assert.are.equal(6, H.whole(emu)["POST /batches"], cjson.encode(emu.stats()))
   end)
 
   it("finds a lost answer's object whatever the client's wall clock says (10 minutes fast or slow)", function()
@@ -139,6 +142,28 @@ describe("recovery on a server that makes an upload or a create late", function(
     os.time = time                                                         -- luacheck: ignore 122
     client:close()
     assert(ok, err)
+  end)
+end)
+
+describe("the emulator's count of a request cut off after its headers", function()
+  it("is in its routes and in its cut, and makes nothing; a request that came whole is not cut", function()
+    local emu = H.emulator({ speed = 200, rate_limits = false, tls = false })   -- (a raw socket: plain HTTP)
+    finally(function() emu.stop() end)
+    local socket = require "socket"
+    local c = assert(socket.connect("127.0.0.1", emu.port))
+    -- what a client killed between its writes sends: the headers, part of the body
+    assert(c:send("POST /v1/batches HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k\r\n"
+      .. "Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{\"input_file_id\":"))
+    assert.is_truthy(H.await(function() return (stats(emu)["POST /batches"] or 0) == 1 end, 30))
+    c:close()
+    -- a whole create (of a file that is not there: refused, its body read all the same)
+    local status = H.json("POST", emu.base .. "/batches", { json = { input_file_id = "file-none",
+      endpoint = "/v1/chat/completions", completion_window = "24h" } })
+    assert.are.equal(404, status)
+    H.sleep(0.2)                        -- (the close seen by the emulator: nothing changes)
+    local whole, cut = H.whole(emu)
+    assert.are.same({ 2, 1, 1 }, { stats(emu)["POST /batches"], cut["POST /batches"], whole["POST /batches"] })
+    assert.are.equal(0, H.made(emu).nbatches)
   end)
 end)
 

@@ -11,6 +11,7 @@ local faults = {}
 local last = {}                 -- the last API request: what a client sent
 local stats = {}
 local polled = {}               -- batch id -> status calls for it (GET /batches/{id})
+local unread = {}               -- route -> requests counted whose body has not been read
 local protocols, connections, seen = {}, 0, {}
 
 -- the next fault for this request, if one matches (it is used up)
@@ -24,9 +25,20 @@ function A.take_fault(method, path)
   end
 end
 
-function A.count(route, id)
+-- (body: the request has one, which the caller reads at once and then
+-- calls A.body_read: a client cut off after its headers, a kill -9 between
+-- its writes, is counted here and makes nothing: stats' cut)
+function A.count(route, id, body)
   stats[route] = (stats[route] or 0) + 1
   if id and route == "GET /batches/{id}" then polled[id] = (polled[id] or 0) + 1 end
+  if body then unread[route] = (unread[route] or 0) + 1 end
+end
+function A.body_read(route) unread[route] = unread[route] - 1 end
+
+local function cut()
+  local t = {}
+  for route, n in pairs(unread) do if n > 0 then t[route] = n end end
+  return next(t) and t or cjson.null
 end
 
 -- the last API request, for specs that check what a client sent: method,
@@ -67,12 +79,14 @@ function A.handle(method, path)
     end
   elseif path == "/_emulator/stats" and method == "GET" then
     -- routes: requests by route ("429 route" for those refused by a rate
-    -- limit); running: batches not yet final, running_peak: the most at
-    -- once; polled: retrieve calls by batch id; with ?finished=1, each
-    -- batch's wall-clock end; now: this clock
+    -- limit); cut: of those, the ones whose body never came (the client
+    -- gone after its headers: they made nothing; a body still coming counts
+    -- until it has come); running: batches not yet final, running_peak: the
+    -- most at once; polled: retrieve calls by batch id; with ?finished=1,
+    -- each batch's wall-clock end; now: this clock
     ngx.update_time()
     local args = ngx.req.get_uri_args(10)
-    return respond.json(200, { routes = next(stats) and stats or cjson.null,
+    return respond.json(200, { routes = next(stats) and stats or cjson.null, cut = cut(),
                                running = engine.running(), running_peak = engine.peak,
                                polled = next(polled) and polled or cjson.null,
                                protocols = next(protocols) and protocols or cjson.null, connections = connections,

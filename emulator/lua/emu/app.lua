@@ -66,7 +66,16 @@ function A.handle()
   local fault = admin.take_fault(method, path)
   if fault and fault.delay then ngx.sleep(tonumber(fault.delay) or 0) end
   local r, id = route(method, path)
-  if r then admin.count(r[3], id) end
+  if r then
+    -- a body is read at once, so that a request cut off after its headers
+    -- (it made nothing) is told from one that came whole (stats' cut)
+    local body = method == "POST" or method == "PUT"
+    admin.count(r[3], id, body)
+    if body then
+      ngx.req.read_body()
+      admin.body_read(r[3])
+    end
+  end
   if not (r and r[7] == "signed") and not guard.authorized() then
     return respond.send(respond.err(401, "invalid_api_key",
       "Incorrect or missing API key (Authorization: Bearer KEY)."), fault)
