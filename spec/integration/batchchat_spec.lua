@@ -42,6 +42,10 @@ describe("Batch Chat", function()
     local _, v = H.json(method, emu.url .. "/_batchchat" .. path, { json = body, cacert = emu.tls })
     return v
   end
+  -- 10,000 requests (the issue's scale) on Lua 5.4 and LuaJIT; under
+  -- AddressSanitizer, which looks at memory, not scale, 3,000 (still 500
+  -- at once on a few HTTP/2 connections): the 10,000 there cost 45 s of CPU
+  local N = H.asan and 3000 or 10000
   setup(function()
     emu = H.emulator({ tls = true, speed = 200, rate_limits = false })
     url = emu.url .. "/_batchchat/compatible-mode/v1"
@@ -53,7 +57,7 @@ describe("Batch Chat", function()
   it("sends 10,000 requests at 500 at once over HTTP/2; killed with kill -9 midway, a run again sends only "
     .. "the requests without an answer, and every answer is there once", function()
     local dir = H.tmpdir()
-    local path = input(dir .. "/in.jsonl", 10000)
+    local path = input(dir .. "/in.jsonl", N)
     local work, results = dir .. "/work", dir .. "/work/batch-chat/results.jsonl"
     control("POST", "/_config", { service = 60 })        -- 0.3 s a call (0.15 to 0.45) at --speed 200
     local before = emu.stats()
@@ -66,7 +70,7 @@ describe("Batch Chat", function()
     assert.truthy(H.await(function()
       local _, n = answered(results)
       if n > 0 and seen[#seen] ~= n then seen[#seen + 1] = n end
-      return n >= 3000
+      return n >= math.floor(N * 0.3)
     end, 120, 0.02), "the results file did not reach 3,000 answers")
     H.ok("kill -9 " .. pid)
     assert.truthy(H.await(function() return not H.running(pid) end, 10))
@@ -74,18 +78,18 @@ describe("Batch Chat", function()
     local first = answered(results)
     local kept = 0
     for _ in pairs(first) do kept = kept + 1 end
-    assert.is_true(kept < 10000, "the kill came before the end")
+    assert.is_true(kept < N, "the kill came before the end")
     local mid = control("GET", "/_stats")
     -- run again, to the end
     local code, out = H.lbatch(args, { emu = emu, env = "SSL_CERT_FILE=" .. H.q(emu.tls) })
     assert.equal(0, code, out)
-    assert.truthy(out:find("10000 requests, 10000 ok, 0 failed, 0 missing", 1, true), out)
-    assert.truthy(out:find(("(%d answered before, %d sent now)"):format(kept, 10000 - kept), 1, true), out)
+    assert.truthy(out:find(("%d requests, %d ok, 0 failed, 0 missing"):format(N, N), 1, true), out)
+    assert.truthy(out:find(("(%d answered before, %d sent now)"):format(kept, N - kept), 1, true), out)
     local final = control("GET", "/_stats")
-    assert.equal(10000 - kept, final.requests - mid.requests)     -- only those without an answer
+    assert.equal(N - kept, final.requests - mid.requests)     -- only those without an answer
     local got, n = answered(results)
-    assert.equal(10000, n)
-    for i = 1, 10000 do
+    assert.equal(N, n)
+    for i = 1, N do
       local id = "q-" .. i
       assert.equal(1, got[id], id)
       if first[id] then assert.equal(1, final.keys[id].requests, id .. " was sent again") end
@@ -96,7 +100,7 @@ describe("Batch Chat", function()
       i = i + 1
       assert.equal("q-" .. i, cjson.decode(line).custom_id)
     end
-    assert.equal(10000, i)
+    assert.equal(N, i)
     local after = emu.stats()
     local was = type(before.protocols) == "table" and before.protocols["HTTP/2.0"] or 0
     assert.is_true(after.protocols["HTTP/2.0"] - was >= final.requests)
