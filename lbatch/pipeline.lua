@@ -767,11 +767,11 @@ function Run:estimate(s)
   local rep = try(estimate.files({ s.path }, { prices = opts.prices, discount = opts.discount }))
   local t = rep.totals
   s.tokens, s.requests = t.input_tokens or 0, rep.requests
-  s.cost_max = t.input_cost and (t.input_cost + (t.output_cost_max or 0)) or nil
+  s.cost_max = t.input_cost and t.output_cost_max and t.input_cost + t.output_cost_max
   if opts.max_cost and not s.cost_max then
     throw(errors.new({ kind = "invalid", code = "max_cost_unknown", param = "prices", message = ("pipeline: "
-      .. "%s cannot be costed (no price for %s, or no max_tokens to bound its answers): max_cost needs both")
-      :format(s.name, tostring(s.model)) }))
+      .. "%s cannot be costed (%s): max_cost needs a price for each model and a bound on each answer")
+      :format(s.name, estimate.unknown(rep)) }))
   end
   return s
 end
