@@ -26,6 +26,9 @@ Options for every command:
   --region R         cn (default), intl or openai (moonshot: intl or cn)
   --provider P       dashscope (default), openai, azure, groq, together, siliconflow,
                      zhipu, moonshot, cerebras, novita or litellm: its URL, key and limits
+  --workspace ID     a DashScope workspace's own domain (with --region cn or intl:
+                     https://ID.cn-beijing.maas.aliyuncs.com, https://ID.ap-southeast-1...);
+                     the key goes to that host alone (not with --base-url)
   --json             machine-readable output on stdout
   -h, --help         this help
 The key comes from the provider's variable ($DASHSCOPE_API_KEY, $OPENAI_API_KEY,
@@ -691,7 +694,8 @@ end
 -- `hold(sig)`, when given, may keep it going a while (true: not yet).
 local function client(o, hold)
   -- no key: thrown
-  local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region, provider = o.provider }))
+  local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region, provider = o.provider,
+                                    workspace = o.workspace }))
   if c.config.warning then io.stderr:write("lbatch: ", c.config.warning, "\n") end
   core.trap()
   debug.sethook()             -- (main's raising hook: from now on the client's turn ends stop it)

@@ -576,3 +576,60 @@ describe("the lbatch command's small things (issue 32)", function()
     assert.are.equal("", H.sh("ls -A " .. H.q(dir)))
   end)
 end)
+
+describe("lbatch --workspace ID", function()
+  local socket = require "socket"
+
+  -- `lbatch ARGS` with only PATH, the key and https_proxy set, the proxy a
+  -- listener here that records each CONNECT's host, answers 403 and
+  -- connects nowhere: the exit code, stdout and stderr, the hosts asked for
+  local function through_proxy(args)
+    local srv = assert(socket.bind("127.0.0.1", H.free_port()))
+    srv:settimeout(0.05)
+    local _, port = srv:getsockname()
+    local dir = H.tmpdir()
+    H.sh(("cd /tmp && (env -i PATH=%s HOME=/tmp DASHSCOPE_API_KEY=sk-ws-secret https_proxy=http://127.0.0.1:%d "
+      .. "%s %s/bin/lbatch %s >%s/out 2>%s/err; echo $? >%s/rc.tmp; mv %s/rc.tmp %s/rc) >/dev/null 2>&1 &")
+      :format(H.q(os.getenv("PATH")), port, H.lua, H.root, args, dir, dir, dir, dir, dir))
+    local hosts = {}
+    assert(H.await(function()
+      local c = srv:accept()
+      if c then
+        c:settimeout(5)
+        local first, l
+        repeat l = c:receive("*l") first = first or l until not l or l == ""
+        hosts[#hosts + 1] = tostring(first):match("^CONNECT (%S+)") or tostring(first)
+        c:send("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        c:close()
+      end
+      return H.exists(dir .. "/rc")
+    end, 120, 0), "lbatch did not end")
+    srv:close()
+    local code, out, err = tonumber(H.read(dir .. "/rc")), H.read(dir .. "/out"), H.read(dir .. "/err")
+    H.rm_rf(dir)
+    return code, out, err, hosts
+  end
+
+  it("sends the key to the workspace's domain in its region, and nowhere else", function()
+    for region, host in pairs({ intl = "ws-7f3a.ap-southeast-1.maas.aliyuncs.com:443",
+                                cn = "ws-7f3a.cn-beijing.maas.aliyuncs.com:443" }) do
+      local code, out, err, hosts = through_proxy("list --workspace ws-7f3a --region " .. region)
+      assert.are.equal(1, code, err)
+      assert.is_true(#hosts >= 1, err)
+      for _, h in ipairs(hosts) do assert.are.equal(host, h) end
+      assert.is_nil((out .. err):find("sk-ws-secret", 1, true))
+    end
+  end)
+
+  it("refuses a workspace without its region, or beside --base-url, sending nothing", function()
+    for _, args in ipairs({ "list --workspace ws-7f3a", "list --workspace ws-7f3a --region intl --base-url http://127.0.0.1:9" }) do
+      local code, out, err, hosts = through_proxy(args)
+      assert.are.equal(1, code, err)
+      assert.are.same({}, hosts)
+      assert.matches(args:find("base") and "workspace and base_url both name a host" or "workspace needs region", err, 1, true)
+      assert.is_nil((out .. err):find("sk-ws-secret", 1, true))
+    end
+    local _, help = H.lbatch("--help")
+    assert.matches("--workspace ID", help, 1, true)
+  end)
+end)
