@@ -633,3 +633,56 @@ describe("lbatch --workspace ID", function()
     assert.matches("--workspace ID", help, 1, true)
   end)
 end)
+
+describe("lbatch run's usage line", function()
+  local emu
+  setup(function() emu = H.emulator({ speed = 400, rate_limits = false, dialect = "openai" }) end)
+  teardown(function() emu.stop() end)
+
+  local function input(path, n)
+    return H.requests(path, n, { line = function(i)
+      return { custom_id = "u" .. i, method = "POST", url = "/v1/chat/completions", body = { model = "gpt-5-mini",
+        max_tokens = 20, messages = { { role = "user", content = ("word "):rep(i * 3) } } } }
+    end })
+  end
+  local function run(args)
+    return H.lbatch("run --provider openai --limits openai --poll 0.05 " .. args,
+      { env = ("OPENAI_API_KEY=k LBATCH_BASE_URL=%s"):format(emu.base) })
+  end
+
+  it("says when the batches' usage (the bill) and the lines' sum differ, and --json carries both", function()
+    local dir = H.tmpdir()
+    local code, out, err = run(("%s --dir %s/w --json"):format(input(dir .. "/in.jsonl", 4), dir))
+    assert.are.equal(0, code, err)
+    local first = cjson.decode(out)
+    -- one run, every answer its batch's: they agree, nothing said
+    assert.are.same({ "batch", false }, { first.usage_source, first.usage_differs }, out)
+    assert.is_nil(first.lines_usage)
+    assert.is_nil(err:find("usage", 1, true), err)
+    -- run again with two rows added: the new batch bills the two; the lines hold all six answers
+    code, out, err = run(("%s --dir %s/w --json"):format(input(dir .. "/in.jsonl", 6), dir))
+    assert.are.equal(0, code, err)
+    local again = cjson.decode(out)
+    assert.are.same({ 6, "batch", true }, { again.ok, again.usage_source, again.usage_differs }, out)
+    local l = again.lines_usage
+    assert.is_true(l.prompt_tokens > again.prompt_tokens, out)
+    assert.are.equal(again.prompt_tokens + again.completion_tokens, again.total_tokens)
+    local said = ("lbatch run: the batches' usage, what the service bills and the tokens above, is %d in, %d out; "
+      .. "the result lines sum to %d in, %d out\n"):format(again.prompt_tokens, again.completion_tokens,
+      l.prompt_tokens, l.completion_tokens)
+    assert.matches(said, err, 1, true)
+    -- without --json: the same line once, beside the summary on stdout
+    code, out, err = run(("%s --dir %s/w"):format(input(dir .. "/in.jsonl", 6), dir))
+    assert.are.equal(0, code, err)
+    assert.matches(("%d tokens"):format(again.total_tokens), out, 1, true)
+    assert.are.equal(1, select(2, err:gsub("the result lines sum to", "")), err)
+  end)
+
+  it("lists every endpoint lbatch knows in --endpoint's help", function()
+    local _, help = H.lbatch("run --help")
+    local text = help:match("%-%-endpoint E(.-)\n  %-%-limits")
+    for url in pairs(require("lbatch.impl.api.service").ENDPOINT_RULES) do
+      assert.matches("[ ,]" .. url:gsub("%p", "%%%0") .. "[ ,\n]", text .. "\n")
+    end
+  end)
+end)
