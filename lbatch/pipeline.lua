@@ -858,12 +858,16 @@ function Run:refused(s, message)
 end
 
 -- A step the service refused (a 4xx answer) made nothing: the journal
--- says so, and a later run sends it without looking for it first.
-function Run:refusal(s, err, step)
+-- says so (the shard back at `step`), and a later run sends it without
+-- looking for it first. An account that cannot work stops the run; any
+-- other failure is thrown.
+function Run:failed_step(s, err, step)
   if err.status and err.status >= 400 and err.status < 500 then
     s.step = step
     self:save(s)
   end
+  self:stop_if_account_error(err.code, err.message, err.status)
+  throw(err)
 end
 
 function Run:upload(s)
@@ -876,11 +880,7 @@ function Run:upload(s)
     self:hook("before_upload", s)
     local err
     f, err = self.client:upload(s.path, { filename = s.name }, self:transfer_watch(s, "up"))
-    if not f then
-      self:refusal(s, err, "written")
-      self:stop_if_account_error(err.code, err.message, err.status)
-      throw(err)
-    end
+    if not f then self:failed_step(s, err, "written") end
     self:hook("after_upload", s)
   end
   s.file_id, s.step = f.id, "uploaded"
@@ -937,9 +937,7 @@ function Run:create(s)
     if not b then
       self:release(s)
       if quota.refused(err.code) then return self:refused(s, err.message) end
-      self:refusal(s, err, "uploaded")
-      self:stop_if_account_error(err.code, err.message, err.status)
-      throw(err)
+      self:failed_step(s, err, "uploaded")
     end
     self:hook("after_create", s)
   end
