@@ -1264,9 +1264,16 @@ end
 -- (`job:cancel(custom_id)`); its report adds answered, unanswered,
 -- cancelled and complete (see `lbatch.impl.orchestration.batchchat`).
 -- @treturn table the report `{shards, results (a reader), outputs,
--- errors, inputs, journal, client, groups, requests, reused, sent, change}`
--- (groups: each first-round shard's `{inputs, output, errors}`, as
--- `results.open` takes them; a rerun's: one, its whole input; requests:
+-- errors, inputs, journal, client, groups, placed, requests, reused, sent,
+-- change}` (results: the records in the input's order; groups: each
+-- first-round shard's `{inputs, output, errors}`, as `results.open` takes
+-- them; a rerun's: one, its whole input; placed: where a canary's records
+-- go among the others, nil without one. **To open the results again in
+-- the input's order, pass `results.open{groups = report.groups, placed =
+-- report.placed}`**: `inputs` lists the first-round shards' files, the
+-- canary's first, so `results.open{inputs = report.inputs, outputs =
+-- report.outputs, errors = report.errors}` joins every answer right but
+-- gives a canary run's canary answers first; requests:
 -- the input's count; reused: answered by a run before; sent: sent by this
 -- run; change: what a rerun found: added, changed, dropped, reused,
 -- shaping and notes (the differences, as text), archived (the old
@@ -1587,11 +1594,11 @@ local function collect(client, path, state, change, was_done)
     if s.output then outputs[#outputs + 1] = s.output end
     if s.error then errs[#errs + 1] = s.error end
   end
-  local reader, rerr = results.open({ groups = groups, placed = canary_placed(state),
-                                      pause = function() client:pause() end })
+  local placed = canary_placed(state)
+  local reader, rerr = results.open({ groups = groups, placed = placed, pause = function() client:pause() end })
   if not reader then return nil, rerr end
   local report = { shards = state.shards, outputs = outputs, errors = errs, inputs = view_of(state), journal = path,
-                   results = reader, client = client, groups = groups }
+                   results = reader, client = client, groups = groups, placed = placed }
   counts(report, state, change, was_done)
   return report
 end
