@@ -127,8 +127,10 @@ local function save_state(dir, st)
   if not ok then throw(err) end
 end
 
---- The format of a flow's dir (flow.json's `format` and `version`).
-M.FORMAT, M.VERSION = "lbatch-flow", 2
+--- The format of a flow's dir (flow.json's `format`).
+M.FORMAT = "lbatch-flow"
+--- The version of that format (flow.json's `version`).
+M.VERSION = 2
 
 local function fresh()
   return { format = M.FORMAT, version = M.VERSION, round = 0, phase = "answered", items = 0, done = 0, failed = 0,

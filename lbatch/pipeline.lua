@@ -767,11 +767,11 @@ function Run:estimate(s)
   local rep = try(estimate.files({ s.path }, { prices = opts.prices, discount = opts.discount }))
   local t = rep.totals
   s.tokens, s.requests = t.input_tokens or 0, rep.requests
-  s.cost_max = t.input_cost and (t.input_cost + (t.output_cost_max or 0)) or nil
+  s.cost_max = t.input_cost and t.output_cost_max and t.input_cost + t.output_cost_max
   if opts.max_cost and not s.cost_max then
     throw(errors.new({ kind = "invalid", code = "max_cost_unknown", param = "prices", message = ("pipeline: "
-      .. "%s cannot be costed (no price for %s, or no max_tokens to bound its answers): max_cost needs both")
-      :format(s.name, tostring(s.model)) }))
+      .. "%s cannot be costed (%s): max_cost needs a price for each model and a bound on each answer")
+      :format(s.name, estimate.unknown(rep)) }))
   end
   return s
 end
@@ -858,12 +858,16 @@ function Run:refused(s, message)
 end
 
 -- A step the service refused (a 4xx answer) made nothing: the journal
--- says so, and a later run sends it without looking for it first.
-function Run:refusal(s, err, step)
+-- says so (the shard back at `step`), and a later run sends it without
+-- looking for it first. An account that cannot work stops the run; any
+-- other failure is thrown.
+function Run:failed_step(s, err, step)
   if err.status and err.status >= 400 and err.status < 500 then
     s.step = step
     self:save(s)
   end
+  self:stop_if_account_error(err.code, err.message, err.status)
+  throw(err)
 end
 
 function Run:upload(s)
@@ -876,11 +880,7 @@ function Run:upload(s)
     self:hook("before_upload", s)
     local err
     f, err = self.client:upload(s.path, { filename = s.name }, self:transfer_watch(s, "up"))
-    if not f then
-      self:refusal(s, err, "written")
-      self:stop_if_account_error(err.code, err.message, err.status)
-      throw(err)
-    end
+    if not f then self:failed_step(s, err, "written") end
     self:hook("after_upload", s)
   end
   s.file_id, s.step = f.id, "uploaded"
@@ -937,9 +937,7 @@ function Run:create(s)
     if not b then
       self:release(s)
       if quota.refused(err.code) then return self:refused(s, err.message) end
-      self:refusal(s, err, "uploaded")
-      self:stop_if_account_error(err.code, err.message, err.status)
-      throw(err)
+      self:failed_step(s, err, "uploaded")
     end
     self:hook("after_create", s)
   end
@@ -1266,9 +1264,16 @@ end
 -- (`job:cancel(custom_id)`); its report adds answered, unanswered,
 -- cancelled and complete (see `lbatch.impl.orchestration.batchchat`).
 -- @treturn table the report `{shards, results (a reader), outputs,
--- errors, inputs, journal, client, groups, requests, reused, sent, change}`
--- (groups: each first-round shard's `{inputs, output, errors}`, as
--- `results.open` takes them; a rerun's: one, its whole input; requests:
+-- errors, inputs, journal, client, groups, placed, requests, reused, sent,
+-- change}` (results: the records in the input's order; groups: each
+-- first-round shard's `{inputs, output, errors}`, as `results.open` takes
+-- them; a rerun's: one, its whole input; placed: where a canary's records
+-- go among the others, nil without one. **To open the results again in
+-- the input's order, pass `results.open{groups = report.groups, placed =
+-- report.placed}`**: `inputs` lists the first-round shards' files, the
+-- canary's first, so `results.open{inputs = report.inputs, outputs =
+-- report.outputs, errors = report.errors}` joins every answer right but
+-- gives a canary run's canary answers first; requests:
 -- the input's count; reused: answered by a run before; sent: sent by this
 -- run; change: what a rerun found: added, changed, dropped, reused,
 -- shaping and notes (the differences, as text), archived (the old
@@ -1589,11 +1594,11 @@ local function collect(client, path, state, change, was_done)
     if s.output then outputs[#outputs + 1] = s.output end
     if s.error then errs[#errs + 1] = s.error end
   end
-  local reader, rerr = results.open({ groups = groups, placed = canary_placed(state),
-                                      pause = function() client:pause() end })
+  local placed = canary_placed(state)
+  local reader, rerr = results.open({ groups = groups, placed = placed, pause = function() client:pause() end })
   if not reader then return nil, rerr end
   local report = { shards = state.shards, outputs = outputs, errors = errs, inputs = view_of(state), journal = path,
-                   results = reader, client = client, groups = groups }
+                   results = reader, client = client, groups = groups, placed = placed }
   counts(report, state, change, was_done)
   return report
 end

@@ -20,12 +20,31 @@ local function usage_error(msg)
   return errors.new({ kind = "invalid", code = "usage", message = msg })
 end
 
+-- every endpoint lbatch knows (service.ENDPOINT_RULES), sorted, wrapped
+-- for a help line whose text starts at column `indent`
+local function endpoint_list(indent)
+  local urls = {}
+  for url in pairs(service.ENDPOINT_RULES) do urls[#urls + 1] = url end
+  table.sort(urls)
+  local lines, line = {}, ""
+  for i, url in ipairs(urls) do
+    local word = url .. (i == #urls - 1 and " or" or i < #urls and "," or "")
+    if #line > 0 and indent + #line + 1 + #word > 78 then lines[#lines + 1], line = line, word
+    else line = #line > 0 and line .. " " .. word or word end
+  end
+  lines[#lines + 1] = line
+  return table.concat(lines, "\n" .. (" "):rep(indent))
+end
+
 local GLOBAL = [[
 Options for every command:
   --base-url URL     the API (default: $LBATCH_BASE_URL, else the region's)
   --region R         cn (default), intl or openai (moonshot: intl or cn)
   --provider P       dashscope (default), openai, azure, groq, together, siliconflow,
                      zhipu, moonshot, cerebras, novita or litellm: its URL, key and limits
+  --workspace ID     a DashScope workspace's own domain (with --region cn or intl:
+                     https://ID.cn-beijing.maas.aliyuncs.com, https://ID.ap-southeast-1...);
+                     the key goes to that host alone (not with --base-url)
   --json             machine-readable output on stdout
   -h, --help         this help
 The key comes from the provider's variable ($DASHSCOPE_API_KEY, $OPENAI_API_KEY,
@@ -46,7 +65,7 @@ its results are exactly INPUT's rows; with another --model, --system,
   --output FILE        merged results, .csv or .jsonl (default: DIR/results.jsonl)
   --model M            model (needed for a CSV)
   --system TEXT        system prompt (CSV)
-  --endpoint E         /v1/chat/completions, /v1/embeddings or /v1/chat/ds-test
+]] .. "  --endpoint E         " .. endpoint_list(23) .. "\n" .. [[
   --limits L           the rules the shards are written to (as validate's)
   --max-in-flight N    jobs at once (default 8)
   --max-lines N        lines per shard (default 50000)
@@ -691,7 +710,8 @@ end
 -- `hold(sig)`, when given, may keep it going a while (true: not yet).
 local function client(o, hold)
   -- no key: thrown
-  local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region, provider = o.provider }))
+  local c = errors.try(lbatch.new({ base_url = o.base_url, region = o.region, provider = o.provider,
+                                    workspace = o.workspace }))
   if c.config.warning then io.stderr:write("lbatch: ", c.config.warning, "\n") end
   core.trap()
   debug.sethook()             -- (main's raising hook: from now on the client's turn ends stop it)
@@ -1088,6 +1108,39 @@ local function canary_json(c)
            failures = json.array(c.failures or {}), line = canary_line(c) }
 end
 
+-- When the batches' usage (what the service bills: the summary's tokens)
+-- and the result lines' sum disagree, one line on stderr saying both; the
+-- lines' sum for --json ({prompt_tokens, completion_tokens, total_tokens}),
+-- or nil when they agree or the lines' sum is all there is
+local function usage_differs(s)
+  local l = s.usage_source == "batch" and s.usage_differs and s.lines_usage
+  if not l then return nil end
+  io.stderr:write(("lbatch run: the batches' usage, what the service bills and the tokens above, is %d in, "
+    .. "%d out; the result lines sum to %d in, %d out\n"):format(s.prompt_tokens, s.completion_tokens,
+    l.prompt_tokens, l.completion_tokens))
+  return { prompt_tokens = l.prompt_tokens, completion_tokens = l.completion_tokens, total_tokens = l.total_tokens }
+end
+
+-- run's closing summary (on stdout, and the usage line on stderr): the
+-- exit code, or nil and an error
+local function said_summary(o, dir, output, report, repaired)
+  local s, err = report.results:summary({ batches = report.shards })   -- the batches' usage when they have it
+  if not s then return nil, err end
+  local bad = 0
+  for _, sh in ipairs(report.shards) do if service.FINAL_BAD[sh.status] then bad = bad + 1 end end
+  local lines_usage = usage_differs(s)
+  out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
+           missing = s.missing, total_tokens = s.total_tokens, reused = report.reused, sent = report.sent,
+           repaired = repaired, canary = canary_json(report.canary), invalid_answers = s.invalid_answers,
+           prompt_tokens = s.prompt_tokens, completion_tokens = s.completion_tokens, usage_source = s.usage_source,
+           usage_differs = s.usage_differs or false, lines_usage = lines_usage },
+    ("%s: %d requests, %d ok, %d failed, %d missing%s, %d tokens, " .. (report.via == "batch_chat"
+      and ("through Batch Chat (%d answered before, %d sent now)"):format(report.reused, report.sent)
+      or ("%d shard(s); run " .. tostring(run_id_in(dir))):format(#report.shards))):format(
+      output, s.total, s.ok, s.failed, s.missing, invalid_note(s), s.total_tokens))
+  return (bad > 0 or s.missing > 0) and 3 or 0
+end
+
 function command.run(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
   local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "wait_lock", "canary", "canary_min_ok")
@@ -1153,19 +1206,7 @@ function command.run(o, pos)
   local written, repaired = write_results(report.results, output, o.bom)
   if not written then return nil, repaired end
   said_repaired(o, output, repaired)
-  local s
-  s, err = report.results:summary({ batches = report.shards })   -- the batches' usage when they have it
-  if not s then return nil, err end
-  local bad = 0
-  for _, sh in ipairs(report.shards) do if service.FINAL_BAD[sh.status] then bad = bad + 1 end end
-  out(o, { output = output, shards = #report.shards, total = s.total, ok = s.ok, failed = s.failed,
-           missing = s.missing, total_tokens = s.total_tokens, reused = report.reused, sent = report.sent,
-           repaired = repaired, canary = canary_json(report.canary), invalid_answers = s.invalid_answers },
-    ("%s: %d requests, %d ok, %d failed, %d missing%s, %d tokens, " .. (report.via == "batch_chat"
-      and ("through Batch Chat (%d answered before, %d sent now)"):format(report.reused, report.sent)
-      or ("%d shard(s); run " .. tostring(run_id_in(dir))):format(#report.shards))):format(
-      output, s.total, s.ok, s.failed, s.missing, invalid_note(s), s.total_tokens))
-  return (bad > 0 or s.missing > 0) and 3 or 0
+  return said_summary(o, dir, output, report, repaired)
 end
 
 function command.flow(o, pos)

@@ -576,3 +576,113 @@ describe("the lbatch command's small things (issue 32)", function()
     assert.are.equal("", H.sh("ls -A " .. H.q(dir)))
   end)
 end)
+
+describe("lbatch --workspace ID", function()
+  local socket = require "socket"
+
+  -- `lbatch ARGS` with only PATH, the key and https_proxy set, the proxy a
+  -- listener here that records each CONNECT's host, answers 403 and
+  -- connects nowhere: the exit code, stdout and stderr, the hosts asked for
+  local function through_proxy(args)
+    local srv = assert(socket.bind("127.0.0.1", H.free_port()))
+    srv:settimeout(0.05)
+    local _, port = srv:getsockname()
+    local dir = H.tmpdir()
+    H.sh(("cd /tmp && (env -i PATH=%s HOME=/tmp DASHSCOPE_API_KEY=sk-ws-secret https_proxy=http://127.0.0.1:%d "
+      .. "%s %s/bin/lbatch %s >%s/out 2>%s/err; echo $? >%s/rc.tmp; mv %s/rc.tmp %s/rc) >/dev/null 2>&1 &")
+      :format(H.q(os.getenv("PATH")), port, H.lua, H.root, args, dir, dir, dir, dir, dir))
+    local hosts = {}
+    assert(H.await(function()
+      local c = srv:accept()
+      if c then
+        c:settimeout(5)
+        local first, l
+        repeat l = c:receive("*l") first = first or l until not l or l == ""
+        hosts[#hosts + 1] = tostring(first):match("^CONNECT (%S+)") or tostring(first)
+        c:send("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        c:close()
+      end
+      return H.exists(dir .. "/rc")
+    end, 120, 0), "lbatch did not end")
+    srv:close()
+    local code, out, err = tonumber(H.read(dir .. "/rc")), H.read(dir .. "/out"), H.read(dir .. "/err")
+    H.rm_rf(dir)
+    return code, out, err, hosts
+  end
+
+  it("sends the key to the workspace's domain in its region, and nowhere else", function()
+    for region, host in pairs({ intl = "ws-7f3a.ap-southeast-1.maas.aliyuncs.com:443",
+                                cn = "ws-7f3a.cn-beijing.maas.aliyuncs.com:443" }) do
+      local code, out, err, hosts = through_proxy("list --workspace ws-7f3a --region " .. region)
+      assert.are.equal(1, code, err)
+      assert.is_true(#hosts >= 1, err)
+      for _, h in ipairs(hosts) do assert.are.equal(host, h) end
+      assert.is_nil((out .. err):find("sk-ws-secret", 1, true))
+    end
+  end)
+
+  it("refuses a workspace without its region, or beside --base-url, sending nothing", function()
+    for _, args in ipairs({ "list --workspace ws-7f3a", "list --workspace ws-7f3a --region intl --base-url http://127.0.0.1:9" }) do
+      local code, out, err, hosts = through_proxy(args)
+      assert.are.equal(1, code, err)
+      assert.are.same({}, hosts)
+      assert.matches(args:find("base") and "workspace and base_url both name a host" or "workspace needs region", err, 1, true)
+      assert.is_nil((out .. err):find("sk-ws-secret", 1, true))
+    end
+    local _, help = H.lbatch("--help")
+    assert.matches("--workspace ID", help, 1, true)
+  end)
+end)
+
+describe("lbatch run's usage line", function()
+  local emu
+  setup(function() emu = H.emulator({ speed = 400, rate_limits = false, dialect = "openai" }) end)
+  teardown(function() emu.stop() end)
+
+  local function input(path, n)
+    return H.requests(path, n, { line = function(i)
+      return { custom_id = "u" .. i, method = "POST", url = "/v1/chat/completions", body = { model = "gpt-5-mini",
+        max_tokens = 20, messages = { { role = "user", content = ("word "):rep(i * 3) } } } }
+    end })
+  end
+  local function run(args)
+    return H.lbatch("run --provider openai --limits openai --poll 0.05 " .. args,
+      { env = ("OPENAI_API_KEY=k LBATCH_BASE_URL=%s"):format(emu.base) })
+  end
+
+  it("says when the batches' usage (the bill) and the lines' sum differ, and --json carries both", function()
+    local dir = H.tmpdir()
+    local code, out, err = run(("%s --dir %s/w --json"):format(input(dir .. "/in.jsonl", 4), dir))
+    assert.are.equal(0, code, err)
+    local first = cjson.decode(out)
+    -- one run, every answer its batch's: they agree, nothing said
+    assert.are.same({ "batch", false }, { first.usage_source, first.usage_differs }, out)
+    assert.is_nil(first.lines_usage)
+    assert.is_nil(err:find("usage", 1, true), err)
+    -- run again with two rows added: the new batch bills the two; the lines hold all six answers
+    code, out, err = run(("%s --dir %s/w --json"):format(input(dir .. "/in.jsonl", 6), dir))
+    assert.are.equal(0, code, err)
+    local again = cjson.decode(out)
+    assert.are.same({ 6, "batch", true }, { again.ok, again.usage_source, again.usage_differs }, out)
+    local l = again.lines_usage
+    assert.is_true(l.prompt_tokens > again.prompt_tokens, out)
+    assert.are.equal(again.prompt_tokens + again.completion_tokens, again.total_tokens)
+    local said = ("lbatch run: the batches' usage, what the service bills and the tokens above, is %d in, %d out; "
+      .. "the result lines sum to %d in, %d out\n"):format(again.prompt_tokens, again.completion_tokens,
+      l.prompt_tokens, l.completion_tokens)
+    assert.matches(said, err, 1, true)
+    -- without --json: the same line once, beside the summary on stdout
+    code, out, err = run(("%s --dir %s/w"):format(input(dir .. "/in.jsonl", 6), dir))
+    assert.are.equal(0, code, err)
+    assert.matches(("%d tokens"):format(again.total_tokens), out, 1, true)
+    assert.are.equal(1, select(2, err:gsub("the result lines sum to", "")), err)
+  end)
+
+  it("lists every endpoint lbatch knows in --endpoint's help", function()
+    local _, help = H.lbatch("run --help")
+    local text = help:match("%-%-endpoint E(.-)\n  %-%-limits")
+    for url in pairs(require("lbatch.impl.api.service").ENDPOINT_RULES) do
+      assert.matches("[ ,]" .. url:gsub("%p", "%%%0") .. "[ ,\n]", text .. "\n")
+    end
+  end)
+end)

@@ -189,3 +189,68 @@ describe("estimate", function()
     assert.are.equal(2, (lbatch("estimate " .. a .. " --discount half")))
   end)
 end)
+
+describe("estimate of the newer endpoints", function()
+  local pipeline = require "lbatch.pipeline"
+  local lb = require "lbatch"
+  local estimate = require "lbatch.impl.formats.estimate"
+  local RESP, IMG, EDIT, VID = "/v1/responses", "/v1/images/generations", "/v1/images/edits", "/v1/videos"
+  local dir
+  setup(function() dir = H.tmpdir() end)
+  teardown(function() H.ok("rm -rf " .. dir) end)
+
+  it("counts a responses line's instructions and input (a string, or messages of text parts)", function()
+    local f = H.write(dir .. "/resp.jsonl",
+      line("1", RESP, { model = "gpt-4.1", instructions = "Answer in French.", input = "Bonjour 世界",
+                        max_output_tokens = 64 }) ..
+      line("2", RESP, { model = "gpt-4.1", max_output_tokens = 36, input = {
+        { role = "user", content = "What is this?" },
+        { type = "message", role = "user", content = {
+          { type = "input_text", text = "Describe it." },
+          { type = "input_image", image_url = "https://example.com/not-counted.png" } } } } }))
+    local want = reference_tokens({ "Answer in French.", "Bonjour 世界", "What is this?", "Describe it." })
+    local rep = assert(jsonl.estimate(f, { prices = { ["gpt-4.1"] = { input = 2, output = 8 } } }))
+    local m = rep.models["gpt-4.1"]
+    assert.are.same({ want, 100, true }, { m.input_tokens, m.output_tokens_max, m.output_known })
+    assert.is_near((want * 2 + 100 * 8) / 1e6 * 0.5, rep.totals.input_cost + rep.totals.output_cost_max, 1e-15)
+    assert.is_nil(estimate.unknown(rep))
+  end)
+
+  it("counts the prompt of images and videos lines, never their output, and says why", function()
+    local f = H.write(dir .. "/media.jsonl",
+      line("1", IMG, { model = "gpt-image-1", prompt = "a red cube", size = "1024x1024", max_output_tokens = 5 }) ..
+      line("2", EDIT, { model = "gpt-image-1", prompt = "make it blue", image = "file-abc" }) ..
+      line("3", VID, { model = "sora-2", prompt = "a cube rolling", seconds = "4" }))
+    local prices = { ["gpt-image-1"] = { input = 5, output = 40 }, ["sora-2"] = { input = 1, output = 1 } }
+    local rep = assert(jsonl.estimate(f, { prices = prices }))
+    local img, vid = rep.models["gpt-image-1"], rep.models["sora-2"]
+    assert.are.same({ reference_tokens({ "a red cube", "make it blue" }), 0, false, 2 },
+      { img.input_tokens, img.output_tokens_max, img.output_known, img.not_by_tokens })
+    assert.are.same({ reference_tokens({ "a cube rolling" }), false }, { vid.input_tokens, vid.output_known })
+    assert.is_number(rep.totals.input_cost)
+    assert.is_nil(rep.totals.output_cost_max)            -- not a zero
+    assert.matches("priced per image", estimate.unknown(rep), 1, true)
+    local v = H.write(dir .. "/video.jsonl", line("1", VID, { model = "sora-2", prompt = "a cube rolling" }))
+    assert.matches("/v1/videos lines of sora-2: videos are priced per second of video",
+      estimate.unknown(assert(jsonl.estimate(v, { prices = prices }))), 1, true)
+  end)
+
+  -- a client on a port nothing listens on: a request would fail with a network error
+  local function offline() return assert(lb.new({ api_key = "k", base_url = "http://127.0.0.1:9", max_retries = 0,
+                                                  provider = "openai" })) end
+
+  it("makes max_cost refuse lines it cannot cost, before any request, instead of counting them free", function()
+    local cases = {
+      { IMG, { model = "gpt-image-1", prompt = "a red cube" }, "images are priced per image" },
+      { VID, { model = "sora-2", prompt = "a cube rolling" }, "videos are priced per second" },
+      { CHAT, { model = "gpt-image-1", messages = { { role = "user", content = "hi" } } }, "2 of 2 requests set no max_tokens" },
+    }
+    for i, c in ipairs(cases) do
+      local req = H.write(("%s/cap%d.jsonl"):format(dir, i), line("a", c[1], c[2]) .. line("b", c[1], c[2]))
+      local _, err = pipeline.run({ client = offline(), dir = H.tmpdir(), requests = req, max_cost = 1000,
+        prices = { ["gpt-image-1"] = { input = 5, output = 40 }, ["sora-2"] = { input = 1, output = 1 } } })
+      assert.are.equal("max_cost_unknown", err and err.code, tostring(err))
+      assert.matches(c[3], err.message, 1, true)
+    end
+  end)
+end)

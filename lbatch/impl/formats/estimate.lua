@@ -51,8 +51,10 @@ local function count_content(m, content)
 end
 
 -- the text a request sends: messages' content, input (a string, a list of
--- strings, or of messages), prompt (a string or a list of strings)
+-- strings, or of messages: the responses API's too), prompt (a string or a
+-- list of strings), instructions (the responses API's system text)
 local function count_body(m, body)
+  count_text(m, body.instructions)
   if type(body.messages) == "table" then
     for _, msg in ipairs(body.messages) do
       if type(msg) == "table" then count_content(m, msg.content) end
@@ -72,6 +74,16 @@ end
 
 -- endpoints that answer without output tokens
 local NO_OUTPUT = { ["/v1/embeddings"] = true, ["/v1/moderations"] = true }
+-- endpoints whose answers are not priced by a token count a line can bound
+-- (OpenAI's pricing page: images per image or per image token, by size and
+-- quality; videos per second of video): their prompt is counted, their
+-- output never, so max_cost refuses them (max_cost_unknown)
+M.NOT_BY_TOKENS = {
+  ["/v1/images/generations"] = "images are priced per image (by model, size and quality), not per token",
+  ["/v1/images/edits"] = "images are priced per image (by model, size and quality, the input images too), "
+    .. "not per token",
+  ["/v1/videos"] = "videos are priced per second of video, not per token",
+}
 local MAX_OUTPUT = { "max_tokens", "max_completion_tokens", "max_output_tokens" }
 
 -- the prices table checked: prices, or nil and an invalid error
@@ -123,7 +135,7 @@ end
 --- The method of `estimate`'s token counts, in words.
 M.METHOD = "input tokens are approximate: 1 per CJK character, 1 per 4 other characters "
   .. "(rounded up per model); output tokens are at most the sum of max_tokens (or max_completion_tokens, "
-  .. "max_output_tokens)"
+  .. "max_output_tokens); images and videos are not priced by tokens: their output is unknown"
 
 -- one request counted into its model's entry of `models`
 local function count_request(models, req, body)
@@ -138,7 +150,9 @@ local function count_request(models, req, body)
   m.requests = m.requests + 1
   m.endpoints[url] = (m.endpoints[url] or 0) + 1
   count_body(m, body)
-  if NO_OUTPUT[url] then
+  if M.NOT_BY_TOKENS[url] then
+    m.not_by_tokens = (m.not_by_tokens or 0) + 1
+  elseif NO_OUTPUT[url] then
     m.with_max_tokens = m.with_max_tokens + 1
   else
     for _, k in ipairs(MAX_OUTPUT) do
@@ -207,6 +221,39 @@ local function price_models(models, prices, discount)
     totals.unpriced, totals.input_cost, totals.output_cost_max = unpriced, nil, nil
   end
   return totals
+end
+
+--- Why an estimate's most cost is unknown, in words, or nil when it is
+-- known (`totals.input_cost` and `totals.output_cost_max` both set): a
+-- model without a price, requests that set no max_tokens, or lines whose
+-- answers are not priced by tokens (`NOT_BY_TOKENS`: images, videos).
+-- @tparam table rep what `files` returned
+-- @treturn ?string the reason, naming the model and the endpoint
+function M.unknown(rep)
+  local t = rep.totals
+  if t.input_cost and t.output_cost_max then return nil end
+  if not rep.priced then return "no prices given" end
+  if t.unpriced then return "no price for " .. table.concat(t.unpriced, ", ") end
+  local names = {}
+  for model in pairs(rep.models) do names[#names + 1] = model end
+  table.sort(names)
+  for _, model in ipairs(names) do
+    local m = rep.models[model]
+    for url in pairs(m.endpoints) do
+      if m.not_by_tokens and M.NOT_BY_TOKENS[url] then
+        return ("%s lines of %s: %s, which lbatch cannot bound"):format(url, model, M.NOT_BY_TOKENS[url])
+      end
+    end
+    if not m.output_known then
+      return ("%s: %d of %d requests set no max_tokens (or max_completion_tokens, max_output_tokens) "
+        .. "to bound their answers"):format(model, m.requests - m.with_max_tokens, m.requests)
+    end
+    if not (m.price and m.price.input) then return ("no input price for %s"):format(model) end
+    if m.output_tokens_max > 0 and not (m.price and m.price.output) then
+      return ("no output price for %s"):format(model)
+    end
+  end
+  return "an unknown cost"
 end
 
 --- Estimate request files before they are sent: requests per model and
