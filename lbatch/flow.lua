@@ -748,12 +748,15 @@ function Run:realtime_bound(R, files)
   if not left then return end
   local paths = {}
   for i, f in ipairs(files) do paths[i] = f.path end
-  local t = errors.try(estimate.files(paths, { prices = self.opts.prices, discount = 1 })).totals
-  local bound = t.input_cost and t.input_cost + (t.output_cost_max or 0)
+  local rep = errors.try(estimate.files(paths, { prices = self.opts.prices, discount = 1 }))
+  local t = rep.totals
+  -- answers that cannot be bounded (no max_tokens) are not counted as free
+  local bound = t.input_cost and t.output_cost_max and t.input_cost + t.output_cost_max
   if not bound or bound > left then
     throw(fail("max_cost", ("round %d's real-time requests may cost %s at full price, past the %.4g left of "
-      .. "max_cost: it was not sent"):format(R, bound and ("%.4g"):format(bound) or "an unknown amount (no "
-      .. "price for a model)", left), { param = "max_cost" }))
+      .. "max_cost: it was not sent"):format(R, bound and ("%.4g"):format(bound)
+      or ("an unknown amount (%s)"):format(estimate.unknown(rep) or "no price for a model"), left),
+      { param = "max_cost" }))
   end
 end
 

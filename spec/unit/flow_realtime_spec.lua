@@ -136,6 +136,18 @@ for _, dialect in ipairs({ "dashscope", "openai" }) do
       assert.are.equal(2, delta(r0, routes(emu), "POST /chat/completions"))
     end)
 
+    it("refuses a real-time round whose answers have no bound (no max_tokens) under max_cost", function()
+      local prices = { ["qwen-plus"] = { input = 1000, output = 1000 } }
+      local function once(item, ask) return assert(ask{ model = "qwen-plus", prompt = item.text }).content end
+      local r0 = routes(emu)
+      -- a huge max_cost: the answers' cost is unknown, not free
+      local _, err = run({ items = items(2), step = once, prices = prices, max_cost = 1e9, finish_realtime = 2 })
+      assert.are.equal("max_cost", err.code)
+      assert.matches("an unknown amount", err.message, 1, true)
+      assert.matches("max_tokens", err.message, 1, true)
+      assert.are.equal(0, delta(r0, routes(emu), "POST /chat/completions"))
+    end)
+
     it("journals each answer as it comes: a request that failed is the only one asked again", function()
       local c = assert(lbatch.new({ api_key = "k", base_url = emu.base, max_retries = 0 }))
       local dir = H.tmpdir() .. "/work"
