@@ -1,4 +1,4 @@
-// Webhook signature vectors for spec/unit/notify_spec.lua: deliveries
+// Webhook signature vectors for spec/unit/public/notify_spec.lua: deliveries
 // signed by the `standardwebhooks` package for a set of secrets, each one
 // checked by the `openai` SDK's own webhooks.verifySignature (with the
 // clock at the vector's timestamp) before it is written. Prints JSON.

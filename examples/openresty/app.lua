@@ -1,6 +1,6 @@
 -- A batch flow served by OpenResty: upload, create, wait, download, all
 -- through lbatch while the nginx worker keeps serving other requests.
--- Used by locations.conf (and spec/unit/openresty_spec.lua).
+-- Used by locations.conf (and spec/unit/hosts/openresty_spec.lua).
 local cjson = require "cjson"
 local semaphore = require "ngx.semaphore"
 local jsonl = require "lbatch.jsonl"

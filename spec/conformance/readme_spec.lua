@@ -7,7 +7,7 @@
 -- names): `client` is a client and `batch` a finished batch. A block right
 -- after a line `<!-- fragment: ... -->` needs a host (cqueues, nginx) and is
 -- only compiled; the example it names runs it whole
--- (spec/integration/examples_spec.lua). The command lines of "The lbatch
+-- (spec/integration/public/examples_spec.lua). The command lines of "The lbatch
 -- command" and "A first job", in any of the files, run the same way, as
 -- `bin/lbatch` from this checkout, once without their [options] and once
 -- with them. Every relative link between the files names a file and an

@@ -150,8 +150,12 @@ describe("make mutate's map and slots", function()
     local f = assert(io.open(dir .. "/build/mutate-times", "a"))
     f:write("0.1\tspec/unit/zz_spec.lua\n")   -- the last line of a spec counts
     f:close()
+    -- a module's own spec found by its name in a layer's folder, required or not
+    H.mkdir(dir .. "/spec/integration/public")
+    H.write(dir .. "/spec/integration/public/c_spec.lua", 'it("x", function() end)\n')
     out = run(dir, "MUTATE_LIST=1 MUTATE_MAP=1")
     assert.matches("specs, in this order: spec/unit/zz_spec.lua spec/unit/a_spec.lua spec/unit/via_spec.lua\n", out, 1, true)
+    assert.matches("%] lbatch/c%.lua:[^\n]*\n    specs, in this order: spec/integration/public/c_spec%.lua\n", out)
   end)
 
   it("runs the mutants two at a time, each with its ports and temp dir; the first spec that fails kills", function()

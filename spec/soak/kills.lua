@@ -4,7 +4,7 @@
 -- (slow_commit), restarted at once or after a pause, until each job ends;
 -- then every job is held to the rules: every request answered once, no
 -- upload and no batch made twice. `make soak` runs hundreds of kills
--- (spec/soak/run); integration/recovery_spec a few.
+-- (spec/soak/run); integration/public/recovery_spec a few.
 local H = require "helper"
 local cjson = require "cjson"
 local lbatch = require "lbatch"

@@ -1,6 +1,6 @@
 -- lbatch.lua_http with no server: its onstream handler given stand-ins for
 -- lua-http's stream and headers (the real server runs in
--- spec/integration/notify_spec.lua, on LuaJIT where Debian has lua-http).
+-- spec/integration/public/notify_spec.lua, on LuaJIT where Debian has lua-http).
 local notify = require "lbatch.notify"
 
 local ok_http = pcall(require, "http.headers")

@@ -1,6 +1,6 @@
 -- Hosts that drive lbatch themselves: a game loop calling step() once per
 -- frame (timed), and the pollable protocol for cqueues. (The luv and cqueues
--- examples run in spec/integration/examples_spec.lua.)
+-- examples run in spec/integration/public/examples_spec.lua.)
 local H = require "helper"
 local lbatch = require "lbatch"
 local pipeline = require "lbatch.pipeline"

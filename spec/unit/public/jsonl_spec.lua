@@ -79,7 +79,7 @@ describe("jsonl writer", function()
     assert.has_error(function() w:add({}, { model = "m" }) end)
     -- a programming error names the caller's line (add is a C function)
     local _, raised = pcall(function() w:add("x", "not a table") end)
-    assert.matches("^spec/unit/jsonl_spec%.lua:%d+: lbatch%.jsonl%.add: body must be a table", raised)
+    assert.matches("^spec/unit/public/jsonl_spec%.lua:%d+: lbatch%.jsonl%.add: body must be a table", raised)
     assert.has_error(function() jsonl.writer({}) end)
     w:close()
     assert.are.equal(1, #read_lines(dir .. "/b.jsonl"))   -- nothing refused was written

@@ -1,6 +1,6 @@
 -- The answer shape checker (lbatch.impl.formats.shape) on its own, on
 -- hostile answers, and the results reader's invalid_answer class on files
--- written here (the emulator's real answers: integration/shape_spec).
+-- written here (the emulator's real answers: integration/formats/shape_spec).
 local H = require "helper"
 local shape = require "lbatch.impl.formats.shape"
 local results = require "lbatch.results"

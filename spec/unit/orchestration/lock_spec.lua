@@ -1,5 +1,5 @@
 -- lbatch.lock: one owner per work directory (no server, no nginx). The
--- commands and the pipeline holding it are in integration/lock_spec.
+-- commands and the pipeline holding it are in integration/orchestration/lock_spec.
 local H = require "helper"
 local lock = require "lbatch.impl.orchestration.lock"
 local core = require "lbatch.core"
