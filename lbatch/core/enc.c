@@ -22,7 +22,7 @@
  *                                         route written here, any other to slow
  *   lbatch.core.encode(v)              -> v as cjson.encode writes it, or nothing
  *
- * What lua-cjson writes, checked on the Debian package (spec/unit/enc_spec.lua
+ * What lua-cjson writes, checked on the Debian package (spec/unit/core/jsonl_encoder_spec.lua
  * compares the two over a corpus; spec/fuzz over random tables):
  * strings escape '"', '\\', '/' (as "\/"), \b \f \n \r \t, the other
  * bytes below 0x20 and 0x7f as \u00xx, and pass every other byte as it is;

@@ -77,7 +77,7 @@ local function lines(records)
   return table.concat(t, "\n")
 end
 
--- Not an API: the kill -9 spec of a compaction (spec/unit/journal_kill_spec)
+-- Not an API: the kill -9 spec of a compaction (spec/unit/orchestration/journal_kill_spec)
 -- sets this variable to "N" to have the process SIGKILL itself at the N-th
 -- point of `replace` and `compact` (1 the temp file opened, 2 written, 3
 -- closed, 4 synced, 5 renamed, 6 the directory synced, 7 the journal
