@@ -1133,11 +1133,16 @@ local function said_summary(o, dir, output, report, repaired)
            missing = s.missing, total_tokens = s.total_tokens, reused = report.reused, sent = report.sent,
            repaired = repaired, canary = canary_json(report.canary), invalid_answers = s.invalid_answers,
            prompt_tokens = s.prompt_tokens, completion_tokens = s.completion_tokens, usage_source = s.usage_source,
-           usage_differs = s.usage_differs or false, lines_usage = lines_usage },
+           usage_differs = s.usage_differs or false, lines_usage = lines_usage, unanswered = report.unanswered,
+           last_error = report.last_error and tostring(report.last_error) or nil },
     ("%s: %d requests, %d ok, %d failed, %d missing%s, %d tokens, " .. (report.via == "batch_chat"
       and ("through Batch Chat (%d answered before, %d sent now)"):format(report.reused, report.sent)
       or ("%d shard(s); run " .. tostring(run_id_in(dir))):format(#report.shards))):format(
       output, s.total, s.ok, s.failed, s.missing, invalid_note(s), s.total_tokens))
+  if report.via == "batch_chat" and (report.unanswered or 0) > 0 then
+    io.stderr:write(("lbatch run: %d request(s) got no answer through Batch Chat (the last error: %s); the same "
+      .. "command again sends them, and only them\n"):format(report.unanswered, tostring(report.last_error)))
+  end
   return (bad > 0 or s.missing > 0) and 3 or 0
 end
 

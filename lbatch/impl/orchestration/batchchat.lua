@@ -184,6 +184,14 @@ local function account_wide(e)
   return e.status == 401 or e.status == 403 or (e.code ~= nil and service.ACCOUNT[e.code] ~= nil)
 end
 
+-- An error that says the service cannot be reached at all (its name does
+-- not resolve, no connection, a certificate or a proxy refused), after the
+-- retries: every request would wait out its own retries for it (10,000
+-- requests, 100 at once, 20 s each: half an hour for nothing).
+local function unreachable(e)
+  return e.not_sent == true or e.code == "tls_certificate" or e.code == "proxy_auth_required"
+end
+
 --- append one answer; synced every sync_lines or sync_seconds
 function Job:record(rec)
   local ok, err = self.log:append(rec)
@@ -210,7 +218,7 @@ function Job:send(item)
     rec = line_of(item.custom_id, e.status, e.request_id,
       { error = { code = e.code, type = e.type, message = e.message, param = e.param } })
   else
-    if account_wide(e) then self.failure = self.failure or e end
+    if account_wide(e) or unreachable(e) then self.failure = self.failure or e end
     return "unanswered", e
   end
   if not self:record(rec) then return "unanswered", self.failure end

@@ -188,6 +188,22 @@ describe("Batch Chat", function()
     emu2.stop()
   end)
 
+  it("stops every request when the service cannot be reached at all, saying why, instead of each one's retries",
+    function()
+    local port = H.free_port()                      -- nothing listens there
+    local c = assert(lbatch.new({ api_key = "k", base_url = ("http://127.0.0.1:%d/v1"):format(port) }))
+    local dir = H.tmpdir()
+    local path = input(dir .. "/in.jsonl", 400)
+    -- (at 4 at once, 400 requests each waiting out their retries would take 100 rounds of them)
+    local r, err = batchchat.run(c, { input = path, path = dir .. "/r.jsonl", concurrency = 4, max_retries = 1,
+                                      url = ("http://127.0.0.1:%d/v1"):format(port) })
+    assert.is_nil(r)
+    assert.equal("network", err.kind)
+    assert.is_true(err.not_sent)
+    assert.equal("", H.read(dir .. "/r.jsonl"))
+    c:close()
+  end)
+
   it("sends the key to the provider's own hosts only, and refuses providers without Batch Chat", function()
     local dir = H.tmpdir()
     local path = input(dir .. "/in.jsonl", 3)
