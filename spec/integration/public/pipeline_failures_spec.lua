@@ -274,12 +274,23 @@ describe("pipeline killed at random moments under a quota", function()
     fh:close()
     local driver = H.root .. "/spec/fixtures/pipeline_driver.lua"
     local env = "LBATCH_POLL_INTERVAL=0.05 DRIVER_MAX_LINES=10 DRIVER_MAX_IN_FLIGHT=6"
-    local killed, i = 0, 0
+    local run = ("%s %s %s %s %s %s"):format(env, H.lua, driver, emu.base, dir .. "/work", input)
+    -- the first run is killed once it has met the quota (a slow machine's
+    -- random kills could otherwise each let one more shard through alone,
+    -- and the quota never be met); the others at random moments
+    local pid = tonumber(H.sh(("%s > %s/run-1.log 2>&1 & echo $!"):format(run, dir)):match("%d+"))
+    assert.truthy(H.await(function()
+      local _, st0 = routes(emu)
+      return (hits(st0).token_limit or 0) > 0
+    end, 120), "the first run never met the quota:\n" .. (H.read(dir .. "/run-1.log") or ""))
+    H.ok("kill -9 " .. pid .. " 2>/dev/null")
+    H.await(function() return not H.running(pid) end, 30)
+    local killed, i = 1, 1
     while killed < 5 and i < 20 do             -- a run that finishes first is not a kill
       i = i + 1
       local after = 0.2 + 0.5 * math.random()
-      local out = H.sh(("%s %s %s %s %s %s > %s/run-%d.log 2>&1 & p=$!; sleep %.2f; kill -9 $p 2>/dev/null; "
-        .. "wait $p; echo exit=$?"):format(env, H.lua, driver, emu.base, dir .. "/work", input, dir, i, after))
+      local out = H.sh(("%s > %s/run-%d.log 2>&1 & p=$!; sleep %.2f; kill -9 $p 2>/dev/null; "
+        .. "wait $p; echo exit=$?"):format(run, dir, i, after))
       if out:find("exit=137", 1, true) then killed = killed + 1 end
     end
     assert.is_true(killed >= 5, ("killed %d of %d runs"):format(killed, i))
