@@ -149,13 +149,13 @@ bench-compare: deps build $(NODE_DIR)/node_modules/.installed
 bench-scale: deps build
 	bench/scale
 
-# lbatch's join beside DuckDB's on the same files (N="100000 1000000"): wall, peak RSS
+# lbatch's join beside DuckDB's on the same files (N="100000 1000000"): wall, peak RSS (PHASES=1: lbatch's phases)
 bench/duckdb/node_modules/.installed: bench/duckdb/package.json
 	cd bench/duckdb && npm install --no-audit --no-fund --loglevel=error
 	@touch $@
 
 bench-join: deps build bench/duckdb/node_modules/.installed
-	N="$(N)" bench/join
+	N="$(N)" PHASES="$(PHASES)" bench/join
 
 bench: deps build
 	$(RUN54) lua5.4 bench/jsonl.lua
