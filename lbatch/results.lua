@@ -286,8 +286,8 @@ end }
 -- first read; lines of a shape the scanner leaves alone are decoded whole.
 -- @tparam string line
 -- @treturn table the record
-local function light(line)
-  local rec, err, berr = scan_result(line)
+local function light(line, rec, err, berr)
+  if rec == nil then rec, err, berr = scan_result(line) end
   -- an answer that is not chat's nor an embedding (responses, images, videos): decoded whole
   if not rec or (rec.ok and rec.content == nil and rec.embedding == nil and not find(line, '"choices"', 1, true)) then
     rec = record(line)
@@ -442,6 +442,7 @@ function Join:next_chunk()
   if self.found then self.found:clear() end
   local found = core.idmap()
   self.found, self.segs, self.seg = found, {}, 0
+  for k, path in ipairs(files) do self.handles[k] = self.handles[k] or open_or_fail(path) end
   if self.chunks == 1 and self:fits() then
     -- all in one chunk: every result indexed, what is left are orphans
     for i = 1, #inputs do self.segs[i] = { i, 0, nil } end
@@ -530,12 +531,21 @@ end
 -- the record of input line `text` (its result, or a missing one); nil for
 -- a line with no custom_id
 function Join:record(text)
-  local id = id_of(text)
-  if not id then return nil end
-  local v = self.found:take(id)
-  local rec
-  if v then rec = self:result(v)
-  else
+  -- in one call to C: the id read, taken from the index, the answer's line
+  -- read and scanned (line, rec, err, berr), or nil and the id (missing)
+  local line, id, err, berr = self.found:answer(text, self.handles)
+  local rec, v = nil, line
+  if line == false then                  -- an id the C scan leaves to Lua
+    id = id_of(text)
+    if not id then return nil end
+    v = self.found:take(id)
+    if v then rec = self:result(v) end
+  elseif line == nil and id == nil then
+    error(errors.io("cannot read", "a results file", err), 0)
+  elseif line then
+    rec = light(line, id, err, berr)
+  end
+  if not v then
     rec = { custom_id = id, ok = false, missing = true, class = M.CLASSES.missing }
     local missing = self.reader.missing_ids
     missing[#missing + 1] = id
