@@ -257,14 +257,13 @@ end
 -- whole only when rec.body is read (a joined record's rec.input and
 -- rec.prompt, from its request line, likewise). The line is kept beside
 -- the record, not in it, so that the record holds only its fields (pairs
--- and cjson.encode see them alone).
-local LINES = setmetatable({}, { __mode = "k" })
-
-local Record = { __index = function(rec, k)
+-- and cjson.encode see them alone): in the record's own metatable,
+-- {__index = lazy, line} (a weak table of lines cost LuaJIT a quarter of
+-- the join's time: measured in docs/benchmarks.md).
+local function lazy(rec, k)
   if k == "body" then
-    local line = LINES[rec]
+    local line = getmetatable(rec)[1]
     if line == nil then return nil end
-    LINES[rec] = nil
     local ok, r = pcall(decode, line)
     local resp = ok and type(r) == "table" and tab(normalize(r).response)
     local body = resp and resp.body or nil
@@ -279,7 +278,8 @@ local Record = { __index = function(rec, k)
   rawset(rec, "input", req)
   rawset(rec, "prompt", prompt_of(req))
   return rawget(rec, k)
-end }
+end
+local Record = { __index = lazy }   -- a record with no line kept
 
 --- One output or error line as a record, as `results.record` makes it,
 -- light: its fields scanned in C (`core.result`), the body decoded when
@@ -294,7 +294,7 @@ local function light(line, rec, err, berr)
   else
     if err or berr then error_fields(rec, err, berr) end
     if not rec.ok then rec.class = M.classify(rec) end
-    LINES[rec] = line
+    return setmetatable(rec, { __index = lazy, line })
   end
   return setmetatable(rec, Record)
 end
@@ -551,7 +551,7 @@ function Join:record(text)
     missing[#missing + 1] = id
   end
   rec.line = text
-  setmetatable(rec, Record)
+  if not v then setmetatable(rec, Record) end   -- (a result's record has its own)
   if v then check_answer(rec, text) end
   return rec
 end
