@@ -67,6 +67,21 @@ describe("idmap:answer", function()
     assert.are.equal(1 * SPAN + 3001, found:get("r1"))
   end)
 
+  it("reads an answer longer than its first read whole", function()
+    local long = '{"custom_id":"big","response":{"status_code":200,"body":{"choices":[{"message":{"content":"'
+      .. ("y"):rep(10000) .. '"}}]}},"error":null}'
+    local path = dir .. "/big.jsonl"
+    H.write(path, ok_line .. "\n" .. long .. "\n")
+    local m = core.idmap()
+    assert(m:scan(path, 1))
+    local fh = assert(io.open(path, "rb"))
+    local line, rec = m:answer(request("big"), { fh })
+    fh:close()
+    m:clear()
+    assert.are.equal(long, line)
+    assert.are.equal(("y"):rep(10000), rec.content)
+  end)
+
   it("raises on a closed file", function()
     io.close(handles[1])
     handles[1] = assert(io.open(out, "rb"))
