@@ -40,7 +40,7 @@ BUSTED = env LUA_PATH="./?.lua;./?/init.lua;./spec/?.lua;;" LBATCH_ROOT=$(CURDIR
 
 ROCKSPEC = $(wildcard rockspec/lbatch-*.rockspec)
 
-.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare bench-scale install lint docs fuzz mutate soak clean
+.PHONY: all build compat deps demo test test-5.4 test-jit asan conformance emulator bench bench-compare bench-scale bench-join install lint docs fuzz mutate soak clean
 
 all: build
 
@@ -148,6 +148,14 @@ bench-compare: deps build $(NODE_DIR)/node_modules/.installed
 # lbatch at the service's scale: merge, pipeline, a quota, 200 jobs told and polled, 1,000 jobs (SIZES, BENCH_10M=1)
 bench-scale: deps build
 	bench/scale
+
+# lbatch's join beside DuckDB's on the same files (N="100000 1000000"): wall, peak RSS (PHASES=1: lbatch's phases)
+bench/duckdb/node_modules/.installed: bench/duckdb/package.json
+	cd bench/duckdb && npm install --no-audit --no-fund --loglevel=error
+	@touch $@
+
+bench-join: deps build bench/duckdb/node_modules/.installed
+	N="$(N)" PHASES="$(PHASES)" bench/join
 
 bench: deps build
 	$(RUN54) lua5.4 bench/jsonl.lua

@@ -257,14 +257,13 @@ end
 -- whole only when rec.body is read (a joined record's rec.input and
 -- rec.prompt, from its request line, likewise). The line is kept beside
 -- the record, not in it, so that the record holds only its fields (pairs
--- and cjson.encode see them alone).
-local LINES = setmetatable({}, { __mode = "k" })
-
-local Record = { __index = function(rec, k)
+-- and cjson.encode see them alone): in the record's own metatable,
+-- {__index = lazy, line} (a weak table of lines cost LuaJIT a quarter of
+-- the join's time: measured in docs/benchmarks.md).
+local function lazy(rec, k)
   if k == "body" then
-    local line = LINES[rec]
+    local line = getmetatable(rec)[1]
     if line == nil then return nil end
-    LINES[rec] = nil
     local ok, r = pcall(decode, line)
     local resp = ok and type(r) == "table" and tab(normalize(r).response)
     local body = resp and resp.body or nil
@@ -279,22 +278,23 @@ local Record = { __index = function(rec, k)
   rawset(rec, "input", req)
   rawset(rec, "prompt", prompt_of(req))
   return rawget(rec, k)
-end }
+end
+local Record = { __index = lazy }   -- a record with no line kept
 
 --- One output or error line as a record, as `results.record` makes it,
 -- light: its fields scanned in C (`core.result`), the body decoded when
 -- first read; lines of a shape the scanner leaves alone are decoded whole.
 -- @tparam string line
 -- @treturn table the record
-local function light(line)
-  local rec, err, berr = scan_result(line)
+local function light(line, rec, err, berr)
+  if rec == nil then rec, err, berr = scan_result(line) end
   -- an answer that is not chat's nor an embedding (responses, images, videos): decoded whole
   if not rec or (rec.ok and rec.content == nil and rec.embedding == nil and not find(line, '"choices"', 1, true)) then
     rec = record(line)
   else
     if err or berr then error_fields(rec, err, berr) end
     if not rec.ok then rec.class = M.classify(rec) end
-    LINES[rec] = line
+    return setmetatable(rec, { __index = lazy, line })
   end
   return setmetatable(rec, Record)
 end
@@ -442,6 +442,7 @@ function Join:next_chunk()
   if self.found then self.found:clear() end
   local found = core.idmap()
   self.found, self.segs, self.seg = found, {}, 0
+  for k, path in ipairs(files) do self.handles[k] = self.handles[k] or open_or_fail(path) end
   if self.chunks == 1 and self:fits() then
     -- all in one chunk: every result indexed, what is left are orphans
     for i = 1, #inputs do self.segs[i] = { i, 0, nil } end
@@ -530,18 +531,27 @@ end
 -- the record of input line `text` (its result, or a missing one); nil for
 -- a line with no custom_id
 function Join:record(text)
-  local id = id_of(text)
-  if not id then return nil end
-  local v = self.found:take(id)
-  local rec
-  if v then rec = self:result(v)
-  else
+  -- in one call to C: the id read, taken from the index, the answer's line
+  -- read and scanned (line, rec, err, berr), or nil and the id (missing)
+  local line, id, err, berr = self.found:answer(text, self.handles)
+  local rec, v = nil, line
+  if line == false then                  -- an id the C scan leaves to Lua
+    id = id_of(text)
+    if not id then return nil end
+    v = self.found:take(id)
+    if v then rec = self:result(v) end
+  elseif line == nil and id == nil then
+    error(errors.io("cannot read", "a results file", err), 0)
+  elseif line then
+    rec = light(line, id, err, berr)
+  end
+  if not v then
     rec = { custom_id = id, ok = false, missing = true, class = M.CLASSES.missing }
     local missing = self.reader.missing_ids
     missing[#missing + 1] = id
   end
   rec.line = text
-  setmetatable(rec, Record)
+  if not v then setmetatable(rec, Record) end   -- (a result's record has its own)
   if v then check_answer(rec, text) end
   return rec
 end

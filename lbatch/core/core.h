@@ -137,6 +137,7 @@ int lb_idmap_has(const idmap *m, const char *k, size_t len, uint64_t h);
 void lb_idmap_prefetch(const idmap *m, uint64_t h);
 int lb_idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v);  /* 1 new, 0 kept, -1 no memory */
 int lb_idmap_remove(idmap *m, const char *k, size_t len, uint64_t h);             /* 1 when it was there */
+int lb_idmap_take(idmap *m, const char *k, size_t len, lua_Number *v);           /* 1 (and *v) when it was there */
 
 /* ------------------------------------------------------------ index.c */
 
@@ -151,6 +152,7 @@ int lb_core_json_string(lua_State *L);
 
 int lb_core_result(lua_State *L);     /* core.result */
 int lb_line_at(lua_State *L);         /* core.line_at */
+int lb_idmap_answer(lua_State *L);    /* idmap:answer, the join's step */
 
 /* ------------------------------------------------------------ enc.c */
 

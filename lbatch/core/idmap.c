@@ -12,6 +12,7 @@
  *   m:get(key) -> value | nil;  m:take(key) -> value | nil (and removes it)
  *   m:count();  m:keys() -> list of the keys left;  m:clear()
  *   m:has(key) -> boolean
+ *   m:answer(line, handles)  the join's step for one input line (rec.c)
  *   m:scan(...)  fills the map from a JSONL file (index.c) */
 #include <stdint.h>
 #include <stdlib.h>
@@ -145,6 +146,14 @@ int lb_idmap_remove(idmap *m, const char *k, size_t len, uint64_t h) {
   slot *s = lookup(m, k, len, h);
   if (s) drop(m, s);
   return s != NULL;
+}
+
+int lb_idmap_take(idmap *m, const char *k, size_t len, lua_Number *v) {
+  slot *s = lookup(m, k, len, lb_idmap_hash(k, len));
+  if (!s) return 0;
+  *v = s->value;
+  drop(m, s);
+  return 1;
 }
 
 /* ------------------------------------------------------------ Lua */

@@ -141,4 +141,4 @@ static int m_scan(lua_State *L) {
   return scan_done(L, lines, at_end, line_off);
 }
 
-const luaL_Reg lb_index_methods[] = { {"scan", m_scan}, {NULL, NULL} };
+const luaL_Reg lb_index_methods[] = { {"scan", m_scan}, {"answer", lb_idmap_answer}, {NULL, NULL} };

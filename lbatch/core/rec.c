@@ -432,56 +432,73 @@ static int fields(ctx *x, lb_result *r) {
  * its newline and a final \r), read with pread: a joined result costs
  * its own bytes, not a buffer's worth of them after a seek; nil at the
  * end of the file, nil and the reason when it cannot be read */
-int lb_line_at(lua_State *L) {
-  void *ud = luaL_checkudata(L, 1, LUA_FILEHANDLE);
+/* the FILE of a Lua file handle at idx, or NULL when it is closed */
+static FILE *file_of(lua_State *L, int idx) {
+  void *ud = luaL_checkudata(L, idx, LUA_FILEHANDLE);
   FILE *f = *(FILE **)ud;   /* the FILE first, on every Lua */
-  off_t off = (off_t)luaL_checknumber(L, 2);
-  char small[2048], *p = small, *nl = NULL;
-  size_t cap = sizeof small, len = 0;
-  int fd;
 #if LUA_VERSION_NUM >= 502 && !defined(LUAJIT_VERSION)
   if (((luaL_Stream *)ud)->closef == NULL) f = NULL;   /* closed: f is freed memory (enc.c's file_of) */
 #endif
-  if (!f) return luaL_error(L, "line_at: the file is closed");
-  fd = fileno(f);
-  if (fd < 0) return luaL_argerror(L, 1, "an open file expected");
+  return f;
+}
+
+/* the line at byte off of fd into *p (small, or a malloc'd block the
+ * caller frees when it is not small) and its length without the newline;
+ * *eof when nothing was there. 0, or -1 (errno) or -2 (out of memory) */
+static int read_line(int fd, off_t off, char *small, size_t cap, char **out, size_t *outlen, int *eof) {
+  char *p = small, *nl = NULL;
+  size_t len = 0;
   for (;;) {
     ssize_t got = pread(fd, p + len, cap - len, off + (off_t)len);
-    if (got < 0) {
-      if (p != small) free(p);
-      lua_pushnil(L);
-      lua_pushstring(L, strerror(errno));
-      return 2;
-    }
+    if (got < 0) { if (p != small) free(p); return -1; }
     nl = memchr(p + len, '\n', (size_t)got);
     len += (size_t)got;
     if (nl || got == 0) break;
     if (len == cap) {
       char *q = p == small ? malloc(cap * 2) : realloc(p, cap * 2);
-      if (!q) { if (p != small) free(p); return luaL_error(L, "line_at: out of memory"); }
+      if (!q) { if (p != small) free(p); return -2; }
       if (p == small) memcpy(q, small, len);
       p = q;
       cap *= 2;
     }
   }
   if (nl) len = (size_t)(nl - p);
-  if (len == 0 && !nl) lua_pushnil(L);
-  else {
-    if (len && p[len - 1] == '\r') len--;
-    lua_pushlstring(L, p, len);
+  *eof = len == 0 && !nl;
+  if (len && p[len - 1] == '\r') len--;
+  *out = p;
+  *outlen = len;
+  return 0;
+}
+
+int lb_line_at(lua_State *L) {
+  FILE *f = file_of(L, 1);
+  off_t off = (off_t)luaL_checknumber(L, 2);
+  char small[2048], *p;
+  size_t len;
+  int fd, eof, rc;
+  if (!f) return luaL_error(L, "line_at: the file is closed");
+  fd = fileno(f);
+  if (fd < 0) return luaL_argerror(L, 1, "an open file expected");
+  rc = read_line(fd, off, small, sizeof small, &p, &len, &eof);
+  if (rc == -2) return luaL_error(L, "line_at: out of memory");
+  if (rc == -1) {
+    lua_pushnil(L);
+    lua_pushstring(L, strerror(errno));
+    return 2;
   }
+  if (eof) lua_pushnil(L); else lua_pushlstring(L, p, len);
   if (p != small) free(p);
   return 1;
 }
 
-int lb_core_result(lua_State *L) {
-  size_t n;
-  const char *s = luaL_checklstring(L, 1, &n);
+/* the fields of result line s (n bytes) pushed as core.result returns
+ * them (3 values), or false (1 value) when the scanner leaves it to Lua */
+static int push_result(lua_State *L, const char *s, size_t n) {
   lb_result r;
   ctx x;
   int top = lua_gettop(L), ok;
-  if (!lb_result_scan(s, n, &r)) { lua_pushboolean(L, 0); return 1; }
   char small[4096];
+  if (!lb_result_scan(s, n, &r)) { lua_pushboolean(L, 0); return 1; }
   x.L = L; x.s = s;
   x.tmp = n <= sizeof small ? small : malloc(n);   /* unescaped text is never longer */
   if (!x.tmp) return luaL_error(L, "result: out of memory");
@@ -489,5 +506,55 @@ int lb_core_result(lua_State *L) {
   if (x.tmp != small) free(x.tmp);
   if (!ok) { lua_settop(L, top); lua_pushboolean(L, 0); return 1; }
   return 3;
+}
+
+/* found:answer(line, handles): the join's step for one input line, in one
+ * call. Its custom_id taken from the index `found` (values fileno * 2^36 +
+ * offset, as m:scan puts them), the answer's line read from handles[fileno]
+ * (an open file) and scanned: returns the answer's line and core.result's
+ * values for it (rec, err, berr, or false); nil and the custom_id when the
+ * index has no answer for it; false when the id cannot be read cheaply
+ * (the caller decodes the line); nil, nil and the reason when the answer
+ * cannot be read. */
+int lb_idmap_answer(lua_State *L) {
+  idmap *m = lb_idmap_check(L, 1);
+  size_t n, io = 0, il = 0, len;
+  const char *s = luaL_checklstring(L, 2, &n);
+  lua_Number v;
+  double k;
+  char small[2048], *p;
+  FILE *f;
+  int eof, rc, fd, got;
+  luaL_checktype(L, 3, LUA_TTABLE);
+  if (lb_json_string(s, n, "custom_id", 9, &io, &il) != LB_FOUND) { lua_pushboolean(L, 0); return 1; }
+  if (!lb_idmap_take(m, s + io, il, &v)) {
+    lua_pushnil(L);
+    lua_pushlstring(L, s + io, il);
+    return 2;
+  }
+  k = floor(v / 68719476736.0);
+  lua_rawgeti(L, 3, (lua_Integer)k);
+  f = file_of(L, -1);
+  if (!f || (fd = fileno(f)) < 0) return luaL_error(L, "answer: the file is closed");
+  lua_pop(L, 1);
+  rc = read_line(fd, (off_t)(v - k * 68719476736.0), small, sizeof small, &p, &len, &eof);
+  if (rc == -2) return luaL_error(L, "answer: out of memory");
+  if (rc == -1) {
+    lua_pushnil(L);
+    lua_pushnil(L);
+    lua_pushstring(L, strerror(errno));
+    return 3;
+  }
+  lua_pushlstring(L, p, len);
+  if (p != small) free(p);
+  s = lua_tolstring(L, -1, &n);
+  got = push_result(L, s, n);
+  return 1 + got;
+}
+
+int lb_core_result(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  return push_result(L, s, n);
 }
 #endif
