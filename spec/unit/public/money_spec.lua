@@ -167,3 +167,30 @@ describe("the fresh-id window", function()
     emu.stop()
   end)
 end)
+
+-- (here, not in estimate_spec: that spec runs on plain Lua 5.1 too, which makes no client)
+describe("the spending cap and answers it cannot bound", function()
+  local IMG, VID, CHAT = "/v1/images/generations", "/v1/videos", "/v1/chat/completions"
+  local function line(id, url, body)
+    return cjson.encode({ custom_id = id, method = "POST", url = url, body = body }) .. "\n"
+  end
+  -- a client on a port nothing listens on: a request would fail with a network error
+  local function offline() return assert(lbatch.new({ api_key = "k", base_url = "http://127.0.0.1:9", max_retries = 0,
+                                                      provider = "openai" })) end
+
+  it("makes max_cost refuse lines it cannot cost, before any request, instead of counting them free", function()
+    local dir = H.tmpdir()
+    local cases = {
+      { IMG, { model = "gpt-image-1", prompt = "a red cube" }, "images are priced per image" },
+      { VID, { model = "sora-2", prompt = "a cube rolling" }, "videos are priced per second" },
+      { CHAT, { model = "gpt-image-1", messages = { { role = "user", content = "hi" } } }, "2 of 2 requests set no max_tokens" },
+    }
+    for i, c in ipairs(cases) do
+      local req = H.write(("%s/cap%d.jsonl"):format(dir, i), line("a", c[1], c[2]) .. line("b", c[1], c[2]))
+      local _, err = pipeline.run({ client = offline(), dir = H.tmpdir(), requests = req, max_cost = 1000,
+        prices = { ["gpt-image-1"] = { input = 5, output = 40 }, ["sora-2"] = { input = 1, output = 1 } } })
+      assert.are.equal("max_cost_unknown", err and err.code, tostring(err))
+      assert.matches(c[3], err.message, 1, true)
+    end
+  end)
+end)
