@@ -236,13 +236,14 @@ local CHUNK = 1048576
 local hex = core.hex
 
 -- v as text that is the same for the same value (object keys in order)
+local function by_text(a, b) return tostring(a) < tostring(b) end
 local function canon(v)
   local t = type(v)
   if t == "table" then
     if v == json.null then return "null" end
     local keys = {}
     for k in pairs(v) do keys[#keys + 1] = k end
-    table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+    table.sort(keys, by_text)             -- (no closure per call: each line's hash runs this)
     local parts = {}
     for i, k in ipairs(keys) do parts[i] = json.encode(tostring(k)) .. ":" .. canon(v[k]) end
     return "{" .. table.concat(parts, ",") .. "}"
@@ -331,11 +332,15 @@ local function each_line(paths, fn, pause)
   for _, p in ipairs(paths) do
     local fh, msg = io.open(p, "rb")
     if not fh then return nil, errors.io("cannot read", p, msg) end
-    for line in fh:lines() do
+    -- (read, not fh:lines(): that makes an iterator per file, and LuaJIT
+    -- then compiles a new side trace of this loop for each file)
+    local line = fh:read("*l")
+    while line do
       local id, h = line_hash(line)
       if id then fn(id, h, line) end
       n = n + 1
       if n % 16 == 0 then pause() end
+      line = fh:read("*l")
     end
     fh:close()
     pause()
@@ -604,7 +609,7 @@ function Run:flush()
       end
     end
     self.dirty = {}
-    local ok, err = self.log:append((table.unpack or unpack)(recs))
+    local ok, err = self.log:append_list(recs)
     if ok and sync then ok, err = self.log:sync() end
     -- past 16 changes a shard (a shard's whole life takes about 8), the
     -- journal is written again as the live state: it stays small and
@@ -626,10 +631,15 @@ function Run:hook(step, s)
 end
 
 -- per-call options that report a shard's transfer to opts.on_transfer
+-- (the closure is made apart: a function that returns while a local of
+-- it is captured ends a LuaJIT trace, and this one runs for every transfer)
+local function transfer_options(cb, s, direction)
+  return { on_progress = function(done, total) cb(s.name, direction, done, total) end }
+end
 function Run:transfer_watch(s, direction)
   local cb = self.opts.on_transfer
   if not cb then return nil end
-  return { on_progress = function(done, total) cb(s.name, direction, done, total) end }
+  return transfer_options(cb, s, direction)
 end
 
 -- progress is summed up once per turn, however many shards moved
@@ -926,16 +936,19 @@ local function first_error(path)
   if e then return e.code, e.message end
 end
 
+-- a shard's file downloaded to path (a method, not a closure in download:
+-- LuaJIT cannot compile a function that closes over its locals)
+function Run:fetch(s, id, path)
+  local o = self:transfer_watch(s, "down") or {}
+  o.path = path
+  return try(self.client:content(id, o))
+end
+
 function Run:download(s)
-  local client, opts = self.client, self.opts
+  local opts = self.opts
   local base = s.path:gsub("%.jsonl$", "")
-  local function fetch(id, path)
-    local o = self:transfer_watch(s, "down") or {}
-    o.path = path
-    return try(client:content(id, o))
-  end
-  if s.output_file_id then s.output = fetch(s.output_file_id, base .. ".output.jsonl") end
-  if s.error_file_id then s.error = fetch(s.error_file_id, base .. ".errors.jsonl") end
+  if s.output_file_id then s.output = self:fetch(s, s.output_file_id, base .. ".output.jsonl") end
+  if s.error_file_id then s.error = self:fetch(s, s.error_file_id, base .. ".errors.jsonl") end
   self:hook("after_download", s)
   local c = type(s.counts) == "table" and s.counts or {}
   local done, failed = tonumber(c.completed) or 0, tonumber(c.failed) or 0
@@ -1060,6 +1073,7 @@ local function first_run(ctx, log, state)
   for i, f in ipairs(manifest.files) do
     state.shards[i] = { k = i, path = f.path, name = state.run .. "-" .. i .. ".jsonl", lines = f.lines,
       model = f.model, endpoint = f.endpoint, round = 1, step = "written" }
+    if i % 16 == 0 then client:pause() end
   end
   state.phase = "running"
   client:pause()
@@ -1213,10 +1227,14 @@ local function open_state(opts, client, path)
     if not state then log:close() return nil, err end
   end
   local was_done = state.phase == "done"
-  local ok, cerr = log:compact(snapshot(state))
+  local function pause() client:pause() end
+  pause()
+  local ok, cerr = log:compact(snapshot(state), pause)
+  pause()                                -- (each of these syncs a file: a host's frame apiece)
   local known = ok and read_identity(opts.dir)      -- (a fresh run after another: its own id)
   if ok and (not known or known.run ~= state.run) then ok, cerr = write_identity(opts.dir, state.run) end
   if not ok then log:close() return nil, cerr end
+  client:pause()
   return log, state, change, was_done
 end
 
@@ -1228,7 +1246,9 @@ local function make_room(opts, client, state)
     if s.step ~= "downloaded" and s.step ~= "done" then pending = pending + size_of(s.path) end
     local d = s.path:match("^(.*)/[^/]*$") or "."
     if not parts[d] then parts[d] = true core.remove_parts(d) end   -- what a killed run's downloads left
-    if i % 16 == 0 then client:pause() end      -- a host's frame stays short
+    -- a host's frame stays short: every file costs an open, and a new
+    -- directory a read of it (pause itself is a clock read)
+    if i % 4 == 0 then client:pause() end
   end
   return room(opts, opts.dir, pending, 0)
 end
@@ -1325,6 +1345,7 @@ local function collect(client, path, state, change, was_done)
     if s.output then outputs[#outputs + 1] = s.output end
     if s.error then errs[#errs + 1] = s.error end
   end
+  client:pause()
   local reader, rerr = results.open({ groups = groups, pause = function() client:pause() end })
   if not reader then return nil, rerr end
   local report = { shards = state.shards, outputs = outputs, errors = errs, inputs = view_of(state), journal = path,
