@@ -100,9 +100,12 @@ end
 -- @tparam string path
 -- @tparam function fill
 -- @tparam[opt] string tmp
+-- @tparam[opt] function pause called once the temp file is synced, before
+-- the rename (`client:pause`, in a task: each sync is a host's step apiece;
+-- `path` is still the old file then)
 -- @return what `fill` returned, or nil, an `io` error and true when `path`
 -- was replaced but its directory could not be synced
-function M.replace(path, fill, tmp)
+function M.replace(path, fill, tmp, pause)
   local dir = path:match("^(.*)/[^/]*$") or "."
   if dir == "" then dir = "/" end
   tmp = tmp or path .. ".tmp"
@@ -124,6 +127,7 @@ function M.replace(path, fill, tmp)
     local done, why = synced(tmp)
     err = not done and errors.io("cannot sync", tmp, why)
     point(4)
+    if pause and not err then pause() end
   end
   if not err then
     local renamed, why = os.rename(tmp, path)
@@ -141,8 +145,9 @@ end
 -- synced, renamed over, its directory synced).
 -- @tparam {table,...} records the live state
 -- @tparam[opt] function pause called every 16 records while they are
--- encoded, before the file is touched (`client:pause`, in a task: a host's
--- step then ends in the middle of a big state's encoding)
+-- encoded, before the file is touched, and once the new file is synced
+-- (`client:pause`, in a task: a host's step then ends in the middle of a
+-- big state's encoding, or between the two syncs; see `replace`)
 -- @treturn true, or nil and an `io` error
 function Journal:compact(records, pause)
   if self.broken then return nil, self.broken end
@@ -151,7 +156,7 @@ function Journal:compact(records, pause)
     local w, werr = fh:write(text)
     if not w then return nil, errors.io("cannot write", self.path, werr) end
     return true
-  end)
+  end, nil, pause)
   if replaced then return broken(self, err) end
   if not ok then return nil, err end
   local msg
