@@ -87,7 +87,8 @@ local function where(co)
   end
   return #out > 0 and table.concat(out, " < ") or "?"
 end
-if os.getenv("BENCH_ATTRIBUTE") ~= "0" then
+local ATTRIBUTE = os.getenv("BENCH_ATTRIBUTE") ~= "0"
+if ATTRIBUTE then
   local Loop = require "lbatch.impl.transport.loop"
   local resume, at_turn_end, callback = Loop.resume, Loop.at_turn_end, Loop.callback
   local depth = 0
@@ -164,7 +165,7 @@ local function frame_loop(client, shards, judged)
     local _, failure = client:step()
     local cpu, kb = (os.clock() - c0) * 1000, collectgarbage("count") - k0
     if failure then error(failure) end
-    local what = (kb > 64 or cpu > 2) and described(kb, cpu) or ""
+    local what = ATTRIBUTE and (kb > 64 or cpu > 2) and described(kb, cpu) or ""
     steps[#steps + 1] = { cpu = cpu, kb = kb, traces = step_events, what = what }
     spin(1000)
     collectgarbage("step", 64)
@@ -229,12 +230,13 @@ local function main()
       end
       for _, i in ipairs(big) do
         local s = steps[i]
-        print(("  step %d: %.0f KB, %.2f ms CPU, %d trace events: %s"):format(i, s.kb, s.cpu, s.traces,
-          s.what))
+        print(("  step %d: %.0f KB, %.2f ms CPU, %d trace events%s"):format(i, s.kb, s.cpu, s.traces,
+          s.what ~= "" and ": " .. s.what or ""))
       end
       for i, s in ipairs(steps) do
         if s.cpu > 2 then
-          print(("  slow step %d: %.2f ms CPU, %.0f KB, %d trace events: %s"):format(i, s.cpu, s.kb, s.traces, s.what))
+          print(("  slow step %d: %.2f ms CPU, %.0f KB, %d trace events%s"):format(i, s.cpu, s.kb, s.traces,
+            s.what ~= "" and ": " .. s.what or ""))
         end
       end
     end
