@@ -212,3 +212,29 @@ describe("lbatch.pipeline from a host's loop", function()
     assert.is_true(worst < 48, ("step %d of %d allocated %.0f KB"):format(at, steps, worst))
   end)
 end)
+
+-- On LuaJIT a trace holds to the functions it saw called: an iterator or a
+-- closure made per file or per run had the code that calls it compiled
+-- again and again, a few of those traces in a host's step (issue 34).
+describe("lbatch.pipeline on LuaJIT", function()
+  it("compiles its setup once: a third run compiles few new traces in pipeline.lua", function()
+    if not jit then return end                 -- (nothing to compile on Lua 5.x)
+    local client, requests, starts = offline(), reqs(200), 0
+    local funcinfo = require("jit.util").funcinfo
+    local function on_trace(what, _, func, pc)
+      if what == "start" and (funcinfo(func, pc).source or ""):find("lbatch/pipeline.lua", 1, true) then
+        starts = starts + 1
+      end
+    end
+    for run = 1, 3 do
+      if run == 3 then jit.attach(on_trace, "trace") end
+      local _, err = pipeline.run({ client = client, dir = H.tmpdir(), requests = requests, max_lines = 2 })
+      assert.is_truthy(err)                    -- (its first upload fails: nothing listens)
+      if run == 3 then jit.attach(on_trace) end
+    end
+    client:close()
+    -- (35 of them, one per shard file but the first few, when each file's
+    -- lines were read with fh:lines())
+    assert.is_true(starts < 20, ("%d traces started in pipeline.lua in the third run"):format(starts))
+  end)
+end)
