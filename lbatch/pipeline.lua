@@ -1088,6 +1088,7 @@ local function first_run(ctx, log, state)
     end
     manifest, err = shard(opts, files or opts.dir, client)
     if not manifest then return nil, err end
+    client:pause()                       -- (the writer closed every shard file)
   end
   local input, n = input_hash(paths_of(manifest), pauser(client))
   if not input then return nil, n end
