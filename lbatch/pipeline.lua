@@ -37,6 +37,19 @@ local function fail(message)
   return errors.new({ kind = "invalid", message = "pipeline: " .. message })
 end
 
+-- client:pause as a plain function, one per client: LuaJIT's traces of a
+-- loop that calls a closure hold to that closure, and a new one every run
+-- would have them compiled again
+local pausers = setmetatable({}, { __mode = "k" })
+local function pauser(client)
+  local p = pausers[client]
+  if not p then
+    p = function() client:pause() end
+    pausers[client] = p
+  end
+  return p
+end
+
 -- ------------------------------------------------------------ journal
 
 -- The journal (lbatch.journal, whose pipeline_replay reads its records):
@@ -159,18 +172,21 @@ end
 -- returning them; a request is {custom_id, body[, url]} or a full line.
 -- The shards follow the rules of `limits`, by default the client's (its
 -- provider's or region's profile: sizes, endpoints, Zhipu's /v4 urls).
+-- one request into the writer (the module's function, not a closure per
+-- run, for LuaJIT's traces of the loops that call it: see pauser)
+local function add_request(w, client, r)
+  if type(r) ~= "table" then throw(fail("a request must be a table")) end
+  client:pause()                       -- a host's frame goes on
+  local ok, err
+  if r.method then ok, err = w:request(r) else ok, err = w:add(r.custom_id, r.body, r.url) end
+  if not ok then throw(err) end
+end
+
 local function shard(opts, dir, client)
   local limits = opts.limits or client.config.limits
   local w = jsonl.writer({ path = dir .. "/requests.jsonl", endpoint = opts.endpoint, model = opts.model,
                            limits = limits, max_lines = opts.max_lines, max_bytes = opts.max_bytes,
                            unique = "all" })
-  local function add(r)
-    if type(r) ~= "table" then throw(fail("a request must be a table")) end
-    client:pause()                     -- a host's frame goes on
-    local ok, err
-    if r.method then ok, err = w:request(r) else ok, err = w:add(r.custom_id, r.body, r.url) end
-    if not ok then throw(err) end
-  end
   local src = opts.requests
   local ok, err = pcall(function()
     if type(src) == "string" and src:find("%.csv$") then
@@ -192,7 +208,7 @@ local function shard(opts, dir, client)
           elseif line:find("%S") then
             local okj, r = pcall(json.decode, line)
             if not okj then throw(fail(("%s line %d is not JSON"):format(src, n))) end
-            add(r)
+            add_request(w, client, r)
           end
         end
       end)
@@ -200,9 +216,9 @@ local function shard(opts, dir, client)
       rerr = errors.thrown(rerr) or rerr
       if not okr then throw(errors.is(rerr) and rerr or errors.io("cannot read", src, rerr)) end
     elseif type(src) == "table" then
-      for _, r in ipairs(src) do add(r) end
+      for _, r in ipairs(src) do add_request(w, client, r) end
     elseif type(src) == "function" then
-      for r in src do add(r) end
+      for r in src do add_request(w, client, r) end
     else
       throw(fail("requests must be a path, a list or an iterator"))
     end
@@ -236,13 +252,14 @@ local CHUNK = 1048576
 local hex = core.hex
 
 -- v as text that is the same for the same value (object keys in order)
+local function by_text(a, b) return tostring(a) < tostring(b) end
 local function canon(v)
   local t = type(v)
   if t == "table" then
     if v == json.null then return "null" end
     local keys = {}
     for k in pairs(v) do keys[#keys + 1] = k end
-    table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+    table.sort(keys, by_text)             -- (no closure per call: each line's hash runs this)
     local parts = {}
     for i, k in ipairs(keys) do parts[i] = json.encode(tostring(k)) .. ":" .. canon(v[k]) end
     return "{" .. table.concat(parts, ",") .. "}"
@@ -324,18 +341,22 @@ local function line_hash(line)
   return r.custom_id ~= nil and tostring(r.custom_id) or nil, h
 end
 
--- each request line of the files: fn(id, hash, line); a pause every 16
+-- each request line of the files: fn(id, hash, line, arg); a pause every 16
 -- lines (about 0.3 ms of work) and every file, so that a host's frame stays short
-local function each_line(paths, fn, pause)
+local function each_line(paths, fn, pause, arg)
   local n = 0
   for _, p in ipairs(paths) do
     local fh, msg = io.open(p, "rb")
     if not fh then return nil, errors.io("cannot read", p, msg) end
-    for line in fh:lines() do
+    -- (read, not fh:lines(): that makes an iterator per file, and LuaJIT
+    -- then compiles a new side trace of this loop for each file)
+    local line = fh:read("*l")
+    while line do
       local id, h = line_hash(line)
-      if id then fn(id, h, line) end
+      if id then fn(id, h, line, arg) end
       n = n + 1
       if n % 16 == 0 then pause() end
+      line = fh:read("*l")
     end
     fh:close()
     pause()
@@ -344,15 +365,20 @@ local function each_line(paths, fn, pause)
 end
 
 -- the hash of the whole input (every line's id and hash, in order) and its count
+-- (a function of the module with its state in `st`, not a closure per
+-- call: LuaJIT's trace of each_line's loop holds to the function it calls)
+local function hash_line(id, h, _, st)
+  st.n = st.n + 1
+  local parts = st.parts
+  parts[#parts + 1] = id .. "\0" .. ("%.0f"):format(h) .. "\n"
+  if #parts == 4096 then st.acc, st.parts = core.hmac_sha256(st.acc, table.concat(parts)), {} end
+end
+
 local function input_hash(paths, pause)
-  local acc, n, parts = "lbatch-input", 0, {}
-  local ok, err = each_line(paths, function(id, h)
-    n = n + 1
-    parts[#parts + 1] = id .. "\0" .. ("%.0f"):format(h) .. "\n"
-    if #parts == 4096 then acc, parts = core.hmac_sha256(acc, table.concat(parts)), {} end
-  end, pause)
+  local st = { acc = "lbatch-input", n = 0, parts = {} }
+  local ok, err = each_line(paths, hash_line, pause, st)
   if not ok then return nil, err end
-  return hex(core.hmac_sha256(acc, table.concat(parts))), n
+  return hex(core.hmac_sha256(st.acc, table.concat(st.parts))), st.n
 end
 
 -- the files of the run's requests, in input order
@@ -509,7 +535,7 @@ end
 -- that are new or changed are its shards, the answers of the unchanged
 -- ones are kept (copied aside), those of requests no longer asked dropped.
 local function next_run(ctx, state, view)
-  local opts, sub, pause = ctx.opts, ctx.sub, function() ctx.client:pause() end
+  local opts, sub, pause = ctx.opts, ctx.sub, pauser(ctx.client)
   local made, why = core.mkdir(sub)
   if not made then throw(errors.io("cannot make", sub, why)) end
   local w = jsonl.writer({ path = sub .. "/send.jsonl", endpoint = opts.endpoint, unique = "all",
@@ -581,7 +607,7 @@ local function input_now(ctx)
     if not manifest then os.remove(ctx.sub) return nil, err end
     paths = paths_of(manifest)
   end
-  local input, n = input_hash(paths, function() ctx.client:pause() end)
+  local input, n = input_hash(paths, pauser(ctx.client))
   if not input then
     if not opts.manifest then discard(paths, ctx.sub) end
     return nil, n
@@ -664,16 +690,18 @@ end
 
 function Run:flush()
   if next(self.dirty) then
-    local recs, sync = {}, false
+    -- (sync counts: a local that turns from false to true is a change of
+    -- type to LuaJIT, and its trace of this loop would be aborted)
+    local recs, sync = {}, 0
     for k, s in ipairs(self.state.shards) do
       if self.dirty[s] then
         recs[#recs + 1] = journal.shard_record(k, s)
-        sync = sync or IN_FLIGHT[s.step] ~= nil
+        if IN_FLIGHT[s.step] then sync = sync + 1 end
       end
     end
     self.dirty = {}
-    local ok, err = self.log:append((table.unpack or unpack)(recs))
-    if ok and sync then ok, err = self.log:sync() end
+    local ok, err = self.log:append_list(recs)
+    if ok and sync > 0 then ok, err = self.log:sync() end
     -- past 16 changes a shard (a shard's whole life takes about 8), the
     -- journal is written again as the live state: it stays small and
     -- replays fast at any number of shards, and a host's frame rarely pays
@@ -694,10 +722,15 @@ function Run:hook(step, s)
 end
 
 -- per-call options that report a shard's transfer to opts.on_transfer
+-- (the closure is made apart: a function that returns while a local of
+-- it is captured ends a LuaJIT trace, and this one runs for every transfer)
+local function transfer_options(cb, s, direction)
+  return { on_progress = function(done, total) cb(s.name, direction, done, total) end }
+end
 function Run:transfer_watch(s, direction)
   local cb = self.opts.on_transfer
   if not cb then return nil end
-  return { on_progress = function(done, total) cb(s.name, direction, done, total) end }
+  return transfer_options(cb, s, direction)
 end
 
 -- progress is summed up once per turn, however many shards moved
@@ -1003,16 +1036,19 @@ local function first_error(path)
   if e then return e.code, e.message end
 end
 
+-- a shard's file downloaded to path (a method, not a closure in download:
+-- LuaJIT cannot compile a function that closes over its locals)
+function Run:fetch(s, id, path)
+  local o = self:transfer_watch(s, "down") or {}
+  o.path = path
+  return try(self.client:content(id, o))
+end
+
 function Run:download(s)
-  local client, opts = self.client, self.opts
+  local opts = self.opts
   local base = s.path:gsub("%.jsonl$", "")
-  local function fetch(id, path)
-    local o = self:transfer_watch(s, "down") or {}
-    o.path = path
-    return try(client:content(id, o))
-  end
-  if s.output_file_id then s.output = fetch(s.output_file_id, base .. ".output.jsonl") end
-  if s.error_file_id then s.error = fetch(s.error_file_id, base .. ".errors.jsonl") end
+  if s.output_file_id then s.output = self:fetch(s, s.output_file_id, base .. ".output.jsonl") end
+  if s.error_file_id then s.error = self:fetch(s, s.error_file_id, base .. ".errors.jsonl") end
   self:hook("after_download", s)
   local c = type(s.counts) == "table" and s.counts or {}
   local done, failed = tonumber(c.completed) or 0, tonumber(c.failed) or 0
@@ -1121,7 +1157,7 @@ local function first_run(ctx, log, state)
     if not fits then return nil, ferr end
   end
   state = { version = 1, run = state and state.run or ctx.tok, phase = "sharding", files = files, shards = {} }
-  local ok, err = log:compact(snapshot(state))
+  local ok, err = log:compact(snapshot(state), pauser(client))
   if not ok then return nil, err end
   client:pause()
   local manifest = opts.manifest
@@ -1132,8 +1168,9 @@ local function first_run(ctx, log, state)
     end
     manifest, err = shard(opts, files or opts.dir, client)
     if not manifest then return nil, err end
+    client:pause()                       -- (the writer closed every shard file)
   end
-  local input, n = input_hash(paths_of(manifest), function() client:pause() end)
+  local input, n = input_hash(paths_of(manifest), pauser(client))
   if not input then return nil, n end
   ctx.fp.input, ctx.fp.requests = input, n
   state.fp = ctx.fp
@@ -1143,6 +1180,7 @@ local function first_run(ctx, log, state)
   for i, f in ipairs(manifest.files) do
     state.shards[i] = { k = i, path = f.path, name = state.run .. "-" .. i .. ".jsonl", lines = f.lines,
       model = f.model, endpoint = f.endpoint, round = 1, step = "written", canary = f.canary }
+    if i % 16 == 0 then client:pause() end
   end
   state.phase = "running"
   client:pause()
@@ -1327,8 +1365,9 @@ local function open_state(opts, client, path)
   if not log then return nil, jerr end
   local ierr = check_identity(opts, path, state)
   if ierr then log:close() return nil, ierr end
+  client:pause()
   local ctx, change = { opts = opts, client = client, tok = token() }, { notes = {} }
-  ctx.fp = { options = options_fp(opts, client), source = source_hash(opts, function() client:pause() end) }
+  ctx.fp = { options = options_fp(opts, client), source = source_hash(opts, pauser(client)) }
   if state and state.phase ~= "sharding" then
     ctx.sub = opts.dir .. "/" .. ctx.tok       -- a new run's files, beside the old run's
     local rerr
@@ -1341,10 +1380,14 @@ local function open_state(opts, client, path)
     if not state then log:close() return nil, err end
   end
   local was_done = state.phase == "done"
-  local ok, cerr = log:compact(snapshot(state))
+  local pause = pauser(client)
+  pause()
+  local ok, cerr = log:compact(snapshot(state), pause)
+  pause()                                -- (each of these syncs a file: a host's frame apiece)
   local known = ok and read_identity(opts.dir)      -- (a fresh run after another: its own id)
   if ok and (not known or known.run ~= state.run) then ok, cerr = write_identity(opts.dir, state.run) end
   if not ok then log:close() return nil, cerr end
+  client:pause()
   return log, state, change, was_done
 end
 
@@ -1356,7 +1399,9 @@ local function make_room(opts, client, state)
     if s.step ~= "downloaded" and s.step ~= "done" then pending = pending + size_of(s.path) end
     local d = s.path:match("^(.*)/[^/]*$") or "."
     if not parts[d] then parts[d] = true core.remove_parts(d) end   -- what a killed run's downloads left
-    if i % 16 == 0 then client:pause() end      -- a host's frame stays short
+    -- a host's frame stays short: every file costs an open, and a new
+    -- directory a read of it (pause itself is a clock read)
+    if i % 4 == 0 then client:pause() end
   end
   return room(opts, opts.dir, pending, 0)
 end
@@ -1409,34 +1454,40 @@ end
 -- shard; idle, it waits while a shard in progress may still add a
 -- resubmitted one), then the phase "done" journaled: true, or nil and an error
 -- (`only(shard)`: those shards only, the phase left as it is: the canary)
+-- A worker (shared: the workers' first failure and how many are busy).
+-- The module's function, not a closure per run: LuaJIT's traces of the
+-- code that calls a closure hold to that one closure, and every new run
+-- would have them compiled again.
+local function work(run, shared)
+  while not shared.failure and not run.tripped do
+    local s = table.remove(run.queue, 1)
+    if s then
+      shared.busy = shared.busy + 1
+      local done, err = pcall(run.process, run, s)
+      shared.busy = shared.busy - 1
+      if not done then shared.failure = shared.failure or as_error(err) end
+    elseif shared.busy == 0 then
+      return
+    else
+      run.client:sleep(0.05)
+    end
+  end
+end
+
 local function submit_all(run, only)
-  local client, failure, busy = run.client, nil, 0
+  local client, shared = run.client, { busy = 0 }
   for _, s in ipairs(run.state.shards) do
     if s.step ~= "done" and (not only or only(s)) then run.queue[#run.queue + 1] = s end
   end
-  local function worker()
-    while not failure and not run.tripped do
-      local s = table.remove(run.queue, 1)
-      if s then
-        busy = busy + 1
-        local done, err = pcall(run.process, run, s)
-        busy = busy - 1
-        if not done then failure = failure or as_error(err) end
-      elseif busy == 0 then
-        return
-      else
-        client:sleep(0.05)
-      end
-    end
-  end
   local workers = run.workers
   for i = 1, math.max(1, run.opts.max_in_flight or 8) do
-    workers[i] = client:spawn(worker)
+    workers[i] = client:spawn(work, run, shared)
     client:pause()
   end
+  local failure
   for _, w in ipairs(workers) do
     local _, err = w:join()
-    if err then failure = failure or err end
+    failure = shared.failure or failure or err
   end
   run:flush()
   failure = run.tripped or failure or run.failure
@@ -1594,8 +1645,9 @@ local function collect(client, path, state, change, was_done)
     if s.output then outputs[#outputs + 1] = s.output end
     if s.error then errs[#errs + 1] = s.error end
   end
+  client:pause()
   local placed = canary_placed(state)
-  local reader, rerr = results.open({ groups = groups, placed = placed, pause = function() client:pause() end })
+  local reader, rerr = results.open({ groups = groups, placed = placed, pause = pauser(client) })
   if not reader then return nil, rerr end
   local report = { shards = state.shards, outputs = outputs, errors = errs, inputs = view_of(state), journal = path,
                    results = reader, client = client, groups = groups, placed = placed }

@@ -610,14 +610,19 @@ end
 -- (`poll_budget` a minute) and the poller every `wait` shares. `calls`
 -- counts the status calls it made.
 -- @treturn table the watcher
+-- (made apart: a function that keeps a local captured by a closure ends
+-- LuaJIT's trace on its return, and every wait goes through watcher())
+local function new_watcher(client)
+  return watch.new({ loop = client.scheduler.loop, per_minute = client.config.poll_budget,
+                     dialect = client.dialect,
+                     retrieve = function(id) return client:retrieve(id) end,
+                     list = function(q) return client:list_batches(q) end })
+end
+
 function Client:watcher()
   local w = self.watch
   if not w then
-    local client = self
-    w = watch.new({ loop = self.scheduler.loop, per_minute = self.config.poll_budget,
-                    dialect = self.dialect,
-                    retrieve = function(id) return client:retrieve(id) end,
-                    list = function(q) return client:list_batches(q) end })
+    w = new_watcher(self)
     self.watch = w
   end
   return w

@@ -70,9 +70,13 @@ local function broken(j, err)
   return nil, err
 end
 
-local function lines(records)
+-- (pause: called every 16 records, see Journal:compact)
+local function lines(records, pause)
   local t = {}
-  for i, rec in ipairs(records) do t[i] = cjson.encode(rec) end
+  for i, rec in ipairs(records) do
+    t[i] = cjson.encode(rec)
+    if pause and i % 16 == 0 then pause() end
+  end
   t[#t + 1] = ""
   return table.concat(t, "\n")
 end
@@ -96,9 +100,12 @@ end
 -- @tparam string path
 -- @tparam function fill
 -- @tparam[opt] string tmp
+-- @tparam[opt] function pause called once the temp file is synced, before
+-- the rename (`client:pause`, in a task: each sync is a host's step apiece;
+-- `path` is still the old file then)
 -- @return what `fill` returned, or nil, an `io` error and true when `path`
 -- was replaced but its directory could not be synced
-function M.replace(path, fill, tmp)
+function M.replace(path, fill, tmp, pause)
   local dir = path:match("^(.*)/[^/]*$") or "."
   if dir == "" then dir = "/" end
   tmp = tmp or path .. ".tmp"
@@ -120,6 +127,7 @@ function M.replace(path, fill, tmp)
     local done, why = synced(tmp)
     err = not done and errors.io("cannot sync", tmp, why)
     point(4)
+    if pause and not err then pause() end
   end
   if not err then
     local renamed, why = os.rename(tmp, path)
@@ -136,15 +144,19 @@ end
 --- Replace the journal with `records` (`journal.replace`: written aside,
 -- synced, renamed over, its directory synced).
 -- @tparam {table,...} records the live state
+-- @tparam[opt] function pause called every 16 records while they are
+-- encoded, before the file is touched, and once the new file is synced
+-- (`client:pause`, in a task: a host's step then ends in the middle of a
+-- big state's encoding, or between the two syncs; see `replace`)
 -- @treturn true, or nil and an `io` error
-function Journal:compact(records)
+function Journal:compact(records, pause)
   if self.broken then return nil, self.broken end
-  local text = lines(records)
+  local text = lines(records, pause)
   local ok, err, replaced = M.replace(self.path, function(fh)
     local w, werr = fh:write(text)
     if not w then return nil, errors.io("cannot write", self.path, werr) end
     return true
-  end)
+  end, nil, pause)
   if replaced then return broken(self, err) end
   if not ok then return nil, err end
   local msg
@@ -162,9 +174,17 @@ end
 -- @tparam table ... records
 -- @treturn true, or nil and an `io` error (the journal is then broken)
 function Journal:append(...)
+  return self:append_list({ ... })
+end
+
+--- Append a list of records in one write, flushed (`append`, for a list
+-- of any length: no unpack of it, which LuaJIT cannot compile).
+-- @tparam {table,...} records
+-- @treturn true, or nil and an `io` error (the journal is then broken)
+function Journal:append_list(records)
   if self.broken then return nil, self.broken end
-  self.appended = self.appended + select("#", ...)
-  local text = lines({ ... })
+  self.appended = self.appended + #records
+  local text = lines(records)
   if self.torn then text = "\n" .. text end
   local ok, msg = self.log:write(text)
   if ok then ok, msg = self.log:flush() end
@@ -191,6 +211,7 @@ end
 local jit = rawget(_G, "jit")
 if jit then
   jit.off(Journal.append)
+  jit.off(Journal.append_list)
   jit.off(Journal.compact)
 end
 

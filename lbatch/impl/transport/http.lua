@@ -376,47 +376,32 @@ local function resumed(spec, partial, bytes)
   return again
 end
 
---- One API call with retries.
--- A cut download goes on from the bytes already on disk (`Range`, the
--- temp file kept between attempts and removed however the call ends).
--- With `fresh_until` (the id was made by this client a moment ago), a
--- "not there" answer is retried until that time, as the service's
--- listings catch up, and these retries do not count against max_retries.
--- @tparam string method
--- @tparam string path the path after the base URL, query included
--- @tparam table o body (JSON string), form, upload (a path: the whole
--- body, streamed), url (absolute, instead of the base URL and path: sent
--- with o.headers only, never the key), redirect (a 3xx answer's headers
--- are the value), download (a path), raw (the
--- body as a string), identity (a file's bytes), stream (no whole-request
--- timeout), timeout (s), max_retries, headers (lines), on_progress(done,
--- total, direction), recover(err) -> value | nil, stop, fresh_until (a
--- `core.now()` time), stall (s with no byte moved that fail the transfer;
--- default stall_timeout)
--- @return the value, or nil and an error object; then meta
-function Transport:call(method, path, o)
+-- One attempt: the value, or nil and the error; then meta, the core's
+-- result (nil when a local file failed it) and the kept partial download.
+local function once(self, spec, o, partial)
+  local res, fail, message = self.loop:transfer(spec, o.on_progress)
+  local value, err, meta
+  if res then
+    if o.answers == nil then o.answers = self.answers end
+    value, err, meta = M.answer(self:clean(res, o.raw or o.download), o)
+    if res.partial then partial = res.partial end
+    -- asked for a range past the end (or the server refused it): from byte 0
+    if spec.resume and res.status == 416 and partial then
+      os.remove(partial)
+      partial, err.retryable = nil, true
+    end
+  else
+    err = errors.new({ kind = fail == "io" and "io" or "invalid", message = message })
+  end
+  return value, err, meta, res, partial
+end
+
+-- The attempts after a first one that failed (see call).
+local function retry(self, o, base, err, meta, res, partial)
   local cfg, loop = self.cfg, self.loop
-  local base = self:spec(method, path, o)
-  if o.download then base.keep_partial = true end
-  local spec, partial = base, nil
   local max_retries = o.max_retries or cfg.max_retries
   local attempt, waited = 0, 0
   while true do
-    local res, fail, message = loop:transfer(spec, o.on_progress)
-    local value, err, meta
-    if res then
-      if o.answers == nil then o.answers = self.answers end
-      value, err, meta = M.answer(self:clean(res, o.raw or o.download), o)
-      if res.partial then partial = res.partial end
-      -- asked for a range past the end (or the server refused it): from byte 0
-      if spec.resume and res.status == 416 and partial then
-        os.remove(partial)
-        partial, err.retryable = nil, true
-      end
-    else
-      err = errors.new({ kind = fail == "io" and "io" or "invalid", message = message })
-    end
-    if value ~= nil then return value, nil, meta end
     errors.scrub(err, self.scrub)
     local fresh = o.fresh_until and not err.retryable and not_found(err) and now() < o.fresh_until
     if not fresh and (not err.retryable or attempt >= max_retries) then
@@ -441,15 +426,45 @@ function Transport:call(method, path, o)
       if found ~= nil then return found, nil, meta end
       if stop then return nil, err, meta end
     end
+    local spec = base
     if partial then
       local bytes = res and res.partial == partial and res.partial_bytes
       spec = bytes and resumed(base, partial, bytes) or base
       if not bytes then os.remove(partial) partial = nil end
-    else
-      spec = base
     end
     if not fresh then attempt = attempt + 1 end
+    local value
+    value, err, meta, res, partial = once(self, spec, o, partial)
+    if value ~= nil then return value, nil, meta end
   end
+end
+
+--- One API call with retries.
+-- A cut download goes on from the bytes already on disk (`Range`, the
+-- temp file kept between attempts and removed however the call ends).
+-- With `fresh_until` (the id was made by this client a moment ago), a
+-- "not there" answer is retried until that time, as the service's
+-- listings catch up, and these retries do not count against max_retries.
+-- @tparam string method
+-- @tparam string path the path after the base URL, query included
+-- @tparam table o body (JSON string), form, upload (a path: the whole
+-- body, streamed), url (absolute, instead of the base URL and path: sent
+-- with o.headers only, never the key), redirect (a 3xx answer's headers
+-- are the value), download (a path), raw (the
+-- body as a string), identity (a file's bytes), stream (no whole-request
+-- timeout), timeout (s), max_retries, headers (lines), on_progress(done,
+-- total, direction), recover(err) -> value | nil, stop, fresh_until (a
+-- `core.now()` time), stall (s with no byte moved that fail the transfer;
+-- default stall_timeout)
+-- @return the value, or nil and an error object; then meta
+function Transport:call(method, path, o)
+  local base = self:spec(method, path, o)
+  if o.download then base.keep_partial = true end
+  -- the first attempt apart from the retries' loop: most calls end there,
+  -- and LuaJIT's trace of a call then meets no inner loop (which aborted it)
+  local value, err, meta, res, partial = once(self, base, o, nil)
+  if value ~= nil then return value, nil, meta end
+  return retry(self, o, base, err, meta, res, partial)
 end
 
 return M

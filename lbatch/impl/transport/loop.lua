@@ -106,10 +106,15 @@ function Loop:current()
   return co and self.tasks[co]
 end
 
+-- a task's body: fn(...), in a Lua function (fn may be a C function, which
+-- coroutine.create refuses), one for every task: a closure per task would
+-- end the LuaJIT trace of the code that spawns (a pipeline's workers)
+local function body(fn, ...) return fn(...) end
+
 function Loop:spawn(fn, ...)
   if type(fn) ~= "function" then errors.arg("spawn", "a function is expected") end
-  local task = setmetatable({ loop = self, args = pack(...), status = "ready", joiners = {} }, Task)
-  task.co = co_create(function(...) return fn(...) end)   -- (fn may be a C function)
+  local task = setmetatable({ loop = self, args = pack(fn, ...), status = "ready", joiners = {} }, Task)
+  task.co = co_create(body)
   self.tasks[task.co] = task
   self.alive = self.alive + 1
   self.ready[#self.ready + 1] = task

@@ -60,6 +60,22 @@ describe("journal", function()
     assert.are.equal("", H.read(path))
   end)
 
+  it("append_list writes a list of any length in one write; compact's pause runs every 16 records", function()
+    local path = dir .. "/j.jsonl"
+    local j = assert(journal.open(path))
+    local recs = {}
+    for i = 1, 40 do recs[i] = { n = i } end
+    assert.is_true(j:append_list(recs))
+    assert.is_true(j:append_list({}))
+    assert.are.equal(40, j.appended)
+    assert.are.same(recs, replayed(path))
+    local paused = 0
+    assert.is_true(j:compact(recs, function() paused = paused + 1 end))
+    assert.are.equal(3, paused)                      -- after records 16 and 32, and the temp file's sync
+    assert.are.same(recs, replayed(path))
+    j:close()
+  end)
+
   it("opening without a replay function keeps the records", function()
     local path = H.write(dir .. "/j.jsonl", '{"a":1}\n')
     local j = assert(journal.open(path))

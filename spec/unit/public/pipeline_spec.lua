@@ -171,3 +171,70 @@ describe("lbatch.pipeline on a dir that holds a run", function()
     assert.are.same({ "a=old" }, got)
   end)
 end)
+
+-- A host's step() ends once its budget is spent, at the pipeline's pause()
+-- points (issue 34): the work between two of them is what a frame may
+-- have to carry. Driven with a budget of 0, every pause() ends the step;
+-- the heap's growth per step (the collector stopped) measures that work,
+-- the same on every Lua (LuaJIT's compiler is off meanwhile: its traces'
+-- memory would count), and the setup (sharding, hashing, the journal's
+-- writes, the run's identity, the disk's room) must come in pieces.
+describe("lbatch.pipeline from a host's loop", function()
+  it("spreads its setup over steps: no step before the first upload allocates a lump", function()
+    local client, dir, requests = offline(), H.tmpdir(), reqs(200)
+    local task = client:spawn(function()
+      return pipeline.run({ client = client, dir = dir, requests = requests, max_lines = 2, max_in_flight = 100 })
+    end)
+    local steps, worst, at = 0, 0, 0
+    if jit then jit.off() jit.flush() end
+    collectgarbage("collect")
+    collectgarbage("stop")
+    -- until the first upload is in flight (it then fails: nothing listens)
+    while not task:done() and client.scheduler.loop.ctl:pending() == 0 and steps < 100000 do
+      local k0 = collectgarbage("count")
+      client:step(0)
+      local kb = collectgarbage("count") - k0
+      steps = steps + 1
+      if kb > worst then worst, at = kb, steps end
+      collectgarbage("restart")
+      collectgarbage("step", 0)
+      collectgarbage("stop")
+    end
+    collectgarbage("restart")
+    if jit then jit.on() end
+    local sharded = H.exists(dir .. "/run.json")
+    client:close()
+    assert.is_true(sharded, "the run did not get past its setup")
+    assert.is_true(steps > 100, "steps: " .. steps)
+    -- (about 35 KB: the writer's manifest of the 100 shards; it was 61 KB
+    -- when the journal's first compaction, the run's identity and the
+    -- disk's room came in one step)
+    assert.is_true(worst < 48, ("step %d of %d allocated %.0f KB"):format(at, steps, worst))
+  end)
+end)
+
+-- On LuaJIT a trace holds to the functions it saw called: an iterator or a
+-- closure made per file or per run had the code that calls it compiled
+-- again and again, a few of those traces in a host's step (issue 34).
+describe("lbatch.pipeline on LuaJIT", function()
+  it("compiles its setup once: a third run compiles few new traces in pipeline.lua", function()
+    if not jit then return end                 -- (nothing to compile on Lua 5.x)
+    local client, requests, starts = offline(), reqs(200), 0
+    local funcinfo = require("jit.util").funcinfo
+    local function on_trace(what, _, func, pc)
+      if what == "start" and (funcinfo(func, pc).source or ""):find("lbatch/pipeline.lua", 1, true) then
+        starts = starts + 1
+      end
+    end
+    for run = 1, 3 do
+      if run == 3 then jit.attach(on_trace, "trace") end
+      local _, err = pipeline.run({ client = client, dir = H.tmpdir(), requests = requests, max_lines = 2 })
+      assert.is_truthy(err)                    -- (its first upload fails: nothing listens)
+      if run == 3 then jit.attach(on_trace) end
+    end
+    client:close()
+    -- (35 of them, one per shard file but the first few, when each file's
+    -- lines were read with fh:lines())
+    assert.is_true(starts < 20, ("%d traces started in pipeline.lua in the third run"):format(starts))
+  end)
+end)
