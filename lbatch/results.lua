@@ -285,6 +285,9 @@ local Record = { __index = lazy }   -- a record with no line kept
 -- light: its fields scanned in C (`core.result`), the body decoded when
 -- first read; lines of a shape the scanner leaves alone are decoded whole.
 -- @tparam string line
+-- @tparam[opt] table rec its fields, already scanned in C (`idmap:answer`)
+-- @param[opt] err the scanner's error for the line, with `rec`
+-- @param[opt] berr the scanner's error for the body, with `rec`
 -- @treturn table the record
 local function light(line, rec, err, berr)
   if rec == nil then rec, err, berr = scan_result(line) end

@@ -606,10 +606,6 @@ function Client:wait(id, opts)
   return self:watcher():wait(id, o)
 end
 
---- The client's watcher (`lbatch.watch`): its budget of status calls
--- (`poll_budget` a minute) and the poller every `wait` shares. `calls`
--- counts the status calls it made.
--- @treturn table the watcher
 -- (made apart: a function that keeps a local captured by a closure ends
 -- LuaJIT's trace on its return, and every wait goes through watcher())
 local function new_watcher(client)
@@ -619,6 +615,10 @@ local function new_watcher(client)
                      list = function(q) return client:list_batches(q) end })
 end
 
+--- The client's watcher (`lbatch.watch`): its budget of status calls
+-- (`poll_budget` a minute) and the poller every `wait` shares. `calls`
+-- counts the status calls it made.
+-- @treturn table the watcher
 function Client:watcher()
   local w = self.watch
   if not w then
