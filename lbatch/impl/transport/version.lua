@@ -1,2 +1,2 @@
 -- lbatch's version, in one place (the rockspec's must agree: spec/conformance/habits_spec.lua).
-return "0.2.0"
+return "1.0.0"

@@ -1,9 +1,9 @@
 rockspec_format = "3.0"
 package = "lbatch"
-version = "0.2.0-1"
+version = "1.0.0-1"
 source = {
   url = "git+https://github.com/lbatch/lbatch.git",
-  tag = "v0.2.0",
+  tag = "v1.0.0",
 }
 description = {
   summary = "Batch File API client (DashScope, OpenAI) on libcurl's multi interface",
