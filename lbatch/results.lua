@@ -425,6 +425,9 @@ end
 -- being read and the result files opened so far.
 local Join = {}
 Join.__index = Join
+-- the input lines whose answers are read together, in file order
+-- (core.window): at most WINDOW lines, WINDOW_BYTES of them
+local WINDOW, WINDOW_BYTES = jit and 1024 or 4096, 8 * 1024 * 1024
 
 -- do the group's inputs fit one index? (counted without an index)
 function Join:fits()
@@ -559,18 +562,67 @@ function Join:record(text)
   return rec
 end
 
+-- the record of input k of the window, whose answer the window read
+function Join:fetched(text, k)
+  local line, rec, err, berr = self.win:take(k)
+  if line == false then
+    local id = json_string(text, "custom_id")
+    rec = setmetatable({ custom_id = id, ok = false, missing = true, class = M.CLASSES.missing, line = text },
+      Record)
+    local missing = self.reader.missing_ids
+    missing[#missing + 1] = id
+    return rec
+  end
+  if type(line) == "number" then rec = self:result(line) else rec = light(line, rec, err, berr) end
+  rec.line = text
+  check_answer(rec, text)
+  return rec
+end
+
+-- the window's answers from input k on, read in file order (core.window);
+-- an input whose id C leaves to Lua is joined alone (Join:record). The
+-- record of input k.
+function Join:fetch(k)
+  local upto, why, file = self.win:fill(self.found, self.texts, k, self.n, self.handles)
+  if not upto then error(errors.io("cannot read", self.files[file] or "a results file", why), 0) end
+  self.upto = upto
+  if upto < k then
+    self.upto = k
+    return self:record(self.texts[k] or nil)
+  end
+  return self:fetched(self.texts[k], k)
+end
+
+-- the next window of the segment's input lines (up to WINDOW lines or
+-- WINDOW_BYTES bytes) in self.texts; the segment's file closed at its end
+function Join:fill()
+  local texts, it, n, bytes_in = self.texts, self.it, 0, 0
+  while n < WINDOW and bytes_in < WINDOW_BYTES do
+    local _, text, bytes = it()
+    if text or bytes then self.pos = self.pos + (bytes or 0) end
+    if _ == nil or (self.stop and self.pos > self.stop) then
+      self.fh:close() self.fh, self.it = nil, nil
+      break
+    end
+    n = n + 1
+    texts[n] = text or false
+    bytes_in = bytes_in + (bytes or 0)
+  end
+  for i = n + 1, self.n do texts[i] = nil end
+  self.n, self.k, self.upto = n, 0, 0
+end
+
 -- the next record in input order, or nil at the end
 function Join:step()
   while true do
-    if self.it then
-      local _, text, bytes = self.it()
-      if text or bytes then self.pos = self.pos + (bytes or 0) end
-      if _ == nil or (self.stop and self.pos > self.stop) then
-        self.fh:close() self.fh, self.it = nil, nil
-      else
-        local rec = self:record(text)
-        if rec then return rec end
-      end
+    if self.k < self.n then
+      local k = self.k + 1
+      self.k = k
+      local rec
+      if k > self.upto then rec = self:fetch(k) else rec = self:fetched(self.texts[k], k) end
+      if rec then return rec end
+    elseif self.it then
+      self:fill()
     elseif self.segs[self.seg + 1] then
       self.seg = self.seg + 1
       local s = self.segs[self.seg]
@@ -590,7 +642,8 @@ end
 function Reader:_join(g)
   local j = setmetatable({ reader = self, files = result_files(g), inputs = g.inputs, budget = self.max_index,
                            fi = 1, start = 0, seg = 0, segs = {}, chunks = 0, found = nil, chunked = false,
-                           handles = {}, fh = nil, it = nil, stop = nil, pos = 0 }, Join)
+                           handles = {}, fh = nil, it = nil, stop = nil, pos = 0,
+                           texts = {}, win = core.window(), n = 0, k = 0, upto = 0 }, Join)
   return function() return j:step() end
 end
 

@@ -433,7 +433,7 @@ static int fields(ctx *x, lb_result *r) {
  * its own bytes, not a buffer's worth of them after a seek; nil at the
  * end of the file, nil and the reason when it cannot be read */
 /* the FILE of a Lua file handle at idx, or NULL when it is closed */
-static FILE *file_of(lua_State *L, int idx) {
+FILE *lb_file_of(lua_State *L, int idx) {
   void *ud = luaL_checkudata(L, idx, LUA_FILEHANDLE);
   FILE *f = *(FILE **)ud;   /* the FILE first, on every Lua */
 #if LUA_VERSION_NUM >= 502 && !defined(LUAJIT_VERSION)
@@ -471,7 +471,7 @@ static int read_line(int fd, off_t off, char *small, size_t cap, char **out, siz
 }
 
 int lb_line_at(lua_State *L) {
-  FILE *f = file_of(L, 1);
+  FILE *f = lb_file_of(L, 1);
   off_t off = (off_t)luaL_checknumber(L, 2);
   char small[2048], *p;
   size_t len;
@@ -493,7 +493,7 @@ int lb_line_at(lua_State *L) {
 
 /* the fields of result line s (n bytes) pushed as core.result returns
  * them (3 values), or false (1 value) when the scanner leaves it to Lua */
-static int push_result(lua_State *L, const char *s, size_t n) {
+int lb_push_result(lua_State *L, const char *s, size_t n) {
   lb_result r;
   ctx x;
   int top = lua_gettop(L), ok;
@@ -534,7 +534,7 @@ int lb_idmap_answer(lua_State *L) {
   }
   k = floor(v / 68719476736.0);
   lua_rawgeti(L, 3, (lua_Integer)k);
-  f = file_of(L, -1);
+  f = lb_file_of(L, -1);
   if (!f || (fd = fileno(f)) < 0) return luaL_error(L, "answer: the file is closed");
   lua_pop(L, 1);
   rc = read_line(fd, (off_t)(v - k * 68719476736.0), small, sizeof small, &p, &len, &eof);
@@ -548,13 +548,13 @@ int lb_idmap_answer(lua_State *L) {
   lua_pushlstring(L, p, len);
   if (p != small) free(p);
   s = lua_tolstring(L, -1, &n);
-  got = push_result(L, s, n);
+  got = lb_push_result(L, s, n);
   return 1 + got;
 }
 
 int lb_core_result(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
-  return push_result(L, s, n);
+  return lb_push_result(L, s, n);
 }
 #endif

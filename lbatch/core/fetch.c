@@ -1,0 +1,320 @@
+/* The join's fetch for a window of input lines, in file order.
+ *
+ *   local w = core.window()
+ *   w:fill(found, texts, from, to, handles) -> the last input handled
+ *   w:take(i) -> input i's answer line and core.result's values for it;
+ *                false (no answer: missing); or a number (its index value:
+ *                an answer past the window's byte budget, for the caller
+ *                to read alone)
+ *
+ * fill takes each input line's custom_id (texts[from..to], in input order,
+ * so that a duplicate request is missing as it is one line at a time) from
+ * the index `found` (values fileno * 2^36 + offset, as m:scan puts them),
+ * then reads the answers in file order (sorted by file and offset), with
+ * one large pread for answers that lie close together, instead of one
+ * pread each in a shuffled order (docs/benchmarks.md has the figures),
+ * into an arena reused window after window: a Lua string is made only when
+ * a record is taken (many similar long strings alive at once make LuaJIT's
+ * interning slow). An answer line whose custom_id is not the request's any
+ * more (the file changed since it was indexed), or that is not there (the
+ * file shrank), is an error, never another request's record.
+ *
+ * fill returns the last input handled: `to`, or less when the next text is
+ * not a string or has an id that needs decoding (the caller joins that line
+ * its own way, then fills again from the one after it). Or nil, the reason
+ * and the file number when an answer cannot be read. */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "core.h"
+#include "scan.h"
+
+#define FILE_SPAN 68719476736.0    /* 2^36, as index.c */
+#define READ_MAX (256u << 10)      /* one pread covers answers this close together */
+#define GAP_MAX (16u << 10)        /* a gap worth reading through rather than a pread more */
+#define TAIL 2048                  /* room for the last answer of a read */
+#define OUT_BUDGET (64u << 20)     /* answer bytes a window holds; the rest read one by one */
+#define PREFETCH 16
+
+#define LBATCH_WINDOW "lbatch.core.window"
+
+enum { E_MISSING, E_LINE, E_LATER };
+typedef struct entry {
+  int kind;
+  size_t at, len;                  /* E_LINE: the line in the arena */
+  double v;                        /* E_LATER: the index value */
+} entry;
+
+/* the window: inputs from..to, their answers' lines in one arena (reused
+ * window after window: Lua strings are made one at a time, when taken) */
+typedef struct window {
+  int from, to;
+  entry *e;
+  size_t ecap;
+  char *arena;
+  size_t used, cap;
+  struct want *w;                  /* fill's list of answers to read */
+  size_t wcap;
+} window;
+
+typedef struct want {
+  double v;                        /* the index value */
+  uint64_t h;                      /* the id's hash */
+  off_t off;
+  int file;
+  int i;                           /* the input's place in texts */
+  const char *id;                  /* the request's custom_id (held by texts) */
+  size_t idlen;
+} want;
+
+/* a read block: the bytes of one file from `start`, in a userdata at
+ * stack slot `slot` (grown by replacing it) */
+typedef struct blk {
+  lua_State *L;
+  int slot, fd, eof;
+  char *p;
+  size_t cap, len;
+  off_t start;
+} blk;
+
+static int cmp_want(const void *a, const void *b) {
+  const want *x = a, *y = b;
+  if (x->file != y->file) return x->file < y->file ? -1 : 1;
+  return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* read up to size bytes of the file at off into the block; -1 (errno) */
+static int fill(blk *b, off_t off, size_t size) {
+  size_t got = 0;
+  if (size > b->cap) {
+    b->p = lua_newuserdata(b->L, size);
+    b->cap = size;
+    lua_replace(b->L, b->slot);
+  }
+  b->start = off; b->len = 0; b->eof = 0;
+  while (got < size) {
+    ssize_t r = pread(b->fd, b->p + got, size - got, off + (off_t)got);
+    if (r < 0) { if (errno == EINTR) continue; return -1; }
+    if (r == 0) { b->eof = 1; break; }
+    got += (size_t)r;
+  }
+  b->len = got;
+  return 0;
+}
+
+/* how much to read from w[j]: through the wants after it that lie within
+ * GAP_MAX of each other, up to READ_MAX, and TAIL for the last one */
+static size_t span_of(const want *w, size_t j, size_t k) {
+  size_t last = j;
+  while (last + 1 < k && w[last + 1].file == w[j].file && w[last + 1].off - w[last].off < GAP_MAX
+         && (size_t)(w[last + 1].off - w[j].off) + TAIL <= READ_MAX)
+    last++;
+  return (size_t)(w[last].off - w[j].off) + TAIL;
+}
+
+/* the line at w[j].off (without its newline and a final \r) in *p, *len;
+ * 1 found, 0 nothing there (the file shrank), -1 (errno) */
+static int line_of(blk *b, const want *w, size_t j, size_t k, const char **p, size_t *len) {
+  off_t off = w[j].off;
+  size_t size = 0;
+  for (;;) {
+    if (b->len && off >= b->start && off <= b->start + (off_t)b->len) {
+      const char *s = b->p + (off - b->start), *nl;
+      size_t avail = b->len - (size_t)(off - b->start);
+      nl = memchr(s, '\n', avail);
+      if (nl || b->eof) {
+        *p = s;
+        *len = nl ? (size_t)(nl - s) : avail;
+        if (*len && s[*len - 1] == '\r') --*len;
+        return nl || avail;
+      }
+      if (off == b->start) size = b->len * 2;     /* a line longer than the read: twice as much */
+    } else if (b->eof && off >= b->start + (off_t)b->len && b->start <= off) {
+      return 0;
+    }
+    if (!size) size = span_of(w, j, k);
+    if (fill(b, off, size) < 0) return -1;
+    if (b->len == 0) return 0;
+    size = 0;
+  }
+}
+
+/* is the answer line the request's? (its custom_id read as the index read
+ * it; one the index had to decode is taken as it is) */
+static int same_id(const char *s, size_t n, const want *w) {
+  size_t io = 0, il = 0;
+  int r = lb_json_string(s, n, "custom_id", 9, &io, &il);
+  if (r == LB_COMPLEX) return 1;
+  return r == LB_FOUND && il == w->idlen && memcmp(s + io, w->id, il) == 0;
+}
+
+/* take each input's id from the index, in input order (each slot fetched
+ * into the cache PREFETCH ids ahead: the misses overlap); the count of
+ * wants made, *last the last input handled */
+static size_t take_ids(lua_State *L, window *win, idmap *m, int from, int to, want *w, int *last) {
+  size_t k = 0, c = 0, j;
+  int i;
+  for (i = from; i <= to; i++, c++) {                /* the ids, hashed */
+    size_t n, io = 0, il = 0;
+    const char *s;
+    lua_rawgeti(L, 2, i);
+    s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
+    lua_pop(L, 1);                                   /* (texts holds it) */
+    if (!s || lb_json_string(s, n, "custom_id", 9, &io, &il) != LB_FOUND) break;
+    w[c].i = i; w[c].id = s + io; w[c].idlen = il;
+    w[c].h = lb_idmap_hash(s + io, il);
+    if (c < PREFETCH) lb_idmap_prefetch(m, w[c].h);
+  }
+  *last = i - 1;
+  for (j = 0; j < c; j++) {
+    want x = w[j];
+    lua_Number v;
+    if (j + PREFETCH < c) lb_idmap_prefetch(m, w[j + PREFETCH].h);
+    if (lb_idmap_take_h(m, x.id, x.idlen, x.h, &v)) {
+      double f = floor(v / FILE_SPAN);
+      x.v = v; x.file = (int)f; x.off = (off_t)(v - f * FILE_SPAN);
+      w[k++] = x;
+    } else {
+      win->e[x.i - from].kind = E_MISSING;
+    }
+  }
+  return k;
+}
+
+/* push nil, why, file number: what w:fill returns on a failure */
+static int failed(lua_State *L, const char *why, int file) {
+  lua_pushnil(L);
+  lua_pushstring(L, why);
+  lua_pushinteger(L, file);
+  return 3;
+}
+
+/* an answer line copied into the window's arena */
+static int keep(window *win, int i, const char *p, size_t len) {
+  entry *e = &win->e[i - win->from];
+  if (win->used + len > win->cap) {
+    size_t cap = win->cap ? win->cap : 65536;
+    char *q;
+    while (cap < win->used + len) cap *= 2;
+    if (!(q = realloc(win->arena, cap))) return 0;
+    win->arena = q;
+    win->cap = cap;
+  }
+  memcpy(win->arena + win->used, p, len);
+  e->kind = E_LINE; e->at = win->used; e->len = len;
+  win->used += len;
+  return 1;
+}
+
+/* read the sorted wants' lines into the window; 0 or what failed pushed */
+static int read_all(lua_State *L, window *win, want *w, size_t k) {
+  blk b = { L, 8, -1, 0, NULL, 0, 0, 0 };
+  size_t j;
+  int file = -1;
+  for (j = 0; j < k; j++) {
+    const char *p;
+    size_t len;
+    int rc;
+    entry *e = &win->e[w[j].i - win->from];
+    if (w[j].file != file) {
+      FILE *f;
+      file = w[j].file;
+      lua_rawgeti(L, 5, file);
+      f = lua_isnil(L, -1) ? NULL : lb_file_of(L, -1);
+      lua_pop(L, 1);
+      if (!f || (b.fd = fileno(f)) < 0) return luaL_error(L, "window: the file is closed");
+      b.len = 0; b.eof = 0;
+    }
+    if (win->used > OUT_BUDGET) { e->kind = E_LATER; e->v = w[j].v; continue; }
+    rc = line_of(&b, w, j, k, &p, &len);
+    if (rc < 0) return failed(L, strerror(errno), file);
+    if (rc == 0) return failed(L, "the file is shorter than when it was indexed", file);
+    if (!same_id(p, len, &w[j])) return failed(L, "the file changed since it was indexed", file);
+    if (!keep(win, w[j].i, p, len)) return luaL_error(L, "window: out of memory");
+  }
+  return 0;
+}
+
+/* w:fill(found, texts, from, to, handles) */
+static int w_fill(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  idmap *m = lb_idmap_check(L, 2);
+  int from = (int)luaL_checkinteger(L, 4), to = (int)luaL_checkinteger(L, 5), last, rc;
+  size_t k, n;
+  want *w;
+  luaL_checktype(L, 3, LUA_TTABLE);
+  luaL_checktype(L, 6, LUA_TTABLE);
+  lua_settop(L, 6);
+  lua_remove(L, 1);                      /* found 1, texts 2, from 3, to 4, handles 5 */
+  win->from = from; win->to = from - 1; win->used = 0;
+  if (to < from) { lua_pushinteger(L, to); return 1; }
+  n = (size_t)(to - from + 1);
+  if (n > win->ecap) {
+    entry *e = realloc(win->e, n * sizeof *e);
+    if (!e) return luaL_error(L, "window: out of memory");
+    win->e = e;
+    win->ecap = n;
+  }
+  if (n > win->wcap) {
+    want *nw = realloc(win->w, n * sizeof *nw);
+    if (!nw) return luaL_error(L, "window: out of memory");
+    win->w = nw;
+    win->wcap = n;
+  }
+  w = win->w;
+  lua_pushnil(L);                          /* 6 */
+  lua_pushnil(L);                          /* 7 */
+  lua_pushnil(L);                          /* 8: the read block */
+  k = take_ids(L, win, m, from, to, w, &last);
+  qsort(w, k, sizeof *w, cmp_want);
+  win->to = last;
+  if ((rc = read_all(L, win, w, k)) != 0) { win->to = from - 1; return rc; }
+  lua_pushinteger(L, last);
+  return 1;
+}
+
+/* w:take(i): input i's answer: its line and core.result's values for it;
+ * false when it has none (missing); a number (the index value) when it is
+ * to be read alone */
+static int w_take(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  entry *e;
+  size_t n;
+  const char *s;
+  luaL_argcheck(L, i >= win->from && i <= win->to, 2, "not in the window");
+  e = &win->e[i - win->from];
+  if (e->kind == E_MISSING) { lua_pushboolean(L, 0); return 1; }
+  if (e->kind == E_LATER) { lua_pushnumber(L, e->v); return 1; }
+  lua_pushlstring(L, win->arena + e->at, e->len);
+  s = lua_tolstring(L, -1, &n);
+  return 1 + lb_push_result(L, s, n);
+}
+
+static int w_gc(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  free(win->arena); free(win->e); free(win->w);
+  win->arena = NULL; win->e = NULL; win->w = NULL;
+  win->cap = win->used = win->ecap = win->wcap = 0;
+  win->from = 1; win->to = 0;
+  return 0;
+}
+
+/* core.window() */
+int lb_window_new(lua_State *L) {
+  static const luaL_Reg methods[] = { {"fill", w_fill}, {"take", w_take}, {NULL, NULL} };
+  window *win = lua_newuserdata(L, sizeof *win);
+  memset(win, 0, sizeof *win);
+  win->from = 1;
+  if (luaL_newmetatable(L, LBATCH_WINDOW)) {
+    lua_pushcfunction(L, w_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_setmetatable(L, -2);
+  return 1;
+}
