@@ -448,7 +448,10 @@ function Join:next_chunk()
   if self.found then self.found:clear() end
   local found = core.idmap()
   self.found, self.segs, self.seg = found, {}, 0
-  for k, path in ipairs(files) do self.handles[k] = self.handles[k] or open_or_fail(path) end
+  for k, path in ipairs(files) do
+    self.handles[k] = self.handles[k] or open_or_fail(path)
+    self.sizes[k] = self.handles[k]:seek("end")   -- (answers are read with pread: a shorter file is an error)
+  end
   if self.chunks == 1 and self:fits() then
     -- all in one chunk: every result indexed, what is left are orphans
     for i = 1, #inputs do self.segs[i] = { i, 0, nil } end
@@ -469,12 +472,23 @@ function Join:next_chunk()
   return true
 end
 
--- the light record of the result at index value v
-function Join:result(v)
+-- the light record of answer line `line` of result file k, the answer to
+-- request `id`: an io error when the line is not there any more (nil), or
+-- is not that request's (the file changed since it was indexed)
+function Join:checked(line, id, k)
+  local why = not line and "the file is shorter than when it was indexed"
+  local rec = line and light(line)
+  if rec and rec.custom_id ~= id then why = "the file changed since it was indexed" end
+  if why then error(errors.io("cannot read", self.files[k], why), 0) end
+  return rec
+end
+
+-- the light record of the result at index value v, the answer to request `id`
+function Join:result(v, id)
   local k = math.floor(v / SPAN)
   local h = self.handles[k]
   if not h then h = open_or_fail(self.files[k]) self.handles[k] = h end
-  return light(read_at(h, v - k * SPAN) or "")
+  return self:checked(read_at(h, v - k * SPAN), id, k)
 end
 
 -- the end: the result files closed, the orphans (the results no input
@@ -545,7 +559,7 @@ function Join:record(text)
     id = id_of(text)
     if not id then return nil end
     v = self.found:take(id)
-    if v then rec = self:result(v) end
+    if v then rec = self:result(v, id) end
   elseif line == nil and id == nil then
     error(errors.io("cannot read", "a results file", err), 0)
   elseif line then
@@ -573,7 +587,9 @@ function Join:fetched(text, k)
     missing[#missing + 1] = id
     return rec
   end
-  if type(line) == "number" then rec = self:result(line) else rec = light(line, rec, err, berr) end
+  if type(line) == "number" then rec = self:result(line, json_string(text, "custom_id"))
+  elseif rec == nil then rec = self:checked(line, json_string(text, "custom_id"), self.win:file(k))
+  else rec = light(line, rec, err, berr) end
   rec.line = text
   check_answer(rec, text)
   return rec
@@ -583,7 +599,7 @@ end
 -- an input whose id C leaves to Lua is joined alone (Join:record). The
 -- record of input k.
 function Join:fetch(k)
-  local upto, why, file = self.win:fill(self.found, self.texts, k, self.n, self.handles)
+  local upto, why, file = self.win:fill(self.found, self.texts, k, self.n, self.handles, self.sizes)
   if not upto then error(errors.io("cannot read", self.files[file] or "a results file", why), 0) end
   self.upto = upto
   if upto < k then
@@ -643,7 +659,7 @@ function Reader:_join(g)
   local j = setmetatable({ reader = self, files = result_files(g), inputs = g.inputs, budget = self.max_index,
                            fi = 1, start = 0, seg = 0, segs = {}, chunks = 0, found = nil, chunked = false,
                            handles = {}, fh = nil, it = nil, stop = nil, pos = 0,
-                           texts = {}, win = core.window(), n = 0, k = 0, upto = 0 }, Join)
+                           texts = {}, win = core.window(), n = 0, k = 0, upto = 0, sizes = {} }, Join)
   return function() return j:step() end
 end
 

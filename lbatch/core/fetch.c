@@ -1,11 +1,14 @@
 /* The join's fetch for a window of input lines, in file order.
  *
  *   local w = core.window()
- *   w:fill(found, texts, from, to, handles) -> the last input handled
+ *   w:fill(found, texts, from, to, handles, sizes) -> the last input handled
  *   w:take(i) -> input i's answer line and core.result's values for it;
- *                false (no answer: missing); or a number (its index value:
- *                an answer past the window's byte budget, for the caller
- *                to read alone)
+ *                the line alone when the caller must decode it to tell it
+ *                is the request's answer; false (no answer: missing); or a
+ *                number (its index value: an answer past the window's byte
+ *                budget, for the caller to read alone)
+ *
+ *   w:file(i) -> the number of the result file input i's answer came from
  *
  * fill takes each input line's custom_id (texts[from..to], in input order,
  * so that a duplicate request is missing as it is one line at a time) from
@@ -17,7 +20,8 @@
  * a record is taken (many similar long strings alive at once make LuaJIT's
  * interning slow). An answer line whose custom_id is not the request's any
  * more (the file changed since it was indexed), or that is not there (the
- * file shrank), is an error, never another request's record.
+ * file shrank: smaller than sizes[fileno], its size when it was indexed), is
+ * an error, never another request's record.
  *
  * fill returns the last input handled: `to`, or less when the next text is
  * not a string or has an id that needs decoding (the caller joins that line
@@ -28,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/stat.h>
 #include "core.h"
 #include "scan.h"
 
@@ -35,14 +40,15 @@
 #define READ_MAX (256u << 10)      /* one pread covers answers this close together */
 #define GAP_MAX (16u << 10)        /* a gap worth reading through rather than a pread more */
 #define TAIL 2048                  /* room for the last answer of a read */
-#define OUT_BUDGET (64u << 20)     /* answer bytes a window holds; the rest read one by one */
+#define OUT_BUDGET (16u << 20)     /* answer bytes a window holds; the rest read one by one */
 #define PREFETCH 16
 
 #define LBATCH_WINDOW "lbatch.core.window"
 
 enum { E_MISSING, E_LINE, E_LATER };
 typedef struct entry {
-  int kind;
+  int kind, check;                 /* check: whose answer it is, the caller decodes to tell */
+  int file;                        /* E_LINE: the result file's number */
   size_t at, len;                  /* E_LINE: the line in the arena */
   double v;                        /* E_LATER: the index value */
 } entry;
@@ -57,6 +63,8 @@ typedef struct window {
   size_t used, cap;
   struct want *w;                  /* fill's list of answers to read */
   size_t wcap;
+  char *blk;                       /* fill's read block */
+  size_t bcap;
 } window;
 
 typedef struct want {
@@ -69,13 +77,12 @@ typedef struct want {
   size_t idlen;
 } want;
 
-/* a read block: the bytes of one file from `start`, in a userdata at
- * stack slot `slot` (grown by replacing it) */
+/* a read block: the bytes of one file from `start` (its memory the
+ * window's, reused) */
 typedef struct blk {
-  lua_State *L;
-  int slot, fd, eof;
-  char *p;
-  size_t cap, len;
+  window *win;
+  int fd, eof;
+  size_t len;
   off_t start;
 } blk;
 
@@ -85,17 +92,20 @@ static int cmp_want(const void *a, const void *b) {
   return x->off < y->off ? -1 : x->off > y->off;
 }
 
-/* read up to size bytes of the file at off into the block; -1 (errno) */
+/* read up to size bytes of the file at off into the block; -1 (errno),
+ * -2 out of memory */
 static int fill(blk *b, off_t off, size_t size) {
   size_t got = 0;
-  if (size > b->cap) {
-    b->p = lua_newuserdata(b->L, size);
-    b->cap = size;
-    lua_replace(b->L, b->slot);
+  window *win = b->win;
+  if (size > win->bcap) {
+    char *q = realloc(win->blk, size);
+    if (!q) return -2;
+    win->blk = q;
+    win->bcap = size;
   }
   b->start = off; b->len = 0; b->eof = 0;
   while (got < size) {
-    ssize_t r = pread(b->fd, b->p + got, size - got, off + (off_t)got);
+    ssize_t r = pread(b->fd, win->blk + got, size - got, off + (off_t)got);
     if (r < 0) { if (errno == EINTR) continue; return -1; }
     if (r == 0) { b->eof = 1; break; }
     got += (size_t)r;
@@ -115,13 +125,14 @@ static size_t span_of(const want *w, size_t j, size_t k) {
 }
 
 /* the line at w[j].off (without its newline and a final \r) in *p, *len;
- * 1 found, 0 nothing there (the file shrank), -1 (errno) */
+ * 1 found, 0 nothing there (the file shrank), -1 (errno), -2 out of memory */
 static int line_of(blk *b, const want *w, size_t j, size_t k, const char **p, size_t *len) {
   off_t off = w[j].off;
   size_t size = 0;
+  int rc;
   for (;;) {
     if (b->len && off >= b->start && off <= b->start + (off_t)b->len) {
-      const char *s = b->p + (off - b->start), *nl;
+      const char *s = b->win->blk + (off - b->start), *nl;
       size_t avail = b->len - (size_t)(off - b->start);
       nl = memchr(s, '\n', avail);
       if (nl || b->eof) {
@@ -135,18 +146,20 @@ static int line_of(blk *b, const want *w, size_t j, size_t k, const char **p, si
       return 0;
     }
     if (!size) size = span_of(w, j, k);
-    if (fill(b, off, size) < 0) return -1;
+    if ((rc = fill(b, off, size)) < 0) return rc;
     if (b->len == 0) return 0;
     size = 0;
   }
 }
 
-/* is the answer line the request's? (its custom_id read as the index read
- * it; one the index had to decode is taken as it is) */
+/* is the answer line the request's? Its custom_id read as the index read
+ * it: 1 yes, 0 no; 2 when only a decode can tell (an escaped id, which the
+ * index decoded too, or a line that is not plain JSON any more): w:take
+ * leaves that one to the caller */
 static int same_id(const char *s, size_t n, const want *w) {
   size_t io = 0, il = 0;
   int r = lb_json_string(s, n, "custom_id", 9, &io, &il);
-  if (r == LB_COMPLEX) return 1;
+  if (r == LB_COMPLEX) return 2;
   return r == LB_FOUND && il == w->idlen && memcmp(s + io, w->id, il) == 0;
 }
 
@@ -208,9 +221,19 @@ static int keep(window *win, int i, const char *p, size_t len) {
   return 1;
 }
 
+/* is file number `file` (fd) shorter than sizes[file] (stack slot 6)? */
+static int shorter(lua_State *L, int fd, int file) {
+  struct stat st;
+  lua_Number size;
+  lua_rawgeti(L, 6, file);
+  size = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return fstat(fd, &st) == 0 && (lua_Number)st.st_size < size;
+}
+
 /* read the sorted wants' lines into the window; 0 or what failed pushed */
 static int read_all(lua_State *L, window *win, want *w, size_t k) {
-  blk b = { L, 8, -1, 0, NULL, 0, 0, 0 };
+  blk b = { win, -1, 0, 0, 0 };
   size_t j;
   int file = -1;
   for (j = 0; j < k; j++) {
@@ -226,18 +249,22 @@ static int read_all(lua_State *L, window *win, want *w, size_t k) {
       lua_pop(L, 1);
       if (!f || (b.fd = fileno(f)) < 0) return luaL_error(L, "window: the file is closed");
       b.len = 0; b.eof = 0;
+      if (shorter(L, b.fd, file)) return failed(L, "the file is shorter than when it was indexed", file);
     }
     if (win->used > OUT_BUDGET) { e->kind = E_LATER; e->v = w[j].v; continue; }
     rc = line_of(&b, w, j, k, &p, &len);
+    if (rc == -2) return luaL_error(L, "window: out of memory");
     if (rc < 0) return failed(L, strerror(errno), file);
     if (rc == 0) return failed(L, "the file is shorter than when it was indexed", file);
-    if (!same_id(p, len, &w[j])) return failed(L, "the file changed since it was indexed", file);
+    if (!(rc = same_id(p, len, &w[j]))) return failed(L, "the file changed since it was indexed", file);
     if (!keep(win, w[j].i, p, len)) return luaL_error(L, "window: out of memory");
+    e->check = rc == 2;
+    e->file = file;
   }
   return 0;
 }
 
-/* w:fill(found, texts, from, to, handles) */
+/* w:fill(found, texts, from, to, handles, sizes) */
 static int w_fill(lua_State *L) {
   window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
   idmap *m = lb_idmap_check(L, 2);
@@ -246,8 +273,9 @@ static int w_fill(lua_State *L) {
   want *w;
   luaL_checktype(L, 3, LUA_TTABLE);
   luaL_checktype(L, 6, LUA_TTABLE);
-  lua_settop(L, 6);
-  lua_remove(L, 1);                      /* found 1, texts 2, from 3, to 4, handles 5 */
+  luaL_checktype(L, 7, LUA_TTABLE);
+  lua_settop(L, 7);
+  lua_remove(L, 1);                      /* found 1, texts 2, from 3, to 4, handles 5, sizes 6 */
   win->from = from; win->to = from - 1; win->used = 0;
   if (to < from) { lua_pushinteger(L, to); return 1; }
   n = (size_t)(to - from + 1);
@@ -264,9 +292,6 @@ static int w_fill(lua_State *L) {
     win->wcap = n;
   }
   w = win->w;
-  lua_pushnil(L);                          /* 6 */
-  lua_pushnil(L);                          /* 7 */
-  lua_pushnil(L);                          /* 8: the read block */
   k = take_ids(L, win, m, from, to, w, &last);
   qsort(w, k, sizeof *w, cmp_want);
   win->to = last;
@@ -275,9 +300,10 @@ static int w_fill(lua_State *L) {
   return 1;
 }
 
-/* w:take(i): input i's answer: its line and core.result's values for it;
- * false when it has none (missing); a number (the index value) when it is
- * to be read alone */
+/* w:take(i): input i's answer: its line and core.result's values for it
+ * (the line alone when the caller must check whose it is); false when it
+ * has none (missing); a number (the index value) when it is to be read
+ * alone */
 static int w_take(lua_State *L) {
   window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
   lua_Integer i = luaL_checkinteger(L, 2);
@@ -289,22 +315,32 @@ static int w_take(lua_State *L) {
   if (e->kind == E_MISSING) { lua_pushboolean(L, 0); return 1; }
   if (e->kind == E_LATER) { lua_pushnumber(L, e->v); return 1; }
   lua_pushlstring(L, win->arena + e->at, e->len);
+  if (e->check) return 1;
   s = lua_tolstring(L, -1, &n);
   return 1 + lb_push_result(L, s, n);
 }
 
+/* w:file(i): the number of the result file input i's answer came from */
+static int w_file(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, i >= win->from && i <= win->to && win->e[i - win->from].kind == E_LINE, 2, "not an answer");
+  lua_pushinteger(L, win->e[i - win->from].file);
+  return 1;
+}
+
 static int w_gc(lua_State *L) {
   window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
-  free(win->arena); free(win->e); free(win->w);
-  win->arena = NULL; win->e = NULL; win->w = NULL;
-  win->cap = win->used = win->ecap = win->wcap = 0;
+  free(win->arena); free(win->e); free(win->w); free(win->blk);
+  win->arena = NULL; win->e = NULL; win->w = NULL; win->blk = NULL;
+  win->cap = win->used = win->ecap = win->wcap = win->bcap = 0;
   win->from = 1; win->to = 0;
   return 0;
 }
 
 /* core.window() */
 int lb_window_new(lua_State *L) {
-  static const luaL_Reg methods[] = { {"fill", w_fill}, {"take", w_take}, {NULL, NULL} };
+  static const luaL_Reg methods[] = { {"fill", w_fill}, {"take", w_take}, {"file", w_file}, {NULL, NULL} };
   window *win = lua_newuserdata(L, sizeof *win);
   memset(win, 0, sizeof *win);
   win->from = 1;
