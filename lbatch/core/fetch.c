@@ -38,8 +38,9 @@
 
 #define FILE_SPAN 68719476736.0    /* 2^36, as index.c */
 #define READ_MAX (256u << 10)      /* one pread covers answers this close together */
-#define GAP_MAX (16u << 10)        /* a gap worth reading through rather than a pread more */
-#define TAIL 2048                  /* room for the last answer of a read */
+#define GAP_MAX (4u << 10)         /* a gap worth reading through rather than a pread more */
+#define TAIL_MIN 512               /* room for the last answer of a read: twice the mean */
+#define TAIL_MAX 8192              /* answer's length so far, within these */
 #define OUT_BUDGET (16u << 20)     /* answer bytes a window holds; the rest read one by one */
 #define PREFETCH 16
 
@@ -82,7 +83,7 @@ typedef struct want {
 typedef struct blk {
   window *win;
   int fd, eof;
-  size_t len;
+  size_t len, tail;                /* tail: what a read takes past its last answer */
   off_t start;
 } blk;
 
@@ -115,13 +116,13 @@ static int fill(blk *b, off_t off, size_t size) {
 }
 
 /* how much to read from w[j]: through the wants after it that lie within
- * GAP_MAX of each other, up to READ_MAX, and TAIL for the last one */
-static size_t span_of(const want *w, size_t j, size_t k) {
+ * GAP_MAX of each other, up to READ_MAX, and `tail` for the last one */
+static size_t span_of(const want *w, size_t j, size_t k, size_t tail) {
   size_t last = j;
   while (last + 1 < k && w[last + 1].file == w[j].file && w[last + 1].off - w[last].off < GAP_MAX
-         && (size_t)(w[last + 1].off - w[j].off) + TAIL <= READ_MAX)
+         && (size_t)(w[last + 1].off - w[j].off) + tail <= READ_MAX)
     last++;
-  return (size_t)(w[last].off - w[j].off) + TAIL;
+  return (size_t)(w[last].off - w[j].off) + tail;
 }
 
 /* the line at w[j].off (without its newline and a final \r) in *p, *len;
@@ -145,7 +146,7 @@ static int line_of(blk *b, const want *w, size_t j, size_t k, const char **p, si
     } else if (b->eof && off >= b->start + (off_t)b->len && b->start <= off) {
       return 0;
     }
-    if (!size) size = span_of(w, j, k);
+    if (!size) size = span_of(w, j, k, b->tail);
     if ((rc = fill(b, off, size)) < 0) return rc;
     if (b->len == 0) return 0;
     size = 0;
@@ -233,7 +234,8 @@ static int shorter(lua_State *L, int fd, int file) {
 
 /* read the sorted wants' lines into the window; 0 or what failed pushed */
 static int read_all(lua_State *L, window *win, want *w, size_t k) {
-  blk b = { win, -1, 0, 0, 0 };
+  blk b = { win, -1, 0, 0, TAIL_MIN * 2, 0 };
+  size_t lines = 0, bytes = 0;
   size_t j;
   int file = -1;
   for (j = 0; j < k; j++) {
@@ -260,6 +262,10 @@ static int read_all(lua_State *L, window *win, want *w, size_t k) {
     if (!keep(win, w[j].i, p, len)) return luaL_error(L, "window: out of memory");
     e->check = rc == 2;
     e->file = file;
+    lines++;
+    bytes += len;
+    b.tail = 2 * (bytes / lines) + 2;
+    b.tail = b.tail < TAIL_MIN ? TAIL_MIN : b.tail > TAIL_MAX ? TAIL_MAX : b.tail;
   }
   return 0;
 }

@@ -308,8 +308,44 @@ static int push_string(ctx *x, const lb_span *v) {
   return 1;
 }
 
-static void push_number(lua_State *L, const char *p) {
-  lua_Number d = (lua_Number)strtod(p, NULL);   /* lua-cjson's strtod, on the digits JSON allows */
+/* a JSON number of up to 15 digits and nothing else (no fraction, no
+ * exponent, not -0) in *out: exact as an integer and as a double, read
+ * without strtod (a record has five: status, created, usage) */
+static int small_int(const char *p, size_t n, long long *out) {
+  size_t i = p[0] == '-';
+  long long v = 0;
+  if (n <= i || n - i > 15) return 0;
+  for (; i < n; i++) {
+    if (p[i] < '0' || p[i] > '9') return 0;
+    v = v * 10 + (p[i] - '0');
+  }
+  if (p[0] == '-') {
+    if (v == 0) return 0;
+    v = -v;
+  }
+  *out = v;
+  return 1;
+}
+
+/* the number at p (n bytes, checked JSON) as lua-cjson reads it */
+static double number_of(const char *p, size_t n) {
+  long long v;
+  if (small_int(p, n, &v)) return (double)v;
+  return strtod(p, NULL);                         /* lua-cjson's strtod, on the digits JSON allows */
+}
+
+static void push_number(lua_State *L, const char *p, size_t n) {
+  lua_Number d;
+  long long v;
+  if (small_int(p, n, &v)) {
+#if LUA_VERSION_NUM >= 503
+    lua_pushinteger(L, (lua_Integer)v);
+#else
+    lua_pushnumber(L, (lua_Number)v);
+#endif
+    return;
+  }
+  d = (lua_Number)strtod(p, NULL);
 #if LUA_VERSION_NUM >= 503
   lua_Integer i;
   if (d == floor(d) && lua_numbertointeger(d, &i)) {   /* math.tointeger */
@@ -366,7 +402,7 @@ static int push_value(ctx *x, cur *c) {
   }
   default:
     number(c, &v);
-    push_number(L, c->s + v.off);
+    push_number(L, c->s + v.off, v.len);
     return 1;
   }
 }
@@ -404,7 +440,7 @@ static int fields(ctx *x, lb_result *r) {
   SET("request_id", r->request_id);
   ok = 0;
   if (r->status_code.kind == LB_J_NUM) {
-    double st = strtod(x->s + r->status_code.off, NULL);
+    double st = number_of(x->s + r->status_code.off, r->status_code.len);
     ok = st >= 200 && st < 300 && NIL(r->error) && NIL(r->body_error) && body && r->body_keys > 0;
   }
   lua_pushboolean(L, ok);
