@@ -426,8 +426,9 @@ end
 local Join = {}
 Join.__index = Join
 -- the input lines whose answers are read together, in file order
--- (core.window): at most WINDOW lines, WINDOW_BYTES of them
-local WINDOW, WINDOW_BYTES = jit and 1024 or 4096, 8 * 1024 * 1024
+-- (core.window): at most WINDOW lines, about WINDOW_BYTES of them; a longer
+-- line than MAX_LINE is an error (the service refuses it)
+local WINDOW, WINDOW_BYTES, MAX_LINE = 16384, 4 * 1024 * 1024, service.LIMITS.max_line_bytes
 
 -- do the group's inputs fit one index? (counted without an index)
 function Join:fits()
@@ -577,8 +578,8 @@ function Join:record(text)
 end
 
 -- the record of input k of the window, whose answer the window read
-function Join:fetched(text, k)
-  local line, rec, err, berr = self.win:take(k)
+function Join:fetched(k)
+  local text, line, rec, err, berr = self.win:take(k)
   if line == false then
     local id = json_string(text, "custom_id")
     rec = setmetatable({ custom_id = id, ok = false, missing = true, class = M.CLASSES.missing, line = text },
@@ -599,32 +600,24 @@ end
 -- an input whose id C leaves to Lua is joined alone (Join:record). The
 -- record of input k.
 function Join:fetch(k)
-  local upto, why, file = self.win:fill(self.found, self.texts, k, self.n, self.handles, self.sizes)
+  local upto, why, file = self.win:fill(self.found, k, self.n, self.handles, self.sizes)
   if not upto then error(errors.io("cannot read", self.files[file] or "a results file", why), 0) end
   self.upto = upto
   if upto < k then
     self.upto = k
-    return self:record(self.texts[k] or nil)
+    return self:record(self.win:text(k))
   end
-  return self:fetched(self.texts[k], k)
+  return self:fetched(k)
 end
 
--- the next window of the segment's input lines (up to WINDOW lines or
--- WINDOW_BYTES bytes) in self.texts; the segment's file closed at its end
+-- the next window of the segment's input lines (up to WINDOW lines, about
+-- WINDOW_BYTES bytes), read into the window (core.window's read: empty
+-- lines skipped); the segment's file closed at its end
 function Join:fill()
-  local texts, it, n, bytes_in = self.texts, self.it, 0, 0
-  while n < WINDOW and bytes_in < WINDOW_BYTES do
-    local _, text, bytes = it()
-    if text or bytes then self.pos = self.pos + (bytes or 0) end
-    if _ == nil or (self.stop and self.pos > self.stop) then
-      self.fh:close() self.fh, self.it = nil, nil
-      break
-    end
-    n = n + 1
-    texts[n] = text or false
-    bytes_in = bytes_in + (bytes or 0)
-  end
-  for i = n + 1, self.n do texts[i] = nil end
+  local n, pos, done = self.win:read(self.fh, self.pos, self.stop, WINDOW, WINDOW_BYTES, MAX_LINE)
+  if not n then error(errors.io("cannot read", self.inputs[self.segs[self.seg][1]], pos), 0) end
+  self.pos = pos
+  if done then self.fh:close() self.fh = nil end
   self.n, self.k, self.upto = n, 0, 0
 end
 
@@ -635,16 +628,15 @@ function Join:step()
       local k = self.k + 1
       self.k = k
       local rec
-      if k > self.upto then rec = self:fetch(k) else rec = self:fetched(self.texts[k], k) end
+      if k > self.upto then rec = self:fetch(k) else rec = self:fetched(k) end
       if rec then return rec end
-    elseif self.it then
+    elseif self.fh then
       self:fill()
     elseif self.segs[self.seg + 1] then
       self.seg = self.seg + 1
       local s = self.segs[self.seg]
       self.fh = open_or_fail(self.inputs[s[1]])
-      self.fh:seek("set", s[2])
-      self.pos, self.stop, self.it = s[2], s[3], rules.lines(self.fh)
+      self.pos, self.stop = s[2], s[3]
     elseif not self:next_chunk() then
       self:finish()
       return nil
@@ -658,8 +650,8 @@ end
 function Reader:_join(g)
   local j = setmetatable({ reader = self, files = result_files(g), inputs = g.inputs, budget = self.max_index,
                            fi = 1, start = 0, seg = 0, segs = {}, chunks = 0, found = nil, chunked = false,
-                           handles = {}, fh = nil, it = nil, stop = nil, pos = 0,
-                           texts = {}, win = core.window(), n = 0, k = 0, upto = 0, sizes = {} }, Join)
+                           handles = {}, fh = nil, stop = nil, pos = 0,
+                           win = core.window(), n = 0, k = 0, upto = 0, sizes = {} }, Join)
   return function() return j:step() end
 end
 

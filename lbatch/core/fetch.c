@@ -66,6 +66,11 @@ typedef struct window {
   size_t wcap;
   char *blk;                       /* fill's read block */
   size_t bcap;
+  char *in;                        /* read's block of input lines */
+  size_t icap;
+  struct tline { size_t at, len; } *t;   /* the lines in it, from 1 */
+  size_t tcap;
+  int n;                           /* lines read */
 } window;
 
 typedef struct want {
@@ -74,7 +79,7 @@ typedef struct want {
   off_t off;
   int file;
   int i;                           /* the input's place in texts */
-  const char *id;                  /* the request's custom_id (held by texts) */
+  const char *id;                  /* the request's custom_id (in the window's input block) */
   size_t idlen;
 } want;
 
@@ -167,16 +172,13 @@ static int same_id(const char *s, size_t n, const want *w) {
 /* take each input's id from the index, in input order (each slot fetched
  * into the cache PREFETCH ids ahead: the misses overlap); the count of
  * wants made, *last the last input handled */
-static size_t take_ids(lua_State *L, window *win, idmap *m, int from, int to, want *w, int *last) {
+static size_t take_ids(window *win, idmap *m, int from, int to, want *w, int *last) {
   size_t k = 0, c = 0, j;
   int i;
   for (i = from; i <= to; i++, c++) {                /* the ids, hashed */
-    size_t n, io = 0, il = 0;
-    const char *s;
-    lua_rawgeti(L, 2, i);
-    s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
-    lua_pop(L, 1);                                   /* (texts holds it) */
-    if (!s || lb_json_string(s, n, "custom_id", 9, &io, &il) != LB_FOUND) break;
+    size_t n = win->t[i].len, io = 0, il = 0;
+    const char *s = win->in + win->t[i].at;
+    if (lb_json_string(s, n, "custom_id", 9, &io, &il) != LB_FOUND) break;
     w[c].i = i; w[c].id = s + io; w[c].idlen = il;
     w[c].h = lb_idmap_hash(s + io, il);
     if (c < PREFETCH) lb_idmap_prefetch(m, w[c].h);
@@ -222,11 +224,11 @@ static int keep(window *win, int i, const char *p, size_t len) {
   return 1;
 }
 
-/* is file number `file` (fd) shorter than sizes[file] (stack slot 6)? */
+/* is file number `file` (fd) shorter than sizes[file] (stack slot 5)? */
 static int shorter(lua_State *L, int fd, int file) {
   struct stat st;
   lua_Number size;
-  lua_rawgeti(L, 6, file);
+  lua_rawgeti(L, 5, file);
   size = lua_tonumber(L, -1);
   lua_pop(L, 1);
   return fstat(fd, &st) == 0 && (lua_Number)st.st_size < size;
@@ -246,7 +248,7 @@ static int read_all(lua_State *L, window *win, want *w, size_t k) {
     if (w[j].file != file) {
       FILE *f;
       file = w[j].file;
-      lua_rawgeti(L, 5, file);
+      lua_rawgeti(L, 4, file);
       f = lua_isnil(L, -1) ? NULL : lb_file_of(L, -1);
       lua_pop(L, 1);
       if (!f || (b.fd = fileno(f)) < 0) return luaL_error(L, "window: the file is closed");
@@ -270,18 +272,102 @@ static int read_all(lua_State *L, window *win, want *w, size_t k) {
   return 0;
 }
 
-/* w:fill(found, texts, from, to, handles, sizes) */
+/* pread up to size bytes at off into p; the count, or -1 (errno) */
+static long read_at(int fd, char *p, size_t size, off_t off) {
+  size_t got = 0;
+  while (got < size) {
+    ssize_t r = pread(fd, p + got, size - got, off + (off_t)got);
+    if (r < 0) { if (errno == EINTR) continue; return -1; }
+    if (r == 0) break;
+    got += (size_t)r;
+  }
+  return (long)got;
+}
+
+/* the lines of in[0..got) into win->t (empty ones skipped), up to max
+ * lines; the bytes they take, *n the count. `end`: what follows got is the
+ * end of the input (a last line without a newline counts) */
+static size_t split(window *win, size_t got, int end, int max, int *n) {
+  size_t i = 0;
+  *n = 0;
+  while (*n < max && i < got) {
+    const char *nl = memchr(win->in + i, '\n', got - i);
+    size_t len;
+    if (!nl && !end) break;
+    len = nl ? (size_t)(nl - (win->in + i)) : got - i;
+    if (len && win->in[i + len - 1] == '\r') len--;
+    if (len) { ++*n; win->t[*n].at = i; win->t[*n].len = len; }
+    i = nl ? (size_t)(nl - win->in) + 1 : got;
+  }
+  return i;
+}
+
+/* w:read's answer for a line over max_line bytes at byte at */
+static int too_long(lua_State *L, size_t max_line, off_t at) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "a line of more than %d bytes at byte %f", (int)max_line, (lua_Number)at);
+  return 2;
+}
+
+/* w:read(fh, pos, stop, max_lines, max_bytes, max_line): the window's input
+ * lines, read from byte pos of the open file fh up to byte stop (nil: its
+ * end), at most max_lines lines and about max_bytes bytes (more for one
+ * longer line): the lines read, where the next read starts, and true when
+ * the input (to stop) is all read; or nil and the reason (a line over
+ * max_line bytes, a read error). Empty lines are skipped, a final \r is
+ * dropped. The lines stay in the window until the next read. */
+static int w_read(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  FILE *f = lb_file_of(L, 2);
+  off_t pos = (off_t)luaL_checknumber(L, 3);
+  double stop = luaL_optnumber(L, 4, -1);
+  int max = (int)luaL_checkinteger(L, 5), n = 0, fd, end = 0, i;
+  long got = 0;
+  size_t size = (size_t)luaL_checknumber(L, 6), max_line = (size_t)luaL_checknumber(L, 7), used = 0;
+  if (!f || (fd = fileno(f)) < 0) return luaL_error(L, "window: the file is closed");
+  win->n = 0; win->from = 1; win->to = 0;
+  if ((size_t)max + 1 > win->tcap) {
+    struct tline *t = realloc(win->t, ((size_t)max + 1) * sizeof *t);
+    if (!t) return luaL_error(L, "window: out of memory");
+    win->t = t;
+    win->tcap = (size_t)max + 1;
+  }
+  for (;;) {
+    if (stop >= 0 && (double)pos + (double)size >= stop) { size = (size_t)(stop - (double)pos); end = 1; }
+    if (size == 0) break;
+    if (size > win->icap) {
+      char *q = realloc(win->in, size);
+      if (!q) return luaL_error(L, "window: out of memory");
+      win->in = q;
+      win->icap = size;
+    }
+    if ((got = read_at(fd, win->in, size, pos)) < 0) { lua_pushnil(L); lua_pushstring(L, strerror(errno)); return 2; }
+    if ((size_t)got < size) end = 1;
+    used = split(win, (size_t)got, end, max, &n);
+    if (n > 0 || end || used > 0) break;          /* (used > 0: empty lines only) */
+    if (size > max_line) return too_long(L, max_line, pos);
+    size *= 2;                                   /* one line longer than the read */
+  }
+  for (i = 1; i <= n; i++) if (win->t[i].len > max_line) return too_long(L, max_line, pos + (off_t)win->t[i].at);
+  win->n = n;
+  lua_pushinteger(L, n);
+  lua_pushnumber(L, (double)(pos + (off_t)used));
+  lua_pushboolean(L, end && used == (size_t)got);   /* the input read to its end (or stop) */
+  return 3;
+}
+
+/* w:fill(found, from, to, handles, sizes) */
 static int w_fill(lua_State *L) {
   window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
   idmap *m = lb_idmap_check(L, 2);
-  int from = (int)luaL_checkinteger(L, 4), to = (int)luaL_checkinteger(L, 5), last, rc;
+  int from = (int)luaL_checkinteger(L, 3), to = (int)luaL_checkinteger(L, 4), last, rc;
   size_t k, n;
   want *w;
-  luaL_checktype(L, 3, LUA_TTABLE);
+  luaL_checktype(L, 5, LUA_TTABLE);
   luaL_checktype(L, 6, LUA_TTABLE);
-  luaL_checktype(L, 7, LUA_TTABLE);
-  lua_settop(L, 7);
-  lua_remove(L, 1);                      /* found 1, texts 2, from 3, to 4, handles 5, sizes 6 */
+  luaL_argcheck(L, from >= 1 && to <= win->n, 3, "not lines read");
+  lua_settop(L, 6);
+  lua_remove(L, 1);                      /* found 1, from 2, to 3, handles 4, sizes 5 */
   win->from = from; win->to = from - 1; win->used = 0;
   if (to < from) { lua_pushinteger(L, to); return 1; }
   n = (size_t)(to - from + 1);
@@ -298,7 +384,7 @@ static int w_fill(lua_State *L) {
     win->wcap = n;
   }
   w = win->w;
-  k = take_ids(L, win, m, from, to, w, &last);
+  k = take_ids(win, m, from, to, w, &last);
   qsort(w, k, sizeof *w, cmp_want);
   win->to = last;
   if ((rc = read_all(L, win, w, k)) != 0) { win->to = from - 1; return rc; }
@@ -318,12 +404,22 @@ static int w_take(lua_State *L) {
   const char *s;
   luaL_argcheck(L, i >= win->from && i <= win->to, 2, "not in the window");
   e = &win->e[i - win->from];
-  if (e->kind == E_MISSING) { lua_pushboolean(L, 0); return 1; }
-  if (e->kind == E_LATER) { lua_pushnumber(L, e->v); return 1; }
+  lua_pushlstring(L, win->in + win->t[i].at, win->t[i].len);
+  if (e->kind == E_MISSING) { lua_pushboolean(L, 0); return 2; }
+  if (e->kind == E_LATER) { lua_pushnumber(L, e->v); return 2; }
   lua_pushlstring(L, win->arena + e->at, e->len);
-  if (e->check) return 1;
+  if (e->check) return 2;
   s = lua_tolstring(L, -1, &n);
-  return 1 + lb_push_result(L, s, n);
+  return 2 + lb_push_result(L, s, n);
+}
+
+/* w:text(i): input line i */
+static int w_text(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, i >= 1 && i <= win->n, 2, "not a line read");
+  lua_pushlstring(L, win->in + win->t[i].at, win->t[i].len);
+  return 1;
 }
 
 /* w:file(i): the number of the result file input i's answer came from */
@@ -337,16 +433,17 @@ static int w_file(lua_State *L) {
 
 static int w_gc(lua_State *L) {
   window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
-  free(win->arena); free(win->e); free(win->w); free(win->blk);
-  win->arena = NULL; win->e = NULL; win->w = NULL; win->blk = NULL;
-  win->cap = win->used = win->ecap = win->wcap = win->bcap = 0;
-  win->from = 1; win->to = 0;
+  free(win->arena); free(win->e); free(win->w); free(win->blk); free(win->in); free(win->t);
+  win->arena = NULL; win->e = NULL; win->w = NULL; win->blk = NULL; win->in = NULL; win->t = NULL;
+  win->cap = win->used = win->ecap = win->wcap = win->bcap = win->icap = win->tcap = 0;
+  win->from = 1; win->to = 0; win->n = 0;
   return 0;
 }
 
 /* core.window() */
 int lb_window_new(lua_State *L) {
-  static const luaL_Reg methods[] = { {"fill", w_fill}, {"take", w_take}, {"file", w_file}, {NULL, NULL} };
+  static const luaL_Reg methods[] = { {"read", w_read}, {"fill", w_fill}, {"take", w_take}, {"text", w_text},
+                                      {"file", w_file}, {NULL, NULL} };
   window *win = lua_newuserdata(L, sizeof *win);
   memset(win, 0, sizeof *win);
   win->from = 1;

@@ -221,6 +221,44 @@ describe("the join of results to inputs", function()
     end
   end)
 
+  -- (core.window reads the input lines too, about 4 MB at a time)
+  it("joins input lines longer than a window's read, and names an input line over the service's limit", function()
+    local service = require "lbatch.impl.api.service"
+    local limit = service.LIMITS.max_line_bytes
+    local function req(id, size)
+      return cjson.encode({ custom_id = id, body = { messages = { { role = "user", content = string.rep("x", size) } } } })
+    end
+    local function ans(id)
+      return cjson.encode({ custom_id = id, response = { status_code = 200,
+        body = { choices = { { message = { content = "a-" .. id } } } } }, error = cjson.null })
+    end
+    local ids, inputs, outs = {}, {}, {}
+    for i, size in ipairs({ 10, 5 * 1024 * 1024, 20, 4 * 1024 * 1024 - 30, 4 * 1024 * 1024 + 7, 10 }) do
+      ids[i] = "long-" .. i
+      inputs[i] = req(ids[i], size)
+      outs[#outs + 1] = ans(ids[i])
+    end
+    local case = { inputs = write(dir .. "/long.in.jsonl", inputs, { blank = true }),
+                   output = write(dir .. "/long.out.jsonl", shuffle(outs, math.random)) }
+    local got_ids = {}
+    for rec, err in assert(results.open({ output = case.output, inputs = case.inputs })):each() do
+      assert.is_truthy(rec, tostring(err))
+      assert.are.equal("a-" .. rec.custom_id, rec.content)
+      assert.are.equal(rec.custom_id, json_id(rec.line))
+      got_ids[#got_ids + 1] = rec.custom_id
+    end
+    assert.are.same(ids, got_ids)
+    inputs[3] = req("long-3", limit + 1)
+    write(case.inputs, inputs)
+    local it = assert(results.open({ output = case.output, inputs = case.inputs })):each()
+    local rec, err
+    repeat rec, err = it() until not rec
+    assert.are.equal(false, rec)
+    assert.are.equal("io", err.kind)
+    assert.matches("long.in.jsonl", err.message, 1, true)
+    assert.matches("a line of more than " .. limit .. " bytes", err.message, 1, true)
+  end)
+
   -- the index holds where each answer was: read from a file that is not
   -- what it was, an answer would be another request's, or a cut line
   local function after_first(case, change)
