@@ -497,6 +497,7 @@ end
 function Join:finish()
   for _, h in pairs(self.handles) do h:close() end
   self.handles = {}
+  self.win:free()
   local orphans, found, inputs = self.reader.orphans, self.found, self.inputs
   if not self.chunked then
     for _, id in ipairs(found and found:keys() or {}) do orphans[#orphans + 1] = id end

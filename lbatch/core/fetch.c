@@ -9,6 +9,8 @@
  *                budget, for the caller to read alone)
  *
  *   w:file(i) -> the number of the result file input i's answer came from
+ *   w:free()  its memory freed now (the collector sees only the userdata;
+ *             a join of many groups frees each window as its group ends)
  *
  * fill takes each input line's custom_id (texts[from..to], in input order,
  * so that a duplicate request is missing as it is one line at a time) from
@@ -443,7 +445,7 @@ static int w_gc(lua_State *L) {
 /* core.window() */
 int lb_window_new(lua_State *L) {
   static const luaL_Reg methods[] = { {"read", w_read}, {"fill", w_fill}, {"take", w_take}, {"text", w_text},
-                                      {"file", w_file}, {NULL, NULL} };
+                                      {"file", w_file}, {"free", w_gc}, {NULL, NULL} };
   window *win = lua_newuserdata(L, sizeof *win);
   memset(win, 0, sizeof *win);
   win->from = 1;
