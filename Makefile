@@ -23,7 +23,7 @@ PREFIX ?= /usr/local
 LUA_VERSION ?= 5.4
 SPEC ?= spec
 WARN = -std=c99 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fvisibility=hidden
-SRC = $(addprefix lbatch/core/,core.c multi.c xfer.c fail.c idmap.c index.c scan.c sys.c buf.c hmac.c enc.c rec.c)
+SRC = $(addprefix lbatch/core/,core.c multi.c xfer.c fail.c idmap.c index.c scan.c sys.c buf.c hmac.c enc.c rec.c fetch.c)
 HDR = lbatch/core/core.h lbatch/core/compat.h lbatch/core/scan.h
 
 # what `make demo` needs: the build, nginx for the emulator, curl

@@ -4,38 +4,38 @@
 -- the same calls lbatch.results makes; a phase's time is the difference
 -- of two passes' CPU time (os.clock), each pass the best of ROUNDS (3):
 --   index    the answer files scanned into the C index of custom_ids
---   inputs   the input lines read (rules.lines)
---   lookup   each input's custom_id found and taken from the index
---   fetch    each answer's line read (core.line_at)
---   decode   each answer's fields scanned (core.result)
+--   inputs   the input lines read, a window at a time (core.window's read)
+--   fetch    each window's ids taken from the index and its answers read
+--            in file order (the window's fill)
+--   take     each record's request line and answer line made Lua strings,
+--            the answer's fields scanned into a table (the window's take)
 --   to Lua   the rest of results' each(): the light record made, the
---            request line kept, the JSON-format check
+--            JSON-format check
 local core = require "lbatch.core"
-local rules = require "lbatch.impl.formats.rules"
 local results = require "lbatch.results"
+local service = require "lbatch.impl.api.service"
 
 local dir = assert(arg[1], "usage: bench/join_phases.lua DIR")
 local ROUNDS = tonumber(os.getenv("ROUNDS")) or 3
-local SPAN = 2 ^ 36
+local WINDOW, WINDOW_BYTES = 16384, 4 * 1024 * 1024   -- as lbatch/results.lua
 local files = { dir .. "/all.out.jsonl", dir .. "/all.err.jsonl" }
 local input = dir .. "/all.in.jsonl"
-local json_string, line_at, scan_result = core.json_string, core.line_at, core.result
 
 local function pass(upto)
   local map = core.idmap()
   for k, p in ipairs(files) do assert(map:scan(p, k)) end
   if upto < 2 then map:clear() return end
-  local handles = {}
-  for k, p in ipairs(files) do handles[k] = assert(io.open(p, "rb")) end
-  local fh = assert(io.open(input, "rb"))
-  for _, text in rules.lines(fh) do
-    if upto >= 3 then
-      local v = map:take(json_string(text, "custom_id"))
-      if v and upto >= 4 then
-        local k = math.floor(v / SPAN)
-        local line = line_at(handles[k], v - k * SPAN)
-        if upto >= 5 then scan_result(line) end
-      end
+  local handles, sizes = {}, {}
+  for k, p in ipairs(files) do handles[k] = assert(io.open(p, "rb")) sizes[k] = handles[k]:seek("end") end
+  local fh, win, pos, done = assert(io.open(input, "rb")), core.window(), 0, false
+  while not done do
+    local n
+    n, pos, done = win:read(fh, pos, nil, WINDOW, WINDOW_BYTES, service.LIMITS.max_line_bytes)
+    local k = 1
+    while upto >= 3 and k <= n do
+      local last = assert(win:fill(map, k, n, handles, sizes))
+      if upto >= 4 then for i = k, last do win:take(i) end end
+      k = last + 2                                  -- (an id left to Lua: none in these files)
     end
   end
   fh:close()
@@ -60,16 +60,16 @@ local function best(f, ...)
   return t
 end
 
-local names = { "index", "inputs", "lookup", "fetch", "decode" }
+local names = { "index", "inputs", "fetch", "take" }
 local times, prev = {}, 0
-for i = 1, 5 do
+for i = 1, 4 do
   local t = best(pass, i)
   times[i], prev = t - prev, t
 end
 local all = best(whole)
-times[6] = all - prev
-names[6] = "to Lua"
+times[5] = all - prev
+names[5] = "to Lua"
 local runtime = jit and jit.version or _VERSION
 local cells = {}
-for i = 1, 6 do cells[i] = ("%s %.2f s (%.0f%%)"):format(names[i], times[i], 100 * times[i] / all) end
+for i = 1, 5 do cells[i] = ("%s %.2f s (%.0f%%)"):format(names[i], times[i], 100 * times[i] / all) end
 print(("%s: %s; whole %.2f s CPU"):format(runtime, table.concat(cells, ", "), all))

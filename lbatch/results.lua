@@ -425,6 +425,10 @@ end
 -- being read and the result files opened so far.
 local Join = {}
 Join.__index = Join
+-- the input lines whose answers are read together, in file order
+-- (core.window): at most WINDOW lines, about WINDOW_BYTES of them; a longer
+-- line than MAX_LINE is an error (the service refuses it)
+local WINDOW, WINDOW_BYTES, MAX_LINE = 16384, 4 * 1024 * 1024, service.LIMITS.max_line_bytes
 
 -- do the group's inputs fit one index? (counted without an index)
 function Join:fits()
@@ -445,7 +449,10 @@ function Join:next_chunk()
   if self.found then self.found:clear() end
   local found = core.idmap()
   self.found, self.segs, self.seg = found, {}, 0
-  for k, path in ipairs(files) do self.handles[k] = self.handles[k] or open_or_fail(path) end
+  for k, path in ipairs(files) do
+    self.handles[k] = self.handles[k] or open_or_fail(path)
+    self.sizes[k] = self.handles[k]:seek("end")   -- (answers are read with pread: a shorter file is an error)
+  end
   if self.chunks == 1 and self:fits() then
     -- all in one chunk: every result indexed, what is left are orphans
     for i = 1, #inputs do self.segs[i] = { i, 0, nil } end
@@ -466,12 +473,23 @@ function Join:next_chunk()
   return true
 end
 
--- the light record of the result at index value v
-function Join:result(v)
+-- the light record of answer line `line` of result file k, the answer to
+-- request `id`: an io error when the line is not there any more (nil), or
+-- is not that request's (the file changed since it was indexed)
+function Join:checked(line, id, k)
+  local why = not line and "the file is shorter than when it was indexed"
+  local rec = line and light(line)
+  if rec and rec.custom_id ~= id then why = "the file changed since it was indexed" end
+  if why then error(errors.io("cannot read", self.files[k], why), 0) end
+  return rec
+end
+
+-- the light record of the result at index value v, the answer to request `id`
+function Join:result(v, id)
   local k = math.floor(v / SPAN)
   local h = self.handles[k]
   if not h then h = open_or_fail(self.files[k]) self.handles[k] = h end
-  return light(read_at(h, v - k * SPAN) or "")
+  return self:checked(read_at(h, v - k * SPAN), id, k)
 end
 
 -- the end: the result files closed, the orphans (the results no input
@@ -479,6 +497,7 @@ end
 function Join:finish()
   for _, h in pairs(self.handles) do h:close() end
   self.handles = {}
+  self.win:free()
   local orphans, found, inputs = self.reader.orphans, self.found, self.inputs
   if not self.chunked then
     for _, id in ipairs(found and found:keys() or {}) do orphans[#orphans + 1] = id end
@@ -542,7 +561,7 @@ function Join:record(text)
     id = id_of(text)
     if not id then return nil end
     v = self.found:take(id)
-    if v then rec = self:result(v) end
+    if v then rec = self:result(v, id) end
   elseif line == nil and id == nil then
     error(errors.io("cannot read", "a results file", err), 0)
   elseif line then
@@ -559,24 +578,66 @@ function Join:record(text)
   return rec
 end
 
+-- the record of input k of the window, whose answer the window read
+function Join:fetched(k)
+  local text, line, rec, err, berr = self.win:take(k)
+  if line == false then
+    local id = json_string(text, "custom_id")
+    rec = setmetatable({ custom_id = id, ok = false, missing = true, class = M.CLASSES.missing, line = text },
+      Record)
+    local missing = self.reader.missing_ids
+    missing[#missing + 1] = id
+    return rec
+  end
+  if type(line) == "number" then rec = self:result(line, json_string(text, "custom_id"))
+  elseif rec == nil then rec = self:checked(line, json_string(text, "custom_id"), self.win:file(k))
+  else rec = light(line, rec, err, berr) end
+  rec.line = text
+  check_answer(rec, text)
+  return rec
+end
+
+-- the window's answers from input k on, read in file order (core.window);
+-- an input whose id C leaves to Lua is joined alone (Join:record). The
+-- record of input k.
+function Join:fetch(k)
+  local upto, why, file = self.win:fill(self.found, k, self.n, self.handles, self.sizes)
+  if not upto then error(errors.io("cannot read", self.files[file] or "a results file", why), 0) end
+  self.upto = upto
+  if upto < k then
+    self.upto = k
+    return self:record(self.win:text(k))
+  end
+  return self:fetched(k)
+end
+
+-- the next window of the segment's input lines (up to WINDOW lines, about
+-- WINDOW_BYTES bytes), read into the window (core.window's read: empty
+-- lines skipped); the segment's file closed at its end
+function Join:fill()
+  local n, pos, done = self.win:read(self.fh, self.pos, self.stop, WINDOW, WINDOW_BYTES, MAX_LINE)
+  if not n then error(errors.io("cannot read", self.inputs[self.segs[self.seg][1]], pos), 0) end
+  self.pos = pos
+  if done then self.fh:close() self.fh = nil end
+  self.n, self.k, self.upto = n, 0, 0
+end
+
 -- the next record in input order, or nil at the end
 function Join:step()
   while true do
-    if self.it then
-      local _, text, bytes = self.it()
-      if text or bytes then self.pos = self.pos + (bytes or 0) end
-      if _ == nil or (self.stop and self.pos > self.stop) then
-        self.fh:close() self.fh, self.it = nil, nil
-      else
-        local rec = self:record(text)
-        if rec then return rec end
-      end
+    if self.k < self.n then
+      local k = self.k + 1
+      self.k = k
+      local rec
+      if k > self.upto then rec = self:fetch(k) else rec = self:fetched(k) end
+      if rec then return rec end
+    elseif self.fh then
+      self:fill()
     elseif self.segs[self.seg + 1] then
       self.seg = self.seg + 1
       local s = self.segs[self.seg]
       self.fh = open_or_fail(self.inputs[s[1]])
-      self.fh:seek("set", s[2])
-      self.pos, self.stop, self.it = s[2], s[3], rules.lines(self.fh)
+      self.pos, self.stop = s[2], s[3]
     elseif not self:next_chunk() then
       self:finish()
       return nil
@@ -590,7 +651,8 @@ end
 function Reader:_join(g)
   local j = setmetatable({ reader = self, files = result_files(g), inputs = g.inputs, budget = self.max_index,
                            fi = 1, start = 0, seg = 0, segs = {}, chunks = 0, found = nil, chunked = false,
-                           handles = {}, fh = nil, it = nil, stop = nil, pos = 0 }, Join)
+                           handles = {}, fh = nil, stop = nil, pos = 0,
+                           win = core.window(), n = 0, k = 0, upto = 0, sizes = {} }, Join)
   return function() return j:step() end
 end
 

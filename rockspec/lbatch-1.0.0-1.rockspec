@@ -81,7 +81,8 @@ build = {
     ["lbatch.core"] = {
       sources = { "lbatch/core/core.c", "lbatch/core/multi.c", "lbatch/core/xfer.c", "lbatch/core/fail.c",
                   "lbatch/core/idmap.c", "lbatch/core/index.c", "lbatch/core/scan.c", "lbatch/core/sys.c",
-                  "lbatch/core/buf.c", "lbatch/core/hmac.c", "lbatch/core/enc.c", "lbatch/core/rec.c" },
+                  "lbatch/core/buf.c", "lbatch/core/hmac.c", "lbatch/core/enc.c", "lbatch/core/rec.c",
+                  "lbatch/core/fetch.c" },
       defines = { "_GNU_SOURCE" },
       incdirs = { "$(CURL_INCDIR)" },
       libdirs = { "$(CURL_LIBDIR)" },

@@ -4,7 +4,7 @@
  * ctl:done(). Beside them: a hash map outside the Lua heap (idmap.c), the
  * JSONL indexer on it (index.c), byte scanners (scan.c, scan.h), the
  * request line encoder (enc.c), the result line scanner and core.line_at
- * (rec.c), HMAC-SHA256 and base64 (hmac.c), growable buffers (buf.c),
+ * (rec.c), the join's fetch in file order (fetch.c), HMAC-SHA256 and base64 (hmac.c), growable buffers (buf.c),
  * system calls (sys.c) and our own failure kinds (fail.c). core.c builds
  * the module and registers every metatable. Every non-static name starts
  * with lb_. */
@@ -138,6 +138,7 @@ void lb_idmap_prefetch(const idmap *m, uint64_t h);
 int lb_idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v);  /* 1 new, 0 kept, -1 no memory */
 int lb_idmap_remove(idmap *m, const char *k, size_t len, uint64_t h);             /* 1 when it was there */
 int lb_idmap_take(idmap *m, const char *k, size_t len, lua_Number *v);           /* 1 (and *v) when it was there */
+int lb_idmap_take_h(idmap *m, const char *k, size_t len, uint64_t h, lua_Number *v);
 
 /* ------------------------------------------------------------ index.c */
 
@@ -153,6 +154,13 @@ int lb_core_json_string(lua_State *L);
 int lb_core_result(lua_State *L);     /* core.result */
 int lb_line_at(lua_State *L);         /* core.line_at */
 int lb_idmap_answer(lua_State *L);    /* idmap:answer, the join's step */
+FILE *lb_file_of(lua_State *L, int idx);   /* a Lua file handle's FILE, NULL when closed */
+/* the fields of result line s pushed as core.result returns them (3 values), or false (1) */
+int lb_push_result(lua_State *L, const char *s, size_t n);
+
+/* ------------------------------------------------------------ fetch.c */
+
+int lb_window_new(lua_State *L);      /* core.window, the join's fetch of a window */
 
 /* ------------------------------------------------------------ enc.c */
 

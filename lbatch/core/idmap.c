@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include "core.h"
 
 #define TOMB ((char *)1)
@@ -88,9 +89,26 @@ static slot *lookup(const idmap *m, const char *k, size_t len, uint64_t h) {
   return m->cap ? find(m, k, len, h, 0) : NULL;
 }
 
+#define HUGE_PAGE (2u << 20)
+
+/* the slots of a map of cap slots, zeroed. A large one on huge pages where
+ * the system gives them (a join's index is 80 MB at 1,000,000 ids, read
+ * at random: with 4 KB pages nearly every lookup is a TLB miss as well) */
+static slot *slots_new(size_t cap) {
+  size_t size = cap * sizeof(slot);
+  void *p = NULL;
+  if (size < 2 * HUGE_PAGE) return calloc(cap, sizeof(slot));
+  if (posix_memalign(&p, HUGE_PAGE, size) != 0) return NULL;
+#ifdef MADV_HUGEPAGE
+  madvise(p, size, MADV_HUGEPAGE);   /* a hint: without it, the same on 4 KB pages */
+#endif
+  memset(p, 0, size);
+  return p;
+}
+
 static int grow(idmap *m) {
   size_t i, cap = m->cap ? m->cap * 2 : 64;
-  slot *old = m->slots, *ns = calloc(cap, sizeof *ns);
+  slot *old = m->slots, *ns = slots_new(cap);
   size_t oldcap = m->cap;
   if (!ns) return 0;
   m->slots = ns; m->cap = cap; m->used = m->n;
@@ -149,7 +167,11 @@ int lb_idmap_remove(idmap *m, const char *k, size_t len, uint64_t h) {
 }
 
 int lb_idmap_take(idmap *m, const char *k, size_t len, lua_Number *v) {
-  slot *s = lookup(m, k, len, lb_idmap_hash(k, len));
+  return lb_idmap_take_h(m, k, len, lb_idmap_hash(k, len), v);
+}
+
+int lb_idmap_take_h(idmap *m, const char *k, size_t len, uint64_t h, lua_Number *v) {
+  slot *s = lookup(m, k, len, h);
   if (!s) return 0;
   *v = s->value;
   drop(m, s);

@@ -308,8 +308,44 @@ static int push_string(ctx *x, const lb_span *v) {
   return 1;
 }
 
-static void push_number(lua_State *L, const char *p) {
-  lua_Number d = (lua_Number)strtod(p, NULL);   /* lua-cjson's strtod, on the digits JSON allows */
+/* a JSON number of up to 15 digits and nothing else (no fraction, no
+ * exponent, not -0) in *out: exact as an integer and as a double, read
+ * without strtod (a record has five: status, created, usage) */
+static int small_int(const char *p, size_t n, long long *out) {
+  size_t i = p[0] == '-';
+  long long v = 0;
+  if (n <= i || n - i > 15) return 0;
+  for (; i < n; i++) {
+    if (p[i] < '0' || p[i] > '9') return 0;
+    v = v * 10 + (p[i] - '0');
+  }
+  if (p[0] == '-') {
+    if (v == 0) return 0;
+    v = -v;
+  }
+  *out = v;
+  return 1;
+}
+
+/* the number at p (n bytes, checked JSON) as lua-cjson reads it */
+static double number_of(const char *p, size_t n) {
+  long long v;
+  if (small_int(p, n, &v)) return (double)v;
+  return strtod(p, NULL);                         /* lua-cjson's strtod, on the digits JSON allows */
+}
+
+static void push_number(lua_State *L, const char *p, size_t n) {
+  lua_Number d;
+  long long v;
+  if (small_int(p, n, &v)) {
+#if LUA_VERSION_NUM >= 503
+    lua_pushinteger(L, (lua_Integer)v);
+#else
+    lua_pushnumber(L, (lua_Number)v);
+#endif
+    return;
+  }
+  d = (lua_Number)strtod(p, NULL);
 #if LUA_VERSION_NUM >= 503
   lua_Integer i;
   if (d == floor(d) && lua_numbertointeger(d, &i)) {   /* math.tointeger */
@@ -366,7 +402,7 @@ static int push_value(ctx *x, cur *c) {
   }
   default:
     number(c, &v);
-    push_number(L, c->s + v.off);
+    push_number(L, c->s + v.off, v.len);
     return 1;
   }
 }
@@ -404,7 +440,7 @@ static int fields(ctx *x, lb_result *r) {
   SET("request_id", r->request_id);
   ok = 0;
   if (r->status_code.kind == LB_J_NUM) {
-    double st = strtod(x->s + r->status_code.off, NULL);
+    double st = number_of(x->s + r->status_code.off, r->status_code.len);
     ok = st >= 200 && st < 300 && NIL(r->error) && NIL(r->body_error) && body && r->body_keys > 0;
   }
   lua_pushboolean(L, ok);
@@ -433,7 +469,7 @@ static int fields(ctx *x, lb_result *r) {
  * its own bytes, not a buffer's worth of them after a seek; nil at the
  * end of the file, nil and the reason when it cannot be read */
 /* the FILE of a Lua file handle at idx, or NULL when it is closed */
-static FILE *file_of(lua_State *L, int idx) {
+FILE *lb_file_of(lua_State *L, int idx) {
   void *ud = luaL_checkudata(L, idx, LUA_FILEHANDLE);
   FILE *f = *(FILE **)ud;   /* the FILE first, on every Lua */
 #if LUA_VERSION_NUM >= 502 && !defined(LUAJIT_VERSION)
@@ -471,7 +507,7 @@ static int read_line(int fd, off_t off, char *small, size_t cap, char **out, siz
 }
 
 int lb_line_at(lua_State *L) {
-  FILE *f = file_of(L, 1);
+  FILE *f = lb_file_of(L, 1);
   off_t off = (off_t)luaL_checknumber(L, 2);
   char small[2048], *p;
   size_t len;
@@ -493,7 +529,7 @@ int lb_line_at(lua_State *L) {
 
 /* the fields of result line s (n bytes) pushed as core.result returns
  * them (3 values), or false (1 value) when the scanner leaves it to Lua */
-static int push_result(lua_State *L, const char *s, size_t n) {
+int lb_push_result(lua_State *L, const char *s, size_t n) {
   lb_result r;
   ctx x;
   int top = lua_gettop(L), ok;
@@ -534,7 +570,7 @@ int lb_idmap_answer(lua_State *L) {
   }
   k = floor(v / 68719476736.0);
   lua_rawgeti(L, 3, (lua_Integer)k);
-  f = file_of(L, -1);
+  f = lb_file_of(L, -1);
   if (!f || (fd = fileno(f)) < 0) return luaL_error(L, "answer: the file is closed");
   lua_pop(L, 1);
   rc = read_line(fd, (off_t)(v - k * 68719476736.0), small, sizeof small, &p, &len, &eof);
@@ -548,13 +584,13 @@ int lb_idmap_answer(lua_State *L) {
   lua_pushlstring(L, p, len);
   if (p != small) free(p);
   s = lua_tolstring(L, -1, &n);
-  got = push_result(L, s, n);
+  got = lb_push_result(L, s, n);
   return 1 + got;
 }
 
 int lb_core_result(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
-  return push_result(L, s, n);
+  return lb_push_result(L, s, n);
 }
 #endif

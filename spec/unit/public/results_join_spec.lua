@@ -91,6 +91,10 @@ local function reference(case)
   return want, orphans
 end
 
+local function json_id(line)
+  return cjson.decode(line).custom_id
+end
+
 local function got(reader)
   local out = {}
   for rec, err in reader:each() do
@@ -181,6 +185,160 @@ describe("the join of results to inputs", function()
       for l in io.lines(path) do lines[#lines + 1] = l end
       assert.are.same(want, lines)
     end
+  end)
+
+  -- (core.window reads a window's answers in file order, close ones in one
+  -- read of up to 256 KB, and at most 16 MB of them a window; the rest one
+  -- by one)
+  it("matches the reference join with answers that straddle its reads, and windows past their byte budget", function()
+    local rnd = math.random
+    local sizes = { 1, 500, 2040, 2047, 2048, 2100, 5000, 70000, 262100, 262144, 300000 }
+    local n = 160
+    local inputs, outs = {}, {}
+    for i = 1, n do
+      local id = ("big-%04d"):format(i)
+      inputs[i] = cjson.encode({ custom_id = id, body = { messages = { { role = "user", content = "q" .. i } } } })
+      if i % 17 ~= 5 then                                   -- some missing
+        local text = ("%d:"):format(i) .. string.rep(string.char(97 + i % 26), sizes[rnd(#sizes)])
+        outs[#outs + 1] = cjson.encode({ id = "o" .. i, custom_id = id, response = { status_code = 200,
+          body = { choices = { { message = { content = text } } } } }, error = cjson.null })
+      end
+    end
+    shuffle(outs, rnd)
+    local case = { inputs = write(dir .. "/big.in.jsonl", inputs), output = write(dir .. "/big.out.jsonl", outs,
+      { crlf = true }), errors = write(dir .. "/big.err.jsonl", {}) }
+    local want = reference(case)
+    for _, max_index in ipairs({ 1000000, 37 }) do
+      local r = assert(results.open({ output = case.output, errors = case.errors, inputs = case.inputs,
+                                      max_index = max_index }))
+      local records = {}
+      for rec, err in r:each() do
+        assert.is_truthy(rec, tostring(err))
+        records[#records + 1] = { id = rec.custom_id, missing = rec.missing == true, content = rec.content,
+          error_code = rec.error_code, line = rec.line }
+      end
+      assert.are.same(want, records, "max_index " .. max_index)
+    end
+  end)
+
+  -- (core.window reads the input lines too, about 4 MB at a time)
+  it("joins input lines longer than a window's read, and names an input line over the service's limit", function()
+    local service = require "lbatch.impl.api.service"
+    local limit = service.LIMITS.max_line_bytes
+    local function req(id, size)
+      return cjson.encode({ custom_id = id, body = { messages = { { role = "user", content = string.rep("x", size) } } } })
+    end
+    local function ans(id)
+      return cjson.encode({ custom_id = id, response = { status_code = 200,
+        body = { choices = { { message = { content = "a-" .. id } } } } }, error = cjson.null })
+    end
+    local ids, inputs, outs = {}, {}, {}
+    for i, size in ipairs({ 10, 5 * 1024 * 1024, 20, 4 * 1024 * 1024 - 30, 4 * 1024 * 1024 + 7, 10 }) do
+      ids[i] = "long-" .. i
+      inputs[i] = req(ids[i], size)
+      outs[#outs + 1] = ans(ids[i])
+    end
+    local case = { inputs = write(dir .. "/long.in.jsonl", inputs, { blank = true }),
+                   output = write(dir .. "/long.out.jsonl", shuffle(outs, math.random)) }
+    local got_ids = {}
+    for rec, err in assert(results.open({ output = case.output, inputs = case.inputs })):each() do
+      assert.is_truthy(rec, tostring(err))
+      assert.are.equal("a-" .. rec.custom_id, rec.content)
+      assert.are.equal(rec.custom_id, json_id(rec.line))
+      got_ids[#got_ids + 1] = rec.custom_id
+    end
+    assert.are.same(ids, got_ids)
+    inputs[3] = req("long-3", limit + 1)
+    write(case.inputs, inputs)
+    local it = assert(results.open({ output = case.output, inputs = case.inputs })):each()
+    local rec, err
+    repeat rec, err = it() until not rec
+    assert.are.equal(false, rec)
+    assert.are.equal("io", err.kind)
+    assert.matches("long.in.jsonl", err.message, 1, true)
+    assert.matches("a line of more than " .. limit .. " bytes", err.message, 1, true)
+  end)
+
+  -- (each group's window holds up to about 24 MB outside the Lua heap,
+  -- which the collector does not see: the join frees it as the group ends)
+  it("by groups, frees each group's window as the group ends #memory", function()
+    local function rss()
+      for l in io.lines("/proc/self/status") do
+        local kb = l:match("^VmRSS:%s*(%d+)")
+        if kb then return tonumber(kb) / 1024 end
+      end
+    end
+    local inputs, outs = {}, {}
+    for i = 1, 25000 do
+      local id = ("mem-%06d"):format(i)
+      inputs[i] = cjson.encode({ custom_id = id, body = { messages = { { role = "user", content = ("w"):rep(150) } } } })
+      outs[i] = cjson.encode({ custom_id = id, response = { status_code = 200,
+        body = { choices = { { message = { content = ("a"):rep(120) } } } } } })
+    end
+    local g = { inputs = write(dir .. "/mem.in.jsonl", inputs), output = write(dir .. "/mem.out.jsonl", outs) }
+    local groups = {}
+    for i = 1, 12 do groups[i] = g end
+    collectgarbage() collectgarbage()
+    local before, n = rss(), 0
+    for rec in assert(results.open({ groups = groups })):each() do
+      assert.is_truthy(rec.ok)
+      n = n + 1
+    end
+    assert.are.equal(12 * 25000, n)
+    local grown = rss() - before
+    assert.is_true(grown < 40, ("RSS grew %.0f MB over 12 groups"):format(grown))
+  end)
+
+  -- the index holds where each answer was: read from a file that is not
+  -- what it was, an answer would be another request's, or a cut line
+  local function after_first(case, change)
+    local r = assert(results.open({ output = case.output, errors = case.errors, inputs = case.inputs }))
+    local it = r:each()
+    assert.is_truthy(it())                                  -- the answers are indexed
+    change()
+    local rec, err
+    local seen = 0
+    repeat
+      rec, err = it()
+      if rec then
+        seen = seen + 1
+        assert.are.equal(rec.custom_id, json_id(rec.line))  -- never another request's answer
+      end
+    until not rec
+    return rec, err, seen
+  end
+
+  it("an answer file that shrinks between the index and the reads is an io error, never a record", function()
+    local case = make_case(dir, 6000, math.random, "shrink")
+    local rec, err, seen = after_first(case, function()
+      local f = assert(io.open(case.output, "rb"))
+      local head = f:read(4096)
+      f:close()
+      f = assert(io.open(case.output, "wb"))             -- the same file, cut to 4 KB
+      f:write(head)
+      f:close()
+    end)
+    assert.are.equal(false, rec)
+    assert.are.equal("io", err.kind)
+    assert.matches("shrink.out.jsonl", err.message, 1, true)
+    assert.matches("shorter than when it was indexed", err.message, 1, true)
+    assert.is_true(seen < 6000)
+  end)
+
+  it("an answer file rewritten in another order between the index and the reads is an io error", function()
+    local case = make_case(dir, 6000, math.random, "moved")
+    local rec, err = after_first(case, function()
+      local lines = {}
+      for l in io.lines(case.output) do lines[#lines + 1] = l end
+      table.sort(lines)                                     -- the same bytes, other places
+      local f = assert(io.open(case.output, "wb"))
+      f:write(table.concat(lines, "\n"))
+      f:close()
+    end)
+    assert.are.equal(false, rec)
+    assert.are.equal("io", err.kind)
+    assert.matches("moved.out.jsonl", err.message, 1, true)
+    assert.matches("changed since it was indexed", err.message, 1, true)
   end)
 
   it("a result file that goes away mid-way ends the iteration with an io error", function()

@@ -1,0 +1,461 @@
+/* The join's fetch for a window of input lines, in file order.
+ *
+ *   local w = core.window()
+ *   w:fill(found, texts, from, to, handles, sizes) -> the last input handled
+ *   w:take(i) -> input i's answer line and core.result's values for it;
+ *                the line alone when the caller must decode it to tell it
+ *                is the request's answer; false (no answer: missing); or a
+ *                number (its index value: an answer past the window's byte
+ *                budget, for the caller to read alone)
+ *
+ *   w:file(i) -> the number of the result file input i's answer came from
+ *   w:free()  its memory freed now (the collector sees only the userdata;
+ *             a join of many groups frees each window as its group ends)
+ *
+ * fill takes each input line's custom_id (texts[from..to], in input order,
+ * so that a duplicate request is missing as it is one line at a time) from
+ * the index `found` (values fileno * 2^36 + offset, as m:scan puts them),
+ * then reads the answers in file order (sorted by file and offset), with
+ * one large pread for answers that lie close together, instead of one
+ * pread each in a shuffled order (docs/benchmarks.md has the figures),
+ * into an arena reused window after window: a Lua string is made only when
+ * a record is taken (many similar long strings alive at once make LuaJIT's
+ * interning slow). An answer line whose custom_id is not the request's any
+ * more (the file changed since it was indexed), or that is not there (the
+ * file shrank: smaller than sizes[fileno], its size when it was indexed), is
+ * an error, never another request's record.
+ *
+ * fill returns the last input handled: `to`, or less when the next text is
+ * not a string or has an id that needs decoding (the caller joins that line
+ * its own way, then fills again from the one after it). Or nil, the reason
+ * and the file number when an answer cannot be read. */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/stat.h>
+#include "core.h"
+#include "scan.h"
+
+#define FILE_SPAN 68719476736.0    /* 2^36, as index.c */
+#define READ_MAX (256u << 10)      /* one pread covers answers this close together */
+#define GAP_MAX (4u << 10)         /* a gap worth reading through rather than a pread more */
+#define TAIL_MIN 512               /* room for the last answer of a read: twice the mean */
+#define TAIL_MAX 8192              /* answer's length so far, within these */
+#define OUT_BUDGET (16u << 20)     /* answer bytes a window holds; the rest read one by one */
+#define PREFETCH 16
+
+#define LBATCH_WINDOW "lbatch.core.window"
+
+enum { E_MISSING, E_LINE, E_LATER };
+typedef struct entry {
+  int kind, check;                 /* check: whose answer it is, the caller decodes to tell */
+  int file;                        /* E_LINE: the result file's number */
+  size_t at, len;                  /* E_LINE: the line in the arena */
+  double v;                        /* E_LATER: the index value */
+} entry;
+
+/* the window: inputs from..to, their answers' lines in one arena (reused
+ * window after window: Lua strings are made one at a time, when taken) */
+typedef struct window {
+  int from, to;
+  entry *e;
+  size_t ecap;
+  char *arena;
+  size_t used, cap;
+  struct want *w;                  /* fill's list of answers to read */
+  size_t wcap;
+  char *blk;                       /* fill's read block */
+  size_t bcap;
+  char *in;                        /* read's block of input lines */
+  size_t icap;
+  struct tline { size_t at, len; } *t;   /* the lines in it, from 1 */
+  size_t tcap;
+  int n;                           /* lines read */
+} window;
+
+typedef struct want {
+  double v;                        /* the index value */
+  uint64_t h;                      /* the id's hash */
+  off_t off;
+  int file;
+  int i;                           /* the input's place in texts */
+  const char *id;                  /* the request's custom_id (in the window's input block) */
+  size_t idlen;
+} want;
+
+/* a read block: the bytes of one file from `start` (its memory the
+ * window's, reused) */
+typedef struct blk {
+  window *win;
+  int fd, eof;
+  size_t len, tail;                /* tail: what a read takes past its last answer */
+  off_t start;
+} blk;
+
+static int cmp_want(const void *a, const void *b) {
+  const want *x = a, *y = b;
+  if (x->file != y->file) return x->file < y->file ? -1 : 1;
+  return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* read up to size bytes of the file at off into the block; -1 (errno),
+ * -2 out of memory */
+static int fill(blk *b, off_t off, size_t size) {
+  size_t got = 0;
+  window *win = b->win;
+  if (size > win->bcap) {
+    char *q = realloc(win->blk, size);
+    if (!q) return -2;
+    win->blk = q;
+    win->bcap = size;
+  }
+  b->start = off; b->len = 0; b->eof = 0;
+  while (got < size) {
+    ssize_t r = pread(b->fd, win->blk + got, size - got, off + (off_t)got);
+    if (r < 0) { if (errno == EINTR) continue; return -1; }
+    if (r == 0) { b->eof = 1; break; }
+    got += (size_t)r;
+  }
+  b->len = got;
+  return 0;
+}
+
+/* how much to read from w[j]: through the wants after it that lie within
+ * GAP_MAX of each other, up to READ_MAX, and `tail` for the last one */
+static size_t span_of(const want *w, size_t j, size_t k, size_t tail) {
+  size_t last = j;
+  while (last + 1 < k && w[last + 1].file == w[j].file && w[last + 1].off - w[last].off < GAP_MAX
+         && (size_t)(w[last + 1].off - w[j].off) + tail <= READ_MAX)
+    last++;
+  return (size_t)(w[last].off - w[j].off) + tail;
+}
+
+/* the line at w[j].off (without its newline and a final \r) in *p, *len;
+ * 1 found, 0 nothing there (the file shrank), -1 (errno), -2 out of memory */
+static int line_of(blk *b, const want *w, size_t j, size_t k, const char **p, size_t *len) {
+  off_t off = w[j].off;
+  size_t size = 0;
+  int rc;
+  for (;;) {
+    if (b->len && off >= b->start && off <= b->start + (off_t)b->len) {
+      const char *s = b->win->blk + (off - b->start), *nl;
+      size_t avail = b->len - (size_t)(off - b->start);
+      nl = memchr(s, '\n', avail);
+      if (nl || b->eof) {
+        *p = s;
+        *len = nl ? (size_t)(nl - s) : avail;
+        if (*len && s[*len - 1] == '\r') --*len;
+        return nl || avail;
+      }
+      if (off == b->start) size = b->len * 2;     /* a line longer than the read: twice as much */
+    } else if (b->eof && off >= b->start + (off_t)b->len && b->start <= off) {
+      return 0;
+    }
+    if (!size) size = span_of(w, j, k, b->tail);
+    if ((rc = fill(b, off, size)) < 0) return rc;
+    if (b->len == 0) return 0;
+    size = 0;
+  }
+}
+
+/* is the answer line the request's? Its custom_id read as the index read
+ * it: 1 yes, 0 no; 2 when only a decode can tell (an escaped id, which the
+ * index decoded too, or a line that is not plain JSON any more): w:take
+ * leaves that one to the caller */
+static int same_id(const char *s, size_t n, const want *w) {
+  size_t io = 0, il = 0;
+  int r = lb_json_string(s, n, "custom_id", 9, &io, &il);
+  if (r == LB_COMPLEX) return 2;
+  return r == LB_FOUND && il == w->idlen && memcmp(s + io, w->id, il) == 0;
+}
+
+/* take each input's id from the index, in input order (each slot fetched
+ * into the cache PREFETCH ids ahead: the misses overlap); the count of
+ * wants made, *last the last input handled */
+static size_t take_ids(window *win, idmap *m, int from, int to, want *w, int *last) {
+  size_t k = 0, c = 0, j;
+  int i;
+  for (i = from; i <= to; i++, c++) {                /* the ids, hashed */
+    size_t n = win->t[i].len, io = 0, il = 0;
+    const char *s = win->in + win->t[i].at;
+    if (lb_json_string(s, n, "custom_id", 9, &io, &il) != LB_FOUND) break;
+    w[c].i = i; w[c].id = s + io; w[c].idlen = il;
+    w[c].h = lb_idmap_hash(s + io, il);
+    if (c < PREFETCH) lb_idmap_prefetch(m, w[c].h);
+  }
+  *last = i - 1;
+  for (j = 0; j < c; j++) {
+    want x = w[j];
+    lua_Number v;
+    if (j + PREFETCH < c) lb_idmap_prefetch(m, w[j + PREFETCH].h);
+    if (lb_idmap_take_h(m, x.id, x.idlen, x.h, &v)) {
+      double f = floor(v / FILE_SPAN);
+      x.v = v; x.file = (int)f; x.off = (off_t)(v - f * FILE_SPAN);
+      w[k++] = x;
+    } else {
+      win->e[x.i - from].kind = E_MISSING;
+    }
+  }
+  return k;
+}
+
+/* push nil, why, file number: what w:fill returns on a failure */
+static int failed(lua_State *L, const char *why, int file) {
+  lua_pushnil(L);
+  lua_pushstring(L, why);
+  lua_pushinteger(L, file);
+  return 3;
+}
+
+/* an answer line copied into the window's arena */
+static int keep(window *win, int i, const char *p, size_t len) {
+  entry *e = &win->e[i - win->from];
+  if (win->used + len > win->cap) {
+    size_t cap = win->cap ? win->cap : 65536;
+    char *q;
+    while (cap < win->used + len) cap *= 2;
+    if (!(q = realloc(win->arena, cap))) return 0;
+    win->arena = q;
+    win->cap = cap;
+  }
+  memcpy(win->arena + win->used, p, len);
+  e->kind = E_LINE; e->at = win->used; e->len = len;
+  win->used += len;
+  return 1;
+}
+
+/* is file number `file` (fd) shorter than sizes[file] (stack slot 5)? */
+static int shorter(lua_State *L, int fd, int file) {
+  struct stat st;
+  lua_Number size;
+  lua_rawgeti(L, 5, file);
+  size = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return fstat(fd, &st) == 0 && (lua_Number)st.st_size < size;
+}
+
+/* read the sorted wants' lines into the window; 0 or what failed pushed */
+static int read_all(lua_State *L, window *win, want *w, size_t k) {
+  blk b = { win, -1, 0, 0, TAIL_MIN * 2, 0 };
+  size_t lines = 0, bytes = 0;
+  size_t j;
+  int file = -1;
+  for (j = 0; j < k; j++) {
+    const char *p;
+    size_t len;
+    int rc;
+    entry *e = &win->e[w[j].i - win->from];
+    if (w[j].file != file) {
+      FILE *f;
+      file = w[j].file;
+      lua_rawgeti(L, 4, file);
+      f = lua_isnil(L, -1) ? NULL : lb_file_of(L, -1);
+      lua_pop(L, 1);
+      if (!f || (b.fd = fileno(f)) < 0) return luaL_error(L, "window: the file is closed");
+      b.len = 0; b.eof = 0;
+      if (shorter(L, b.fd, file)) return failed(L, "the file is shorter than when it was indexed", file);
+    }
+    if (win->used > OUT_BUDGET) { e->kind = E_LATER; e->v = w[j].v; continue; }
+    rc = line_of(&b, w, j, k, &p, &len);
+    if (rc == -2) return luaL_error(L, "window: out of memory");
+    if (rc < 0) return failed(L, strerror(errno), file);
+    if (rc == 0) return failed(L, "the file is shorter than when it was indexed", file);
+    if (!(rc = same_id(p, len, &w[j]))) return failed(L, "the file changed since it was indexed", file);
+    if (!keep(win, w[j].i, p, len)) return luaL_error(L, "window: out of memory");
+    e->check = rc == 2;
+    e->file = file;
+    lines++;
+    bytes += len;
+    b.tail = 2 * (bytes / lines) + 2;
+    b.tail = b.tail < TAIL_MIN ? TAIL_MIN : b.tail > TAIL_MAX ? TAIL_MAX : b.tail;
+  }
+  return 0;
+}
+
+/* pread up to size bytes at off into p; the count, or -1 (errno) */
+static long read_at(int fd, char *p, size_t size, off_t off) {
+  size_t got = 0;
+  while (got < size) {
+    ssize_t r = pread(fd, p + got, size - got, off + (off_t)got);
+    if (r < 0) { if (errno == EINTR) continue; return -1; }
+    if (r == 0) break;
+    got += (size_t)r;
+  }
+  return (long)got;
+}
+
+/* the lines of in[0..got) into win->t (empty ones skipped), up to max
+ * lines; the bytes they take, *n the count. `end`: what follows got is the
+ * end of the input (a last line without a newline counts) */
+static size_t split(window *win, size_t got, int end, int max, int *n) {
+  size_t i = 0;
+  *n = 0;
+  while (*n < max && i < got) {
+    const char *nl = memchr(win->in + i, '\n', got - i);
+    size_t len;
+    if (!nl && !end) break;
+    len = nl ? (size_t)(nl - (win->in + i)) : got - i;
+    if (len && win->in[i + len - 1] == '\r') len--;
+    if (len) { ++*n; win->t[*n].at = i; win->t[*n].len = len; }
+    i = nl ? (size_t)(nl - win->in) + 1 : got;
+  }
+  return i;
+}
+
+/* w:read's answer for a line over max_line bytes at byte at */
+static int too_long(lua_State *L, size_t max_line, off_t at) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "a line of more than %d bytes at byte %f", (int)max_line, (lua_Number)at);
+  return 2;
+}
+
+/* w:read(fh, pos, stop, max_lines, max_bytes, max_line): the window's input
+ * lines, read from byte pos of the open file fh up to byte stop (nil: its
+ * end), at most max_lines lines and about max_bytes bytes (more for one
+ * longer line): the lines read, where the next read starts, and true when
+ * the input (to stop) is all read; or nil and the reason (a line over
+ * max_line bytes, a read error). Empty lines are skipped, a final \r is
+ * dropped. The lines stay in the window until the next read. */
+static int w_read(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  FILE *f = lb_file_of(L, 2);
+  off_t pos = (off_t)luaL_checknumber(L, 3);
+  double stop = luaL_optnumber(L, 4, -1);
+  int max = (int)luaL_checkinteger(L, 5), n = 0, fd, end = 0, i;
+  long got = 0;
+  size_t size = (size_t)luaL_checknumber(L, 6), max_line = (size_t)luaL_checknumber(L, 7), used = 0;
+  if (!f || (fd = fileno(f)) < 0) return luaL_error(L, "window: the file is closed");
+  win->n = 0; win->from = 1; win->to = 0;
+  if ((size_t)max + 1 > win->tcap) {
+    struct tline *t = realloc(win->t, ((size_t)max + 1) * sizeof *t);
+    if (!t) return luaL_error(L, "window: out of memory");
+    win->t = t;
+    win->tcap = (size_t)max + 1;
+  }
+  for (;;) {
+    if (stop >= 0 && (double)pos + (double)size >= stop) { size = (size_t)(stop - (double)pos); end = 1; }
+    if (size == 0) break;
+    if (size > win->icap) {
+      char *q = realloc(win->in, size);
+      if (!q) return luaL_error(L, "window: out of memory");
+      win->in = q;
+      win->icap = size;
+    }
+    if ((got = read_at(fd, win->in, size, pos)) < 0) { lua_pushnil(L); lua_pushstring(L, strerror(errno)); return 2; }
+    if ((size_t)got < size) end = 1;
+    used = split(win, (size_t)got, end, max, &n);
+    if (n > 0 || end || used > 0) break;          /* (used > 0: empty lines only) */
+    if (size > max_line) return too_long(L, max_line, pos);
+    size *= 2;                                   /* one line longer than the read */
+  }
+  for (i = 1; i <= n; i++) if (win->t[i].len > max_line) return too_long(L, max_line, pos + (off_t)win->t[i].at);
+  win->n = n;
+  lua_pushinteger(L, n);
+  lua_pushnumber(L, (double)(pos + (off_t)used));
+  lua_pushboolean(L, end && used == (size_t)got);   /* the input read to its end (or stop) */
+  return 3;
+}
+
+/* w:fill(found, from, to, handles, sizes) */
+static int w_fill(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  idmap *m = lb_idmap_check(L, 2);
+  int from = (int)luaL_checkinteger(L, 3), to = (int)luaL_checkinteger(L, 4), last, rc;
+  size_t k, n;
+  want *w;
+  luaL_checktype(L, 5, LUA_TTABLE);
+  luaL_checktype(L, 6, LUA_TTABLE);
+  luaL_argcheck(L, from >= 1 && to <= win->n, 3, "not lines read");
+  lua_settop(L, 6);
+  lua_remove(L, 1);                      /* found 1, from 2, to 3, handles 4, sizes 5 */
+  win->from = from; win->to = from - 1; win->used = 0;
+  if (to < from) { lua_pushinteger(L, to); return 1; }
+  n = (size_t)(to - from + 1);
+  if (n > win->ecap) {
+    entry *e = realloc(win->e, n * sizeof *e);
+    if (!e) return luaL_error(L, "window: out of memory");
+    win->e = e;
+    win->ecap = n;
+  }
+  if (n > win->wcap) {
+    want *nw = realloc(win->w, n * sizeof *nw);
+    if (!nw) return luaL_error(L, "window: out of memory");
+    win->w = nw;
+    win->wcap = n;
+  }
+  w = win->w;
+  k = take_ids(win, m, from, to, w, &last);
+  qsort(w, k, sizeof *w, cmp_want);
+  win->to = last;
+  if ((rc = read_all(L, win, w, k)) != 0) { win->to = from - 1; return rc; }
+  lua_pushinteger(L, last);
+  return 1;
+}
+
+/* w:take(i): input i's answer: its line and core.result's values for it
+ * (the line alone when the caller must check whose it is); false when it
+ * has none (missing); a number (the index value) when it is to be read
+ * alone */
+static int w_take(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  entry *e;
+  size_t n;
+  const char *s;
+  luaL_argcheck(L, i >= win->from && i <= win->to, 2, "not in the window");
+  e = &win->e[i - win->from];
+  lua_pushlstring(L, win->in + win->t[i].at, win->t[i].len);
+  if (e->kind == E_MISSING) { lua_pushboolean(L, 0); return 2; }
+  if (e->kind == E_LATER) { lua_pushnumber(L, e->v); return 2; }
+  lua_pushlstring(L, win->arena + e->at, e->len);
+  if (e->check) return 2;
+  s = lua_tolstring(L, -1, &n);
+  return 2 + lb_push_result(L, s, n);
+}
+
+/* w:text(i): input line i */
+static int w_text(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, i >= 1 && i <= win->n, 2, "not a line read");
+  lua_pushlstring(L, win->in + win->t[i].at, win->t[i].len);
+  return 1;
+}
+
+/* w:file(i): the number of the result file input i's answer came from */
+static int w_file(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, i >= win->from && i <= win->to && win->e[i - win->from].kind == E_LINE, 2, "not an answer");
+  lua_pushinteger(L, win->e[i - win->from].file);
+  return 1;
+}
+
+static int w_gc(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  free(win->arena); free(win->e); free(win->w); free(win->blk); free(win->in); free(win->t);
+  win->arena = NULL; win->e = NULL; win->w = NULL; win->blk = NULL; win->in = NULL; win->t = NULL;
+  win->cap = win->used = win->ecap = win->wcap = win->bcap = win->icap = win->tcap = 0;
+  win->from = 1; win->to = 0; win->n = 0;
+  return 0;
+}
+
+/* core.window() */
+int lb_window_new(lua_State *L) {
+  static const luaL_Reg methods[] = { {"read", w_read}, {"fill", w_fill}, {"take", w_take}, {"text", w_text},
+                                      {"file", w_file}, {"free", w_gc}, {NULL, NULL} };
+  window *win = lua_newuserdata(L, sizeof *win);
+  memset(win, 0, sizeof *win);
+  win->from = 1;
+  if (luaL_newmetatable(L, LBATCH_WINDOW)) {
+    lua_pushcfunction(L, w_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_setmetatable(L, -2);
+  return 1;
+}
