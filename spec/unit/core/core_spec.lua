@@ -290,6 +290,21 @@ describe("the core's system calls", function()
     os.remove(d .. "/f") os.remove(d)
   end)
 
+  it("a lock taken as fd 0 (stdin closed) is freed when the collector takes it", function()
+    local H = require "helper"
+    local d = tmpdir()
+    local code = ([[
+      assert(io.open("/proc/self/fd/0") == nil, "stdin is open")
+      local core = require "lbatch.core"
+      local lk = assert(core.lock(%q))
+      local fd0 = io.open("/proc/self/fd/0") ~= nil
+      lk = nil; collectgarbage(); collectgarbage()
+      local again, kind = core.lock(%q)
+      print(fd0, again ~= nil, kind)]]):format(d .. "/lock", d .. "/lock")
+    assert.equal("true\ttrue\tnil\n", H.sh(H.lua .. " -e " .. H.q(code) .. " <&- 2>&1"))
+    os.remove(d .. "/lock") os.remove(d)
+  end)
+
   it("disk_free gives the bytes left, or nil and the reason", function()
     local n = core.disk_free("/tmp")
     assert.is_number(n)
