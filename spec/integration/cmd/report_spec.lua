@@ -59,6 +59,12 @@ describe("lbatch report", function()
     end
     local shards = select(2, dom:gsub('<rect class="bar shard" data%-status="completed"', ""))
     assert.equals(3, shards)
+    local bars = 0
+    for x, w in dom:gmatch('<rect class="bar shard"[^>]- x="(%d+)" y="%d+" width="(%d+)"') do
+      assert.is_true(tonumber(x) >= 200 and tonumber(x) + tonumber(w) <= 600, x .. " + " .. w)  -- on the time axis
+      bars = bars + 1
+    end
+    assert.equals(3, bars)
     assert.matches('data%-label="ok" data%-value="9"', dom)
     assert.matches('data%-label="failed" data%-value="3"', dom)
     assert.matches('<svg id="tokens".-data%-label="qwen%-plus" data%-value="[1-9]%d*"', dom)

@@ -130,6 +130,7 @@ describe("the lbatch command", function()
     assert.are.equal(0, code, text)
     local b = cjson.decode(stdout)
     assert.matches("upload .*in.jsonl: .* B of .* %(100%%%)", text)     -- the upload's progress (stderr)
+    assert.is_nil(text:match("%(100%%%)[^\n]*left"), text)              -- nothing is left at 100%
     assert.are.same({ "validating", "cli" }, { b.status, b.metadata.ds_name })
     code, text = lbatch(emu, "status --wait --poll 0.05 --json " .. b.id)
     assert.are.equal(0, code, text)

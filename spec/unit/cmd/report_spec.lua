@@ -26,6 +26,8 @@ describe("lbatch.cmd.report", function()
     local page = report.html(st)
     assert.matches("^<!DOCTYPE html>", page)
     assert.matches("<svg", page, 1, true)
+    -- the timeline's one shard spans the run: its bar fills the time axis (x 200 to 600)
+    assert.matches('<rect class="bar shard" data%-status="completed" x="200" y="5" width="400"', page)
     assert.matches("server_error", page, 1, true)
     assert.matches("<title>lbatch report r123</title>", page, 1, true)   -- the browser tab names the run
     assert.matches("<h1>lbatch report: run r123</h1>", page, 1, true)
