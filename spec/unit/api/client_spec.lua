@@ -88,7 +88,7 @@ describe("lbatch client", function()
       local p2, response = client:list({ limit = 1 }, { with_response = true })
       assert.is_table(p2)
       assert.are.equal(200, response.status)
-      assert.has_error(function() client:list(5) end)
+      assert.has_error(function() client:list(5) end, "lbatch.list: params must be a table (got number)")
     end)
 
     it("cancels a batch", function()

@@ -199,6 +199,8 @@ describe("jsonl.validate", function()
     local rep = jsonl.validate(path)
     assert.are.equal(1, #rep.problems)
     assert.are.same({ "too_many_tasks", 50001 }, { rep.problems[1].code, rep.problems[1].line })
+    rep = jsonl.validate(path, { limits = "openai" })        -- OpenAI's limit is 50,000 requests too
+    assert.are.same({ "too_many_tasks", 50001 }, { rep.problems[1].code, rep.problems[1].line })
   end)
 
   it("applies the test-model rules", function()
