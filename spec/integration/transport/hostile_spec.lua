@@ -187,6 +187,16 @@ describe("the hostile kit", function()
       c:close()
     end)
 
+    it("a download to a file is bound by transfer_timeout, not the API call's timeout", function()
+      local c = client("drip-30", { timeout = 0.5 })            -- the body takes about 1.4 s
+      local path = H.tmpdir() .. "/content"
+      assert.are.equal(path, (assert(c:content("file-x", { path = path }))))   -- streamed: no bound
+      assert.matches('^{"object":"list"', H.read(path))
+      local _, err = c:content("file-x")                         -- into memory: an API call, 0.5 s
+      is_error(err, "timeout")
+      c:close()
+    end)
+
     it("wait refuses a negative, zero or NaN interval instead of polling without end", function()
       local c = client("count")
       for _, bad in ipairs({ { interval = -1 }, { interval = 0 }, { interval = 0 / 0 }, { max_interval = -5 },
