@@ -197,6 +197,17 @@ describe("the hostile kit", function()
       c:close()
     end)
 
+    it("a download's progress gives an empty body's size as 0, not as unknown", function()
+      local c = client("empty")
+      local path, reports = H.tmpdir() .. "/content", {}
+      assert(c:content("file-x", { path = path, on_progress = function(done, total)
+        reports[#reports + 1] = { done, total } end }))
+      assert.are.equal("", H.read(path))
+      assert.is_true(#reports > 0)
+      assert.are.same({ 0, 0 }, reports[#reports])
+      c:close()
+    end)
+
     it("wait refuses a negative, zero or NaN interval instead of polling without end", function()
       local c = client("count")
       for _, bad in ipairs({ { interval = -1 }, { interval = 0 }, { interval = 0 / 0 }, { max_interval = -5 },
