@@ -30,6 +30,19 @@ describe("flow.hash", function()
     assert.are_not.equal(flow.hash({ messages = { { role = "user", content = "a" } } }),
                          flow.hash({ messages = { { role = "user", content = "b" } } }))
   end)
+
+  it("is HMAC-SHA256 (key \"lbatch.flow\") of the canonical JSON, so that journals stay readable", function()
+    -- the canonical form written out by hand, the digest made by openssl: a change to either
+    -- would leave every ask a journal holds looking changed
+    local req = { model = "qwen-plus", temperature = 0.5,
+                  messages = { { role = "user", content = "hi" }, { role = "assistant", content = "yes" } } }
+    local text = '{"messages":[{"content":"hi","role":"user"},{"content":"yes","role":"assistant"}],'
+      .. '"model":"qwen-plus","temperature":0.5}'
+    local d = H.tmpdir()
+    H.write(d .. "/c", text)
+    local out = H.sh("openssl dgst -sha256 -hmac lbatch.flow -r " .. H.q(d .. "/c"))
+    assert.are.equal(out:match("^(%x+)"):sub(1, 16), flow.hash(req))
+  end)
 end)
 
 describe("flow.run", function()
