@@ -35,6 +35,26 @@ describe("lbatch.impl.formats.media", function()
     end
   end)
 
+  it("closes each file it reads, without waiting for the collector", function()
+    local png = write("\137PNG\r\n\26\nabc")
+    local fh = assert(io.open("/proc/self/stat"))
+    local pid = fh:read("*l"):match("^(%d+)")
+    fh:close()
+    local function fds()                    -- this process's open files, counted by another
+      local p = assert(io.popen("ls /proc/" .. pid .. "/fd | wc -l"))
+      local n = tonumber(p:read("*a"))
+      p:close()
+      return n
+    end
+    collectgarbage("stop")                  -- a handle left open would stay open until collected
+    local before = fds()
+    for _ = 1, 50 do assert(media.data_url(png)) end
+    local after = fds()
+    collectgarbage("restart")
+    os.remove(png)
+    assert.is_true(after - before < 5, ("%d files open before, %d after"):format(before, after))
+  end)
+
   it("returns an io error for a missing file, and raises for a wrong argument", function()
     local url, err = media.data_url("/nonexistent/lbatch/a.png")
     assert.is_nil(url)

@@ -272,6 +272,15 @@ describe("the writer and validate", function()
     assert.are.same({ 50000, 1 }, { m.files[1].lines, m.files[2].lines })
   end)
 
+  it("a request that is not a table is one problem, added to those already found", function()
+    local chk = rules.checker()
+    local out = chk:request(3, "a string")
+    assert.are.same({ { "invalid_json_line", 3 } }, { { out[1].code, out[1].line } })
+    assert.are.equal(1, #out)
+    chk:request(4, 42, out)
+    assert.are.same({ 2, "invalid_json_line", 4 }, { #out, out[2].code, out[2].line })
+  end)
+
   it("share the file-size rule: the checker fails a file over max_bytes, the writer shards there", function()
     local chk = rules.checker({ max_bytes = 300 })
     local probs, bytes = {}, 0
