@@ -136,6 +136,40 @@ describe("Batch Chat", function()
     assert.equal(12, s.answered)
   end)
 
+  it("refuses an input it cannot send, naming the line, before anything is sent, its file closed", function()
+    local dir = H.tmpdir()
+    local good = '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"qwen-plus"}}'
+    local cases = {
+      { good .. "\nnot json\n", "line 2 is not a request line" },
+      { good .. "\n" .. good:gsub("chat/completions", "embeddings") .. "\n", "line 2 asks /v1/embeddings" },
+      { good .. "\n" .. good .. "\n", 'line 2 repeats the custom_id "a"' },
+    }
+    local fh = assert(io.open("/proc/self/stat"))
+    local pid = fh:read("*l"):match("^(%d+)")
+    fh:close()
+    local function fds()
+      local p = assert(io.popen("ls /proc/" .. pid .. "/fd | wc -l"))
+      local n = tonumber(p:read("*a"))
+      p:close()
+      return n
+    end
+    collectgarbage("stop")                   -- a file left open would stay open until collected
+    local before = fds()
+    for i, case in ipairs(cases) do
+      local path = H.write(dir .. "/bad" .. i .. ".jsonl", case[1])
+      for _ = 1, 10 do
+        local ok, err = batchchat.run(client, { input = path, path = dir .. "/r" .. i .. ".jsonl", url = url })
+        assert.is_nil(ok)
+        assert.are.same({ "invalid", "batch_chat_input" }, { err.kind, err.code })
+        assert.matches(case[2], err.message, 1, true)
+      end
+    end
+    local after = fds()
+    collectgarbage("restart")
+    assert.is_true(after - before < 5, ("%d files open before, %d after"):format(before, after))
+    assert.equal(0, control("GET", "/_stats").requests)
+  end)
+
   it("cancels one request in flight and one still queued; a run again sends exactly those", function()
     local dir = H.tmpdir()
     local path = input(dir .. "/in.jsonl", 30)
