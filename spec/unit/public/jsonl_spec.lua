@@ -188,6 +188,28 @@ describe("jsonl.validate", function()
     assert.are.same({ "url_mismatch@1" }, found)
   end)
 
+  it("validate closes the file it reads, without waiting for the collector", function()
+    local path = dir .. "/closed.jsonl"
+    local f = assert(io.open(path, "wb"))
+    f:write(line("a"), "\n")
+    f:close()
+    local fh = assert(io.open("/proc/self/stat"))
+    local pid = fh:read("*l"):match("^(%d+)")
+    fh:close()
+    local function fds()                    -- this process's open files, counted by another
+      local p = assert(io.popen("ls /proc/" .. pid .. "/fd | wc -l"))
+      local n = tonumber(p:read("*a"))
+      p:close()
+      return n
+    end
+    collectgarbage("stop")
+    local before = fds()
+    for _ = 1, 50 do assert.is_true(jsonl.validate(path).ok) end
+    local after = fds()
+    collectgarbage("restart")
+    assert.is_true(after - before < 5, ("%d files open before, %d after"):format(before, after))
+  end)
+
   it("reports an empty file, a line over 6 MB and more than 50,000 lines", function()
     assert.are.same({ "empty_file@nil" }, (problems({})))
     local big = line("big", nil, { model = "qwen-plus", messages = { { role = "user", content = ("x"):rep(6 * 1024 * 1024) } } })
