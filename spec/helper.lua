@@ -8,6 +8,19 @@ H.root = os.getenv("LBATCH_ROOT") or "."
 H.lua = os.getenv("LBATCH_LUA") or "lua5.4"
 
 local ok_sys, system = pcall(require, "system")
+
+-- The files this process has open, counted by another process (a handle a
+-- test leaves open shows here until the collector closes it).
+function H.open_files()
+  local fh = assert(io.open("/proc/self/stat"))
+  local pid = fh:read("*l"):match("^(%d+)")
+  fh:close()
+  local p = assert(io.popen("ls /proc/" .. pid .. "/fd | wc -l"))
+  local n = tonumber(p:read("*a"))
+  p:close()
+  return n
+end
+
 function H.sleep(s)
   if ok_sys and system.sleep then system.sleep(s) else os.execute("sleep " .. s) end
 end

@@ -144,15 +144,7 @@ describe("Batch Chat", function()
       { good .. "\n" .. good:gsub("chat/completions", "embeddings") .. "\n", "line 2 asks /v1/embeddings" },
       { good .. "\n" .. good .. "\n", 'line 2 repeats the custom_id "a"' },
     }
-    local fh = assert(io.open("/proc/self/stat"))
-    local pid = fh:read("*l"):match("^(%d+)")
-    fh:close()
-    local function fds()
-      local p = assert(io.popen("ls /proc/" .. pid .. "/fd | wc -l"))
-      local n = tonumber(p:read("*a"))
-      p:close()
-      return n
-    end
+    local fds = H.open_files
     collectgarbage("stop")                   -- a file left open would stay open until collected
     local before = fds()
     for i, case in ipairs(cases) do

@@ -1,4 +1,5 @@
 -- lbatch.media: MIME types, base64 and data: URLs, on temp files; jsonl keeps its aliases.
+local H = require "helper"
 local media = require "lbatch.impl.formats.media"
 local jsonl = require "lbatch.jsonl"
 
@@ -37,15 +38,7 @@ describe("lbatch.impl.formats.media", function()
 
   it("closes each file it reads, without waiting for the collector", function()
     local png = write("\137PNG\r\n\26\nabc")
-    local fh = assert(io.open("/proc/self/stat"))
-    local pid = fh:read("*l"):match("^(%d+)")
-    fh:close()
-    local function fds()                    -- this process's open files, counted by another
-      local p = assert(io.popen("ls /proc/" .. pid .. "/fd | wc -l"))
-      local n = tonumber(p:read("*a"))
-      p:close()
-      return n
-    end
+    local fds = H.open_files
     collectgarbage("stop")                  -- a handle left open would stay open until collected
     local before = fds()
     for _ = 1, 50 do assert(media.data_url(png)) end

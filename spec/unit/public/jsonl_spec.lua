@@ -193,15 +193,7 @@ describe("jsonl.validate", function()
     local f = assert(io.open(path, "wb"))
     f:write(line("a"), "\n")
     f:close()
-    local fh = assert(io.open("/proc/self/stat"))
-    local pid = fh:read("*l"):match("^(%d+)")
-    fh:close()
-    local function fds()                    -- this process's open files, counted by another
-      local p = assert(io.popen("ls /proc/" .. pid .. "/fd | wc -l"))
-      local n = tonumber(p:read("*a"))
-      p:close()
-      return n
-    end
+    local fds = H.open_files
     collectgarbage("stop")
     local before = fds()
     for _ = 1, 50 do assert.is_true(jsonl.validate(path).ok) end
