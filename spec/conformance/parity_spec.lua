@@ -251,7 +251,7 @@ end)
 
 describe("the emulator applies the service's limits", function()
   it("per API key, and the older document's numbers with --limits strict", function()
-    local emu = H.emulator({ speed = 1, rate_limits = true })   -- (the limit's minute a minute: see client_spec)
+    local emu = H.emulator({ speed = 1, rate_limits = true })   -- (a rolling minute: see client_spec)
     local a = lbatch.new({ api_key = "key-a", base_url = emu.base, max_retries = 0 })
     local b = lbatch.new({ api_key = "key-b", base_url = emu.base, max_retries = 0 })
     local err
