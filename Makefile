@@ -127,11 +127,8 @@ test-jit: deps build
 	$(BUSTED) LUA_CPATH="./build/jit/?.so;;" LBATCH_LUA=luajit luajit /usr/bin/busted --exclude-tags=conformance $(SPEC)
 
 asan: deps build/asan/lbatch/core.so build/asan/lbatch_spec_unpreload.so
-	$(BUSTED) LUA_CPATH="./build/asan/?.so;;" LBATCH_LUA=lua5.4 \
-	  LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=1 \
-	  LSAN_OPTIONS=suppressions=$(CURDIR)/spec/lsan.supp:print_suppressions=0 \
-	  lua5.4 -e "io.stdout:setvbuf([[line]])" /usr/bin/busted --exclude-tags=memory,conformance spec/unit/api/client_spec.lua \
-	  spec/unit/core/jsonl_encoder_spec.lua spec/unit/public/results_light_spec.lua spec/unit/public/results_join_spec.lua
+	@LBATCH_STAGES='^AddressSanitizer \(Lua 5\.4\)$$' LBATCH_SPECS="$(or $(SPEC),spec/unit/api/client_spec.lua \
+	  spec/unit/core/jsonl_encoder_spec.lua spec/unit/public/results_light_spec.lua spec/unit/public/results_join_spec.lua)" spec/run-all
 
 conformance: deps $(NODE_DIR)/node_modules/.installed
 	$(BUSTED) lua5.4 /usr/bin/busted spec/conformance/conformance_spec.lua spec/conformance/providers_sdk_spec.lua

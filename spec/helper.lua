@@ -443,9 +443,8 @@ H.q = q
 -- 40 ms of CPU here, and a pass of the suite asks over a thousand of them.
 -- Anything else, HTTPS, or a failure to connect goes through curl, as it is
 -- curl's behaviour (its exit code, a cut body) that the specs assert.
--- (LuaSocket loaded at the first such call, not with the helper: under
--- AddressSanitizer, a process that had loaded it and never used it made
--- LeakSanitizer's tracer crash at exit, every time, in two specs)
+-- (LuaSocket loaded at the first such call, not with the helper: a spec
+-- that never asks one does not pay for it)
 local has_socket, socket_http
 local function control_http(method, url, o)
   if o.form or o.out or not url:find("^http://[^/]+/_[%a]+/") then return nil end

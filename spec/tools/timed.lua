@@ -28,8 +28,7 @@ return function(options)
     put('test', secs(test), ('%s:%s'):format(trace.short_src or '?', trace.currentline or '?'), name)
     return nil, true
   end)
-  -- closed before the process ends (with it open at exit, LeakSanitizer's
-  -- tracer crashed at the end of the core's spec, every time, in run-all's jobs)
+  -- closed before the process ends, its last line flushed
   busted.subscribe({ 'exit' }, function()
     out:close()
     return nil, true
