@@ -62,6 +62,8 @@ its results are exactly INPUT's rows; with another --model, --system,
 --reuse).
   --dir DIR            work directory and journal (default: INPUT.lbatch)
   --wait-lock SECONDS  wait that long for another run on DIR to end (default: stop at once)
+  --recover-window SECONDS  how long an upload or a create in flight when an earlier
+                       run died is looked for before it is sent again (default 45)
   --output FILE        merged results, .csv or .jsonl (default: DIR/results.jsonl)
   --model M            model (needed for a CSV)
   --system TEXT        system prompt (CSV)
@@ -112,6 +114,8 @@ it stopped: no ask is sent twice.
   --items FILE         the items: a .csv with a header row, or .jsonl objects (required)
   --dir DIR            work directory and journal (default: FILE.flow)
   --wait-lock SECONDS  wait that long for another flow on DIR to end (default: stop at once)
+  --recover-window SECONDS  how long an upload or a create in flight when an earlier
+                       run died is looked for before it is sent again (default 45)
   --output FILE        the results, one JSON line an item (default: DIR/results.jsonl)
   --model M            the model of asks that name none
   --limits L           the rules the shards are written to (as validate's)
@@ -1148,7 +1152,8 @@ end
 
 function command.run(o, pos)
   if pos[1]:lower():find("%.csv$") and not o.model then return nil, usage_error("--model is required for a CSV") end
-  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "wait_lock", "canary", "canary_min_ok")
+  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "wait_lock", "canary", "canary_min_ok",
+    "recover_window")
   if not n then return nil, nerr end
   local canary, canerr = canary_of(o, n)
   if canerr then return nil, canerr end
@@ -1196,6 +1201,7 @@ function command.run(o, pos)
     completion_window = o.window, metadata = o.meta, poll_interval = n.poll,
     resubmit = o.resubmit, on_progress = show, on_transfer = moving, max_cost = n.max_cost, prices = o.prices,
     header = header, notify = notify, on_step = run_id_teller(dir), wait_lock = n.wait_lock,
+    recover_window = n.recover_window,
     on_change = o.fresh and "fresh" or o.reuse and "reuse" or nil, canary = canary,
     via = via, batch_chat_url = o.batch_chat_url, concurrency = bn.concurrency, wait = bn.batch_chat_wait,
   })
@@ -1216,7 +1222,8 @@ end
 
 function command.flow(o, pos)
   if not o.items then return nil, usage_error("--items FILE is required") end
-  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "finish_realtime", "wait_lock")
+  local n, nerr = nums(o, "max_in_flight", "max_lines", "poll", "max_cost", "finish_realtime", "wait_lock",
+    "recover_window")
   if not n then return nil, nerr end
   if n.max_cost and not o.prices then return nil, usage_error("--max-cost needs --prices FILE") end
   local flush
@@ -1245,7 +1252,7 @@ function command.flow(o, pos)
     model = o.model or script.model, limits = limits, max_lines = n.max_lines, max_in_flight = n.max_in_flight,
     poll_interval = n.poll, on_change = o.ask_again and "ask_again" or script.on_change,
     max_cost = n.max_cost, prices = o.prices, finish_realtime = n.finish_realtime, flush = flush,
-    wait_lock = n.wait_lock,
+    wait_lock = n.wait_lock, recover_window = n.recover_window,
     on_progress = function(p)
       if quiet or p.batches then return end
       io.stderr:write(("round %d: %d of %d items done, %d failed, %d tokens\n"):format(p.round, p.done, p.items,

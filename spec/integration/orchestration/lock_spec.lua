@@ -110,7 +110,10 @@ describe("one owner per work directory", function()
 
   it("a run killed with kill -9 leaves a lock file that does not block the next run", function()
     local input = H.requests(dir .. "/in.jsonl", 60, CHAT)
-    local args = ("run %s --dir %s/work --poll 0.05 --max-lines 10"):format(input, dir)
+    -- (--recover-window 8: the second run looks for a create the kill cut
+    -- off for 8 s, not 45, before it sends it again; the emulator makes a
+    -- step at once, 8 s leaves room for a loaded machine)
+    local args = ("run %s --dir %s/work --poll 0.05 --max-lines 10 --recover-window 8"):format(input, dir)
     -- every status call held 20 s, retrieve (/v1/batches/ID) and list
     -- (/v1/batches?...) alike: the run cannot learn that a batch is done, so
     -- it is still going when it is killed, however fast the rest is
