@@ -352,7 +352,7 @@ function M.open(opts)
   end
   local r = setmetatable({ groups = groups, placed = placed, outputs = {}, errs = {}, inputs = {},
                            max_index = math.max(1, math.floor(opts.max_index or M.MAX_INDEX)) }, Reader)
-  local pause, checked = opts.pause, 0
+  local pause = opts.pause
   for _, g in ipairs(groups) do
     for _, key in ipairs({ "outputs", "errs", "inputs" }) do
       for _, path in ipairs(g[key]) do
@@ -360,8 +360,7 @@ function M.open(opts)
         if not fh then return nil, errors.io("cannot read", path, msg) end
         fh:close()
         r[key][#r[key] + 1] = path
-        checked = checked + 1
-        if pause and checked % 16 == 0 then pause() end
+        if pause then pause() end
       end
     end
   end

@@ -70,12 +70,12 @@ local function broken(j, err)
   return nil, err
 end
 
--- (pause: called every 16 records, see Journal:compact)
+-- (pause: called every 4 records, see Journal:compact)
 local function lines(records, pause)
   local t = {}
   for i, rec in ipairs(records) do
     t[i] = cjson.encode(rec)
-    if pause and i % 16 == 0 then pause() end
+    if pause and i % 4 == 0 then pause() end
   end
   t[#t + 1] = ""
   return table.concat(t, "\n")
@@ -124,6 +124,7 @@ function M.replace(path, fill, tmp, pause)
   local err = (a == nil and (b or errors.io("cannot write", path)))
     or (not closed and errors.io("cannot write", path, cerr))
   if not err then
+    if pause then pause() end            -- (the file closed: its sync in a step of its own)
     local done, why = synced(tmp)
     err = not done and errors.io("cannot sync", tmp, why)
     point(4)
@@ -144,7 +145,7 @@ end
 --- Replace the journal with `records` (`journal.replace`: written aside,
 -- synced, renamed over, its directory synced).
 -- @tparam {table,...} records the live state
--- @tparam[opt] function pause called every 16 records while they are
+-- @tparam[opt] function pause called every 4 records while they are
 -- encoded, before the file is touched, and once the new file is synced
 -- (`client:pause`, in a task: a host's step then ends in the middle of a
 -- big state's encoding, or between the two syncs; see `replace`)

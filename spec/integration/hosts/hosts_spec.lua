@@ -16,21 +16,36 @@ local function spin(n)
   return x
 end
 
-local reference = 0
+local reference, reference_ms = 0, 0.5
+local function median_ms(n)
+  local times = {}
+  for k = 1, 5 do
+    local c0 = os.clock()
+    spin(n)
+    times[k] = (os.clock() - c0) * 1000
+  end
+  table.sort(times)
+  return times[3]
+end
 local function calibrate()
   if reference > 0 then return end
   local n = 1000
-  while true do
-    local times = {}
-    for k = 1, 5 do
-      local c0 = os.clock()
-      spin(n)
-      times[k] = os.clock() - c0
-    end
-    table.sort(times)
-    if times[3] >= 0.0005 then reference = n return end
-    n = n * 2
+  while median_ms(n) < 0.5 do n = n * 2 end
+  reference = math.max(1, math.floor(n * 0.5 / median_ms(n)))   -- about 0.5 ms, not 0.5 to 1
+  reference_ms = median_ms(reference)
+end
+
+-- The steps over 2 ms of CPU that are also over 2 ms scaled by how much
+-- slower the control ran in their frame than when it was calibrated: a
+-- machine slower for a while (a busy neighbour of this VM slows every
+-- computation alike, and os.clock counts it) stretches both, a step that
+-- does too much stretches only itself.
+local function over_scaled(cpus, refs)
+  local n = 0
+  for i, c in ipairs(cpus) do
+    if c > 2 and c > 2 * (refs[i] / reference_ms) then n = n + 1 end
   end
+  return n
 end
 
 -- Run a pipeline of `shards` jobs (2 lines each) from a frame loop at 120
@@ -110,8 +125,12 @@ describe("a game loop", function()
   --  * This machine (a shared VM) now and then stalls a piece of work for
   --    reasons outside the process, in spells: then about 1% of steps take
   --    4 or 8 ms, exactly the host's 4 ms tick. Each frame therefore also
-  --    times a control computation of 0.5 ms (see spin). A run passes when
-  --    no step takes over 2 ms, or when the control was stretched past 2 ms
+  --    times a control computation of 0.5 ms (see spin). A step counts as
+  --    slow when it takes over 2 ms and over 2 ms times how much slower the
+  --    control ran in its frame than at calibration (2026-12-07: a whole
+  --    timing stage ran at about half speed, steps at p99 2.1 ms, p50 ten
+  --    times the usual; a 2 ms bound alone failed every round). A run passes
+  --    when no step is slow, or when the control was stretched past 2 ms
   --    at least as often as the steps were (it is exposed twice as long, so
   --    a stall is likelier to hit it). Work that lbatch does in bursts
   --    makes steps slow in every run, with a quiet control. Up to five
@@ -134,20 +153,22 @@ describe("a game loop", function()
       local passed, verdicts = false, {}
       for _ = 1, 5 do
         local report, peak, cpus, walls, refs = frame_loop(client, 100)
-        local slow, stretched, spent = over(cpus, 2), over(refs, 2), over(cpus, 0.4)
+        local slow, stretched, spent = over_scaled(cpus, refs), over(refs, 2), over(cpus, 0.4)
+        local over2 = over(cpus, 2)
         -- (a step either has little to do or spends its budget: the share
         -- of the second kind, near half, decides which side p50 falls on)
         print(("\n  game loop: %d steps, peak %d jobs in flight; CPU p25 %.2f ms, p50 %.2f ms, p75 %.2f ms, "
           .. "p99 %.2f ms, max %.2f ms; %d%% of steps at 0.4 ms or more; wall p99 %.2f ms, max %.2f ms; "
-          .. "over 2 ms: %d steps, %d controls")
+          .. "over 2 ms: %d steps (%d past the control's pace), %d controls; control p50 %.2f ms (%.2f calibrated)")
           :format(#cpus, peak, pct(cpus, 0.25), pct(cpus, 0.5), pct(cpus, 0.75), pct(cpus, 0.99), pct(cpus, 1),
-            math.floor(100 * spent / #cpus), pct(walls, 0.99), pct(walls, 1), slow, stretched))
+            math.floor(100 * spent / #cpus), pct(walls, 0.99), pct(walls, 1), over2, slow, stretched,
+            pct(refs, 0.5), reference_ms))
         assert.are.equal(100, #report.shards)
         assert.are.equal(100, peak)
         local answered = 0
         for rec in report.results:each() do if rec.ok then answered = answered + 1 end end
         assert.are.equal(200, answered)
-        verdicts[#verdicts + 1] = ("%d steps and %d controls over 2 ms"):format(slow, stretched)
+        verdicts[#verdicts + 1] = ("%d steps over 2 ms at the control's pace, %d controls over 2 ms"):format(slow, stretched)
         if slow == 0 or slow <= stretched then passed = true break end
       end
       assert.is_true(passed, "steps over 2 ms while the control stayed within: " .. table.concat(verdicts, "; "))

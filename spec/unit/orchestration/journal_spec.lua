@@ -60,7 +60,7 @@ describe("journal", function()
     assert.are.equal("", H.read(path))
   end)
 
-  it("append_list writes a list of any length in one write; compact's pause runs every 16 records", function()
+  it("append_list writes a list of any length in one write; compact's pause runs every 4 records", function()
     local path = dir .. "/j.jsonl"
     local j = assert(journal.open(path))
     local recs = {}
@@ -71,7 +71,7 @@ describe("journal", function()
     assert.are.same(recs, replayed(path))
     local paused = 0
     assert.is_true(j:compact(recs, function() paused = paused + 1 end))
-    assert.are.equal(3, paused)                      -- after records 16 and 32, and the temp file's sync
+    assert.are.equal(12, paused)       -- after records 4, 8, ..., 40, before the temp file's sync and after it
     assert.are.same(recs, replayed(path))
     j:close()
   end)
