@@ -200,6 +200,9 @@ try {
   await RUN[dialect]();
   console.log(`${dialect}: ${checks} checks passed`);
 } catch (e) {
-  console.error(`${dialect}: failed after ${checks} checks: ${e.stack || e}`);
+  // (a connection error's reason is in its cause, and undici's in the cause's)
+  let why = "";
+  for (let c = e.cause; c; c = c.cause) why += `\n  caused by: ${c.stack || c}${c.code ? ` (${c.code})` : ""}`;
+  console.error(`${dialect}: failed after ${checks} checks: ${e.stack || e}${why}`);
   process.exit(1);
 }

@@ -13,6 +13,8 @@ local function run(sdk, dialect)
   local emu = H.emulator({ dialect = dialect, api_key = KEY, speed = 200, tls = false })
   local dir = H.tmpdir()
   local out = H.sh(("node %s %s %s %s %s 2>&1; echo \"exit=$?\""):format(SCRIPT, sdk, emu.url, KEY, dir))
+  -- a failure says what the emulator's nginx said (its error log is the emulator's output)
+  if not out:find("exit=0", 1, true) then out = out .. "\nthe emulator's log:\n" .. (H.read(emu.log) or ""):sub(-2000) end
   emu.stop()
   H.rm_rf(dir)
   return out, tonumber(out:match("exit=(%d+)"))
