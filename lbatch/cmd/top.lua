@@ -341,6 +341,7 @@ local function screen(st)
     if tty then tty:close() tty = nil end
     out:write("\27[?25h\27[?1049l")
     out:flush()
+    out:setvbuf("line")
     sh_ok("stty " .. (saved or "sane") .. " < /dev/tty")
   end
   function s.getc()
@@ -353,11 +354,13 @@ local function screen(st)
     if not ch then tty:close() tty = nil end   -- a timeout reads as end of file, which sticks: open again
     return ch
   end
+  -- a frame in one write: a terminal (or tmux's capture) never shows half
+  -- of a new frame over the old one
   function s.draw()
     local w, h = term_size()
-    if size ~= w .. "x" .. h then size, shown = w .. "x" .. h, {} out:write("\27[2J") end
-    local lines = M.frame(st, w, h, os.time())
     local buf = {}
+    if size ~= w .. "x" .. h then size, shown = w .. "x" .. h, {} buf[1] = "\27[2J" end
+    local lines = M.frame(st, w, h, os.time())
     for i = 1, h do
       local l = lines[i] or ""
       if shown[i] ~= l then buf[#buf + 1] = ("\27[%d;1H%s\27[K"):format(i, l) shown[i] = l end
@@ -365,7 +368,9 @@ local function screen(st)
     if #buf > 0 then out:write(table.concat(buf)) out:flush() end
   end
   sh_ok("stty -icanon -echo -isig min 0 time 1 < /dev/tty")
+  out:setvbuf("full", 65536)
   out:write("\27[?1049h\27[?25l\27[2J")
+  out:flush()
   return s
 end
 

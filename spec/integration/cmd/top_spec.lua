@@ -12,12 +12,16 @@ describe("lbatch top", function()
   local emu, c, ids, dir, sock, run
   local function tmux(args) return H.sh(("tmux -L %s %s 2>&1"):format(sock, args)) end
   local function screen() return tmux("capture-pane -p") end
-  -- the screen once it matches pattern (within seconds)
+  -- the screen once it matches pattern (within seconds), settled: the same
+  -- on a second look (a capture could land while tmux takes in a frame)
   local function until_shown(pattern, seconds)
     local deadline, s = H.now() + (seconds or 30)
     repeat
       s = screen()
-      if s:find(pattern) then return s end
+      if s:find(pattern) then
+        H.sleep(0.05)
+        if screen() == s then return s end
+      end
       H.sleep(0.1)
     until H.now() > deadline
     error(("not on the screen: %s\n%s"):format(pattern, s))
@@ -69,6 +73,7 @@ describe("lbatch top", function()
     tmux(("new-session -d -x 80 -y 30 -c %s %s"):format(H.q(H.root), H.q(cmd)))
     until_shown("lbatch top: 303 jobs")   -- and the run's 3
     local s = until_shown("requests: %d+/6009 done", 60)   -- every job past validating (and the run's 9)
+    assert.matches("lbatch top: 303 jobs", s, 1, true)      -- no job more (a failure shows the screen)
     -- the totals: jobs by status, requests done and failed, the rate
     assert.matches("requests: %d+/6009 done, %d+ failed, [%d.]+/s", s)
     assert.matches("failures: %d+ in error files", s)        -- (only a run's are read)
@@ -78,7 +83,8 @@ describe("lbatch top", function()
       assert.is_true(#line <= 80, line)
       if line:find("^[ >]batch_") then
         rows = rows + 1
-        assert.matches("^[ >]batch_%S+ %l[%l_]* +[#x.]+ +%d+/20 +%d+ +%S+ +%S+$", line)
+        assert.matches("^[ >]batch_%S+ %l[%l_]* +[#x.]+ +%d+/20 +%d+ +%S+ +%S+$", line, nil, nil,
+          "a row unlike the others, on this screen:\n" .. s)
       end
     end
     assert.equals(30 - 6, rows)
