@@ -9,18 +9,6 @@ H.lua = os.getenv("LBATCH_LUA") or "lua5.4"
 
 local ok_sys, system = pcall(require, "system")
 
--- The files this process has open, counted by another process (a handle a
--- test leaves open shows here until the collector closes it).
-function H.open_files()
-  local fh = assert(io.open("/proc/self/stat"))
-  local pid = fh:read("*l"):match("^(%d+)")
-  fh:close()
-  local p = assert(io.popen("ls /proc/" .. pid .. "/fd | wc -l"))
-  local n = tonumber(p:read("*a"))
-  p:close()
-  return n
-end
-
 function H.sleep(s)
   if ok_sys and system.sleep then system.sleep(s) else os.execute("sleep " .. s) end
 end
@@ -72,6 +60,25 @@ do
   local f = assert(io.open("/proc/self/stat"))
   H.pid = tonumber(f:read("*l"):match("^(%d+)"))
   f:close()
+end
+
+-- How many more files this process has open after fn() than before it, the
+-- collector stopped meanwhile (a handle fn leaves open would otherwise be
+-- closed when collected). Counted by another process, ls.
+local function open_files()
+  local p = assert(io.popen("ls /proc/" .. H.pid .. "/fd | wc -l"))
+  local n = tonumber(p:read("*a"))
+  p:close()
+  return n
+end
+function H.files_left_open(fn)
+  collectgarbage("stop")
+  local before = open_files()
+  local ok, err = pcall(fn)
+  local after = open_files()
+  collectgarbage("restart")
+  if not ok then error(err, 0) end
+  return after - before
 end
 
 -- LuaJIT's math.random starts from the same seed in every process: seed it,

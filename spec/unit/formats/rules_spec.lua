@@ -30,7 +30,6 @@ describe("the writer and validate", function()
     return { limits = o.limits, endpoint = o.endpoint }
   end
 
-  -- validate the lines; the problems of the last line (or of the file)
   -- lines: a list, or a function that returns an iterator of them (50,001
   -- similar lines held at once would make Lua 5.1, whose string hash reads
   -- a few bytes of a long string, intern every new one through one chain)
@@ -40,6 +39,7 @@ describe("the writer and validate", function()
     return function() i = i + 1 return lines[i] end
   end
 
+  -- validate the lines; the problems of the last line (or of the file)
   local function validate(lines, o)
     n = n + 1
     local path = ("%s/v%d.jsonl"):format(dir, n)
