@@ -7,9 +7,10 @@
 --   inputs   the input lines read, a window at a time (core.window's read)
 --   fetch    each window's ids taken from the index and its answers read
 --            in file order (the window's fill)
---   take     each record's request line and answer line made Lua strings,
---            the answer's fields scanned into a table (the window's take)
---   to Lua   the rest of results' each(): the light record made, the
+--   take     each record made in C: its answer scanned, its fields, request
+--            line and answer line made Lua values (the window's records,
+--            256 at a time)
+--   to Lua   the rest of results' each(): the join's loop in Lua, the
 --            JSON-format check
 local core = require "lbatch.core"
 local results = require "lbatch.results"
@@ -20,6 +21,9 @@ local ROUNDS = tonumber(os.getenv("ROUNDS")) or 3
 local WINDOW, WINDOW_BYTES = 16384, 4 * 1024 * 1024   -- as lbatch/results.lua
 local files = { dir .. "/all.out.jsonl", dir .. "/all.err.jsonl" }
 local input = dir .. "/all.in.jsonl"
+
+local function lazy() end
+local out, asks = {}, {}
 
 local function pass(upto)
   local map = core.idmap()
@@ -34,7 +38,9 @@ local function pass(upto)
     local k = 1
     while upto >= 3 and k <= n do
       local last = assert(win:fill(map, k, n, handles, sizes))
-      if upto >= 4 then for i = k, last do win:take(i) end end
+      if upto >= 4 then
+        for i = k, last, 256 do win:records(i, math.min(last, i + 255), lazy, out, asks) end
+      end
       k = last + 2                                  -- (an id left to Lua: none in these files)
     end
   end

@@ -36,7 +36,7 @@ local core = require "lbatch.core"
 
 local decode, normalize = json.decode, json.normalize
 local json_string, scan_result, read_at, sub = core.json_string, core.result, core.line_at, string.sub
-local find = string.find
+local find, answer_bytes = string.find, core.answer_bytes
 local SPAN = 2 ^ 36          -- a result's place: file number * SPAN + byte offset (as core's idmap:scan)
 local M = {}
 
@@ -264,6 +264,7 @@ local function lazy(rec, k)
   if k == "body" then
     local line = getmetatable(rec)[1]
     if line == nil then return nil end
+    if type(line) == "userdata" then line = answer_bytes(line) end   -- (kept so by core.window's records)
     local ok, r = pcall(decode, line)
     local resp = ok and type(r) == "table" and tab(normalize(r).response)
     local body = resp and resp.body or nil
@@ -428,6 +429,8 @@ Join.__index = Join
 -- (core.window): at most WINDOW lines, about WINDOW_BYTES of them; a longer
 -- line than MAX_LINE is an error (the service refuses it)
 local WINDOW, WINDOW_BYTES, MAX_LINE = 16384, 4 * 1024 * 1024, service.LIMITS.max_line_bytes
+-- the records made in one call to C (core.window's records)
+local BATCH = 256
 
 -- do the group's inputs fit one index? (counted without an index)
 function Join:fits()
@@ -497,6 +500,7 @@ function Join:finish()
   for _, h in pairs(self.handles) do h:close() end
   self.handles = {}
   self.win:free()
+  self.out, self.asks, self.b, self.bn = {}, {}, 0, 0
   local orphans, found, inputs = self.reader.orphans, self.found, self.inputs
   if not self.chunked then
     for _, id in ipairs(found and found:keys() or {}) do orphans[#orphans + 1] = id end
@@ -577,7 +581,8 @@ function Join:record(text)
   return rec
 end
 
--- the record of input k of the window, whose answer the window read
+-- the record of input k of the window, whose answer the window read, when
+-- it is not the common case that core.window's records makes whole
 function Join:fetched(k)
   local text, line, rec, err, berr = self.win:take(k)
   if line == false then
@@ -596,18 +601,30 @@ function Join:fetched(k)
   return rec
 end
 
--- the window's answers from input k on, read in file order (core.window);
--- an input whose id C leaves to Lua is joined alone (Join:record). The
--- record of input k.
-function Join:fetch(k)
-  local upto, why, file = self.win:fill(self.found, k, self.n, self.handles, self.sizes)
-  if not upto then error(errors.io("cannot read", self.files[file] or "a results file", why), 0) end
-  self.upto = upto
-  if upto < k then
-    self.upto = k
-    return self:record(self.win:text(k))
+-- the next batch of the window's records, from input k + 1 on: up to
+-- BATCH of them made in one call to C (core.window's records: false for
+-- one it leaves to Join:fetched), after the window's answers from there
+-- on are read in file order (its fill). An input whose id C leaves to Lua
+-- is joined alone (Join:record): its record.
+function Join:batch()
+  local k = self.k + 1
+  if k > self.upto then
+    local upto, why, file = self.win:fill(self.found, k, self.n, self.handles, self.sizes)
+    if not upto then error(errors.io("cannot read", self.files[file] or "a results file", why), 0) end
+    if upto < k then
+      self.k, self.upto = k, k
+      return self:record(self.win:text(k))
+    end
+    self.upto = upto
   end
-  return self:fetched(k)
+  local last = math.min(self.upto, k + BATCH - 1)
+  local out, asks = self.out, self.asks
+  local n, m = self.win:records(k, last, lazy, out, asks)
+  for a = 1, m do
+    local rec = out[asks[a]]
+    if rec then check_answer(rec, rec.line) end
+  end
+  self.k, self.bk, self.b, self.bn = last, k - 1, 0, n
 end
 
 -- the next window of the segment's input lines (up to WINDOW lines, about
@@ -618,17 +635,19 @@ function Join:fill()
   if not n then error(errors.io("cannot read", self.inputs[self.segs[self.seg][1]], pos), 0) end
   self.pos = pos
   if done then self.fh:close() self.fh = nil end
-  self.n, self.k, self.upto = n, 0, 0
+  self.n, self.k, self.upto, self.b, self.bn = n, 0, 0, 0, 0
 end
 
 -- the next record in input order, or nil at the end
 function Join:step()
   while true do
-    if self.k < self.n then
-      local k = self.k + 1
-      self.k = k
-      local rec
-      if k > self.upto then rec = self:fetch(k) else rec = self:fetched(k) end
+    if self.b < self.bn then
+      local b = self.b + 1
+      self.b = b
+      local rec = self.out[b] or self:fetched(self.bk + b)
+      if rec then return rec end
+    elseif self.k < self.n then
+      local rec = self:batch()
       if rec then return rec end
     elseif self.fh then
       self:fill()
@@ -651,7 +670,8 @@ function Reader:_join(g)
   local j = setmetatable({ reader = self, files = result_files(g), inputs = g.inputs, budget = self.max_index,
                            fi = 1, start = 0, seg = 0, segs = {}, chunks = 0, found = nil, chunked = false,
                            handles = {}, fh = nil, stop = nil, pos = 0,
-                           win = core.window(), n = 0, k = 0, upto = 0, sizes = {} }, Join)
+                           win = core.window(), n = 0, k = 0, upto = 0, sizes = {},
+                           out = {}, asks = {}, b = 0, bn = 0, bk = 0 }, Join)
   return function() return j:step() end
 end
 

@@ -34,6 +34,7 @@ LB_EXPORT int luaopen_lbatch_core(lua_State *L) {
     {"hmac_sha256", lb_hmac_sha256}, {"equal", lb_equal}, {"base64", lb_base64},
     {"unbase64", lb_unbase64}, {"hex", lb_hex}, {"encoder", lb_encoder_new}, {"encode", lb_encode},
     {"result", lb_core_result}, {"line_at", lb_line_at}, {"window", lb_window_new},
+    {"answer_bytes", lb_answer_bytes},
     {"dumpable", lb_dumpable}, {"remove_parts", lb_remove_parts},
     {NULL, NULL}
   };

@@ -157,10 +157,13 @@ int lb_idmap_answer(lua_State *L);    /* idmap:answer, the join's step */
 FILE *lb_file_of(lua_State *L, int idx);   /* a Lua file handle's FILE, NULL when closed */
 /* the fields of result line s pushed as core.result returns them (3 values), or false (1) */
 int lb_push_result(lua_State *L, const char *s, size_t n);
+struct lb_result;
+int lb_push_scanned(lua_State *L, const char *s, size_t n, const struct lb_result *r, int *ok);
 
 /* ------------------------------------------------------------ fetch.c */
 
 int lb_window_new(lua_State *L);      /* core.window, the join's fetch of a window */
+int lb_answer_bytes(lua_State *L);    /* core.answer_bytes, a record's kept answer line */
 
 /* ------------------------------------------------------------ enc.c */
 

@@ -50,9 +50,10 @@
 
 enum { E_MISSING, E_LINE, E_LATER };
 typedef struct entry {
-  int kind, check;                 /* check: whose answer it is, the caller decodes to tell */
+  int kind;
   int file;                        /* E_LINE: the result file's number */
   size_t at, len;                  /* E_LINE: the line in the arena */
+  size_t id, idlen;                /* E_LINE: the request's custom_id in the window's input block */
   double v;                        /* E_LATER: the index value */
 } entry;
 
@@ -160,15 +161,16 @@ static int line_of(blk *b, const want *w, size_t j, size_t k, const char **p, si
   }
 }
 
-/* is the answer line the request's? Its custom_id read as the index read
- * it: 1 yes, 0 no; 2 when only a decode can tell (an escaped id, which the
- * index decoded too, or a line that is not plain JSON any more): w:take
- * leaves that one to the caller */
-static int same_id(const char *s, size_t n, const want *w) {
-  size_t io = 0, il = 0;
-  int r = lb_json_string(s, n, "custom_id", 9, &io, &il);
-  if (r == LB_COMPLEX) return 2;
-  return r == LB_FOUND && il == w->idlen && memcmp(s + io, w->id, il) == 0;
+/* is the answer line s (n bytes, scanned into r) input e's? Its custom_id
+ * as the scan read it, against the request's: 1 yes; 0 when it is not, or
+ * when only a decode can tell (an escaped id, which the index decoded too,
+ * a line the scanner leaves to lua-cjson): the caller decodes it then (the
+ * line changed since it was indexed: an error, never another request's
+ * record). The same pass as the record's fields: an answer is scanned once
+ * after it is indexed. */
+static int same_id(const window *win, const entry *e, const char *s, const lb_result *r) {
+  return r->custom_id.kind == LB_J_STR && !r->custom_id.esc && r->custom_id.len == e->idlen
+         && memcmp(s + r->custom_id.off, win->in + e->id, e->idlen) == 0;
 }
 
 /* take each input's id from the index, in input order (each slot fetched
@@ -262,10 +264,10 @@ static int read_all(lua_State *L, window *win, want *w, size_t k) {
     if (rc == -2) return luaL_error(L, "window: out of memory");
     if (rc < 0) return failed(L, strerror(errno), file);
     if (rc == 0) return failed(L, "the file is shorter than when it was indexed", file);
-    if (!(rc = same_id(p, len, &w[j]))) return failed(L, "the file changed since it was indexed", file);
     if (!keep(win, w[j].i, p, len)) return luaL_error(L, "window: out of memory");
-    e->check = rc == 2;
     e->file = file;
+    e->id = (size_t)(w[j].id - win->in);
+    e->idlen = w[j].idlen;
     lines++;
     bytes += len;
     b.tail = 2 * (bytes / lines) + 2;
@@ -395,24 +397,88 @@ static int w_fill(lua_State *L) {
 }
 
 /* w:take(i): input i's answer: its line and core.result's values for it
- * (the line alone when the caller must check whose it is); false when it
- * has none (missing); a number (the index value) when it is to be read
- * alone */
+ * (the line alone when the caller must check whose it is: same_id); false
+ * when it has none (missing); a number (the index value) when it is to be
+ * read alone */
 static int w_take(lua_State *L) {
   window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
   lua_Integer i = luaL_checkinteger(L, 2);
   entry *e;
-  size_t n;
+  lb_result r;
   const char *s;
+  int ok;
   luaL_argcheck(L, i >= win->from && i <= win->to, 2, "not in the window");
   e = &win->e[i - win->from];
   lua_pushlstring(L, win->in + win->t[i].at, win->t[i].len);
   if (e->kind == E_MISSING) { lua_pushboolean(L, 0); return 2; }
   if (e->kind == E_LATER) { lua_pushnumber(L, e->v); return 2; }
-  lua_pushlstring(L, win->arena + e->at, e->len);
-  if (e->check) return 2;
-  s = lua_tolstring(L, -1, &n);
-  return 2 + lb_push_result(L, s, n);
+  s = win->arena + e->at;
+  lua_pushlstring(L, s, e->len);
+  if (!lb_result_scan(s, e->len, &r) || !same_id(win, e, s, &r)) return 2;
+  return 2 + lb_push_scanned(L, s, e->len, &r, &ok);
+}
+
+/* input i's record whole, pushed, when it is the common case: an answer
+ * that is the request's, ok, with chat's content or an embedding
+ * (results.light's record: its fields, rec.line the request line, and its
+ * own metatable {__index = lazy (stack slot `lazy`), the answer line});
+ * *format set when the request line may ask for a JSON answer (it holds
+ * `format"`: the caller checks). 0 and nothing pushed for any other. */
+static int push_record(lua_State *L, window *win, lua_Integer i, int lazy, int *format) {
+  entry *e = &win->e[i - win->from];
+  const char *s = win->arena + e->at, *text;
+  lb_result r;
+  int top = lua_gettop(L), ok;
+  if (e->kind != E_LINE || !lb_result_scan(s, e->len, &r) || !same_id(win, e, s, &r)
+      || (r.content.kind != LB_J_STR && r.embedding.kind != LB_J_ARR))
+    return 0;
+  if (lb_push_scanned(L, s, e->len, &r, &ok) == 1 || !ok
+      || (lua_getfield(L, -3, r.content.kind == LB_J_STR ? "content" : "embedding"), lua_isnil(L, -1))) {
+    lua_settop(L, top);
+    return 0;
+  }
+  lua_pop(L, 3);                         /* the field, err and berr (nil: it is ok) */
+  lua_createtable(L, 1, 1);
+  lua_pushvalue(L, lazy);
+  lua_setfield(L, -2, "__index");
+  memcpy(lua_newuserdata(L, e->len), s, e->len);   /* (not a string: LuaJIT would intern it) */
+  lua_rawseti(L, -2, 1);
+  lua_setmetatable(L, -2);
+  text = win->in + win->t[i].at;
+  lua_pushlstring(L, text, win->t[i].len);
+  lua_setfield(L, -2, "line");
+  *format = memmem(text, win->t[i].len, "format\"", 7) != NULL;
+  return 1;
+}
+
+/* w:records(from, to, lazy, out, asks): the records of inputs from..to in
+ * out[1..], each whole (push_record) or false for one the caller takes
+ * itself (w:take); in asks[1..], the places in out of those whose request
+ * may ask for a JSON answer. Returns the count of each. One call a batch:
+ * a call to C a record cost the join as much as the record's fields. */
+static int w_records(lua_State *L) {
+  window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
+  lua_Integer from = luaL_checkinteger(L, 2), to = luaL_checkinteger(L, 3), i, m = 0;
+  luaL_argcheck(L, from >= win->from && to <= win->to, 2, "not in the window");
+  luaL_checktype(L, 4, LUA_TFUNCTION);
+  luaL_checktype(L, 5, LUA_TTABLE);
+  luaL_checktype(L, 6, LUA_TTABLE);
+  for (i = from; i <= to; i++) {
+    int format = 0;
+    if (!push_record(L, win, i, 4, &format)) lua_pushboolean(L, 0);
+    lua_rawseti(L, 5, (int)(i - from + 1));
+    if (format) { lua_pushinteger(L, i - from + 1); lua_rawseti(L, 6, (int)++m); }
+  }
+  lua_pushinteger(L, to >= from ? to - from + 1 : 0);
+  lua_pushinteger(L, m);
+  return 2;
+}
+
+/* core.answer_bytes(ud): the answer line push_record keeps, as a string */
+int lb_answer_bytes(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TUSERDATA);
+  lua_pushlstring(L, lua_touserdata(L, 1), lua_rawlen(L, 1));
+  return 1;
 }
 
 /* w:text(i): input line i */
@@ -444,7 +510,8 @@ static int w_gc(lua_State *L) {
 
 /* core.window() */
 int lb_window_new(lua_State *L) {
-  static const luaL_Reg methods[] = { {"read", w_read}, {"fill", w_fill}, {"take", w_take}, {"text", w_text},
+  static const luaL_Reg methods[] = { {"read", w_read}, {"fill", w_fill}, {"take", w_take}, {"records", w_records},
+                                      {"text", w_text},
                                       {"file", w_file}, {"free", w_gc}, {NULL, NULL} };
   window *win = lua_newuserdata(L, sizeof *win);
   memset(win, 0, sizeof *win);

@@ -40,12 +40,10 @@ static int hexval(char ch) {
 static int string(cur *c, lb_span *out) {
   size_t i = c->i + 1;
   int esc = 0;
-  const char *q = NULL, *b;
   while (i < c->n) {
     char ch;
-    if (!q || q < c->s + i) { q = memchr(c->s + i, '"', c->n - i); if (!q) return 0; }
-    b = memchr(c->s + i, '\\', (size_t)(q - (c->s + i)));
-    i = (size_t)((b ? b : q) - c->s);          /* the next backslash, else the closing quote */
+    i = lb_str_stop(c->s, c->n, i);            /* the next backslash or quote */
+    if (i >= c->n) return 0;
     ch = c->s[i];
     if (ch == '"') {
       out->kind = LB_J_STR; out->off = c->i + 1; out->len = i - (c->i + 1); out->esc = esc;
@@ -372,7 +370,7 @@ static int push_value(ctx *x, cur *c) {
   case 'n': return 0;                          /* only inside objects (below) */
   case '{':
     if (!lua_checkstack(L, 3)) return 0;
-    lua_newtable(L);
+    lua_createtable(L, 0, 4);                  /* room for a usage's keys: no rehash on the way */
     c->i++;
     for (;;) {
       ws(c);
@@ -419,8 +417,9 @@ static int push_span(ctx *x, const lb_span *v) {
 #define OPT(v, k) ((v).kind == LB_J_ABSENT || (v).kind == LB_J_NULL || (v).kind == (k))
 #define NIL(v) ((v).kind == LB_J_ABSENT || (v).kind == LB_J_NULL)
 
-/* every field as results.record has it, or 0: lua-cjson decides */
-static int fields(ctx *x, lb_result *r) {
+/* every field as results.record has it, or 0: lua-cjson decides; *okp
+ * the record's ok */
+static int fields(ctx *x, const lb_result *r, int *okp) {
   lua_State *L = x->L;
   int body = r->body.kind == LB_J_OBJ, ok;
   if (!OPT(r->custom_id, LB_J_STR) || !OPT(r->id, LB_J_STR) || !OPT(r->error, LB_J_OBJ)
@@ -445,6 +444,7 @@ static int fields(ctx *x, lb_result *r) {
   }
   lua_pushboolean(L, ok);
   lua_setfield(L, -2, "ok");
+  *okp = ok;
   if (body) {
     SET("model", r->model);
     SET("created", r->created);
@@ -527,21 +527,29 @@ int lb_line_at(lua_State *L) {
   return 1;
 }
 
-/* the fields of result line s (n bytes) pushed as core.result returns
- * them (3 values), or false (1 value) when the scanner leaves it to Lua */
-int lb_push_result(lua_State *L, const char *s, size_t n) {
-  lb_result r;
+/* the fields of result line s (n bytes), scanned into r, pushed as
+ * core.result returns them (3 values), or false (1 value) when the scanner
+ * leaves it to Lua; *ok the record's ok */
+int lb_push_scanned(lua_State *L, const char *s, size_t n, const lb_result *r, int *ok) {
   ctx x;
-  int top = lua_gettop(L), ok;
+  int top = lua_gettop(L), done;
   char small[4096];
-  if (!lb_result_scan(s, n, &r)) { lua_pushboolean(L, 0); return 1; }
+  *ok = 0;
   x.L = L; x.s = s;
   x.tmp = n <= sizeof small ? small : malloc(n);   /* unescaped text is never longer */
   if (!x.tmp) return luaL_error(L, "result: out of memory");
-  ok = fields(&x, &r);
+  done = fields(&x, r, ok);
   if (x.tmp != small) free(x.tmp);
-  if (!ok) { lua_settop(L, top); lua_pushboolean(L, 0); return 1; }
+  if (!done) { lua_settop(L, top); lua_pushboolean(L, 0); *ok = 0; return 1; }
   return 3;
+}
+
+/* the same, scanned here */
+int lb_push_result(lua_State *L, const char *s, size_t n) {
+  lb_result r;
+  int ok;
+  if (!lb_result_scan(s, n, &r)) { lua_pushboolean(L, 0); return 1; }
+  return lb_push_scanned(L, s, n, &r, &ok);
 }
 
 /* found:answer(line, handles): the join's step for one input line, in one

@@ -32,14 +32,12 @@ static size_t ws(const char *s, size_t n, size_t i) {
 /* past a string starting at the quote s[i]; *esc set when it holds a
  * backslash; n + 1 when it never ends */
 static size_t skip_string(const char *s, size_t n, size_t i, int *esc) {
-  const char *q = NULL, *b;
-  for (i++; i < n; i = (size_t)(b - s) + 2) {   /* from backslash to backslash: linear */
-    if (!q || q < s + i) { q = memchr(s + i, '"', n - i); if (!q) return n + 1; }
-    b = memchr(s + i, '\\', (size_t)(q - (s + i)));
-    if (!b) return (size_t)(q - s) + 1;       /* no backslash before the quote */
+  for (i++;; i += 2) {                          /* past a backslash and the byte it escapes */
+    i = lb_str_stop(s, n, i);
+    if (i >= n) return n + 1;
+    if (s[i] == '"') return i + 1;
     *esc = 1;
   }
-  return n + 1;
 }
 
 /* the bytes skip_value stops at inside a container */

@@ -3,6 +3,11 @@
 #define LBATCH_SCAN_H
 
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #pragma GCC visibility push(hidden)   /* core.h says why */
 
@@ -27,6 +32,41 @@ static inline size_t lb_utf8_seq(const unsigned char *s, size_t n, size_t i) {
   if (need >= 2 && (s[i + 2] < 0x80 || s[i + 2] > 0xBF)) return 0;
   if (need == 3 && (s[i + 3] < 0x80 || s[i + 3] > 0xBF)) return 0;
   return need + 1;
+}
+/* The first '"' or '\\' in s[i..n), or n: what ends or escapes a JSON
+ * string. Most strings in a result line are short (keys, ids), where one
+ * memchr call each for the quote and the backslash costs more than the
+ * search: sixteen bytes at a time (SSE2, on every x86-64; eight
+ * elsewhere) for the first 64, then memchr. Inline: the
+ * scanners (scan.c, rec.c) run it on every string of every line. */
+static inline size_t lb_str_stop(const char *s, size_t n, size_t i) {
+#ifdef __SSE2__
+  const __m128i quote = _mm_set1_epi8('"'), bs = _mm_set1_epi8('\\');
+  size_t lim = i + 64;
+  while (i + 16 <= n && i < lim) {
+    __m128i x = _mm_loadu_si128((const __m128i *)(const void *)(s + i));
+    unsigned m = (unsigned)_mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(x, quote), _mm_cmpeq_epi8(x, bs)));
+    if (m) return i + (size_t)__builtin_ctz(m);
+    i += 16;
+  }
+#else
+  const uint64_t ones = 0x0101010101010101u, highs = 0x8080808080808080u;
+  size_t lim = i + 64;
+  while (i + 8 <= n && i < lim) {
+    uint64_t x, q, b;
+    memcpy(&x, s + i, 8);
+    q = x ^ (ones * '"');
+    b = x ^ (ones * '\\');
+    if ((((q - ones) & ~q) | ((b - ones) & ~b)) & highs) break;   /* a byte of them in these eight */
+    i += 8;
+  }
+#endif
+  if (i < n && i >= lim) {                    /* a long string: memchr */
+    const char *q = memchr(s + i, '"', n - i), *b = memchr(s + i, '\\', (size_t)((q ? q : s + n) - (s + i)));
+    return (size_t)((b ? b : q ? q : s + n) - s);
+  }
+  while (i < n && s[i] != '"' && s[i] != '\\') i++;
+  return i;
 }
 long lb_utf8_invalid(const unsigned char *s, size_t n);
 int lb_json_string(const char *s, size_t n, const char *key, size_t klen, size_t *off, size_t *len);
