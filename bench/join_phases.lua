@@ -12,6 +12,7 @@
 --            256 at a time)
 --   to Lua   the rest of results' each(): the join's loop in Lua, the
 --            JSON-format check
+-- FIELDS=status_code,content: records as each{fields = {...}} makes them.
 local core = require "lbatch.core"
 local results = require "lbatch.results"
 local service = require "lbatch.impl.api.service"
@@ -24,6 +25,14 @@ local input = dir .. "/all.in.jsonl"
 
 local function lazy() end
 local out, asks = {}, {}
+-- FIELDS=a,b: the records of each{fields = {a, b}}
+local fields, want = os.getenv("FIELDS"), nil
+if fields and fields ~= "" then
+  want = {}
+  for name in fields:gmatch("[^,]+") do want[#want + 1] = name end
+end
+local set = want and {}
+for _, name in ipairs(want or {}) do set[name] = true end
 
 local function pass(upto)
   local map = core.idmap()
@@ -39,7 +48,7 @@ local function pass(upto)
     while upto >= 3 and k <= n do
       local last = assert(win:fill(map, k, n, handles, sizes))
       if upto >= 4 then
-        for i = k, last, 256 do win:records(i, math.min(last, i + 255), lazy, out, asks) end
+        for i = k, last, 256 do win:records(i, math.min(last, i + 255), lazy, out, asks, set) end
       end
       k = last + 2                                  -- (an id left to Lua: none in these files)
     end
@@ -50,7 +59,7 @@ local function pass(upto)
 end
 
 local function whole()
-  for rec in results.open({ output = files[1], errors = files[2], inputs = input }):each() do
+  for rec in results.open({ output = files[1], errors = files[2], inputs = input }):each({ fields = want }) do
     assert(rec)
   end
 end
@@ -78,4 +87,5 @@ names[5] = "to Lua"
 local runtime = jit and jit.version or _VERSION
 local cells = {}
 for i = 1, 5 do cells[i] = ("%s %.2f s (%.0f%%)"):format(names[i], times[i], 100 * times[i] / all) end
-print(("%s: %s; whole %.2f s CPU"):format(runtime, table.concat(cells, ", "), all))
+print(("%s%s: %s; whole %.2f s CPU"):format(runtime, want and " (fields " .. fields .. ")" or "",
+  table.concat(cells, ", "), all))

@@ -5,6 +5,8 @@
 --                    the same as one file each (all.*.jsonl)
 --   merge DIR        lbatch's join, shard by shard (as the pipeline merges)
 --   single DIR       lbatch's join of the single files (bounded by max_index)
+--                    (merge and single: FIELDS=a,b reads records made with
+--                    each{fields = {a, b}})
 --   naive DIR        every answer decoded into one Lua table, then the inputs
 --   pipeline N DIR   N requests through lbatch.pipeline on the emulator
 --   batchchat N DIR | filebatch N DIR  the same N requests through Batch
@@ -83,9 +85,9 @@ local function shards_of(dir)
   return groups
 end
 
-local function count(reader)
+local function count(reader, opts)
   local n, ok, failed, missing = 0, 0, 0, 0
-  for rec, err in reader:each() do
+  for rec, err in reader:each(opts) do
     if not rec then error(tostring(err)) end
     n = n + 1
     if rec.ok then ok = ok + 1 elseif rec.missing then missing = missing + 1 else failed = failed + 1 end
@@ -142,7 +144,13 @@ elseif mode == "merge" or mode == "single" then
   else r = assert(results.open({ output = dir .. "/all.out.jsonl", errors = dir .. "/all.err.jsonl",
                                  inputs = dir .. "/all.in.jsonl" })) end
   local t0 = now()
-  local n, ok, failed, missing = count(r)
+  local fields = os.getenv("FIELDS")   -- FIELDS=status_code,content: each{fields = ...}
+  local opts
+  if fields and fields ~= "" then
+    opts = { fields = {} }
+    for name in fields:gmatch("[^,]+") do opts.fields[#opts.fields + 1] = name end
+  end
+  local n, ok, failed, missing = count(r, opts)
   local t = now() - t0
   print(("%d records (%d ok, %d failed, %d missing), %.0f records/s"):format(n, ok, failed, missing, n / t))
 

@@ -258,11 +258,11 @@ end
 -- rec.prompt, from its request line, likewise). The line is kept beside
 -- the record, not in it, so that the record holds only its fields (pairs
 -- and cjson.encode see them alone): in the record's own metatable,
--- {__index = lazy, line} (a weak table of lines cost LuaJIT a quarter of
+-- {__index = lazy, line = line} (a weak table of lines cost LuaJIT a quarter of
 -- the join's time: measured in docs/benchmarks.md).
 local function lazy(rec, k)
   if k == "body" then
-    local line = getmetatable(rec)[1]
+    local line = getmetatable(rec).line
     if line == nil then return nil end
     if type(line) == "userdata" then line = answer_bytes(line) end   -- (kept so by core.window's records)
     local ok, r = pcall(decode, line)
@@ -298,7 +298,7 @@ local function light(line, rec, err, berr)
   else
     if err or berr then error_fields(rec, err, berr) end
     if not rec.ok then rec.class = M.classify(rec) end
-    return setmetatable(rec, { __index = lazy, line })
+    return setmetatable(rec, { __index = lazy, line = line })
   end
   return setmetatable(rec, Record)
 end
@@ -306,6 +306,26 @@ M.light = light
 
 local Reader = {}
 Reader.__index = Reader
+
+-- the fields a record may have (results.record's, and a joined record's)
+local FIELDS = {}
+for name in ([[custom_id id ok class status_code request_id body model created usage content reasoning
+  embedding images video error error_code error_type error_message json line input prompt missing]]):gmatch("%S+") do
+  FIELDS[name] = true
+end
+
+-- each's opts.fields as a set of names; a name that is not a field raises
+local function fields_of(list)
+  if type(list) ~= "table" then errors.arg("results.each", "opts.fields must be a list of field names", 4) end
+  local set = {}
+  for i, name in ipairs(list) do
+    if not FIELDS[name] then
+      errors.arg("results.each", ("opts.fields[%d] (%s) is not a field of a record"):format(i, tostring(name)), 4)
+    end
+    set[name] = true
+  end
+  return set
+end
 
 local function group_of(name, g)
   if type(g) ~= "table" then errors.arg("results.open", name .. " must be a table", 4) end
@@ -619,7 +639,7 @@ function Join:batch()
   end
   local last = math.min(self.upto, k + BATCH - 1)
   local out, asks = self.out, self.asks
-  local n, m = self.win:records(k, last, lazy, out, asks)
+  local n, m = self.win:records(k, last, lazy, out, asks, self.want)
   for a = 1, m do
     local rec = out[asks[a]]
     if rec then check_answer(rec, rec.line) end
@@ -666,8 +686,8 @@ end
 -- The join of one group: an iterator of records in input order (each
 -- with .line, its request line), then nil; self.missing_ids and
 -- self.orphans grow as it goes.
-function Reader:_join(g)
-  local j = setmetatable({ reader = self, files = result_files(g), inputs = g.inputs, budget = self.max_index,
+function Reader:_join(g, want)
+  local j = setmetatable({ reader = self, want = want, files = result_files(g), inputs = g.inputs, budget = self.max_index,
                            fi = 1, start = 0, seg = 0, segs = {}, chunks = 0, found = nil, chunked = false,
                            handles = {}, fh = nil, stop = nil, pos = 0,
                            win = core.window(), n = 0, k = 0, upto = 0, sizes = {},
@@ -718,13 +738,28 @@ end
 -- cannot know what was asked). A file that cannot be read
 -- gives `false, err` (an `io` error) and the iteration ends. Afterwards
 -- `r.orphans` lists the results no input asked for.
+--
+-- `opts.fields` (a list of field names) is what a loop reads of an ok
+-- record: such a record then holds those fields, custom_id and ok, and may
+-- lack the others, which makes a join of many answers faster (the
+-- projection a database makes of a query's columns: figures in
+-- docs/benchmarks.md). "body", "input" and "prompt" keep the lines they
+-- are decoded from, "line" the request line. A record that is not ok,
+-- missing or checked against the JSON its request asks for comes whole.
+-- @tparam[opt] table opts {fields = {name, ...}}
 -- @treturn function the iterator
-function Reader:each()
-  return guarded(self:_each())
+function Reader:each(opts)
+  local want
+  if opts ~= nil then
+    errors.check("results.each", "opts", opts, "table")
+    if opts.fields ~= nil then want = fields_of(opts.fields) end
+  end
+  return guarded(self:_each(want))
 end
 
--- the records of groups[from] to groups[to], group after group
-function Reader:_run(from, to)
+-- the records of groups[from] to groups[to], group after group (joined
+-- records with the fields of `want`, a set of names, at least)
+function Reader:_run(from, to, want)
   local g, it = from - 1, nil
   return function()
     while true do
@@ -733,7 +768,7 @@ function Reader:_run(from, to)
       g = g + 1
       local group = g <= to and self.groups[g]
       if not group then return nil end
-      if #group.inputs > 0 then it = self:_join(group) else it = plain(group) end
+      if #group.inputs > 0 then it = self:_join(group, want) else it = plain(group) end
     end
   end
 end
@@ -741,11 +776,11 @@ end
 -- the records of group after group; with `placed` = {groups = m, at}, the
 -- first m groups' records go at the positions at(1), at(2), ... (1 the
 -- first record) and the other groups' fill the rest, each in its order
-function Reader:_each()
+function Reader:_each(want)
   self.missing_ids, self.orphans = {}, {}
   local p = self.placed
-  if not p then return self:_run(1, #self.groups) end
-  local sample, rest = self:_run(1, p.groups), self:_run(p.groups + 1, #self.groups)
+  if not p then return self:_run(1, #self.groups, want) end
+  local sample, rest = self:_run(1, p.groups, want), self:_run(p.groups + 1, #self.groups, want)
   local j, pos, at = 1, 1, p.at(1)
   return function()
     local rec

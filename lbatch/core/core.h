@@ -158,7 +158,11 @@ FILE *lb_file_of(lua_State *L, int idx);   /* a Lua file handle's FILE, NULL whe
 /* the fields of result line s pushed as core.result returns them (3 values), or false (1) */
 int lb_push_result(lua_State *L, const char *s, size_t n);
 struct lb_result;
-int lb_push_scanned(lua_State *L, const char *s, size_t n, const struct lb_result *r, int *ok);
+/* the fields a record may do without: bits of a `want` mask */
+enum { LB_F_ID = 1, LB_F_STATUS = 2, LB_F_REQUEST_ID = 4, LB_F_MODEL = 8, LB_F_CREATED = 16, LB_F_USAGE = 32,
+       LB_F_CONTENT = 64, LB_F_REASONING = 128, LB_F_EMBEDDING = 256, LB_F_ALL = 511 };
+int lb_push_scanned(lua_State *L, const char *s, size_t n, const struct lb_result *r, int *ok, unsigned want);
+unsigned lb_fields_wanted(lua_State *L, int idx);   /* the mask of the names set in the table at idx */
 
 /* ------------------------------------------------------------ fetch.c */
 

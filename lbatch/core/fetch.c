@@ -415,59 +415,86 @@ static int w_take(lua_State *L) {
   s = win->arena + e->at;
   lua_pushlstring(L, s, e->len);
   if (!lb_result_scan(s, e->len, &r) || !same_id(win, e, s, &r)) return 2;
-  return 2 + lb_push_scanned(L, s, e->len, &r, &ok);
+  return 2 + lb_push_scanned(L, s, e->len, &r, &ok, LB_F_ALL);
 }
 
-/* input i's record whole, pushed, when it is the common case: an answer
- * that is the request's, ok, with chat's content or an embedding
- * (results.light's record: its fields, rec.line the request line, and its
- * own metatable {__index = lazy (stack slot `lazy`), the answer line});
- * *format set when the request line may ask for a JSON answer (it holds
- * `format"`: the caller checks). 0 and nothing pushed for any other. */
-static int push_record(lua_State *L, window *win, lua_Integer i, int lazy, int *format) {
+/* what a record of w:records holds besides the fields of LB_F_ALL */
+enum { F_LINE = LB_F_ALL + 1, F_LAZY = F_LINE << 1 };
+#define F_EVERY (LB_F_ALL | F_LINE | F_LAZY)
+
+/* input i's record, pushed, when it is the common case: an answer that is
+ * the request's, ok, with chat's content or an embedding. Whole (`want`
+ * F_EVERY), it is results.light's record: its fields, rec.line the request
+ * line, and its own metatable {__index = lazy (stack slot `lazy`), line =
+ * the answer line}; else only what `want` asks for (with custom_id and ok), and
+ * a request that may ask for a JSON answer is left to the caller, which
+ * checks the answer. *format set when the request line may ask for one (it
+ * holds `format"`: the caller checks). 0 and nothing pushed for any other. */
+static int push_record(lua_State *L, window *win, lua_Integer i, int lazy, unsigned want, int *format) {
   entry *e = &win->e[i - win->from];
-  const char *s = win->arena + e->at, *text;
+  const char *s = win->arena + e->at, *text = win->in + win->t[i].at;
+  size_t tlen = win->t[i].len;
   lb_result r;
   int top = lua_gettop(L), ok;
   if (e->kind != E_LINE || !lb_result_scan(s, e->len, &r) || !same_id(win, e, s, &r)
-      || (r.content.kind != LB_J_STR && r.embedding.kind != LB_J_ARR))
+      || !((r.message.kind == LB_J_OBJ && r.content.kind == LB_J_STR)
+           || (r.datum0.kind == LB_J_OBJ && r.embedding.kind == LB_J_ARR)))
     return 0;
-  if (lb_push_scanned(L, s, e->len, &r, &ok) == 1 || !ok
-      || (lua_getfield(L, -3, r.content.kind == LB_J_STR ? "content" : "embedding"), lua_isnil(L, -1))) {
+  *format = memmem(text, tlen, "format\"", 7) != NULL;
+  if (*format && want != F_EVERY) return 0;
+  if (lb_push_scanned(L, s, e->len, &r, &ok, want & LB_F_ALL) == 1 || !ok) {
     lua_settop(L, top);
     return 0;
   }
-  lua_pop(L, 3);                         /* the field, err and berr (nil: it is ok) */
-  lua_createtable(L, 1, 1);
-  lua_pushvalue(L, lazy);
-  lua_setfield(L, -2, "__index");
-  memcpy(lua_newuserdata(L, e->len), s, e->len);   /* (not a string: LuaJIT would intern it) */
-  lua_rawseti(L, -2, 1);
-  lua_setmetatable(L, -2);
-  text = win->in + win->t[i].at;
-  lua_pushlstring(L, text, win->t[i].len);
-  lua_setfield(L, -2, "line");
-  *format = memmem(text, win->t[i].len, "format\"", 7) != NULL;
+  lua_pop(L, 2);                         /* err and berr (nil: it is ok) */
+  if (want & F_LAZY) {
+    lua_createtable(L, 0, 2);            /* (no array part: one allocation less on Lua 5.4) */
+    lua_pushvalue(L, lazy);
+    lua_setfield(L, -2, "__index");
+    memcpy(lua_newuserdata(L, e->len), s, e->len);   /* (not a string: LuaJIT would intern it) */
+    lua_setfield(L, -2, "line");
+    lua_setmetatable(L, -2);
+  }
+  if (want & F_LINE) {
+    lua_pushlstring(L, text, tlen);
+    lua_setfield(L, -2, "line");
+  }
   return 1;
 }
 
-/* w:records(from, to, lazy, out, asks): the records of inputs from..to in
- * out[1..], each whole (push_record) or false for one the caller takes
- * itself (w:take); in asks[1..], the places in out of those whose request
- * may ask for a JSON answer. Returns the count of each. One call a batch:
- * a call to C a record cost the join as much as the record's fields. */
+/* w:records(from, to, lazy, out, asks[, want]): the records of inputs
+ * from..to in out[1..], each made here (push_record) or false for one the
+ * caller takes itself (w:take); in asks[1..], the places in out of those
+ * whose request may ask for a JSON answer. `want` (a set of field names;
+ * nil: every one) makes them hold only those fields: "line" keeps the
+ * request line, "body", "input" and "prompt" the lines their lazy decode
+ * reads. Returns the count of each. One call a batch: a call to C a record
+ * cost the join as much as the record's fields. */
 static int w_records(lua_State *L) {
   window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
   lua_Integer from = luaL_checkinteger(L, 2), to = luaL_checkinteger(L, 3), i, m = 0;
+  unsigned want = F_EVERY;
   luaL_argcheck(L, from >= win->from && to <= win->to, 2, "not in the window");
   luaL_checktype(L, 4, LUA_TFUNCTION);
   luaL_checktype(L, 5, LUA_TTABLE);
   luaL_checktype(L, 6, LUA_TTABLE);
+  if (!lua_isnoneornil(L, 7)) {
+    luaL_checktype(L, 7, LUA_TTABLE);
+    want = lb_fields_wanted(L, 7);
+    lua_getfield(L, 7, "line");
+    if (lua_toboolean(L, -1)) want |= F_LINE;
+    lua_pop(L, 1);
+    lua_getfield(L, 7, "body");
+    lua_getfield(L, 7, "input");
+    lua_getfield(L, 7, "prompt");
+    if (lua_toboolean(L, -1) || lua_toboolean(L, -2) || lua_toboolean(L, -3)) want |= F_LAZY | F_LINE;
+    lua_pop(L, 3);
+  }
   for (i = from; i <= to; i++) {
     int format = 0;
-    if (!push_record(L, win, i, 4, &format)) lua_pushboolean(L, 0);
+    if (!push_record(L, win, i, 4, want, &format)) lua_pushboolean(L, 0);
+    else if (format) { lua_pushinteger(L, i - from + 1); lua_rawseti(L, 6, (int)++m); }
     lua_rawseti(L, 5, (int)(i - from + 1));
-    if (format) { lua_pushinteger(L, i - from + 1); lua_rawseti(L, 6, (int)++m); }
   }
   lua_pushinteger(L, to >= from ? to - from + 1 : 0);
   lua_pushinteger(L, m);

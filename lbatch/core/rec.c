@@ -417,9 +417,28 @@ static int push_span(ctx *x, const lb_span *v) {
 #define OPT(v, k) ((v).kind == LB_J_ABSENT || (v).kind == LB_J_NULL || (v).kind == (k))
 #define NIL(v) ((v).kind == LB_J_ABSENT || (v).kind == LB_J_NULL)
 
-/* every field as results.record has it, or 0: lua-cjson decides; *okp
- * the record's ok */
-static int fields(ctx *x, const lb_result *r, int *okp) {
+/* the fields a record may do without (results' each{fields = ...}): their
+ * names, each one's bit in a `want` mask */
+static const struct { const char *name; unsigned bit; } optional[] = {
+  {"id", LB_F_ID}, {"status_code", LB_F_STATUS}, {"request_id", LB_F_REQUEST_ID}, {"model", LB_F_MODEL},
+  {"created", LB_F_CREATED}, {"usage", LB_F_USAGE}, {"content", LB_F_CONTENT}, {"reasoning", LB_F_REASONING},
+  {"embedding", LB_F_EMBEDDING}, {NULL, 0}
+};
+
+unsigned lb_fields_wanted(lua_State *L, int idx) {
+  unsigned mask = 0;
+  int k;
+  for (k = 0; optional[k].name; k++) {
+    lua_getfield(L, idx, optional[k].name);
+    if (lua_toboolean(L, -1)) mask |= optional[k].bit;
+    lua_pop(L, 1);
+  }
+  return mask;
+}
+
+/* the fields as results.record has them (custom_id and ok, and those of
+ * `want` the line has), or 0: lua-cjson decides; *okp the record's ok */
+static int fields(ctx *x, const lb_result *r, int *okp, unsigned want) {
   lua_State *L = x->L;
   int body = r->body.kind == LB_J_OBJ, ok;
   if (!OPT(r->custom_id, LB_J_STR) || !OPT(r->id, LB_J_STR) || !OPT(r->error, LB_J_OBJ)
@@ -431,12 +450,20 @@ static int fields(ctx *x, const lb_result *r, int *okp) {
       || r->data.kind == LB_J_OBJ || r->datum0.kind == LB_J_ARR
       || !(OPT(r->embedding, LB_J_ARR) || r->embedding.kind == LB_J_FALSE))
     return 0;
-  lua_createtable(L, 0, 16);
-#define SET(name, span) do { if (!NIL(span)) { if (!push_span(x, &(span))) return 0; lua_setfield(L, -2, name); } } while (0)
-  SET("custom_id", r->custom_id);
-  SET("id", r->id);
-  SET("status_code", r->status_code);
-  SET("request_id", r->request_id);
+  if (want == LB_F_ALL) lua_createtable(L, 0, 16);    /* with room for line, class and the lazy ones */
+  else {
+    int n = 3;                                         /* custom_id, ok, line */
+    unsigned m;
+    for (m = want; m; m &= m - 1) n++;
+    lua_createtable(L, 0, n);
+  }
+#define SET(bit, name, span) do { \
+    if (((bit) == 0 || (want & (bit))) && !NIL(span)) { if (!push_span(x, &(span))) return 0; lua_setfield(L, -2, name); } \
+  } while (0)
+  SET(0, "custom_id", r->custom_id);           /* (0: every record has it) */
+  SET(LB_F_ID, "id", r->id);
+  SET(LB_F_STATUS, "status_code", r->status_code);
+  SET(LB_F_REQUEST_ID, "request_id", r->request_id);
   ok = 0;
   if (r->status_code.kind == LB_J_NUM) {
     double st = number_of(x->s + r->status_code.off, r->status_code.len);
@@ -446,14 +473,14 @@ static int fields(ctx *x, const lb_result *r, int *okp) {
   lua_setfield(L, -2, "ok");
   *okp = ok;
   if (body) {
-    SET("model", r->model);
-    SET("created", r->created);
-    if (r->usage.kind == LB_J_OBJ) SET("usage", r->usage);
+    SET(LB_F_MODEL, "model", r->model);
+    SET(LB_F_CREATED, "created", r->created);
+    if (r->usage.kind == LB_J_OBJ) SET(LB_F_USAGE, "usage", r->usage);
     if (r->message.kind == LB_J_OBJ) {
-      SET("content", r->content);
-      SET("reasoning", r->reasoning);
+      SET(LB_F_CONTENT, "content", r->content);
+      SET(LB_F_REASONING, "reasoning", r->reasoning);
     }
-    if (r->datum0.kind == LB_J_OBJ && r->embedding.kind == LB_J_ARR) SET("embedding", r->embedding);
+    if (r->datum0.kind == LB_J_OBJ && r->embedding.kind == LB_J_ARR) SET(LB_F_EMBEDDING, "embedding", r->embedding);
   }
 #undef SET
   if (!push_span(x, &r->error) || !push_span(x, &r->body_error)) return 0;
@@ -528,9 +555,10 @@ int lb_line_at(lua_State *L) {
 }
 
 /* the fields of result line s (n bytes), scanned into r, pushed as
- * core.result returns them (3 values), or false (1 value) when the scanner
+ * core.result returns them (3 values; the record with only the fields of
+ * `want`, and custom_id and ok), or false (1 value) when the scanner
  * leaves it to Lua; *ok the record's ok */
-int lb_push_scanned(lua_State *L, const char *s, size_t n, const lb_result *r, int *ok) {
+int lb_push_scanned(lua_State *L, const char *s, size_t n, const lb_result *r, int *ok, unsigned want) {
   ctx x;
   int top = lua_gettop(L), done;
   char small[4096];
@@ -538,7 +566,7 @@ int lb_push_scanned(lua_State *L, const char *s, size_t n, const lb_result *r, i
   x.L = L; x.s = s;
   x.tmp = n <= sizeof small ? small : malloc(n);   /* unescaped text is never longer */
   if (!x.tmp) return luaL_error(L, "result: out of memory");
-  done = fields(&x, r, ok);
+  done = fields(&x, r, ok, want);
   if (x.tmp != small) free(x.tmp);
   if (!done) { lua_settop(L, top); lua_pushboolean(L, 0); *ok = 0; return 1; }
   return 3;
@@ -549,7 +577,7 @@ int lb_push_result(lua_State *L, const char *s, size_t n) {
   lb_result r;
   int ok;
   if (!lb_result_scan(s, n, &r)) { lua_pushboolean(L, 0); return 1; }
-  return lb_push_scanned(L, s, n, &r, &ok);
+  return lb_push_scanned(L, s, n, &r, &ok, LB_F_ALL);
 }
 
 /* found:answer(line, handles): the join's step for one input line, in one

@@ -40,13 +40,53 @@ static size_t skip_string(const char *s, size_t n, size_t i, int *esc) {
   }
 }
 
-/* the bytes skip_value stops at inside a container */
-static unsigned char stop[256];
+/* past the container (object or array) at s[i]: its brackets counted
+ * outside strings, strings skipped with their escapes; n + 1 when it never
+ * closes. Sixteen bytes at a time (SSE2): one bit each for the bytes that
+ * matter (quotes, backslashes, brackets), taken in order, the rest never
+ * looked at. */
+static size_t skip_container(const char *s, size_t n, size_t i) {
+  int depth = 0, in_str = 0, skip = 0;     /* skip: the byte after a backslash that ended the last block */
+#ifdef __SSE2__
+  const __m128i quote = _mm_set1_epi8('"'), bs = _mm_set1_epi8('\\'), open = _mm_set1_epi8('{'),
+                close = _mm_set1_epi8('}'), lower = _mm_set1_epi8(0x20);
+  for (; i + 16 <= n; i += 16) {
+    __m128i x = _mm_loadu_si128((const __m128i *)(const void *)(s + i)), y = _mm_or_si128(x, lower);
+    unsigned m = (unsigned)_mm_movemask_epi8(_mm_or_si128(                   /* [ and ] are { and } with 0x20 */
+      _mm_or_si128(_mm_cmpeq_epi8(x, quote), _mm_cmpeq_epi8(x, bs)),
+      _mm_or_si128(_mm_cmpeq_epi8(y, open), _mm_cmpeq_epi8(y, close))));
+    if (skip) { m &= ~1u; skip = 0; }
+    while (m) {
+      unsigned p = (unsigned)__builtin_ctz(m);
+      char c = s[i + p];
+      m &= m - 1;
+      if (in_str) {
+        if (c == '"') in_str = 0;
+        else if (c == '\\') {               /* the escaped byte is not looked at */
+          if (p == 15) skip = 1;
+          else m &= ~(1u << (p + 1));
+        }
+      } else if (c == '"') in_str = 1;
+      else if (c == '{' || c == '[') depth++;
+      else if (c == '}' || c == ']') { if (--depth == 0) return i + p + 1; }
+    }
+  }
+#endif
+  for (i += (size_t)skip; i < n; i++) {
+    char c = s[i];
+    if (in_str) {
+      if (c == '"') in_str = 0;
+      else if (c == '\\') i++;
+    } else if (c == '"') in_str = 1;
+    else if (c == '{' || c == '[') depth++;
+    else if (c == '}' || c == ']') { if (--depth == 0) return i + 1; }
+  }
+  return n + 1;
+}
 
 /* past any value at s[i]; n + 1 when malformed */
 static size_t skip_value(const char *s, size_t n, size_t i) {
-  int depth = 0, esc = 0;
-  if (!stop['"']) { stop['"'] = stop['{'] = stop['['] = stop['}'] = stop[']'] = 1; }
+  int esc = 0;
   if (i >= n) return n + 1;
   if (s[i] == '"') return skip_string(s, n, i, &esc);
   if (s[i] != '{' && s[i] != '[') {   /* a number or a literal */
@@ -55,15 +95,7 @@ static size_t skip_value(const char *s, size_t n, size_t i) {
            && s[j] != '\r' && s[j] != '\n' && s[j] != '"' && s[j] != '{' && s[j] != '[' && s[j] != ':') j++;
     return j > i ? j : n + 1;
   }
-  while (i < n) {
-    char c = s[i];
-    if (!stop[(unsigned char)c]) { i++; continue; }
-    if (c == '"') { i = skip_string(s, n, i, &esc); if (i > n) return n + 1; continue; }
-    if (c == '{' || c == '[') depth++;
-    else if (--depth == 0) return i + 1;
-    i++;
-  }
-  return n + 1;
+  return skip_container(s, n, i);
 }
 
 int lb_json_string(const char *s, size_t n, const char *key, size_t klen, size_t *off, size_t *len) {

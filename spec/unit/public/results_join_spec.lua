@@ -153,6 +153,82 @@ describe("the join of results to inputs", function()
     assert.are.same(want_orphans, orphans)
   end)
 
+  -- every record of a join, and a copy of each one's own fields (pairs)
+  local function records_of(reader, opts)
+    local recs, own = {}, {}
+    for rec, err in reader:each(opts) do
+      assert.is_truthy(rec, tostring(err))
+      local t = {}
+      for k, v in pairs(rec) do t[k] = v end
+      recs[#recs + 1], own[#own + 1] = rec, t
+    end
+    return recs, own
+  end
+
+  it("each{fields} makes an ok record of those fields (the rest as without it), every other record whole", function()
+    local case = make_case(dir, 400, math.random, "fields")
+    local function open(max_index)
+      return assert(results.open({ output = case.output, errors = case.errors, inputs = case.inputs,
+                                   max_index = max_index }))
+    end
+    local whole, whole_own = records_of(open())
+    local oks = 0
+    for _, fields in ipairs({ { "content" }, { "status_code", "content", "usage", "model" }, { "line" },
+                              { "body" }, { "prompt", "request_id" } }) do
+      for _, max_index in ipairs({ 7, 1000000 }) do
+        local recs, own = records_of(open(max_index), { fields = fields })
+        local asked, keeps_line = {}, false
+        for _, f in ipairs(fields) do
+          asked[f] = true
+          keeps_line = keeps_line or f == "line" or f == "body" or f == "prompt"
+        end
+        assert.are.equal(#whole, #recs)
+        for i, w in ipairs(whole) do
+          local g, where = recs[i], ("record %d, fields %s"):format(i, table.concat(fields, ","))
+          if w.ok then
+            if not w.custom_id:find('"', 1, true) then   -- (an escaped id is joined in Lua: whole)
+              oks = oks + 1
+              for k in pairs(own[i]) do   -- its own fields: only those asked for, custom_id and ok
+                assert.is_true(k == "custom_id" or k == "ok" or asked[k] or (k == "line" and keeps_line),
+                  where .. ": " .. k)
+              end
+            end
+            assert.are.equal(w.custom_id, g.custom_id, where)
+            assert.are.equal(true, g.ok, where)
+            for f in pairs(asked) do assert.are.same(w[f], g[f], where .. ": " .. f) end
+          else
+            assert.are.same(whole_own[i], own[i], where)   -- failed and missing: whole
+          end
+        end
+      end
+    end
+    assert.is_true(oks > 100)
+    assert.has_error(function() open():each({ fields = { "contnet" } }) end,
+      "lbatch.results.each: opts.fields[1] (contnet) is not a field of a record")
+    assert.has_error(function() open():each({ fields = "content" }) end,
+      "lbatch.results.each: opts.fields must be a list of field names")
+  end)
+
+  it("each{fields} still checks an answer against the JSON its request asks for", function()
+    local function req(id, fmt)
+      return cjson.encode({ custom_id = id, method = "POST", url = "/v1/chat/completions", body = { model = "m",
+        messages = { { role = "user", content = "q" } }, response_format = fmt and { type = "json_object" } or nil } })
+    end
+    local function ans(id, content)
+      return cjson.encode({ id = "o", custom_id = id, response = { status_code = 200, request_id = "r",
+        body = { model = "m", choices = { { message = { content = content } } } } }, error = cjson.null })
+    end
+    local base = dir .. "/fmt"
+    write(base .. ".in.jsonl", { req("a", true), req("b", true), req("c", false) })
+    write(base .. ".out.jsonl", { ans("b", "not json"), ans("a", '{"x":1}'), ans("c", "plain") })
+    local r = assert(results.open({ output = base .. ".out.jsonl", inputs = base .. ".in.jsonl" }))
+    local recs = records_of(r, { fields = { "content" } })
+    assert.are.same({ true, false, true }, { recs[1].ok, recs[2].ok, recs[3].ok })
+    assert.are.same({ x = 1 }, recs[1].json)
+    assert.are.equal("invalid_answer", recs[2].class)
+    assert.are.equal("plain", recs[3].content)
+  end)
+
   it("checks many groups' files with a pause after each (a host's step stays short)", function()
     local groups = {}
     for i = 1, 20 do
