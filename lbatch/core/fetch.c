@@ -1,29 +1,37 @@
 /* The join's fetch for a window of input lines, in file order.
  *
  *   local w = core.window()
- *   w:fill(found, texts, from, to, handles, sizes) -> the last input handled
+ *   w:read(fh, pos, stop, max_lines, max_bytes, max_line) -> the window's
+ *                input lines (below, at w_read)
+ *   w:fill(found, from, to, handles, sizes) -> the last input handled
+ *   w:records(from, to, lazy, out, asks[, want]) -> the records of inputs
+ *                from..to, made whole in C, 256 a call (false for one the
+ *                caller takes: below, at w_records)
  *   w:take(i) -> input i's answer line and core.result's values for it;
  *                the line alone when the caller must decode it to tell it
  *                is the request's answer; false (no answer: missing); or a
  *                number (its index value: an answer past the window's byte
  *                budget, for the caller to read alone)
- *
+ *   w:text(i) -> input line i
  *   w:file(i) -> the number of the result file input i's answer came from
  *   w:free()  its memory freed now (the collector sees only the userdata;
  *             a join of many groups frees each window as its group ends)
  *
- * fill takes each input line's custom_id (texts[from..to], in input order,
- * so that a duplicate request is missing as it is one line at a time) from
- * the index `found` (values fileno * 2^36 + offset, as m:scan puts them),
- * then reads the answers in file order (sorted by file and offset), with
- * one large pread for answers that lie close together, instead of one
- * pread each in a shuffled order (docs/benchmarks.md has the figures),
- * into an arena reused window after window: a Lua string is made only when
- * a record is taken (many similar long strings alive at once make LuaJIT's
- * interning slow). An answer line whose custom_id is not the request's any
- * more (the file changed since it was indexed), or that is not there (the
- * file shrank: smaller than sizes[fileno], its size when it was indexed), is
- * an error, never another request's record.
+ * fill takes each input line's custom_id (lines from..to of the window, in
+ * input order, so that a duplicate request is missing as it is one line at
+ * a time) from the index `found` (values fileno * 2^36 + offset, as m:scan
+ * puts them), then reads the answers in file order (sorted by file and
+ * offset), with one large pread for answers that lie close together,
+ * instead of one pread each in a shuffled order (docs/benchmarks.md has the
+ * figures), into an arena reused window after window: Lua values are made
+ * only when a record is made (many similar long strings alive at once make
+ * LuaJIT's interning slow). An answer line is scanned once after it is
+ * indexed, when its record is made: its custom_id is checked in that pass
+ * (same_id); one that is not the request's any more (the file changed
+ * since it was indexed) goes to the caller, which decodes it and finds an
+ * error, never another request's record; an answer that is not there (the
+ * file shrank: smaller than sizes[fileno], its size when it was indexed) is
+ * fill's error.
  *
  * fill returns the last input handled: `to`, or less when the next text is
  * not a string or has an id that needs decoding (the caller joins that line
