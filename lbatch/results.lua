@@ -315,10 +315,10 @@ for name in ([[custom_id id ok class status_code request_id body model created u
 end
 
 -- each's opts.fields as a set of names; a name that is not a field raises
-local function fields_of(list)
-  if type(list) ~= "table" then errors.arg("results.each", "opts.fields must be a list of field names", 4) end
+local function fields_of(names)
+  if type(names) ~= "table" then errors.arg("results.each", "opts.fields must be a list of field names", 4) end
   local set = {}
-  for i, name in ipairs(list) do
+  for i, name in ipairs(names) do
     if not FIELDS[name] then
       errors.arg("results.each", ("opts.fields[%d] (%s) is not a field of a record"):format(i, tostring(name)), 4)
     end
@@ -687,7 +687,8 @@ end
 -- with .line, its request line), then nil; self.missing_ids and
 -- self.orphans grow as it goes.
 function Reader:_join(g, want)
-  local j = setmetatable({ reader = self, want = want, files = result_files(g), inputs = g.inputs, budget = self.max_index,
+  local j = setmetatable({ reader = self, want = want, files = result_files(g), inputs = g.inputs,
+                           budget = self.max_index,
                            fi = 1, start = 0, seg = 0, segs = {}, chunks = 0, found = nil, chunked = false,
                            handles = {}, fh = nil, stop = nil, pos = 0,
                            win = core.window(), n = 0, k = 0, upto = 0, sizes = {},
