@@ -440,11 +440,13 @@ enum { F_LINE = LB_F_ALL + 1, F_LAZY = F_LINE << 1 };
  * holds `format"`: the caller checks). 0 and nothing pushed for any other. */
 static int push_record(lua_State *L, window *win, lua_Integer i, int lazy, unsigned want, int *format) {
   entry *e = &win->e[i - win->from];
-  const char *s = win->arena + e->at, *text = win->in + win->t[i].at;
+  const char *s, *text = win->in + win->t[i].at;
   size_t tlen = win->t[i].len;
   lb_result r;
   int top = lua_gettop(L), ok;
-  if (e->kind != E_LINE || !lb_result_scan(s, e->len, &r) || !same_id(win, e, s, &r)
+  if (e->kind != E_LINE) return 0;
+  s = win->arena + e->at;
+  if (!lb_result_scan(s, e->len, &r) || !same_id(win, e, s, &r)
       || !((r.message.kind == LB_J_OBJ && r.content.kind == LB_J_STR)
            || (r.datum0.kind == LB_J_OBJ && r.embedding.kind == LB_J_ARR)))
     return 0;
