@@ -317,6 +317,11 @@ end
 -- each's opts.fields as a set of names; a name that is not a field raises
 local function fields_of(names)
   if type(names) ~= "table" then errors.arg("results.each", "opts.fields must be a list of field names", 4) end
+  for k in pairs(names) do
+    if type(k) ~= "number" or k < 1 or k > #names or k % 1 ~= 0 then
+      errors.arg("results.each", "opts.fields must be a list of field names (it has the key " .. tostring(k) .. ")", 4)
+    end
+  end
   local set = {}
   for i, name in ipairs(names) do
     if not FIELDS[name] then
@@ -325,6 +330,26 @@ local function fields_of(names)
     set[name] = true
   end
   return set
+end
+
+-- the fields a lean record (each{fields = ...}) holds only when asked for;
+-- its others (missing, class, the error's) are nil on any ok record
+local LEAN = {}
+for name in ("id status_code request_id body model created usage content reasoning embedding line input prompt")
+    :gmatch("%S+") do
+  LEAN[name] = true
+end
+
+-- a lean record's __index: lazy's, and an error for a field it left out
+-- (a nil there would be a wrong answer: a cost without usage, an answer
+-- without content)
+local function guard_of(want)
+  return function(rec, k)
+    if LEAN[k] and not want[k] then
+      error(("lbatch.results: rec.%s was not asked for (each{fields = {..., %q}} keeps it)"):format(k, k), 2)
+    end
+    return lazy(rec, k)
+  end
 end
 
 local function group_of(name, g)
@@ -501,7 +526,13 @@ end
 function Join:checked(line, id, k)
   local why = not line and "the file is shorter than when it was indexed"
   local rec = line and light(line)
-  if rec and rec.custom_id ~= id then why = "the file changed since it was indexed" end
+  if rec and rec.custom_id ~= id then
+    if rec.custom_id == nil and json_string(line, "custom_id") == id then
+      rec.custom_id = id      -- a line that is not JSON (invalid_result_line), the request's as the index read it
+    else
+      why = "the file changed since it was indexed"
+    end
+  end
   if why then error(errors.io("cannot read", self.files[k], why), 0) end
   return rec
 end
@@ -639,7 +670,7 @@ function Join:batch()
   end
   local last = math.min(self.upto, k + BATCH - 1)
   local out, asks = self.out, self.asks
-  local n, m = self.win:records(k, last, lazy, out, asks, self.want)
+  local n, m = self.win:records(k, last, self.index, out, asks, self.want)
   for a = 1, m do
     local rec = out[asks[a]]
     if rec then check_answer(rec, rec.line) end
@@ -687,7 +718,8 @@ end
 -- with .line, its request line), then nil; self.missing_ids and
 -- self.orphans grow as it goes.
 function Reader:_join(g, want)
-  local j = setmetatable({ reader = self, want = want, files = result_files(g), inputs = g.inputs,
+  local j = setmetatable({ reader = self, want = want, index = want and guard_of(want) or lazy,
+                           files = result_files(g), inputs = g.inputs,
                            budget = self.max_index,
                            fi = 1, start = 0, seg = 0, segs = {}, chunks = 0, found = nil, chunked = false,
                            handles = {}, fh = nil, stop = nil, pos = 0,
@@ -745,14 +777,20 @@ end
 -- lack the others, which makes a join of many answers faster (the
 -- projection a database makes of a query's columns: figures in
 -- docs/benchmarks.md). "body", "input" and "prompt" keep the lines they
--- are decoded from, "line" the request line. A record that is not ok,
--- missing or checked against the JSON its request asks for comes whole.
+-- are decoded from, "line" the request line. Reading a field such a
+-- record left out raises an error (a silent nil could be a wrong answer);
+-- missing, class and the error's fields are nil on it, as on any ok
+-- record. A record that is not ok, missing or checked against the JSON its
+-- request asks for comes whole.
 -- @tparam[opt] table opts {fields = {name, ...}}
 -- @treturn function the iterator
 function Reader:each(opts)
   local want
   if opts ~= nil then
     errors.check("results.each", "opts", opts, "table")
+    for k in pairs(opts) do
+      if k ~= "fields" then errors.arg("results.each", "opts." .. tostring(k) .. " is not an option (fields is)") end
+    end
     if opts.fields ~= nil then want = fields_of(opts.fields) end
   end
   return guarded(self:_each(want))

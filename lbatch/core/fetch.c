@@ -55,6 +55,7 @@
 #define PREFETCH 16
 
 #define LBATCH_WINDOW "lbatch.core.window"
+#define LBATCH_LINE "lbatch.core.line"       /* a record's kept answer line (core.answer_bytes reads only these) */
 
 enum { E_MISSING, E_LINE, E_LATER };
 typedef struct entry {
@@ -427,7 +428,7 @@ static int w_take(lua_State *L) {
 }
 
 /* what a record of w:records holds besides the fields of LB_F_ALL */
-enum { F_LINE = LB_F_ALL + 1, F_LAZY = F_LINE << 1 };
+enum { F_LINE = LB_F_ALL + 1, F_LAZY = F_LINE << 1, F_ASKED = F_LINE << 2 };   /* F_ASKED: a want given */
 #define F_EVERY (LB_F_ALL | F_LINE | F_LAZY)
 
 /* input i's record, pushed, when it is the common case: an answer that is
@@ -436,9 +437,11 @@ enum { F_LINE = LB_F_ALL + 1, F_LAZY = F_LINE << 1 };
  * line, and its own metatable {__index = lazy (stack slot `lazy`), line =
  * the answer line}; else only what `want` asks for (with custom_id and ok), and
  * a request that may ask for a JSON answer is left to the caller, which
- * checks the answer. *format set when the request line may ask for one (it
+ * checks the answer; a record that keeps no line gets the metatable at
+ * stack slot `lean` (0: none), {__index = lazy}, shared. *format set when the request line may ask for one (it
  * holds `format"`: the caller checks). 0 and nothing pushed for any other. */
-static int push_record(lua_State *L, window *win, lua_Integer i, int lazy, unsigned want, int *format) {
+static int push_record(lua_State *L, window *win, lua_Integer i, int lazy, int line_mt, int lean, unsigned want,
+                       int *format) {
   entry *e = &win->e[i - win->from];
   const char *s, *text = win->in + win->t[i].at;
   size_t tlen = win->t[i].len;
@@ -457,11 +460,16 @@ static int push_record(lua_State *L, window *win, lua_Integer i, int lazy, unsig
     return 0;
   }
   lua_pop(L, 2);                         /* err and berr (nil: it is ok) */
-  if (want & F_LAZY) {
+  if (!(want & F_LAZY) && lean) {        /* the shared metatable of records with no lines kept */
+    lua_pushvalue(L, lean);
+    lua_setmetatable(L, -2);
+  } else if (want & F_LAZY) {
     lua_createtable(L, 0, 2);            /* (no array part: one allocation less on Lua 5.4) */
     lua_pushvalue(L, lazy);
     lua_setfield(L, -2, "__index");
     memcpy(lua_newuserdata(L, e->len), s, e->len);   /* (not a string: LuaJIT would intern it) */
+    lua_pushvalue(L, line_mt);
+    lua_setmetatable(L, -2);
     lua_setfield(L, -2, "line");
     lua_setmetatable(L, -2);
   }
@@ -478,19 +486,21 @@ static int push_record(lua_State *L, window *win, lua_Integer i, int lazy, unsig
  * whose request may ask for a JSON answer. `want` (a set of field names;
  * nil: every one) makes them hold only those fields: "line" keeps the
  * request line, "body", "input" and "prompt" the lines their lazy decode
- * reads. Returns the count of each. One call a batch: a call to C a record
- * cost the join as much as the record's fields. */
+ * reads; `lazy` is then the caller's guard of the fields left out, each
+ * record's __index. Returns the count of each. One call a batch: a call
+ * to C a record cost the join as much as the record's fields. */
 static int w_records(lua_State *L) {
   window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
   lua_Integer from = luaL_checkinteger(L, 2), to = luaL_checkinteger(L, 3), i, m = 0;
   unsigned want = F_EVERY;
+  int lean = 0;
   luaL_argcheck(L, from >= win->from && to <= win->to, 2, "not in the window");
   luaL_checktype(L, 4, LUA_TFUNCTION);
   luaL_checktype(L, 5, LUA_TTABLE);
   luaL_checktype(L, 6, LUA_TTABLE);
   if (!lua_isnoneornil(L, 7)) {
     luaL_checktype(L, 7, LUA_TTABLE);
-    want = lb_fields_wanted(L, 7);
+    want = lb_fields_wanted(L, 7) | F_ASKED;    /* (never F_EVERY, even with every field named) */
     lua_getfield(L, 7, "line");
     if (lua_toboolean(L, -1)) want |= F_LINE;
     lua_pop(L, 1);
@@ -500,9 +510,17 @@ static int w_records(lua_State *L) {
     if (lua_toboolean(L, -1) || lua_toboolean(L, -2) || lua_toboolean(L, -3)) want |= F_LAZY | F_LINE;
     lua_pop(L, 3);
   }
+  lua_settop(L, 7);
+  luaL_getmetatable(L, LBATCH_LINE);              /* 8 */
+  if (want != F_EVERY && !(want & F_LAZY)) {    /* lean records: {__index = lazy} for all of them */
+    lua_createtable(L, 0, 1);
+    lua_pushvalue(L, 4);
+    lua_setfield(L, -2, "__index");
+    lean = lua_gettop(L);
+  }
   for (i = from; i <= to; i++) {
     int format = 0;
-    if (!push_record(L, win, i, 4, want, &format)) lua_pushboolean(L, 0);
+    if (!push_record(L, win, i, 4, 8, lean, want, &format)) lua_pushboolean(L, 0);
     else if (format) { lua_pushinteger(L, i - from + 1); lua_rawseti(L, 6, (int)++m); }
     lua_rawseti(L, 5, (int)(i - from + 1));
   }
@@ -513,8 +531,8 @@ static int w_records(lua_State *L) {
 
 /* core.answer_bytes(ud): the answer line push_record keeps, as a string */
 int lb_answer_bytes(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TUSERDATA);
-  lua_pushlstring(L, lua_touserdata(L, 1), lua_rawlen(L, 1));
+  void *p = luaL_checkudata(L, 1, LBATCH_LINE);
+  lua_pushlstring(L, p, lua_rawlen(L, 1));
   return 1;
 }
 
@@ -561,5 +579,10 @@ int lb_window_new(lua_State *L) {
     lua_setfield(L, -2, "__index");
   }
   lua_setmetatable(L, -2);
+  if (luaL_newmetatable(L, LBATCH_LINE)) {
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");          /* (its bytes are for the lazy body alone) */
+  }
+  lua_pop(L, 1);
   return 1;
 }

@@ -36,7 +36,23 @@ static int hexval(char ch) {
   return -1;
 }
 
-/* a string at the quote c->s[c->i]: its content's span; 0 when malformed */
+/* the code unit of the escape \uXXXX at s[i] (i the backslash), or
+ * 0x10000 when there is none there */
+static unsigned u_escape(const char *s, size_t n, size_t i) {
+  unsigned cp = 0;
+  int k;
+  if (i + 6 > n || s[i] != '\\' || s[i + 1] != 'u') return 0x10000;
+  for (k = 2; k < 6; k++) {
+    int h = hexval(s[i + k]);
+    if (h < 0) return 0x10000;
+    cp = cp << 4 | (unsigned)h;
+  }
+  return cp;
+}
+
+/* a string at the quote c->s[c->i]: its content's span; 0 when malformed
+ * or when lua-cjson would refuse it (a lone surrogate): then every field
+ * of the line, asked for or not, is left to lua-cjson */
 static int string(cur *c, lb_span *out) {
   size_t i = c->i + 1;
   int esc = 0;
@@ -55,10 +71,14 @@ static int string(cur *c, lb_span *out) {
       if (i + 1 >= c->n) return 0;
       ch = c->s[i + 1];
       if (ch == 'u') {
-        int k;
-        if (i + 6 > c->n) return 0;
-        for (k = 2; k < 6; k++) if (hexval(c->s[i + k]) < 0) return 0;
+        unsigned cp = u_escape(c->s, c->n, i);
+        if (cp > 0xFFFF || (cp >= 0xDC00 && cp <= 0xDFFF)) return 0;   /* bad, or a lone low surrogate */
         i += 6;
+        if (cp >= 0xD800 && cp <= 0xDBFF) {      /* a high one: a low one must follow (lua-cjson's rule) */
+          unsigned lo = u_escape(c->s, c->n, i);
+          if (lo < 0xDC00 || lo > 0xDFFF) return 0;
+          i += 6;
+        }
         continue;
       }
       if (!strchr("\"\\/bfnrt", ch) || ch == '\0') return 0;

@@ -192,6 +192,15 @@ describe("the join of results to inputs", function()
                 assert.is_true(k == "custom_id" or k == "ok" or asked[k] or (k == "line" and keeps_line),
                   where .. ": " .. k)
               end
+              for _, f in ipairs({ "content", "usage", "body", "model", "request_id" }) do
+                if not asked[f] then   -- one left out is an error to read, never a silent nil
+                  local ok, msg = pcall(function() return g[f] end)
+                  assert.is_false(ok, where .. ": " .. f)
+                  assert.matches("rec." .. f .. " was not asked for", msg, 1, true)
+                end
+              end
+              assert.is_nil(g.missing, where)
+              assert.is_nil(g.class, where)
             end
             assert.are.equal(w.custom_id, g.custom_id, where)
             assert.are.equal(true, g.ok, where)
@@ -207,6 +216,29 @@ describe("the join of results to inputs", function()
       "lbatch.results.each: opts.fields[1] (contnet) is not a field of a record")
     assert.has_error(function() open():each({ fields = "content" }) end,
       "lbatch.results.each: opts.fields must be a list of field names")
+    assert.has_error(function() open():each({ fields = { content = true } }) end,
+      "lbatch.results.each: opts.fields must be a list of field names (it has the key content)")
+    assert.has_error(function() open():each({ field = { "content" } }) end,
+      "lbatch.results.each: opts.field is not an option (fields is)")
+  end)
+
+  it("an answer lua-cjson refuses (a lone surrogate in a field no one reads) is not ok, with fields or without", function()
+    local base = dir .. "/sur"
+    write(base .. ".in.jsonl", { '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}',
+      '{"custom_id":"b","method":"POST","url":"/v1/chat/completions","body":{}}',
+      '{"custom_id":"c","method":"POST","url":"/v1/chat/completions","body":{}}' })
+    local function ans(id, extra)
+      return '{"id":"x","custom_id":"' .. id .. '","response":{"status_code":200,"body":{' .. extra
+        .. '"choices":[{"message":{"content":"hi"},"finish_reason":"stop"}]}},"error":null}'
+    end
+    write(base .. ".out.jsonl", { ans("c", '"object":"\\udc00",'), ans("a", ""), ans("b", '"object":"\\ud800x",') })
+    for _, opts in ipairs({ {}, { fields = { "content" } }, { fields = { "status_code" } } }) do
+      local recs = records_of(assert(results.open({ output = base .. ".out.jsonl", inputs = base .. ".in.jsonl" })), opts)
+      assert.are.same({ "a", "b", "c" }, { recs[1].custom_id, recs[2].custom_id, recs[3].custom_id })
+      assert.are.same({ true, false, false }, { recs[1].ok, recs[2].ok, recs[3].ok })
+      assert.are.equal("invalid_result_line", recs[2].error_code)
+      assert.are.equal("invalid_result_line", recs[3].error_code)
+    end
   end)
 
   it("each{fields} still checks an answer against the JSON its request asks for", function()
@@ -221,12 +253,15 @@ describe("the join of results to inputs", function()
     local base = dir .. "/fmt"
     write(base .. ".in.jsonl", { req("a", true), req("b", true), req("c", false) })
     write(base .. ".out.jsonl", { ans("b", "not json"), ans("a", '{"x":1}'), ans("c", "plain") })
-    local r = assert(results.open({ output = base .. ".out.jsonl", inputs = base .. ".in.jsonl" }))
-    local recs = records_of(r, { fields = { "content" } })
-    assert.are.same({ true, false, true }, { recs[1].ok, recs[2].ok, recs[3].ok })
-    assert.are.same({ x = 1 }, recs[1].json)
-    assert.are.equal("invalid_answer", recs[2].class)
-    assert.are.equal("plain", recs[3].content)
+    for _, fields in ipairs({ { "content" }, { "content", "status_code", "id", "request_id", "model", "created",
+                                               "usage", "reasoning", "embedding", "line", "body" } }) do
+      local r = assert(results.open({ output = base .. ".out.jsonl", inputs = base .. ".in.jsonl" }))
+      local recs = records_of(r, { fields = fields })
+      assert.are.same({ true, false, true }, { recs[1].ok, recs[2].ok, recs[3].ok })
+      assert.are.same({ x = 1 }, recs[1].json)
+      assert.are.equal("invalid_answer", recs[2].class)
+      assert.are.equal("plain", recs[3].content)
+    end
   end)
 
   it("checks many groups' files with a pause after each (a host's step stays short)", function()
