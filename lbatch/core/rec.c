@@ -584,11 +584,11 @@ int lb_push_scanned(lua_State *L, const char *s, size_t n, const lb_result *r, i
   char small[4096];
   *ok = 0;
   x.L = L; x.s = s;
-  x.tmp = n <= sizeof small ? small : malloc(n);   /* unescaped text is never longer */
-  if (!x.tmp) return luaL_error(L, "result: out of memory");
+  x.tmp = small;                                  /* unescaped text is never longer than n */
+  if (n > sizeof small) x.tmp = lua_newuserdata(L, n);   /* (the collector's: no leak when a push raises) */
   done = fields(&x, r, ok, want);
-  if (x.tmp != small) free(x.tmp);
   if (!done) { lua_settop(L, top); lua_pushboolean(L, 0); *ok = 0; return 1; }
+  if (x.tmp != small) lua_remove(L, top + 1);
   return 3;
 }
 

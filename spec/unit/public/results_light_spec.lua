@@ -148,6 +148,28 @@ describe("light records", function()
     os.execute("rm -rf '" .. dir .. "'")
   end)
 
+  it("of a line over 4 KB with escapes (unescaped in a buffer the collector owns) equal whole decodes", function()
+    local content = string.rep('caf\195\169 "q"\n\\ \240\159\152\128 ', 600)
+    local line = cjson.encode({ id = "x", custom_id = "a", response = { status_code = 200,
+      body = { choices = { { message = { content = content } } }, usage = { prompt_tokens = 1 } } }, error = cjson.null })
+    assert.is_true(#line > 4096)
+    same(results.light(line), results.record(line), "light")
+    local dir = H.tmpdir()
+    H.write(dir .. "/in.jsonl", '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}\n')
+    H.write(dir .. "/out.jsonl", line .. "\n")
+    for _, opts in ipairs({ {}, { fields = { "content", "usage" } } }) do
+      local n = 0
+      for rec, err in assert(results.open({ output = dir .. "/out.jsonl", inputs = dir .. "/in.jsonl" })):each(opts) do
+        assert.is_truthy(rec, tostring(err))
+        assert.are.equal(content, rec.content)
+        assert.are.same({ prompt_tokens = 1 }, rec.usage)
+        n = n + 1
+      end
+      assert.are.equal(1, n)
+    end
+    os.execute("rm -rf '" .. dir .. "'")
+  end)
+
   it("hold only their fields: pairs and cjson.encode see what a whole decode has", function()
     local rec = results.light(ok_line)
     for k in pairs(rec) do assert.are.equal("string", type(k), "a key of the record") end
