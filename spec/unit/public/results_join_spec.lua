@@ -220,24 +220,48 @@ describe("the join of results to inputs", function()
       "lbatch.results.each: opts.fields must be a list of field names (it has the key content)")
     assert.has_error(function() open():each({ field = { "content" } }) end,
       "lbatch.results.each: opts.field is not an option (fields is)")
+    assert.has_error(function() open():each("content") end, "lbatch.results.each: opts must be a table (got string)")
+  end)
+
+  it("joins a window whose inputs end one past a batch (its records are made 256 at a call)", function()
+    for _, n in ipairs({ 255, 256, 257, 513 }) do
+      local ins, outs = {}, {}
+      for i = 1, n do
+        ins[i] = ('{"custom_id":"b%d","method":"POST","url":"/v1/chat/completions","body":{}}'):format(i)
+        outs[i] = ('{"custom_id":"b%d","response":{"status_code":200,"body":{"choices":[{"message":{"content":"%d"}}]}}}')
+          :format(i, i)
+      end
+      shuffle(outs, math.random)
+      local base = dir .. "/batch" .. n
+      write(base .. ".in.jsonl", ins)
+      write(base .. ".out.jsonl", outs)
+      for _, opts in ipairs({ {}, { fields = { "content" } } }) do
+        local recs = records_of(assert(results.open({ output = base .. ".out.jsonl", inputs = base .. ".in.jsonl" })), opts)
+        assert.are.equal(n, #recs)
+        for i, rec in ipairs(recs) do
+          assert.are.same({ "b" .. i, true, tostring(i) }, { rec.custom_id, rec.ok, rec.content }, n .. ": record " .. i)
+        end
+      end
+    end
   end)
 
   it("an answer lua-cjson refuses (a lone surrogate in a field no one reads) is not ok, with fields or without", function()
     local base = dir .. "/sur"
     write(base .. ".in.jsonl", { '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}',
       '{"custom_id":"b","method":"POST","url":"/v1/chat/completions","body":{}}',
-      '{"custom_id":"c","method":"POST","url":"/v1/chat/completions","body":{}}' })
+      '{"custom_id":"c","method":"POST","url":"/v1/chat/completions","body":{}}',
+      '{"custom_id":"d","method":"POST","url":"/v1/chat/completions","body":{}}' })
     local function ans(id, extra)
       return '{"id":"x","custom_id":"' .. id .. '","response":{"status_code":200,"body":{' .. extra
         .. '"choices":[{"message":{"content":"hi"},"finish_reason":"stop"}]}},"error":null}'
     end
-    write(base .. ".out.jsonl", { ans("c", '"object":"\\udc00",'), ans("a", ""), ans("b", '"object":"\\ud800x",') })
+    write(base .. ".out.jsonl", { ans("c", '"object":"\\udc00",'), ans("a", ""), ans("b", '"object":"\\ud800x",'),
+      ans("d", '"object":"\\ud800\\u0041",') })   -- a high surrogate before an escape that is not a low one
     for _, opts in ipairs({ {}, { fields = { "content" } }, { fields = { "status_code" } } }) do
       local recs = records_of(assert(results.open({ output = base .. ".out.jsonl", inputs = base .. ".in.jsonl" })), opts)
-      assert.are.same({ "a", "b", "c" }, { recs[1].custom_id, recs[2].custom_id, recs[3].custom_id })
-      assert.are.same({ true, false, false }, { recs[1].ok, recs[2].ok, recs[3].ok })
-      assert.are.equal("invalid_result_line", recs[2].error_code)
-      assert.are.equal("invalid_result_line", recs[3].error_code)
+      assert.are.same({ "a", "b", "c", "d" }, { recs[1].custom_id, recs[2].custom_id, recs[3].custom_id, recs[4].custom_id })
+      assert.are.same({ true, false, false, false }, { recs[1].ok, recs[2].ok, recs[3].ok, recs[4].ok })
+      for i = 2, 4 do assert.are.equal("invalid_result_line", recs[i].error_code) end
     end
   end)
 
