@@ -332,12 +332,13 @@ local function fields_of(names)
   return set
 end
 
--- the fields a lean record (each{fields = ...}) holds only when asked for;
--- its others (missing, class, the error's) are nil on any ok record
-local LEAN = {}
-for name in ("id status_code request_id body model created usage content reasoning embedding line input prompt")
-    :gmatch("%S+") do
-  LEAN[name] = true
+-- the fields a lean record (each{fields = ...}) is right to lack: nil on
+-- every ok record (the failure's), or only on records that come whole;
+-- any other field it lacks was left out (and a field C learns to fill is
+-- guarded without a word here)
+local NIL_WHEN_LEAN = {}
+for name in ("missing class error error_code error_type error_message json images video"):gmatch("%S+") do
+  NIL_WHEN_LEAN[name] = true
 end
 
 -- a lean record's __index: lazy's, and an error for a field it left out
@@ -345,7 +346,7 @@ end
 -- without content)
 local function guard_of(want)
   return function(rec, k)
-    if LEAN[k] and not want[k] then
+    if FIELDS[k] and not NIL_WHEN_LEAN[k] and not want[k] then
       error(("lbatch.results: rec.%s was not asked for (each{fields = {..., %q}} keeps it)"):format(k, k), 2)
     end
     return lazy(rec, k)
@@ -673,7 +674,7 @@ function Join:batch()
   local n, m = self.win:records(k, last, self.index, out, asks, self.want)
   for a = 1, m do
     local rec = out[asks[a]]
-    if rec then check_answer(rec, rec.line) end
+    check_answer(rec, rec.line)
   end
   self.k, self.bk, self.b, self.bn = last, k - 1, 0, n
 end

@@ -182,6 +182,15 @@ static int same_id(const window *win, const entry *e, const char *s, const lb_re
          && memcmp(s + r->custom_id.off, win->in + e->id, e->idlen) == 0;
 }
 
+/* entry e's answer line, scanned into r, when it is the request's
+ * (same_id); NULL for any other (the caller decodes it, or has none) */
+static const char *answer_of(const window *win, const entry *e, lb_result *r) {
+  const char *s;
+  if (e->kind != E_LINE) return NULL;
+  s = win->arena + e->at;
+  return lb_result_scan(s, e->len, r) && same_id(win, e, s, r) ? s : NULL;
+}
+
 /* take each input's id from the index, in input order (each slot fetched
  * into the cache PREFETCH ids ahead: the misses overlap); the count of
  * wants made, *last the last input handled */
@@ -421,9 +430,8 @@ static int w_take(lua_State *L) {
   lua_pushlstring(L, win->in + win->t[i].at, win->t[i].len);
   if (e->kind == E_MISSING) { lua_pushboolean(L, 0); return 2; }
   if (e->kind == E_LATER) { lua_pushnumber(L, e->v); return 2; }
-  s = win->arena + e->at;
-  lua_pushlstring(L, s, e->len);
-  if (!lb_result_scan(s, e->len, &r) || !same_id(win, e, s, &r)) return 2;
+  lua_pushlstring(L, win->arena + e->at, e->len);
+  if (!(s = answer_of(win, e, &r))) return 2;
   return 2 + lb_push_scanned(L, s, e->len, &r, &ok, LB_F_ALL);
 }
 
@@ -435,11 +443,13 @@ enum { F_LINE = LB_F_ALL + 1, F_LAZY = F_LINE << 1, F_ASKED = F_LINE << 2 };   /
  * the request's, ok, with chat's content or an embedding. Whole (`want`
  * F_EVERY), it is results.light's record: its fields, rec.line the request
  * line, and its own metatable {__index = lazy (stack slot `lazy`), line =
- * the answer line}; else only what `want` asks for (with custom_id and ok), and
- * a request that may ask for a JSON answer is left to the caller, which
- * checks the answer; a record that keeps no line gets the metatable at
- * stack slot `lean` (0: none), {__index = lazy}, shared. *format set when the request line may ask for one (it
- * holds `format"`: the caller checks). 0 and nothing pushed for any other. */
+ * the answer line (a userdata with the metatable at slot `line_mt`)}.
+ * Else only what `want` asks for, with custom_id and ok; a request that
+ * may ask for a JSON answer is then left to the caller, which checks the
+ * answer; and a record that keeps no line gets the shared metatable at
+ * slot `lean`, {__index = lazy}. *format set when the request line may ask
+ * for a JSON answer (it holds `format"`). 0 and nothing pushed for any
+ * other. */
 static int push_record(lua_State *L, window *win, lua_Integer i, int lazy, int line_mt, int lean, unsigned want,
                        int *format) {
   entry *e = &win->e[i - win->from];
@@ -447,9 +457,7 @@ static int push_record(lua_State *L, window *win, lua_Integer i, int lazy, int l
   size_t tlen = win->t[i].len;
   lb_result r;
   int top = lua_gettop(L), ok;
-  if (e->kind != E_LINE) return 0;
-  s = win->arena + e->at;
-  if (!lb_result_scan(s, e->len, &r) || !same_id(win, e, s, &r)
+  if (!(s = answer_of(win, e, &r))
       || !((r.message.kind == LB_J_OBJ && r.content.kind == LB_J_STR)
            || (r.datum0.kind == LB_J_OBJ && r.embedding.kind == LB_J_ARR)))
     return 0;
@@ -460,10 +468,9 @@ static int push_record(lua_State *L, window *win, lua_Integer i, int lazy, int l
     return 0;
   }
   lua_pop(L, 2);                         /* err and berr (nil: it is ok) */
-  if (!(want & F_LAZY) && lean) {        /* the shared metatable of records with no lines kept */
-    lua_pushvalue(L, lean);
-    lua_setmetatable(L, -2);
-  } else if (want & F_LAZY) {
+  if (!(want & F_LAZY)) {
+    if (lean) { lua_pushvalue(L, lean); lua_setmetatable(L, -2); }
+  } else {
     lua_createtable(L, 0, 2);            /* (no array part: one allocation less on Lua 5.4) */
     lua_pushvalue(L, lazy);
     lua_setfield(L, -2, "__index");

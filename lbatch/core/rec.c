@@ -250,11 +250,6 @@ int lb_result_scan(const char *s, size_t n, lb_result *r) {
   return c.i == n;
 }
 
-/* \uXXXX at s (6 bytes, checked hex) as a code point */
-static unsigned u4(const char *s) {
-  return (unsigned)(hexval(s[2]) << 12 | hexval(s[3]) << 8 | hexval(s[4]) << 4 | hexval(s[5]));
-}
-
 long lb_json_unescape(const char *s, size_t n, char *out) {
   size_t i = 0, o = 0;
   while (i < n) {
@@ -263,21 +258,12 @@ long lb_json_unescape(const char *s, size_t n, char *out) {
     if (i + 1 >= n) return -1;
     ch = s[i + 1];
     if (ch == 'u') {
-      unsigned cp;
-      if (i + 6 > n) return -1;
-      {
-        int k;
-        for (k = 2; k < 6; k++) if (hexval(s[i + k]) < 0) return -1;
-      }
-      cp = u4(s + i);
+      unsigned cp = u_escape(s, n, i);
+      if (cp > 0xFFFF) return -1;
       i += 6;
       if (cp >= 0xDC00 && cp <= 0xDFFF) return -1;          /* a lone low surrogate */
       if (cp >= 0xD800 && cp <= 0xDBFF) {                    /* a pair, or lua-cjson says no */
-        unsigned lo;
-        int k;
-        if (i + 6 > n || s[i] != '\\' || s[i + 1] != 'u') return -1;
-        for (k = 2; k < 6; k++) if (hexval(s[i + k]) < 0) return -1;
-        lo = u4(s + i);
+        unsigned lo = u_escape(s, n, i);
         if (lo < 0xDC00 || lo > 0xDFFF) return -1;
         cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
         i += 6;
