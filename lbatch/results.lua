@@ -361,9 +361,9 @@ end
 
 --- A reader of results.
 -- Joined with inputs, each result is found through an index of custom_ids
--- held in C (about 100 bytes a result, no Lua string per line); past
--- `max_index` results the inputs are taken in chunks of that many
--- requests, each chunk reading the result files once, so memory stays
+-- held in C (64 bytes a result with ids like req-0000001, no Lua string
+-- per line); past `max_index` results the inputs are taken in chunks of
+-- that many requests, each chunk reading the result files once, so memory stays
 -- bounded whatever the files' size. `groups` joins each group's outputs
 -- to its own inputs only (a pipeline's shards): memory then depends on
 -- the largest group, not on the total.
@@ -478,18 +478,12 @@ local WINDOW, WINDOW_BYTES, MAX_LINE = 16384, 4 * 1024 * 1024, service.LIMITS.ma
 -- the records made in one call to C (core.window's records)
 local BATCH = 256
 
--- do the group's inputs fit one index? (counted without an index)
-function Join:fits()
-  local nothing, lines, inputs, budget = core.idmap(), 0, self.inputs, self.budget
-  for i = 1, #inputs do
-    lines = lines + scan(nothing, inputs[i], i, 0, budget + 1 - lines, nothing)
-    if lines > budget then return false end
-  end
-  return true
-end
-
 -- the next chunk of inputs as segments {file, from, to}, its results
--- indexed in self.found; false when the inputs are all read
+-- indexed in self.found; false when the inputs are all read. The first
+-- chunk indexes every result, up to max_index of them: all of them fit
+-- (the common case, one pass over the results and no other), or the
+-- index is dropped and the inputs are taken max_index at a time, each
+-- chunk's results found through a filter of its ids
 function Join:next_chunk()
   local inputs, files = self.inputs, self.files
   if not inputs[self.fi] then return false end
@@ -501,12 +495,18 @@ function Join:next_chunk()
     self.handles[k] = self.handles[k] or open_or_fail(path)
     self.sizes[k] = self.handles[k]:seek("end")   -- (answers are read with pread: a shorter file is an error)
   end
-  if self.chunks == 1 and self:fits() then
-    -- all in one chunk: every result indexed, what is left are orphans
-    for i = 1, #inputs do self.segs[i] = { i, 0, nil } end
-    self.fi = #inputs + 1
-    for k, path in ipairs(files) do scan(found, path, k) end
-    return true
+  if self.chunks == 1 then
+    local left = self.budget + 1
+    for k, path in ipairs(files) do
+      left = left - scan(found, path, k, 0, left)
+      if left == 0 then break end
+    end
+    if left > 0 then   -- all in one chunk: what is left after the join are orphans
+      for i = 1, #inputs do self.segs[i] = { i, 0, nil } end
+      self.fi = #inputs + 1
+      return true
+    end
+    found:clear()
   end
   local wanted, left = core.idmap(), self.budget
   while inputs[self.fi] and left > 0 do
@@ -515,6 +515,7 @@ function Join:next_chunk()
     left = left - n
     if nxt then self.start = nxt else self.fi, self.start = self.fi + 1, 0 end
   end
+  found:reserve(wanted:count())
   for k, path in ipairs(files) do scan(found, path, k, 0, nil, wanted) end
   wanted:clear()
   self.chunked = true

@@ -11,25 +11,35 @@
  *   m:put(key, value) -> true if new, false if the key was there (kept)
  *   m:get(key) -> value | nil;  m:take(key) -> value | nil (and removes it)
  *   m:count();  m:keys() -> list of the keys left;  m:clear()
- *   m:has(key) -> boolean
+ *   m:has(key) -> boolean;  m:reserve(n)  room for n more keys, made at once
  *   m:answer(line, handles)  the join's step for one input line (rec.c)
  *   m:scan(...)  fills the map from a JSONL file (index.c) */
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include "core.h"
 
-#define TOMB ((char *)1)
+#define TOMB ((ent *)1)
 
+/* a key and its value, in the map's blocks (no malloc per key) */
+typedef struct ent {
+  lua_Number value;
+  size_t len;
+  char key[];
+} ent;
+
+/* 16 bytes: the hash to compare, the entry only when the hashes agree. A
+ * join's index of 1,000,000 ids is 32 MB of slots, each zeroed by the
+ * kernel before first use: half of what a slot holding key, length and
+ * value took (and half the cache misses' worth of memory) */
 typedef struct slot {
   uint64_t hash;
-  char *key;          /* NULL: empty; TOMB: removed */
-  size_t len;
-  lua_Number value;
+  ent *e;             /* NULL: empty; TOMB: removed */
 } slot;
 
-/* the keys live in blocks freed together by clear (no malloc per key) */
+/* the entries live in blocks freed together by clear */
 typedef struct block {
   struct block *next;
   size_t used, cap;
@@ -37,6 +47,7 @@ typedef struct block {
 } block;
 
 #define BLOCK_SIZE 65536
+#define ENT_SIZE(len) ((offsetof(ent, key) + (len) + 7) & ~(size_t)7)   /* (aligned for the next one) */
 
 struct idmap {
   slot *slots;
@@ -44,15 +55,16 @@ struct idmap {
   block *keys;          /* the newest block first */
 };
 
-static char *key_copy(idmap *m, const char *k, size_t len) {
+static ent *ent_new(idmap *m, const char *k, size_t len, lua_Number v) {
   block *b = m->keys;
-  char *p;
-  if (!b || b->cap - b->used < len) {
-    size_t cap = len > BLOCK_SIZE / 4 ? len : BLOCK_SIZE;
+  size_t size = ENT_SIZE(len);
+  ent *e;
+  if (!b || b->cap - b->used < size) {
+    size_t cap = size > BLOCK_SIZE / 4 ? size : BLOCK_SIZE;
     if (!(b = malloc(sizeof *b + cap))) return NULL;
     b->used = 0;
     b->cap = cap;
-    if (len > BLOCK_SIZE / 4 && m->keys) {   /* a big key: its own block, behind the current one */
+    if (size > BLOCK_SIZE / 4 && m->keys) {   /* a big key: its own block, behind the current one */
       b->next = m->keys->next;
       m->keys->next = b;
     } else {
@@ -60,10 +72,12 @@ static char *key_copy(idmap *m, const char *k, size_t len) {
       m->keys = b;
     }
   }
-  p = b->data + b->used;
-  memcpy(p, k, len);
-  b->used += len;
-  return p;
+  e = (ent *)(void *)(b->data + b->used);
+  e->value = v;
+  e->len = len;
+  memcpy(e->key, k, len);
+  b->used += size;
+  return e;
 }
 
 uint64_t lb_idmap_hash(const char *s, size_t n) {   /* FNV-1a */
@@ -78,9 +92,9 @@ static slot *find(const idmap *m, const char *k, size_t len, uint64_t h, int for
   slot *tomb = NULL;
   for (;;) {
     slot *s = &m->slots[i];
-    if (s->key == NULL) return for_insert ? (tomb ? tomb : s) : NULL;
-    if (s->key == TOMB) { if (!tomb) tomb = s; }
-    else if (s->hash == h && s->len == len && memcmp(s->key, k, len) == 0) return s;
+    if (s->e == NULL) return for_insert ? (tomb ? tomb : s) : NULL;
+    if (s->e == TOMB) { if (!tomb) tomb = s; }
+    else if (s->hash == h && s->e->len == len && memcmp(s->e->key, k, len) == 0) return s;
     i = (i + 1) & (m->cap - 1);
   }
 }
@@ -92,7 +106,7 @@ static slot *lookup(const idmap *m, const char *k, size_t len, uint64_t h) {
 #define HUGE_PAGE (2u << 20)
 
 /* the slots of a map of cap slots, zeroed. A large one on huge pages where
- * the system gives them (a join's index is 80 MB at 1,000,000 ids, read
+ * the system gives them (a join's index is 32 MB at 1,000,000 ids, read
  * at random: with 4 KB pages nearly every lookup is a TLB miss as well) */
 static slot *slots_new(size_t cap) {
   size_t size = cap * sizeof(slot);
@@ -106,16 +120,36 @@ static slot *slots_new(size_t cap) {
   return p;
 }
 
-static int grow(idmap *m) {
-  size_t i, cap = m->cap ? m->cap * 2 : 64;
+/* the slots rebuilt at cap (a power of two, above the count), without
+ * the tombstones */
+static int resize(idmap *m, size_t cap) {
+  size_t i, oldcap = m->cap;
   slot *old = m->slots, *ns = slots_new(cap);
-  size_t oldcap = m->cap;
   if (!ns) return 0;
   m->slots = ns; m->cap = cap; m->used = m->n;
-  for (i = 0; i < oldcap; i++)
-    if (old[i].key && old[i].key != TOMB) *find(m, old[i].key, old[i].len, old[i].hash, 1) = old[i];
+  for (i = 0; i < oldcap; i++) {
+    if (old[i].e && old[i].e != TOMB) {
+      size_t j = (size_t)old[i].hash & (cap - 1);
+      while (ns[j].e) j = (j + 1) & (cap - 1);
+      ns[j] = old[i];
+    }
+  }
   free(old);
   return 1;
+}
+
+/* is there room for k more puts within the load limit (7 in 10)? */
+static int room(const idmap *m, size_t k) { return (m->used + k) * 10 < m->cap * 7; }
+
+static int grow(idmap *m) { return resize(m, m->cap ? m->cap * 2 : 64); }
+
+/* room made at once for k more keys (m:scan's estimate of a file's
+ * lines): one rebuild, not one at each doubling on the way there */
+int lb_idmap_reserve(idmap *m, size_t k) {
+  size_t cap = m->cap ? m->cap : 64;
+  if (room(m, k)) return 1;
+  while ((m->n + k) * 10 >= cap * 7) cap *= 2;
+  return resize(m, cap);
 }
 
 static void clear(idmap *m) {
@@ -144,19 +178,19 @@ int lb_idmap_has(const idmap *m, const char *k, size_t len, uint64_t h) {
 
 int lb_idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v) {
   slot *s;
-  char *copy;
-  if ((m->used + 1) * 10 >= m->cap * 7 && !grow(m)) return -1;
+  ent *e;
+  if (!room(m, 1) && !grow(m)) return -1;
   s = find(m, k, len, h, 1);
-  if (s->key && s->key != TOMB) return 0;        /* the first one stays */
-  if (!(copy = key_copy(m, k, len))) return -1;
-  if (!s->key) m->used++;
-  s->key = copy; s->len = len; s->hash = h; s->value = v;
+  if (s->e && s->e != TOMB) return 0;            /* the first one stays */
+  if (!(e = ent_new(m, k, len, v))) return -1;
+  if (!s->e) m->used++;
+  s->e = e; s->hash = h;
   m->n++;
   return 1;
 }
 
-static void drop(idmap *m, slot *s) {   /* its key's bytes stay in their block until clear */
-  s->key = TOMB;
+static void drop(idmap *m, slot *s) {   /* its entry stays in its block until clear */
+  s->e = TOMB;
   m->n--;
 }
 
@@ -173,7 +207,7 @@ int lb_idmap_take(idmap *m, const char *k, size_t len, lua_Number *v) {
 int lb_idmap_take_h(idmap *m, const char *k, size_t len, uint64_t h, lua_Number *v) {
   slot *s = lookup(m, k, len, h);
   if (!s) return 0;
-  *v = s->value;
+  *v = s->e->value;
   drop(m, s);
   return 1;
 }
@@ -199,7 +233,7 @@ static int get(lua_State *L, int take) {
   const char *k = luaL_checklstring(L, 2, &len);
   slot *s = lookup(m, k, len, lb_idmap_hash(k, len));
   if (!s) return 0;
-  lua_pushnumber(L, s->value);
+  lua_pushnumber(L, s->e->value);
   if (take) drop(m, s);
   return 1;
 }
@@ -214,12 +248,20 @@ static int m_keys(lua_State *L) {
   int n = 0;
   lua_createtable(L, (int)m->n, 0);
   for (i = 0; i < m->cap; i++) {
-    if (m->slots[i].key && m->slots[i].key != TOMB) {
-      lua_pushlstring(L, m->slots[i].key, m->slots[i].len);
+    if (m->slots[i].e && m->slots[i].e != TOMB) {
+      lua_pushlstring(L, m->slots[i].e->key, m->slots[i].e->len);
       lua_rawseti(L, -2, ++n);
     }
   }
   return 1;
+}
+
+static int m_reserve(lua_State *L) {
+  idmap *m = lb_idmap_check(L, 1);
+  lua_Integer k = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, k >= 0, 2, "not a count");
+  if (!lb_idmap_reserve(m, (size_t)k)) return luaL_error(L, "idmap: out of memory");
+  return 0;
 }
 
 static int m_clear(lua_State *L) { clear(lb_idmap_check(L, 1)); return 0; }
@@ -242,7 +284,7 @@ int lb_idmap_new(lua_State *L) {
 
 const luaL_Reg lb_idmap_methods[] = {
   {"put", m_put}, {"get", m_get}, {"take", m_take}, {"count", m_count},
-  {"keys", m_keys}, {"clear", m_clear}, {"has", m_has}, {NULL, NULL}
+  {"keys", m_keys}, {"clear", m_clear}, {"has", m_has}, {"reserve", m_reserve}, {NULL, NULL}
 };
 
 const luaL_Reg lb_idmap_meta[] = { {"__gc", m_clear}, {NULL, NULL} };

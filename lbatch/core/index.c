@@ -97,6 +97,19 @@ static size_t chunk_size(FILE *f, size_t start) {
   return SCAN_CHUNK;
 }
 
+/* room made in m at once for the lines of f after byte `at`, as many as
+ * the first chunk's `lines` in `bytes` tell, up to max_lines in all: one
+ * rebuild of the index, not one at each doubling (each of them memory the
+ * kernel zeroes); 0: out of memory */
+static int reserve(idmap *m, FILE *f, size_t at, size_t bytes, double lines, double max_lines) {
+  struct stat st;
+  double est;
+  if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode) || (double)st.st_size <= (double)at) return 1;
+  est = ((double)st.st_size - (double)at) * lines / (double)bytes;
+  if (est > max_lines - lines) est = max_lines - lines;
+  return est < 1 || lb_idmap_reserve(m, (size_t)est);
+}
+
 /* what m:scan returns, the table of offsets on the stack's top: lines read,
  * the offset after them (nil at the end of the file), the table */
 static int scan_done(lua_State *L, double lines, int at_end, size_t line_off) {
@@ -117,7 +130,7 @@ static int m_scan(lua_State *L) {
   int drop = lua_toboolean(L, 7);
   double base = fileno_ * FILE_SPAN, lines = 0;
   size_t off = start, line_off = start;  /* where the next read starts; where the line began */
-  int bad = 0, ok = 1, over = 0, at_end = 0, plain = !filter && !drop;
+  int bad = 0, ok = 1, over = 0, at_end = 0, plain = !filter && !drop, first = 1;
   buf line = {0};
   ring q = { { { NULL, 0, 0, 0 } }, 0, 0 };
   char *chunk;
@@ -165,6 +178,8 @@ static int m_scan(lua_State *L) {
       lines++;
       if (!ok || (max_lines >= 0 && lines >= max_lines)) break;
     }
+    if (ok && first && plain && max_lines >= 0 && lines > 0 && i == got) ok = reserve(m, f, off + i, i, lines, max_lines);
+    first = 0;
     off += i;
     if (ok && !ring_flush(m, &q)) ok = 0;            /* (the chunk is read over next) */
     if (ok && i < got) break;                        /* max_lines reached mid-chunk */

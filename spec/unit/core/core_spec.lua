@@ -133,6 +133,39 @@ describe("core.idmap", function()
     assert.equal(m:count(), #m:keys())
   end)
 
+  it("makes room at once with reserve, keys and tombstones kept through it", function()
+    local m = core.idmap()
+    for i = 1, 300 do m:put("k" .. i, i) end
+    for i = 1, 300, 3 do m:take("k" .. i) end
+    m:reserve(20000)                        -- one rebuild: the tombstones go, the keys stay
+    m:reserve(0)
+    for i = 301, 20000 do assert.is_true(m:put("k" .. i, i)) end
+    assert.is_false(m:put("k2", 0))         -- the first one still wins
+    for i = 1, 20000 do
+      local want = (i > 300 or i % 3 ~= 1) and i or nil
+      assert.is_true(m:get("k" .. i) == want, "k" .. i)
+    end
+    assert.equal(20000 - 100, m:count())
+    assert.has_error(function() m:reserve(-1) end)
+  end)
+
+  it("indexes a large file in one go, its room reserved from its first chunk", function()
+    local path = os.tmpname()
+    local fh = assert(io.open(path, "wb"))
+    for i = 1, 30000 do fh:write(('{"custom_id":"r-%06d","pad":"%s"}\n'):format(i, ("x"):rep(40 + i % 50))) end
+    fh:close()
+    for _, max in ipairs({ 1000000, 12345 }) do   -- (reserved up to max_lines only)
+      local m = core.idmap()
+      local n, nxt = m:scan(path, 1, 0, max)
+      assert.equal(math.min(max, 30000), n)
+      assert.equal(n, m:count())
+      assert.is_true(m:has("r-000001") and m:has(("r-%06d"):format(n)))
+      assert.is_false(m:has(("r-%06d"):format(n + 1)))
+      assert.is_true((nxt == nil) == (max > 30000))
+    end
+    os.remove(path)
+  end)
+
   it("clears, and is usable after", function()
     local m = core.idmap()
     for i = 1, 100 do m:put(tostring(i), i) end
