@@ -74,7 +74,7 @@ typedef struct window {
   size_t ecap;
   char *arena;
   size_t used, cap;
-  struct want *w;                  /* fill's list of answers to read */
+  struct want *w, *w2;             /* fill's list of answers to read, and the sort's room */
   size_t wcap;
   char *blk;                       /* fill's read block */
   size_t bcap;
@@ -87,6 +87,7 @@ typedef struct window {
 
 typedef struct want {
   double v;                        /* the index value */
+  uint64_t key;                    /* the same, as an integer: the sort's */
   uint64_t h;                      /* the id's hash */
   off_t off;
   int file;
@@ -104,10 +105,25 @@ typedef struct blk {
   off_t start;
 } blk;
 
-static int cmp_want(const void *a, const void *b) {
-  const want *x = a, *y = b;
-  if (x->file != y->file) return x->file < y->file ? -1 : 1;
-  return x->off < y->off ? -1 : x->off > y->off;
+/* the wants w[0..k) in file order (file, then offset: the index value),
+ * through tmp (room for k): a radix sort, eleven bits a pass, skipping
+ * the passes whose digit every value shares (the file number, the
+ * offsets' high bits), and no allocation a window (qsort made one) */
+static void sort_wants(want *w, want *tmp, size_t k) {
+  size_t count[2048], j, shift;
+  uint64_t differ = 0;                   /* the bits where some value differs from the first */
+  want *src = w, *dst = tmp, *t;
+  for (j = 1; j < k; j++) differ |= w[j].key ^ w[0].key;
+  for (shift = 0; shift < 64; shift += 11) {
+    size_t sum = 0;
+    if (((differ >> shift) & 2047) == 0) continue;
+    memset(count, 0, sizeof count);
+    for (j = 0; j < k; j++) count[(src[j].key >> shift) & 2047]++;
+    for (j = 0; j < 2048; j++) { size_t c = count[j]; count[j] = sum; sum += c; }
+    for (j = 0; j < k; j++) dst[count[(src[j].key >> shift) & 2047]++] = src[j];
+    t = src; src = dst; dst = t;
+  }
+  if (src != w) memcpy(w, src, k * sizeof *w);
 }
 
 /* read up to size bytes of the file at off into the block; -1 (errno),
@@ -212,7 +228,7 @@ static size_t take_ids(window *win, idmap *m, int from, int to, want *w, int *la
     if (j + PREFETCH < c) lb_idmap_prefetch(m, w[j + PREFETCH].h);
     if (lb_idmap_take_h(m, x.id, x.idlen, x.h, &v)) {
       double f = floor(v / FILE_SPAN);
-      x.v = v; x.file = (int)f; x.off = (off_t)(v - f * FILE_SPAN);
+      x.v = v; x.key = (uint64_t)v; x.file = (int)f; x.off = (off_t)(v - f * FILE_SPAN);
       w[k++] = x;
     } else {
       win->e[x.i - from].kind = E_MISSING;
@@ -400,14 +416,15 @@ static int w_fill(lua_State *L) {
     win->ecap = n;
   }
   if (n > win->wcap) {
-    want *nw = realloc(win->w, n * sizeof *nw);
-    if (!nw) return luaL_error(L, "window: out of memory");
-    win->w = nw;
+    want *nw = realloc(win->w, n * sizeof *nw), *nw2;
+    if (nw) win->w = nw;
+    if (!nw || !(nw2 = realloc(win->w2, n * sizeof *nw2))) return luaL_error(L, "window: out of memory");
+    win->w2 = nw2;
     win->wcap = n;
   }
   w = win->w;
   k = take_ids(win, m, from, to, w, &last);
-  qsort(w, k, sizeof *w, cmp_want);
+  sort_wants(w, win->w2, k);
   win->to = last;
   if ((rc = read_all(L, win, w, k)) != 0) { win->to = from - 1; return rc; }
   lua_pushinteger(L, last);
@@ -563,8 +580,8 @@ static int w_file(lua_State *L) {
 
 static int w_gc(lua_State *L) {
   window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
-  free(win->arena); free(win->e); free(win->w); free(win->blk); free(win->in); free(win->t);
-  win->arena = NULL; win->e = NULL; win->w = NULL; win->blk = NULL; win->in = NULL; win->t = NULL;
+  free(win->arena); free(win->e); free(win->w); free(win->w2); free(win->blk); free(win->in); free(win->t);
+  win->arena = NULL; win->e = NULL; win->w = NULL; win->w2 = NULL; win->blk = NULL; win->in = NULL; win->t = NULL;
   win->cap = win->used = win->ecap = win->wcap = win->bcap = win->icap = win->tcap = 0;
   win->from = 1; win->to = 0; win->n = 0;
   return 0;
