@@ -22,11 +22,15 @@
 
 #define MAX_DEPTH 256        /* deeper lines go to lua-cjson (its limit: 1000) */
 
-typedef struct cur { const char *s; size_t n, i; } cur;
+/* The scanner's steps take the line (s, n) and an index into it, and
+ * return the index past what they read, or BAD: the line is not JSON as
+ * the scanner takes it (the caller leaves it to lua-cjson). Indexes in
+ * and out, not a cursor in memory: the compiler keeps them in registers. */
+#define BAD ((size_t)-1)
 
-static void ws(cur *c) {
-  while (c->i < c->n && (c->s[c->i] == ' ' || c->s[c->i] == '\t' || c->s[c->i] == '\n' || c->s[c->i] == '\r'))
-    c->i++;
+static inline size_t ws_at(const char *s, size_t n, size_t i) {
+  while (i < n && (unsigned char)s[i] <= ' ' && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) i++;
+  return i;
 }
 
 static int hexval(char ch) {
@@ -50,82 +54,79 @@ static unsigned u_escape(const char *s, size_t n, size_t i) {
   return cp;
 }
 
-/* a string at the quote c->s[c->i]: its content's span; 0 when malformed
- * or when lua-cjson would refuse it (a lone surrogate): then every field
- * of the line, asked for or not, is left to lua-cjson */
-static int string(cur *c, lb_span *out) {
-  size_t i = c->i + 1;
-  int esc = 0;
-  while (i < c->n) {
+/* the rest of a string from the backslash at s[i]: past its closing
+ * quote; BAD when malformed or when lua-cjson would refuse it (a lone
+ * surrogate): then every field of the line, asked for or not, is left to
+ * lua-cjson */
+static size_t string_escaped(const char *s, size_t n, size_t i) {
+  for (;;) {
     char ch;
-    i = lb_str_stop(c->s, c->n, i);            /* the next backslash or quote */
-    if (i >= c->n) return 0;
-    ch = c->s[i];
-    if (ch == '"') {
-      out->kind = LB_J_STR; out->off = c->i + 1; out->len = i - (c->i + 1); out->esc = esc;
-      c->i = i + 1;
-      return 1;
-    }
-    if (ch == '\\') {
-      esc = 1;
-      if (i + 1 >= c->n) return 0;
-      ch = c->s[i + 1];
-      if (ch == 'u') {
-        unsigned cp = u_escape(c->s, c->n, i);
-        if (cp > 0xFFFF || (cp >= 0xDC00 && cp <= 0xDFFF)) return 0;   /* bad, or a lone low surrogate */
+    if (i + 1 >= n) return BAD;
+    ch = s[i + 1];
+    if (ch == 'u') {
+      unsigned cp = u_escape(s, n, i);
+      if (cp > 0xFFFF || (cp >= 0xDC00 && cp <= 0xDFFF)) return BAD;   /* bad, or a lone low surrogate */
+      i += 6;
+      if (cp >= 0xD800 && cp <= 0xDBFF) {      /* a high one: a low one must follow (lua-cjson's rule) */
+        unsigned lo = u_escape(s, n, i);
+        if (lo < 0xDC00 || lo > 0xDFFF) return BAD;
         i += 6;
-        if (cp >= 0xD800 && cp <= 0xDBFF) {      /* a high one: a low one must follow (lua-cjson's rule) */
-          unsigned lo = u_escape(c->s, c->n, i);
-          if (lo < 0xDC00 || lo > 0xDFFF) return 0;
-          i += 6;
-        }
-        continue;
       }
-      if (!strchr("\"\\/bfnrt", ch) || ch == '\0') return 0;
+    } else if (!strchr("\"\\/bfnrt", ch) || ch == '\0') {
+      return BAD;
+    } else {
       i += 2;
-      continue;
     }
+    i = lb_str_stop(s, n, i);                 /* the next backslash or quote */
+    if (i >= n) return BAD;
+    if (s[i] == '"') return i + 1;
   }
-  return 0;
+}
+
+/* a string at the quote s[i]: its content's span in out */
+static inline size_t string_at(const char *s, size_t n, size_t i, lb_span *out) {
+  size_t j = lb_str_stop(s, n, i + 1), end = j + 1;
+  if (j >= n) return BAD;
+  out->esc = s[j] != '"';
+  if (out->esc && (end = string_escaped(s, n, j)) == BAD) return BAD;
+  out->kind = LB_J_STR; out->off = i + 1; out->len = end - 1 - (i + 1);
+  return end;
 }
 
 /* a number as JSON has it (lua-cjson takes more; those go to it) */
-static int number(cur *c, lb_span *out) {
-  size_t i = c->i, d;
-  const char *s = c->s;
-  if (i < c->n && s[i] == '-') i++;
-  if (i >= c->n) return 0;
+static size_t number_at(const char *s, size_t n, size_t i, lb_span *out) {
+  size_t start = i, d;
+  if (i < n && s[i] == '-') i++;
+  if (i >= n) return BAD;
   if (s[i] == '0') i++;
-  else if (s[i] >= '1' && s[i] <= '9') while (i < c->n && s[i] >= '0' && s[i] <= '9') i++;
-  else return 0;
-  if (i < c->n && s[i] == '.') {
+  else if (s[i] >= '1' && s[i] <= '9') while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+  else return BAD;
+  if (i < n && s[i] == '.') {
     d = ++i;
-    while (i < c->n && s[i] >= '0' && s[i] <= '9') i++;
-    if (i == d) return 0;
+    while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+    if (i == d) return BAD;
   }
-  if (i < c->n && (s[i] == 'e' || s[i] == 'E')) {
+  if (i < n && (s[i] == 'e' || s[i] == 'E')) {
     i++;
-    if (i < c->n && (s[i] == '+' || s[i] == '-')) i++;
+    if (i < n && (s[i] == '+' || s[i] == '-')) i++;
     d = i;
-    while (i < c->n && s[i] >= '0' && s[i] <= '9') i++;
-    if (i == d) return 0;
+    while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+    if (i == d) return BAD;
   }
-  out->kind = LB_J_NUM; out->off = c->i; out->len = i - c->i; out->esc = 0;
-  c->i = i;
-  return 1;
+  out->kind = LB_J_NUM; out->off = start; out->len = i - start; out->esc = 0;
+  return i;
 }
 
-static int literal(cur *c, const char *word, size_t len, int kind, lb_span *out) {
-  if (c->n - c->i < len || memcmp(c->s + c->i, word, len) != 0) return 0;
-  out->kind = kind; out->off = c->i; out->len = len; out->esc = 0;
-  c->i += len;
-  return 1;
+static size_t literal_at(const char *s, size_t n, size_t i, const char *word, size_t len, int kind, lb_span *out) {
+  if (n - i < len || memcmp(s + i, word, len) != 0) return BAD;
+  out->kind = kind; out->off = i; out->len = len; out->esc = 0;
+  return i + len;
 }
 
 /* the levels whose keys are looked at */
 enum { TOP, RESPONSE, BODY, CHOICES, CHOICE, MESSAGE, DATA, DATUM, NONE };
 
-static int value(cur *c, lb_span *out, int level, int depth, lb_result *r);
+static size_t value_at(const char *s, size_t n, size_t i, lb_span *out, int level, int depth, lb_result *r);
 
 /* the span a key of an object at `level` goes to, and the level its
  * value is walked at (NONE: only checked) */
@@ -167,87 +168,83 @@ static lb_span *slot_of(lb_result *r, int level, const char *k, size_t kl, int *
 #undef K
 }
 
-static int object(cur *c, int level, int depth, lb_result *r, size_t *count) {
-  lb_span key, skip;
-  c->i++;
-  ws(c);
+static size_t object_at(const char *s, size_t n, size_t i, int level, int depth, lb_result *r, size_t *count) {
   *count = 0;
-  if (c->i < c->n && c->s[c->i] == '}') { c->i++; return 1; }
+  i = ws_at(s, n, i + 1);
+  if (i < n && s[i] == '}') return i + 1;
   for (;;) {
-    lb_span *to = NULL;
+    lb_span key, skip, *to = NULL;
     int inner = NONE;
-    if (c->i >= c->n || c->s[c->i] != '"' || !string(c, &key)) return 0;
+    if (i >= n || s[i] != '"' || (i = string_at(s, n, i, &key)) == BAD) return BAD;
     if (level != NONE) {
-      if (key.esc) return 0;                /* an escaped key might be one of ours */
-      to = slot_of(r, level, c->s + key.off, key.len, &inner);
+      if (key.esc) return BAD;              /* an escaped key might be one of ours */
+      to = slot_of(r, level, s + key.off, key.len, &inner);
     }
-    ws(c);
-    if (c->i >= c->n || c->s[c->i] != ':') return 0;
-    c->i++;
-    ws(c);
-    if (to && inner != NONE && to->kind != LB_J_ABSENT) return 0;   /* a container twice */
-    if (!value(c, to ? to : &skip, to ? inner : NONE, depth, r)) return 0;
-    if ((to ? to : &skip)->kind != LB_J_NULL) ++*count;   /* keys json.normalize keeps */
-    ws(c);
-    if (c->i < c->n && c->s[c->i] == ',') { c->i++; ws(c); continue; }
-    if (c->i < c->n && c->s[c->i] == '}') { c->i++; return 1; }
-    return 0;
+    i = ws_at(s, n, i);
+    if (i >= n || s[i] != ':') return BAD;
+    i = ws_at(s, n, i + 1);
+    if (!to) to = &skip;
+    else if (inner != NONE && to->kind != LB_J_ABSENT) return BAD;   /* a container twice */
+    if ((i = value_at(s, n, i, to, inner, depth, r)) == BAD) return BAD;
+    if (to->kind != LB_J_NULL) ++*count;     /* keys json.normalize keeps */
+    i = ws_at(s, n, i);
+    if (i < n && s[i] == ',') { i = ws_at(s, n, i + 1); continue; }
+    if (i < n && s[i] == '}') return i + 1;
+    return BAD;
   }
 }
 
-static int array(cur *c, int level, int depth, lb_result *r) {
-  lb_span skip;
+static size_t array_at(const char *s, size_t n, size_t i, int level, int depth, lb_result *r) {
   size_t k = 0;
-  c->i++;
-  ws(c);
-  if (c->i < c->n && c->s[c->i] == ']') { c->i++; return 1; }
+  i = ws_at(s, n, i + 1);
+  if (i < n && s[i] == ']') return i + 1;
   for (;;) {
-    lb_span *to = &skip;
+    lb_span skip, *to = &skip;
     int inner = NONE;
     if (k == 0 && level == CHOICES) { to = &r->choice0; inner = CHOICE; }
     if (k == 0 && level == DATA) { to = &r->datum0; inner = DATUM; }
-    if (!value(c, to, inner, depth, r)) return 0;
+    if ((i = value_at(s, n, i, to, inner, depth, r)) == BAD) return BAD;
     k++;
-    ws(c);
-    if (c->i < c->n && c->s[c->i] == ',') { c->i++; ws(c); continue; }
-    if (c->i < c->n && c->s[c->i] == ']') { c->i++; return 1; }
-    return 0;
+    i = ws_at(s, n, i);
+    if (i < n && s[i] == ',') { i = ws_at(s, n, i + 1); continue; }
+    if (i < n && s[i] == ']') return i + 1;
+    return BAD;
   }
 }
 
-static int value(cur *c, lb_span *out, int level, int depth, lb_result *r) {
-  size_t start = c->i, count = 0;
-  if (c->i >= c->n) return 0;
-  switch (c->s[c->i]) {
-  case '"': return string(c, out);
+static size_t value_at(const char *s, size_t n, size_t i, lb_span *out, int level, int depth, lb_result *r) {
+  size_t start = i, count = 0;
+  if (i >= n) return BAD;
+  switch (s[i]) {
+  case '"': return string_at(s, n, i, out);
   case '{':
-    if (depth >= MAX_DEPTH || !object(c, level == CHOICES || level == DATA ? NONE : level, depth + 1, r, &count))
-      return 0;
+    if (depth >= MAX_DEPTH) return BAD;
+    i = object_at(s, n, i, level == CHOICES || level == DATA ? NONE : level, depth + 1, r, &count);
+    if (i == BAD) return BAD;
     out->kind = LB_J_OBJ;
     if (level == BODY) r->body_keys = count;
     break;
   case '[':
-    if (depth >= MAX_DEPTH || !array(c, level, depth + 1, r)) return 0;
+    if (depth >= MAX_DEPTH || (i = array_at(s, n, i, level, depth + 1, r)) == BAD) return BAD;
     out->kind = LB_J_ARR;
     break;
-  case 't': return literal(c, "true", 4, LB_J_TRUE, out);
-  case 'f': return literal(c, "false", 5, LB_J_FALSE, out);
-  case 'n': return literal(c, "null", 4, LB_J_NULL, out);
-  default: return number(c, out);
+  case 't': return literal_at(s, n, i, "true", 4, LB_J_TRUE, out);
+  case 'f': return literal_at(s, n, i, "false", 5, LB_J_FALSE, out);
+  case 'n': return literal_at(s, n, i, "null", 4, LB_J_NULL, out);
+  default: return number_at(s, n, i, out);
   }
-  out->off = start; out->len = c->i - start; out->esc = 0;
-  return 1;
+  out->off = start; out->len = i - start; out->esc = 0;
+  return i;
 }
 
 int lb_result_scan(const char *s, size_t n, lb_result *r) {
-  cur c = { s, n, 0 };
   lb_span top;
+  size_t i;
   memset(r, 0, sizeof *r);
-  ws(&c);
-  if (c.i >= n || s[c.i] != '{') return 0;
-  if (!value(&c, &top, TOP, 0, r)) return 0;
-  ws(&c);
-  return c.i == n;
+  i = ws_at(s, n, 0);
+  if (i >= n || s[i] != '{') return 0;
+  if ((i = value_at(s, n, i, &top, TOP, 0, r)) == BAD) return 0;
+  return ws_at(s, n, i) == n;
 }
 
 long lb_json_unescape(const char *s, size_t n, char *out) {
@@ -299,6 +296,12 @@ long lb_json_unescape(const char *s, size_t n, char *out) {
 #include <math.h>
 #include <unistd.h>
 #include "core.h"
+
+/* a cursor over checked JSON, for the pushes below */
+typedef struct cur { const char *s; size_t n, i; } cur;
+static void ws(cur *c) { c->i = ws_at(c->s, c->n, c->i); }
+static void string(cur *c, lb_span *out) { c->i = string_at(c->s, c->n, c->i, out); }
+static void number(cur *c, lb_span *out) { c->i = number_at(c->s, c->n, c->i, out); }
 
 typedef struct ctx { lua_State *L; const char *s; char *tmp; } ctx;
 
