@@ -99,8 +99,8 @@ local function timeline(shards)
     local tm, y = s.times or {}, 5 + (i - 1) * 22
     t[#t + 1] = ('<text x="0" y="%d" font-size="12">%s</text>'):format(y + 14, esc(s.name or ("shard " .. i)))
     if tm.created then
-      local x = 200 + math.floor((tm.created - t0) / span * 400)
       local w = math.max(2, math.floor(((tm.ended or t1) - tm.created) / span * 400))
+      local x = math.min(200 + math.floor((tm.created - t0) / span * 400), 600 - w)   -- (a bar at the end: inside)
       t[#t + 1] = ('<rect class="bar shard" data-status="%s" x="%d" y="%d" width="%d" height="16" fill="%s">'
         .. '<title>%s: %s, %ds</title></rect>'):format(esc(s.status or "?"), x, y, w,
         s.status == "completed" and "#4a7" or "#c54", esc(s.name or i), esc(s.status or "?"),

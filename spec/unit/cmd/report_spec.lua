@@ -37,6 +37,22 @@ describe("lbatch.cmd.report", function()
     assert.are.equal(page, H.read(dir .. "/r.html"))
   end)
 
+  it("keeps every timeline bar on the time axis, a shard that ends as the run ends too", function()
+    local dir = H.tmpdir()
+    H.write(dir .. "/journal.jsonl", line({ version = 1, run = "r9", phase = "done" })
+      .. line({ k = 1, shard = { k = 1, name = "a", step = "done", status = "completed", lines = 1,
+        times = { created = 100, ended = 200 } } })
+      .. line({ k = 2, shard = { k = 2, name = "b", step = "done", status = "completed", lines = 1,
+        times = { created = 200, ended = 200 } } }))   -- (whole seconds: a last shard of 0 s, at the end)
+    local page = report.html(assert(report.read(dir)))
+    local bars = 0
+    for x, w in page:gmatch('<rect class="bar shard"[^>]- x="(%d+)" y="%d+" width="(%d+)"') do
+      assert.is_true(tonumber(x) >= 200 and tonumber(x) + tonumber(w) <= 600, x .. " + " .. w)
+      bars = bars + 1
+    end
+    assert.are.equal(2, bars)
+  end)
+
   it("escapes what the journal holds, and fails with an error object without one", function()
     local dir = H.tmpdir()
     H.write(dir .. "/journal.jsonl", line({ version = 1, run = "<script>x</script>", phase = "done" }))
