@@ -162,7 +162,9 @@ struct lb_result;
 /* the fields a record may do without: bits of a `want` mask */
 enum { LB_F_ID = 1, LB_F_STATUS = 2, LB_F_REQUEST_ID = 4, LB_F_MODEL = 8, LB_F_CREATED = 16, LB_F_USAGE = 32,
        LB_F_CONTENT = 64, LB_F_REASONING = 128, LB_F_EMBEDDING = 256, LB_F_ALL = 511 };
-int lb_push_scanned(lua_State *L, const char *s, size_t n, const struct lb_result *r, int *ok, unsigned want);
+/* keys: the stack index of lb_push_keys's names (pushed once for many records), or 0 */
+int lb_push_scanned(lua_State *L, const char *s, size_t n, const struct lb_result *r, int *ok, unsigned want, int keys);
+int lb_push_keys(lua_State *L);   /* a record's field names pushed: the index of the first */
 unsigned lb_fields_wanted(lua_State *L, int idx);   /* the mask of the names set in the table at idx */
 
 /* ------------------------------------------------------------ fetch.c */

@@ -303,7 +303,7 @@ static void ws(cur *c) { c->i = ws_at(c->s, c->n, c->i); }
 static void string(cur *c, lb_span *out) { c->i = string_at(c->s, c->n, c->i, out); }
 static void number(cur *c, lb_span *out) { c->i = number_at(c->s, c->n, c->i, out); }
 
-typedef struct ctx { lua_State *L; const char *s; char *tmp; } ctx;
+typedef struct ctx { lua_State *L; const char *s; char *tmp; int keys; } ctx;   /* keys: lb_push_keys's, or 0 */
 
 /* push a scanned string; 0 when lua-cjson would refuse its escapes */
 static int push_string(ctx *x, const lb_span *v) {
@@ -426,23 +426,44 @@ static int push_span(ctx *x, const lb_span *v) {
 #define OPT(v, k) ((v).kind == LB_J_ABSENT || (v).kind == LB_J_NULL || (v).kind == (k))
 #define NIL(v) ((v).kind == LB_J_ABSENT || (v).kind == LB_J_NULL)
 
-/* the fields a record may do without (results' each{fields = ...}): their
- * names, each one's bit in a `want` mask */
-static const struct { const char *name; unsigned bit; } optional[] = {
-  {"id", LB_F_ID}, {"status_code", LB_F_STATUS}, {"request_id", LB_F_REQUEST_ID}, {"model", LB_F_MODEL},
-  {"created", LB_F_CREATED}, {"usage", LB_F_USAGE}, {"content", LB_F_CONTENT}, {"reasoning", LB_F_REASONING},
-  {"embedding", LB_F_EMBEDDING}, {NULL, 0}
+/* a record's fields: their names, in the order of the K_ constants, and
+ * the bit of each one a record may do without (results' each{fields =
+ * ...}) in a `want` mask (0: every record has it) */
+enum { K_CUSTOM_ID, K_ID, K_STATUS, K_REQUEST_ID, K_OK, K_MODEL, K_CREATED, K_USAGE, K_CONTENT, K_REASONING,
+       K_EMBEDDING, K_COUNT };
+static const struct { const char *name; unsigned bit; } field[K_COUNT] = {
+  {"custom_id", 0}, {"id", LB_F_ID}, {"status_code", LB_F_STATUS}, {"request_id", LB_F_REQUEST_ID}, {"ok", 0},
+  {"model", LB_F_MODEL}, {"created", LB_F_CREATED}, {"usage", LB_F_USAGE}, {"content", LB_F_CONTENT},
+  {"reasoning", LB_F_REASONING}, {"embedding", LB_F_EMBEDDING}
 };
 
 unsigned lb_fields_wanted(lua_State *L, int idx) {
   unsigned mask = 0;
   int k;
-  for (k = 0; optional[k].name; k++) {
-    lua_getfield(L, idx, optional[k].name);
-    if (lua_toboolean(L, -1)) mask |= optional[k].bit;
+  for (k = 0; k < K_COUNT; k++) {
+    if (!field[k].bit) continue;
+    lua_getfield(L, idx, field[k].name);
+    if (lua_toboolean(L, -1)) mask |= field[k].bit;
     lua_pop(L, 1);
   }
   return mask;
+}
+
+int lb_push_keys(lua_State *L) {
+  int k;
+  luaL_checkstack(L, K_COUNT, "too many records");
+  for (k = 0; k < K_COUNT; k++) lua_pushstring(L, field[k].name);
+  return lua_gettop(L) - K_COUNT + 1;
+}
+
+/* t[field k] = the value on the stack's top, t below it (popped): with
+ * the name pushed once a batch (x->keys, lb_push_keys) when there is one,
+ * not made a string again each time */
+static void set(ctx *x, int k) {
+  if (!x->keys) { lua_setfield(x->L, -2, field[k].name); return; }
+  lua_pushvalue(x->L, x->keys + k);
+  lua_insert(x->L, -2);
+  lua_rawset(x->L, -3);
 }
 
 /* the fields as results.record has them (custom_id and ok, and those of
@@ -466,30 +487,30 @@ static int fields(ctx *x, const lb_result *r, int *okp, unsigned want) {
     for (m = want; m; m &= m - 1) n++;
     lua_createtable(L, 0, n);
   }
-#define SET(bit, name, span) do { \
-    if (((bit) == 0 || (want & (bit))) && !NIL(span)) { if (!push_span(x, &(span))) return 0; lua_setfield(L, -2, name); } \
+#define SET(k, span) do { \
+    if ((field[k].bit == 0 || (want & field[k].bit)) && !NIL(span)) { if (!push_span(x, &(span))) return 0; set(x, k); } \
   } while (0)
-  SET(0, "custom_id", r->custom_id);           /* (0: every record has it) */
-  SET(LB_F_ID, "id", r->id);
-  SET(LB_F_STATUS, "status_code", r->status_code);
-  SET(LB_F_REQUEST_ID, "request_id", r->request_id);
+  SET(K_CUSTOM_ID, r->custom_id);
+  SET(K_ID, r->id);
+  SET(K_STATUS, r->status_code);
+  SET(K_REQUEST_ID, r->request_id);
   ok = 0;
   if (r->status_code.kind == LB_J_NUM) {
     double st = number_of(x->s + r->status_code.off, r->status_code.len);
     ok = st >= 200 && st < 300 && NIL(r->error) && NIL(r->body_error) && body && r->body_keys > 0;
   }
   lua_pushboolean(L, ok);
-  lua_setfield(L, -2, "ok");
+  set(x, K_OK);
   *okp = ok;
   if (body) {
-    SET(LB_F_MODEL, "model", r->model);
-    SET(LB_F_CREATED, "created", r->created);
-    if (r->usage.kind == LB_J_OBJ) SET(LB_F_USAGE, "usage", r->usage);
+    SET(K_MODEL, r->model);
+    SET(K_CREATED, r->created);
+    if (r->usage.kind == LB_J_OBJ) SET(K_USAGE, r->usage);
     if (r->message.kind == LB_J_OBJ) {
-      SET(LB_F_CONTENT, "content", r->content);
-      SET(LB_F_REASONING, "reasoning", r->reasoning);
+      SET(K_CONTENT, r->content);
+      SET(K_REASONING, r->reasoning);
     }
-    if (r->datum0.kind == LB_J_OBJ && r->embedding.kind == LB_J_ARR) SET(LB_F_EMBEDDING, "embedding", r->embedding);
+    if (r->datum0.kind == LB_J_OBJ && r->embedding.kind == LB_J_ARR) SET(K_EMBEDDING, r->embedding);
   }
 #undef SET
   if (!push_span(x, &r->error) || !push_span(x, &r->body_error)) return 0;
@@ -567,12 +588,12 @@ int lb_line_at(lua_State *L) {
  * core.result returns them (3 values; the record with only the fields of
  * `want`, and custom_id and ok), or false (1 value) when the scanner
  * leaves it to Lua; *ok the record's ok */
-int lb_push_scanned(lua_State *L, const char *s, size_t n, const lb_result *r, int *ok, unsigned want) {
+int lb_push_scanned(lua_State *L, const char *s, size_t n, const lb_result *r, int *ok, unsigned want, int keys) {
   ctx x;
   int top = lua_gettop(L), done;
   char small[4096];
   *ok = 0;
-  x.L = L; x.s = s;
+  x.L = L; x.s = s; x.keys = keys;
   x.tmp = small;                                  /* unescaped text is never longer than n */
   if (n > sizeof small) x.tmp = lua_newuserdata(L, n);   /* (the collector's: no leak when a push raises) */
   done = fields(&x, r, ok, want);
@@ -586,7 +607,7 @@ int lb_push_result(lua_State *L, const char *s, size_t n) {
   lb_result r;
   int ok;
   if (!lb_result_scan(s, n, &r)) { lua_pushboolean(L, 0); return 1; }
-  return lb_push_scanned(L, s, n, &r, &ok, LB_F_ALL);
+  return lb_push_scanned(L, s, n, &r, &ok, LB_F_ALL, 0);
 }
 
 /* found:answer(line, handles): the join's step for one input line, in one
