@@ -135,6 +135,7 @@ uint64_t lb_idmap_hash(const char *k, size_t len);
 /* h is lb_idmap_hash(k, len) */
 int lb_idmap_has(const idmap *m, const char *k, size_t len, uint64_t h);
 void lb_idmap_prefetch(const idmap *m, uint64_t h);
+void lb_idmap_prefetch_entry(const idmap *m, uint64_t h);   /* once its slot is in the cache */
 int lb_idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v);  /* 1 new, 0 kept, -1 no memory */
 int lb_idmap_remove(idmap *m, const char *k, size_t len, uint64_t h);             /* 1 when it was there */
 int lb_idmap_take(idmap *m, const char *k, size_t len, lua_Number *v);           /* 1 (and *v) when it was there */

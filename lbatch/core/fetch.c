@@ -226,6 +226,7 @@ static size_t take_ids(window *win, idmap *m, int from, int to, want *w, int *la
     want x = w[j];
     lua_Number v;
     if (j + PREFETCH < c) lb_idmap_prefetch(m, w[j + PREFETCH].h);
+    if (j + PREFETCH / 2 < c) lb_idmap_prefetch_entry(m, w[j + PREFETCH / 2].h);
     if (lb_idmap_take_h(m, x.id, x.idlen, x.h, &v)) {
       double f = floor(v / FILE_SPAN);
       x.v = v; x.key = (uint64_t)v; x.file = (int)f; x.off = (off_t)(v - f * FILE_SPAN);

@@ -172,6 +172,20 @@ void lb_idmap_prefetch(const idmap *m, uint64_t h) {
 #endif
 }
 
+/* the entry of the key of hash h into the cache, its slot found by the
+ * hash alone (the slot fetched before: lb_idmap_prefetch some keys ago):
+ * a lookup's second miss overlaps too */
+void lb_idmap_prefetch_entry(const idmap *m, uint64_t h) {
+#if defined(__GNUC__)
+  size_t i, k;
+  if (!m->cap) return;
+  for (i = (size_t)h & (m->cap - 1), k = 0; k < 4 && m->slots[i].e; k++, i = (i + 1) & (m->cap - 1))
+    if (m->slots[i].hash == h && m->slots[i].e != TOMB) { __builtin_prefetch(m->slots[i].e, 0); return; }
+#else
+  (void)m; (void)h;
+#endif
+}
+
 int lb_idmap_has(const idmap *m, const char *k, size_t len, uint64_t h) {
   return lookup(m, k, len, h) != NULL;
 }
