@@ -19,7 +19,7 @@ local service = require "lbatch.impl.api.service"
 
 local dir = assert(arg[1], "usage: bench/join_phases.lua DIR")
 local ROUNDS = tonumber(os.getenv("ROUNDS")) or 3
-local WINDOW, WINDOW_BYTES = 16384, 4 * 1024 * 1024   -- as lbatch/results.lua
+local WINDOW, WINDOW_BYTES = service.LIMITS.max_lines, 16 * 1024 * 1024   -- as lbatch/results.lua
 local files = { dir .. "/all.out.jsonl", dir .. "/all.err.jsonl" }
 local input = dir .. "/all.in.jsonl"
 
@@ -36,7 +36,7 @@ for _, name in ipairs(want or {}) do set[name] = true end
 
 local function pass(upto)
   local map = core.idmap()
-  for k, p in ipairs(files) do assert(map:scan(p, k)) end
+  for k, p in ipairs(files) do assert(map:scan(p, k, 0, results.MAX_INDEX + 1)) end   -- (as the join: room reserved)
   if upto < 2 then map:clear() return end
   local handles, sizes = {}, {}
   for k, p in ipairs(files) do handles[k] = assert(io.open(p, "rb")) sizes[k] = handles[k]:seek("end") end

@@ -137,6 +137,9 @@ int lb_idmap_has(const idmap *m, const char *k, size_t len, uint64_t h);
 void lb_idmap_prefetch(const idmap *m, uint64_t h);
 void lb_idmap_prefetch_entry(const idmap *m, uint64_t h);   /* once its slot is in the cache */
 int lb_idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v);  /* 1 new, 0 kept, -1 no memory */
+/* the same, with the length of the line the key is in (m:scan's; 0 not known) */
+int lb_idmap_put_line(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v, size_t line);
+int lb_idmap_get_line(const idmap *m, const char *k, size_t len, uint64_t h, lua_Number *v, size_t *line);
 int lb_idmap_remove(idmap *m, const char *k, size_t len, uint64_t h);             /* 1 when it was there */
 int lb_idmap_take(idmap *m, const char *k, size_t len, lua_Number *v);           /* 1 (and *v) when it was there */
 int lb_idmap_take_h(idmap *m, const char *k, size_t len, uint64_t h, lua_Number *v);

@@ -10,8 +10,8 @@
  *   w:take(i) -> input i's answer line and core.result's values for it;
  *                the line alone when the caller must decode it to tell it
  *                is the request's answer; false (no answer: missing); or a
- *                number (its index value: an answer past the window's byte
- *                budget, for the caller to read alone)
+ *                number (its index value: an answer whose id the caller
+ *                indexed, its length not known, for the caller to read)
  *   w:text(i) -> input line i
  *   w:file(i) -> the number of the result file input i's answer came from
  *   w:free()  its memory freed now (the collector sees only the userdata;
@@ -19,24 +19,29 @@
  *
  * fill takes each input line's custom_id (lines from..to of the window, in
  * input order, so that a duplicate request is missing as it is one line at
- * a time) from the index `found` (values fileno * 2^36 + offset, as m:scan
- * puts them), then reads the answers in file order (sorted by file and
- * offset), with one large pread for answers that lie close together,
- * instead of one pread each in a shuffled order (docs/benchmarks.md has the
- * figures), into an arena reused window after window: Lua values are made
- * only when a record is made (many similar long strings alive at once make
- * LuaJIT's interning slow). An answer line is scanned once after it is
- * indexed, when its record is made: its custom_id is checked in that pass
- * (same_id); one that is not the request's any more (the file changed
- * since it was indexed) goes to the caller, which decodes it and finds an
- * error, never another request's record; an answer that is not there (the
- * file shrank: smaller than sizes[fileno], its size when it was indexed) is
- * fill's error.
+ * a time) from the index `found` (values fileno * 2^36 + offset, and each
+ * line's length, as m:scan puts them), gives each answer its place in an
+ * arena in input order (the records are made reading it front to back),
+ * then reads the answers in file order (sorted by file and offset), with
+ * one large pread for answers that lie close together, instead of one
+ * pread each in a shuffled order (docs/benchmarks.md has the figures),
+ * each into its place. The arena is reused window after window, and holds
+ * at most OUT_BUDGET bytes: fill stops before the answer past it. Lua
+ * values are made only when a record is made (many similar long strings
+ * alive at once make LuaJIT's interning slow). An answer line is scanned
+ * once after it is indexed, when its record is made: its custom_id is
+ * checked in that pass (same_id); one that is not the request's any more
+ * (the file changed since it was indexed) goes to the caller, which
+ * decodes it and finds an error, never another request's record; an
+ * answer that is not there (the file shrank: smaller than sizes[fileno],
+ * its size when it was indexed) or not of its indexed length is fill's
+ * error.
  *
- * fill returns the last input handled: `to`, or less when the next text is
- * not a string or has an id that needs decoding (the caller joins that line
- * its own way, then fills again from the one after it). Or nil, the reason
- * and the file number when an answer cannot be read. */
+ * fill returns the last input handled: `to`, or less when the arena is
+ * full or the next text is not a string or has an id that needs decoding
+ * (the caller joins that line its own way, then fills again from the one
+ * after it). Or nil, the reason and the file number when an answer cannot
+ * be read. */
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
@@ -51,7 +56,7 @@
 #define GAP_MAX (4u << 10)         /* a gap worth reading through rather than a pread more */
 #define TAIL_MIN 512               /* room for the last answer of a read: twice the mean */
 #define TAIL_MAX 8192              /* answer's length so far, within these */
-#define OUT_BUDGET (16u << 20)     /* answer bytes a window holds; the rest read one by one */
+#define OUT_BUDGET (32u << 20)     /* answer bytes a window holds: the window ends before more */
 #define PREFETCH 16
 
 #define LBATCH_WINDOW "lbatch.core.window"
@@ -66,8 +71,9 @@ typedef struct entry {
   double v;                        /* E_LATER: the index value */
 } entry;
 
-/* the window: inputs from..to, their answers' lines in one arena (reused
- * window after window: Lua strings are made one at a time, when taken) */
+/* the window: inputs from..to, their answers' lines in one arena, in input
+ * order (reused window after window: Lua strings are made one at a time,
+ * when taken) */
 typedef struct window {
   int from, to;
   entry *e;
@@ -94,6 +100,7 @@ typedef struct want {
   int i;                           /* the input's place in texts */
   const char *id;                  /* the request's custom_id (in the window's input block) */
   size_t idlen;
+  size_t len, at;                  /* the answer's length (as indexed) and its place in the arena */
 } want;
 
 /* a read block: the bytes of one file from `start` (its memory the
@@ -208,10 +215,15 @@ static const char *answer_of(const window *win, const entry *e, lb_result *r) {
 }
 
 /* take each input's id from the index, in input order (each slot fetched
- * into the cache PREFETCH ids ahead: the misses overlap); the count of
- * wants made, *last the last input handled */
-static size_t take_ids(window *win, idmap *m, int from, int to, want *w, int *last) {
-  size_t k = 0, c = 0, j;
+ * into the cache PREFETCH ids ahead, its entry half as far: the misses
+ * overlap), and give each answer its place in the arena, in input order:
+ * the records are made reading the arena front to back. The window ends
+ * before the answer that would take the arena past OUT_BUDGET (the first
+ * one always fits): its ids stay in the index for the next fill. The
+ * count of wants made; *last the last input handled, *used the arena's
+ * bytes */
+static size_t take_ids(window *win, idmap *m, int from, int to, want *w, int *last, size_t *used) {
+  size_t k = 0, c = 0, j, at = 0;
   int i;
   for (i = from; i <= to; i++, c++) {                /* the ids, hashed */
     size_t n = win->t[i].len, io = 0, il = 0;
@@ -225,16 +237,29 @@ static size_t take_ids(window *win, idmap *m, int from, int to, want *w, int *la
   for (j = 0; j < c; j++) {
     want x = w[j];
     lua_Number v;
+    size_t len;
     if (j + PREFETCH < c) lb_idmap_prefetch(m, w[j + PREFETCH].h);
     if (j + PREFETCH / 2 < c) lb_idmap_prefetch_entry(m, w[j + PREFETCH / 2].h);
-    if (lb_idmap_take_h(m, x.id, x.idlen, x.h, &v)) {
+    if (!lb_idmap_get_line(m, x.id, x.idlen, x.h, &v, &len)) {
+      win->e[x.i - from].kind = E_MISSING;
+      continue;
+    }
+    if (len && at > 0 && at + len > OUT_BUDGET) { *last = x.i - 1; break; }   /* the next fill's */
+    lb_idmap_remove(m, x.id, x.idlen, x.h);
+    if (!len) {                                   /* (an id the caller put: its line's length not known) */
+      win->e[x.i - from].kind = E_LATER;
+      win->e[x.i - from].v = v;
+      continue;
+    }
+    {
       double f = floor(v / FILE_SPAN);
       x.v = v; x.key = (uint64_t)v; x.file = (int)f; x.off = (off_t)(v - f * FILE_SPAN);
+      x.len = len; x.at = at;
+      at += len;
       w[k++] = x;
-    } else {
-      win->e[x.i - from].kind = E_MISSING;
     }
   }
+  *used = at;
   return k;
 }
 
@@ -244,23 +269,6 @@ static int failed(lua_State *L, const char *why, int file) {
   lua_pushstring(L, why);
   lua_pushinteger(L, file);
   return 3;
-}
-
-/* an answer line copied into the window's arena */
-static int keep(window *win, int i, const char *p, size_t len) {
-  entry *e = &win->e[i - win->from];
-  if (win->used + len > win->cap) {
-    size_t cap = win->cap ? win->cap : 65536;
-    char *q;
-    while (cap < win->used + len) cap *= 2;
-    if (!(q = realloc(win->arena, cap))) return 0;
-    win->arena = q;
-    win->cap = cap;
-  }
-  memcpy(win->arena + win->used, p, len);
-  e->kind = E_LINE; e->at = win->used; e->len = len;
-  win->used += len;
-  return 1;
 }
 
 /* is file number `file` (fd) shorter than sizes[file] (stack slot 5)? */
@@ -273,7 +281,9 @@ static int shorter(lua_State *L, int fd, int file) {
   return fstat(fd, &st) == 0 && (lua_Number)st.st_size < size;
 }
 
-/* read the sorted wants' lines into the window; 0 or what failed pushed */
+/* read the sorted wants' lines into their places in the arena; 0, or
+ * what failed pushed: an answer not there any more (the file shrank) or
+ * of another length than when it was indexed (the file changed) */
 static int read_all(lua_State *L, window *win, want *w, size_t k) {
   blk b = { win, -1, 0, 0, TAIL_MIN * 2, 0 };
   size_t lines = 0, bytes = 0;
@@ -294,12 +304,13 @@ static int read_all(lua_State *L, window *win, want *w, size_t k) {
       b.len = 0; b.eof = 0;
       if (shorter(L, b.fd, file)) return failed(L, "the file is shorter than when it was indexed", file);
     }
-    if (win->used > OUT_BUDGET) { e->kind = E_LATER; e->v = w[j].v; continue; }
     rc = line_of(&b, w, j, k, &p, &len);
     if (rc == -2) return luaL_error(L, "window: out of memory");
     if (rc < 0) return failed(L, strerror(errno), file);
     if (rc == 0) return failed(L, "the file is shorter than when it was indexed", file);
-    if (!keep(win, w[j].i, p, len)) return luaL_error(L, "window: out of memory");
+    if (len != w[j].len) return failed(L, "the file changed since it was indexed", file);
+    memcpy(win->arena + w[j].at, p, len);
+    e->kind = E_LINE; e->at = w[j].at; e->len = len;
     e->file = file;
     e->id = (size_t)(w[j].id - win->in);
     e->idlen = w[j].idlen;
@@ -400,7 +411,7 @@ static int w_fill(lua_State *L) {
   window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
   idmap *m = lb_idmap_check(L, 2);
   int from = (int)luaL_checkinteger(L, 3), to = (int)luaL_checkinteger(L, 4), last, rc;
-  size_t k, n;
+  size_t k, n, used;
   want *w;
   luaL_checktype(L, 5, LUA_TTABLE);
   luaL_checktype(L, 6, LUA_TTABLE);
@@ -424,7 +435,14 @@ static int w_fill(lua_State *L) {
     win->wcap = n;
   }
   w = win->w;
-  k = take_ids(win, m, from, to, w, &last);
+  k = take_ids(win, m, from, to, w, &last, &used);
+  if (used > win->cap) {
+    char *q = realloc(win->arena, used);
+    if (!q) return luaL_error(L, "window: out of memory");
+    win->arena = q;
+    win->cap = used;
+  }
+  win->used = used;
   sort_wants(w, win->w2, k);
   win->to = last;
   if ((rc = read_all(L, win, w, k)) != 0) { win->to = from - 1; return rc; }

@@ -23,10 +23,12 @@
 
 #define TOMB ((ent *)1)
 
-/* a key and its value, in the map's blocks (no malloc per key) */
+/* a key and its value, in the map's blocks (no malloc per key); `line`:
+ * the length of the line m:scan found the key in (0: not known) */
 typedef struct ent {
   lua_Number value;
   size_t len;
+  uint32_t line;
   char key[];
 } ent;
 
@@ -55,7 +57,7 @@ struct idmap {
   block *keys;          /* the newest block first */
 };
 
-static ent *ent_new(idmap *m, const char *k, size_t len, lua_Number v) {
+static ent *ent_new(idmap *m, const char *k, size_t len, lua_Number v, uint32_t line) {
   block *b = m->keys;
   size_t size = ENT_SIZE(len);
   ent *e;
@@ -75,6 +77,7 @@ static ent *ent_new(idmap *m, const char *k, size_t len, lua_Number v) {
   e = (ent *)(void *)(b->data + b->used);
   e->value = v;
   e->len = len;
+  e->line = line;
   memcpy(e->key, k, len);
   b->used += size;
   return e;
@@ -191,12 +194,16 @@ int lb_idmap_has(const idmap *m, const char *k, size_t len, uint64_t h) {
 }
 
 int lb_idmap_put(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v) {
+  return lb_idmap_put_line(m, k, len, h, v, 0);
+}
+
+int lb_idmap_put_line(idmap *m, const char *k, size_t len, uint64_t h, lua_Number v, size_t line) {
   slot *s;
   ent *e;
   if (!room(m, 1) && !grow(m)) return -1;
   s = find(m, k, len, h, 1);
   if (s->e && s->e != TOMB) return 0;            /* the first one stays */
-  if (!(e = ent_new(m, k, len, v))) return -1;
+  if (!(e = ent_new(m, k, len, v, line <= UINT32_MAX ? (uint32_t)line : 0))) return -1;
   if (!s->e) m->used++;
   s->e = e; s->hash = h;
   m->n++;
@@ -223,6 +230,14 @@ int lb_idmap_take_h(idmap *m, const char *k, size_t len, uint64_t h, lua_Number 
   if (!s) return 0;
   *v = s->e->value;
   drop(m, s);
+  return 1;
+}
+
+int lb_idmap_get_line(const idmap *m, const char *k, size_t len, uint64_t h, lua_Number *v, size_t *line) {
+  slot *s = lookup(m, k, len, h);
+  if (!s) return 0;
+  *v = s->e->value;
+  *line = s->e->line;
   return 1;
 }
 

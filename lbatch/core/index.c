@@ -32,7 +32,7 @@
  * keys point into the read chunk: the ring is emptied before it is read
  * again, and before a line that spans chunks is put. */
 #define RING 16
-typedef struct pending { const char *k; size_t len; uint64_t h; double v; } pending;
+typedef struct pending { const char *k; size_t len, line; uint64_t h; double v; } pending;
 typedef struct ring { pending p[RING]; int n, head; } ring;
 
 /* put every pending id, oldest first; 0: out of memory */
@@ -40,25 +40,25 @@ static int ring_flush(idmap *m, ring *q) {
   int i, ok = 1;
   for (i = 0; i < q->n; i++) {
     pending *e = &q->p[(q->head + i) % RING];
-    if (lb_idmap_put(m, e->k, e->len, e->h, e->v) < 0) ok = 0;
+    if (lb_idmap_put_line(m, e->k, e->len, e->h, e->v, e->line) < 0) ok = 0;
   }
   q->n = q->head = 0;
   return ok;
 }
 
-/* id k -> v, through the ring (q NULL: put now) */
-static int ring_put(idmap *m, ring *q, const char *k, size_t len, uint64_t h, double v) {
+/* id k -> v (its line `line` bytes long), through the ring (q NULL: put now) */
+static int ring_put(idmap *m, ring *q, const char *k, size_t len, uint64_t h, double v, size_t line) {
   pending *e;
-  if (!q) return lb_idmap_put(m, k, len, h, v) >= 0;
+  if (!q) return lb_idmap_put_line(m, k, len, h, v, line) >= 0;
   lb_idmap_prefetch(m, h);
   if (q->n == RING) {                        /* the oldest goes in, the new one takes its place */
     e = &q->p[q->head];
-    if (lb_idmap_put(m, e->k, e->len, e->h, e->v) < 0) return 0;
+    if (lb_idmap_put_line(m, e->k, e->len, e->h, e->v, e->line) < 0) return 0;
     q->head = (q->head + 1) % RING;
     q->n--;
   }
   e = &q->p[(q->head + q->n) % RING];
-  e->k = k; e->len = len; e->h = h; e->v = v;
+  e->k = k; e->len = len; e->h = h; e->v = v; e->line = line;
   q->n++;
   return 1;
 }
@@ -82,7 +82,7 @@ static int scan_line(lua_State *L, idmap *m, idmap *filter, int drop, double bas
     lb_idmap_remove(m, line + io, il, h);
     return 1;
   }
-  return ring_put(m, q, line + io, il, h, base + (double)off);   /* the first one wins */
+  return ring_put(m, q, line + io, il, h, base + (double)off, n);   /* the first one wins; n: for the fetch */
 }
 
 /* the size of a scan's chunk: SCAN_CHUNK, or no larger than what is left
@@ -132,7 +132,7 @@ static int m_scan(lua_State *L) {
   size_t off = start, line_off = start;  /* where the next read starts; where the line began */
   int bad = 0, ok = 1, over = 0, at_end = 0, plain = !filter && !drop, first = 1;
   buf line = {0};
-  ring q = { { { NULL, 0, 0, 0 } }, 0, 0 };
+  ring q = { { { NULL, 0, 0, 0, 0 } }, 0, 0 };
   char *chunk;
   size_t size;
   FILE *f = fopen(path, "rb");

@@ -645,3 +645,66 @@ describe("the built core's exported symbols", function()
     assert.are.same({ "luaopen_lbatch_core" }, names)
   end)
 end)
+
+-- core.window, the join's fetch (lbatch/core/fetch.c), on its own: an index
+-- of answer files (idmap:scan), a window of input lines, its answers read
+describe("core.window", function()
+  local function write_lines(path, lines) return write(path, table.concat(lines, "\n") .. "\n") end
+  local function request(i) return ('{"custom_id":"w-%05d","body":{}}'):format(i) end
+  local function answer(i, size)
+    return ('{"custom_id":"w-%05d","response":{"status_code":200,"body":{"choices":[{"message":{"content":"%s"}}]}}}')
+      :format(i, ("a"):rep(size))
+  end
+  -- inputs 1..n and their answers (sizes(i) bytes of content), shuffled;
+  -- the index, the window with its inputs read, the answer file's handles
+  local function setup_case(n, sizes)
+    local dir = tmpdir()
+    local ins, outs = {}, {}
+    for i = 1, n do ins[i], outs[i] = request(i), answer(i, sizes(i)) end
+    for i = n, 2, -1 do local j = (i * 7919) % i + 1 outs[i], outs[j] = outs[j], outs[i] end
+    local out = write_lines(dir .. "/a.out.jsonl", outs)
+    local found = core.idmap()
+    assert(found:scan(out, 1, 0, n + 1))
+    local fh = assert(io.open(write_lines(dir .. "/a.in.jsonl", ins), "rb"))
+    local win = core.window()
+    assert.are.equal(n, (win:read(fh, 0, nil, n, 64 * 1024 * 1024, 8 * 1024 * 1024)))
+    fh:close()
+    local h = assert(io.open(out, "rb"))
+    return { win = win, found = found, out = out, handles = { h }, sizes = { h:seek("end") }, lines = outs }
+  end
+
+  it("stops a window before the answer that would take it past its 32 MB, and goes on from there", function()
+    local n = 70
+    local c = setup_case(n, function(i) return 900 * 1024 + i end)   -- 63 MB of answers
+    local by_id, k, fills = {}, 1, 0
+    for _, l in ipairs(c.lines) do by_id[l:match('"(w%-%d+)"')] = l end
+    while k <= n do
+      local last = assert(c.win:fill(c.found, k, n, c.handles, c.sizes))
+      assert.is_true(last >= k and (last - k + 1) * 900 * 1024 <= 32 * 1024 * 1024, "a window of " .. (last - k + 1))
+      for i = k, last do
+        local text, line = c.win:take(i)
+        assert.are.equal(by_id[text:match('"(w%-%d+)"')], line)   -- each input's own answer, whole
+      end
+      k, fills = last + 1, fills + 1
+    end
+    assert.are.equal(2, fills)
+  end)
+
+  it("fails a fill whose answer file shrank, or whose answer is not its indexed length", function()
+    local c = setup_case(50, function(i) return 10 + i end)
+    local f = assert(io.open(c.out, "r+b"))
+    f:write("{}\n")                               -- its first line 2 bytes now, the file no shorter
+    f:close()
+    local last, why, file = c.win:fill(c.found, 1, 50, c.handles, c.sizes)
+    assert.is_nil(last)
+    assert.are.equal("the file changed since it was indexed", why)
+    assert.are.equal(1, file)
+    c = setup_case(50, function(i) return 10 + i end)
+    f = assert(io.open(c.out, "wb"))
+    f:write(c.lines[1], "\n")                     -- cut after its first line
+    f:close()
+    last, why = c.win:fill(c.found, 1, 50, c.handles, c.sizes)
+    assert.is_nil(last)
+    assert.are.equal("the file is shorter than when it was indexed", why)
+  end)
+end)

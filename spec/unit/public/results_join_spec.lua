@@ -24,13 +24,15 @@ local function shuffle(t, rnd)
   return t
 end
 
--- n requests, with ids that LuaJIT's string hash finds hardest
-local function make_case(dir, n, rnd, tag)
+-- n requests, with ids that LuaJIT's string hash finds hardest (pad: that
+-- many bytes more a question)
+local function make_case(dir, n, rnd, tag, pad)
   local ids, inputs, outs, errs = {}, {}, {}, {}
   for i = 1, n do
     ids[i] = (rnd(9) == 1) and ('q"' .. i .. '\\x') or ("req-%07d"):format(i)   -- some need an escape
     inputs[i] = cjson.encode({ custom_id = ids[i], method = "POST", url = "/v1/chat/completions",
-      body = { model = "qwen-plus", messages = { { role = "user", content = "question " .. i } } } })
+      body = { model = "qwen-plus", messages = { { role = "user", content = "question " .. i
+        .. ("?"):rep(pad or 0) } } } })
   end
   local fate = {}
   for i = 1, n do
@@ -429,7 +431,9 @@ describe("the join of results to inputs", function()
   end)
 
   -- the index holds where each answer was: read from a file that is not
-  -- what it was, an answer would be another request's, or a cut line
+  -- what it was, an answer would be another request's, or a cut line.
+  -- (The cases' 6,000 questions of 4 KB are more than a window's 16 MB of
+  -- inputs: the change comes before the second window is read.)
   local function after_first(case, change)
     local r = assert(results.open({ output = case.output, errors = case.errors, inputs = case.inputs }))
     local it = r:each()
@@ -448,7 +452,7 @@ describe("the join of results to inputs", function()
   end
 
   it("an answer file that shrinks between the index and the reads is an io error, never a record", function()
-    local case = make_case(dir, 6000, math.random, "shrink")
+    local case = make_case(dir, 6000, math.random, "shrink", 4096)
     local rec, err, seen = after_first(case, function()
       local f = assert(io.open(case.output, "rb"))
       local head = f:read(4096)
@@ -465,7 +469,7 @@ describe("the join of results to inputs", function()
   end)
 
   it("an answer file rewritten in another order between the index and the reads is an io error", function()
-    local case = make_case(dir, 6000, math.random, "moved")
+    local case = make_case(dir, 6000, math.random, "moved", 4096)
     local rec, err = after_first(case, function()
       local lines = {}
       for l in io.lines(case.output) do lines[#lines + 1] = l end
