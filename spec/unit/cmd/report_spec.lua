@@ -43,14 +43,16 @@ describe("lbatch.cmd.report", function()
       .. line({ k = 1, shard = { k = 1, name = "a", step = "done", status = "completed", lines = 1,
         times = { created = 100, ended = 200 } } })
       .. line({ k = 2, shard = { k = 2, name = "b", step = "done", status = "completed", lines = 1,
-        times = { created = 200, ended = 200 } } }))   -- (whole seconds: a last shard of 0 s, at the end)
+        times = { created = 200, ended = 200 } } })    -- (whole seconds: a last shard of 0 s, at the end)
+      .. line({ k = 3, shard = { k = 3, name = "c", step = "done", status = "completed", lines = 1,
+        times = { created = 125, ended = 150 } } }))
     local page = report.html(assert(report.read(dir)))
-    local bars = 0
+    local bars = {}
     for x, w in page:gmatch('<rect class="bar shard"[^>]- x="(%d+)" y="%d+" width="(%d+)"') do
       assert.is_true(tonumber(x) >= 200 and tonumber(x) + tonumber(w) <= 600, x .. " + " .. w)
-      bars = bars + 1
+      bars[#bars + 1] = x .. "+" .. w
     end
-    assert.are.equal(2, bars)
+    assert.are.same({ "200+400", "598+2", "300+100" }, bars)   -- (c: a quarter in, a quarter long)
   end)
 
   it("escapes what the journal holds, and fails with an error object without one", function()
