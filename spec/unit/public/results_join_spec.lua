@@ -290,6 +290,27 @@ describe("the join of results to inputs", function()
     end
   end)
 
+  it("checks an answer against the JSON its request asks for with an escaped key too", function()
+    -- a JSON decoder (the service's) reads "response\u005fformat" as response_format
+    local function req(id)
+      return ('{"custom_id":"%s","method":"POST","url":"/v1/chat/completions","body":{"model":"m",'
+        .. '"messages":[{"role":"user","content":"q"}],"response\\u005fformat":{"type":"json_object"}}}'):format(id)
+    end
+    local function ans(id, content)
+      return cjson.encode({ id = "o", custom_id = id, response = { status_code = 200, request_id = "r",
+        body = { model = "m", choices = { { message = { content = content } } } } }, error = cjson.null })
+    end
+    local base = dir .. "/escfmt"
+    write(base .. ".in.jsonl", { req("a"), req("b") })
+    write(base .. ".out.jsonl", { ans("b", "not json"), ans("a", '{"x":1}') })
+    for _, opts in ipairs({ {}, { fields = { "content" } } }) do
+      local recs = records_of(assert(results.open({ output = base .. ".out.jsonl", inputs = base .. ".in.jsonl" })), opts)
+      assert.are.same({ true, false }, { recs[1].ok, recs[2].ok })
+      assert.are.same({ x = 1 }, recs[1].json)
+      assert.are.equal("invalid_answer", recs[2].class)
+    end
+  end)
+
   it("checks many groups' files with a pause after each (a host's step stays short)", function()
     local groups = {}
     for i = 1, 20 do
