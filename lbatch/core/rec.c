@@ -535,22 +535,22 @@ FILE *lb_file_of(lua_State *L, int idx) {
   return f;
 }
 
-/* the line at byte off of fd into *p (small, or a malloc'd block the
- * caller frees when it is not small) and its length without the newline;
- * *eof when nothing was there. 0, or -1 (errno) or -2 (out of memory) */
-static int read_line(int fd, off_t off, char *small, size_t cap, char **out, size_t *outlen, int *eof) {
+/* the line at byte off of fd into *p (small, or a block of the collector's
+ * pushed on L: nothing to free, whatever raises after) and its length
+ * without the newline; *eof when nothing was there. 0, or -1 (errno) */
+static int read_line(lua_State *L, int fd, off_t off, char *small, size_t cap, char **out, size_t *outlen,
+                     int *eof) {
   char *p = small, *nl = NULL;
   size_t len = 0;
   for (;;) {
     ssize_t got = pread(fd, p + len, cap - len, off + (off_t)len);
-    if (got < 0) { if (p != small) free(p); return -1; }
+    if (got < 0) return -1;
     nl = memchr(p + len, '\n', (size_t)got);
     len += (size_t)got;
     if (nl || got == 0) break;
-    if (len == cap) {
-      char *q = p == small ? malloc(cap * 2) : realloc(p, cap * 2);
-      if (!q) { if (p != small) free(p); return -2; }
-      if (p == small) memcpy(q, small, len);
+    if (len == cap) {                        /* (twice as much: the one before is garbage) */
+      char *q = lua_newuserdata(L, cap * 2);
+      memcpy(q, p, len);
       p = q;
       cap *= 2;
     }
@@ -572,15 +572,13 @@ int lb_line_at(lua_State *L) {
   if (!f) return luaL_error(L, "line_at: the file is closed");
   fd = fileno(f);
   if (fd < 0) return luaL_argerror(L, 1, "an open file expected");
-  rc = read_line(fd, off, small, sizeof small, &p, &len, &eof);
-  if (rc == -2) return luaL_error(L, "line_at: out of memory");
+  rc = read_line(L, fd, off, small, sizeof small, &p, &len, &eof);
   if (rc == -1) {
     lua_pushnil(L);
     lua_pushstring(L, strerror(errno));
     return 2;
   }
   if (eof) lua_pushnil(L); else lua_pushlstring(L, p, len);
-  if (p != small) free(p);
   return 1;
 }
 
@@ -639,8 +637,7 @@ int lb_idmap_answer(lua_State *L) {
   f = lb_file_of(L, -1);
   if (!f || (fd = fileno(f)) < 0) return luaL_error(L, "answer: the file is closed");
   lua_pop(L, 1);
-  rc = read_line(fd, (off_t)(v - k * 68719476736.0), small, sizeof small, &p, &len, &eof);
-  if (rc == -2) return luaL_error(L, "answer: out of memory");
+  rc = read_line(L, fd, (off_t)(v - k * 68719476736.0), small, sizeof small, &p, &len, &eof);
   if (rc == -1) {
     lua_pushnil(L);
     lua_pushnil(L);
@@ -648,7 +645,6 @@ int lb_idmap_answer(lua_State *L) {
     return 3;
   }
   lua_pushlstring(L, p, len);
-  if (p != small) free(p);
   s = lua_tolstring(L, -1, &n);
   got = lb_push_result(L, s, n);
   return 1 + got;

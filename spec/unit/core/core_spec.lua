@@ -625,6 +625,24 @@ describe("core.line_at", function()
     assert.is_false(ok)
     assert.matches("the file is closed", tostring(err), 1, true)
   end)
+
+  it("reads lines longer than its first read, whole, and nil past the end", function()
+    local path = os.tmpname()
+    local long = {}
+    for i, n in ipairs({ 2047, 2048, 2049, 4096, 300001 }) do long[i] = ("%d"):format(i):rep(n) end
+    local f = assert(io.open(path, "wb"))
+    f:write(table.concat(long, "\n"), "\r\n")
+    f:close()
+    f = assert(io.open(path, "rb"))
+    local at = 0
+    for _, l in ipairs(long) do
+      assert.are.equal(l, core.line_at(f, at))
+      at = at + #l + 1
+    end
+    assert.is_nil(core.line_at(f, at + 1))
+    f:close()
+    os.remove(path)
+  end)
 end)
 
 describe("the built core's exported symbols", function()
