@@ -150,10 +150,13 @@ static int grow(idmap *m) { return resize(m, m->cap ? m->cap * 2 : 64); }
  * lines): one rebuild, not one at each doubling on the way there */
 int lb_idmap_reserve(idmap *m, size_t k) {
   size_t cap = m->cap ? m->cap : 64;
+  if (k > SIZE_MAX / sizeof(slot) / 4 - m->n) return 0;   /* more than memory holds (and no size to wrap) */
   if (room(m, k)) return 1;
   while ((m->n + k) * 10 >= cap * 7) cap *= 2;
   return resize(m, cap);
 }
+
+size_t lb_idmap_count(const idmap *m) { return m->n; }
 
 static void clear(idmap *m) {
   while (m->keys) {

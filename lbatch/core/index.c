@@ -97,16 +97,21 @@ static size_t chunk_size(FILE *f, size_t start) {
   return SCAN_CHUNK;
 }
 
-/* room made in m at once for the lines of f after byte `at`, as many as
- * the first chunk's `lines` in `bytes` tell, up to max_lines in all: one
- * rebuild of the index, not one at each doubling (each of them memory the
- * kernel zeroes); 0: out of memory */
-static int reserve(idmap *m, FILE *f, size_t at, size_t bytes, double lines, double max_lines) {
+/* room made in m at once for the ids of f after byte `at`, as many as the
+ * first chunk's `ids` (put in m) in its `bytes` tell, up to max_lines in
+ * all and RESERVE_MAX: one rebuild of the index, not one at each doubling
+ * (each of them memory the kernel zeroes). Counted by ids, not lines, and
+ * bounded, so that a file that is dense at first and sparse after (a
+ * server's, untrusted) costs at most RESERVE_MAX's slots, whatever its
+ * size; past that the index grows as it fills. 0: out of memory */
+#define RESERVE_MAX (2u << 20)      /* ids: 64 MB of slots */
+static int reserve(idmap *m, FILE *f, size_t at, size_t bytes, double ids, double lines, double max_lines) {
   struct stat st;
   double est;
   if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode) || (double)st.st_size <= (double)at) return 1;
-  est = ((double)st.st_size - (double)at) * lines / (double)bytes;
+  est = ((double)st.st_size - (double)at) * ids / (double)bytes;
   if (est > max_lines - lines) est = max_lines - lines;
+  if (est > RESERVE_MAX) est = RESERVE_MAX;
   return est < 1 || lb_idmap_reserve(m, (size_t)est);
 }
 
@@ -131,6 +136,7 @@ static int m_scan(lua_State *L) {
   double base = fileno_ * FILE_SPAN, lines = 0;
   size_t off = start, line_off = start;  /* where the next read starts; where the line began */
   int bad = 0, ok = 1, over = 0, at_end = 0, plain = !filter && !drop, first = 1;
+  size_t ids0 = lb_idmap_count(m);     /* (the ids in m before: the first chunk's are counted) */
   buf line = {0};
   ring q = { { { NULL, 0, 0, 0, 0 } }, 0, 0 };
   char *chunk;
@@ -178,10 +184,11 @@ static int m_scan(lua_State *L) {
       lines++;
       if (!ok || (max_lines >= 0 && lines >= max_lines)) break;
     }
-    if (ok && first && plain && max_lines >= 0 && lines > 0 && i == got) ok = reserve(m, f, off + i, i, lines, max_lines);
+    if (ok && !ring_flush(m, &q)) ok = 0;            /* (the chunk is read over next) */
+    if (ok && first && plain && max_lines >= 0 && i == got)
+      ok = reserve(m, f, off + i, i, (double)(lb_idmap_count(m) - ids0), lines, max_lines);
     first = 0;
     off += i;
-    if (ok && !ring_flush(m, &q)) ok = 0;            /* (the chunk is read over next) */
     if (ok && i < got) break;                        /* max_lines reached mid-chunk */
   }
   free(chunk);

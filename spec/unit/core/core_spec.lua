@@ -149,6 +149,31 @@ describe("core.idmap", function()
     assert.has_error(function() m:reserve(-1) end)
   end)
 
+  it("refuses a reserve past what memory can hold, at once", function()
+    for _, k in ipairs({ math.maxinteger, 1700000000000000000, 1e12 }) do
+      local ok, err = pcall(function() core.idmap():reserve(k) end)
+      assert.is_false(ok)
+      assert.matches("out of memory", tostring(err), 1, true)
+    end
+  end)
+
+  it("reserves by the ids of a file's first chunk, not its lines: blank lines then a long one cost no index", function()
+    local H = require "helper"
+    local d = tmpdir()
+    local path = write(d .. "/sparse.jsonl", ("\n"):rep(1024 * 1024) .. ('{"custom_id":"x","p":"%s"}\n'):format(("a"):rep(7 * 1024 * 1024)))
+    local code = ([[
+      local function hwm() for l in io.lines("/proc/self/status") do local v = l:match("^VmHWM:%%s*(%%d+)") if v then return tonumber(v) end end end
+      local core = require "lbatch.core"
+      local base, m = hwm(), core.idmap()
+      local n = m:scan(%q, 1, 0, 1e300)
+      print(n, m:count(), math.floor((hwm() - base) / 1024))]]):format(path)
+    local n, count, mb = H.sh(H.lua .. " -e " .. H.q(code) .. " 2>&1"):match("(%d+)%s+(%d+)%s+(%d+)")
+    assert.are.equal("1048577", n)
+    assert.are.equal("1", count)
+    assert.is_true(tonumber(mb) < 60, mb .. " MB")   -- (counted by lines, its 1,048,576 in the first chunk reserved 256 MB)
+    os.remove(path) os.remove(d)
+  end)
+
   it("indexes a large file in one go, its room reserved from its first chunk", function()
     local path = os.tmpname()
     local fh = assert(io.open(path, "wb"))
