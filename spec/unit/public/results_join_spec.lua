@@ -247,6 +247,30 @@ describe("the join of results to inputs", function()
     end
   end)
 
+  it("keeps a record lean when its request only looks like it asks for JSON (an f, a format, not format\")", function()
+    local ins, outs = {}, {}
+    -- (its last bytes, where a byte-by-byte search looks; a content that
+    -- ends in "format" has format" in the line, and comes whole to be checked)
+    local tails = { "f", "off", "formats", 'format\\"', "the format is free" }
+    for i, tail in ipairs(tails) do
+      ins[i] = ('{"custom_id":"f%d","body":{"messages":[{"role":"user","content":"%s"}]}}'):format(i, tail)
+      outs[i] = ('{"custom_id":"f%d","response":{"status_code":200,"body":{"choices":[{"message":{"content":"x"}}],'
+        .. '"usage":{"total_tokens":1}}}}'):format(i)
+    end
+    local base = dir .. "/lean"
+    write(base .. ".in.jsonl", ins)
+    write(base .. ".out.jsonl", outs)
+    local recs, own = records_of(assert(results.open({ output = base .. ".out.jsonl", inputs = base .. ".in.jsonl" })),
+      { fields = { "content" } })
+    assert.are.equal(#tails, #recs)
+    for i in ipairs(tails) do
+      local keys = {}
+      for k in pairs(own[i]) do keys[#keys + 1] = k end
+      table.sort(keys)
+      assert.are.same({ "content", "custom_id", "ok" }, keys, tails[i])   -- (a whole one holds usage, line, ...)
+    end
+  end)
+
   it("an answer lua-cjson refuses (a lone surrogate in a field no one reads) is not ok, with fields or without", function()
     local base = dir .. "/sur"
     write(base .. ".in.jsonl", { '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}',
