@@ -788,8 +788,8 @@ end
 -- are decoded from, "line" the request line. Reading a field such a
 -- record left out raises an error (a silent nil could be a wrong answer);
 -- missing, class and the error's fields are nil on it, as on any ok
--- record. A record that is not ok, missing or checked against the JSON its
--- request asks for comes whole.
+-- record. A record that is not ok, missing, or whose request may ask for
+-- JSON (its line holds format": it is checked) comes whole.
 -- @tparam[opt] table opts {fields = {name, ...}}
 -- @treturn function the iterator
 function Reader:each(opts)
