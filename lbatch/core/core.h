@@ -131,8 +131,8 @@ extern const luaL_Reg lb_idmap_methods[];
 extern const luaL_Reg lb_idmap_meta[]; /* __gc */
 
 idmap *lb_idmap_check(lua_State *L, int arg);
-uint64_t lb_idmap_hash(const char *k, size_t len);
-/* h is lb_idmap_hash(k, len) */
+uint64_t lb_idmap_hash(const idmap *m, const char *k, size_t len);   /* m's own: each map has its seed */
+/* h is lb_idmap_hash(m, k, len) */
 int lb_idmap_has(const idmap *m, const char *k, size_t len, uint64_t h);
 void lb_idmap_prefetch(const idmap *m, uint64_t h);
 void lb_idmap_prefetch_entry(const idmap *m, uint64_t h);   /* once its slot is in the cache */

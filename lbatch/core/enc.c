@@ -338,7 +338,7 @@ static int write_line(lua_State *L, encoder *e, int fh, int seen_at, int id_at, 
   int r;
   if (!e->line.len) return luaL_error(L, "encoder: nothing encoded");
   if (!f) return luaL_error(L, "encoder: the file is closed");
-  r = lb_idmap_put(seen, id, il, lb_idmap_hash(id, il), v);
+  r = lb_idmap_put(seen, id, il, lb_idmap_hash(seen, id, il), v);
   if (r < 0) return nomem(L);
   if (r == 0) { lua_pushboolean(L, 0); return 1; }
   if (fwrite(e->line.p, 1, e->line.len, f) != e->line.len) return 0;
@@ -370,7 +370,8 @@ static int e_put(lua_State *L) {
   if (room >= 0 && lua_type(L, 2) == LUA_TSTRING) {   /* the id's slot on its way while the body is walked */
     size_t il;
     const char *id = lua_tolstring(L, 2, &il);
-    lb_idmap_prefetch(udata(L, 7, 2, "an idmap expected"), lb_idmap_hash(id, il));
+    idmap *seen = udata(L, 7, 2, "an idmap expected");
+    lb_idmap_prefetch(seen, lb_idmap_hash(seen, id, il));
   }
   lua_pushvalue(L, 2); lua_pushvalue(L, 3); lua_pushvalue(L, 4); lua_pushvalue(L, 5);
   if (!encode_at(L, e, 10)) return 0;
@@ -515,7 +516,7 @@ static int gate_put(lua_State *L, encoder *e) {
     }
   }
   id = lua_tolstring(L, 2, &il);
-  h = lb_idmap_hash(id, il);
+  h = lb_idmap_hash(g->seen, id, il);
   lb_idmap_prefetch(g->seen, h);
   lua_settop(L, 5);
   lua_pushvalue(L, 2);

@@ -230,7 +230,7 @@ static size_t take_ids(window *win, idmap *m, int from, int to, want *w, int *la
     const char *s = win->in + win->t[i].at;
     if (lb_json_string(s, n, "custom_id", 9, &io, &il) != LB_FOUND) break;
     w[c].i = i; w[c].id = s + io; w[c].idlen = il;
-    w[c].h = lb_idmap_hash(s + io, il);
+    w[c].h = lb_idmap_hash(m, s + io, il);
     if (c < PREFETCH) lb_idmap_prefetch(m, w[c].h);
   }
   *last = i - 1;

@@ -19,6 +19,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
+#ifdef __linux__
+#include <sys/random.h>
+#endif
 #include "core.h"
 
 #define TOMB ((ent *)1)
@@ -55,6 +59,7 @@ struct idmap {
   slot *slots;
   size_t cap, n, used;  /* used counts tombstones too */
   block *keys;          /* the newest block first */
+  uint64_t seed;        /* the hash's, this map's own (lb_idmap_hash) */
 };
 
 static ent *ent_new(idmap *m, const char *k, size_t len, lua_Number v, uint32_t line) {
@@ -83,11 +88,35 @@ static ent *ent_new(idmap *m, const char *k, size_t len, lua_Number v, uint32_t 
   return e;
 }
 
-uint64_t lb_idmap_hash(const char *s, size_t n) {   /* FNV-1a */
-  uint64_t h = 1469598103934665603ULL;
+/* FNV-1a from the map's own random seed, then mixed (murmur3's fmix64)
+ * so that every bit of the state reaches the slot's: ids that a hostile
+ * file chose to collide under plain FNV-1a (which is easy: the low bits of
+ * its state depend on the low bits alone) would make each put walk the
+ * same run of slots, and an index of n of them take n^2 / 2 probes */
+uint64_t lb_idmap_hash(const idmap *m, const char *s, size_t n) {
+  uint64_t h = 1469598103934665603ULL ^ m->seed;
   size_t i;
   for (i = 0; i < n; i++) { h ^= (unsigned char)s[i]; h *= 1099511628211ULL; }
+  h ^= h >> 33; h *= 0xff51afd7ed558ccdULL;
+  h ^= h >> 33; h *= 0xc4ceb9fe1a85ec53ULL;
+  h ^= h >> 33;
   return h;
+}
+
+/* a seed for a new map: the kernel's random bytes, else the clock, the
+ * map's address and a count mixed */
+static uint64_t seed_new(const void *m) {
+  uint64_t x = 0;
+#ifdef __linux__
+  if (getrandom(&x, sizeof x, GRND_NONBLOCK) == (ssize_t)sizeof x) return x;
+#endif
+  {
+    static unsigned long count;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    x = (uint64_t)t.tv_nsec ^ ((uint64_t)t.tv_sec << 30) ^ (uint64_t)(uintptr_t)m ^ ((uint64_t)++count << 48);
+  }
+  return x;
 }
 
 static slot *find(const idmap *m, const char *k, size_t len, uint64_t h, int for_insert) {
@@ -225,7 +254,7 @@ int lb_idmap_remove(idmap *m, const char *k, size_t len, uint64_t h) {
 }
 
 int lb_idmap_take(idmap *m, const char *k, size_t len, lua_Number *v) {
-  return lb_idmap_take_h(m, k, len, lb_idmap_hash(k, len), v);
+  return lb_idmap_take_h(m, k, len, lb_idmap_hash(m, k, len), v);
 }
 
 int lb_idmap_take_h(idmap *m, const char *k, size_t len, uint64_t h, lua_Number *v) {
@@ -253,7 +282,7 @@ static int m_put(lua_State *L) {
   size_t len;
   const char *k = luaL_checklstring(L, 2, &len);
   lua_Number v = lua_isnoneornil(L, 3) ? 1 : luaL_checknumber(L, 3);
-  int r = lb_idmap_put(m, k, len, lb_idmap_hash(k, len), v);
+  int r = lb_idmap_put(m, k, len, lb_idmap_hash(m, k, len), v);
   if (r < 0) return luaL_error(L, "idmap: out of memory");
   lua_pushboolean(L, r);
   return 1;
@@ -263,7 +292,7 @@ static int get(lua_State *L, int take) {
   idmap *m = lb_idmap_check(L, 1);
   size_t len;
   const char *k = luaL_checklstring(L, 2, &len);
-  slot *s = lookup(m, k, len, lb_idmap_hash(k, len));
+  slot *s = lookup(m, k, len, lb_idmap_hash(m, k, len));
   if (!s) return 0;
   lua_pushnumber(L, s->e->value);
   if (take) drop(m, s);
@@ -302,13 +331,14 @@ static int m_has(lua_State *L) {
   idmap *m = lb_idmap_check(L, 1);
   size_t len;
   const char *k = luaL_checklstring(L, 2, &len);
-  lua_pushboolean(L, lb_idmap_has(m, k, len, lb_idmap_hash(k, len)));
+  lua_pushboolean(L, lb_idmap_has(m, k, len, lb_idmap_hash(m, k, len)));
   return 1;
 }
 
 int lb_idmap_new(lua_State *L) {
   idmap *m = lua_newuserdata(L, sizeof *m);
   memset(m, 0, sizeof *m);
+  m->seed = seed_new(m);
   luaL_getmetatable(L, LBATCH_IDMAP);
   lua_setmetatable(L, -2);
   return 1;

@@ -76,8 +76,8 @@ static int scan_line(lua_State *L, idmap *m, idmap *filter, int drop, double bas
     lua_rawseti(L, -2, ++*bad);
     return 1;
   }
-  h = lb_idmap_hash(line + io, il);
-  if (filter && !lb_idmap_has(filter, line + io, il, h)) return 1;
+  if (filter && !lb_idmap_has(filter, line + io, il, lb_idmap_hash(filter, line + io, il))) return 1;
+  h = lb_idmap_hash(m, line + io, il);
   if (drop) {
     lb_idmap_remove(m, line + io, il, h);
     return 1;

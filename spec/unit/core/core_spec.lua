@@ -192,6 +192,42 @@ describe("core.idmap", function()
     os.remove(path)
   end)
 
+  it("stays fast with ids a hostile file chose to collide under plain FNV-1a", function()
+    if not math.type then pending("the ids are built with 64-bit integers (Lua 5.3+)") return end
+    local H = require "helper"
+    -- FNV-1a's low bits depend on the low bits alone: from any state, two
+    -- 4-byte blocks that meet in the low 18 bits (a birthday search), 17
+    -- times over, give 2^17 ids that all fall in one slot of a plain
+    -- FNV-1a map of up to 2^18 slots (each put walking them all: 8.6e9 probes)
+    local code = [[
+      local BITS = 18
+      local MASK = (1 << BITS) - 1
+      local P = 1099511628211 & MASK
+      local function step(h, b) for i = 1, #b do h = ((h ~ b:byte(i)) * P) & MASK end return h end
+      local h, pair, r = 1469598103934665603 & MASK, {}, 7
+      for k = 1, 17 do
+        local seen = {}
+        while not pair[k] do
+          r = (r * 1103515245 + 12345) % 2147483648
+          local b = string.char(97 + r % 26, 97 + (r >> 5) % 26, 97 + (r >> 10) % 26, 97 + (r >> 15) % 26)
+          local t = step(h, b)
+          if seen[t] and seen[t] ~= b then pair[k], h = { seen[t], b }, t else seen[t] = b end
+        end
+      end
+      local core = require "lbatch.core"
+      local m, t0 = core.idmap(), os.clock()
+      for i = 0, (1 << 17) - 1 do
+        local id = {}
+        for k = 1, 17 do id[k] = pair[k][(i >> (k - 1)) % 2 + 1] end
+        m:put(table.concat(id), i)
+      end
+      print(m:count(), os.clock() - t0)]]
+    local out = H.sh("timeout 60 " .. H.lua .. " -e " .. H.q(code) .. " 2>&1")
+    local n, secs = out:match("^(%d+)%s+([%d.]+)")
+    assert.are.equal("131072", n, out)                     -- (all distinct, all kept)
+    assert.is_true(tonumber(secs) < 3, secs .. " s")       -- (plain FNV-1a: minutes)
+  end)
+
   it("clears, and is usable after", function()
     local m = core.idmap()
     for i = 1, 100 do m:put(tostring(i), i) end
