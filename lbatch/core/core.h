@@ -142,7 +142,6 @@ int lb_idmap_put_line(idmap *m, const char *k, size_t len, uint64_t h, lua_Numbe
 int lb_idmap_get_line(const idmap *m, const char *k, size_t len, uint64_t h, lua_Number *v, size_t *line);
 int lb_idmap_remove(idmap *m, const char *k, size_t len, uint64_t h);             /* 1 when it was there */
 int lb_idmap_take(idmap *m, const char *k, size_t len, lua_Number *v);           /* 1 (and *v) when it was there */
-int lb_idmap_take_h(idmap *m, const char *k, size_t len, uint64_t h, lua_Number *v);
 int lb_idmap_reserve(idmap *m, size_t k);   /* room for k more keys at once; 0 no memory */
 size_t lb_idmap_count(const idmap *m);
 

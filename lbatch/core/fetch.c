@@ -92,8 +92,7 @@ typedef struct window {
 } window;
 
 typedef struct want {
-  double v;                        /* the index value */
-  uint64_t key;                    /* the same, as an integer: the sort's */
+  uint64_t key;                    /* the index value (file and offset), as an integer: the sort's */
   uint64_t h;                      /* the id's hash */
   off_t off;
   int file;
@@ -253,7 +252,7 @@ static size_t take_ids(window *win, idmap *m, int from, int to, want *w, int *la
     }
     {
       double f = floor(v / FILE_SPAN);
-      x.v = v; x.key = (uint64_t)v; x.file = (int)f; x.off = (off_t)(v - f * FILE_SPAN);
+      x.key = (uint64_t)v; x.file = (int)f; x.off = (off_t)(v - f * FILE_SPAN);
       x.len = len; x.at = at;
       at += len;
       w[k++] = x;

@@ -175,8 +175,9 @@ static int room(const idmap *m, size_t k) { return (m->used + k) * 10 < m->cap *
 
 static int grow(idmap *m) { return resize(m, m->cap ? m->cap * 2 : 64); }
 
-/* room made at once for k more keys (m:scan's estimate of a file's
- * lines): one rebuild, not one at each doubling on the way there */
+/* room made at once for k more keys (m:scan's estimate of a file's ids,
+ * a chunk's count of them): one rebuild, not one at each doubling on the
+ * way there */
 int lb_idmap_reserve(idmap *m, size_t k) {
   size_t cap = m->cap ? m->cap : 64;
   if (k > SIZE_MAX / sizeof(slot) / 4 - m->n) return 0;   /* more than memory holds (and no size to wrap) */
@@ -254,11 +255,7 @@ int lb_idmap_remove(idmap *m, const char *k, size_t len, uint64_t h) {
 }
 
 int lb_idmap_take(idmap *m, const char *k, size_t len, lua_Number *v) {
-  return lb_idmap_take_h(m, k, len, lb_idmap_hash(m, k, len), v);
-}
-
-int lb_idmap_take_h(idmap *m, const char *k, size_t len, uint64_t h, lua_Number *v) {
-  slot *s = lookup(m, k, len, h);
+  slot *s = lookup(m, k, len, lb_idmap_hash(m, k, len));
   if (!s) return 0;
   *v = s->e->value;
   drop(m, s);

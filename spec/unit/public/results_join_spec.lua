@@ -291,18 +291,20 @@ describe("the join of results to inputs", function()
     end
   end)
 
+  -- an ok chat answer to request `id`, its content `content`
+  local function chat_answer(id, content)
+    return cjson.encode({ id = "o", custom_id = id, response = { status_code = 200, request_id = "r",
+      body = { model = "m", choices = { { message = { content = content } } } } }, error = cjson.null })
+  end
+
   it("each{fields} still checks an answer against the JSON its request asks for", function()
     local function req(id, fmt)
       return cjson.encode({ custom_id = id, method = "POST", url = "/v1/chat/completions", body = { model = "m",
         messages = { { role = "user", content = "q" } }, response_format = fmt and { type = "json_object" } or nil } })
     end
-    local function ans(id, content)
-      return cjson.encode({ id = "o", custom_id = id, response = { status_code = 200, request_id = "r",
-        body = { model = "m", choices = { { message = { content = content } } } } }, error = cjson.null })
-    end
     local base = dir .. "/fmt"
     write(base .. ".in.jsonl", { req("a", true), req("b", true), req("c", false) })
-    write(base .. ".out.jsonl", { ans("b", "not json"), ans("a", '{"x":1}'), ans("c", "plain") })
+    write(base .. ".out.jsonl", { chat_answer("b", "not json"), chat_answer("a", '{"x":1}'), chat_answer("c", "plain") })
     for _, fields in ipairs({ { "content" }, { "content", "status_code", "id", "request_id", "model", "created",
                                                "usage", "reasoning", "embedding", "line", "body" } }) do
       local r = assert(results.open({ output = base .. ".out.jsonl", inputs = base .. ".in.jsonl" }))
@@ -320,13 +322,9 @@ describe("the join of results to inputs", function()
       return ('{"custom_id":"%s","method":"POST","url":"/v1/chat/completions","body":{"model":"m",'
         .. '"messages":[{"role":"user","content":"q"}],"response\\u005fformat":{"type":"json_object"}}}'):format(id)
     end
-    local function ans(id, content)
-      return cjson.encode({ id = "o", custom_id = id, response = { status_code = 200, request_id = "r",
-        body = { model = "m", choices = { { message = { content = content } } } } }, error = cjson.null })
-    end
     local base = dir .. "/escfmt"
     write(base .. ".in.jsonl", { req("a"), req("b") })
-    write(base .. ".out.jsonl", { ans("b", "not json"), ans("a", '{"x":1}') })
+    write(base .. ".out.jsonl", { chat_answer("b", "not json"), chat_answer("a", '{"x":1}') })
     for _, opts in ipairs({ {}, { fields = { "content" } } }) do
       local recs = records_of(assert(results.open({ output = base .. ".out.jsonl", inputs = base .. ".in.jsonl" })), opts)
       assert.are.same({ true, false }, { recs[1].ok, recs[2].ok })
