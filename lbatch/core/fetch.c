@@ -499,7 +499,8 @@ enum { F_LINE = LB_F_ALL + 1, F_LAZY = F_LINE << 1, F_ASKED = F_LINE << 2 };   /
  * the request's, ok, with chat's content or an embedding. Whole (`want`
  * F_EVERY), it is results.light's record: its fields, rec.line the request
  * line, and its own metatable {__index = lazy (stack slot `lazy`), line =
- * the answer line (a userdata with the metatable at slot `line_mt`)}.
+ * the answer line (a userdata with the metatable at slot `line_mt`; the
+ * keys "__index" and "line" at the two slots after it)}.
  * Else only what `want` asks for, with custom_id and ok; a request that
  * may ask for a JSON answer is then left to the caller, which checks the
  * answer; and a record that keeps no line gets the shared metatable at
@@ -528,17 +529,20 @@ static int push_record(lua_State *L, window *win, lua_Integer i, int lazy, int l
     if (lean) { lua_pushvalue(L, lean); lua_setmetatable(L, -2); }
   } else {
     lua_createtable(L, 0, 2);            /* (no array part: one allocation less on Lua 5.4) */
+    lua_pushvalue(L, line_mt + 1);       /* "__index" */
     lua_pushvalue(L, lazy);
-    lua_setfield(L, -2, "__index");
+    lua_rawset(L, -3);
+    lua_pushvalue(L, line_mt + 2);       /* "line" */
     memcpy(lua_newuserdata(L, e->len), s, e->len);   /* (not a string: LuaJIT would intern it) */
     lua_pushvalue(L, line_mt);
     lua_setmetatable(L, -2);
-    lua_setfield(L, -2, "line");
+    lua_rawset(L, -3);
     lua_setmetatable(L, -2);
   }
   if (want & F_LINE) {
+    lua_pushvalue(L, line_mt + 2);
     lua_pushlstring(L, text, tlen);
-    lua_setfield(L, -2, "line");
+    lua_rawset(L, -3);
   }
   return 1;
 }
@@ -574,7 +578,9 @@ static int w_records(lua_State *L) {
     lua_pop(L, 3);
   }
   lua_settop(L, 7);
-  luaL_getmetatable(L, LBATCH_LINE);              /* 8 */
+  luaL_getmetatable(L, LBATCH_LINE);              /* 8, and the keys a record's metatable and line take: */
+  lua_pushliteral(L, "__index");                  /* 9 */
+  lua_pushliteral(L, "line");                     /* 10 (made strings once a batch, not once a record) */
   if (want != F_EVERY && !(want & F_LAZY)) {    /* lean records: {__index = lazy} for all of them */
     lua_createtable(L, 0, 1);
     lua_pushvalue(L, 4);

@@ -363,6 +363,8 @@ static void push_number(lua_State *L, const char *p, size_t n) {
   lua_pushnumber(L, d);
 }
 
+static int push_key(ctx *x, const lb_span *v);
+
 /* push any value (checked JSON) as json.normalize leaves lua-cjson's:
  * nulls dropped from objects; 0 for what this leaves to lua-cjson (a
  * null in an array, escapes it refuses) */
@@ -386,7 +388,7 @@ static int push_value(ctx *x, cur *c) {
       if (c->s[c->i] == '}') { c->i++; return 1; }
       if (c->s[c->i] == ',') { c->i++; continue; }
       string(c, &v);
-      if (!push_string(x, &v)) return 0;
+      if (!push_key(x, &v)) return 0;
       ws(c);
       c->i++;                                  /* the colon */
       ws(c);
@@ -449,11 +451,33 @@ unsigned lb_fields_wanted(lua_State *L, int idx) {
   return mask;
 }
 
+/* the keys of a usage object, pushed once a batch too: a record's usage
+ * table takes them from there, not made strings again each time */
+static const struct { const char *name; size_t len; } usage_key[] = {
+  {"prompt_tokens", 13}, {"completion_tokens", 17}, {"total_tokens", 12}, {"prompt_tokens_details", 21},
+  {"completion_tokens_details", 25}, {"cached_tokens", 13}, {"reasoning_tokens", 16}
+};
+#define U_COUNT (int)(sizeof usage_key / sizeof usage_key[0])
+
 int lb_push_keys(lua_State *L) {
   int k;
-  luaL_checkstack(L, K_COUNT, "too many records");
+  luaL_checkstack(L, K_COUNT + U_COUNT, "too many records");
   for (k = 0; k < K_COUNT; k++) lua_pushstring(L, field[k].name);
-  return lua_gettop(L) - K_COUNT + 1;
+  for (k = 0; k < U_COUNT; k++) lua_pushlstring(L, usage_key[k].name, usage_key[k].len);
+  return lua_gettop(L) - K_COUNT - U_COUNT + 1;
+}
+
+/* an object's key: one of usage_key's, pushed once a batch, when it is
+ * (an escaped key's bytes hold a backslash: never one of them) */
+static int push_key(ctx *x, const lb_span *v) {
+  int k;
+  if (x->keys)
+    for (k = 0; k < U_COUNT; k++)
+      if (v->len == usage_key[k].len && memcmp(x->s + v->off, usage_key[k].name, v->len) == 0) {
+        lua_pushvalue(x->L, x->keys + K_COUNT + k);
+        return 1;
+      }
+  return push_string(x, v);
 }
 
 /* t[field k] = the value on the stack's top, t below it (popped): with

@@ -247,6 +247,35 @@ describe("the join of results to inputs", function()
     end
   end)
 
+  it("gives a joined record's usage as lua-cjson decodes it, whatever its keys (some made strings once a batch)", function()
+    local usages = {
+      '{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}',
+      '{"total_tokens":7,"prompt_tokens":3}',
+      '{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":2},"completion_tokens":4,'
+        .. '"completion_tokens_details":{"reasoning_tokens":1},"total_tokens":7}',
+      '{"prompt_tokens":3,"prompt_token":1,"total_tokens_":2,"cached_tokens":5,"reasoning_tokens":6,"input_tokens":8}',
+      '{"total\\u005ftokens":7,"prompt_tokens":null,"completion_tokens":4.5,"":0}',
+      '{}',
+    }
+    local ins, outs = {}, {}
+    for i, u in ipairs(usages) do
+      ins[i] = ('{"custom_id":"u%d","method":"POST","url":"/v1/chat/completions","body":{}}'):format(i)
+      outs[i] = ('{"custom_id":"u%d","response":{"status_code":200,"body":{"choices":[{"message":{"content":"%d"}}],'
+        .. '"usage":%s}}}'):format(i, i, u)
+    end
+    local base = dir .. "/usage"
+    write(base .. ".in.jsonl", ins)
+    write(base .. ".out.jsonl", outs)
+    for _, opts in ipairs({ {}, { fields = { "usage" } } }) do
+      local recs = records_of(assert(results.open({ output = base .. ".out.jsonl", inputs = base .. ".in.jsonl" })), opts)
+      assert.are.equal(#usages, #recs)
+      for i, rec in ipairs(recs) do
+        assert.are.same(results.record(outs[i]).usage, rec.usage, usages[i])
+        assert.are.same(require("lbatch.json").normalize(cjson.decode(usages[i])), rec.usage, usages[i])
+      end
+    end
+  end)
+
   it("keeps a record lean when its request only looks like it asks for JSON (an f, a format, not format\")", function()
     local ins, outs = {}, {}
     -- (its last bytes, where a byte-by-byte search looks; a content that
