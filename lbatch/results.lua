@@ -551,11 +551,10 @@ function Join:result(v, id)
 end
 
 -- the end: the result files closed, the orphans (the results no input
--- asked for) added to the reader's
+-- asked for) added to the reader's (the window is the groups', kept)
 function Join:finish()
   for _, h in pairs(self.handles) do h:close() end
   self.handles = {}
-  self.win:free()
   self.out, self.asks, self.b, self.bn = {}, {}, 0, 0
   local orphans, found, inputs = self.reader.orphans, self.found, self.inputs
   if not self.chunked then
@@ -725,13 +724,13 @@ end
 -- The join of one group: an iterator of records in input order (each
 -- with .line, its request line), then nil; self.missing_ids and
 -- self.orphans grow as it goes.
-function Reader:_join(g, want)
+function Reader:_join(g, want, win)
   local j = setmetatable({ reader = self, want = want, index = want and guard_of(want) or lazy,
                            files = result_files(g), inputs = g.inputs,
                            budget = self.max_index,
                            fi = 1, start = 0, seg = 0, segs = {}, chunks = 0, found = nil, chunked = false,
                            handles = {}, fh = nil, stop = nil, pos = 0,
-                           win = core.window(), n = 0, k = 0, upto = 0, sizes = {},
+                           win = win, n = 0, k = 0, upto = 0, sizes = {},
                            out = {}, asks = {}, b = 0, bn = 0, bk = 0 }, Join)
   return function() return j:step() end
 end
@@ -805,17 +804,23 @@ function Reader:each(opts)
 end
 
 -- the records of groups[from] to groups[to], group after group (joined
--- records with the fields of `want`, a set of names, at least)
+-- records with the fields of `want`, a set of names, at least). One
+-- window serves the groups in turn, and is freed after the last: its
+-- buffers (up to about 50 MB, outside the Lua heap) are made once, not
+-- once a group
 function Reader:_run(from, to, want)
-  local g, it = from - 1, nil
+  local g, it, win = from - 1, nil, core.window()
   return function()
     while true do
       local rec = it and it()
       if rec then return rec end
       g = g + 1
       local group = g <= to and self.groups[g]
-      if not group then return nil end
-      if #group.inputs > 0 then it = self:_join(group, want) else it = plain(group) end
+      if not group then
+        win:free()
+        return nil
+      end
+      if #group.inputs > 0 then it = self:_join(group, want, win) else it = plain(group) end
     end
   end
 end

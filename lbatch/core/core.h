@@ -36,6 +36,10 @@ typedef struct buf {
 int lb_buf_reserve(buf *b, size_t n);
 int lb_buf_add(buf *b, const char *p, size_t n);
 void lb_buf_free(buf *b);
+/* a large block, mapped on its own (p NULL, old 0: a new one), its contents
+ * kept; NULL when out of memory (p left as it was). Freed with its size. */
+void *lb_big_realloc(void *p, size_t old, size_t size);
+void lb_big_free(void *p, size_t size);
 
 /* ------------------------------------------------------------ fail.c */
 

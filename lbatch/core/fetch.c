@@ -80,7 +80,7 @@ typedef struct window {
   size_t ecap;
   char *arena;
   size_t used, cap;
-  struct want *w, *w2;             /* fill's list of answers to read, and the sort's room */
+  struct want *w, *w2;             /* fill's list of answers to read, and the sort's room (one block) */
   size_t wcap;
   char *blk;                       /* fill's read block */
   size_t bcap;
@@ -138,7 +138,7 @@ static int fill(blk *b, off_t off, size_t size) {
   size_t got = 0;
   window *win = b->win;
   if (size > win->bcap) {
-    char *q = realloc(win->blk, size);
+    char *q = lb_big_realloc(win->blk, win->bcap, size);
     if (!q) return -2;
     win->blk = q;
     win->bcap = size;
@@ -376,7 +376,7 @@ static int w_read(lua_State *L) {
   if (!f || (fd = fileno(f)) < 0) return luaL_error(L, "window: the file is closed");
   win->n = 0; win->from = 1; win->to = 0;
   if ((size_t)max + 1 > win->tcap) {
-    struct tline *t = realloc(win->t, ((size_t)max + 1) * sizeof *t);
+    struct tline *t = lb_big_realloc(win->t, win->tcap * sizeof *t, ((size_t)max + 1) * sizeof *t);
     if (!t) return luaL_error(L, "window: out of memory");
     win->t = t;
     win->tcap = (size_t)max + 1;
@@ -385,7 +385,7 @@ static int w_read(lua_State *L) {
     if (stop >= 0 && (double)pos + (double)size >= stop) { size = (size_t)(stop - (double)pos); end = 1; }
     if (size == 0) break;
     if (size > win->icap) {
-      char *q = realloc(win->in, size);
+      char *q = lb_big_realloc(win->in, win->icap, size);
       if (!q) return luaL_error(L, "window: out of memory");
       win->in = q;
       win->icap = size;
@@ -421,22 +421,22 @@ static int w_fill(lua_State *L) {
   if (to < from) { lua_pushinteger(L, to); return 1; }
   n = (size_t)(to - from + 1);
   if (n > win->ecap) {
-    entry *e = realloc(win->e, n * sizeof *e);
+    entry *e = lb_big_realloc(win->e, win->ecap * sizeof *e, n * sizeof *e);
     if (!e) return luaL_error(L, "window: out of memory");
     win->e = e;
     win->ecap = n;
   }
   if (n > win->wcap) {
-    want *nw = realloc(win->w, n * sizeof *nw), *nw2;
-    if (nw) win->w = nw;
-    if (!nw || !(nw2 = realloc(win->w2, n * sizeof *nw2))) return luaL_error(L, "window: out of memory");
-    win->w2 = nw2;
+    want *nw = lb_big_realloc(win->w, 2 * win->wcap * sizeof *nw, 2 * n * sizeof *nw);   /* w, then w2 */
+    if (!nw) return luaL_error(L, "window: out of memory");
+    win->w = nw;
+    win->w2 = nw + n;
     win->wcap = n;
   }
   w = win->w;
   k = take_ids(win, m, from, to, w, &last, &used);
   if (used > win->cap) {
-    char *q = realloc(win->arena, used);
+    char *q = lb_big_realloc(win->arena, win->cap, used);
     if (!q) return luaL_error(L, "window: out of memory");
     win->arena = q;
     win->cap = used;
@@ -626,7 +626,9 @@ static int w_file(lua_State *L) {
 
 static int w_gc(lua_State *L) {
   window *win = luaL_checkudata(L, 1, LBATCH_WINDOW);
-  free(win->arena); free(win->e); free(win->w); free(win->w2); free(win->blk); free(win->in); free(win->t);
+  lb_big_free(win->arena, win->cap); lb_big_free(win->e, win->ecap * sizeof *win->e);
+  lb_big_free(win->w, 2 * win->wcap * sizeof *win->w);
+  lb_big_free(win->blk, win->bcap); lb_big_free(win->in, win->icap); lb_big_free(win->t, win->tcap * sizeof *win->t);
   win->arena = NULL; win->e = NULL; win->w = NULL; win->w2 = NULL; win->blk = NULL; win->in = NULL; win->t = NULL;
   win->cap = win->used = win->ecap = win->wcap = win->bcap = win->icap = win->tcap = 0;
   win->from = 1; win->to = 0; win->n = 0;
