@@ -1,5 +1,8 @@
 /* Growable byte buffers, always NUL-terminated; and large blocks that go
  * back to the system when freed. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE          /* mremap (Linux), whoever builds this file */
+#endif
 #include <stdlib.h>
 #include <string.h>
 #ifdef __linux__
