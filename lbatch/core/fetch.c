@@ -588,6 +588,7 @@ static int w_records(lua_State *L) {
     lean = lua_gettop(L);
   }
   keys = lb_push_keys(L);
+  luaL_checkstack(L, 8, "window: records");      /* a record's pushes past the keys (push_record's, fields') */
   for (i = from; i <= to; i++) {
     int format = 0;
     if (!push_record(L, win, i, 4, 8, lean, keys, want, &format)) lua_pushboolean(L, 0);
