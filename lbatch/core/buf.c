@@ -5,7 +5,18 @@
 #endif
 #include <stdlib.h>
 #include <string.h>
-#ifdef __linux__
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define LB_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#define LB_ASAN 1
+#endif
+/* mapped blocks on Linux; malloc's under AddressSanitizer, which guards
+ * those only (make asan checks the window's buffers) */
+#if defined(__linux__) && !defined(LB_ASAN)
+#define LB_MAPPED 1
 #include <sys/mman.h>
 #endif
 #include "core.h"
@@ -45,7 +56,7 @@ void lb_buf_free(buf *b) {
  * and freed a window kept 20 MB more from half-way on (78 MB against 58
  * MB at 10,000,000 by shard: docs/benchmarks.md). lb_big_realloc keeps
  * the contents; sizes in bytes, as given when the block was made. */
-#ifdef __linux__
+#ifdef LB_MAPPED
 void *lb_big_realloc(void *p, size_t old, size_t size) {
   void *q;
   if (size == 0) { lb_big_free(p, old); return NULL; }
