@@ -696,8 +696,10 @@ function Join:fill()
   self.n, self.k, self.upto, self.b, self.bn = n, 0, 0, 0, 0
 end
 
--- the next record in input order, or nil at the end
+-- the next record in input order, or nil at the end (and after it: the
+-- end's work, the orphans counted, is done once)
 function Join:step()
+  if self.ended then return nil end
   while true do
     if self.b < self.bn then
       local b = self.b + 1
@@ -715,6 +717,7 @@ function Join:step()
       self.fh = open_or_fail(self.inputs[s[1]])
       self.pos, self.stop = s[2], s[3]
     elseif not self:next_chunk() then
+      self.ended = true
       self:finish()
       return nil
     end

@@ -135,6 +135,35 @@ describe("the join of results to inputs", function()
     end
   end)
 
+  it("lists each orphan once, however often the end is reached (placed groups, chunks, a call after nil)", function()
+    local function group(tag, n, orphans)
+      local ins, outs = {}, {}
+      for i = 1, n do
+        ins[i] = ('{"custom_id":"%s%d","body":{}}'):format(tag, i)
+        outs[i] = ('{"custom_id":"%s%d","response":{"status_code":200,"body":{"choices":[{"message":{"content":"c"}}]}}}')
+          :format(tag, i)
+      end
+      for k = 1, orphans do outs[#outs + 1] = ('{"custom_id":"orphan-%s%d","response":{"status_code":200}}'):format(tag, k) end
+      return { inputs = write(dir .. "/orph-" .. tag .. ".in.jsonl", ins),
+               output = write(dir .. "/orph-" .. tag .. ".out.jsonl", outs) }
+    end
+    local groups = { group("s", 10, 1), group("r", 2, 1) }
+    for _, max_index in ipairs({ 1000000, 1 }) do
+      -- (the sample's records placed after the others' end: the others' iterator is asked again)
+      local r = assert(results.open({ groups = groups, max_index = max_index,
+                                      placed = { groups = 1, at = function(j) return j + 5 end } }))
+      local it, n = r:each(), 0
+      for rec in it do
+        assert.is_truthy(rec.ok)
+        n = n + 1
+      end
+      assert.is_nil(it())                                   -- and once more after its nil
+      assert.are.equal(12, n)
+      table.sort(r.orphans)
+      assert.are.same({ "orphan-r1", "orphan-s1" }, r.orphans, "max_index " .. max_index)
+    end
+  end)
+
   it("joins group by group, each group's answers to its own inputs", function()
     local a = make_case(dir, 50, math.random, "ga")
     local b = make_case(dir, 70, math.random, "gb")
